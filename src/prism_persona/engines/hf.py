@@ -1,0 +1,123 @@
+"""In-process Hugging Face engine: batched generation with left padding and log-prob scoring."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..models import encode_prompts, load_model, render_chat, resolve_model
+from ..progress import progress
+from .base import Completion, Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class HFEngine(Engine):
+    """Generation and scoring with a ``transformers`` causal LM held in this process.
+
+    Rows are sorted by prompt length before batching (less padding), generated in batches of
+    ``batch_size`` with left padding, stopped at EOS, and returned in the caller's order.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, quiet: bool = False, model_name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.quiet = quiet
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or "model"
+        self.tokens_generated = 0
+        self.generate_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "HFEngine":
+        src = resolve_model(cfg.model.model)
+        model, tok = load_model(src, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+        return cls(model, tok, batch_size=cfg.model.batch_size, quiet=cfg.quiet, model_name=src.display)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        gc_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for x in (gc_eos, self.tokenizer.eos_token_id):
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, (list, tuple)):
+                ids.update(int(i) for i in x)
+        return sorted(ids)
+
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
+        if not chats:
+            return []
+        texts = [render_chat(self.tokenizer, c) for c in chats]
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out: list[Optional[Completion]] = [None] * len(texts)
+        eos = self._eos_ids()
+        bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
+        for b, start in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[start:start + self.batch_size]
+            enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
+            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                          eos_token_id=eos or None)
+            if params.temperature and params.temperature > 0:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if params.seed is not None:
+                torch.manual_seed(params.seed + b)
+            t0 = time.perf_counter()
+            gen = self.model.generate(**enc, **kwargs)
+            self.generate_seconds += time.perf_counter() - t0
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                out[i] = self._completion(new[row].tolist(), eos, params)
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _completion(self, ids: list[int], eos: list[int], params: SamplingParams) -> Completion:
+        finish = "length"
+        n = len(ids)
+        for j, t in enumerate(ids):
+            if t in eos:
+                n, finish = j, "stop"
+                break
+        self.tokens_generated += n + (1 if finish == "stop" else 0)
+        text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        for s in params.stop:
+            cut = text.find(s)
+            if s and cut >= 0:
+                text, finish = text[:cut], "stop"
+        return Completion(text=text.strip(), num_tokens=n, finish_reason=finish)
+
+    def _choice_token_ids(self, choice: str) -> list[int]:
+        ids = set()
+        for variant in (choice, " " + choice):
+            toks = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if toks:
+                ids.add(toks[0])
+        return sorted(ids)
+
+    @torch.inference_mode()
+    def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
+        """log P(first token of each choice) after the generation prompt; a choice's spellings with
+        and without a leading space are pooled (log-sum-exp)."""
+        texts = [render_chat(self.tokenizer, c) for c in chats]
+        choice_ids = {c: self._choice_token_ids(c) for c in choices}
+        out: list[dict] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = encode_prompts(self.tokenizer, texts[start:start + self.batch_size], self.device)
+            logits = self.model(**enc).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for row in range(logp.shape[0]):
+                out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
+        return out

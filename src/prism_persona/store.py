@@ -1,0 +1,197 @@
+"""The run directory: one append-only JSONL file per stage, records keyed by content.
+
+A stage asks its :class:`JsonlStore` whether a key is present before doing work, and appends each
+record (flushed and fsynced) as soon as it is complete. A run killed at any moment (``kill -9``) loses
+at most the record being written: on reopening, a torn last line is cut off with a warning, and the
+stage redoes only the missing keys. Each store remembers the settings its records depend on
+(``<stage>.meta.json``); reopening it with different settings is refused with a message that names
+the changed keys, so old records are never silently mixed with new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import ConfigMismatchError, PrismError
+
+log = logging.getLogger(__name__)
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (the identity of a record)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+class JsonlStore:
+    """Append-only JSONL file of dict records, each with a unique ``key`` field."""
+
+    def __init__(self, path: str | Path, key_field: str = "key"):
+        self.path = Path(path)
+        self.key_field = key_field
+        self._records: dict[str, dict] = {}
+        self._order: list[str] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        lineno = 0
+        while pos < len(raw):
+            nl = raw.find(b"\n", pos)
+            end = len(raw) if nl < 0 else nl + 1
+            line = raw[pos:end]
+            lineno += 1
+            torn = nl < 0
+            try:
+                if line.strip():
+                    rec = json.loads(line.decode("utf-8"))
+                    if not isinstance(rec, dict) or self.key_field not in rec:
+                        raise ValueError(f"record without '{self.key_field}'")
+                    if torn:
+                        raise ValueError("no newline at end (torn write)")
+                    self._remember(rec)
+            except (ValueError, UnicodeDecodeError) as exc:
+                if torn:
+                    log.warning("%s: dropping an incomplete last record (interrupted write)", self.path)
+                    break
+                raise PrismError(f"{self.path}: line {lineno} is not a valid record ({exc}); "
+                                 f"fix or delete the file to redo this stage") from None
+            good_end = end
+            pos = end
+        if good_end < len(raw):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+
+    def _remember(self, rec: dict) -> None:
+        key = rec[self.key_field]
+        if key in self._records:
+            log.warning("%s: duplicate key %s ignored", self.path, key)
+            return
+        self._records[key] = rec
+        self._order.append(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self._records[k] for k in self._order)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._records.get(key, default)
+
+    def records(self) -> list[dict]:
+        return list(self)
+
+    def append(self, record: dict) -> None:
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict]) -> None:
+        new = []
+        for rec in records:
+            if self.key_field not in rec:
+                raise ValueError(f"record has no '{self.key_field}' field")
+            if rec[self.key_field] in self._records or any(r[self.key_field] == rec[self.key_field] for r in new):
+                continue
+            new.append(rec)
+        if not new:
+            return
+        data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in new)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for rec in new:
+            self._remember(rec)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run directory you can point anywhere. Stages read and write only through it."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path).expanduser()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PrismError(f"cannot write to output directory {self.root}: {exc.strerror or exc}") from None
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        p = self.root / name
+        if not p.exists():
+            return default
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise PrismError(f"{p} is not valid JSON ({exc})") from None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        write_json_atomic(self.root / name, obj)
+        return self.root / name
+
+    def store(self, stage: str, depends_on: dict | None = None) -> JsonlStore:
+        """Open ``<stage>.jsonl``; refuse if it was made with different ``depends_on`` settings."""
+        self.check_settings(stage, depends_on or {})
+        return JsonlStore(self.root / f"{stage}.jsonl")
+
+    def check_settings(self, stage: str, depends_on: dict) -> None:
+        meta_name = f"{stage}.meta.json"
+        old = self.read_json(meta_name)
+        new = json.loads(json.dumps(depends_on, sort_keys=True, default=str))
+        if old is not None and old.get("settings") != new:
+            a, b = _flatten(old.get("settings", {})), _flatten(new)
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
+            raise ConfigMismatchError(
+                f"{self.root} holds '{stage}' records made with other settings ({shown}); "
+                f"use a new --out, or delete {self.root / (stage + '.*')} to redo that stage"
+            )
+        if old is None:
+            self.write_json(meta_name, {"stage": stage, "settings": new})
+
+    def done(self, stage: str) -> bool:
+        return (self.root / f"{stage}.done.json").exists()
+
+    def mark_done(self, stage: str, info: dict | None = None) -> None:
+        self.write_json(f"{stage}.done.json", {"stage": stage, **(info or {})})

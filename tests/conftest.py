@@ -1,0 +1,67 @@
+"""Shared fixtures: isolated run state, tiny random causal LMs, the embedded model (slow tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    """No network, no progress bars, and a private cache/run area per test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("PRISM_QUIET", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 3-layer Llama (hidden 64) with a byte-level ChatML tokenizer, saved as an HF directory."""
+    from prism_persona.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", num_layers=3, hidden_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    from prism_persona.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", num_layers=3, hidden_size=64, arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_no_system_dir(tmp_path_factory):
+    """A tiny model whose chat template raises on a system message (like Gemma's)."""
+    from prism_persona.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "nosys", system_role=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """(model, tokenizer) of the tiny Llama, float32 on CPU. Do not mutate: it is shared."""
+    from prism_persona.models import load_model
+
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """(model, tokenizer) of the real embedded SmolLM2-135M-Instruct (loaded once per session)."""
+    from prism_persona.models import load_model
+
+    return load_model(None, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def shared_benchmarks():
+    """The shared benchmark folder beside the repo (../shared/benchmarks), skipped if absent."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(os.path.dirname(here), "shared", "benchmarks")
+    if not os.path.isdir(path):
+        pytest.skip("../shared/benchmarks is not present")
+    return path
