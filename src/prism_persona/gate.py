@@ -1,0 +1,376 @@
+"""The routing gate: a small MLP on the layer-0 hidden state of the last prompt token.
+
+The feature of a query is the output of decoder layer 0 at the last prompt token, for the prompt exactly
+as the model sees it at inference time: ``render_chat(tok, [{"role": "user", "content": query}])``
+with the generation prompt and no persona. :func:`layer0_last_states` computes it with the embeddings
+and layer 0 only (a hook stops the forward right after layer 0); :class:`prism_persona.gated.GatedModel`
+reads the same state inside its prefill, so the gate sees identical inputs in training and serving.
+
+The gate returns a probability; the routing threshold is a separate number, chosen by
+:func:`calibrate_threshold` on the held-out split and stored next to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models import decoder_layers, encode_prompts, render_chat, user_chat
+
+log = logging.getLogger(__name__)
+
+GATE_WEIGHTS = "gate.safetensors"
+GATE_CONFIG = "gate_config.json"
+FEATURE_LAYER = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 hook to end a forward pass early (nothing after layer 0 runs)."""
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (as ``generate`` does for left-padded batches)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (works for left and right padding)."""
+    n = attention_mask.shape[1]
+    ar = torch.arange(n, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(dim=1).values
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def layer0_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after decoder layer 0, ``[batch, seq, hidden]``, computing embeddings + layer 0 only.
+
+    The model's own forward builds the attention mask and rotary embeddings; a forward hook on layer 0
+    captures its output and raises, so layers 1..L-1 and the LM head never run.
+    """
+    captured: dict = {}
+
+    def hook(module, args, out):
+        captured["h"] = layer_output(out)
+        raise _StopForward
+
+    handle = decoder_layers(model)[FEATURE_LAYER].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError("decoder layer 0 did not run")
+    return captured["h"]
+
+
+@torch.no_grad()
+def layer0_last_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Layer-0 state of the last real token of each row, ``[batch, hidden]`` (float32)."""
+    h = layer0_states(model, input_ids, attention_mask)
+    idx = last_token_index(attention_mask)
+    return h[torch.arange(h.shape[0], device=h.device), idx].float()
+
+
+def gate_prompt(tokenizer, query: str) -> str:
+    """The prompt text the gate reads: the query as a lone user turn, generation prompt, no persona."""
+    return render_chat(tokenizer, user_chat(query))
+
+
+@torch.no_grad()
+def query_features(model, tokenizer, queries: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Gate features ``[n, hidden]`` (float32, CPU) of ``queries``, batched with left padding."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(queries), batch_size):
+        texts = [gate_prompt(tokenizer, q) for q in queries[start:start + batch_size]]
+        enc = encode_prompts(tokenizer, texts, device)
+        out.append(layer0_last_states(model, enc["input_ids"], enc["attention_mask"]).cpu())
+    if not out:
+        hidden = int(getattr(model.config, "hidden_size", 0))
+        return torch.zeros(0, hidden)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# the gate module
+
+
+class Gate(nn.Module):
+    """Standardise, then MLP ``hidden -> 128 -> 64 -> 1`` with GELU; :meth:`forward` gives probabilities."""
+
+    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0):
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.hidden_sizes = [int(x) for x in hidden_sizes]
+        layers: list[nn.Module] = []
+        width = self.hidden_size
+        for h in self.hidden_sizes:
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.zeros(self.hidden_size))
+        self.register_buffer("std", torch.ones(self.hidden_size))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.to(self.mean.dtype) - self.mean) / self.std
+        return self.mlp(x).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing probability per row, ``[batch]``."""
+        return torch.sigmoid(self.logits(features))
+
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        if features.shape[0] == 0:
+            return
+        self.mean.copy_(features.mean(0))
+        std = features.std(0, unbiased=False) if features.shape[0] > 1 else torch.ones_like(self.std)
+        self.std.copy_(std.clamp_min(1e-6))
+
+
+@dataclass
+class GateBundle:
+    """A trained gate, its routing threshold and what it was trained on (``gate_config.json``)."""
+
+    gate: Gate
+    threshold: float = 0.5
+    info: dict = field(default_factory=dict)
+
+    def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, routed bools) for ``features``."""
+        p = self.gate(features)
+        return p, p >= self.threshold
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.gate.state_dict().items()}
+        save_file(state, str(d / GATE_WEIGHTS))
+        cfg = dict(self.info)
+        cfg.update(feature_layer=FEATURE_LAYER, feature="last prompt token after decoder layer 0",
+                   hidden_size=self.gate.hidden_size, hidden_sizes=self.gate.hidden_sizes,
+                   threshold=float(self.threshold), prism_version=__version__)
+        (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "GateBundle":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg = json.loads((d / GATE_CONFIG).read_text(encoding="utf-8"))
+        gate = Gate(cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]))
+        gate.load_state_dict(load_file(str(d / GATE_WEIGHTS)))
+        gate.eval()
+        return cls(gate=gate, threshold=float(cfg.get("threshold", 0.5)), info=cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def auc(scores: Sequence[float], labels: Sequence[int]) -> Optional[float]:
+    """ROC AUC via the rank-sum (Mann-Whitney U) statistic, ties given average ranks.
+
+    ``None`` when only one class is present.
+    """
+    pairs = sorted(zip(scores, labels), key=lambda t: t[0])
+    n_pos = sum(1 for _, y in pairs if y)
+    n_neg = len(pairs) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = 0.0
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j) / 2 + 1  # ranks are 1-based
+        rank_sum += avg_rank * sum(1 for k in range(i, j + 1) if pairs[k][1])
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: float) -> dict:
+    """accuracy, balanced accuracy, AUC, routing rate and counts at ``threshold``."""
+    n = len(labels)
+    pred = [p >= threshold for p in probs]
+    tp = sum(1 for p, y in zip(pred, labels) if p and y)
+    tn = sum(1 for p, y in zip(pred, labels) if not p and not y)
+    pos = sum(1 for y in labels if y)
+    neg = n - pos
+    recalls = ([tp / pos] if pos else []) + ([tn / neg] if neg else [])
+    return {
+        "n": n, "positives": pos,
+        "accuracy": (tp + tn) / n if n else None,
+        "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        "auc": auc(probs, labels),
+        "routing_rate": sum(pred) / n if n else None,
+        "threshold": float(threshold),
+    }
+
+
+def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: str,
+                        default: float = 0.5) -> tuple[float, str]:
+    """Pick the routing threshold: ``none`` (``default``), ``balanced_accuracy`` (best on these
+    held-out rows) or ``rate:X`` (route a share X). Returns (threshold, how it was chosen)."""
+    method = (method or "none").strip().lower()
+    if method == "none" or not probs:
+        if method != "none":
+            log.warning("gate: no held-out rows to calibrate on; using threshold %.2f", default)
+        return float(default), "fixed"
+    if method.startswith("rate:"):
+        try:
+            rate = float(method.split(":", 1)[1])
+        except ValueError:
+            from .errors import PrismError
+
+            raise PrismError(f"gate calibrate '{method}': the rate must be a number, e.g. rate:0.3") from None
+        rate = min(max(rate, 0.0), 1.0)
+        ranked = sorted(probs, reverse=True)
+        k = int(round(rate * len(ranked)))
+        if k <= 0:
+            return float(min(1.0, ranked[0] + 1e-6)), f"rate:{rate:g}"
+        return float(ranked[k - 1]), f"rate:{rate:g}"
+    if method == "balanced_accuracy":
+        if len(set(int(y) for y in labels)) < 2:
+            log.warning("gate: held-out labels are all %d; balanced accuracy is undefined, threshold %.2f",
+                        int(labels[0]), default)
+            return float(default), "fixed (one class held out)"
+        best = (-1.0, 0.0, default)
+        for t in sorted(set(probs)):
+            m = binary_metrics(probs, labels, t)
+            # prefer the best balanced accuracy, then the threshold nearest 0.5 (stable choice)
+            key = (round(m["balanced_accuracy"], 9), -abs(t - 0.5), t)
+            if key[:2] > best[:2]:
+                best = key
+        return float(best[2]), "balanced_accuracy"
+    from .errors import PrismError
+
+    raise PrismError(f"unknown gate calibration '{method}'; use none, balanced_accuracy or rate:0.3")
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices), each class split in proportion; a class with fewer than two
+    rows stays in training. Returns no held-out rows when ``val_fraction`` is 0 or the set is tiny."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for cls in sorted(set(int(y) for y in labels)):
+        idx = [i for i, y in enumerate(labels) if int(y) == cls]
+        rng.shuffle(idx)
+        k = 0
+        if val_fraction > 0 and len(idx) >= 2:
+            k = int(round(len(idx) * val_fraction))
+            if k == 0 and len(idx) >= 4:
+                k = 1
+            k = min(k, len(idx) - 1)
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def fit_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0) -> Gate:
+    """Full-batch AdamW on BCE with ``pos_weight = negatives / positives`` (class imbalance)."""
+    torch.manual_seed(seed)
+    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout)
+    gate.set_standardisation(features)
+    y = torch.tensor([float(v) for v in labels])
+    pos = float(y.sum())
+    neg = float(len(y) - pos)
+    if len(y) == 0:
+        log.warning("gate: no training rows; the gate is left at its initialisation")
+        gate.eval()
+        return gate
+    pos_weight = torch.tensor(neg / pos if pos and neg else 1.0)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gate.train()
+    for _ in range(int(cfg.epochs)):
+        opt.zero_grad()
+        loss = loss_fn(gate.logits(features), y)
+        loss.backward()
+        opt.step()
+    gate.eval()
+    return gate
+
+
+def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0,
+               groups: Optional[Sequence[str]] = None) -> GateBundle:
+    """Split, fit, calibrate the threshold on held-out rows and compute metrics; never raises on
+    degenerate data (one class, a handful of rows): it logs the fallback it took instead."""
+    labels = [int(y) for y in labels]
+    n = len(labels)
+    fallbacks: list[str] = []
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+    if not val_idx:
+        fallbacks.append(f"too few rows ({n}) for a held-out split: metrics are on the training rows")
+        train_idx, val_idx, val_is_train = list(range(n)), list(range(n)), True
+    else:
+        val_is_train = False
+    if len(set(labels)) < 2:
+        only = labels[0] if labels else None
+        fallbacks.append(f"all labels are {only}: the gate learns a constant" if labels else "no labelled rows")
+    for msg in fallbacks:
+        log.warning("gate: %s", msg)
+    gate = fit_gate(features[train_idx], [labels[i] for i in train_idx], cfg, seed)
+    with torch.no_grad():
+        probs = gate(features).tolist() if n else []
+    vp = [probs[i] for i in val_idx]
+    vy = [labels[i] for i in val_idx]
+    threshold, how = calibrate_threshold(vp, vy, cfg.calibrate, cfg.threshold)
+    info = {
+        "n_train": len(train_idx), "n_heldout": 0 if val_is_train else len(val_idx),
+        "positives": sum(labels), "negatives": n - sum(labels),
+        "threshold_method": how, "calibrate": cfg.calibrate, "fallbacks": fallbacks,
+        "metrics": {
+            "train": binary_metrics([probs[i] for i in train_idx], [labels[i] for i in train_idx], threshold),
+            "heldout": None if val_is_train else binary_metrics(vp, vy, threshold),
+        },
+        "heldout_indices": [] if val_is_train else val_idx,
+    }
+    if groups is not None and not val_is_train:
+        info["routing_by_group"] = routing_by_group([groups[i] for i in val_idx], vp, threshold)
+    return GateBundle(gate=gate, threshold=threshold, info=info)
+
+
+def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:
+    """{group: {"n", "routing_rate"}} for rows labelled by ``groups`` (e.g. domains)."""
+    out: dict = {}
+    for g, p in zip(groups, probs):
+        d = out.setdefault(g, {"n": 0, "routed": 0})
+        d["n"] += 1
+        d["routed"] += int(p >= threshold)
+    return {g: {"n": d["n"], "routing_rate": d["routed"] / d["n"]} for g, d in sorted(out.items())}
+
+
+def finite(x: Optional[float]) -> Optional[float]:
+    """``x`` if it is a finite number, else ``None`` (for JSON)."""
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
