@@ -1,0 +1,71 @@
+"""Stage 3: every query answered twice -- as the plain model and with its domain's persona.
+
+The base answer is generated from the bare chat ``[user: query]`` (the chat template's own default
+system prompt, if any, is left as it is); the persona answer from the same chat carrying the persona
+(``use_length`` variant) in the configured placement. Both come from one seeded generate call per
+chunk of queries, so a kill loses at most one chunk.
+
+Records (``answers.jsonl``): ``key`` (the query's key), ``domain, query, persona_length, placement,
+base_answer, persona_answer, base_tokens, persona_tokens, base_finish, persona_finish``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ..engines.base import SamplingParams
+from ..models import user_chat, with_persona
+from ..progress import progress
+from ..store import JsonlStore, RunDir
+from .common import chunks, derive_seed, stage_settings
+
+log = logging.getLogger(__name__)
+
+
+def answers_store(run: RunDir, cfg) -> JsonlStore:
+    return run.store("answers", depends_on=stage_settings(cfg, "answers"))
+
+
+def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
+    """(base chat, persona chat) for one query."""
+    base = user_chat(query)
+    return base, with_persona(base, persona, placement)
+
+
+def chunk_size(cfg) -> int:
+    """Queries per chunk: both answers of a chunk fill about one engine batch."""
+    return max(1, cfg.model.batch_size // 2)
+
+
+def write_answers(cfg, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
+    """Answer the queries that have no record yet; return how many were answered now."""
+    store = answers_store(run, cfg)
+    todo = [q for q in queries if q["key"] not in store]
+    if not todo:
+        return 0
+    a, p = cfg.answers, cfg.persona
+    engine = get_engine()
+    bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="query")
+    for batch in chunks(todo, chunk_size(cfg)):
+        chats = []
+        for q in batch:
+            base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)
+            chats.extend([base, with_p])
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                seed=derive_seed(cfg.seed, "answers", batch[0]["key"]))
+        outs = engine.generate(chats, params)
+        recs = []
+        for i, q in enumerate(batch):
+            base_out, pers_out = outs[2 * i], outs[2 * i + 1]
+            recs.append({
+                "key": q["key"], "domain": q["domain"], "query": q["query"],
+                "persona_length": p.use_length, "placement": p.placement,
+                "base_answer": base_out.text, "persona_answer": pers_out.text,
+                "base_tokens": base_out.num_tokens, "persona_tokens": pers_out.num_tokens,
+                "base_finish": base_out.finish_reason, "persona_finish": pers_out.finish_reason,
+            })
+        store.extend(recs)
+        bar.update(len(batch))
+    bar.close()
+    return len(todo)

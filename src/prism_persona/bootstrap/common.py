@@ -1,0 +1,99 @@
+"""Helpers shared by the bootstrap stages: seeds, the settings each stage's records depend on,
+lazily created engines, chunking and token accounting."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from ..errors import PrismError
+from ..store import content_key
+
+STAGES = ("personas", "queries", "answers", "verdicts")
+
+
+def derive_seed(base: int, *parts: Any) -> int:
+    """A 31-bit seed from the run seed and any JSON-serialisable parts (stable across runs)."""
+    return int(content_key("seed", int(base), *parts), 16) % (2**31 - 1)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    size = max(1, int(size))
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def persona_file_text(path: str, domain: str) -> str:
+    """Read a ``--persona-file``; a clear one-line error when missing or empty."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PrismError(f"persona file for '{domain}' not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrismError(f"cannot read persona file for '{domain}' ({path}): {exc}") from None
+    if not text:
+        raise PrismError(f"persona file for '{domain}' is empty: {path}")
+    return text
+
+
+def persona_file_hashes(cfg) -> dict:
+    """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
+    return {d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
+            for d, p in sorted(cfg.persona.persona_files.items())}
+
+
+def stage_settings(cfg, stage: str) -> dict:
+    """Everything the records of ``stage`` depend on, upstream stages included.
+
+    Deliberately absent: the domain list and ``queries_per_persona`` (records are keyed per domain /
+    query, so adding domains or asking for more queries extends a run instead of invalidating it),
+    batch sizes, devices, the engine kind and quiet mode.
+    """
+    p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
+    s: dict = {"model": cfg.model.model, "seed": cfg.seed,
+               "persona": {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                           "files": persona_file_hashes(cfg)}}
+    if stage == "personas":
+        return s
+    s["persona"].update(use_length=p.use_length, placement=p.placement)
+    s["queries"] = {"per_request": q.per_request, "max_rounds": q.max_rounds, "max_new_tokens": q.max_new_tokens,
+                    "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars}
+    if stage == "queries":
+        return s
+    s["answers"] = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p}
+    if stage == "answers":
+        return s
+    s["judge"] = {"judge": j.judge, "mode": j.mode, "max_new_tokens": j.max_new_tokens, "tie_margin": j.tie_margin}
+    return s
+
+
+class Lazy:
+    """Build an object on first use (so a finished run resumes without loading the model)."""
+
+    def __init__(self, factory: Callable[[], Any], value: Any = None):
+        self._factory = factory
+        self._value = value
+
+    def __call__(self) -> Any:
+        if self._value is None:
+            self._value = self._factory()
+        return self._value
+
+    @property
+    def built(self) -> Optional[Any]:
+        return self._value
+
+
+def token_stats(engines: Iterable[Any]) -> dict:
+    """Tokens generated and generation seconds summed over engines that count them."""
+    seen, toks, secs = set(), 0, 0.0
+    for e in engines:
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        toks += int(getattr(e, "tokens_generated", 0) or 0)
+        secs += float(getattr(e, "generate_seconds", 0.0) or 0.0)
+    return {"tokens_generated": toks, "generate_seconds": round(secs, 3),
+            "tokens_per_s": round(toks / secs, 2) if secs > 0 else None}

@@ -1,0 +1,197 @@
+"""Stage 1: the model writes an expert persona per domain, in up to three lengths.
+
+Each persona is a second-person description ("You are ..."). The model's reply is cleaned
+(quotes, "Sure, here is..." preambles, markdown headers and labels removed); a reply that does not
+yield a usable description is replaced by a deterministic template and counted as a fallback.
+A ``--persona-file DOMAIN=PATH`` is used verbatim for all lengths of that domain.
+
+Records (``personas.jsonl``): ``key, domain, length, text, source (model|fallback|file), raw,
+num_tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable
+
+from ..config import PERSONA_LENGTHS
+from ..engines.base import SamplingParams
+from ..progress import progress
+from ..store import JsonlStore, RunDir, content_key
+from .common import chunks, derive_seed, persona_file_text, stage_settings
+
+log = logging.getLogger(__name__)
+
+LENGTH_SPECS = {
+    "min": ("in one short sentence", 6, 40),
+    "short": ("in about 50 words", 15, 110),
+    "long": ("in about 150 words", 40, 300),
+}
+"""length -> (phrase in the prompt, fewest words accepted, most words kept)."""
+
+PERSONA_PROMPT = (
+    "Write a description of an expert in {domain}, addressed directly to that expert in the second "
+    "person, {phrase}. Describe their expertise, experience and how they help people. "
+    'Start with "You are". Reply with the description only.'
+)
+
+FALLBACK = {
+    "min": "You are an expert in {domain}.",
+    "short": ("You are an expert in {domain} with many years of hands-on experience. You give accurate, "
+              "specific and practical answers, explain your reasoning clearly, point out common mistakes "
+              "and trade-offs, and adapt your advice to the person asking."),
+    "long": ("You are an expert in {domain} with many years of hands-on experience, deep knowledge of its "
+             "fundamentals and of current best practice. People come to you for advice they can act on, "
+             "so you give accurate, specific and practical answers rather than generalities. You explain "
+             "your reasoning step by step when it helps, use concrete examples, and say plainly when "
+             "something depends on details you do not have or when you are unsure. You point out common "
+             "mistakes, risks and trade-offs, suggest better alternatives when the request is misguided, "
+             "and keep your answers well organised and no longer than they need to be. You adapt your "
+             "explanations to the person asking, whether a beginner or a fellow expert, and you always "
+             "stay honest, careful and respectful."),
+}
+
+_PREAMBLE = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|absolutely|great|here(?:'s| is| are)|below is|the following)\b"
+    r"[^\n]*?(?::|!|\.)\s*(?:\n|$)", re.I)
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:persona|description|expert(?: persona)?|profile|bio)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I)
+_HEADER = re.compile(r"^\s*#{1,6}\s.*$|^\s*\*\*[^*\n]{0,80}\*\*\s*:?\s*$", re.M)
+_TRAILER = re.compile(r"\n\s*(?:let me know|i hope|feel free|note:|this (?:description|persona))[^\n]*$", re.I)
+_QUOTES = "\"'“”‘’`"
+
+
+def persona_prompt(domain: str, length: str) -> list:
+    phrase = LENGTH_SPECS[length][0]
+    return [{"role": "user", "content": PERSONA_PROMPT.format(domain=domain, phrase=phrase)}]
+
+
+def fallback_persona(domain: str, length: str) -> str:
+    return FALLBACK[length].format(domain=domain)
+
+
+def _strip_quotes(text: str) -> str:
+    """Remove quotes wrapped around the whole text (also a lone opening quote of a cut-off reply)."""
+    text = text.strip()
+    if text[:1] in _QUOTES:
+        text = text.lstrip(_QUOTES + " ")
+        text = text.rstrip(_QUOTES + " ")
+    elif len(text) > 1 and text[-1] in _QUOTES and text.count(text[-1]) == 1:
+        text = text[:-1].rstrip()
+    return text
+
+
+def _first_sentences(text: str, max_words: int, one: bool) -> str:
+    """Keep whole sentences up to ``max_words`` words (just the first one if ``one``)."""
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    kept, words = [], 0
+    for s in sentences:
+        n = len(s.split())
+        if kept and (one or words + n > max_words):
+            break
+        kept.append(s)
+        words += n
+    out = " ".join(kept)
+    if len(out.split()) > max_words:  # one run-on sentence: cut at the word limit
+        out = " ".join(out.split()[:max_words]).rstrip(",;:") + "."
+    return out
+
+
+def clean_persona(raw: str, length: str) -> str:
+    """The usable "You are ..." description inside a model reply, or ``""`` if there is none."""
+    text = (raw or "").replace("\r", "").strip()
+    text = _HEADER.sub("", text).strip()
+    for _ in range(2):
+        text = _PREAMBLE.sub("", text, count=1).strip()
+    text = _LABEL.sub("", text).strip()
+    text = _TRAILER.sub("", text).strip()
+    text = _strip_quotes(text)
+    m = re.search(r"\b(you are|you're)\b", text, re.I)
+    if not m:
+        return ""
+    text = text[m.start():]
+    text = text[0].upper() + text[1:]
+    text = re.sub(r"\*\*|__", "", text)
+    text = re.sub(r"\s*\n+\s*", " ", text).strip()
+    text = _strip_quotes(text)
+    _, min_words, max_words = LENGTH_SPECS[length]
+    text = _first_sentences(text, max_words, one=(length == "min"))
+    if len(text.split()) < min_words:
+        return ""
+    if text[-1] not in ".!?":
+        text += "."
+    return text
+
+
+def personas_store(run: RunDir, cfg) -> JsonlStore:
+    return run.store("personas", depends_on=stage_settings(cfg, "personas"))
+
+
+def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
+    """Write the personas missing from ``personas.jsonl``; return counts by source."""
+    store = personas_store(run, cfg)
+    p = cfg.persona
+    todo = []
+    file_records = []
+    for domain in p.domains:
+        for length in p.lengths:
+            key = content_key("persona", domain, length)
+            if key in store:
+                continue
+            if domain in p.persona_files:
+                text = persona_file_text(p.persona_files[domain], domain)
+                file_records.append({"key": key, "domain": domain, "length": length, "text": text,
+                                     "source": "file", "raw": "", "num_tokens": 0})
+            else:
+                todo.append((key, domain, length))
+    store.extend(file_records)
+    if todo:
+        engine = get_engine()
+        bar = progress(total=len(todo), desc="personas", disable=cfg.quiet, unit="persona")
+        for batch in chunks(todo, cfg.model.batch_size):
+            recs = _generate_batch(engine, batch, cfg)
+            store.extend(recs)
+            bar.update(len(batch))
+        bar.close()
+    counts = {"model": 0, "fallback": 0, "file": 0}
+    for rec in store:
+        if rec["domain"] in p.domains and rec["length"] in p.lengths:
+            counts[rec["source"]] = counts.get(rec["source"], 0) + 1
+    if counts["fallback"]:
+        log.warning("personas: %d of %d replies were unusable and replaced by the template persona",
+                    counts["fallback"], sum(counts.values()))
+    return counts
+
+
+def _generate_batch(engine, batch: list, cfg) -> list[dict]:
+    p = cfg.persona
+    chats = [persona_prompt(domain, length) for _, domain, length in batch]
+    seed = derive_seed(cfg.seed, "personas", [k for k, _, _ in batch])
+    params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed)
+    outs = engine.generate(chats, params)
+    recs = []
+    for (key, domain, length), out in zip(batch, outs):
+        text = clean_persona(out.text, length)
+        source = "model"
+        if not text:
+            text, source = fallback_persona(domain, length), "fallback"
+            log.info("personas: unusable %s persona for '%s'; using the template", length, domain)
+        recs.append({"key": key, "domain": domain, "length": length, "text": text, "source": source,
+                     "raw": out.text, "num_tokens": out.num_tokens})
+    return recs
+
+
+def load_personas(run) -> dict:
+    """``{domain: {length: text}}`` from ``RUN/personas.jsonl`` (``run`` is a RunDir or a path)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    path = run.path("personas.jsonl")
+    out: dict = {}
+    if not path.exists():
+        return out
+    for rec in JsonlStore(path):
+        out.setdefault(rec["domain"], {})[rec["length"]] = rec["text"]
+    return out
+
+
+__all__ = ["load_personas", "write_personas", "clean_persona", "fallback_persona", "persona_prompt",
+           "PERSONA_LENGTHS"]

@@ -1,0 +1,154 @@
+"""Stage 2: queries written by the model while it plays each persona.
+
+Per domain and round, ``ceil(missing / per_request)`` requests ask for ``per_request`` realistic,
+specific user queries, one per line, with the persona (``use_length`` variant) in the configured
+placement. Lines are cleaned (numbering, bullets, quotes, "Query:" labels removed; preambles such as
+"Here are ten questions:" and too short / too long lines dropped) and de-duplicated (case and
+whitespace insensitive, across rounds). Rounds repeat until ``queries_per_persona`` are collected or
+``max_rounds`` is reached. Sampling is seeded from the run seed, the domain and the round.
+
+Records (``queries.jsonl``): ``key, domain, query, round``. A round's completion is recorded in
+``query_rounds.jsonl`` (``key, domain, round, requests, new``) so resuming never repeats a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Callable
+
+from ..engines.base import SamplingParams
+from ..models import with_persona
+from ..progress import progress
+from ..store import JsonlStore, RunDir, content_key
+from .common import derive_seed, stage_settings
+
+log = logging.getLogger(__name__)
+
+QUERY_PROMPT = (
+    "Write {n} realistic and specific questions or requests that different users might send to you "
+    "about {domain}. Make each one self-contained, concrete and different from the others in topic and "
+    "difficulty. Write one per line, with no numbering and no other text."
+)
+
+_NUMBERING = re.compile(r"^\s*(?:[-*•·–—>]+|\(?\d{1,3}\s*[.):\]]|\d{1,3}\s*-\s|#{1,6})\s*")
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:query|question|request|user(?: query)?|prompt|q)\s*\d*\s*(?:\*\*)?\s*[:：-]\s*(?:\*\*)?\s*", re.I)
+_INSTRUCTION = re.compile(
+    r"^(?:here (?:are|is)|here's|sure\b|certainly|of course|okay\b|ok\b|absolutely|below (?:are|is)|"
+    r"the following|these (?:are|questions|queries)|i hope|i've|i have|let me know|feel free|note:|"
+    r"as an? (?:ai|language model)|i can't|i cannot|i'm sorry|great questions)", re.I)
+_QUOTES = "\"'“”‘’`"
+
+
+def query_prompt(domain: str, n: int) -> str:
+    return QUERY_PROMPT.format(n=n, domain=domain)
+
+
+def query_chat(domain: str, persona: str, placement: str, n: int) -> list:
+    """The query-writing request, with the persona placed as configured."""
+    return with_persona([{"role": "user", "content": query_prompt(domain, n)}], persona, placement)
+
+
+def clean_query_line(line: str, min_chars: int = 15, max_chars: int = 600) -> str:
+    """The query in one line of a reply, or ``""`` when the line is not a usable query."""
+    s = line.strip()
+    for _ in range(3):  # "1. **Query:** ..." needs several passes
+        before = s
+        s = _NUMBERING.sub("", s).strip()
+        s = re.sub(r"^\*\*([^*]+)\*\*\s*", lambda m: m.group(1) + " ", s).strip()
+        s = _LABEL.sub("", s).strip()
+        if s == before:
+            break
+    s = s.strip()
+    if s[:1] in _QUOTES or s[-1:] in _QUOTES:
+        s = s.strip(_QUOTES + " ").strip()
+    s = re.sub(r"\s+", " ", s.replace("**", "")).strip()
+    if not s or len(s) < min_chars or len(s) > max_chars:
+        return ""
+    if _INSTRUCTION.match(s) or (s.endswith(":") and len(s.split()) < 15):
+        return ""
+    if not re.search(r"[A-Za-z]{2}", s):
+        return ""
+    return s
+
+
+def normalise(query: str) -> str:
+    """The de-duplication form: lower case, single spaces, no trailing punctuation."""
+    return re.sub(r"\s+", " ", query.lower()).strip().rstrip(".?!").strip()
+
+
+def parse_queries(text: str, min_chars: int = 15, max_chars: int = 600) -> list[str]:
+    """Cleaned queries of one reply, in order (duplicates within the reply removed)."""
+    out, seen = [], set()
+    for line in (text or "").splitlines():
+        q = clean_query_line(line, min_chars, max_chars)
+        if q and normalise(q) not in seen:
+            seen.add(normalise(q))
+            out.append(q)
+    return out
+
+
+def queries_store(run: RunDir, cfg) -> JsonlStore:
+    return run.store("queries", depends_on=stage_settings(cfg, "queries"))
+
+
+def rounds_store(run: RunDir, cfg) -> JsonlStore:
+    return run.store("query_rounds", depends_on=stage_settings(cfg, "queries"))
+
+
+def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dict:
+    """Collect the missing queries of every domain; return ``{domain: number collected}``."""
+    store, rounds = queries_store(run, cfg), rounds_store(run, cfg)
+    q = cfg.queries
+    target = q.queries_per_persona
+    have = {d: _domain_queries(store, d) for d in cfg.persona.domains}
+    bar = progress(total=target * len(cfg.persona.domains), desc="queries", disable=cfg.quiet, unit="query")
+    bar.update(sum(min(target, len(v)) for v in have.values()))
+    for domain in cfg.persona.domains:
+        persona = personas[domain][cfg.persona.use_length]
+        done_rounds = sum(1 for r in rounds if r["domain"] == domain)
+        seen = {normalise(x["query"]) for x in have[domain]}
+        rnd = done_rounds
+        while len(have[domain]) < target and rnd < q.max_rounds:
+            missing = target - len(have[domain])
+            n_req = math.ceil(missing / max(1, q.per_request))
+            chat = query_chat(domain, persona, cfg.persona.placement, q.per_request)
+            params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
+                                    seed=derive_seed(cfg.seed, "queries", domain, rnd))
+            outs = get_engine().generate([chat] * n_req, params)
+            new = []
+            for out in outs:
+                for query in parse_queries(out.text, q.min_chars, q.max_chars):
+                    norm = normalise(query)
+                    if norm in seen or len(have[domain]) + len(new) >= target:
+                        continue
+                    seen.add(norm)
+                    new.append({"key": content_key("query", domain, norm), "domain": domain,
+                                "query": query, "round": rnd})
+            store.extend(new)
+            rounds.append({"key": content_key("round", domain, rnd), "domain": domain, "round": rnd,
+                           "requests": n_req, "new": len(new),
+                           "tokens": sum(o.num_tokens for o in outs)})
+            have[domain] = _domain_queries(store, domain)
+            bar.update(len(new))
+            rnd += 1
+        if len(have[domain]) < target:
+            log.warning("queries: only %d of %d unique queries for '%s' after %d rounds "
+                        "(raise queries.max_rounds or queries.per_request)",
+                        len(have[domain]), target, domain, rnd)
+    bar.close()
+    return {d: min(target, len(v)) for d, v in have.items()}
+
+
+def _domain_queries(store: JsonlStore, domain: str) -> list[dict]:
+    return [r for r in store if r["domain"] == domain]
+
+
+def selected_queries(cfg, run: RunDir) -> list[dict]:
+    """The queries the later stages use: the first ``queries_per_persona`` of each domain."""
+    store = queries_store(run, cfg)
+    out = []
+    for domain in cfg.persona.domains:
+        out.extend(_domain_queries(store, domain)[:cfg.queries.queries_per_persona])
+    return out
