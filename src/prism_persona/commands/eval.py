@@ -1,0 +1,55 @@
+"""`prism eval`: compare systems (base, persona, lora, prism, oracle) on MMLU, MT-Bench and safety sets."""
+
+from __future__ import annotations
+
+from .common import add_common
+
+EXAMPLES = """examples:
+  prism eval --systems base,persona --limit 20 --out runs/eval-base
+  prism eval --prism runs/demo/prism --systems base,persona,lora,prism,oracle --mmlu data/mmlu --out runs/demo/eval
+  prism eval --benchmarks mtbench --judge Qwen/Qwen2.5-7B-Instruct --answer-tokens 256 --out runs/eval
+"""
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    from ..evals.build import add_eval_options
+
+    p = sub.add_parser("eval", help="compare systems on MMLU, MT-Bench and safety benchmarks",
+                       description="Run systems on benchmarks, judge the answers, and write results.json, "
+                                   "report.md and PNG figures to --out. Rerun to resume; responses and "
+                                   "judgments are cached.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", help="comma list of base, persona[@DOMAIN][/LENGTH][/PLACEMENT], random, lora, prism, "
+                                     "oracle (default: base,persona; with --prism also lora,prism,oracle)")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    add_eval_options(p)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
+    from ..evals.evaluate import evaluate
+    from ..evals.systems import parse_systems
+    from ..report import eval_figures, eval_markdown
+    from ..errors import PrismError
+
+    default = "base,persona,lora,prism,oracle" if args.prism else "base,persona"
+    specs = parse_systems(args.systems or default, args.persona_length, args.placement)
+    if any(s.kind in ("lora", "prism", "oracle") for s in specs) and not args.prism:
+        raise PrismError("systems lora, prism and oracle need --prism ARTIFACT (a trained RUN/prism directory)")
+    names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
+    bench = load_benchmarks(args, names)
+    runner = build_runner(args)
+    results, per_item = evaluate(runner, specs, bench, pairwise=not args.no_pairwise)
+    runner.run.write_json("results.json", results)
+    runner.run.write_json("per_item.json", per_item)
+    figs = eval_figures(results, runner.run.root)
+    md = eval_markdown(results, figs, notes=[f"model: {runner.provider.identity('base')}"]
+                       + ([f"prism artifact: {args.prism}"] if args.prism else []))
+    runner.run.path("report.md").write_text(md, encoding="utf-8")
+    print(md)
+    print(f"wrote {runner.run.root}/results.json, report.md and {len(figs)} figures")
+    return 0

@@ -1,0 +1,92 @@
+"""Small, dependency-free statistics: seeded bootstrap CIs, Pearson r and Spearman rho."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Optional, Sequence
+
+N_RESAMPLES = 1000
+"""Default bootstrap resamples."""
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95,
+                 stat: Callable[[Sequence[float]], float] = mean) -> dict:
+    """``{"mean", "lo", "hi", "n"}``: the statistic and its percentile bootstrap CI.
+
+    Seeded and deterministic. ``n == 0`` gives NaNs; ``n == 1`` gives a zero-width interval.
+    """
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    point = stat(vals)
+    if n == 1 or n_resamples <= 0:
+        return {"mean": point, "lo": point, "hi": point, "n": n}
+    rng = random.Random(seed)
+    stats = sorted(stat([vals[rng.randrange(n)] for _ in range(n)]) for _ in range(n_resamples))
+    alpha = (1.0 - level) / 2.0
+    lo = _quantile(stats, alpha)
+    hi = _quantile(stats, 1.0 - alpha)
+    return {"mean": point, "lo": min(lo, point), "hi": max(hi, point), "n": n}
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], **kwargs) -> dict:
+    """Bootstrap CI of mean(a - b) over paired values (same items)."""
+    if len(a) != len(b):
+        raise ValueError("paired_diff_ci needs equally long sequences")
+    return bootstrap_ci([x - y for x, y in zip(a, b)], **kwargs)
+
+
+def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values."""
+    if not sorted_vals:
+        return float("nan")
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    frac = pos - lo
+    return sorted_vals[lo] * (1 - frac) + sorted_vals[hi] * frac
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Pearson correlation; ``None`` for fewer than 2 points or a constant series."""
+    if len(x) != len(y):
+        raise ValueError("pearson needs equally long sequences")
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties get their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        avg = (i + j) / 2.0 + 1.0
+        for k in range(i, j + 1):
+            out[order[k]] = avg
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Spearman rank correlation (Pearson r of average ranks)."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs equally long sequences")
+    return pearson(ranks(x), ranks(y))
