@@ -58,3 +58,21 @@ def write_artifact(directory: str | Path, *, model_spec: Optional[str], gate: Ga
 def is_artifact(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / PRISM_CONFIG).is_file() and (d / GATE_WEIGHTS).is_file()
+
+
+def assemble(run, cfg) -> Path:
+    """Build ``RUN/prism`` from the finished gate (``RUN/gate``) and distillation (``RUN/distill/adapter``)."""
+    from .errors import PrismError
+
+    gate_dir, adapter = run.path("gate"), run.path("distill") / "adapter"
+    if not (gate_dir / GATE_WEIGHTS).is_file():
+        raise PrismError(f"{run.root} has no trained gate; run `prism gate --run {run.root}` first")
+    if not (adapter / "adapter_config.json").is_file():
+        raise PrismError(f"{run.root} has no distilled adapter; run `prism distill --run {run.root}` first")
+    extra = {"domains": list(cfg.persona.domains), "placement": cfg.persona.placement,
+             "persona_length": cfg.persona.use_length, "batch_size": int(cfg.model.batch_size),
+             "distill": {"loss": cfg.distill.loss, "r": cfg.distill.r, "alpha": cfg.distill.alpha,
+                         "target_modules": list(cfg.distill.target_modules)},
+             "trust_remote_code": bool(cfg.model.trust_remote_code)}
+    return write_artifact(run.path("prism"), model_spec=cfg.model.model, gate=GateBundle.load(gate_dir),
+                          adapter_dir=adapter, extra=extra)

@@ -374,3 +374,49 @@ def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: f
 def finite(x: Optional[float]) -> Optional[float]:
     """``x`` if it is a finite number, else ``None`` (for JSON)."""
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+STAGE = "gate"
+GATE_DIR = "gate"
+
+
+def gate_settings(cfg) -> dict:
+    """The settings the gate stage depends on (a rerun with others is refused)."""
+    from dataclasses import asdict
+
+    return {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
+
+
+def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> dict:
+    """Train the gate on the labelled queries (or skip when done); writes ``RUN/gate/`` and
+    ``gate.done.json``. Returns the stage summary (metrics, threshold, routing per domain)."""
+    import time
+
+    from .models import load_model
+
+    if run.done(STAGE):
+        log.info("gate: already done, skipping (delete %s to redo it)", run.path(f"{STAGE}.done.json"))
+        return run.read_json(f"{STAGE}.done.json")
+    run.check_settings(STAGE, gate_settings(cfg))
+    t0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    queries = [r["query"] for r in records]
+    labels = [int(r["label"]) for r in records]
+    feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size))
+    bundle = train_gate(feats, labels, cfg.gate, cfg.seed, groups=[r.get("domain", "") for r in records])
+    heldout = bundle.info.pop("heldout_indices", [])
+    bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
+    bundle.save(run.path(GATE_DIR))
+    m = bundle.info["metrics"]
+    info = {"threshold": bundle.threshold, "threshold_method": bundle.info["threshold_method"],
+            "n_train": bundle.info["n_train"], "n_heldout": bundle.info["n_heldout"],
+            "positives": bundle.info["positives"], "negatives": bundle.info["negatives"],
+            "metrics": m, "routing_by_domain": bundle.info.get("routing_by_group", {}),
+            "fallbacks": bundle.info["fallbacks"], "dir": str(run.path(GATE_DIR)),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    run.mark_done(STAGE, info)
+    return info
