@@ -98,7 +98,7 @@ def _benchmark_values(per: dict, bench: Benchmarks, kw: dict) -> dict:
     if bench.mmlu:
         ids = [it.item_id for it in bench.mmlu]
         out["MMLU accuracy"] = {"key": "mmlu", "items": ids,
-                                "value": lambda s: bootstrap_ci([per["mmlu"][s][i] for i in ids], **kw)}
+                                "value": lambda s, ids=ids: bootstrap_ci([per["mmlu"][s][i] for i in ids], **kw)}
     if bench.mtbench:
         out["MT-Bench score"] = {"key": "mtbench", "items": None,
                                  "value": lambda s: bootstrap_ci(list(per["mtbench"][s].values()), **kw)}
