@@ -24,9 +24,9 @@ from .common import chunks, derive_seed, persona_file_text, stage_settings
 log = logging.getLogger(__name__)
 
 LENGTH_SPECS = {
-    "min": ("in one short sentence", 6, 40),
-    "short": ("in about 50 words", 15, 110),
-    "long": ("in about 150 words", 40, 300),
+    "min": ("in one short sentence", 5, 40),
+    "short": ("in about 50 words", 8, 110),
+    "long": ("in about 150 words", 12, 300),
 }
 """length -> (phrase in the prompt, fewest words accepted, most words kept)."""
 
