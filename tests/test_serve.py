@@ -356,9 +356,20 @@ def test_shutdown_lets_inflight_requests_finish(tokenizer):
 # helpers shared with the other serve / export / engine tests
 
 
+_ARTIFACTS: dict = {}
+
+
 def make_artifact(model_dir, out, r: int = 4, seed: int = 0):
     """A real PRISM artifact on the tiny model: a PEFT LoRA on layers 1..L-1 (random, non-zero) and a
-    random gate whose threshold splits a few queries roughly in half."""
+    random gate whose threshold splits a few queries roughly in half. Built once per session and
+    model (at the first ``out``); later calls return that directory (treat it as read-only)."""
+    key = (str(model_dir), r, seed)
+    if key not in _ARTIFACTS:
+        _ARTIFACTS[key] = _build_artifact(model_dir, out, r, seed)
+    return _ARTIFACTS[key]
+
+
+def _build_artifact(model_dir, out, r: int, seed: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
