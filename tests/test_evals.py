@@ -379,3 +379,22 @@ def test_resume_never_regenerates(tmp_path):
                     PersonaBook(personas), EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=50))
     evaluate(r4, parse_systems("base,persona"), bench)
     assert eng4.calls == [] and len(judge4.calls) > 0
+
+
+def test_swapped_pairs_cancel_position_bias():
+    from prism_persona.evals.judging import PairVerdict
+
+    class AlwaysA:
+        def compare(self, items):
+            return [PairVerdict("A", {}) for _ in items]
+
+    class Unreadable:
+        def compare(self, items):
+            return [PairVerdict("unparseable", {}) for _ in items]
+
+    j = EvalJudge(ScriptedEngine(), "x", pair_judge=AlwaysA())
+    assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["x1", "x2"], ["y1", "y2"])] == ["tie", "tie"]
+    j = EvalJudge(ScriptedEngine(), "x", pair_judge=FakePairJudge())
+    assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["long answer", "s"], ["s", "long answer"])] == ["win", "loss"]
+    r = EvalJudge(ScriptedEngine(), "x", pair_judge=Unreadable()).compare_swapped(["q"], ["a"], ["b"])[0]
+    assert r["outcome"] == "tie" and r["unparseable"] is True

@@ -273,11 +273,27 @@ class EvalJudge:
     def compare_swapped(self, queries: Sequence[str], xs: Sequence[str], ys: Sequence[str]) -> list[dict]:
         """Per item: x vs y judged in both orders; x wins only if it wins both, loses only if y wins both.
 
-        Same rule as ``judges.judge_swapped``, batched over items: ``{"outcome": win|tie|loss, ...}``.
+        Uses ``judges.judge_swapped_batch`` (one ``compare`` call for all items) when that module is
+        available, else the same rule here: ``{"outcome": win|tie|loss, "xy", "yx", "unparseable"}``.
         """
+        if not queries:
+            return []
+        try:
+            from ..judges import judge_swapped_batch  # type: ignore[attr-defined]
+        except ImportError:
+            judge_swapped_batch = None
+        if judge_swapped_batch is not None:
+            results = judge_swapped_batch(self.pair_judge, list(zip(queries, xs, ys)))
+            out = []
+            for r in results:
+                first, second = r.outcomes  # per order: x, y, tie or unparseable
+                outcome = {"x": "win", "y": "loss"}.get(r.winner, "tie")
+                out.append({"outcome": outcome, "xy": first, "yx": second,
+                            "unparseable": "unparseable" in (first, second)})
+            return out
         items = [make_pair_item(q, x, y) for q, x, y in zip(queries, xs, ys)]
         items += [make_pair_item(q, y, x) for q, x, y in zip(queries, xs, ys)]
-        verdicts = self.pair_judge.compare(items) if items else []
+        verdicts = self.pair_judge.compare(items)
         n = len(queries)
         out = []
         for i in range(n):
