@@ -165,6 +165,7 @@ def test_score_choices_from_top_logprobs(server_factory):
     body = srv.bodies[0]
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
     assert eng.can_score
+    assert eng.score_choices([USER], ["yes", "no"]) == [{"yes": float("-inf"), "no": float("-inf")}]
 
 
 def test_score_choices_without_logprobs_is_detected_once(server_factory):

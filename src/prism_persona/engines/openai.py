@@ -103,8 +103,9 @@ class OpenAIEngine(Engine):
         """log P(first token of each choice) from the server's ``top_logprobs`` of the first token.
 
         Tokens matching a choice (exactly, or as its first piece, ignoring surrounding spaces) are
-        pooled; a choice not among the top 20 gets 1 nat less than the least likely of them (an
-        upper bound that keeps the order). ``None`` when the server has no log-probabilities.
+        pooled; a choice not among the top 20 gets 1 nat less than the least likely of them (it is
+        below all of them), and when no choice is listed every choice gets ``-inf`` (no verdict).
+        ``None`` when the server has no log-probabilities.
         """
         if self._logprobs_ok is False:
             return None
@@ -177,7 +178,11 @@ class OpenAIEngine(Engine):
             self._logprobs_ok = False
             return None
         self._logprobs_ok = True
-        return {c: _choice_logprob(c, top) for c in choices}
+        scores = {c: _choice_logprob(c, top) for c in choices}
+        if all(v is None for v in scores.values()):  # no choice among the top tokens: no verdict
+            return {c: float("-inf") for c in choices}
+        floor = min(lp for _, lp in top) - 1.0
+        return {c: floor if v is None else v for c, v in scores.items()}
 
     # -- HTTP with retries ------------------------------------------------------------------------
 
@@ -281,10 +286,11 @@ def _first_top_logprobs(data: dict) -> Optional[list]:
     return pairs or None
 
 
-def _choice_logprob(choice: str, top: list) -> float:
+def _choice_logprob(choice: str, top: list) -> Optional[float]:
+    """Pooled log-prob of the listed tokens spelling ``choice`` (or its first piece); None if none."""
     exact = [lp for tok, lp in top if tok.strip() == choice]
     pieces = exact or [lp for tok, lp in top if tok.strip() and choice.startswith(tok.strip())]
     if not pieces:
-        return min(lp for _, lp in top) - 1.0
+        return None
     m = max(pieces)
     return m + math.log(sum(math.exp(v - m) for v in pieces))
