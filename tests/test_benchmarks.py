@@ -1,0 +1,176 @@
+"""Every benchmark script runs at ``--size tiny`` on CPU and its comparisons are correct (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+TINY = ["--size", "tiny", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_record(rec: dict, bench: str) -> None:
+    assert rec["bench"] == bench
+    assert {"cpu", "cores", "gpu"} <= set(rec["machine"])
+    assert {"torch", "transformers", "peft"} <= set(rec["versions"])
+    assert rec["date"].endswith("Z") and rec["settings"] and rec["rows"]
+
+
+def test_generation_mixed_batches_match_base_and_lora_rows(tmp_path):
+    import bench_generation
+
+    out = tmp_path / "r.jsonl"
+    rows = bench_generation.main(TINY + ["--batch-sizes", "1,4", "--prompt-len", "12", "--new-tokens", "5",
+                                         "--repeats", "1", "--ragged", "--sequential-rows", "2", "--out", str(out)])
+    variants = {r["variant"] for r in rows}
+    expected = {"base", "base_fast", "lora", "lora_fast", "lora_merged", "peft_mixed", "ref_grouped", "ref_sequential"}
+    assert expected <= variants
+    try:
+        import prism_persona.gated  # noqa: F401
+
+        assert {"gated", "gated_fast"} <= variants
+    except ImportError:
+        pass
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ratio_to_base"] > 0
+        if "agree" in r:  # greedy: every mixed/fast/merged row equals its base or LoRA reference row
+            assert r["agree"] == 1.0, r
+    assert all(r["agree"] == 1.0 for r in rows if r["variant"] in ("peft_mixed", "gated", "ref_grouped"))
+    lora4 = next(r for r in rows if r["variant"] == "lora" and r["batch"] == 4)
+    assert lora4["differs_from_base"] > 0  # the random adapter changes outputs, so the checks mean something
+    seq4 = next(r for r in rows if r["variant"] == "ref_sequential" and r["batch"] == 4)
+    assert seq4["rows_measured"] == 2
+    check_record(records(out)[0], "generation")
+
+
+def test_routing_hook_does_not_change_logits_and_routes_like_layer0_pass(tmp_path):
+    import bench_routing
+
+    out = tmp_path / "r.jsonl"
+    rows = bench_routing.main(TINY + ["--batch-sizes", "1,3", "--prompt-len", "16", "--repeats", "1", "--out", str(out)])
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["same_logits"] and r["same_route"]
+        for key in ("hook_share", "gate_mlp_share", "layer0_share"):
+            assert math.isfinite(r[key])
+        assert r["gate_mlp_s"] > 0 and r["layer0_pass_s"] > 0
+    check_record(records(out)[0], "routing")
+
+
+def lora_by_hand(hidden, heads, kv, inter, layers, r=16):
+    hd = hidden // heads
+    per_layer = ((hidden + heads * hd) + 2 * (hidden + kv * hd) + (heads * hd + hidden) + 3 * (hidden + inter))
+    return r * per_layer * (layers - 1)
+
+
+def gate_by_hand(hidden):
+    return (hidden * 128 + 128) + (128 * 64 + 64) + (64 + 1) + 2 * hidden  # MLP + mean/std buffers
+
+
+def test_memory_accounting_equals_hand_count(tmp_path):
+    import bench_memory
+
+    out = tmp_path / "r.jsonl"
+    res = bench_memory.main(TINY + ["--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "3", "--out", str(out)])
+    acc = res["accounting"]
+    # tiny: 4 layers, hidden 64, 4 heads, 2 KV heads, intermediate 128
+    assert acc["lora_params_peft"] == acc["lora_params_hand"] == lora_by_hand(64, 4, 2, 128, 4) == 49152
+    assert acc["gate_params_module"] == acc["gate_params_hand"] == gate_by_hand(64)
+    assert acc["extra_params"] == 49152 + gate_by_hand(64)
+    assert acc["extra_bytes"] == acc["extra_params"] * 4  # float32
+    assert acc["extra_share_of_base"] == pytest.approx(acc["extra_params"] / acc["base_params"])
+    peak = res["peaks"][0]
+    assert peak["kv_cache_bytes_per_row"] == 2 * 4 * 2 * 16 * (8 + 3) * 4
+    assert "rss_delta_bytes_per_row" in peak
+    check_record(records(out)[0], "memory")
+
+
+def test_memory_accounting_for_the_7b_shape_without_weights(tmp_path):
+    import bench_memory
+
+    res = bench_memory.main(["--size", "7b", "--device", "cpu", "--out", ""])
+    acc = res["accounting"]
+    assert acc["base_params"] == 7_615_616_512  # Qwen2.5-7B-Instruct
+    assert acc["lora_params_peft"] == acc["lora_params_hand"] == lora_by_hand(3584, 28, 4, 18944, 28) == 38_928_384
+    assert acc["gate_params_hand"] == gate_by_hand(3584)
+    assert acc["extra_share_of_base"] < 0.01
+    assert acc["bytes_per_param"] == 2 and res["peaks"] == []
+
+
+def test_bootstrap_engine_throughput(tmp_path):
+    import bench_bootstrap
+
+    out = tmp_path / "r.jsonl"
+    rows = bench_bootstrap.main(TINY + ["--batch-sizes", "1,3", "--rows", "4", "--new-tokens", "4", "--out", str(out)])
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["completions"] == 4 and 0 < r["tokens"] <= 4 * 5 and r["tokens_per_s"] > 0
+    assert rows[0]["ratio_to_first"] == 1.0
+    check_record(records(out)[0], "bootstrap")
+
+
+TOY_RUN = (
+    f"{sys.executable} -c \"import json,os,sys,time; d=sys.argv[1]; os.makedirs(d); "
+    "open(d+'/answers.meta.json','w').write('{}'); time.sleep(0.05); "
+    "open(d+'/answers.jsonl','w').write('{}\\n{}\\n{}\\n'); open(d+'/answers.done.json','w').write('{}'); "
+    "open(d+'/gate.done.json','w').write(json.dumps({'seconds': 1.5})); "
+    "open(d+'/training_report.json','w').write(json.dumps({'timings': {'distill': {'seconds': 2.5}}}))\" {out}"
+)
+
+
+def test_e2e_runs_a_command_and_summarises_stages(tmp_path):
+    import bench_e2e
+
+    out = tmp_path / "r.jsonl"
+    res = bench_e2e.main(["--command", TOY_RUN, "--run-dir", str(tmp_path), "--out", str(out)])
+    assert res["returncode"] == 0 and res["total_s"] > 0
+    stages = {r["stage"]: r for r in res["stages"]}
+    assert stages["answers"]["records"] == 3 and stages["answers"]["measured_by"].startswith("file times")
+    assert stages["answers"]["seconds"] >= 0
+    assert stages["gate"]["seconds"] == 1.5 and stages["gate"]["measured_by"] == "reported"
+    assert stages["distill"]["seconds"] == 2.5
+    check_record(records(out)[0], "e2e")
+    again = bench_e2e.main(["--summarise", str(tmp_path / "run"), "--out", ""])
+    assert {r["stage"] for r in again["stages"]} == set(stages)
+
+
+def test_e2e_default_command_is_prism_run():
+    import bench_e2e
+
+    cmd = bench_e2e.prism_command("RUN", "writing,coding,safety", "tiny", None, "--quiet")
+    assert cmd[3:] == ["run", "--preset", "tiny", "--domains", "writing,coding,safety", "--out", "RUN", "--quiet"]
+
+
+def test_report_renders_tables_from_results(tmp_path):
+    import bench_e2e
+    import report
+
+    res = tmp_path / "r.jsonl"
+    bench_e2e.main(["--command", TOY_RUN, "--run-dir", str(tmp_path), "--out", str(res)])
+    with open(res, "a") as fh:
+        fh.write("{torn line\n")
+    md = tmp_path / "RESULTS.md"
+    text = report.main(["--results", str(res), "--out", str(md)])
+    assert md.read_text().strip() == text.strip()
+    assert "## 5. CPU end to end" in text and "| stage | seconds |" in text and "| gate | 1.50 |" in text
+    assert "## 1." not in text  # no generation records: no empty section
