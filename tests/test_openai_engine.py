@@ -213,6 +213,12 @@ def test_engine_against_prism_serve_with_a_real_artifact(tiny_model_dir, tmp_pat
         remote = eng.generate(chats, params)
         scores = eng.score_choices(chats, ["A", "B"])
         batch_sizes = list(srv.app.batcher.batch_sizes)
+        # the pipeline's judge reads log-prob verdicts through this engine
+        from prism_persona.judges import ModelJudge, PairItem
+
+        judge = ModelJudge(eng, "auto")
+        verdicts = judge.compare([PairItem("q?", "answer one", "answer two")])
+        assert judge.mode == "logprob" and set(verdicts[0].detail) == {"logp_A", "logp_B"}
     assert [c.text for c in remote] == [c.text for c in local]
     assert [c.meta["routed"] for c in remote] == [c.meta["routed"] for c in local]
     assert {c.meta["routed"] for c in remote} == {True, False}  # both paths exercised

@@ -159,3 +159,23 @@ def test_router_loads_layer0_only_and_routes_like_the_full_model(tiny_model_dir,
     assert [r for _, r in got] == [r for _, r in want]
     assert [p for p, _ in got] == pytest.approx([p for p, _ in want], abs=1e-6)
     assert {r for _, r in want} == {True, False}  # the artifact's gate really splits these
+
+
+def test_route_only_relays_a_chunked_upstream_stream(tokenizer):
+    """prism serve itself (chunked transfer encoding, like vLLM's server) as the upstream."""
+    from openai import OpenAI
+
+    from test_serve import start
+
+    upstream_model = FakeGated(tokenizer)
+    with start(upstream_model) as up, route_server(up.url, tokenizer) as srv:
+        client = OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
+        chunks = list(client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "a long question, sent in several chunks"}],
+            stream=True, extra_body={"prism": {"force": True}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "base answer to: a long question, sent in several chunks"  # the upstream's own answer
+    assert len(chunks) > 3
+    # the router's routing replaces whatever the upstream reported
+    assert all(c.model_extra["prism"] == {"routed": True, "gate_prob": 0.1} for c in chunks)
+    assert upstream_model.batches[0]["force"] == [None]  # the prism field was not forwarded

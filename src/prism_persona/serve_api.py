@@ -87,8 +87,9 @@ class ChatRequest:
     def sampling_params(self):
         from .engines.base import SamplingParams
 
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop)
+        greedy = self.temperature <= 0 or self.top_p <= 0  # top_p 0 keeps only the top token
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0 if greedy else self.temperature,
+                              top_p=1.0 if greedy else self.top_p, seed=self.seed, stop=self.stop)
 
 
 def parse_json_body(raw: bytes) -> dict:
