@@ -21,7 +21,6 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from .errors import PrismError
 
