@@ -224,3 +224,87 @@ def test_engine_view_and_scoring(setup):
     a_id = gm.tokenizer("A", add_special_tokens=False)["input_ids"][0]
     lp = torch.log_softmax(logits[0, -1], -1)
     assert scores[0]["A"] >= float(lp[a_id]) - 1e-5
+
+
+@pytest.mark.slow
+def test_embedded_model_routing_and_step0_kl(embedded_model, tmp_path):
+    """On the real SmolLM2: a persona-conditioned teacher gives a clearly non-zero step-0 KL (0 without
+    the persona), and the gated model reproduces base and PEFT behaviour with routing in the prefill."""
+    import copy
+
+    from peft import PeftModel
+
+    from prism_persona import config as C
+    from prism_persona.distill import attach_lora, build_examples, distill_loss
+
+    base, tok = embedded_model
+    cfg = C.resolve("tiny")
+    recs = [{"key": "a", "query": "Give me one tip for writing a strong opening line.", "label": 1,
+             "persona": "You are an award-winning novelist and writing coach who answers with vivid, concrete advice.",
+             "placement": "system", "persona_answer": "Start in the middle of action: drop the reader into a moment of tension."},
+            {"key": "b", "query": "How do I reverse a list in Python?", "label": 1,
+             "persona": "You are a senior Python engineer who answers with short, idiomatic code and one-line explanations.",
+             "placement": "user", "persona_answer": "Use slicing: `xs[::-1]` returns a reversed copy; `xs.reverse()` works in place."}]
+    student = attach_lora(copy.deepcopy(base), cfg.distill)
+    with torch.no_grad():
+        kl = float(distill_loss(student, build_examples(tok, recs, 256), cfg.distill, tok.pad_token_id))
+        kl_bug = float(distill_loss(student, build_examples(tok, recs, 256, teacher_persona=False), cfg.distill,
+                                    tok.pad_token_id))
+    print(f"step-0 KL with persona {kl:.4f}, without {kl_bug:.2e}")
+    assert kl > 0.05 and kl_bug < 1e-4
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    student.save_pretrained(tmp_path / "adapter")
+    queries = [r["query"] for r in recs] + ["What is the capital of France?"]
+    feats = query_features(base, tok, queries)
+    torch.manual_seed(0)
+    gate = Gate(feats.shape[1])
+    gate.set_standardisation(feats)
+    gate.eval()
+    art = write_artifact(tmp_path / "prism", model_spec=None, gate=GateBundle(gate, 0.5, {}), adapter_dir=tmp_path / "adapter")
+    assert json.loads((art / "prism_config.json").read_text())["base_model"] == "smollm2-135m-instruct"
+    gm = GatedModel.from_pretrained(art, base=(copy.deepcopy(base), tok), batch_size=3)
+    enc = _batch(tok, queries)
+    logits, probs, _ = gm.forward_logits(enc["input_ids"], enc["attention_mask"], force=[False, True, None])
+    torch.testing.assert_close(gm.state.features, feats, rtol=1e-4, atol=1e-4)
+    real = enc["attention_mask"].bool()
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(art / "adapter")).eval()
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref_b = base(**enc, position_ids=pos).logits
+        ref_p = peft(**enc, position_ids=pos).logits
+    torch.testing.assert_close(logits[0][real[0]], ref_b[0][real[0]], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(logits[1][real[1]], ref_p[1][real[1]], rtol=1e-3, atol=1e-3)
+    chats = [[{"role": "user", "content": q}] for q in queries]
+    params = SamplingParams(max_new_tokens=16)
+    ref = HFEngine(base, tok, batch_size=3, quiet=True).generate(chats, params)
+    assert [c.text for c in gm.generate(chats, params, force=False)] == [c.text for c in ref]
+
+
+def test_route_runs_layer0_only_and_leaves_the_flags_alone(setup):
+    gm = setup["gm"]
+    enc = _batch(gm.tokenizer, QUERIES[:3])
+    _, probs, _ = gm.forward_logits(enc["input_ids"], enc["attention_mask"], force=[True, False, True])
+    before = gm.state.routed.clone()
+    later = []
+    hooks = [layer.register_forward_hook(lambda *a: later.append(1)) for layer in gm.model.model.layers[1:]]
+    try:
+        res = gm.route([[{"role": "user", "content": q}] for q in QUERIES[:3]])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert later == [] and torch.equal(gm.state.routed, before)
+    assert [p for p, _ in res] == pytest.approx(probs.tolist(), abs=1e-5)
+    assert [r for _, r in res] == [p >= gm.threshold for p in probs.tolist()]
+
+
+def test_public_routing_context_for_custom_decoders(setup):
+    gm = setup["gm"]
+    enc = _batch(gm.tokenizer, QUERIES[:2])
+    with gm.routing([None, True]) as state:
+        gm.model(**enc)  # prefill: decides
+        first = state.routed.clone()
+        gm.model(input_ids=enc["input_ids"][:, -1:], attention_mask=enc["attention_mask"])  # decode-like step
+        assert torch.equal(state.routed, first) and bool(first[1])

@@ -204,6 +204,7 @@ class GatedModel:
         self._last_index: Optional[torch.Tensor] = None
         self._decided = False
         self._in_call = False
+        self._suspended = False  # route(): the layer-0-only pass must not touch the routing flags
         self._hook = decoder_layers(model)[0].register_forward_hook(self._layer0_hook)
 
     # ---------------------------------------------------------------------------------------- build
@@ -255,6 +256,8 @@ class GatedModel:
 
     def _layer0_hook(self, module, args, out):
         """Runs after decoder layer 0 and before layer 1: decide the routing of each row."""
+        if self._suspended:
+            return None
         h = layer_output(out)
         if self._in_call and self._decided:
             return None  # decode step of a generate call: keep the prefill's flags
@@ -291,13 +294,24 @@ class GatedModel:
             self._overrides = self._prob_overrides = self._last_index = None
             self._decided = self._in_call = False
 
+    def routing(self, force: Sequence[Optional[bool]]):
+        """Context manager for driving ``self.model`` yourself (e.g. a custom decode loop): within it
+        the first forward (the prefill) routes each row - ``force[i]`` overrides row i - and later
+        forwards (decode steps) keep the flags. Yields the :class:`RoutingState` (``routed``, ``probs``)."""
+        force = list(force)
+        return self._call(force, [None] * len(force))
+
     @torch.no_grad()
     def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
         """(gate_prob, routed) per chat, from its first user turn, with embeddings + layer 0 only."""
         if not chats:
             return []
         queries = [first_user_turn(c) for c in chats]
-        feats = query_features(self.model, self.tokenizer, queries, self.batch_size).to(self.device)
+        self._suspended = True
+        try:
+            feats = query_features(self.model, self.tokenizer, queries, self.batch_size).to(self.device)
+        finally:
+            self._suspended = False
         probs = self.gate(feats).tolist()
         return [(float(p), bool(p >= self.threshold)) for p in probs]
 
