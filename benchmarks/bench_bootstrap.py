@@ -70,7 +70,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--rows", type=int, default=32, help="chats in the workload")
     p.add_argument("--temperature", type=float, default=0.7)
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype)
+    dev, dtype = common.pick(args.device, args.dtype, args.threads)
     if args.size == "7b":
         raise SystemExit("bench_bootstrap needs a tokenizer: use --size tiny or embedded (or a real model via the CLI)")
     built = common.build_model(args.size, dev, dtype, seed=args.seed)

@@ -4,8 +4,9 @@ Runs (once) ``prism run --preset tiny --domains "writing,coding,safety" --out RU
 summarises the run directory it leaves:
 
 - total wall time of the command;
-- per stage: the seconds the stage reports itself (any ``seconds`` / ``elapsed_s`` / ``wall_s`` /
-  ``timings`` field in ``RUN/<stage>.done.json`` or in a ``RUN/**/*report*.json``), else the span from
+- per stage: the seconds the run reports itself (``stage_seconds`` of ``RUN/training_report.json``, or
+  any ``seconds`` / ``elapsed_s`` / ``wall_s`` / ``timings`` field in ``RUN/<stage>.done.json`` or another
+  ``RUN/**/*report*.json``), else the span from
   the stage's ``<stage>.meta.json`` (written when the stage opens its store) to its ``.done.json``;
 - records per stage (lines of ``<stage>.jsonl``).
 
@@ -146,12 +147,12 @@ def main(argv: Optional[list] = None) -> dict:
             print(f"command failed (exit {result['returncode']}):\n{result['output_tail']}")
     stages = summarise_run(run) if run.exists() else []
     total = result.get("wall_s")
-    known = sum(r["seconds"] for r in stages if isinstance(r["seconds"], (int, float)))
     for r in stages:
         if total and isinstance(r["seconds"], (int, float)):
             r["share_of_total"] = r["seconds"] / total
     print(f"# End to end: {args.command or 'prism run'} ({args.preset}, domains {args.domains})")
-    print(f"run dir: {run}\ntotal wall: {common.fmt(total) if total else 'n/a'} s; stages sum: {common.fmt(known)} s")
+    print(f"run dir: {run}\ntotal wall: {common.fmt(total) if total else 'n/a'} s "
+          "(stages can nest: bootstrap holds personas/queries/answers/verdicts)")
     print(common.table(stages, ["stage", "seconds", "share_of_total", "records", "measured_by"]))
     settings = {"preset": args.preset, "domains": args.domains, "model": args.model or "embedded",
                 "command": args.command or "prism run", "run_dir": str(run)}

@@ -207,7 +207,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--ragged", action="store_true", help="left-padded prompts of varied lengths")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype)
+    dev, dtype = common.pick(args.device, args.dtype, args.threads)
     built = common.build_model(args.size, dev, dtype, seed=args.seed)
     sizes = common.batch_sizes(args.batch_sizes)
     settings = {"size": args.size, "model": built.label, "device": dev, "dtype": str(dtype),

@@ -21,6 +21,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import gated_adapter  # noqa: E402
 
 
 def dtype_bytes(dtype) -> int:
@@ -127,39 +128,54 @@ class RssPeak:
         return self.peak - self.before
 
 
-def peak_per_row(pm, built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int, seed: int = 0) -> list:
-    """Peak extra memory of one mixed-batch (PEFT ``adapter_names``) generation, per row."""
+def peak_rows(run, name: str, built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int,
+              seed: int = 0) -> list:
+    """Peak extra memory of one mixed-batch generation ``run(ids, mask, routes, settings)``, per row."""
     import gc
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_generation import peft_mixed, routes_for, settings_for
+    from bench_generation import routes_for, settings_for
 
     settings = settings_for(built, new_tokens)
     dsize = dtype_bytes(built.dtype)
     rows = []
     for b in sizes:
         ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
+        routes = routes_for(b)
         gc.collect()
-        kv = kv_bytes_per_row(built.model.config, prompt_len + new_tokens, dsize)
-        row = {"batch": b, "kv_cache_bytes_per_row": kv}
+        row = {"batch": b, "variant": name,
+               "kv_cache_bytes_per_row": kv_bytes_per_row(built.model.config, prompt_len + new_tokens, dsize)}
         if built.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
-            peft_mixed(pm, ids, mask, routes_for(b), settings)
+            run(ids, mask, routes, settings)
             torch.cuda.synchronize()
             row["peak_bytes_per_row"] = (torch.cuda.max_memory_allocated() - held) / b
-            row["method"] = "cuda max_memory_allocated"
+            row["method"] = "cuda max_memory_allocated - allocated before"
         else:
-            peft_mixed(pm, ids, mask, routes_for(b), settings)  # warm the allocator once
+            run(ids, mask, routes, settings)  # warm the allocator once
             gc.collect()
             rss = RssPeak()
-            peft_mixed(pm, ids, mask, routes_for(b), settings)
+            run(ids, mask, routes, settings)
             row["rss_delta_bytes_per_row"] = rss.stop() / b
             row["method"] = "cpu RSS peak delta (rough: allocator caching)"
         rows.append(row)
+    return rows
+
+
+def peak_per_row(pm, built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int, seed: int = 0) -> list:
+    """Peaks of PEFT's mixed batch, then (when the gated model exists) of PRISM's gated mixed batch."""
+    from bench_generation import peft_mixed
+
+    rows = peak_rows(lambda i, m, r, s: peft_mixed(pm, i, m, r, s), "peft_mixed", built, sizes, prompt_len,
+                     new_tokens, seed)
+    if gated_adapter.available() is None:
+        gm, _tmp = gated_adapter.gated_from_peft(pm, built, seed=seed)
+        run = gated_adapter.runner(gm)
+        rows += peak_rows(lambda i, m, r, s: run(i, m, r, s, False), "gated", built, sizes, prompt_len,
+                          new_tokens, seed)
     return rows
 
 
@@ -167,7 +183,7 @@ def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], repeats=1)
     p.add_argument("--no-peak", action="store_true", help="accounting only (no generation)")
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype)
+    dev, dtype = common.pick(args.device, args.dtype, args.threads)
     sizes = common.batch_sizes(args.batch_sizes)
     built = None
     if args.size in ("7b", "embedded") and (args.no_peak or not dev.startswith("cuda") and args.size == "7b"):
@@ -189,7 +205,7 @@ def main(argv: Optional[list] = None) -> dict:
     peaks = []
     if built is not None and not args.no_peak:
         peaks = peak_per_row(pm, built, sizes, args.prompt_len, args.new_tokens, seed=args.seed)
-        cols = ["batch", "kv_cache_bytes_per_row", "peak_bytes_per_row", "rss_delta_bytes_per_row", "method"]
+        cols = ["batch", "variant", "kv_cache_bytes_per_row", "peak_bytes_per_row", "rss_delta_bytes_per_row", "method"]
         print(common.table(peaks, cols))
     rows = [dict(acc, kind="accounting")] + [dict(r, kind="peak") for r in peaks]
     common.record(args.out, "memory", settings, rows)

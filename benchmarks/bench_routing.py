@@ -157,7 +157,7 @@ def fastgen_context(gm, force):
 def main(argv: Optional[list] = None) -> list[dict]:
     p = common.base_parser(__doc__.splitlines()[0], repeats=5)
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype)
+    dev, dtype = common.pick(args.device, args.dtype, args.threads)
     built = common.build_model(args.size, dev, dtype, seed=args.seed)
     sizes = common.batch_sizes(args.batch_sizes)
     settings = {"size": args.size, "model": built.label, "device": dev, "dtype": str(dtype), "batch_sizes": sizes,

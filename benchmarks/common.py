@@ -50,6 +50,8 @@ def base_parser(description: str, batch_sizes: str = "1,16,64", prompt_len: int 
     p.add_argument("--new-tokens", type=int, default=new_tokens, help="generated tokens per row (forced)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed repeats per variant (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op CPU threads (0 = torch's default); 1 is steadier on a shared CPU")
     p.add_argument("--out", default=str(RESULTS), help="results file to append to ('' = do not record)")
     return p
 
@@ -75,7 +77,12 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on a shared machine
+    except OSError:
+        pass
     try:
         import psutil
 
@@ -156,9 +163,14 @@ def table(rows: Sequence[dict], cols: Sequence[str]) -> str:
 # devices, timing
 
 
-def pick(device: str, dtype: str):
-    """(device string, torch dtype) with PRISM's rules for ``auto``."""
+def pick(device: str, dtype: str, threads: int = 0):
+    """(device string, torch dtype) with PRISM's rules for ``auto``; sets the CPU threads if given."""
+    import torch
+
     from prism_persona.models import pick_device, pick_dtype
+
+    if threads and threads > 0:
+        torch.set_num_threads(int(threads))
 
     dev = pick_device(device)
     return dev, pick_dtype(dtype, dev)

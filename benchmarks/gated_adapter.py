@@ -44,13 +44,8 @@ def runner(gm):
     """``(ids, mask, routes, settings, fast) -> new tokens``: routes forced per row (half/half)."""
     from prism_persona import fastgen
 
-    decoders: dict = {}
-
     def run(ids, mask, routes, settings, fast: bool):
-        dec = None
-        if fast:
-            dec = decoders.setdefault("fast", fastgen.FastDecoder(gm.model))
-        new, _, _ = fastgen.generate_gated(gm, ids, mask, settings, force=list(routes), fast=fast, decoder=dec)
+        new, _, _ = fastgen.generate_gated(gm, ids, mask, settings, force=list(routes), fast=fast)
         return new
 
     return run

@@ -23,7 +23,7 @@ COLUMNS = {
     "routing": ["batch", "prefill_s", "prefill_gated_s", "hook_share", "gate_mlp_share", "layer0_pass_s",
                 "layer0_share", "gated_hook_share", "same_logits", "same_route"],
     "memory": ["kind", "base_params", "lora_params_hand", "lora_params_peft", "gate_params_hand", "extra_params",
-               "extra_share_of_base", "extra_bytes", "batch", "kv_cache_bytes_per_row", "peak_bytes_per_row",
+               "extra_share_of_base", "extra_bytes", "batch", "variant", "kv_cache_bytes_per_row", "peak_bytes_per_row",
                "rss_delta_bytes_per_row"],
     "bootstrap": ["batch", "rows", "tokens", "wall_s", "tokens_per_s", "ratio_to_first", "length_stops"],
     "e2e": ["stage", "seconds", "share_of_total", "records", "measured_by"],

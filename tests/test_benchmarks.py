@@ -99,9 +99,10 @@ def test_memory_accounting_equals_hand_count(tmp_path):
     assert acc["extra_params"] == 49152 + gate_by_hand(64)
     assert acc["extra_bytes"] == acc["extra_params"] * 4  # float32
     assert acc["extra_share_of_base"] == pytest.approx(acc["extra_params"] / acc["base_params"])
-    peak = res["peaks"][0]
-    assert peak["kv_cache_bytes_per_row"] == 2 * 4 * 2 * 16 * (8 + 3) * 4
-    assert "rss_delta_bytes_per_row" in peak
+    for peak in res["peaks"]:
+        assert peak["kv_cache_bytes_per_row"] == 2 * 4 * 2 * 16 * (8 + 3) * 4
+        assert "rss_delta_bytes_per_row" in peak
+    assert res["peaks"][0]["variant"] == "peft_mixed"
     check_record(records(out)[0], "memory")
 
 
@@ -134,7 +135,7 @@ TOY_RUN = (
     "open(d+'/answers.meta.json','w').write('{}'); time.sleep(0.05); "
     "open(d+'/answers.jsonl','w').write('{}\\n{}\\n{}\\n'); open(d+'/answers.done.json','w').write('{}'); "
     "open(d+'/gate.done.json','w').write(json.dumps({'seconds': 1.5})); "
-    "open(d+'/training_report.json','w').write(json.dumps({'timings': {'distill': {'seconds': 2.5}}}))\" {out}"
+    "open(d+'/training_report.json','w').write(json.dumps({'stage_seconds': {'distill': 2.5, 'load_model': None}}))\" {out}"
 )
 
 

@@ -131,3 +131,30 @@ def test_sampled_generation_is_reproducible(fresh):
     a = fastgen.generate(model, ids, mask, s)
     b = fastgen.generate(model, ids, mask, s)
     assert torch.equal(a, b) and a.shape == (4, 6)
+
+
+def test_compiled_gated_decode_step_traces_as_one_graph(fresh, tmp_path):
+    """The decode step, gate hook and per-row LoRA included, traces without graph breaks (dynamo with
+    the eager backend on CPU; on CUDA the same step runs under ``mode="reduce-overhead"``)."""
+    pytest.importorskip("prism_persona.gated")
+    import torch._dynamo
+
+    from prism_persona.gate import Gate, GateBundle
+    from prism_persona.gated import GatedModel
+
+    model, tok, ids, mask = fresh
+    pm = random_lora(model)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    bare = pm.unload()
+    gm = GatedModel.from_parts(bare, tok, GateBundle(gate=Gate(bare.config.hidden_size)), str(tmp_path / "adapter"))
+    s = settings(tok, 5, ignore_eos=True)
+    force = [False, True, True, False]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dec = fastgen.FastDecoder(gm.model, compile=True, backend="eager")
+    compiled, routed, _ = fastgen.generate_gated(gm, ids, mask, s, force=force, decoder=dec)
+    plain, _, _ = fastgen.generate_gated(gm, ids, mask, s, force=force, fast=False)
+    assert routed == force and torch.equal(compiled, plain)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -82,20 +82,43 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def backend_is_custom(dec) -> bool:
+    return getattr(dec, "backend", None) is not None
+
+
 class FastDecoder:
     """Static-cache decode loop for one causal LM (any module with the HF causal-LM ``forward``).
 
     ``compile``: ``None`` compiles the decode step on CUDA only; ``True``/``False`` force it.
     The compiled step is reused across calls of the same batch size and total length.
+    ``backend``: a ``torch.compile`` backend instead of ``mode="reduce-overhead"`` (tests use
+    ``"eager"`` to check on CPU that the step traces, hooks and routing state included).
     """
 
-    def __init__(self, model, compile: Optional[bool] = None):
+    def __init__(self, model, compile: Optional[bool] = None, backend: Optional[str] = None):
         self.model = model
         device = _model_device(model)
         self.compile = (device.type == "cuda") if compile is None else bool(compile)
+        self.backend = backend
+        self._caches: dict = {}
         self._step = self._decode_step
         if self.compile:
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+            # dynamic=False: one graph per (batch, length); the cache is reused per shape, so the
+            # graph's static addresses (KV tensors, mask) stay the same from call to call.
+            opts = {"backend": backend} if backend else {"mode": "reduce-overhead"}
+            self._step = torch.compile(self._decode_step, fullgraph=False, dynamic=False, **opts)
+
+    def cache_for(self, batch: int, max_len: int, device, dtype):
+        """A reset static cache for this shape (kept between calls: stable addresses for CUDA graphs)."""
+        key = (batch, max_len, str(device), str(dtype))
+        cache = self._caches.get(key)
+        if cache is None:
+            if len(self._caches) >= 4:
+                self._caches.clear()
+            cache = self._caches[key] = _static_cache(self.model, max_len)
+        else:
+            cache.reset()
+        return cache
 
     def _decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                      cache, forward_kwargs: dict) -> torch.Tensor:
@@ -120,7 +143,7 @@ class FastDecoder:
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(settings.seed))
-        cache = _static_cache(self.model, T + N)
+        cache = self.cache_for(B, T + N, device, next(self.model.parameters()).dtype)
         mask = torch.ones(B, T + N, dtype=attention_mask.dtype, device=device)
         mask[:, :T] = attention_mask
         positions = prompt_positions(attention_mask)
@@ -145,9 +168,23 @@ class FastDecoder:
                     break
             if step == N - 1:
                 break
+            if self.compile and device.type == "cuda" and not backend_is_custom(self):
+                torch.compiler.cudagraph_mark_step_begin()
             logits = self._step(token[:, None].clone(), mask, next_pos.clone(), cache, fw).clone()
             next_pos = next_pos + 1
         return result
+
+
+def decoder_for(model, compile: Optional[bool] = None) -> FastDecoder:
+    """The :class:`FastDecoder` of ``model`` (one per model and compile setting, so graphs are reused).
+
+    Kept on the model itself (``model._prism_fast_decoders``): it lives and dies with the model.
+    """
+    per_model = model.__dict__.setdefault("_prism_fast_decoders", {})
+    key = "auto" if compile is None else bool(compile)
+    if key not in per_model:
+        per_model[key] = FastDecoder(model, compile=compile)
+    return per_model[key]
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
@@ -158,7 +195,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setti
     Both paths pad a stopped row with ``settings.pad_token_id`` after its EOS.
     """
     if fast:
-        dec = decoder or FastDecoder(model, compile=compile)
+        dec = decoder or decoder_for(model, compile)
         return dec.generate(input_ids, attention_mask, settings, forward_kwargs=forward_kwargs)
     return plain_generate(model, input_ids, attention_mask, settings, forward_kwargs)
 
@@ -215,7 +252,7 @@ def generate_gated(gated, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     input_ids, attention_mask = input_ids.to(gated.device), attention_mask.to(gated.device)
     with _routing_context(gated, force, input_ids.shape[0]) as state:
         if fast:
-            dec = decoder or FastDecoder(gated.model, compile=compile)
+            dec = decoder or decoder_for(gated.model, compile)
             new = dec.generate(input_ids, attention_mask, settings)
         else:
             new = plain_generate(gated.model, input_ids, attention_mask, settings)
