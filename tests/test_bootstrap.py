@@ -179,8 +179,9 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     # round r of domain d is seeded from (seed, d, r): 2 requests (ceil(6/4)) in the first round of each domain
     assert seeds[0] == derive_seed(0, "queries", "writing", 0)
     assert len({(s) for s in seeds}) == 6 and len(eng.calls) == 2 + 2 + 2 + 2 + 1 + 1
-    first = eng.calls[0][0]
+    first, second = eng.calls[0][0], eng.calls[1][0]
     assert first[0] == {"role": "system", "content": "You are a writing expert."} and "4 realistic" in first[1]["content"]
+    assert "list 1 of 2" in first[1]["content"] and "list 2 of 2" in second[1]["content"]  # distinct requests
     # resuming: every round is recorded, so nothing is generated again
     write_queries(cfg, run, Lazy(lambda: pytest.fail("rounds are exhausted")), personas)
     assert len(read_jsonl(run.path("query_rounds.jsonl"))) == 6
@@ -344,7 +345,10 @@ def test_tiny_model_end_to_end_in_process(tmp_path, tiny_model_dir, tiny_model):
     assert s["judge_mode"] == "logprob" and s["personas"]["fallback"] == 6  # random text is never a persona
     n = s["total"]["queries"]
     assert n == len(read_jsonl(run.path("verdicts.jsonl"))) and n >= 1
-    assert s["tokens"]["tokens_generated"] > 0 and s["tokens"]["tokens_per_s"] > 0
+    assert s["tokens"]["this_invocation"]["tokens_generated"] > 0 and s["tokens"]["total"]["tokens_per_s"] > 0
+    again = run_bootstrap(cfg, engine=engine)  # finished: nothing generated, totals kept
+    assert again["tokens"]["this_invocation"]["tokens_generated"] == 0
+    assert again["tokens"]["total"] == s["tokens"]["total"] and again["tokens"]["total"]["invocations"] == 1
     assert all(a["base_tokens"] <= 6 for a in read_jsonl(run.path("answers.jsonl")))
     v = read_jsonl(run.path("verdicts.jsonl"))[0]
     assert set(v["verdicts"][0]["detail"]) == {"logp_A", "logp_B"}

@@ -77,9 +77,9 @@ def test_cli_resume_refuses_changed_settings(tmp_path):
 def test_cli_embedded_model_end_to_end(tmp_path):
     """The real embedded SmolLM2-135M on a tiny setting: every file, the summary and the table."""
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--domains", "writing", "--queries-per-persona", "2", "--answer-tokens", "32",
-            "--set", "persona.max_new_tokens=80", "--set", "persona.lengths=min,short",
-            "--set", "queries.max_new_tokens=160", "--set", "queries.max_rounds=2", "--out", str(run), "-q"]
+    args = ["--preset", "tiny", "--domains", "writing", "--queries-per-persona", "2", "--answer-tokens", "24",
+            "--set", "persona.max_new_tokens=48", "--set", "persona.lengths=min,short",
+            "--set", "queries.max_new_tokens=120", "--set", "queries.max_rounds=2", "--out", str(run), "-q"]
     out = prism(*args, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("config.json", "personas.jsonl", "queries.jsonl", "answers.jsonl", "verdicts.jsonl",
@@ -89,7 +89,7 @@ def test_cli_embedded_model_end_to_end(tmp_path):
     assert s["judge_mode"] == "logprob" and s["model"] == "smollm2-135m-instruct"
     n = s["domains"]["writing"]["queries"]
     assert 1 <= n <= 2 and sum(s["total"][k] for k in ("wins", "losses", "ties", "mixed", "unparseable")) == n
-    assert s["tokens"]["tokens_generated"] > 0 and s["tokens"]["tokens_per_s"] > 0
+    assert s["tokens"]["total"]["tokens_generated"] > 0 and s["tokens"]["total"]["tokens_per_s"] > 0
     personas = [json.loads(x) for x in (run / "personas.jsonl").read_text().splitlines()]
     assert len(personas) == 2 and all(p["text"].startswith("You") for p in personas)
     assert "| writing" in out.stdout and "flip rate" in out.stdout
@@ -98,3 +98,5 @@ def test_cli_embedded_model_end_to_end(tmp_path):
     again = prism("--out", str(run), "-q", timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (run / "verdicts.jsonl").read_text() == before
+    s2 = json.loads((run / "summary.json").read_text())
+    assert s2["tokens"]["this_invocation"]["tokens_generated"] == 0 and s2["tokens"]["total"] == s["tokens"]["total"]

@@ -86,14 +86,19 @@ class Lazy:
         return self._value
 
 
-def token_stats(engines: Iterable[Any]) -> dict:
-    """Tokens generated and generation seconds summed over engines that count them."""
-    seen, toks, secs = set(), 0, 0.0
-    for e in engines:
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        toks += int(getattr(e, "tokens_generated", 0) or 0)
-        secs += float(getattr(e, "generate_seconds", 0.0) or 0.0)
+def counters(engines: Iterable[Any]) -> dict:
+    """``{id(engine): (tokens_generated, generate_seconds)}`` of engines that count them."""
+    return {id(e): (int(getattr(e, "tokens_generated", 0) or 0), float(getattr(e, "generate_seconds", 0.0) or 0.0))
+            for e in engines if e is not None}
+
+
+def token_stats(engines: Iterable[Any], baseline: Optional[dict] = None) -> dict:
+    """Tokens generated and generation seconds summed over engines, minus what ``baseline``
+    (from :func:`counters`, taken earlier) already held."""
+    toks, secs = 0, 0.0
+    for key, (t, s) in counters(engines).items():
+        t0, s0 = (baseline or {}).get(key, (0, 0.0))
+        toks += t - t0
+        secs += s - s0
     return {"tokens_generated": toks, "generate_seconds": round(secs, 3),
             "tokens_per_s": round(toks / secs, 2) if secs > 0 else None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Optional
 
@@ -20,7 +21,7 @@ from .. import config as C
 from ..errors import PrismError
 from ..store import JsonlStore, RunDir
 from .answers import answers_store, write_answers
-from .common import Lazy, persona_file_hashes, stage_settings, token_stats
+from .common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
 from .personas import load_personas, write_personas
 from .queries import selected_queries, write_queries
 from .summary import build_summary, format_summary
@@ -59,6 +60,7 @@ def run_bootstrap(cfg, engine=None, judge=None) -> dict:
     both are built only when a stage needs them.
     """
     t0 = time.perf_counter()
+    baseline = counters([engine] + (list(judge.engines) if judge is not None else []))
     preflight(cfg, engine, judge)
     run = RunDir(cfg.out)
     check_run(cfg, run)
@@ -92,15 +94,30 @@ def run_bootstrap(cfg, engine=None, judge=None) -> dict:
         if j is not None and judge is None:
             j.close()
     engines = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
+    tokens = record_tokens(run, token_stats(engines, baseline), time.perf_counter() - t0)
     summary = build_summary(
         cfg.persona.domains, verdicts, answers, personas=persona_counts, queries=collected,
-        target=cfg.queries.queries_per_persona, tokens=token_stats(engines),
+        target=cfg.queries.queries_per_persona, tokens=tokens,
         judge=getattr(get_judge.built, "name", cfg.judge.judge), mode=_judge_mode(get_judge.built, verdicts),
         model=cfg.model.model, wall_seconds=time.perf_counter() - t0, run=str(run.root))
     run.write_json("summary.json", summary)
     run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
     run.mark_done("bootstrap", {"pairs": len(verdicts), "labelled_positive": summary["total"]["wins"]})
     return summary
+
+
+def record_tokens(run: RunDir, stats: dict, wall: float) -> dict:
+    """Append this invocation's generation counters to ``bootstrap_sessions.jsonl`` (when it generated
+    anything) and return ``{"this_invocation": ..., "total": ...}`` summed over all invocations."""
+    ledger = JsonlStore(run.path("bootstrap_sessions.jsonl"))
+    if stats["tokens_generated"] or stats["generate_seconds"]:
+        ledger.append({"key": f"{time.time():.6f}-{os.getpid()}", "tokens_generated": stats["tokens_generated"],
+                       "generate_seconds": stats["generate_seconds"], "wall_seconds": round(wall, 2)})
+    toks = sum(r["tokens_generated"] for r in ledger)
+    secs = sum(r["generate_seconds"] for r in ledger)
+    total = {"tokens_generated": toks, "generate_seconds": round(secs, 3),
+             "tokens_per_s": round(toks / secs, 2) if secs > 0 else None, "invocations": len(ledger)}
+    return {"this_invocation": stats, "total": total}
 
 
 def _judge_mode(judge, verdicts: list[dict]) -> Optional[str]:

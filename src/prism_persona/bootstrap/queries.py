@@ -41,13 +41,19 @@ _INSTRUCTION = re.compile(
 _QUOTES = "\"'“”‘’`"
 
 
-def query_prompt(domain: str, n: int) -> str:
-    return QUERY_PROMPT.format(n=n, domain=domain)
+def query_prompt(domain: str, n: int, part: int = 0, parts: int = 1) -> str:
+    """The request text. When a round sends several requests they are numbered, so that engines
+    that sample identically for an identical prompt and seed (OpenAI-compatible servers) still return
+    different lists."""
+    text = QUERY_PROMPT.format(n=n, domain=domain)
+    if parts > 1:
+        text += f" (This is list {part + 1} of {parts}; make it different from the others.)"
+    return text
 
 
-def query_chat(domain: str, persona: str, placement: str, n: int) -> list:
+def query_chat(domain: str, persona: str, placement: str, n: int, part: int = 0, parts: int = 1) -> list:
     """The query-writing request, with the persona placed as configured."""
-    return with_persona([{"role": "user", "content": query_prompt(domain, n)}], persona, placement)
+    return with_persona([{"role": "user", "content": query_prompt(domain, n, part, parts)}], persona, placement)
 
 
 def clean_query_line(line: str, min_chars: int = 15, max_chars: int = 600) -> str:
@@ -113,10 +119,10 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
         while len(have[domain]) < target and rnd < q.max_rounds:
             missing = target - len(have[domain])
             n_req = math.ceil(missing / max(1, q.per_request))
-            chat = query_chat(domain, persona, cfg.persona.placement, q.per_request)
+            chats = [query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req) for k in range(n_req)]
             params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
                                     seed=derive_seed(cfg.seed, "queries", domain, rnd))
-            outs = get_engine().generate([chat] * n_req, params)
+            outs = get_engine().generate(chats, params)
             new = []
             for out in outs:
                 for query in parse_queries(out.text, q.min_chars, q.max_chars):

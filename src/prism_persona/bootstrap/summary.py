@@ -89,6 +89,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     cells = [header] + [[_fmt(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -121,11 +125,11 @@ def format_summary(s: dict) -> str:
     out += _table(["measure", "value"], [
         ["personas from model / template fallback / file", f"{p.get('model', 0)} / {p.get('fallback', 0)} / {p.get('file', 0)}"],
         ["answer pairs", a["pairs"]],
-        ["mean tokens: base / persona answer", f"{_fmt(a['mean_base_tokens'])} / {_fmt(a['mean_persona_tokens'])}"],
+        ["mean tokens: base / persona answer", f"{_num(a['mean_base_tokens'])} / {_num(a['mean_persona_tokens'])}"],
         ["answers cut at the token limit", a["cut_at_token_limit"]],
-        ["tokens generated (this invocation)", t["tokens_generated"]],
-        ["generation seconds (this invocation)", t["generate_seconds"]],
-        ["tokens/s", t["tokens_per_s"]],
+        ["tokens generated (all invocations)", t["total"]["tokens_generated"]],
+        ["generation seconds (all invocations)", t["total"]["generate_seconds"]],
+        ["tokens/s", _num(t["total"]["tokens_per_s"])],
         ["wall seconds (this invocation)", s["wall_seconds"]],
     ])
     return "\n".join(out) + "\n"
