@@ -183,3 +183,13 @@ def test_help_stays_light():
             "print(any(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_study_matrix_domains_subset(tmp_path):
+    from prism_persona.errors import PrismError
+
+    bench = Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"))
+    study = run_study(_study_runner(tmp_path), bench, matrix_domains=["coding"])
+    assert study["matrix"]["rows"] == ["coding"] and "routing_vs_effect" not in study
+    with pytest.raises(PrismError, match="no persona for astrology"):
+        run_study(_study_runner(tmp_path), bench, matrix_domains=["astrology"])

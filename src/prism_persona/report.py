@@ -214,7 +214,8 @@ def routing_rows(results: dict, system: str = "prism") -> list[tuple[str, dict]]
 
 def heatmap(path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[str], title: str,
             cbar: str = "lift vs base") -> Path:
-    """``matrix[row][col]`` (numbers or None) as an annotated diverging heatmap centred on 0."""
+    """``matrix[row][col]`` (numbers or None) as an annotated diverging heatmap centred on 0
+    (blue = positive lift, red = negative)."""
     plt = _plt()
     vals = [[matrix.get(r, {}).get(c) for c in cols] for r in rows]
     finite = [abs(v) for row in vals for v in row if _ok(v)]
@@ -228,8 +229,9 @@ def heatmap(path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[
     ax.set_yticklabels(rows)
     for i, row in enumerate(vals):
         for j, v in enumerate(row):
+            dark = _ok(v) and abs(v) > 0.6 * vmax
             ax.text(j, i, f"{v:+.2f}" if _ok(v) else "n/a", ha="center", va="center", fontsize=8,
-                    color="black")
+                    color="white" if dark else "black")
     ax.set_xlabel("MT-Bench category")
     ax.set_ylabel("persona domain")
     ax.set_title(title)

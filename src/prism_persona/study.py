@@ -40,11 +40,25 @@ LABELS = {"expert": "expert (short, system)", "min": "min", "long": "long", "use
           "random": "random persona"}
 
 
-def study_domains(runner: EvalRunner, bench: Benchmarks) -> list[str]:
-    """Persona domains for the lift matrix: the loaded personas, else a generic one per MT-Bench category."""
+def study_domains(runner: EvalRunner, bench: Benchmarks, only: Optional[Sequence[str]] = None) -> list[str]:
+    """Persona domains for the lift matrix: the loaded personas, else a generic one per MT-Bench category.
+
+    ``only`` keeps just those rows (domain names, or MT-Bench category names for the generic personas).
+    """
+    from .errors import PrismError
+
     if runner.book.personas:
-        return list(runner.book.personas)
-    return [f"generic:{c}" for c in sorted({it.category for it in bench.mtbench})]
+        doms = list(runner.book.personas)
+    else:
+        doms = [f"generic:{c}" for c in sorted({it.category for it in bench.mtbench})]
+    if only:
+        keep = [d for d in doms if d in only or _short(d) in only]
+        missing = sorted(set(only) - {d for d in doms} - {_short(d) for d in doms})
+        if missing:
+            raise PrismError(f"--matrix-domains: no persona for {', '.join(missing)} "
+                             f"(have: {', '.join(_short(d) for d in doms)})")
+        doms = keep
+    return doms
 
 
 def paired_lift(per: dict, system: str, base: str = "base", items: Optional[Sequence[str]] = None, **kw) -> dict:
@@ -54,7 +68,8 @@ def paired_lift(per: dict, system: str, base: str = "base", items: Optional[Sequ
     return bootstrap_ci([a[k] - b[k] for k in keys], **kw)
 
 
-def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, pairwise: bool = False) -> dict:
+def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, pairwise: bool = False,
+              matrix_domains: Optional[Sequence[str]] = None) -> dict:
     """Evaluate every study condition (cached) and compute lifts, matrix and routing correlations."""
     kw = {"n_resamples": runner.s.n_resamples, "seed": runner.s.seed}
     specs = [SystemSpec("base")] + [s for _, s in CONDITIONS] + ([SystemSpec("prism")] if with_prism else [])
@@ -72,7 +87,7 @@ def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, p
     study["effects"] = effects
 
     if bench.mtbench:
-        domains = study_domains(runner, bench)
+        domains = study_domains(runner, bench, matrix_domains)
         mspecs = [SystemSpec("persona", domain=d) for d in domains]
         mres, mper = evaluate(runner, [SystemSpec("base")] + mspecs, Benchmarks(mtbench=bench.mtbench), pairwise=False)
         cats = sorted({it.category for it in bench.mtbench})
@@ -180,7 +195,7 @@ def effect_bars(path: str | Path, effects: dict) -> Path:
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(["min", "short", "long", "user", "random"], rotation=30)
         ax.set_title(b, fontsize=9)
-        ax.set_ylabel("lift vs base" + (" (points)" if pct else ""), fontsize=8)
+        ax.set_ylabel("lift vs base" + (" (percentage points)" if pct else " (score)"), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Persona effect by length (min/short/long), placement (user) and expertise (random)", fontsize=9)
     fig.tight_layout()

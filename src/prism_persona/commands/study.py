@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
     p.add_argument("--pairwise", action="store_true", help="also judge pairwise win rates vs base (2 judge calls per item)")
+    p.add_argument("--matrix-domains", help="comma list: only these persona domains as lift-matrix rows "
+                                            "(default all; without personas, MT-Bench category names)")
     add_eval_options(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -37,7 +39,8 @@ def run(args) -> int:
     names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
     bench = load_benchmarks(args, names)
     runner = build_runner(args)
-    study = run_study(runner, bench, with_prism=bool(args.prism), pairwise=args.pairwise)
+    rows = [d.strip() for d in (args.matrix_domains or "").split(",") if d.strip()] or None
+    study = run_study(runner, bench, with_prism=bool(args.prism), pairwise=args.pairwise, matrix_domains=rows)
     runner.run.write_json("study.json", study)
     figs = study_figures(study, runner.run.root)
     study["eval_figures"] = eval_figures(study["results"], runner.run.root)

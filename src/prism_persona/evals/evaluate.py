@@ -118,7 +118,9 @@ def _eval_mtbench(runner: EvalRunner, run_specs, specs, items: Sequence[MTBenchI
             if spec.name != "base":
                 pairs[spec.name] = runner.mtbench_pairs(items, resp[spec.name], resp["base"])
     if _oracle_wanted(specs):
-        grades["oracle"], pairs["oracle"], resp["oracle"] = _mtbench_oracle(items, grades, pairs, resp)
+        grades["oracle"], oracle_pairs, resp["oracle"] = _mtbench_oracle(items, grades, pairs, resp)
+        if pairwise:
+            pairs["oracle"] = oracle_pairs
     out, per = {}, {}
     cats = sorted({it.category for it in items})
     for spec in specs:
