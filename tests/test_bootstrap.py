@@ -274,7 +274,7 @@ def test_logprob_self_judge_in_pipeline(tmp_path):
 def test_resume_after_kill_at_every_point(tmp_path):
     ref_cfg = make_cfg(tmp_path, name="ref")
     ref = Fake()
-    run_bootstrap(ref_cfg, engine=ref)
+    ref_tokens = run_bootstrap(ref_cfg, engine=ref)["tokens"]["total"]["tokens_generated"]
     total_calls = ref.n_generate
     ref_files = {n: read_jsonl(tmp_path / "ref" / f"{n}.jsonl") for n in ("personas", "queries", "answers", "verdicts")}
     assert total_calls > 8
@@ -282,7 +282,9 @@ def test_resume_after_kill_at_every_point(tmp_path):
         cfg = make_cfg(tmp_path, name=f"kill{k}")
         with pytest.raises(KeyboardInterrupt):
             run_bootstrap(cfg, engine=Fake(fail_after=k))
-        run_bootstrap(cfg, engine=Fake())
+        s = run_bootstrap(cfg, engine=Fake())
+        # nothing stored was generated twice, and the killed invocation's tokens were kept
+        assert s["tokens"]["total"]["tokens_generated"] == ref_tokens, k
         for name, ref_recs in ref_files.items():
             recs = read_jsonl(tmp_path / f"kill{k}" / f"{name}.jsonl")
             keys = [r["key"] for r in recs]

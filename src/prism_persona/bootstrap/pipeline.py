@@ -89,12 +89,13 @@ def run_bootstrap(cfg, engine=None, judge=None) -> dict:
         answers = _select(answers_store(run, cfg), queries)
         write_verdicts(cfg, run, get_judge, answers)
         verdicts = _select(verdicts_store(run, cfg), queries)
-    finally:
-        j = get_judge.built
-        if j is not None and judge is None:
-            j.close()
-    engines = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
-    tokens = record_tokens(run, token_stats(engines, baseline), time.perf_counter() - t0)
+    finally:  # also on Ctrl-C: close what was built here and keep this invocation's token counts
+        built = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
+        tokens = record_tokens(run, token_stats(built, baseline), time.perf_counter() - t0)
+        if judge is None and get_judge.built is not None:
+            get_judge.built.close()
+        if engine is None and get_engine.built is not None:
+            get_engine.built.close()
     summary = build_summary(
         cfg.persona.domains, verdicts, answers, personas=persona_counts, queries=collected,
         target=cfg.queries.queries_per_persona, tokens=tokens,
