@@ -142,6 +142,8 @@ _BETTER = re.compile(_NAMED + r"\W*\s*(?:is|was|seems|appears)?\s*(?:clearly\s+|
                               r"(?:better|superior|preferred|stronger|wins|more\s+\w+)", re.I)
 _PREFER = re.compile(r"(?:prefer|choose|pick|select|winner\s+is|better\s+(?:response|answer)\s+is)\s*:?\s*"
                      r"[\"'*(]*(?:" + _NAMED + r"|(A|B))(?![A-Za-z0-9])", re.I)
+_BARE_BETTER = re.compile(r"(?<![\w'])([AB])\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|definitely\s+)?"
+                          r"(?:the\s+)?(?:better|superior|preferred|stronger|winner)")  # case-sensitive letter
 _TIE = re.compile(r"\b(?:tie|draw|equally\s+(?:good|bad|helpful)|both\s+(?:are\s+)?(?:equally|equal|the\s+same)|"
                   r"neither\s+is\s+better|no\s+clear\s+winner)\b", re.I)
 _MENTION = re.compile(r"\b" + _NAMED, re.I)
@@ -169,7 +171,7 @@ def parse_verdict(text: str) -> str:
         # "A" followed by punctuation/end, or "A is better": a verdict; "A good answer..." is not.
         if not rest.strip() or re.match(r"^\s*[.,:;)\]*!'\"\n-]", rest) or re.match(r"^\s+(?:is|wins|was)\b", rest, re.I):
             return m.group(1).upper()
-    for pat in (_BETTER, _PREFER):
+    for pat in (_BETTER, _PREFER, _BARE_BETTER):
         m = pat.search(t)
         if m:
             letter = next(g for g in m.groups() if g)
