@@ -14,7 +14,7 @@ from prism_persona.bootstrap.pipeline import load_labelled, run_bootstrap
 from prism_persona.bootstrap.queries import clean_query_line, parse_queries, write_queries
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import ConfigMismatchError, PrismError
-from prism_persona.store import JsonlStore, RunDir
+from prism_persona.store import RunDir
 from prism_persona.testing import ScriptedEngine
 
 PERSONA_REPLY = ('Sure! Here is the persona:\n\n## Persona\n"You are a seasoned {d} specialist with twenty years '
@@ -81,6 +81,8 @@ def read_jsonl(path):
     ("**Description:** you are an expert chef who teaches home cooks", "min", "You are an expert chef who teaches home cooks."),
     ("As requested, the persona. You are a careful editor who improves clarity of any text.\n\nLet me know if you need changes.",
      "short", "You are a careful editor who improves clarity of any text."),
+    ("You are a patient maths tutor. You are a patient maths tutor. You explain each step.", "short",
+     "You are a patient maths tutor. You explain each step."),
     ("I like turtles very much indeed.", "short", ""),
     ("", "min", ""),
     ("You are.", "short", ""),

@@ -84,8 +84,12 @@ def _strip_quotes(text: str) -> str:
 def _first_sentences(text: str, max_words: int, one: bool) -> str:
     """Keep whole sentences up to ``max_words`` words (just the first one if ``one``)."""
     sentences = re.split(r"(?<=[.!?])\s+", text)
-    kept, words = [], 0
+    kept, words, seen = [], 0, set()
     for s in sentences:
+        norm = re.sub(r"\W+", " ", s.lower()).strip()
+        if norm in seen:  # degenerate repetition ("You are X. You are X. ...")
+            continue
+        seen.add(norm)
         n = len(s.split())
         if kept and (one or words + n > max_words):
             break
