@@ -398,3 +398,18 @@ def test_swapped_pairs_cancel_position_bias():
     assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["long answer", "s"], ["s", "long answer"])] == ["win", "loss"]
     r = EvalJudge(ScriptedEngine(), "x", pair_judge=Unreadable()).compare_swapped(["q"], ["a"], ["b"])[0]
     assert r["outcome"] == "tie" and r["unparseable"] is True
+
+
+def test_logprob_grading_mode():
+    import math
+
+    lp = {str(d): (0.0 if d == 7 else -50.0) for d in range(1, 10)}
+    j = EvalJudge(ScriptedEngine(scorer=lambda chat, ch: {c: lp[c] for c in ch}), "lp", mode="logprob")
+    r = j.grade(["p"])[0]
+    assert r["method"] == "logprob" and r["score"] == pytest.approx(7.0)
+    half = {str(d): (math.log(0.5) if d in (2, 8) else -60.0) for d in range(1, 10)}
+    j = EvalJudge(ScriptedEngine(scorer=lambda chat, ch: {c: half[c] for c in ch}), "lp", mode="logprob")
+    assert j.grade(["p"])[0]["score"] == pytest.approx(5.0)
+    # auto mode grades from text even when the engine can score
+    j = EvalJudge(ScriptedEngine(["[[3]]"], scorer=lambda chat, ch: {c: 0.0 for c in ch}), "a", mode="auto")
+    assert j.grade(["p"])[0] == {"score": 3.0, "text": "[[3]]", "method": "text"}

@@ -229,15 +229,25 @@ class EvalJudge:
     # ---------------------------------------------------------------- grading (MT-Bench single answer)
 
     def grade(self, prompts: Sequence[str]) -> list[dict]:
-        """``{"score": float|None, "text": str}`` per judge prompt (see :func:`grade_prompt`)."""
+        """``{"score": float|None, "text": str, "method": text|logprob}`` per judge prompt (see :func:`grade_prompt`).
+
+        ``text`` (modes auto and text): the judge writes its rating and it is parsed; ``None`` when
+        unparseable. ``logprob`` (mode logprob, engine able to score): the probability-weighted mean of
+        the first-token ratings 1..9 (``"10"`` shares its first token with ``"1"`` in most tokenizers, so
+        this reading cannot give 10).
+        """
         chats = [[{"role": "system", "content": GRADE_SYSTEM}, {"role": "user", "content": p}] for p in prompts]
+        if self.mode == "logprob":
+            scored = self.engine.score_choices(chats, [str(d) for d in range(1, 10)])
+            if scored is not None:
+                return [_expected_rating(s) for s in scored]
         outs = self.engine.generate(chats, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
         res = []
         for o in outs:
             score = parse_rating(o.text)
             if score is None:
                 log.info("unparseable judge grade: %r", o.text[:120])
-            res.append({"score": score, "text": o.text})
+            res.append({"score": score, "text": o.text, "method": "text"})
         return res
 
     # ---------------------------------------------------------------- refusal
@@ -307,6 +317,16 @@ class EvalJudge:
             out.append({"outcome": outcome, "xy": first, "yx": second,
                         "unparseable": "unparseable" in (first, second)})
         return out
+
+
+def _expected_rating(logps: dict) -> dict:
+    """Probability-weighted rating over the digits 1..9 (renormalised over those nine tokens)."""
+    m = max(logps.values())
+    w = {int(d): math.exp(lp - m) for d, lp in logps.items()}
+    total = sum(w.values())
+    score = sum(d * x for d, x in w.items()) / total
+    best = max(w, key=w.get)
+    return {"score": round(score, 4), "text": f"argmax {best}, p={w[best] / total:.2f}", "method": "logprob"}
 
 
 def _logaddexp(a: float, b: float) -> float:

@@ -189,7 +189,7 @@ class EvalRunner:
             res = self.judge.grade([p for _, p, _, _ in chunk])
             self.count.judged += len(chunk)
             self.judgments.extend([{"key": k, "kind": "grade", "judge": jid, "item_id": iid, "turn": t,
-                                    "score": r["score"], "text": r["text"]}
+                                    "score": r["score"], "text": r["text"], "method": r.get("method", "text")}
                                    for (k, _, iid, t), r in zip(chunk, res)])
         return {iid: [self.judgments.get(k)["score"] for k in ks] for iid, ks in out_keys.items()}
 
