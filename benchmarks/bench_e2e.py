@@ -6,8 +6,8 @@ summarises the run directory it leaves:
 - total wall time of the command;
 - per stage: the seconds the run reports itself (``stage_seconds`` of ``RUN/training_report.json``, or
   any ``seconds`` / ``elapsed_s`` / ``wall_s`` / ``timings`` field in ``RUN/<stage>.done.json`` or another
-  ``RUN/**/*report*.json``), else the span from
-  the stage's ``<stage>.meta.json`` (written when the stage opens its store) to its ``.done.json``;
+  ``RUN/**/*report*.json``), else from file times: from the later of the stage's ``<stage>.meta.json``
+  and the previous stage's ``.done.json`` to its own ``.done.json``;
 - records per stage (lines of ``<stage>.jsonl``).
 
 This takes ~10 minutes of a 2-core CPU: run it once. ``--summarise RUN`` only reads an existing run
@@ -84,37 +84,52 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _stage_times(run: Path) -> dict:
+    """stage -> {"start", "end"} from file times. Stages may open their stores (``.meta.json``) all
+    at the start of a run, so a finished stage starts at the later of its meta file and the previous
+    stage's ``.done.json``: consecutive spans that add up to the run's wall time."""
+    metas = {m.name[: -len(".meta.json")]: m.stat().st_mtime for m in run.glob("*.meta.json")}
+    dones = {d.name[: -len(".done.json")]: d.stat().st_mtime for d in run.glob("*.done.json")}
+    cfg = run / "config.json"
+    t = cfg.stat().st_mtime if cfg.exists() else min(list(metas.values()) + list(dones.values()), default=0.0)
+    out: dict = {}
+    for stage, end in sorted(dones.items(), key=lambda kv: kv[1]):
+        start = max(metas.get(stage, t), t)
+        out[stage] = {"start": start, "end": end}
+        t = end
+    for stage, start in metas.items():
+        out.setdefault(stage, {"start": start, "end": None})
+    return out
+
+
 def summarise_run(run: str | Path) -> list[dict]:
-    """One row per stage: seconds (reported, else meta->done span), how measured, records."""
+    """One row per stage: seconds (reported, else from file times), how measured, records."""
     run = Path(run)
     reported: dict = {}
     for rep in sorted(run.rglob("*report*.json")) + sorted(run.rglob("timings*.json")):
         reported.update(_seconds_in(_read_json(rep)))
-    stages: dict = {}
+    own: dict = {}
     for done in sorted(run.glob("*.done.json")):
-        stage = done.name[: -len(".done.json")]
         info = _read_json(done)
-        stages[stage] = {"end": done.stat().st_mtime, "own": _own_seconds(info)}
+        own[done.name[: -len(".done.json")]] = _own_seconds(info)
         reported.update(_seconds_in(info))
-    for meta in sorted(run.glob("*.meta.json")):
-        stage = meta.name[: -len(".meta.json")]
-        stages.setdefault(stage, {"end": None, "own": None})["start"] = meta.stat().st_mtime
-    for stage in reported:
-        stages.setdefault(stage, {"end": None, "own": None})
+    times = _stage_times(run)
+    stages = list(times) + [s for s in reported if s not in times]
     rows = []
-    for stage, s in stages.items():
+    for stage in stages:
+        span = times.get(stage, {"start": None, "end": None})
         jl = run / f"{stage}.jsonl"
         records = sum(1 for line in jl.open(encoding="utf-8") if line.strip()) if jl.exists() else None
         if stage in reported:
             sec, how = reported[stage], "reported"
-        elif s.get("own") is not None:
-            sec, how = s["own"], "reported"
-        elif s.get("start") is not None and s.get("end") is not None:
-            sec, how = s["end"] - s["start"], "file times (meta -> done)"
+        elif own.get(stage) is not None:
+            sec, how = own[stage], "reported"
+        elif span["end"] is not None:
+            sec, how = span["end"] - span["start"], "file times"
         else:
             sec, how = None, "unfinished"
         rows.append({"stage": stage, "seconds": sec, "measured_by": how, "records": records,
-                     "_order": s.get("end") or s.get("start") or 0})
+                     "_order": span["end"] or span["start"] or float("inf")})
     rows.sort(key=lambda r: r.pop("_order"))
     return rows
 

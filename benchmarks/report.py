@@ -56,8 +56,10 @@ def load(path: str | Path) -> list[dict]:
 def describe(rec: dict) -> str:
     m, v, s = rec.get("machine", {}), rec.get("versions", {}), rec.get("settings", {})
     hw = m.get("gpu") or f"CPU {m.get('cpu', '?')}"
-    head = (f"**{rec.get('date', '?')}** · {hw}, {m.get('cores', '?')} cores · torch {v.get('torch', '?')}, "
-            f"transformers {v.get('transformers', '?')}, peft {v.get('peft', '?')}")
+    load = f" · load avg {m['load_avg_1m']}" if m.get("load_avg_1m") is not None else ""
+    threads = f" · {m['torch_threads']} torch threads" if m.get("torch_threads") else ""
+    head = (f"**{rec.get('date', '?')}** · {hw}, {m.get('cores', '?')} cores{threads}{load} · "
+            f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}, peft {v.get('peft', '?')}")
     return head + "\n\n" + "settings: " + ", ".join(f"`{k}={val}`" for k, val in s.items())
 
 

@@ -82,6 +82,17 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Every FastDecoder shares one decode-step code object, and each (model, batch, length, routing
+    class) is a separate graph: dynamo's default of 8 graphs per code object would silently fall
+    back to eager after the 8th. Raise it (never lower it)."""
+    import torch._dynamo.config as dcfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(dcfg, name, None), int) and getattr(dcfg, name) < limit:
+            setattr(dcfg, name, limit)
+
+
 def backend_is_custom(dec) -> bool:
     return getattr(dec, "backend", None) is not None
 
@@ -105,6 +116,7 @@ class FastDecoder:
         if self.compile:
             # dynamic=False: one graph per (batch, length); the cache is reused per shape, so the
             # graph's static addresses (KV tensors, mask) stay the same from call to call.
+            _raise_recompile_limit()
             opts = {"backend": backend} if backend else {"mode": "reduce-overhead"}
             self._step = torch.compile(self._decode_step, fullgraph=False, dynamic=False, **opts)
 
@@ -127,7 +139,7 @@ class FastDecoder:
                          past_key_values=cache, use_cache=True, **forward_kwargs)
         return out.logits[:, -1, :]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the static cache outlives the call (as in HF's compiled generate)
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
                  forward_kwargs: Optional[dict] = None, prefill_kwargs: Optional[dict] = None,
                  on_prefill_done: Optional[Callable[[], Any]] = None) -> torch.Tensor:
