@@ -85,20 +85,28 @@ def _read_json(path: Path) -> Any:
 
 
 def _stage_times(run: Path) -> dict:
-    """stage -> {"start", "end"} from file times. Stages may open their stores (``.meta.json``) all
-    at the start of a run, so a finished stage starts at the later of its meta file and the previous
-    stage's ``.done.json``: consecutive spans that add up to the run's wall time."""
+    """stage -> {"start", "end", "how"} from file times.
+
+    A stage ends at its ``.done.json``, or, for stages that write no done marker, at the last record
+    appended to its ``.jsonl`` ("last record": a lower bound while the run is still going). Stores may
+    all be opened (``.meta.json``) at the start of a run, so a stage starts at the later of its meta
+    file and the previous stage's end: consecutive spans that add up to the run's wall time.
+    """
     metas = {m.name[: -len(".meta.json")]: m.stat().st_mtime for m in run.glob("*.meta.json")}
-    dones = {d.name[: -len(".done.json")]: d.stat().st_mtime for d in run.glob("*.done.json")}
+    ends: dict = {}
+    for jl in run.glob("*.jsonl"):
+        ends[jl.name[: -len(".jsonl")]] = (jl.stat().st_mtime, "file times (last record)")
+    for d in run.glob("*.done.json"):
+        ends[d.name[: -len(".done.json")]] = (d.stat().st_mtime, "file times")
     cfg = run / "config.json"
-    t = cfg.stat().st_mtime if cfg.exists() else min(list(metas.values()) + list(dones.values()), default=0.0)
+    firsts = list(metas.values()) + [e for e, _ in ends.values()]
+    t = cfg.stat().st_mtime if cfg.exists() else min(firsts, default=0.0)
     out: dict = {}
-    for stage, end in sorted(dones.items(), key=lambda kv: kv[1]):
-        start = max(metas.get(stage, t), t)
-        out[stage] = {"start": start, "end": end}
+    for stage, (end, how) in sorted(ends.items(), key=lambda kv: kv[1][0]):
+        out[stage] = {"start": max(metas.get(stage, t), t), "end": end, "how": how}
         t = end
     for stage, start in metas.items():
-        out.setdefault(stage, {"start": start, "end": None})
+        out.setdefault(stage, {"start": start, "end": None, "how": "unfinished"})
     return out
 
 
@@ -117,7 +125,7 @@ def summarise_run(run: str | Path) -> list[dict]:
     stages = list(times) + [s for s in reported if s not in times]
     rows = []
     for stage in stages:
-        span = times.get(stage, {"start": None, "end": None})
+        span = times.get(stage, {"start": None, "end": None, "how": "unfinished"})
         jl = run / f"{stage}.jsonl"
         records = sum(1 for line in jl.open(encoding="utf-8") if line.strip()) if jl.exists() else None
         if stage in reported:
@@ -125,11 +133,11 @@ def summarise_run(run: str | Path) -> list[dict]:
         elif own.get(stage) is not None:
             sec, how = own[stage], "reported"
         elif span["end"] is not None:
-            sec, how = span["end"] - span["start"], "file times"
+            sec, how = span["end"] - span["start"], span["how"]
         else:
             sec, how = None, "unfinished"
         rows.append({"stage": stage, "seconds": sec, "measured_by": how, "records": records,
-                     "_order": span["end"] or span["start"] or float("inf")})
+                     "_order": span["end"] if span["end"] is not None else float("inf")})
     rows.sort(key=lambda r: r.pop("_order"))
     return rows
 

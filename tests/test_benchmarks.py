@@ -132,7 +132,7 @@ def test_bootstrap_engine_throughput(tmp_path):
 
 TOY_RUN = (
     f"{sys.executable} -c \"import json,os,sys,time; d=sys.argv[1]; os.makedirs(d); "
-    "open(d+'/answers.meta.json','w').write('{}'); time.sleep(0.05); "
+    "open(d+'/answers.meta.json','w').write('{}'); open(d+'/personas.jsonl','w').write('{}\\n'); time.sleep(0.05); "
     "open(d+'/answers.jsonl','w').write('{}\\n{}\\n{}\\n'); open(d+'/answers.done.json','w').write('{}'); "
     "open(d+'/gate.done.json','w').write(json.dumps({'seconds': 1.5})); "
     "open(d+'/training_report.json','w').write(json.dumps({'stage_seconds': {'distill': 2.5, 'load_model': None}}))\" {out}"
@@ -148,6 +148,7 @@ def test_e2e_runs_a_command_and_summarises_stages(tmp_path):
     stages = {r["stage"]: r for r in res["stages"]}
     assert stages["answers"]["records"] == 3 and stages["answers"]["measured_by"] == "file times"
     assert stages["answers"]["seconds"] >= 0
+    assert stages["personas"]["measured_by"] == "file times (last record)" and stages["personas"]["records"] == 1
     assert stages["gate"]["seconds"] == 1.5 and stages["gate"]["measured_by"] == "reported"
     assert stages["distill"]["seconds"] == 2.5
     check_record(records(out)[0], "e2e")
