@@ -97,7 +97,7 @@ def test_step0_loss_nonzero_only_with_persona_conditioned_teacher(fresh, tmp_pat
     with torch.no_grad():
         kl = float(distill_loss(pm, good, cfg.distill, tok.pad_token_id))
         kl_bug = float(distill_loss(pm, buggy, cfg.distill, tok.pad_token_id))
-    assert kl > 0.01, kl  # ~0.02 on the random tiny model; ~0.3-0.5 on SmolLM2 (see docs/gated.md)
+    assert kl > 0.01, kl  # ~0.02 on this random tiny model; > 0.05 on SmolLM2 (slow test in test_gated.py)
     assert kl_bug < 1e-5, kl_bug
     assert kl > 1000 * max(kl_bug, 1e-9)
 
