@@ -144,6 +144,8 @@ _PREFER = re.compile(r"(?:prefer|choose|pick|select|winner\s+is|better\s+(?:resp
                      r"[\"'*(]*(?:" + _NAMED + r"|(A|B))(?![A-Za-z0-9])", re.I)
 _BARE_BETTER = re.compile(r"(?<![\w'])([AB])\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|definitely\s+)?"
                           r"(?:the\s+)?(?:better|superior|preferred|stronger|winner)")  # case-sensitive letter
+_IS_LETTER = re.compile(r"(?i:answer|response|verdict|choice|winner|option)\s+is\s*:?\s*[\"'*(\[]*([AB])"
+                        r"(?![A-Za-z0-9])")  # "The answer is "A"" (capital letter only: not "is a ...")
 _TIE = re.compile(r"\b(?:tie|draw|equally\s+(?:good|bad|helpful)|both\s+(?:are\s+)?(?:equally|equal|the\s+same)|"
                   r"neither\s+is\s+better|no\s+clear\s+winner)\b", re.I)
 _MENTION = re.compile(r"\b" + _NAMED, re.I)
@@ -171,7 +173,7 @@ def parse_verdict(text: str) -> str:
         # "A" followed by punctuation/end, or "A is better": a verdict; "A good answer..." is not.
         if not rest.strip() or re.match(r"^\s*[.,:;)\]*!'\"\n-]", rest) or re.match(r"^\s+(?:is|wins|was)\b", rest, re.I):
             return m.group(1).upper()
-    for pat in (_BETTER, _PREFER, _BARE_BETTER):
+    for pat in (_BETTER, _PREFER, _BARE_BETTER, _IS_LETTER):
         m = pat.search(t)
         if m:
             letter = next(g for g in m.groups() if g)
