@@ -83,7 +83,7 @@ def test_study_exact_lifts_and_routing_correlation(tmp_path):
     assert {c: m["lift"]["writing"][c]["mean"] for c in m["cols"]} == {"coding": 4.0, "math": 4.0, "writing": 4.0}
     assert {c: m["lift"]["coding"][c]["mean"] for c in m["cols"]} == {"coding": 2.0, "math": 2.0, "writing": 2.0}
     assert m["lift"]["safety"]["math"]["n"] == 2
-    assert m["matched"] == {"coding": "coding", "math": "math", "writing": "writing"}  # math -> generic expert
+    assert m["matched"] == {"coding": "coding", "math": "generic:math", "writing": "writing"}
     eff = study["effects"]["MT-Bench score"]
     # expert (matched): writing qs get the writer (+4), coding and math qs a non-writer persona (+2)
     assert eff["expert"]["lift"]["mean"] == pytest.approx((2 * 4 + 4 * 2) / 6)

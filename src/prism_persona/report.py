@@ -130,7 +130,9 @@ def grouped_bars(path: str | Path, title: str, groups: Sequence[str], series: di
     """Bars of ``series[name][i]`` (CI dicts) over ``groups``, with 95% CI error bars and n labels."""
     plt = _plt()
     names = list(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(names)) * 0.45 + 2.5), 4.2))
+    many = len(groups) > 5
+    width_in = min(14.0, max(6.0, 0.28 * len(groups) * max(1, len(names)) + 2.5))
+    fig, ax = plt.subplots(figsize=(width_in, 4.8 if many else 4.2))
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
         xs, ys, errs = [], [], [[], []]
@@ -143,14 +145,15 @@ def grouped_bars(path: str | Path, title: str, groups: Sequence[str], series: di
             errs[1].append(max(0.0, (ci["hi"] - ci["mean"]) * scale))
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=name, edgecolor="black", linewidth=0.4)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=20 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
+    ax.set_xticklabels(groups, rotation=20 if many else 0, ha="right" if many else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if ylim:
         ax.set_ylim(*ylim)
     if hline is not None:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=0.8)
-    ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper left", bbox_to_anchor=(0, -0.15) if len(groups) > 5 else None)
+    # below the axes, so it never hides a bar
+    ax.legend(fontsize=8, ncol=min(6, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.2 if many else -0.1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -96,7 +96,7 @@ def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, p
         for d, s in zip(domains, mspecs):
             matrix[_short(d)] = {c: paired_lift(mper["mtbench"], s.name, items=by_cat[c], **kw) for c in cats}
         study["matrix"] = {"rows": [_short(d) for d in domains], "cols": cats, "lift": matrix,
-                           "matched": {c: _short(runner.book.domain_for(c) or f"generic:{c}") for c in cats}}
+                           "matched": {c: runner.book.domain_for(c) or f"generic:{c}" for c in cats}}
         if with_prism:
             study["routing_vs_effect"] = _routing_vs_effect(results, per, by_cat, kw)
     study["work"] = results.get("work")
@@ -230,7 +230,8 @@ def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
                   "minus without (paired, 95% CI).", ""]
         rows = [[r] + [fmt_ci(m["lift"][r][c]) for c in m["cols"]] for r in m["rows"]]
         parts += [md_table(["persona \\ category"] + m["cols"], rows), ""]
-        parts.append("Matched persona per category: " + ", ".join(f"{c} -> {d}" for c, d in m["matched"].items()))
+        parts.append("Matched persona per category (generic: = built-in generic expert persona): "
+                     + ", ".join(f"{c} -> {d}" for c, d in m["matched"].items()))
         parts.append("")
         if "heatmap" in figs:
             parts += [f"![heatmap]({Path(figs['heatmap']).name})", ""]
