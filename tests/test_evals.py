@@ -321,8 +321,6 @@ def test_safety_refusal_rates_and_audit(tmp_path):
 
 
 def test_prism_routing_per_category(tmp_path):
-    from prism_persona.engines.base import Completion
-
     class Gated(ScriptedEngine):
         def generate(self, chats, params, desc=""):
             outs = super().generate(chats, params)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from prism_persona.cli import main
 
 FIX = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 from . import mmlu as M
 from .data import LETTERS, MMLUItem, MTBenchItem, SafetyItem
@@ -156,7 +156,8 @@ def _eval_mtbench(runner: EvalRunner, run_specs, specs, items: Sequence[MTBenchI
         out[name] = res
         per[name] = item_mean
     if any(v["unparseable"] for v in out.values()):
-        log.warning("MT-Bench: %s judge grades were unparseable and are excluded from the means",
+        log.warning("MT-Bench: %s judge grades were unparseable and are excluded from the means (small judges "
+                    "often ignore the [[rating]] format: try --judge-mode logprob or a stronger --judge)",
                     ", ".join(f"{k}: {v['unparseable']}/{v['n_grades']}" for k, v in out.items() if v["unparseable"]))
     return out, per
 

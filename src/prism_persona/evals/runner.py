@@ -9,7 +9,7 @@ system, re-judging, or a study that reuses a condition never regenerates what ex
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..engines.base import SamplingParams
