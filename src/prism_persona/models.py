@@ -9,6 +9,8 @@ placed into a chat by :func:`with_persona`, and rendered by the tokenizer's own 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -131,9 +133,10 @@ def load_model(
     tok = load_tokenizer(src, trust_remote_code)
     log.info("loading %s on %s (%s)", src.display, dev, str(torch_dtype).replace("torch.", ""))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.path_or_id, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path_or_id, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         raise PrismError(_load_error(src, exc)) from None
     model.to(dev)
@@ -141,6 +144,25 @@ def load_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion():
+    """transformers' GGUF de-quantisation shows its own tqdm bar; hide it in quiet mode."""
+    module = None
+    if os.environ.get("PRISM_QUIET", "").lower() in ("1", "true", "yes"):
+        try:
+            import transformers.modeling_gguf_pytorch_utils as module
+        except ImportError:
+            module = None
+    original = getattr(module, "tqdm", None)
+    if original is not None:
+        module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.tqdm = original
 
 
 def _load_error(src: ModelSource, exc: Exception) -> str:
