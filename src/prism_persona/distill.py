@@ -22,6 +22,7 @@ The stage is resumable: after every epoch the adapter, the optimizer state and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -205,7 +206,25 @@ def lora_config(model, dcfg):
 def attach_lora(model, dcfg):
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, dcfg))
+    with _quiet_warnings():
+        return get_peft_model(model, lora_config(model, dcfg))
+
+
+def save_adapter(peft_model, directory) -> None:
+    """``save_pretrained`` without PEFT's warning about GGUF models having no config file."""
+    with _quiet_warnings():
+        peft_model.save_pretrained(str(directory))
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    """Hide PEFT/transformers warnings that are noise here (GGUF has no config file to diff)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -223,7 +242,7 @@ def _save_checkpoint(peft_model, opt, state: dict, ckpt: Path) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    peft_model.save_pretrained(str(tmp))
+    save_adapter(peft_model, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     old = ckpt.with_name(ckpt.name + ".old")
@@ -359,7 +378,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     adapter = d / "adapter"
     if adapter.exists():
         shutil.rmtree(adapter)
-    peft_model.save_pretrained(str(adapter))
+    save_adapter(peft_model, adapter)
     png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
     info = {
         "examples": len(examples), "steps": step, "epochs": int(dcfg.epochs), "loss": dcfg.loss,

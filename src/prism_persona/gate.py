@@ -260,7 +260,7 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
         if len(set(int(y) for y in labels)) < 2:
             log.warning("gate: held-out labels are all %d; balanced accuracy is undefined, threshold %.2f",
                         int(labels[0]), default)
-            return float(default), "fixed (one class held out)"
+            return float(default), "fixed: one class held out"
         best = (-1.0, 0.0, default)
         for t in sorted(set(probs)):
             m = binary_metrics(probs, labels, t)
