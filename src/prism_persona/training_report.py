@@ -30,8 +30,10 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
     gate = run.read_json("gate.done.json") or {}
     distill = run.read_json("distill.done.json") or {}
     summary = run.read_json("summary.json") or {}
-    seconds = {"bootstrap": summary.get("wall_seconds"), "gate": gate.get("seconds"),
-               "distill": distill.get("seconds")}
+    seconds = {"bootstrap": summary.get("wall_seconds")}
+    previous = (run.read_json(REPORT_JSON) or {}).get("stage_seconds") or {}
+    seconds.update({k: v for k, v in previous.items() if v is not None})  # times of earlier invocations
+    seconds.update({"gate": gate.get("seconds"), "distill": distill.get("seconds")})
     seconds.update(stage_seconds or {})
     return {
         "run": str(run.root),
