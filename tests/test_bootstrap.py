@@ -178,9 +178,12 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     assert [q["query"] for q in qs] == ["How do I write a cover letter?", "How do I outline a short essay?",
                                         "Why is my Python loop slow?"]
     seeds = [p.seed for _, p in eng.calls]
-    # round r of domain d is seeded from (seed, d, r): 2 requests (ceil(6/4)) in the first round of each domain
-    assert seeds[0] == derive_seed(0, "queries", "writing", 0)
-    assert len({(s) for s in seeds}) == 6 and len(eng.calls) == 2 + 2 + 2 + 2 + 1 + 1
+    # a round batches every domain that still needs queries into one call, seeded from the run seed and
+    # the (domain, round) pairs in it; round 0 asks ceil(6/4) = 2 lists of each domain
+    assert seeds[:4] == [derive_seed(0, "queries", ("writing", 0), ("coding", 0))] * 4
+    doms = ["writing" if "about writing" in c[-1]["content"] else "coding" for c, _ in eng.calls]
+    assert doms == ["writing"] * 2 + ["coding"] * 2 + ["writing"] + ["coding"] * 2 + ["writing"] + ["coding"] * 2
+    assert len(set(seeds)) == 3  # one seed per round
     first, second = eng.calls[0][0], eng.calls[1][0]
     assert first[0] == {"role": "system", "content": "You are a writing expert."} and "4 realistic" in first[1]["content"]
     assert "list 1 of 2" in first[1]["content"] and "list 2 of 2" in second[1]["content"]  # distinct requests

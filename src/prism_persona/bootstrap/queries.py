@@ -1,6 +1,7 @@
 """Stage 2: queries written by the model while it plays each persona.
 
-Per domain and round, ``ceil(missing / per_request)`` requests ask for ``per_request`` realistic,
+Per round, every domain still short of queries sends ``ceil(missing / per_request)`` requests (all
+domains in one batched ``generate`` call), each asking for ``per_request`` realistic,
 specific user queries, one per line, with the persona (``use_length`` variant) in the configured
 placement. Lines are cleaned (numbering, bullets, quotes, "Query:" labels removed; preambles such as
 "Here are ten questions:" and too short / too long lines dropped) and de-duplicated (case and
@@ -104,46 +105,56 @@ def rounds_store(run: RunDir, cfg) -> JsonlStore:
 
 
 def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dict:
-    """Collect the missing queries of every domain; return ``{domain: number collected}``."""
+    """Collect the missing queries of every domain; return ``{domain: number collected}``.
+
+    Each round batches the requests of every domain that still needs queries into one ``generate``
+    call (so the engine's batch is full), then files the cleaned queries under their domain.
+    """
     store, rounds = queries_store(run, cfg), rounds_store(run, cfg)
     q = cfg.queries
     target = q.queries_per_persona
     have = {d: _domain_queries(store, d) for d in cfg.persona.domains}
+    seen = {d: {normalise(x["query"]) for x in have[d]} for d in cfg.persona.domains}
+    next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in cfg.persona.domains}
     bar = progress(total=target * len(cfg.persona.domains), desc="queries", disable=cfg.quiet, unit="query")
     bar.update(sum(min(target, len(v)) for v in have.values()))
-    for domain in cfg.persona.domains:
-        persona = personas[domain][cfg.persona.use_length]
-        done_rounds = sum(1 for r in rounds if r["domain"] == domain)
-        seen = {normalise(x["query"]) for x in have[domain]}
-        rnd = done_rounds
-        while len(have[domain]) < target and rnd < q.max_rounds:
-            missing = target - len(have[domain])
-            n_req = math.ceil(missing / max(1, q.per_request))
-            chats = [query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req) for k in range(n_req)]
-            params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
-                                    seed=derive_seed(cfg.seed, "queries", domain, rnd))
-            outs = get_engine().generate(chats, params)
-            new = []
-            for out in outs:
-                for query in parse_queries(out.text, q.min_chars, q.max_chars):
-                    norm = normalise(query)
-                    if norm in seen or len(have[domain]) + len(new) >= target:
-                        continue
-                    seen.add(norm)
-                    new.append({"key": content_key("query", domain, norm), "domain": domain,
-                                "query": query, "round": rnd})
-            store.extend(new)
-            rounds.append({"key": content_key("round", domain, rnd), "domain": domain, "round": rnd,
-                           "requests": n_req, "new": len(new),
-                           "tokens": sum(o.num_tokens for o in outs)})
+    while True:
+        todo = [d for d in cfg.persona.domains if len(have[d]) < target and next_round[d] < q.max_rounds]
+        if not todo:
+            break
+        requests = []  # (domain, chat)
+        for domain in todo:
+            persona = personas[domain][cfg.persona.use_length]
+            n_req = math.ceil((target - len(have[domain])) / max(1, q.per_request))
+            requests += [(domain, query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req))
+                         for k in range(n_req)]
+        params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
+                                seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]))
+        outs = get_engine().generate([chat for _, chat in requests], params)
+        new_by_domain: dict = {d: [] for d in todo}
+        for (domain, _), out in zip(requests, outs):
+            for query in parse_queries(out.text, q.min_chars, q.max_chars):
+                norm = normalise(query)
+                if norm in seen[domain] or len(have[domain]) + len(new_by_domain[domain]) >= target:
+                    continue
+                seen[domain].add(norm)
+                new_by_domain[domain].append({"key": content_key("query", domain, norm), "domain": domain,
+                                              "query": query, "round": next_round[domain]})
+        store.extend([rec for d in todo for rec in new_by_domain[d]])
+        for domain in todo:
+            mine = [o for (d, _), o in zip(requests, outs) if d == domain]
+            rounds.append({"key": content_key("round", domain, next_round[domain]), "domain": domain,
+                           "round": next_round[domain], "requests": len(mine),
+                           "new": len(new_by_domain[domain]), "tokens": sum(o.num_tokens for o in mine)})
             have[domain] = _domain_queries(store, domain)
-            bar.update(len(new))
-            rnd += 1
+            next_round[domain] += 1
+            bar.update(len(new_by_domain[domain]))
+    bar.close()
+    for domain in cfg.persona.domains:
         if len(have[domain]) < target:
             log.warning("queries: only %d of %d unique queries for '%s' after %d rounds "
                         "(raise queries.max_rounds or queries.per_request)",
-                        len(have[domain]), target, domain, rnd)
-    bar.close()
+                        len(have[domain]), target, domain, next_round[domain])
     return {d: min(target, len(v)) for d, v in have.items()}
 
 
