@@ -96,6 +96,9 @@ def test_stratified_split():
     assert sorted(tr + va) == list(range(32)) and not set(tr) & set(va)
     assert sum(y[i] for i in va) == 2 and len(va) == 8
     assert stratified_split([1, 0], 0.25) == ([0, 1], [])
+    doms = ["a", "b", "c"] * 12
+    _, va = stratified_split([0] * 36, 0.25, groups=doms)
+    assert sorted(doms[i] for i in va) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
 
 
 def _features(n, hidden=16, seed=0):

@@ -278,13 +278,16 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
 # training
 
 
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices), each class split in proportion; a class with fewer than two
-    rows stays in training. Returns no held-out rows when ``val_fraction`` is 0 or the set is tiny."""
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0,
+                     groups: Optional[Sequence[str]] = None) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices), each class (and, given ``groups``, each (class, group)
+    cell, e.g. per domain) split in proportion; a cell with fewer than two rows stays in training.
+    Returns no held-out rows when ``val_fraction`` is 0 or the set is tiny."""
     rng = random.Random(seed)
     train, val = [], []
-    for cls in sorted(set(int(y) for y in labels)):
-        idx = [i for i, y in enumerate(labels) if int(y) == cls]
+    cells = [(int(y), str(groups[i]) if groups is not None else "") for i, y in enumerate(labels)]
+    for cell in sorted(set(cells)):
+        idx = [i for i, c in enumerate(cells) if c == cell]
         rng.shuffle(idx)
         k = 0
         if val_fraction > 0 and len(idx) >= 2:
@@ -329,7 +332,9 @@ def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0
     labels = [int(y) for y in labels]
     n = len(labels)
     fallbacks: list[str] = []
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, groups)
+    if not val_idx and groups is not None:
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
     if not val_idx:
         fallbacks.append(f"too few rows ({n}) for a held-out split: metrics are on the training rows")
         train_idx, val_idx, val_is_train = list(range(n)), list(range(n)), True
