@@ -86,6 +86,9 @@ def test_metrics_and_calibration():
     assert binary_metrics(p, y, t)["routing_rate"] == pytest.approx(0.5)
     assert calibrate_threshold(p, y, "none", 0.42) == (0.42, "fixed")
     assert binary_metrics(p, y, calibrate_threshold(p, y, "rate:0")[0])["routing_rate"] == 0
+    # the threshold falls between the classes (midpoint), not on a training point
+    assert calibrate_threshold([0.6, 0.7, 0.8, 0.9], [0, 0, 1, 1], "balanced_accuracy")[0] == pytest.approx(0.75)
+    assert calibrate_threshold([0.1, 0.999, 0.9999], [0, 1, 1], "balanced_accuracy")[0] == 0.5
     t, how = calibrate_threshold([0.2, 0.3], [1, 1], "balanced_accuracy")
     assert t == 0.5 and "one class" in how
 

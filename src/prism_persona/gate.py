@@ -262,7 +262,11 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
                         int(labels[0]), default)
             return float(default), "fixed: one class held out"
         best = (-1.0, 0.0, default)
-        for t in sorted(set(probs)):
+        u = sorted(set(float(p) for p in probs))
+        # midpoints between neighbouring probabilities (a threshold between the classes, not on a
+        # training point), both ends, and 0.5; ties go to the candidate nearest 0.5
+        candidates = [(a + b) / 2 for a, b in zip(u, u[1:])] + [u[0], min(1.0, u[-1] + 1e-6), 0.5]
+        for t in candidates:
             m = binary_metrics(probs, labels, t)
             # prefer the best balanced accuracy, then the threshold nearest 0.5 (stable choice)
             key = (round(m["balanced_accuracy"], 9), -abs(t - 0.5), t)
