@@ -240,7 +240,9 @@ def test_pipeline_files_labels_and_summary(tmp_path):
     assert "| writing" in run.path("summary.md").read_text()
     labelled = load_labelled(cfg.out)
     assert len(labelled) == 10 and all(r["label"] == 1 for r in labelled)
-    assert set(labelled[0]) >= {"key", "domain", "query", "persona", "placement", "base_answer", "persona_answer", "label"}
+    assert set(labelled[0]) >= {"key", "domain", "query", "persona", "placement", "base_answer", "persona_answer",
+                                "label", "persona_finish"}
+    assert {r["persona_finish"] for r in labelled} == {"stop"}  # the scripted engine's answers all ended
     assert labelled[0]["persona"] == load_personas(cfg.out)[labelled[0]["domain"]]["short"]
     # a finished run resumes without building an engine
     again = run_bootstrap(cfg, engine=Fake(fail_after=0))

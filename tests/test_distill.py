@@ -56,6 +56,18 @@ def test_response_tokens_align_between_teacher_and_student(tiny_model):
     assert torch.equal(collate(exs, "teacher", 0, "cpu")["targets"], collate(exs, "student", 0, "cpu")["targets"])
 
 
+def test_answers_cut_at_the_token_budget_get_no_end_of_turn(tiny_model):
+    _, tok = tiny_model
+    recs = [{"key": "a", "query": "Write a poem.", "persona_answer": "Waves and", "persona": PERSONA,
+             "label": 1, "persona_finish": "length"},
+            {"key": "b", "query": "Write a poem.", "persona_answer": "Waves and foam.", "persona": PERSONA,
+             "label": 1, "persona_finish": "stop"}]
+    cut, full = build_examples(tok, recs, 1024)
+    assert tok.eos_token_id not in cut.student[cut.s_start:]
+    assert tok.decode(cut.student[cut.s_start:]) == "Waves and"
+    assert full.student[-1] == tok.eos_token_id
+
+
 def test_truncation_keeps_prompts_and_cuts_the_answer(tiny_model):
     _, tok = tiny_model
     ex = build_example(tok, "q" * 20, "a" * 500, PERSONA, "system", 200)

@@ -58,16 +58,17 @@ class Example:
     n: int
 
 
-def response_ids(tokenizer, answer: str) -> list[int]:
-    """The persona answer's tokens followed by the end-of-turn token (so the student learns to stop)."""
+def response_ids(tokenizer, answer: str, finished: bool = True) -> list[int]:
+    """The persona answer's tokens, followed by the end-of-turn token when the answer really ended
+    (so the student learns to stop there, and never to stop where the bootstrap cut an answer short)."""
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    if finished and tokenizer.eos_token_id is not None:
         ids = ids + [int(tokenizer.eos_token_id)]
     return ids
 
 
 def build_example(tokenizer, query: str, answer: str, persona: Optional[str], placement: str = "system",
-                  max_length: int = 1024, key: str = "") -> Optional[Example]:
+                  max_length: int = 1024, key: str = "", finished: bool = True) -> Optional[Example]:
     """Tokenise teacher (with persona) and student (without) prompts + the shared response tokens.
 
     The response is cut so the longer sequence fits ``max_length``; ``None`` if nothing is left.
@@ -76,7 +77,7 @@ def build_example(tokenizer, query: str, answer: str, persona: Optional[str], pl
     t_prompt = tokenizer(render_chat(tokenizer, with_persona(chat, persona, placement)),
                          add_special_tokens=False)["input_ids"]
     s_prompt = tokenizer(render_chat(tokenizer, chat), add_special_tokens=False)["input_ids"]
-    resp = response_ids(tokenizer, answer)
+    resp = response_ids(tokenizer, answer, finished)
     n = min(len(resp), max_length - max(len(t_prompt), len(s_prompt)))
     if n < 1:
         return None
@@ -95,7 +96,8 @@ def build_examples(tokenizer, records: Sequence[dict], max_length: int,
             continue
         ex = build_example(tokenizer, rec["query"], rec["persona_answer"],
                            rec.get("persona") if teacher_persona else None,
-                           rec.get("placement") or "system", max_length, rec.get("key", ""))
+                           rec.get("placement") or "system", max_length, rec.get("key", ""),
+                           finished=rec.get("persona_finish", "stop") != "length")
         if ex is None:
             log.warning("distill: example %s has no room for its answer within max_length", rec.get("key"))
             continue

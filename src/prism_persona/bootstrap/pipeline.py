@@ -142,7 +142,8 @@ def load_labelled(run) -> list[dict]:
     """The labelled pairs of a bootstrap run, one dict per judged query.
 
     Keys: ``key, domain, query, persona, placement, base_answer, persona_answer, label`` (1 = the
-    persona answer won both orders), plus ``winner`` and ``persona_length``. Only the domains and
+    persona answer won both orders), plus ``winner``, ``persona_length`` and ``persona_finish`` (``length``
+    when the answer was cut at the token budget). Only the domains and
     the first ``queries_per_persona`` queries per domain of the run's saved config are returned.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -174,5 +175,6 @@ def load_labelled(run) -> list[dict]:
             "placement": a.get("placement") or pcfg.get("placement", "system"),
             "base_answer": a["base_answer"], "persona_answer": a["persona_answer"],
             "label": int(v["label"]), "winner": v["winner"],
+            "persona_finish": a.get("persona_finish", "stop"),
         })
     return out
