@@ -348,15 +348,6 @@ class GatedModel:
 
     # ---------------------------------------------------------------------------------------- generate
 
-    def _eos_ids(self) -> list[int]:
-        ids = set()
-        for x in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(x, int):
-                ids.add(x)
-            elif isinstance(x, (list, tuple)):
-                ids.update(int(i) for i in x)
-        return sorted(ids)
-
     @torch.no_grad()
     def generate(self, chats: Sequence[list], params: Optional[SamplingParams] = None,
                  force: Force = None) -> list[Completion]:
@@ -369,32 +360,15 @@ class GatedModel:
             return []
         overrides = normalise_force(force, len(chats))
         pre = self._prerouted(chats)
-        texts = [render_chat(self.tokenizer, c) for c in chats]
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         helper = HFEngine(self.model, self.tokenizer, batch_size=self.batch_size, quiet=True)
-        eos = self._eos_ids()
-        out: list[Optional[Completion]] = [None] * len(texts)
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start:start + self.batch_size]
-            enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
-            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos or None)
-            if params.temperature and params.temperature > 0:
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if params.seed is not None:
-                torch.manual_seed(params.seed + b)
-            with self._call([overrides[i] for i in idx], [pre[i] for i in idx]):
-                gen = self.model.generate(**enc, **kwargs)
-                probs, routed = self.state.probs.tolist(), self.state.routed.tolist()
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for row, i in enumerate(idx):
-                c = helper._completion(new[row].tolist(), eos, params)
-                c.meta = {"routed": bool(routed[row]), "gate_prob": float(probs[row])}
-                out[i] = c
-        return out  # type: ignore[return-value]
+
+        @contextlib.contextmanager
+        def routed_batch(rows):
+            with self._call([overrides[i] for i in rows], [pre[i] for i in rows]):
+                yield lambda: [{"routed": bool(r), "gate_prob": float(p)}
+                               for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())]
+
+        return helper.run_batches(chats, params, batch_context=routed_batch)
 
     @torch.no_grad()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str], force: Force = None) -> list[dict]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -55,6 +56,16 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
+        return self.run_batches(chats, params, desc=desc)
+
+    def run_batches(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate",
+                    batch_context: Optional[Callable] = None) -> list[Completion]:
+        """Generate in length-sorted, left-padded batches; results in the caller's order.
+
+        ``batch_context(rows)`` (rows = indices into ``chats``), if given, is entered around each
+        batch's ``model.generate`` and yields a function returning one ``meta`` dict per row of the
+        batch; the gated model uses it to set and read the routing of each batch.
+        """
         if not chats:
             return []
         texts = [render_chat(self.tokenizer, c) for c in chats]
@@ -62,27 +73,37 @@ class HFEngine(Engine):
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         out: list[Optional[Completion]] = [None] * len(texts)
         eos = self._eos_ids()
+        kwargs = self._sampling_kwargs(params, eos)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start:start + self.batch_size]
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
-            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos or None)
-            if params.temperature and params.temperature > 0:
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if params.seed is not None:
                 torch.manual_seed(params.seed + b)
-            t0 = time.perf_counter()
-            gen = self.model.generate(**enc, **kwargs)
-            self.generate_seconds += time.perf_counter() - t0
+            metas = None
+            with torch.inference_mode(), (batch_context(idx) if batch_context else contextlib.nullcontext()) as read_meta:
+                t0 = time.perf_counter()
+                gen = self.model.generate(**enc, **kwargs)
+                self.generate_seconds += time.perf_counter() - t0
+                if read_meta is not None:
+                    metas = read_meta()
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 out[i] = self._completion(new[row].tolist(), eos, params)
+                if metas is not None:
+                    out[i].meta = metas[row]
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _sampling_kwargs(self, params: SamplingParams, eos: list[int]) -> dict:
+        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=eos or None)
+        if params.temperature and params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
 
     def _completion(self, ids: list[int], eos: list[int], params: SamplingParams) -> Completion:
         finish = "length"
