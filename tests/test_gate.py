@@ -78,6 +78,8 @@ def test_metrics_and_calibration():
     y = [0, 0, 1, 0, 1, 1]
     m = binary_metrics(p, y, 0.5)
     assert m["accuracy"] == pytest.approx(4 / 6) and m["balanced_accuracy"] == pytest.approx(2 / 3)
+    one_class = binary_metrics([0.1, 0.2], [0, 0], 0.5)
+    assert one_class["accuracy"] == 1.0 and one_class["balanced_accuracy"] is None and one_class["auc"] is None
     assert m["routing_rate"] == pytest.approx(0.5)
     t, how = calibrate_threshold(p, y, "balanced_accuracy")
     assert how == "balanced_accuracy"

@@ -227,7 +227,8 @@ def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: flo
     return {
         "n": n, "positives": pos,
         "accuracy": (tp + tn) / n if n else None,
-        "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        # undefined (None) unless both classes are present, like AUC
+        "balanced_accuracy": sum(recalls) / 2 if len(recalls) == 2 else None,
         "auc": auc(probs, labels),
         "routing_rate": sum(pred) / n if n else None,
         "threshold": float(threshold),
