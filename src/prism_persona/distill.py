@@ -314,7 +314,9 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     """Train (or resume, or skip when done) the LoRA; writes ``RUN/distill/adapter``, the loss curve
     (``loss.jsonl`` + ``loss.png``) and ``distill.done.json``. Returns the stage summary."""
     from .models import load_model
+    from .parallel import DataParallel
 
+    dp = DataParallel()
     if run.done(STAGE):
         log.info("distill: already done, skipping (delete %s to redo it)", run.path(f"{STAGE}.done.json"))
         return run.read_json(f"{STAGE}.done.json")
@@ -323,7 +325,8 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     d = run.path(STAGE)
     d.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, dp.device(cfg.model.device),
+                                      cfg.model.trust_remote_code)
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
     examples = build_examples(tokenizer, records, dcfg.max_length)
@@ -331,7 +334,8 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=0.0)
     bs, accum = max(1, int(dcfg.batch_size)), max(1, int(dcfg.grad_accum))
-    per_epoch = math.ceil(math.ceil(len(examples) / bs) / accum) if examples else 0
+    group_size = accum * dp.world  # micro-batches per optimisation step, over all processes
+    per_epoch = math.ceil(math.ceil(len(examples) / bs) / group_size) if examples else 0
     total = per_epoch * int(dcfg.epochs)
     if max_steps is not None:
         total = min(total, max_steps)
@@ -342,8 +346,10 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
         state = _load_checkpoint(peft_model, opt, ckpt)
         log.info("distill: resuming after epoch %d (step %d)", state["epoch"], state["step"])
     curve = _read_curve(curve_path, state["step"])
-    curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve), encoding="utf-8")
+    if dp.is_main:
+        curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve), encoding="utf-8")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(peft_model.parameters()).device
     if not examples:
         log.warning("distill: no query where the persona won (label 1); saving an untrained adapter "
                     "(routed queries then behave exactly like the base model)")
@@ -355,7 +361,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
         order = list(range(len(examples)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        for g in range(0, len(batches), accum):
+        for g in range(0, len(batches), group_size):
             if step >= total:
                 break
             lr = lr_at(step, total, warmup, dcfg.lr)
@@ -363,21 +369,31 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
                 group["lr"] = lr
             opt.zero_grad()
             loss_sum, n_tok = 0.0, 0
-            for b in batches[g:g + accum]:
+            step_batches = batches[g:g + group_size]
+            for b in dp.shard(step_batches):  # all of them in a single process
                 loss = distill_loss(peft_model, [examples[i] for i in b], dcfg, pad_id)
-                (loss / len(batches[g:g + accum])).backward()
-                loss_sum += float(loss.detach()) / len(batches[g:g + accum])
+                (loss / len(step_batches)).backward()
+                loss_sum += float(loss.detach()) / len(step_batches)
                 n_tok += sum(examples[i].n for i in b)
+            dp.sum_gradients(params)
+            loss_sum, n_tok = dp.sum_scalar(loss_sum, device), int(dp.sum_scalar(n_tok, device))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             rec = {"step": step, "epoch": epoch + 1, "loss": loss_sum, "lr": lr, "tokens": n_tok}
             curve.append(rec)
-            with open(curve_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if dp.is_main:
+                with open(curve_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
             log.info("distill: epoch %d step %d/%d loss %.4f", epoch + 1, step, total, loss_sum)
-        _save_checkpoint(peft_model, opt, {"epoch": epoch + 1, "step": step}, ckpt)
+        if dp.is_main:
+            _save_checkpoint(peft_model, opt, {"epoch": epoch + 1, "step": step}, ckpt)
+        dp.barrier()
     adapter = d / "adapter"
+    if not dp.is_main:  # rank 0 writes the results; the others are done
+        dp.barrier()
+        peft_model.unload().eval()
+        return {"examples": len(examples), "steps": step, "rank": dp.rank}
     if adapter.exists():
         shutil.rmtree(adapter)
     save_adapter(peft_model, adapter)
@@ -388,6 +404,9 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
         "adapter": str(adapter), "loss_curve": str(curve_path), "loss_plot": str(png) if png else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if dp.active:
+        info["processes"] = dp.world
     run.mark_done(STAGE, info)
+    dp.barrier()
     peft_model.unload().eval()  # give the caller its plain base model back (LoRA layers removed)
     return info

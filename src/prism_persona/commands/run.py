@@ -55,8 +55,10 @@ def run_config(run_dir: str, sets: list | None = None):
 def load_base(cfg):
     """(model, tokenizer) of the run's model, loaded once and shared by the stages."""
     from ..models import load_model
+    from ..parallel import DataParallel
 
-    return load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    device = DataParallel().device(cfg.model.device)  # one GPU per process under a launcher
+    return load_model(cfg.model.model, cfg.model.dtype, device, cfg.model.trust_remote_code)
 
 
 def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds: dict | None = None) -> dict:
@@ -79,6 +81,10 @@ def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds:
         run_gate(run, cfg, records, model, tok)
     if "distill" in stages:
         run_distill(run, cfg, records, model, tok)
+    from ..parallel import DataParallel
+
+    if not DataParallel().is_main:  # data-parallel distillation: rank 0 assembles and reports
+        return {"artifact": None, "report": None, "run": run}
     art = None
     if run.done("gate") and run.done("distill"):
         art = assemble(run, cfg)
@@ -88,6 +94,8 @@ def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds:
 
 def print_result(res: dict) -> None:
     rep = res["report"]
+    if rep is None:  # a non-zero rank of data-parallel distillation
+        return
     g, d = rep["gate"], rep["distill"]
     held = (g.get("metrics") or {}).get("heldout") or (g.get("metrics") or {}).get("train") or {}
     t = rep["data"]["total"]
@@ -110,6 +118,14 @@ def _f(x) -> str:
 
 
 def run(args) -> int:
+    import os
+
+    from ..errors import PrismError
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise PrismError("`prism run` runs in one process; under accelerate launch / torchrun use "
+                         "`prism distill --run RUN` (data-parallel distillation) after `prism run` has "
+                         "finished the bootstrap and the gate")
     if not getattr(args, "config", None):
         args.config = saved_config(args.out)
     cfg = config_from_args(args)
