@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from .bootstrap.summary import fmt_cell
+
 REPORT_JSON = "training_report.json"
 REPORT_MD = "training_report.md"
 
@@ -48,14 +50,6 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
     }
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3f}"
-    return str(x)
-
-
 def format_report(rep: dict) -> str:
     """Markdown rendering of :func:`build_report`'s dict."""
     lines = [f"# PRISM training report", "", f"Run: `{rep['run']}`  ", f"Artifact: `{rep['artifact']}`", "",
@@ -65,28 +59,28 @@ def format_report(rep: dict) -> str:
     t = rep["data"]["total"]
     lines += [f"| **total** | {t['queries']} | {t['persona_won']} |", "", "## Gate", ""]
     g = rep["gate"]
-    lines.append(f"Threshold {_fmt(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
-                 f"{_fmt(g.get('n_train'))} training rows, {_fmt(g.get('n_heldout'))} held out.")
+    lines.append(f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
+                 f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out.")
     lines += ["", "| split | n | accuracy | balanced accuracy | AUC | routing rate |", "|---|---|---|---|---|---|"]
     for split, m in (g.get("metrics") or {}).items():
         if m:
-            lines.append(f"| {split} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
-                         f"{_fmt(m['auc'])} | {_fmt(m['routing_rate'])} |")
+            lines.append(f"| {split} | {m['n']} | {fmt_cell(m['accuracy'])} | {fmt_cell(m['balanced_accuracy'])} | "
+                         f"{fmt_cell(m['auc'])} | {fmt_cell(m['routing_rate'])} |")
     for fb in g.get("fallbacks") or []:
         lines.append(f"\n> fallback: {fb}")
     lines += ["", "Routing rate per domain on the held-out split:", "", "| domain | n | routed |", "|---|---|---|"]
     for dom, r in rep["routing_by_domain_heldout"].items():
-        lines.append(f"| {dom} | {r['n']} | {_fmt(r['routing_rate'])} |")
+        lines.append(f"| {dom} | {r['n']} | {fmt_cell(r['routing_rate'])} |")
     d = rep["distill"]
     lines += ["", "## Distillation", "",
-              f"{_fmt(d.get('examples'))} examples, {_fmt(d.get('steps'))} steps, loss `{d.get('loss')}`: "
-              f"first {_fmt(d.get('first_loss'))}, last {_fmt(d.get('last_loss'))}."]
+              f"{fmt_cell(d.get('examples'))} examples, {fmt_cell(d.get('steps'))} steps, loss `{d.get('loss')}`: "
+              f"first {fmt_cell(d.get('first_loss'))}, last {fmt_cell(d.get('last_loss'))}."]
     if d.get("loss_plot"):
         rel = os.path.relpath(d["loss_plot"], rep["run"])
         lines += ["", f"![loss curve]({rel})"]
     lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     for stage, s in rep["stage_seconds"].items():
-        lines.append(f"| {stage} | {_fmt(s)} |")
+        lines.append(f"| {stage} | {fmt_cell(s)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,7 +81,8 @@ def _mean(values: Iterable[float]) -> Optional[float]:
     return round(sum(vals) / len(vals), 1) if vals else None
 
 
-def _fmt(v) -> str:
+def fmt_cell(v) -> str:
+    """A table cell: ``-`` for missing, three decimals for floats."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -94,7 +95,7 @@ def _num(v) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    cells = [header] + [[_fmt(v) for v in r] for r in rows]
+    cells = [header] + [[fmt_cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                        for i, (c, w) in enumerate(zip(r, widths))) + " |"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_common, add_pipeline_options, config_from_args
+from .common import add_common, add_pipeline_options, config_from_args, resume_from_saved_config
 
 DESCRIPTION = """\
 From a list of domain names, the model writes an expert persona per domain, writes queries while
@@ -31,19 +30,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def saved_config(args) -> str | None:
-    """RUN/config.json when resuming without --config (flags still override it)."""
-    if getattr(args, "config", None):
-        return None
-    out = Path(args.out or "runs/prism").expanduser()
-    saved = out / "config.json"
-    return str(saved) if saved.is_file() else None
-
-
 def run(args) -> int:
-    saved = saved_config(args)
-    if saved:
-        args.config = saved
+    resume_from_saved_config(args)
     cfg = config_from_args(args)
 
     from ..bootstrap.pipeline import run_bootstrap

@@ -105,6 +105,18 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return o
 
 
+def saved_config(out: str | None) -> str | None:
+    """``RUN/config.json`` of a run directory, if it has one (what a resumed run starts from)."""
+    saved = Path(out or "runs/prism").expanduser() / "config.json"
+    return str(saved) if saved.is_file() else None
+
+
+def resume_from_saved_config(args: argparse.Namespace) -> None:
+    """Without ``--config``, a rerun starts from the run's saved config (flags still override it)."""
+    if not getattr(args, "config", None):
+        args.config = saved_config(getattr(args, "out", None))
+
+
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming."""
     from ..config import resolve

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from .common import add_common, add_pipeline_options, config_from_args
+from .common import add_common, add_pipeline_options, config_from_args, resume_from_saved_config, saved_config
 
 DESCRIPTION = """\
 The whole pipeline in one run directory: the model writes expert personas for your domains, queries
@@ -31,12 +30,6 @@ def add_parser(sub) -> None:
     add_pipeline_options(p)
     add_common(p)
     p.set_defaults(func=run)
-
-
-def saved_config(out: str | None) -> str | None:
-    """RUN/config.json when resuming without --config (flags still override it)."""
-    saved = Path(out or "runs/prism").expanduser() / "config.json"
-    return str(saved) if saved.is_file() else None
 
 
 def run_config(run_dir: str, sets: list | None = None):
@@ -93,6 +86,8 @@ def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds:
 
 
 def print_result(res: dict) -> None:
+    from ..bootstrap.summary import fmt_cell
+
     rep = res["report"]
     if rep is None:  # a non-zero rank of data-parallel distillation
         return
@@ -102,19 +97,15 @@ def print_result(res: dict) -> None:
     print(f"data: {t['queries']} labelled queries, persona won {t['persona_won']}")
     if g.get("threshold") is not None:
         print(f"gate: threshold {g['threshold']:.3f} ({g['threshold_method']}); held-out accuracy "
-              f"{_f(held.get('accuracy'))}, balanced {_f(held.get('balanced_accuracy'))}, AUC {_f(held.get('auc'))}")
+              f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}")
     if d.get("steps") is not None:
-        print(f"distill: {d['examples']} examples, {d['steps']} steps, loss {_f(d.get('first_loss'))} -> {_f(d.get('last_loss'))}")
+        print(f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}")
     print(f"report: {res['run'].path('training_report.md')}")
     if res["artifact"]:
         art = res["artifact"]
         print(f"\nPRISM model: {art}")
         print(f"  chat:     prism chat --prism {art}")
         print(f"  generate: prism generate --prism {art} --input prompts.jsonl --output out.jsonl")
-
-
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def run(args) -> int:
@@ -126,8 +117,7 @@ def run(args) -> int:
         raise PrismError("`prism run` runs in one process; under accelerate launch / torchrun use "
                          "`prism distill --run RUN` (data-parallel distillation) after `prism run` has "
                          "finished the bootstrap and the gate")
-    if not getattr(args, "config", None):
-        args.config = saved_config(args.out)
+    resume_from_saved_config(args)
     cfg = config_from_args(args)
 
     from ..bootstrap.pipeline import run_bootstrap
