@@ -3,7 +3,7 @@
 Variants, all greedy, all forced to ``--new-tokens`` (EOS disabled), measured in one run:
 
 - ``base``            the base model alone, plain ``generate`` (the reference speed, ratio 1.0)
-- ``base_fast``       the base model through ``prism_persona.fastgen`` (static cache; CUDA graphs on GPU)
+- ``base_fast``       the base model through ``prism_persona.gated.fastgen`` (static cache; CUDA graphs on GPU)
 - ``lora``            the always-on LoRA, unmerged (PEFT), every row
 - ``lora_fast``       the same through ``fastgen``
 - ``lora_merged``     the always-on LoRA merged into the weights (as fast as base, but no routing)
@@ -14,7 +14,7 @@ Variants, all greedy, all forced to ``--new-tokens`` (EOS disabled), measured in
 - ``ref_grouped``     the reference approach with queries grouped by route: one routing forward over
                       the batch, then one ``generate`` with the adapter and one without
 - ``gated`` / ``gated_fast``  PRISM's gated model (gate inside the prefill, per-row LoRA mask),
-                      when ``prism_persona.gated`` exists in this checkout
+                      when ``prism_persona.gated.model`` exists in this checkout
 
 Correctness (greedy): for every mixed variant, routed rows must equal the ``lora`` rows and
 un-routed rows the ``base`` rows; the ``agree`` column is the share of rows that do.
@@ -38,7 +38,7 @@ def routes_for(batch: int) -> list[bool]:
 
 
 def settings_for(built: common.Built, new_tokens: int):
-    from prism_persona.fastgen import DecodeSettings
+    from prism_persona.gated.fastgen import DecodeSettings
 
     pad = int(built.model.generation_config.pad_token_id or 0)
     return DecodeSettings(max_new_tokens=new_tokens, pad_token_id=pad, ignore_eos=True)
@@ -46,7 +46,7 @@ def settings_for(built: common.Built, new_tokens: int):
 
 def plain(model, ids, mask, settings, **forward_kwargs):
     """Plain HF ``generate`` (forced length); returns the new tokens."""
-    from prism_persona.fastgen import plain_generate
+    from prism_persona.gated.fastgen import plain_generate
 
     return plain_generate(model, ids, mask, settings, forward_kwargs or None)
 
@@ -104,7 +104,7 @@ def reference_sequential(pm, gate, ids, mask, routes, settings):
 
 def peft_mixed(pm, ids, mask, routes, settings, fast: bool = False):
     """PEFT's mixed-adapter batch: per-row adapter names, ``__base__`` for un-routed rows."""
-    from prism_persona import fastgen
+    from prism_persona.gated import fastgen
 
     names = ["default" if r else "__base__" for r in routes]
     if fast:
@@ -115,7 +115,7 @@ def peft_mixed(pm, ids, mask, routes, settings, fast: bool = False):
 def measure(built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
             seq_rows: int, seed: int = 0, ragged: bool = False, skip: tuple = ()) -> list[dict]:
     """Every variant at every batch size; returns one row per (batch, variant)."""
-    from prism_persona import fastgen
+    from prism_persona.gated import fastgen
 
     dev = built.device
     settings = settings_for(built, new_tokens)
@@ -153,7 +153,7 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, new_tokens: 
             rows_measured=k)
 
     # phase 3: the same adapter in PRISM's gated model (PEFT unloaded, same base weights)
-    if gated_adapter.available() is None and "gated" not in skip:
+    if "gated" not in skip:
         gm, _tmp = gated_adapter.gated_from_peft(pm, built, seed=seed)
         gated = gated_adapter.runner(gm)
         for b in sizes:
@@ -217,9 +217,6 @@ def main(argv: Optional[list] = None) -> list[dict]:
     common.print_header("Generation throughput: mixed batch (half routed) vs alternatives", built, settings)
     rows = measure(built, sizes, args.prompt_len, args.new_tokens, args.repeats, args.sequential_rows,
                    seed=args.seed, ragged=args.ragged, skip=tuple(s for s in args.skip.split(",") if s))
-    why = gated_adapter.available()
-    if why:
-        print(f"note: {why}; the gated rows are missing")
     print(common.table(rows, ["batch", "variant", "tokens_per_s", "ratio_to_base", "agree", "differs_from_base",
                               "rows_measured"]))
     common.record(args.out, "generation", settings, rows)

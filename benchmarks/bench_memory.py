@@ -55,7 +55,7 @@ def gate_numel(hidden: int) -> int:
     """Parameters + buffers of PRISM's gate module (``gate.Gate``) as built by the library."""
     import torch
 
-    from prism_persona.gate import Gate
+    from prism_persona.gated.gate import Gate
 
     with torch.device("meta"):
         gate = Gate(hidden, list(common.GATE_HIDDEN))
@@ -171,11 +171,10 @@ def peak_per_row(pm, built: common.Built, sizes: list[int], prompt_len: int, new
 
     rows = peak_rows(lambda i, m, r, s: peft_mixed(pm, i, m, r, s), "peft_mixed", built, sizes, prompt_len,
                      new_tokens, seed)
-    if gated_adapter.available() is None:
-        gm, _tmp = gated_adapter.gated_from_peft(pm, built, seed=seed)
-        run = gated_adapter.runner(gm)
-        rows += peak_rows(lambda i, m, r, s: run(i, m, r, s, False), "gated", built, sizes, prompt_len,
-                          new_tokens, seed)
+    gm, _tmp = gated_adapter.gated_from_peft(pm, built, seed=seed)
+    run = gated_adapter.runner(gm)
+    rows += peak_rows(lambda i, m, r, s: run(i, m, r, s, False), "gated", built, sizes, prompt_len,
+                      new_tokens, seed)
     return rows
 
 

@@ -9,7 +9,7 @@ Measured per batch size on the same prompts:
                       the difference of two prefill timings is within noise)
 - ``layer0_pass``     the separate route-only pass: embeddings + layer 0 + gate, the rest skipped
 - ``gated_prefill``   PRISM's ``GatedModel.forward_logits`` (gate on) vs ``force=False`` when
-                      ``prism_persona.gated`` is in this checkout
+                      ``prism_persona.gated.model`` is in this checkout
 
 Shares: ``(prefill_gated - prefill) / prefill``, ``gate_mlp / prefill``, ``layer0_pass / prefill``.
 """
@@ -116,8 +116,7 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
             "same_logits": bool(torch.equal(logits, logits_g)),
             "same_route": bool(torch.equal(sink["routed"], sink0["routed"])),
         })
-    if gated_adapter.available() is None:
-        gated_rows(built, sizes, prompt_len, repeats, rows, seed)
+    gated_rows(built, sizes, prompt_len, repeats, rows, seed)
     return rows
 
 
@@ -149,7 +148,7 @@ def gated_rows(built: common.Built, sizes: list[int], prompt_len: int, repeats: 
 
 
 def fastgen_context(gm, force):
-    from prism_persona.fastgen import _routing_context
+    from prism_persona.gated.fastgen import _routing_context
 
     return _routing_context(gm, force, len(force))
 

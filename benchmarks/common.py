@@ -353,16 +353,6 @@ def gate_param_count(hidden: int, sizes: Sequence[int] = GATE_HIDDEN, standardis
     return total
 
 
-def gated_available() -> bool:
-    """Whether ``prism_persona.gated`` (the gated model) exists in this checkout."""
-    try:
-        import prism_persona.gated  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
 def print_header(title: str, built: Built, settings: dict) -> None:
     import torch
 

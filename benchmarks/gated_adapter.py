@@ -1,4 +1,4 @@
-"""Glue between the benchmarks and ``prism_persona.gated``: a GatedModel from a random PEFT LoRA + gate.
+"""Glue between the benchmarks and ``prism_persona.gated.model``: a GatedModel from a random PEFT LoRA + gate.
 
 The benchmarks build the LoRA with PEFT first (to time PEFT's own paths), save it as the PEFT adapter
 dir the gated model loads, unload PEFT (back to the bare base model), then wrap the same weights with
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import common
 
@@ -18,7 +17,7 @@ def random_gate_bundle(hidden: int, seed: int = 0, threshold: float = 0.5):
     """PRISM's gate module (standardise + MLP hidden->128->64->1) with random weights."""
     import torch
 
-    from prism_persona.gate import Gate, GateBundle
+    from prism_persona.gated.gate import Gate, GateBundle
 
     torch.manual_seed(seed)
     gate = Gate(hidden, list(common.GATE_HIDDEN))
@@ -28,7 +27,7 @@ def random_gate_bundle(hidden: int, seed: int = 0, threshold: float = 0.5):
 
 def gated_from_peft(pm, built: common.Built, seed: int = 0):
     """Save ``pm``'s adapter, unload PEFT, wrap the bare model as a GatedModel. Returns ``(gm, tmpdir)``."""
-    from prism_persona.gated import GatedModel
+    from prism_persona.gated.model import GatedModel
 
     tmp = tempfile.TemporaryDirectory(prefix="prism-bench-adapter-")
     adapter = Path(tmp.name) / "adapter"
@@ -42,7 +41,7 @@ def gated_from_peft(pm, built: common.Built, seed: int = 0):
 
 def runner(gm):
     """``(ids, mask, routes, settings, fast) -> new tokens``: routes forced per row (half/half)."""
-    from prism_persona import fastgen
+    from prism_persona.gated import fastgen
 
     def run(ids, mask, routes, settings, fast: bool):
         new, _, _ = fastgen.generate_gated(gm, ids, mask, settings, force=list(routes), fast=fast)
@@ -56,7 +55,7 @@ def merge_and_strip(gm) -> object:
     merged); removes the gate hook. Returns the plain model."""
     import torch
 
-    from prism_persona.gated import GatedLoRALinear
+    from prism_persona.gated.layers import GatedLoRALinear
 
     model = gm.model
     gm.close()
@@ -69,9 +68,3 @@ def merge_and_strip(gm) -> object:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.base)
     return model
 
-
-def available() -> Optional[str]:
-    """None when the gated model can be used, else why not."""
-    if not common.gated_available():
-        return "prism_persona.gated is not in this checkout"
-    return None

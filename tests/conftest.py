@@ -71,3 +71,15 @@ def shared_benchmarks():
     if not os.path.isdir(path):
         pytest.skip("../shared/benchmarks is not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models gain nothing from more, and the CPU is shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -16,13 +15,7 @@ sys.path.insert(0, str(BENCH))
 TINY = ["--size", "tiny", "--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def records(path: Path) -> list[dict]:
@@ -43,14 +36,9 @@ def test_generation_mixed_batches_match_base_and_lora_rows(tmp_path):
     rows = bench_generation.main(TINY + ["--batch-sizes", "1,4", "--prompt-len", "12", "--new-tokens", "5",
                                          "--repeats", "1", "--ragged", "--sequential-rows", "2", "--out", str(out)])
     variants = {r["variant"] for r in rows}
-    expected = {"base", "base_fast", "lora", "lora_fast", "lora_merged", "peft_mixed", "ref_grouped", "ref_sequential"}
+    expected = {"base", "base_fast", "lora", "lora_fast", "lora_merged", "peft_mixed", "ref_grouped", "ref_sequential",
+                "gated", "gated_fast"}
     assert expected <= variants
-    try:
-        import prism_persona.gated  # noqa: F401
-
-        assert {"gated", "gated_fast"} <= variants
-    except ImportError:
-        pass
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ratio_to_base"] > 0
         if "agree" in r:  # greedy: every mixed/fast/merged row equals its base or LoRA reference row

@@ -1,4 +1,5 @@
-"""Test doubles that ship with the library: a scripted engine and tiny random causal LMs.
+"""Test doubles that ship with the library: a scripted engine, tiny random causal LMs, a tiny PRISM
+artifact, a scriptable OpenAI-compatible server and a fake gated model for serving tests.
 
 Users can test their own judges and pipelines with them too; nothing here touches the network.
 """
@@ -135,3 +136,308 @@ def make_tiny_model(path: str | Path, num_layers: int = 3, hidden_size: int = 64
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# a scripted engine for the bootstrap
+
+PERSONA_REPLY = ('Sure! Here is the persona:\n\n## Persona\n"You are a seasoned {d} specialist with twenty years '
+                 'of practice. You give precise, practical advice and explain trade-offs clearly."')
+
+
+class BootstrapEngine(ScriptedEngine):
+    """A scripted engine for the whole bootstrap: answers every prompt kind deterministically (from the
+    sampling seed), so pipelines can be tested end to end without a real model.
+
+    Persona answers contain EXPERT; the judge prefers the answer with EXPERT, position-consistently.
+    ``fail_after`` raises after that many generate calls (a simulated kill).
+    """
+
+    def __init__(self, fail_after=None, judge_reply=None, queries_per_reply=4):
+        super().__init__()
+        self.fail_after = fail_after
+        self.judge_reply = judge_reply
+        self.qpr = queries_per_reply
+        self.n_generate = 0
+
+    def generate(self, chats, params, desc=""):
+        if self.fail_after is not None and self.n_generate >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.n_generate += 1
+        self.responder = lambda chat: self.reply(chat, params)
+        return super().generate(chats, params)
+
+    def reply(self, chat, params):
+        text = chat[-1]["content"]
+        if "Write a description of an expert in" in text:
+            dom = text.split("expert in ")[1].split(",")[0]
+            return PERSONA_REPLY.format(d=dom)
+        if "questions or requests" in text:
+            base = params.seed % 1000
+            return "Here are some questions:\n" + "\n".join(
+                f"{i + 1}. How should I approach problem {base}-{i} in practice?" for i in range(self.qpr))
+        if "[Response A]" in text:
+            if self.judge_reply:
+                return self.judge_reply(chat)
+            a = text.split("[Response A]")[1].split("[Response B]")[0]
+            return "A" if "EXPERT" in a else "B"
+        has_persona = any(m["role"] == "system" for m in chat) or "You are" in text
+        return ("EXPERT answer, detailed: " if has_persona else "plain answer: ") + text[:30]
+
+
+# --------------------------------------------------------------------------------------------------
+# a tiny PRISM artifact
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPLIT_QUERIES = ("hi", "write a poem", "fix my code", "as an expert, explain tides")
+_ARTIFACTS: dict = {}
+
+
+def make_tiny_artifact(model_dir: str | Path, out: str | Path, r: int = 4, seed: int = 0,
+                       target_modules: Sequence[str] = ALL_PROJECTIONS,
+                       queries: Sequence[str] = SPLIT_QUERIES, cache: bool = True) -> Path:
+    """A real PRISM artifact on a tiny model: a PEFT LoRA on decoder layers 1..L-1 (random, non-zero B)
+    and a random gate whose threshold splits ``queries`` in half (so both routes are exercised).
+
+    With ``cache`` (the default) it is built once per process for the same model and settings, at the
+    first ``out``; later calls return that directory, so treat it as read-only.
+    """
+    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries))
+    if cache and key in _ARTIFACTS:
+        return _ARTIFACTS[key]
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .gated.artifact import write_artifact
+    from .gated.features import query_features
+    from .gated.gate import Gate, GateBundle
+    from .models import load_model
+
+    out = Path(out)
+    base, tok = load_model(str(model_dir), dtype="float32", device="cpu")
+    feats = query_features(base, tok, list(queries))
+    torch.manual_seed(seed)
+    gate = Gate(feats.shape[1])
+    gate.set_standardisation(feats)
+    gate.eval()
+    probs = sorted(gate(feats).tolist())
+    mid = len(probs) // 2
+    bundle = GateBundle(gate=gate, threshold=(probs[mid - 1] + probs[mid]) / 2, info={"metrics": {}})
+    n = base.config.num_hidden_layers
+    lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, layers_to_transform=list(range(1, n)),
+                      target_modules=list(target_modules), init_lora_weights=False)
+    pm = get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapter = out.parent / f"{out.name}-adapter"
+    pm.save_pretrained(adapter)
+    art = write_artifact(out, model_spec=str(model_dir), gate=bundle, adapter_dir=adapter)
+    if cache:
+        _ARTIFACTS[key] = art
+    return art
+
+
+# --------------------------------------------------------------------------------------------------
+# a scriptable OpenAI-compatible server on 127.0.0.1
+
+
+class FakeOpenAIServer:
+    """A chat-completions server for tests: answers each request with the next scripted
+    ``(status, body)``, then with ``reply(body)`` (default: ``"echo " + last message``); a request for
+    a model in ``down_models`` gets 503; ``stream: true`` gets server-sent events ending in ``[DONE]``.
+
+    Records ``bodies``, ``headers`` and the most requests in flight at once (``max_inflight``).
+    Serving starts at construction; use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, script: Sequence = (), delay: float = 0.0, logprobs: bool = False,
+                 reply=None, down_models: Sequence[str] = ()):
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.script = list(script)
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+        self.delay = delay
+        self.logprobs = logprobs
+        self.reply = reply or (lambda body: "echo " + body["messages"][-1]["content"])
+        self.down_models = set(down_models)
+        self.inflight = 0
+        self.max_inflight = 0
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _fake_handler(self))
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def auth(self) -> list[str]:
+        return [h.get("Authorization", "") for h in self.headers]
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        if body.get("model") in self.down_models:
+            return 503, {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                  "message": {"role": "assistant", "content": self.reply(body)}}
+        if self.logprobs and body.get("logprobs"):
+            top = [{"token": t, "logprob": lp} for t, lp in (("B", -0.5), (" A", -1.5), ("A", -2.0), ("x", -3.0))]
+            choice["logprobs"] = {"content": [{"token": "B", "logprob": -0.5, "top_logprobs": top}]}
+        return 200, {"id": "fake-1", "object": "chat.completion", "created": 1, "model": body.get("model"),
+                     "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+    def stream_events(self, body: dict) -> list[dict]:
+        text = self.reply(body)
+        words = text.split(" ")
+        deltas = [({"role": "assistant", "content": ""}, None)]
+        deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words)]
+        deltas.append(({}, "stop"))
+        return [{"id": "fake-2", "object": "chat.completion.chunk", "created": 1, "model": body.get("model"),
+                 "choices": [{"index": 0, "delta": d, "finish_reason": fin}]} for d, fin in deltas]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fake_handler(server: FakeOpenAIServer):
+    import json
+    import time
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with server.lock:
+                server.bodies.append(body)
+                server.headers.append(dict(self.headers))
+                server.inflight += 1
+                server.max_inflight = max(server.max_inflight, server.inflight)
+                step = server.script.pop(0) if server.script else None
+            try:
+                time.sleep(server.delay)
+                if step is None and body.get("stream") and body.get("model") not in server.down_models:
+                    return self._stream(server.stream_events(body))
+                self._json(*(step if step else server.answer(body)))
+            finally:
+                with server.lock:
+                    server.inflight -= 1
+
+        def _json(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _stream(self, events: list[dict]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for ev in events:
+                self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.close_connection = True
+
+    return Handler
+
+
+# --------------------------------------------------------------------------------------------------
+# serving test doubles
+
+
+class FakeGatedModel:
+    """GatedModel's serving interface: generate(chats, params, force), route(chats), tokenizer.
+
+    The gate fires (prob 0.9) when the last user message contains "expert", else 0.1. Generation
+    echoes the message; a message containing "boom" raises; ``gate`` (an Event) blocks generate
+    until set, and ``started`` is set when generate is entered.
+    """
+
+    def __init__(self, tokenizer=None, gate=None, vocab: int = 0):
+        import threading
+
+        self.tokenizer = tokenizer
+        self.batches: list[dict] = []
+        self.route_calls: list[int] = []
+        self.gate = gate
+        self.started = threading.Event()
+        self.lock = threading.Lock()
+        self.vocab = vocab
+
+    @staticmethod
+    def prob(chat) -> float:
+        last = [m["content"] for m in chat if m["role"] == "user"][-1]
+        return 0.9 if "expert" in last else 0.1
+
+    def generate(self, chats, params, force=None):
+        forces = force if isinstance(force, list) else [force] * len(chats)
+        with self.lock:
+            self.batches.append({"n": len(chats), "params": params, "force": list(forces)})
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never released"
+        out = []
+        for chat, f in zip(chats, forces):
+            last = chat[-1]["content"]
+            if "boom" in last:
+                raise RuntimeError("boom requested")
+            p = self.prob(chat)
+            routed = f if f is not None else p >= 0.5
+            words = f"{'EXPERT' if routed else 'base'} answer to: {last}".split()[: params.max_new_tokens]
+            out.append(Completion(" ".join(words), len(words), "length" if len(words) == params.max_new_tokens else "stop",
+                                  {"routed": routed, "gate_prob": p}))
+        return out
+
+    def route(self, chats):
+        self.route_calls.append(len(chats))
+        return [(self.prob(c), self.prob(c) >= 0.5) for c in chats]
+
+    def forward_logits(self, input_ids, attention_mask, force=None):
+        import torch
+
+        n, t = input_ids.shape
+        logits = torch.zeros(n, t, self.vocab)
+        logits[:, -1, ord("B")] = 20.0  # some byte token; its text is whatever the tokenizer decodes
+        logits[:, -1, :10] += torch.arange(10, dtype=torch.float32)
+        return logits, torch.full((n,), 0.5), torch.zeros(n, dtype=torch.bool)
+
+
+def http_request(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
+    """One HTTP request to ``server`` (anything with a ``port``) on loopback; returns (status, headers,
+    parsed JSON or text)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return resp.status, dict(resp.getheaders()), parsed
+    finally:
+        conn.close()

@@ -4,6 +4,8 @@ Order ``persona_first`` shows the persona answer as A, ``persona_second`` shows 
 answer wins a query only if it wins both orders (label 1); everything else -- a loss, a tie, orders
 that disagree ("mixed"), or a verdict that could not be read -- is label 0.
 
+:func:`load_labelled` joins answers and verdicts into the labelled pairs the gate and distillation read.
+
 Records (``verdicts.jsonl``): ``key, domain, query, verdicts`` (one ``{order, winner, outcome,
 detail}`` per order), ``winner`` (persona|base|tie|mixed|unparseable), ``label``, ``mode``, ``judge``,
 ``persona_chars, base_chars``.
@@ -12,13 +14,15 @@ detail}`` per order), ``winner`` (persona|base|tie|mixed|unparseable), ``label``
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
+from ..errors import PrismError
 from ..judges import judge_swapped_batch
 from ..progress import progress
 from ..store import JsonlStore, RunDir
 from .answers import chunk_size
 from .common import chunks, stage_settings
+from .personas import load_personas
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +59,50 @@ def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict]) -
         bar.update(len(batch))
     bar.close()
     return len(todo)
+
+
+def _open(run: RunDir, name: str) -> Optional[JsonlStore]:
+    path = run.path(f"{name}.jsonl")
+    return JsonlStore(path) if path.exists() else None
+
+
+def load_labelled(run) -> list[dict]:
+    """The labelled pairs of a bootstrap run, one dict per judged query.
+
+    Keys: ``key, domain, query, persona, placement, base_answer, persona_answer, label`` (1 = the
+    persona answer won both orders), plus ``winner``, ``persona_length`` and ``persona_finish`` (``length``
+    when the answer was cut at the token budget). Only the domains and
+    the first ``queries_per_persona`` queries per domain of the run's saved config are returned.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    verdicts, answers = _open(run, "verdicts"), _open(run, "answers")
+    if verdicts is None or answers is None:
+        raise PrismError(f"{run.root} has no bootstrap verdicts; run `prism bootstrap --out {run.root}` first")
+    if not run.done("bootstrap"):
+        log.warning("%s: the bootstrap has not finished; using the %d pairs judged so far", run.root, len(verdicts))
+    saved = run.read_json("config.json") or {}
+    pcfg = saved.get("persona", {})
+    domains = pcfg.get("domains")
+    limit = saved.get("queries", {}).get("queries_per_persona")
+    queries = _open(run, "queries")
+    keys = None
+    if queries is not None and domains and limit:
+        keys = set()
+        for d in domains:
+            keys.update(r["key"] for r in [q for q in queries if q["domain"] == d][:limit])
+    personas = load_personas(run)
+    out = []
+    for v in verdicts:
+        a = answers.get(v["key"])
+        if a is None or (domains and v["domain"] not in domains) or (keys is not None and v["key"] not in keys):
+            continue
+        length = a.get("persona_length") or pcfg.get("use_length", "short")
+        out.append({
+            "key": v["key"], "domain": v["domain"], "query": v["query"],
+            "persona": personas.get(v["domain"], {}).get(length, ""), "persona_length": length,
+            "placement": a.get("placement") or pcfg.get("placement", "system"),
+            "base_answer": a["base_answer"], "persona_answer": a["persona_answer"],
+            "label": int(v["label"]), "winner": v["winner"],
+            "persona_finish": a.get("persona_finish", "stop"),
+        })
+    return out

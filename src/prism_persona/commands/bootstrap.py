@@ -34,7 +34,7 @@ def run(args) -> int:
     resume_from_saved_config(args)
     cfg = config_from_args(args)
 
-    from ..bootstrap.pipeline import run_bootstrap
+    from ..train.pipeline import run_bootstrap
     from ..bootstrap.summary import format_summary
 
     summary = run_bootstrap(cfg)

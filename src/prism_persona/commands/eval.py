@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
     from ..evals.evaluate import evaluate
     from ..evals.systems import parse_systems
-    from ..report import eval_figures, eval_markdown
+    from ..evals.report import eval_figures, eval_markdown
     from ..errors import PrismError
 
     default = "base,persona,lora,prism,oracle" if args.prism else "base,persona"

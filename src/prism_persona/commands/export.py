@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import export
+    from ..gated.export import export
 
     out = export(args.prism, args.out, fmt=args.format, overwrite=args.overwrite)
     print(f"exported to {out}; see {out / 'README.md'} for the vLLM command")

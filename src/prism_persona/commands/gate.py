@@ -23,8 +23,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .run import print_result, run_config, train_stages
+    from ..train.pipeline import run_config, train_stages
+    from .common import overrides_from_args
+    from .run import print_result
 
-    cfg = run_config(args.run, args.set)
+    cfg = run_config(args.run, overrides_from_args(args))
     print_result(train_stages(cfg, stages=("gate",)))
     return 0

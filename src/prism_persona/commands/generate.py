@@ -85,7 +85,7 @@ def chat_of(obj, where: str) -> list:
 
 
 def load_gated(args):
-    from ..gated import GatedModel
+    from ..gated.model import GatedModel
 
     return GatedModel.from_pretrained(args.prism, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import time
 
-from .common import add_common, add_pipeline_options, config_from_args, resume_from_saved_config, saved_config
+from .common import add_common, add_pipeline_options, config_from_args, resume_from_saved_config
 
 DESCRIPTION = """\
 The whole pipeline in one run directory: the model writes expert personas for your domains, queries
@@ -32,59 +31,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run_config(run_dir: str, sets: list | None = None):
-    """The config saved in RUN/config.json (for single-stage commands), with --set overrides."""
-    import argparse as _a
-
-    from ..errors import PrismError
-
-    saved = saved_config(run_dir)
-    if saved is None:
-        raise PrismError(f"{run_dir} has no config.json; run `prism bootstrap --out {run_dir}` first")
-    ns = _a.Namespace(config=saved, out=run_dir, set=list(sets or []))
-    return config_from_args(ns, need_domains=False)
-
-
-def load_base(cfg):
-    """(model, tokenizer) of the run's model, loaded once and shared by the stages."""
-    from ..models import load_model
-    from ..parallel import DataParallel
-
-    device = DataParallel().device(cfg.model.device)  # one GPU per process under a launcher
-    return load_model(cfg.model.model, cfg.model.dtype, device, cfg.model.trust_remote_code)
-
-
-def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds: dict | None = None) -> dict:
-    """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
-    done, and write the training report. Returns {"artifact": path or None, "report": dict}."""
-    from ..artifact import assemble
-    from ..bootstrap.pipeline import load_labelled
-    from ..distill import run_distill
-    from ..gate import run_gate
-    from ..store import RunDir
-    from ..training_report import write_report
-
-    run = RunDir(cfg.out)
-    records = load_labelled(run)
-    seconds = dict(seconds or {})
-    needs_model = any(not run.done(s) for s in stages)
-    if needs_model and model is None:
-        model, tok = load_base(cfg)
-    if "gate" in stages:
-        run_gate(run, cfg, records, model, tok)
-    if "distill" in stages:
-        run_distill(run, cfg, records, model, tok)
-    from ..parallel import DataParallel
-
-    if not DataParallel().is_main:  # data-parallel distillation: rank 0 assembles and reports
-        return {"artifact": None, "report": None, "run": run}
-    art = None
-    if run.done("gate") and run.done("distill"):
-        art = assemble(run, cfg)
-    rep = write_report(run, records, seconds)
-    return {"artifact": art, "report": rep, "run": run}
-
-
 def print_result(res: dict) -> None:
     from ..bootstrap.summary import fmt_cell
 
@@ -109,38 +55,10 @@ def print_result(res: dict) -> None:
 
 
 def run(args) -> int:
-    import os
-
-    from ..errors import PrismError
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise PrismError("`prism run` runs in one process; under accelerate launch / torchrun use "
-                         "`prism distill --run RUN` (data-parallel distillation) after `prism run` has "
-                         "finished the bootstrap and the gate")
     resume_from_saved_config(args)
     cfg = config_from_args(args)
 
-    from ..bootstrap.pipeline import run_bootstrap
-    from ..store import RunDir
+    from ..train.pipeline import run_pipeline
 
-    seconds: dict = {}
-    model = tok = None
-    engine = None
-    run_dir = RunDir(cfg.out)
-    todo = [s for s in ("bootstrap", "gate", "distill") if not run_dir.done(s)]
-    if todo and cfg.engine.engine == "hf":
-        from ..engines.hf import HFEngine
-        from ..models import resolve_model
-
-        t0 = time.perf_counter()
-        model, tok = load_base(cfg)
-        seconds["load_model"] = round(time.perf_counter() - t0, 2)
-        engine = HFEngine(model, tok, batch_size=cfg.model.batch_size, quiet=cfg.quiet,
-                          model_name=resolve_model(cfg.model.model).display)
-    t0 = time.perf_counter()
-    run_bootstrap(cfg, engine=engine)
-    if "bootstrap" in todo:
-        seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
-    res = train_stages(cfg, model, tok, seconds=seconds)
-    print_result(res)
+    print_result(run_pipeline(cfg))
     return 0

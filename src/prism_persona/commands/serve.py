@@ -57,8 +57,8 @@ def add_parser(sub) -> None:
 def options_from_args(args):
     """ServeOptions from parsed flags (validated; a PrismError for a bad combination)."""
     from ..errors import PrismError
-    from ..serve import ServeOptions
-    from ..serve_api import Limits
+    from ..serve.app import ServeOptions
+    from ..serve.api import Limits
 
     if args.route_only and not (args.upstream and args.base_name and args.lora_name):
         raise PrismError("--route-only needs --upstream URL, --base-name NAME and --lora-name NAME")
@@ -83,7 +83,9 @@ def run(args) -> int:
     import logging
     import sys
 
-    from ..serve import Forwarder, PrismServer, load_backend, warn_if_exposed
+    from ..serve.backend import load_backend
+    from ..serve.http import PrismServer, warn_if_exposed
+    from ..serve.upstream import Forwarder
 
     options = options_from_args(args)
     backend = load_backend(args.prism, args.device, args.dtype, route_only=args.route_only, name=options.model_name)

@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
-    from ..report import eval_figures
-    from ..study import run_study, study_figures, study_markdown
+    from ..evals.report import eval_figures
+    from ..evals.study import run_study, study_figures, study_markdown
 
     names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
     bench = load_benchmarks(args, names)

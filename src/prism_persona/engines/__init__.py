@@ -19,4 +19,7 @@ def make_engine(cfg, model=None, tokenizer=None):
 
     if model is None:
         return HFEngine.from_config(cfg)
-    return HFEngine(model, tokenizer, batch_size=cfg.model.batch_size, quiet=cfg.quiet)
+    from ..models import resolve_model
+
+    return HFEngine(model, tokenizer, batch_size=cfg.model.batch_size, quiet=cfg.quiet,
+                    model_name=resolve_model(cfg.model.model).display)

@@ -84,7 +84,7 @@ def build_provider(args) -> EngineProvider:
 
         def gated():
             if "gm" not in holder:
-                from ..gated import GatedModel
+                from ..gated.model import GatedModel
 
                 holder["gm"] = GatedModel.from_pretrained(art, device=args.device or "auto", dtype=args.dtype or "auto",
                                                           batch_size=args.batch_size)

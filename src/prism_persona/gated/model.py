@@ -1,0 +1,317 @@
+"""The PRISM model: base weights + a gate + a LoRA that is switched on per row, inside one forward.
+
+How routing costs nothing extra
+-------------------------------
+The target ``nn.Linear`` modules of decoder layers 1..L-1 are replaced by :class:`GatedLoRALinear`,
+which computes ``base(x) + scaling * B(A(x))`` only for the rows whose routing flag is set. A forward
+hook on decoder layer 0 reads the layer-0 hidden state of each row's last prompt token during the
+prefill, runs the gate (a ~100k-parameter MLP), and writes the per-row flags before layer 1 runs. Decode
+steps (one new token per row) keep the flags of their prefill. So a request costs one ordinary forward
+pass: no second pass to route, no splitting of the batch.
+
+* all rows off: the LoRA modules return ``base(x)`` untouched (base-model speed, base-model logits);
+* all rows on: the delta is added to the whole batch (same maths as PEFT's LoRA);
+* mixed: the routed rows are gathered (``index_select``), get their delta, and it is scattered back
+  with ``index_add``; unrouted rows never pay for the LoRA matmuls.
+
+Routing is decided once per conversation from its first user turn. A chat that is exactly one user
+turn is routed inside its own prefill (the prompt is then rendered exactly as the gate was trained on).
+Any other chat (multi-turn, or with its own system message) is routed from its first user turn by a
+layer-0-only pass (:meth:`GatedModel.route`), so a conversation keeps its decision on every turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..engines.base import Completion, Engine, SamplingParams
+from .features import last_token_index, layer_output, position_ids_from_mask, query_features
+from .gate import GateBundle
+from .layers import RoutingState, install_adapter
+from ..models import decoder_layers, encode_prompts, load_model, render_chat
+from .artifact import ADAPTER_DIR, PRISM_CONFIG
+
+log = logging.getLogger(__name__)
+
+Force = Optional[Any]  # None | bool | list[bool | None]
+
+
+# --------------------------------------------------------------------------------------------------
+# the gated model
+
+
+def first_user_turn(chat: Sequence[dict]) -> str:
+    for m in chat:
+        if m.get("role") == "user":
+            return str(m.get("content", ""))
+    raise ValueError("chat has no user message")
+
+
+def is_single_user_turn(chat: Sequence[dict]) -> bool:
+    """True when the prompt the model reads is exactly what the gate was trained on."""
+    return len(chat) == 1 and chat[0].get("role") == "user"
+
+
+def normalise_force(force: Force, n: int) -> list[Optional[bool]]:
+    """``None`` | bool | list of (bool | None) -> one entry per row."""
+    if force is None or isinstance(force, bool):
+        return [force] * n
+    force = list(force)
+    if len(force) != n:
+        raise ValueError(f"force has {len(force)} entries for {n} rows")
+    return [None if f is None else bool(f) for f in force]
+
+
+class GatedModel:
+    """A base model that routes every query itself: gate on layer 0, gated LoRA on layers 1..L-1.
+
+    See the module docstring for the routing design. Build with :meth:`from_pretrained` (an artifact
+    dir) or :meth:`from_parts`. ``model`` and ``tokenizer`` stay usable as plain transformers objects:
+    a direct ``model(...)`` call routes itself too (the layer-0 hook runs on every prefill).
+    """
+
+    def __init__(self, model, tokenizer, gate: GateBundle, batch_size: int = 8, config: Optional[dict] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gate_bundle = gate
+        self.gate = gate.gate.to(device=self.device, dtype=torch.float32).eval()
+        self.threshold = float(gate.threshold)
+        self.batch_size = max(1, int(batch_size))
+        self.config = dict(config or {})
+        self.state = RoutingState()
+        self.lora_modules: list[str] = []
+        self._overrides: Optional[list[Optional[bool]]] = None
+        self._prob_overrides: Optional[list[Optional[float]]] = None
+        self._last_index: Optional[torch.Tensor] = None
+        self._decided = False
+        self._in_call = False
+        self._suspended = False  # route(): the layer-0-only pass must not touch the routing flags
+        self._hook = decoder_layers(model)[0].register_forward_hook(self._layer0_hook)
+
+    # ---------------------------------------------------------------------------------------- build
+
+    @classmethod
+    def from_parts(cls, model, tokenizer, gate: GateBundle, adapter_dir: str | Path | None = None,
+                   batch_size: int = 8, config: Optional[dict] = None) -> "GatedModel":
+        """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir."""
+        gm = cls(model, tokenizer, gate, batch_size=batch_size, config=config)
+        if adapter_dir is not None:
+            gm.lora_modules = install_adapter(model, adapter_dir, gm.state)
+            bad = [n for n in gm.lora_modules if _layer_index(n) == 0]
+            if bad:
+                raise ValueError(f"the adapter touches decoder layer 0 ({bad[0]}); the gate reads that layer")
+        model.eval()
+        return gm
+
+    @classmethod
+    def from_pretrained(cls, artifact_dir: str | Path, device: str = "auto", dtype: str = "auto",
+                        batch_size: Optional[int] = None, base=None) -> "GatedModel":
+        """Load ``RUN/prism``: the base model named in ``prism_config.json``, the gate, the adapter.
+
+        ``base`` = an already loaded ``(model, tokenizer)`` to use instead of loading (it is modified).
+        """
+        from ..errors import PrismError
+
+        d = Path(artifact_dir).expanduser()
+        if not (d / PRISM_CONFIG).is_file():
+            raise PrismError(f"{d} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
+        cfg = json.loads((d / PRISM_CONFIG).read_text(encoding="utf-8"))
+        if base is None:
+            model, tok = load_model(cfg["base_model"], dtype=dtype, device=device,
+                                    trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        else:
+            model, tok = base
+        gate = GateBundle.load(d)
+        hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
+        if hidden != gate.gate.hidden_size:
+            raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
+        adapter = d / cfg.get("adapter", ADAPTER_DIR)
+        return cls.from_parts(model, tok, gate, adapter if adapter.is_dir() else None,
+                              batch_size=batch_size or int(cfg.get("batch_size", 8)), config=cfg)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------------------------------- routing
+
+    def _layer0_hook(self, module, args, out):
+        """Runs after decoder layer 0 and before layer 1: decide the routing of each row."""
+        if self._suspended:
+            return None
+        h = layer_output(out)
+        if self._in_call and self._decided:
+            return None  # decode step of a generate call: keep the prefill's flags
+        if not self._in_call and h.shape[1] <= 1 and self.state.routed is not None \
+                and self.state.routed.numel() == h.shape[0]:
+            return None  # decode step of a direct model.generate(): keep the flags
+        n = h.shape[0]
+        idx = self._last_index if self._last_index is not None else torch.full((n,), h.shape[1] - 1, device=h.device)
+        with torch.no_grad():
+            feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
+            probs = self.gate(feats)
+        routed = probs >= self.threshold
+        if self._prob_overrides is not None:
+            po = self._prob_overrides
+            probs = torch.tensor([float(p) if po[i] is None else po[i] for i, p in enumerate(probs.tolist())],
+                                 device=h.device)
+            routed = probs >= self.threshold
+        if self._overrides is not None:
+            ov = torch.tensor([bool(o) if o is not None else False for o in self._overrides], device=h.device)
+            has = torch.tensor([o is not None for o in self._overrides], device=h.device)
+            routed = torch.where(has, ov, routed)
+        self.state.set(routed, probs, feats)
+        self._decided = True
+        return None
+
+    @contextlib.contextmanager
+    def _call(self, overrides: Sequence[Optional[bool]], prob_overrides: Sequence[Optional[float]],
+              last_index: Optional[torch.Tensor] = None):
+        self._overrides, self._prob_overrides = list(overrides), list(prob_overrides)
+        self._last_index, self._decided, self._in_call = last_index, False, True
+        try:
+            yield self.state
+        finally:
+            self._overrides = self._prob_overrides = self._last_index = None
+            self._decided = self._in_call = False
+
+    def routing(self, force: Sequence[Optional[bool]]):
+        """Context manager for driving ``self.model`` yourself (e.g. a custom decode loop): within it
+        the first forward (the prefill) routes each row - ``force[i]`` overrides row i - and later
+        forwards (decode steps) keep the flags. Yields the :class:`RoutingState` (``routed``, ``probs``)."""
+        force = list(force)
+        return self._call(force, [None] * len(force))
+
+    @torch.no_grad()
+    def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
+        """(gate_prob, routed) per chat, from its first user turn, with embeddings + layer 0 only."""
+        if not chats:
+            return []
+        queries = [first_user_turn(c) for c in chats]
+        self._suspended = True
+        try:
+            feats = query_features(self.model, self.tokenizer, queries, self.batch_size).to(self.device)
+        finally:
+            self._suspended = False
+        probs = self.gate(feats).tolist()
+        return [(float(p), bool(p >= self.threshold)) for p in probs]
+
+    def _prerouted(self, chats: Sequence[list]) -> list[Optional[float]]:
+        """Gate probabilities for chats that are not a lone user turn (computed from the first user turn)."""
+        todo = [i for i, c in enumerate(chats) if not is_single_user_turn(c)]
+        out: list[Optional[float]] = [None] * len(chats)
+        if todo:
+            for i, (p, _) in zip(todo, self.route([chats[i] for i in todo])):
+                out[i] = p
+        return out
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       force: Force = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward: ``(logits [B, T, V], gate_probs [B], routed [B] bool)``.
+
+        Each row is routed from its last real token's layer-0 state (any padding side).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        return self._forward(input_ids, attention_mask, normalise_force(force, input_ids.shape[0]),
+                             [None] * input_ids.shape[0])
+
+    def _forward(self, input_ids, attention_mask, overrides, prob_overrides):
+        with self._call(overrides, prob_overrides, last_token_index(attention_mask)):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            probs, routed = self.state.probs.detach().clone(), self.state.routed.clone()
+        return out.logits, probs, routed
+
+    # ---------------------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(self, chats: Sequence[list], params: Optional[SamplingParams] = None,
+                 force: Force = None) -> list[Completion]:
+        """One completion per chat; ``meta = {"routed", "gate_prob"}``. ``force`` (bool or a list of
+        bool/None per chat) overrides the gate's decision; the gate probability is reported anyway."""
+        from ..engines.hf import HFEngine
+
+        params = params or SamplingParams()
+        if not chats:
+            return []
+        overrides = normalise_force(force, len(chats))
+        pre = self._prerouted(chats)
+        helper = HFEngine(self.model, self.tokenizer, batch_size=self.batch_size, quiet=True)
+
+        @contextlib.contextmanager
+        def routed_batch(rows):
+            with self._call([overrides[i] for i in rows], [pre[i] for i in rows]):
+                yield lambda: [{"routed": bool(r), "gate_prob": float(p)}
+                               for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())]
+
+        return helper.run_batches(chats, params, batch_context=routed_batch)
+
+    @torch.no_grad()
+    def score_choices(self, chats: Sequence[list], choices: Sequence[str], force: Force = None) -> list[dict]:
+        """log P(first token of each choice) after the generation prompt, routed as in :meth:`generate`."""
+        from ..engines.hf import HFEngine
+
+        helper = HFEngine(self.model, self.tokenizer, batch_size=self.batch_size, quiet=True)
+        choice_ids = {c: helper._choice_token_ids(c) for c in choices}
+        overrides = normalise_force(force, len(chats))
+        pre = self._prerouted(chats)
+        texts = [render_chat(self.tokenizer, c) for c in chats]
+        out: list[dict] = []
+        for start in range(0, len(texts), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            enc = encode_prompts(self.tokenizer, texts[sl], self.device)
+            logits, _, _ = self._forward(enc["input_ids"], enc["attention_mask"], overrides[sl], pre[sl])
+            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            for row in range(logp.shape[0]):
+                out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
+        return out
+
+    def as_engine(self, force: Force = None) -> "GatedEngine":
+        """An :class:`Engine` over this model (for the judge, evals, the server)."""
+        return GatedEngine(self, force)
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def _layer_index(module_name: str) -> Optional[int]:
+    parts = module_name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks") and b.isdigit():
+            return int(b)
+    return None
+
+
+class GatedEngine(Engine):
+    """Engine view of a :class:`GatedModel`; every completion carries ``meta = {"routed", "gate_prob"}``."""
+
+    name = "prism"
+
+    def __init__(self, gated: GatedModel, force: Force = None):
+        self.gated = gated
+        self.force = force
+        self.model_name = str(gated.config.get("base_model", "prism"))
+        self.tokens_generated = 0
+        self.generate_seconds = 0.0
+
+    def generate(self, chats, params: SamplingParams, desc: str = "") -> list[Completion]:
+        t0 = time.perf_counter()
+        out = self.gated.generate(chats, params, self.force)
+        self.generate_seconds += time.perf_counter() - t0
+        self.tokens_generated += sum(c.num_tokens for c in out)
+        return out
+
+    def score_choices(self, chats, choices):
+        return self.gated.score_choices(chats, choices, self.force)

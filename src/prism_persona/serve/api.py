@@ -1,0 +1,320 @@
+"""The OpenAI chat-completions wire format, as ``prism serve`` speaks it.
+
+Pure functions and small dataclasses, no I/O: parsing and validating a request body into a
+:class:`ChatRequest` (raising :class:`ApiError` with an OpenAI-style error), and building response
+bodies, stream chunks and error bodies. The HTTP server (:mod:`prism_persona.serve.http` over :mod:`prism_persona.serve.app`) glues these to
+sockets; keeping them apart makes every rule here testable without a network.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROLES = ("system", "developer", "user", "assistant")
+"""Accepted message roles; ``developer`` (OpenAI's newer name for system) is treated as ``system``."""
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _default_type(status)
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def _default_type(status: int) -> str:
+    return {
+        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+        413: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error", 503: "server_error",
+        504: "timeout_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class Limits:
+    """Server-side limits applied to every request."""
+
+    max_prompt_tokens: int = 4096
+    """A prompt longer than this (in tokens, after the chat template) is refused with 400."""
+    max_new_tokens: int = 1024
+    """``max_tokens`` above this is clamped to it (not refused); also the default when absent."""
+
+
+@dataclass
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` request."""
+
+    messages: list
+    """``[{"role", "content"}]`` with string contents; ``developer`` mapped to ``system``."""
+    model: str = ""
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple = ()
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    force: Optional[bool] = None
+    """From the request's ``prism: {"force": true|false|null}``: override the gate."""
+    clamped: bool = False
+    """``max_tokens`` was above the server limit and was lowered to it."""
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def sampling_params(self):
+        from ..engines.base import SamplingParams
+
+        greedy = self.temperature <= 0 or self.top_p <= 0  # top_p 0 keeps only the top token
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0 if greedy else self.temperature,
+                              top_p=1.0 if greedy else self.top_p, seed=self.seed, stop=self.stop)
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """Decode a request body; 400 for anything that is not a JSON object."""
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _content_text(content: Any, i: int) -> str:
+    param = f"messages[{i}].content"
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{param}: only text content parts are supported", param=param,
+                               code="invalid_type")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{param} must be a string or a list of text parts", param=param, code="invalid_type")
+
+
+def parse_messages(messages: Any) -> list:
+    """Validate ``messages`` and normalise it to ``[{"role", "content": str}]``."""
+    if messages is None:
+        raise ApiError(400, "missing required parameter: 'messages'", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise ApiError(400, "'messages' must be a list of {role, content} objects", param="messages", code="invalid_type")
+    if not messages:
+        raise ApiError(400, "'messages' must not be empty", param="messages", code="empty_array")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role", code="invalid_value")
+        if "content" not in m or m["content"] is None:
+            raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content",
+                           code="missing_required_parameter")
+        out.append({"role": "system" if role == "developer" else role, "content": _content_text(m["content"], i)})
+    if not any(m["role"] == "user" for m in out):
+        raise ApiError(400, "'messages' needs at least one user message", param="messages", code="invalid_value")
+    return out
+
+
+def _number(data: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{key}' must be a number", param=key, code="invalid_type")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {value}", param=key, code="invalid_value")
+    return float(value)
+
+
+def _integer(data: dict, key: str) -> Optional[int]:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{key}' must be an integer", param=key, code="invalid_type")
+    return value
+
+
+def _boolean(data: dict, key: str, default: bool = False) -> bool:
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be true or false", param=key, code="invalid_type")
+    return value
+
+
+def _stop(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    if len(value) > MAX_STOP:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP} sequences", param="stop", code="invalid_value")
+    return tuple(s for s in value if s)
+
+
+def _force(value: Any) -> Optional[bool]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, "'prism' must be an object like {\"force\": true}", param="prism", code="invalid_type")
+    force = value.get("force")
+    if force is not None and not isinstance(force, bool):
+        raise ApiError(400, "'prism.force' must be true, false or null", param="prism.force", code="invalid_type")
+    return force
+
+
+def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
+    """Validate a chat-completions body against OpenAI's rules and the server's :class:`Limits`.
+
+    Unknown fields are ignored (clients send many optional ones); ``n`` other than 1 is refused.
+    """
+    messages = parse_messages(data.get("messages"))
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
+    n = _integer(data, "n")
+    if n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
+    max_tokens = _integer(data, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _integer(data, "max_tokens")
+    param = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'{param}' must be at least 1", param=param, code="invalid_value")
+    clamped = max_tokens is not None and max_tokens > limits.max_new_tokens
+    max_tokens = min(max_tokens or limits.max_new_tokens, limits.max_new_tokens)
+    top_logprobs = _integer(data, "top_logprobs") or 0
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
+                       code="invalid_value")
+    logprobs = _boolean(data, "logprobs")
+    if top_logprobs and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    stream_options = data.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    return ChatRequest(
+        messages=messages, model=model or "", max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 1.0, 0.0, 2.0), top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
+        seed=_integer(data, "seed"), stop=_stop(data.get("stop")), stream=_boolean(data, "stream"),
+        include_usage=bool((stream_options or {}).get("include_usage")), logprobs=logprobs,
+        top_logprobs=top_logprobs, force=_force(data.get("prism")), clamped=clamped, raw=data,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# responses
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def prism_field(meta: dict) -> dict:
+    """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``."""
+    return {"routed": bool(meta.get("routed", False)), "gate_prob": round(float(meta.get("gate_prob", 0.0)), 6)}
+
+
+def prism_headers(meta: dict) -> dict:
+    p = prism_field(meta)
+    return {"X-Prism-Routed": "true" if p["routed"] else "false", "X-Prism-Gate-Prob": f"{p['gate_prob']:.6f}"}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(req: ChatRequest, model: str, text: str, finish_reason: str, meta: dict,
+                    prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None,
+                    rid: Optional[str] = None) -> dict:
+    """A ``chat.completion`` object with PRISM's routing fields under ``prism``."""
+    return {
+        "id": rid or new_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": logprobs, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "system_fingerprint": None,
+        "prism": prism_field(meta),
+    }
+
+
+def chunk(rid: str, model: str, created: int, delta: dict, finish_reason: Optional[str], meta: dict,
+          logprobs: Optional[dict] = None) -> dict:
+    """One ``chat.completion.chunk`` of a stream."""
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "prism": prism_field(meta)}
+
+
+def stream_chunks(req: ChatRequest, model: str, text: str, finish_reason: str, meta: dict,
+                  prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None,
+                  piece_chars: int = 16) -> list[dict]:
+    """The chunks of a finished completion, as OpenAI streams them: role, content pieces, finish,
+    then (``stream_options.include_usage``) a usage chunk with empty choices."""
+    rid, created = new_id(), int(time.time())
+    out = [chunk(rid, model, created, {"role": "assistant", "content": ""}, None, meta)]
+    pieces = [text[i:i + piece_chars] for i in range(0, len(text), piece_chars)] or []
+    for j, piece in enumerate(pieces):
+        out.append(chunk(rid, model, created, {"content": piece}, None, meta, logprobs if j == 0 else None))
+    if not pieces and logprobs:
+        out[0]["choices"][0]["logprobs"] = logprobs
+    out.append(chunk(rid, model, created, {}, finish_reason, meta))
+    if req.include_usage:
+        out.append({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage(prompt_tokens, completion_tokens), "prism": prism_field(meta)})
+    return out
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event carrying ``data`` (JSON unless it is the ``[DONE]`` marker)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode("utf-8")
+
+
+def models_body(names: list[str], owner: str = "prism") -> dict:
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": owner} for n in names]}
+
+
+def token_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": float(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def logprobs_content(first: Optional[tuple], top: list[tuple]) -> dict:
+    """``choices[].logprobs`` for the first generated token: ``first`` = (token, logprob) of the token
+    the model produced, ``top`` = [(token, logprob)] of the most likely ones, best first."""
+    entry = token_logprob(*(first or (top[0] if top else ("", 0.0))))
+    entry["top_logprobs"] = [token_logprob(t, lp) for t, lp in top]
+    return {"content": [entry], "refusal": None}

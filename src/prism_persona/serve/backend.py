@@ -1,0 +1,153 @@
+"""What the server needs from a gated model, adapted from the ``GatedModel`` interface.
+
+:class:`GatedBackend` wraps any object with ``generate(chats, params, force)`` (and, when present,
+``tokenizer``, ``forward_logits`` and ``route``) — the real :class:`~prism_persona.gated.model.GatedModel`
+or a test double — and adds prompt-token counting and first-token log-probabilities. All its methods
+are called from the single model worker thread only, so the tokenizer is never used concurrently.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def _tokenizer_of(model):
+    for name in ("tokenizer", "tok"):
+        tok = getattr(model, name, None)
+        if tok is not None:
+            return tok
+    return None
+
+
+class GatedBackend:
+    """Server-side view of a gated model: generate, route, count tokens, score the first token."""
+
+    def __init__(self, model, name: str = "prism"):
+        self.model = model
+        self.name = name
+        self.tokenizer = _tokenizer_of(model)
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def render(self, chat: Sequence[dict]) -> str:
+        from ..models import render_chat
+
+        return render_chat(self.tokenizer, chat)
+
+    def count_tokens(self, chat: Sequence[dict]) -> Optional[int]:
+        """Prompt length in tokens after the chat template; ``None`` if the model has no tokenizer."""
+        if self.tokenizer is None:
+            return None
+        return len(self.tokenizer(self.render(chat), add_special_tokens=False)["input_ids"])
+
+    # -- model calls ------------------------------------------------------------------------------
+
+    def generate(self, chats: list, params, force: list) -> list:
+        return self.model.generate(chats, params, force=force)
+
+    def route(self, chats: list) -> list:
+        """``[(gate_prob, routed)]`` per chat."""
+        return [(float(p), bool(r)) for p, r in self.model.route(chats)]
+
+    @property
+    def can_logprob(self) -> bool:
+        return self.tokenizer is not None and hasattr(self.model, "forward_logits")
+
+    def first_token_logprobs(self, chats: list, force: list, texts: list, top_n: int) -> list:
+        """Per chat: ``(first, top)`` where ``first`` is (token, logprob) of the first token of the
+        generated text and ``top`` the ``top_n`` most likely first tokens. ``force`` should be the
+        routing each generation actually used, so the scores come from the same LoRA on/off state."""
+        import torch
+
+        from ..models import encode_prompts
+
+        device = getattr(self.model, "device", None)
+        enc = encode_prompts(self.tokenizer, [self.render(c) for c in chats], device)
+        with torch.inference_mode():
+            out = self.model.forward_logits(enc["input_ids"], enc["attention_mask"], force=force)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+        k = max(1, min(int(top_n), logp.shape[-1]))
+        top_lp, top_ids = torch.topk(logp, k, dim=-1)
+        results = []
+        for row, text in enumerate(texts):
+            first_id = self._first_token_id(text)
+            first = (self._token_text(first_id), float(logp[row, first_id])) if first_id is not None else None
+            top = [(self._token_text(int(i)), float(lp)) for i, lp in zip(top_ids[row].tolist(), top_lp[row].tolist())]
+            results.append((first, top[:top_n] if top_n > 0 else []))
+        return results
+
+    def _first_token_id(self, text: str) -> Optional[int]:
+        if text:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids:
+                return int(ids[0])
+        eos = self.tokenizer.eos_token_id
+        return int(eos) if isinstance(eos, int) else None
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def load_router(artifact: str, device: str = "auto", dtype: str = "auto"):
+    """A ``GatedModel`` that can only :meth:`route`: the base model is loaded with one decoder layer
+    (embeddings + layer 0 + the small head weights; layer 0's output does not depend on later layers)
+    and no adapter. Falls back to loading the whole base model if the truncated load fails."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from ..gated.artifact import PRISM_CONFIG
+    from ..errors import PrismError
+    from ..gated.gate import GateBundle
+    from ..gated.model import GatedModel
+
+    log = logging.getLogger(__name__)
+    d = Path(artifact).expanduser()
+    if not (d / PRISM_CONFIG).is_file():
+        raise PrismError(f"{d} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
+    cfg = json.loads((d / PRISM_CONFIG).read_text(encoding="utf-8"))
+    trust = bool(cfg.get("trust_remote_code", False))
+    try:
+        model, tok = load_layer0_model(cfg["base_model"], device, dtype, trust)
+    except PrismError:
+        raise
+    except Exception as exc:  # an architecture that cannot be cut to one layer
+        log.warning("route-only: loading only layer 0 failed (%s); loading the whole base model", exc)
+        from ..models import load_model
+
+        model, tok = load_model(cfg["base_model"], dtype=dtype, device=device, trust_remote_code=trust)
+    return GatedModel(model, tok, GateBundle.load(d), batch_size=int(cfg.get("batch_size", 8)), config=cfg)
+
+
+def load_layer0_model(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of ``spec`` cut to its first decoder layer (for computing the gate)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import load_tokenizer, pick_device, pick_dtype, resolve_model
+
+    src = resolve_model(spec)
+    dev = pick_device(device)
+    config = AutoConfig.from_pretrained(src.path_or_id, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
+    config.num_hidden_layers = 1
+    for key in ("layer_types", "sliding_window_pattern_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, key, list(value)[:1])
+    tok = load_tokenizer(src, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(src.path_or_id, gguf_file=src.gguf_file, config=config,
+                                                 dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    model.to(dev)
+    model.eval()
+    return model, tok
+
+
+def load_backend(artifact: str, device: str = "auto", dtype: str = "auto", route_only: bool = False,
+                 name: str = "prism"):
+    """A :class:`GatedBackend` for the artifact directory ``artifact`` (``RUN/prism``); with
+    ``route_only`` only embeddings + decoder layer 0 + the gate are loaded."""
+    if route_only:
+        return GatedBackend(load_router(artifact, device, dtype), name=name)
+    from ..gated.model import GatedModel
+
+    return GatedBackend(GatedModel.from_pretrained(artifact, device=device, dtype=dtype), name=name)

@@ -1,0 +1,412 @@
+"""LoRA self-distillation: the model without the persona learns to answer as it does with it.
+
+For every query whose persona answer won (label 1):
+
+* teacher = the frozen base model WITH the persona (same placement as in the bootstrap) reading
+  (query, persona answer);
+* student = the same model + LoRA (decoder layers 1..L-1) WITHOUT the persona reading the same
+  (query, persona answer).
+
+The prompts differ in length, so the response is tokenised once and appended to both prompts: the
+response tokens are the same ids in both sequences, at offsets ``t_start`` and ``s_start``. The logits
+that predict response token ``j`` sit at position ``start + j - 1`` of each sequence.
+
+Loss on response tokens only: ``kl`` = KL(teacher || student) over the teacher's top-k tokens (both
+distributions renormalised over those k tokens, softened by the temperature, scaled by T^2), or
+``ce`` = cross-entropy on the persona answer. Teacher and student share one model object: the teacher
+runs with the adapter disabled and without gradients.
+
+The stage is resumable: after every epoch the adapter, the optimizer state and the step are saved in
+``RUN/distill/checkpoint``; a rerun continues from there, and a finished stage is not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..models import decoder_layers, render_chat, user_chat, with_persona
+
+log = logging.getLogger(__name__)
+
+STAGE = "distill"
+
+
+# --------------------------------------------------------------------------------------------------
+# examples and alignment
+
+
+@dataclass
+class Example:
+    """Token ids of one (teacher, student) pair; response = ``ids[start:start + n]`` in both."""
+
+    key: str
+    teacher: list
+    student: list
+    t_start: int
+    s_start: int
+    n: int
+
+
+def response_ids(tokenizer, answer: str, finished: bool = True) -> list[int]:
+    """The persona answer's tokens, followed by the end-of-turn token when the answer really ended
+    (so the student learns to stop there, and never to stop where the bootstrap cut an answer short)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if finished and tokenizer.eos_token_id is not None:
+        ids = ids + [int(tokenizer.eos_token_id)]
+    return ids
+
+
+def build_example(tokenizer, query: str, answer: str, persona: Optional[str], placement: str = "system",
+                  max_length: int = 1024, key: str = "", finished: bool = True) -> Optional[Example]:
+    """Tokenise teacher (with persona) and student (without) prompts + the shared response tokens.
+
+    The response is cut so the longer sequence fits ``max_length``; ``None`` if nothing is left.
+    """
+    chat = user_chat(query)
+    t_prompt = tokenizer(render_chat(tokenizer, with_persona(chat, persona, placement)),
+                         add_special_tokens=False)["input_ids"]
+    s_prompt = tokenizer(render_chat(tokenizer, chat), add_special_tokens=False)["input_ids"]
+    resp = response_ids(tokenizer, answer, finished)
+    n = min(len(resp), max_length - max(len(t_prompt), len(s_prompt)))
+    if n < 1:
+        return None
+    resp = resp[:n]
+    return Example(key=key, teacher=t_prompt + resp, student=s_prompt + resp,
+                   t_start=len(t_prompt), s_start=len(s_prompt), n=n)
+
+
+def build_examples(tokenizer, records: Sequence[dict], max_length: int,
+                   teacher_persona: bool = True) -> list[Example]:
+    """Examples for the records with label 1. ``teacher_persona=False`` drops the persona from the
+    teacher (the reference implementation's bug, kept only to test that it is caught)."""
+    out = []
+    for rec in records:
+        if int(rec.get("label", 0)) != 1:
+            continue
+        ex = build_example(tokenizer, rec["query"], rec["persona_answer"],
+                           rec.get("persona") if teacher_persona else None,
+                           rec.get("placement") or "system", max_length, rec.get("key", ""),
+                           finished=rec.get("persona_finish", "stop") != "length")
+        if ex is None:
+            log.warning("distill: example %s has no room for its answer within max_length", rec.get("key"))
+            continue
+        out.append(ex)
+    return out
+
+
+def collate(examples: Sequence[Example], side: str, pad_id: int, device) -> dict:
+    """Right-padded batch of the teacher or student sequences plus the logit positions that predict
+    each response token (``rows``, ``cols``) and the response token ids (``targets``)."""
+    seqs = [getattr(e, side) for e in examples]
+    starts = [e.t_start if side == "teacher" else e.s_start for e in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, (s, st, e) in enumerate(zip(seqs, starts, examples)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        for j in range(e.n):
+            rows.append(i)
+            cols.append(st + j - 1)
+            targets.append(s[st + j])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "rows": torch.tensor(rows, device=device), "cols": torch.tensor(cols, device=device),
+            "targets": torch.tensor(targets, device=device)}
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_logits(model, batch: dict) -> torch.Tensor:
+    """Logits ``[n_response_tokens, vocab]`` at the positions that predict the response tokens (the LM
+    head runs on those positions only)."""
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    logits = lm.get_output_embeddings()(hidden[batch["rows"], batch["cols"]]).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def topk_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) on the teacher's top-k tokens, both renormalised
+    over those k tokens at ``temperature``, times T^2."""
+    t = teacher_logits.float() / temperature
+    vals, idx = t.topk(min(int(k), t.shape[-1]), dim=-1)
+    logp = torch.log_softmax(vals, dim=-1)
+    logq = torch.log_softmax(student_logits.float().gather(-1, idx) / temperature, dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch.Tensor:
+    """The loss of one batch (gradients flow into the student's LoRA only)."""
+    device = next(model.parameters()).device
+    student = collate(examples, "student", pad_id, device)
+    s_logits = response_logits(model, student)
+    if dcfg.loss == "ce":
+        return torch.nn.functional.cross_entropy(s_logits, student["targets"])
+    teacher = collate(examples, "teacher", pad_id, device)
+    assert torch.equal(teacher["targets"], student["targets"]), "teacher/student response tokens differ"
+    with torch.no_grad(), _adapter_off(model):
+        t_logits = response_logits(model, teacher)
+    return topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature)
+
+
+class _adapter_off:
+    """``with _adapter_off(model)``: the frozen base model (PEFT's ``disable_adapter``) or a no-op."""
+
+    def __init__(self, model):
+        self.ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(model, dcfg):
+    """PEFT LoRA on decoder layers 1..L-1 only (layer 0 feeds the gate and must stay the base's)."""
+    from peft import LoraConfig
+
+    n_layers = len(decoder_layers(model))
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in dcfg.target_modules if t in names]
+    missing = sorted(set(dcfg.target_modules) - set(targets))
+    if missing:
+        log.warning("distill: the model has no %s layers; LoRA goes on %s", ", ".join(missing), ", ".join(targets))
+    if not targets:
+        from ..errors import PrismError
+
+        raise PrismError(f"none of the LoRA target modules {dcfg.target_modules} exist in this model; "
+                         f"set distill.target_modules")
+    return LoraConfig(r=int(dcfg.r), lora_alpha=int(dcfg.alpha), lora_dropout=float(dcfg.dropout),
+                      target_modules=targets, layers_to_transform=list(range(1, n_layers)),
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def attach_lora(model, dcfg):
+    from peft import get_peft_model
+
+    with _quiet_warnings():
+        return get_peft_model(model, lora_config(model, dcfg))
+
+
+def save_adapter(peft_model, directory) -> None:
+    """``save_pretrained`` without PEFT's warning about GGUF models having no config file."""
+    with _quiet_warnings():
+        peft_model.save_pretrained(str(directory))
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    """Hide PEFT/transformers warnings that are noise here (GGUF has no config file to diff)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up, then linear decay towards zero."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _save_checkpoint(peft_model, opt, state: dict, ckpt: Path) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(peft_model, tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(peft_model, opt, ckpt: Path) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(ckpt / "adapter_model.safetensors")))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def _read_curve(path: Path, max_step: Optional[int] = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if max_step is None or rec.get("step", 0) <= max_step:
+            rows.append(rec)
+    return rows
+
+
+def plot_curve(curve: Sequence[dict], png: Path, title: str = "distillation loss") -> Optional[Path]:
+    """Loss per optimisation step to a PNG (matplotlib, Agg backend); ``None`` if matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no loss plot")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if curve:
+        ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], marker="o", ms=3)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def distill_settings(cfg) -> dict:
+    """The settings a distillation run depends on (a rerun with others is refused)."""
+    return {"distill": asdict(cfg.distill), "model": cfg.model.model, "seed": cfg.seed,
+            "persona_length": cfg.persona.use_length, "placement": cfg.persona.placement}
+
+
+def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
+                max_steps: Optional[int] = None) -> dict:
+    """Train (or resume, or skip when done) the LoRA; writes ``RUN/distill/adapter``, the loss curve
+    (``loss.jsonl`` + ``loss.png``) and ``distill.done.json``. Returns the stage summary."""
+    from ..models import load_model
+    from .parallel import DataParallel
+
+    dp = DataParallel()
+    if run.done(STAGE):
+        log.info("distill: already done, skipping (delete %s to redo it)", run.path(f"{STAGE}.done.json"))
+        return run.read_json(f"{STAGE}.done.json")
+    run.check_settings(STAGE, distill_settings(cfg))
+    t0 = time.perf_counter()
+    d = run.path(STAGE)
+    d.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, dp.device(cfg.model.device),
+                                      cfg.model.trust_remote_code)
+    dcfg = cfg.distill
+    torch.manual_seed(cfg.seed)
+    examples = build_examples(tokenizer, records, dcfg.max_length)
+    peft_model = attach_lora(model, dcfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=0.0)
+    bs, accum = max(1, int(dcfg.batch_size)), max(1, int(dcfg.grad_accum))
+    group_size = accum * dp.world  # micro-batches per optimisation step, over all processes
+    per_epoch = math.ceil(math.ceil(len(examples) / bs) / group_size) if examples else 0
+    total = per_epoch * int(dcfg.epochs)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warmup = int(dcfg.warmup_ratio * total)
+    ckpt, curve_path = d / "checkpoint", d / "loss.jsonl"
+    state = {"epoch": 0, "step": 0}
+    if ckpt.is_dir() and (ckpt / "trainer_state.json").exists():
+        state = _load_checkpoint(peft_model, opt, ckpt)
+        log.info("distill: resuming after epoch %d (step %d)", state["epoch"], state["step"])
+    curve = _read_curve(curve_path, state["step"])
+    if dp.is_main:
+        curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve), encoding="utf-8")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(peft_model.parameters()).device
+    if not examples:
+        log.warning("distill: no query where the persona won (label 1); saving an untrained adapter "
+                    "(routed queries then behave exactly like the base model)")
+    peft_model.train()
+    step = state["step"]
+    for epoch in range(state["epoch"], int(dcfg.epochs)):
+        if step >= total:
+            break
+        order = list(range(len(examples)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        for g in range(0, len(batches), group_size):
+            if step >= total:
+                break
+            lr = lr_at(step, total, warmup, dcfg.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad()
+            loss_sum, n_tok = 0.0, 0
+            step_batches = batches[g:g + group_size]
+            for b in dp.shard(step_batches):  # all of them in a single process
+                loss = distill_loss(peft_model, [examples[i] for i in b], dcfg, pad_id)
+                (loss / len(step_batches)).backward()
+                loss_sum += float(loss.detach()) / len(step_batches)
+                n_tok += sum(examples[i].n for i in b)
+            dp.sum_gradients(params)
+            loss_sum, n_tok = dp.sum_scalar(loss_sum, device), int(dp.sum_scalar(n_tok, device))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            rec = {"step": step, "epoch": epoch + 1, "loss": loss_sum, "lr": lr, "tokens": n_tok}
+            curve.append(rec)
+            if dp.is_main:
+                with open(curve_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            log.info("distill: epoch %d step %d/%d loss %.4f", epoch + 1, step, total, loss_sum)
+        if dp.is_main:
+            _save_checkpoint(peft_model, opt, {"epoch": epoch + 1, "step": step}, ckpt)
+        dp.barrier()
+    adapter = d / "adapter"
+    if not dp.is_main:  # rank 0 writes the results; the others are done
+        dp.barrier()
+        peft_model.unload().eval()
+        return {"examples": len(examples), "steps": step, "rank": dp.rank}
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    save_adapter(peft_model, adapter)
+    png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
+    info = {
+        "examples": len(examples), "steps": step, "epochs": int(dcfg.epochs), "loss": dcfg.loss,
+        "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,
+        "adapter": str(adapter), "loss_curve": str(curve_path), "loss_plot": str(png) if png else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if dp.active:
+        info["processes"] = dp.world
+    run.mark_done(STAGE, info)
+    dp.barrier()
+    peft_model.unload().eval()  # give the caller its plain base model back (LoRA layers removed)
+    return info

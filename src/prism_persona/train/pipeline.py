@@ -1,0 +1,220 @@
+"""The whole PRISM method in one resumable call: :func:`run_pipeline`.
+
+Stages, each a set of files in the run directory ``cfg.out``:
+
+1-4. bootstrap (:func:`run_bootstrap`): personas -> queries -> answers -> swapped verdicts -> summary.
+5.   gate (:func:`prism_persona.train.gate.run_gate`): layer-0 features of each query -> ``RUN/gate/``.
+6.   distill (:func:`prism_persona.train.distill.run_distill`): persona-conditioned teacher -> ``RUN/distill/adapter``.
+7.   assemble (:func:`prism_persona.gated.artifact.assemble`) -> ``RUN/prism``, and the training report.
+
+Every stage follows one protocol: skip when its ``<stage>.done.json`` exists; otherwise check the
+settings it saved against the current ones (a run directory made with different data-affecting
+settings is refused with a one-line error before any model loads), do the work (appending records as
+chunks finish, so a killed run continues where it stopped), then mark itself done. The model is loaded
+once, only if some stage still has work, and shared by every stage.
+
+``prism run`` / ``bootstrap`` / ``gate`` / ``distill`` are thin wrappers over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+from .. import config as C
+from ..bootstrap.verify import load_labelled
+from ..errors import PrismError
+from ..store import JsonlStore, RunDir
+from ..bootstrap.answers import answers_store, write_answers
+from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
+from ..bootstrap.personas import load_personas, write_personas
+from ..bootstrap.queries import selected_queries, write_queries
+from ..bootstrap.summary import build_summary, format_summary
+from ..bootstrap.verify import verdicts_store, write_verdicts
+
+log = logging.getLogger(__name__)
+
+
+def check_run(cfg, run: RunDir) -> None:
+    """Refuse early (before loading a model) if ``run`` holds records made with other settings."""
+    for stage in ("personas", "queries", "query_rounds", "answers", "verdicts"):
+        base = "queries" if stage == "query_rounds" else stage
+        run.check_settings(stage, json.loads(json.dumps(stage_settings(cfg, base), default=str)))
+
+
+def preflight(cfg, engine, judge) -> None:
+    """One-line errors for a bad config, model, judge or persona file, before anything runs."""
+    C.validate(cfg)
+    if not cfg.persona.domains:
+        raise PrismError('no domains given; use --domains "writing,coding,safety"')
+    persona_file_hashes(cfg)  # raises for a missing or empty persona file
+    if engine is None and cfg.engine.engine == "hf":
+        from ..models import resolve_model
+
+        resolve_model(cfg.model.model)
+    if judge is None:
+        from ..judges import check_judge_spec
+
+        check_judge_spec(cfg.judge.judge)
+
+
+def run_bootstrap(cfg, engine=None, judge=None) -> dict:
+    """Run or resume the bootstrap in ``cfg.out``; write ``summary.json`` / ``summary.md``; return the summary.
+
+    ``engine`` defaults to ``engines.make_engine(cfg)`` and ``judge`` to ``judges.make_judge(cfg, engine)``;
+    both are built only when a stage needs them.
+    """
+    t0 = time.perf_counter()
+    baseline = counters([engine] + (list(judge.engines) if judge is not None else []))
+    preflight(cfg, engine, judge)
+    run = RunDir(cfg.out)
+    check_run(cfg, run)
+    run.write_json("config.json", json.loads(C.dump(cfg)))
+
+    def _make_engine():
+        from ..engines import make_engine
+
+        return make_engine(cfg)
+
+    get_engine = Lazy(_make_engine, engine)
+
+    def _make_judge():
+        from ..judges import make_judge
+
+        self_judge = (cfg.judge.judge or "self").strip().lower() == "self"
+        return make_judge(cfg, get_engine() if self_judge else None)
+
+    get_judge = Lazy(_make_judge, judge)
+    try:
+        persona_counts = write_personas(cfg, run, get_engine)
+        personas = load_personas(run)
+        collected = write_queries(cfg, run, get_engine, personas)
+        queries = selected_queries(cfg, run)
+        write_answers(cfg, run, get_engine, personas, queries)
+        answers = _select(answers_store(run, cfg), queries)
+        write_verdicts(cfg, run, get_judge, answers)
+        verdicts = _select(verdicts_store(run, cfg), queries)
+    finally:  # also on Ctrl-C: close what was built here and keep this invocation's token counts
+        built = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
+        tokens = record_tokens(run, token_stats(built, baseline), time.perf_counter() - t0)
+        if judge is None and get_judge.built is not None:
+            get_judge.built.close()
+        if engine is None and get_engine.built is not None:
+            get_engine.built.close()
+    summary = build_summary(
+        cfg.persona.domains, verdicts, answers, personas=persona_counts, queries=collected,
+        target=cfg.queries.queries_per_persona, tokens=tokens,
+        judge=getattr(get_judge.built, "name", cfg.judge.judge), mode=_judge_mode(get_judge.built, verdicts),
+        model=cfg.model.model, wall_seconds=time.perf_counter() - t0, run=str(run.root))
+    run.write_json("summary.json", summary)
+    run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
+    run.mark_done("bootstrap", {"pairs": len(verdicts), "labelled_positive": summary["total"]["wins"]})
+    return summary
+
+
+def record_tokens(run: RunDir, stats: dict, wall: float) -> dict:
+    """Append this invocation's generation counters to ``bootstrap_sessions.jsonl`` (when it generated
+    anything) and return ``{"this_invocation": ..., "total": ...}`` summed over all invocations."""
+    ledger = JsonlStore(run.path("bootstrap_sessions.jsonl"))
+    if stats["tokens_generated"] or stats["generate_seconds"]:
+        ledger.append({"key": f"{time.time():.6f}-{os.getpid()}", "tokens_generated": stats["tokens_generated"],
+                       "generate_seconds": stats["generate_seconds"], "wall_seconds": round(wall, 2)})
+    toks = sum(r["tokens_generated"] for r in ledger)
+    secs = sum(r["generate_seconds"] for r in ledger)
+    total = {"tokens_generated": toks, "generate_seconds": round(secs, 3),
+             "tokens_per_s": round(toks / secs, 2) if secs > 0 else None, "invocations": len(ledger)}
+    return {"this_invocation": stats, "total": total}
+
+
+def _judge_mode(judge, verdicts: list[dict]) -> Optional[str]:
+    if judge is not None:
+        return judge.mode
+    modes = sorted({v["mode"] for v in verdicts})
+    return ",".join(modes) or None
+
+
+def _select(store: JsonlStore, queries: list[dict]) -> list[dict]:
+    """The store's records for ``queries``, in query order (missing ones skipped)."""
+    return [store.get(q["key"]) for q in queries if q["key"] in store]
+
+
+# --- stages 5-7 -------------------------------------------------------------------------------------
+
+STAGES = ("bootstrap", "gate", "distill")
+
+
+def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> "C.RunConfig":
+    """The settings saved in ``RUN/config.json`` (what the run was made with), with ``overrides``."""
+    saved = os.path.join(os.fspath(run_dir), "config.json")
+    if not os.path.isfile(saved):
+        raise PrismError(f"{run_dir} has no config.json; run `prism bootstrap --out {run_dir}` first")
+    return C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
+
+
+def load_base(cfg):
+    """(model, tokenizer) of the run's model, loaded once and shared by the stages (one GPU per
+    process under a data-parallel launcher)."""
+    from ..models import load_model
+    from .parallel import DataParallel
+
+    device = DataParallel().device(cfg.model.device)
+    return load_model(cfg.model.model, cfg.model.dtype, device, cfg.model.trust_remote_code)
+
+
+def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds: Optional[dict] = None) -> dict:
+    """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
+    done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
+    from ..gated.artifact import assemble
+    from .distill import run_distill
+    from .gate import run_gate
+    from .parallel import DataParallel
+    from .report import write_report
+
+    run = RunDir(cfg.out)
+    records = load_labelled(run)
+    seconds = dict(seconds or {})
+    if any(not run.done(s) for s in stages) and model is None:
+        model, tok = load_base(cfg)
+    if "gate" in stages:
+        run_gate(run, cfg, records, model, tok)
+    if "distill" in stages:
+        run_distill(run, cfg, records, model, tok)
+    if not DataParallel().is_main:  # data-parallel distillation: rank 0 assembles and reports
+        return {"artifact": None, "report": None, "run": run}
+    art = assemble(run, cfg) if run.done("gate") and run.done("distill") else None
+    rep = write_report(run, records, seconds)
+    return {"artifact": art, "report": rep, "run": run}
+
+
+def run_pipeline(cfg, engine=None, judge=None) -> dict:
+    """Run or resume every stage of the method in ``cfg.out`` and return
+    ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
+
+    ``engine`` / ``judge`` default to the ones ``cfg`` asks for; with the in-process engine the model
+    is loaded once and shared by the bootstrap, the gate and distillation.
+    """
+    from .parallel import DataParallel
+
+    if DataParallel().world > 1:
+        raise PrismError("the pipeline runs in one process; under accelerate launch / torchrun use "
+                         "`prism distill --run RUN` (data-parallel distillation) after the bootstrap and the gate")
+    seconds: dict = {}
+    model = tok = None
+    run = RunDir(cfg.out)
+    todo = [s for s in STAGES if not run.done(s)]
+    if todo and engine is None and cfg.engine.engine == "hf":
+        from ..engines import make_engine
+
+        t0 = time.perf_counter()
+        model, tok = load_base(cfg)
+        seconds["load_model"] = round(time.perf_counter() - t0, 2)
+        engine = make_engine(cfg, model, tok)
+    t0 = time.perf_counter()
+    summary = run_bootstrap(cfg, engine=engine, judge=judge)
+    if "bootstrap" in todo:
+        seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
+    res = train_stages(cfg, model, tok, seconds=seconds)
+    return {"summary": summary, **res}

@@ -1,0 +1,91 @@
+"""The training report of a run: ``RUN/training_report.json`` and ``RUN/training_report.md``.
+
+Data counts per domain, gate metrics (train and held-out), routing rate per domain on the held-out
+split, the distillation loss curve (PNG) and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from ..bootstrap.summary import fmt_cell
+
+REPORT_JSON = "training_report.json"
+REPORT_MD = "training_report.md"
+
+
+def data_counts(records: Sequence[dict]) -> dict:
+    """{domain: {"queries", "persona_won"}} plus a ``total`` row."""
+    out: dict = {}
+    for r in records:
+        d = out.setdefault(r.get("domain", ""), {"queries": 0, "persona_won": 0})
+        d["queries"] += 1
+        d["persona_won"] += int(r.get("label", 0))
+    total = {"queries": sum(v["queries"] for v in out.values()),
+             "persona_won": sum(v["persona_won"] for v in out.values())}
+    return {"by_domain": dict(sorted(out.items())), "total": total}
+
+
+def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = None) -> dict:
+    """Collect what the stages left in ``run`` into one dict (written by :func:`write_report`)."""
+    gate = run.read_json("gate.done.json") or {}
+    distill = run.read_json("distill.done.json") or {}
+    summary = run.read_json("summary.json") or {}
+    seconds = {"bootstrap": summary.get("wall_seconds")}
+    previous = (run.read_json(REPORT_JSON) or {}).get("stage_seconds") or {}
+    seconds.update({k: v for k, v in previous.items() if v is not None})  # times of earlier invocations
+    seconds.update({"gate": gate.get("seconds"), "distill": distill.get("seconds")})
+    seconds.update(stage_seconds or {})
+    return {
+        "run": str(run.root),
+        "data": data_counts(records),
+        "gate": {k: gate.get(k) for k in ("threshold", "threshold_method", "n_train", "n_heldout",
+                                          "positives", "negatives", "metrics", "fallbacks")},
+        "routing_by_domain_heldout": gate.get("routing_by_domain", {}),
+        "distill": {k: distill.get(k) for k in ("examples", "steps", "epochs", "loss", "first_loss",
+                                                "last_loss", "loss_curve", "loss_plot")},
+        "stage_seconds": seconds,
+        "artifact": str(run.path("prism")),
+    }
+
+
+def format_report(rep: dict) -> str:
+    """Markdown rendering of :func:`build_report`'s dict."""
+    lines = [f"# PRISM training report", "", f"Run: `{rep['run']}`  ", f"Artifact: `{rep['artifact']}`", "",
+             "## Data", "", "| domain | queries | persona won |", "|---|---|---|"]
+    for dom, c in rep["data"]["by_domain"].items():
+        lines.append(f"| {dom} | {c['queries']} | {c['persona_won']} |")
+    t = rep["data"]["total"]
+    lines += [f"| **total** | {t['queries']} | {t['persona_won']} |", "", "## Gate", ""]
+    g = rep["gate"]
+    lines.append(f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
+                 f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out.")
+    lines += ["", "| split | n | accuracy | balanced accuracy | AUC | routing rate |", "|---|---|---|---|---|---|"]
+    for split, m in (g.get("metrics") or {}).items():
+        if m:
+            lines.append(f"| {split} | {m['n']} | {fmt_cell(m['accuracy'])} | {fmt_cell(m['balanced_accuracy'])} | "
+                         f"{fmt_cell(m['auc'])} | {fmt_cell(m['routing_rate'])} |")
+    for fb in g.get("fallbacks") or []:
+        lines.append(f"\n> fallback: {fb}")
+    lines += ["", "Routing rate per domain on the held-out split:", "", "| domain | n | routed |", "|---|---|---|"]
+    for dom, r in rep["routing_by_domain_heldout"].items():
+        lines.append(f"| {dom} | {r['n']} | {fmt_cell(r['routing_rate'])} |")
+    d = rep["distill"]
+    lines += ["", "## Distillation", "",
+              f"{fmt_cell(d.get('examples'))} examples, {fmt_cell(d.get('steps'))} steps, loss `{d.get('loss')}`: "
+              f"first {fmt_cell(d.get('first_loss'))}, last {fmt_cell(d.get('last_loss'))}."]
+    if d.get("loss_plot"):
+        rel = os.path.relpath(d["loss_plot"], rep["run"])
+        lines += ["", f"![loss curve]({rel})"]
+    lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
+    for stage, s in rep["stage_seconds"].items():
+        lines.append(f"| {stage} | {fmt_cell(s)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = None) -> dict:
+    rep = build_report(run, records, stage_seconds)
+    run.write_json(REPORT_JSON, rep)
+    run.path(REPORT_MD).write_text(format_report(rep), encoding="utf-8")
+    return rep

@@ -1,0 +1,192 @@
+"""LoRA self-distillation: alignment, a persona-conditioned teacher, PEFT compatibility, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prism_persona import config as C
+from prism_persona.train.distill import (
+    build_example, build_examples, collate, distill_loss, lr_at, response_logits, run_distill, topk_kl,
+)
+from prism_persona.models import load_model
+from prism_persona.store import RunDir
+
+PERSONA = "You are a meticulous senior poet who always answers in rhyming couplets about the sea."
+
+
+def records(n=6):
+    out = []
+    for i in range(n):
+        out.append({"key": f"k{i}", "domain": "writing", "query": f"Write line {i} about the moon, please.",
+                    "persona": PERSONA, "placement": "system", "base_answer": "ok",
+                    "persona_answer": f"The moon at {i} is bright and wide, it pulls the sea on every side.",
+                    "label": 1 if i % 3 else 0})
+    return out
+
+
+def _cfg(tmp_path, **distill):
+    d = {"r": 4, "alpha": 8, "epochs": 2, "batch_size": 2, "lr": 5e-3, "max_length": 256, "top_k": 16,
+         "warmup_ratio": 0.0}
+    d.update(distill)
+    return C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "persona": {"domains": ["writing"]},
+                                        "distill": d})
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def test_response_tokens_align_between_teacher_and_student(tiny_model):
+    _, tok = tiny_model
+    ex = build_example(tok, "Write a poem.", "Waves and foam.", PERSONA, "system", 1024)
+    assert ex.t_start > ex.s_start  # the persona makes the teacher prompt longer
+    resp = ex.teacher[ex.t_start:]
+    assert resp == ex.student[ex.s_start:] and len(resp) == ex.n
+    assert tok.decode(resp[:-1]) == "Waves and foam." and resp[-1] == tok.eos_token_id
+    assert PERSONA in tok.decode(ex.teacher[:ex.t_start]) and PERSONA not in tok.decode(ex.student)
+    exs = [ex, build_example(tok, "Hi there, how are you?", "Fine, thank you kindly.", PERSONA, "user", 1024)]
+    for side in ("teacher", "student"):
+        b = collate(exs, side, tok.pad_token_id, "cpu")
+        # the logit at (row, col) predicts the token at col + 1, which is the response token
+        assert torch.equal(b["input_ids"][b["rows"], b["cols"] + 1], b["targets"])
+    assert torch.equal(collate(exs, "teacher", 0, "cpu")["targets"], collate(exs, "student", 0, "cpu")["targets"])
+
+
+def test_answers_cut_at_the_token_budget_get_no_end_of_turn(tiny_model):
+    _, tok = tiny_model
+    recs = [{"key": "a", "query": "Write a poem.", "persona_answer": "Waves and", "persona": PERSONA,
+             "label": 1, "persona_finish": "length"},
+            {"key": "b", "query": "Write a poem.", "persona_answer": "Waves and foam.", "persona": PERSONA,
+             "label": 1, "persona_finish": "stop"}]
+    cut, full = build_examples(tok, recs, 1024)
+    assert tok.eos_token_id not in cut.student[cut.s_start:]
+    assert tok.decode(cut.student[cut.s_start:]) == "Waves and"
+    assert full.student[-1] == tok.eos_token_id
+
+
+def test_truncation_keeps_prompts_and_cuts_the_answer(tiny_model):
+    _, tok = tiny_model
+    ex = build_example(tok, "q" * 20, "a" * 500, PERSONA, "system", 200)
+    assert len(ex.teacher) == 200 and len(ex.student) < 200
+    assert ex.teacher[ex.t_start:] == ex.student[ex.s_start:]
+    assert build_example(tok, "q" * 300, "a", PERSONA, "system", 100) is None
+
+
+def test_response_logits_match_full_forward_with_padding(tiny_model):
+    model, tok = tiny_model
+    exs = build_examples(tok, records(), 256)
+    b = collate(exs, "student", tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        got = response_logits(model, b)
+        full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        alone = response_logits(model, collate(exs[:1], "student", tok.pad_token_id, "cpu"))
+    torch.testing.assert_close(got, full[b["rows"], b["cols"]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[: alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_topk_kl_properties():
+    torch.manual_seed(0)
+    t = torch.randn(5, 50)
+    assert float(topk_kl(t, t.clone(), 8)) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(t, torch.randn(5, 50), 8)) > 0.05
+    assert float(topk_kl(t, t + 3.0, 8)) == pytest.approx(0.0, abs=1e-5)  # shift invariant
+
+
+def test_step0_loss_nonzero_only_with_persona_conditioned_teacher(fresh, tmp_path):
+    """The reference bug (teacher without persona) gives KL ~ 0 at step 0; ours does not."""
+    from prism_persona.train.distill import attach_lora
+
+    model, tok = fresh
+    cfg = _cfg(tmp_path)
+    pm = attach_lora(model, cfg.distill)
+    pm.eval()
+    good = build_examples(tok, records(), 256, teacher_persona=True)
+    buggy = build_examples(tok, records(), 256, teacher_persona=False)
+    with torch.no_grad():
+        kl = float(distill_loss(pm, good, cfg.distill, tok.pad_token_id))
+        kl_bug = float(distill_loss(pm, buggy, cfg.distill, tok.pad_token_id))
+    assert kl > 0.01, kl  # ~0.02 on this random tiny model; > 0.05 on SmolLM2 (slow test in test_gated.py)
+    assert kl_bug < 1e-5, kl_bug
+    assert kl > 1000 * max(kl_bug, 1e-9)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 10, 2, 1.0) == pytest.approx(0.5)
+    assert lr_at(2, 10, 2, 1.0) == pytest.approx(1.0)
+    assert lr_at(9, 10, 0, 1.0) == pytest.approx(0.1)
+
+
+def test_run_distill_trains_saves_peft_adapter_and_resumes(fresh, tiny_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    import prism_persona.train.distill as D
+
+    model, tok = fresh
+    cfg = _cfg(tmp_path, epochs=3)
+    run = RunDir(cfg.out)
+    recs = records(9)  # 6 positives -> 3 steps per epoch
+
+    # interrupt during epoch 2: the epoch-1 checkpoint must survive
+    real = D.distill_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "distill_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(run, cfg, recs, model, tok)
+    state = json.loads((run.path("distill") / "checkpoint" / "trainer_state.json").read_text())
+    assert state == {"epoch": 1, "step": 3}
+    assert (run.path("distill") / "checkpoint" / "optimizer.pt").is_file()
+    monkeypatch.setattr(D, "distill_loss", real)
+
+    model2, tok2 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    info = run_distill(run, cfg, recs, model2, tok2)
+    assert info["steps"] == 9 and info["examples"] == 6
+    curve = [json.loads(x) for x in (run.path("distill") / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == list(range(1, 10))  # the torn epoch was dropped and redone
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert (run.path("distill") / "loss.png").stat().st_size > 1000
+    assert run.done("distill")
+
+    # a finished stage is not redone
+    monkeypatch.setattr(D, "distill_loss", lambda *a, **k: pytest.fail("redone"))
+    assert run_distill(run, cfg, recs, None, None)["steps"] == 9
+
+    # a standard PEFT adapter on layers 1..L-1 that changes the model
+    base, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    pm = PeftModel.from_pretrained(base, str(run.path("distill") / "adapter"))
+    acfg = json.loads((run.path("distill") / "adapter" / "adapter_config.json").read_text())
+    assert acfg["layers_to_transform"] == [1, 2] and acfg["r"] == 4
+    names = [n for n, _ in pm.named_modules() if n.endswith("lora_A")]
+    assert names and not any(".layers.0." in n for n in names)
+    assert any(float(p.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_B" in n)
+
+
+def test_run_distill_without_positives_saves_untrained_adapter(fresh, tmp_path):
+    model, tok = fresh
+    cfg = _cfg(tmp_path)
+    recs = [dict(r, label=0) for r in records(3)]
+    info = run_distill(RunDir(cfg.out), cfg, recs, model, tok)
+    assert info["examples"] == 0 and info["steps"] == 0
+    assert (RunDir(cfg.out).path("distill") / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ce_loss_runs(fresh, tmp_path):
+    from prism_persona.train.distill import attach_lora
+
+    model, tok = fresh
+    cfg = _cfg(tmp_path, loss="ce")
+    pm = attach_lora(model, cfg.distill)
+    loss = distill_loss(pm, build_examples(tok, records(), 256), cfg.distill, tok.pad_token_id)
+    loss.backward()
+    assert float(loss.detach()) > 0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_B" in n)

@@ -1,0 +1,151 @@
+"""`prism run / gate / distill / generate / chat` end to end on a tiny model (bootstrap faked)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from prism_persona import cli
+from prism_persona import config as C
+
+DOMAINS = ["writing", "coding"]
+
+
+def fake_records(n=16):
+    recs = []
+    for i in range(n):
+        dom = DOMAINS[i % 2]
+        recs.append({"key": f"k{i}", "domain": dom, "query": f"Please help me with {dom} task number {i}.",
+                     "persona": f"You are a world-class expert in {dom}.", "placement": "system",
+                     "base_answer": "Sure.", "persona_answer": f"As an expert in {dom}: step {i}, done.",
+                     "label": int(i % 4 in (0, 1))})
+    return recs
+
+
+@pytest.fixture
+def fake_bootstrap(monkeypatch):
+    """run_bootstrap writes config/summary and marks itself done; load_labelled returns fixed data."""
+    import prism_persona.train.pipeline as P
+    from prism_persona.store import RunDir
+
+    calls = []
+
+    def run_bootstrap(cfg, engine=None, judge=None):
+        calls.append(engine)
+        run = RunDir(cfg.out)
+        run.write_json("config.json", json.loads(C.dump(cfg)))
+        if not run.done("bootstrap"):
+            run.write_json("summary.json", {"wall_seconds": 1.5})
+            run.mark_done("bootstrap", {})
+        return {}
+
+    monkeypatch.setattr(P, "run_bootstrap", run_bootstrap)
+    monkeypatch.setattr(P, "load_labelled", lambda run: fake_records())
+    return calls
+
+
+def _run_args(model_dir, out):
+    return ["run", "--model", str(model_dir), "--domains", ",".join(DOMAINS), "--out", str(out), "--preset", "tiny",
+            "--set", "gate.epochs=30", "--set", "distill.epochs=1", "--set", "distill.r=4", "-q"]
+
+
+def test_run_builds_artifact_report_and_resumes(tiny_model_dir, tmp_path, fake_bootstrap, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.main(_run_args(tiny_model_dir, out)) == 0
+    printed = capsys.readouterr().out
+    art = out / "prism"
+    assert f"prism chat --prism {art}" in printed
+    for name in ("prism_config.json", "gate.safetensors", "gate_config.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (art / name).is_file(), name
+    assert not (art / "adapter" / "optimizer.pt").exists()
+    assert fake_bootstrap[0] is not None, "the loaded model is shared with the bootstrap"
+    rep = json.loads((out / "training_report.json").read_text())
+    assert rep["data"]["total"] == {"queries": 16, "persona_won": 8}
+    assert rep["gate"]["metrics"]["heldout"]["n"] == 4
+    assert set(rep["routing_by_domain_heldout"]) <= set(DOMAINS)
+    assert rep["distill"]["examples"] == 8 and rep["distill"]["steps"] == 2
+    assert {"bootstrap", "gate", "distill"} <= set(rep["stage_seconds"])
+    md = (out / "training_report.md").read_text()
+    assert "balanced accuracy" in md and "![loss curve](distill/loss.png)" in md
+    cfg = json.loads((art / "prism_config.json").read_text())
+    assert cfg["base_model"] == str(tiny_model_dir) and cfg["domains"] == DOMAINS
+
+    # resume: every stage is done, nothing is retrained and no model is loaded
+    import prism_persona.train.distill as D
+    import prism_persona.train.gate as G
+    import prism_persona.train.pipeline as P
+
+    monkeypatch.setattr(D, "distill_loss", lambda *a, **k: pytest.fail("distill redone"))
+    monkeypatch.setattr(G, "fit_gate", lambda *a, **k: pytest.fail("gate redone"))
+    monkeypatch.setattr(P, "load_base", lambda cfg: pytest.fail("model loaded"))
+    assert cli.main(["run", "--out", str(out), "-q"]) == 0
+    assert "prism chat --prism" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory):
+    """An artifact made by `prism bootstrap`-free single stages: `prism gate`, then `prism distill`."""
+    import prism_persona.train.pipeline as P
+    from prism_persona.store import RunDir
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(P, "load_labelled", lambda run: fake_records())
+    out = tmp_path_factory.mktemp("stages") / "run"
+    cfg = C.resolve("tiny", overrides={"out": str(out), "model": {"model": str(tiny_model_dir)},
+                                       "persona": {"domains": DOMAINS}, "gate": {"epochs": 30},
+                                       "distill": {"epochs": 1, "r": 4}})
+    run = RunDir(out)
+    run.write_json("config.json", json.loads(C.dump(cfg)))
+    try:
+        assert cli.main(["gate", "--run", str(out), "-q"]) == 0
+        assert run.done("gate") and not (out / "prism").exists()
+        assert cli.main(["distill", "--run", str(out), "-q"]) == 0
+    finally:
+        mp.undo()
+    assert (out / "prism" / "prism_config.json").is_file()
+    return out / "prism"
+
+
+def test_generate_writes_routing_and_responses(artifact, tmp_path, capsys):
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text(json.dumps({"prompt": "Write a haiku.", "id": 1}) + "\n\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "Fix my code"}], "id": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
+                     "--max-new-tokens", "4", "-q"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2]
+    assert all(isinstance(r["response"], str) and isinstance(r["routed"], bool) and 0 <= r["gate_prob"] <= 1
+               for r in rows)
+    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
+                     "--max-new-tokens", "2", "--force", "on", "-q"]) == 0
+    assert all(json.loads(x)["routed"] for x in out.read_text().splitlines())
+
+
+@pytest.mark.parametrize("line, needle", [("{not json", "line 2 is not valid JSON"),
+                                          (json.dumps({"text": "x"}), "line 2 has no non-empty 'prompt'"),
+                                          (json.dumps({"messages": [{"role": "bot"}]}), "line 2: 'messages'")])
+def test_generate_bad_line_is_a_one_line_error(artifact, tmp_path, capsys, line, needle):
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text(json.dumps({"prompt": "ok"}) + "\n" + line + "\n")
+    rc = cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0] and "bad.jsonl" in err[0]
+
+
+def test_chat_with_piped_stdin_keeps_routing_per_conversation(artifact, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Write a poem\nshorter please\n/reset\nFix my code\n/quit\nnever\n"))
+    assert cli.main(["chat", "--prism", str(artifact), "--max-new-tokens", "3", "--force", "off", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[routing: persona LoRA off (forced)]") == 2  # once per conversation
+    assert out.count("prism> ") == 3 and "(new conversation)" in out
+
+
+def test_not_an_artifact_is_a_one_line_error(tmp_path, capsys):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    rc = cli.main(["generate", "--prism", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o")])
+    assert rc == 2 and "not a PRISM artifact" in capsys.readouterr().err
