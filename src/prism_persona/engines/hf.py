@@ -120,7 +120,8 @@ class HFEngine(Engine):
                 text, finish = text[:cut], "stop"
         return Completion(text=text.strip(), num_tokens=n, finish_reason=finish)
 
-    def _choice_token_ids(self, choice: str) -> list[int]:
+    def choice_token_ids(self, choice: str) -> list[int]:
+        """Token ids that start ``choice``, spelled with and without a leading space."""
         ids = set()
         for variant in (choice, " " + choice):
             toks = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
@@ -133,7 +134,7 @@ class HFEngine(Engine):
         """log P(first token of each choice) after the generation prompt; a choice's spellings with
         and without a leading space are pooled (log-sum-exp)."""
         texts = [render_chat(self.tokenizer, c) for c in chats]
-        choice_ids = {c: self._choice_token_ids(c) for c in choices}
+        choice_ids = {c: self.choice_token_ids(c) for c in choices}
         out: list[dict] = []
         for start in range(0, len(texts), self.batch_size):
             enc = encode_prompts(self.tokenizer, texts[start:start + self.batch_size], self.device)

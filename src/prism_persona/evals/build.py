@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -74,13 +73,9 @@ def build_provider(args) -> EngineProvider:
     holder: dict = {}
     art = Path(args.prism).expanduser().resolve() if getattr(args, "prism", None) else None
     if art is not None:
-        cfg_path = art / "prism_config.json"
-        if not cfg_path.is_file():
-            raise PrismError(f"{art} is not a PRISM artifact (no prism_config.json); point --prism at RUN/prism")
-        try:
-            base_model = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model")
-        except ValueError as exc:
-            raise PrismError(f"{cfg_path} is not valid JSON ({exc})") from None
+        from ..gated.artifact import Artifact
+
+        base_model = Artifact.read(art).base_model
 
         def gated():
             if "gm" not in holder:

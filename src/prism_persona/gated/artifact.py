@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,59 @@ from .gate import GATE_CONFIG, GATE_WEIGHTS, GateBundle
 
 PRISM_CONFIG = "prism_config.json"
 ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A PRISM artifact directory, read and checked once: every reader goes through :meth:`read`.
+
+    ``config`` is ``prism_config.json`` as written (unknown keys are kept: newer artifacts load).
+    """
+
+    path: Path
+    config: dict
+
+    @classmethod
+    def read(cls, directory: str | Path, need_adapter: bool = True) -> "Artifact":
+        """Check ``directory`` is a complete artifact; a one-line :class:`PrismError` otherwise.
+
+        ``need_adapter=False`` for readers that only route (the gate is all they load).
+        """
+        from ..errors import PrismError
+
+        d = Path(directory).expanduser().resolve()
+        cfg_path = d / PRISM_CONFIG
+        if not cfg_path.is_file():
+            raise PrismError(f"{d} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PrismError(f"{cfg_path} is not valid JSON ({exc}); re-assemble the artifact") from None
+        if not isinstance(cfg, dict) or not cfg.get("base_model"):
+            raise PrismError(f"{cfg_path} names no base_model; re-assemble the artifact")
+        for name in (GATE_WEIGHTS, GATE_CONFIG):
+            if not (d / name).is_file():
+                raise PrismError(f"{d} has no {name}: the artifact is incomplete; re-assemble it")
+        art = cls(d, cfg)
+        if need_adapter and not (art.adapter_dir / "adapter_config.json").is_file():
+            raise PrismError(f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
+                             "re-assemble the artifact")
+        return art
+
+    @property
+    def base_model(self) -> str:
+        return str(self.config["base_model"])
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / str(self.config.get("adapter", ADAPTER_DIR))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.get("batch_size", 8))
+
+    def gate(self) -> GateBundle:
+        return GateBundle.load(self.path)
 
 
 def model_reference(spec: Optional[str]) -> tuple[str, str]:

@@ -40,18 +40,6 @@ def export(artifact: str | Path, out: str | Path, fmt: str = "vllm", overwrite: 
     return export_vllm(artifact, out, overwrite=overwrite)
 
 
-def _read_artifact(artifact: Path) -> tuple[dict, Path]:
-    from .artifact import ADAPTER_DIR, PRISM_CONFIG
-
-    if not (artifact / PRISM_CONFIG).is_file():
-        raise PrismError(f"{artifact} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
-    cfg = json.loads((artifact / PRISM_CONFIG).read_text(encoding="utf-8"))
-    adapter = artifact / cfg.get("adapter", ADAPTER_DIR)
-    if not (adapter / "adapter_config.json").is_file():
-        raise PrismError(f"{artifact} has no LoRA adapter ({adapter}/adapter_config.json is missing)")
-    return cfg, adapter
-
-
 def _load_weights(adapter: Path) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -131,11 +119,12 @@ def export_vllm(artifact: str | Path, out: str | Path, overwrite: bool = False) 
     """Write ``out/adapter`` (PEFT, zero weights on layer 0), the gate files and a README."""
     from safetensors.torch import save_file
 
-    from .artifact import PRISM_CONFIG
+    from .artifact import PRISM_CONFIG, Artifact
     from .gate import GATE_CONFIG, GATE_WEIGHTS
 
     art, dst = Path(artifact).expanduser(), Path(out).expanduser()
-    prism_cfg, adapter = _read_artifact(art)
+    read = Artifact.read(art)
+    prism_cfg, adapter = read.config, read.adapter_dir
     if dst.resolve() == art.resolve():
         raise PrismError("the export directory must differ from the artifact directory")
     if dst.exists() and any(dst.iterdir()) and not overwrite:

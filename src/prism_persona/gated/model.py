@@ -23,7 +23,6 @@ layer-0-only pass (:meth:`GatedModel.route`), so a conversation keeps its decisi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,11 +31,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..engines.base import Completion, Engine, SamplingParams
+from ..engines.hf import HFEngine
 from .features import last_token_index, layer_output, position_ids_from_mask, query_features
 from .gate import GateBundle
 from .layers import RoutingState, install_adapter
 from ..models import decoder_layers, encode_prompts, load_model, render_chat
-from .artifact import ADAPTER_DIR, PRISM_CONFIG
+from .artifact import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class GatedModel:
         self.gate_bundle = gate
         self.gate = gate.gate.to(device=self.device, dtype=torch.float32).eval()
         self.threshold = float(gate.threshold)
-        self.batch_size = max(1, int(batch_size))
+        self.engine = HFEngine(model, tokenizer, batch_size=max(1, int(batch_size)), quiet=True)
         self.config = dict(config or {})
         self.state = RoutingState()
         self.lora_modules: list[str] = []
@@ -119,26 +119,31 @@ class GatedModel:
         """
         from ..errors import PrismError
 
-        d = Path(artifact_dir).expanduser()
-        if not (d / PRISM_CONFIG).is_file():
-            raise PrismError(f"{d} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
-        cfg = json.loads((d / PRISM_CONFIG).read_text(encoding="utf-8"))
+        art = Artifact.read(artifact_dir)
         if base is None:
-            model, tok = load_model(cfg["base_model"], dtype=dtype, device=device,
-                                    trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+            model, tok = load_model(art.base_model, dtype=dtype, device=device,
+                                    trust_remote_code=bool(art.config.get("trust_remote_code", False)))
         else:
             model, tok = base
-        gate = GateBundle.load(d)
+        gate = art.gate()
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
-        adapter = d / cfg.get("adapter", ADAPTER_DIR)
-        return cls.from_parts(model, tok, gate, adapter if adapter.is_dir() else None,
-                              batch_size=batch_size or int(cfg.get("batch_size", 8)), config=cfg)
+        return cls.from_parts(model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size,
+                              config=art.config)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per forward of :meth:`generate` / :meth:`score_choices` (the owned engine's batch size)."""
+        return self.engine.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.engine.batch_size = max(1, int(value))
 
     # ---------------------------------------------------------------------------------------- routing
 
@@ -241,14 +246,11 @@ class GatedModel:
                  force: Force = None) -> list[Completion]:
         """One completion per chat; ``meta = {"routed", "gate_prob"}``. ``force`` (bool or a list of
         bool/None per chat) overrides the gate's decision; the gate probability is reported anyway."""
-        from ..engines.hf import HFEngine
-
         params = params or SamplingParams()
         if not chats:
             return []
         overrides = normalise_force(force, len(chats))
         pre = self._prerouted(chats)
-        helper = HFEngine(self.model, self.tokenizer, batch_size=self.batch_size, quiet=True)
 
         @contextlib.contextmanager
         def routed_batch(rows):
@@ -256,15 +258,12 @@ class GatedModel:
                 yield lambda: [{"routed": bool(r), "gate_prob": float(p)}
                                for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())]
 
-        return helper.run_batches(chats, params, batch_context=routed_batch)
+        return self.engine.run_batches(chats, params, batch_context=routed_batch)
 
     @torch.no_grad()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str], force: Force = None) -> list[dict]:
         """log P(first token of each choice) after the generation prompt, routed as in :meth:`generate`."""
-        from ..engines.hf import HFEngine
-
-        helper = HFEngine(self.model, self.tokenizer, batch_size=self.batch_size, quiet=True)
-        choice_ids = {c: helper._choice_token_ids(c) for c in choices}
+        choice_ids = {c: self.engine.choice_token_ids(c) for c in choices}
         overrides = normalise_force(force, len(chats))
         pre = self._prerouted(chats)
         texts = [render_chat(self.tokenizer, c) for c in chats]

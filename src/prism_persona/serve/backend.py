@@ -93,31 +93,26 @@ def load_router(artifact: str, device: str = "auto", dtype: str = "auto"):
     """A ``GatedModel`` that can only :meth:`route`: the base model is loaded with one decoder layer
     (embeddings + layer 0 + the small head weights; layer 0's output does not depend on later layers)
     and no adapter. Falls back to loading the whole base model if the truncated load fails."""
-    import json
     import logging
-    from pathlib import Path
 
-    from ..gated.artifact import PRISM_CONFIG
     from ..errors import PrismError
-    from ..gated.gate import GateBundle
+    from ..gated.artifact import Artifact
     from ..gated.model import GatedModel
 
     log = logging.getLogger(__name__)
-    d = Path(artifact).expanduser()
-    if not (d / PRISM_CONFIG).is_file():
-        raise PrismError(f"{d} is not a PRISM artifact (no {PRISM_CONFIG}); point --prism at RUN/prism")
-    cfg = json.loads((d / PRISM_CONFIG).read_text(encoding="utf-8"))
+    art = Artifact.read(artifact, need_adapter=False)
+    cfg = art.config
     trust = bool(cfg.get("trust_remote_code", False))
     try:
-        model, tok = load_layer0_model(cfg["base_model"], device, dtype, trust)
+        model, tok = load_layer0_model(art.base_model, device, dtype, trust)
     except PrismError:
         raise
     except Exception as exc:  # an architecture that cannot be cut to one layer
         log.warning("route-only: loading only layer 0 failed (%s); loading the whole base model", exc)
         from ..models import load_model
 
-        model, tok = load_model(cfg["base_model"], dtype=dtype, device=device, trust_remote_code=trust)
-    return GatedModel(model, tok, GateBundle.load(d), batch_size=int(cfg.get("batch_size", 8)), config=cfg)
+        model, tok = load_model(art.base_model, dtype=dtype, device=device, trust_remote_code=trust)
+    return GatedModel(model, tok, art.gate(), batch_size=art.batch_size, config=cfg)
 
 
 def load_layer0_model(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
