@@ -371,12 +371,10 @@ def make_judge(cfg, engine: Optional[Engine]) -> Judge:
     if is_callable_spec(spec) and not Path(spec).exists():
         return CallableJudge(load_callable(spec), name=spec)
     from .engines.hf import HFEngine
-    from .models import load_model, resolve_model
 
-    src = resolve_model(spec)
-    model, tok = load_model(src, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-    other = HFEngine(model, tok, batch_size=cfg.model.batch_size, quiet=cfg.quiet, model_name=src.display)
-    return ModelJudge(other, jc.mode, jc.max_new_tokens, jc.tie_margin, name=src.display, owns_engine=True)
+    m = cfg.model
+    other = HFEngine.load(spec, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code)
+    return ModelJudge(other, jc.mode, jc.max_new_tokens, jc.tie_margin, name=other.model_name, owns_engine=True)
 
 
 def check_judge_spec(spec: str) -> None:

@@ -35,10 +35,17 @@ class HFEngine(Engine):
         self.generate_seconds = 0.0
 
     @classmethod
+    def load(cls, spec, dtype: str = "auto", device: str = "auto", batch_size: int = 8, quiet: bool = False,
+             trust_remote_code: bool = False) -> "HFEngine":
+        """Load the model ``spec`` names (embedded default, HF id, local dir, .gguf) into an engine."""
+        src = resolve_model(spec)
+        model, tok = load_model(src, dtype, device, trust_remote_code)
+        return cls(model, tok, batch_size=batch_size, quiet=quiet, model_name=src.display)
+
+    @classmethod
     def from_config(cls, cfg) -> "HFEngine":
-        src = resolve_model(cfg.model.model)
-        model, tok = load_model(src, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-        return cls(model, tok, batch_size=cfg.model.batch_size, quiet=cfg.quiet, model_name=src.display)
+        m = cfg.model
+        return cls.load(m.model, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code)
 
     @property
     def device(self):

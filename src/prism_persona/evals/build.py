@@ -97,11 +97,8 @@ def build_provider(args) -> EngineProvider:
 
         def base():
             from ..engines.hf import HFEngine
-            from ..models import load_model, resolve_model
 
-            src = resolve_model(spec)
-            model, tok = load_model(src, args.dtype or "auto", args.device or "auto")
-            return HFEngine(model, tok, batch_size=args.batch_size or 8, quiet=args.quiet, model_name=src.display)
+            return HFEngine.load(spec, args.dtype or "auto", args.device or "auto", args.batch_size or 8, args.quiet)
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
@@ -119,12 +116,9 @@ def build_judge(args, provider: EngineProvider) -> EvalJudge:
         fn = load_callable(spec)
         return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
-    from ..models import load_model, resolve_model
 
-    src = resolve_model(spec)
-    model, tok = load_model(src, args.dtype or "auto", args.device or "auto")
-    return EvalJudge(HFEngine(model, tok, batch_size=args.batch_size or 8, quiet=args.quiet, model_name=src.display),
-                     f"model:{src.display}", mode, tokens)
+    engine = HFEngine.load(spec, args.dtype or "auto", args.device or "auto", args.batch_size or 8, args.quiet)
+    return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
 
 
 def build_personas(args) -> PersonaBook:
