@@ -169,3 +169,52 @@ def test_other_model_judge_loads_second_engine(tiny_model_dir):
     assert isinstance(j, ModelJudge) and j.mode == "logprob" and j.engines == [j.engine]
     res = judge_swapped(j, "What is 2+2?", "4", "five")
     assert res.first.winner in ("A", "B", "tie") and set(res.first.detail) == {"logp_A", "logp_B"}
+
+
+def test_callable_judge_receives_domain_and_persona_when_it_asks_for_them():
+    seen = []
+
+    def three(query, a, b):
+        seen.append(("three", query))
+        return "A"
+
+    def with_domain(query, a, b, domain):
+        seen.append(("domain", domain))
+        return "A" if domain == "writing" else "B"
+
+    def with_kwargs(query, a, b, **context):
+        seen.append(("kwargs", context))
+        return "tie"
+
+    for fn in (three, with_domain, with_kwargs):
+        r = judge_swapped(CallableJudge(fn), "q?", "x", "y", domain="writing", persona="You are a poet.")
+        assert r.first.winner in ("A", "tie")
+    assert ("three", "q?") in seen
+    assert seen.count(("domain", "writing")) == 2  # both orders got the domain
+    assert {"domain": "writing", "persona": "You are a poet."} in [s[1] for s in seen if s[0] == "kwargs"]
+    # the old three-tuple form still works and gives empty context
+    assert judge_swapped_batch(CallableJudge(with_domain), [("q", "x", "y")])[0].first.winner == "B"
+
+
+def test_bootstrap_passes_each_pairs_domain_and_persona_to_the_judge(tmp_path):
+    from prism_persona.testing import BootstrapEngine
+    from prism_persona.train.pipeline import run_bootstrap
+
+    calls = []
+
+    def judge(query, a, b, domain, persona):
+        calls.append((domain, persona))
+        return "A" if "EXPERT" in a else "B"
+
+    cfg = C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "quiet": True,
+                                       "persona": {"domains": ["writing", "coding"]},
+                                       "queries": {"queries_per_persona": 3, "per_request": 4}})
+    run_bootstrap(cfg, engine=BootstrapEngine(), judge=CallableJudge(judge))
+    assert {d for d, _ in calls} == {"writing", "coding"}
+    assert all(p.startswith("You are") and d in p for d, p in calls)  # the domain's own persona text
+
+
+def test_unimportable_judge_module_names_the_file_form():
+    with pytest.raises(PrismError, match=r"--judge path/to/my_judge\.py:prefer") as info:
+        load_callable("examples.my_judge:prefer")
+    assert "\n" not in str(info.value)

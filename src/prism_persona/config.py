@@ -75,6 +75,7 @@ class QueryConfig:
     top_p: float = option(0.95, "Nucleus sampling for writing queries.")
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.")
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.")
+    queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).")
 
 
 @dataclass
@@ -245,6 +246,30 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise PrismError(f"malformed config file {p}: the top level must be an object/table")
     data.pop("prism_version", None)
+    return resolve_file_paths(data, p.parent)
+
+
+def resolve_file_paths(data: dict, base: Path) -> dict:
+    """Paths written in a config file are relative to that file (not to where ``prism`` runs):
+    persona files, the queries file and a ``path/to/judge.py:function`` judge."""
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    persona = data.get("persona")
+    if isinstance(persona, dict) and isinstance(persona.get("persona_files"), dict):
+        persona["persona_files"] = {d: absolute(v) if isinstance(v, str) else v
+                                    for d, v in persona["persona_files"].items()}
+    queries = data.get("queries")
+    if isinstance(queries, dict) and isinstance(queries.get("queries_file"), str) and queries["queries_file"]:
+        queries["queries_file"] = absolute(queries["queries_file"])
+    judge = data.get("judge")
+    if isinstance(judge, dict) and isinstance(judge.get("judge"), str):
+        spec = judge["judge"]
+        module, _, fn = spec.rpartition(":")
+        if module.endswith(".py") and fn:
+            judge["judge"] = f"{absolute(module)}:{fn}"
     return data
 
 

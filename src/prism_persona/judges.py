@@ -12,7 +12,10 @@ Judges available:
   ``tie_margin``); in ``text`` mode a short reply is generated greedily and parsed.
 * :class:`CallableJudge` -- a user's function ``fn(query, answer_a, answer_b)`` returning
   ``"A"``/``"B"``/``"tie"`` (or a dict with ``"winner"``), named on the command line as
-  ``module:function`` or ``path/to/file.py:function``.
+  ``module:function`` or ``path/to/file.py:function``. A function that also accepts ``domain``
+  and/or ``persona`` (keyword parameters, or ``**kwargs``) receives the item's domain and the
+  persona text, so one judge can reward a behaviour on some domains and penalise it on others.
+  Naming a judge runs its code: only name judges you trust.
 
 Nothing heavy is imported here.
 """
@@ -56,11 +59,14 @@ TEXT_INSTRUCTION = 'Reply with only "A", "B" or "tie".'
 
 @dataclass(frozen=True)
 class PairItem:
-    """One comparison: the query and the two answers in the order they are shown."""
+    """One comparison: the query and the two answers in the order they are shown, plus what the
+    bootstrap knows about the item (its domain and the persona text; empty when unknown)."""
 
     query: str
     answer_a: str
     answer_b: str
+    domain: str = ""
+    persona: str = ""
 
 
 @dataclass
@@ -275,12 +281,14 @@ class CallableJudge(Judge):
         self.name = name
         self.errors = 0
         self._warned: set = set()
+        self.context = context_parameters(fn)
 
     def compare(self, items: Sequence[PairItem]) -> list[Verdict]:
         out = []
         for it in items:
+            extra = {k: getattr(it, k) for k in self.context}
             try:
-                result = self.fn(it.query, it.answer_a, it.answer_b)
+                result = self.fn(it.query, it.answer_a, it.answer_b, **extra)
             except Exception as exc:  # the user's code: never let it kill the run
                 self.errors += 1
                 kind = type(exc).__name__
@@ -294,21 +302,39 @@ class CallableJudge(Judge):
         return out
 
 
-def judge_swapped(judge: Judge, query: str, x: str, y: str) -> PairResult:
+CONTEXT_FIELDS = ("domain", "persona")
+
+
+def context_parameters(fn: Callable) -> tuple[str, ...]:
+    """Which of ``domain`` / ``persona`` a user's judge function accepts (by keyword or ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: call it with the three answers only
+        return ()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return CONTEXT_FIELDS
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return tuple(f for f in CONTEXT_FIELDS if f in names)
+
+
+def judge_swapped(judge: Judge, query: str, x: str, y: str, domain: str = "", persona: str = "") -> PairResult:
     """Judge x against y in both orders; x wins only if it wins both."""
-    return judge_swapped_batch(judge, [(query, x, y)])[0]
+    return judge_swapped_batch(judge, [(query, x, y, domain, persona)])[0]
 
 
-def judge_swapped_batch(judge: Judge, triples: Sequence[tuple[str, str, str]]) -> list[PairResult]:
-    """:func:`judge_swapped` for many ``(query, x, y)`` at once (one ``compare`` call of 2N items)."""
+def judge_swapped_batch(judge: Judge, items_in: Sequence[tuple]) -> list[PairResult]:
+    """:func:`judge_swapped` for many ``(query, x, y)`` or ``(query, x, y, domain, persona)`` at once
+    (one ``compare`` call of 2N items)."""
     items = []
-    for q, x, y in triples:
-        items.append(PairItem(q, x, y))  # x shown as A
-        items.append(PairItem(q, y, x))  # x shown as B
+    for q, x, y, *context in items_in:
+        items.append(PairItem(q, x, y, *context))  # x shown as A
+        items.append(PairItem(q, y, x, *context))  # x shown as B
     verdicts = judge.compare(items)
     if len(verdicts) != len(items):
         raise RuntimeError(f"judge {judge.name} returned {len(verdicts)} verdicts for {len(items)} items")
-    return [PairResult(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(triples))]
+    return [PairResult(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(items_in))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,8 +373,11 @@ def load_callable(spec: str) -> Callable:
     except PrismError:
         raise
     except Exception as exc:
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and not mod_name.endswith(".py"):
+            hint = f"; for a file, name it by path: --judge path/to/{mod_name.rsplit('.', 1)[-1]}.py:{fn_name}"
         raise PrismError(f"cannot import judge module '{mod_name}': {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
     obj: Any = module
     for part in fn_name.split("."):
         obj = getattr(obj, part, None)

@@ -138,6 +138,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+REDO_NAME = {"query_rounds": "queries"}  # the --redo name of a store that is part of another stage
+
+
 class RunDir:
     """A run directory you can point anywhere. Stages read and write only through it."""
 
@@ -185,7 +188,7 @@ class RunDir:
             shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
             raise ConfigMismatchError(
                 f"{self.root} holds '{stage}' records made with other settings ({shown}); "
-                f"use a new --out, or delete {self.root / (stage + '.*')} to redo that stage"
+                f"use a new --out, or pass --redo {REDO_NAME.get(stage, stage)} to redo that stage with them"
             )
         if old is None:
             self.write_json(meta_name, {"stage": stage, "settings": new})

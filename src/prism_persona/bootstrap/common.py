@@ -60,6 +60,10 @@ def stage_settings(cfg, stage: str) -> dict:
     s["persona"].update(use_length=p.use_length, placement=p.placement)
     s["queries"] = {"per_request": q.per_request, "max_rounds": q.max_rounds, "max_new_tokens": q.max_new_tokens,
                     "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars}
+    if q.queries_file:  # user queries: the file's content is what the records depend on
+        from .query_file import queries_file_hash
+
+        s["queries"] = {"file": queries_file_hash(q.queries_file)}
     if stage == "queries":
         return s
     s["answers"] = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p}

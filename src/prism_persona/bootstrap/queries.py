@@ -110,6 +110,8 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
     Each round batches the requests of every domain that still needs queries into one ``generate``
     call (so the engine's batch is full), then files the cleaned queries under their domain.
     """
+    if cfg.queries.queries_file:
+        return add_file_queries(cfg, run)
     store, rounds = queries_store(run, cfg), rounds_store(run, cfg)
     q = cfg.queries
     target = q.queries_per_persona
@@ -156,6 +158,28 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
                         "(raise queries.max_rounds or queries.per_request)",
                         len(have[domain]), target, domain, next_round[domain])
     return {d: min(target, len(v)) for d, v in have.items()}
+
+
+def add_file_queries(cfg, run: RunDir) -> dict:
+    """Store the ``--queries-file`` queries (no generation); return ``{domain: number stored}``.
+    Duplicates (case and whitespace insensitive) within a domain are dropped and counted."""
+    from .query_file import check_queries_file
+
+    store = queries_store(run, cfg)
+    added, in_file, dropped = [], {d: set() for d in cfg.persona.domains}, 0
+    for domain, query in check_queries_file(cfg.queries.queries_file, cfg.persona.domains):
+        norm = normalise(query)
+        key = content_key("query", domain, norm)
+        if norm in in_file[domain]:
+            dropped += 1
+            continue
+        in_file[domain].add(norm)
+        if key not in store:  # a resumed run stored it already
+            added.append({"key": key, "domain": domain, "query": query, "round": 0, "source": "file"})
+    store.extend(added)
+    if dropped:
+        log.info("queries: %d duplicate lines of %s skipped", dropped, cfg.queries.queries_file)
+    return {d: min(cfg.queries.queries_per_persona, len(_domain_queries(store, d))) for d in cfg.persona.domains}
 
 
 def _domain_queries(store: JsonlStore, domain: str) -> list[dict]:

@@ -45,8 +45,16 @@ def verdict_record(ans: dict, result, judge) -> dict:
             "persona_chars": len(ans["persona_answer"]), "base_chars": len(ans["base_answer"])}
 
 
-def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict]) -> int:
-    """Judge the answer pairs that have no verdict yet; return how many were judged now."""
+def persona_text(personas: dict, answer: dict, cfg) -> str:
+    """The persona the answer was written with (what a context-aware judge receives)."""
+    length = answer.get("persona_length") or cfg.persona.use_length
+    return personas.get(answer["domain"], {}).get(length, "")
+
+
+def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict], personas: Optional[dict] = None) -> int:
+    """Judge the answer pairs that have no verdict yet; return how many were judged now. A judge
+    receives each pair's domain and persona text too (``personas`` = ``{domain: {length: text}}``)."""
+    personas = personas if personas is not None else load_personas(run)
     store = verdicts_store(run, cfg)
     todo = [a for a in answers if a["key"] not in store]
     if not todo:
@@ -54,7 +62,8 @@ def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict]) -
     judge = get_judge()
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
     for batch in chunks(todo, chunk_size(cfg)):
-        results = judge_swapped_batch(judge, [(a["query"], a["persona_answer"], a["base_answer"]) for a in batch])
+        results = judge_swapped_batch(judge, [(a["query"], a["persona_answer"], a["base_answer"], a["domain"],
+                                               persona_text(personas, a, cfg)) for a in batch])
         store.extend(verdict_record(a, r, judge) for a, r in zip(batch, results))
         bar.update(len(batch))
     bar.close()

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     resume_from_saved_config(args)
     cfg = config_from_args(args)
+    if args.redo:
+        from ..train.pipeline import redo
+
+        redo(cfg.out, args.redo)
 
     from ..train.pipeline import run_bootstrap
     from ..bootstrap.summary import format_summary

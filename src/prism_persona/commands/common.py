@@ -34,6 +34,8 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="default (paper settings, GPU) or tiny (2-core CPU, ~10 min)")
     g.add_argument("--out", help="run directory (default runs/prism); rerun the same command to resume")
     g.add_argument("--seed", type=int, help="seed for sampling, splits and initialisation")
+    g.add_argument("--redo", metavar="STAGE", choices=["personas", "queries", "answers", "verdicts", "gate", "distill"],
+                   help="re-run a finished stage (and the stages that depend on it) with the current settings")
     g = p.add_argument_group("personas and data")
     g.add_argument("--domains", help='comma-separated domain names, e.g. "writing,coding,safety"')
     g.add_argument("--persona-file", action="append", default=[], metavar="DOMAIN=PATH",
@@ -41,6 +43,8 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--placement", choices=["system", "user"], help="persona as system message (default) or prepended to the user message")
     g.add_argument("--persona-length", choices=["min", "short", "long"], help="persona variant that drives queries, answers and distillation")
     g.add_argument("--queries-per-persona", type=int, help="unique queries to collect per persona")
+    g.add_argument("--queries-file", metavar="PATH",
+                   help="your own training queries (.jsonl/.json/.csv with domain and query) instead of self-generated ones")
     g.add_argument("--answer-tokens", type=int, help="max new tokens of each answer")
     g = p.add_argument_group("judge")
     g.add_argument("--judge", help="self (default), a model id/path, or a Python callable module:function")
@@ -93,6 +97,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         files[dom.strip()] = str(Path(path).expanduser().resolve())
     if files:
         _put(o, "persona.persona_files", files)
+    if getattr(args, "queries_file", None):
+        _put(o, "queries.queries_file", str(Path(args.queries_file).expanduser().resolve()))
     for item in getattr(args, "set", []) or []:
         if "=" not in item:
             raise PrismError(f"--set wants KEY=VALUE, got '{item}'")

@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set distill.loss=ce (repeatable)")
+    p.add_argument("--redo", action="store_true", help="train the LoRA again with the current settings")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -30,5 +31,9 @@ def run(args) -> int:
     from .run import print_result
 
     cfg = run_config(args.run, overrides_from_args(args))
+    if args.redo:
+        from ..train.pipeline import redo
+
+        redo(args.run, "distill")
     print_result(train_stages(cfg, stages=("distill",)))
     return 0

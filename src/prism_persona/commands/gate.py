@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set gate.calibrate=rate:0.3 (repeatable)")
+    p.add_argument("--redo", action="store_true", help="train the gate again with the current settings")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -28,5 +29,9 @@ def run(args) -> int:
     from .run import print_result
 
     cfg = run_config(args.run, overrides_from_args(args))
+    if args.redo:
+        from ..train.pipeline import redo
+
+        redo(args.run, "gate")
     print_result(train_stages(cfg, stages=("gate",)))
     return 0

@@ -57,6 +57,10 @@ def print_result(res: dict) -> None:
 def run(args) -> int:
     resume_from_saved_config(args)
     cfg = config_from_args(args)
+    if args.redo:
+        from ..train.pipeline import redo
+
+        redo(cfg.out, args.redo)
 
     from ..train.pipeline import run_pipeline
 

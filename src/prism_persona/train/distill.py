@@ -318,7 +318,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
 
     dp = DataParallel()
     if run.done(STAGE):
-        log.info("distill: already done, skipping (delete %s to redo it)", run.path(f"{STAGE}.done.json"))
+        log.info("distill: already done, skipping (pass --redo distill to train it again)")
         return run.read_json(f"{STAGE}.done.json")
     run.check_settings(STAGE, distill_settings(cfg))
     t0 = time.perf_counter()

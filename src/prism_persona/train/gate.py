@@ -242,7 +242,7 @@ def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> d
     from ..models import load_model
 
     if run.done(STAGE):
-        log.info("gate: already done, skipping (delete %s to redo it)", run.path(f"{STAGE}.done.json"))
+        log.info("gate: already done, skipping (pass --redo gate to train it again)")
         return run.read_json(f"{STAGE}.done.json")
     run.check_settings(STAGE, gate_settings(cfg))
     t0 = time.perf_counter()

@@ -39,10 +39,26 @@ log = logging.getLogger(__name__)
 
 
 def check_run(cfg, run: RunDir) -> None:
-    """Refuse early (before loading a model) if ``run`` holds records made with other settings."""
+    """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
+    records or trained stages made with other settings: the saved config always describes what ran."""
     for stage in ("personas", "queries", "query_rounds", "answers", "verdicts"):
         base = "queries" if stage == "query_rounds" else stage
         run.check_settings(stage, json.loads(json.dumps(stage_settings(cfg, base), default=str)))
+    check_trained(cfg, run, ("gate", "distill"))
+
+
+def check_trained(cfg, run: RunDir, stages) -> None:
+    """A finished gate / distill stage is skipped on a rerun, so settings that differ from the ones it
+    was trained with are refused (with a --redo hint) instead of being silently ignored."""
+    done = [s for s in stages if run.done(s)]
+    if not done:
+        return
+    from .distill import distill_settings
+    from .gate import gate_settings
+
+    settings = {"gate": gate_settings, "distill": distill_settings}
+    for stage in done:
+        run.check_settings(stage, json.loads(json.dumps(settings[stage](cfg), default=str)))
 
 
 def preflight(cfg, engine, judge) -> None:
@@ -51,6 +67,10 @@ def preflight(cfg, engine, judge) -> None:
     if not cfg.persona.domains:
         raise PrismError('no domains given; use --domains "writing,coding,safety"')
     persona_file_hashes(cfg)  # raises for a missing or empty persona file
+    if cfg.queries.queries_file:
+        from ..bootstrap.query_file import check_queries_file
+
+        check_queries_file(cfg.queries.queries_file, cfg.persona.domains)
     if engine is None and cfg.engine.engine == "hf":
         from ..models import resolve_model
 
@@ -95,7 +115,7 @@ def run_bootstrap(cfg, engine=None, judge=None) -> dict:
         queries = selected_queries(cfg, run)
         write_answers(cfg, run, get_engine, personas, queries)
         answers = _select(answers_store(run, cfg), queries)
-        write_verdicts(cfg, run, get_judge, answers)
+        write_verdicts(cfg, run, get_judge, answers, personas)
         verdicts = _select(verdicts_store(run, cfg), queries)
     finally:  # also on Ctrl-C: close what was built here and keep this invocation's token counts
         built = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
@@ -145,6 +165,55 @@ def _select(store: JsonlStore, queries: list[dict]) -> list[dict]:
 
 STAGES = ("bootstrap", "gate", "distill")
 
+# what --redo removes: each stage's own files; the stages after it are redone with it
+REDO_FILES = {
+    "personas": ["personas.jsonl"],
+    "queries": ["queries.jsonl", "query_rounds.jsonl", "query_rounds.meta.json"],
+    "answers": ["answers.jsonl"],
+    "verdicts": ["verdicts.jsonl", "bootstrap.done.json", "summary.json", "summary.md"],
+    "gate": ["gate.done.json", "gate"],
+    "distill": ["distill.done.json", "distill"],
+}
+BOOTSTRAP_ORDER = ("personas", "queries", "answers", "verdicts")
+
+
+def redo_stages(stage: str) -> list[str]:
+    """``stage`` and every stage whose records depend on it, in pipeline order."""
+    if stage not in REDO_FILES:
+        raise PrismError(f"--redo takes one of: {', '.join(REDO_FILES)}; got '{stage}'")
+    if stage in BOOTSTRAP_ORDER:
+        return list(BOOTSTRAP_ORDER[BOOTSTRAP_ORDER.index(stage):]) + ["gate", "distill"]
+    return [stage]
+
+
+def redo(run_dir, stage: str) -> list[str]:
+    """Forget ``stage`` (and what depends on it) so the next run redoes it with the current settings.
+
+    Removes, in this order: the done markers, the stage files and directories, the assembled artifact
+    and training report, then the saved stage settings (last: a run killed half-way through is then
+    refused, with a hint to pass --redo again, rather than resumed from half-removed state).
+    Returns the names removed.
+    """
+    import shutil
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    stages = redo_stages(stage)
+    names = [n for s in stages for n in REDO_FILES[s]]
+    names.sort(key=lambda n: not n.endswith(".done.json"))  # markers first
+    names += ["prism", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
+    removed = []
+    for name in names:
+        path = run.path(name)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    log.info("redo %s: removed %s", stage, ", ".join(removed) or "nothing (the stage had not run)")
+    return removed
+
 
 def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> "C.RunConfig":
     """The settings saved in ``RUN/config.json`` (what the run was made with), with ``overrides``."""
@@ -174,6 +243,7 @@ def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds:
     from .report import write_report
 
     run = RunDir(cfg.out)
+    check_trained(cfg, run, stages)
     records = load_labelled(run)
     seconds = dict(seconds or {})
     if any(not run.done(s) for s in stages) and model is None:

@@ -1,0 +1,117 @@
+"""User-supplied training queries (``--queries-file``): the paper's self-generated queries stay the
+default; with a file, its queries replace stage 2's generation (personas, answers and verdicts run as
+usual on them).
+
+Accepted formats, read with the proper parsers (never by splitting lines of text):
+
+* ``.jsonl`` -- one object per line with ``domain`` and ``query`` (``prompt`` is accepted for ``query``);
+* ``.json``  -- a list of such objects, or ``{domain: [query, ...]}``;
+* ``.csv`` / ``.tsv`` -- a header row with ``domain`` and ``query`` columns.
+
+Every problem is a one-line error naming the file and the row, raised before any model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..errors import PrismError
+
+QUERY_FIELDS = ("query", "prompt")
+
+
+def read_queries_file(path: str | Path) -> list[tuple[str, str]]:
+    """``[(domain, query), ...]`` in file order (blank queries are an error, duplicates are kept here)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PrismError(f"queries file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PrismError(f"queries file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    suffix = p.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        rows = _csv_rows(p, text, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".json":
+        rows = _json_rows(p, text)
+    else:
+        rows = _jsonl_rows(p, text)
+    out = [_row(p, where, row) for where, row in rows]
+    if not out:
+        raise PrismError(f"queries file {p} holds no queries")
+    return out
+
+
+def check_queries_file(path: str | Path, domains: Sequence[str]) -> list[tuple[str, str]]:
+    """:func:`read_queries_file`, and every domain of the file must be in ``domains`` and vice versa."""
+    pairs = read_queries_file(path)
+    found = {d for d, _ in pairs}
+    unknown = sorted(found - set(domains))
+    if unknown:
+        raise PrismError(f"queries file {path} has domains not in --domains: {', '.join(unknown)}")
+    missing = [d for d in domains if d not in found]
+    if missing:
+        raise PrismError(f"queries file {path} has no queries for: {', '.join(missing)}")
+    return pairs
+
+
+def queries_file_hash(path: str | Path) -> str:
+    return hashlib.sha1(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+
+
+def _row(p: Path, where: str, row) -> tuple[str, str]:
+    if not isinstance(row, dict):
+        raise PrismError(f"{p} {where}: expected an object with 'domain' and 'query'")
+    domain = row.get("domain")
+    query = next((row[k] for k in QUERY_FIELDS if row.get(k) not in (None, "")), None)
+    if not isinstance(domain, str) or not domain.strip():
+        raise PrismError(f"{p} {where}: no 'domain'")
+    if not isinstance(query, str) or not query.strip():
+        raise PrismError(f"{p} {where}: no non-empty 'query'")
+    return domain.strip(), query.strip()
+
+
+def _jsonl_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:
+    # JSON Lines: records are separated by "\n" only (json.loads rejects a raw newline inside a string,
+    # so a U+0085 or U+2028 inside a query stays part of it)
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrismError(f"{p} line {n} is not valid JSON ({exc.msg})") from None
+
+
+def _json_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict):
+        for domain, queries in data.items():
+            if not isinstance(queries, list):
+                raise PrismError(f"{p}: '{domain}' must map to a list of queries")
+            for i, q in enumerate(queries, 1):
+                yield f"'{domain}' item {i}", {"domain": domain, "query": q}
+    elif isinstance(data, list):
+        for i, row in enumerate(data, 1):
+            yield f"item {i}", row
+    else:
+        raise PrismError(f"{p}: expected a list of objects or {{domain: [queries]}}")
+
+
+def _csv_rows(p: Path, text: str, delimiter: str) -> Iterable[tuple[str, object]]:
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    if "domain" not in fields or not any(f in fields for f in QUERY_FIELDS):
+        raise PrismError(f"{p}: the header must name a 'domain' and a 'query' column (found: {', '.join(fields)})")
+    for row in reader:
+        clean = {(k or "").strip().lower(): v for k, v in row.items()}
+        yield f"line {reader.line_num}", clean
