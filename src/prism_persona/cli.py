@@ -26,6 +26,7 @@ COMMANDS = [
     "study",
     "serve",
     "export",
+    "check",  # the method on held-out queries
     "config",
 ]
 

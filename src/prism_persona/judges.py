@@ -391,19 +391,28 @@ def load_callable(spec: str) -> Callable:
 def make_judge(cfg, engine: Optional[Engine]) -> Judge:
     """The judge ``cfg.judge.judge`` names: ``self`` (uses ``engine``), ``module:function``, or a model
     id/path loaded as a second in-process engine."""
-    spec = (cfg.judge.judge or "self").strip()
-    jc = cfg.judge
+    jc, m = cfg.judge, cfg.model
+    return judge_from_spec(jc.judge, engine, jc.mode, jc.max_new_tokens, jc.tie_margin,
+                           load=dict(dtype=m.dtype, device=m.device, batch_size=m.batch_size, quiet=cfg.quiet,
+                                     trust_remote_code=m.trust_remote_code))
+
+
+def judge_from_spec(spec: str, self_engine: Optional[Engine], mode: str = "auto", max_new_tokens: int = 24,
+                    tie_margin: float = 0.0, load: Optional[dict] = None) -> Judge:
+    """``self`` -> a :class:`ModelJudge` on ``self_engine``; ``module:function`` / ``file.py:function``
+    -> a :class:`CallableJudge` (this imports and runs the user's code); anything else is a model id
+    or path, loaded in-process (``load`` = keyword arguments of :meth:`HFEngine.load`)."""
+    spec = (spec or "self").strip()
     if spec.lower() == "self":
-        if engine is None:
-            raise ValueError("make_judge('self') needs the bootstrapped engine")
-        return ModelJudge(engine, jc.mode, jc.max_new_tokens, jc.tie_margin, name="self")
+        if self_engine is None:
+            raise ValueError("the 'self' judge needs the model's own engine")
+        return ModelJudge(self_engine, mode, max_new_tokens, tie_margin, name="self")
     if is_callable_spec(spec) and not Path(spec).exists():
         return CallableJudge(load_callable(spec), name=spec)
     from .engines.hf import HFEngine
 
-    m = cfg.model
-    other = HFEngine.load(spec, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code)
-    return ModelJudge(other, jc.mode, jc.max_new_tokens, jc.tie_margin, name=other.model_name, owns_engine=True)
+    other = HFEngine.load(spec, **(load or {}))
+    return ModelJudge(other, mode, max_new_tokens, tie_margin, name=other.model_name, owns_engine=True)
 
 
 def check_judge_spec(spec: str) -> None:

@@ -24,26 +24,44 @@ from ..errors import PrismError
 QUERY_FIELDS = ("query", "prompt")
 
 
-def read_queries_file(path: str | Path) -> list[tuple[str, str]]:
-    """``[(domain, query), ...]`` in file order (blank queries are an error, duplicates are kept here)."""
+def read_rows(path: str | Path, what: str = "queries file") -> list[tuple[str, dict]]:
+    """``[(where, row dict), ...]`` of a .jsonl / .json / .csv / .tsv file (``where`` names the line or
+    item for error messages); one-line errors for a missing, non-UTF-8 or malformed file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise PrismError(f"queries file not found: {path}")
+        raise PrismError(f"{what} not found: {path}")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise PrismError(f"queries file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise PrismError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        rows = _csv_rows(p, text, "\t" if suffix == ".tsv" else ",")
+        rows = list(_csv_rows(p, text, "\t" if suffix == ".tsv" else ","))
     elif suffix == ".json":
-        rows = _json_rows(p, text)
+        rows = list(_json_rows(p, text))
     else:
-        rows = _jsonl_rows(p, text)
-    out = [_row(p, where, row) for where, row in rows]
-    if not out:
-        raise PrismError(f"queries file {p} holds no queries")
-    return out
+        rows = list(_jsonl_rows(p, text))
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise PrismError(f"{p} {where}: expected an object with 'domain' and 'query'")
+    if not rows:
+        raise PrismError(f"{what} {p} holds no queries")
+    return rows
+
+
+def domain_and_query(path: str | Path, where: str, row: dict) -> tuple[str, str]:
+    domain = row.get("domain")
+    query = next((row[k] for k in QUERY_FIELDS if row.get(k) not in (None, "")), None)
+    if not isinstance(domain, str) or not domain.strip():
+        raise PrismError(f"{path} {where}: no 'domain'")
+    if not isinstance(query, str) or not query.strip():
+        raise PrismError(f"{path} {where}: no non-empty 'query'")
+    return domain.strip(), query.strip()
+
+
+def read_queries_file(path: str | Path) -> list[tuple[str, str]]:
+    """``[(domain, query), ...]`` in file order (blank queries are an error, duplicates are kept here)."""
+    return [domain_and_query(Path(path).expanduser(), where, row) for where, row in read_rows(path)]
 
 
 def check_queries_file(path: str | Path, domains: Sequence[str]) -> list[tuple[str, str]]:
@@ -61,18 +79,6 @@ def check_queries_file(path: str | Path, domains: Sequence[str]) -> list[tuple[s
 
 def queries_file_hash(path: str | Path) -> str:
     return hashlib.sha1(Path(path).expanduser().read_bytes()).hexdigest()[:16]
-
-
-def _row(p: Path, where: str, row) -> tuple[str, str]:
-    if not isinstance(row, dict):
-        raise PrismError(f"{p} {where}: expected an object with 'domain' and 'query'")
-    domain = row.get("domain")
-    query = next((row[k] for k in QUERY_FIELDS if row.get(k) not in (None, "")), None)
-    if not isinstance(domain, str) or not domain.strip():
-        raise PrismError(f"{p} {where}: no 'domain'")
-    if not isinstance(query, str) or not query.strip():
-        raise PrismError(f"{p} {where}: no non-empty 'query'")
-    return domain.strip(), query.strip()
 
 
 def _jsonl_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:

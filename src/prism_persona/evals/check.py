@@ -1,0 +1,337 @@
+"""``prism check``: does the method work on queries it was never trained on?
+
+The bootstrap's own held-out split says how well the gate fits the model's *generated* queries; this
+check asks what users need to know, on a file of held-out queries (hand-written, labelled by domain,
+optionally by the route you expect):
+
+* **routing** -- the share of each domain's queries the gate routes to the LoRA, and how well the gate
+  probability separates the queries that should be routed (AUC, balanced accuracy at the artifact's
+  threshold) when the file (``route``) or ``--rewarded DOMAINS`` says which should be;
+* **behaviour transfer** -- the judge's win rate of the LoRA *without* the persona against the base
+  model, divided by the win rate of the persona *prompt* against the base model, on the same queries
+  with the same judge (both orders; a win only if it wins both). 1.0 = the LoRA carries all of the
+  persona's effect; 0 = none of it;
+* **base identity** -- the share of unrouted queries whose PRISM answer (gate deciding, mixed batches)
+  is token-identical to the base model's answer (greedy decoding): PRISM must leave them untouched;
+* **repetition loops** -- the share of answers stuck repeating a phrase, per system (distillation
+  must not add loops the base model does not make).
+
+Four systems answer every query, greedily: ``base`` (LoRA off), ``lora`` (LoRA forced on, no
+persona), ``persona`` (LoRA off, the domain's persona in the prompt), ``prism`` (the gate decides).
+Answers and verdicts are stored in ``OUT/answers.jsonl`` / ``OUT/verdicts.jsonl`` as they are made, so
+a killed check resumes; the report is ``OUT/check.json``, ``check.md`` and ``check.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import PrismError
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("base", "lora", "persona", "prism")
+PAIRS = {"lora_vs_base": ("lora", "base"), "persona_vs_base": ("persona", "base")}
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off"}
+
+
+@dataclass(frozen=True)
+class HeldoutQuery:
+    key: str
+    domain: str
+    query: str
+    route: Optional[bool]  # the route the user expects, when known
+
+
+# -------------------------------------------------------------------------------------------- input
+
+
+def load_heldout(path: str | Path, rewarded: Sequence[str] = ()) -> list[HeldoutQuery]:
+    """Held-out queries from a .jsonl/.json/.csv file with ``domain`` and ``query`` (and optionally
+    ``route``: true/false). Without a ``route`` column, queries of the ``rewarded`` domains are the
+    ones expected to be routed (when ``rewarded`` is given)."""
+    from ..bootstrap.query_file import domain_and_query, read_rows
+    from ..store import content_key
+
+    items, seen = [], set()
+    for where, row in read_rows(path, what="held-out queries file"):
+        domain, query = domain_and_query(path, where, row)
+        route = _route_value(path, where, row.get("route", row.get("expected_route")))
+        if route is None and rewarded:
+            route = domain in rewarded
+        key = content_key("heldout", domain, query)
+        if key in seen:
+            continue
+        seen.add(key)
+        items.append(HeldoutQuery(key, domain, query, route))
+    unknown = sorted(set(rewarded) - {q.domain for q in items})
+    if unknown:
+        raise PrismError(f"--rewarded names domains with no held-out queries: {', '.join(unknown)}")
+    return items
+
+
+def _route_value(path, where: str, value) -> Optional[bool]:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise PrismError(f"{path} {where}: 'route' must be true or false, got {value!r}")
+
+
+def persona_texts(artifact, domains: Sequence[str], persona_files: Optional[dict] = None) -> dict:
+    """``{domain: persona text}`` for the persona-prompt system: ``persona_files`` (domain -> path)
+    first, else the personas of the run the artifact was assembled in (``RUN/personas.jsonl``)."""
+    from ..bootstrap.common import persona_file_text
+    from ..bootstrap.personas import load_personas
+
+    texts = {d: persona_file_text(p, d) for d, p in (persona_files or {}).items()}
+    run_personas = load_personas(artifact.path.parent) if (artifact.path.parent / "personas.jsonl").is_file() else {}
+    length = artifact.config.get("persona_length", "short")
+    for d in domains:
+        if d not in texts and run_personas.get(d, {}).get(length):
+            texts[d] = run_personas[d][length]
+    missing = [d for d in domains if d not in texts]
+    if missing:
+        raise PrismError(f"no persona for held-out domain(s) {', '.join(missing)}: the artifact's run has none; "
+                         "give --persona-file DOMAIN=PATH")
+    return texts
+
+
+def artifact_fingerprint(artifact) -> str:
+    """A hash of the gate and adapter weights (answers made with another artifact are not reused)."""
+    h = hashlib.sha1()
+    for path in (artifact.path / "gate.safetensors", artifact.path / "gate_config.json",
+                 artifact.adapter_dir / "adapter_model.safetensors"):
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------------------- loops
+
+
+_WORD = re.compile(r"\w+", re.U)
+
+
+def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
+    """True when the answer repeats the same 1..``max_n``-word phrase ``min_repeats`` times in a row
+    (``"word, word, word, word"``, a sentence over and over): a degenerate, looping answer."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    for n in range(1, max_n + 1):
+        need = n * min_repeats
+        for start in range(0, len(words) - need + 1):
+            gram = words[start:start + n]
+            if all(words[start + k * n:start + (k + 1) * n] == gram for k in range(1, min_repeats)):
+                return True
+    return False
+
+
+# -------------------------------------------------------------------------------------------- work
+
+
+def write_answers(gm, items: Sequence[HeldoutQuery], personas: dict, placement: str, store, max_new_tokens: int,
+                  batch_size: int, quiet: bool = True) -> None:
+    """Answer every query with every system (greedy); append to ``store`` as batches finish."""
+    from ..engines.base import SamplingParams
+    from ..models import user_chat, with_persona
+    from ..progress import progress
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    force = {"base": False, "lora": True, "persona": False, "prism": None}
+    todo = [(s, q) for s in SYSTEMS for q in items if f"{s}:{q.key}" not in store]
+    bar = progress(total=len(todo), desc="check answers", disable=quiet, unit="answer")
+    for system in SYSTEMS:
+        rows = [q for s, q in todo if s == system]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            chats = [user_chat(q.query) for q in batch]
+            if system == "persona":
+                chats = [with_persona(c, personas[q.domain], placement) for c, q in zip(chats, batch)]
+            outs = gm.generate(chats, params, force=force[system])
+            store.extend({"key": f"{system}:{q.key}", "system": system, "query_key": q.key, "text": o.text,
+                          "finish": o.finish_reason, "routed": bool(o.meta.get("routed")),
+                          "gate_prob": float(o.meta.get("gate_prob", 0.0))} for q, o in zip(batch, outs))
+            bar.update(len(batch))
+    bar.close()
+
+
+def write_verdicts(judge, items: Sequence[HeldoutQuery], answers, personas: dict, store, batch_size: int,
+                   quiet: bool = True) -> None:
+    """Judge LoRA vs base and persona vs base for every query, in both orders."""
+    from ..judges import judge_swapped_batch
+    from ..progress import progress
+
+    todo = [(pair, q) for pair in PAIRS for q in items if f"{pair}:{q.key}" not in store]
+    bar = progress(total=len(todo), desc="check verdicts", disable=quiet, unit="pair")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        triples = []
+        for pair, q in batch:
+            x, y = PAIRS[pair]
+            triples.append((q.query, answers.get(f"{x}:{q.key}")["text"], answers.get(f"{y}:{q.key}")["text"],
+                            q.domain, personas.get(q.domain, "")))
+        results = judge_swapped_batch(judge, triples)
+        store.extend({"key": f"{pair}:{q.key}", "pair": pair, "query_key": q.key, "winner": r.winner,
+                      "x_wins": r.x_wins, "orders": [r.first.winner, r.second.winner]}
+                     for (pair, q), r in zip(batch, results))
+        bar.update(len(batch))
+    bar.close()
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+def _rate(num: int, den: int) -> Optional[float]:
+    return num / den if den else None
+
+
+def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float) -> dict:
+    """Per-domain and overall metrics (see the module docstring)."""
+    from ..train.gate import binary_metrics
+
+    def block(qs: Sequence[HeldoutQuery]) -> dict:
+        prism = [answers.get(f"prism:{q.key}") for q in qs]
+        unrouted = [(q, a) for q, a in zip(qs, prism) if not a["routed"]]
+        same = sum(1 for q, a in unrouted if a["text"] == answers.get(f"base:{q.key}")["text"])
+        wins = {p: sum(1 for q in qs if verdicts.get(f"{p}:{q.key}")["x_wins"]) for p in PAIRS}
+        lora_rate, persona_rate = _rate(wins["lora_vs_base"], len(qs)), _rate(wins["persona_vs_base"], len(qs))
+        out = {
+            "n": len(qs),
+            "routing_rate": _rate(sum(a["routed"] for a in prism), len(qs)),
+            "mean_gate_prob": _rate(sum(a["gate_prob"] for a in prism), len(qs)),
+            "expected_route_rate": _rate(sum(1 for q in qs if q.route), sum(1 for q in qs if q.route is not None)),
+            "lora_win_rate": lora_rate, "persona_win_rate": persona_rate,
+            "transfer_ratio": lora_rate / persona_rate if persona_rate else None,
+            "unrouted": len(unrouted), "base_identity": _rate(same, len(unrouted)),
+            "loop_rate": {s: _rate(sum(is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs), len(qs))
+                          for s in SYSTEMS},
+        }
+        return out
+
+    domains = sorted({q.domain for q in items}, key=[q.domain for q in items].index)
+    report = {"threshold": threshold, "overall": block(items),
+              "domains": {d: block([q for q in items if q.domain == d]) for d in domains}}
+    labelled = [q for q in items if q.route is not None]
+    if labelled:
+        probs = [answers.get(f"prism:{q.key}")["gate_prob"] for q in labelled]
+        m = binary_metrics(probs, [int(q.route) for q in labelled], threshold)
+        report["gate_vs_expected_route"] = {k: m[k] for k in ("n", "positives", "accuracy", "balanced_accuracy", "auc")}
+    return report
+
+
+def fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.0f}%" if pct else f"{x:.2f}"
+
+
+def check_markdown(report: dict) -> str:
+    o, g = report["overall"], report.get("gate_vs_expected_route")
+    lines = [f"# PRISM held-out check: {report['artifact']}", "",
+             f"{o['n']} held-out queries from `{report['heldout']}`; judge `{report['judge']}`; greedy answers of "
+             f"at most {report['max_new_tokens']} tokens; gate threshold {report['threshold']:.3f}.", ""]
+    if g:
+        lines += [f"**Gate vs expected route** ({g['n']} labelled, {g['positives']} expected routed): "
+                  f"AUC {fmt(g['auc'])}, balanced accuracy {fmt(g['balanced_accuracy'])}, accuracy {fmt(g['accuracy'])}.", ""]
+    lines += [f"**Behaviour transfer** (LoRA without persona vs base, over persona prompt vs base): "
+              f"{fmt(o['transfer_ratio'])} ({fmt(o['lora_win_rate'], True)} / {fmt(o['persona_win_rate'], True)}).",
+              f"**Base identity** (unrouted PRISM answers equal to the base model's): {fmt(o['base_identity'], True)} "
+              f"of {o['unrouted']}.", "",
+              "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, b in [*report["domains"].items(), ("**all**", o)]:
+        loops = " / ".join(fmt(b["loop_rate"][s], True) for s in SYSTEMS)
+        lines.append(f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
+                     f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
+                     f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |")
+    lines += ["", "![check](check.png)", ""]
+    return "\n".join(lines)
+
+
+def check_figure(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doms = list(report["domains"])
+    rows = [report["domains"][d] for d in doms]
+    fig, axes = plt.subplots(1, 2, figsize=(min(12, 4 + 1.2 * len(doms)), 3.6), dpi=110)
+    x = range(len(doms))
+    ax = axes[0]
+    ax.bar(x, [r["routing_rate"] or 0 for r in rows], color="#4c72b0", label="routed by the gate")
+    exp = [r["expected_route_rate"] for r in rows]
+    if any(e is not None for e in exp):
+        ax.scatter(list(x), [e if e is not None else float("nan") for e in exp], color="black", marker="_", s=400,
+                   zorder=3, label="expected")
+    ax.set_xticks(list(x), doms, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("routing rate on held-out queries")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    ax = axes[1]
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], [r["persona_win_rate"] or 0 for r in rows], w, color="#dd8452", label="persona prompt vs base")
+    ax.bar([i + w / 2 for i in x], [r["lora_win_rate"] or 0 for r in rows], w, color="#55a868", label="LoRA, no persona, vs base")
+    ax.set_xticks(list(x), doms, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"judge win rate (transfer {fmt(report['overall']['transfer_ratio'])})")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- entry
+
+
+def run_check(artifact_dir: str | Path, heldout: str | Path, out: Optional[str | Path] = None, judge: str = "self",
+              rewarded: Sequence[str] = (), persona_files: Optional[dict] = None, max_new_tokens: int = 96,
+              judge_mode: str = "auto", device: str = "auto", dtype: str = "auto", batch_size: Optional[int] = None,
+              quiet: bool = False, gated=None) -> dict:
+    """Run (or resume) the held-out check of an artifact; return the report (also written to ``out``,
+    default ``<artifact>/../check``). ``gated`` = an already loaded :class:`GatedModel` to use."""
+    from ..gated.artifact import Artifact
+    from ..judges import check_judge_spec, judge_from_spec
+    from ..store import RunDir
+
+    if max_new_tokens < 1:
+        raise PrismError("--max-new-tokens must be at least 1")
+    art = Artifact.read(artifact_dir)
+    items = load_heldout(heldout, rewarded)
+    personas = persona_texts(art, sorted({q.domain for q in items}), persona_files)
+    check_judge_spec(judge)
+    run = RunDir(out or art.path.parent / "check")
+    answer_settings = {"artifact": artifact_fingerprint(art), "max_new_tokens": max_new_tokens,
+                       "personas": {d: hashlib.sha1(t.encode()).hexdigest()[:16] for d, t in sorted(personas.items())}}
+    answers = run.store("answers", depends_on=answer_settings)
+    verdicts = run.store("verdicts", depends_on={"answers": answer_settings, "judge": judge, "judge_mode": judge_mode})
+    if gated is None:
+        from ..gated.model import GatedModel
+
+        gated = GatedModel.from_pretrained(art.path, device=device, dtype=dtype, batch_size=batch_size)
+    bs = batch_size or gated.batch_size
+    write_answers(gated, items, personas, art.config.get("placement", "system"), answers, max_new_tokens, bs, quiet)
+    the_judge = judge_from_spec(judge, gated.as_engine(force=False), judge_mode)
+    try:
+        write_verdicts(the_judge, items, answers, personas, verdicts, bs, quiet)
+    finally:
+        the_judge.close()
+    report = summarise(items, answers, verdicts, gated.threshold)
+    report.update(artifact=str(art.path), heldout=str(heldout), judge=judge, judge_mode=getattr(the_judge, "mode", judge_mode),
+                  max_new_tokens=max_new_tokens, rewarded=list(rewarded))
+    run.write_json("check.json", report)
+    check_figure(report, run.path("check.png"))
+    run.path("check.md").write_text(check_markdown(report), encoding="utf-8")
+    report["out"] = str(run.root)
+    return report
