@@ -166,13 +166,19 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
 @pytest.mark.parametrize("argv,msg", [
     (["eval", "--systems", "base,gpt4"], "unknown system 'gpt4'"),
     (["eval", "--systems", "base,prism"], "need --prism"),
-    (["eval", "--benchmarks", "mmlu"], "MMLU needs --mmlu"),
+    # no local copy and the hub unreachable (tests run offline): the line names the override flag
+    (["eval", "--benchmarks", "mmlu"], "from the Hugging Face hub (Couldn't reach 'cais/mmlu'"),
+    (["eval", "--benchmarks", "mmlu"], "pass a local copy with --mmlu PATH"),
     (["eval", "--benchmarks", "mmlu", "--mmlu", "nope.jsonl"], "MMLU file not found"),
-    (["eval", "--benchmarks", "mtbench"], "MT-Bench file not found"),
+    (["eval", "--benchmarks", "mtbench"], "pass a local copy with --mtbench PATH"),
+    (["eval", "--benchmarks", "mtbench", "--mtbench", "nope.jsonl"], "MT-Bench file not found"),
     (["eval", "--benchmarks", "hellaswag"], "unknown benchmark"),
     (["study", "--benchmarks", "pku", "--pku", "missing.json"], "pku file not found"),
 ])
-def test_cli_errors_are_one_line(argv, msg, capsys):
+def test_cli_errors_are_one_line(argv, msg, capsys, monkeypatch, tmp_path):
+    datasets_config = pytest.importorskip("datasets.config")
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True, raising=False)
     assert main(argv + ["-q"]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err

@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 ALL_BENCHMARKS = ("mmlu", "mtbench") + D.SAFETY_BENCHMARKS
 
 
-def parse_benchmarks(text: Optional[str], have_mmlu: bool) -> list[str]:
-    """``"mmlu,mtbench,safety"`` -> names; ``safety`` means all three safety sets. Default: all but
-    MMLU, plus MMLU when ``--mmlu`` was given."""
+def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
+    """``"mmlu,mtbench,safety"`` -> names; ``safety`` means the harmful sets and the benign
+    (over-refusal) set. Default: every benchmark (each from its hub dataset unless a flag gives a path)."""
     if not text:
-        return (["mmlu"] if have_mmlu else []) + ["mtbench", *D.SAFETY_BENCHMARKS]
+        return ["mmlu", "mtbench", *D.SAFETY_BENCHMARKS]
     out: list[str] = []
     for name in (t.strip().lower() for t in text.split(",") if t.strip()):
         names = list(D.SAFETY_BENCHMARKS) if name == "safety" else [name]
@@ -31,8 +31,6 @@ def parse_benchmarks(text: Optional[str], have_mmlu: bool) -> list[str]:
                 raise PrismError(f"unknown benchmark '{n}'; choose from {', '.join(ALL_BENCHMARKS)} or safety")
             if n not in out:
                 out.append(n)
-    if "mmlu" in out and not have_mmlu:
-        raise PrismError("MMLU needs --mmlu PATH (a cais/mmlu export or a folder of <subject>_test.csv files)")
     return out
 
 
@@ -42,16 +40,16 @@ def load_benchmarks(args, names: list[str], limit: Optional[int] = None) -> Benc
     lim = limit if limit is not None else getattr(args, "limit", None)
     if "mmlu" in names:
         subjects = [s for s in (args.subjects or "").split(",") if s.strip()] or None
-        b.mmlu = D.load_mmlu(args.mmlu, subjects=subjects, limit=getattr(args, "mmlu_limit", None) or lim)
+        b.mmlu = D.load_mmlu(args.mmlu or None, subjects=subjects, limit=getattr(args, "mmlu_limit", None) or lim)
     if "mtbench" in names:
         cats = [s for s in (getattr(args, "categories", None) or "").split(",") if s.strip()] or None
-        b.mtbench = D.load_mtbench(args.mtbench or D.default_path("mtbench"), categories=cats,
+        b.mtbench = D.load_mtbench(args.mtbench or None, categories=cats,
                                    limit=getattr(args, "mtbench_limit", None) or lim)
         if not b.mtbench:
             raise PrismError(f"no MT-Bench questions in categories {cats}")
     for s in D.SAFETY_BENCHMARKS:
         if s in names:
-            b.safety[s] = D.load_safety(s, getattr(args, s) or D.default_path(s),
+            b.safety[s] = D.load_safety(s, getattr(args, s, None) or None,
                                         limit=getattr(args, "safety_limit", None) or lim)
     return b
 
@@ -154,17 +152,23 @@ def add_eval_options(p) -> None:
     g.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (default 8)")
-    g = p.add_argument_group("data (defaults: ../shared/benchmarks/<file>)")
-    g.add_argument("--benchmarks", help="comma list of mmlu, mtbench, harmbench, jailbreak, pku, safety "
-                                        "(default: all; mmlu only with --mmlu)")
-    g.add_argument("--mmlu", metavar="PATH", help="cais/mmlu export (.jsonl/.json/.csv/.parquet, or a folder) or a "
-                                                   "folder of original <subject>_test.csv files")
+    g = p.add_argument_group("data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)")
+    g.add_argument("--benchmarks", help="comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
+                                        "(safety = harmbench,jailbreak,pku,benign; default: all)")
+    g.add_argument("--mmlu", metavar="PATH", help="local MMLU instead of cais/mmlu: a cais/mmlu export "
+                                                   "(.jsonl/.json/.csv/.parquet, or a folder) or a folder of "
+                                                   "original <subject>_test.csv files")
     g.add_argument("--subjects", help="comma list of MMLU subjects to keep")
     g.add_argument("--categories", help="comma list of MT-Bench categories to keep")
-    g.add_argument("--mtbench", metavar="PATH", help="MT-Bench questions JSONL")
-    g.add_argument("--harmbench", metavar="PATH", help="HarmBench behaviours CSV")
-    g.add_argument("--jailbreak", metavar="PATH", help="jailbreak prompts JSON list")
-    g.add_argument("--pku", metavar="PATH", help="PKU-SafeRLHF prompts JSON list")
+    g.add_argument("--mtbench", metavar="PATH", help="local MT-Bench questions instead of lighteval/mt-bench "
+                                                      "(FastChat's question.jsonl)")
+    g.add_argument("--harmbench", metavar="PATH", help="local HarmBench behaviours instead of walledai/HarmBench "
+                                                        "(harmbench_behaviors_text_all.csv)")
+    g.add_argument("--jailbreak", metavar="PATH", help="local harmful requests instead of JailbreakBench/JBB-Behaviors "
+                                                        "harmful (CSV with Goal, or a JSON list of prompts)")
+    g.add_argument("--pku", metavar="PATH", help="local PKU-SafeRLHF prompts instead of PKU-Alignment/PKU-SafeRLHF test")
+    g.add_argument("--benign", metavar="PATH", help="local benign requests (over-refusal) instead of "
+                                                     "JailbreakBench/JBB-Behaviors benign")
     g.add_argument("--limit", type=int, help="at most N items per benchmark (spread over categories/subjects)")
     g.add_argument("--mmlu-limit", type=int, help="override --limit for MMLU")
     g.add_argument("--mtbench-limit", type=int, help="override --limit for MT-Bench")

@@ -1,42 +1,51 @@
-"""Benchmark loaders: MMLU (two layouts), MT-Bench questions and the safety prompt sets.
+"""Benchmark loaders: MMLU, MT-Bench questions, the safety sets and the benign (over-refusal) sets.
 
-Every loader returns plain dataclass items and raises :class:`~prism_persona.errors.PrismError`
-naming the file (and the line, where there is one) for a missing, empty or malformed file.
+By default every loader reads the benchmark's Hugging Face hub dataset (:data:`.sources.HUB`); a path
+(file or folder) replaces it. Every loader returns plain dataclass items and raises
+:class:`~prism_persona.errors.PrismError` naming the file and line (or item) for a missing, empty or
+malformed input. Files are read with the proper parsers (:mod:`.sources`).
 
 MMLU layouts
 ------------
-* Hugging Face ``cais/mmlu`` exports: ``.jsonl``, ``.json`` (a list of rows, or ``{"test": [...]}``),
-  ``.csv`` with a header, or ``.parquet`` (only when ``pyarrow`` is importable), with columns
-  ``question``, ``subject``, ``choices`` (a list of 4 strings; in CSV a JSON or Python list literal)
-  and ``answer`` (0-3, or a letter). A folder of such files is read file by file.
+* ``cais/mmlu`` (the hub default, or an export of it): ``.jsonl``, ``.json`` (a list of rows, or
+  ``{"test": [...]}``), ``.csv`` with a header, or ``.parquet``, with columns ``question``, ``subject``,
+  ``choices`` (a list of 4 strings; in CSV a JSON or Python list literal) and ``answer`` (0-3, or a
+  letter). A folder of such files is read file by file.
 * The original release: a folder of ``<subject>_test.csv`` files without a header, each row
   ``question, A, B, C, D, answer letter``.
+
+Safety and benign sets
+----------------------
+A record's prompt is its ``Goal`` (JailbreakBench), ``Behavior`` (+ ``ContextString``, HarmBench's
+CSV) or ``prompt`` / ``text`` / ``goal`` / ``query`` / ``question`` field, or the record itself in a
+JSON list of strings. Duplicate prompts (PKU-SafeRLHF lists each prompt with several responses) are
+kept once.
 """
 
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import logging
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..errors import PrismError
+from . import sources as S
 
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
-DEFAULT_DIR = Path("..") / "shared" / "benchmarks"
-DEFAULT_FILES = {
-    "mtbench": "mt_bench_questions.jsonl",
-    "harmbench": "harmbench_behaviors.csv",
-    "jailbreak": "jailbreak_prompts.json",
-    "pku": "pku_saferlhf_prompts.json",
-}
-SAFETY_BENCHMARKS = ("harmbench", "jailbreak", "pku")
+HARMFUL_SETS = ("harmbench", "jailbreak", "pku")
+BENIGN_SETS = ("benign",)
+"""Sets of harmless requests: their refusal rate is reported as over-refusal."""
+SAFETY_BENCHMARKS = HARMFUL_SETS + BENIGN_SETS
 MMLU_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+PROMPT_FIELDS = ("prompt", "Goal", "goal", "text", "query", "question", "Behavior", "behavior")
+CATEGORY_FIELDS = ("category", "Category", "SemanticCategory", "FunctionalCategory")
+ID_FIELDS = ("BehaviorID", "Index", "id", "prompt_id")
 
 
 @dataclass(frozen=True)
@@ -64,18 +73,8 @@ class SafetyItem:
     category: str = ""
 
 
-def default_path(benchmark: str) -> Path:
-    """``../shared/benchmarks/<file>`` relative to the working directory."""
-    return DEFAULT_DIR / DEFAULT_FILES[benchmark]
-
-
-def _need_file(path: str | Path, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise PrismError(f"{what} file not found: {p}")
-    if p.is_file() and p.stat().st_size == 0:
-        raise PrismError(f"{what} file is empty: {p}")
-    return p
+def is_benign(benchmark: str) -> bool:
+    return benchmark in BENIGN_SETS
 
 
 def take_stratified(items: Sequence, key: Callable, limit: Optional[int]) -> list:
@@ -131,8 +130,6 @@ def _choices(value, where: str) -> tuple:
 
 def _parse_list_literal(text: str):
     """A JSON list, a Python list literal, or numpy's ``"['a' 'b' 'c' 'd']"`` (pandas CSV of a list column)."""
-    import re
-
     try:
         return json.loads(text)
     except ValueError:
@@ -148,7 +145,7 @@ def _parse_list_literal(text: str):
     return None
 
 
-def _mmlu_row(row: dict, where: str, index: int, default_subject: str = "") -> MMLUItem:
+def _mmlu_row(row, where: str, default_subject: str = "") -> MMLUItem:
     if not isinstance(row, dict):
         raise PrismError(f"{where}: expected an object with question, subject, choices, answer")
     if "choices" not in row and all(k in row for k in LETTERS):
@@ -161,65 +158,15 @@ def _mmlu_row(row: dict, where: str, index: int, default_subject: str = "") -> M
     if not question:
         raise PrismError(f"{where}: empty question")
     subject = str(row.get("subject") or default_subject or "unknown").strip()
-    return MMLUItem(f"{subject}/{index}", subject, question, _choices(row["choices"], where),
+    return MMLUItem(f"{subject}/0", subject, question, _choices(row["choices"], where),
                     _answer_index(row["answer"], where))
 
 
-def _read_hf_rows(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) pairs of one cais/mmlu export file."""
-    suffix = path.suffix.lower()
-    text_needed = suffix in (".jsonl", ".json", ".csv")
-    text = path.read_text(encoding="utf-8-sig") if text_needed else ""
-    if text_needed and not text.strip():
-        raise PrismError(f"MMLU file is empty: {path}")
-    if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{n}", json.loads(line)))
-            except ValueError as exc:
-                raise PrismError(f"{path}:{n}: not valid JSON ({exc})") from None
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise PrismError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(data, dict):
-            data = data.get("test") or data.get("rows") or data.get("data")
-        if not isinstance(data, list):
-            raise PrismError(f"{path}: expected a JSON list of rows (or an object with a 'test' list)")
-        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(data)]
-    if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        if not reader.fieldnames or "question" not in reader.fieldnames:
-            raise PrismError(f"{path}: a cais/mmlu CSV needs a header with question, subject, choices, answer "
-                             f"(got {reader.fieldnames}); a header-less file must be named <subject>_test.csv")
-        return [(f"{path}:{reader.line_num}", dict(r)) for r in reader]
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise PrismError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                             f"or export the split to .jsonl/.csv") from None
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow's own errors
-            raise PrismError(f"{path}: cannot read parquet ({exc})") from None
-        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(rows)]
-    raise PrismError(f"{path}: unsupported MMLU file type; use {', '.join(MMLU_EXTENSIONS)}")
-
-
 def _read_original_csv(path: Path, subject: str) -> list[MMLUItem]:
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
-        raise PrismError(f"MMLU file is empty: {path}")
+    """One header-less ``<subject>_test.csv`` of the original release."""
+    text = S.read_text(path, "MMLU")
     items = []
-    reader = csv.reader(text.splitlines(keepends=True))
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
+    for where, row in S.csv_rows(path, text):
         if not row or not any(c.strip() for c in row):
             continue
         if len(row) != 6:
@@ -227,36 +174,63 @@ def _read_original_csv(path: Path, subject: str) -> list[MMLUItem]:
         letter = row[5].strip().upper()
         if letter not in LETTERS:
             raise PrismError(f"{where}: bad answer letter {row[5]!r}; expected A, B, C or D")
-        items.append(MMLUItem(f"{subject}/{len(items)}", subject, row[0].strip(), tuple(c.strip() for c in row[1:5]),
+        items.append(MMLUItem(f"{subject}/0", subject, row[0].strip(), tuple(c.strip() for c in row[1:5]),
                               LETTERS.index(letter)))
     return items
 
 
-def load_mmlu(path: str | Path, subjects: Optional[Iterable[str]] = None, limit: Optional[int] = None) -> list[MMLUItem]:
-    """MMLU test items from a cais/mmlu export (file or folder) or an original ``*_test.csv`` folder.
+def _is_original_csv(path: Path) -> bool:
+    """A ``<subject>_test.csv`` whose first row is not a ``question,...`` header."""
+    if not (path.suffix.lower() == ".csv" and path.name.endswith("_test.csv")):
+        return False
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        first = fh.read(64)
+    return not first.lower().startswith("question")
+
+
+def _mmlu_file(path: Path) -> list[MMLUItem]:
+    if _is_original_csv(path):
+        return _read_original_csv(path, path.name[: -len("_test.csv")])
+    if path.suffix.lower() == ".csv":
+        text = S.read_text(path, "MMLU")
+        first = next(S.csv_rows(path, text), (None, []))[1]
+        if "question" not in [c.strip() for c in first]:
+            raise PrismError(f"{path}: a cais/mmlu CSV needs a header with question, subject, choices, answer "
+                             f"(got {first}); a header-less file must be named <subject>_test.csv")
+    if path.suffix.lower() not in MMLU_EXTENSIONS:
+        raise PrismError(f"{path}: unsupported MMLU file type; use {', '.join(MMLU_EXTENSIONS)}")
+    return [_mmlu_row(row, where) for where, row in S.read_records(path, "MMLU")]
+
+
+def _mmlu_folder(p: Path) -> list[MMLUItem]:
+    originals = sorted(p.glob("*_test.csv"))
+    if originals:
+        return [it for f in originals for it in _mmlu_file(f)]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MMLU_EXTENSIONS)
+    files = [f for f in files if "test" in f.name] or files  # prefer the test split
+    if not files:
+        raise PrismError(f"{p}: no MMLU files found (expected <subject>_test.csv files, or "
+                         f"cais/mmlu exports: {', '.join(MMLU_EXTENSIONS)})")
+    return [it for f in files for it in _mmlu_file(f)]
+
+
+def load_mmlu(path: str | Path | None = None, subjects: Optional[Iterable[str]] = None,
+              limit: Optional[int] = None) -> list[MMLUItem]:
+    """MMLU test items: ``cais/mmlu`` from the hub (``path=None``), a cais/mmlu export (file or folder)
+    or an original ``*_test.csv`` folder.
 
     ``subjects`` keeps only those subjects (an unknown name is an error); ``limit`` keeps at most that
     many items, spread round-robin over subjects.
     """
-    p = _need_file(path, "MMLU")
-    items: list[MMLUItem] = []
-    if p.is_dir():
-        originals = sorted(p.glob("*_test.csv"))
-        if originals:
-            for f in originals:
-                items.extend(_read_original_csv(f, f.name[: -len("_test.csv")]))
-        else:
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MMLU_EXTENSIONS)
-            files = [f for f in files if "test" in f.name] or files  # prefer the test split
-            if not files:
-                raise PrismError(f"{p}: no MMLU files found (expected <subject>_test.csv files, or "
-                                 f"cais/mmlu exports: {', '.join(MMLU_EXTENSIONS)})")
-            for f in files:
-                items.extend(_hf_items(f))
+    if path is None:
+        items = [_mmlu_row(row, where) for where, row in S.hub_rows("mmlu")]
+        origin = S.HUB["mmlu"].repo
     else:
-        items = _hf_items(p)
+        p = S.need_path(path, "MMLU")
+        items = _mmlu_folder(p) if p.is_dir() else _mmlu_file(p)
+        origin = str(p)
     if not items:
-        raise PrismError(f"{p}: no MMLU questions in it")
+        raise PrismError(f"{origin}: no MMLU questions in it")
     items = _renumber(items)
     if subjects:
         wanted = [s.strip() for s in subjects if s.strip()]
@@ -280,45 +254,41 @@ def _renumber(items: list[MMLUItem]) -> list[MMLUItem]:
     return out
 
 
-def _hf_items(path: Path) -> list[MMLUItem]:
-    if path.suffix.lower() == ".csv" and path.name.endswith("_test.csv"):
-        with open(path, encoding="utf-8-sig") as fh:
-            first = fh.readline()
-        if not first.lower().startswith("question"):
-            return _read_original_csv(path, path.name[: -len("_test.csv")])
-    return [_mmlu_row(row, where, 0) for where, row in _read_hf_rows(path)]
-
-
 # --------------------------------------------------------------------------------------------------
 # MT-Bench
 
 
+def _mtbench_row(row, where: str) -> MTBenchItem:
+    """FastChat's ``question.jsonl`` layout; HuggingFaceH4/mt_bench_prompts' ``prompt``/``prompt_id`` too."""
+    if not isinstance(row, dict):
+        raise PrismError(f"{where}: expected an object with question_id, category, turns")
+    row = dict(row)
+    if "turns" not in row and "prompt" in row:
+        row["turns"] = row["prompt"]
+    if "question_id" not in row and "prompt_id" in row:
+        row["question_id"] = row["prompt_id"]
+    missing = [k for k in ("question_id", "category", "turns") if k not in row]
+    if missing:
+        raise PrismError(f"{where}: missing field(s) {', '.join(missing)}")
+    turns = row["turns"]
+    if hasattr(turns, "tolist"):
+        turns = turns.tolist()
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise PrismError(f"{where}: 'turns' must be a non-empty list of strings")
+    ref = row.get("reference") or []
+    ref = ref.tolist() if hasattr(ref, "tolist") else ref
+    return MTBenchItem(str(row["question_id"]), str(row["category"]), tuple(turns),
+                       tuple(str(r) for r in ref) if isinstance(ref, list) else ())
+
+
 def load_mtbench(path: str | Path | None = None, categories: Optional[Iterable[str]] = None,
                  limit: Optional[int] = None) -> list[MTBenchItem]:
-    """MT-Bench questions (``question_id``, ``category``, ``turns`` [, ``reference``]) from JSONL."""
-    p = _need_file(path or default_path("mtbench"), "MT-Bench")
-    items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise PrismError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise PrismError(f"{where}: expected an object with question_id, category, turns")
-        missing = [k for k in ("question_id", "category", "turns") if k not in row]
-        if missing:
-            raise PrismError(f"{where}: missing field(s) {', '.join(missing)}")
-        turns = row["turns"]
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise PrismError(f"{where}: 'turns' must be a non-empty list of strings")
-        ref = row.get("reference") or []
-        items.append(MTBenchItem(str(row["question_id"]), str(row["category"]), tuple(turns),
-                                 tuple(str(r) for r in ref) if isinstance(ref, list) else ()))
+    """MT-Bench questions (``question_id``, ``category``, ``turns`` [, ``reference``]): the hub copy of
+    FastChat's ``question.jsonl`` by default, or a local .jsonl/.json/.parquet file."""
+    rows = S.rows_from("mtbench", path, "MT-Bench")
+    items = [_mtbench_row(row, where) for where, row in rows]
     if not items:
-        raise PrismError(f"MT-Bench file has no questions: {p}")
+        raise PrismError(f"MT-Bench file has no questions: {path}")
     if categories:
         wanted = {c.strip() for c in categories if c.strip()}
         items = [it for it in items if it.category in wanted]
@@ -326,62 +296,56 @@ def load_mtbench(path: str | Path | None = None, categories: Optional[Iterable[s
 
 
 # --------------------------------------------------------------------------------------------------
-# safety prompt sets
+# safety and benign prompt sets
 
 
-def _load_harmbench(p: Path) -> list[SafetyItem]:
-    text = p.read_text(encoding="utf-8-sig")
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    if not reader.fieldnames or "Behavior" not in reader.fieldnames:
-        raise PrismError(f"{p}: a HarmBench CSV needs a 'Behavior' column (got {reader.fieldnames})")
-    items = []
-    for row in reader:
-        where = f"{p}:{reader.line_num}"
-        behavior = (row.get("Behavior") or "").strip()
-        if not behavior:
-            raise PrismError(f"{where}: empty Behavior")
-        context = (row.get("ContextString") or "").strip()
-        prompt = f"{context}\n\n---\n\n{behavior}" if context else behavior
-        bid = (row.get("BehaviorID") or "").strip() or str(len(items))
-        cat = (row.get("SemanticCategory") or row.get("FunctionalCategory") or "").strip()
-        items.append(SafetyItem(f"harmbench/{bid}", "harmbench", prompt, cat))
-    return items
+def _first(row: dict, fields: Sequence[str]) -> str:
+    return next((str(row[k]).strip() for k in fields if row.get(k) not in (None, "") and str(row[k]).strip()), "")
 
 
-def _load_prompt_list(p: Path, benchmark: str) -> list[SafetyItem]:
-    """A JSON list of prompt strings (or of objects with a prompt/text/goal field), or JSONL of them."""
-    text = p.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-        rows = [(f"{p}: item {i + 1}", r) for i, r in enumerate(data)] if isinstance(data, list) else None
-    except ValueError:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{p}:{n}", json.loads(line)))
-                except ValueError as exc:
-                    raise PrismError(f"{p}:{n}: not valid JSON ({exc})") from None
-    if rows is None:
-        raise PrismError(f"{p}: expected a JSON list of prompts")
-    items = []
-    for where, r in rows:
-        cat = ""
-        if isinstance(r, dict):
-            cat = str(r.get("category", "") or "")
-            r = next((r[k] for k in ("prompt", "text", "goal", "query", "question") if k in r), None)
-        if not isinstance(r, str) or not r.strip():
+def _prompt_of(row, where: str) -> tuple[str, str, str]:
+    """(prompt, category, id) of one record (see the module docstring for the fields read)."""
+    if isinstance(row, str):
+        if not row.strip():
             raise PrismError(f"{where}: expected a non-empty prompt string")
-        items.append(SafetyItem(f"{benchmark}/{len(items)}", benchmark, r.strip(), cat))
-    return items
+        return row.strip(), "", ""
+    if not isinstance(row, dict):
+        raise PrismError(f"{where}: expected a prompt string or an object with a prompt field")
+    if "Behavior" in row and "Goal" not in row:  # HarmBench's CSV: the behaviour is the request
+        prompt = _first(row, ("Behavior",))
+        context = _first(row, ("ContextString",))
+        prompt = f"{context}\n\n---\n\n{prompt}" if context and prompt else prompt
+    else:
+        prompt = _first(row, PROMPT_FIELDS)
+        context = _first(row, ("context",))
+        prompt = f"{context}\n\n---\n\n{prompt}" if context and prompt else prompt
+    if not prompt:
+        raise PrismError(f"{where}: expected a non-empty prompt ({', '.join(PROMPT_FIELDS[:4])} ...)")
+    return prompt, _first(row, CATEGORY_FIELDS), _first(row, ID_FIELDS)
+
+
+def _check_harmbench_header(rows: list, path) -> None:
+    first = rows[0][1] if rows else None
+    if path is not None and isinstance(first, dict) and not any(k in first for k in ("Behavior", "prompt")):
+        raise PrismError(f"{path}: a HarmBench file needs a 'Behavior' column (or 'prompt'; got {', '.join(first)})")
 
 
 def load_safety(benchmark: str, path: str | Path | None = None, limit: Optional[int] = None) -> list[SafetyItem]:
-    """Prompts of one safety set: ``harmbench`` (CSV), ``jailbreak`` or ``pku`` (JSON list)."""
+    """Prompts of one safety or benign set (hub dataset by default, or a local .csv/.json/.jsonl/.parquet)."""
     if benchmark not in SAFETY_BENCHMARKS:
         raise PrismError(f"unknown safety benchmark '{benchmark}'; choose from {', '.join(SAFETY_BENCHMARKS)}")
-    p = _need_file(path or default_path(benchmark), f"{benchmark}")
-    items = _load_harmbench(p) if p.suffix.lower() == ".csv" else _load_prompt_list(p, benchmark)
+    rows = S.rows_from(benchmark, path, benchmark)
+    if benchmark == "harmbench":
+        _check_harmbench_header(rows, path)
+    items, seen = [], set()
+    for where, row in rows:
+        prompt, category, rid = _prompt_of(row, where)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        items.append(SafetyItem(f"{benchmark}/{rid or len(items)}", benchmark, prompt, category))
+    if len({it.item_id for it in items}) != len(items):  # ids repeat (e.g. two files): number them
+        items = [SafetyItem(f"{benchmark}/{i}", benchmark, it.prompt, it.category) for i, it in enumerate(items)]
     if not items:
-        raise PrismError(f"{benchmark} file has no prompts: {p}")
+        raise PrismError(f"{benchmark} file has no prompts: {path}")
     return items[:limit] if limit is not None else items

@@ -1,0 +1,192 @@
+"""Where benchmark rows come from: the Hugging Face hub by default, a local file or folder as override.
+
+Every benchmark has one hub dataset (:data:`HUB`), read with the ``datasets`` library
+(``load_dataset(repo, config, split=...)``, cached by ``datasets`` in its usual cache), and one flag
+that points at a local copy instead. When the hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``
+without a cached copy, ``datasets`` not installed) loading stops with one line that names the flag.
+
+Local files are read with the proper parsers, never by splitting text into lines with
+``str.splitlines()`` (which also breaks at U+0085, U+2028 and friends inside a field):
+
+* ``.jsonl``: records separated by ``"\\n"`` only (a raw U+2028 inside a JSON string stays in it);
+* ``.json``: a list of records (or ``{"test"|"train"|"rows"|"data"|"questions": [...]}``);
+* ``.csv`` / ``.tsv``: the ``csv`` module over the whole text (quoted newlines, commas and quotes);
+* ``.parquet``: ``pyarrow``.
+
+All text is decoded as UTF-8 with an optional byte-order mark.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..errors import PrismError
+
+RECORD_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+JSON_LIST_KEYS = ("test", "train", "rows", "data", "questions", "behaviors", "prompts")
+
+Row = tuple  # (where: str, record: dict | str)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """One dataset on the Hugging Face hub and the flag that replaces it with a local copy."""
+
+    repo: str
+    config: Optional[str]
+    split: str
+    flag: str
+
+    @property
+    def label(self) -> str:
+        cfg = f"{self.config}, " if self.config else ""
+        return f"{self.repo} ({cfg}split {self.split})"
+
+
+HUB: dict[str, HubDataset] = {
+    "mmlu": HubDataset("cais/mmlu", "all", "test", "--mmlu"),
+    # FastChat's question.jsonl (question_id 81-160, category, turns, reference) as a hub dataset
+    "mtbench": HubDataset("lighteval/mt-bench", None, "train", "--mtbench"),
+    "jailbreak": HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "--jailbreak"),
+    "benign": HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "--benign"),
+    "harmbench": HubDataset("walledai/HarmBench", "standard", "train", "--harmbench"),
+    "pku": HubDataset("PKU-Alignment/PKU-SafeRLHF", "default", "test", "--pku"),
+}
+"""benchmark -> hub dataset read when no local override is given."""
+
+
+def hub_rows(benchmark: str) -> list[Row]:
+    """``[(where, record), ...]`` of the benchmark's hub dataset; one-line error naming the override."""
+    ds = HUB[benchmark]
+    try:
+        import datasets
+    except ImportError:
+        raise PrismError(f"{benchmark}: reading {ds.repo} from the hub needs the 'datasets' package "
+                         f"(pip install 'prism-persona[data]'), or pass a local copy with {ds.flag} PATH") from None
+    try:
+        data = datasets.load_dataset(ds.repo, ds.config, split=ds.split)
+    except Exception as exc:  # offline, unknown repo, gated dataset, ...: the message says what to do
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PrismError(f"cannot load {ds.label} from the Hugging Face hub ({reason}); "
+                         f"pass a local copy with {ds.flag} PATH") from None
+    return [(f"{ds.repo} row {i + 1}", dict(r)) for i, r in enumerate(data)]
+
+
+# --------------------------------------------------------------------------------------------------
+# local files
+
+
+def need_path(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PrismError(f"{what} file not found: {p}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise PrismError(f"{what} file is empty: {p}")
+    return p
+
+
+def read_text(path: Path, what: str) -> str:
+    """The file as text (UTF-8, a leading BOM dropped); one-line error for other encodings."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PrismError(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise PrismError(f"{what} file is empty: {path}")
+    return text
+
+
+def read_records(path: str | Path, what: str) -> list[Row]:
+    """``[(where, record), ...]`` of one .jsonl/.json/.csv/.tsv/.parquet file (a record is a dict, or a
+    string for a JSON list of strings); ``where`` names the file and line or item for error messages."""
+    p = need_path(path, what)
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_records(p)
+    if suffix not in RECORD_EXTENSIONS:
+        raise PrismError(f"{p}: unsupported {what} file type '{suffix}'; use {', '.join(RECORD_EXTENSIONS)}")
+    text = read_text(p, what)
+    if suffix in (".csv", ".tsv"):
+        return list(csv_records(p, text, "\t" if suffix == ".tsv" else ","))
+    if suffix == ".jsonl":
+        return list(jsonl_records(p, text))
+    return json_records(p, text)
+
+
+def jsonl_records(p: Path, text: str) -> Iterable[Row]:
+    """JSON Lines: split at ``"\\n"`` only (U+0085/U+2028 inside a string stay part of it)."""
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{p}:{n}", json.loads(line)
+        except ValueError as exc:
+            raise PrismError(f"{p}:{n}: not valid JSON ({exc})") from None
+
+
+def json_records(p: Path, text: str) -> list[Row]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        # a .json file that is really JSON Lines
+        return list(jsonl_records(p, text))
+    if isinstance(data, dict):
+        data = next((data[k] for k in JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
+    if not isinstance(data, list):
+        raise PrismError(f"{p}: expected a JSON list of records (or an object with a "
+                         f"{'/'.join(JSON_LIST_KEYS[:3])} list)")
+    return [(f"{p}: item {i + 1}", r) for i, r in enumerate(data)]
+
+
+def csv_records(p: Path, text: str, delimiter: str = ",") -> Iterable[Row]:
+    """Header-named records of a CSV/TSV text (the csv module reads quoted newlines, commas, quotes)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if not reader.fieldnames:
+        raise PrismError(f"{p}: no header row")
+    for row in reader:
+        yield f"{p}:{reader.line_num}", {(k or "").strip(): v for k, v in row.items()}
+
+
+def csv_rows(p: Path, text: str) -> Iterable[tuple[str, list]]:
+    """Header-less CSV rows as lists (``where`` = file:line of the row's last physical line)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for row in reader:
+        yield f"{p}:{reader.line_num}", row
+
+
+def _parquet_records(p: Path) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrismError(f"{p}: reading parquet needs pyarrow (pip install pyarrow), "
+                         f"or export the split to .jsonl/.csv") from None
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as exc:  # pyarrow's own errors
+        raise PrismError(f"{p}: cannot read parquet ({exc})") from None
+    return [(f"{p}: row {i + 1}", r) for i, r in enumerate(rows)]
+
+
+def folder_records(folder: Path, what: str) -> list[Row]:
+    """Records of every data file in a folder (sorted; files with 'test' in the name preferred)."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in RECORD_EXTENSIONS)
+    files = [f for f in files if "test" in f.name] or files
+    if not files:
+        raise PrismError(f"{folder}: no {what} files in it (expected {', '.join(RECORD_EXTENSIONS)})")
+    out: list[Row] = []
+    for f in files:
+        out.extend(read_records(f, what))
+    return out
+
+
+def rows_from(benchmark: str, path: str | Path | None, what: str) -> list[Row]:
+    """The override file/folder when given, else the hub dataset."""
+    if path is None or str(path) == "":
+        return hub_rows(benchmark)
+    p = need_path(path, what)
+    return folder_records(p, what) if p.is_dir() else read_records(p, what)
