@@ -26,6 +26,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="rows per generation batch")
 
 
+def add_engine_options(g) -> None:
+    """--engine / --base-url / --concurrency / --vllm-python (a parser or an argument group)."""
+    g.add_argument("--engine", choices=["hf", "vllm", "openai"],
+                   help="hf (in-process, default), vllm (PRISM starts a vLLM server; see scripts/setup_vllm.sh) "
+                        "or openai (any OpenAI-compatible server)")
+    g.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000/v1: needed for --engine openai; "
+                                      "with --engine vllm, attach to it instead of starting one")
+    g.add_argument("--concurrency", type=int, help="requests in flight at once for --engine openai/vllm")
+    g.add_argument("--vllm-python", help="Python that runs the vLLM server (default: the venv of scripts/setup_vllm.sh)")
+
+
 def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     """Everything `prism bootstrap` and `prism run` share."""
     add_model_options(p)
@@ -50,9 +61,7 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge", help="self (default), a model id/path, or a Python callable module:function")
     g.add_argument("--judge-mode", choices=["auto", "logprob", "text"], help="read verdicts from log-probs or parse text")
     g = p.add_argument_group("engine (where generation runs)")
-    g.add_argument("--engine", choices=["hf", "openai"], help="hf (in-process, default) or openai (any OpenAI-compatible server)")
-    g.add_argument("--base-url", help="OpenAI-compatible server URL for --engine openai, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--concurrency", type=int, help="requests in flight at once for --engine openai")
+    add_engine_options(g)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting by dotted key, e.g. --set distill.r=8 (repeatable; VALUE is JSON or text)")
 
@@ -75,6 +84,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "queries_per_persona": "queries.queries_per_persona", "answer_tokens": "answers.max_new_tokens",
         "judge": "judge.judge", "judge_mode": "judge.mode",
         "engine": "engine.engine", "base_url": "engine.base_url", "concurrency": "engine.concurrency",
+        "vllm_python": "engine.vllm_python",
     }
     for attr, key in table.items():
         value = getattr(args, attr, None)

@@ -71,10 +71,10 @@ def preflight(cfg, engine, judge) -> None:
         from ..bootstrap.query_file import check_queries_file
 
         check_queries_file(cfg.queries.queries_file, cfg.persona.domains)
-    if engine is None and cfg.engine.engine == "hf":
-        from ..models import resolve_model
+    if engine is None:
+        from ..engines import check_engine
 
-        resolve_model(cfg.model.model)
+        check_engine(cfg)
     if judge is None:
         from ..judges import check_judge_spec
 
