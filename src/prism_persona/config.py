@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import PrismError
 
@@ -25,33 +26,48 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 PERSONA_LENGTHS = ("min", "short", "long")
 ENGINES = ("hf", "vllm", "openai")
 PLACEMENTS = ("system", "user")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help string (shown by ``prism config`` and in the docs)."""
+def option(default: Any, help: str, *, flag: str | None = None, choices: Any = None, metavar: str | None = None,
+           required: bool = False, group: str | None = None, cli: bool = True, at_least: Any = None,
+           above: Any = None, at_most: Any = None, below: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field with a help string (shown by ``prism config`` and in the docs).
+
+    The keywords describe the setting once, for every place that reads it: ``flag`` (the command-line
+    flag when it is not ``--field-name``), ``choices``, ``metavar``, ``required`` (a flag the command
+    needs), ``group`` (the ``--help`` section), ``cli=False`` (config file only), and bounds checked by
+    :func:`check_settings` for flags and config files alike: ``at_least``/``at_most`` (inclusive),
+    ``above``/``below`` (exclusive).
+    """
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "metavar": metavar,
+            "required": required, "group": group, "cli": cli,
+            "at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    meta = {k: v for k, v in meta.items() if v is not None and (v is not False or k == "cli")}
+    meta["help"] = help
     if isinstance(default, (list, dict, set)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kwargs)
+    return field(default=default, metadata=meta, **kwargs)
 
 
 @dataclass
 class ModelConfig:
     model: str = option(EMBEDDED_MODEL, "Model to self-bootstrap: the embedded default, a Hugging Face id, a local HF directory or a .gguf file.")
-    dtype: str = option("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.")
-    device: str = option("auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.")
-    batch_size: int = option(8, "Rows per generation / scoring batch of the in-process engine.")
+    dtype: str = option("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.", choices=DTYPES)
+    device: str = option("auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.", flag="--device")
+    batch_size: int = option(8, "Rows per generation / scoring batch of the in-process engine.", flag="--batch-size", at_least=1)
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
 
 
 @dataclass
 class EngineConfig:
-    engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).")
-    base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).")
+    engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).", choices=ENGINES)
+    base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).", flag="--base-url")
     api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the server's API key (engine=openai/vllm).")
-    concurrency: int = option(8, "Requests in flight at once (engine=openai/vllm; 0 = 64 for vllm, whose continuous batching wants many).")
-    timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).")
-    max_retries: int = option(4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).")
+    concurrency: int = option(8, "Requests in flight at once (engine=openai/vllm; 0 = 64 for vllm, whose continuous batching wants many).", at_least=0)
+    timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).", above=0)
+    max_retries: int = option(4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0)
     vllm_python: str = option("", "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.")
     vllm_args: list = option([], "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] or ['--gpu-memory-utilization', '0.8'].")
     vllm_eager: str = option("auto", "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.")
@@ -66,69 +82,69 @@ class EngineConfig:
 class PersonaConfig:
     domains: list = option([], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain.")
     lengths: list = option(list(PERSONA_LENGTHS), "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).")
-    use_length: str = option("short", "The length variant that drives queries, answers and distillation.")
-    placement: str = option("system", "Where the persona goes: system (system message) or user (prepended to the user message).")
+    use_length: str = option("short", "The length variant that drives queries, answers and distillation.", choices=PERSONA_LENGTHS)
+    placement: str = option("system", "Where the persona goes: system (system message) or user (prepended to the user message).", choices=PLACEMENTS)
     persona_files: dict = option({}, "domain -> path of a text file used verbatim as that domain's persona (all lengths).")
-    max_new_tokens: int = option(320, "Token budget for writing one persona.")
-    temperature: float = option(0.7, "Sampling temperature for writing personas.")
-    top_p: float = option(0.9, "Nucleus sampling for writing personas.")
+    max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
+    temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
+    top_p: float = option(0.9, "Nucleus sampling for writing personas.", above=0, at_most=1)
 
 
 @dataclass
 class QueryConfig:
-    queries_per_persona: int = option(50, "Unique, cleaned queries to collect per persona.")
-    per_request: int = option(10, "Queries asked for in one generation request.")
-    max_rounds: int = option(4, "Generation rounds per persona before giving up on reaching queries_per_persona.")
-    max_new_tokens: int = option(512, "Token budget of one query-writing request.")
-    temperature: float = option(0.9, "Sampling temperature for writing queries.")
-    top_p: float = option(0.95, "Nucleus sampling for writing queries.")
-    min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.")
-    max_chars: int = option(600, "Drop cleaned queries longer than this many characters.")
+    queries_per_persona: int = option(50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1)
+    per_request: int = option(10, "Queries asked for in one generation request.", at_least=1)
+    max_rounds: int = option(4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1)
+    max_new_tokens: int = option(512, "Token budget of one query-writing request.", at_least=1)
+    temperature: float = option(0.9, "Sampling temperature for writing queries.", at_least=0)
+    top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
+    min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
+    max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
     queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).")
 
 
 @dataclass
 class AnswerConfig:
-    max_new_tokens: int = option(512, "Token budget of each answer (with and without persona).")
-    temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).")
-    top_p: float = option(0.9, "Nucleus sampling for answers.")
+    max_new_tokens: int = option(512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1)
+    temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).", at_least=0)
+    top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
 
 
 @dataclass
 class JudgeConfig:
     judge: str = option("self", "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.")
-    mode: str = option("auto", "auto (log-probabilities when the engine has them, else text), logprob or text.")
-    max_new_tokens: int = option(24, "Token budget of a text verdict.")
-    tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.")
+    mode: str = option("auto", "auto (log-probabilities when the engine has them, else text), logprob or text.", flag="--judge-mode", choices=("auto", "logprob", "text"))
+    max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1)
+    tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
 
 
 @dataclass
 class GateConfig:
     hidden_sizes: list = option([128, 64], "Hidden layer widths of the gate MLP (GELU between layers).")
-    epochs: int = option(300, "Full-batch training epochs of the gate.")
-    lr: float = option(1e-3, "AdamW learning rate of the gate.")
-    weight_decay: float = option(1e-2, "AdamW weight decay of the gate.")
-    dropout: float = option(0.1, "Dropout between gate layers during training.")
-    val_fraction: float = option(0.25, "Share of queries held out (stratified) for metrics and calibration.")
+    epochs: int = option(300, "Full-batch training epochs of the gate.", at_least=1)
+    lr: float = option(1e-3, "AdamW learning rate of the gate.", above=0)
+    weight_decay: float = option(1e-2, "AdamW weight decay of the gate.", at_least=0)
+    dropout: float = option(0.1, "Dropout between gate layers during training.", at_least=0, below=1)
+    val_fraction: float = option(0.25, "Share of queries held out (stratified) for metrics and calibration.", above=0, below=1)
     calibrate: str = option("balanced_accuracy", "Threshold: 'none' (use threshold), 'balanced_accuracy' (best on held-out), or 'rate:0.3' (route that share).")
-    threshold: float = option(0.5, "Routing threshold on the gate probability when calibrate is 'none'.")
+    threshold: float = option(0.5, "Routing threshold on the gate probability when calibrate is 'none'.", at_least=0, at_most=1)
 
 
 @dataclass
 class DistillConfig:
-    loss: str = option("kl", "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona answer.")
-    top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).")
-    kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.")
-    r: int = option(16, "LoRA rank.")
-    alpha: int = option(32, "LoRA alpha (scaling = alpha / r).")
-    dropout: float = option(0.05, "LoRA dropout.")
+    loss: str = option("kl", "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona answer.", choices=("kl", "ce"))
+    top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).", at_least=1)
+    kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.", above=0)
+    r: int = option(16, "LoRA rank.", at_least=1)
+    alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
+    dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
     target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Linear layers that get LoRA (layers 1..L-1 only).")
-    lr: float = option(1e-4, "AdamW learning rate.")
-    epochs: int = option(2, "Passes over the distillation set.")
-    batch_size: int = option(4, "Examples per optimisation step.")
-    grad_accum: int = option(1, "Gradient accumulation steps.")
-    max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.")
-    warmup_ratio: float = option(0.05, "Linear warm-up share of the steps.")
+    lr: float = option(1e-4, "AdamW learning rate.", above=0)
+    epochs: int = option(2, "Passes over the distillation set.", at_least=1)
+    batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
+    grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
+    max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
+    warmup_ratio: float = option(0.05, "Linear warm-up share of the steps.", at_least=0, below=1)
 
 
 @dataclass
@@ -169,7 +185,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _optional_inner(typ: Any) -> Any:
+    """``X`` for ``Optional[X]`` (``X | None``), else None."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if get_origin(typ) in (Union, types.UnionType) and len(args) == 1 and len(get_args(typ)) == 2:
+        return args[0]
+    return None
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    inner = _optional_inner(typ)
+    if inner is not None:
+        return None if value is None else _coerce(value, inner, where)
     origin = get_origin(typ) or typ
     if dataclasses.is_dataclass(origin):
         if not isinstance(value, dict):
@@ -299,6 +326,8 @@ def resolve(preset: str = "default", file: str | Path | None = None, overrides: 
 
 
 def validate(cfg: RunConfig) -> None:
+    """Every check that needs no model: run before anything slow starts (a one-line PrismError)."""
+    check_settings(cfg)
     p = cfg.persona
     doms = [d.strip() for d in p.domains]
     if any(not d for d in doms):
@@ -312,28 +341,40 @@ def validate(cfg: RunConfig) -> None:
         raise PrismError(f"persona lengths must be among {', '.join(PERSONA_LENGTHS)}; got {p.lengths}")
     if p.use_length not in p.lengths:
         raise PrismError(f"persona.use_length '{p.use_length}' is not among the lengths written: {p.lengths}")
-    if p.placement not in PLACEMENTS:
-        raise PrismError(f"persona placement must be 'system' or 'user', got '{p.placement}'")
     unknown = sorted(set(p.persona_files) - set(p.domains))
     if unknown:
         raise PrismError(f"persona file given for a domain not in the domain list: {', '.join(unknown)}")
-    if cfg.queries.queries_per_persona < 1:
-        raise PrismError("queries_per_persona must be at least 1")
-    if cfg.judge.mode not in ("auto", "logprob", "text"):
-        raise PrismError(f"judge mode must be auto, logprob or text, got '{cfg.judge.mode}'")
-    if cfg.engine.engine not in ENGINES:
-        raise PrismError(f"engine must be one of {', '.join(ENGINES)}, got '{cfg.engine.engine}'")
+    if cfg.queries.min_chars > cfg.queries.max_chars:
+        raise PrismError("queries.min_chars must not exceed queries.max_chars")
+    check_device(cfg.model.device)
     if str(cfg.engine.vllm_eager).lower() not in ("auto", "true", "false"):
         raise PrismError(f"engine.vllm_eager must be auto, true or false, got '{cfg.engine.vllm_eager}'")
     cfg.engine.vllm_eager = str(cfg.engine.vllm_eager).lower()
-    if cfg.engine.concurrency < 0:
-        raise PrismError("engine concurrency must be at least 1 (or 0 = the engine's default)")
     if cfg.engine.engine == "openai" and not cfg.engine.base_url:
         raise PrismError("engine 'openai' needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-    if cfg.distill.loss not in ("kl", "ce"):
-        raise PrismError(f"distill loss must be 'kl' or 'ce', got '{cfg.distill.loss}'")
-    if cfg.model.batch_size < 1:
-        raise PrismError("batch size must be at least 1")
+    if cfg.engine.base_url:
+        check_base_url(cfg.engine.base_url, "--base-url")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """auto, cpu, mps, cuda or cuda:N (whether CUDA is present is checked when the model loads)."""
+    text = str(device).strip().lower()
+    ok = text in ("auto", "cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
+    if not ok:
+        raise PrismError(f"{flag} must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+def check_base_url(url: str, flag: str = "--base-url") -> None:
+    """An http(s) URL with a host, e.g. http://127.0.0.1:8000/v1."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PrismError(f"{flag} must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url!r}")
 
 
 def dump(cfg: Any) -> str:
@@ -356,3 +397,125 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, st
         else:
             rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# one settings system: command-line flags derived from the dataclasses above and below
+
+
+def _settings_fields(cls: type, prefix: str = "", skip: tuple = ()):
+    """(field, type, flag, dest, dotted key) for every command-line setting of ``cls``, nested ones flattened."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            for sub in _settings_fields(typ, prefix, skip):
+                yield sub[:4] + (f"{f.name}.{sub[4]}",)
+            continue
+        flag = f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-")
+        yield f, typ, flag, flag.lstrip("-").replace("-", "_"), f.name
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _flag_help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    default = _default_of(f)
+    if default not in (None, "", False, [], {}) and not f.metadata.get("required"):
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def add_flags(parser: Any, cls: type, prefix: str = "", skip: tuple = ()) -> None:
+    """Add one command-line flag per setting of the dataclass ``cls`` (nested dataclasses flattened).
+
+    ``--<prefix><field-name>`` unless the field's ``option(flag=...)`` names another; type, choices,
+    metavar, ``required`` and the ``--help`` section come from the field, and its help string gets the
+    default appended. argparse keeps no default of its own (every flag defaults to None), so the
+    dataclass stays the one place defaults live and :func:`flag_values` can tell a typed flag from an
+    untouched one. Standard library only (``prism --help`` stays instant).
+    """
+    groups: dict = {}
+    for f, typ, flag, dest, _ in _settings_fields(cls, prefix, skip):
+        title = f.metadata.get("group")
+        target = parser if not title else groups.setdefault(title, parser.add_argument_group(title))
+        kwargs: dict = {"dest": dest, "default": None, "help": _flag_help(f)}
+        base = _optional_inner(typ) or typ
+        if base is bool:
+            kwargs["action"] = "store_false" if _default_of(f) is True else "store_true"
+        else:
+            kwargs["type"] = {int: int, float: float}.get(base, str)
+            for key in ("choices", "metavar", "required"):
+                if f.metadata.get(key):
+                    kwargs[key] = f.metadata[key]
+        target.add_argument(flag, **kwargs)
+
+
+def flag_values(cls: type, args: Any, prefix: str = "", skip: tuple = ()) -> dict:
+    """The settings of ``cls`` typed on the command line (flags left out are absent), as a nested dict."""
+    given = vars(args)
+    out: dict = {}
+    for f, _, _, dest, key in _settings_fields(cls, prefix, skip):
+        if given.get(dest) is not None:
+            node = out
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = given[dest]
+    return out
+
+
+def settings_from_args(cls: type, args: Any, prefix: str = "", base: Any = None, skip: tuple = ()) -> Any:
+    """An instance of ``cls``: its defaults (or ``base``, e.g. from a config file) < the flags typed.
+
+    Types are coerced and every bound and choice checked (:func:`check_settings`): a bad value is a
+    one-line :class:`PrismError` naming the flag, raised before any slow work starts.
+    """
+    start = to_dict(base) if base is not None else {}
+    obj = from_dict(cls, merge(start, flag_values(cls, args, prefix, skip)))
+    check_settings(obj, prefix=prefix, flags=True)
+    return obj
+
+
+def _bound_error(value: Any, meta: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if meta.get("at_least") is not None and value < meta["at_least"]:
+        return f"must be at least {meta['at_least']}"
+    if meta.get("above") is not None and value <= meta["above"]:
+        return f"must be greater than {meta['above']}"
+    if meta.get("at_most") is not None and value > meta["at_most"]:
+        return f"must be at most {meta['at_most']}"
+    if meta.get("below") is not None and value >= meta["below"]:
+        return f"must be less than {meta['below']}"
+    return None
+
+
+def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str = "") -> None:
+    """Check every ``option`` bound and choice of a settings dataclass (recursively).
+
+    The message names the flag (``flags=True``) or the dotted config key, plus the flag a RunConfig
+    field declares, e.g. ``answers.max_new_tokens (--answer-tokens) must be at least 1, got 0``.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_settings(value, prefix, flags, f"{where}{f.name}.")
+            continue
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + (prefix + f.name).replace("_", "-")
+        label = flag if flags else f"{where}{f.name}" + (f" ({meta['flag']})" if meta.get("flag") else "")
+        problem = _bound_error(value, meta)
+        if meta.get("choices") and value not in meta["choices"] and value != _default_of(f):
+            problem = f"must be one of {', '.join(map(str, meta['choices']))}"
+        if problem:
+            raise PrismError(f"{label} {problem}, got {value!r}")

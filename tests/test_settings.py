@@ -1,0 +1,110 @@
+"""The one settings system: typed dataclasses -> command-line flags, bounds checked for flags and files."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from prism_persona import config as C
+from prism_persona.config import option
+from prism_persona.errors import PrismError
+
+
+@dataclass
+class Inner:
+    max_prompt_tokens: int = option(4096, "prompt cap", at_least=1)
+
+
+@dataclass
+class Example:
+    prism: str = option("", "artifact", required=True, metavar="ART")
+    batch: int = option(8, "rows per batch", flag="--max-batch", at_least=1, group="limits")
+    top_p: float = option(1.0, "nucleus 100%", above=0, at_most=1)
+    seed: Optional[int] = option(None, "sampling seed")
+    force: str = option("", "on or off", choices=("on", "off"))
+    pairwise: bool = option(True, "pairwise", flag="--no-pairwise")
+    route_only: bool = option(False, "route only")
+    names: list = option(["a", "b"], "names")
+    hidden: str = option("x", "config-file only", cli=False)
+    inner: Inner = field(default_factory=Inner)
+
+
+def parse(argv, prefix=""):
+    p = argparse.ArgumentParser()
+    C.add_flags(p, Example, prefix=prefix)
+    return p, p.parse_args(argv)
+
+
+def test_flags_derived_from_the_dataclass_and_defaults_live_only_there():
+    p, args = parse(["--prism", "ART"])
+    assert all(v is None for k, v in vars(args).items() if k != "prism")  # argparse holds no defaults
+    s = C.settings_from_args(Example, args)
+    assert s == Example(prism="ART")
+    help_text = p.format_help()
+    assert "--max-batch" in help_text and "(default: 8)" in help_text and "--hidden" not in help_text
+    assert "nucleus 100%" in help_text and "limits:" in help_text and "--max-prompt-tokens" in help_text
+
+
+def test_flags_typed_and_coerced():
+    _, args = parse(["--prism", "A", "--max-batch", "3", "--seed", "5", "--force", "on", "--no-pairwise",
+                     "--route-only", "--names", "x,y", "--max-prompt-tokens", "7", "--top-p", "0.5"])
+    s = C.settings_from_args(Example, args)
+    assert (s.batch, s.seed, s.force, s.pairwise, s.route_only, s.names, s.inner.max_prompt_tokens, s.top_p) == \
+        (3, 5, "on", False, True, ["x", "y"], 7, 0.5)
+
+
+def test_flags_over_a_base_and_prefix():
+    _, args = parse(["--ex-prism", "A", "--ex-seed", "2"], prefix="ex-")
+    s = C.settings_from_args(Example, args, prefix="ex-", base=Example(batch=4, seed=1))
+    assert (s.prism, s.batch, s.seed) == ("A", 4, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["--top-p", "0"], "--top-p must be greater than 0, got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+    (["--max-prompt-tokens", "-3"], "--max-prompt-tokens must be at least 1, got -3"),
+])
+def test_bounds_name_the_flag(argv, message):
+    _, args = parse(["--prism", "A", *argv])
+    with pytest.raises(PrismError) as err:
+        C.settings_from_args(Example, args)
+    assert str(err.value) == message
+
+
+def test_required_flag_and_choices_from_the_field():
+    p = argparse.ArgumentParser()
+    C.add_flags(p, Example)
+    with pytest.raises(SystemExit):
+        p.parse_args([])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--prism", "A", "--force", "maybe"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"answers": {"max_new_tokens": 0}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got 0"),
+    ({"answers": {"max_new_tokens": -3}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got -3"),
+    ({"distill": {"r": 0}}, "distill.r must be at least 1, got 0"),
+    ({"gate": {"epochs": 0}}, "gate.epochs must be at least 1, got 0"),
+    ({"gate": {"val_fraction": 0}}, "gate.val_fraction must be greater than 0, got 0.0"),
+    ({"gate": {"val_fraction": 1}}, "gate.val_fraction must be less than 1, got 1.0"),
+    ({"queries": {"max_rounds": 0}}, "queries.max_rounds must be at least 1, got 0"),
+    ({"answers": {"temperature": -0.1}}, "answers.temperature must be at least 0, got -0.1"),
+    ({"queries": {"top_p": 0}}, "queries.top_p must be greater than 0, got 0.0"),
+    ({"persona": {"top_p": 1.01}}, "persona.top_p must be at most 1, got 1.01"),
+    ({"model": {"device": "banana"}}, "--device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
+    ({"engine": {"engine": "openai", "base_url": "notaurl"}}, "--base-url must be an http(s) URL"),
+    ({"model": {"dtype": "float8"}}, "model.dtype must be one of auto"),
+])
+def test_run_config_bounds_for_flags_and_files(override, message):
+    with pytest.raises(PrismError) as err:
+        C.resolve(overrides={"persona": {"domains": ["a"]}, **override})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_every_run_setting_default_is_within_its_bounds():
+    for preset in C.PRESETS:
+        C.resolve(preset, overrides={"persona": {"domains": ["a"]}})
