@@ -1,0 +1,363 @@
+"""The lm-evaluation-harness backend: any lm-eval task on a PRISM artifact, routed per request.
+
+::
+
+    prism-lm-eval --model prism --model_args artifact=RUN/prism,system=prism --device cpu \
+        --tasks mmlu --apply_chat_template
+    python -m prism_persona.evals.lmeval ...same arguments...
+
+``prism-lm-eval`` (or ``python -m prism_persona.evals.lmeval``) is lm-eval's own command line with the
+``prism`` model registered: lm-eval 0.4 has no plugin discovery for third-party models, so the stock
+``lm_eval`` command only knows ``prism`` in a process that imported this module. In Python::
+
+    import prism_persona.evals.lmeval  # registers "prism"
+    lm_eval.simple_evaluate(model="prism", model_args="artifact=RUN/prism,system=prism", tasks=[...])
+
+``model_args``:
+
+* ``artifact=RUN/prism`` -- the PRISM artifact (needed for lora and prism; base uses its base model);
+* ``pretrained=MODEL`` -- for ``system=base`` without an artifact (an HF id/path or ``embedded``);
+* ``system=`` ``base`` (adapter off) | ``persona`` (adapter off, a persona as system message: needs
+  ``--apply_chat_template`` and ``persona_file=JSON`` + ``domain=NAME``) | ``lora`` (adapter always on) |
+  ``prism`` (the gate decides, per request). ``oracle`` has no meaning here: it needs a judge's verdict
+  per item, which an LM interface never sees (``prism eval`` computes it);
+* ``threshold=`` -- override the artifact's gate threshold; ``dtype``, ``max_length`` (``--device``
+  and ``--batch_size`` are lm-eval's own flags); ``routing_file=PATH`` -- write the routing report (JSON) after every call.
+
+Routing: every request is routed by the gate on **its own context** -- the layer-0 state of the
+context's last token, exactly what the gate reads inside a prefill (for ``loglikelihood_rolling``,
+which has no context, the text itself). All continuations of a request share that decision. With
+``--apply_chat_template`` the context is the chat-rendered prompt ending in the generation prompt,
+the same text ``prism generate`` routes on; without it the gate reads raw task text, which it was
+not trained on. The routed share is logged after every call and kept per task and request type in
+:attr:`PrismLM.routing` (and ``routing_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from ..errors import PrismError
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("base", "persona", "lora", "prism")
+FORCE = {"base": False, "persona": False, "lora": True, "prism": None}
+
+
+def _bool_routes(probs: Sequence[float], threshold: float) -> list[bool]:
+    return [bool(p >= threshold) for p in probs]
+
+
+@register_model("prism")
+class PrismLM(TemplateLM):
+    """lm-eval ``LM`` over a :class:`~prism_persona.gated.model.GatedModel` (or a plain base model)."""
+
+    def __init__(self, artifact: Optional[str] = None, system: str = "prism", pretrained: Optional[str] = None,
+                 batch_size: int | str = 8, device: str = "auto", dtype: str = "auto",
+                 max_length: Optional[int] = None, threshold: Optional[float] = None,
+                 persona_file: Optional[str] = None, domain: Optional[str] = None,
+                 routing_file: Optional[str] = None, **unused):
+        super().__init__()
+        if unused:
+            log.info("prism: ignoring model_args %s", ", ".join(sorted(unused)))
+        self.system = _check_system(system, artifact)
+        self.gm, model, tok = _load(artifact, pretrained, device, dtype, self.system)
+        self.model, self.tokenizer = model, tok
+        self.batch_size_per_gpu = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
+        self.threshold = float(threshold) if threshold is not None else (self.gm.threshold if self.gm else 0.5)
+        self._max_length = int(max_length) if max_length else _model_max_length(model)
+        self.persona = _persona_text(persona_file, domain) if self.system == "persona" else None
+        self.routing_file = routing_file
+        self.routing: dict = {}
+        self._chat_templated = False
+        self._last_routed: list[bool] = []
+        self.artifact = artifact
+        self._device = model.device
+
+    # ------------------------------------------------------------------------------ lm-eval plumbing
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "prism")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        return getattr(self.tokenizer, "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history: list, add_generation_prompt: bool = True) -> str:
+        from ..models import render_chat, with_persona
+
+        self._chat_templated = True
+        chat = [dict(m) for m in chat_history]
+        if self.persona:
+            chat = with_persona(chat, self.persona, "system")
+        return render_chat(self.tokenizer, chat, add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        # rendered chat prompts already hold any BOS token (as prism eval encodes them)
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------ routing
+
+    def _needs_chat(self) -> None:
+        if self.system == "persona" and not self._chat_templated:
+            raise PrismError("system=persona puts the persona in a system message: run lm-eval with "
+                             "--apply_chat_template")
+
+    def route(self, contexts: Sequence[Sequence[int]]) -> tuple[list[Optional[float]], list[bool]]:
+        """(gate probability, routed) per token context; the gate reads the layer-0 state of its last token."""
+        force = FORCE[self.system]
+        if self.gm is None or force is not None:
+            return [None] * len(contexts), [bool(force)] * len(contexts)
+        import torch
+
+        from ..gated.features import layer0_last_states
+
+        probs: list[float] = []
+        for start in range(0, len(contexts), self.batch_size_per_gpu):
+            ids, mask = _pad([list(c) for c in contexts[start:start + self.batch_size_per_gpu]],
+                             self._pad_id, left=True)
+            feats = layer0_last_states(self.model, ids.to(self._device), mask.to(self._device))
+            with torch.no_grad():
+                probs.extend(float(p) for p in self.gm.gate(feats.float()).tolist())
+        return probs, _bool_routes(probs, self.threshold)
+
+    def _context_tokens(self, context: str) -> list[int]:
+        return self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
+
+    def _record(self, kind: str, requests, routed: Sequence[bool]) -> None:
+        for req, r in zip(requests, routed):
+            task = getattr(req, "task_name", None) or "unknown"
+            slot = self.routing.setdefault(task, {}).setdefault(kind, {"routed": 0, "n": 0})
+            slot["routed"] += int(bool(r))
+            slot["n"] += 1
+        n, k = len(routed), sum(bool(r) for r in routed)
+        if n:
+            log.info("prism (%s): routed %d/%d %s requests to the LoRA (%.1f%%)", self.system, k, n, kind,
+                     100.0 * k / n)
+        if self.routing_file:
+            Path(self.routing_file).write_text(json.dumps(self.routing_report(), indent=2), encoding="utf-8")
+
+    def routing_report(self) -> dict:
+        """``{"system", "threshold", "overall": {routed, n, rate}, "tasks": {task: {kind: {...}}}}``."""
+        total = {"routed": 0, "n": 0}
+        tasks = {}
+        for task, kinds in self.routing.items():
+            tasks[task] = {}
+            for kind, s in kinds.items():
+                tasks[task][kind] = dict(s, rate=s["routed"] / s["n"] if s["n"] else None)
+                total["routed"] += s["routed"]
+                total["n"] += s["n"]
+        total["rate"] = total["routed"] / total["n"] if total["n"] else None
+        return {"system": self.system, "artifact": self.artifact, "threshold": self.threshold,
+                "overall": total, "tasks": tasks}
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.eot_token_id
+
+    # ------------------------------------------------------------------------------ scoring
+
+    def _logits(self, rows: list[list[int]], routed: Sequence[bool]):
+        """Log-softmax over right-padded rows, each forward routed as ``routed`` says."""
+        import torch
+
+        ids, mask = _pad(rows, self._pad_id, left=False)
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        with torch.no_grad():
+            if self.gm is not None:
+                logits, _, _ = self.gm.forward_logits(ids, mask, force=list(routed))
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        self._needs_chat()
+        windows = []
+        for _, ctx, cont in requests:
+            inp = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
+            windows.append((inp, len(cont)))
+        # route on the context as the task wrote it: lm-eval moves its trailing whitespace (e.g. the
+        # newline after a chat template's generation prompt) into the continuation, but the gate reads
+        # the prompt's real last token, as in generation
+        _, routed = self.route([self._context_tokens(pair[0]) for pair, _, _ in requests])
+        self._last_routed = routed
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(windows), self.batch_size_per_gpu):
+            chunk = windows[start:start + self.batch_size_per_gpu]
+            logp = self._logits([w for w, _ in chunk], routed[start:start + len(chunk)])
+            for row, ((inp, n), (_, _, cont)) in enumerate(zip(chunk, requests[start:start + len(chunk)])):
+                first = len(inp) - n
+                lp = logp[row, first:first + n]
+                target = _tensor(list(cont)[-n:], lp.device)
+                total = float(lp.gather(-1, target.unsqueeze(-1)).sum())
+                greedy = bool((lp.argmax(-1) == target).all())
+                out.append((total, greedy))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        res = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._record("loglikelihood", requests, self._last_routed)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        self._needs_chat()
+        texts = [self.tok_encode(req.args[0]) for req in requests]
+        _, routed = self.route([t[: self.max_length] or [self.prefix_token_id] for t in texts])
+        out = []
+        for tokens, r in zip(texts, routed):
+            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            total = 0.0
+            for start in range(0, len(windows), self.batch_size_per_gpu):
+                chunk = windows[start:start + self.batch_size_per_gpu]
+                logp = self._logits([list(c) + list(t[:-1]) if len(t) > 1 else list(c) for c, t in chunk],
+                                    [r] * len(chunk))
+                for row, (ctx, tgt) in enumerate(chunk):
+                    first = len(ctx) - 1
+                    lp = logp[row, first:first + len(tgt)]
+                    total += float(lp.gather(-1, _tensor(list(tgt), lp.device).unsqueeze(-1)).sum())
+            out.append(total)
+        self._record("loglikelihood_rolling", requests, routed)
+        return out
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        import torch
+
+        self._needs_chat()
+        out: list[str] = []
+        contexts = [self._context_tokens(req.args[0]) for req in requests]
+        _, routed = self.route(contexts)
+        for i, (req, ctx) in enumerate(zip(requests, contexts)):
+            kwargs = dict(req.args[1] or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            ctx = ctx[-max(1, self.max_length - max_new):]
+            ids = _tensor(ctx, self._device).unsqueeze(0)
+            mask = torch.ones_like(ids)
+            with torch.no_grad():
+                if self.gm is not None:
+                    with self.gm.routing([routed[i]]):
+                        gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                                  do_sample=False, pad_token_id=self._pad_id)
+                else:
+                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                              do_sample=False, pad_token_id=self._pad_id)
+            text = self.tok_decode(gen[0, ids.shape[1]:].tolist())
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            out.append(text)
+        self._record("generate_until", requests, routed)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_system(system: str, artifact: Optional[str]) -> str:
+    s = (system or "prism").strip().lower()
+    if s == "oracle":
+        raise PrismError("system=oracle needs a judge's verdict per item, which lm-eval never gives a model; "
+                         "use `prism eval --systems oracle` (MMLU, MT-Bench, safety)")
+    if s not in SYSTEMS:
+        raise PrismError(f"unknown system '{system}'; choose from {', '.join(SYSTEMS)}")
+    if s in ("lora", "prism", "persona") and not artifact:
+        raise PrismError(f"system={s} needs artifact=RUN/prism")
+    return s
+
+
+def _load(artifact, pretrained, device, dtype, system):
+    """(GatedModel or None, model, tokenizer)."""
+    if artifact:
+        from ..gated.model import GatedModel
+
+        gm = GatedModel.from_pretrained(artifact, device=device, dtype=dtype)
+        return gm, gm.model, gm.tokenizer
+    from ..models import load_model
+
+    model, tok = load_model(pretrained, dtype=dtype, device=device)
+    model.eval()
+    return None, model, tok
+
+
+def _model_max_length(model) -> int:
+    n = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return min(n, 4096)
+
+
+def _persona_text(persona_file: Optional[str], domain: Optional[str]) -> str:
+    from .systems import load_persona_file
+
+    if not persona_file or not domain:
+        raise PrismError("system=persona needs persona_file=JSON and domain=NAME in --model_args")
+    personas = load_persona_file(persona_file)
+    if domain not in personas:
+        raise PrismError(f"persona file {persona_file} has no domain '{domain}' (has: {', '.join(personas)})")
+    v = personas[domain]
+    return v.get("short") or next(iter(v.values()))
+
+
+def _tensor(values, device):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def main() -> None:
+    """``prism-lm-eval``: lm-eval's command line with the ``prism`` model registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        cli_evaluate()
+    except PrismError as exc:
+        print(f"prism-lm-eval: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

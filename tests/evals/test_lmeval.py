@@ -1,0 +1,136 @@
+"""lm-eval backend: real lm-eval runs (local task YAMLs on fixture data) on a tiny PRISM artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from prism_persona.errors import PrismError  # noqa: E402
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _local_mmlu_yaml(folder: Path) -> Path:
+    """The shipped prism_mmlu task, pointed at the fixture file instead of the hub."""
+    from prism_persona.evals.lmeval_tasks import TASKS_DIR
+
+    text = (TASKS_DIR / "prism_mmlu.yaml").read_text()
+    text = text.replace("task: prism_mmlu\n", "task: prism_mmlu_fixture\n")
+    text = text.replace("dataset_path: cais/mmlu\ndataset_name: all\n",
+                        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {FIX / 'mmlu_hf.jsonl'}\n")
+    out = folder / "prism_mmlu_fixture.yaml"
+    out.write_text(text)
+    return out
+
+
+def _other_tasks(folder: Path) -> None:
+    docs = folder / "texts.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": t, "question": q, "answer": a}) for t, q, a in [
+        ("The rain in Spain stays mainly in the plain.", "What is 2+2?", "4"),
+        ("def add(a, b):\n    return a + b\n", "Name a colour.", "red")]) + "\n")
+    (folder / "rolling.yaml").write_text(
+        f"task: tiny_rolling\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\nmetadata:\n  version: 1.0\n")
+    (folder / "gen.yaml").write_text(
+        f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n")
+
+
+def _evaluate(lm, folder: Path, tasks, chat: bool = True):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder)),
+                           apply_chat_template=chat, log_samples=True, bootstrap_iters=0, batch_size=4)
+
+
+def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
+    """The same 6 questions, the same prompt: lm-eval's argmax == prism eval's prediction, same routing."""
+    from prism_persona.evals import data as D
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.evals.runner import EvalRunner
+    from prism_persona.evals.systems import SystemSpec, fixed_provider
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.testing import make_tiny_artifact
+
+    from prism_persona.evals.mmlu import mmlu_prompt
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism")
+    _local_mmlu_yaml(tmp_path)
+    items = D.load_mmlu(FIX / "mmlu_hf.jsonl")
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    # a threshold that routes half of these six prompts, so both routes are compared
+    probs = sorted(p for p, _ in gm.route([[{"role": "user", "content": mmlu_prompt(it)}] for it in items]))
+    gm.threshold = (probs[2] + probs[3]) / 2
+    lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=4,
+                 threshold=gm.threshold, routing_file=str(tmp_path / "routing.json"))
+    res = _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
+    samples = sorted(res["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"])
+    lm_preds = [max(range(4), key=lambda k: s["resps"][k][0][0]) for s in samples]
+
+    runner = EvalRunner(str(tmp_path / "ev"), fixed_provider({"prism": gm.as_engine()}))
+    recs = runner.mmlu_responses(SystemSpec("prism"), items)
+    prism_preds = [D.LETTERS.index(recs[it.item_id]["pred"]) for it in items]
+    assert lm_preds == prism_preds
+    acc = sum(p == it.answer for p, it in zip(prism_preds, items)) / len(items)
+    assert res["results"]["prism_mmlu_fixture"]["acc,none"] == pytest.approx(acc)
+    # routing: per question the same decision as prism eval's (4 choices share their context's decision)
+    routed_docs = sum(bool(recs[it.item_id]["meta"]["routed"]) for it in items)
+    report = json.loads((tmp_path / "routing.json").read_text())
+    ll = report["tasks"]["prism_mmlu_fixture"]["loglikelihood"]
+    assert ll == {"routed": 4 * routed_docs, "n": 24, "rate": routed_docs / 6}
+    assert routed_docs == 3
+
+
+def test_lmeval_rolling_and_generation_route_per_request(tmp_path, tiny_model_dir):
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism")
+    _other_tasks(tmp_path)
+    runs = {}
+    for system in ("base", "lora", "prism"):
+        lm = PrismLM(artifact=str(art), system=system, device="cpu", dtype="float32", batch_size=2)
+        res = _evaluate(lm, tmp_path, ["tiny_rolling", "tiny_gen"], chat=False)
+        runs[system] = (res, lm.routing_report())
+    for system, (res, report) in runs.items():
+        assert res["results"]["tiny_rolling"]["word_perplexity,none"] > 1.0
+        assert report["tasks"]["tiny_rolling"]["loglikelihood_rolling"]["n"] == 2
+        assert report["tasks"]["tiny_gen"]["generate_until"]["n"] == 2
+    assert runs["base"][1]["overall"]["routed"] == 0 and runs["lora"][1]["overall"]["rate"] == 1.0
+    # the adapter changes the numbers: lora's perplexity differs from base's
+    ppl = {s: r[0]["results"]["tiny_rolling"]["word_perplexity,none"] for s, r in runs.items()}
+    assert ppl["lora"] != pytest.approx(ppl["base"])
+    # prism equals base or lora per document, depending on its routing
+    r = runs["prism"][1]["tasks"]["tiny_rolling"]["loglikelihood_rolling"]["routed"]
+    if r == 0:
+        assert ppl["prism"] == pytest.approx(ppl["base"])
+    elif r == 2:
+        assert ppl["prism"] == pytest.approx(ppl["lora"])
+
+
+def test_lmeval_bad_model_args(tmp_path, tiny_model_dir):
+    from prism_persona.evals.lmeval import PrismLM
+
+    with pytest.raises(PrismError, match="oracle needs a judge"):
+        PrismLM(artifact="x", system="oracle")
+    with pytest.raises(PrismError, match="needs artifact=RUN/prism"):
+        PrismLM(system="prism")
+    with pytest.raises(PrismError, match="unknown system"):
+        PrismLM(artifact="x", system="gpt4")
+    lm = PrismLM(pretrained=str(tiny_model_dir), system="base", device="cpu", dtype="float32")
+    assert lm.routing_report()["overall"]["n"] == 0
+
+
+def test_prism_is_registered_with_lm_eval():
+    import prism_persona.evals.lmeval as backend
+    from lm_eval.api.registry import get_model
+
+    assert get_model("prism") is backend.PrismLM
