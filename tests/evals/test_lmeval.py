@@ -47,7 +47,7 @@ def _evaluate(lm, folder: Path, tasks, chat: bool = True):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder)),
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder), include_defaults=False),
                            apply_chat_template=chat, log_samples=True, bootstrap_iters=0, batch_size=4)
 
 
