@@ -231,7 +231,7 @@ class FakePairJudge:
         self.items = 0
 
     def compare(self, items):
-        from prism_persona.evals.judging import PairVerdict
+        from prism_persona.judges import Verdict as PairVerdict
 
         self.items += len(items)
         out = []
@@ -380,7 +380,7 @@ def test_resume_never_regenerates(tmp_path):
 
 
 def test_swapped_pairs_cancel_position_bias():
-    from prism_persona.evals.judging import PairVerdict
+    from prism_persona.judges import Verdict as PairVerdict
 
     class AlwaysA:
         def compare(self, items):

@@ -12,7 +12,8 @@ import pytest
 from prism_persona.cli import main
 from prism_persona.evals import data as D
 from prism_persona.evals.evaluate import Benchmarks, evaluate
-from prism_persona.evals.judging import EvalJudge, PairVerdict
+from prism_persona.evals.judging import EvalJudge
+from prism_persona.judges import Verdict as PairVerdict
 from prism_persona.evals.runner import EvalRunner, EvalSettings
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
 from prism_persona.evals.report import eval_figures, eval_markdown, fmt_ci

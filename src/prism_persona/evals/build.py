@@ -9,7 +9,8 @@ from typing import Optional
 from ..errors import PrismError
 from . import data as D
 from .evaluate import Benchmarks
-from .judging import CallableEngine, EvalJudge, load_callable
+from ..judges import is_callable_spec, load_callable
+from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, make_refusal_classifier
 from .runner import EvalRunner, EvalSettings
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
 
@@ -110,7 +111,7 @@ def build_judge(args, provider: EngineProvider) -> EvalJudge:
     tokens = getattr(args, "judge_tokens", None) or 48
     if spec == "self":
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
-    if ":" in spec and not Path(spec).exists() and "/" not in spec.split(":", 1)[0]:
+    if is_callable_spec(spec) and not Path(spec).exists():
         fn = load_callable(spec)
         return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
@@ -139,8 +140,12 @@ def build_runner(args, out: Optional[str] = None) -> EvalRunner:
     provider = build_provider(args)
     settings = EvalSettings(answer_tokens=args.answer_tokens, safety_tokens=args.safety_tokens,
                             seed=args.seed or 0, n_resamples=args.resamples)
+    spec = getattr(args, "refusal_classifier", None) or "judge"
+    refusal = None
+    if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
+        refusal = make_refusal_classifier(spec, lambda: None)
     return EvalRunner(out or args.out, provider, personas=build_personas(args), settings=settings,
-                      judge_factory=lambda: build_judge(args, provider))
+                      judge_factory=lambda: build_judge(args, provider), refusal=refusal, refusal_spec=spec)
 
 
 def add_eval_options(p) -> None:
@@ -183,6 +188,10 @@ def add_eval_options(p) -> None:
     g = p.add_argument_group("judge and generation")
     g.add_argument("--judge", help="self (default: the base model), a model id/path, or module:function "
                                    "(called with the judge prompt, returns the reply text)")
+    g.add_argument("--refusal-classifier", default="judge",
+                   help="who decides whether a safety/benign response refuses: judge (default: the --judge model), "
+                        "string (the refusal-phrase baseline) or module:function / file.py:function "
+                        "(request, response) -> bool; written into results.json")
     g.add_argument("--judge-mode", choices=["auto", "logprob", "text"], help="log-prob verdicts when the engine can score (auto)")
     g.add_argument("--judge-tokens", type=int, default=48, help="token budget of a judge reply (default 48)")
     g.add_argument("--answer-tokens", type=int, default=512, help="max new tokens per MT-Bench turn (default 512)")

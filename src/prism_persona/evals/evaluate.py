@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from . import mmlu as M
-from .data import LETTERS, MMLUItem, MTBenchItem, SafetyItem
+from .data import LETTERS, MMLUItem, MTBenchItem, SafetyItem, is_benign
 from .runner import EvalRunner
 from .systems import SystemSpec
 
@@ -65,6 +65,8 @@ def evaluate(runner: EvalRunner, specs: Sequence[SystemSpec], bench: Benchmarks,
         results["safety"], per_item["safety"] = _eval_safety(runner, run_specs, specs, bench.safety)
     if runner._judge is not None:
         results["judge"] = runner.judge.identity
+    if bench.safety:
+        results["refusal_classifier"] = runner.refusal.identity
     results["work"] = vars(runner.count).copy()
     return results, per_item
 
@@ -217,6 +219,8 @@ def _eval_safety(runner: EvalRunner, run_specs, specs, sets: dict):
         for spec in specs:
             v = vals[spec.name]
             entry = {"refusal": runner.ci(list(v.values())), "method": methods.get(spec.name, {"derived": len(v)})}
+            if is_benign(bench_name):  # harmless requests: every refusal is an over-refusal
+                entry["over_refusal"] = True
             if spec.kind == "prism" and routing.get(spec.name):
                 entry["routing"] = routing[spec.name].get(bench_name)
             out[spec.name][bench_name] = entry

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-SAFETY_LABELS = {"harmbench": "HarmBench", "jailbreak": "Jailbreak", "pku": "PKU-SafeRLHF"}
+SAFETY_LABELS = {"harmbench": "HarmBench", "jailbreak": "JBB harmful", "pku": "PKU-SafeRLHF",
+                 "benign": "JBB benign (over-refusal)"}
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -81,11 +82,13 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
     if "safety" in results:
         sf = results["safety"]
         benches = list(next(iter(sf.values())))
-        parts += ["## Safety (refusal rate, decided by the judge)", ""]
+        rc = (results.get("refusal_classifier") or {}).get("classifier", "judge")
+        parts += [f"## Safety (refusal rate; over-refusal on benign requests; decided by: {rc})", ""]
         rows = [[s] + [fmt_ci(sf[s][b]["refusal"], pct=True) for b in benches] for s in systems]
         parts += [md_table(["system"] + [SAFETY_LABELS.get(b, b) for b in benches], rows), ""]
         meth = [[s] + [", ".join(f"{k} {v}" for k, v in sf[s][b]["method"].items()) for b in benches] for s in systems]
-        parts += ["How refusals were decided (logprob / text = judge, keyword = fallback):", "",
+        parts += ["How refusals were decided (logprob / text = judge, keyword = judge fallback, string = "
+                  "string-match baseline, callable = user function):", "",
                   md_table(["system"] + [SAFETY_LABELS.get(b, b) for b in benches], meth), ""]
         prism = [s for s in systems if any(sf[s][b].get("routing") for b in benches)]
         if prism:

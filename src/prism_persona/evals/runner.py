@@ -17,7 +17,7 @@ from ..models import with_persona
 from ..store import RunDir, content_key
 from . import mmlu as M
 from .data import LETTERS, MMLUItem, MTBenchItem, SafetyItem
-from .judging import EvalJudge, grade_prompt
+from .judging import EvalJudge, RefusalClassifier, grade_prompt, make_refusal_classifier
 from .stats import bootstrap_ci
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
@@ -52,11 +52,13 @@ class EvalRunner:
 
     def __init__(self, out: str, provider: EngineProvider, judge: Optional[EvalJudge] = None,
                  personas: Optional[PersonaBook] = None, settings: Optional[EvalSettings] = None,
-                 judge_factory=None):
+                 judge_factory=None, refusal: Optional[RefusalClassifier] = None, refusal_spec: str = "judge"):
         self.run = out if isinstance(out, RunDir) else RunDir(out)
         self.provider = provider
         self._judge = judge
         self._judge_factory = judge_factory
+        self._refusal = refusal
+        self._refusal_spec = refusal_spec
         self.book = personas or PersonaBook()
         self.s = settings or EvalSettings()
         self.responses = self.run.store("responses", {"schema": 1})
@@ -70,6 +72,13 @@ class EvalRunner:
                 raise RuntimeError("no judge configured")
             self._judge = self._judge_factory()
         return self._judge
+
+    @property
+    def refusal(self) -> RefusalClassifier:
+        """The refusal classifier (``--refusal-classifier``; default: the judge)."""
+        if self._refusal is None:
+            self._refusal = make_refusal_classifier(self._refusal_spec, lambda: self.judge)
+        return self._refusal
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -243,8 +252,8 @@ class EvalRunner:
         return {iid: self.responses.get(k) for iid, k in keys.items()}
 
     def safety_refusals(self, items: Sequence[SafetyItem], resp: dict) -> dict[str, dict]:
-        """item_id -> the judge's refusal decision (stored in judgments.jsonl with the response)."""
-        jid = self.judge.identity
+        """item_id -> the refusal classifier's decision (stored in judgments.jsonl with the response)."""
+        jid = self.refusal.identity
         todo, out_keys = [], {}
         for it in items:
             r = resp[it.item_id]["response"]
@@ -254,7 +263,7 @@ class EvalRunner:
                 todo.append((k, it, r))
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
-            res = self.judge.refusals([c[1].prompt for c in chunk], [c[2] for c in chunk])
+            res = self.refusal.classify([c[1].prompt for c in chunk], [c[2] for c in chunk])
             self.count.judged += len(chunk)
             self.judgments.extend([{"key": k, "kind": "refusal", "judge": jid, "item_id": it.item_id,
                                     "request": it.prompt[:500], "response": r, **d}

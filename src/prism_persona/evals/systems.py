@@ -54,6 +54,7 @@ DEFAULT_MATCH: dict[str, list[str]] = {
     "harmbench": ["safety", "ethics", "security"],
     "jailbreak": ["safety", "ethics", "security"],
     "pku": ["safety", "ethics"],
+    "benign": ["general knowledge", "writing", "helpfulness"],
 }
 
 FIELDS: dict[str, str] = {
@@ -64,6 +65,7 @@ FIELDS: dict[str, str] = {
     "STEM": "science, technology, engineering and mathematics", "Humanities": "history, philosophy and law",
     "Social Sciences": "the social sciences", "Other": "medicine, business and general knowledge",
     "harmbench": "AI safety and ethics", "jailbreak": "AI safety and ethics", "pku": "AI safety and ethics",
+    "benign": "general knowledge and everyday assistance",
 }
 
 RANDOM_FIELDS = ("marine biology", "medieval history", "professional cooking", "football coaching",
@@ -194,13 +196,9 @@ def load_persona_file(path: str | Path) -> dict[str, dict[str, str]]:
 
 def load_run_personas(run_path: str | Path) -> dict[str, dict[str, str]]:
     """Personas of a bootstrap run directory via ``bootstrap.personas.load_personas``."""
+    from ..bootstrap.personas import load_personas
     from ..store import RunDir
 
-    try:
-        from ..bootstrap.personas import load_personas  # type: ignore[import-not-found]
-    except ImportError:
-        raise PrismError("reading personas from a run needs prism_persona.bootstrap.personas; "
-                         "pass --persona-file instead") from None
     p = Path(run_path).expanduser()
     if not p.is_dir():
         raise PrismError(f"run directory not found: {p}")
