@@ -198,3 +198,100 @@ class RunDir:
 
     def mark_done(self, stage: str, info: dict | None = None) -> None:
         self.write_json(f"{stage}.done.json", {"stage": stage, **(info or {})})
+
+
+# --------------------------------------------------------------------------------------------------
+# one writer per run directory
+
+LOCK_NAME = ".prism.lock"
+_HELD: dict[str, list] = {}  # resolved run dir -> [open lock file, depth]: re-entrant within a process
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _lock_holder(path: Path) -> int:
+    try:
+        return int(path.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` - this process is the only PRISM process writing ``run_dir``.
+
+    The lock is ``RUN/.prism.lock`` holding the PID of its holder (emptied on release). Where the OS has ``flock`` the file
+    is also locked by the kernel, which releases it when the holder dies however it dies (``kill -9``
+    included), so a stale lock is taken over and a recycled PID can never keep a run locked; elsewhere a
+    lock whose PID is no longer alive is taken over. A second process gets a one-line
+    :class:`PrismError` naming the PID that holds the run. Re-entrant within one process.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir).expanduser().resolve()
+        self.path = self.root / LOCK_NAME
+
+    def __enter__(self) -> "RunLock":
+        key = str(self.root)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return self
+        RunDir(self.root)  # creates it, or a one-line error for an unwritable path
+        _HELD[key] = [self._acquire(), 1]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        key = str(self.root)
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            fh = held[0]
+            try:  # the file stays (unlinking it would let two later processes lock two different files)
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
+            except OSError:
+                pass
+            fh.close()  # releases the flock
+
+    def _busy(self, pid: int) -> PrismError:
+        return PrismError(f"{self.root} is in use by another prism process (PID {pid or 'unknown'}); "
+                          "wait for it to finish, or stop it, before running this command again")
+
+    def _acquire(self):
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): trust the PID in the file
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                raise self._busy(_lock_holder(self.path)) from None
+        else:
+            holder = _lock_holder(self.path)
+            if holder and holder != os.getpid() and _pid_alive(holder):
+                fh.close()
+                raise self._busy(holder)
+        stale = _lock_holder(self.path)
+        if stale and stale != os.getpid():
+            log.info("%s: taking over the lock of PID %d, which is no longer running", self.root, stale)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh

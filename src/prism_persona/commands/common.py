@@ -60,6 +60,9 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge")
     g.add_argument("--judge", help="self (default), a model id/path, or a Python callable module:function")
     g.add_argument("--judge-mode", choices=["auto", "logprob", "text"], help="read verdicts from log-probs or parse text")
+    g.add_argument("--trust-judge", action="store_true",
+                   help="import the module:function judge named in a config file or RUN/config.json (it runs "
+                        "Python code; a judge named with --judge on the command line needs no confirmation)")
     g = p.add_argument_group("engine (where generation runs)")
     add_engine_options(g)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -143,4 +146,23 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     cfg = resolve(file=cfg_file, overrides=overrides)
     if need_domains and not cfg.persona.domains:
         raise PrismError('no domains given; use --domains "writing,coding,safety" or a config file with persona.domains')
+    check_judge_source(cfg, overrides, cfg_file, bool(getattr(args, "trust_judge", False)))
     return cfg
+
+
+def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bool) -> None:
+    """A ``module:function`` judge runs Python code. It is imported when the user typed it on this
+    command line (``--judge`` / ``--set judge.judge=``) or confirms with ``--trust-judge``; a judge that
+    only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line -
+    unless the run's verdicts are already done, in which case it is never imported."""
+    from ..errors import PrismError
+    from ..judges import is_callable_spec
+
+    spec = (cfg.judge.judge or "self").strip()
+    typed = "judge" in (overrides.get("judge") or {})
+    if typed or confirmed or not is_callable_spec(spec) or Path(spec).exists():
+        return
+    if (Path(cfg.out).expanduser() / "bootstrap.done.json").is_file():
+        return
+    raise PrismError(f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "
+                     f"line (--judge {spec}) or pass --trust-judge to import it")

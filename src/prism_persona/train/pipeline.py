@@ -18,6 +18,7 @@ once, only if some stage still has work, and shared by every stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Optional
 from .. import config as C
 from ..bootstrap.verify import load_labelled
 from ..errors import PrismError
-from ..store import JsonlStore, RunDir
+from ..store import JsonlStore, RunDir, RunLock
 from ..bootstrap.answers import answers_store, write_answers
 from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
 from ..bootstrap.personas import load_personas, write_personas
@@ -75,24 +76,48 @@ def preflight(cfg, engine, judge) -> None:
         from ..engines import check_engine
 
         check_engine(cfg)
-    if judge is None:
-        from ..judges import check_judge_spec
 
-        check_judge_spec(cfg.judge.judge)
+
+def save_config(run: RunDir, cfg) -> None:
+    """``RUN/config.json`` := ``cfg``. Called only by a stage that is about to do work with ``cfg``, so
+    the saved config always describes what was run (a rerun of a finished run rewrites nothing)."""
+    run.write_json("config.json", json.loads(C.dump(cfg)))
+
+
+def bootstrap_has_work(run: RunDir, cfg) -> bool:
+    """False for a finished bootstrap that the current settings do not extend (same domains, same
+    number of queries per persona): then nothing runs and ``config.json`` is left as it is."""
+    saved = run.read_json("config.json")
+    if not run.done("bootstrap") or not isinstance(saved, dict):
+        return True
+    return (saved.get("persona", {}).get("domains") != list(cfg.persona.domains)
+            or saved.get("queries", {}).get("queries_per_persona") != cfg.queries.queries_per_persona)
 
 
 def run_bootstrap(cfg, engine=None, judge=None) -> dict:
     """Run or resume the bootstrap in ``cfg.out``; write ``summary.json`` / ``summary.md``; return the summary.
 
     ``engine`` defaults to ``engines.make_engine(cfg)`` and ``judge`` to ``judges.make_judge(cfg, engine)``;
-    both are built only when a stage needs them.
+    both are built only when a stage needs them. The run directory is locked (:class:`RunLock`) while
+    this runs. A ``module:function`` judge is imported only after the settings check, and only when the
+    verdicts still have work to do.
     """
+    preflight(cfg, engine, judge)
+    with RunLock(cfg.out):
+        return _run_bootstrap(cfg, engine, judge)
+
+
+def _run_bootstrap(cfg, engine, judge) -> dict:
     t0 = time.perf_counter()
     baseline = counters([engine] + (list(judge.engines) if judge is not None else []))
-    preflight(cfg, engine, judge)
     run = RunDir(cfg.out)
     check_run(cfg, run)
-    run.write_json("config.json", json.loads(C.dump(cfg)))
+    if not run.done("bootstrap") and judge is None:
+        from ..judges import check_judge_spec
+
+        check_judge_spec(cfg.judge.judge)
+    if bootstrap_has_work(run, cfg):
+        save_config(run, cfg)
 
     def _make_engine():
         from ..engines import make_engine
@@ -236,23 +261,33 @@ def load_base(cfg):
 def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds: Optional[dict] = None) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
+    from .parallel import DataParallel
+
+    main = DataParallel().is_main  # data-parallel distillation: every rank trains, rank 0 writes
+    with RunLock(cfg.out) if main else contextlib.nullcontext():
+        return _train_stages(cfg, model, tok, stages, seconds, main)
+
+
+def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
     from ..gated.artifact import assemble
     from .distill import run_distill
     from .gate import run_gate
-    from .parallel import DataParallel
     from .report import write_report
 
     run = RunDir(cfg.out)
     check_trained(cfg, run, stages)
     records = load_labelled(run)
     seconds = dict(seconds or {})
-    if any(not run.done(s) for s in stages) and model is None:
+    todo = any(not run.done(s) for s in stages)
+    if todo and main:
+        save_config(run, cfg)
+    if todo and model is None:
         model, tok = load_base(cfg)
     if "gate" in stages:
         run_gate(run, cfg, records, model, tok)
     if "distill" in stages:
         run_distill(run, cfg, records, model, tok)
-    if not DataParallel().is_main:  # data-parallel distillation: rank 0 assembles and reports
+    if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
     art = assemble(run, cfg) if run.done("gate") and run.done("distill") else None
     rep = write_report(run, records, seconds)
@@ -271,9 +306,16 @@ def run_pipeline(cfg, engine=None, judge=None) -> dict:
     if DataParallel().world > 1:
         raise PrismError("the pipeline runs in one process; under accelerate launch / torchrun use "
                          "`prism distill --run RUN` (data-parallel distillation) after the bootstrap and the gate")
+    preflight(cfg, engine, judge)
+    with RunLock(cfg.out):
+        return _run_pipeline(cfg, engine, judge)
+
+
+def _run_pipeline(cfg, engine, judge) -> dict:
     seconds: dict = {}
     model = tok = None
     run = RunDir(cfg.out)
+    check_run(cfg, run)  # before the model loads
     todo = [s for s in STAGES if not run.done(s)]
     if todo and engine is None and cfg.engine.engine == "hf":
         from ..engines import make_engine
