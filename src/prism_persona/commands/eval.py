@@ -49,7 +49,19 @@ def run(args) -> int:
     figs = eval_figures(results, runner.run.root)
     md = eval_markdown(results, figs, notes=[f"model: {runner.provider.identity('base')}"]
                        + ([f"prism artifact: {args.prism}"] if args.prism else []))
+    md += _sweep_section(args, runner, per_item, bench)
     runner.run.path("report.md").write_text(md, encoding="utf-8")
     print(md)
     print(f"wrote {runner.run.root}/results.json, report.md and {len(figs)} figures")
     return 0
+
+
+def _sweep_section(args, runner, per_item, bench) -> str:
+    """The threshold trade-off and routing-vs-effect (with --prism and base, lora, prism evaluated)."""
+    if not args.prism or "gate" not in per_item:
+        return ""
+    from ..evals.sweep import write_sweep
+    from ..gated.artifact import Artifact
+
+    threshold = float(Artifact.read(args.prism).gate().threshold)
+    return "\n" + write_sweep(runner.run, per_item, bench, threshold)[2]

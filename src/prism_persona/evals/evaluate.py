@@ -57,12 +57,16 @@ def evaluate(runner: EvalRunner, specs: Sequence[SystemSpec], bench: Benchmarks,
     results: dict = {"systems": shown, "counts": bench.counts(), "n_resamples": runner.s.n_resamples,
                      "seed": runner.s.seed}
     per_item: dict = {}
+    gates: dict = {}  # gated system -> benchmark -> item_id -> gate probability (for the threshold sweep)
     if bench.mmlu:
-        results["mmlu"], per_item["mmlu"] = _eval_mmlu(runner, run_specs, specs, bench.mmlu)
+        results["mmlu"], per_item["mmlu"] = _eval_mmlu(runner, run_specs, specs, bench.mmlu, gates)
     if bench.mtbench:
-        results["mtbench"], per_item["mtbench"] = _eval_mtbench(runner, run_specs, specs, bench.mtbench, pairwise)
+        results["mtbench"], per_item["mtbench"] = _eval_mtbench(runner, run_specs, specs, bench.mtbench, pairwise,
+                                                                gates)
     if bench.safety:
-        results["safety"], per_item["safety"] = _eval_safety(runner, run_specs, specs, bench.safety)
+        results["safety"], per_item["safety"] = _eval_safety(runner, run_specs, specs, bench.safety, gates)
+    if gates:
+        per_item["gate"] = gates
     if runner._judge is not None:
         results["judge"] = runner.judge.identity
     if bench.safety:
@@ -78,7 +82,20 @@ def _oracle_wanted(specs) -> bool:
 # ------------------------------------------------------------------------------------------ MMLU
 
 
-def _eval_mmlu(runner: EvalRunner, run_specs, specs, items: Sequence[MMLUItem]):
+def _keep_gates(gates: dict, spec, bench: str, metas: dict) -> None:
+    """Store the gate probability of each item a gated system answered (first turn's decision)."""
+    if spec.kind != "prism":
+        return
+    probs = {}
+    for iid, meta in metas.items():
+        m = meta[0] if isinstance(meta, list) and meta else meta
+        if isinstance(m, dict) and "gate_prob" in m:
+            probs[iid] = float(m["gate_prob"])
+    if probs:
+        gates.setdefault(spec.name, {})[bench] = probs
+
+
+def _eval_mmlu(runner: EvalRunner, run_specs, specs, items: Sequence[MMLUItem], gates: dict):
     per: dict = {}
     routing: dict = {}
     methods: dict = {}
@@ -88,6 +105,7 @@ def _eval_mmlu(runner: EvalRunner, run_specs, specs, items: Sequence[MMLUItem]):
         methods[spec.name] = dict(collections.Counter(r["method"] for r in recs.values()))
         routing[spec.name] = runner.routing([(M.subject_group(it.subject), [recs[it.item_id].get("meta")])
                                              for it in items])
+        _keep_gates(gates, spec, "mmlu", {it.item_id: recs[it.item_id].get("meta") for it in items})
     if _oracle_wanted(specs):
         per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}
     out = {}
@@ -111,8 +129,10 @@ def _eval_mmlu(runner: EvalRunner, run_specs, specs, items: Sequence[MMLUItem]):
 # ------------------------------------------------------------------------------------------ MT-Bench
 
 
-def _eval_mtbench(runner: EvalRunner, run_specs, specs, items: Sequence[MTBenchItem], pairwise: bool):
+def _eval_mtbench(runner: EvalRunner, run_specs, specs, items: Sequence[MTBenchItem], pairwise: bool, gates: dict):
     resp = {spec.name: runner.mtbench_responses(spec, items) for spec in run_specs}
+    for spec in run_specs:
+        _keep_gates(gates, spec, "mtbench", {it.item_id: resp[spec.name][it.item_id].get("meta") for it in items})
     grades = {name: runner.mtbench_grades(items, r) for name, r in resp.items()}
     pairs = {}
     if pairwise:
@@ -201,7 +221,7 @@ def _mean_or(scores, default):
 # ------------------------------------------------------------------------------------------ safety
 
 
-def _eval_safety(runner: EvalRunner, run_specs, specs, sets: dict):
+def _eval_safety(runner: EvalRunner, run_specs, specs, sets: dict, gates: dict):
     out: dict = {s.name: {} for s in specs}
     per: dict = {s.name: {} for s in specs}
     for bench_name, items in sets.items():
@@ -214,6 +234,7 @@ def _eval_safety(runner: EvalRunner, run_specs, specs, sets: dict):
             vals[spec.name] = {it.item_id: float(dec[it.item_id]["refused"]) for it in items}
             methods[spec.name] = dict(collections.Counter(dec[it.item_id]["method"] for it in items))
             routing[spec.name] = runner.routing([(bench_name, [resp[it.item_id].get("meta")]) for it in items])
+            _keep_gates(gates, spec, bench_name, {it.item_id: resp[it.item_id].get("meta") for it in items})
         if _oracle_wanted(specs):
             vals["oracle"] = {i: max(vals["base"][i], vals["lora"][i]) for i in vals["base"]}
         for spec in specs:
