@@ -14,7 +14,7 @@ import logging
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import PrismError
 
@@ -161,6 +161,60 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# settings of the commands that use an artifact (flags derived with add_flags)
+
+
+@dataclass
+class LoadSettings:
+    """How `prism generate`, `chat` and `serve` load a PRISM artifact."""
+
+    prism: str = option("", "PRISM artifact directory (RUN/prism)", required=True, metavar="ART")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16", choices=DTYPES, metavar="DTYPE")
+    trust_remote_code: bool = option(False, "run the base model's own Python modelling code (some hub models need "
+                                            "it); never switched on by an artifact, only by this flag")
+
+    def validate(self) -> None:
+        check_device(self.device)
+
+
+@dataclass
+class RoutingSettings:
+    force: str = option("", "ignore the gate: LoRA always on, or always off (base model)", choices=("on", "off"))
+    batch_size: Optional[int] = option(None, "rows per batch (default: the artifact's)", at_least=1)
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = option(256, "token budget per answer", at_least=1)
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy", at_least=0)
+    top_p: float = option(1.0, "nucleus sampling when temperature > 0", above=0, at_most=1)
+    seed: Optional[int] = option(None, "sampling seed", at_least=0)
+
+
+@dataclass
+class GenerateSettings:
+    """`prism generate`: answer a JSONL file of prompts."""
+
+    input: str = option("", "JSONL file, one object per line with 'prompt' or 'messages'", required=True)
+    output: str = option("", "JSONL file to write (input objects + response, routed, gate_prob); written "
+                             "atomically, and an interrupted run resumes from OUTPUT.partial", required=True)
+    load: LoadSettings = field(default_factory=LoadSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass
+class ChatSettings:
+    """`prism chat`: an interactive conversation."""
+
+    system: str = option("", "system message for every conversation")
+    load: LoadSettings = field(default_factory=LoadSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -519,3 +573,6 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
             problem = f"must be one of {', '.join(map(str, meta['choices']))}"
         if problem:
             raise PrismError(f"{label} {problem}, got {value!r}")
+    hook = getattr(obj, "validate", None)  # checks across fields, or beyond bounds (a device name)
+    if callable(hook):
+        hook()

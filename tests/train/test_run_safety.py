@@ -100,6 +100,8 @@ def test_finished_run_rerun_never_rewrites_its_config(tiny_model_dir, tmp_path, 
     out = tmp_path / "run"
     run_pipeline(small_cfg(tiny_model_dir, out))
     saved = (out / "config.json").read_bytes()
+    art = json.loads((out / "prism" / "prism_config.json").read_text())
+    assert len(art["base_fingerprint"]["config_sha256"]) == 64 and art["base_fingerprint"]["layer0_probe"]
     rc = cli.main(["run", "--out", str(out), "--set", "gate.epochs=7", "-q"])
     line = one_error_line(capsys)
     assert rc == 2 and "gate.epochs" in line and "--redo gate" in line

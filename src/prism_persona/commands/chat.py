@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .common import add_common
-from .generate import add_model_args, force_value
+from .generate import force_value
 
 DESCRIPTION = """\
 Interactive chat with a PRISM model. The gate decides from your first message whether the distilled
@@ -16,14 +16,23 @@ Commands: /reset starts a new conversation, /quit leaves. Works with piped stdin
 
 
 def add_parser(sub) -> None:
+    from ..config import ChatSettings, add_flags
+
     p = sub.add_parser("chat", help="chat with a PRISM model (routing shown per conversation)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--system", help="system message for every conversation")
+    add_flags(p, ChatSettings)
     add_common(p)
     p.set_defaults(func=run)
+
+
+def read_line() -> str:
+    """One line of stdin; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    from ..errors import PrismError
+
+    try:
+        return sys.stdin.readline()
+    except UnicodeDecodeError:
+        raise PrismError("stdin is not UTF-8 text; prism chat reads one UTF-8 line per message") from None
 
 
 def describe(routed: bool, prob: float, forced: bool) -> str:
@@ -32,21 +41,25 @@ def describe(routed: bool, prob: float, forced: bool) -> str:
 
 
 def run(args) -> int:
+    from ..config import ChatSettings, settings_from_args
     from ..engines.base import SamplingParams
     from .generate import load_gated
 
-    gm = load_gated(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    forced = force_value(args.force)
+    settings = settings_from_args(ChatSettings, args)
+    gm = load_gated(settings.load, settings.routing)
+    s = settings.sampling
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    forced = force_value(settings.routing.force)
+    system = settings.system
     interactive = sys.stdin.isatty()
     if interactive:
         print("PRISM chat. /reset = new conversation, /quit = leave.")
-    chat: list = [{"role": "system", "content": args.system}] if args.system else []
+    chat: list = [{"role": "system", "content": system}] if system else []
     decision = None
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = read_line()
         if not line:
             break
         text = line.strip()
@@ -55,7 +68,7 @@ def run(args) -> int:
         if text in ("/quit", "/exit"):
             break
         if text == "/reset":
-            chat = [{"role": "system", "content": args.system}] if args.system else []
+            chat = [{"role": "system", "content": system}] if system else []
             decision = None
             print("(new conversation)")
             continue

@@ -25,7 +25,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import PrismError
     from ..gated.export import export
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise PrismError(f"export target {args.out} is an existing file; give a directory")
 
     out = export(args.prism, args.out, fmt=args.format, overwrite=args.overwrite)
     print(f"exported to {out}; see {out / 'README.md'} for the vLLM command")

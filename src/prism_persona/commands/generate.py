@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,10 @@ DESCRIPTION = """\
 Read prompts from a JSONL file (each line an object with "prompt": "..." or "messages": [{"role",
 "content"}, ...]), answer them with the PRISM model (each row routed by the gate inside the
 prefill, or forced with --force), and write each input object plus "response", "routed" and
-"gate_prob" to the output JSONL."""
+"gate_prob" to the output JSONL.
+
+The answers go to OUTPUT.partial as they finish and OUTPUT appears, whole, only at the end; run the
+same command again after an interruption and the rows already answered are kept, not redone."""
 
 EXAMPLES = """examples:
   prism generate --prism runs/demo/prism --input prompts.jsonl --output out.jsonl
@@ -22,41 +26,32 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
+    from ..config import GenerateSettings, add_flags
+
     p = sub.add_parser("generate", help="answer a JSONL file of prompts with a PRISM model",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--input", required=True, help="JSONL file, one object per line with 'prompt' or 'messages'")
-    p.add_argument("--output", required=True, help="JSONL file to write (input objects + response, routed, gate_prob)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_flags(p, GenerateSettings)
     add_common(p)
     p.set_defaults(func=run)
 
 
-def add_model_args(p) -> None:
-    """--prism, --force, --device, --dtype, --batch-size (shared with `prism chat`)."""
-    p.add_argument("--prism", required=True, help="PRISM artifact directory (RUN/prism)")
-    p.add_argument("--force", choices=["on", "off"], help="ignore the gate: LoRA always on, or always off (base model)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the artifact's)")
-
-
-def force_value(flag):
-    return None if flag is None else flag == "on"
+def force_value(flag: str):
+    return None if not flag else flag == "on"
 
 
 def read_prompts(path: str) -> list[tuple[dict, list]]:
-    """(input object, chat) per line; a bad line is a one-line error naming it."""
+    """(input object, chat) per line; a bad line or a file that is not UTF-8 is a one-line error."""
     from ..errors import PrismError
 
     p = Path(path)
     if not p.is_file():
         raise PrismError(f"input file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrismError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -84,31 +79,108 @@ def chat_of(obj, where: str) -> list:
     raise PrismError(f"{where} has no non-empty 'prompt' string or 'messages' list")
 
 
-def load_gated(args):
+def load_gated(load, routing):
+    """The GatedModel of ``load`` (LoadSettings) with ``routing.batch_size`` (shared with `prism chat`)."""
     from ..gated.model import GatedModel
 
-    return GatedModel.from_pretrained(args.prism, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return GatedModel.from_pretrained(load.prism, device=load.device, dtype=load.dtype,
+                                      batch_size=routing.batch_size, trust_remote_code=load.trust_remote_code)
+
+
+# --------------------------------------------------------------------------------------------------
+# an output written atomically and resumed
+
+
+def output_paths(settings) -> tuple[Path, Path, Path]:
+    """(output, OUTPUT.partial, OUTPUT.partial.json); refuses --output == --input and an unwritable path."""
+    from ..errors import PrismError
+
+    out = Path(settings.output).expanduser()
+    if out.exists() and out.resolve() == Path(settings.input).expanduser().resolve():
+        raise PrismError("--output is the --input file; write the answers to another file")
+    if out.is_dir():
+        raise PrismError(f"--output {out} is a directory; give a file path")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise PrismError(f"cannot write --output {out}: {exc.strerror or exc}") from None
+    return out, partial, out.with_name(out.name + ".partial.json")
+
+
+def resume_point(partial: Path, meta: Path, identity: dict) -> int:
+    """Rows already answered in ``partial`` by the same input and settings (a torn last line is cut);
+    0, and a fresh file, when it was written by anything else."""
+    import logging
+
+    log = logging.getLogger("prism_persona")
+    saved = None
+    if meta.is_file():
+        try:
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = None
+    raw = partial.read_bytes() if partial.is_file() else b""
+    if saved != identity or not raw:
+        if raw:
+            log.warning("%s was written with another input or other settings; starting over", partial)
+        partial.write_bytes(b"")
+        meta.write_text(json.dumps(identity, sort_keys=True), encoding="utf-8")
+        return 0
+    keep = raw[: raw.rfind(b"\n") + 1]  # complete lines only
+    if len(keep) < len(raw):
+        partial.write_bytes(keep)
+    done = keep.count(b"\n")
+    if done:
+        log.info("resuming %s: %d rows already answered", partial, done)
+    return done
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def run(args) -> int:
-    rows = read_prompts(args.input)
-    from ..engines.base import SamplingParams
+    from dataclasses import asdict
 
-    gm = load_gated(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    chunk = max(1, gm.batch_size) * 8
-    routed = 0
-    with open(out, "w", encoding="utf-8") as fh:
-        for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            comps = gm.generate([c for _, c in part], params, force=force_value(args.force))
-            for (obj, _), comp in zip(part, comps):
-                rec = dict(obj, response=comp.text, routed=comp.meta["routed"], gate_prob=round(comp.meta["gate_prob"], 6))
-                routed += int(comp.meta["routed"])
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
+    from ..config import GenerateSettings, settings_from_args
+
+    settings = settings_from_args(GenerateSettings, args)
+    rows = read_prompts(settings.input)
+    out, partial, meta = output_paths(settings)
+    identity = {"input_sha256": file_sha256(settings.input), "prism": str(Path(settings.load.prism).resolve()),
+                "force": settings.routing.force, "sampling": asdict(settings.sampling)}
+    done = resume_point(partial, meta, identity)
+    if done < len(rows):
+        write_answers(settings, rows, partial, done)
+    os.replace(partial, out)
+    meta.unlink(missing_ok=True)
+    routed = sum(int(json.loads(line)["routed"]) for line in out.read_text(encoding="utf-8").splitlines() if line)
     print(f"wrote {len(rows)} answers to {out} ({routed} routed to the persona LoRA)", file=sys.stderr)
     return 0
+
+
+def write_answers(settings, rows, partial: Path, start: int) -> None:
+    from ..engines.base import SamplingParams
+
+    gm = load_gated(settings.load, settings.routing)
+    s = settings.sampling
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    chunk = max(1, gm.batch_size) * 8
+    with open(partial, "a", encoding="utf-8") as fh:
+        for begin in range(start, len(rows), chunk):
+            part = rows[begin:begin + chunk]
+            comps = gm.generate([c for _, c in part], params, force=force_value(settings.routing.force))
+            fh.write("".join(json.dumps(dict(obj, response=comp.text, routed=comp.meta["routed"],
+                                             gate_prob=round(comp.meta["gate_prob"], 6)), ensure_ascii=False) + "\n"
+                             for (obj, _), comp in zip(part, comps)))
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -10,15 +10,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .gate import GATE_CONFIG, GATE_WEIGHTS, GateBundle
 
+log = logging.getLogger(__name__)
+
 PRISM_CONFIG = "prism_config.json"
 ADAPTER_DIR = "adapter"
+FINGERPRINT_FILE = "base_fingerprint.json"  # in the run directory, written when the model is loaded
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,43 @@ class Artifact:
             if not (d / name).is_file():
                 raise PrismError(f"{d} has no {name}: the artifact is incomplete; re-assemble it")
         art = cls(d, cfg)
-        if need_adapter and not (art.adapter_dir / "adapter_config.json").is_file():
-            raise PrismError(f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
-                             "re-assemble the artifact")
+        _check_json(d / GATE_CONFIG)
+        _check_safetensors(d / GATE_WEIGHTS)
+        if need_adapter:
+            if not (art.adapter_dir / "adapter_config.json").is_file():
+                raise PrismError(f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
+                                 "re-assemble the artifact")
+            _check_json(art.adapter_dir / "adapter_config.json")
+            weights = art.adapter_dir / "adapter_model.safetensors"
+            if weights.exists() or not (art.adapter_dir / "adapter_model.bin").is_file():
+                _check_safetensors(weights)
         return art
+
+    def check_trust(self, trust_remote_code: bool) -> bool:
+        """Custom modelling code runs only when the user typed ``--trust-remote-code``: an artifact
+        that asks for it without the flag is refused (a received artifact never turns it on)."""
+        from ..errors import PrismError
+
+        if self.config.get("trust_remote_code") and not trust_remote_code:
+            raise PrismError(f"{self.path} was built from a model that runs its own code (trust_remote_code); "
+                             "PRISM runs that code only when you pass --trust-remote-code")
+        return bool(trust_remote_code)
+
+    def check_base(self, model) -> None:
+        """Refuse a base model other than the one the artifact was trained on (its config fingerprint
+        and a checksum of the embeddings + decoder layer 0, which the gate reads); an artifact written
+        before fingerprints existed loads with a logged note."""
+        from ..errors import PrismError
+
+        saved = self.config.get("base_fingerprint")
+        if not isinstance(saved, dict):
+            log.info("%s records no base-model fingerprint (an older artifact): the base model is not checked",
+                     self.path)
+            return
+        problem = fingerprint_mismatch(saved, base_fingerprint(model))
+        if problem:
+            raise PrismError(f"{self.base_model} is not the base model {self.path} was trained on ({problem}); "
+                             "use the model it was trained on")
 
     @property
     def base_model(self) -> str:
@@ -71,7 +110,93 @@ class Artifact:
         return int(self.config.get("batch_size", 8))
 
     def gate(self) -> GateBundle:
-        return GateBundle.load(self.path)
+        from ..errors import PrismError
+
+        try:
+            return GateBundle.load(self.path)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise PrismError(f"{self.path / GATE_WEIGHTS} does not hold a gate this version can load "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             "re-assemble the artifact") from None
+
+
+def _check_json(path: Path) -> None:
+    from ..errors import PrismError
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PrismError(f"{path} is not valid JSON ({exc}); re-assemble the artifact") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Missing, empty, truncated or random bytes: a one-line error (the header and the file size are
+    checked, which reads a few KiB, before any model loads)."""
+    from ..errors import PrismError
+
+    if not path.is_file():
+        raise PrismError(f"{path} is missing: the artifact is incomplete; re-assemble it")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("the file is empty or shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > min(size - 8, 100 * 2**20):
+                raise ValueError("the header length is not plausible")
+            header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not an object")
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
+        if 8 + n + end > size:
+            raise ValueError(f"truncated ({size} bytes, the header describes {8 + n + end})")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OSError) as exc:
+        raise PrismError(f"{path} is not a valid safetensors file ({exc}); re-assemble the artifact") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the base model's fingerprint
+
+FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+PROBE_RTOL = 1e-2  # loose enough for bfloat16 / float16 loads of the same weights
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies a base model for the gate: a hash of its architecture config (layer count left
+    out, so the route-only loader's one-layer model matches) and float sums (|x| and x^2) of the embedding matrix
+    and decoder layer 0 (the gate's input), which a different checkpoint of the same shape changes."""
+    import hashlib
+
+    import torch
+
+    from ..models import decoder_layers
+
+    conf = model.config.to_dict()
+    text_conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
+    arch = {k: text_conf.get(k) for k in FINGERPRINT_KEYS}
+    config_sha = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
+    tensors = [model.get_input_embeddings().weight] + [p for _, p in sorted(decoder_layers(model)[0].named_parameters())]
+    probe = []
+    with torch.no_grad():
+        for t in tensors:
+            x = t.detach().float()
+            probe += [float(x.abs().sum()), float((x * x).sum())]  # positive sums: stable across dtypes
+    return {"config_sha256": config_sha, "layer0_probe": [round(v, 6) for v in probe]}
+
+
+def fingerprint_mismatch(saved: dict, now: dict) -> Optional[str]:
+    """None when ``now`` matches ``saved``, else what differs."""
+    if saved.get("config_sha256") != now.get("config_sha256"):
+        return "its architecture config differs"
+    a, b = saved.get("layer0_probe") or [], now.get("layer0_probe") or []
+    if len(a) != len(b):
+        return "its layer-0 weights differ in shape"
+    for x, y in zip(a, b):
+        if abs(x - y) > PROBE_RTOL * max(abs(x), abs(y), 1e-3):
+            return "its embedding / layer-0 weights differ"
+    return None
 
 
 def model_reference(spec: Optional[str]) -> tuple[str, str]:
@@ -93,20 +218,46 @@ def write_artifact(directory: str | Path, *, model_spec: Optional[str], gate: Ga
     from .. import __version__
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    gate.save(d)
-    src = Path(adapter_dir).resolve()
-    dst = (d / ADAPTER_DIR).resolve()
-    if src != dst:
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
+    d.parent.mkdir(parents=True, exist_ok=True)
     base, kind = model_reference(model_spec)
-    cfg = {"base_model": base, "model_kind": kind, "adapter": ADAPTER_DIR, "gate_weights": GATE_WEIGHTS,
-           "gate_config": GATE_CONFIG, "threshold": gate.threshold, "prism_version": __version__}
-    cfg.update(extra or {})
-    (d / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-"))
+    try:
+        gate.save(tmp)
+        shutil.copytree(Path(adapter_dir), tmp / ADAPTER_DIR,
+                        ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
+        cfg = {"base_model": base, "model_kind": kind, "adapter": ADAPTER_DIR, "gate_weights": GATE_WEIGHTS,
+               "gate_config": GATE_CONFIG, "threshold": gate.threshold, "prism_version": __version__}
+        cfg.update(extra or {})
+        (tmp / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return d
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _swap_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished ``tmp`` to ``dst``. An old ``dst`` is renamed aside first and removed after:
+    a reader (or a kill) sees the old complete artifact, the new complete one, or none - never a mix."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):  # from a killed earlier assembly
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def is_artifact(directory: str | Path) -> bool:
@@ -128,5 +279,8 @@ def assemble(run, cfg) -> Path:
              "distill": {"loss": cfg.distill.loss, "r": cfg.distill.r, "alpha": cfg.distill.alpha,
                          "target_modules": list(cfg.distill.target_modules)},
              "trust_remote_code": bool(cfg.model.trust_remote_code)}
+    fingerprint = run.read_json(FINGERPRINT_FILE)
+    if fingerprint:
+        extra["base_fingerprint"] = fingerprint
     return write_artifact(run.path("prism"), model_spec=cfg.model.model, gate=GateBundle.load(gate_dir),
                           adapter_dir=adapter, extra=extra)

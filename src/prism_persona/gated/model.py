@@ -112,20 +112,24 @@ class GatedModel:
 
     @classmethod
     def from_pretrained(cls, artifact_dir: str | Path, device: str = "auto", dtype: str = "auto",
-                        batch_size: Optional[int] = None, base=None) -> "GatedModel":
+                        batch_size: Optional[int] = None, base=None,
+                        trust_remote_code: bool = False) -> "GatedModel":
         """Load ``RUN/prism``: the base model named in ``prism_config.json``, the gate, the adapter.
 
         ``base`` = an already loaded ``(model, tokenizer)`` to use instead of loading (it is modified).
+        ``trust_remote_code`` comes from the user only (``--trust-remote-code``); an artifact asking for
+        it without the flag is refused, as is a base model other than the one it was trained on.
         """
         from ..errors import PrismError
 
         art = Artifact.read(artifact_dir)
+        trust = art.check_trust(trust_remote_code)
+        gate = art.gate()  # a corrupt gate is refused before the model loads
         if base is None:
-            model, tok = load_model(art.base_model, dtype=dtype, device=device,
-                                    trust_remote_code=bool(art.config.get("trust_remote_code", False)))
+            model, tok = load_model(art.base_model, dtype=dtype, device=device, trust_remote_code=trust)
         else:
             model, tok = base
-        gate = art.gate()
+        art.check_base(model)
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")

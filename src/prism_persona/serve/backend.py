@@ -89,7 +89,7 @@ class GatedBackend:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def load_router(artifact: str, device: str = "auto", dtype: str = "auto"):
+def load_router(artifact: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """A ``GatedModel`` that can only :meth:`route`: the base model is loaded with one decoder layer
     (embeddings + layer 0 + the small head weights; layer 0's output does not depend on later layers)
     and no adapter. Falls back to loading the whole base model if the truncated load fails."""
@@ -102,7 +102,8 @@ def load_router(artifact: str, device: str = "auto", dtype: str = "auto"):
     log = logging.getLogger(__name__)
     art = Artifact.read(artifact, need_adapter=False)
     cfg = art.config
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = art.check_trust(trust_remote_code)
+    gate = art.gate()
     try:
         model, tok = load_layer0_model(art.base_model, device, dtype, trust)
     except PrismError:
@@ -112,7 +113,8 @@ def load_router(artifact: str, device: str = "auto", dtype: str = "auto"):
         from ..models import load_model
 
         model, tok = load_model(art.base_model, dtype=dtype, device=device, trust_remote_code=trust)
-    return GatedModel(model, tok, art.gate(), batch_size=art.batch_size, config=cfg)
+    art.check_base(model)
+    return GatedModel(model, tok, gate, batch_size=art.batch_size, config=cfg)
 
 
 def load_layer0_model(spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
@@ -138,11 +140,13 @@ def load_layer0_model(spec: str, device: str = "auto", dtype: str = "auto", trus
 
 
 def load_backend(artifact: str, device: str = "auto", dtype: str = "auto", route_only: bool = False,
-                 name: str = "prism"):
+                 name: str = "prism", trust_remote_code: bool = False):
     """A :class:`GatedBackend` for the artifact directory ``artifact`` (``RUN/prism``); with
-    ``route_only`` only embeddings + decoder layer 0 + the gate are loaded."""
+    ``route_only`` only embeddings + decoder layer 0 + the gate are loaded. ``trust_remote_code`` only
+    from the user's ``--trust-remote-code`` (never from the artifact)."""
     if route_only:
-        return GatedBackend(load_router(artifact, device, dtype), name=name)
+        return GatedBackend(load_router(artifact, device, dtype, trust_remote_code), name=name)
     from ..gated.model import GatedModel
 
-    return GatedBackend(GatedModel.from_pretrained(artifact, device=device, dtype=dtype), name=name)
+    return GatedBackend(GatedModel.from_pretrained(artifact, device=device, dtype=dtype,
+                                                   trust_remote_code=trust_remote_code), name=name)

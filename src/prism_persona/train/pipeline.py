@@ -283,6 +283,10 @@ def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
         save_config(run, cfg)
     if todo and model is None:
         model, tok = load_base(cfg)
+    if model is not None and main:
+        from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
+
+        run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
     if "gate" in stages:
         run_gate(run, cfg, records, model, tok)
     if "distill" in stages:
