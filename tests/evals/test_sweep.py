@@ -98,3 +98,7 @@ def test_eval_sweep_reproduces_the_measured_prism_numbers(tmp_path, monkeypatch,
     assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "routing_vs_effect_all.png").read_bytes().startswith(b"\x89PNG")
     assert "Gate threshold trade-off" in (out / "report.md").read_text()
+    # MT-Bench answers and grades also land in FastChat's layout, one answer file per system
+    assert sorted(f.name for f in (out / "fastchat" / "model_answer").iterdir()) == \
+        ["base.jsonl", "lora.jsonl", "persona.jsonl", "prism.jsonl"]
+    assert (out / "fastchat" / "model_judgment" / "callable_sweepjudge_judge_single.jsonl").stat().st_size > 0

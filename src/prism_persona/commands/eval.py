@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--systems", help="comma list of base, persona[@DOMAIN][/LENGTH][/PLACEMENT], random, lora, prism, "
                                      "oracle (default: base,persona; with --prism also lora,prism,oracle)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--fastchat-answers", metavar="PATH", action="append",
+                   help="FastChat model_answer .jsonl file or folder: each model in it becomes a system whose "
+                        "MT-Bench answers come from the file (graded and compared with base); repeatable")
     add_eval_options(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -32,7 +35,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
     from ..evals.evaluate import evaluate
-    from ..evals.systems import parse_systems
+    from ..evals.systems import SystemSpec, parse_systems
     from ..evals.report import eval_figures, eval_markdown
     from ..errors import PrismError
 
@@ -41,9 +44,18 @@ def run(args) -> int:
     if any(s.kind in ("lora", "prism", "oracle") for s in specs) and not args.prism:
         raise PrismError("systems lora, prism and oracle need --prism ARTIFACT (a trained RUN/prism directory)")
     names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
+    external = _fastchat_systems(args, names)
     bench = load_benchmarks(args, names)
     runner = build_runner(args)
+    runner.external_answers = external
+    specs = specs + [SystemSpec("answers", domain=m) for m in external]
     results, per_item = evaluate(runner, specs, bench, pairwise=not args.no_pairwise)
+    if bench.mtbench:
+        from ..evals.evaluate import systems_to_run
+        from ..evals.fastchat import write_fastchat
+
+        write_fastchat(runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench,
+                       pairwise=not args.no_pairwise)
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
     figs = eval_figures(results, runner.run.root)
@@ -65,3 +77,21 @@ def _sweep_section(args, runner, per_item, bench) -> str:
 
     threshold = float(Artifact.read(args.prism).gate().threshold)
     return "\n" + write_sweep(runner.run, per_item, bench, threshold)[2]
+
+
+def _fastchat_systems(args, names) -> dict:
+    """{model id: {question_id: [answers]}} from --fastchat-answers (read before any model loads)."""
+    if not args.fastchat_answers:
+        return {}
+    from ..errors import PrismError
+    from ..evals.fastchat import read_answers
+
+    if "mtbench" not in names:
+        raise PrismError("--fastchat-answers holds MT-Bench answers: include mtbench in --benchmarks")
+    out: dict = {}
+    for path in args.fastchat_answers:
+        for model, answers in read_answers(path).items():
+            if model in out or model in ("base", "persona", "random", "lora", "prism", "oracle"):
+                raise PrismError(f"FastChat answers: model '{model}' ({path}) clashes with another system's name")
+            out[model] = answers
+    return out

@@ -39,7 +39,7 @@ class Benchmarks:
         return out
 
 
-def _needed(specs: Sequence[SystemSpec]) -> list[SystemSpec]:
+def systems_to_run(specs: Sequence[SystemSpec]) -> list[SystemSpec]:
     """Systems to actually run: oracle needs base and lora; base is always run (win rates are vs base)."""
     names = {s.name for s in specs}
     out = [s for s in specs if s.kind != "oracle"]
@@ -52,19 +52,21 @@ def _needed(specs: Sequence[SystemSpec]) -> list[SystemSpec]:
 def evaluate(runner: EvalRunner, specs: Sequence[SystemSpec], bench: Benchmarks,
              pairwise: bool = True) -> tuple[dict, dict]:
     """Generate (cached), judge (cached) and summarise. See the module docstring for the shapes."""
-    run_specs = _needed(specs)
+    run_specs = systems_to_run(specs)
     shown = [s.name for s in specs]
     results: dict = {"systems": shown, "counts": bench.counts(), "n_resamples": runner.s.n_resamples,
                      "seed": runner.s.seed}
     per_item: dict = {}
     gates: dict = {}  # gated system -> benchmark -> item_id -> gate probability (for the threshold sweep)
+    generated = [s for s in specs if s.kind != "answers"]  # file answers exist for MT-Bench only
+    gen_run = [s for s in run_specs if s.kind != "answers"]
     if bench.mmlu:
-        results["mmlu"], per_item["mmlu"] = _eval_mmlu(runner, run_specs, specs, bench.mmlu, gates)
+        results["mmlu"], per_item["mmlu"] = _eval_mmlu(runner, gen_run, generated, bench.mmlu, gates)
     if bench.mtbench:
         results["mtbench"], per_item["mtbench"] = _eval_mtbench(runner, run_specs, specs, bench.mtbench, pairwise,
                                                                 gates)
     if bench.safety:
-        results["safety"], per_item["safety"] = _eval_safety(runner, run_specs, specs, bench.safety, gates)
+        results["safety"], per_item["safety"] = _eval_safety(runner, gen_run, generated, bench.safety, gates)
     if gates:
         per_item["gate"] = gates
     if runner._judge is not None:

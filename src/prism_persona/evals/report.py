@@ -51,6 +51,7 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         parts.append(f"- judge: `{results['judge'].get('judge')}` (mode {results['judge'].get('mode')})")
     parts.append("")
     if "mmlu" in results:
+        systems = _present(results["mmlu"], results["systems"])
         parts += ["## MMLU (0-shot, answer-letter log-likelihood)", ""]
         groups = [g for g in ("STEM", "Humanities", "Social Sciences", "Other")
                   if any(g in results["mmlu"][s]["groups"] for s in systems)]
@@ -61,6 +62,7 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         parts += _fig(figures, "mmlu")
     if "mtbench" in results:
         mt = results["mtbench"]
+        systems = _present(mt, results["systems"])
         parts += ["## MT-Bench (judge score 1-10; win rate vs base, both orders)", ""]
         rows = []
         for s in systems:
@@ -81,6 +83,7 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         parts += _fig(figures, "mtbench") + _fig(figures, "mtbench_winrate")
     if "safety" in results:
         sf = results["safety"]
+        systems = _present(sf, results["systems"])
         benches = list(next(iter(sf.values())))
         rc = (results.get("refusal_classifier") or {}).get("classifier", "judge")
         parts += [f"## Safety (refusal rate; over-refusal on benign requests; decided by: {rc})", ""]
@@ -97,6 +100,11 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         parts += _fig(figures, "safety")
     parts += _fig(figures, "routing")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _present(section: dict, systems) -> list:
+    """The systems a benchmark section has (FastChat answer systems exist for MT-Bench only)."""
+    return [s for s in systems if s in section]
 
 
 def _routing_table(section: dict, systems, label: str) -> list[str]:
@@ -172,6 +180,7 @@ def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
     figs: dict[str, Path] = {}
     if "mmlu" in results:
         mm = results["mmlu"]
+        systems = _present(mm, results["systems"])
         groups = ["all"] + [g for g in ("STEM", "Humanities", "Social Sciences", "Other")
                             if any(g in mm[s]["groups"] for s in systems)]
         series = {s: [mm[s]["accuracy"]] + [mm[s]["groups"].get(g) for g in groups[1:]] for s in systems}
@@ -179,6 +188,7 @@ def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
                                     scale=100, ylim=(0, 100), hline=25)
     if "mtbench" in results:
         mt = results["mtbench"]
+        systems = _present(mt, results["systems"])
         cats = sorted(next(iter(mt.values()))["categories"])
         series = {s: [mt[s]["score"]] + [mt[s]["categories"].get(c) for c in cats] for s in systems}
         figs["mtbench"] = grouped_bars(out / "mtbench.png", "MT-Bench judge score (95% CI)", ["all"] + cats,
@@ -190,6 +200,7 @@ def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
                                                    ["all"] + cats, wr, "win rate (%)", scale=100, ylim=(0, 100), hline=50)
     if "safety" in results:
         sf = results["safety"]
+        systems = _present(sf, results["systems"])
         benches = list(next(iter(sf.values())))
         series = {s: [sf[s][b]["refusal"] for b in benches] for s in systems}
         figs["safety"] = grouped_bars(out / "safety.png", "Refusal rate (95% CI)",

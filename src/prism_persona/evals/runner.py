@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..engines.base import SamplingParams
+from ..errors import PrismError
 from ..models import with_persona
 from ..store import RunDir, content_key
 from . import mmlu as M
@@ -59,6 +60,7 @@ class EvalRunner:
         self._judge_factory = judge_factory
         self._refusal = refusal
         self._refusal_spec = refusal_spec
+        self.external_answers: dict = {}  # model id -> {question_id: [answer per turn]} (FastChat files)
         self.book = personas or PersonaBook()
         self.s = settings or EvalSettings()
         self.responses = self.run.store("responses", {"schema": 1})
@@ -140,6 +142,8 @@ class EvalRunner:
 
     def mtbench_responses(self, spec: SystemSpec, items: Sequence[MTBenchItem]) -> dict[str, dict]:
         """item_id -> record with ``answers`` (one per turn) and ``meta`` (one per turn)."""
+        if spec.kind == "answers":
+            return self._external_mtbench(spec, items)
         todo, keys = [], {}
         for it in items:
             first = [{"role": "user", "content": it.turns[0]}]
@@ -179,8 +183,29 @@ class EvalRunner:
                     for i, (it, key, _, dom) in enumerate(chunk)])
         return {iid: self.responses.get(k) for iid, k in keys.items()}
 
+    def _external_mtbench(self, spec: SystemSpec, items: Sequence[MTBenchItem]) -> dict[str, dict]:
+        """Records of a system whose answers were read from a file (nothing generated)."""
+        have = self.external_answers.get(spec.domain, {})
+        missing = [it.item_id for it in items if it.item_id not in have]
+        if missing:
+            raise PrismError(f"FastChat answers of '{spec.domain}' lack question(s) {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''} (have {len(have)})")
+        out = {}
+        for it in items:
+            answers = list(have[it.item_id])[: len(it.turns)]
+            if len(answers) < len(it.turns):
+                raise PrismError(f"FastChat answers of '{spec.domain}' to question {it.item_id}: "
+                                 f"{len(answers)} turn(s), the question has {len(it.turns)}")
+            out[it.item_id] = {"bench": "mtbench", "item_id": it.item_id, "system": spec.name, "domain": None,
+                               "answers": answers, "meta": [{} for _ in answers], "source": "fastchat"}
+        return out
+
     def mtbench_grades(self, items: Sequence[MTBenchItem], resp: dict[str, dict]) -> dict[str, list]:
         """item_id -> per-turn judge score (None = unparseable), cached per judge."""
+        return {iid: [r["score"] for r in recs] for iid, recs in self.mtbench_grade_records(items, resp).items()}
+
+    def mtbench_grade_records(self, items: Sequence[MTBenchItem], resp: dict[str, dict]) -> dict[str, list]:
+        """item_id -> per-turn judgment records (``score``, ``text``, ``method``), judged once per judge."""
         jid = self.judge.identity
         todo, out_keys = [], {}
         for it in items:
@@ -200,7 +225,7 @@ class EvalRunner:
             self.judgments.extend([{"key": k, "kind": "grade", "judge": jid, "item_id": iid, "turn": t,
                                     "score": r["score"], "text": r["text"], "method": r.get("method", "text")}
                                    for (k, _, iid, t), r in zip(chunk, res)])
-        return {iid: [self.judgments.get(k)["score"] for k in ks] for iid, ks in out_keys.items()}
+        return {iid: [self.judgments.get(k) for k in ks] for iid, ks in out_keys.items()}
 
     def mtbench_pairs(self, items: Sequence[MTBenchItem], resp: dict, base: dict) -> dict[str, dict]:
         """item_id -> swapped pairwise outcome of the system's conversation vs base's (cached per judge)."""

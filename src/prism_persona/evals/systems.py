@@ -11,6 +11,8 @@ A system is written as ``KIND[@DOMAIN][/LENGTH][/PLACEMENT]``:
 * ``prism``: the gated model (``as_engine()``); routing is recorded per response.
 * ``oracle``: per item the better of ``base`` and ``lora`` by the judge (the upper bound of a perfect gate);
   derived from their cached results, nothing is generated for it.
+* ``answers`` (not written in ``--systems``; made by ``--fastchat-answers``): another system's MT-Bench
+  answers read from a FastChat ``model_answer`` file, named by its model id.
 
 Personas come from a run directory (``bootstrap.personas.load_personas``), a JSON file
 ``{domain: {min|short|long: text}}`` (or ``{domain: text}``), or, for a category no domain matches,
@@ -99,6 +101,8 @@ class SystemSpec:
 
     @property
     def name(self) -> str:
+        if self.kind == "answers":  # another tool's answers (FastChat model_answer file): the model id
+            return str(self.domain)
         if self.kind not in ("persona", "random"):
             return self.kind
         s = self.kind + (f"@{self.domain}" if self.domain else "")
