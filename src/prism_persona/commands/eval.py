@@ -33,49 +33,50 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
+    from ..evals.build import build_runner, eval_config, load_benchmarks, parse_benchmarks
     from ..evals.evaluate import evaluate
     from ..evals.systems import SystemSpec, parse_systems
     from ..evals.report import eval_figures, eval_markdown
     from ..errors import PrismError
 
-    default = "base,persona,lora,prism,oracle" if args.prism else "base,persona"
-    specs = parse_systems(args.systems or default, args.persona_length, args.placement)
-    if any(s.kind in ("lora", "prism", "oracle") for s in specs) and not args.prism:
+    cfg = eval_config(args)
+    default = "base,persona,lora,prism,oracle" if cfg.prism else "base,persona"
+    specs = parse_systems(args.systems or default, cfg.persona_length, cfg.placement)
+    if any(s.kind in ("lora", "prism", "oracle") for s in specs) and not cfg.prism:
         raise PrismError("systems lora, prism and oracle need --prism ARTIFACT (a trained RUN/prism directory)")
-    names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
+    names = parse_benchmarks(cfg.benchmarks)
     external = _fastchat_systems(args, names)
-    bench = load_benchmarks(args, names)
-    runner = build_runner(args)
+    bench = load_benchmarks(cfg, names)
+    runner = build_runner(cfg, args.out, args.quiet)
     runner.external_answers = external
     specs = specs + [SystemSpec("answers", domain=m) for m in external]
-    results, per_item = evaluate(runner, specs, bench, pairwise=not args.no_pairwise)
+    results, per_item = evaluate(runner, specs, bench, pairwise=not cfg.no_pairwise)
     if bench.mtbench:
         from ..evals.evaluate import systems_to_run
         from ..evals.fastchat import write_fastchat
 
         write_fastchat(runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench,
-                       pairwise=not args.no_pairwise)
+                       pairwise=not cfg.no_pairwise)
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
     figs = eval_figures(results, runner.run.root)
     md = eval_markdown(results, figs, notes=[f"model: {runner.provider.identity('base')}"]
-                       + ([f"prism artifact: {args.prism}"] if args.prism else []))
-    md += _sweep_section(args, runner, per_item, bench)
+                       + ([f"prism artifact: {cfg.prism}"] if cfg.prism else []))
+    md += _sweep_section(cfg, runner, per_item, bench)
     runner.run.path("report.md").write_text(md, encoding="utf-8")
     print(md)
     print(f"wrote {runner.run.root}/results.json, report.md and {len(figs)} figures")
     return 0
 
 
-def _sweep_section(args, runner, per_item, bench) -> str:
+def _sweep_section(cfg, runner, per_item, bench) -> str:
     """The threshold trade-off and routing-vs-effect (with --prism and base, lora, prism evaluated)."""
-    if not args.prism or "gate" not in per_item:
+    if not cfg.prism or "gate" not in per_item:
         return ""
     from ..evals.sweep import write_sweep
     from ..gated.artifact import Artifact
 
-    threshold = float(Artifact.read(args.prism).gate().threshold)
+    threshold = float(Artifact.read(cfg.prism).gate().threshold)
     return "\n" + write_sweep(runner.run, per_item, bench, threshold)[2]
 
 

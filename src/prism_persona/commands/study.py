@@ -32,19 +32,20 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evals.build import build_runner, load_benchmarks, parse_benchmarks
+    from ..evals.build import build_runner, eval_config, load_benchmarks, parse_benchmarks
     from ..evals.report import eval_figures
     from ..evals.study import run_study, study_figures, study_markdown
 
-    names = parse_benchmarks(args.benchmarks, bool(args.mmlu))
-    bench = load_benchmarks(args, names)
-    runner = build_runner(args)
+    cfg = eval_config(args)
+    names = parse_benchmarks(cfg.benchmarks)
+    bench = load_benchmarks(cfg, names)
+    runner = build_runner(cfg, args.out, args.quiet)
     rows = [d.strip() for d in (args.matrix_domains or "").split(",") if d.strip()] or None
-    study = run_study(runner, bench, with_prism=bool(args.prism), pairwise=args.pairwise, matrix_domains=rows)
+    study = run_study(runner, bench, with_prism=bool(cfg.prism), pairwise=args.pairwise, matrix_domains=rows)
     runner.run.write_json("study.json", study)
     figs = study_figures(study, runner.run.root)
     study["eval_figures"] = eval_figures(study["results"], runner.run.root)
-    notes = [f"model: {runner.provider.identity('base')}"] + ([f"prism artifact: {args.prism}"] if args.prism else [])
+    notes = [f"model: {runner.provider.identity('base')}"] + ([f"prism artifact: {cfg.prism}"] if cfg.prism else [])
     md = study_markdown(study, figs, notes)
     runner.run.path("study.md").write_text(md, encoding="utf-8")
     print(md)

@@ -1,10 +1,11 @@
-"""Turning `prism eval` / `prism study` flags into loaded benchmarks, engines, a judge and a runner."""
+"""Turning an :class:`~.settings.EvalConfig` (`prism eval` / `prism study` flags) into loaded benchmarks, engines,
+a judge and a runner."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import PrismError
 from . import data as D
@@ -13,6 +14,9 @@ from ..judges import is_callable_spec, load_callable
 from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, make_refusal_classifier
 from .runner import EvalRunner, EvalSettings
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
+
+if TYPE_CHECKING:
+    from .settings import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +39,23 @@ def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
     return out
 
 
-def load_benchmarks(args, names: list[str], limit: Optional[int] = None) -> Benchmarks:
+def load_benchmarks(cfg: "EvalConfig", names: list[str], limit: Optional[int] = None) -> Benchmarks:
     """Load the chosen benchmarks (``--limit`` items each, spread over categories)."""
     b = Benchmarks()
-    lim = limit if limit is not None else getattr(args, "limit", None)
+    lim = limit if limit is not None else cfg.limit
     if "mmlu" in names:
-        subjects = [s for s in (args.subjects or "").split(",") if s.strip()] or None
-        b.mmlu = D.load_mmlu(args.mmlu or None, subjects=subjects, limit=getattr(args, "mmlu_limit", None) or lim)
+        subjects = [s for s in (cfg.subjects or "").split(",") if s.strip()] or None
+        b.mmlu = D.load_mmlu(cfg.mmlu or None, subjects=subjects, limit=cfg.mmlu_limit or lim)
     if "mtbench" in names:
-        cats = [s for s in (getattr(args, "categories", None) or "").split(",") if s.strip()] or None
-        b.mtbench = D.load_mtbench(args.mtbench or None, categories=cats,
-                                   limit=getattr(args, "mtbench_limit", None) or lim)
+        cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
+        b.mtbench = D.load_mtbench(cfg.mtbench or None, categories=cats,
+                                   limit=cfg.mtbench_limit or lim)
         if not b.mtbench:
             raise PrismError(f"no MT-Bench questions in categories {cats}")
     for s in D.SAFETY_BENCHMARKS:
         if s in names:
-            b.safety[s] = D.load_safety(s, getattr(args, s, None) or None,
-                                        limit=getattr(args, "safety_limit", None) or lim)
+            b.safety[s] = D.load_safety(s, getattr(cfg, s) or None,
+                                        limit=cfg.safety_limit or lim)
     return b
 
 
@@ -61,7 +65,7 @@ def _model_display(spec: Optional[str]) -> str:
     return resolve_model(spec).display
 
 
-def build_provider(args) -> EngineProvider:
+def build_provider(cfg: "EvalConfig", quiet: bool = False) -> EngineProvider:
     """Engines for base/persona (``--model``) and lora/prism (``--prism``), loaded on first use.
 
     With ``--prism`` and no ``--model``, base is the gated model with the adapter forced off
@@ -70,7 +74,7 @@ def build_provider(args) -> EngineProvider:
     factories: dict = {}
     identities: dict = {}
     holder: dict = {}
-    art = Path(args.prism).expanduser().resolve() if getattr(args, "prism", None) else None
+    art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
     if art is not None:
         from ..gated.artifact import Artifact
 
@@ -80,35 +84,35 @@ def build_provider(args) -> EngineProvider:
             if "gm" not in holder:
                 from ..gated.model import GatedModel
 
-                holder["gm"] = GatedModel.from_pretrained(art, device=args.device or "auto", dtype=args.dtype or "auto",
-                                                          batch_size=args.batch_size)
+                holder["gm"] = GatedModel.from_pretrained(art, device=cfg.device or "auto", dtype=cfg.dtype or "auto",
+                                                          batch_size=cfg.batch_size)
             return holder["gm"]
 
         factories["lora"] = lambda: gated().as_engine(force=True)
         factories["prism"] = lambda: gated().as_engine(force=None)
         identities["lora"] = f"lora:{art}"
         identities["prism"] = f"prism:{art}"
-        if not args.model:
+        if not cfg.model:
             factories["base"] = lambda: gated().as_engine(force=False)
             identities["base"] = f"base:{_model_display(base_model)}"
     if "base" not in factories:
-        spec = args.model
+        spec = cfg.model
 
         def base():
             from ..engines.hf import HFEngine
 
-            return HFEngine.load(spec, args.dtype or "auto", args.device or "auto", args.batch_size or 8, args.quiet)
+            return HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet)
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
     return EngineProvider(factories, identities)
 
 
-def build_judge(args, provider: EngineProvider) -> EvalJudge:
+def build_judge(cfg: "EvalConfig", provider: EngineProvider, quiet: bool = False) -> EvalJudge:
     """``self`` (the base engine), another model id/path, or ``module:function`` (prompt -> reply text)."""
-    spec = (getattr(args, "judge", None) or "self").strip()
-    mode = getattr(args, "judge_mode", None) or "auto"
-    tokens = getattr(args, "judge_tokens", None) or 48
+    spec = (cfg.judge or "self").strip()
+    mode = cfg.judge_mode or "auto"
+    tokens = cfg.judge_tokens or 48
     if spec == "self":
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
     if is_callable_spec(spec) and not Path(spec).exists():
@@ -116,86 +120,49 @@ def build_judge(args, provider: EngineProvider) -> EvalJudge:
         return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
 
-    engine = HFEngine.load(spec, args.dtype or "auto", args.device or "auto", args.batch_size or 8, args.quiet)
+    engine = HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet)
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
 
 
-def build_personas(args) -> PersonaBook:
+def build_personas(cfg: "EvalConfig") -> PersonaBook:
     """Personas from ``--persona-file``, else ``--personas RUN``, else the run beside ``--prism``."""
     personas: dict = {}
-    if getattr(args, "persona_file", None):
-        personas = load_persona_file(args.persona_file)
-    elif getattr(args, "personas", None):
-        personas = load_run_personas(args.personas)
-    elif getattr(args, "prism", None):
-        run = Path(args.prism).expanduser().resolve().parent
+    if cfg.persona_file:
+        personas = load_persona_file(cfg.persona_file)
+    elif cfg.personas:
+        personas = load_run_personas(cfg.personas)
+    elif cfg.prism:
+        run = Path(cfg.prism).expanduser().resolve().parent
         if (run / "personas.jsonl").is_file():
             personas = load_run_personas(run)
     if not personas:
         log.info("no personas given: using built-in generic expert personas per category")
-    return PersonaBook(personas, parse_match(getattr(args, "persona_map", None)), seed=args.seed or 0)
+    return PersonaBook(personas, parse_match(cfg.persona_map), seed=cfg.seed or 0)
 
 
-def build_runner(args, out: Optional[str] = None) -> EvalRunner:
-    provider = build_provider(args)
-    settings = EvalSettings(answer_tokens=args.answer_tokens, safety_tokens=args.safety_tokens,
-                            seed=args.seed or 0, n_resamples=args.resamples)
-    spec = getattr(args, "refusal_classifier", None) or "judge"
+def build_runner(cfg: "EvalConfig", out: str, quiet: bool = False) -> EvalRunner:
+    provider = build_provider(cfg, quiet)
+    settings = EvalSettings(answer_tokens=cfg.answer_tokens, safety_tokens=cfg.safety_tokens,
+                            seed=cfg.seed or 0, n_resamples=cfg.resamples)
+    spec = cfg.refusal_classifier or "judge"
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
         refusal = make_refusal_classifier(spec, lambda: None)
-    return EvalRunner(out or args.out, provider, personas=build_personas(args), settings=settings,
-                      judge_factory=lambda: build_judge(args, provider), refusal=refusal, refusal_spec=spec)
+    return EvalRunner(out, provider, personas=build_personas(cfg), settings=settings,
+                      judge_factory=lambda: build_judge(cfg, provider, quiet), refusal=refusal, refusal_spec=spec)
 
 
-def add_eval_options(p) -> None:
-    """Flags shared by `prism eval` and `prism study` (standard library only)."""
-    g = p.add_argument_group("models")
-    g.add_argument("--model", help="model for base/persona systems (default: the embedded SmolLM2-135M-Instruct, "
-                                   "or the base model of --prism)")
-    g.add_argument("--prism", metavar="ART", help="PRISM artifact dir (RUN/prism) for the lora, prism and oracle systems")
-    g.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per generation batch (default 8)")
-    g = p.add_argument_group("data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)")
-    g.add_argument("--benchmarks", help="comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
-                                        "(safety = harmbench,jailbreak,pku,benign; default: all)")
-    g.add_argument("--mmlu", metavar="PATH", help="local MMLU instead of cais/mmlu: a cais/mmlu export "
-                                                   "(.jsonl/.json/.csv/.parquet, or a folder) or a folder of "
-                                                   "original <subject>_test.csv files")
-    g.add_argument("--subjects", help="comma list of MMLU subjects to keep")
-    g.add_argument("--categories", help="comma list of MT-Bench categories to keep")
-    g.add_argument("--mtbench", metavar="PATH", help="local MT-Bench questions instead of lighteval/mt-bench "
-                                                      "(FastChat's question.jsonl)")
-    g.add_argument("--harmbench", metavar="PATH", help="local HarmBench behaviours instead of walledai/HarmBench "
-                                                        "(harmbench_behaviors_text_all.csv)")
-    g.add_argument("--jailbreak", metavar="PATH", help="local harmful requests instead of JailbreakBench/JBB-Behaviors "
-                                                        "harmful (CSV with Goal, or a JSON list of prompts)")
-    g.add_argument("--pku", metavar="PATH", help="local PKU-SafeRLHF prompts instead of PKU-Alignment/PKU-SafeRLHF test")
-    g.add_argument("--benign", metavar="PATH", help="local benign requests (over-refusal) instead of "
-                                                     "JailbreakBench/JBB-Behaviors benign")
-    g.add_argument("--limit", type=int, help="at most N items per benchmark (spread over categories/subjects)")
-    g.add_argument("--mmlu-limit", type=int, help="override --limit for MMLU")
-    g.add_argument("--mtbench-limit", type=int, help="override --limit for MT-Bench")
-    g.add_argument("--safety-limit", type=int, help="override --limit for each safety set")
-    g = p.add_argument_group("personas")
-    g.add_argument("--personas", metavar="RUN", help="run directory whose bootstrapped personas to use")
-    g.add_argument("--persona-file", metavar="JSON", help='personas as JSON {domain: {min|short|long: text}} or {domain: text}')
-    g.add_argument("--persona-map", help="category -> domain overrides, CAT=DOMAIN,... or a JSON file "
-                                         "(default: by name, e.g. writing->writing, coding->coding, safety sets->safety)")
-    g.add_argument("--persona-length", choices=["min", "short", "long"], default="short", help="persona variant (default short)")
-    g.add_argument("--placement", choices=["system", "user"], default="system", help="persona as system message or before the user message")
-    g = p.add_argument_group("judge and generation")
-    g.add_argument("--judge", help="self (default: the base model), a model id/path, or module:function "
-                                   "(called with the judge prompt, returns the reply text)")
-    g.add_argument("--refusal-classifier", default="judge",
-                   help="who decides whether a safety/benign response refuses: judge (default: the --judge model), "
-                        "string (the refusal-phrase baseline) or module:function / file.py:function "
-                        "(request, response) -> bool; written into results.json")
-    g.add_argument("--judge-mode", choices=["auto", "logprob", "text"], help="log-prob verdicts when the engine can score (auto)")
-    g.add_argument("--judge-tokens", type=int, default=48, help="token budget of a judge reply (default 48)")
-    g.add_argument("--answer-tokens", type=int, default=512, help="max new tokens per MT-Bench turn (default 512)")
-    g.add_argument("--safety-tokens", type=int, default=256, help="max new tokens per safety response (default 256)")
-    g.add_argument("--no-pairwise", action="store_true", help="skip MT-Bench pairwise win rates vs base")
-    g.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
-    g.add_argument("--seed", type=int, default=0, help="seed for bootstrap and random personas (default 0)")
+def add_eval_options(p, skip: tuple = ()) -> None:
+    """Flags shared by `prism eval` and `prism study`, derived from :class:`EvalConfig` (standard library only)."""
+    from ..config import add_flags
+    from .settings import EvalConfig
+
+    add_flags(p, EvalConfig, skip=skip)
+
+
+def eval_config(args, skip: tuple = ()):
+    """The :class:`EvalConfig` of parsed flags (defaults from the dataclass; bounds checked, one-line errors)."""
+    from ..config import settings_from_args
+    from .settings import EvalConfig
+
+    return settings_from_args(EvalConfig, args, skip=skip)

@@ -1,0 +1,80 @@
+"""Every setting of ``prism eval`` and ``prism study``, with its default and help string, in one place.
+
+The command-line flags are derived from :class:`EvalConfig` (``config.add_flags``) and read back with
+``config.settings_from_args`` (types coerced, bounds and choices checked, one-line errors naming the
+flag), so a default lives only here. Standard library only: ``prism --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import DTYPES, PERSONA_LENGTHS, PLACEMENTS, option
+
+G_MODELS = "models"
+G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
+G_PERSONAS = "personas"
+G_JUDGE = "judge and generation"
+
+
+@dataclass
+class EvalConfig:
+    # models
+    model: Optional[str] = option(None, "Model for the base/persona systems (default: the embedded SmolLM2-135M-Instruct, "
+                                        "or the base model of --prism).", group=G_MODELS)
+    prism: Optional[str] = option(None, "PRISM artifact dir (RUN/prism) for the lora, prism and oracle systems.",
+                                  metavar="ART", group=G_MODELS)
+    dtype: Optional[str] = option(None, "Weights dtype: auto, float32, bfloat16 or float16.", choices=DTYPES,
+                                  group=G_MODELS)
+    device: Optional[str] = option(None, "Device: auto, cpu, cuda, cuda:N.", group=G_MODELS)
+    batch_size: int = option(8, "Rows per generation batch.", at_least=1, group=G_MODELS)
+    # data
+    benchmarks: Optional[str] = option(None, "Comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
+                                             "(safety = harmbench,jailbreak,pku,benign; default: all).", group=G_DATA)
+    mmlu: Optional[str] = option(None, "Local MMLU instead of cais/mmlu: a cais/mmlu export (.jsonl/.json/.csv/.parquet, "
+                                       "or a folder) or a folder of original <subject>_test.csv files.",
+                                 metavar="PATH", group=G_DATA)
+    subjects: Optional[str] = option(None, "Comma list of MMLU subjects to keep.", group=G_DATA)
+    categories: Optional[str] = option(None, "Comma list of MT-Bench categories to keep.", group=G_DATA)
+    mtbench: Optional[str] = option(None, "Local MT-Bench questions instead of lighteval/mt-bench (FastChat's question.jsonl).",
+                                    metavar="PATH", group=G_DATA)
+    harmbench: Optional[str] = option(None, "Local HarmBench behaviours instead of walledai/HarmBench "
+                                            "(harmbench_behaviors_text_all.csv).", metavar="PATH", group=G_DATA)
+    jailbreak: Optional[str] = option(None, "Local harmful requests instead of JailbreakBench/JBB-Behaviors harmful "
+                                            "(CSV with Goal, or a JSON list of prompts).", metavar="PATH", group=G_DATA)
+    pku: Optional[str] = option(None, "Local PKU-SafeRLHF prompts instead of PKU-Alignment/PKU-SafeRLHF test.",
+                                metavar="PATH", group=G_DATA)
+    benign: Optional[str] = option(None, "Local benign requests (over-refusal) instead of JailbreakBench/JBB-Behaviors benign.",
+                                   metavar="PATH", group=G_DATA)
+    limit: Optional[int] = option(None, "At most N items per benchmark (spread over categories/subjects).", at_least=1,
+                                  group=G_DATA)
+    mmlu_limit: Optional[int] = option(None, "Override --limit for MMLU.", at_least=1, group=G_DATA)
+    mtbench_limit: Optional[int] = option(None, "Override --limit for MT-Bench.", at_least=1, group=G_DATA)
+    safety_limit: Optional[int] = option(None, "Override --limit for each safety set.", at_least=1, group=G_DATA)
+    # personas
+    personas: Optional[str] = option(None, "Run directory whose bootstrapped personas to use.", metavar="RUN",
+                                     group=G_PERSONAS)
+    persona_file: Optional[str] = option(None, "Personas as JSON {domain: {min|short|long: text}} or {domain: text}.",
+                                         metavar="JSON", group=G_PERSONAS)
+    persona_map: Optional[str] = option(None, "Category -> domain overrides, CAT=DOMAIN,... or a JSON file (default: by "
+                                              "name, e.g. writing->writing, coding->coding, safety sets->safety).",
+                                        group=G_PERSONAS)
+    persona_length: str = option("short", "Persona variant.", choices=PERSONA_LENGTHS, group=G_PERSONAS)
+    placement: str = option("system", "Persona as system message or before the user message.", choices=PLACEMENTS,
+                            group=G_PERSONAS)
+    # judge and generation
+    judge: Optional[str] = option(None, "self (default: the base model), a model id/path, or module:function "
+                                        "(called with the judge prompt, returns the reply text).", group=G_JUDGE)
+    refusal_classifier: str = option("judge", "Who decides whether a safety/benign response refuses: judge (the --judge "
+                                              "model), string (the refusal-phrase baseline) or module:function / "
+                                              "file.py:function (request, response) -> bool; written into results.json.",
+                                     group=G_JUDGE)
+    judge_mode: Optional[str] = option(None, "Log-prob verdicts when the engine can score (auto), or text, or logprob.",
+                                       choices=("auto", "logprob", "text"), group=G_JUDGE)
+    judge_tokens: int = option(48, "Token budget of a judge reply.", at_least=1, group=G_JUDGE)
+    answer_tokens: int = option(512, "Max new tokens per MT-Bench turn.", at_least=1, group=G_JUDGE)
+    safety_tokens: int = option(256, "Max new tokens per safety response.", at_least=1, group=G_JUDGE)
+    no_pairwise: bool = option(False, "Skip MT-Bench pairwise win rates vs base.", group=G_JUDGE)
+    resamples: int = option(1000, "Bootstrap resamples for 95% CIs.", at_least=0, group=G_JUDGE)
+    seed: int = option(0, "Seed for bootstrap and random personas.", group=G_JUDGE)
