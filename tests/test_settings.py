@@ -108,3 +108,38 @@ def test_run_config_bounds_for_flags_and_files(override, message):
 def test_every_run_setting_default_is_within_its_bounds():
     for preset in C.PRESETS:
         C.resolve(preset, overrides={"persona": {"domains": ["a"]}})
+
+
+def test_prism_config_lists_every_settings_class(capsys):
+    from prism_persona import cli
+
+    assert cli.main(["config"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("gate.epochs", "prism generate (flags)", "prism chat (flags)", "prism serve (flags)",
+                   "--max-connections", "--body-timeout-s", "--trust-remote-code", "--max-tokens"):
+        assert needle in out, needle
+
+
+@pytest.mark.parametrize("cls", list(C.COMMAND_SETTINGS.values()))
+def test_command_settings_defaults_pass_their_own_checks(cls):
+    obj = cls()
+    C.check_settings(obj, flags=True)
+    flags = [flag for flag, _, _ in C.describe_flags(cls)]
+    assert len(flags) == len(set(flags)), "two settings derive the same flag"
+
+
+def test_serve_flags_stay_compatible():
+    p = argparse.ArgumentParser()
+    C.add_flags(p, C.ServeSettings)
+    args = p.parse_args(["--prism", "A", "--host", "0.0.0.0", "--port", "0", "--api-key", "k", "--model-name", "m",
+                         "--device", "cpu", "--dtype", "float32", "--max-batch", "2", "--batch-wait-ms", "5",
+                         "--queue-size", "3", "--max-prompt-tokens", "100", "--max-tokens", "9",
+                         "--request-timeout", "7", "--route-only", "--upstream", "http://127.0.0.1:1/v1",
+                         "--base-name", "b", "--lora-name", "l", "--upstream-api-key-env", "E"])
+    s = C.settings_from_args(C.ServeSettings, args)
+    assert (s.load.prism, s.port, s.limits.max_new_tokens, s.limits.max_prompt_tokens, s.request_timeout_s,
+            s.route_only, s.upstream_api_key_env) == ("A", 0, 9, 100, 7.0, True, "E")
+    with pytest.raises(PrismError, match="--port must be at most 65535"):
+        C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
+    with pytest.raises(PrismError, match="--route-only needs"):
+        C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))

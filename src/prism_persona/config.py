@@ -217,6 +217,65 @@ class ChatSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
+LIMITS = "limits and batching"
+ROUTE_ONLY = "route-only (gate here, generation upstream)"
+
+
+@dataclass
+class ServeLimits:
+    """Limits applied to every request."""
+
+    max_prompt_tokens: int = option(4096, "longer prompts (in tokens, after the chat template) get 400",
+                                    at_least=1, group=LIMITS)
+    max_new_tokens: int = option(1024, "cap on max_tokens; larger requests are clamped to it, absent ones get it",
+                                 flag="--max-tokens", at_least=1, group=LIMITS)
+
+
+@dataclass
+class ServeSettings:
+    """Everything `prism serve` can be told; the defaults are the safe ones (loopback, bounded queue,
+    bounded connections, bodies and waits)."""
+
+    host: str = option("127.0.0.1", "address to bind (0.0.0.0 exposes it)")
+    port: int = option(8000, "port (0 = any free port)", at_least=0, at_most=65535)
+    api_key: Optional[str] = option(None, "require 'Authorization: Bearer KEY' on every route but /health "
+                                          "(default: env PRISM_API_KEY)")
+    model_name: str = option("prism", "model id shown by /v1/models and in responses")
+    load: LoadSettings = field(default_factory=LoadSettings)
+    max_batch: int = option(8, "requests per generate call", at_least=1, group=LIMITS)
+    batch_wait_ms: float = option(10.0, "wait this long for more requests to batch", at_least=0, group=LIMITS)
+    queue_size: int = option(64, "queued requests before answering 429", at_least=1, group=LIMITS)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    request_timeout_s: float = option(600.0, "seconds before a request gets 504 (its generation is not interrupted)",
+                                      flag="--request-timeout", above=0, group=LIMITS)
+    max_connections: int = option(128, "open connections at most; more are answered 503 at once", at_least=1,
+                                  group=LIMITS)
+    max_body_bytes: int = option(8 * 1024 * 1024, "larger request bodies get 413 (checked from Content-Length, "
+                                                  "after the API key, before reading)", at_least=1, group=LIMITS)
+    body_timeout_s: float = option(10.0, "a request body not fully received within this many seconds gets 408",
+                                   above=0, group=LIMITS)
+    idle_timeout_s: float = option(30.0, "idle keep-alive connections are closed after this many seconds", above=0,
+                                   group=LIMITS)
+    shutdown_grace_s: float = option(60.0, "on SIGTERM / Ctrl-C, in-flight requests get this long to finish",
+                                     at_least=0, group=LIMITS)
+    route_only: bool = option(False, "compute the gate locally and forward to --upstream", group=ROUTE_ONLY)
+    upstream: str = option("", "upstream OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1", group=ROUTE_ONLY)
+    base_name: str = option("", "upstream model name for unrouted requests (the base model)", group=ROUTE_ONLY)
+    lora_name: str = option("", "upstream model name for routed requests (the LoRA module)", group=ROUTE_ONLY)
+    upstream_api_key_env: str = option("UPSTREAM_API_KEY", "environment variable holding the upstream's API key",
+                                       group=ROUTE_ONLY)
+    upstream_api_key: Optional[str] = option(None, "the upstream's API key (read from upstream_api_key_env)", cli=False)
+    upstream_timeout_s: float = option(600.0, "seconds to wait for the upstream", above=0, group=ROUTE_ONLY)
+
+    def validate(self) -> None:
+        if self.route_only and not (self.upstream and self.base_name and self.lora_name):
+            raise PrismError("--route-only needs --upstream URL, --base-name NAME and --lora-name NAME")
+        if not self.route_only and (self.upstream or self.base_name or self.lora_name):
+            raise PrismError("--upstream/--base-name/--lora-name only apply with --route-only")
+        if self.upstream:
+            check_base_url(self.upstream, "--upstream")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Finishes `prism run` on the embedded 135M model on a 2-core CPU in about ten minutes.
@@ -576,3 +635,13 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
     hook = getattr(obj, "validate", None)  # checks across fields, or beyond bounds (a device name)
     if callable(hook):
         hook()
+
+
+COMMAND_SETTINGS: dict[str, type] = {"generate": GenerateSettings, "chat": ChatSettings, "serve": ServeSettings}
+"""The settings of each command whose flags come from :func:`add_flags` (``prism config`` lists them all);
+a command that moves onto the settings system adds its dataclass here."""
+
+
+def describe_flags(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(flag, default, help) for every command-line setting of ``cls``."""
+    return [(flag, _default_of(f), f.metadata.get("help", "")) for f, _, flag, _, _ in _settings_fields(cls, prefix)]

@@ -422,8 +422,8 @@ class FakeGatedModel:
 
 
 def http_request(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
-    """One HTTP request to ``server`` (anything with a ``port``) on loopback; returns (status, headers,
-    parsed JSON or text)."""
+    """One HTTP request to ``server`` (anything with a ``port``) on loopback; returns (status, headers
+    (case-insensitive), parsed JSON or text)."""
     import http.client
     import json
 
@@ -438,6 +438,6 @@ def http_request(server, method: str, path: str, body=None, headers=None, raw: b
             parsed = json.loads(text)
         except ValueError:
             parsed = text
-        return resp.status, dict(resp.getheaders()), parsed
+        return resp.status, resp.headers, parsed  # HTTPMessage: header names case-insensitive, as in HTTP
     finally:
         conn.close()

@@ -1,4 +1,4 @@
-"""`prism config`: show every setting with its default and help, or a preset resolved."""
+"""`prism config`: show every setting (run, generate, chat, serve, ...) with its default and help, or a preset resolved."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def run(args) -> int:
     if args.show:
         print(C.dump(C.resolve(preset=args.preset or "default", file=args.config)))
         return 0
+    print("prism run / bootstrap / gate / distill (config-file keys; --set KEY=VALUE)")
     for key, default, help_ in C.describe():
-        print(f"{key:32s} {str(default):24s} {help_}")
+        print(f"  {key:32s} {str(default):24s} {help_}")
+    for command, cls in C.COMMAND_SETTINGS.items():
+        print(f"\nprism {command} (flags)")
+        for flag, default, help_ in C.describe_flags(cls):
+            print(f"  {flag:32s} {str(default):24s} {help_}")
     return 0

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..config import ServeLimits
+
 ROLES = ("system", "developer", "user", "assistant")
 """Accepted message roles; ``developer`` (OpenAI's newer name for system) is treated as ``system``."""
 
@@ -52,14 +54,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-@dataclass
-class Limits:
-    """Server-side limits applied to every request."""
-
-    max_prompt_tokens: int = 4096
-    """A prompt longer than this (in tokens, after the chat template) is refused with 400."""
-    max_new_tokens: int = 1024
-    """``max_tokens`` above this is clamped to it (not refused); also the default when absent."""
+Limits = ServeLimits  # server-side limits applied to every request (config.ServeLimits)
 
 
 @dataclass
@@ -163,6 +158,17 @@ def _integer(data: dict, key: str) -> Optional[int]:
     return value
 
 
+SEED_MAX = 2**63 - 1
+
+
+def _seed(data: dict) -> Optional[int]:
+    """A seed the samplers accept: 0 .. 2**63-1 (a larger or negative one was a 500)."""
+    seed = _integer(data, "seed")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ApiError(400, f"'seed' must be between 0 and {SEED_MAX}", param="seed", code="invalid_value")
+    return seed
+
+
 def _boolean(data: dict, key: str, default: bool = False) -> bool:
     value = data.get(key)
     if value is None:
@@ -228,7 +234,7 @@ def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
     return ChatRequest(
         messages=messages, model=model or "", max_tokens=max_tokens,
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0), top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
-        seed=_integer(data, "seed"), stop=_stop(data.get("stop")), stream=_boolean(data, "stream"),
+        seed=_seed(data), stop=_stop(data.get("stop")), stream=_boolean(data, "stream"),
         include_usage=bool((stream_options or {}).get("include_usage")), logprobs=logprobs,
         top_logprobs=top_logprobs, force=_force(data.get("prism")), clamped=clamped, raw=data,
     )

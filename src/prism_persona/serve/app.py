@@ -54,40 +54,10 @@ from .api import (
 )
 from .batch import Batcher, Job, QueueFull, Stopped
 from .upstream import Forwarder, relay_stream
+from ..config import ServeSettings as ServeOptions  # the one settings system (config.py)
+
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class ServeOptions:
-    """Everything ``prism serve`` can be told; the defaults are the safe ones."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    """0 picks a free port (see :attr:`PrismServer.port`)."""
-    api_key: Optional[str] = None
-    """When set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``."""
-    model_name: str = "prism"
-    """The id listed by ``/v1/models`` and echoed in responses (any requested model id is accepted)."""
-    max_batch: int = 8
-    batch_wait_ms: float = 10.0
-    """How long the worker waits for more requests after the first one of a batch."""
-    queue_size: int = 64
-    limits: Limits = field(default_factory=Limits)
-    request_timeout_s: float = 600.0
-    """A request still unanswered after this long gets 504 (its generation is not interrupted)."""
-    max_body_bytes: int = 8 * 1024 * 1024
-    shutdown_grace_s: float = 60.0
-    """On SIGTERM/SIGINT, in-flight requests get this long to finish."""
-    idle_timeout_s: float = 30.0
-    """Idle keep-alive connections are closed after this long."""
-    # route-only mode
-    upstream: str = ""
-    upstream_api_key: Optional[str] = None
-    base_name: str = ""
-    lora_name: str = ""
-    upstream_timeout_s: float = 600.0
 
 
 @dataclass
@@ -146,6 +116,13 @@ class PrismApp:
         return True
 
     # -- dispatch ---------------------------------------------------------------------------------
+
+    def precheck(self, path: str, headers) -> None:
+        """What can be decided from the request line and headers alone, before any body byte is read:
+        the API key (an unauthenticated client never makes the server buffer a body)."""
+        path = urlsplit(path).path.rstrip("/") or "/"
+        if path not in ("/health", "/v1/health"):
+            self._check_auth(headers)
 
     def dispatch(self, method: str, path: str, headers, body: bytes) -> Reply:
         path = urlsplit(path).path.rstrip("/") or "/"

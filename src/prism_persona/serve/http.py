@@ -1,15 +1,24 @@
-"""The HTTP transport of ``prism serve``: sockets, threads, SSE writing and graceful shutdown around the
-socket-free :class:`~prism_persona.serve.app.PrismApp`."""
+"""The HTTP transport of ``prism serve``: uvicorn (the ASGI server vLLM's OpenAI server runs on) with a
+Starlette app around the socket-free :class:`~prism_persona.serve.app.PrismApp`.
+
+Per request, in this order: the API key is checked from the headers (401 before any body byte is
+read), the declared ``Content-Length`` against ``max_body_bytes`` (413), then the body is read with a
+deadline (``body_timeout_s``: a stalled or trickled body gets 408 and the connection is closed). The
+app core then runs in a worker thread (it blocks on the batching queue). uvicorn caps open connections
+(``max_connections``: the next one is answered 503 at once) and closes idle keep-alive connections.
+A client that disconnects is one log line. SIGTERM / Ctrl-C: stop accepting, let in-flight requests
+finish (``shutdown_grace_s``), stop the model worker. uvicorn and Starlette are imported in
+:meth:`PrismServer.start`, never at import.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import signal
 import socket
-import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from typing import Optional
 
 from .api import ApiError
@@ -18,107 +27,127 @@ from .upstream import LOOPBACK, Forwarder
 
 log = logging.getLogger(__name__)
 
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "prism-serve"
+class ClientGone(Exception):
+    """The client closed the connection before its request was complete."""
 
-    def setup(self) -> None:
-        self.timeout = self.server.app.options.idle_timeout_s
-        super().setup()
 
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
+async def read_body(receive, limit: int, timeout_s: float) -> bytes:
+    """The request body from ASGI ``receive``: at most ``limit`` bytes (413), within ``timeout_s`` (408)."""
+    chunks: list = []
+    size = 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "invalid Content-Length", code="invalid_request") from None
-        if length > self.server.app.options.max_body_bytes:
-            self.close_connection = True
-            raise ApiError(413, f"request body over {self.server.app.options.max_body_bytes} bytes",
-                           code="request_too_large")
-        return self.rfile.read(length) if length > 0 else b""
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            message = await asyncio.wait_for(receive(), remaining)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large",
+                           headers={"Connection": "close"})
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
-    def _handle(self, method: str) -> None:
-        app: PrismApp = self.server.app
+
+def declared_length(headers, limit: int) -> None:
+    """Refuse from ``Content-Length`` alone: malformed (400) or over ``limit`` (413)."""
+    raw = headers.get("content-length")
+    if raw is None:
+        return
+    try:
+        length = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length", code="invalid_request", headers={"Connection": "close"}) from None
+    if length < 0:
+        raise ApiError(400, "invalid Content-Length", code="invalid_request", headers={"Connection": "close"})
+    if length > limit:
+        raise ApiError(413, f"request body over {limit} bytes", code="request_too_large",
+                       headers={"Connection": "close"})
+
+
+def build_asgi(app: PrismApp):
+    """The Starlette application: one catch-all endpoint in front of :meth:`PrismApp.dispatch`."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    def to_response(reply: Reply) -> Response:
+        body = reply.body if reply.body is not None else {}
+        if reply.stream is None:
+            return JSONResponse(body, status_code=reply.status, headers=reply.headers)
+        return StreamingResponse(_closing(reply.stream), status_code=reply.status, headers=reply.headers,
+                                 media_type="text/event-stream; charset=utf-8")
+
+    async def endpoint(request):
+        method, target = request.method, request.url.path + (f"?{request.url.query}" if request.url.query else "")
         with app.tracking():
             try:
-                body = self._read_body() if method in ("POST", "PUT", "PATCH") else b""
-                reply = app.dispatch(method, self.path, self.headers, body)
+                app.precheck(target, request.headers)
+                body = b""
+                if method in BODY_METHODS:
+                    declared_length(request.headers, app.options.max_body_bytes)
+                    body = await read_body(request.receive, app.options.max_body_bytes, app.options.body_timeout_s)
+                reply = await run_in_threadpool(app.dispatch, method, target, request.headers, body)
             except ApiError as exc:
                 reply = Reply.error(exc)
+            except ClientGone:
+                log.info("client %s disconnected before sending its whole request (%s %s)",
+                         _peer(request), method, request.url.path)
+                return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - never let a bug take the server down
-                log.exception("unhandled error in %s %s", method, self.path)
+                log.exception("unhandled error in %s %s", method, request.url.path)
                 reply = Reply.error(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
             if app.closing:
-                self.close_connection = True
-            try:
-                self._send(reply)
-            except (BrokenPipeError, ConnectionResetError, socket.timeout):
-                self.close_connection = True
+                reply.headers = {**reply.headers, "Connection": "close"}
+            return to_response(reply)
 
-    def _send(self, reply: Reply) -> None:
-        self.send_response(reply.status)
-        for key, value in reply.headers.items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        if reply.stream is None:
-            data = json.dumps(reply.body if reply.body is not None else {}).encode("utf-8")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        stream = reply.stream
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)])
+
+
+def _closing(stream):
+    """Iterate ``stream`` and close it however the iteration ends (a client gone mid-stream included)."""
+    try:
+        yield from stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _peer(request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "?"
+
+
+class _QuietDisconnects(logging.Filter):
+    """uvicorn logs a client that went away mid-response with a traceback; keep it to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        gone = (ConnectionError, BrokenPipeError)
         try:
-            for piece in stream:
-                if piece:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                    self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            from starlette.requests import ClientDisconnect
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def server_bind(self) -> None:
-        # Skip HTTPServer's reverse-DNS lookup of the bound address (slow or hanging offline).
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), port
+            gone = gone + (ClientDisconnect,)
+        except ImportError:  # pragma: no cover
+            pass
+        if exc is not None and isinstance(exc, gone):
+            log.info("client disconnected: %s", type(exc).__name__)
+            return False
+        return True
 
 
 class PrismServer:
@@ -131,13 +160,14 @@ class PrismServer:
     def __init__(self, backend, options: Optional[ServeOptions] = None, forwarder: Optional[Forwarder] = None):
         self.options = options or ServeOptions()
         self.app = PrismApp(backend, self.options, forwarder)
-        self.httpd: Optional[_HTTPServer] = None
+        self.server = None  # uvicorn.Server
+        self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1] if self.httpd else self.options.port
+        return self._sock.getsockname()[1] if self._sock is not None else self.options.port
 
     @property
     def url(self) -> str:
@@ -145,37 +175,72 @@ class PrismServer:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/v1"
 
-    def start(self) -> "PrismServer":
-        """Bind, start the model worker and the accept loop (in a background thread)."""
+    def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
-        _HTTPServer.address_family = family
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.httpd = _HTTPServer((self.options.host, self.options.port), _Handler)
+            sock.bind((self.options.host, self.options.port))
         except OSError as exc:
+            sock.close()
             from ..errors import PrismError
 
             raise PrismError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from None
-        self.httpd.app = self.app
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    def start(self) -> "PrismServer":
+        """Bind, start the model worker and uvicorn (in a background thread with its own event loop)."""
+        import uvicorn
+
+        self._sock = self._bind()
+        opts = self.options
+        config = uvicorn.Config(build_asgi(self.app), lifespan="off", log_level="warning", access_log=False,
+                                limit_concurrency=opts.max_connections + 1,  # uvicorn counts the arriving one timeout_keep_alive=int(max(1, opts.idle_timeout_s)),
+                                timeout_graceful_shutdown=opts.shutdown_grace_s, h11_max_incomplete_event_size=64 * 1024,
+                                server_header=False, date_header=True)
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # older uvicorn; newer ones skip it off the main thread
+        for name in ("uvicorn.error", "uvicorn"):
+            logging.getLogger(name).addFilter(_QuietDisconnects())
         self.app.batcher.start()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="prism-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="prism-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the HTTP server did not start")
         return self
+
+    def _serve(self) -> None:
+        import anyio.to_thread
+
+        async def main():
+            # every request waiting on the model holds a worker thread: allow one per connection
+            anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, self.options.max_connections)
+            await self.server.serve(sockets=[self._sock])
+
+        asyncio.run(main())
 
     def shutdown(self, grace_s: Optional[float] = None) -> bool:
         """Stop accepting, let in-flight requests finish (up to ``grace_s``), stop the worker, close.
 
         Returns whether every in-flight request finished within the grace period.
         """
-        if self._stopped or self.httpd is None:
+        if self._stopped or self.server is None:
             return True
         self._stopped = True
         grace = self.options.shutdown_grace_s if grace_s is None else grace_s
         self.app.closing = True
-        self.httpd.shutdown()  # the accept loop ends; handler threads keep running
+        # uvicorn's own graceful shutdown: close the listener, close idle connections, wait for requests
+        self.server.config.timeout_graceful_shutdown = grace
+        self.server.should_exit = True
         finished = self.app.wait_idle(grace)
+        self._thread.join(timeout=grace + 5)
         self.app.batcher.stop(timeout=1.0)
-        self.httpd.server_close()
+        self._sock.close()
         return finished
 
     def serve_until_signal(self) -> None:
@@ -199,7 +264,7 @@ class PrismServer:
                             self.options.shutdown_grace_s)
 
     def __enter__(self) -> "PrismServer":
-        return self if self.httpd is not None else self.start()
+        return self if self.server is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.shutdown(grace_s=5.0)
