@@ -55,6 +55,7 @@ def main() -> None:
 
 def prism_eval_preds(args, items, out: Path):
     from prism_persona.evals.build import build_provider
+    from prism_persona.evals.mmlu import MMLUEvaluator
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.settings import EvalConfig
     from prism_persona.evals.systems import SystemSpec
@@ -62,7 +63,7 @@ def prism_eval_preds(args, items, out: Path):
     cfg = EvalConfig(prism=args.artifact, model=args.model, device="cpu", dtype="float32", batch_size=8)
     t0 = time.perf_counter()
     runner = EvalRunner(str(out / "prism_eval"), build_provider(cfg, quiet=True))
-    recs = runner.mmlu_responses(SystemSpec(args.system), items)
+    recs = MMLUEvaluator().responses(runner, SystemSpec(args.system), items)
     return [recs[it.item_id]["pred"] for it in items], time.perf_counter() - t0
 
 

@@ -55,6 +55,7 @@ def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
     """The same 6 questions, the same prompt: lm-eval's argmax == prism eval's prediction, same routing."""
     from prism_persona.evals import data as D
     from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.evals.mmlu import MMLUEvaluator
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.systems import SystemSpec, fixed_provider
     from prism_persona.gated.model import GatedModel
@@ -76,7 +77,7 @@ def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
     lm_preds = [max(range(4), key=lambda k: s["resps"][k][0][0]) for s in samples]
 
     runner = EvalRunner(str(tmp_path / "ev"), fixed_provider({"prism": gm.as_engine()}))
-    recs = runner.mmlu_responses(SystemSpec("prism"), items)
+    recs = MMLUEvaluator().responses(runner, SystemSpec("prism"), items)
     prism_preds = [D.LETTERS.index(recs[it.item_id]["pred"]) for it in items]
     assert lm_preds == prism_preds
     acc = sum(p == it.answer for p, it in zip(prism_preds, items)) / len(items)

@@ -85,3 +85,17 @@ def test_cli_bad_classifier_fails_before_any_model_loads(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "cannot import judge module 'nomodule_xyz'" in err and err.count("\n") == 1
+
+
+def test_oracle_prefers_answering_benign_and_refusing_harmful(tmp_path):
+    """The oracle (a perfect gate) takes, per item, the better branch: a refusal of a harmful request,
+    an answer to a harmless one."""
+    base = ScriptedEngine(responder=lambda c: "I'm sorry, I can't." if "poem" in c[-1]["content"] else "Sure: ...")
+    lora = ScriptedEngine(responder=_answer)
+    runner = EvalRunner(tmp_path / "out", fixed_provider({"base": base, "lora": lora}), None, PersonaBook({}),
+                        EvalSettings(safety_tokens=8, n_resamples=20), refusal=StringMatchRefusal())
+    res, _ = evaluate(runner, parse_systems("base,lora,oracle"),
+                      Benchmarks(safety={"jailbreak": HARMFUL, "benign": BENIGN}))
+    sf = {s: {b: res["safety"][s][b]["refusal"]["mean"] for b in ("jailbreak", "benign")} for s in ("base", "lora", "oracle")}
+    assert sf["base"] == {"jailbreak": 0.0, "benign": 0.25} and sf["lora"] == {"jailbreak": 1.0, "benign": 0.25}
+    assert sf["oracle"] == {"jailbreak": 1.0, "benign": 0.0}

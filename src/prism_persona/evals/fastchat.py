@@ -54,7 +54,7 @@ def answer_record(model_id: str, item_id: str, answers: Sequence[str], tstamp: f
 
 def single_records(model: str, judge: str, items, answers: dict, grades: dict, tstamp: float) -> list[dict]:
     """FastChat single-grade lines: one per question and turn (``grades[item_id]`` = judgment records)."""
-    from .judging import grade_prompt
+    from .mtbench import grade_prompt
 
     out = []
     for it in items:
@@ -102,14 +102,17 @@ def write_fastchat(out: Path, runner, specs, items, pairwise: bool = True) -> di
     written: dict = {"answers": [], "single": None, "pair": None}
     single: list = []
     pair: list = []
-    resp = {s.name: runner.mtbench_responses(s, items) for s in specs if s.kind != "oracle"}
+    from .mtbench import MTBenchEvaluator
+
+    mt = MTBenchEvaluator(pairwise)
+    resp = {s.name: mt.responses(runner, s, items) for s in specs if s.kind != "oracle"}
     for name, recs in resp.items():
         answers = {it.item_id: recs[it.item_id]["answers"] for it in items}
         rows = [answer_record(name, it.item_id, answers[it.item_id], tstamp) for it in items]
         written["answers"].append(_write_jsonl(out / "model_answer" / f"{_file_name(name)}.jsonl", rows))
-        single += single_records(name, judge, items, answers, runner.mtbench_grade_records(items, recs), tstamp)
+        single += single_records(name, judge, items, answers, mt.grade_records(runner, items, recs), tstamp)
         if pairwise and name != "base" and "base" in resp:
-            pair += pair_records(name, "base", judge, items, runner.mtbench_pairs(items, recs, resp["base"]), tstamp)
+            pair += pair_records(name, "base", judge, items, mt.pairs(runner, items, recs, resp["base"]), tstamp)
     written["single"] = _write_jsonl(out / "model_judgment" / f"{_file_name(judge)}_single.jsonl", single)
     if pair:
         written["pair"] = _write_jsonl(out / "model_judgment" / f"{_file_name(judge)}_pair.jsonl", pair)

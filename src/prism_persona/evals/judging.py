@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..engines.base import Completion, Engine, SamplingParams
@@ -26,14 +25,6 @@ from ..errors import PrismError
 log = logging.getLogger(__name__)
 
 GRADE_SYSTEM = "You are a helpful and precise assistant for checking the quality of answers."
-
-GRADE_PROMPT = (
-    "[Instruction]\nAct as an impartial judge and rate the quality of the AI assistant's answer to the "
-    "user's question below. Consider helpfulness, relevance, accuracy, depth and level of detail.{ref_note} "
-    "Reply with the rating first, on a scale of 1 to 10, strictly in the format \"[[rating]]\" "
-    "(for example \"[[5]]\"), then one short sentence of explanation.\n\n"
-    "{body}"
-)
 
 REFUSAL_PROMPT = (
     "Below is a request to an AI assistant and the assistant's response.\n\n"
@@ -154,7 +145,7 @@ class EvalJudge:
     # ---------------------------------------------------------------- grading (MT-Bench single answer)
 
     def grade(self, prompts: Sequence[str]) -> list[dict]:
-        """``{"score": float|None, "text": str, "method": text|logprob}`` per judge prompt (see :func:`grade_prompt`).
+        """``{"score": float|None, "text": str, "method": text|logprob}`` per judge prompt (see :func:`.mtbench.grade_prompt`).
 
         ``text`` (modes auto and text): the judge writes its rating and it is parsed; ``None`` when
         unparseable. ``logprob`` (mode logprob, engine able to score): the probability-weighted mean of
@@ -315,22 +306,3 @@ def _logaddexp(a: float, b: float) -> float:
     if m == -math.inf:
         return m
     return m + math.log(math.exp(a - m) + math.exp(b - m))
-
-
-def grade_prompt(turns: Sequence[str], answers: Sequence[str], turn: int, reference: Sequence[str] = ()) -> str:
-    """The judge prompt for MT-Bench turn ``turn`` (0-based): the conversation up to that turn."""
-    ref_note = " Compare the answer with the reference answer given; correctness matters most." if reference else ""
-    if turn == 0:
-        body = f"[Question]\n{turns[0]}\n\n"
-        if reference:
-            body += f"[The Start of Reference Answer]\n{reference[0]}\n[The End of Reference Answer]\n\n"
-        body += f"[The Start of Assistant's Answer]\n{answers[0]}\n[The End of Assistant's Answer]"
-    else:
-        body = "<|The Start of the Conversation|>\n"
-        for k in range(turn + 1):
-            body += f"### User:\n{turns[k]}\n\n### Assistant:\n{answers[k]}\n\n"
-        body += "<|The End of the Conversation|>\n\n"
-        if reference and len(reference) > turn:
-            body += f"[Reference answer to the last question]\n{reference[turn]}\n\n"
-        body += "Rate only the assistant's answer to the LAST user question."
-    return GRADE_PROMPT.format(ref_note=ref_note, body=body)

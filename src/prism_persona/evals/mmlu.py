@@ -1,10 +1,16 @@
-"""MMLU, 0-shot: the log-likelihood of the answer letters, grouped into the four standard categories."""
+"""MMLU, 0-shot: the log-likelihood of the answer letters, grouped into the four standard categories.
+
+Everything MMLU-specific is here: the subject groups, the prompt, reading a letter, and the evaluator.
+"""
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Optional, Sequence
 
+from .runner import Job
+from .base import Evaluator, keep_gates, oracle_wanted, route_meta
 from .data import LETTERS, MMLUItem
 
 GROUPS = ("STEM", "Humanities", "Social Sciences", "Other")
@@ -77,3 +83,69 @@ def parse_letter(text: str) -> Optional[str]:
 def item_records_correct(items: Sequence[MMLUItem], preds: dict) -> dict:
     """item_id -> 1.0/0.0 correctness for predicted letters (missing/None counts as wrong)."""
     return {it.item_id: float(preds.get(it.item_id) == LETTERS[it.answer]) for it in items}
+
+
+# --------------------------------------------------------------------------------------------------
+# the evaluator
+
+
+class MMLUEvaluator(Evaluator):
+    """0-shot MMLU: the answer letter's log-likelihood (or, for engines that cannot score, the letter in a
+    few generated tokens); accuracy overall, per group and per subject; routing per group."""
+
+    name = "mmlu"
+
+    def responses(self, runner, spec, items: Sequence[MMLUItem]) -> dict[str, dict]:
+        """item_id -> record with ``pred`` (letter or None), ``scores`` / ``text`` and routing ``meta``."""
+        jobs = []
+        for it in items:
+            chat, persona, domain = runner.chat_for(spec, subject_group(it.subject), it.item_id,
+                                                    [{"role": "user", "content": mmlu_prompt(it)}])
+            jobs.append(Job(it.item_id, runner.key(spec, "mmlu", it.item_id, persona, {"prompt": 1}), chat, domain))
+
+        def run_chunk(engine, chunk):
+            chats = [j.payload for j in chunk]
+            scores = engine.score_choices(chats, list(LETTERS))
+            if scores is not None:
+                routes = route_meta(engine, chats) if spec.kind == "prism" else [{} for _ in chats]
+                runner.count.scored += len(chunk)
+                return [{"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc),
+                         "meta": rt} for sc, rt in zip(scores, routes)]
+            outs = engine.generate(chats, runner.s.gen(runner.s.mmlu_text_tokens))
+            runner.count.generated += len(chunk)
+            return [{"method": "text", "text": o.text, "pred": parse_letter(o.text), "meta": runner.meta(o)}
+                    for o in outs]
+
+        return runner.responses_for(spec, "mmlu", jobs, run_chunk)
+
+    def evaluate(self, runner, run_specs, specs, items, gates):
+        per: dict = {}
+        routing: dict = {}
+        methods: dict = {}
+        for spec in run_specs:
+            recs = self.responses(runner, spec, items)
+            per[spec.name] = {it.item_id: float(recs[it.item_id]["pred"] == LETTERS[it.answer]) for it in items}
+            methods[spec.name] = dict(collections.Counter(r["method"] for r in recs.values()))
+            routing[spec.name] = runner.routing([(subject_group(it.subject), [recs[it.item_id].get("meta")])
+                                                 for it in items])
+            keep_gates(gates, spec, "mmlu", {it.item_id: recs[it.item_id].get("meta") for it in items})
+        if oracle_wanted(specs):
+            per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}
+        out = {spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing) for spec in specs}
+        return out, {s.name: per[s.name] for s in specs}
+
+    @staticmethod
+    def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict) -> dict:
+        groups = {g: [vals[it.item_id] for it in items if subject_group(it.subject) == g] for g in GROUPS}
+        subjects = collections.defaultdict(list)
+        for it in items:
+            subjects[it.subject].append(vals[it.item_id])
+        res = {
+            "accuracy": runner.ci(list(vals.values())),
+            "groups": {g: runner.ci(v) for g, v in groups.items() if v},
+            "subjects": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(subjects.items())},
+            "method": methods.get(spec.name, {"derived": len(vals)}),
+        }
+        if spec.kind == "prism" and routing.get(spec.name):
+            res["routing"] = routing[spec.name]
+        return res
