@@ -136,3 +136,15 @@ def test_generate_output_is_atomic_and_resumes(artifact, tmp_path, monkeypatch, 
     calls.update(rows=0)
     assert cli.main(argv[:-1] + ["--force", "off", "-q"]) == 0
     assert calls["rows"] == 40 and all(r["response"] != "stale" for r in read_jsonl(out))
+
+
+def test_corrupt_model_weights_are_one_line(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rc = cli.main(["run", "--model", str(model), "--domains", "a", "--out", str(tmp_path / "r"), "-q"])
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert rc == 2 and len(err) == 1 and str(model) in err[0], err

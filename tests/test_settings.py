@@ -116,6 +116,7 @@ def test_prism_config_lists_every_settings_class(capsys):
     assert cli.main(["config"]) == 0
     out = capsys.readouterr().out
     for needle in ("gate.epochs", "prism generate (flags)", "prism chat (flags)", "prism serve (flags)",
+                   "prism eval / study (flags)",
                    "--max-connections", "--body-timeout-s", "--trust-remote-code", "--max-tokens"):
         assert needle in out, needle
 

@@ -263,12 +263,14 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     tok = load_tokenizer(src, trust_remote_code)
     log.info("loading %s on %s (%s)", src.display, dev, str(torch_dtype).replace("torch.", ""))
+    from safetensors import SafetensorError
+
     try:
         with _quiet_gguf_conversion():
             model = AutoModelForCausalLM.from_pretrained(
                 src.path_or_id, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # corrupt or truncated weights included
         raise PrismError(_load_error(src, exc)) from None
     model.to(dev)
     model.eval()

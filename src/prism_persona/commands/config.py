@@ -24,7 +24,9 @@ def run(args) -> int:
     print("prism run / bootstrap / gate / distill (config-file keys; --set KEY=VALUE)")
     for key, default, help_ in C.describe():
         print(f"  {key:32s} {str(default):24s} {help_}")
-    for command, cls in C.COMMAND_SETTINGS.items():
+    from ..evals.settings import EvalConfig  # standard library only, like config.py
+
+    for command, cls in {**C.COMMAND_SETTINGS, "eval / study": EvalConfig}.items():
         print(f"\nprism {command} (flags)")
         for flag, default, help_ in C.describe_flags(cls):
             print(f"  {flag:32s} {str(default):24s} {help_}")
