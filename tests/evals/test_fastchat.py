@@ -75,6 +75,15 @@ def test_written_files_follow_fastchat_formats(tmp_path):
     assert {(p["g1_winner"], p["g2_winner"]) for p in pair} == {("model_1", "model_1")}
     assert set(pair[0]) >= {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "turn", "tstamp"}
 
+    # read the way FastChat's show_result.py reads them (pandas JSON lines, -1 = unparseable dropped)
+    pd = pytest.importorskip("pandas")
+    df = pd.read_json(w["single"], lines=True)
+    df = df[df["score"] != -1]
+    means = df.groupby(["model", "turn"])["score"].mean()
+    assert means[("lora", 1)] == 8.0 and means[("base", 2)] == 3.0
+    pf = pd.read_json(w["pair"], lines=True)
+    assert (pf["g1_winner"] == pf["g2_winner"]).all() and set(pf["model_2"]) == {"base"}
+
 
 def test_position_bias_shows_as_split_orders(tmp_path):
     items = D.load_mtbench(FIX / "mtbench_small.jsonl", limit=2)
