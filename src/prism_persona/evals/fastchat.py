@@ -43,6 +43,8 @@ def _qid(item_id: str):
 
 
 def _file_name(name: str) -> str:
+    """A file-name-safe model or judge name; a local path keeps only its last part."""
+    name = re.sub(r":/[^:]*/", ":", name)
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
 
 
