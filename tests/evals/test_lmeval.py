@@ -135,3 +135,27 @@ def test_prism_is_registered_with_lm_eval():
     from lm_eval.api.registry import get_model
 
     assert get_model("prism") is backend.PrismLM
+
+
+def test_lmeval_persona_system_needs_chat_template_and_changes_scores(tmp_path, tiny_model_dir):
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism")
+    _local_mmlu_yaml(tmp_path)
+    personas = tmp_path / "personas.json"
+    personas.write_text(json.dumps({"chemistry": "You are a meticulous chemistry professor."}))
+    with pytest.raises(PrismError, match="persona_file=JSON and domain=NAME"):
+        PrismLM(artifact=str(art), system="persona", device="cpu", dtype="float32")
+    lm = PrismLM(artifact=str(art), system="persona", persona_file=str(personas), domain="chemistry",
+                 device="cpu", dtype="float32", batch_size=4)
+    with pytest.raises(PrismError, match="--apply_chat_template"):
+        _evaluate(lm, tmp_path, ["prism_mmlu_fixture"], chat=False)
+    res = _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
+    sample = min(res["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"])
+    assert "You are a meticulous chemistry professor." in sample["arguments"][0][0]
+    base = PrismLM(artifact=str(art), system="base", device="cpu", dtype="float32", batch_size=4)
+    bsample = min(_evaluate(base, tmp_path, ["prism_mmlu_fixture"])["samples"]["prism_mmlu_fixture"],
+                  key=lambda s: s["doc_id"])
+    assert sample["resps"][0][0][0] != pytest.approx(bsample["resps"][0][0][0])
+    assert lm.routing_report()["overall"]["routed"] == 0  # the persona system never routes
