@@ -58,7 +58,7 @@ CASES = [
     (RUN + ["--set", "queries.temperature=-0.5"], "queries.temperature must be at least 0"),
     (RUN + ["--set", "persona.top_p=0"], "persona.top_p must be greater than 0"),
     (RUN + ["--set", "answers.top_p=1.5"], "answers.top_p must be at most 1"),
-    (RUN + ["--set", "model.dtype=float8"], "model.dtype must be one of"),
+    (RUN + ["--set", "model.dtype=float8"], "model.dtype (--dtype) must be one of"),
     (RUN + ["--queries-per-persona", "0"], "queries.queries_per_persona (--queries-per-persona) must be at least 1"),
     (RUN + ["--out", "{B}/sub"], "cannot write to output directory"),
     (["bootstrap", "--domains", "a", "--out", "{T}/b", "--device", "cuda:x"], "--device must be"),

@@ -97,7 +97,7 @@ def test_required_flag_and_choices_from_the_field():
     ({"persona": {"top_p": 1.01}}, "persona.top_p must be at most 1, got 1.01"),
     ({"model": {"device": "banana"}}, "--device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
     ({"engine": {"engine": "openai", "base_url": "notaurl"}}, "--base-url must be an http(s) URL"),
-    ({"model": {"dtype": "float8"}}, "model.dtype must be one of auto"),
+    ({"model": {"dtype": "float8"}}, "model.dtype (--dtype) must be one of auto"),
 ])
 def test_run_config_bounds_for_flags_and_files(override, message):
     with pytest.raises(PrismError) as err:
@@ -144,3 +144,26 @@ def test_serve_flags_stay_compatible():
         C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
     with pytest.raises(PrismError, match="--route-only needs"):
         C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))
+
+
+def test_run_and_bootstrap_flags_are_derived_and_unchanged():
+    from prism_persona import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    expected = {"--model", "--dtype", "--device", "--batch-size", "--config", "--preset", "--out", "--seed", "--redo",
+                "--domains", "--persona-file", "--placement", "--persona-length", "--queries-per-persona",
+                "--queries-file", "--answer-tokens", "--judge", "--judge-mode", "--trust-judge", "--engine",
+                "--base-url", "--concurrency", "--vllm-python", "--set", "-q", "--quiet", "-v", "--verbose",
+                "-h", "--help"}
+    for name in ("run", "bootstrap"):
+        p = sub.choices[name]
+        flags = {s for a in p._actions for s in a.option_strings}
+        assert flags == expected, flags ^ expected
+        defaults = {a.dest: a.default for a in p._actions if a.option_strings and a.dest not in ("help",)}
+        assert all(v in (None, False, []) for v in defaults.values()), "argparse keeps no defaults of its own"
+        args = p.parse_args(["--answer-tokens", "7", "--judge-mode", "text", "--persona-length", "long"])
+        from prism_persona.commands.common import overrides_from_args
+
+        assert overrides_from_args(args) == {"answers": {"max_new_tokens": 7}, "judge": {"mode": "text"},
+                                             "persona": {"use_length": "long"}}

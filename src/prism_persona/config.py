@@ -26,6 +26,8 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 PERSONA_LENGTHS = ("min", "short", "long")
 ENGINES = ("hf", "vllm", "openai")
 PLACEMENTS = ("system", "user")
+# --help sections of `prism run` / `prism bootstrap` (flags derived from the RunConfig fields that name one)
+G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = "run", "model", "personas and data", "judge", "engine (where generation runs)"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
@@ -53,22 +55,22 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: Any = N
 
 @dataclass
 class ModelConfig:
-    model: str = option(EMBEDDED_MODEL, "Model to self-bootstrap: the embedded default, a Hugging Face id, a local HF directory or a .gguf file.")
-    dtype: str = option("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.", choices=DTYPES)
-    device: str = option("auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.", flag="--device")
-    batch_size: int = option(8, "Rows per generation / scoring batch of the in-process engine.", flag="--batch-size", at_least=1)
+    model: str = option(EMBEDDED_MODEL, "Model to self-bootstrap: the embedded default, a Hugging Face id, a local HF directory or a .gguf file.", flag="--model", group=G_MODEL)
+    dtype: str = option("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.", choices=DTYPES, metavar="DTYPE", group=G_MODEL, flag="--dtype")
+    device: str = option("auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.", flag="--device", group=G_MODEL)
+    batch_size: int = option(8, "Rows per generation / scoring batch of the in-process engine.", flag="--batch-size", at_least=1, group=G_MODEL)
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
 
 
 @dataclass
 class EngineConfig:
-    engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).", choices=ENGINES)
-    base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).", flag="--base-url")
+    engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).", choices=ENGINES, flag="--engine", group=G_ENGINE)
+    base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).", flag="--base-url", group=G_ENGINE)
     api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the server's API key (engine=openai/vllm).")
-    concurrency: int = option(8, "Requests in flight at once (engine=openai/vllm; 0 = 64 for vllm, whose continuous batching wants many).", at_least=0)
+    concurrency: int = option(8, "Requests in flight at once (engine=openai/vllm; 0 = 64 for vllm, whose continuous batching wants many).", at_least=0, flag="--concurrency", group=G_ENGINE)
     timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).", above=0)
     max_retries: int = option(4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0)
-    vllm_python: str = option("", "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.")
+    vllm_python: str = option("", "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.", flag="--vllm-python", group=G_ENGINE)
     vllm_args: list = option([], "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] or ['--gpu-memory-utilization', '0.8'].")
     vllm_eager: str = option("auto", "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.")
     vllm_max_num_seqs: int = option(0, "vLLM --max-num-seqs, sequences batched at once (0 = vLLM's default).")
@@ -82,8 +84,8 @@ class EngineConfig:
 class PersonaConfig:
     domains: list = option([], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain.")
     lengths: list = option(list(PERSONA_LENGTHS), "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).")
-    use_length: str = option("short", "The length variant that drives queries, answers and distillation.", choices=PERSONA_LENGTHS)
-    placement: str = option("system", "Where the persona goes: system (system message) or user (prepended to the user message).", choices=PLACEMENTS)
+    use_length: str = option("short", "The length variant that drives queries, answers and distillation.", choices=PERSONA_LENGTHS, flag="--persona-length", group=G_DATA)
+    placement: str = option("system", "Where the persona goes: system (system message) or user (prepended to the user message).", choices=PLACEMENTS, flag="--placement", group=G_DATA)
     persona_files: dict = option({}, "domain -> path of a text file used verbatim as that domain's persona (all lengths).")
     max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
     temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
@@ -92,7 +94,7 @@ class PersonaConfig:
 
 @dataclass
 class QueryConfig:
-    queries_per_persona: int = option(50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1)
+    queries_per_persona: int = option(50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1, group=G_DATA)
     per_request: int = option(10, "Queries asked for in one generation request.", at_least=1)
     max_rounds: int = option(4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1)
     max_new_tokens: int = option(512, "Token budget of one query-writing request.", at_least=1)
@@ -100,20 +102,20 @@ class QueryConfig:
     top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
-    queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).")
+    queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).", flag="--queries-file", metavar="PATH", group=G_DATA)
 
 
 @dataclass
 class AnswerConfig:
-    max_new_tokens: int = option(512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1)
+    max_new_tokens: int = option(512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1, group=G_DATA)
     temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
 
 
 @dataclass
 class JudgeConfig:
-    judge: str = option("self", "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.")
-    mode: str = option("auto", "auto (log-probabilities when the engine has them, else text), logprob or text.", flag="--judge-mode", choices=("auto", "logprob", "text"))
+    judge: str = option("self", "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.", flag="--judge", group=G_JUDGE)
+    mode: str = option("auto", "auto (log-probabilities when the engine has them, else text), logprob or text.", flag="--judge-mode", choices=("auto", "logprob", "text"), group=G_JUDGE)
     max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1)
     tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
 
@@ -149,9 +151,9 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    out: str = option("runs/prism", "Run directory; every stage writes its files here and resumes from them.")
-    seed: int = option(0, "Seed for sampling, splits and initialisation.")
-    preset: str = option("default", "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).")
+    out: str = option("runs/prism", "Run directory; every stage writes its files here and resumes from them.", flag="--out", group=G_RUN)
+    seed: int = option(0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN)
+    preset: str = option("default", "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).", flag="--preset", group=G_RUN)
     quiet: bool = option(False, "No progress bars; only warnings and the final summary.")
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -516,16 +518,19 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, st
 # one settings system: command-line flags derived from the dataclasses above and below
 
 
-def _settings_fields(cls: type, prefix: str = "", skip: tuple = ()):
-    """(field, type, flag, dest, dotted key) for every command-line setting of ``cls``, nested ones flattened."""
+def _settings_fields(cls: type, prefix: str = "", skip: tuple = (), flagged_only: bool = False):
+    """(field, type, flag, dest, dotted key) for every command-line setting of ``cls``, nested ones
+    flattened; ``flagged_only``: only fields that name their flag (RunConfig: most keys are --set only)."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
-            for sub in _settings_fields(typ, prefix, skip):
+            for sub in _settings_fields(typ, prefix, skip, flagged_only):
                 yield sub[:4] + (f"{f.name}.{sub[4]}",)
+            continue
+        if flagged_only and not f.metadata.get("flag"):
             continue
         flag = f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-")
         yield f, typ, flag, flag.lstrip("-").replace("-", "_"), f.name
@@ -542,23 +547,24 @@ def _default_of(f: dataclasses.Field) -> Any:
 def _flag_help(f: dataclasses.Field) -> str:
     text = f.metadata.get("help", "")
     default = _default_of(f)
-    if default not in (None, "", False, [], {}) and not f.metadata.get("required"):
+    if default is not None and default is not False and default not in ("", [], {}) and not f.metadata.get("required"):
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         text = f"{text} (default: {shown})"
     return text.replace("%", "%%")  # argparse %-formats help strings
 
 
-def add_flags(parser: Any, cls: type, prefix: str = "", skip: tuple = ()) -> None:
+def add_flags(parser: Any, cls: type, prefix: str = "", skip: tuple = (), flagged_only: bool = False) -> dict:
     """Add one command-line flag per setting of the dataclass ``cls`` (nested dataclasses flattened).
 
     ``--<prefix><field-name>`` unless the field's ``option(flag=...)`` names another; type, choices,
     metavar, ``required`` and the ``--help`` section come from the field, and its help string gets the
     default appended. argparse keeps no default of its own (every flag defaults to None), so the
     dataclass stays the one place defaults live and :func:`flag_values` can tell a typed flag from an
-    untouched one. Standard library only (``prism --help`` stays instant).
+    untouched one. Standard library only (``prism --help`` stays instant). Returns the argument groups
+    made (title -> group), for a command to add its own flags beside them.
     """
     groups: dict = {}
-    for f, typ, flag, dest, _ in _settings_fields(cls, prefix, skip):
+    for f, typ, flag, dest, _ in _settings_fields(cls, prefix, skip, flagged_only):
         title = f.metadata.get("group")
         target = parser if not title else groups.setdefault(title, parser.add_argument_group(title))
         kwargs: dict = {"dest": dest, "default": None, "help": _flag_help(f)}
@@ -571,13 +577,14 @@ def add_flags(parser: Any, cls: type, prefix: str = "", skip: tuple = ()) -> Non
                 if f.metadata.get(key):
                     kwargs[key] = f.metadata[key]
         target.add_argument(flag, **kwargs)
+    return groups
 
 
-def flag_values(cls: type, args: Any, prefix: str = "", skip: tuple = ()) -> dict:
+def flag_values(cls: type, args: Any, prefix: str = "", skip: tuple = (), flagged_only: bool = False) -> dict:
     """The settings of ``cls`` typed on the command line (flags left out are absent), as a nested dict."""
     given = vars(args)
     out: dict = {}
-    for f, _, _, dest, key in _settings_fields(cls, prefix, skip):
+    for f, _, _, dest, key in _settings_fields(cls, prefix, skip, flagged_only):
         if given.get(dest) is not None:
             node = out
             *parents, leaf = key.split(".")
