@@ -12,6 +12,7 @@ system, re-judging, or a study that reuses a condition never regenerates what ex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..engines.base import SamplingParams
 from ..models import with_persona
 from ..store import RunDir, content_key
+from .settings import EvalConfig
 from .judging import EvalJudge, RefusalClassifier, make_refusal_classifier
 from .stats import bootstrap_ci
 from .systems import EngineProvider, PersonaBook, SystemSpec
@@ -29,13 +31,20 @@ CHUNK = 32
 """Items generated between cache flushes."""
 
 
+def _default(name: str):
+    """The default of an :class:`~.settings.EvalConfig` setting (the one place eval defaults live)."""
+    return next(f.default for f in dataclasses.fields(EvalConfig) if f.name == name)
+
+
 @dataclass
 class EvalSettings:
-    answer_tokens: int = 512
-    safety_tokens: int = 256
+    """What the runner and the evaluators read of an :class:`~.settings.EvalConfig` (same defaults)."""
+
+    answer_tokens: int = _default("answer_tokens")
+    safety_tokens: int = _default("safety_tokens")
     mmlu_text_tokens: int = 8
-    seed: int = 0
-    n_resamples: int = 1000
+    seed: int = _default("seed")
+    n_resamples: int = _default("resamples")
 
     def gen(self, tokens: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=tokens, temperature=0.0, seed=self.seed)
