@@ -181,8 +181,13 @@ def base_fingerprint(model) -> dict:
     probe = []
     with torch.no_grad():
         for t in tensors:
-            x = t.detach().float()
-            probe += [float(x.abs().sum()), float((x * x).sum())]  # positive sums: stable across dtypes
+            flat = t.detach().reshape(-1)
+            l1 = l2 = 0.0
+            for start in range(0, flat.numel(), 1 << 24):  # float32 in chunks: no full-size copy of a 7B embedding
+                x = flat[start:start + (1 << 24)].float()
+                l1 += float(x.abs().sum(dtype=torch.float64))
+                l2 += float((x * x).sum(dtype=torch.float64))
+            probe += [l1, l2]  # positive sums: stable across dtypes
     return {"config_sha256": config_sha, "layer0_probe": [round(v, 6) for v in probe]}
 
 
