@@ -384,7 +384,10 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise PrismError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrismError(f"config file {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         if p.suffix.lower() == ".toml":
             import tomllib
