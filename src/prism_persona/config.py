@@ -102,6 +102,7 @@ class QueryConfig:
     top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
+    requests_only: bool = option(True, "Keep only lines that read as a user's question or request (a '?', or starting like 'How', 'Write', 'I need'); drops fragments written in the persona's voice.")
     queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).", flag="--queries-file", metavar="PATH", group=G_DATA)
 
 
@@ -122,19 +123,27 @@ class JudgeConfig:
 
 @dataclass
 class GateConfig:
-    hidden_sizes: list = option([128, 64], "Hidden layer widths of the gate MLP (GELU between layers).")
-    epochs: int = option(300, "Full-batch training epochs of the gate.", at_least=1)
-    lr: float = option(1e-3, "AdamW learning rate of the gate.", above=0)
-    weight_decay: float = option(1e-2, "AdamW weight decay of the gate.", at_least=0)
-    dropout: float = option(0.1, "Dropout between gate layers during training.", at_least=0, below=1)
-    val_fraction: float = option(0.25, "Share of queries held out (stratified) for metrics and calibration.", above=0, below=1)
-    calibrate: str = option("balanced_accuracy", "Threshold: 'none' (use threshold), 'balanced_accuracy' (best on held-out), or 'rate:0.3' (route that share).")
-    threshold: float = option(0.5, "Routing threshold on the gate probability when calibrate is 'none'.", at_least=0, at_most=1)
+    pooling: str = option("mean", "Gate feature from the layer-0 states of the prompt: 'mean' (mean over the prompt's tokens; generalises to held-out queries, docs/method-check.md) or 'last' (last prompt token, the paper's feature).", choices=("mean", "last"))
+    target: str = option("win", "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label) or 'preference' (win 1, base won 0, tie/mixed 0.5).", choices=("win", "preference"))
+    hidden_sizes: list = option([], "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).")
+    epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
+    lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
+    weight_decay: float = option(1e-1, "AdamW weight decay of the gate (regularises towards small weights).", at_least=0)
+    dropout: float = option(0.1, "Dropout between gate layers during training (MLP only).", at_least=0, below=1)
+    patience: int = option(30, "Early stopping: stop when the held-out loss has not improved for this many epochs and keep the best epoch (0 = train all epochs).", at_least=0)
+    balance: str = option("domain", "Loss weights: 'class' (both labels weigh the same), 'domain' (every (domain, label) cell weighs the same) or 'none'.", choices=("class", "domain", "none"))
+    dedup_jaccard: float = option(0.8, "Queries whose word sets overlap at least this much (Jaccard) are near-duplicates and stay on one side of the held-out split (1 = exact duplicates only).", above=0, at_most=1)
+    val_fraction: float = option(0.25, "Share of queries held out (stratified by label and domain) for early stopping, calibration and the in-distribution metrics.", above=0, below=1)
+    calibrate: str = option("none", "Threshold: 'none' (use threshold: with balanced loss weights 0.5 means 'more likely a persona win than not'; routed hand-written held-out queries best, docs/method-check.md), 'balanced_accuracy' (best on the bootstrap's held-out split; noisy on small splits) or 'rate:0.3' (route that share).")
+    threshold: float = option(0.5, "Routing threshold when calibrate is 'none', and the fallback when the held-out split is too small to calibrate on.", at_least=0, at_most=1)
+    threshold_bounds: list = option([0.05, 0.95], "A calibrated threshold is clipped into [low, high] (with a warning): outside it the held-out rows did not separate the classes.")
+    min_calibration_rows: int = option(3, "Calibrate only with at least this many held-out rows of each label; otherwise use threshold (with a warning).", at_least=0)
 
 
 @dataclass
 class DistillConfig:
-    loss: str = option("kl", "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona answer.", choices=("kl", "ce"))
+    loss: str = option("kl", "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona's winning answer (sequence-level SFT); kl+ce: both (kl + sft_weight * ce).", choices=("kl", "ce", "kl+ce"))
+    sft_weight: float = option(1.0, "Weight of the cross-entropy term when loss is kl+ce.", at_least=0)
     top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).", at_least=1)
     kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.", above=0)
     r: int = option(16, "LoRA rank.", at_least=1)
@@ -142,7 +151,11 @@ class DistillConfig:
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
     target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Linear layers that get LoRA (layers 1..L-1 only).")
     lr: float = option(1e-4, "AdamW learning rate.", above=0)
-    epochs: int = option(2, "Passes over the distillation set.", at_least=1)
+    epochs: int = option(2, "Passes over the distillation set (raised to reach min_steps).", at_least=1)
+    min_steps: int = option(0, "At least this many optimisation steps: epochs are raised (up to max_epochs) when the distillation set is small (0 = epochs as given).", at_least=0)
+    max_epochs: int = option(20, "Upper bound on the epochs min_steps may ask for.", at_least=1)
+    val_fraction: float = option(0.0, "Share of the distillation examples held out; their KL after every epoch picks the best epoch and drives early stopping (0 = none).", at_least=0, below=1)
+    patience: int = option(2, "Early stopping: stop after this many epochs without a lower held-out KL (needs val_fraction > 0; 0 = never stop early).", at_least=0)
     batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
     max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
@@ -470,6 +483,9 @@ def validate(cfg: RunConfig) -> None:
     cfg.engine.vllm_eager = str(cfg.engine.vllm_eager).lower()
     if cfg.engine.engine == "openai" and not cfg.engine.base_url:
         raise PrismError("engine 'openai' needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    g = cfg.gate
+    if len(g.threshold_bounds) != 2 or not 0 <= float(g.threshold_bounds[0]) <= float(g.threshold_bounds[1]) <= 1:
+        raise PrismError(f"gate.threshold_bounds must be [low, high] within [0, 1], got {g.threshold_bounds}")
     if cfg.engine.base_url:
         check_base_url(cfg.engine.base_url, "--base-url")
 

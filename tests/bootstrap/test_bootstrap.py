@@ -306,7 +306,7 @@ def test_tiny_model_end_to_end_in_process(tmp_path, tiny_model_dir, tiny_model):
     cfg = make_cfg(tmp_path, model={"model": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "batch_size": 4},
                    persona={"domains": ["writing", "coding"], "max_new_tokens": 16},
                    queries={"queries_per_persona": 2, "per_request": 2, "max_new_tokens": 48, "max_rounds": 2,
-                            "min_chars": 3},
+                            "min_chars": 3, "requests_only": False},  # random text is never a question
                    answers={"max_new_tokens": 6})
     engine = make_engine(cfg, *tiny_model)
     s = run_bootstrap(cfg, engine=engine)

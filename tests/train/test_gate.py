@@ -114,14 +114,14 @@ def _features(n, hidden=16, seed=0):
 
 def test_train_gate_learns_a_separable_signal_and_saves(tmp_path):
     x, y = _features(120)
-    cfg = C.GateConfig(epochs=200)
+    cfg = C.GateConfig(epochs=200, hidden_sizes=[128, 64], lr=1e-3, weight_decay=1e-2)
     b = train_gate(x, y, cfg, seed=0, groups=["a", "b"] * 60)
     held = b.info["metrics"]["heldout"]
     assert held["n"] == 30 and held["auc"] > 0.9 and held["balanced_accuracy"] > 0.8
     assert set(b.info["routing_by_group"]) == {"a", "b"}
     b.save(tmp_path)
     cfgj = json.loads((tmp_path / "gate_config.json").read_text())
-    assert cfgj["feature_layer"] == 0 and cfgj["hidden_size"] == 16 and cfgj["hidden_sizes"] == [128, 64]
+    assert cfgj["feature_layer"] == 0 and cfgj["hidden_size"] == 16 and cfgj["hidden_sizes"] == [128, 64] and cfgj["pooling"] == "mean"
     assert cfgj["threshold"] == pytest.approx(b.threshold) and "prism_version" in cfgj and cfgj["metrics"]
     b2 = GateBundle.load(tmp_path)
     torch.testing.assert_close(b2.gate(x), b.gate.eval()(x))
@@ -157,3 +157,50 @@ def test_run_gate_stage(tiny_model, tmp_path):
     assert info["metrics"]["heldout"]["accuracy"] is not None
     again = run_gate(run, cfg, recs, None, None)  # done: skipped, no model needed
     assert again.pop("stage") == "gate" and again == info
+
+
+def test_calibration_is_bounded_and_falls_back_on_small_splits(caplog):
+    from prism_persona.train.gate import calibrate_threshold
+
+    # the only separating threshold is tiny (the 2.5e-16): clipped into the bounds, with a warning
+    t, how = calibrate_threshold([1e-16, 4e-16, 0.3, 0.6], [0, 1, 1, 1], "balanced_accuracy", bounds=(0.05, 0.95))
+    assert t == 0.05 and "clipped from" in how and "threshold_bounds" in caplog.text
+    # too few rows of one label: not calibrated, the documented fixed threshold is used
+    t, how = calibrate_threshold([0.1, 0.2, 0.9], [0, 0, 1], "balanced_accuracy", default=0.5, min_rows=2)
+    assert t == 0.5 and how.startswith("fixed: too few held-out rows (1 positive, 2 negative)")
+    assert calibrate_threshold([0.2, 0.99], [0, 1], "rate:0", bounds=(0.05, 0.95))[0] == 0.95
+
+
+def test_targets_weights_and_near_duplicate_split():
+    from prism_persona.train.gate import gate_targets, near_duplicate_clusters, sample_weights
+
+    recs = [{"label": 1, "winner": "persona"}, {"label": 0, "winner": "base"}, {"label": 0, "winner": "tie"},
+            {"label": 0, "winner": "mixed"}]
+    assert gate_targets(recs, "win") == [1.0, 0.0, 0.0, 0.0]
+    assert gate_targets(recs, "preference") == [1.0, 0.0, 0.5, 0.5]
+    w = sample_weights([1, 0, 0, 0, 0, 0], ["a", "a", "a", "b", "b", "b"], "domain")
+    # cells (a,1) x1, (a,0) x2, (b,0) x3 weigh the same in total
+    assert float(w[0]) == pytest.approx(2 * float(w[1])) == pytest.approx(3 * float(w[3]))
+    assert float(w.mean()) == pytest.approx(1.0)
+    texts = ["How do I bake bread at home?", "how do i bake bread at home", "How do I bake bread at home today?",
+             "What herbs go well with salmon?", "Tell me a story about a turtle."]
+    c = near_duplicate_clusters(texts, 0.8)
+    assert c[0] == c[1] == c[2] and len({c[0], c[3], c[4]}) == 3
+    labels = [0] * 12
+    clusters = [i // 3 if i < 6 else 100 + i for i in range(12)]  # two clusters of 3, six singletons
+    for seed in range(5):
+        tr, va = stratified_split(labels, 0.25, seed, clusters=clusters)
+        assert sorted(tr + va) == list(range(12)) and va
+        for k in (0, 1):
+            members = {i for i in range(12) if clusters[i] == k}
+            assert members <= set(tr) or members <= set(va)
+
+
+def test_gate_early_stops_and_keeps_the_best_epoch():
+    x, _ = _features(80, hidden=32)
+    y = [random.Random(i).randint(0, 1) for i in range(80)]  # noise: the held-out loss soon rises
+    cfg = C.GateConfig(epochs=400, patience=5)
+    b = train_gate(x, y, cfg, seed=0, groups=["a", "b"] * 40)
+    assert 1 <= b.info["best_epoch"] <= b.info["epochs_run"] < 400
+    assert b.info["epochs_run"] - b.info["best_epoch"] == 5
+    assert b.info["pooling"] == "mean" and "in-distribution" in b.info["metrics_note"]

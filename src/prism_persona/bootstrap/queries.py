@@ -4,8 +4,9 @@ Per round, every domain still short of queries sends ``ceil(missing / per_reques
 domains in one batched ``generate`` call), each asking for ``per_request`` realistic,
 specific user queries, one per line, with the persona (``use_length`` variant) in the configured
 placement. Lines are cleaned (numbering, bullets, quotes, "Query:" labels removed; preambles such as
-"Here are ten questions:" and too short / too long lines dropped) and de-duplicated (case and
-whitespace insensitive, across rounds). Rounds repeat until ``queries_per_persona`` are collected or
+"Here are ten questions:" and too short / too long lines dropped; with ``requests_only`` lines that are
+neither a question nor a request dropped) and de-duplicated (case and whitespace insensitive, across
+rounds). Rounds repeat until ``queries_per_persona`` are collected or
 ``max_rounds`` is reached. Sampling is seeded from the run seed, the domain and the round.
 
 Records (``queries.jsonl``): ``key, domain, query, round``. A round's completion is recorded in
@@ -29,9 +30,20 @@ log = logging.getLogger(__name__)
 
 QUERY_PROMPT = (
     "Write {n} realistic and specific questions or requests that different users might send to you "
-    "about {domain}. Make each one self-contained, concrete and different from the others in topic and "
-    "difficulty. Write one per line, with no numbering and no other text."
+    "about {domain}. Write each one the way an ordinary user would type it to an assistant: a plain, "
+    "self-contained question or request in the user's own words, not in your voice. Make them different "
+    "from each other in topic and difficulty. Write one per line, with no numbering and no other text."
 )
+"""The persona (in the system message) conditions the topics; the request asks for plain user
+questions so that the queries read like the ones the gate will see at inference, not like the persona."""
+
+_REQUEST_START = re.compile(
+    r"^(?:how|what|what's|whats|why|when|where|which|who|whom|whose|is|are|am|was|were|do|does|did|can|"
+    r"could|would|will|should|shall|may|might|have|has|had|please|write|tell|explain|describe|give|list|"
+    r"suggest|recommend|help|show|create|make|compose|draft|summari[sz]e|compare|translate|find|plan|design|"
+    r"generate|teach|share|provide|outline|calculate|convert|fix|rewrite|edit|review|name|define|analy[sz]e|"
+    r"walk me|guide me|i need|i want|i'd like|i would like|i'm looking|i am looking|i'm trying|i am trying|"
+    r"any (?:tips|ideas|advice|suggestions))\b", re.I)
 
 _NUMBERING = re.compile(r"^\s*(?:[-*•·–—>]+|\(?\d{1,3}\s*[.):\]]|\d{1,3}\s*-\s|#{1,6})\s*")
 _LABEL = re.compile(r"^\s*(?:\*\*)?(?:query|question|request|user(?: query)?|prompt|q)\s*\d*\s*(?:\*\*)?\s*[:：-]\s*(?:\*\*)?\s*", re.I)
@@ -80,16 +92,27 @@ def clean_query_line(line: str, min_chars: int = 15, max_chars: int = 600) -> st
     return s
 
 
+def looks_like_request(query: str) -> bool:
+    """True for a line that reads as a user's question or request: it asks something ("?") or starts
+    like a question or an instruction ("How ...", "Write ...", "I need ..."). Drops the fragments a
+    small model writes in character ("A wave near you", "The kind of breakfast")."""
+    q = query.strip()
+    return "?" in q or bool(_REQUEST_START.match(q))
+
+
 def normalise(query: str) -> str:
     """The de-duplication form: lower case, single spaces, no trailing punctuation."""
     return re.sub(r"\s+", " ", query.lower()).strip().rstrip(".?!").strip()
 
 
-def parse_queries(text: str, min_chars: int = 15, max_chars: int = 600) -> list[str]:
-    """Cleaned queries of one reply, in order (duplicates within the reply removed)."""
+def parse_queries(text: str, min_chars: int = 15, max_chars: int = 600, requests_only: bool = False) -> list[str]:
+    """Cleaned queries of one reply, in order (duplicates within the reply removed); with
+    ``requests_only`` lines that do not read as a question or request are dropped too."""
     out, seen = [], set()
     for line in (text or "").splitlines():
         q = clean_query_line(line, min_chars, max_chars)
+        if q and requests_only and not looks_like_request(q):
+            continue
         if q and normalise(q) not in seen:
             seen.add(normalise(q))
             out.append(q)
@@ -135,7 +158,7 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
         outs = get_engine().generate([chat for _, chat in requests], params)
         new_by_domain: dict = {d: [] for d in todo}
         for (domain, _), out in zip(requests, outs):
-            for query in parse_queries(out.text, q.min_chars, q.max_chars):
+            for query in parse_queries(out.text, q.min_chars, q.max_chars, q.requests_only):
                 norm = normalise(query)
                 if norm in seen[domain] or len(have[domain]) + len(new_by_domain[domain]) >= target:
                     continue

@@ -1,4 +1,11 @@
-"""The gate's input: the hidden state after decoder layer 0 at the last prompt token.
+"""The gate's input: the hidden state after decoder layer 0, pooled over the prompt.
+
+Two poolings (``GateConfig.pooling``, stored in ``gate_config.json``): ``mean`` = the mean over every
+real token of the prompt (the default since issue 13: it carries the query's topic; measured in
+docs/method-check.md) and ``last`` = the last prompt token (the paper's feature; with a chat template
+that token is the fixed generation prompt, whose layer-0 state sees the query only through one
+attention layer). Both are computed from the layer-0 output and the attention mask alone, so the
+gated model computes them inside its prefill.
 
 This is the one copy of the feature code. Training (:func:`query_features`, used by
 :mod:`prism_persona.train.gate`) and inference (the layer-0 hook inside
@@ -10,13 +17,14 @@ generation prompt and no persona, left-padded, positions counted over real token
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..models import decoder_layers, encode_prompts, render_chat, user_chat
 
 FEATURE_LAYER = 0
+POOLINGS = ("mean", "last")
 
 
 class _StopForward(Exception):
@@ -67,12 +75,27 @@ def layer0_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return captured["h"]
 
 
+def pool_states(h: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str = "last") -> torch.Tensor:
+    """The gate features ``[batch, hidden]`` (float32) of layer-0 states ``h`` ``[batch, seq, hidden]``.
+
+    ``attention_mask`` (``[batch, >= seq]``, 1 = real token; ``None`` = no padding) marks the real
+    tokens; any padding side works. ``last``: the last real token; ``mean``: the mean over real tokens.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+    mask = attention_mask[:, :h.shape[1]].to(h.device)
+    if pooling == "last":
+        return h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float()
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).float()
+        return (h.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown gate pooling '{pooling}'; use one of {', '.join(POOLINGS)}")
+
+
 @torch.no_grad()
 def layer0_last_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Layer-0 state of the last real token of each row, ``[batch, hidden]`` (float32)."""
-    h = layer0_states(model, input_ids, attention_mask)
-    idx = last_token_index(attention_mask)
-    return h[torch.arange(h.shape[0], device=h.device), idx].float()
+    return pool_states(layer0_states(model, input_ids, attention_mask), attention_mask, "last")
 
 
 def gate_prompt(tokenizer, query: str) -> str:
@@ -81,14 +104,16 @@ def gate_prompt(tokenizer, query: str) -> str:
 
 
 @torch.no_grad()
-def query_features(model, tokenizer, queries: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+def query_features(model, tokenizer, queries: Sequence[str], batch_size: int = 16,
+                   pooling: str = "last") -> torch.Tensor:
     """Gate features ``[n, hidden]`` (float32, CPU) of ``queries``, batched with left padding."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(queries), batch_size):
         texts = [gate_prompt(tokenizer, q) for q in queries[start:start + batch_size]]
         enc = encode_prompts(tokenizer, texts, device)
-        out.append(layer0_last_states(model, enc["input_ids"], enc["attention_mask"]).cpu())
+        h = layer0_states(model, enc["input_ids"], enc["attention_mask"])
+        out.append(pool_states(h, enc["attention_mask"], pooling).cpu())
     if not out:
         hidden = int(getattr(model.config, "hidden_size", 0))
         return torch.zeros(0, hidden)

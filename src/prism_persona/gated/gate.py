@@ -22,11 +22,15 @@ GATE_CONFIG = "gate_config.json"
 
 
 class Gate(nn.Module):
-    """Standardise, then MLP ``hidden -> 128 -> 64 -> 1`` with GELU; :meth:`forward` gives probabilities."""
+    """Standardise, then MLP ``hidden -> *hidden_sizes -> 1`` with GELU (``hidden_sizes=[]``: logistic
+    regression); :meth:`forward` gives probabilities. ``pooling`` names how the layer-0 states of the
+    prompt become the features (:func:`prism_persona.gated.features.pool_states`)."""
 
-    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0):
+    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0,
+                 pooling: str = "last"):
         super().__init__()
         self.hidden_size = int(hidden_size)
+        self.pooling = str(pooling)
         self.hidden_sizes = [int(x) for x in hidden_sizes]
         layers: list[nn.Module] = []
         width = self.hidden_size
@@ -77,7 +81,8 @@ class GateBundle:
         state = {k: v.detach().cpu().contiguous() for k, v in self.gate.state_dict().items()}
         save_file(state, str(d / GATE_WEIGHTS))
         cfg = dict(self.info)
-        cfg.update(feature_layer=FEATURE_LAYER, feature="last prompt token after decoder layer 0",
+        feature = ("mean over the prompt's tokens" if self.gate.pooling == "mean" else "last prompt token")
+        cfg.update(feature_layer=FEATURE_LAYER, feature=f"{feature} after decoder layer 0", pooling=self.gate.pooling,
                    hidden_size=self.gate.hidden_size, hidden_sizes=self.gate.hidden_sizes,
                    threshold=float(self.threshold), prism_version=__version__)
         (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -88,7 +93,8 @@ class GateBundle:
 
         d = Path(directory)
         cfg = json.loads((d / GATE_CONFIG).read_text(encoding="utf-8"))
-        gate = Gate(cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]))
+        # artifacts written before the pooling was stored used the last prompt token
+        gate = Gate(cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), pooling=cfg.get("pooling", "last"))
         gate.load_state_dict(load_file(str(d / GATE_WEIGHTS)))
         gate.eval()
         return cls(gate=gate, threshold=float(cfg.get("threshold", 0.5)), info=cfg)

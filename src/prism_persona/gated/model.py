@@ -32,7 +32,7 @@ import torch
 
 from ..engines.base import Completion, Engine, SamplingParams
 from ..engines.hf import HFEngine
-from .features import last_token_index, layer_output, position_ids_from_mask, query_features
+from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
 from .gate import GateBundle
 from .layers import RoutingState, install_adapter
 from ..models import decoder_layers, encode_prompts, load_model, render_chat
@@ -94,6 +94,9 @@ class GatedModel:
         self._in_call = False
         self._suspended = False  # route(): the layer-0-only pass must not touch the routing flags
         self._hook = decoder_layers(model)[0].register_forward_hook(self._layer0_hook)
+        # the attention mask of the current forward, for the gate's pooling over the prompt's real tokens
+        self._mask: Optional[torch.Tensor] = None
+        self._mask_hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
 
     # ---------------------------------------------------------------------------------------- build
 
@@ -151,6 +154,11 @@ class GatedModel:
 
     # ---------------------------------------------------------------------------------------- routing
 
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return None
+
     def _layer0_hook(self, module, args, out):
         """Runs after decoder layer 0 and before layer 1: decide the routing of each row."""
         if self._suspended:
@@ -164,7 +172,10 @@ class GatedModel:
         n = h.shape[0]
         idx = self._last_index if self._last_index is not None else torch.full((n,), h.shape[1] - 1, device=h.device)
         with torch.no_grad():
-            feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
+            if self.gate.pooling == "last":
+                feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
+            else:
+                feats = pool_states(h, self._mask, self.gate.pooling)
             probs = self.gate(feats)
         routed = probs >= self.threshold
         if self._prob_overrides is not None:
@@ -206,7 +217,8 @@ class GatedModel:
         queries = [first_user_turn(c) for c in chats]
         self._suspended = True
         try:
-            feats = query_features(self.model, self.tokenizer, queries, self.batch_size).to(self.device)
+            feats = query_features(self.model, self.tokenizer, queries, self.batch_size,
+                                   self.gate.pooling).to(self.device)
         finally:
             self._suspended = False
         probs = self.gate(feats).tolist()
@@ -287,6 +299,7 @@ class GatedModel:
 
     def close(self) -> None:
         self._hook.remove()
+        self._mask_hook.remove()
 
 
 def _layer_index(module_name: str) -> Optional[int]:

@@ -12,12 +12,23 @@ response tokens are the same ids in both sequences, at offsets ``t_start`` and `
 that predict response token ``j`` sit at position ``start + j - 1`` of each sequence.
 
 Loss on response tokens only: ``kl`` = KL(teacher || student) over the teacher's top-k tokens (both
-distributions renormalised over those k tokens, softened by the temperature, scaled by T^2), or
-``ce`` = cross-entropy on the persona answer. Teacher and student share one model object: the teacher
+distributions renormalised over those k tokens, softened by the temperature, scaled by T^2), ``ce`` =
+cross-entropy on the persona answer (sequence-level SFT on the answers that won), or ``kl+ce`` = both
+(``kl + sft_weight * ce``). All of them are teacher-forced on the persona's bootstrap answer (the
+sequence the judge preferred), not on the student's own samples (on-policy): that keeps the stage
+one forward of teacher and student per batch, and trains on exactly the behaviour that won.
+
+How long: ``epochs`` passes, raised until there are at least ``min_steps`` optimisation steps (at
+most ``max_epochs``), so a run with few winning answers still trains long enough to move the LoRA.
+With ``val_fraction`` > 0 a share of the examples is held out; after every epoch their KL is
+measured, the best epoch's adapter is kept, and training stops after ``patience`` epochs without
+improvement. Teacher and student share one model object: the teacher
 runs with the adapter disabled and without gradients.
 
-The stage is resumable: after every epoch the adapter, the optimizer state and the step are saved in
-``RUN/distill/checkpoint``; a rerun continues from there, and a finished stage is not redone.
+The stage is resumable: after every epoch the adapter, the optimizer state, the random number
+generators' states, the step and the early-stopping state are saved in ``RUN/distill/checkpoint``; a
+rerun continues from there bit-identically (the checkpoint holds tensors only and is read with
+``weights_only=True``/safetensors: no pickled code runs), and a finished stage is not redone.
 """
 
 from __future__ import annotations
@@ -159,13 +170,48 @@ def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch
     device = next(model.parameters()).device
     student = collate(examples, "student", pad_id, device)
     s_logits = response_logits(model, student)
+    ce = torch.nn.functional.cross_entropy(s_logits, student["targets"])
     if dcfg.loss == "ce":
-        return torch.nn.functional.cross_entropy(s_logits, student["targets"])
+        return ce
     teacher = collate(examples, "teacher", pad_id, device)
     assert torch.equal(teacher["targets"], student["targets"]), "teacher/student response tokens differ"
     with torch.no_grad(), _adapter_off(model):
         t_logits = response_logits(model, teacher)
-    return topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature)
+    kl = topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature)
+    if dcfg.loss == "kl+ce":
+        return kl + float(getattr(dcfg, "sft_weight", 1.0)) * ce
+    return kl
+
+
+@torch.no_grad()
+def heldout_kl(model, examples: Sequence[Example], dcfg, pad_id: int) -> Optional[float]:
+    """Mean KL(teacher || student) over held-out examples (the early-stopping signal), eval mode."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    kl_cfg = _KLOnly(dcfg)
+    bs = max(1, int(dcfg.batch_size))
+    total, n = 0.0, 0
+    for i in range(0, len(examples), bs):
+        batch = list(examples[i:i + bs])
+        tokens = sum(e.n for e in batch)
+        total += float(distill_loss(model, batch, kl_cfg, pad_id)) * tokens
+        n += tokens
+    if was_training:
+        model.train()
+    return total / max(1, n)
+
+
+class _KLOnly:
+    """``dcfg`` seen with ``loss = kl`` (the held-out signal is the KL whatever the training loss)."""
+
+    def __init__(self, dcfg):
+        self._dcfg = dcfg
+        self.loss = "kl"
+
+    def __getattr__(self, name):
+        return getattr(self._dcfg, name)
 
 
 class _adapter_off:
@@ -240,12 +286,43 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 # the stage
 
 
-def _save_checkpoint(peft_model, opt, state: dict, ckpt: Path) -> None:
+RNG_FILE = "rng_state.safetensors"
+BEST_FILE = "best_adapter.safetensors"
+
+
+def rng_tensors() -> dict:
+    """The torch random number generators' states (CPU and every CUDA device) as uint8 tensors."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = st
+    return out
+
+
+def set_rng_tensors(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def lora_state(peft_model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def _save_checkpoint(peft_model, opt, state: dict, ckpt: Path, best: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     save_adapter(peft_model, tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only: read with weights_only
+    save_file(rng_tensors(), str(tmp / RNG_FILE))
+    if best is not None:
+        save_file(best, str(tmp / BEST_FILE))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     old = ckpt.with_name(ckpt.name + ".old")
     if ckpt.exists():
@@ -257,13 +334,27 @@ def _save_checkpoint(peft_model, opt, state: dict, ckpt: Path) -> None:
         shutil.rmtree(old)
 
 
-def _load_checkpoint(peft_model, opt, ckpt: Path) -> dict:
+def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]:
+    """Restore adapter, optimizer and RNG states; returns (trainer state, best adapter weights or None).
+
+    The optimizer state is read with ``weights_only=True``: a checkpoint that holds anything but
+    tensors and plain containers is refused with a clear error instead of running its code."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from ..errors import PrismError
+
     set_peft_model_state_dict(peft_model, load_file(str(ckpt / "adapter_model.safetensors")))
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    try:
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for foreign objects, and any corruption
+        raise PrismError(f"{ckpt / 'optimizer.pt'} is not a plain optimizer state ({type(exc).__name__}); "
+                         f"delete {ckpt} to restart distillation") from None
+    opt.load_state_dict(opt_state)
+    if (ckpt / RNG_FILE).is_file():
+        set_rng_tensors(load_file(str(ckpt / RNG_FILE)))
+    best = load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None
+    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")), best
 
 
 def _read_curve(path: Path, max_step: Optional[int] = None) -> list[dict]:
@@ -303,6 +394,39 @@ def plot_curve(curve: Sequence[dict], png: Path, title: str = "distillation loss
     return png
 
 
+def planned_epochs(per_epoch: int, dcfg) -> int:
+    """``epochs``, raised until the run has at least ``min_steps`` optimisation steps (never above
+    ``max_epochs``): with few winning answers a fixed epoch count is a handful of steps that barely
+    moves the LoRA."""
+    epochs = max(1, int(dcfg.epochs))
+    min_steps = int(getattr(dcfg, "min_steps", 0) or 0)
+    if per_epoch and min_steps:
+        epochs = max(epochs, min(int(getattr(dcfg, "max_epochs", epochs) or epochs), math.ceil(min_steps / per_epoch)))
+    return epochs
+
+
+def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) examples: ``int(n * val_fraction)`` random examples held out for early
+    stopping (none when that is 0, or when fewer than 2 would be left to train on)."""
+    k = int(len(examples) * max(0.0, val_fraction))
+    if k < 1 or len(examples) - k < 2:
+        if val_fraction > 0 and examples:
+            log.warning("distill: %d examples are too few to hold out %.0f%% for early stopping; training on all",
+                        len(examples), 100 * val_fraction)
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed + 7919).shuffle(order)
+    held = set(order[:k])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def stopped_early(state: dict, patience: int) -> bool:
+    """True once the held-out KL has not improved for ``patience`` epochs."""
+    if patience <= 0 or not state.get("best_epoch"):
+        return False
+    return state["epoch"] - state["best_epoch"] >= patience
+
+
 def distill_settings(cfg) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
     return {"distill": asdict(cfg.distill), "model": cfg.model.model, "seed": cfg.seed,
@@ -330,20 +454,24 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
     examples = build_examples(tokenizer, records, dcfg.max_length)
+    examples, val_examples = split_examples(examples, float(getattr(dcfg, "val_fraction", 0.0)), cfg.seed)
     peft_model = attach_lora(model, dcfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=0.0)
     bs, accum = max(1, int(dcfg.batch_size)), max(1, int(dcfg.grad_accum))
     group_size = accum * dp.world  # micro-batches per optimisation step, over all processes
     per_epoch = math.ceil(math.ceil(len(examples) / bs) / group_size) if examples else 0
-    total = per_epoch * int(dcfg.epochs)
+    epochs = planned_epochs(per_epoch, dcfg)
+    total = per_epoch * epochs
     if max_steps is not None:
         total = min(total, max_steps)
     warmup = int(dcfg.warmup_ratio * total)
     ckpt, curve_path = d / "checkpoint", d / "loss.jsonl"
-    state = {"epoch": 0, "step": 0}
+    state = {"epoch": 0, "step": 0, "best_kl": None, "best_epoch": 0, "heldout_kl": []}
+    best: Optional[dict] = None
     if ckpt.is_dir() and (ckpt / "trainer_state.json").exists():
-        state = _load_checkpoint(peft_model, opt, ckpt)
+        loaded, best = _load_checkpoint(peft_model, opt, ckpt)
+        state.update(loaded)
         log.info("distill: resuming after epoch %d (step %d)", state["epoch"], state["step"])
     curve = _read_curve(curve_path, state["step"])
     if dp.is_main:
@@ -353,10 +481,15 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     if not examples:
         log.warning("distill: no query where the persona won (label 1); saving an untrained adapter "
                     "(routed queries then behave exactly like the base model)")
+    if state["epoch"] == 0 and val_examples and not state["heldout_kl"]:
+        kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id)
+        state["heldout_kl"] = [{"epoch": 0, "kl": kl0}]
+        log.info("distill: held-out KL before training %.4f (%d examples)", kl0, len(val_examples))
+    patience = int(getattr(dcfg, "patience", 0) or 0)
     peft_model.train()
     step = state["step"]
-    for epoch in range(state["epoch"], int(dcfg.epochs)):
-        if step >= total:
+    for epoch in range(state["epoch"], epochs):
+        if step >= total or stopped_early(state, patience):
             break
         order = list(range(len(examples)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
@@ -386,9 +519,21 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
                 with open(curve_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(rec) + "\n")
             log.info("distill: epoch %d step %d/%d loss %.4f", epoch + 1, step, total, loss_sum)
+        state.update(epoch=epoch + 1, step=step)
+        if val_examples:
+            kl = heldout_kl(peft_model, val_examples, dcfg, pad_id)
+            state["heldout_kl"] = list(state["heldout_kl"]) + [{"epoch": epoch + 1, "kl": kl}]
+            log.info("distill: epoch %d held-out KL %.4f", epoch + 1, kl)
+            if state["best_kl"] is None or kl < state["best_kl"]:
+                state.update(best_kl=kl, best_epoch=epoch + 1)
+                best = lora_state(peft_model)
         if dp.is_main:
-            _save_checkpoint(peft_model, opt, {"epoch": epoch + 1, "step": step}, ckpt)
+            _save_checkpoint(peft_model, opt, dict(state), ckpt, best)
         dp.barrier()
+    if best is not None and val_examples:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model, best)  # the epoch with the lowest held-out KL
     adapter = d / "adapter"
     if not dp.is_main:  # rank 0 writes the results; the others are done
         dp.barrier()
@@ -399,7 +544,9 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     save_adapter(peft_model, adapter)
     png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
     info = {
-        "examples": len(examples), "steps": step, "epochs": int(dcfg.epochs), "loss": dcfg.loss,
+        "examples": len(examples), "heldout_examples": len(val_examples), "steps": step, "epochs": epochs,
+        "epochs_run": state["epoch"], "loss": dcfg.loss, "lr": dcfg.lr,
+        "heldout_kl": state["heldout_kl"], "best_epoch": state["best_epoch"] if val_examples else state["epoch"],
         "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,
         "adapter": str(adapter), "loss_curve": str(curve_path), "loss_plot": str(png) if png else None,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -70,13 +70,21 @@ def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: flo
 
 
 def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: str,
-                        default: float = 0.5) -> tuple[float, str]:
+                        default: float = 0.5, bounds: Sequence[float] = (0.0, 1.0),
+                        min_rows: int = 0) -> tuple[float, str]:
     """Pick the routing threshold: ``none`` (``default``), ``balanced_accuracy`` (best on these
-    held-out rows) or ``rate:X`` (route a share X). Returns (threshold, how it was chosen)."""
+    held-out rows) or ``rate:X`` (route a share X). Returns (threshold, how it was chosen).
+
+    A calibrated threshold is kept inside ``bounds`` (a threshold of 2.5e-16 routes everything, one of
+    0.9999 nothing: both mean the held-out rows could not separate the classes); a clipped threshold
+    is logged and named in ``how``. With fewer than ``min_rows`` held-out rows of either class the
+    calibration is not attempted and ``default`` is used (``how`` says so)."""
     method = (method or "none").strip().lower()
+    lo, hi = float(bounds[0]), float(bounds[1])
     if method == "none" or not probs:
         if method != "none":
             log.warning("gate: no held-out rows to calibrate on; using threshold %.2f", default)
+            return float(default), "fixed: no held-out rows"
         return float(default), "fixed"
     if method.startswith("rate:"):
         try:
@@ -88,14 +96,19 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
         rate = min(max(rate, 0.0), 1.0)
         ranked = sorted(probs, reverse=True)
         k = int(round(rate * len(ranked)))
-        if k <= 0:
-            return float(min(1.0, ranked[0] + 1e-6)), f"rate:{rate:g}"
-        return float(ranked[k - 1]), f"rate:{rate:g}"
+        t = float(min(1.0, ranked[0] + 1e-6)) if k <= 0 else float(ranked[k - 1])
+        return _bounded(t, lo, hi, f"rate:{rate:g}")
     if method == "balanced_accuracy":
-        if len(set(int(y) for y in labels)) < 2:
+        pos = sum(1 for y in labels if int(y))
+        neg = len(labels) - pos
+        if pos == 0 or neg == 0:
             log.warning("gate: held-out labels are all %d; balanced accuracy is undefined, threshold %.2f",
                         int(labels[0]), default)
             return float(default), "fixed: one class held out"
+        if min(pos, neg) < min_rows:
+            log.warning("gate: %d positive / %d negative held-out rows are too few to calibrate on "
+                        "(gate.min_calibration_rows=%d); using threshold %.2f", pos, neg, min_rows, default)
+            return float(default), f"fixed: too few held-out rows ({pos} positive, {neg} negative)"
         best = (-1.0, 0.0, default)
         u = sorted(set(float(p) for p in probs))
         # midpoints between neighbouring probabilities (a threshold between the classes, not on a
@@ -107,73 +120,214 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
             key = (round(m["balanced_accuracy"], 9), -abs(t - 0.5), t)
             if key[:2] > best[:2]:
                 best = key
-        return float(best[2]), "balanced_accuracy"
+        return _bounded(float(best[2]), lo, hi, "balanced_accuracy")
     from ..errors import PrismError
 
     raise PrismError(f"unknown gate calibration '{method}'; use none, balanced_accuracy or rate:0.3")
+
+
+def _bounded(threshold: float, lo: float, hi: float, how: str) -> tuple[float, str]:
+    """``threshold`` clipped into [lo, hi], with a warning and a note in ``how`` when it was outside."""
+    if lo <= threshold <= hi:
+        return threshold, how
+    clipped = min(max(threshold, lo), hi)
+    log.warning("gate: the calibrated threshold %.3g is outside gate.threshold_bounds [%g, %g]; using %g "
+                "(the held-out rows do not separate the classes well)", threshold, lo, hi, clipped)
+    return clipped, f"{how}, clipped from {threshold:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# targets, weights and the split
+
+TIE_WINNERS = ("tie", "mixed", "unparseable")
+
+
+def gate_targets(records: Sequence[dict], target: str = "win") -> list[float]:
+    """The gate's training target per labelled record.
+
+    ``win`` (the paper's label): 1 if the persona answer won both orders, else 0. ``preference``: 1 if
+    the persona won, 0 if the base answer won, 0.5 for a tie / orders that disagree / an unreadable
+    verdict, so the gate estimates how likely the persona answer is to be preferred and a threshold of
+    0.5 means "route where the persona is expected to do better than the base model"."""
+    if target == "win":
+        return [float(int(r["label"])) for r in records]
+    if target == "preference":
+        out = []
+        for r in records:
+            w = r.get("winner")
+            out.append(1.0 if int(r["label"]) else 0.0 if w == "base" else 0.5 if w in TIE_WINNERS else 0.0)
+        return out
+    from ..errors import PrismError
+
+    raise PrismError(f"unknown gate target '{target}'; use win or preference")
+
+
+def sample_weights(labels: Sequence[int], groups: Optional[Sequence[str]], balance: str) -> torch.Tensor:
+    """Per-row loss weights (mean 1). ``class``: both labels weigh the same in total; ``domain``: every
+    (domain, label) cell weighs the same in total, so a domain with many queries or a lopsided win rate
+    does not dominate; ``none``: every row weighs 1."""
+    n = len(labels)
+    if n == 0 or balance == "none":
+        return torch.ones(n)
+    if balance == "class":
+        cells = [str(int(y)) for y in labels]
+    elif balance == "domain":
+        g = groups if groups is not None else [""] * n
+        cells = [f"{g[i]}\x00{int(y)}" for i, y in enumerate(labels)]
+    else:
+        from ..errors import PrismError
+
+        raise PrismError(f"unknown gate balance '{balance}'; use class, domain or none")
+    counts: dict = {}
+    for c in cells:
+        counts[c] = counts.get(c, 0) + 1
+    w = torch.tensor([1.0 / counts[c] for c in cells])
+    return w * (n / float(w.sum()))
+
+
+def _words(text: str) -> frozenset:
+    import re
+
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def near_duplicate_clusters(texts: Sequence[str], threshold: float = 0.7) -> list[int]:
+    """A cluster id per text; texts whose word sets overlap by Jaccard >= ``threshold`` (or that are
+    equal after lower-casing) share a cluster (transitively), so a split never puts one near-duplicate
+    in training and another in the held-out rows. ``threshold`` >= 1 clusters exact duplicates only."""
+    words = [_words(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(texts)):
+        for j in range(i):
+            a, b = words[i], words[j]
+            same = texts[i].strip().lower() == texts[j].strip().lower()
+            if same or (a and b and len(a & b) / len(a | b) >= threshold):
+                parent[find(i)] = find(j)
+    return [find(i) for i in range(len(texts))]
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0,
+                     groups: Optional[Sequence[str]] = None,
+                     clusters: Optional[Sequence[int]] = None) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices), each class (and, given ``groups``, each (class, group)
+    cell, e.g. per domain) split in proportion; a cell with fewer than two rows stays in training.
+    Given ``clusters`` (e.g. :func:`near_duplicate_clusters`), a cluster goes wholly to one side (it
+    is placed by the cell of its first row). Returns no held-out rows when ``val_fraction`` is 0 or
+    the set is tiny."""
+    rng = random.Random(seed)
+    n = len(labels)
+    clusters = list(clusters) if clusters is not None else list(range(n))
+    members: dict = {}
+    for i, c in enumerate(clusters):
+        members.setdefault(c, []).append(i)
+    cells = [(int(y), str(groups[i]) if groups is not None else "") for i, y in enumerate(labels)]
+    train, val = [], []
+    for cell in sorted(set(cells)):
+        units = [m for c, m in members.items() if cells[m[0]] == cell]
+        units.sort(key=lambda m: m[0])
+        rng.shuffle(units)
+        size = sum(len(m) for m in units)
+        k = 0
+        if val_fraction > 0 and size >= 2 and len(units) >= 2:
+            k = int(round(size * val_fraction))
+            if k == 0 and size >= 4:
+                k = 1
+            k = min(k, size - 1)
+        taken = 0
+        for m in units:
+            if taken < k and taken + len(m) < size:
+                val += m
+                taken += len(m)
+            else:
+                train += m
+    return sorted(train), sorted(val)
 
 
 # --------------------------------------------------------------------------------------------------
 # training
 
 
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0,
-                     groups: Optional[Sequence[str]] = None) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices), each class (and, given ``groups``, each (class, group)
-    cell, e.g. per domain) split in proportion; a cell with fewer than two rows stays in training.
-    Returns no held-out rows when ``val_fraction`` is 0 or the set is tiny."""
-    rng = random.Random(seed)
-    train, val = [], []
-    cells = [(int(y), str(groups[i]) if groups is not None else "") for i, y in enumerate(labels)]
-    for cell in sorted(set(cells)):
-        idx = [i for i, c in enumerate(cells) if c == cell]
-        rng.shuffle(idx)
-        k = 0
-        if val_fraction > 0 and len(idx) >= 2:
-            k = int(round(len(idx) * val_fraction))
-            if k == 0 and len(idx) >= 4:
-                k = 1
-            k = min(k, len(idx) - 1)
-        val += idx[:k]
-        train += idx[k:]
-    return sorted(train), sorted(val)
+def _weighted_bce(gate: Gate, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    loss = nn.functional.binary_cross_entropy_with_logits(gate.logits(x), y, reduction="none")
+    return (loss * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def fit_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0) -> Gate:
-    """Full-batch AdamW on BCE with ``pos_weight = negatives / positives`` (class imbalance)."""
+def fit_gate(features: torch.Tensor, targets: Sequence[float], cfg, seed: int = 0,
+             weights: Optional[torch.Tensor] = None, val: Optional[tuple] = None) -> Gate:
+    """Full-batch AdamW on weighted BCE (``targets`` may be soft, e.g. 0.5 for a tie).
+
+    ``weights``: per-row loss weights (default: both labels weigh the same, as ``pos_weight`` did).
+    ``val`` = (features, targets, weights) of held-out rows: with ``cfg.patience`` > 0 training stops
+    once their loss has not improved for that many epochs, and the best epoch's weights are kept
+    (``gate.stopped_epoch`` / ``gate.best_epoch`` record it)."""
     torch.manual_seed(seed)
-    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout)
+    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=getattr(cfg, "pooling", "last"))
     gate.set_standardisation(features)
-    y = torch.tensor([float(v) for v in labels])
-    pos = float(y.sum())
-    neg = float(len(y) - pos)
+    y = torch.tensor([float(v) for v in targets])
+    gate.best_epoch = gate.stopped_epoch = 0
     if len(y) == 0:
         log.warning("gate: no training rows; the gate is left at its initialisation")
         gate.eval()
         return gate
-    pos_weight = torch.tensor(neg / pos if pos and neg else 1.0)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    w = weights if weights is not None else sample_weights([int(v >= 1.0) for v in targets], None, "class")
+    # start from the (weighted) base rate: output layer zero, bias = its logit (one class -> a constant)
+    prior = float((w * y).sum() / w.sum().clamp_min(1e-12))
+    out_layer = gate.mlp[-1]
+    with torch.no_grad():
+        out_layer.weight.zero_()
+        out_layer.bias.fill_(math.log(min(max(prior, 1e-4), 1 - 1e-4) / (1 - min(max(prior, 1e-4), 1 - 1e-4))))
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gate.train()
-    for _ in range(int(cfg.epochs)):
+    patience = int(getattr(cfg, "patience", 0) or 0)
+    use_val = val is not None and len(val[1]) > 0 and patience > 0
+    best_loss, best_state, best_epoch, epoch = math.inf, None, 0, 0
+    for epoch in range(1, int(cfg.epochs) + 1):
+        gate.train()
         opt.zero_grad()
-        loss = loss_fn(gate.logits(features), y)
-        loss.backward()
+        _weighted_bce(gate, features, y, w).backward()
         opt.step()
+        if use_val:
+            gate.eval()
+            with torch.no_grad():
+                vloss = float(_weighted_bce(gate, val[0], torch.tensor([float(v) for v in val[1]]), val[2]))
+            if vloss < best_loss - 1e-6:
+                best_loss, best_epoch = vloss, epoch
+                best_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
+            elif epoch - best_epoch >= patience:
+                break
+    if best_state is not None:
+        gate.load_state_dict(best_state)
+    gate.best_epoch = best_epoch if use_val else epoch
+    gate.stopped_epoch = epoch
     gate.eval()
     return gate
 
 
 def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0,
-               groups: Optional[Sequence[str]] = None) -> GateBundle:
+               groups: Optional[Sequence[str]] = None, targets: Optional[Sequence[float]] = None,
+               texts: Optional[Sequence[str]] = None) -> GateBundle:
     """Split, fit, calibrate the threshold on held-out rows and compute metrics; never raises on
-    degenerate data (one class, a handful of rows): it logs the fallback it took instead."""
+    degenerate data (one class, a handful of rows): it logs the fallback it took instead.
+
+    ``labels``: 1 = the persona won (metrics and calibration use these); ``targets``: what the gate is
+    fitted to (default: ``labels``; see :func:`gate_targets`); ``groups``: the domain of each row
+    (stratified split, ``balance=domain``, routing per domain); ``texts``: the queries, so that
+    near-duplicates stay on one side of the split."""
     labels = [int(y) for y in labels]
+    targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
     fallbacks: list[str] = []
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, groups)
+    dedup = float(getattr(cfg, "dedup_jaccard", 1.0))
+    clusters = near_duplicate_clusters(texts, dedup) if texts is not None else None
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, groups, clusters)
     if not val_idx and groups is not None:
-        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, None, clusters)
     if not val_idx:
         fallbacks.append(f"too few rows ({n}) for a held-out split: metrics are on the training rows")
         train_idx, val_idx, val_is_train = list(range(n)), list(range(n)), True
@@ -184,16 +338,30 @@ def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0
         fallbacks.append(f"all labels are {only}: the gate learns a constant" if labels else "no labelled rows")
     for msg in fallbacks:
         log.warning("gate: %s", msg)
-    gate = fit_gate(features[train_idx], [labels[i] for i in train_idx], cfg, seed)
+    balance = getattr(cfg, "balance", "class")
+    weights = sample_weights(labels, groups, balance)
+    pick = lambda idx, seq: [seq[i] for i in idx]  # noqa: E731
+    val = None if val_is_train else (features[val_idx], pick(val_idx, targets), weights[val_idx])
+    gate = fit_gate(features[train_idx], pick(train_idx, targets), cfg, seed, weights[train_idx], val)
     with torch.no_grad():
         probs = gate(features).tolist() if n else []
     vp = [probs[i] for i in val_idx]
     vy = [labels[i] for i in val_idx]
-    threshold, how = calibrate_threshold(vp, vy, cfg.calibrate, cfg.threshold)
+    threshold, how = calibrate_threshold(vp, vy, cfg.calibrate, cfg.threshold,
+                                         getattr(cfg, "threshold_bounds", (0.0, 1.0)),
+                                         int(getattr(cfg, "min_calibration_rows", 0)))
+    if how.startswith("fixed:") or "clipped" in how:
+        fallbacks.append(f"threshold {threshold:.3g}: {how}")
     info = {
         "n_train": len(train_idx), "n_heldout": 0 if val_is_train else len(val_idx),
         "positives": sum(labels), "negatives": n - sum(labels),
         "threshold_method": how, "calibrate": cfg.calibrate, "fallbacks": fallbacks,
+        "target": getattr(cfg, "target", "win"), "balance": balance, "pooling": gate.pooling,
+        "epochs_run": gate.stopped_epoch, "best_epoch": gate.best_epoch,
+        "near_duplicate_clusters": len(set(clusters)) if clusters is not None else n,
+        # these rows come from the bootstrap's own queries: in-distribution, and used for early
+        # stopping and calibration; `prism check` measures the gate on queries it never saw
+        "metrics_note": "in-distribution: the held-out split of the bootstrap's own queries",
         "metrics": {
             "train": binary_metrics([probs[i] for i in train_idx], [labels[i] for i in train_idx], threshold),
             "heldout": None if val_is_train else binary_metrics(vp, vy, threshold),
@@ -250,8 +418,9 @@ def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> d
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
     queries = [r["query"] for r in records]
     labels = [int(r["label"]) for r in records]
-    feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size))
-    bundle = train_gate(feats, labels, cfg.gate, cfg.seed, groups=[r.get("domain", "") for r in records])
+    feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
+    bundle = train_gate(feats, labels, cfg.gate, cfg.seed, groups=[r.get("domain", "") for r in records],
+                        targets=gate_targets(records, cfg.gate.target), texts=queries)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
