@@ -136,3 +136,15 @@ def test_client_disconnect_is_one_log_line(tokenizer, caplog):
     gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
     assert len(gone) == 5 and all("\n" not in r.getMessage() and not r.exc_info for r in gone)
     assert "Traceback" not in caplog.text
+
+
+def test_connection_that_never_finishes_its_headers_is_closed(tokenizer):
+    with start(FakeGatedModel(tokenizer), body_timeout_s=1.0, idle_timeout_s=30) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        partial = raw_socket(srv, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        for sock in (silent, partial):
+            assert sock.recv(100) == b""  # closed by the server
+            sock.close()
+        assert time.monotonic() - t0 < 6
+        assert http_request(srv, "GET", "/v1/models")[0] == 200

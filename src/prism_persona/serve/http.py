@@ -3,7 +3,8 @@ Starlette app around the socket-free :class:`~prism_persona.serve.app.PrismApp`.
 
 Per request, in this order: the API key is checked from the headers (401 before any body byte is
 read), the declared ``Content-Length`` against ``max_body_bytes`` (413), then the body is read with a
-deadline (``body_timeout_s``: a stalled or trickled body gets 408 and the connection is closed). The
+deadline (``body_timeout_s``: a stalled or trickled body gets 408 and the connection is closed; a connection
+whose request headers are not complete within the same time is closed). The
 app core then runs in a worker thread (it blocks on the batching queue). uvicorn caps open connections
 (``max_connections``: the next one is answered 503 at once) and closes idle keep-alive connections.
 A client that disconnects is one log line. SIGTERM / Ctrl-C: stop accepting, let in-flight requests
@@ -220,9 +221,41 @@ class PrismServer:
         async def main():
             # every request waiting on the model holds a worker thread: allow one per connection
             anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, self.options.max_connections)
-            await self.server.serve(sockets=[self._sock])
+            watchdog = asyncio.ensure_future(self._close_slow_headers())
+            try:
+                await self.server.serve(sockets=[self._sock])
+            finally:
+                watchdog.cancel()
 
         asyncio.run(main())
+
+    async def _close_slow_headers(self) -> None:
+        """uvicorn has no timeout for request *headers*: a connection that never completes them would
+        hold a ``--max-connections`` slot forever. Close any connection that has been waiting for
+        (the rest of) a request's headers - no request in progress, no keep-alive timer running - for
+        longer than ``body_timeout_s``. Reads uvicorn's protocol objects; if their shape changes, this
+        check switches itself off with a log line rather than failing the server."""
+        waiting_since: dict = {}
+        limit = self.options.body_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            try:
+                alive = set()
+                for proto in list(self.server.server_state.connections):
+                    cycle = proto.cycle
+                    idle = (cycle is None or cycle.response_complete) and proto.timeout_keep_alive_task is None
+                    if not idle:
+                        continue
+                    alive.add(id(proto))
+                    first = waiting_since.setdefault(id(proto), now)
+                    if now - first > limit:
+                        log.info("closing a connection that sent no complete request headers within %g s", limit)
+                        proto.transport.close()
+                waiting_since = {k: v for k, v in waiting_since.items() if k in alive}
+            except AttributeError as exc:  # a uvicorn version with other internals
+                log.warning("header timeout unavailable with this uvicorn (%s)", exc)
+                return
 
     def shutdown(self, grace_s: Optional[float] = None) -> bool:
         """Stop accepting, let in-flight requests finish (up to ``grace_s``), stop the worker, close.
