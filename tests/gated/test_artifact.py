@@ -10,16 +10,6 @@ import pytest
 from prism_persona.cli import main
 from prism_persona.errors import PrismError
 from prism_persona.gated.artifact import Artifact
-from prism_persona.testing import make_tiny_artifact
-
-
-@pytest.fixture
-def artifact_copy(tiny_model_dir, tmp_path):
-    """A private copy of the tiny artifact (the tests below break it)."""
-    src = make_tiny_artifact(tiny_model_dir, tmp_path / "built" / "prism")
-    dst = tmp_path / "copy" / "prism"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def test_read_gives_typed_fields(artifact_copy, tiny_model_dir):

@@ -12,15 +12,6 @@ import pytest
 from prism_persona.cli import main
 from prism_persona.errors import PrismError
 from prism_persona.gated.artifact import Artifact, base_fingerprint, write_artifact
-from prism_persona.testing import make_tiny_artifact
-
-
-@pytest.fixture
-def artifact_copy(tiny_model_dir, tmp_path):
-    src = make_tiny_artifact(tiny_model_dir, tmp_path / "built" / "prism")
-    dst = tmp_path / "copy" / "prism"
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.fixture

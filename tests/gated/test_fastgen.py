@@ -85,7 +85,6 @@ def test_greedy_equals_plain_always_on_lora_and_peft_mixed(fresh):
 
 
 def test_gated_mixed_batch_fast_equals_plain_and_rows(fresh, tmp_path):
-    pytest.importorskip("prism_persona.gated.model")
     from prism_persona.gated.gate import Gate, GateBundle
     from prism_persona.gated.model import GatedModel
 
@@ -132,7 +131,6 @@ def test_sampled_generation_is_reproducible(fresh):
 def test_compiled_gated_decode_step_traces_as_one_graph(fresh, tmp_path):
     """The decode step, gate hook and per-row LoRA included, traces without graph breaks (dynamo with
     the eager backend on CPU; on CUDA the same step runs under ``mode="reduce-overhead"``)."""
-    pytest.importorskip("prism_persona.gated.model")
     import torch._dynamo
 
     from prism_persona.gated.gate import Gate, GateBundle
