@@ -164,3 +164,24 @@ def test_report_renders_tables_from_results(tmp_path):
     assert md.read_text().strip() == text.strip()
     assert "## 5. CPU end to end" in text and "| stage | seconds |" in text and "| gate | 1.50 |" in text
     assert "## 1." not in text  # no generation records: no empty section
+
+
+def test_bench_vllm_answers_part_runs_both_engines(tmp_path, tiny_model_dir):
+    """bench_vllm's answers part end to end, with the stand-in vllm module (tests/fixtures/fake_vllm)
+    as the server: both engines generate the same rows and the record carries the ratio."""
+    import json
+    import sys
+
+    import bench_vllm
+
+    fake = tmp_path / "fake-python"
+    fake_pkg = Path(__file__).resolve().parent / "fixtures" / "fake_vllm"
+    fake.write_text(f'#!/bin/sh\nPYTHONPATH="{fake_pkg}" exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "results.jsonl"
+    res = bench_vllm.main(["--parts", "answers", "--model", str(tiny_model_dir), "--rows", "4", "--answer-tokens", "3",
+                           "--vllm-python", str(fake), "--work", str(tmp_path / "work"), "--out", str(out)])
+    rows = res["answers"]["rows"]
+    assert [r["engine"] for r in rows] == ["hf", "vllm"] and all(r["rows"] == 4 for r in rows)
+    assert res["answers"]["ratio_vllm_over_hf"] > 0
+    assert json.loads(out.read_text())["results"]["answers"]["rows"][1]["startup_s"] is not None

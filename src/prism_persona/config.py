@@ -67,7 +67,7 @@ class EngineConfig:
     engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).", choices=ENGINES, flag="--engine", group=G_ENGINE)
     base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).", flag="--base-url", group=G_ENGINE)
     api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the server's API key (engine=openai/vllm).")
-    concurrency: int = option(8, "Requests in flight at once (engine=openai/vllm; 0 = 64 for vllm, whose continuous batching wants many).", at_least=0, flag="--concurrency", group=G_ENGINE)
+    concurrency: int = option(0, "Requests in flight at once (engine=openai/vllm); 0 = the engine's default: 8 for openai, 64 for vllm (continuous batching wants many).", at_least=0, flag="--concurrency", group=G_ENGINE)
     timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).", above=0)
     max_retries: int = option(4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0)
     vllm_python: str = option("", "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.", flag="--vllm-python", group=G_ENGINE)
@@ -76,7 +76,7 @@ class EngineConfig:
     vllm_max_num_seqs: int = option(0, "vLLM --max-num-seqs, sequences batched at once (0 = vLLM's default).")
     vllm_max_model_len: int = option(0, "vLLM --max-model-len, tokens per sequence (0 = the model's own limit).")
     vllm_cpu_cores: str = option("", "CPU build only: cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); empty = vLLM's choice (all but one).")
-    vllm_kv_cache_gib: int = option(0, "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE); 0 = vLLM's default.")
+    vllm_kv_cache_gib: int = option(4, "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory")
     vllm_startup_timeout_s: float = option(900.0, "Seconds to wait for a started vLLM server to answer /health.")
 
 

@@ -163,15 +163,17 @@ def test_engine_scores_like_the_hf_engine(fake_engine, tmp_path):
     chat = [{"role": "user", "content": "A or B?"}]
     scores = fake_engine.score_choices([chat, chat], ["A", "B"])
     assert scores[0] == scores[1]
-    fake_lp = lambda t: -0.25 - (t % 7)  # noqa: E731  (the stand-in's prompt log-prob of token t)
+    fake_lp = lambda t: -0.25 - (t % 7)  # noqa: E731  (the stand-in's log-prob of token t)
     hf = HFEngine.__new__(HFEngine)
     hf.tokenizer = fake_engine.tokenizer
     for choice in ("A", "B"):
         ids = hf.choice_token_ids(choice)  # the HF engine's spellings: with and without a leading space
         want = math.log(sum(math.exp(fake_lp(t)) for t in ids))
         assert scores[0][choice] == pytest.approx(want)
-    body = sent(tmp_path)[0]
-    assert body["prompt_logprobs"] == 0 and body["max_tokens"] == 1
+    bodies = sent(tmp_path)
+    assert all(b["max_tokens"] == 1 and len(b["allowed_token_ids"]) == 1 and b["logprobs"] == 0 for b in bodies)
+    asked = sorted(b["allowed_token_ids"][0] for b in bodies)
+    assert asked == sorted(2 * list({t for c in "AB" for t in hf.choice_token_ids(c)}))  # each spelling once per chat
 
 
 def test_engine_reports_a_server_that_went_away(fake_engine):
@@ -191,3 +193,4 @@ def test_bootstrap_engine_vllm_without_vllm_is_a_one_line_error(tmp_path, monkey
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--vllm-python" in proc.stderr and "not an executable" in proc.stderr
+

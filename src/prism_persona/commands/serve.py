@@ -20,6 +20,7 @@ forwarded to --upstream (e.g. vLLM serving the adapter from `prism export --form
 EXAMPLES = """examples:
   prism serve --prism runs/demo/prism
   PRISM_API_KEY=secret prism serve --prism runs/demo/prism --host 0.0.0.0 --port 8000
+  prism serve --prism runs/demo/prism --engine vllm        # vLLM + the gate router, one command
   prism serve --route-only --prism runs/demo/prism --upstream http://127.0.0.1:8001/v1 \\
       --base-name Qwen/Qwen2.5-7B-Instruct --lora-name prism
 """
@@ -31,6 +32,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server for a PRISM artifact (or route-only proxy)",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, ServeSettings)
+    g = p.add_argument_group("engine (vLLM behind the router)")
+    g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: generate in this process (default); vllm: start vLLM with the base model and the "
+                        "adapter and route to it (route-only in one command; see scripts/setup_vllm.sh)")
+    g.add_argument("--vllm-python", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
+    g.add_argument("--vllm-args", default="", help='extra vLLM server arguments, e.g. "--tensor-parallel-size 4"')
     add_common(p)
     p.set_defaults(func=run)
 
@@ -48,6 +55,37 @@ def options_from_args(args):
 
 
 def run(args) -> int:
+    options = options_from_args(args)
+    if getattr(args, "engine", "hf") != "vllm":
+        return _serve(options)
+    from ..errors import PrismError
+
+    if options.route_only or options.upstream:
+        raise PrismError("--engine vllm starts its own upstream; drop --route-only/--upstream (or use them "
+                         "without --engine to route to a vLLM server you run)")
+    import dataclasses
+
+    from ..engines.vllm import LORA_NAME
+
+    vllm = start_vllm_upstream(args, options)
+    try:
+        return _serve(dataclasses.replace(options, route_only=True, upstream=vllm.base_url,
+                                          base_name=vllm.served_name, lora_name=LORA_NAME))
+    finally:
+        vllm.stop()
+
+
+def start_vllm_upstream(args, options):
+    """``--engine vllm``: vLLM with the artifact's base model and adapter (served as ``prism``)."""
+    import shlex
+
+    from ..engines.vllm import start_for_artifact
+
+    return start_for_artifact(options.load.prism, python=args.vllm_python or "",
+                              extra_args=shlex.split(args.vllm_args or ""), quiet=args.quiet)
+
+
+def _serve(options) -> int:
     import logging
     import sys
 
@@ -55,7 +93,6 @@ def run(args) -> int:
     from ..serve.http import PrismServer, warn_if_exposed
     from ..serve.upstream import Forwarder
 
-    options = options_from_args(args)
     load = options.load
     backend = load_backend(load.prism, load.device, load.dtype, route_only=options.route_only,
                            name=options.model_name, trust_remote_code=load.trust_remote_code)

@@ -89,7 +89,7 @@ class OpenAIEngine(Engine):
         model name the server serves)."""
         e = cfg.engine
         key = os.environ.get(e.api_key_env) if e.api_key_env else None
-        return cls(e.base_url, cfg.model.model, api_key=key, concurrency=e.concurrency, timeout_s=e.timeout_s,
+        return cls(e.base_url, cfg.model.model, api_key=key, concurrency=e.concurrency or 8, timeout_s=e.timeout_s,
                    max_retries=e.max_retries)
 
     # -- Engine API -------------------------------------------------------------------------------

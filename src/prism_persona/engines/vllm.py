@@ -12,9 +12,10 @@ one-line errors) pointed at that server, with two differences that make it agree
 HF engine: prompts are rendered and tokenised here with :func:`~prism_persona.models.render_chat`
 (the same text and token ids the HF engine feeds the model, including the system-role folding for
 templates without one) and sent to ``/v1/completions`` as token ids; and :meth:`VLLMEngine.score_choices`
-reads the exact ``log P(choice's first token)`` from vLLM's ``prompt_logprobs`` (each spelling with
-and without a leading space, pooled by log-sum-exp) -- the HF engine's verdict semantics, not a
-top-20 approximation.
+reads the exact ``log P(choice's first token)`` from vLLM (one-token requests restricted to each
+candidate token with ``allowed_token_ids``; vLLM reports raw log-probabilities; each spelling with and
+without a leading space, pooled by log-sum-exp) -- the HF engine's verdict semantics, not a top-20
+approximation.
 
 Attach to a server that is already running with ``--base-url`` (then nothing is started or stopped).
 """
@@ -22,6 +23,7 @@ Attach to a server that is already running with ``--base-url`` (then nothing is 
 from __future__ import annotations
 
 import atexit
+import json
 import importlib.util
 import logging
 import math
@@ -202,7 +204,7 @@ class VLLMServer:
         if self.cpu_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_cores
             env["OMP_NUM_THREADS"] = str(_count_cores(self.cpu_cores))
-        if self.kv_cache_gib > 0:
+        if self.kv_cache_gib > 0 and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         return env
 
@@ -372,8 +374,10 @@ class VLLMEngine(OpenAIEngine):
     name = "vllm"
 
     def __init__(self, base_url: str, model: str, tokenizer, server: Optional[VLLMServer] = None,
-                 eos_ids: Sequence[int] = (), **kwargs):
+                 eos_ids: Sequence[int] = (), quiet: bool = False, **kwargs):
         super().__init__(base_url, model, **kwargs)
+        self.quiet = quiet
+        self.generate_seconds = 0.0
         self.tokenizer = tokenizer
         self.server = server
         self._eos = sorted(set(eos_ids) | set(_eos_ids(tokenizer)))
@@ -388,7 +392,7 @@ class VLLMEngine(OpenAIEngine):
         tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
         key = os.environ.get(e.api_key_env) if e.api_key_env else None
         common = dict(api_key=key, concurrency=engine_concurrency(cfg), timeout_s=e.timeout_s,
-                      max_retries=e.max_retries, eos_ids=generation_eos_ids(src))
+                      max_retries=e.max_retries, eos_ids=generation_eos_ids(src), quiet=cfg.quiet)
         if e.base_url:
             base_url = e.base_url.rstrip("/")
             return cls(base_url, served_base_model(base_url, key, src.display), tokenizer, **common)
@@ -409,8 +413,22 @@ class VLLMEngine(OpenAIEngine):
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate",
                  model: Optional[str] = None) -> list[Completion]:
         """One completion per chat, in order (``model``: a served LoRA name instead of the base)."""
+        from ..progress import progress
+
         bodies = [self._completion_body(self.prompt_ids(chat), params, model) for chat in chats]
-        return self._map(lambda body: self._text_completion(self._post(body, "/completions"), params), bodies)
+        bar = progress(total=len(bodies), desc=desc, disable=self.quiet, unit="seq")
+
+        def one(body: dict) -> Completion:
+            done = self._text_completion(self._post(body, "/completions"), params)
+            bar.update(1)
+            return done
+
+        t0 = time.perf_counter()
+        try:
+            return self._map(one, bodies)
+        finally:
+            bar.close()
+            self.generate_seconds += time.perf_counter() - t0
 
     def _completion_body(self, ids: list[int], params: SamplingParams, model: Optional[str]) -> dict:
         body = {"model": model or self.model_name, "prompt": ids, "max_tokens": int(params.max_new_tokens),
@@ -456,25 +474,33 @@ class VLLMEngine(OpenAIEngine):
 
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice | chat + generation prompt), spellings pooled by
-        log-sum-exp: the HF engine's numbers, read from vLLM's ``prompt_logprobs``."""
+        log-sum-exp: the HF engine's numbers.
+
+        One one-token request per (chat, candidate token) with ``allowed_token_ids=[token]``: the
+        token is then the one sampled, and vLLM returns its log-probability from the raw logits
+        (its default ``logprobs_mode``), i.e. under the full distribution. The requests of a chat
+        share their prompt (vLLM's prefix cache) and batch like any generation.
+        """
+        chats = list(chats)
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
         candidates = sorted({t for ids in choice_ids.values() for t in ids})
-        return self._map(lambda chat: self._score_chat(self.prompt_ids(chat), choice_ids, candidates), list(chats))
+        prompts = [self.prompt_ids(chat) for chat in chats]
+        jobs = [(i, t) for i in range(len(prompts)) for t in candidates]
+        values = self._map(lambda job: self._token_logprob(prompts[job[0]], job[1]), jobs)
+        per_chat: list[dict] = [{} for _ in chats]
+        for (i, t), lp in zip(jobs, values):
+            per_chat[i][t] = lp
+        return [{c: _logsumexp([lp[t] for t in ids]) for c, ids in choice_ids.items()} for lp in per_chat]
 
-    def _score_chat(self, ids: list[int], choice_ids: dict, candidates: list[int]) -> dict:
-        body = {"model": self.model_name, "prompt": [ids + [t] for t in candidates], "max_tokens": 1,
-                "temperature": 0.0, "prompt_logprobs": 0}
+    def _token_logprob(self, ids: list[int], token: int) -> float:
+        body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
+                "allowed_token_ids": [token], "n": 1}
         data = self._post(body, "/completions")
-        token_logp: dict = {}
         try:
-            for choice in data["choices"]:
-                t = candidates[int(choice["index"])]
-                last = choice["prompt_logprobs"][-1]
-                token_logp[t] = float(last[str(t)]["logprob"])
+            return float(data["choices"][0]["logprobs"]["token_logprobs"][0])
         except (KeyError, IndexError, TypeError, ValueError):
-            raise OpenAIEngineError(f"{self.base_url}: no prompt log-probabilities in the answer "
+            raise OpenAIEngineError(f"{self.base_url}: no log-probability for token {token} in the answer "
                                     f"(is this a vLLM server?): {str(data)[:200]}") from None
-        return {c: _logsumexp([token_logp[t] for t in ids]) for c, ids in choice_ids.items()}
 
     @property
     def can_score(self) -> bool:
@@ -548,3 +574,32 @@ def _logsumexp(values: list[float]) -> float:
     if m == float("-inf"):
         return m
     return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+# --------------------------------------------------------------------------------------------------
+# serving a PRISM artifact: vLLM with the base model and the adapter, the gate router in front
+
+
+def start_for_artifact(artifact: str | os.PathLike, python: str = "", extra_args: Sequence[str] = (),
+                       cpu_cores: str = "", kv_cache_gib: int = 4, quiet: bool = False) -> VLLMServer:
+    """Export ``artifact`` for vLLM (layer 0 of the LoRA zero, as the gate leaves it) into PRISM's
+    cache and start a vLLM server with the base model (served under its display name) and the
+    adapter (served as ``prism``). ``prism serve --engine vllm`` puts the route-only router in front."""
+    import hashlib
+
+    from ..gated.artifact import Artifact
+    from ..gated.export import export, vllm_max_lora_rank
+    from ..models import cache_root, prepare_model, resolve_model
+
+    art = Path(artifact).expanduser().resolve()
+    read = Artifact.read(art)
+    src = prepare_model(resolve_model(read.base_model), quiet=quiet)
+    work = cache_root() / "serve" / f"{art.name}-{hashlib.sha256(str(art).encode()).hexdigest()[:12]}"
+    exported = export(art, work / "vllm-export", overwrite=True)
+    rank = int(json.loads((exported / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16))
+    server = VLLMServer(src.path_or_id, src.display, find_vllm_python(python), work / "vllm.log",
+                        loras={LORA_NAME: str(exported / "adapter")}, dtype=server_dtype("auto"),
+                        max_lora_rank=vllm_max_lora_rank(rank), eager=_eager("auto"), cpu_cores=cpu_cores,
+                        kv_cache_gib=kv_cache_gib,
+                        extra_args=list(extra_args), quiet=quiet)
+    return server.start()
