@@ -50,3 +50,14 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release resources (HTTP sessions, GPU memory)."""
+
+
+def choice_token_ids(tokenizer, choice: str) -> list[int]:
+    """Token ids that start ``choice``, spelled with and without a leading space (log-prob verdicts
+    pool both spellings, so every engine must pick the same ids)."""
+    ids = set()
+    for variant in (choice, " " + choice):
+        toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        if toks:
+            ids.add(toks[0])
+    return sorted(ids)

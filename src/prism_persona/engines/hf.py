@@ -11,7 +11,7 @@ import torch
 
 from ..models import encode_prompts, load_model, render_chat, resolve_model
 from ..progress import progress
-from .base import Completion, Engine, SamplingParams
+from .base import Completion, Engine, SamplingParams, choice_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,7 @@ class HFEngine(Engine):
         return Completion(text=text.strip(), num_tokens=n, finish_reason=finish)
 
     def choice_token_ids(self, choice: str) -> list[int]:
-        """Token ids that start ``choice``, spelled with and without a leading space."""
-        ids = set()
-        for variant in (choice, " " + choice):
-            toks = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if toks:
-                ids.add(toks[0])
-        return sorted(ids)
+        return choice_token_ids(self.tokenizer, choice)
 
     @torch.inference_mode()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
-from .base import Completion, SamplingParams
+from .base import Completion, SamplingParams, choice_token_ids
 from .openai import OpenAIEngine, OpenAIEngineError
 
 log = logging.getLogger(__name__)
@@ -464,13 +464,7 @@ class VLLMEngine(OpenAIEngine):
     # -- scoring ----------------------------------------------------------------------------------
 
     def choice_token_ids(self, choice: str) -> list[int]:
-        """Token ids that start ``choice``, spelled with and without a leading space (as the HF engine)."""
-        ids = set()
-        for variant in (choice, " " + choice):
-            toks = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if toks:
-                ids.add(toks[0])
-        return sorted(ids)
+        return choice_token_ids(self.tokenizer, choice)
 
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice | chat + generation prompt), spellings pooled by
