@@ -1,0 +1,61 @@
+"""The known-effect check on the embedded model (issue 13): a pirate persona that the rule judge in
+examples/style/judge.py rewards on 'stories' and penalises on 'cooking'. Trained on hand-written
+queries, measured on separate hand-written held-out queries (examples/style/heldout.jsonl): the gate
+must route stories and not cooking, the LoRA (no persona in the prompt) must carry the pirate voice,
+and every unrouted answer must be token-identical to the base model's.
+
+Thresholds (docs/method-check.md has the measurements they come from): held-out routing >= 0.8 on
+stories and <= 0.2 on cooking, gate AUC >= 0.8, transfer ratio on stories >= 0.5, base identity 100%.
+Sized for a 2-core CPU: 16 training queries per domain, 32-token answers, the 40 held-out queries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+KIT = Path(__file__).resolve().parents[2] / "examples" / "style"
+
+
+def _subset(src: Path, dst: Path, per_domain: int) -> Path:
+    rows, seen = [], {}
+    for line in src.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        seen[r["domain"]] = seen.get(r["domain"], 0) + 1
+        if seen[r["domain"]] <= per_domain:
+            rows.append(line)
+    dst.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return dst
+
+
+@pytest.mark.slow
+def test_known_effect_on_held_out_queries(tmp_path):
+    from prism_persona import config as C
+    from prism_persona.evals.check import run_check
+    from prism_persona.train.pipeline import run_pipeline
+
+    train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
+    judge = f"{KIT / 'judge.py'}:judge"
+    persona = str(KIT / "pirate.txt")
+    cfg = C.resolve("tiny", overrides={
+        "out": str(tmp_path / "run"), "quiet": True,
+        "persona": {"domains": ["stories", "cooking"], "persona_files": {"stories": persona, "cooking": persona}},
+        "queries": {"queries_file": str(train), "queries_per_persona": 16},
+        "answers": {"max_new_tokens": 32},
+        "judge": {"judge": judge},
+        "distill": {"loss": "kl+ce", "min_steps": 30},
+    })
+    out = run_pipeline(cfg)
+    rep = run_check(out["artifact"], KIT / "heldout.jsonl", tmp_path / "check", judge=judge, max_new_tokens=32,
+                    device="cpu", dtype="float32", quiet=True)
+    stories, cooking = rep["domains"]["stories"], rep["domains"]["cooking"]
+    msg = json.dumps({k: rep[k] for k in ("overall", "domains", "gate_vs_expected_route")}, indent=1, default=str)
+    assert stories["routing_rate"] >= 0.8, msg
+    assert cooking["routing_rate"] <= 0.2, msg
+    assert rep["gate_vs_expected_route"]["auc"] >= 0.8, msg
+    assert stories["persona_win_rate"] > 0 and stories["transfer_ratio"] >= 0.5, msg
+    assert rep["overall"]["unrouted"] > 0 and rep["overall"]["base_identity"] == 1.0, msg
+    for name in ("check.json", "check.md", "check.png"):
+        assert (tmp_path / "check" / name).is_file()
