@@ -29,7 +29,7 @@ def records(n=6):
 
 def _cfg(tmp_path, **distill):
     d = {"r": 4, "alpha": 8, "epochs": 2, "batch_size": 2, "lr": 5e-3, "max_length": 256, "top_k": 16,
-         "warmup_ratio": 0.0}
+         "warmup_ratio": 0.0, "loss": "kl", "min_steps": 0}
     d.update(distill)
     return C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "persona": {"domains": ["writing"]},
                                         "distill": d})

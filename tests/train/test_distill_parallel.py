@@ -27,7 +27,7 @@ WORKER = textwrap.dedent('''
     cfg = C.resolve("tiny", overrides={
         "out": out, "persona": {"domains": ["writing"]},
         "model": {"model": model_dir, "device": "cpu", "dtype": "float32"},
-        "distill": {"r": 4, "alpha": 8, "epochs": 2, "batch_size": 1, "grad_accum": accum, "lr": 5e-3,
+        "distill": {"r": 4, "alpha": 8, "epochs": 2, "min_steps": 0, "loss": "kl", "batch_size": 1, "grad_accum": accum, "lr": 5e-3,
                     "dropout": 0.0, "max_length": 256, "top_k": 16, "warmup_ratio": 0.0}})
     info = run_distill(RunDir(out), cfg, records)
     print(json.dumps(info))
