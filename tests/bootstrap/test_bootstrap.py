@@ -425,3 +425,15 @@ def test_cli_embedded_model_end_to_end(tmp_path):
     assert (run / "verdicts.jsonl").read_text() == before
     s2 = json.loads((run / "summary.json").read_text())
     assert s2["tokens"]["this_invocation"]["tokens_generated"] == 0 and s2["tokens"]["total"] == s["tokens"]["total"]
+
+
+def test_query_prompt_and_filter_are_part_of_the_queries_settings(tmp_path, monkeypatch):
+    """Resuming a run whose queries were written with another prompt or filter is refused (not mixed)."""
+    import prism_persona.bootstrap.queries as Q
+    from prism_persona.bootstrap.common import stage_settings
+
+    cfg = make_cfg(tmp_path)
+    before = stage_settings(cfg, "queries")
+    assert stage_settings(make_cfg(tmp_path, queries={"requests_only": not cfg.queries.requests_only}), "queries") != before
+    monkeypatch.setattr(Q, "QUERY_PROMPT", Q.QUERY_PROMPT + " Be brief.")
+    assert stage_settings(cfg, "queries")["queries"]["prompt"] != before["queries"]["prompt"]

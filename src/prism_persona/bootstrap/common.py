@@ -44,6 +44,13 @@ def persona_file_hashes(cfg) -> dict:
             for d, p in sorted(cfg.persona.persona_files.items())}
 
 
+def query_prompt_version() -> str:
+    """A short hash of the query-writing prompt: records written with another prompt are not mixed in."""
+    from .queries import QUERY_PROMPT
+
+    return hashlib.sha1(QUERY_PROMPT.encode("utf-8")).hexdigest()[:12]
+
+
 def stage_settings(cfg, stage: str) -> dict:
     """Everything the records of ``stage`` depend on, upstream stages included.
 
@@ -59,7 +66,8 @@ def stage_settings(cfg, stage: str) -> dict:
         return s
     s["persona"].update(use_length=p.use_length, placement=p.placement)
     s["queries"] = {"per_request": q.per_request, "max_rounds": q.max_rounds, "max_new_tokens": q.max_new_tokens,
-                    "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars}
+                    "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars,
+                    "requests_only": q.requests_only, "prompt": query_prompt_version()}
     if q.queries_file:  # user queries: the file's content is what the records depend on
         from .query_file import queries_file_hash
 
