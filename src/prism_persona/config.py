@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .errors import PrismError
+from .errors import PrismError, read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +397,7 @@ def merge(base: dict, override: dict) -> dict:
 def read_config_file(path: str | Path) -> dict:
     """Read a JSON or TOML config file; a clear error for a missing or malformed one."""
     p = Path(path)
-    if not p.is_file():
-        raise PrismError(f"config file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PrismError(f"config file {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    text = read_user_text(p, "config file")
     try:
         if p.suffix.lower() == ".toml":
             import tomllib

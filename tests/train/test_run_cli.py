@@ -150,3 +150,17 @@ def test_not_an_artifact_is_a_one_line_error(tmp_path, capsys):
     inp.write_text(json.dumps({"prompt": "hi"}) + "\n")
     rc = cli.main(["generate", "--prism", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o")])
     assert rc == 2 and "not a PRISM artifact" in capsys.readouterr().err
+
+
+def test_generate_keeps_line_separator_characters_inside_records(artifact, tmp_path, capsys):
+    """JSON Lines records end at "\\n" only: U+2028 / U+0085 inside a prompt stay inside its record,
+    in the input and in the output (which is written without escaping them)."""
+    inp = tmp_path / "odd.jsonl"
+    prompts = ["first line\u2028second line", "next\u0085line", "plain"]
+    inp.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
+                     "--max-new-tokens", "2", "-q"]) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
+    assert [r["prompt"] for r in rows] == prompts
+    assert "wrote 3 answers" in capsys.readouterr().err

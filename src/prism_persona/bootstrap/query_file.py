@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import PrismError
+from ..errors import PrismError, read_user_text
 
 QUERY_FIELDS = ("query", "prompt")
 
@@ -28,12 +28,7 @@ def read_rows(path: str | Path, what: str = "queries file") -> list[tuple[str, d
     """``[(where, row dict), ...]`` of a .jsonl / .json / .csv / .tsv file (``where`` names the line or
     item for error messages); one-line errors for a missing, non-UTF-8 or malformed file."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise PrismError(f"{what} not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PrismError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_user_text(p, what)
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows = list(_csv_rows(p, text, "\t" if suffix == ".tsv" else ","))

@@ -41,17 +41,12 @@ def force_value(flag: str):
 
 def read_prompts(path: str) -> list[tuple[dict, list]]:
     """(input object, chat) per line; a bad line or a file that is not UTF-8 is a one-line error."""
-    from ..errors import PrismError
+    from ..errors import PrismError, read_user_text
 
-    p = Path(path)
-    if not p.is_file():
-        raise PrismError(f"input file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PrismError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
+    text = read_user_text(path, "input file")
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # JSON Lines records end at "\n" only: str.splitlines() would also split inside a query at U+0085/U+2028
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -163,7 +158,7 @@ def run(args) -> int:
         write_answers(settings, rows, partial, done)
     os.replace(partial, out)
     meta.unlink(missing_ok=True)
-    routed = sum(int(json.loads(line)["routed"]) for line in out.read_text(encoding="utf-8").splitlines() if line)
+    routed = sum(int(json.loads(line)["routed"]) for line in out.read_text(encoding="utf-8").split("\n") if line)
     print(f"wrote {len(rows)} answers to {out} ({routed} routed to the persona LoRA)", file=sys.stderr)
     return 0
 
