@@ -421,6 +421,18 @@ class FakeGatedModel:
         return logits, torch.full((n,), 0.5), torch.zeros(n, dtype=torch.bool)
 
 
+def serve_fake(model, **options):
+    """A started :class:`~prism_persona.serve.http.PrismServer` on a free loopback port around ``model``
+    (e.g. a :class:`FakeGatedModel`); ``options`` are :class:`ServeOptions` fields. Use it as a context
+    manager (it shuts down on exit)."""
+    from .serve.app import ServeOptions
+    from .serve.backend import GatedBackend
+    from .serve.http import PrismServer
+
+    opts = ServeOptions(port=0, **options)
+    return PrismServer(GatedBackend(model, name=opts.model_name), opts).start()
+
+
 def http_request(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
     """One HTTP request to ``server`` (anything with a ``port``) on loopback; returns (status, headers
     (case-insensitive), parsed JSON or text)."""

@@ -13,23 +13,8 @@ import time
 
 import pytest
 
-from prism_persona.serve.app import ServeOptions
-from prism_persona.serve.http import PrismServer
 from prism_persona.serve.api import Limits
-from prism_persona.serve.backend import GatedBackend
-from prism_persona.testing import FakeGatedModel, http_request
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from prism_persona.testing import make_tokenizer
-
-    return make_tokenizer()
-
-
-def start(fake, **kw) -> PrismServer:
-    opts = ServeOptions(port=0, **kw)
-    return PrismServer(GatedBackend(fake, name=opts.model_name), opts).start()
+from prism_persona.testing import FakeGatedModel, http_request, serve_fake
 
 
 def chat_body(content="hello there", **kw):
@@ -56,7 +41,7 @@ def test_openai_client_non_streaming(tokenizer):
     from openai import OpenAI
 
     fake = FakeGatedModel(tokenizer)
-    with start(fake) as srv:
+    with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
         raw = client.chat.completions.with_raw_response.create(
             model="prism", messages=[{"role": "user", "content": "as an expert, explain tides"}], max_tokens=50)
@@ -78,7 +63,7 @@ def test_openai_client_streaming(tokenizer):
     from openai import OpenAI
 
     fake = FakeGatedModel(tokenizer)
-    with start(fake) as srv:
+    with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
         content = "a rather long question so that the answer arrives in several pieces"
         stream = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": content}],
@@ -110,7 +95,7 @@ def test_forced_routing_via_extra_body(tokenizer):
     from openai import OpenAI
 
     fake = FakeGatedModel(tokenizer)
-    with start(fake) as srv:
+    with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
         on = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": "hi"}],
                                             extra_body={"prism": {"force": True}})
@@ -131,7 +116,7 @@ def test_concurrent_requests_share_one_batch(tokenizer):
     n = 4
     results: list = [None] * n
     barrier = threading.Barrier(n)
-    with start(fake, max_batch=n, batch_wait_ms=2000) as srv:
+    with serve_fake(fake, max_batch=n, batch_wait_ms=2000) as srv:
         def worker(i):
             barrier.wait(10)
             force = {"force": True} if i == 0 else None
@@ -156,7 +141,7 @@ def test_concurrent_requests_share_one_batch(tokenizer):
 def test_full_queue_answers_429_at_once(tokenizer):
     gate = threading.Event()
     fake = FakeGatedModel(tokenizer, gate=gate)
-    with start(fake, max_batch=1, queue_size=1, batch_wait_ms=0) as srv:
+    with serve_fake(fake, max_batch=1, queue_size=1, batch_wait_ms=0) as srv:
         first: dict = {}
         t1 = threading.Thread(target=lambda: first.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("a"))))
         t1.start()
@@ -180,7 +165,7 @@ def test_full_queue_answers_429_at_once(tokenizer):
 
 def test_generation_error_is_500_and_worker_survives(tokenizer):
     fake = FakeGatedModel(tokenizer)
-    with start(fake) as srv:
+    with serve_fake(fake) as srv:
         status, _, body = http_request(srv, "POST", "/v1/chat/completions", chat_body("boom"))
         assert_error((status, None, body), 500, code="internal_error")
         assert "boom requested" in body["error"]["message"]
@@ -194,7 +179,7 @@ def test_generation_error_is_500_and_worker_survives(tokenizer):
 
 def test_bad_requests_get_openai_style_400(tokenizer):
     fake = FakeGatedModel(tokenizer)
-    with start(fake, limits=Limits(max_prompt_tokens=120, max_new_tokens=5)) as srv:
+    with serve_fake(fake, limits=Limits(max_prompt_tokens=120, max_new_tokens=5)) as srv:
         post = lambda body=None, raw=None: http_request(srv, "POST", "/v1/chat/completions", body, raw=raw)  # noqa: E731
         assert_error(post(raw=b"{not json"), 400, code="invalid_json")
         assert_error(post(raw=b"[1, 2]"), 400, code="invalid_json")
@@ -228,7 +213,7 @@ def test_api_key_and_routes(tokenizer):
     from openai import AuthenticationError, OpenAI
 
     fake = FakeGatedModel(tokenizer)
-    with start(fake, api_key="s3cret") as srv:
+    with serve_fake(fake, api_key="s3cret") as srv:
         assert http_request(srv, "GET", "/health")[0] == 200  # no key needed
         assert_error(http_request(srv, "GET", "/v1/models"), 401, code="invalid_api_key")
         assert_error(http_request(srv, "POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer nope"}),
@@ -245,7 +230,7 @@ def test_api_key_and_routes(tokenizer):
 
 def test_logprobs_for_the_first_token(tokenizer):
     fake = FakeGatedModel(tokenizer, vocab=len(tokenizer))
-    with start(fake) as srv:
+    with serve_fake(fake) as srv:
         status, _, body = http_request(srv, "POST", "/v1/chat/completions",
                                   chat_body("hi", max_tokens=1, logprobs=True, top_logprobs=5))
         assert status == 200
@@ -261,7 +246,7 @@ def test_logprobs_for_the_first_token(tokenizer):
 def test_shutdown_lets_inflight_requests_finish(tokenizer):
     gate = threading.Event()
     fake = FakeGatedModel(tokenizer, gate=gate)
-    srv = start(fake)
+    srv = serve_fake(fake)
     port = srv.port
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("slow"))))

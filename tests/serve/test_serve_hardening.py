@@ -4,7 +4,6 @@ out with 408, client errors are 4xx in the OpenAI error shape, and a client that
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -12,21 +11,7 @@ import time
 import pytest
 
 from prism_persona.serve.app import ServeOptions
-from prism_persona.serve.backend import GatedBackend
-from prism_persona.serve.http import PrismServer
-from prism_persona.testing import FakeGatedModel, http_request
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from prism_persona.testing import make_tokenizer
-
-    return make_tokenizer()
-
-
-def start(fake, **kw) -> PrismServer:
-    opts = ServeOptions(port=0, **kw)
-    return PrismServer(GatedBackend(fake, name=opts.model_name), opts).start()
+from prism_persona.testing import FakeGatedModel, http_request, serve_fake
 
 
 def raw_socket(srv, head: bytes) -> socket.socket:
@@ -81,7 +66,7 @@ BAD_BODIES = [
 @pytest.mark.parametrize("body, raw, status, code", BAD_BODIES)
 def test_bad_bodies_are_4xx_in_the_openai_error_shape(tokenizer, body, raw, status, code):
     fake = FakeGatedModel(tokenizer)
-    with start(fake, limits=ServeOptions().limits.__class__(max_prompt_tokens=200, max_new_tokens=8)) as srv:
+    with serve_fake(fake, limits=ServeOptions().limits.__class__(max_prompt_tokens=200, max_new_tokens=8)) as srv:
         got, _, reply = http_request(srv, "POST", "/v1/chat/completions", body, raw=raw)
         assert got == status, reply
         err = reply["error"]
@@ -92,7 +77,7 @@ def test_bad_bodies_are_4xx_in_the_openai_error_shape(tokenizer, body, raw, stat
 
 
 def test_api_key_is_checked_before_the_body_is_read(tokenizer):
-    with start(FakeGatedModel(tokenizer), api_key="s3cret", body_timeout_s=30) as srv:
+    with serve_fake(FakeGatedModel(tokenizer), api_key="s3cret", body_timeout_s=30) as srv:
         # 8 MB announced, nothing sent: the answer comes at once, without waiting for (or reading) the body
         t0 = time.monotonic()
         sock = raw_socket(srv, headers_only(8 * 1024 * 1024))
@@ -108,7 +93,7 @@ def test_api_key_is_checked_before_the_body_is_read(tokenizer):
 
 def test_stalled_body_gets_408_and_connections_are_capped(tokenizer):
     fake = FakeGatedModel(tokenizer)
-    with start(fake, body_timeout_s=1.5, max_connections=4) as srv:
+    with serve_fake(fake, body_timeout_s=1.5, max_connections=4) as srv:
         stalled = [raw_socket(srv, headers_only(100) + b'{"model": "prism"') for _ in range(4)]
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -126,7 +111,7 @@ def test_stalled_body_gets_408_and_connections_are_capped(tokenizer):
 def test_client_disconnect_is_one_log_line(tokenizer, caplog):
     fake = FakeGatedModel(tokenizer)
     with caplog.at_level(logging.INFO):
-        with start(fake) as srv:
+        with serve_fake(fake) as srv:
             for _ in range(5):
                 sock = raw_socket(srv, headers_only(200) + b'{"model": "pri')
                 time.sleep(0.05)
@@ -139,7 +124,7 @@ def test_client_disconnect_is_one_log_line(tokenizer, caplog):
 
 
 def test_connection_that_never_finishes_its_headers_is_closed(tokenizer):
-    with start(FakeGatedModel(tokenizer), body_timeout_s=1.0, idle_timeout_s=30) as srv:
+    with serve_fake(FakeGatedModel(tokenizer), body_timeout_s=1.0, idle_timeout_s=30) as srv:
         silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         partial = raw_socket(srv, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         t0 = time.monotonic()
