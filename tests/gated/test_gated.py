@@ -240,7 +240,7 @@ def test_embedded_model_routing_and_step0_kl(embedded_model, tmp_path):
     from prism_persona.train.distill import attach_lora, build_examples, distill_loss
 
     base, tok = embedded_model
-    cfg = C.resolve("tiny")
+    cfg = C.resolve("tiny", overrides={"distill": {"loss": "kl"}})  # the step-0 KL itself (the preset adds CE)
     recs = [{"key": "a", "query": "Give me one tip for writing a strong opening line.", "label": 1,
              "persona": "You are an award-winning novelist and writing coach who answers with vivid, concrete advice.",
              "placement": "system", "persona_answer": "Start in the middle of action: drop the reader into a moment of tension."},
