@@ -89,6 +89,25 @@ def test_persona_placement(tiny_model, tiny_no_system_dir):
     assert "system" not in folded and "You are a math tutor.\n\nWhat is 2+2?" in folded
 
 
+def test_a_trailing_assistant_message_is_a_prefill_the_model_continues(tiny_model, tiny_no_system_dir):
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.engines.hf import HFEngine
+    from prism_persona.models import load_tokenizer
+
+    model, tok = tiny_model
+    chat = [{"role": "user", "content": "Describe an expert."}, {"role": "assistant", "content": "You are"}]
+    text = render_chat(tok, chat)
+    assert text.endswith("<|im_start|>assistant\nYou are")  # no end-of-turn after the prefill
+    assert render_chat(tok, chat[:1]).endswith("<|im_start|>assistant\n")
+    tok2 = load_tokenizer(str(tiny_no_system_dir))
+    assert render_chat(tok2, chat).endswith("You are")
+    assert HFEngine.supports_prefill
+    eng = HFEngine(model, tok, quiet=True)
+    prefilled, plain = eng.generate([chat, chat[:1] + [{"role": "assistant", "content": "You are a"}]],
+                                    SamplingParams(max_new_tokens=4))
+    assert prefilled.num_tokens > 0 and plain.num_tokens > 0
+
+
 def test_store_resume_after_torn_write(tmp_path):
     s = JsonlStore(tmp_path / "x.jsonl")
     s.extend([{"key": "a", "v": 1}, {"key": "b", "v": 2}, {"key": "a", "v": 3}])

@@ -369,12 +369,22 @@ def fold_system_into_user(chat: Sequence[dict]) -> Chat:
 
 
 def render_chat(tokenizer, chat: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The exact prompt text the model sees. Falls back to a plain transcript if no template exists."""
+    """The exact prompt text the model sees. Falls back to a plain transcript if no template exists.
+
+    A chat whose last message is the assistant's is a *prefill*: the prompt ends inside that message
+    (no end-of-turn token after it), so the model continues it (``continue_final_message``).
+    """
     chat = list(chat)
     if any(m["role"] == "system" for m in chat) and not supports_system_role(tokenizer):
         chat = fold_system_into_user(chat)
+    prefill = add_generation_prompt and bool(chat) and chat[-1]["role"] == "assistant"
     if getattr(tokenizer, "chat_template", None):
+        if prefill:
+            return tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if prefill:
+        head = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in chat[:-1])
+        return head + "Assistant: " + chat[-1]["content"]
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in chat)
     return text + ("Assistant:" if add_generation_prompt else "")
 

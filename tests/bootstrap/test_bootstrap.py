@@ -106,6 +106,48 @@ def test_personas_model_fallback_and_file(tmp_path):
     assert len(recs) == 9 and {r["source"] for r in recs} == {"model", "fallback", "file"}
 
 
+class PrefillEngine(ScriptedEngine):
+    supports_prefill = True
+
+
+def test_personas_prefill_the_reply_and_refuse_the_wrong_expert(tmp_path, caplog):
+    cfg = make_cfg(tmp_path, persona={"domains": ["physics", "creative writing"], "lengths": ["min"], "use_length": "min"})
+
+    def reply(chat):  # a prefill-capable engine returns only the continuation
+        assert chat[-1] == {"role": "assistant", "content": "You are"}
+        if "expert in physics" in chat[-2]["content"]:
+            return "an AI assistant designed to support creative writing."  # the wrong expert
+        return "a novelist who teaches creative writing workshops."
+
+    counts = write_personas(cfg, RunDir(cfg.out), Lazy(lambda: PrefillEngine(responder=reply)))
+    assert counts == {"model": 1, "fallback": 1, "file": 0}
+    p = load_personas(RunDir(cfg.out))
+    assert p["creative writing"]["min"] == "You are a novelist who teaches creative writing workshops."
+    assert p["physics"]["min"] == fallback_persona("physics", "min")
+    raw = {r["domain"]: r["raw"] for r in read_jsonl(RunDir(cfg.out).path("personas.jsonl"))}
+    assert raw["physics"] == "You are an AI assistant designed to support creative writing."
+
+    # an engine that cannot continue a reply gets the plain prompt, and the log says so
+    cfg2 = make_cfg(tmp_path, "run2", persona={"domains": ["physics"], "lengths": ["min"], "use_length": "min"})
+    eng = ScriptedEngine(responder=lambda chat: "You are a physicist who studies lasers.")
+    write_personas(cfg2, RunDir(cfg2.out), Lazy(lambda: eng))
+    assert eng.calls[0][0][-1]["role"] == "user"
+    assert "cannot continue a started reply" in caplog.text
+    assert load_personas(RunDir(cfg2.out))["physics"]["min"] == "You are a physicist who studies lasers."
+
+
+@pytest.mark.parametrize("text,domain,others,usable", [
+    ("You are a medical doctor who treats children.", "medicine", ["medicine", "law"], True),
+    ("You are a master chef who cooks with seasonal food.", "cooking", ["cooking", "law"], True),  # synonyms pass
+    ("You are a lawyer who drafts contracts and argues cases.", "cooking", ["cooking", "law"], False),  # wrong expert
+    ("You are a lawyer who drafts contracts and argues cases.", "law", ["cooking", "law"], True),
+    ("You are an AI designed to help, please ask me anything.", "finance", ["finance"], False),
+    ("You are an AI assistant for finance questions and budgets.", "finance", ["finance"], True),
+])
+def test_clean_persona_domain_checks(text, domain, others, usable):
+    assert bool(clean_persona(text, "min", domain, others)) is usable
+
+
 def test_persona_file_edited_on_resume_is_refused(tmp_path):
     pfile = tmp_path / "law.txt"
     pfile.write_text("You are a barrister.")

@@ -48,6 +48,17 @@ def test_generate_passes_params_and_retries_transient_errors(server_factory):
     assert srv.headers[-1]["Authorization"] == "Bearer k"
 
 
+def test_a_chat_ending_with_an_assistant_message_asks_the_server_to_continue_it(server_factory):
+    srv = server_factory()
+    eng = engine(srv.url)
+    eng.generate([USER, USER + [{"role": "assistant", "content": "You are"}]], SamplingParams())
+    plain, prefilled = sorted(srv.bodies, key=lambda b: len(b["messages"]))
+    assert "continue_final_message" not in plain and "add_generation_prompt" not in plain
+    assert prefilled["continue_final_message"] is True and prefilled["add_generation_prompt"] is False
+    assert prefilled["messages"][-1] == {"role": "assistant", "content": "You are"}
+    assert not OpenAIEngine.supports_prefill  # plain OpenAI servers ignore the extras: callers must not rely on them
+
+
 def test_persistent_failure_raises_a_clear_error(server_factory):
     srv = server_factory([err(500, "kaput")] * 10)
     eng = engine(srv.url, max_retries=2)

@@ -61,7 +61,7 @@ def stage_settings(cfg, stage: str) -> dict:
     p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
     s: dict = {"model": cfg.model.model, "seed": cfg.seed,
                "persona": {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                           "files": persona_file_hashes(cfg)}}
+                           "prefill": p.prefill, "files": persona_file_hashes(cfg)}}
     if stage == "personas":
         return s
     s["persona"].update(use_length=p.use_length, placement=p.placement)

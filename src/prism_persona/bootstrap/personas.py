@@ -61,9 +61,35 @@ _TRAILER = re.compile(r"\n\s*(?:let me know|i hope|feel free|note:|this (?:descr
 _QUOTES = "\"'“”‘’`"
 
 
-def persona_prompt(domain: str, length: str) -> list:
+def persona_prompt(domain: str, length: str, prefill: str = "") -> list:
+    """The persona-writing chat; with ``prefill`` the assistant's reply is started with that text."""
     phrase = LENGTH_SPECS[length][0]
-    return [{"role": "user", "content": PERSONA_PROMPT.format(domain=domain, phrase=phrase)}]
+    chat = [{"role": "user", "content": PERSONA_PROMPT.format(domain=domain, phrase=phrase)}]
+    if prefill:
+        chat.append({"role": "assistant", "content": prefill})
+    return chat
+
+
+def join_prefill(prefill: str, continuation: str) -> str:
+    """The whole reply of a prefilled generation (engines return only the continuation, stripped)."""
+    if not prefill:
+        return continuation
+    if continuation[:1].isalnum():
+        return prefill + " " + continuation
+    return prefill + continuation
+
+
+_AI_SELF = re.compile(r"^you are (?:an? )?(?:ai|artificial intelligence|language model|assistant|chatbot)\b", re.I)
+
+
+def mentions_domain(text: str, domain: str) -> bool:
+    """Whether a persona names its domain: some word of the domain (its first five letters, so
+    'medicine' matches 'medical') occurs in the text. A domain with no word of 3+ letters never does."""
+    stems = [w[:5] for w in re.findall(r"[^\W\d_]{3,}", domain.lower())]
+    if not stems:
+        return False
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    return any(w.startswith(stem) for stem in stems for w in words)
 
 
 def fallback_persona(domain: str, length: str) -> str:
@@ -101,8 +127,13 @@ def _first_sentences(text: str, max_words: int, one: bool) -> str:
     return out
 
 
-def clean_persona(raw: str, length: str) -> str:
-    """The usable "You are ..." description inside a model reply, or ``""`` if there is none."""
+def clean_persona(raw: str, length: str, domain: str = "", other_domains=()) -> str:
+    """The usable "You are ..." description inside a model reply, or ``""`` if there is none.
+
+    With ``domain``, a description that does not name its domain is not usable when it names one of
+    ``other_domains`` instead (the wrong expert) or casts the reader as an AI assistant ("You are an
+    AI designed to help..."). Synonyms are not checked: a cooking persona about "culinary art" passes.
+    """
     text = (raw or "").replace("\r", "").strip()
     text = _HEADER.sub("", text).strip()
     for _ in range(2):
@@ -122,6 +153,10 @@ def clean_persona(raw: str, length: str) -> str:
     text = _first_sentences(text, max_words, one=(length == "min"))
     if len(text.split()) < min_words:
         return ""
+    if domain and not mentions_domain(text, domain):
+        wrong = any(mentions_domain(text, d) for d in other_domains if d != domain)
+        if wrong or _AI_SELF.match(text):
+            return ""
     if text[-1] not in ".!?":
         text += "."
     return text
@@ -151,6 +186,9 @@ def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
     store.extend(file_records)
     if todo:
         engine = get_engine()
+        if p.prefill and not engine.supports_prefill:
+            log.warning("personas: the %s engine cannot continue a started reply; writing personas without "
+                        "the prefill %r", engine.name, p.prefill)
         bar = progress(total=len(todo), desc="personas", disable=cfg.quiet, unit="persona")
         for batch in chunks(todo, cfg.model.batch_size):
             recs = _generate_batch(engine, batch, cfg)
@@ -169,19 +207,21 @@ def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
 
 def _generate_batch(engine, batch: list, cfg) -> list[dict]:
     p = cfg.persona
-    chats = [persona_prompt(domain, length) for _, domain, length in batch]
+    prefill = p.prefill if engine.supports_prefill else ""
+    chats = [persona_prompt(domain, length, prefill) for _, domain, length in batch]
     seed = derive_seed(cfg.seed, "personas", [k for k, _, _ in batch])
     params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed)
     outs = engine.generate(chats, params)
     recs = []
     for (key, domain, length), out in zip(batch, outs):
-        text = clean_persona(out.text, length)
+        raw = join_prefill(prefill, out.text)
+        text = clean_persona(raw, length, domain, p.domains)
         source = "model"
         if not text:
             text, source = fallback_persona(domain, length), "fallback"
             log.info("personas: unusable %s persona for '%s'; using the template", length, domain)
         recs.append({"key": key, "domain": domain, "length": length, "text": text, "source": source,
-                     "raw": out.text, "num_tokens": out.num_tokens})
+                     "raw": raw, "num_tokens": out.num_tokens})
     return recs
 
 

@@ -32,6 +32,8 @@ class Engine(abc.ABC):
 
     name: str = "engine"
     model_name: str = ""
+    supports_prefill: bool = False
+    """True when a chat ending with an assistant message is continued (the reply starts inside it)."""
 
     @abc.abstractmethod
     def generate(self, chats: Sequence[list], params: SamplingParams) -> list[Completion]:

@@ -24,6 +24,7 @@ class HFEngine(Engine):
     """
 
     name = "hf"
+    supports_prefill = True
 
     def __init__(self, model, tokenizer, batch_size: int = 8, quiet: bool = False, model_name: str = ""):
         self.model = model

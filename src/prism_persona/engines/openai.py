@@ -140,6 +140,8 @@ class OpenAIEngine(Engine):
         stops = [s for s in params.stop if s][:4]
         if stops:
             body["stop"] = stops
+        if chat and chat[-1].get("role") == "assistant":  # prefill: continue the assistant's message
+            body.update(continue_final_message=True, add_generation_prompt=False)  # vLLM's chat extras
         return body
 
     def _completion(self, data: dict, params: SamplingParams) -> Completion:

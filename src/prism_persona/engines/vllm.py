@@ -372,6 +372,7 @@ class VLLMEngine(OpenAIEngine):
     """Generation and exact first-token scoring through a vLLM server (managed or attached)."""
 
     name = "vllm"
+    supports_prefill = True  # the chat extras continue_final_message / add_generation_prompt
 
     def __init__(self, base_url: str, model: str, tokenizer, server: Optional[VLLMServer] = None,
                  eos_ids: Sequence[int] = (), quiet: bool = False, **kwargs):
