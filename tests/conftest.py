@@ -83,3 +83,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """An executable that runs this Python with the stand-in vllm package of tests/fixtures/fake_vllm
+    importable (a fast stand-in for the vLLM server; tests/integration runs the real one)."""
+    import sys
+
+    fake = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "fake_vllm")
+    exe = tmp_path / "fake-python"
+    exe.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}" exec "{sys.executable}" "$@"\n')
+    exe.chmod(0o755)
+    return str(exe)

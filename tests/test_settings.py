@@ -167,3 +167,19 @@ def test_run_and_bootstrap_flags_are_derived_and_unchanged():
 
         assert overrides_from_args(args) == {"answers": {"max_new_tokens": 7}, "judge": {"mode": "text"},
                                              "persona": {"use_length": "long"}}
+
+
+def test_set_coerces_a_number_to_a_string_field_and_still_rejects_a_bool():
+    """--set parses JSON, so engine.vllm_cpu_cores=0 arrives as the number 0 for a string setting."""
+    import argparse as ap
+
+    from prism_persona.commands.common import add_common, add_pipeline_options, overrides_from_args
+
+    p = ap.ArgumentParser()
+    add_pipeline_options(p)
+    add_common(p)
+    args = p.parse_args(["--set", "engine.vllm_cpu_cores=0", "--set", "engine.vllm_python=3.5"])
+    cfg = C.resolve(overrides={**overrides_from_args(args), "persona": {"domains": ["a"]}})
+    assert cfg.engine.vllm_cpu_cores == "0" and cfg.engine.vllm_python == "3.5"
+    with pytest.raises(PrismError, match="engine.vllm_cpu_cores' must be a string"):
+        C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": {"vllm_cpu_cores": True}})

@@ -354,6 +354,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except ValueError:
             raise PrismError(f"config: '{where}' must be a number, got {value!r}") from None
     if origin is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # --set parses JSON: --set engine.vllm_cpu_cores=0 gives the number 0
         if not isinstance(value, str):
             raise PrismError(f"config: '{where}' must be a string, got {value!r}")
         return value

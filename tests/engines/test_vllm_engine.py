@@ -23,17 +23,7 @@ from prism_persona.engines.base import SamplingParams
 from prism_persona.engines.vllm import VLLMEngine, VLLMError, VLLMServer, find_vllm_python
 from prism_persona.errors import PrismError
 
-FAKE = Path(__file__).resolve().parents[1] / "fixtures" / "fake_vllm"
 SRC = Path(prism_persona.__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def fake_python(tmp_path):
-    """An executable that runs this Python with the stand-in vllm package importable."""
-    exe = tmp_path / "fake-python"
-    exe.write_text(f'#!/bin/sh\nPYTHONPATH="{FAKE}" exec "{sys.executable}" "$@"\n')
-    exe.chmod(0o755)
-    return str(exe)
 
 
 def gone(pid: int, wait_s: float = 10.0) -> bool:

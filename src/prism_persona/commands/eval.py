@@ -8,6 +8,8 @@ EXAMPLES = """examples:
   prism eval --systems base,persona --limit 20 --out runs/eval-base
   prism eval --prism runs/demo/prism --systems base,persona,lora,prism,oracle --mmlu data/mmlu --out runs/demo/eval
   prism eval --benchmarks mtbench --judge Qwen/Qwen2.5-7B-Instruct --answer-tokens 256 --out runs/eval
+  prism eval --prism runs/demo/prism --engine vllm --limit 20 --out runs/demo/eval-vllm
+  prism eval --engine openai --base-url http://127.0.0.1:8000/v1 --model my-model --systems base,persona
 """
 
 
@@ -50,13 +52,16 @@ def run(args) -> int:
     runner = build_runner(cfg, args.out, args.quiet)
     runner.external_answers = external
     specs = specs + [SystemSpec("answers", domain=m) for m in external]
-    results, per_item = evaluate(runner, specs, bench, pairwise=not cfg.no_pairwise)
-    if bench.mtbench:
-        from ..evals.evaluate import systems_to_run
-        from ..evals.fastchat import write_fastchat
+    try:
+        results, per_item = evaluate(runner, specs, bench, pairwise=not cfg.no_pairwise)
+        if bench.mtbench:
+            from ..evals.evaluate import systems_to_run
+            from ..evals.fastchat import write_fastchat
 
-        write_fastchat(runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench,
-                       pairwise=not cfg.no_pairwise)
+            write_fastchat(runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench,
+                           pairwise=not cfg.no_pairwise)
+    finally:
+        runner.provider.close()  # --engine vllm: the server stops once generation and judging are done
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
     figs = eval_figures(results, runner.run.root)

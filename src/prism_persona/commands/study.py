@@ -8,6 +8,7 @@ EXAMPLES = """examples:
   prism study --limit 16 --out runs/study
   prism study --persona-file personas.json --mmlu data/mmlu --limit 40 --out runs/study
   prism study --prism runs/demo/prism --out runs/demo/study
+  prism study --engine vllm --limit 16 --out runs/study-vllm
 """
 
 
@@ -41,7 +42,10 @@ def run(args) -> int:
     bench = load_benchmarks(cfg, names)
     runner = build_runner(cfg, args.out, args.quiet)
     rows = [d.strip() for d in (args.matrix_domains or "").split(",") if d.strip()] or None
-    study = run_study(runner, bench, with_prism=bool(cfg.prism), pairwise=args.pairwise, matrix_domains=rows)
+    try:
+        study = run_study(runner, bench, with_prism=bool(cfg.prism), pairwise=args.pairwise, matrix_domains=rows)
+    finally:
+        runner.provider.close()  # --engine vllm: stop the server before the figures
     runner.run.write_json("study.json", study)
     figs = study_figures(study, runner.run.root)
     study["eval_figures"] = eval_figures(study["results"], runner.run.root)

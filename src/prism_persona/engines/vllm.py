@@ -384,8 +384,11 @@ class VLLMEngine(OpenAIEngine):
         self._eos = sorted(set(eos_ids) | set(_eos_ids(tokenizer)))
 
     @classmethod
-    def from_config(cls, cfg) -> "VLLMEngine":
-        """Attach to ``cfg.engine.base_url`` if set, else start a server on ``cfg.model.model``."""
+    def from_config(cls, cfg, loras: Optional[dict] = None, max_lora_rank: int = 0) -> "VLLMEngine":
+        """Attach to ``cfg.engine.base_url`` if set, else start a server on ``cfg.model.model``.
+
+        ``loras`` ({served name: PEFT adapter dir}) are served too (``max_lora_rank`` at least); an
+        attached server must already serve each of them by that name."""
         from ..models import load_tokenizer, prepare_model, resolve_model
 
         e = cfg.engine
@@ -396,8 +399,16 @@ class VLLMEngine(OpenAIEngine):
                       max_retries=e.max_retries, eos_ids=generation_eos_ids(src), quiet=cfg.quiet)
         if e.base_url:
             base_url = e.base_url.rstrip("/")
-            return cls(base_url, served_base_model(base_url, key, src.display), tokenizer, **common)
-        server = server_from_config(cfg, src.path_or_id, src.display).start()
+            served = served_models(base_url, key)
+            missing = [name for name in (loras or {}) if name not in [m.get("id") for m in served]]
+            if missing:
+                raise VLLMError(f"{base_url} does not serve the adapter '{missing[0]}' (it serves "
+                                f"{', '.join(str(m.get('id')) for m in served) or 'nothing'}); start vLLM with "
+                                f"--enable-lora --lora-modules {missing[0]}=DIR (`prism export --format vllm`)")
+            return cls(base_url, pick_base_model(served, base_url, src.display), tokenizer, **common)
+        server = server_from_config(cfg, src.path_or_id, src.display, loras=loras)
+        server.max_lora_rank = max(server.max_lora_rank, int(max_lora_rank))
+        server.start()
         try:
             return cls(server.base_url, server.served_name, tokenizer, server=server, **common)
         except BaseException:
@@ -412,11 +423,13 @@ class VLLMEngine(OpenAIEngine):
         return self.tokenizer(render_chat(self.tokenizer, chat), add_special_tokens=False)["input_ids"]
 
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate",
-                 model: Optional[str] = None) -> list[Completion]:
-        """One completion per chat, in order (``model``: a served LoRA name instead of the base)."""
+                 model: "Optional[str] | Sequence[Optional[str]]" = None) -> list[Completion]:
+        """One completion per chat, in order. ``model``: a served LoRA name instead of the base, or one
+        name (``None`` = the base) per chat; rows of both kinds go to vLLM together (one batch)."""
         from ..progress import progress
 
-        bodies = [self._completion_body(self.prompt_ids(chat), params, model) for chat in chats]
+        models = _per_row(model, len(chats))
+        bodies = [self._completion_body(self.prompt_ids(chat), params, m) for chat, m in zip(chats, models)]
         bar = progress(total=len(bodies), desc=desc, disable=self.quiet, unit="seq")
 
         def one(body: dict) -> Completion:
@@ -467,28 +480,31 @@ class VLLMEngine(OpenAIEngine):
     def choice_token_ids(self, choice: str) -> list[int]:
         return choice_token_ids(self.tokenizer, choice)
 
-    def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
+    def score_choices(self, chats: Sequence[list], choices: Sequence[str],
+                      model: "Optional[str] | Sequence[Optional[str]]" = None) -> list[dict]:
         """log P(first token of each choice | chat + generation prompt), spellings pooled by
         log-sum-exp: the HF engine's numbers.
 
         One one-token request per (chat, candidate token) with ``allowed_token_ids=[token]``: the
         token is then the one sampled, and vLLM returns its log-probability from the raw logits
         (its default ``logprobs_mode``), i.e. under the full distribution. The requests of a chat
-        share their prompt (vLLM's prefix cache) and batch like any generation.
+        share their prompt (vLLM's prefix cache) and batch like any generation. ``model`` as in
+        :meth:`generate` (a served LoRA per chat).
         """
         chats = list(chats)
+        models = _per_row(model, len(chats))
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
         candidates = sorted({t for ids in choice_ids.values() for t in ids})
         prompts = [self.prompt_ids(chat) for chat in chats]
         jobs = [(i, t) for i in range(len(prompts)) for t in candidates]
-        values = self._map(lambda job: self._token_logprob(prompts[job[0]], job[1]), jobs)
+        values = self._map(lambda job: self._token_logprob(prompts[job[0]], job[1], models[job[0]]), jobs)
         per_chat: list[dict] = [{} for _ in chats]
         for (i, t), lp in zip(jobs, values):
             per_chat[i][t] = lp
         return [{c: _logsumexp([lp[t] for t in ids]) for c, ids in choice_ids.items()} for lp in per_chat]
 
-    def _token_logprob(self, ids: list[int], token: int) -> float:
-        body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
+    def _token_logprob(self, ids: list[int], token: int, model: Optional[str] = None) -> float:
+        body = {"model": model or self.model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
                 "allowed_token_ids": [token], "n": 1}
         data = self._post(body, "/completions")
         try:
@@ -519,6 +535,16 @@ class VLLMEngine(OpenAIEngine):
             self.server = None
 
 
+def _per_row(model, n: int) -> list:
+    """One served model name (``None`` = the base) per row from a name, ``None`` or a list."""
+    if model is None or isinstance(model, str):
+        return [model] * n
+    models = list(model)
+    if len(models) != n:
+        raise ValueError(f"{len(models)} model names for {n} chats")
+    return models
+
+
 def engine_concurrency(cfg) -> int:
     """Requests in flight: the setting, or 0 = 64 for vLLM (continuous batching wants many)."""
     return int(cfg.engine.concurrency) if cfg.engine.concurrency > 0 else 64
@@ -527,16 +553,25 @@ def engine_concurrency(cfg) -> int:
 def served_base_model(base_url: str, api_key: Optional[str], expected: str) -> str:
     """The base model's name on a running server (``GET /v1/models``): the one named like
     ``expected`` if served, else the only model without a parent (LoRAs have one)."""
-    import json
+    return pick_base_model(served_models(base_url, api_key), base_url, expected)
 
+
+def served_models(base_url: str, api_key: Optional[str]) -> list[dict]:
+    """The ``data`` of ``GET /v1/models`` (a one-line :class:`VLLMError` when the server is unreachable)."""
     host = urlsplit(base_url).hostname or ""
     handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
     req = urllib.request.Request(base_url + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.build_opener(*handlers).open(req, timeout=10) as resp:
             models = json.loads(resp.read().decode("utf-8")).get("data") or []
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, AttributeError) as exc:
         raise VLLMError(f"cannot reach the vLLM server at {base_url} ({getattr(exc, 'reason', exc)})") from None
+    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+
+
+def pick_base_model(models: list[dict], base_url: str, expected: str) -> str:
+    """The served name of the base model among ``models``: ``expected`` if listed, else the only one
+    without a parent."""
     names = [m.get("id") for m in models if isinstance(m, dict)]
     if expected in names:
         return expected
@@ -575,11 +610,10 @@ def _logsumexp(values: list[float]) -> float:
 # serving a PRISM artifact: vLLM with the base model and the adapter, the gate router in front
 
 
-def start_for_artifact(artifact: str | os.PathLike, python: str = "", extra_args: Sequence[str] = (),
-                       cpu_cores: str = "", kv_cache_gib: int = 4, quiet: bool = False) -> VLLMServer:
-    """Export ``artifact`` for vLLM (layer 0 of the LoRA zero, as the gate leaves it) into PRISM's
-    cache and start a vLLM server with the base model (served under its display name) and the
-    adapter (served as ``prism``). ``prism serve --engine vllm`` puts the route-only router in front."""
+def export_for_vllm(artifact: str | os.PathLike, quiet: bool = False):
+    """``(base model source, exported adapter dir, max LoRA rank)``: the artifact's base model prepared
+    for vLLM (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
+    the LoRA zero, as the gate leaves it), keyed by the artifact's path."""
     import hashlib
 
     from ..gated.artifact import Artifact
@@ -592,9 +626,18 @@ def start_for_artifact(artifact: str | os.PathLike, python: str = "", extra_args
     work = cache_root() / "serve" / f"{art.name}-{hashlib.sha256(str(art).encode()).hexdigest()[:12]}"
     exported = export(art, work / "vllm-export", overwrite=True)
     rank = int(json.loads((exported / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16))
-    server = VLLMServer(src.path_or_id, src.display, find_vllm_python(python), work / "vllm.log",
-                        loras={LORA_NAME: str(exported / "adapter")}, dtype=server_dtype("auto"),
-                        max_lora_rank=vllm_max_lora_rank(rank), eager=_eager("auto"), cpu_cores=cpu_cores,
+    return src, exported / "adapter", vllm_max_lora_rank(rank)
+
+
+def start_for_artifact(artifact: str | os.PathLike, python: str = "", extra_args: Sequence[str] = (),
+                       cpu_cores: str = "", kv_cache_gib: int = 4, quiet: bool = False) -> VLLMServer:
+    """Export ``artifact`` for vLLM (:func:`export_for_vllm`) and start a vLLM server with the base
+    model (served under its display name) and the adapter (served as ``prism``). ``prism serve
+    --engine vllm`` puts the route-only router in front."""
+    src, adapter, max_rank = export_for_vllm(artifact, quiet)
+    server = VLLMServer(src.path_or_id, src.display, find_vllm_python(python), adapter.parents[1] / "vllm.log",
+                        loras={LORA_NAME: str(adapter)}, dtype=server_dtype("auto"),
+                        max_lora_rank=max_rank, eager=_eager("auto"), cpu_cores=cpu_cores,
                         kv_cache_gib=kv_cache_gib,
                         extra_args=list(extra_args), quiet=quiet)
     return server.start()

@@ -65,12 +65,14 @@ def _model_display(spec: Optional[str]) -> str:
     return resolve_model(spec).display
 
 
-def build_provider(cfg: "EvalConfig", quiet: bool = False) -> EngineProvider:
+def build_provider(cfg: "EvalConfig", quiet: bool = False, out: str = "runs/eval") -> EngineProvider:
     """Engines for base/persona (``--model``) and lora/prism (``--prism``), loaded on first use.
 
     With ``--prism`` and no ``--model``, base is the gated model with the adapter forced off
-    (the same weights, loaded once).
+    (the same weights, loaded once). ``--engine vllm|openai``: :func:`build_remote_provider`.
     """
+    if cfg.engine != "hf":
+        return build_remote_provider(cfg, quiet, out)
     factories: dict = {}
     identities: dict = {}
     holder: dict = {}
@@ -85,7 +87,8 @@ def build_provider(cfg: "EvalConfig", quiet: bool = False) -> EngineProvider:
                 from ..gated.model import GatedModel
 
                 holder["gm"] = GatedModel.from_pretrained(art, device=cfg.device or "auto", dtype=cfg.dtype or "auto",
-                                                          batch_size=cfg.batch_size)
+                                                          batch_size=cfg.batch_size,
+                                                          trust_remote_code=cfg.trust_remote_code)
             return holder["gm"]
 
         factories["lora"] = lambda: gated().as_engine(force=True)
@@ -101,11 +104,94 @@ def build_provider(cfg: "EvalConfig", quiet: bool = False) -> EngineProvider:
         def base():
             from ..engines.hf import HFEngine
 
-            return HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet)
+            return HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet,
+                                 cfg.trust_remote_code)
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
     return EngineProvider(factories, identities)
+
+
+def engine_run_config(cfg: "EvalConfig", model: Optional[str], out: str, quiet: bool = False):
+    """The :class:`~prism_persona.config.RunConfig` whose ``engine``/``model`` sections describe the eval's
+    engine (what ``engines.make_engine`` and ``VLLMEngine.from_config`` read); the server log goes
+    to ``OUT/logs/vllm.log``."""
+    import shlex
+
+    from ..config import EMBEDDED_MODEL, resolve
+
+    engine = {"engine": cfg.engine, "base_url": cfg.base_url or "", "concurrency": cfg.concurrency,
+              "vllm_python": cfg.vllm_python or "", "vllm_args": shlex.split(cfg.vllm_args or "")}
+    model_section = {"model": model or EMBEDDED_MODEL, "dtype": cfg.dtype or "auto", "device": cfg.device or "auto",
+                     "batch_size": cfg.batch_size, "trust_remote_code": cfg.trust_remote_code}
+    return resolve(overrides={"out": str(out), "quiet": quiet, "model": model_section, "engine": engine})
+
+
+def build_remote_provider(cfg: "EvalConfig", quiet: bool, out: str) -> EngineProvider:
+    """``--engine vllm`` / ``--engine openai``: every system on one server, started on first use.
+
+    vLLM with ``--prism`` serves the artifact's base model and its exported adapter (as ``prism``);
+    the gate routes each row in this process from decoder layer 0 (``serve.backend.load_router``):
+    base = the base model, lora = the adapter on every row, prism = the gate's choice per row.
+    Identities carry the engine (``@vllm``), so responses cached from the HF engine are not reused.
+    """
+    from ..engines import check_engine
+
+    art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
+    base_model = cfg.model
+    if art is not None:
+        from ..gated.artifact import Artifact
+
+        base_model = Artifact.read(art).base_model
+        if cfg.model and _model_display(cfg.model) != _model_display(base_model):
+            raise PrismError(f"--engine vllm with --prism serves the artifact's base model ({_model_display(base_model)}) "
+                             f"and its adapter on one server; drop --model {cfg.model}")
+    run_cfg = engine_run_config(cfg, base_model, out, quiet)
+    if cfg.engine == "openai" and not cfg.model:
+        raise PrismError("--engine openai needs --model: the model name the server at --base-url serves")
+    check_engine(run_cfg)  # no vLLM installed: a one-line error now, not after the data loaded
+    holder: dict = {}
+    suffix = f"@{cfg.engine}"
+
+    def server():
+        if "engine" not in holder:
+            if cfg.engine == "openai":
+                from ..engines.openai import OpenAIEngine
+
+                holder["engine"] = OpenAIEngine.from_config(run_cfg)
+            elif art is None:
+                from ..engines.vllm import VLLMEngine
+
+                holder["engine"] = VLLMEngine.from_config(run_cfg)
+            else:
+                from ..engines.vllm import LORA_NAME, VLLMEngine, export_for_vllm
+
+                _, adapter, max_rank = export_for_vllm(art, quiet)
+                holder["engine"] = VLLMEngine.from_config(run_cfg, loras={LORA_NAME: str(adapter)},
+                                                          max_lora_rank=max_rank)
+        return holder["engine"]
+
+    def routed(force: Optional[bool]):
+        from ..engines.routed import RoutedEngine
+        from ..engines.vllm import LORA_NAME
+
+        if "router" not in holder:
+            from ..serve.backend import load_router
+
+            holder["router"] = load_router(str(art), cfg.device or "auto", cfg.dtype or "auto", cfg.trust_remote_code)
+        return RoutedEngine(server(), holder["router"], LORA_NAME, force=force)
+
+    factories: dict = {"base": server}
+    shown = cfg.model if cfg.engine == "openai" else _model_display(base_model)  # openai: the served name
+    identities = {"base": f"base:{shown}{suffix}"}
+    if art is not None:
+        factories["lora"] = lambda: routed(True)
+        factories["prism"] = lambda: routed(None)
+        identities["lora"] = f"lora:{art}{suffix}"
+        identities["prism"] = f"prism:{art}{suffix}"
+    provider = EngineProvider(factories, identities)
+    provider.closers.append(lambda: holder["engine"].close() if "engine" in holder else None)
+    return provider
 
 
 def build_judge(cfg: "EvalConfig", provider: EngineProvider, quiet: bool = False) -> EvalJudge:
@@ -120,7 +206,8 @@ def build_judge(cfg: "EvalConfig", provider: EngineProvider, quiet: bool = False
         return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
 
-    engine = HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet)
+    engine = HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet,
+                           cfg.trust_remote_code)
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
 
 
@@ -141,7 +228,7 @@ def build_personas(cfg: "EvalConfig") -> PersonaBook:
 
 
 def build_runner(cfg: "EvalConfig", out: str, quiet: bool = False) -> EvalRunner:
-    provider = build_provider(cfg, quiet)
+    provider = build_provider(cfg, quiet, out)
     settings = EvalSettings(answer_tokens=cfg.answer_tokens, safety_tokens=cfg.safety_tokens,
                             seed=cfg.seed or 0, n_resamples=cfg.resamples)
     spec = cfg.refusal_classifier or "judge"

@@ -286,6 +286,8 @@ class EngineProvider:
         self.factories = factories
         self.identities = identities
         self._engines: dict[str, Any] = {}
+        self.closers: list[Callable[[], Any]] = []
+        """Called by :meth:`close` (e.g. stopping a vLLM server the provider started)."""
 
     @staticmethod
     def engine_kind(kind: str) -> str:
@@ -304,6 +306,12 @@ class EngineProvider:
 
     def loaded(self) -> dict:
         return dict(self._engines)
+
+    def close(self) -> None:
+        """Release what the engines hold (a started vLLM server is stopped). Idempotent."""
+        closers, self.closers = self.closers, []
+        for close in closers:
+            close()
 
 
 def fixed_provider(engines: dict[str, Any]) -> EngineProvider:

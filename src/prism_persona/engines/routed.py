@@ -1,0 +1,73 @@
+"""A PRISM artifact run on a vLLM server: the gate decides here, vLLM generates.
+
+:class:`RoutedEngine` is the :class:`~prism_persona.gated.model.GatedEngine` interface (``generate``,
+``score_choices``, ``route``; every completion carries ``meta = {"routed", "gate_prob"}``) with the
+work split the way ``prism serve --engine vllm`` splits it: the gate is computed in this process from
+decoder layer 0 only (``serve.backend.load_router``, the same features and threshold as the in-process
+``GatedModel``: the chat's first user turn), and each row goes to the vLLM server either as the base
+model or as the served LoRA (``prism``, the artifact's exported adapter). Routed and unrouted rows of
+one call are sent together, so vLLM batches them as one.
+
+``force`` is the ``GatedEngine`` switch: ``True`` = the LoRA on every row (the ``lora`` system),
+``False`` = the base on every row, ``None`` = the gate decides (the ``prism`` system). The gate
+probability is reported in every case.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .base import Completion, Engine, SamplingParams
+
+
+class RoutedEngine(Engine):
+    """Per-row routing between a server's base model and its LoRA ``lora_name``."""
+
+    name = "prism-vllm"
+
+    def __init__(self, engine, router, lora_name: str = "prism", force: Optional[bool] = None):
+        self.engine = engine
+        self.router = router
+        self.lora_name = lora_name
+        self.force = force
+        self.model_name = engine.model_name
+
+    def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
+        """``(gate_prob, routed)`` per chat, from its first user turn (the in-process gate's decision)."""
+        return [(float(p), bool(r)) for p, r in self.router.route(list(chats))]
+
+    def _plan(self, chats: Sequence[list]) -> tuple[list, list]:
+        """(served model per row, meta per row)."""
+        routes = self.route(chats)
+        flags = [r if self.force is None else bool(self.force) for _, r in routes]
+        models = [self.lora_name if f else None for f in flags]
+        return models, [{"routed": f, "gate_prob": p} for f, (p, _) in zip(flags, routes)]
+
+    def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
+        chats = list(chats)
+        if not chats:
+            return []
+        models, metas = self._plan(chats)
+        out = self.engine.generate(chats, params, desc=desc, model=models)
+        for completion, meta in zip(out, metas):
+            completion.meta = {**(completion.meta or {}), **meta}
+        return out
+
+    def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
+        """log P(first token of each choice), each row on the model its routing picks."""
+        chats = list(chats)
+        if not chats:
+            return []
+        models, _ = self._plan(chats)
+        return self.engine.score_choices(chats, choices, model=models)
+
+    @property
+    def can_score(self) -> bool:
+        return True
+
+    @property
+    def tokens_generated(self) -> int:
+        return getattr(self.engine, "tokens_generated", 0)
+
+    def close(self) -> None:
+        """The shared server engine is closed by its owner."""
