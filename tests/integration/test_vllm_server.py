@@ -297,3 +297,40 @@ def test_bootstrap_through_vllm_resumes_after_the_server_dies(server, vllm_pytho
     verdicts = list(JsonlStore(Path(cfg.out) / "verdicts.jsonl"))
     assert len(verdicts) == 8 and {v["mode"] for v in verdicts} == {"logprob"}
     assert summary["total"]
+
+
+def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp_path, monkeypatch):
+    """`prism eval --prism ART --engine vllm` (a managed server with the exported adapter, the gate
+    routing here) against `--engine hf` on the same items: the same routing, MMLU letter scores and
+    predictions, and greedy safety responses."""
+    from prism_persona.cli import main
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    common = ["eval", "--prism", str(tiny["artifact"]), "--systems", "base,lora,prism", "--benchmarks", "mmlu,pku",
+              "--mmlu", str(fixtures / "mmlu_hf.jsonl"), "--pku", str(fixtures / "pku_small.json"),
+              "--refusal-classifier", "string", "--limit", "4", "--safety-tokens", "16", "--resamples", "20",
+              "--dtype", "float32", "--device", "cpu", "-q"]
+    assert main(common + ["--out", str(tmp_path / "hf")]) == 0
+    assert main(common + ["--engine", "vllm", "--vllm-python", vllm_python, "--out", str(tmp_path / "vllm"),
+                          "--vllm-args", "--max-model-len 1024 --max-num-seqs 16"]) == 0
+    assert "prism starts vLLM" in (tmp_path / "vllm" / "logs" / "vllm.log").read_text()
+    assert not _vllm_processes(str(tiny["model"])), "vLLM outlived prism eval"
+
+    def records(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
+        return {(r["system"], r["bench"], r["item_id"]): r for r in rows}
+
+    hf, vl = records("hf"), records("vllm")
+    assert hf.keys() == vl.keys()
+    routed = [(hf[k]["meta"]["routed"], vl[k]["meta"]["routed"]) for k in hf if k[0] == "prism"]
+    assert all(a == b for a, b in routed) and len(routed) == 7  # 4 MMLU + 3 PKU items
+    mmlu = [k for k in hf if k[1] == "mmlu"]
+    worst = max(abs(hf[k]["scores"][c] - vl[k]["scores"][c]) for k in mmlu for c in "ABCD")
+    report("prism eval: max |MMLU letter log P| difference, vLLM vs HF (base, lora, prism)", worst)
+    assert worst < 1e-3 and all(hf[k]["pred"] == vl[k]["pred"] for k in mmlu)
+    pku = sorted(k for k in hf if k[1] == "pku")
+    rate = agreement([vl[k]["response"] for k in pku], [hf[k]["response"] for k in pku])
+    report("prism eval: greedy PKU response agreement, vLLM vs HF (base, lora, prism)", rate)
+    assert rate >= 0.75, [(vl[k]["response"], hf[k]["response"]) for k in pku]
