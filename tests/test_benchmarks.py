@@ -166,22 +166,20 @@ def test_report_renders_tables_from_results(tmp_path):
     assert "## 1." not in text  # no generation records: no empty section
 
 
-def test_bench_vllm_answers_part_runs_both_engines(tmp_path, tiny_model_dir):
+def test_bench_vllm_answers_part_runs_both_engines(tmp_path, tiny_model_dir, fake_python):
     """bench_vllm's answers part end to end, with the stand-in vllm module (tests/fixtures/fake_vllm)
-    as the server: both engines generate the same rows and the record carries the ratio."""
+    as the server: both engines generate the same rows in the answers stage's calls (HF: its batch;
+    vLLM: that batch, then its requests in flight) and the record carries the ratios."""
     import json
-    import sys
 
     import bench_vllm
 
-    fake = tmp_path / "fake-python"
-    fake_pkg = Path(__file__).resolve().parent / "fixtures" / "fake_vllm"
-    fake.write_text(f'#!/bin/sh\nPYTHONPATH="{fake_pkg}" exec "{sys.executable}" "$@"\n')
-    fake.chmod(0o755)
     out = tmp_path / "results.jsonl"
-    res = bench_vllm.main(["--parts", "answers", "--model", str(tiny_model_dir), "--rows", "4", "--answer-tokens", "3",
-                           "--vllm-python", str(fake), "--work", str(tmp_path / "work"), "--out", str(out)])
+    res = bench_vllm.main(["--parts", "answers", "--model", str(tiny_model_dir), "--rows", "10", "--answer-tokens", "3",
+                           "--batch-size", "4", "--concurrency", "8", "--vllm-python", fake_python,
+                           "--work", str(tmp_path / "work"), "--out", str(out)])
     rows = res["answers"]["rows"]
-    assert [r["engine"] for r in rows] == ["hf", "vllm"] and all(r["rows"] == 4 for r in rows)
-    assert res["answers"]["ratio_vllm_over_hf"] > 0
+    assert [r["engine"] for r in rows] == ["hf", "vllm (calls of the HF batch)", "vllm (calls of its requests in flight)"]
+    assert [r["chats_per_call"] for r in rows] == [4, 4, 8] and all(r["rows"] == 10 for r in rows)
+    assert res["answers"]["ratio_vllm_over_hf"] > 0 and res["answers"]["ratio_in_hf_batch_calls"] > 0
     assert json.loads(out.read_text())["results"]["answers"]["rows"][1]["startup_s"] is not None

@@ -3,7 +3,8 @@
 The base answer is generated from the bare chat ``[user: query]`` (the chat template's own default
 system prompt, if any, is left as it is); the persona answer from the same chat carrying the persona
 (``use_length`` variant) in the configured placement. Both come from one seeded generate call per
-chunk of queries, so a kill loses at most one chunk.
+chunk of queries (one engine batch; for a server engine its requests in flight), so a kill loses at
+most one chunk.
 
 Records (``answers.jsonl``): ``key`` (the query's key), ``domain, query, persona_length, placement,
 base_answer, persona_answer, base_tokens, persona_tokens, base_finish, persona_finish``.
@@ -33,9 +34,12 @@ def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
     return base, with_persona(base, persona, placement)
 
 
-def chunk_size(cfg) -> int:
-    """Queries per chunk: both answers of a chunk fill about one engine batch."""
-    return max(1, cfg.model.batch_size // 2)
+def chunk_size(cfg, engine=None) -> int:
+    """Queries per chunk: both answers of a chunk fill about one engine call -- the in-process engine's
+    batch (``model.batch_size``), or a server engine's ``preferred_call_size`` (its requests in
+    flight: 64 for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
+    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or cfg.model.batch_size
+    return max(1, rows // 2)
 
 
 def write_answers(cfg, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
@@ -47,7 +51,7 @@ def write_answers(cfg, run: RunDir, get_engine: Callable, personas: dict, querie
     a, p = cfg.answers, cfg.persona
     engine = get_engine()
     bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="query")
-    for batch in chunks(todo, chunk_size(cfg)):
+    for batch in chunks(todo, chunk_size(cfg, engine)):
         chats = []
         for q in batch:
             base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)

@@ -34,6 +34,10 @@ class Engine(abc.ABC):
     model_name: str = ""
     supports_prefill: bool = False
     """True when a chat ending with an assistant message is continued (the reply starts inside it)."""
+    preferred_call_size: int = 0
+    """Chats a caller should send per :meth:`generate` call when it has many (0 = no preference: the
+    caller's batch size). Server engines ask for their requests in flight, so a server's continuous
+    batching stays fed instead of draining at the end of every small call."""
 
     @abc.abstractmethod
     def generate(self, chats: Sequence[list], params: SamplingParams) -> list[Completion]:

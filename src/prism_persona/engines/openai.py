@@ -123,6 +123,11 @@ class OpenAIEngine(Engine):
     def can_score(self) -> bool:
         return self._logprobs_ok is not False
 
+    @property
+    def preferred_call_size(self) -> int:
+        """As many chats per call as requests go out at once (``concurrency``)."""
+        return self.concurrency
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
