@@ -6,13 +6,15 @@ import argparse
 import sys
 
 from .common import add_common
-from .generate import force_value
+from .generate import add_engine_flags, force_value
 
 DESCRIPTION = """\
 Interactive chat with a PRISM model. The gate decides from your first message whether the distilled
 persona behaviour (LoRA) is switched on, and the decision is kept for the whole conversation.
 Commands: /reset starts a new conversation, /quit leaves. Works with piped stdin too:
-  printf 'Write a haiku about rain\\n/quit\\n' | prism chat --prism runs/demo/prism"""
+  printf 'Write a haiku about rain\\n/quit\\n' | prism chat --prism runs/demo/prism
+With --engine vllm the model runs on a vLLM server PRISM starts (the gate still decides here); without
+--prism, --engine vllm|openai chats with a base model (--model)."""
 
 
 def add_parser(sub) -> None:
@@ -21,6 +23,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a PRISM model (routing shown per conversation)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, ChatSettings)
+    add_engine_flags(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -42,15 +45,33 @@ def describe(routed: bool, prob: float, forced: bool) -> str:
 
 def run(args) -> int:
     from ..config import ChatSettings, settings_from_args
-    from ..engines.base import SamplingParams
-    from .generate import load_gated
+    from .generate import check_engine_flags, sampling_params
 
     settings = settings_from_args(ChatSettings, args)
-    gm = load_gated(settings.load, settings.routing)
-    s = settings.sampling
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    check_engine_flags(args, settings.load, settings.routing)
     forced = force_value(settings.routing.force)
-    system = settings.system
+    if getattr(args, "engine", "hf") == "hf":
+        from .generate import load_gated
+
+        gm = load_gated(settings.load, settings.routing)
+        reply = lambda chat, force: gm.generate([chat], params, force=force)[0]  # noqa: E731
+        close = gm.close
+    else:
+        from ..models import cache_root
+        from .generate import open_server_engine
+
+        engine, close = open_server_engine(args, settings.load, settings.routing, cache_root() / "chat")
+        reply = lambda chat, force: engine.generate([chat], params)[0]  # noqa: E731  (routed from the first turn)
+    params = sampling_params(settings)
+    try:
+        return converse(settings.system, forced, reply)
+    finally:
+        close()
+
+
+def converse(system: str, forced, reply) -> int:
+    """The read-answer loop; ``reply(chat, force)`` -> Completion (``meta`` with the gate's decision,
+    or none for a base model)."""
     interactive = sys.stdin.isatty()
     if interactive:
         print("PRISM chat. /reset = new conversation, /quit = leave.")
@@ -74,10 +95,12 @@ def run(args) -> int:
             continue
         chat.append({"role": "user", "content": text})
         force = forced if forced is not None else (decision[0] if decision else None)
-        comp = gm.generate([chat], params, force=force)[0]
+        comp = reply(chat, force)
         if decision is None:
-            decision = (comp.meta["routed"], comp.meta["gate_prob"])
-            print(describe(decision[0], decision[1], forced is not None))
+            meta = comp.meta or {}
+            decision = (meta.get("routed", False), meta.get("gate_prob"))
+            print(describe(decision[0], decision[1], forced is not None) if decision[1] is not None
+                  else "[base model: no PRISM gate]")
         print(f"prism> {comp.text}", flush=True)
         chat.append({"role": "assistant", "content": comp.text})
     return 0

@@ -66,6 +66,10 @@ class RoutedEngine(Engine):
         return True
 
     @property
+    def preferred_call_size(self) -> int:
+        return getattr(self.engine, "preferred_call_size", 0)
+
+    @property
     def tokens_generated(self) -> int:
         return getattr(self.engine, "tokens_generated", 0)
 

@@ -112,85 +112,37 @@ def build_provider(cfg: "EvalConfig", quiet: bool = False, out: str = "runs/eval
     return EngineProvider(factories, identities)
 
 
-def engine_run_config(cfg: "EvalConfig", model: Optional[str], out: str, quiet: bool = False):
-    """The :class:`~prism_persona.config.RunConfig` whose ``engine``/``model`` sections describe the eval's
-    engine (what ``engines.make_engine`` and ``VLLMEngine.from_config`` read); the server log goes
-    to ``OUT/logs/vllm.log``."""
-    import shlex
-
-    from ..config import EMBEDDED_MODEL, resolve
-
-    engine = {"engine": cfg.engine, "base_url": cfg.base_url or "", "concurrency": cfg.concurrency,
-              "vllm_python": cfg.vllm_python or "", "vllm_args": shlex.split(cfg.vllm_args or "")}
-    model_section = {"model": model or EMBEDDED_MODEL, "dtype": cfg.dtype or "auto", "device": cfg.device or "auto",
-                     "batch_size": cfg.batch_size, "trust_remote_code": cfg.trust_remote_code}
-    return resolve(overrides={"out": str(out), "quiet": quiet, "model": model_section, "engine": engine})
-
-
 def build_remote_provider(cfg: "EvalConfig", quiet: bool, out: str) -> EngineProvider:
-    """``--engine vllm`` / ``--engine openai``: every system on one server, started on first use.
+    """``--engine vllm`` / ``--engine openai``: every system on one server, started on first use
+    (:class:`~prism_persona.engines.remote.ServerSystems`).
 
     vLLM with ``--prism`` serves the artifact's base model and its exported adapter (as ``prism``);
     the gate routes each row in this process from decoder layer 0 (``serve.backend.load_router``):
     base = the base model, lora = the adapter on every row, prism = the gate's choice per row.
     Identities carry the engine (``@vllm``), so responses cached from the HF engine are not reused.
     """
-    from ..engines import check_engine
+    from ..engines.remote import ServerSystems, artifact_base_model, server_run_config
 
     art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
-    base_model = cfg.model
-    if art is not None:
-        from ..gated.artifact import Artifact
-
-        base_model = Artifact.read(art).base_model
-        if cfg.model and _model_display(cfg.model) != _model_display(base_model):
-            raise PrismError(f"--engine vllm with --prism serves the artifact's base model ({_model_display(base_model)}) "
-                             f"and its adapter on one server; drop --model {cfg.model}")
-    run_cfg = engine_run_config(cfg, base_model, out, quiet)
+    base_model = artifact_base_model(art, cfg.model) if art is not None else cfg.model
     if cfg.engine == "openai" and not cfg.model:
         raise PrismError("--engine openai needs --model: the model name the server at --base-url serves")
-    check_engine(run_cfg)  # no vLLM installed: a one-line error now, not after the data loaded
-    holder: dict = {}
+    run_cfg = server_run_config(cfg.engine, base_model, out, quiet, base_url=cfg.base_url or "",
+                                vllm_python=cfg.vllm_python or "", vllm_args=cfg.vllm_args or "",
+                                concurrency=cfg.concurrency, dtype=cfg.dtype or "auto", device=cfg.device or "auto",
+                                batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    systems = ServerSystems(run_cfg, art, cfg.trust_remote_code)
     suffix = f"@{cfg.engine}"
-
-    def server():
-        if "engine" not in holder:
-            if cfg.engine == "openai":
-                from ..engines.openai import OpenAIEngine
-
-                holder["engine"] = OpenAIEngine.from_config(run_cfg)
-            elif art is None:
-                from ..engines.vllm import VLLMEngine
-
-                holder["engine"] = VLLMEngine.from_config(run_cfg)
-            else:
-                from ..engines.vllm import LORA_NAME, VLLMEngine, export_for_vllm
-
-                _, adapter, max_rank = export_for_vllm(art, quiet)
-                holder["engine"] = VLLMEngine.from_config(run_cfg, loras={LORA_NAME: str(adapter)},
-                                                          max_lora_rank=max_rank)
-        return holder["engine"]
-
-    def routed(force: Optional[bool]):
-        from ..engines.routed import RoutedEngine
-        from ..engines.vllm import LORA_NAME
-
-        if "router" not in holder:
-            from ..serve.backend import load_router
-
-            holder["router"] = load_router(str(art), cfg.device or "auto", cfg.dtype or "auto", cfg.trust_remote_code)
-        return RoutedEngine(server(), holder["router"], LORA_NAME, force=force)
-
-    factories: dict = {"base": server}
     shown = cfg.model if cfg.engine == "openai" else _model_display(base_model)  # openai: the served name
+    factories: dict = {"base": systems.base}
     identities = {"base": f"base:{shown}{suffix}"}
     if art is not None:
-        factories["lora"] = lambda: routed(True)
-        factories["prism"] = lambda: routed(None)
+        factories["lora"] = lambda: systems.routed(True)
+        factories["prism"] = lambda: systems.routed(None)
         identities["lora"] = f"lora:{art}{suffix}"
         identities["prism"] = f"prism:{art}{suffix}"
     provider = EngineProvider(factories, identities)
-    provider.closers.append(lambda: holder["engine"].close() if "engine" in holder else None)
+    provider.closers.append(systems.close)
     return provider
 
 
