@@ -160,7 +160,15 @@ class DistillConfig:
     batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
     max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
+    drop_loops: bool = option(True, "Leave winning answers that loop (the same 1-8 word phrase 4+ times in a row) out of the distillation set: a judge that counts a style's features can prefer a loop, and the LoRA would learn to loop.")
     warmup_ratio: float = option(0.05, "Linear warm-up share of the steps.", at_least=0, below=1)
+
+
+@dataclass
+class CheckConfig:
+    queries: str = option("", "Held-out queries you wrote (.jsonl/.json/.csv with 'domain', 'query' and optionally 'route'): at the end of the run the artifact is checked on them with the run's judge (prism check): routing, behaviour transfer, base identity and loop rates, in RUN/check and the training report.", flag="--heldout", metavar="PATH", group=G_DATA)
+    rewarded: list = option([], "Domains whose held-out queries should be routed (when the file has no 'route' column).")
+    max_new_tokens: int = option(96, "Answer length of the held-out check (greedy decoding).", at_least=1)
 
 
 @dataclass
@@ -177,6 +185,7 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +427,7 @@ def read_config_file(path: str | Path) -> dict:
 
 def resolve_file_paths(data: dict, base: Path) -> dict:
     """Paths written in a config file are relative to that file (not to where ``prism`` runs):
-    persona files, the queries file and a ``path/to/judge.py:function`` judge."""
+    persona files, the queries file, the held-out file and a ``path/to/judge.py:function`` judge."""
 
     def absolute(value: str) -> str:
         path = Path(value).expanduser()
@@ -431,6 +440,9 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     queries = data.get("queries")
     if isinstance(queries, dict) and isinstance(queries.get("queries_file"), str) and queries["queries_file"]:
         queries["queries_file"] = absolute(queries["queries_file"])
+    check = data.get("check")
+    if isinstance(check, dict) and isinstance(check.get("queries"), str) and check["queries"]:
+        check["queries"] = absolute(check["queries"])
     judge = data.get("judge")
     if isinstance(judge, dict) and isinstance(judge.get("judge"), str):
         spec = judge["judge"]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from prism_persona.errors import PrismError
-from prism_persona.evals.check import HeldoutQuery, is_loop, load_heldout, run_check, summarise
+from prism_persona.evals.check import HeldoutQuery, load_heldout, run_check, summarise
+from prism_persona.text import is_loop
 from prism_persona.store import JsonlStore
 from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
 

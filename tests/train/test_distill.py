@@ -180,6 +180,20 @@ def test_run_distill_without_positives_saves_untrained_adapter(fresh, tmp_path):
     assert (RunDir(cfg.out).path("distill") / "adapter" / "adapter_config.json").is_file()
 
 
+def test_looping_winners_are_left_out_of_the_distillation_set(fresh, tmp_path, caplog):
+    model, tok = fresh
+    recs = records(6)  # winners: k1 k2 k4 k5
+    recs[1]["persona_answer"] = "Aye, aye, aye, aye, aye, aye, the moon!"
+    recs[3]["persona_answer"] = "Arr, arr, arr, arr, arr."  # a loser: its label already keeps it out
+    cfg = _cfg(tmp_path, epochs=1)
+    info = run_distill(RunDir(cfg.out), cfg, recs, model, tok)
+    assert info["dropped_loops"] == 1 and info["examples"] == 3
+    assert "1 of 4 winning answers loop" in caplog.text
+    cfg_all = _cfg(tmp_path / "all", epochs=1, drop_loops=False)
+    info = run_distill(RunDir(cfg_all.out), cfg_all, recs, model, tok)
+    assert info["dropped_loops"] == 0 and info["examples"] == 4
+
+
 def test_ce_loss_runs(fresh, tmp_path):
     from prism_persona.train.distill import attach_lora
 

@@ -86,6 +86,54 @@ def test_run_builds_artifact_report_and_resumes(tiny_model_dir, tmp_path, fake_b
     assert "prism chat --prism" in capsys.readouterr().out
 
 
+def test_run_with_heldout_checks_the_artifact_and_reports_it(tiny_model_dir, tmp_path, fake_bootstrap, capsys,
+                                                              monkeypatch):
+    persona = tmp_path / "persona.txt"
+    persona.write_text("You are a pirate. Say arr.")
+    judge = tmp_path / "judge.py"
+    judge.write_text("def judge(query, a, b, domain=''):\n    return 'A' if len(a) > len(b) else 'B'\n")
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps({"domain": d, "query": f"{d} question {i}?"}) + "\n"
+                            for d in DOMAINS for i in range(3)))
+    out = tmp_path / "run"
+    args = _run_args(tiny_model_dir, out) + [
+        "--persona-file", f"writing={persona}", "--persona-file", f"coding={persona}", "--judge", f"{judge}:judge",
+        "--heldout", str(held), "--set", "check.rewarded=[\"writing\"]", "--set", "check.max_new_tokens=4"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"domain": "law", "query": "Is this legal?"}) + "\n")
+    import prism_persona.train.pipeline as P
+
+    with monkeypatch.context() as m:  # a held-out domain the run lacks: refused before any model loads
+        m.setattr(P, "load_base", lambda cfg: pytest.fail("model loaded"))
+        assert cli.main(args[:-6] + ["--heldout", str(bad)]) == 2
+    assert "domain(s) law are not among the run's domains" in capsys.readouterr().err
+
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    chk = json.loads((out / "check" / "check.json").read_text())
+    assert {q for q in chk["domains"]} == set(DOMAINS) and chk["domains"]["writing"]["n"] == 3
+    assert chk["gate_vs_expected_route"]["n"] == 6  # --set check.rewarded labels the expected routes
+    rep = json.loads((out / "training_report.json").read_text())
+    assert rep["heldout_check"]["overall"] == chk["overall"] and "check" in rep["stage_seconds"]
+    md = (out / "training_report.md").read_text()
+    assert "## Held-out check" in md and "## Gate (in-distribution)" in md
+    assert "held-out check" in printed
+
+    # resume: answers and verdicts of the check are reused, nothing is generated again
+    import prism_persona.evals.check as K
+
+    monkeypatch.setattr(K, "write_answers", lambda *a, **k: None)
+    before = (out / "check" / "answers.jsonl").read_text()
+    assert cli.main(["run", "--out", str(out), "-q"]) == 0
+    assert (out / "check" / "answers.jsonl").read_text() == before
+
+    from prism_persona.train.pipeline import redo
+
+    assert "check" in redo(out, "distill")  # a retrained LoRA is checked again
+    assert not (out / "check").exists()
+
+
 @pytest.fixture(scope="module")
 def artifact(tiny_model_dir, tmp_path_factory):
     """An artifact made by `prism bootstrap`-free single stages: `prism gate`, then `prism distill`."""

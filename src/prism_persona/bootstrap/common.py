@@ -61,7 +61,9 @@ def stage_settings(cfg, stage: str) -> dict:
     p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
     s: dict = {"model": cfg.model.model, "seed": cfg.seed,
                "persona": {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                           "prefill": p.prefill, "files": persona_file_hashes(cfg)}}
+                           "files": persona_file_hashes(cfg)}}
+    if any(d not in p.persona_files for d in p.domains):  # the model writes some personas
+        s["persona"]["prefill"] = p.prefill
     if stage == "personas":
         return s
     s["persona"].update(use_length=p.use_length, placement=p.placement)

@@ -25,7 +25,7 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("bootstrap", help="write personas, queries and answers; self-judge them (resumable)",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pipeline_options(p)
+    add_pipeline_options(p, check=False)
     add_common(p)
     p.set_defaults(func=run)
 

@@ -18,12 +18,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None:
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
-    one (type, choices, help and default from config.py), plus the flags that are not one setting."""
+    one (type, choices, help and default from config.py), plus the flags that are not one setting.
+    ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
     from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig, add_flags
 
-    groups = add_flags(p, RunConfig, flagged_only=True)
+    groups = add_flags(p, RunConfig, flagged_only=True, skip=() if check else ("check",))
     g = groups[G_RUN]
     g.add_argument("--config", help="JSON or TOML config file (see `prism config --show`)")
     g.add_argument("--redo", metavar="STAGE", choices=["personas", "queries", "answers", "verdicts", "gate", "distill"],
@@ -72,8 +73,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         files[dom.strip()] = str(Path(path).expanduser().resolve())
     if files:
         _put(o, "persona.persona_files", files)
-    if o.get("queries", {}).get("queries_file"):
-        o["queries"]["queries_file"] = str(Path(o["queries"]["queries_file"]).expanduser().resolve())
+    for section, key in (("queries", "queries_file"), ("check", "queries")):
+        if o.get(section, {}).get(key):
+            o[section][key] = str(Path(o[section][key]).expanduser().resolve())
     for item in given.get("set") or []:
         if "=" not in item:
             raise PrismError(f"--set wants KEY=VALUE, got '{item}'")

@@ -46,6 +46,12 @@ def print_result(res: dict) -> None:
               f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}")
     if d.get("steps") is not None:
         print(f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}")
+    chk = rep.get("heldout_check")
+    if chk:
+        o, gr = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
+        print(f"held-out check ({chk.get('heldout')}): gate AUC {fmt_cell(gr.get('auc'))}, transfer "
+              f"{fmt_cell(o.get('transfer_ratio'))}, base identity {fmt_cell(o.get('base_identity'))} of "
+              f"{o.get('unrouted')} unrouted; details in {res['run'].path('check') / 'check.md'}")
     print(f"report: {res['run'].path('training_report.md')}")
     if res["artifact"]:
         art = res["artifact"]

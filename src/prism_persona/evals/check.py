@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import PrismError
+from ..text import is_loop
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +115,6 @@ def artifact_fingerprint(artifact) -> str:
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-# -------------------------------------------------------------------------------------------- loops
-
-
-_WORD = re.compile(r"\w+", re.U)
-
-
-def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
-    """True when the answer repeats the same 1..``max_n``-word phrase ``min_repeats`` times in a row
-    (``"word, word, word, word"``, a sentence over and over): a degenerate, looping answer."""
-    words = [w.lower() for w in _WORD.findall(text)]
-    for n in range(1, max_n + 1):
-        need = n * min_repeats
-        for start in range(0, len(words) - need + 1):
-            gram = words[start:start + n]
-            if all(words[start + k * n:start + (k + 1) * n] == gram for k in range(1, min_repeats)):
-                return True
-    return False
 
 
 # -------------------------------------------------------------------------------------------- work

@@ -97,6 +97,24 @@ def build_example(tokenizer, query: str, answer: str, persona: Optional[str], pl
                    t_start=len(t_prompt), s_start=len(s_prompt), n=n)
 
 
+def without_loops(records: Sequence[dict]) -> tuple[list, int]:
+    """The records minus the winners whose persona answer loops (:func:`~prism_persona.text.is_loop`),
+    and how many were dropped (logged): degenerate text is never distilled, whatever the judge said."""
+    from ..text import is_loop
+
+    kept, dropped = [], 0
+    for rec in records:
+        if int(rec.get("label", 0)) == 1 and is_loop(rec.get("persona_answer") or ""):
+            dropped += 1
+            continue
+        kept.append(rec)
+    if dropped:
+        wins = sum(int(r.get("label", 0)) == 1 for r in records)
+        log.warning("distill: %d of %d winning answers loop (a phrase repeated 4+ times in a row) and are "
+                    "left out of the distillation set", dropped, wins)
+    return kept, dropped
+
+
 def build_examples(tokenizer, records: Sequence[dict], max_length: int,
                    teacher_persona: bool = True) -> list[Example]:
     """Examples for the records with label 1. ``teacher_persona=False`` drops the persona from the
@@ -453,6 +471,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
                                       cfg.model.trust_remote_code)
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
+    records, dropped_loops = without_loops(records) if getattr(dcfg, "drop_loops", True) else (list(records), 0)
     examples = build_examples(tokenizer, records, dcfg.max_length)
     examples, val_examples = split_examples(examples, float(getattr(dcfg, "val_fraction", 0.0)), cfg.seed)
     peft_model = attach_lora(model, dcfg)
@@ -544,7 +563,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     save_adapter(peft_model, adapter)
     png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
     info = {
-        "examples": len(examples), "heldout_examples": len(val_examples), "steps": step, "epochs": epochs,
+        "examples": len(examples), "heldout_examples": len(val_examples), "dropped_loops": dropped_loops, "steps": step, "epochs": epochs,
         "epochs_run": state["epoch"], "loss": dcfg.loss, "lr": dcfg.lr,
         "heldout_kl": state["heldout_kl"], "best_epoch": state["best_epoch"] if val_examples else state["epoch"],
         "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,

@@ -72,10 +72,39 @@ def preflight(cfg, engine, judge) -> None:
         from ..bootstrap.query_file import check_queries_file
 
         check_queries_file(cfg.queries.queries_file, cfg.persona.domains)
+    if cfg.check.queries:
+        check_heldout_file(cfg)
     if engine is None:
         from ..engines import check_engine
 
         check_engine(cfg)
+
+
+def check_heldout_file(cfg) -> None:
+    """One-line errors for a ``--heldout`` file that cannot be read or names a domain the run lacks."""
+    from ..evals.check import load_heldout
+
+    items = load_heldout(cfg.check.queries, cfg.check.rewarded)
+    unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
+    if unknown:
+        raise PrismError(f"--heldout {cfg.check.queries}: domain(s) {', '.join(unknown)} are not among the run's "
+                         f"domains ({', '.join(cfg.persona.domains)})")
+
+
+def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
+    """``prism check`` of the run's artifact on ``cfg.check.queries`` with the run's judge, into
+    ``RUN/check`` (resumable; redone after ``--redo gate|distill``). An already loaded base model
+    (``model``, ``tok``) is reused, and modified: the artifact's adapter is installed into it."""
+    from ..evals.check import run_check
+    from ..gated.model import GatedModel
+
+    m, c = cfg.model, cfg.check
+    gated = GatedModel.from_pretrained(run.path("prism"), device=m.device, dtype=m.dtype, batch_size=m.batch_size,
+                                       base=(model, tok) if model is not None else None,
+                                       trust_remote_code=m.trust_remote_code)
+    return run_check(run.path("prism"), c.queries, run.path("check"), judge=cfg.judge.judge,
+                     rewarded=c.rewarded, persona_files=cfg.persona.persona_files, max_new_tokens=c.max_new_tokens,
+                     judge_mode=cfg.judge.mode, batch_size=m.batch_size, quiet=cfg.quiet, gated=gated)
 
 
 def save_config(run: RunDir, cfg) -> None:
@@ -225,7 +254,7 @@ def redo(run_dir, stage: str) -> list[str]:
     stages = redo_stages(stage)
     names = [n for s in stages for n in REDO_FILES[s]]
     names.sort(key=lambda n: not n.endswith(".done.json"))  # markers first
-    names += ["prism", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
+    names += ["prism", "check", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
     removed = []
     for name in names:
         path = run.path(name)
@@ -333,4 +362,11 @@ def _run_pipeline(cfg, engine, judge) -> dict:
     if "bootstrap" in todo:
         seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
     res = train_stages(cfg, model, tok, seconds=seconds)
+    if cfg.check.queries and res["artifact"]:
+        from .report import write_report
+
+        t0 = time.perf_counter()
+        run_heldout_check(cfg, run, model, tok)
+        seconds["check"] = round(time.perf_counter() - t0, 2)
+        res["report"] = write_report(run, load_labelled(run), seconds)
     return {"summary": summary, **res}

@@ -47,17 +47,29 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
                                                 "last_loss", "loss_curve", "loss_plot")},
         "stage_seconds": seconds,
         "artifact": str(run.path("prism")),
+        "heldout_check": _check_summary(run),
     }
+
+
+def _check_summary(run) -> Optional[dict]:
+    """The parts of ``RUN/check/check.json`` (``--heldout``) the training report shows, or ``None``."""
+    rep = run.read_json(os.path.join("check", "check.json"))
+    if not isinstance(rep, dict):
+        return None
+    return {"heldout": rep.get("heldout"), "judge": rep.get("judge"), "overall": rep.get("overall"),
+            "gate_vs_expected_route": rep.get("gate_vs_expected_route"), "domains": rep.get("domains")}
 
 
 def format_report(rep: dict) -> str:
     """Markdown rendering of :func:`build_report`'s dict."""
-    lines = [f"# PRISM training report", "", f"Run: `{rep['run']}`  ", f"Artifact: `{rep['artifact']}`", "",
+    lines = ["# PRISM training report", "", f"Run: `{rep['run']}`  ", f"Artifact: `{rep['artifact']}`", "",
              "## Data", "", "| domain | queries | persona won |", "|---|---|---|"]
     for dom, c in rep["data"]["by_domain"].items():
         lines.append(f"| {dom} | {c['queries']} | {c['persona_won']} |")
     t = rep["data"]["total"]
-    lines += [f"| **total** | {t['queries']} | {t['persona_won']} |", "", "## Gate", ""]
+    lines += [f"| **total** | {t['queries']} | {t['persona_won']} |", "", "## Gate (in-distribution)", "",
+              "Measured on a split of the run's own training queries; `--heldout` (or `prism check`) measures "
+              "the artifact on queries it never saw.", ""]
     g = rep["gate"]
     lines.append(f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
                  f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out.")
@@ -78,6 +90,7 @@ def format_report(rep: dict) -> str:
     if d.get("loss_plot"):
         rel = os.path.relpath(d["loss_plot"], rep["run"])
         lines += ["", f"![loss curve]({rel})"]
+    lines += _check_lines(rep.get("heldout_check"))
     lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     for stage, s in rep["stage_seconds"].items():
         lines.append(f"| {stage} | {fmt_cell(s)} |")
@@ -89,3 +102,22 @@ def write_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
     run.write_json(REPORT_JSON, rep)
     run.path(REPORT_MD).write_text(format_report(rep), encoding="utf-8")
     return rep
+
+
+def _check_lines(chk: Optional[dict]) -> list[str]:
+    """The held-out check section (``--heldout``) of the Markdown report."""
+    if not chk:
+        return []
+    o, g = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
+    lines = ["", "## Held-out check", "",
+             f"Queries `{chk.get('heldout')}`, judge `{chk.get('judge')}` (details: `check/check.md`). "
+             f"Gate AUC {fmt_cell(g.get('auc'))}, balanced accuracy {fmt_cell(g.get('balanced_accuracy'))}; "
+             f"behaviour transfer {fmt_cell(o.get('transfer_ratio'))}; base identity "
+             f"{fmt_cell(o.get('base_identity'))} of {fmt_cell(o.get('unrouted'))} unrouted.", "",
+             "| domain | n | routed | LoRA wins | persona wins | loops base / LoRA / persona / PRISM |",
+             "|---|---|---|---|---|---|"]
+    for dom, b in (chk.get("domains") or {}).items():
+        loops = " / ".join(fmt_cell((b.get("loop_rate") or {}).get(s)) for s in ("base", "lora", "persona", "prism"))
+        lines.append(f"| {dom} | {b.get('n')} | {fmt_cell(b.get('routing_rate'))} | {fmt_cell(b.get('lora_win_rate'))} | "
+                     f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |")
+    return lines
