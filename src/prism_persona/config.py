@@ -126,6 +126,7 @@ class JudgeConfig:
 class GateConfig:
     pooling: str = option("mean", "Gate feature from the layer-0 states of the prompt: 'mean' (mean over the prompt's tokens; generalises to held-out queries, docs/method-check.md) or 'last' (last prompt token, the paper's feature).", choices=("mean", "last"))
     target: str = option("win", "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label) or 'preference' (win 1, base won 0, tie/mixed 0.5).", choices=("win", "preference"))
+    domain_prior: float = option(0.0, "Blend each query's target with its domain's persona win rate: (1 - w) * query target + w * domain win rate. 0 = per-query labels only (the paper's method); 1 = one label per domain. Measured in docs/method-check.md.", at_least=0, at_most=1)
     hidden_sizes: list = option([], "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).")
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
     lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)

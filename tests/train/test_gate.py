@@ -178,6 +178,9 @@ def test_targets_weights_and_near_duplicate_split():
             {"label": 0, "winner": "mixed"}]
     assert gate_targets(recs, "win") == [1.0, 0.0, 0.0, 0.0]
     assert gate_targets(recs, "preference") == [1.0, 0.0, 0.5, 0.5]
+    two = [dict(r, domain=d) for r, d in zip(recs, ["a", "a", "b", "b"])]  # win rates: a 0.5, b 0
+    assert gate_targets(two, "win", domain_prior=0.5) == [0.75, 0.25, 0.0, 0.0]
+    assert gate_targets(two, "win", domain_prior=1.0) == [0.5, 0.5, 0.0, 0.0]
     w = sample_weights([1, 0, 0, 0, 0, 0], ["a", "a", "a", "b", "b", "b"], "domain")
     # cells (a,1) x1, (a,0) x2, (b,0) x3 weigh the same in total
     assert float(w[0]) == pytest.approx(2 * float(w[1])) == pytest.approx(3 * float(w[3]))

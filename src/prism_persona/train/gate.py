@@ -142,24 +142,36 @@ def _bounded(threshold: float, lo: float, hi: float, how: str) -> tuple[float, s
 TIE_WINNERS = ("tie", "mixed", "unparseable")
 
 
-def gate_targets(records: Sequence[dict], target: str = "win") -> list[float]:
+def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: float = 0.0) -> list[float]:
     """The gate's training target per labelled record.
 
     ``win`` (the paper's label): 1 if the persona answer won both orders, else 0. ``preference``: 1 if
     the persona won, 0 if the base answer won, 0.5 for a tie / orders that disagree / an unreadable
     verdict, so the gate estimates how likely the persona answer is to be preferred and a threshold of
-    0.5 means "route where the persona is expected to do better than the base model"."""
+    0.5 means "route where the persona is expected to do better than the base model".
+
+    ``domain_prior`` = w blends each target with the mean target of its domain (the domain's win
+    rate): ``(1 - w) * target + w * domain mean``; a noisy per-query label is pulled towards what
+    the domain as a whole says, and w = 1 is one label per domain."""
     if target == "win":
-        return [float(int(r["label"])) for r in records]
-    if target == "preference":
+        out = [float(int(r["label"])) for r in records]
+    elif target == "preference":
         out = []
         for r in records:
             w = r.get("winner")
             out.append(1.0 if int(r["label"]) else 0.0 if w == "base" else 0.5 if w in TIE_WINNERS else 0.0)
-        return out
-    from ..errors import PrismError
+    else:
+        from ..errors import PrismError
 
-    raise PrismError(f"unknown gate target '{target}'; use win or preference")
+        raise PrismError(f"unknown gate target '{target}'; use win or preference")
+    w = float(domain_prior or 0.0)
+    if w <= 0:
+        return out
+    by_domain: dict = {}
+    for r, t in zip(records, out):
+        by_domain.setdefault(r.get("domain", ""), []).append(t)
+    mean = {d: sum(ts) / len(ts) for d, ts in by_domain.items()}
+    return [(1 - w) * t + w * mean[r.get("domain", "")] for r, t in zip(records, out)]
 
 
 def sample_weights(labels: Sequence[int], groups: Optional[Sequence[str]], balance: str) -> torch.Tensor:
@@ -420,7 +432,8 @@ def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> d
     labels = [int(r["label"]) for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
     bundle = train_gate(feats, labels, cfg.gate, cfg.seed, groups=[r.get("domain", "") for r in records],
-                        targets=gate_targets(records, cfg.gate.target), texts=queries)
+                        targets=gate_targets(records, cfg.gate.target, cfg.gate.domain_prior),
+                        texts=queries)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
