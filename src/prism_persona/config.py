@@ -104,6 +104,7 @@ class QueryConfig:
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
     requests_only: bool = option(True, "Keep only lines that read as a user's question or request (a '?', or starting like 'How', 'Write', 'I need'); drops fragments written in the persona's voice.")
+    topic_check: bool = option(False, "Ask the model, for every generated query, whether it is about its domain (a Yes/No verdict: log-probabilities where the engine has them, else a 3-token reply); queries judged off-domain are dropped and counted per round.")
     queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).", flag="--queries-file", metavar="PATH", group=G_DATA)
 
 

@@ -194,6 +194,42 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     assert len(read_jsonl(run.path("query_rounds.jsonl"))) == 6
 
 
+@pytest.mark.parametrize("scored", [True, False])
+def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, scored):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg(tmp_path, persona={"domains": ["cooking"]},
+                   queries={"queries_per_persona": 3, "per_request": 3, "max_rounds": 2, "topic_check": True})
+    lines = ["How long should I rest a steak?", "Who won the 1990 World Cup final?", "How do I make a roux?"]
+
+    def topic_says(chat):
+        return "World Cup" not in chat[-1]["content"]
+
+    def reply(chat):
+        text = chat[-1]["content"]
+        if text.startswith("Is the following request about cooking?"):
+            return "Yes." if topic_says(chat) else "No, it is not."
+        return "\n".join(lines)
+
+    scorer = (lambda chat, choices: {"Yes": -0.1, "No": -2.0} if topic_says(chat) else {"Yes": -2.0, "No": -0.1})
+    eng = ScriptedEngine(responder=reply, scorer=scorer if scored else None)
+    run = RunDir(cfg.out)
+    got = write_queries(cfg, run, Lazy(lambda: eng), {"cooking": {"short": "You are a chef."}})
+    assert got == {"cooking": 2}
+    assert [q["query"] for q in read_jsonl(run.path("queries.jsonl"))] == [lines[0], lines[2]]
+    rounds = read_jsonl(run.path("query_rounds.jsonl"))
+    assert [r["off_topic"] for r in rounds] == [1, 0]  # round 2 repeats the lines: nothing new to check
+    assert "off-topic for 'cooking', dropped: Who won the 1990 World Cup final?" in caplog.text
+    assert (len(eng.score_calls) > 0) is scored
+    # the default (off) asks nothing and keeps the line
+    cfg2 = make_cfg(tmp_path, "run2", persona={"domains": ["cooking"]},
+                    queries={"queries_per_persona": 3, "per_request": 3})
+    eng2 = ScriptedEngine(responder=reply, scorer=scorer)
+    assert write_queries(cfg2, RunDir(cfg2.out), Lazy(lambda: eng2), {"cooking": {"short": "You are a chef."}}) == {"cooking": 3}
+    assert not eng2.score_calls and all("Is the following" not in c[-1]["content"] for c, _ in eng2.calls)
+
+
 def test_query_prompt_user_placement(tmp_path):
     cfg = make_cfg(tmp_path, persona={"domains": ["law"], "placement": "user"},
                    queries={"queries_per_persona": 2, "per_request": 2})

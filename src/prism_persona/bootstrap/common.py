@@ -70,6 +70,8 @@ def stage_settings(cfg, stage: str) -> dict:
     s["queries"] = {"per_request": q.per_request, "max_rounds": q.max_rounds, "max_new_tokens": q.max_new_tokens,
                     "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars,
                     "requests_only": q.requests_only, "prompt": query_prompt_version()}
+    if q.topic_check:  # absent when off, so runs made before the option existed resume unchanged
+        s["queries"]["topic_check"] = True
     if q.queries_file:  # user queries: the file's content is what the records depend on
         from .query_file import queries_file_hash
 

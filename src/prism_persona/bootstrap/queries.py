@@ -54,6 +54,25 @@ _INSTRUCTION = re.compile(
 _QUOTES = "\"'“”‘’`"
 
 
+TOPIC_PROMPT = ("Is the following request about {domain}? Answer with Yes or No only.\n\n"
+                "Request: {query}")
+"""The topic check (``queries.topic_check``): the query is kept when "Yes" is the likelier answer."""
+
+
+def on_topic(engine, pairs: list) -> list[bool]:
+    """For each ``(domain, query)``: does the model say the query is about the domain? Log-prob
+    verdict (P(Yes) >= P(No)) where the engine scores, else the first word of a short greedy reply
+    (anything but "no" keeps the query)."""
+    if not pairs:
+        return []
+    chats = [[{"role": "user", "content": TOPIC_PROMPT.format(domain=d, query=q)}] for d, q in pairs]
+    scores = engine.score_choices(chats, ["Yes", "No"]) if engine.can_score else None
+    if scores is not None:
+        return [s["Yes"] >= s["No"] for s in scores]
+    outs = engine.generate(chats, SamplingParams(max_new_tokens=3, temperature=0.0))
+    return [not re.match(r"\W*no\b", o.text, re.I) for o in outs]
+
+
 def query_prompt(domain: str, n: int, part: int = 0, parts: int = 1) -> str:
     """The request text. When a round sends several requests they are numbered, so that engines
     that sample identically for an identical prompt and seed (OpenAI-compatible servers) still return
@@ -156,21 +175,23 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
         params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
                                 seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]))
         outs = get_engine().generate([chat for _, chat in requests], params)
+        candidates = _round_candidates(requests, outs, q, seen)
+        off = _off_topic(get_engine(), candidates) if q.topic_check else set()
         new_by_domain: dict = {d: [] for d in todo}
-        for (domain, _), out in zip(requests, outs):
-            for query in parse_queries(out.text, q.min_chars, q.max_chars, q.requests_only):
-                norm = normalise(query)
-                if norm in seen[domain] or len(have[domain]) + len(new_by_domain[domain]) >= target:
-                    continue
-                seen[domain].add(norm)
-                new_by_domain[domain].append({"key": content_key("query", domain, norm), "domain": domain,
-                                              "query": query, "round": next_round[domain]})
+        for i, (domain, query) in enumerate(candidates):
+            if i in off or len(have[domain]) + len(new_by_domain[domain]) >= target:
+                continue
+            new_by_domain[domain].append({"key": content_key("query", domain, normalise(query)), "domain": domain,
+                                          "query": query, "round": next_round[domain]})
         store.extend([rec for d in todo for rec in new_by_domain[d]])
         for domain in todo:
             mine = [o for (d, _), o in zip(requests, outs) if d == domain]
-            rounds.append({"key": content_key("round", domain, next_round[domain]), "domain": domain,
-                           "round": next_round[domain], "requests": len(mine),
-                           "new": len(new_by_domain[domain]), "tokens": sum(o.num_tokens for o in mine)})
+            rec = {"key": content_key("round", domain, next_round[domain]), "domain": domain,
+                   "round": next_round[domain], "requests": len(mine),
+                   "new": len(new_by_domain[domain]), "tokens": sum(o.num_tokens for o in mine)}
+            if q.topic_check:
+                rec["off_topic"] = sum(1 for i in off if candidates[i][0] == domain)
+            rounds.append(rec)
             have[domain] = _domain_queries(store, domain)
             next_round[domain] += 1
             bar.update(len(new_by_domain[domain]))
@@ -181,6 +202,29 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
                         "(raise queries.max_rounds or queries.per_request)",
                         len(have[domain]), target, domain, next_round[domain])
     return {d: min(target, len(v)) for d, v in have.items()}
+
+
+def _round_candidates(requests: list, outs: list, q, seen: dict) -> list[tuple[str, str]]:
+    """``(domain, query)`` of a round's replies not seen before (``seen`` is updated), in order."""
+    out = []
+    for (domain, _), reply in zip(requests, outs):
+        for query in parse_queries(reply.text, q.min_chars, q.max_chars, q.requests_only):
+            norm = normalise(query)
+            if norm not in seen[domain]:
+                seen[domain].add(norm)
+                out.append((domain, query))
+    return out
+
+
+def _off_topic(engine, candidates: list) -> set:
+    """Indices of the candidates the model says are not about their domain (logged)."""
+    keep = on_topic(engine, candidates)
+    off = {i for i, k in enumerate(keep) if not k}
+    for i in sorted(off):
+        log.info("queries: off-topic for '%s', dropped: %s", candidates[i][0], candidates[i][1][:100])
+    if off:
+        log.info("queries: the topic check dropped %d of %d new queries", len(off), len(candidates))
+    return off
 
 
 def add_file_queries(cfg, run: RunDir) -> dict:
