@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -276,6 +277,9 @@ def test_pipeline_files_labels_and_summary(tmp_path):
     assert summary["judge_diagnostics"]["flip_rate"] == 0.0 and summary["judge_diagnostics"]["position_a_rate"] == 0.5
     assert json.loads(run.path("summary.json").read_text())["total"] == summary["total"]
     assert "| writing" in run.path("summary.md").read_text()
+    assert summary["answers"]["looping"] == {"base": 0, "persona": 0}
+    assert re.search(r"looping answers \(a phrase 4\+ times in a row\): base / persona +\| +0 / 0 ",
+                     run.path("summary.md").read_text())
     labelled = load_labelled(cfg.out)
     assert len(labelled) == 10 and all(r["label"] == 1 for r in labelled)
     assert set(labelled[0]) >= {"key", "domain", "query", "persona", "placement", "base_answer", "persona_answer",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ..text import is_loop
+
 OUTCOME_COLUMNS = (("wins", "persona"), ("losses", "base"), ("ties", "tie"), ("mixed", "mixed"),
                    ("unparseable", "unparseable"))
 
@@ -70,6 +72,8 @@ def build_summary(domains: list[str], verdicts: list[dict], answers: list[dict],
             "mean_persona_tokens": _mean(a["persona_tokens"] for a in answers),
             "cut_at_token_limit": sum((a["base_finish"] == "length") + (a["persona_finish"] == "length")
                                       for a in answers),
+            "looping": {"base": sum(is_loop(a.get("base_answer") or "") for a in answers),
+                        "persona": sum(is_loop(a.get("persona_answer") or "") for a in answers)},
         },
         "tokens": tokens,
         "wall_seconds": round(wall_seconds, 2),
@@ -128,6 +132,8 @@ def format_summary(s: dict) -> str:
         ["answer pairs", a["pairs"]],
         ["mean tokens: base / persona answer", f"{_num(a['mean_base_tokens'])} / {_num(a['mean_persona_tokens'])}"],
         ["answers cut at the token limit", a["cut_at_token_limit"]],
+        ["looping answers (a phrase 4+ times in a row): base / persona",
+         f"{(a.get('looping') or {}).get('base', '-')} / {(a.get('looping') or {}).get('persona', '-')}"],
         ["tokens generated (all invocations)", t["total"]["tokens_generated"]],
         ["generation seconds (all invocations)", t["total"]["generate_seconds"]],
         ["tokens/s", _num(t["total"]["tokens_per_s"])],
