@@ -58,6 +58,16 @@ def test_summarise_counts_wins_transfer_identity_and_auc(tmp_path):
     assert rep["domains"]["coding"]["transfer_ratio"] is None  # the persona never won there
     assert o["unrouted"] == 2 and o["base_identity"] == 0.5
     assert rep["gate_vs_expected_route"]["auc"] == 1.0 and rep["gate_vs_expected_route"]["balanced_accuracy"] == 1.0
+    assert o["loops_vs_base"]["lora"] == {"added": 0, "removed": 0, "p": 1.0}
+
+
+def test_paired_loops_counts_discordant_queries_and_tests_them():
+    from prism_persona.evals.check import paired_loops
+
+    assert paired_loops([True, False, False, False], [True, True, True, False]) == {"added": 2, "removed": 0, "p": 0.5}
+    six = paired_loops([False] * 20, [True] * 6 + [False] * 14)  # 6 new loops, none removed: not noise
+    assert six["added"] == 6 and six["p"] == 2 / 2 ** 6
+    assert paired_loops([False, True], [True, False])["p"] == 1.0
 
 
 def test_check_on_a_tiny_artifact_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):

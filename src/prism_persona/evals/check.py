@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -176,6 +177,17 @@ def _rate(num: int, den: int) -> Optional[float]:
     return num / den if den else None
 
 
+def paired_loops(base: Sequence[bool], other: Sequence[bool]) -> dict:
+    """Loops a system adds or removes against the base model on the same queries: ``added`` (it
+    loops, base does not), ``removed`` (the reverse) and the exact two-sided McNemar p-value of that
+    difference (1.0 = no evidence either way; small = a real change, not noise)."""
+    added = sum(1 for b, o in zip(base, other) if o and not b)
+    removed = sum(1 for b, o in zip(base, other) if b and not o)
+    n, k = added + removed, min(added, removed)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"added": added, "removed": removed, "p": p}
+
+
 def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float) -> dict:
     """Per-domain and overall metrics (see the module docstring)."""
     from ..train.gate import binary_metrics
@@ -196,6 +208,9 @@ def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float
             "unrouted": len(unrouted), "base_identity": _rate(same, len(unrouted)),
             "loop_rate": {s: _rate(sum(is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs), len(qs))
                           for s in SYSTEMS},
+            "loops_vs_base": {s: paired_loops([is_loop(answers.get(f"base:{q.key}")["text"]) for q in qs],
+                                              [is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs])
+                              for s in ("lora", "prism")},
         }
         return out
 
@@ -235,6 +250,11 @@ def check_markdown(report: dict) -> str:
         lines.append(f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
                      f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
                      f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |")
+    lv = o["loops_vs_base"]
+    lines += ["", "**Loops against the base model** (same queries; added = the system loops where the base model "
+              "does not, removed = the reverse; p = paired exact McNemar test): "
+              + "; ".join(f"{name} +{lv[s]['added']} / -{lv[s]['removed']} (p = {lv[s]['p']:.2f})"
+                          for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))) + "."]
     lines += ["", "![check](check.png)", ""]
     return "\n".join(lines)
 
