@@ -162,6 +162,7 @@ class DistillConfig:
     batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
     max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
+    retain_weight: float = option(0.0, "Also train on the base model's own answers to queries the persona did not win (as many as there are winners), with KL(base model || student) weighted by this: keeps the LoRA near the base distribution away from the persona's wins (0 = off).", at_least=0)
     drop_loops: bool = option(True, "Leave winning answers that loop (the same 1-8 word phrase 4+ times in a row) out of the distillation set: a judge that counts a style's features can prefer a loop, and the LoRA would learn to loop.")
     warmup_ratio: float = option(0.05, "Linear warm-up share of the steps.", at_least=0, below=1)
 

@@ -194,6 +194,35 @@ def test_looping_winners_are_left_out_of_the_distillation_set(fresh, tmp_path, c
     assert info["dropped_loops"] == 0 and info["examples"] == 4
 
 
+def test_retain_examples_anchor_the_lora_to_the_base_model(fresh, tmp_path):
+    from prism_persona.train.distill import attach_lora, build_retain_examples
+
+    model, tok = fresh
+    recs = records(6)  # losers k0 k3
+    retain = build_retain_examples(tok, recs, 256, n=5, seed=0)
+    assert sorted(e.key for e in retain) == ["retain:k0", "retain:k3"]
+    assert all(e.retain and e.teacher == e.student for e in retain)  # the teacher is the base model itself
+    cfg = _cfg(tmp_path, loss="kl+ce", retain_weight=0.5)
+    pm = attach_lora(model, cfg.distill)
+    pm.eval()  # no LoRA dropout: the losses below are compared exactly
+    assert float(distill_loss(pm, retain, cfg.distill, tok.pad_token_id)) == 0.0  # LoRA B = 0: student == base
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    moved = float(distill_loss(pm, retain, cfg.distill, tok.pad_token_id))
+    assert moved > 0
+    cfg_w = _cfg(tmp_path, loss="kl+ce", retain_weight=1.0)
+    assert abs(float(distill_loss(pm, retain, cfg_w.distill, tok.pad_token_id)) - 2 * moved) < 1e-5
+    winners = build_examples(tok, recs, 256)
+    mixed = float(distill_loss(pm, winners + retain, cfg.distill, tok.pad_token_id))
+    alone = float(distill_loss(pm, winners, cfg.distill, tok.pad_token_id))
+    assert abs(mixed - (alone + moved)) < 1e-4  # the retain term is added, the persona terms unchanged
+    pm.unload()
+    info = run_distill(RunDir(cfg.out), cfg, recs, model, tok)
+    assert info["examples"] == 4 and info["retain_examples"] == 2
+
+
 def test_ce_loss_runs(fresh, tmp_path):
     from prism_persona.train.distill import attach_lora
 

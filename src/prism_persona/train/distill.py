@@ -67,6 +67,9 @@ class Example:
     t_start: int
     s_start: int
     n: int
+    retain: bool = False
+    """A retain example: the base model's own answer to a query the persona did not win; the teacher
+    is the base model (no persona, adapter off), only its KL term counts, weighted ``retain_weight``."""
 
 
 def response_ids(tokenizer, answer: str, finished: bool = True) -> list[int]:
@@ -134,6 +137,23 @@ def build_examples(tokenizer, records: Sequence[dict], max_length: int,
     return out
 
 
+def build_retain_examples(tokenizer, records: Sequence[dict], max_length: int, n: int, seed: int) -> list[Example]:
+    """Up to ``n`` retain examples (:attr:`Example.retain`) from the records the persona did not win,
+    chosen at random with ``seed``; their teacher and student prompts are both the bare query."""
+    losers = [r for r in records if int(r.get("label", 0)) != 1 and r.get("base_answer")]
+    random.Random(seed + 104729).shuffle(losers)
+    out = []
+    for rec in losers:
+        if len(out) >= n:
+            break
+        ex = build_example(tokenizer, rec["query"], rec["base_answer"], None, "system", max_length,
+                           "retain:" + str(rec.get("key", "")), finished=rec.get("base_finish", "stop") != "length")
+        if ex is not None:
+            ex.retain = True
+            out.append(ex)
+    return out
+
+
 def collate(examples: Sequence[Example], side: str, pad_id: int, device) -> dict:
     """Right-padded batch of the teacher or student sequences plus the logit positions that predict
     each response token (``rows``, ``cols``) and the response token ids (``targets``)."""
@@ -142,7 +162,7 @@ def collate(examples: Sequence[Example], side: str, pad_id: int, device) -> dict
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows, cols, targets, retain = [], [], [], []
     for i, (s, st, e) in enumerate(zip(seqs, starts, examples)):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
@@ -150,9 +170,10 @@ def collate(examples: Sequence[Example], side: str, pad_id: int, device) -> dict
             rows.append(i)
             cols.append(st + j - 1)
             targets.append(s[st + j])
+            retain.append(e.retain)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
             "rows": torch.tensor(rows, device=device), "cols": torch.tensor(cols, device=device),
-            "targets": torch.tensor(targets, device=device)}
+            "targets": torch.tensor(targets, device=device), "retain": torch.tensor(retain, device=device)}
 
 
 def _causal_lm(model):
@@ -172,33 +193,44 @@ def response_logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def topk_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+def topk_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float = 1.0,
+            per_token: bool = False) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) on the teacher's top-k tokens, both renormalised
-    over those k tokens at ``temperature``, times T^2."""
+    over those k tokens at ``temperature``, times T^2 (``per_token``: one value per token, no mean)."""
     t = teacher_logits.float() / temperature
     vals, idx = t.topk(min(int(k), t.shape[-1]), dim=-1)
     logp = torch.log_softmax(vals, dim=-1)
     logq = torch.log_softmax(student_logits.float().gather(-1, idx) / temperature, dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
-    return kl.mean() * temperature ** 2
+    kl = (logp.exp() * (logp - logq)).sum(-1) * temperature ** 2
+    return kl if per_token else kl.mean()
 
 
 def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch.Tensor:
-    """The loss of one batch (gradients flow into the student's LoRA only)."""
+    """The loss of one batch (gradients flow into the student's LoRA only): on the persona's winning
+    answers ``kl``, ``ce`` or ``kl + sft_weight * ce``; plus ``retain_weight`` x the mean KL(base ||
+    student) on the retain examples' tokens (:func:`build_retain_examples`) when the batch has any."""
     device = next(model.parameters()).device
     student = collate(examples, "student", pad_id, device)
     s_logits = response_logits(model, student)
-    ce = torch.nn.functional.cross_entropy(s_logits, student["targets"])
-    if dcfg.loss == "ce":
-        return ce
+    retain = student["retain"]
+    persona = ~retain
+    zero = s_logits.sum() * 0.0
+    loss = zero
+    if dcfg.loss in ("ce", "kl+ce") and bool(persona.any()):
+        ce = torch.nn.functional.cross_entropy(s_logits[persona], student["targets"][persona])
+        loss = loss + (ce if dcfg.loss == "ce" else float(getattr(dcfg, "sft_weight", 1.0)) * ce)
+    if dcfg.loss == "ce" and not bool(retain.any()):
+        return loss
     teacher = collate(examples, "teacher", pad_id, device)
     assert torch.equal(teacher["targets"], student["targets"]), "teacher/student response tokens differ"
     with torch.no_grad(), _adapter_off(model):
         t_logits = response_logits(model, teacher)
-    kl = topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature)
-    if dcfg.loss == "kl+ce":
-        return kl + float(getattr(dcfg, "sft_weight", 1.0)) * ce
-    return kl
+    kl = topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature, per_token=True)
+    if dcfg.loss in ("kl", "kl+ce") and bool(persona.any()):
+        loss = loss + kl[persona].mean()
+    if bool(retain.any()):
+        loss = loss + float(getattr(dcfg, "retain_weight", 0.0)) * kl[retain].mean()
+    return loss
 
 
 @torch.no_grad()
@@ -474,6 +506,10 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     records, dropped_loops = without_loops(records) if getattr(dcfg, "drop_loops", True) else (list(records), 0)
     examples = build_examples(tokenizer, records, dcfg.max_length)
     examples, val_examples = split_examples(examples, float(getattr(dcfg, "val_fraction", 0.0)), cfg.seed)
+    n_retain = 0
+    if float(getattr(dcfg, "retain_weight", 0.0)) > 0 and examples:
+        retain = build_retain_examples(tokenizer, records, dcfg.max_length, len(examples), cfg.seed)
+        examples, n_retain = examples + retain, len(retain)
     peft_model = attach_lora(model, dcfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg.lr, weight_decay=0.0)
@@ -557,13 +593,14 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     if not dp.is_main:  # rank 0 writes the results; the others are done
         dp.barrier()
         peft_model.unload().eval()
-        return {"examples": len(examples), "steps": step, "rank": dp.rank}
+        return {"examples": len(examples) - n_retain, "steps": step, "rank": dp.rank}
     if adapter.exists():
         shutil.rmtree(adapter)
     save_adapter(peft_model, adapter)
     png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
     info = {
-        "examples": len(examples), "heldout_examples": len(val_examples), "dropped_loops": dropped_loops, "steps": step, "epochs": epochs,
+        "examples": len(examples) - n_retain, "heldout_examples": len(val_examples), "dropped_loops": dropped_loops,
+        "retain_examples": n_retain, "steps": step, "epochs": epochs,
         "epochs_run": state["epoch"], "loss": dcfg.loss, "lr": dcfg.lr,
         "heldout_kl": state["heldout_kl"], "best_epoch": state["best_epoch"] if val_examples else state["epoch"],
         "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,
