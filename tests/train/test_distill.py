@@ -205,18 +205,23 @@ def test_retain_examples_anchor_the_lora_to_the_base_model(fresh, tmp_path):
     cfg = _cfg(tmp_path, loss="kl+ce", retain_weight=0.5)
     pm = attach_lora(model, cfg.distill)
     pm.eval()  # no LoRA dropout: the losses below are compared exactly
-    assert float(distill_loss(pm, retain, cfg.distill, tok.pad_token_id)) == 0.0  # LoRA B = 0: student == base
+
+    def loss(examples, c):
+        with torch.no_grad():
+            return float(distill_loss(pm, examples, c.distill, tok.pad_token_id))
+
+    assert loss(retain, cfg) == 0.0  # LoRA B = 0: student == base
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    moved = float(distill_loss(pm, retain, cfg.distill, tok.pad_token_id))
+    moved = loss(retain, cfg)
     assert moved > 0
     cfg_w = _cfg(tmp_path, loss="kl+ce", retain_weight=1.0)
-    assert abs(float(distill_loss(pm, retain, cfg_w.distill, tok.pad_token_id)) - 2 * moved) < 1e-5
+    assert abs(loss(retain, cfg_w) - 2 * moved) < 1e-5
     winners = build_examples(tok, recs, 256)
-    mixed = float(distill_loss(pm, winners + retain, cfg.distill, tok.pad_token_id))
-    alone = float(distill_loss(pm, winners, cfg.distill, tok.pad_token_id))
+    mixed = loss(winners + retain, cfg)
+    alone = loss(winners, cfg)
     assert abs(mixed - (alone + moved)) < 1e-4  # the retain term is added, the persona terms unchanged
     pm.unload()
     info = run_distill(RunDir(cfg.out), cfg, recs, model, tok)
