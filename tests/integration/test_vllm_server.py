@@ -334,3 +334,53 @@ def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp
     rate = agreement([vl[k]["response"] for k in pku], [hf[k]["response"] for k in pku])
     report("prism eval: greedy PKU response agreement, vLLM vs HF (base, lora, prism)", rate)
     assert rate >= 0.75, [(vl[k]["response"], hf[k]["response"]) for k in pku]
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bootstrap_parity_hf_vs_vllm_at_temperature_0(server, tiny, tmp_path):
+    """scripts/bootstrap_parity.py on the tiny model (float32, CPU), attached to the module's server:
+    the answers stage on identical inputs and the judge on identical answers agree with the HF engine.
+    Thresholds from the measurement (docs/serving.md): answers 8/8 equal up to a trailing cut byte,
+    verdicts on the HF answers 8/8; the tiny model's personas are all the template fallback."""
+    parity = _load_script("bootstrap_parity")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"domain": d, "query": f"{q} ({d})?"}) + "\n" for d in ("poetry", "code")
+                               for q in ("write something", "explain this", "fix my code", "what is 2+2")))
+    record = parity.main(["--model", str(tiny["model"]), "--base-url", server.base_url, "--work", str(tmp_path / "w"),
+                          "--domains", "poetry,code", "--queries", "4", "--queries-file", str(queries),
+                          "--answer-tokens", "16", "--persona-tokens", "16", "-q"])
+    given_queries = record["results"]["vllm-answers (hf personas+queries)"]
+    judge_only = record["results"]["vllm-verdicts (hf answers)"]
+    for field in ("base_answer", "persona_answer"):
+        report(f"bootstrap parity: {field} agreement on identical inputs", given_queries["answers"][field]["rate"])
+        assert given_queries["answers"][field]["n"] == 8 and given_queries["answers"][field]["rate"] >= 0.75
+    report("bootstrap parity: verdict agreement on identical answers", judge_only["verdicts"]["winner"]["rate"])
+    assert judge_only["verdicts"]["winner"] == {"equal": 8, "n": 8, "rate": 1.0}
+    assert judge_only["verdicts"]["label"]["rate"] == 1.0
+
+
+def test_prism_generate_engine_vllm_base_model_matches_the_hf_engine(server, tiny, tmp_path):
+    """`prism generate --engine vllm --base-url URL --model M` (a base model, no artifact) against the
+    HF engine's greedy answers."""
+    from prism_persona.cli import main
+    from prism_persona.engines.hf import HFEngine
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": c[0]["content"]}) + "\n" for c in CHATS))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--engine", "vllm", "--base-url", server.base_url, "--model", str(tiny["model"]),
+                 "--input", str(prompts), "--output", str(out), "--max-new-tokens", "24", "-q"]) == 0
+    got = [json.loads(line)["response"] for line in out.read_text().splitlines()]
+    want = [c.text for c in HFEngine.load(str(tiny["model"]), "float32", "cpu", batch_size=8).generate(CHATS, GREEDY)]
+    rate = agreement(got, want)
+    report("prism generate --engine vllm (base model) vs HF engine greedy agreement", rate)
+    assert rate >= 0.75, list(zip(got, want))
