@@ -269,7 +269,8 @@ def test_bootstrap_through_vllm_resumes_after_the_server_dies(server, vllm_pytho
         "persona": {"domains": ["poetry", "code"], "persona_files": {k: str(v) for k, v in personas.items()}},
         "queries": {"queries_file": str(queries), "queries_per_persona": 4},
         "answers": {"max_new_tokens": 12}, "judge": {"mode": "logprob"},
-        "engine": {"engine": "vllm", "base_url": server.base_url, "max_retries": 1}})
+        "engine": {"engine": "vllm", "base_url": server.base_url, "max_retries": 1,
+                   "concurrency": 4}})  # answers in calls of 4 chats (2 queries): several chunks
     engine = make_engine(cfg)
     original, calls = engine.generate, []
 
