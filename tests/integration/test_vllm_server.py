@@ -180,15 +180,17 @@ def router(vllm_python, tiny):
     assert not _vllm_processes(str(tiny["model"])), "vLLM outlived prism serve"
 
 
-def _vllm_processes(model: str) -> list[str]:
-    """Running vLLM API servers with a LoRA on ``model`` (the module's own server has none)."""
+def _vllm_processes(needle: str) -> list[str]:
+    """Running vLLM API servers with a LoRA whose command line mentions ``needle`` (the model, or the
+    cache the adapter was exported to; the module's own server has no LoRA)."""
     out = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"vllm.entrypoints.openai.api_server" in argv and model.encode() in argv and b"--enable-lora" in argv:
+        if b"vllm.entrypoints.openai.api_server" in argv and b"--enable-lora" in argv \
+                and any(needle.encode() in arg for arg in argv):
             out.append(cmdline.parent.name)
     return out
 
@@ -317,7 +319,7 @@ def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp
     assert main(common + ["--engine", "vllm", "--vllm-python", vllm_python, "--out", str(tmp_path / "vllm"),
                           "--vllm-args", "--max-model-len 1024 --max-num-seqs 16"]) == 0
     assert "prism starts vLLM" in (tmp_path / "vllm" / "logs" / "vllm.log").read_text()
-    assert not _vllm_processes(str(tiny["model"])), "vLLM outlived prism eval"
+    assert not _vllm_processes(str(tmp_path / "cache")), "vLLM outlived prism eval"  # its adapter is in this cache
 
     def records(name):
         rows = [json.loads(line) for line in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
