@@ -329,6 +329,8 @@ def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp
     assert hf.keys() == vl.keys()
     routed = [(hf[k]["meta"]["routed"], vl[k]["meta"]["routed"]) for k in hf if k[0] == "prism"]
     assert all(a == b for a, b in routed) and len(routed) == 7  # 4 MMLU + 3 PKU items
+    report("prism eval: rows the gate routed to the adapter (of 7)", sum(a for a, _ in routed))
+    assert 0 < sum(a for a, _ in routed) < 7  # both paths of the prism system exercised (measured: 6 routed)
     mmlu = [k for k in hf if k[1] == "mmlu"]
     worst = max(abs(hf[k]["scores"][c] - vl[k]["scores"][c]) for k in mmlu for c in "ABCD")
     report("prism eval: max |MMLU letter log P| difference, vLLM vs HF (base, lora, prism)", worst)
