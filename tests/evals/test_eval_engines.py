@@ -135,3 +135,19 @@ def test_study_engine_vllm_starts_and_stops_its_server(tmp_path, monkeypatch, ti
     recs = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert recs and all(r["response"].endswith(" tokens") for r in recs)  # the stand-in server's answers
     assert "prism starts vLLM" in (out / "logs" / "vllm.log").read_text()
+
+
+def test_study_with_an_artifact_routes_on_the_vllm_server(tmp_path, monkeypatch, tiny_model_dir, fake_python):
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism", cache=False)
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "st"
+    assert main(["study", "--prism", str(art), "--engine", "vllm", "--vllm-python", fake_python, "--benchmarks", "pku",
+                 "--pku", str(FIX / "pku_small.json"), "--refusal-classifier", "string", "--limit", "2",
+                 "--safety-tokens", "3", "--resamples", "20", "--out", str(out), "-q"]) == 0
+    recs = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    prism_rows = [r for r in recs if r["system"] == "prism"]
+    assert prism_rows and all(r["response"].startswith("prism:" if r["meta"]["routed"] else str(tiny_model_dir))
+                              for r in prism_rows)
+    assert all(r["response"].startswith("prism:") for r in recs if r["system"] == "lora")
