@@ -151,3 +151,16 @@ def test_study_with_an_artifact_routes_on_the_vllm_server(tmp_path, monkeypatch,
     assert prism_rows and all(r["response"].startswith("prism:" if r["meta"]["routed"] else str(tiny_model_dir))
                               for r in prism_rows)
     assert all(r["response"].startswith("prism:") for r in recs if r["system"] == "lora")
+
+
+def test_attaching_to_a_vllm_without_the_adapter_is_one_line(tmp_path, capsys, tiny_model_dir, fake_python):
+    from prism_persona.engines.vllm import VLLMServer
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism", cache=False)
+    with VLLMServer(str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", quiet=True) as srv:
+        rc = main(["eval", "--prism", str(art), "--systems", "base,lora", "--engine", "vllm", "--base-url", srv.base_url,
+                   "--benchmarks", "pku", "--pku", str(FIX / "pku_small.json"), "--refusal-classifier", "string",
+                   "--limit", "2", "--out", str(tmp_path / "e"), "-q"])
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert rc == 2 and len(err) == 1 and "does not serve the adapter 'prism'" in err[0], err

@@ -79,6 +79,10 @@ class ServerSystems:
                 from .vllm import VLLMEngine
 
                 self._engine = VLLMEngine.from_config(self.cfg)
+            elif self.cfg.engine.base_url:  # attached: the server must already serve the adapter by name
+                from .vllm import LORA_NAME, VLLMEngine
+
+                self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: ""})
             else:
                 from .vllm import LORA_NAME, VLLMEngine, export_for_vllm
 
@@ -94,12 +98,13 @@ class ServerSystems:
 
         if self.artifact is None:
             raise PrismError("routing needs a PRISM artifact (--prism ART)")
+        server = self.base()  # the server first: a missing adapter is reported before the router loads
         if self._router is None:
             from ..serve.backend import load_router
 
             m = self.cfg.model
             self._router = load_router(str(self.artifact), m.device, m.dtype, self.trust_remote_code)
-        return RoutedEngine(self.base(), self._router, LORA_NAME, force=force)
+        return RoutedEngine(server, self._router, LORA_NAME, force=force)
 
     def close(self) -> None:
         if self._engine is not None:
