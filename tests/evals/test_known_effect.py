@@ -36,7 +36,6 @@ def _subset(src: Path, dst: Path, per_domain: int) -> Path:
 @pytest.mark.slow
 def test_known_effect_on_held_out_queries(tmp_path):
     from prism_persona import config as C
-    from prism_persona.evals.check import run_check
     from prism_persona.train.pipeline import run_pipeline
 
     train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
@@ -49,10 +48,12 @@ def test_known_effect_on_held_out_queries(tmp_path):
         "answers": {"max_new_tokens": 32},
         "judge": {"judge": judge},
         "distill": {"loss": "kl+ce", "min_steps": 30},
+        "check": {"queries": str(KIT / "heldout.jsonl"), "max_new_tokens": 32},  # prism run --heldout
     })
     out = run_pipeline(cfg)
-    rep = run_check(out["artifact"], KIT / "heldout.jsonl", tmp_path / "check", judge=judge, max_new_tokens=32,
-                    device="cpu", dtype="float32", quiet=True)
+    check_dir = tmp_path / "run" / "check"
+    rep = json.loads((check_dir / "check.json").read_text())
+    assert out["report"]["heldout_check"]["overall"] == rep["overall"]
     stories, cooking = rep["domains"]["stories"], rep["domains"]["cooking"]
     msg = json.dumps({k: rep[k] for k in ("overall", "domains", "gate_vs_expected_route")}, indent=1, default=str)
     assert stories["routing_rate"] >= 0.6, msg
@@ -61,4 +62,4 @@ def test_known_effect_on_held_out_queries(tmp_path):
     assert stories["persona_win_rate"] > 0 and stories["transfer_ratio"] >= 0.5, msg
     assert rep["overall"]["unrouted"] > 0 and rep["overall"]["base_identity"] == 1.0, msg
     for name in ("check.json", "check.md", "check.png"):
-        assert (tmp_path / "check" / name).is_file()
+        assert (check_dir / name).is_file()
