@@ -61,7 +61,7 @@ def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict], p
         return 0
     judge = get_judge()
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
-    for batch in chunks(todo, chunk_size(cfg)):
+    for batch in chunks(todo, chunk_size(cfg, getattr(judge, "engine", None))):  # a server judge gets full calls
         results = judge_swapped_batch(judge, [(a["query"], a["persona_answer"], a["base_answer"], a["domain"],
                                                persona_text(personas, a, cfg)) for a in batch])
         store.extend(verdict_record(a, r, judge) for a, r in zip(batch, results))
