@@ -453,3 +453,21 @@ def http_request(server, method: str, path: str, body=None, headers=None, raw: b
         return resp.status, resp.headers, parsed  # HTTPMessage: header names case-insensitive, as in HTTP
     finally:
         conn.close()
+
+
+def vllm_server_pids(needle: str) -> list[str]:
+    """PIDs of running vLLM API servers (real or stand-in) started with ``--enable-lora`` whose command
+    line mentions ``needle`` (a model path, or the cache an adapter was exported to): tests use it to
+    check that no server outlives the command that started it."""
+    from pathlib import Path
+
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and b"--enable-lora" in argv \
+                and any(needle.encode() in arg for arg in argv):
+            out.append(cmdline.parent.name)
+    return out

@@ -8,20 +8,6 @@ import pytest
 
 from prism_persona.engines.base import SamplingParams
 from prism_persona.engines.routed import RoutedEngine
-from prism_persona.engines.vllm import VLLMEngine, VLLMServer
-
-
-@pytest.fixture
-def server_engine(fake_python, tmp_path, monkeypatch, tiny_model_dir):
-    """A VLLMEngine on the stand-in vLLM server (base 'tiny', LoRA 'prism'); requests logged."""
-    from prism_persona.models import load_tokenizer
-
-    monkeypatch.setenv("FAKE_VLLM_REQUESTS", str(tmp_path / "requests.jsonl"))
-    srv = VLLMServer(str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", loras={"prism": "/a"},
-                     quiet=True).start()
-    engine = VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(tiny_model_dir)), server=srv, concurrency=4)
-    yield engine
-    engine.close()
 
 
 class KeywordRouter:
@@ -43,23 +29,23 @@ CHATS = [[{"role": "user", "content": "as an expert, explain tides"}],
 
 
 @pytest.mark.parametrize("force, want", [(None, [True, False, True]), (True, [True] * 3), (False, [False] * 3)])
-def test_rows_go_to_the_lora_or_the_base_as_routed(server_engine, force, want):
-    engine = RoutedEngine(server_engine, KeywordRouter(), "prism", force=force)
+def test_rows_go_to_the_lora_or_the_base_as_routed(fake_engine, force, want):
+    engine = RoutedEngine(fake_engine, KeywordRouter(), "prism", force=force)
     outs = engine.generate(CHATS, SamplingParams(max_new_tokens=4))
     assert [o.meta["routed"] for o in outs] == want
     assert [o.meta["gate_prob"] for o in outs] == [0.9, 0.2, 0.9]  # reported whatever force says
     assert [o.text.split(":")[0] for o in outs] == ["prism" if w else "tiny" for w in want]
 
 
-def test_scores_each_row_on_its_routed_model(server_engine, tmp_path):
+def test_scores_each_row_on_its_routed_model(fake_engine, tmp_path):
     import json
 
     router = KeywordRouter()
-    engine = RoutedEngine(server_engine, router, "prism")
+    engine = RoutedEngine(fake_engine, router, "prism")
     scores = engine.score_choices(CHATS[:2], ["A", "B"])
     assert len(scores) == 2 and all(math.isfinite(s["A"]) and math.isfinite(s["B"]) for s in scores)
     bodies = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
     prompt_model = {tuple(b["prompt"]): b["model"] for b in bodies}
-    ids = [server_engine.prompt_ids(c) for c in CHATS[:2]]
+    ids = [fake_engine.prompt_ids(c) for c in CHATS[:2]]
     assert [prompt_model[tuple(i)] for i in ids] == ["prism", "tiny"]
     assert engine.route(CHATS[:2]) == [(0.9, True), (0.2, False)] and engine.can_score

@@ -20,7 +20,7 @@ import pytest
 
 import prism_persona
 from prism_persona.engines.base import SamplingParams
-from prism_persona.engines.vllm import VLLMEngine, VLLMError, VLLMServer, find_vllm_python
+from prism_persona.engines.vllm import VLLMError, VLLMServer, find_vllm_python
 from prism_persona.errors import PrismError
 
 SRC = Path(prism_persona.__file__).resolve().parents[1]
@@ -111,19 +111,6 @@ def test_finding_vllm(tmp_path, monkeypatch):
     venv_python.chmod(0o755)
     monkeypatch.setenv("PRISM_VLLM_VENV", str(tmp_path / "venv"))
     assert find_vllm_python() == str(venv_python)
-
-
-@pytest.fixture
-def fake_engine(fake_python, tmp_path, monkeypatch, tiny_model_dir):
-    from prism_persona.models import load_tokenizer
-
-    monkeypatch.setenv("FAKE_VLLM_REQUESTS", str(tmp_path / "requests.jsonl"))
-    srv = VLLMServer(str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", loras={"prism": "/a"},
-                     quiet=True).start()
-    engine = VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(tiny_model_dir)), server=srv, concurrency=4)
-    yield engine
-    engine.close()
-    assert srv.proc is None  # closing the engine stops the server it owns
 
 
 def sent(tmp_path) -> list[dict]:

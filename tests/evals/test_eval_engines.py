@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prism_persona.cli import main
-from prism_persona.testing import FakeOpenAIServer
+from prism_persona.testing import FakeOpenAIServer, vllm_server_pids
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -62,23 +62,10 @@ def test_eval_engine_vllm_routes_each_row_like_the_in_process_gate(tmp_path, mon
     mmlu = [r for r in recs if r["bench"] == "mmlu"]
     assert {r["method"] for r in mmlu} == {"logprob"}  # exact first-token log-probs from the server
     gm.close()
-    assert not _servers_on(tiny_model_dir)  # the server PRISM started is gone
+    assert not vllm_server_pids(str(tiny_model_dir))  # the server PRISM started is gone
     before = log.count("prism starts vLLM")
     assert main(args) == 0  # a rerun answers from the cache without starting a server
     assert (out / "logs" / "vllm.log").read_text().count("prism starts vLLM") == before
-
-
-def _servers_on(model_dir) -> list[str]:
-    """Running (stand-in) vLLM servers with a LoRA on ``model_dir``."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in argv and str(model_dir).encode() in argv and b"--enable-lora" in argv:
-            found.append(cmdline.parent.name)
-    return found
 
 
 def test_eval_engine_openai_sends_base_and_persona_to_the_server(tmp_path):

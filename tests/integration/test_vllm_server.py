@@ -27,6 +27,7 @@ import pytest
 
 import prism_persona
 from prism_persona.engines.base import SamplingParams
+from prism_persona.testing import vllm_server_pids
 
 SRC = Path(prism_persona.__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -177,22 +178,7 @@ def router(vllm_python, tiny):
     log = (tiny["root"] / "serve.log").read_text()
     vllm_log = next((tiny["root"] / "cache" / "serve").glob("*/vllm.log"))
     assert "prism starts vLLM" in vllm_log.read_text(), log
-    assert not _vllm_processes(str(tiny["model"])), "vLLM outlived prism serve"
-
-
-def _vllm_processes(needle: str) -> list[str]:
-    """Running vLLM API servers with a LoRA whose command line mentions ``needle`` (the model, or the
-    cache the adapter was exported to; the module's own server has no LoRA)."""
-    out = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in argv and b"--enable-lora" in argv \
-                and any(needle.encode() in arg for arg in argv):
-            out.append(cmdline.parent.name)
-    return out
+    assert not vllm_server_pids(str(tiny["model"])), "vLLM outlived prism serve"
 
 
 def test_prism_serve_engine_vllm_matches_the_in_process_gated_model(router, tiny):
@@ -319,7 +305,7 @@ def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp
     assert main(common + ["--engine", "vllm", "--vllm-python", vllm_python, "--out", str(tmp_path / "vllm"),
                           "--vllm-args", "--max-model-len 1024 --max-num-seqs 16"]) == 0
     assert "prism starts vLLM" in (tmp_path / "vllm" / "logs" / "vllm.log").read_text()
-    assert not _vllm_processes(str(tmp_path / "cache")), "vLLM outlived prism eval"  # its adapter is in this cache
+    assert not vllm_server_pids(str(tmp_path / "cache")), "vLLM outlived prism eval"  # its adapter is in this cache
 
     def records(name):
         rows = [json.loads(line) for line in (tmp_path / name / "responses.jsonl").read_text().splitlines()]
