@@ -72,7 +72,8 @@ def test_start_up_timeout_stops_the_server(fake_python, tmp_path, monkeypatch):
 
 
 PARENT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
 from prism_persona.engines.vllm import VLLMServer
 srv = VLLMServer("m", "m", sys.argv[1], sys.argv[2], quiet=True).start()
 print(srv.proc.pid, flush=True)
