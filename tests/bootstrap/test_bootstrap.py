@@ -137,6 +137,17 @@ def test_personas_prefill_the_reply_and_refuse_the_wrong_expert(tmp_path, caplog
     assert load_personas(RunDir(cfg2.out))["physics"]["min"] == "You are a physicist who studies lasers."
 
 
+def test_a_run_made_before_the_prefill_resumes_with_the_prefill_off(tmp_path):
+    from prism_persona.bootstrap.common import stage_settings
+
+    cfg = make_cfg(tmp_path)
+    assert stage_settings(cfg, "personas")["persona"]["prefill"] == "You are"
+    old = make_cfg(tmp_path, persona={"domains": ["writing", "coding"], "prefill": ""})
+    assert "prefill" not in stage_settings(old, "personas")["persona"]  # what such a run stored
+    files = make_cfg(tmp_path, persona={"domains": ["law"], "persona_files": {"law": __file__}})
+    assert "prefill" not in stage_settings(files, "personas")["persona"]  # no persona is written by the model
+
+
 @pytest.mark.parametrize("text,domain,others,usable", [
     ("You are a medical doctor who treats children.", "medicine", ["medicine", "law"], True),
     ("You are a master chef who cooks with seasonal food.", "cooking", ["cooking", "law"], True),  # synonyms pass

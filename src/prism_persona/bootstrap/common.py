@@ -62,8 +62,8 @@ def stage_settings(cfg, stage: str) -> dict:
     s: dict = {"model": cfg.model.model, "seed": cfg.seed,
                "persona": {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                            "files": persona_file_hashes(cfg)}}
-    if any(d not in p.persona_files for d in p.domains):  # the model writes some personas
-        s["persona"]["prefill"] = p.prefill
+    if p.prefill and any(d not in p.persona_files for d in p.domains):  # the model writes some personas
+        s["persona"]["prefill"] = p.prefill  # absent when off: runs made before the prefill existed resume with --set persona.prefill=""
     if stage == "personas":
         return s
     s["persona"].update(use_length=p.use_length, placement=p.placement)
