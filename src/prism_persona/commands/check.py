@@ -46,7 +46,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import PrismError
-    from ..evals.check import fmt, run_check
+    from ..evals.check import fmt, loops_vs_base_text, run_check
 
     files = {}
     for item in args.persona_file:
@@ -64,8 +64,6 @@ def run(args) -> int:
               f"persona wins {fmt(b['persona_win_rate'], True)}, base identity {fmt(b['base_identity'], True)}")
     print(f"gate AUC {fmt(g.get('auc'))}, balanced accuracy {fmt(g.get('balanced_accuracy'))}; "
           f"transfer ratio {fmt(o['transfer_ratio'])}; base identity {fmt(o['base_identity'], True)} of {o['unrouted']} unrouted")
-    lv = o["loops_vs_base"]
-    print("loops vs base: " + "; ".join(f"{name} +{lv[s]['added']} / -{lv[s]['removed']} (paired p = {lv[s]['p']:.2f})"
-                                        for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))))
+    print("loops vs base (added / removed, paired p): " + loops_vs_base_text(o["loops_vs_base"]))
     print(f"wrote {rep['out']}/check.json, check.md and check.png")
     return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -181,11 +180,18 @@ def paired_loops(base: Sequence[bool], other: Sequence[bool]) -> dict:
     """Loops a system adds or removes against the base model on the same queries: ``added`` (it
     loops, base does not), ``removed`` (the reverse) and the exact two-sided McNemar p-value of that
     difference (1.0 = no evidence either way; small = a real change, not noise)."""
+    from .stats import exact_mcnemar_p
+
     added = sum(1 for b, o in zip(base, other) if o and not b)
     removed = sum(1 for b, o in zip(base, other) if b and not o)
-    n, k = added + removed, min(added, removed)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"added": added, "removed": removed, "p": p}
+    return {"added": added, "removed": removed, "p": exact_mcnemar_p(added, removed)}
+
+
+def loops_vs_base_text(loops_vs_base: dict) -> str:
+    """``"LoRA forced on +4 / -0 (p = 0.12); PRISM +2 / -0 (p = 0.50)"`` from a report's ``loops_vs_base``."""
+    return "; ".join(f"{name} +{lv['added']} / -{lv['removed']} (p = {lv['p']:.2f})"
+                     for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))
+                     for lv in [loops_vs_base.get(s)] if lv)
 
 
 def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float) -> dict:
@@ -250,11 +256,9 @@ def check_markdown(report: dict) -> str:
         lines.append(f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
                      f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
                      f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |")
-    lv = o["loops_vs_base"]
     lines += ["", "**Loops against the base model** (same queries; added = the system loops where the base model "
               "does not, removed = the reverse; p = paired exact McNemar test): "
-              + "; ".join(f"{name} +{lv[s]['added']} / -{lv[s]['removed']} (p = {lv[s]['p']:.2f})"
-                          for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))) + "."]
+              + loops_vs_base_text(o["loops_vs_base"]) + "."]
     lines += ["", "![check](check.png)", ""]
     return "\n".join(lines)
 

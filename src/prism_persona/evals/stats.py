@@ -1,4 +1,4 @@
-"""Small, dependency-free statistics: seeded bootstrap CIs, Pearson r and Spearman rho."""
+"""Small, dependency-free statistics: seeded bootstrap CIs, an exact McNemar test, Pearson r and Spearman rho."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], **kwargs) -> dict:
     if len(a) != len(b):
         raise ValueError("paired_diff_ci needs equally long sequences")
     return bootstrap_ci([x - y for x, y in zip(a, b)], **kwargs)
+
+
+def exact_mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (each pair changed one way
+    or the other): the binomial sign test of ``min(b, c)`` in ``b + c`` fair coin flips."""
+    n, k = b + c, min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:

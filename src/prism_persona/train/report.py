@@ -120,9 +120,9 @@ def _check_lines(chk: Optional[dict]) -> list[str]:
         loops = " / ".join(fmt_cell((b.get("loop_rate") or {}).get(s)) for s in ("base", "lora", "persona", "prism"))
         lines.append(f"| {dom} | {b.get('n')} | {fmt_cell(b.get('routing_rate'))} | {fmt_cell(b.get('lora_win_rate'))} | "
                      f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |")
-    lv = o.get("loops_vs_base") or {}
-    if lv:
+    if o.get("loops_vs_base"):
+        from ..evals.check import loops_vs_base_text
+
         lines += ["", "Loops against the base model, same queries (added / removed, paired exact test): "
-                  + "; ".join(f"{name} +{lv[s]['added']} / -{lv[s]['removed']} (p = {lv[s]['p']:.2f})"
-                              for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM")) if s in lv) + "."]
+                  + loops_vs_base_text(o["loops_vs_base"]) + "."]
     return lines
