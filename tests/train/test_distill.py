@@ -35,6 +35,23 @@ def _cfg(tmp_path, **distill):
                                         "distill": d})
 
 
+def interrupt_distill_at(monkeypatch, call: int):
+    """Make the ``call``-th distillation loss computation raise KeyboardInterrupt (a kill mid-run);
+    returns the real loss function, to put back for the resumed run."""
+    import prism_persona.train.distill as D
+
+    real, calls = D.distill_loss, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "distill_loss", interrupted)
+    return real
+
+
 @pytest.fixture
 def fresh(tiny_model_dir):
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
@@ -131,16 +148,7 @@ def test_run_distill_trains_saves_peft_adapter_and_resumes(fresh, tiny_model_dir
     recs = records(9)  # 6 positives -> 3 steps per epoch
 
     # interrupt during epoch 2: the epoch-1 checkpoint must survive
-    real = D.distill_loss
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(D, "distill_loss", flaky)
+    real = interrupt_distill_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run_distill(run, cfg, recs, model, tok)
     state = json.loads((run.path("distill") / "checkpoint" / "trainer_state.json").read_text())
@@ -276,15 +284,7 @@ def test_resumed_distillation_is_bit_identical(tiny_model_dir, tmp_path, monkeyp
     straight = load_file(str(RunDir(cfg_a.out).path("distill") / "adapter" / "adapter_model.safetensors"))
 
     cfg_b = _cfg(tmp_path / "b", epochs=2, dropout=0.3)
-    real, calls = D.distill_loss, {"n": 0}
-
-    def killed_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(D, "distill_loss", killed_in_epoch_2)
+    real = interrupt_distill_at(monkeypatch, 4)  # killed in epoch 2
     m, t = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     with pytest.raises(KeyboardInterrupt):
         run_distill(RunDir(cfg_b.out), cfg_b, records(9), m, t)
