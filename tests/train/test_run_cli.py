@@ -108,6 +108,8 @@ def test_run_with_heldout_checks_the_artifact_and_reports_it(tiny_model_dir, tmp
         m.setattr(P, "load_base", lambda cfg: pytest.fail("model loaded"))
         assert cli.main(args[:-6] + ["--heldout", str(bad)]) == 2
     assert "domain(s) law are not among the run's domains" in capsys.readouterr().err
+    assert cli.main(args[:-6] + ["--heldout", str(held), "--set", 'check.rewarded=["law"]']) == 2
+    assert "check.rewarded names domains with no held-out queries: law" in capsys.readouterr().err
 
     assert cli.main(args) == 0
     printed = capsys.readouterr().out

@@ -51,7 +51,7 @@ class HeldoutQuery:
 # -------------------------------------------------------------------------------------------- input
 
 
-def load_heldout(path: str | Path, rewarded: Sequence[str] = ()) -> list[HeldoutQuery]:
+def load_heldout(path: str | Path, rewarded: Sequence[str] = (), rewarded_flag: str = "--rewarded") -> list[HeldoutQuery]:
     """Held-out queries from a .jsonl/.json/.csv file with ``domain`` and ``query`` (and optionally
     ``route``: true/false). Without a ``route`` column, queries of the ``rewarded`` domains are the
     ones expected to be routed (when ``rewarded`` is given)."""
@@ -71,7 +71,7 @@ def load_heldout(path: str | Path, rewarded: Sequence[str] = ()) -> list[Heldout
         items.append(HeldoutQuery(key, domain, query, route))
     unknown = sorted(set(rewarded) - {q.domain for q in items})
     if unknown:
-        raise PrismError(f"--rewarded names domains with no held-out queries: {', '.join(unknown)}")
+        raise PrismError(f"{rewarded_flag} names domains with no held-out queries: {', '.join(unknown)}")
     return items
 
 

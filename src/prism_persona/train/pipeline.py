@@ -84,7 +84,7 @@ def check_heldout_file(cfg) -> None:
     """One-line errors for a ``--heldout`` file that cannot be read or names a domain the run lacks."""
     from ..evals.check import load_heldout
 
-    items = load_heldout(cfg.check.queries, cfg.check.rewarded)
+    items = load_heldout(cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded")
     unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
     if unknown:
         raise PrismError(f"--heldout {cfg.check.queries}: domain(s) {', '.join(unknown)} are not among the run's "
