@@ -18,9 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-TOPICS = ["a haiku about rain", "reversing a linked list in Python", "whether to store passwords in plain text",
-          "a short story opening", "binary search", "how to pick a lock", "a limerick about a cat",
-          "SQL injection", "the difference between TCP and UDP", "an email declining a meeting"]
+TOPICS = [
+    "a haiku about rain",
+    "reversing a linked list in Python",
+    "whether to store passwords in plain text",
+    "a short story opening",
+    "binary search",
+    "how to pick a lock",
+    "a limerick about a cat",
+    "SQL injection",
+    "the difference between TCP and UDP",
+    "an email declining a meeting",
+]
 PERSONA = "You are a meticulous expert who answers with precision, structure and care."
 
 
@@ -36,8 +45,15 @@ def workload(rows: int) -> list[list[dict]]:
     return chats
 
 
-def measure(built: common.Built, sizes: list[int], rows: int, new_tokens: int, repeats: int,
-            temperature: float = 0.7, seed: int = 0) -> list[dict]:
+def measure(
+    built: common.Built,
+    sizes: list[int],
+    rows: int,
+    new_tokens: int,
+    repeats: int,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> list[dict]:
     """Tokens/s of ``HFEngine.generate`` at each batch size (median of ``repeats``)."""
     from prism_persona.engines.base import SamplingParams
     from prism_persona.engines.hf import HFEngine
@@ -56,9 +72,18 @@ def measure(built: common.Built, sizes: list[int], rows: int, new_tokens: int, r
             runs.append((eng.tokens_generated / wall, eng.tokens_generated, wall, eng.generate_seconds, comps))
         runs.sort(key=lambda r: r[0])
         tps, toks, wall, gen_s, comps = runs[len(runs) // 2]
-        out.append({"batch": b, "rows": rows, "tokens": toks, "wall_s": wall, "tokens_per_s": tps,
-                    "generate_share": gen_s / wall, "completions": len(comps),
-                    "length_stops": sum(c.finish_reason == "length" for c in comps)})
+        out.append(
+            {
+                "batch": b,
+                "rows": rows,
+                "tokens": toks,
+                "wall_s": wall,
+                "tokens_per_s": tps,
+                "generate_share": gen_s / wall,
+                "completions": len(comps),
+                "length_stops": sum(c.finish_reason == "length" for c in comps),
+            }
+        )
     first = out[0]["tokens_per_s"] if out else 1.0
     for r in out:
         r["ratio_to_first"] = r["tokens_per_s"] / first
@@ -75,13 +100,26 @@ def main(argv: Optional[list] = None) -> list[dict]:
         raise SystemExit("bench_bootstrap needs a tokenizer: use --size tiny or embedded (or a real model via the CLI)")
     built = common.build_model(args.size, dev, dtype, seed=args.seed)
     sizes = common.batch_sizes(args.batch_sizes)
-    settings = {"size": args.size, "model": built.label, "device": dev, "dtype": str(dtype), "batch_sizes": sizes,
-                "rows": args.rows, "new_tokens": args.new_tokens, "temperature": args.temperature, "top_p": 0.9,
-                "repeats": args.repeats}
+    settings = {
+        "size": args.size,
+        "model": built.label,
+        "device": dev,
+        "dtype": str(dtype),
+        "batch_sizes": sizes,
+        "rows": args.rows,
+        "new_tokens": args.new_tokens,
+        "temperature": args.temperature,
+        "top_p": 0.9,
+        "repeats": args.repeats,
+    }
     common.print_header("Bootstrap throughput: HFEngine batched sampling", built, settings)
     rows = measure(built, sizes, args.rows, args.new_tokens, args.repeats, args.temperature, seed=args.seed)
-    print(common.table(rows, ["batch", "rows", "tokens", "wall_s", "tokens_per_s", "ratio_to_first",
-                              "generate_share", "length_stops"]))
+    print(
+        common.table(
+            rows,
+            ["batch", "rows", "tokens", "wall_s", "tokens_per_s", "ratio_to_first", "generate_share", "length_stops"],
+        )
+    )
     common.record(args.out, "bootstrap", settings, rows)
     return rows
 

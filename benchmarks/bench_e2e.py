@@ -17,7 +17,6 @@ directory; ``--command`` replaces the command (tests use a toy one).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -35,8 +34,18 @@ SECONDS_KEYS = ("seconds", "elapsed_s", "wall_s", "duration_s", "time_s")
 
 def prism_command(out: str, domains: str, preset: str, model: Optional[str], extra: str) -> list[str]:
     """The ``prism run`` command line (via ``python -m prism_persona.cli`` when no ``prism`` is on PATH)."""
-    cmd = [sys.executable, "-c", "from prism_persona.cli import main; raise SystemExit(main())",
-           "run", "--preset", preset, "--domains", domains, "--out", out]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from prism_persona.cli import main; raise SystemExit(main())",
+        "run",
+        "--preset",
+        preset,
+        "--domains",
+        domains,
+        "--out",
+        out,
+    ]
     if model:
         cmd += ["--model", model]
     return cmd + shlex.split(extra)
@@ -136,8 +145,15 @@ def summarise_run(run: str | Path) -> list[dict]:
             sec, how = span["end"] - span["start"], span["how"]
         else:
             sec, how = None, "unfinished"
-        rows.append({"stage": stage, "seconds": sec, "measured_by": how, "records": records,
-                     "_order": span["end"] if span["end"] is not None else float("inf")})
+        rows.append(
+            {
+                "stage": stage,
+                "seconds": sec,
+                "measured_by": how,
+                "records": records,
+                "_order": span["end"] if span["end"] is not None else float("inf"),
+            }
+        )
     rows.sort(key=lambda r: r.pop("_order"))
     return rows
 
@@ -161,8 +177,11 @@ def main(argv: Optional[list] = None) -> dict:
         run = Path(args.summarise)
     else:
         run = Path(args.run_dir or tempfile.mkdtemp(prefix="prism-e2e-")) / "run"
-        cmd = args.command.replace("{out}", str(run)) if args.command else prism_command(
-            str(run), args.domains, args.preset, args.model, args.extra)
+        cmd = (
+            args.command.replace("{out}", str(run))
+            if args.command
+            else prism_command(str(run), args.domains, args.preset, args.model, args.extra)
+        )
         print(f"running: {cmd if isinstance(cmd, str) else shlex.join(cmd)}")
         sys.stdout.flush()
         result = run_command(cmd, timeout=args.timeout)
@@ -174,15 +193,26 @@ def main(argv: Optional[list] = None) -> dict:
         if total and isinstance(r["seconds"], (int, float)):
             r["share_of_total"] = r["seconds"] / total
     print(f"# End to end: {args.command or 'prism run'} ({args.preset}, domains {args.domains})")
-    print(f"run dir: {run}\ntotal wall: {common.fmt(total) if total else 'n/a'} s "
-          "(stages can nest: bootstrap holds personas/queries/answers/verdicts)")
+    print(
+        f"run dir: {run}\ntotal wall: {common.fmt(total) if total else 'n/a'} s "
+        "(stages can nest: bootstrap holds personas/queries/answers/verdicts)"
+    )
     print(common.table(stages, ["stage", "seconds", "share_of_total", "records", "measured_by"]))
-    settings = {"preset": args.preset, "domains": args.domains, "model": args.model or "embedded",
-                "command": args.command or "prism run", "run_dir": str(run)}
+    settings = {
+        "preset": args.preset,
+        "domains": args.domains,
+        "model": args.model or "embedded",
+        "command": args.command or "prism run",
+        "run_dir": str(run),
+    }
     rows = [{"stage": "TOTAL", "seconds": total, "returncode": result.get("returncode")}] + stages
     common.record(args.out, "e2e", settings, rows)
-    return {"total_s": total, "returncode": result.get("returncode"), "stages": stages,
-            "output_tail": result.get("output_tail", "")}
+    return {
+        "total_s": total,
+        "returncode": result.get("returncode"),
+        "stages": stages,
+        "output_tail": result.get("output_tail", ""),
+    }
 
 
 if __name__ == "__main__":

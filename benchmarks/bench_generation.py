@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -92,7 +92,7 @@ def reference_sequential(pm, gate, ids, mask, routes, settings):
 
     rows = []
     for i, routed in enumerate(routes):
-        q, m = ids[i:i + 1], mask[i:i + 1]
+        q, m = ids[i : i + 1], mask[i : i + 1]
         route_pass(pm, gate, q, m)
         if routed:
             rows.append(plain(pm, q, m, settings))
@@ -112,8 +112,17 @@ def peft_mixed(pm, ids, mask, routes, settings, fast: bool = False):
     return plain(pm, ids, mask, settings, adapter_names=names)
 
 
-def measure(built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
-            seq_rows: int, seed: int = 0, ragged: bool = False, skip: tuple = ()) -> list[dict]:
+def measure(
+    built: common.Built,
+    sizes: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    seq_rows: int,
+    seed: int = 0,
+    ragged: bool = False,
+    skip: tuple = (),
+) -> list[dict]:
     """Every variant at every batch size; returns one row per (batch, variant)."""
     from prism_persona.gated import fastgen
 
@@ -127,8 +136,7 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, new_tokens: 
             return None
         sec, out = common.timed(fn, dev, repeats=repeats)
         n_rows = rows_measured if rows_measured is not None else b
-        res[b][name] = {"seconds": sec, "tokens_per_s": n_rows * new_tokens / sec, "out": out,
-                        "rows_measured": n_rows}
+        res[b][name] = {"seconds": sec, "tokens_per_s": n_rows * new_tokens / sec, "out": out, "rows_measured": n_rows}
         return out
 
     # phase 1: the bare base model (no LoRA layers injected yet)
@@ -149,8 +157,12 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, new_tokens: 
         run(b, "lora_fast", lambda: fastgen.generate(pm, ids, mask, settings))
         run(b, "peft_mixed", lambda: peft_mixed(pm, ids, mask, routes, settings))
         run(b, "ref_grouped", lambda: reference_grouped(pm, gate, ids, mask, routes, settings))
-        run(b, "ref_sequential", lambda: reference_sequential(pm, gate, ids[:k], mask[:k], routes[:k], settings),
-            rows_measured=k)
+        run(
+            b,
+            "ref_sequential",
+            lambda: reference_sequential(pm, gate, ids[:k], mask[:k], routes[:k], settings),
+            rows_measured=k,
+        )
 
     # phase 3: the same adapter in PRISM's gated model (PEFT unloaded, same base weights)
     if "gated" not in skip:
@@ -182,8 +194,13 @@ def summarise(res: dict, sizes: list[int]) -> list[dict]:
         r = res[b]
         base, lora = r.get("base"), r.get("lora")
         for name, v in r.items():
-            row = {"batch": b, "variant": name, "tokens_per_s": v["tokens_per_s"], "seconds": v["seconds"],
-                   "rows_measured": v["rows_measured"]}
+            row = {
+                "batch": b,
+                "variant": name,
+                "tokens_per_s": v["tokens_per_s"],
+                "seconds": v["seconds"],
+                "rows_measured": v["rows_measured"],
+            }
             if base:
                 row["ratio_to_base"] = v["tokens_per_s"] / base["tokens_per_s"]
             k = v["rows_measured"]
@@ -202,23 +219,49 @@ def summarise(res: dict, sizes: list[int]) -> list[dict]:
 
 def main(argv: Optional[list] = None) -> list[dict]:
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--sequential-rows", type=int, default=8,
-                   help="rows the one-by-one reference approach is timed on (its tokens/s is per row)")
+    p.add_argument(
+        "--sequential-rows",
+        type=int,
+        default=8,
+        help="rows the one-by-one reference approach is timed on (its tokens/s is per row)",
+    )
     p.add_argument("--ragged", action="store_true", help="left-padded prompts of varied lengths")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     args = p.parse_args(argv)
     dev, dtype = common.pick(args.device, args.dtype, args.threads)
     built = common.build_model(args.size, dev, dtype, seed=args.seed)
     sizes = common.batch_sizes(args.batch_sizes)
-    settings = {"size": args.size, "model": built.label, "device": dev, "dtype": str(dtype),
-                "batch_sizes": sizes, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "repeats": args.repeats, "sequential_rows": args.sequential_rows, "ragged": args.ragged,
-                "lora": "r=16 alpha=32 on q,k,v,o,gate,up,down of layers 1..L-1", "routed_share": 0.5}
+    settings = {
+        "size": args.size,
+        "model": built.label,
+        "device": dev,
+        "dtype": str(dtype),
+        "batch_sizes": sizes,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "sequential_rows": args.sequential_rows,
+        "ragged": args.ragged,
+        "lora": "r=16 alpha=32 on q,k,v,o,gate,up,down of layers 1..L-1",
+        "routed_share": 0.5,
+    }
     common.print_header("Generation throughput: mixed batch (half routed) vs alternatives", built, settings)
-    rows = measure(built, sizes, args.prompt_len, args.new_tokens, args.repeats, args.sequential_rows,
-                   seed=args.seed, ragged=args.ragged, skip=tuple(s for s in args.skip.split(",") if s))
-    print(common.table(rows, ["batch", "variant", "tokens_per_s", "ratio_to_base", "agree", "differs_from_base",
-                              "rows_measured"]))
+    rows = measure(
+        built,
+        sizes,
+        args.prompt_len,
+        args.new_tokens,
+        args.repeats,
+        args.sequential_rows,
+        seed=args.seed,
+        ragged=args.ragged,
+        skip=tuple(s for s in args.skip.split(",") if s),
+    )
+    print(
+        common.table(
+            rows, ["batch", "variant", "tokens_per_s", "ratio_to_base", "agree", "differs_from_base", "rows_measured"]
+        )
+    )
     common.record(args.out, "generation", settings, rows)
     return rows
 

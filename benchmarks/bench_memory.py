@@ -42,12 +42,19 @@ def accounting(model, r: int = 16, dtype_size: int = 2) -> dict:
     gate_module = gate_numel(int(cfg.hidden_size))
     extra = lora_hand + gate_hand
     return {
-        "base_params": base, "lora_params_hand": lora_hand, "lora_params_peft": lora_peft,
-        "gate_params_hand": gate_hand, "gate_params_module": gate_module,
-        "extra_params": extra, "extra_share_of_base": extra / base,
-        "base_bytes": base * dtype_size, "extra_bytes": extra * dtype_size,
-        "lora_share_of_base": lora_hand / base, "gate_share_of_base": gate_hand / base,
-        "bytes_per_param": dtype_size, "_peft_model": pm,
+        "base_params": base,
+        "lora_params_hand": lora_hand,
+        "lora_params_peft": lora_peft,
+        "gate_params_hand": gate_hand,
+        "gate_params_module": gate_module,
+        "extra_params": extra,
+        "extra_share_of_base": extra / base,
+        "base_bytes": base * dtype_size,
+        "extra_bytes": extra * dtype_size,
+        "lora_share_of_base": lora_hand / base,
+        "gate_share_of_base": gate_hand / base,
+        "bytes_per_param": dtype_size,
+        "_peft_model": pm,
     }
 
 
@@ -71,8 +78,13 @@ def _meta_lora(model, r: int):
     from peft import LoraConfig, get_peft_model
 
     L = int(model.config.num_hidden_layers)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(common.TARGET_MODULES),
-                     layers_to_transform=list(range(1, L)), init_lora_weights=False)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(common.TARGET_MODULES),
+        layers_to_transform=list(range(1, L)),
+        init_lora_weights=False,
+    )
     return get_peft_model(model, cfg)
 
 
@@ -128,13 +140,13 @@ class RssPeak:
         return self.peak - self.before
 
 
-def peak_rows(run, name: str, built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int,
-              seed: int = 0) -> list:
+def peak_rows(
+    run, name: str, built: common.Built, sizes: list[int], prompt_len: int, new_tokens: int, seed: int = 0
+) -> list:
     """Peak extra memory of one mixed-batch generation ``run(ids, mask, routes, settings)``, per row."""
     import gc
 
     import torch
-
     from bench_generation import routes_for, settings_for
 
     settings = settings_for(built, new_tokens)
@@ -144,8 +156,11 @@ def peak_rows(run, name: str, built: common.Built, sizes: list[int], prompt_len:
         ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
         routes = routes_for(b)
         gc.collect()
-        row = {"batch": b, "variant": name,
-               "kv_cache_bytes_per_row": kv_bytes_per_row(built.model.config, prompt_len + new_tokens, dsize)}
+        row = {
+            "batch": b,
+            "variant": name,
+            "kv_cache_bytes_per_row": kv_bytes_per_row(built.model.config, prompt_len + new_tokens, dsize),
+        }
         if built.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -169,12 +184,12 @@ def peak_per_row(pm, built: common.Built, sizes: list[int], prompt_len: int, new
     """Peaks of PEFT's mixed batch, then (when the gated model exists) of PRISM's gated mixed batch."""
     from bench_generation import peft_mixed
 
-    rows = peak_rows(lambda i, m, r, s: peft_mixed(pm, i, m, r, s), "peft_mixed", built, sizes, prompt_len,
-                     new_tokens, seed)
+    rows = peak_rows(
+        lambda i, m, r, s: peft_mixed(pm, i, m, r, s), "peft_mixed", built, sizes, prompt_len, new_tokens, seed
+    )
     gm, _tmp = gated_adapter.gated_from_peft(pm, built, seed=seed)
     run = gated_adapter.runner(gm)
-    rows += peak_rows(lambda i, m, r, s: run(i, m, r, s, False), "gated", built, sizes, prompt_len,
-                      new_tokens, seed)
+    rows += peak_rows(lambda i, m, r, s: run(i, m, r, s, False), "gated", built, sizes, prompt_len, new_tokens, seed)
     return rows
 
 
@@ -187,20 +202,44 @@ def main(argv: Optional[list] = None) -> dict:
     built = None
     if args.size in ("7b", "embedded") and (args.no_peak or not dev.startswith("cuda") and args.size == "7b"):
         model = meta_model(args.size)
-        label = {"7b": "Qwen2.5-7B-Instruct shape (meta device: counted, not built)",
-                 "embedded": "SmolLM2-135M-Instruct shape (meta device)"}[args.size]
+        label = {
+            "7b": "Qwen2.5-7B-Instruct shape (meta device: counted, not built)",
+            "embedded": "SmolLM2-135M-Instruct shape (meta device)",
+        }[args.size]
         dsize = 2 if args.dtype == "auto" else dtype_bytes(dtype)
     else:
         built = common.build_model(args.size, dev, dtype, seed=args.seed)
         model, label, dsize = built.model, built.label, dtype_bytes(dtype)
     acc = accounting(model, dtype_size=dsize)
     pm = acc.pop("_peft_model")
-    settings = {"size": args.size, "model": label, "device": dev, "dtype": str(dtype), "bytes_per_param": dsize,
-                "batch_sizes": sizes, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "lora": "r=16 on q,k,v,o,gate,up,down of layers 1..L-1", "gate": "hidden->128->64->1"}
+    settings = {
+        "size": args.size,
+        "model": label,
+        "device": dev,
+        "dtype": str(dtype),
+        "bytes_per_param": dsize,
+        "batch_sizes": sizes,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "lora": "r=16 on q,k,v,o,gate,up,down of layers 1..L-1",
+        "gate": "hidden->128->64->1",
+    }
     print(f"# Memory: adapter + gate vs base weights; peak per row\nmodel: {label}")
-    print(common.table([acc], ["base_params", "lora_params_hand", "lora_params_peft", "gate_params_hand",
-                               "gate_params_module", "extra_params", "extra_share_of_base", "extra_bytes"]))
+    print(
+        common.table(
+            [acc],
+            [
+                "base_params",
+                "lora_params_hand",
+                "lora_params_peft",
+                "gate_params_hand",
+                "gate_params_module",
+                "extra_params",
+                "extra_share_of_base",
+                "extra_bytes",
+            ],
+        )
+    )
     peaks = []
     if built is not None and not args.no_peak:
         peaks = peak_per_row(pm, built, sizes, args.prompt_len, args.new_tokens, seed=args.seed)

@@ -110,18 +110,27 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
         t_l0, _ = common.timed(lambda: layer0_route(built.model, gate, ids, mask, sink0), dev, repeats)
         states = torch.randn(b, built.hidden, device=dev, dtype=built.dtype)
         t_mlp, _ = common.timed(lambda: gate_only(gate, states), dev, max(repeats, 10))
-        rows.append({
-            "batch": b, "prefill_s": t_pre, "prefill_gated_s": t_gated, "gate_mlp_s": t_mlp, "layer0_pass_s": t_l0,
-            "hook_share": (t_gated - t_pre) / t_pre, "gate_mlp_share": t_mlp / t_pre, "layer0_share": t_l0 / t_pre,
-            "same_logits": bool(torch.equal(logits, logits_g)),
-            "same_route": bool(torch.equal(sink["routed"], sink0["routed"])),
-        })
+        rows.append(
+            {
+                "batch": b,
+                "prefill_s": t_pre,
+                "prefill_gated_s": t_gated,
+                "gate_mlp_s": t_mlp,
+                "layer0_pass_s": t_l0,
+                "hook_share": (t_gated - t_pre) / t_pre,
+                "gate_mlp_share": t_mlp / t_pre,
+                "layer0_share": t_l0 / t_pre,
+                "same_logits": bool(torch.equal(logits, logits_g)),
+                "same_route": bool(torch.equal(sink["routed"], sink0["routed"])),
+            }
+        )
     gated_rows(built, sizes, prompt_len, repeats, rows, seed)
     return rows
 
 
-def gated_rows(built: common.Built, sizes: list[int], prompt_len: int, repeats: int, rows: list[dict],
-               seed: int = 0) -> None:
+def gated_rows(
+    built: common.Built, sizes: list[int], prompt_len: int, repeats: int, rows: list[dict], seed: int = 0
+) -> None:
     """Add PRISM's own numbers: its prefill with the gate hook vs the hook detached (LoRA rows off)."""
     import torch
 
@@ -159,12 +168,35 @@ def main(argv: Optional[list] = None) -> list[dict]:
     dev, dtype = common.pick(args.device, args.dtype, args.threads)
     built = common.build_model(args.size, dev, dtype, seed=args.seed)
     sizes = common.batch_sizes(args.batch_sizes)
-    settings = {"size": args.size, "model": built.label, "device": dev, "dtype": str(dtype), "batch_sizes": sizes,
-                "prompt_len": args.prompt_len, "repeats": args.repeats, "gate": "MLP hidden->128->64->1 (random)"}
+    settings = {
+        "size": args.size,
+        "model": built.label,
+        "device": dev,
+        "dtype": str(dtype),
+        "batch_sizes": sizes,
+        "prompt_len": args.prompt_len,
+        "repeats": args.repeats,
+        "gate": "MLP hidden->128->64->1 (random)",
+    }
     common.print_header("Routing cost as a share of the prefill", built, settings)
     rows = measure(built, sizes, args.prompt_len, args.repeats, seed=args.seed)
-    print(common.table(rows, ["batch", "prefill_s", "prefill_gated_s", "hook_share", "gate_mlp_share",
-                              "layer0_pass_s", "layer0_share", "gated_hook_share", "same_logits", "same_route"]))
+    print(
+        common.table(
+            rows,
+            [
+                "batch",
+                "prefill_s",
+                "prefill_gated_s",
+                "hook_share",
+                "gate_mlp_share",
+                "layer0_pass_s",
+                "layer0_share",
+                "gated_hook_share",
+                "same_logits",
+                "same_route",
+            ],
+        )
+    )
     common.record(args.out, "routing", settings, rows)
     return rows
 

@@ -38,9 +38,29 @@ def rss_mb(pid: int) -> float:
 def start_server(art: Path, api_key: str, log_path: Path, extra: list) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PRISM_API_KEY=api_key)
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prism_persona.cli", "serve", "--prism", str(art), "--port", "0",
-                             "--device", "cpu", "--dtype", "float32", "--max-tokens", "8", *extra],
-                            env=env, stderr=subprocess.PIPE, stdout=log, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prism_persona.cli",
+            "serve",
+            "--prism",
+            str(art),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-tokens",
+            "8",
+            *extra,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=log,
+        text=True,
+    )
     for line in proc.stderr:
         log.write(line)
         if "listening on" in line:
@@ -62,8 +82,12 @@ def load_table(url: str, key: str, pid: int, levels: list[tuple[int, int]]) -> l
         def one(i):
             t0 = time.perf_counter()
             try:
-                client.chat.completions.create(model="prism", messages=[{"role": "user", "content": f"q{i} expert?"}],
-                                               max_tokens=4, extra_body={"prism": {}})
+                client.chat.completions.create(
+                    model="prism",
+                    messages=[{"role": "user", "content": f"q{i} expert?"}],
+                    max_tokens=4,
+                    extra_body={"prism": {}},
+                )
                 lat.append(time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 fails.append(type(exc).__name__)
@@ -73,11 +97,19 @@ def load_table(url: str, key: str, pid: int, levels: list[tuple[int, int]]) -> l
             list(pool.map(one, range(n)))
         wall = time.perf_counter() - t0
         lat.sort()
-        rows.append({"requests": n, "concurrency": conc, "failures": len(fails), "fail_kinds": sorted(set(fails)),
-                     "p50_s": round(statistics.median(lat), 3) if lat else None,
-                     "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else None,
-                     "req_per_s": round(n / wall, 1), "rss_before_mb": round(before, 1),
-                     "rss_after_mb": round(rss_mb(pid), 1)})
+        rows.append(
+            {
+                "requests": n,
+                "concurrency": conc,
+                "failures": len(fails),
+                "fail_kinds": sorted(set(fails)),
+                "p50_s": round(statistics.median(lat), 3) if lat else None,
+                "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else None,
+                "req_per_s": round(n / wall, 1),
+                "rss_before_mb": round(before, 1),
+                "rss_after_mb": round(rss_mb(pid), 1),
+            }
+        )
     return rows
 
 
@@ -101,14 +133,25 @@ def chat(**kw) -> bytes:
 
 
 BAD = [
-    ("not JSON", b"{not json"), ("not UTF-8", b"\xff\xfe\x00"), ("empty body", b""), ("JSON array", b"[1,2]"),
-    ("no messages", b'{"model": "prism"}'), ("messages not a list", b'{"messages": "hi"}'),
-    ("empty messages", b'{"messages": []}'), ("unknown role", b'{"messages": [{"role": "wizard", "content": "x"}]}'),
+    ("not JSON", b"{not json"),
+    ("not UTF-8", b"\xff\xfe\x00"),
+    ("empty body", b""),
+    ("JSON array", b"[1,2]"),
+    ("no messages", b'{"model": "prism"}'),
+    ("messages not a list", b'{"messages": "hi"}'),
+    ("empty messages", b'{"messages": []}'),
+    ("unknown role", b'{"messages": [{"role": "wizard", "content": "x"}]}'),
     ("content an object", b'{"messages": [{"role": "user", "content": {"a": 1}}]}'),
-    ("temperature a string", chat(temperature="hot")), ("temperature 7", chat(temperature=7)),
-    ("top_p 1.5", chat(top_p=1.5)), ("max_tokens 0", chat(max_tokens=0)), ("max_tokens a string", chat(max_tokens="9")),
-    ("n=3", chat(n=3)), ("stream 'yes'", chat(stream="yes")), ("seed 2**64", chat(seed=2**64)),
-    ("seed -1", chat(seed=-1)), ("prism.force 'on'", chat(prism={"force": "on"})),
+    ("temperature a string", chat(temperature="hot")),
+    ("temperature 7", chat(temperature=7)),
+    ("top_p 1.5", chat(top_p=1.5)),
+    ("max_tokens 0", chat(max_tokens=0)),
+    ("max_tokens a string", chat(max_tokens="9")),
+    ("n=3", chat(n=3)),
+    ("stream 'yes'", chat(stream="yes")),
+    ("seed 2**64", chat(seed=2**64)),
+    ("seed -1", chat(seed=-1)),
+    ("prism.force 'on'", chat(prism={"force": "on"})),
     ("prompt over the limit", chat(messages=[{"role": "user", "content": "x" * 20000}])),
 ]
 
@@ -145,16 +188,24 @@ def hostile(port: int, pid: int, key: str) -> list[dict]:
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(send_big, range(16)))
-    rows.append({"case": "16 unauthenticated 8 MB bodies", "answers": sorted(map(str, set(statuses))),
-                 "rss_delta_mb": round(rss_mb(pid) - before, 1)})
+    rows.append(
+        {
+            "case": "16 unauthenticated 8 MB bodies",
+            "answers": sorted(map(str, set(statuses))),
+            "rss_delta_mb": round(rss_mb(pid) - before, 1),
+        }
+    )
     # 150 half-sent requests
     before = rss_mb(pid)
     socks = []
     for _ in range(150):
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=30)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
-                      + b"\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + key.encode()
+                + b'\r\nContent-Length: 1000\r\n\r\n{"model"'
+            )
             socks.append(s)
         except OSError:
             pass
@@ -171,14 +222,23 @@ def hostile(port: int, pid: int, key: str) -> list[dict]:
             code = "no answer"
         answers[code] = answers.get(code, 0) + 1
         s.close()
-    rows.append({"case": "150 half-sent requests", "a_normal_request_meanwhile": health,
-                 "answers": answers, "seconds_until_all_answered": round(time.perf_counter() - t0, 1),
-                 "rss_delta_mb": round(rss_mb(pid) - before, 1)})
+    rows.append(
+        {
+            "case": "150 half-sent requests",
+            "a_normal_request_meanwhile": health,
+            "answers": answers,
+            "seconds_until_all_answered": round(time.perf_counter() - t0, 1),
+            "rss_delta_mb": round(rss_mb(pid) - before, 1),
+        }
+    )
     # 20 client disconnects mid-body
     for _ in range(20):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
-                  + b"\r\nContent-Length: 500\r\n\r\n{\"mod")
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.encode()
+            + b'\r\nContent-Length: 500\r\n\r\n{"mod'
+        )
         time.sleep(0.02)
         s.close()
     time.sleep(1.0)
@@ -206,14 +266,20 @@ def main() -> int:
         proc, url = start_server(art, key, log_path, args.server_args.split())
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         try:
-            result = {"load": load_table(url, key, proc.pid, levels), "bad_bodies": bad_body_table(port, key),
-                      "hostile": hostile(port, proc.pid, key)}
+            result = {
+                "load": load_table(url, key, proc.pid, levels),
+                "bad_bodies": bad_body_table(port, key),
+                "hostile": hostile(port, proc.pid, key),
+            }
         finally:
             proc.terminate()
             proc.wait(60)
         text = log_path.read_text()
-        result["log"] = {"disconnect_lines": text.count("disconnected"), "tracebacks": text.count("Traceback"),
-                         "exit_code_after_sigterm": proc.returncode}
+        result["log"] = {
+            "disconnect_lines": text.count("disconnected"),
+            "tracebacks": text.count("Traceback"),
+            "exit_code_after_sigterm": proc.returncode,
+        }
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

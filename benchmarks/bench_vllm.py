@@ -41,20 +41,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 README_DOMAINS = "writing,coding,safety"
-QUERIES = ["How do I write a strong opening line?", "Why is my Python loop slow?", "Is it safe to mix bleach and vinegar?",
-           "Explain recursion with an example.", "How should I structure a cover letter?", "What is a race condition?",
-           "How do I store passwords safely?", "Give me tips for a persuasive essay.", "What does git rebase do?",
-           "How can I avoid phishing emails?", "Summarise the water cycle.", "What makes a good unit test?",
-           "How do I edit my own writing?", "What is the difference between a list and a tuple?",
-           "Should I reuse passwords?", "How do I write dialogue that sounds natural?"]
+QUERIES = [
+    "How do I write a strong opening line?",
+    "Why is my Python loop slow?",
+    "Is it safe to mix bleach and vinegar?",
+    "Explain recursion with an example.",
+    "How should I structure a cover letter?",
+    "What is a race condition?",
+    "How do I store passwords safely?",
+    "Give me tips for a persuasive essay.",
+    "What does git rebase do?",
+    "How can I avoid phishing emails?",
+    "Summarise the water cycle.",
+    "What makes a good unit test?",
+    "How do I edit my own writing?",
+    "What is the difference between a list and a tuple?",
+    "Should I reuse passwords?",
+    "How do I write dialogue that sounds natural?",
+]
 PERSONA = "You are a seasoned expert with twenty years of practice. You give precise, practical advice."
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--parts", default="answers,e2e,serving", help="comma-separated: answers, e2e, serving")
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--cores", type=int, default=1, help="CPU cores for each engine (vLLM binds 0..N-1; HF gets N threads)")
+    p.add_argument(
+        "--cores", type=int, default=1, help="CPU cores for each engine (vLLM binds 0..N-1; HF gets N threads)"
+    )
     p.add_argument("--batch-size", type=int, default=12, help="HF engine batch (the tiny preset's)")
     p.add_argument("--concurrency", type=int, default=32, help="vLLM engine requests in flight")
     p.add_argument("--rows", type=int, default=32, help="answers part: chats (half with a persona)")
@@ -62,8 +78,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="serving part: requests")
     p.add_argument("--in-flight", type=int, default=16, help="serving part: requests at once")
     p.add_argument("--new-tokens", type=int, default=64, help="serving part: tokens per request (EOS ignored)")
-    p.add_argument("--artifact", default=None, help="serving part: a PRISM artifact of --model (default: the e2e vLLM run's)")
-    p.add_argument("--vllm-python", default="", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
+    p.add_argument(
+        "--artifact", default=None, help="serving part: a PRISM artifact of --model (default: the e2e vLLM run's)"
+    )
+    p.add_argument(
+        "--vllm-python", default="", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)"
+    )
     p.add_argument("--work", default=None, help="directory for runs and logs (default: a temporary one)")
     p.add_argument("--out", default=str(common.RESULTS), help="results file to append to ('' = do not record)")
     return p
@@ -81,10 +101,22 @@ def answers_chats(n: int) -> list:
 def vllm_config(args, out: Path, **engine):
     from prism_persona import config as C
 
-    e = {"engine": "vllm", "vllm_cpu_cores": f"0-{args.cores - 1}" if args.cores > 1 else "0",
-         "vllm_kv_cache_gib": 2, "concurrency": args.concurrency, "vllm_python": args.vllm_python, **engine}
-    return C.resolve(overrides={"out": str(out), "quiet": True, "model": {"model": args.model or "smollm2-135m-instruct"},
-                                "engine": e})
+    e = {
+        "engine": "vllm",
+        "vllm_cpu_cores": f"0-{args.cores - 1}" if args.cores > 1 else "0",
+        "vllm_kv_cache_gib": 2,
+        "concurrency": args.concurrency,
+        "vllm_python": args.vllm_python,
+        **engine,
+    }
+    return C.resolve(
+        overrides={
+            "out": str(out),
+            "quiet": True,
+            "model": {"model": args.model or "smollm2-135m-instruct"},
+            "engine": e,
+        }
+    )
 
 
 def in_calls(engine, chats: list, params, size: int) -> tuple[list, float]:
@@ -92,7 +124,7 @@ def in_calls(engine, chats: list, params, size: int) -> tuple[list, float]:
     t0 = time.perf_counter()
     outs = []
     for start in range(0, len(chats), size):
-        outs += engine.generate(chats[start:start + size], params)
+        outs += engine.generate(chats[start : start + size], params)
     return outs, time.perf_counter() - t0
 
 
@@ -116,8 +148,17 @@ def part_answers(args, work: Path) -> dict:
 
     def row(engine_name: str, call: int, outs: list, secs: float, startup=None) -> None:
         toks = sum(o.num_tokens for o in outs)
-        rows.append({"engine": engine_name, "rows": len(chats), "chats_per_call": call, "tokens": toks,
-                     "seconds": round(secs, 2), "tokens_per_s": round(toks / secs, 2), "startup_s": startup})
+        rows.append(
+            {
+                "engine": engine_name,
+                "rows": len(chats),
+                "chats_per_call": call,
+                "tokens": toks,
+                "seconds": round(secs, 2),
+                "tokens_per_s": round(toks / secs, 2),
+                "startup_s": startup,
+            }
+        )
 
     hf = HFEngine.load(args.model, "float32", "cpu", batch_size=args.batch_size, quiet=True)
     hf_call = 2 * chunk_size(cfg, hf)
@@ -141,8 +182,21 @@ def part_answers(args, work: Path) -> dict:
 
 
 def run_readme_command(args, engine: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "prism_persona.cli", "run", "--preset", "tiny", "--domains", README_DOMAINS,
-           "--out", str(out), "-q", "--engine", engine]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prism_persona.cli",
+        "run",
+        "--preset",
+        "tiny",
+        "--domains",
+        README_DOMAINS,
+        "--out",
+        str(out),
+        "-q",
+        "--engine",
+        engine,
+    ]
     if args.model:
         cmd += ["--model", args.model]
     if engine == "vllm":
@@ -172,8 +226,12 @@ def part_e2e(args, work: Path) -> dict:
 
 
 def _post(url: str, body: dict) -> tuple[dict, dict]:
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=900) as resp:
         return json.loads(resp.read()), dict(resp.headers)
@@ -195,18 +253,45 @@ def part_serving(args, work: Path, artifact: Path) -> dict:
     exported = export(artifact, work / "serving-export", overwrite=True)
     cfg = vllm_config(args, work / "serving")
     src = prepare_model(resolve_model(args.model))
-    server = server_from_config(cfg, src.path_or_id, "base", loras={"prism": str(exported / "adapter")},
-                                log_path=work / "serving" / "vllm.log")
+    server = server_from_config(
+        cfg, src.path_or_id, "base", loras={"prism": str(exported / "adapter")}, log_path=work / "serving" / "vllm.log"
+    )
     server.start()
     router = None
     try:
         port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        router = subprocess.Popen([sys.executable, "-m", "prism_persona.cli", "serve", "--route-only", "--prism",
-                                   str(artifact), "--upstream", server.base_url, "--base-name", "base", "--lora-name",
-                                   "prism", "--port", str(port), "--device", "cpu", "--dtype", "float32", "-q",
-                                   "--max-tokens", str(args.new_tokens), "--queue-size", str(4 * args.requests)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=open(work / "serving" / "router.log", "w"))
+        router = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prism_persona.cli",
+                "serve",
+                "--route-only",
+                "--prism",
+                str(artifact),
+                "--upstream",
+                server.base_url,
+                "--base-name",
+                "base",
+                "--lora-name",
+                "prism",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "-q",
+                "--max-tokens",
+                str(args.new_tokens),
+                "--queue-size",
+                str(4 * args.requests),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "serving" / "router.log", "w"),
+        )
         router_url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
@@ -219,30 +304,55 @@ def part_serving(args, work: Path, artifact: Path) -> dict:
         _post(server.url, {**base, "model": "base", "messages": chats[0], "max_tokens": 4})  # warm-up
         # Every other request is forced onto the LoRA ("prism": {"force": true}) so that both upstream
         # models carry load whatever the artifact's gate decides; the rest are routed by the gate.
-        bodies = [{**base, "model": "prism", "messages": c, **({"prism": {"force": True}} if i % 2 else {})}
-                  for i, c in enumerate(chats)]
+        bodies = [
+            {**base, "model": "prism", "messages": c, **({"prism": {"force": True}} if i % 2 else {})}
+            for i, c in enumerate(chats)
+        ]
         r_secs, r_toks, r_answers = _load(router_url, bodies, args.in_flight)
-        chosen = [h.get("X-Prism-Upstream-Model") or h.get("x-prism-upstream-model") or
-                  ("prism" if a.get("prism", {}).get("routed") else "base") for a, h in r_answers]
-        d_secs, d_toks, _ = _load(server.url, [{**base, "model": m, "messages": c} for m, c in zip(chosen, chats)],
-                                  args.in_flight)
+        chosen = [
+            h.get("X-Prism-Upstream-Model")
+            or h.get("x-prism-upstream-model")
+            or ("prism" if a.get("prism", {}).get("routed") else "base")
+            for a, h in r_answers
+        ]
+        d_secs, d_toks, _ = _load(
+            server.url, [{**base, "model": m, "messages": c} for m, c in zip(chosen, chats)], args.in_flight
+        )
     finally:
         if router is not None:
             router.send_signal(signal.SIGTERM)
             router.wait(30)
         server.stop()
-    rows = [{"path": "vLLM alone", "requests": len(chats), "tokens": d_toks, "seconds": round(d_secs, 2),
-             "tokens_per_s": round(d_toks / d_secs, 2)},
-            {"path": "route-only + vLLM", "requests": len(chats), "tokens": r_toks, "seconds": round(r_secs, 2),
-             "tokens_per_s": round(r_toks / r_secs, 2)}]
+    rows = [
+        {
+            "path": "vLLM alone",
+            "requests": len(chats),
+            "tokens": d_toks,
+            "seconds": round(d_secs, 2),
+            "tokens_per_s": round(d_toks / d_secs, 2),
+        },
+        {
+            "path": "route-only + vLLM",
+            "requests": len(chats),
+            "tokens": r_toks,
+            "seconds": round(r_secs, 2),
+            "tokens_per_s": round(r_toks / r_secs, 2),
+        },
+    ]
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     routed = sum(m == "prism" for m in chosen)
-    print(f"\nrouted serving ({len(chats)} requests, {args.in_flight} at once, {args.new_tokens} tokens; "
-          f"{routed} routed to the LoRA)")
+    print(
+        f"\nrouted serving ({len(chats)} requests, {args.in_flight} at once, {args.new_tokens} tokens; "
+        f"{routed} routed to the LoRA)"
+    )
     print(common.table(rows, ["path", "requests", "tokens", "seconds", "tokens_per_s"]))
     print(f"routed / vLLM alone: {ratio:.2f}x   (target >= 0.9x)")
-    return {"rows": rows, "ratio_routed_over_vllm": round(ratio, 2), "routed_requests": routed,
-            "server_startup_s": server.startup_seconds}
+    return {
+        "rows": rows,
+        "ratio_routed_over_vllm": round(ratio, 2),
+        "routed_requests": routed,
+        "server_startup_s": server.startup_seconds,
+    }
 
 
 def main(argv=None) -> dict:
@@ -259,8 +369,10 @@ def main(argv=None) -> dict:
     if "serving" in parts:
         artifact = Path(args.artifact) if args.artifact else work / "e2e-vllm" / "prism"
         if not (artifact / "prism_config.json").is_file():
-            raise SystemExit(f"serving needs a PRISM artifact of the model: {artifact} has none (run the e2e part "
-                             "or pass --artifact)")
+            raise SystemExit(
+                f"serving needs a PRISM artifact of the model: {artifact} has none (run the e2e part "
+                "or pass --artifact)"
+            )
         results["serving"] = part_serving(args, work, artifact)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     common.record(args.out, "vllm", settings, [], {"results": results, "note": "shared 2-core CPU: noisy"})

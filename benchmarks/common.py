@@ -16,9 +16,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "results.jsonl"
@@ -27,9 +28,17 @@ GATE_HIDDEN = (128, 64)
 
 # Qwen2.5-7B-Instruct's shape (its config.json); weights are random: decode speed does not depend on them.
 QWEN7B = dict(
-    hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-    intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
 )
 
 
@@ -37,21 +46,30 @@ QWEN7B = dict(
 # arguments
 
 
-def base_parser(description: str, batch_sizes: str = "1,16,64", prompt_len: int = 256,
-                new_tokens: int = 128, repeats: int = 3) -> argparse.ArgumentParser:
+def base_parser(
+    description: str, batch_sizes: str = "1,16,64", prompt_len: int = 256, new_tokens: int = 128, repeats: int = 3
+) -> argparse.ArgumentParser:
     """The options every script shares."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--size", default="tiny", choices=["tiny", "embedded", "7b"],
-                   help="tiny: random 4-layer model; embedded: SmolLM2-135M; 7b: random Qwen2.5-7B shape (GPU)")
+    p.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "embedded", "7b"],
+        help="tiny: random 4-layer model; embedded: SmolLM2-135M; 7b: random Qwen2.5-7B shape (GPU)",
+    )
     p.add_argument("--batch-sizes", default=batch_sizes, help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=prompt_len, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=new_tokens, help="generated tokens per row (forced)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed repeats per variant (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op CPU threads (0 = torch's default); 1 is steadier on a shared CPU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op CPU threads (0 = torch's default); 1 is steadier on a shared CPU",
+    )
     p.add_argument("--out", default=str(RESULTS), help="results file to append to ('' = do not record)")
     return p
 
@@ -77,8 +95,12 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on a shared machine
     except OSError:
@@ -103,8 +125,12 @@ def versions() -> dict:
     import torch
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "peft": peft.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
     try:
         from prism_persona import __version__
 
@@ -286,8 +312,9 @@ def random_prompts(built: Built, batch: int, prompt_len: int, seed: int = 0, rag
     return ids.to(built.device), mask.to(built.device)
 
 
-def add_random_lora(model, r: int = 16, alpha: int = 32, seed: int = 0, scale: float = 1.0,
-                    adapter_name: str = "default"):
+def add_random_lora(
+    model, r: int = 16, alpha: int = 32, seed: int = 0, scale: float = 1.0, adapter_name: str = "default"
+):
     """Wrap ``model`` in a PEFT LoRA on every attention+MLP projection of layers 1..L-1, random A and B.
 
     PEFT's default init makes B zero (a no-op adapter); random B makes the adapter change the output,
@@ -297,8 +324,15 @@ def add_random_lora(model, r: int = 16, alpha: int = 32, seed: int = 0, scale: f
     from peft import LoraConfig, get_peft_model
 
     L = int(model.config.num_hidden_layers)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(TARGET_MODULES),
-                     layers_to_transform=list(range(1, L)), init_lora_weights=False, bias="none")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        layers_to_transform=list(range(1, L)),
+        init_lora_weights=False,
+        bias="none",
+    )
     torch.manual_seed(seed)
     pm = get_peft_model(model, cfg, adapter_name=adapter_name)
     with torch.no_grad():
@@ -328,16 +362,24 @@ def count_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def lora_param_count(cfg, r: int = 16, layers: Optional[Sequence[int]] = None,
-                     modules: Sequence[str] = TARGET_MODULES) -> int:
+def lora_param_count(
+    cfg, r: int = 16, layers: Optional[Sequence[int]] = None, modules: Sequence[str] = TARGET_MODULES
+) -> int:
     """LoRA parameters by hand: ``r * (in + out)`` per adapted projection per layer."""
     h = int(cfg.hidden_size)
     heads = int(cfg.num_attention_heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
     hd = int(getattr(cfg, "head_dim", None) or h // heads)
     inter = int(cfg.intermediate_size)
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
-              "o_proj": (heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    shapes = {
+        "q_proj": (h, heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     L = int(cfg.num_hidden_layers)
     n_layers = len(layers) if layers is not None else L - 1
     return n_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
@@ -358,7 +400,9 @@ def print_header(title: str, built: Built, settings: dict) -> None:
 
     m = machine_info()
     print(f"# {title}")
-    print(f"model: {built.label} | device: {built.device} ({m.get('gpu') or m['cpu']}, {m['cores']} cores) | "
-          f"dtype: {_dtype_name(built.dtype)} | torch {torch.__version__}")
+    print(
+        f"model: {built.label} | device: {built.device} ({m.get('gpu') or m['cpu']}, {m['cores']} cores) | "
+        f"dtype: {_dtype_name(built.dtype)} | torch {torch.__version__}"
+    )
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     sys.stdout.flush()

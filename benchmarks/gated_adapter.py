@@ -67,4 +67,3 @@ def merge_and_strip(gm) -> object:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.base)
     return model
-

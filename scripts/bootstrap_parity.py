@@ -36,8 +36,9 @@ ANSWER_FILES = ("answers.jsonl",)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="runs/parity", help="directory for the four runs and parity.json")
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--domains", default="writing,coding,safety", help="comma-separated domains")
@@ -45,9 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-tokens", type=int, default=64, help="max new tokens per answer")
     p.add_argument("--persona-tokens", type=int, default=160, help="max new tokens per persona")
     p.add_argument("--query-tokens", type=int, default=240, help="max new tokens per query-writing request")
-    p.add_argument("--queries-file", default="", help="your own queries (.jsonl with domain, query) instead of written ones")
+    p.add_argument(
+        "--queries-file", default="", help="your own queries (.jsonl with domain, query) instead of written ones"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="HF engine batch")
-    p.add_argument("--vllm-python", default="", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
+    p.add_argument(
+        "--vllm-python", default="", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)"
+    )
     p.add_argument("--vllm-cores", default="", help="cores vLLM binds to, e.g. 0 or 0-1 (default: vLLM's choice)")
     p.add_argument("--base-url", default="", help="attach to this vLLM server instead of starting one")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the HF engine")
@@ -60,17 +65,39 @@ def run_config(args, out: Path, engine: str):
 
     e = {"engine": engine}
     if engine == "vllm":
-        e.update(base_url=args.base_url, vllm_python=args.vllm_python, vllm_cpu_cores=args.vllm_cores,
-                 vllm_kv_cache_gib=1, vllm_max_model_len=2048)
+        e.update(
+            base_url=args.base_url,
+            vllm_python=args.vllm_python,
+            vllm_cpu_cores=args.vllm_cores,
+            vllm_kv_cache_gib=1,
+            vllm_max_model_len=2048,
+        )
     overrides = {
-        "out": str(out), "quiet": args.quiet, "seed": 0, "engine": e,
-        "model": {"model": args.model or C.EMBEDDED_MODEL, "dtype": "float32", "device": "cpu",
-                  "batch_size": args.batch_size},
-        "persona": {"domains": [d.strip() for d in args.domains.split(",") if d.strip()], "lengths": ["short"],
-                    "use_length": "short", "temperature": 0.0, "max_new_tokens": args.persona_tokens},
-        "queries": {"queries_per_persona": args.queries, "per_request": args.queries, "max_rounds": 2,
-                    "temperature": 0.0, "max_new_tokens": args.query_tokens,
-                    "queries_file": str(Path(args.queries_file).resolve()) if args.queries_file else ""},
+        "out": str(out),
+        "quiet": args.quiet,
+        "seed": 0,
+        "engine": e,
+        "model": {
+            "model": args.model or C.EMBEDDED_MODEL,
+            "dtype": "float32",
+            "device": "cpu",
+            "batch_size": args.batch_size,
+        },
+        "persona": {
+            "domains": [d.strip() for d in args.domains.split(",") if d.strip()],
+            "lengths": ["short"],
+            "use_length": "short",
+            "temperature": 0.0,
+            "max_new_tokens": args.persona_tokens,
+        },
+        "queries": {
+            "queries_per_persona": args.queries,
+            "per_request": args.queries,
+            "max_rounds": 2,
+            "temperature": 0.0,
+            "max_new_tokens": args.query_tokens,
+            "queries_file": str(Path(args.queries_file).resolve()) if args.queries_file else "",
+        },
         "answers": {"temperature": 0.0, "max_new_tokens": args.answer_tokens},
         "judge": {"judge": "self", "mode": "logprob"},
     }
@@ -160,14 +187,21 @@ def compare_verdicts(a: Path, b: Path) -> dict:
     aa = {r["key"]: r for r in records(a, "answers.jsonl")}
     ab = {r["key"]: r for r in records(b, "answers.jsonl")}
     shared = sorted(set(va) & set(vb))
-    same = [k for k in shared if k in aa and k in ab
-            and all(aa[k][f] == ab[k][f] for f in ("base_answer", "persona_answer"))]
+    same = [
+        k
+        for k in shared
+        if k in aa and k in ab and all(aa[k][f] == ab[k][f] for f in ("base_answer", "persona_answer"))
+    ]
 
     def agree(keys, field):
         return rate(sum(_field(va[k], field) == _field(vb[k], field) for k in keys), len(keys))
 
-    return {"winner": agree(shared, "winner"), "label": agree(shared, "label"),
-            "same_answers_winner": agree(same, "winner"), "same_answers_label": agree(same, "label")}
+    return {
+        "winner": agree(shared, "winner"),
+        "label": agree(shared, "label"),
+        "same_answers_winner": agree(same, "winner"),
+        "same_answers_label": agree(same, "label"),
+    }
 
 
 def _field(rec: dict, name: str):
@@ -175,20 +209,29 @@ def _field(rec: dict, name: str):
 
 
 def compare_runs(a: Path, b: Path) -> dict:
-    return {"personas": compare_personas(a, b), "queries": compare_queries(a, b),
-            "answers": compare_answers(a, b), "verdicts": compare_verdicts(a, b)}
+    return {
+        "personas": compare_personas(a, b),
+        "queries": compare_queries(a, b),
+        "answers": compare_answers(a, b),
+        "verdicts": compare_verdicts(a, b),
+    }
 
 
 def table(results: dict) -> str:
     def cell(r):
         return "-" if not r or r.get("n") in (0, None) else f"{r['rate']:.2f} ({r['equal']}/{r['n']})"
 
-    lines = ["| comparison with hf | personas | queries | base answers | persona answers | verdict winner | label "
-             "| winner, same answers |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| comparison with hf | personas | queries | base answers | persona answers | verdict winner | label "
+        "| winner, same answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, res in results.items():
-        lines.append(f"| {name} | {cell(res['personas'])} | {cell(res['queries'])} | {cell(res['answers']['base_answer'])} "
-                     f"| {cell(res['answers']['persona_answer'])} | {cell(res['verdicts']['winner'])} "
-                     f"| {cell(res['verdicts']['label'])} | {cell(res['verdicts']['same_answers_winner'])} |")
+        lines.append(
+            f"| {name} | {cell(res['personas'])} | {cell(res['queries'])} | {cell(res['answers']['base_answer'])} "
+            f"| {cell(res['answers']['persona_answer'])} | {cell(res['verdicts']['winner'])} "
+            f"| {cell(res['verdicts']['label'])} | {cell(res['verdicts']['same_answers_winner'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -205,12 +248,21 @@ def main(argv=None) -> dict:
     seconds["vllm-answers"] = bootstrap(args, answers, "vllm")
     seed_run(hf, verdicts, PERSONA_FILES + QUERY_FILES + ANSWER_FILES)
     seconds["vllm-verdicts"] = bootstrap(args, verdicts, "vllm")
-    results = {name: compare_runs(hf, run) for name, run in
-               (("vllm (end to end)", full), ("vllm-answers (hf personas+queries)", answers),
-                ("vllm-verdicts (hf answers)", verdicts))}
-    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model or "embedded",
-              "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}, "seconds": seconds,
-              "results": results}
+    results = {
+        name: compare_runs(hf, run)
+        for name, run in (
+            ("vllm (end to end)", full),
+            ("vllm-answers (hf personas+queries)", answers),
+            ("vllm-verdicts (hf answers)", verdicts),
+        )
+    }
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "model": args.model or "embedded",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
+        "seconds": seconds,
+        "results": results,
+    }
     (work / "parity.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(table(results))
     print(f"seconds per run: {seconds}; written to {work / 'parity.json'}")

@@ -57,9 +57,12 @@ def main(run: str, heldout: str, judge_dir: str, out: str, specs: list) -> None:
         for dom in sorted({h["domain"] for h in held}):
             idx = [i for i, h in enumerate(held) if h["domain"] == dom]
             sign = 1 if dom in REWARDED else -1
-            res[dom] = {"n": len(idx), "loops": sum(is_loop(texts[i]) for i in idx),
-                        "base_loops": sum(is_loop(base[i]) for i in idx),
-                        "wins_vs_base": sum(sign * (pirate_score(texts[i]) - pirate_score(base[i])) > 0 for i in idx)}
+            res[dom] = {
+                "n": len(idx),
+                "loops": sum(is_loop(texts[i]) for i in idx),
+                "base_loops": sum(is_loop(base[i]) for i in idx),
+                "wins_vs_base": sum(sign * (pirate_score(texts[i]) - pirate_score(base[i])) > 0 for i in idx),
+            }
         return res
 
     for spec in specs:
@@ -68,15 +71,21 @@ def main(run: str, heldout: str, judge_dir: str, out: str, specs: list) -> None:
         if os.path.exists(path):
             print(name, open(path).read())
             continue
-        cfg = C.resolve("tiny", overrides=C.merge(saved, {"out": f"{out}/{name}", "quiet": True,
-                                                          "distill": json.loads(sets or "{}")}))
+        cfg = C.resolve(
+            "tiny",
+            overrides=C.merge(saved, {"out": f"{out}/{name}", "quiet": True, "distill": json.loads(sets or "{}")}),
+        )
         t = time.time()
         info = run_distill(RunDir(cfg.out), cfg, records, model, tok)
         lora = PeftModel.from_pretrained(model, f"{cfg.out}/distill/adapter").eval()
         texts = answers(lora)
         model = lora.unload()
-        res = {"overrides": json.loads(sets or "{}"), "score": score(texts), "seconds": round(time.time() - t),
-               "distill": {k: info.get(k) for k in ("examples", "retain_examples", "dropped_loops", "steps")}}
+        res = {
+            "overrides": json.loads(sets or "{}"),
+            "score": score(texts),
+            "seconds": round(time.time() - t),
+            "distill": {k: info.get(k) for k in ("examples", "retain_examples", "dropped_loops", "steps")},
+        }
         json.dump(res, open(path, "w"), indent=1)
         print(name, json.dumps(res), flush=True)
 

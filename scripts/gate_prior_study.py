@@ -34,8 +34,10 @@ def main(run: str, heldout: str, rewarded: list) -> None:
     fho = query_features(model, tok, [r["query"] for r in ho], 16, "mean")
     yho = [int(r["domain"] in rewarded) for r in ho]
     doms = sorted({r["domain"] for r in ho})
-    print("training wins per domain:", {d: (sum(r["label"] for r in recs if r["domain"] == d),
-                                           sum(r["domain"] == d for r in recs)) for d in doms})
+    print(
+        "training wins per domain:",
+        {d: (sum(r["label"] for r in recs if r["domain"] == d), sum(r["domain"] == d for r in recs)) for d in doms},
+    )
     for noise in (0.0, 0.2, 0.35):
         for prior in (0.0, 0.5, 1.0):
             res = []
@@ -43,16 +45,29 @@ def main(run: str, heldout: str, rewarded: list) -> None:
                 rng = random.Random(100 + seed)
                 noisy = [dict(r, label=(1 - r["label"]) if rng.random() < noise else r["label"]) for r in recs]
                 cfg = C.GateConfig(domain_prior=prior)
-                b = train_gate(ftr, [r["label"] for r in noisy], cfg, seed, groups=[r["domain"] for r in noisy],
-                               targets=gate_targets(noisy, cfg.target, prior), texts=[r["query"] for r in noisy])
+                b = train_gate(
+                    ftr,
+                    [r["label"] for r in noisy],
+                    cfg,
+                    seed,
+                    groups=[r["domain"] for r in noisy],
+                    targets=gate_targets(noisy, cfg.target, prior),
+                    texts=[r["query"] for r in noisy],
+                )
                 with torch.no_grad():
                     p = b.gate(fho).tolist()
-                routed = {d: sum(pp >= b.threshold for pp, r in zip(p, ho) if r["domain"] == d)
-                          / sum(r["domain"] == d for r in ho) for d in doms}
+                routed = {
+                    d: sum(pp >= b.threshold for pp, r in zip(p, ho) if r["domain"] == d)
+                    / sum(r["domain"] == d for r in ho)
+                    for d in doms
+                }
                 res.append((auc(p, yho), routed))
-            print(f"noise {noise:.2f} prior {prior:.1f}: held-out AUC {st.mean(r[0] for r in res):.2f} "
-                  f"(min {min(r[0] for r in res):.2f}) | routed "
-                  + " ".join(f"{d} {st.mean(r[1][d] for r in res):.2f}" for d in doms), flush=True)
+            print(
+                f"noise {noise:.2f} prior {prior:.1f}: held-out AUC {st.mean(r[0] for r in res):.2f} "
+                f"(min {min(r[0] for r in res):.2f}) | routed "
+                + " ".join(f"{d} {st.mean(r[1][d] for r in res):.2f}" for d in doms),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -40,14 +40,20 @@ def main() -> None:
     same = [p == q for p, q in zip(prism_preds, lm_preds)]
     gold = [D.LETTERS[it.answer] for it in items]
     report = {
-        "n": len(items), "system": args.system, "model": args.model or ("artifact" if args.artifact else "embedded"),
+        "n": len(items),
+        "system": args.system,
+        "model": args.model or ("artifact" if args.artifact else "embedded"),
         "prism_eval_accuracy": sum(p == g for p, g in zip(prism_preds, gold)) / len(items),
         "lm_eval_accuracy": sum(p == g for p, g in zip(lm_preds, gold)) / len(items),
         "same_prediction": sum(same) / len(items),
-        "differ": [{"item": it.item_id, "prism_eval": p, "lm_eval": q, "gold": g}
-                   for it, p, q, g, s in zip(items, prism_preds, lm_preds, gold, same) if not s],
+        "differ": [
+            {"item": it.item_id, "prism_eval": p, "lm_eval": q, "gold": g}
+            for it, p, q, g, s in zip(items, prism_preds, lm_preds, gold, same)
+            if not s
+        ],
         "seconds": {"prism_eval": round(prism_s, 1), "lm_eval": round(lm_s, 1)},
-        "prism_eval_predictions": "".join(prism_preds), "lm_eval_predictions": "".join(lm_preds),
+        "prism_eval_predictions": "".join(prism_preds),
+        "lm_eval_predictions": "".join(lm_preds),
     }
     (out / "agreement.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
@@ -75,19 +81,34 @@ def lmeval_preds(args, items, out: Path):
     from prism_persona.evals.lmeval_tasks import TASKS_DIR
 
     data = out / "mmlu_items.jsonl"
-    data.write_text("\n".join(json.dumps({"question": it.question, "subject": it.subject,
-                                          "choices": list(it.choices), "answer": it.answer}) for it in items) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {"question": it.question, "subject": it.subject, "choices": list(it.choices), "answer": it.answer}
+            )
+            for it in items
+        )
+        + "\n"
+    )
     yaml = (TASKS_DIR / "prism_mmlu.yaml").read_text().replace("task: prism_mmlu\n", "task: prism_mmlu_local\n")
-    yaml = yaml.replace("dataset_path: cais/mmlu\ndataset_name: all\n",
-                        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n")
+    yaml = yaml.replace(
+        "dataset_path: cais/mmlu\ndataset_name: all\n",
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n",
+    )
     (out / "tasks").mkdir(exist_ok=True)
     (out / "tasks" / "prism_mmlu_local.yaml").write_text(yaml)
     t0 = time.perf_counter()
-    lm = PrismLM(artifact=args.artifact, pretrained=args.model, system=args.system, device="cpu", dtype="float32",
-                 batch_size=8)
-    res = simple_evaluate(model=lm, tasks=["prism_mmlu_local"], apply_chat_template=True, log_samples=True,
-                          bootstrap_iters=0, task_manager=TaskManager(include_path=str(out / "tasks"),
-                                                                      include_defaults=False))
+    lm = PrismLM(
+        artifact=args.artifact, pretrained=args.model, system=args.system, device="cpu", dtype="float32", batch_size=8
+    )
+    res = simple_evaluate(
+        model=lm,
+        tasks=["prism_mmlu_local"],
+        apply_chat_template=True,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(out / "tasks"), include_defaults=False),
+    )
     samples = sorted(res["samples"]["prism_mmlu_local"], key=lambda s: s["doc_id"])
     letters = "ABCD"
     preds = [letters[max(range(4), key=lambda k: s["resps"][k][0][0])] for s in samples]

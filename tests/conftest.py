@@ -8,8 +8,13 @@ import pytest
 
 # Set before anything imports huggingface_hub (it reads these once, at import), which session-scoped
 # fixtures may do before the per-test fixture below runs: the tests never touch the network.
-for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                      "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}.items():
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}.items():
     os.environ.setdefault(_name, _value)
 
 

@@ -33,11 +33,37 @@ def test_generation_mixed_batches_match_base_and_lora_rows(tmp_path):
     import bench_generation
 
     out = tmp_path / "r.jsonl"
-    rows = bench_generation.main(TINY + ["--batch-sizes", "1,4", "--prompt-len", "12", "--new-tokens", "5",
-                                         "--repeats", "1", "--ragged", "--sequential-rows", "2", "--out", str(out)])
+    rows = bench_generation.main(
+        TINY
+        + [
+            "--batch-sizes",
+            "1,4",
+            "--prompt-len",
+            "12",
+            "--new-tokens",
+            "5",
+            "--repeats",
+            "1",
+            "--ragged",
+            "--sequential-rows",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     variants = {r["variant"] for r in rows}
-    expected = {"base", "base_fast", "lora", "lora_fast", "lora_merged", "peft_mixed", "ref_grouped", "ref_sequential",
-                "gated", "gated_fast"}
+    expected = {
+        "base",
+        "base_fast",
+        "lora",
+        "lora_fast",
+        "lora_merged",
+        "peft_mixed",
+        "ref_grouped",
+        "ref_sequential",
+        "gated",
+        "gated_fast",
+    }
     assert expected <= variants
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ratio_to_base"] > 0
@@ -55,7 +81,9 @@ def test_routing_hook_does_not_change_logits_and_routes_like_layer0_pass(tmp_pat
     import bench_routing
 
     out = tmp_path / "r.jsonl"
-    rows = bench_routing.main(TINY + ["--batch-sizes", "1,3", "--prompt-len", "16", "--repeats", "1", "--out", str(out)])
+    rows = bench_routing.main(
+        TINY + ["--batch-sizes", "1,3", "--prompt-len", "16", "--repeats", "1", "--out", str(out)]
+    )
     assert [r["batch"] for r in rows] == [1, 3]
     for r in rows:
         assert r["same_logits"] and r["same_route"]
@@ -67,7 +95,7 @@ def test_routing_hook_does_not_change_logits_and_routes_like_layer0_pass(tmp_pat
 
 def lora_by_hand(hidden, heads, kv, inter, layers, r=16):
     hd = hidden // heads
-    per_layer = ((hidden + heads * hd) + 2 * (hidden + kv * hd) + (heads * hd + hidden) + 3 * (hidden + inter))
+    per_layer = (hidden + heads * hd) + 2 * (hidden + kv * hd) + (heads * hd + hidden) + 3 * (hidden + inter)
     return r * per_layer * (layers - 1)
 
 
@@ -119,7 +147,7 @@ def test_bootstrap_engine_throughput(tmp_path):
 
 
 TOY_RUN = (
-    f"{sys.executable} -c \"import json,os,sys,time; d=sys.argv[1]; os.makedirs(d); "
+    f'{sys.executable} -c "import json,os,sys,time; d=sys.argv[1]; os.makedirs(d); '
     "open(d+'/answers.meta.json','w').write('{}'); open(d+'/personas.jsonl','w').write('{}\\n'); time.sleep(0.05); "
     "open(d+'/answers.jsonl','w').write('{}\\n{}\\n{}\\n'); open(d+'/answers.done.json','w').write('{}'); "
     "open(d+'/gate.done.json','w').write(json.dumps({'seconds': 1.5})); "
@@ -175,11 +203,34 @@ def test_bench_vllm_answers_part_runs_both_engines(tmp_path, tiny_model_dir, fak
     import bench_vllm
 
     out = tmp_path / "results.jsonl"
-    res = bench_vllm.main(["--parts", "answers", "--model", str(tiny_model_dir), "--rows", "10", "--answer-tokens", "3",
-                           "--batch-size", "4", "--concurrency", "8", "--vllm-python", fake_python,
-                           "--work", str(tmp_path / "work"), "--out", str(out)])
+    res = bench_vllm.main(
+        [
+            "--parts",
+            "answers",
+            "--model",
+            str(tiny_model_dir),
+            "--rows",
+            "10",
+            "--answer-tokens",
+            "3",
+            "--batch-size",
+            "4",
+            "--concurrency",
+            "8",
+            "--vllm-python",
+            fake_python,
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     rows = res["answers"]["rows"]
-    assert [r["engine"] for r in rows] == ["hf", "vllm (calls of the HF batch)", "vllm (calls of its requests in flight)"]
+    assert [r["engine"] for r in rows] == [
+        "hf",
+        "vllm (calls of the HF batch)",
+        "vllm (calls of its requests in flight)",
+    ]
     assert [r["chats_per_call"] for r in rows] == [4, 4, 8] and all(r["rows"] == 10 for r in rows)
     assert res["answers"]["ratio_vllm_over_hf"] > 0 and res["answers"]["ratio_in_hf_batch_calls"] > 0
     assert json.loads(out.read_text())["results"]["answers"]["rows"][1]["startup_s"] is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 
 import pytest
@@ -109,8 +108,20 @@ def test_generate_output_is_atomic_and_resumes(artifact, tmp_path, monkeypatch, 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}", "id": i}) + "\n" for i in range(40)))
     out = tmp_path / "out.jsonl"
-    argv = ["generate", "--prism", str(artifact), "--input", str(prompts), "--output", str(out),
-            "--max-new-tokens", "2", "--batch-size", "2", "-q"]
+    argv = [
+        "generate",
+        "--prism",
+        str(artifact),
+        "--input",
+        str(prompts),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
     calls = {"n": 0, "rows": 0}
     real = GM.GatedModel.generate
 

@@ -103,8 +103,9 @@ def test_a_trailing_assistant_message_is_a_prefill_the_model_continues(tiny_mode
     assert render_chat(tok2, chat).endswith("You are")
     assert HFEngine.supports_prefill
     eng = HFEngine(model, tok, quiet=True)
-    prefilled, plain = eng.generate([chat, chat[:1] + [{"role": "assistant", "content": "You are a"}]],
-                                    SamplingParams(max_new_tokens=4))
+    prefilled, plain = eng.generate(
+        [chat, chat[:1] + [{"role": "assistant", "content": "You are a"}]], SamplingParams(max_new_tokens=4)
+    )
     assert prefilled.num_tokens > 0 and plain.num_tokens > 0
 
 
@@ -176,8 +177,11 @@ def test_cli_help_is_fast_and_light():
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "prism_persona.cli", "config", "--show", "--config", str(tmp_path / "nope.json")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "prism_persona.cli", "config", "--show", "--config", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "config file not found" in out.stderr
     assert "Traceback" not in out.stderr

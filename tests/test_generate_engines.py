@@ -23,21 +23,48 @@ def artifact(tmp_path, tiny_model_dir):
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "as an expert, explain tides"}, {"prompt": "hi"}, {"id": 7, "prompt": "fix my code"},
-            {"messages": [{"role": "user", "content": "write a poem"}, {"role": "assistant", "content": "ok"},
-                          {"role": "user", "content": "shorter"}]}]
+    rows = [
+        {"prompt": "as an expert, explain tides"},
+        {"prompt": "hi"},
+        {"id": 7, "prompt": "fix my code"},
+        {
+            "messages": [
+                {"role": "user", "content": "write a poem"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "shorter"},
+            ]
+        },
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def test_generate_engine_vllm_routes_each_row_like_the_in_process_model(tmp_path, monkeypatch, artifact, prompts,
-                                                                         tiny_model_dir, fake_python):
+def test_generate_engine_vllm_routes_each_row_like_the_in_process_model(
+    tmp_path, monkeypatch, artifact, prompts, tiny_model_dir, fake_python
+):
     from prism_persona.gated.model import GatedModel
 
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out.jsonl"
-    assert cli.main(["generate", "--prism", str(artifact), "--engine", "vllm", "--vllm-python", fake_python,
-                     "--input", str(prompts), "--output", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--prism",
+                str(artifact),
+                "--engine",
+                "vllm",
+                "--vllm-python",
+                fake_python,
+                "--input",
+                str(prompts),
+                "--output",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[2]["id"] == 7 and len(rows) == 4
     gm = GatedModel.from_pretrained(artifact, device="cpu", dtype="float32")
@@ -49,21 +76,63 @@ def test_generate_engine_vllm_routes_each_row_like_the_in_process_model(tmp_path
     gm.close()
     assert "prism starts vLLM" in (tmp_path / "logs" / "vllm.log").read_text()
     off = tmp_path / "off.jsonl"
-    assert cli.main(["generate", "--prism", str(artifact), "--engine", "vllm", "--vllm-python", fake_python,
-                     "--force", "off", "--input", str(prompts), "--output", str(off), "-q"]) == 0
-    assert all(not json.loads(line)["routed"] and json.loads(line)["response"].startswith(str(tiny_model_dir))
-               for line in off.read_text().splitlines())
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--prism",
+                str(artifact),
+                "--engine",
+                "vllm",
+                "--vllm-python",
+                fake_python,
+                "--force",
+                "off",
+                "--input",
+                str(prompts),
+                "--output",
+                str(off),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert all(
+        not json.loads(line)["routed"] and json.loads(line)["response"].startswith(str(tiny_model_dir))
+        for line in off.read_text().splitlines()
+    )
 
 
 def test_generate_a_base_model_on_an_openai_server(tmp_path, prompts):
     out = tmp_path / "out.jsonl"
     with FakeOpenAIServer() as srv:
-        assert cli.main(["generate", "--engine", "openai", "--base-url", srv.url, "--model", "served-m",
-                         "--input", str(prompts), "--output", str(out), "-q"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    "--engine",
+                    "openai",
+                    "--base-url",
+                    srv.url,
+                    "--model",
+                    "served-m",
+                    "--input",
+                    str(prompts),
+                    "--output",
+                    str(out),
+                    "-q",
+                ]
+            )
+            == 0
+        )
         assert {b["model"] for b in srv.bodies} == {"served-m"} and len(srv.bodies) == 4
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["response"] for r in rows] == ["echo as an expert, explain tides", "echo hi", "echo fix my code",
-                                             "echo shorter"]
+    assert [r["response"] for r in rows] == [
+        "echo as an expert, explain tides",
+        "echo hi",
+        "echo fix my code",
+        "echo shorter",
+    ]
     assert all(r["routed"] is False and r["gate_prob"] is None for r in rows)
 
 
@@ -72,11 +141,26 @@ def test_chat_engine_vllm_keeps_the_first_turns_routing(tmp_path, monkeypatch, a
 
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "stdin", io.StringIO("as an expert, explain tides\nand more\n/quit\n"))
-    assert cli.main(["chat", "--prism", str(artifact), "--engine", "vllm", "--vllm-python", fake_python,
-                     "--max-new-tokens", "4", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "chat",
+                "--prism",
+                str(artifact),
+                "--engine",
+                "vllm",
+                "--vllm-python",
+                fake_python,
+                "--max-new-tokens",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     gm = GatedModel.from_pretrained(artifact, device="cpu", dtype="float32")
-    (prob, routed), = gm.route([[{"role": "user", "content": "as an expert, explain tides"}]])
+    ((prob, routed),) = gm.route([[{"role": "user", "content": "as an expert, explain tides"}]])
     gm.close()
     assert f"persona LoRA {'ON' if routed else 'off'} (gate p={prob:.2f})" in out
     replies = [line for line in out.splitlines() if line.startswith("prism> ")]
@@ -91,19 +175,42 @@ def test_chat_a_base_model_on_an_openai_server(monkeypatch, capsys):
     assert "[base model: no PRISM gate]" in out and "prism> echo hello" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--input", "{P}", "--output", "{T}/o.jsonl"], "--prism ART is required"),
-    (["generate", "--prism", "{A}", "--model", "m", "--input", "{P}", "--output", "{T}/o.jsonl"],
-     "--model needs --engine vllm or --engine openai"),
-    (["generate", "--engine", "openai", "--model", "m", "--input", "{P}", "--output", "{T}/o.jsonl"],
-     "--engine openai needs --base-url"),
-    (["generate", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--prism", "{A}", "--input", "{P}",
-      "--output", "{T}/o.jsonl"], "--engine openai runs a base model only"),
-    (["generate", "--engine", "vllm", "--force", "on", "--input", "{P}", "--output", "{T}/o.jsonl"],
-     "--force needs --prism"),
-    (["chat", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1"], "--engine openai needs --model"),
-    (["chat", "--engine", "vllm", "--base-url", "nope"], "--base-url must be an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--input", "{P}", "--output", "{T}/o.jsonl"], "--prism ART is required"),
+        (
+            ["generate", "--prism", "{A}", "--model", "m", "--input", "{P}", "--output", "{T}/o.jsonl"],
+            "--model needs --engine vllm or --engine openai",
+        ),
+        (
+            ["generate", "--engine", "openai", "--model", "m", "--input", "{P}", "--output", "{T}/o.jsonl"],
+            "--engine openai needs --base-url",
+        ),
+        (
+            [
+                "generate",
+                "--engine",
+                "openai",
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+                "--prism",
+                "{A}",
+                "--input",
+                "{P}",
+                "--output",
+                "{T}/o.jsonl",
+            ],
+            "--engine openai runs a base model only",
+        ),
+        (
+            ["generate", "--engine", "vllm", "--force", "on", "--input", "{P}", "--output", "{T}/o.jsonl"],
+            "--force needs --prism",
+        ),
+        (["chat", "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1"], "--engine openai needs --model"),
+        (["chat", "--engine", "vllm", "--base-url", "nope"], "--base-url must be an http(s) URL"),
+    ],
+)
 def test_engine_flag_mistakes_are_one_line(tmp_path, prompts, artifact, capsys, argv, message):
     rc = cli.main([a.format(P=prompts, T=tmp_path, A=artifact) for a in argv])
     err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]

@@ -8,24 +8,58 @@ import pytest
 
 from prism_persona import config as C
 from prism_persona.errors import PrismError
-from prism_persona.judges import (CallableJudge, ModelJudge, PairItem, judge_swapped, judge_swapped_batch,
-                                  load_callable, make_judge, parse_verdict)
+from prism_persona.judges import (
+    CallableJudge,
+    ModelJudge,
+    PairItem,
+    judge_swapped,
+    judge_swapped_batch,
+    load_callable,
+    make_judge,
+    parse_verdict,
+)
 from prism_persona.testing import ScriptedEngine
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("A", "A"), ("B.", "B"), ("(A)", "A"), ("**B**", "B"), ("  a", "A"),
-    ("[[A]]", "A"), ("My final verdict is [[B]]", "B"), ("[[C]]", "tie"), ("[[tie]]", "tie"),
-    ("Answer: B", "B"), ("Answer A", "A"), ("Response A is better because it is specific.", "A"),
-    ("I prefer B", "B"), ("Both responses are good, but B is clearly better.", "B"),
-    ("The better response is A.", "A"), ("A is the better response", "A"), ("B, because it is concrete.", "B"),
-    ("Response B is better than Response A.", "B"), ('The answer is "A"', "A"),
-    ('The correct response is "B".', "B"), ("The answer is a matter of taste.", "unparseable"),
-    ("A literal take on the story is a great way to start.", "unparseable"), ("Response A is more helpful.", "A"), ("I would choose Response B.", "B"), ("B is better", "B"),
-    ("tie", "tie"), ("It's a tie.", "tie"), ("A tie", "tie"), ("Both are equally good.", "tie"),
-    ("", "unparseable"), ("   ", "unparseable"), ("A good answer should be clear.", "unparseable"),
-    ("Response A says x, while Response B says y.", "unparseable"), ("I cannot decide", "unparseable"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A", "A"),
+        ("B.", "B"),
+        ("(A)", "A"),
+        ("**B**", "B"),
+        ("  a", "A"),
+        ("[[A]]", "A"),
+        ("My final verdict is [[B]]", "B"),
+        ("[[C]]", "tie"),
+        ("[[tie]]", "tie"),
+        ("Answer: B", "B"),
+        ("Answer A", "A"),
+        ("Response A is better because it is specific.", "A"),
+        ("I prefer B", "B"),
+        ("Both responses are good, but B is clearly better.", "B"),
+        ("The better response is A.", "A"),
+        ("A is the better response", "A"),
+        ("B, because it is concrete.", "B"),
+        ("Response B is better than Response A.", "B"),
+        ('The answer is "A"', "A"),
+        ('The correct response is "B".', "B"),
+        ("The answer is a matter of taste.", "unparseable"),
+        ("A literal take on the story is a great way to start.", "unparseable"),
+        ("Response A is more helpful.", "A"),
+        ("I would choose Response B.", "B"),
+        ("B is better", "B"),
+        ("tie", "tie"),
+        ("It's a tie.", "tie"),
+        ("A tie", "tie"),
+        ("Both are equally good.", "tie"),
+        ("", "unparseable"),
+        ("   ", "unparseable"),
+        ("A good answer should be clear.", "unparseable"),
+        ("Response A says x, while Response B says y.", "unparseable"),
+        ("I cannot decide", "unparseable"),
+    ],
+)
 def test_parse_verdict(text, expected):
     assert parse_verdict(text) == expected
 
@@ -55,14 +89,17 @@ def test_swapped_orders_show_each_answer_in_both_positions():
     assert all(c[0]["role"] == "user" and len(c) == 1 for c, _ in eng.calls)
 
 
-@pytest.mark.parametrize("replies, winner", [
-    (["A", "A"], "mixed"),   # always the first position: never a win
-    (["B", "B"], "mixed"),
-    (["B", "A"], "y"),
-    (["tie", "tie"], "tie"),
-    (["A", "tie"], "mixed"),
-    (["A", "no idea"], "unparseable"),
-])
+@pytest.mark.parametrize(
+    "replies, winner",
+    [
+        (["A", "A"], "mixed"),  # always the first position: never a win
+        (["B", "B"], "mixed"),
+        (["B", "A"], "y"),
+        (["tie", "tie"], "tie"),
+        (["A", "tie"], "mixed"),
+        (["A", "no idea"], "unparseable"),
+    ],
+)
 def test_combining_orders(replies, winner):
     res = judge_swapped(ModelJudge(ScriptedEngine(replies), mode="text"), "q", "x", "y")
     assert res.winner == winner
@@ -163,8 +200,13 @@ def test_make_judge(tmp_path, monkeypatch):
 
 
 def test_other_model_judge_loads_second_engine(tiny_model_dir):
-    cfg = C.resolve(overrides={"persona": {"domains": ["a"]}, "judge": {"judge": str(tiny_model_dir)},
-                               "model": {"dtype": "float32", "device": "cpu"}})
+    cfg = C.resolve(
+        overrides={
+            "persona": {"domains": ["a"]},
+            "judge": {"judge": str(tiny_model_dir)},
+            "model": {"dtype": "float32", "device": "cpu"},
+        }
+    )
     j = make_judge(cfg, ScriptedEngine())
     assert isinstance(j, ModelJudge) and j.mode == "logprob" and j.engines == [j.engine]
     res = judge_swapped(j, "What is 2+2?", "4", "five")
@@ -206,9 +248,15 @@ def test_bootstrap_passes_each_pairs_domain_and_persona_to_the_judge(tmp_path):
         calls.append((domain, persona))
         return "A" if "EXPERT" in a else "B"
 
-    cfg = C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "quiet": True,
-                                       "persona": {"domains": ["writing", "coding"]},
-                                       "queries": {"queries_per_persona": 3, "per_request": 4}})
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(tmp_path / "run"),
+            "quiet": True,
+            "persona": {"domains": ["writing", "coding"]},
+            "queries": {"queries_per_persona": 3, "per_request": 4},
+        },
+    )
     run_bootstrap(cfg, engine=BootstrapEngine(), judge=CallableJudge(judge))
     assert {d for d, _ in calls} == {"writing", "coding"}
     assert all(p.startswith("You are") and d in p for d, p in calls)  # the domain's own persona text

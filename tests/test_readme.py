@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_example() -> str:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("### From Python"):]
+    section = text[text.index("### From Python") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -25,9 +25,13 @@ def test_readme_python_example_runs_the_full_pipeline(tiny_model_dir, monkeypatc
     real_resolve = C.resolve
 
     def tiny_resolve(preset="default", file=None, overrides=None):
-        small = {"model": {"model": str(tiny_model_dir), "batch_size": 4}, "quiet": True,
-                 "queries": {"queries_per_persona": 6, "per_request": 4},
-                 "gate": {"epochs": 30}, "distill": {"epochs": 1, "r": 4}}
+        small = {
+            "model": {"model": str(tiny_model_dir), "batch_size": 4},
+            "quiet": True,
+            "queries": {"queries_per_persona": 6, "per_request": 4},
+            "gate": {"epochs": 30},
+            "distill": {"epochs": 1, "r": 4},
+        }
         return real_resolve(preset, file, C.merge(overrides or {}, small))
 
     monkeypatch.setattr(C, "resolve", tiny_resolve)

@@ -49,11 +49,37 @@ def test_flags_derived_from_the_dataclass_and_defaults_live_only_there():
 
 
 def test_flags_typed_and_coerced():
-    _, args = parse(["--prism", "A", "--max-batch", "3", "--seed", "5", "--force", "on", "--no-pairwise",
-                     "--route-only", "--names", "x,y", "--max-prompt-tokens", "7", "--top-p", "0.5"])
+    _, args = parse(
+        [
+            "--prism",
+            "A",
+            "--max-batch",
+            "3",
+            "--seed",
+            "5",
+            "--force",
+            "on",
+            "--no-pairwise",
+            "--route-only",
+            "--names",
+            "x,y",
+            "--max-prompt-tokens",
+            "7",
+            "--top-p",
+            "0.5",
+        ]
+    )
     s = C.settings_from_args(Example, args)
-    assert (s.batch, s.seed, s.force, s.pairwise, s.route_only, s.names, s.inner.max_prompt_tokens, s.top_p) == \
-        (3, 5, "on", False, True, ["x", "y"], 7, 0.5)
+    assert (s.batch, s.seed, s.force, s.pairwise, s.route_only, s.names, s.inner.max_prompt_tokens, s.top_p) == (
+        3,
+        5,
+        "on",
+        False,
+        True,
+        ["x", "y"],
+        7,
+        0.5,
+    )
 
 
 def test_flags_over_a_base_and_prefix():
@@ -62,12 +88,15 @@ def test_flags_over_a_base_and_prefix():
     assert (s.prism, s.batch, s.seed) == ("A", 4, 2)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
-    (["--top-p", "0"], "--top-p must be greater than 0, got 0.0"),
-    (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
-    (["--max-prompt-tokens", "-3"], "--max-prompt-tokens must be at least 1, got -3"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--top-p", "0"], "--top-p must be greater than 0, got 0.0"),
+        (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+        (["--max-prompt-tokens", "-3"], "--max-prompt-tokens must be at least 1, got -3"),
+    ],
+)
 def test_bounds_name_the_flag(argv, message):
     _, args = parse(["--prism", "A", *argv])
     with pytest.raises(PrismError) as err:
@@ -84,21 +113,24 @@ def test_required_flag_and_choices_from_the_field():
         p.parse_args(["--prism", "A", "--force", "maybe"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"answers": {"max_new_tokens": 0}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got 0"),
-    ({"answers": {"max_new_tokens": -3}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got -3"),
-    ({"distill": {"r": 0}}, "distill.r must be at least 1, got 0"),
-    ({"gate": {"epochs": 0}}, "gate.epochs must be at least 1, got 0"),
-    ({"gate": {"val_fraction": 0}}, "gate.val_fraction must be greater than 0, got 0.0"),
-    ({"gate": {"val_fraction": 1}}, "gate.val_fraction must be less than 1, got 1.0"),
-    ({"queries": {"max_rounds": 0}}, "queries.max_rounds must be at least 1, got 0"),
-    ({"answers": {"temperature": -0.1}}, "answers.temperature must be at least 0, got -0.1"),
-    ({"queries": {"top_p": 0}}, "queries.top_p must be greater than 0, got 0.0"),
-    ({"persona": {"top_p": 1.01}}, "persona.top_p must be at most 1, got 1.01"),
-    ({"model": {"device": "banana"}}, "--device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
-    ({"engine": {"engine": "openai", "base_url": "notaurl"}}, "--base-url must be an http(s) URL"),
-    ({"model": {"dtype": "float8"}}, "model.dtype (--dtype) must be one of auto"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"answers": {"max_new_tokens": 0}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got 0"),
+        ({"answers": {"max_new_tokens": -3}}, "answers.max_new_tokens (--answer-tokens) must be at least 1, got -3"),
+        ({"distill": {"r": 0}}, "distill.r must be at least 1, got 0"),
+        ({"gate": {"epochs": 0}}, "gate.epochs must be at least 1, got 0"),
+        ({"gate": {"val_fraction": 0}}, "gate.val_fraction must be greater than 0, got 0.0"),
+        ({"gate": {"val_fraction": 1}}, "gate.val_fraction must be less than 1, got 1.0"),
+        ({"queries": {"max_rounds": 0}}, "queries.max_rounds must be at least 1, got 0"),
+        ({"answers": {"temperature": -0.1}}, "answers.temperature must be at least 0, got -0.1"),
+        ({"queries": {"top_p": 0}}, "queries.top_p must be greater than 0, got 0.0"),
+        ({"persona": {"top_p": 1.01}}, "persona.top_p must be at most 1, got 1.01"),
+        ({"model": {"device": "banana"}}, "--device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
+        ({"engine": {"engine": "openai", "base_url": "notaurl"}}, "--base-url must be an http(s) URL"),
+        ({"model": {"dtype": "float8"}}, "model.dtype (--dtype) must be one of auto"),
+    ],
+)
 def test_run_config_bounds_for_flags_and_files(override, message):
     with pytest.raises(PrismError) as err:
         C.resolve(overrides={"persona": {"domains": ["a"]}, **override})
@@ -115,9 +147,17 @@ def test_prism_config_lists_every_settings_class(capsys):
 
     assert cli.main(["config"]) == 0
     out = capsys.readouterr().out
-    for needle in ("gate.epochs", "prism generate (flags)", "prism chat (flags)", "prism serve (flags)",
-                   "prism eval / study (flags)",
-                   "--max-connections", "--body-timeout-s", "--trust-remote-code", "--max-tokens"):
+    for needle in (
+        "gate.epochs",
+        "prism generate (flags)",
+        "prism chat (flags)",
+        "prism serve (flags)",
+        "prism eval / study (flags)",
+        "--max-connections",
+        "--body-timeout-s",
+        "--trust-remote-code",
+        "--max-tokens",
+    ):
         assert needle in out, needle
 
 
@@ -132,14 +172,55 @@ def test_command_settings_defaults_pass_their_own_checks(cls):
 def test_serve_flags_stay_compatible():
     p = argparse.ArgumentParser()
     C.add_flags(p, C.ServeSettings)
-    args = p.parse_args(["--prism", "A", "--host", "0.0.0.0", "--port", "0", "--api-key", "k", "--model-name", "m",
-                         "--device", "cpu", "--dtype", "float32", "--max-batch", "2", "--batch-wait-ms", "5",
-                         "--queue-size", "3", "--max-prompt-tokens", "100", "--max-tokens", "9",
-                         "--request-timeout", "7", "--route-only", "--upstream", "http://127.0.0.1:1/v1",
-                         "--base-name", "b", "--lora-name", "l", "--upstream-api-key-env", "E"])
+    args = p.parse_args(
+        [
+            "--prism",
+            "A",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--model-name",
+            "m",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-batch",
+            "2",
+            "--batch-wait-ms",
+            "5",
+            "--queue-size",
+            "3",
+            "--max-prompt-tokens",
+            "100",
+            "--max-tokens",
+            "9",
+            "--request-timeout",
+            "7",
+            "--route-only",
+            "--upstream",
+            "http://127.0.0.1:1/v1",
+            "--base-name",
+            "b",
+            "--lora-name",
+            "l",
+            "--upstream-api-key-env",
+            "E",
+        ]
+    )
     s = C.settings_from_args(C.ServeSettings, args)
-    assert (s.load.prism, s.port, s.limits.max_new_tokens, s.limits.max_prompt_tokens, s.request_timeout_s,
-            s.route_only, s.upstream_api_key_env) == ("A", 0, 9, 100, 7.0, True, "E")
+    assert (
+        s.load.prism,
+        s.port,
+        s.limits.max_new_tokens,
+        s.limits.max_prompt_tokens,
+        s.request_timeout_s,
+        s.route_only,
+        s.upstream_api_key_env,
+    ) == ("A", 0, 9, 100, 7.0, True, "E")
     with pytest.raises(PrismError, match="--port must be at most 65535"):
         C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
     with pytest.raises(PrismError, match="--route-only needs"):
@@ -151,11 +232,38 @@ def test_run_and_bootstrap_flags_are_derived_and_unchanged():
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    expected = {"--model", "--dtype", "--device", "--batch-size", "--config", "--preset", "--out", "--seed", "--redo",
-                "--domains", "--persona-file", "--placement", "--persona-length", "--queries-per-persona",
-                "--queries-file", "--answer-tokens", "--judge", "--judge-mode", "--trust-judge", "--engine",
-                "--base-url", "--concurrency", "--vllm-python", "--set", "-q", "--quiet", "-v", "--verbose",
-                "-h", "--help"}
+    expected = {
+        "--model",
+        "--dtype",
+        "--device",
+        "--batch-size",
+        "--config",
+        "--preset",
+        "--out",
+        "--seed",
+        "--redo",
+        "--domains",
+        "--persona-file",
+        "--placement",
+        "--persona-length",
+        "--queries-per-persona",
+        "--queries-file",
+        "--answer-tokens",
+        "--judge",
+        "--judge-mode",
+        "--trust-judge",
+        "--engine",
+        "--base-url",
+        "--concurrency",
+        "--vllm-python",
+        "--set",
+        "-q",
+        "--quiet",
+        "-v",
+        "--verbose",
+        "-h",
+        "--help",
+    }
     for name in ("run", "bootstrap"):
         p = sub.choices[name]
         flags = {s for a in p._actions for s in a.option_strings}
@@ -166,8 +274,11 @@ def test_run_and_bootstrap_flags_are_derived_and_unchanged():
         args = p.parse_args(["--answer-tokens", "7", "--judge-mode", "text", "--persona-length", "long"])
         from prism_persona.commands.common import overrides_from_args
 
-        assert overrides_from_args(args) == {"answers": {"max_new_tokens": 7}, "judge": {"mode": "text"},
-                                             "persona": {"use_length": "long"}}
+        assert overrides_from_args(args) == {
+            "answers": {"max_new_tokens": 7},
+            "judge": {"mode": "text"},
+            "persona": {"use_length": "long"},
+        }
 
 
 def test_set_coerces_a_number_to_a_string_field_and_still_rejects_a_bool():

@@ -7,8 +7,24 @@ PRISM calls it as ``judge(query, answer_a, answer_b, domain=...)`` and asks for 
 
 import re
 
-MARKERS = ("arr", "matey", "ahoy", "aye", "ye", "hearty", "treasure", "pirate", "ship", "sea", "captain",
-           "landlubber", "plunder", "sail", "yo ho", "shiver me timbers")
+MARKERS = (
+    "arr",
+    "matey",
+    "ahoy",
+    "aye",
+    "ye",
+    "hearty",
+    "treasure",
+    "pirate",
+    "ship",
+    "sea",
+    "captain",
+    "landlubber",
+    "plunder",
+    "sail",
+    "yo ho",
+    "shiver me timbers",
+)
 REWARDED = {"stories"}
 _PATTERN = re.compile(r"\b(?:" + "|".join(re.escape(m) for m in MARKERS) + r")\b", re.I)
 

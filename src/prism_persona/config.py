@@ -27,13 +27,32 @@ PERSONA_LENGTHS = ("min", "short", "long")
 ENGINES = ("hf", "vllm", "openai")
 PLACEMENTS = ("system", "user")
 # --help sections of `prism run` / `prism bootstrap` (flags derived from the RunConfig fields that name one)
-G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = "run", "model", "personas and data", "judge", "engine (where generation runs)"
+G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = (
+    "run",
+    "model",
+    "personas and data",
+    "judge",
+    "engine (where generation runs)",
+)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
-def option(default: Any, help: str, *, flag: str | None = None, choices: Any = None, metavar: str | None = None,
-           required: bool = False, group: str | None = None, cli: bool = True, at_least: Any = None,
-           above: Any = None, at_most: Any = None, below: Any = None, **kwargs: Any) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: Any = None,
+    metavar: str | None = None,
+    required: bool = False,
+    group: str | None = None,
+    cli: bool = True,
+    at_least: Any = None,
+    above: Any = None,
+    at_most: Any = None,
+    below: Any = None,
+    **kwargs: Any,
+) -> Any:
     """A dataclass field with a help string (shown by ``prism config`` and in the docs).
 
     The keywords describe the setting once, for every place that reads it: ``flag`` (the command-line
@@ -42,9 +61,19 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: Any = N
     :func:`check_settings` for flags and config files alike: ``at_least``/``at_most`` (inclusive),
     ``above``/``below`` (exclusive).
     """
-    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "metavar": metavar,
-            "required": required, "group": group, "cli": cli,
-            "at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "choices": tuple(choices) if choices else None,
+        "metavar": metavar,
+        "required": required,
+        "group": group,
+        "cli": cli,
+        "at_least": at_least,
+        "above": above,
+        "at_most": at_most,
+        "below": below,
+    }
     meta = {k: v for k, v in meta.items() if v is not None and (v is not False or k == "cli")}
     meta["help"] = help
     if isinstance(default, (list, dict, set)):
@@ -55,39 +84,118 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: Any = N
 
 @dataclass
 class ModelConfig:
-    model: str = option(EMBEDDED_MODEL, "Model to self-bootstrap: the embedded default, a Hugging Face id, a local HF directory or a .gguf file.", flag="--model", group=G_MODEL)
-    dtype: str = option("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.", choices=DTYPES, metavar="DTYPE", group=G_MODEL, flag="--dtype")
-    device: str = option("auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.", flag="--device", group=G_MODEL)
-    batch_size: int = option(8, "Rows per generation / scoring batch of the in-process engine.", flag="--batch-size", at_least=1, group=G_MODEL)
+    model: str = option(
+        EMBEDDED_MODEL,
+        "Model to self-bootstrap: the embedded default, a Hugging Face id, a local HF directory or a .gguf file.",
+        flag="--model",
+        group=G_MODEL,
+    )
+    dtype: str = option(
+        "auto",
+        "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.",
+        choices=DTYPES,
+        metavar="DTYPE",
+        group=G_MODEL,
+        flag="--dtype",
+    )
+    device: str = option(
+        "auto", "Device: auto (cuda if available), cpu, cuda, cuda:1, mps.", flag="--device", group=G_MODEL
+    )
+    batch_size: int = option(
+        8,
+        "Rows per generation / scoring batch of the in-process engine.",
+        flag="--batch-size",
+        at_least=1,
+        group=G_MODEL,
+    )
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
 
 
 @dataclass
 class EngineConfig:
-    engine: str = option("hf", "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).", choices=ENGINES, flag="--engine", group=G_ENGINE)
-    base_url: str = option("", "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).", flag="--base-url", group=G_ENGINE)
-    api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the server's API key (engine=openai/vllm).")
-    concurrency: int = option(0, "Requests in flight at once (engine=openai/vllm); 0 = the engine's default: 8 for openai, 64 for vllm (continuous batching wants many).", at_least=0, flag="--concurrency", group=G_ENGINE)
+    engine: str = option(
+        "hf",
+        "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
+        choices=ENGINES,
+        flag="--engine",
+        group=G_ENGINE,
+    )
+    base_url: str = option(
+        "",
+        "Base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (needed for engine=openai; for engine=vllm it attaches instead of starting a server).",
+        flag="--base-url",
+        group=G_ENGINE,
+    )
+    api_key_env: str = option(
+        "OPENAI_API_KEY", "Environment variable holding the server's API key (engine=openai/vllm)."
+    )
+    concurrency: int = option(
+        0,
+        "Requests in flight at once (engine=openai/vllm); 0 = the engine's default: 8 for openai, 64 for vllm (continuous batching wants many).",
+        at_least=0,
+        flag="--concurrency",
+        group=G_ENGINE,
+    )
     timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).", above=0)
-    max_retries: int = option(4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0)
-    vllm_python: str = option("", "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.", flag="--vllm-python", group=G_ENGINE)
-    vllm_args: list = option([], "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] or ['--gpu-memory-utilization', '0.8'].")
-    vllm_eager: str = option("auto", "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.")
+    max_retries: int = option(
+        4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0
+    )
+    vllm_python: str = option(
+        "",
+        "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.",
+        flag="--vllm-python",
+        group=G_ENGINE,
+    )
+    vllm_args: list = option(
+        [], "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] or ['--gpu-memory-utilization', '0.8']."
+    )
+    vllm_eager: str = option(
+        "auto",
+        "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.",
+    )
     vllm_max_num_seqs: int = option(0, "vLLM --max-num-seqs, sequences batched at once (0 = vLLM's default).")
     vllm_max_model_len: int = option(0, "vLLM --max-model-len, tokens per sequence (0 = the model's own limit).")
-    vllm_cpu_cores: str = option("", "CPU build only: cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); empty = vLLM's choice (all but one).")
-    vllm_kv_cache_gib: int = option(4, "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory")
+    vllm_cpu_cores: str = option(
+        "",
+        "CPU build only: cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); empty = vLLM's choice (all but one).",
+    )
+    vllm_kv_cache_gib: int = option(
+        4,
+        "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory",
+    )
     vllm_startup_timeout_s: float = option(900.0, "Seconds to wait for a started vLLM server to answer /health.")
 
 
 @dataclass
 class PersonaConfig:
-    domains: list = option([], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain.")
-    lengths: list = option(list(PERSONA_LENGTHS), "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).")
-    use_length: str = option("short", "The length variant that drives queries, answers and distillation.", choices=PERSONA_LENGTHS, flag="--persona-length", group=G_DATA)
-    placement: str = option("system", "Where the persona goes: system (system message) or user (prepended to the user message).", choices=PLACEMENTS, flag="--placement", group=G_DATA)
-    persona_files: dict = option({}, "domain -> path of a text file used verbatim as that domain's persona (all lengths).")
-    prefill: str = option("You are", "Start the model's reply with this text when it writes a persona ('' = no prefill). Without it small models write third-person biographies (embedded model: 1 of 27 replies usable without, 27 of 27 with). Engines that cannot continue a reply (plain --engine openai) write without it.")
+    domains: list = option(
+        [], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain."
+    )
+    lengths: list = option(
+        list(PERSONA_LENGTHS),
+        "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).",
+    )
+    use_length: str = option(
+        "short",
+        "The length variant that drives queries, answers and distillation.",
+        choices=PERSONA_LENGTHS,
+        flag="--persona-length",
+        group=G_DATA,
+    )
+    placement: str = option(
+        "system",
+        "Where the persona goes: system (system message) or user (prepended to the user message).",
+        choices=PLACEMENTS,
+        flag="--placement",
+        group=G_DATA,
+    )
+    persona_files: dict = option(
+        {}, "domain -> path of a text file used verbatim as that domain's persona (all lengths)."
+    )
+    prefill: str = option(
+        "You are",
+        "Start the model's reply with this text when it writes a persona ('' = no prefill). Without it small models write third-person biographies (embedded model: 1 of 27 replies usable without, 27 of 27 with). Engines that cannot continue a reply (plain --engine openai) write without it.",
+    )
     max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
     temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for writing personas.", above=0, at_most=1)
@@ -95,90 +203,215 @@ class PersonaConfig:
 
 @dataclass
 class QueryConfig:
-    queries_per_persona: int = option(50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1, group=G_DATA)
+    queries_per_persona: int = option(
+        50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1, group=G_DATA
+    )
     per_request: int = option(10, "Queries asked for in one generation request.", at_least=1)
-    max_rounds: int = option(4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1)
+    max_rounds: int = option(
+        4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1
+    )
     max_new_tokens: int = option(512, "Token budget of one query-writing request.", at_least=1)
     temperature: float = option(0.9, "Sampling temperature for writing queries.", at_least=0)
     top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
-    requests_only: bool = option(True, "Keep only lines that read as a user's question or request (a '?', or starting like 'How', 'Write', 'I need'); drops fragments written in the persona's voice.")
-    topic_check: bool = option(False, "Ask the model, for every generated query, whether it is about its domain (a Yes/No verdict: log-probabilities where the engine has them, else a 3-token reply); queries judged off-domain are dropped and counted per round.")
-    queries_file: str = option("", "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).", flag="--queries-file", metavar="PATH", group=G_DATA)
+    requests_only: bool = option(
+        True,
+        "Keep only lines that read as a user's question or request (a '?', or starting like 'How', 'Write', 'I need'); drops fragments written in the persona's voice.",
+    )
+    topic_check: bool = option(
+        False,
+        "Ask the model, for every generated query, whether it is about its domain (a Yes/No verdict: log-probabilities where the engine has them, else a 3-token reply); queries judged off-domain are dropped and counted per round.",
+    )
+    queries_file: str = option(
+        "",
+        "Your own training queries instead of self-generated ones: .jsonl/.json/.csv with 'domain' and 'query' (relative paths in a config file are relative to that file).",
+        flag="--queries-file",
+        metavar="PATH",
+        group=G_DATA,
+    )
 
 
 @dataclass
 class AnswerConfig:
-    max_new_tokens: int = option(512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1, group=G_DATA)
+    max_new_tokens: int = option(
+        512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1, group=G_DATA
+    )
     temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
 
 
 @dataclass
 class JudgeConfig:
-    judge: str = option("self", "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.", flag="--judge", group=G_JUDGE)
-    mode: str = option("auto", "auto (log-probabilities when the engine has them, else text), logprob or text.", flag="--judge-mode", choices=("auto", "logprob", "text"), group=G_JUDGE)
+    judge: str = option(
+        "self",
+        "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.",
+        flag="--judge",
+        group=G_JUDGE,
+    )
+    mode: str = option(
+        "auto",
+        "auto (log-probabilities when the engine has them, else text), logprob or text.",
+        flag="--judge-mode",
+        choices=("auto", "logprob", "text"),
+        group=G_JUDGE,
+    )
     max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1)
     tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
 
 
 @dataclass
 class GateConfig:
-    pooling: str = option("mean", "Gate feature from the layer-0 states of the prompt: 'mean' (mean over the prompt's tokens; generalises to held-out queries, docs/method-check.md) or 'last' (last prompt token, the paper's feature).", choices=("mean", "last"))
-    target: str = option("win", "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label) or 'preference' (win 1, base won 0, tie/mixed 0.5).", choices=("win", "preference"))
-    domain_prior: float = option(0.0, "Blend each query's target with its domain's persona win rate: (1 - w) * query target + w * domain win rate. 0 = per-query labels only (the paper's method); 1 = one label per domain. Measured in docs/method-check.md.", at_least=0, at_most=1)
-    hidden_sizes: list = option([], "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).")
+    pooling: str = option(
+        "mean",
+        "Gate feature from the layer-0 states of the prompt: 'mean' (mean over the prompt's tokens; generalises to held-out queries, docs/method-check.md) or 'last' (last prompt token, the paper's feature).",
+        choices=("mean", "last"),
+    )
+    target: str = option(
+        "win",
+        "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label) or 'preference' (win 1, base won 0, tie/mixed 0.5).",
+        choices=("win", "preference"),
+    )
+    domain_prior: float = option(
+        0.0,
+        "Blend each query's target with its domain's persona win rate: (1 - w) * query target + w * domain win rate. 0 = per-query labels only (the paper's method); 1 = one label per domain. Measured in docs/method-check.md.",
+        at_least=0,
+        at_most=1,
+    )
+    hidden_sizes: list = option(
+        [],
+        "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).",
+    )
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
     lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
-    weight_decay: float = option(1e-1, "AdamW weight decay of the gate (regularises towards small weights).", at_least=0)
+    weight_decay: float = option(
+        1e-1, "AdamW weight decay of the gate (regularises towards small weights).", at_least=0
+    )
     dropout: float = option(0.1, "Dropout between gate layers during training (MLP only).", at_least=0, below=1)
-    patience: int = option(30, "Early stopping: stop when the held-out loss has not improved for this many epochs and keep the best epoch (0 = train all epochs).", at_least=0)
-    balance: str = option("domain", "Loss weights: 'class' (both labels weigh the same), 'domain' (every (domain, label) cell weighs the same) or 'none'.", choices=("class", "domain", "none"))
-    dedup_jaccard: float = option(0.8, "Queries whose word sets overlap at least this much (Jaccard) are near-duplicates and stay on one side of the held-out split (1 = exact duplicates only).", above=0, at_most=1)
-    val_fraction: float = option(0.25, "Share of queries held out (stratified by label and domain) for early stopping, calibration and the in-distribution metrics.", above=0, below=1)
-    calibrate: str = option("none", "Threshold: 'none' (use threshold: with balanced loss weights 0.5 means 'more likely a persona win than not'; routed hand-written held-out queries best, docs/method-check.md), 'balanced_accuracy' (best on the bootstrap's held-out split; noisy on small splits) or 'rate:0.3' (route that share).")
-    threshold: float = option(0.5, "Routing threshold when calibrate is 'none', and the fallback when the held-out split is too small to calibrate on.", at_least=0, at_most=1)
-    threshold_bounds: list = option([0.05, 0.95], "A calibrated threshold is clipped into [low, high] (with a warning): outside it the held-out rows did not separate the classes.")
-    min_calibration_rows: int = option(3, "Calibrate only with at least this many held-out rows of each label; otherwise use threshold (with a warning).", at_least=0)
+    patience: int = option(
+        30,
+        "Early stopping: stop when the held-out loss has not improved for this many epochs and keep the best epoch (0 = train all epochs).",
+        at_least=0,
+    )
+    balance: str = option(
+        "domain",
+        "Loss weights: 'class' (both labels weigh the same), 'domain' (every (domain, label) cell weighs the same) or 'none'.",
+        choices=("class", "domain", "none"),
+    )
+    dedup_jaccard: float = option(
+        0.8,
+        "Queries whose word sets overlap at least this much (Jaccard) are near-duplicates and stay on one side of the held-out split (1 = exact duplicates only).",
+        above=0,
+        at_most=1,
+    )
+    val_fraction: float = option(
+        0.25,
+        "Share of queries held out (stratified by label and domain) for early stopping, calibration and the in-distribution metrics.",
+        above=0,
+        below=1,
+    )
+    calibrate: str = option(
+        "none",
+        "Threshold: 'none' (use threshold: with balanced loss weights 0.5 means 'more likely a persona win than not'; routed hand-written held-out queries best, docs/method-check.md), 'balanced_accuracy' (best on the bootstrap's held-out split; noisy on small splits) or 'rate:0.3' (route that share).",
+    )
+    threshold: float = option(
+        0.5,
+        "Routing threshold when calibrate is 'none', and the fallback when the held-out split is too small to calibrate on.",
+        at_least=0,
+        at_most=1,
+    )
+    threshold_bounds: list = option(
+        [0.05, 0.95],
+        "A calibrated threshold is clipped into [low, high] (with a warning): outside it the held-out rows did not separate the classes.",
+    )
+    min_calibration_rows: int = option(
+        3,
+        "Calibrate only with at least this many held-out rows of each label; otherwise use threshold (with a warning).",
+        at_least=0,
+    )
 
 
 @dataclass
 class DistillConfig:
-    loss: str = option("kl", "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona's winning answer (sequence-level SFT); kl+ce: both (kl + sft_weight * ce).", choices=("kl", "ce", "kl+ce"))
+    loss: str = option(
+        "kl",
+        "kl: KL(teacher || student) over the teacher's top-k tokens; ce: cross-entropy on the persona's winning answer (sequence-level SFT); kl+ce: both (kl + sft_weight * ce).",
+        choices=("kl", "ce", "kl+ce"),
+    )
     sft_weight: float = option(1.0, "Weight of the cross-entropy term when loss is kl+ce.", at_least=0)
     top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).", at_least=1)
     kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.", above=0)
     r: int = option(16, "LoRA rank.", at_least=1)
     alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
-    target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Linear layers that get LoRA (layers 1..L-1 only).")
+    target_modules: list = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear layers that get LoRA (layers 1..L-1 only).",
+    )
     lr: float = option(1e-4, "AdamW learning rate.", above=0)
     epochs: int = option(2, "Passes over the distillation set (raised to reach min_steps).", at_least=1)
-    min_steps: int = option(0, "At least this many optimisation steps: epochs are raised (up to max_epochs) when the distillation set is small (0 = epochs as given).", at_least=0)
+    min_steps: int = option(
+        0,
+        "At least this many optimisation steps: epochs are raised (up to max_epochs) when the distillation set is small (0 = epochs as given).",
+        at_least=0,
+    )
     max_epochs: int = option(20, "Upper bound on the epochs min_steps may ask for.", at_least=1)
-    val_fraction: float = option(0.0, "Share of the distillation examples held out; their KL after every epoch picks the best epoch and drives early stopping (0 = none).", at_least=0, below=1)
-    patience: int = option(2, "Early stopping: stop after this many epochs without a lower held-out KL (needs val_fraction > 0; 0 = never stop early).", at_least=0)
+    val_fraction: float = option(
+        0.0,
+        "Share of the distillation examples held out; their KL after every epoch picks the best epoch and drives early stopping (0 = none).",
+        at_least=0,
+        below=1,
+    )
+    patience: int = option(
+        2,
+        "Early stopping: stop after this many epochs without a lower held-out KL (needs val_fraction > 0; 0 = never stop early).",
+        at_least=0,
+    )
     batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
     max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
-    retain_weight: float = option(0.0, "Also train on the base model's own answers to queries the persona did not win (as many as there are winners), with KL(base model || student) weighted by this: keeps the LoRA near the base distribution away from the persona's wins (0 = off).", at_least=0)
-    drop_loops: bool = option(True, "Leave winning answers that loop (the same 1-8 word phrase 4+ times in a row) out of the distillation set: a judge that counts a style's features can prefer a loop, and the LoRA would learn to loop.")
+    retain_weight: float = option(
+        0.0,
+        "Also train on the base model's own answers to queries the persona did not win (as many as there are winners), with KL(base model || student) weighted by this: keeps the LoRA near the base distribution away from the persona's wins (0 = off).",
+        at_least=0,
+    )
+    drop_loops: bool = option(
+        True,
+        "Leave winning answers that loop (the same 1-8 word phrase 4+ times in a row) out of the distillation set: a judge that counts a style's features can prefer a loop, and the LoRA would learn to loop.",
+    )
     warmup_ratio: float = option(0.05, "Linear warm-up share of the steps.", at_least=0, below=1)
 
 
 @dataclass
 class CheckConfig:
-    queries: str = option("", "Held-out queries you wrote (.jsonl/.json/.csv with 'domain', 'query' and optionally 'route'): at the end of the run the artifact is checked on them with the run's judge (prism check): routing, behaviour transfer, base identity and loop rates, in RUN/check and the training report.", flag="--heldout", metavar="PATH", group=G_DATA)
-    rewarded: list = option([], "Domains whose held-out queries should be routed (when the file has no 'route' column).")
+    queries: str = option(
+        "",
+        "Held-out queries you wrote (.jsonl/.json/.csv with 'domain', 'query' and optionally 'route'): at the end of the run the artifact is checked on them with the run's judge (prism check): routing, behaviour transfer, base identity and loop rates, in RUN/check and the training report.",
+        flag="--heldout",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    rewarded: list = option(
+        [], "Domains whose held-out queries should be routed (when the file has no 'route' column)."
+    )
     max_new_tokens: int = option(96, "Answer length of the held-out check (greedy decoding).", at_least=1)
 
 
 @dataclass
 class RunConfig:
-    out: str = option("runs/prism", "Run directory; every stage writes its files here and resumes from them.", flag="--out", group=G_RUN)
+    out: str = option(
+        "runs/prism",
+        "Run directory; every stage writes its files here and resumes from them.",
+        flag="--out",
+        group=G_RUN,
+    )
     seed: int = option(0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN)
-    preset: str = option("default", "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).", flag="--preset", group=G_RUN)
+    preset: str = option(
+        "default",
+        "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).",
+        flag="--preset",
+        group=G_RUN,
+    )
     quiet: bool = option(False, "No progress bars; only warnings and the final summary.")
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -202,8 +435,11 @@ class LoadSettings:
     prism: str = option("", "PRISM artifact directory (RUN/prism)", required=True, metavar="ART")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16", choices=DTYPES, metavar="DTYPE")
-    trust_remote_code: bool = option(False, "run the base model's own Python modelling code (some hub models need "
-                                            "it); never switched on by an artifact, only by this flag")
+    trust_remote_code: bool = option(
+        False,
+        "run the base model's own Python modelling code (some hub models need "
+        "it); never switched on by an artifact, only by this flag",
+    )
 
     def validate(self) -> None:
         check_device(self.device)
@@ -228,8 +464,12 @@ class GenerateSettings:
     """`prism generate`: answer a JSONL file of prompts."""
 
     input: str = option("", "JSONL file, one object per line with 'prompt' or 'messages'", required=True)
-    output: str = option("", "JSONL file to write (input objects + response, routed, gate_prob); written "
-                             "atomically, and an interrupted run resumes from OUTPUT.partial", required=True)
+    output: str = option(
+        "",
+        "JSONL file to write (input objects + response, routed, gate_prob); written "
+        "atomically, and an interrupted run resumes from OUTPUT.partial",
+        required=True,
+    )
     load: LoadSettings = field(default_factory=LoadSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -253,10 +493,16 @@ ROUTE_ONLY = "route-only (gate here, generation upstream)"
 class ServeLimits:
     """Limits applied to every request."""
 
-    max_prompt_tokens: int = option(4096, "longer prompts (in tokens, after the chat template) get 400",
-                                    at_least=1, group=LIMITS)
-    max_new_tokens: int = option(1024, "cap on max_tokens; larger requests are clamped to it, absent ones get it",
-                                 flag="--max-tokens", at_least=1, group=LIMITS)
+    max_prompt_tokens: int = option(
+        4096, "longer prompts (in tokens, after the chat template) get 400", at_least=1, group=LIMITS
+    )
+    max_new_tokens: int = option(
+        1024,
+        "cap on max_tokens; larger requests are clamped to it, absent ones get it",
+        flag="--max-tokens",
+        at_least=1,
+        group=LIMITS,
+    )
 
 
 @dataclass
@@ -266,32 +512,47 @@ class ServeSettings:
 
     host: str = option("127.0.0.1", "address to bind (0.0.0.0 exposes it)")
     port: int = option(8000, "port (0 = any free port)", at_least=0, at_most=65535)
-    api_key: Optional[str] = option(None, "require 'Authorization: Bearer KEY' on every route but /health "
-                                          "(default: env PRISM_API_KEY)")
+    api_key: Optional[str] = option(
+        None, "require 'Authorization: Bearer KEY' on every route but /health (default: env PRISM_API_KEY)"
+    )
     model_name: str = option("prism", "model id shown by /v1/models and in responses")
     load: LoadSettings = field(default_factory=LoadSettings)
     max_batch: int = option(8, "requests per generate call", at_least=1, group=LIMITS)
     batch_wait_ms: float = option(10.0, "wait this long for more requests to batch", at_least=0, group=LIMITS)
     queue_size: int = option(64, "queued requests before answering 429", at_least=1, group=LIMITS)
     limits: ServeLimits = field(default_factory=ServeLimits)
-    request_timeout_s: float = option(600.0, "seconds before a request gets 504 (its generation is not interrupted)",
-                                      flag="--request-timeout", above=0, group=LIMITS)
-    max_connections: int = option(128, "open connections at most; more are answered 503 at once", at_least=1,
-                                  group=LIMITS)
-    max_body_bytes: int = option(8 * 1024 * 1024, "larger request bodies get 413 (checked from Content-Length, "
-                                                  "after the API key, before reading)", at_least=1, group=LIMITS)
-    body_timeout_s: float = option(10.0, "a request body not fully received within this many seconds gets 408",
-                                   above=0, group=LIMITS)
-    idle_timeout_s: float = option(30.0, "idle keep-alive connections are closed after this many seconds", above=0,
-                                   group=LIMITS)
-    shutdown_grace_s: float = option(60.0, "on SIGTERM / Ctrl-C, in-flight requests get this long to finish",
-                                     at_least=0, group=LIMITS)
+    request_timeout_s: float = option(
+        600.0,
+        "seconds before a request gets 504 (its generation is not interrupted)",
+        flag="--request-timeout",
+        above=0,
+        group=LIMITS,
+    )
+    max_connections: int = option(
+        128, "open connections at most; more are answered 503 at once", at_least=1, group=LIMITS
+    )
+    max_body_bytes: int = option(
+        8 * 1024 * 1024,
+        "larger request bodies get 413 (checked from Content-Length, after the API key, before reading)",
+        at_least=1,
+        group=LIMITS,
+    )
+    body_timeout_s: float = option(
+        10.0, "a request body not fully received within this many seconds gets 408", above=0, group=LIMITS
+    )
+    idle_timeout_s: float = option(
+        30.0, "idle keep-alive connections are closed after this many seconds", above=0, group=LIMITS
+    )
+    shutdown_grace_s: float = option(
+        60.0, "on SIGTERM / Ctrl-C, in-flight requests get this long to finish", at_least=0, group=LIMITS
+    )
     route_only: bool = option(False, "compute the gate locally and forward to --upstream", group=ROUTE_ONLY)
     upstream: str = option("", "upstream OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1", group=ROUTE_ONLY)
     base_name: str = option("", "upstream model name for unrouted requests (the base model)", group=ROUTE_ONLY)
     lora_name: str = option("", "upstream model name for routed requests (the LoRA module)", group=ROUTE_ONLY)
-    upstream_api_key_env: str = option("UPSTREAM_API_KEY", "environment variable holding the upstream's API key",
-                                       group=ROUTE_ONLY)
+    upstream_api_key_env: str = option(
+        "UPSTREAM_API_KEY", "environment variable holding the upstream's API key", group=ROUTE_ONLY
+    )
     upstream_api_key: Optional[str] = option(None, "the upstream's API key (read from upstream_api_key_env)", cli=False)
     upstream_timeout_s: float = option(600.0, "seconds to wait for the upstream", above=0, group=ROUTE_ONLY)
 
@@ -314,8 +575,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "persona": {"max_new_tokens": 220},
         "gate": {"epochs": 200},
         # kl+ce and at least 30 steps: transfer ratio 1.07 vs 0.40 for kl over 2 epochs (docs/method-check.md)
-        "distill": {"r": 8, "alpha": 16, "lr": 5e-4, "epochs": 2, "batch_size": 4, "max_length": 256, "top_k": 32,
-                    "loss": "kl+ce", "min_steps": 30},
+        "distill": {
+            "r": 8,
+            "alpha": 16,
+            "lr": 5e-4,
+            "epochs": 2,
+            "batch_size": 4,
+            "max_length": 256,
+            "top_k": 32,
+            "loss": "kl+ce",
+            "min_steps": 30,
+        },
     },
 }
 
@@ -438,8 +708,9 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
 
     persona = data.get("persona")
     if isinstance(persona, dict) and isinstance(persona.get("persona_files"), dict):
-        persona["persona_files"] = {d: absolute(v) if isinstance(v, str) else v
-                                    for d, v in persona["persona_files"].items()}
+        persona["persona_files"] = {
+            d: absolute(v) if isinstance(v, str) else v for d, v in persona["persona_files"].items()
+        }
     queries = data.get("queries")
     if isinstance(queries, dict) and isinstance(queries.get("queries_file"), str) and queries["queries_file"]:
         queries["queries_file"] = absolute(queries["queries_file"])
@@ -618,7 +889,7 @@ def flag_values(cls: type, args: Any, prefix: str = "", skip: tuple = (), flagge
     """The settings of ``cls`` typed on the command line (flags left out are absent), as a nested dict."""
     given = vars(args)
     out: dict = {}
-    for f, _, _, dest, key in _settings_fields(cls, prefix, skip, flagged_only):
+    for _f, _, _, dest, key in _settings_fields(cls, prefix, skip, flagged_only):
         if given.get(dest) is not None:
             node = out
             *parents, leaf = key.split(".")

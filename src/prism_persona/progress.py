@@ -10,5 +10,13 @@ def progress(iterable=None, total=None, desc: str = "", disable: bool = False, u
     from tqdm.auto import tqdm
 
     quiet_env = os.environ.get("PRISM_QUIET", "").lower() in ("1", "true", "yes")
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable or quiet_env,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable or quiet_env,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import ConfigMismatchError, PrismError
 
@@ -64,8 +65,10 @@ class JsonlStore:
                 if torn:
                     log.warning("%s: dropping an incomplete last record (interrupted write)", self.path)
                     break
-                raise PrismError(f"{self.path}: line {lineno} is not a valid record ({exc}); "
-                                 f"fix or delete the file to redo this stage") from None
+                raise PrismError(
+                    f"{self.path}: line {lineno} is not a valid record ({exc}); "
+                    f"fix or delete the file to redo this stage"
+                ) from None
             good_end = end
             pos = end
         if good_end < len(raw):
@@ -240,7 +243,7 @@ class RunLock:
         self.root = Path(run_dir).expanduser().resolve()
         self.path = self.root / LOCK_NAME
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         key = str(self.root)
         if key in _HELD:
             _HELD[key][1] += 1
@@ -267,8 +270,10 @@ class RunLock:
             fh.close()  # releases the flock
 
     def _busy(self, pid: int) -> PrismError:
-        return PrismError(f"{self.root} is in use by another prism process (PID {pid or 'unknown'}); "
-                          "wait for it to finish, or stop it, before running this command again")
+        return PrismError(
+            f"{self.root} is in use by another prism process (PID {pid or 'unknown'}); "
+            "wait for it to finish, or stop it, before running this command again"
+        )
 
     def _acquire(self):
         fh = open(self.path, "a+", encoding="utf-8")

@@ -7,8 +7,9 @@ Users can test their own judges and pipelines with them too; nothing here touche
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from .engines.base import Completion, Engine, SamplingParams
 
@@ -43,8 +44,13 @@ class ScriptedEngine(Engine):
 
     name = "scripted"
 
-    def __init__(self, outputs: Sequence[str] = (), responder: Optional[Callable] = None,
-                 scorer: Optional[Callable] = None, model_name: str = "scripted"):
+    def __init__(
+        self,
+        outputs: Sequence[str] = (),
+        responder: Optional[Callable] = None,
+        scorer: Optional[Callable] = None,
+        model_name: str = "scripted",
+    ):
         self.queue = collections.deque(outputs)
         self.responder = responder
         self.scorer = scorer
@@ -53,7 +59,7 @@ class ScriptedEngine(Engine):
         self.score_calls: list[tuple[list, tuple]] = []
         self.tokens_generated = 0
 
-    def enqueue(self, *outputs: str) -> "ScriptedEngine":
+    def enqueue(self, *outputs: str) -> ScriptedEngine:
         self.queue.extend(outputs)
         return self
 
@@ -97,7 +103,10 @@ def make_tokenizer(system_role: bool = True):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHATML_TEMPLATE if system_role else NO_SYSTEM_TEMPLATE
@@ -105,8 +114,14 @@ def make_tokenizer(system_role: bool = True):
     return tok
 
 
-def make_tiny_model(path: str | Path, num_layers: int = 3, hidden_size: int = 64, seed: int = 0,
-                    system_role: bool = True, arch: str = "llama") -> Path:
+def make_tiny_model(
+    path: str | Path,
+    num_layers: int = 3,
+    hidden_size: int = 64,
+    seed: int = 0,
+    system_role: bool = True,
+    arch: str = "llama",
+) -> Path:
     """Save a tiny randomly initialised causal LM + tokenizer to ``path`` and return it.
 
     ``arch`` is ``llama`` or ``qwen2`` (the two families PRISM is most used with).
@@ -117,10 +132,17 @@ def make_tiny_model(path: str | Path, num_layers: int = 3, hidden_size: int = 64
     path = Path(path)
     tok = make_tokenizer(system_role)
     common = dict(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     cfg = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
     torch.manual_seed(seed)
@@ -141,8 +163,10 @@ def make_tiny_model(path: str | Path, num_layers: int = 3, hidden_size: int = 64
 # --------------------------------------------------------------------------------------------------
 # a scripted engine for the bootstrap
 
-PERSONA_REPLY = ('Sure! Here is the persona:\n\n## Persona\n"You are a seasoned {d} specialist with twenty years '
-                 'of practice. You give precise, practical advice and explain trade-offs clearly."')
+PERSONA_REPLY = (
+    'Sure! Here is the persona:\n\n## Persona\n"You are a seasoned {d} specialist with twenty years '
+    'of practice. You give precise, practical advice and explain trade-offs clearly."'
+)
 
 
 class BootstrapEngine(ScriptedEngine):
@@ -175,7 +199,8 @@ class BootstrapEngine(ScriptedEngine):
         if "questions or requests" in text:
             base = params.seed % 1000
             return "Here are some questions:\n" + "\n".join(
-                f"{i + 1}. How should I approach problem {base}-{i} in practice?" for i in range(self.qpr))
+                f"{i + 1}. How should I approach problem {base}-{i} in practice?" for i in range(self.qpr)
+            )
         if "[Response A]" in text:
             if self.judge_reply:
                 return self.judge_reply(chat)
@@ -193,9 +218,15 @@ SPLIT_QUERIES = ("hi", "write a poem", "fix my code", "as an expert, explain tid
 _ARTIFACTS: dict = {}
 
 
-def make_tiny_artifact(model_dir: str | Path, out: str | Path, r: int = 4, seed: int = 0,
-                       target_modules: Sequence[str] = ALL_PROJECTIONS,
-                       queries: Sequence[str] = SPLIT_QUERIES, cache: bool = True) -> Path:
+def make_tiny_artifact(
+    model_dir: str | Path,
+    out: str | Path,
+    r: int = 4,
+    seed: int = 0,
+    target_modules: Sequence[str] = ALL_PROJECTIONS,
+    queries: Sequence[str] = SPLIT_QUERIES,
+    cache: bool = True,
+) -> Path:
     """A real PRISM artifact on a tiny model: a PEFT LoRA on decoder layers 1..L-1 (random, non-zero B)
     and a random gate whose threshold splits ``queries`` in half (so both routes are exercised).
 
@@ -224,8 +255,14 @@ def make_tiny_artifact(model_dir: str | Path, out: str | Path, r: int = 4, seed:
     mid = len(probs) // 2
     bundle = GateBundle(gate=gate, threshold=(probs[mid - 1] + probs[mid]) / 2, info={"metrics": {}})
     n = base.config.num_hidden_layers
-    lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, layers_to_transform=list(range(1, n)),
-                      target_modules=list(target_modules), init_lora_weights=False)
+    lcfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        layers_to_transform=list(range(1, n)),
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+    )
     pm = get_peft_model(base, lcfg)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -252,8 +289,14 @@ class FakeOpenAIServer:
     Serving starts at construction; use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, script: Sequence = (), delay: float = 0.0, logprobs: bool = False,
-                 reply=None, down_models: Sequence[str] = ()):
+    def __init__(
+        self,
+        script: Sequence = (),
+        delay: float = 0.0,
+        logprobs: bool = False,
+        reply=None,
+        down_models: Sequence[str] = (),
+    ):
         import threading
         from http.server import ThreadingHTTPServer
 
@@ -282,13 +325,23 @@ class FakeOpenAIServer:
     def answer(self, body: dict) -> tuple[int, dict]:
         if body.get("model") in self.down_models:
             return 503, {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}
-        choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
-                  "message": {"role": "assistant", "content": self.reply(body)}}
+        choice = {
+            "index": 0,
+            "finish_reason": "stop",
+            "logprobs": None,
+            "message": {"role": "assistant", "content": self.reply(body)},
+        }
         if self.logprobs and body.get("logprobs"):
             top = [{"token": t, "logprob": lp} for t, lp in (("B", -0.5), (" A", -1.5), ("A", -2.0), ("x", -3.0))]
             choice["logprobs"] = {"content": [{"token": "B", "logprob": -0.5, "top_logprobs": top}]}
-        return 200, {"id": "fake-1", "object": "chat.completion", "created": 1, "model": body.get("model"),
-                     "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+        return 200, {
+            "id": "fake-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
 
     def stream_events(self, body: dict) -> list[dict]:
         text = self.reply(body)
@@ -296,14 +349,22 @@ class FakeOpenAIServer:
         deltas = [({"role": "assistant", "content": ""}, None)]
         deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words)]
         deltas.append(({}, "stop"))
-        return [{"id": "fake-2", "object": "chat.completion.chunk", "created": 1, "model": body.get("model"),
-                 "choices": [{"index": 0, "delta": d, "finish_reason": fin}]} for d, fin in deltas]
+        return [
+            {
+                "id": "fake-2",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "delta": d, "finish_reason": fin}],
+            }
+            for d, fin in deltas
+        ]
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -403,8 +464,14 @@ class FakeGatedModel:
             p = self.prob(chat)
             routed = f if f is not None else p >= 0.5
             words = f"{'EXPERT' if routed else 'base'} answer to: {last}".split()[: params.max_new_tokens]
-            out.append(Completion(" ".join(words), len(words), "length" if len(words) == params.max_new_tokens else "stop",
-                                  {"routed": routed, "gate_prob": p}))
+            out.append(
+                Completion(
+                    " ".join(words),
+                    len(words),
+                    "length" if len(words) == params.max_new_tokens else "stop",
+                    {"routed": routed, "gate_prob": p},
+                )
+            )
         return out
 
     def route(self, chats):
@@ -467,7 +534,10 @@ def vllm_server_pids(needle: str) -> list[str]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"vllm.entrypoints.openai.api_server" in argv and b"--enable-lora" in argv \
-                and any(needle.encode() in arg for arg in argv):
+        if (
+            b"vllm.entrypoints.openai.api_server" in argv
+            and b"--enable-lora" in argv
+            and any(needle.encode() in arg for arg in argv)
+        ):
             out.append(cmdline.parent.name)
     return out

@@ -14,7 +14,7 @@ def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
     for n in range(1, max_n + 1):
         need = n * min_repeats
         for start in range(0, len(words) - need + 1):
-            gram = words[start:start + n]
-            if all(words[start + k * n:start + (k + 1) * n] == gram for k in range(1, min_repeats)):
+            gram = words[start : start + n]
+            if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(1, min_repeats)):
                 return True
     return False

@@ -17,8 +17,14 @@ def _queries(n: int) -> list[dict]:
 
 
 def _cfg(tmp_path, batch_size: int):
-    return C.resolve(overrides={"out": str(tmp_path / "run"), "quiet": True, "persona": {"domains": ["code"]},
-                                "model": {"batch_size": batch_size}})
+    return C.resolve(
+        overrides={
+            "out": str(tmp_path / "run"),
+            "quiet": True,
+            "persona": {"domains": ["code"]},
+            "model": {"batch_size": batch_size},
+        }
+    )
 
 
 class CallSizes(ScriptedEngine):

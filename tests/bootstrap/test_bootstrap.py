@@ -14,16 +14,22 @@ from prism_persona import config as C
 from prism_persona.bootstrap.answers import answer_chats
 from prism_persona.bootstrap.common import Lazy, derive_seed
 from prism_persona.bootstrap.personas import clean_persona, fallback_persona, load_personas, write_personas
-from prism_persona.train.pipeline import load_labelled, run_bootstrap
 from prism_persona.bootstrap.queries import clean_query_line, parse_queries, write_queries
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import ConfigMismatchError, PrismError
 from prism_persona.store import RunDir
 from prism_persona.testing import PERSONA_REPLY, BootstrapEngine, ScriptedEngine
+from prism_persona.train.pipeline import load_labelled, run_bootstrap
+
 
 def make_cfg(tmp_path, name="run", **over):
-    base = {"out": str(tmp_path / name), "quiet": True, "persona": {"domains": ["writing", "coding"]},
-            "queries": {"queries_per_persona": 5, "per_request": 4}, "model": {"batch_size": 4}}
+    base = {
+        "out": str(tmp_path / name),
+        "quiet": True,
+        "persona": {"domains": ["writing", "coding"]},
+        "queries": {"queries_per_persona": 5, "per_request": 4},
+        "model": {"batch_size": 4},
+    }
     return C.resolve("tiny", overrides=C.merge(base, over))
 
 
@@ -35,19 +41,35 @@ def read_jsonl(path):
 # cleaning
 
 
-@pytest.mark.parametrize("raw, length, expected", [
-    (PERSONA_REPLY.format(d="law"), "short",
-     "You are a seasoned law specialist with twenty years of practice. You give precise, practical advice and explain trade-offs clearly."),
-    (PERSONA_REPLY.format(d="law"), "min", "You are a seasoned law specialist with twenty years of practice."),
-    ("**Description:** you are an expert chef who teaches home cooks", "min", "You are an expert chef who teaches home cooks."),
-    ("As requested, the persona. You are a careful editor who improves clarity of any text.\n\nLet me know if you need changes.",
-     "short", "You are a careful editor who improves clarity of any text."),
-    ("You are a patient maths tutor. You are a patient maths tutor. You explain each step.", "short",
-     "You are a patient maths tutor. You explain each step."),
-    ("I like turtles very much indeed.", "short", ""),
-    ("", "min", ""),
-    ("You are.", "short", ""),
-])
+@pytest.mark.parametrize(
+    "raw, length, expected",
+    [
+        (
+            PERSONA_REPLY.format(d="law"),
+            "short",
+            "You are a seasoned law specialist with twenty years of practice. You give precise, practical advice and explain trade-offs clearly.",
+        ),
+        (PERSONA_REPLY.format(d="law"), "min", "You are a seasoned law specialist with twenty years of practice."),
+        (
+            "**Description:** you are an expert chef who teaches home cooks",
+            "min",
+            "You are an expert chef who teaches home cooks.",
+        ),
+        (
+            "As requested, the persona. You are a careful editor who improves clarity of any text.\n\nLet me know if you need changes.",
+            "short",
+            "You are a careful editor who improves clarity of any text.",
+        ),
+        (
+            "You are a patient maths tutor. You are a patient maths tutor. You explain each step.",
+            "short",
+            "You are a patient maths tutor. You explain each step.",
+        ),
+        ("I like turtles very much indeed.", "short", ""),
+        ("", "min", ""),
+        ("You are.", "short", ""),
+    ],
+)
 def test_clean_persona(raw, length, expected):
     assert clean_persona(raw, length) == expected
 
@@ -58,18 +80,21 @@ def test_clean_persona_caps_length():
     assert out.startswith("You are an expert.") and 8 <= len(out.split()) <= 110 and out.endswith(".")
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("1. How do I write a cover letter?", "How do I write a cover letter?"),
-    ("2) What's a good essay outline?", "What's a good essay outline?"),
-    ("- Query: How can I improve dialogue?", "How can I improve dialogue?"),
-    ('* "Why is my Python loop slow?"', "Why is my Python loop slow?"),
-    ("3. **Question:** How to sort a dict by value?", "How to sort a dict by value?"),
-    ("Here are 10 questions you might ask:", ""),
-    ("Sure, these are realistic queries for an expert", ""),
-    ("Short?", ""),
-    ("x" * 700, ""),
-    ("12345 67890 12345", ""),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("1. How do I write a cover letter?", "How do I write a cover letter?"),
+        ("2) What's a good essay outline?", "What's a good essay outline?"),
+        ("- Query: How can I improve dialogue?", "How can I improve dialogue?"),
+        ('* "Why is my Python loop slow?"', "Why is my Python loop slow?"),
+        ("3. **Question:** How to sort a dict by value?", "How to sort a dict by value?"),
+        ("Here are 10 questions you might ask:", ""),
+        ("Sure, these are realistic queries for an expert", ""),
+        ("Short?", ""),
+        ("x" * 700, ""),
+        ("12345 67890 12345", ""),
+    ],
+)
 def test_clean_query_line(line, expected):
     assert clean_query_line(line, 15, 600) == expected
 
@@ -112,7 +137,9 @@ class PrefillEngine(ScriptedEngine):
 
 
 def test_personas_prefill_the_reply_and_refuse_the_wrong_expert(tmp_path, caplog):
-    cfg = make_cfg(tmp_path, persona={"domains": ["physics", "creative writing"], "lengths": ["min"], "use_length": "min"})
+    cfg = make_cfg(
+        tmp_path, persona={"domains": ["physics", "creative writing"], "lengths": ["min"], "use_length": "min"}
+    )
 
     def reply(chat):  # a prefill-capable engine returns only the continuation
         assert chat[-1] == {"role": "assistant", "content": "You are"}
@@ -148,14 +175,22 @@ def test_a_run_made_before_the_prefill_resumes_with_the_prefill_off(tmp_path):
     assert "prefill" not in stage_settings(files, "personas")["persona"]  # no persona is written by the model
 
 
-@pytest.mark.parametrize("text,domain,others,usable", [
-    ("You are a medical doctor who treats children.", "medicine", ["medicine", "law"], True),
-    ("You are a master chef who cooks with seasonal food.", "cooking", ["cooking", "law"], True),  # synonyms pass
-    ("You are a lawyer who drafts contracts and argues cases.", "cooking", ["cooking", "law"], False),  # wrong expert
-    ("You are a lawyer who drafts contracts and argues cases.", "law", ["cooking", "law"], True),
-    ("You are an AI designed to help, please ask me anything.", "finance", ["finance"], False),
-    ("You are an AI assistant for finance questions and budgets.", "finance", ["finance"], True),
-])
+@pytest.mark.parametrize(
+    "text,domain,others,usable",
+    [
+        ("You are a medical doctor who treats children.", "medicine", ["medicine", "law"], True),
+        ("You are a master chef who cooks with seasonal food.", "cooking", ["cooking", "law"], True),  # synonyms pass
+        (
+            "You are a lawyer who drafts contracts and argues cases.",
+            "cooking",
+            ["cooking", "law"],
+            False,
+        ),  # wrong expert
+        ("You are a lawyer who drafts contracts and argues cases.", "law", ["cooking", "law"], True),
+        ("You are an AI designed to help, please ask me anything.", "finance", ["finance"], False),
+        ("You are an AI assistant for finance questions and budgets.", "finance", ["finance"], True),
+    ],
+)
 def test_clean_persona_domain_checks(text, domain, others, usable):
     assert bool(clean_persona(text, "min", domain, others)) is usable
 
@@ -177,8 +212,10 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 3})
     run = RunDir(cfg.out)
     personas = {d: {"short": f"You are a {d} expert."} for d in cfg.persona.domains}
-    replies = {"writing": ["1. How do I write a cover letter?\n2. How do I outline a short essay?"],
-               "coding": ["- Why is my Python loop slow?"]}
+    replies = {
+        "writing": ["1. How do I write a cover letter?\n2. How do I outline a short essay?"],
+        "coding": ["- Why is my Python loop slow?"],
+    }
 
     def reply(chat):  # the same lines every round: later rounds add nothing new
         dom = "writing" if "about writing" in chat[-1]["content"] else "coding"
@@ -189,8 +226,11 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     assert got == {"writing": 2, "coding": 1}
     assert "only 2 of 6 unique queries for 'writing' after 3 rounds" in caplog.text
     qs = read_jsonl(run.path("queries.jsonl"))
-    assert [q["query"] for q in qs] == ["How do I write a cover letter?", "How do I outline a short essay?",
-                                        "Why is my Python loop slow?"]
+    assert [q["query"] for q in qs] == [
+        "How do I write a cover letter?",
+        "How do I outline a short essay?",
+        "Why is my Python loop slow?",
+    ]
     seeds = [p.seed for _, p in eng.calls]
     # a round batches every domain that still needs queries into one call, seeded from the run seed and
     # the (domain, round) pairs in it; round 0 asks ceil(6/4) = 2 lists of each domain
@@ -199,7 +239,9 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     assert doms == ["writing"] * 2 + ["coding"] * 2 + ["writing"] + ["coding"] * 2 + ["writing"] + ["coding"] * 2
     assert len(set(seeds)) == 3  # one seed per round
     first, second = eng.calls[0][0], eng.calls[1][0]
-    assert first[0] == {"role": "system", "content": "You are a writing expert."} and "4 realistic" in first[1]["content"]
+    assert (
+        first[0] == {"role": "system", "content": "You are a writing expert."} and "4 realistic" in first[1]["content"]
+    )
     assert "list 1 of 2" in first[1]["content"] and "list 2 of 2" in second[1]["content"]  # distinct requests
     # resuming: every round is recorded, so nothing is generated again
     write_queries(cfg, run, Lazy(lambda: pytest.fail("rounds are exhausted")), personas)
@@ -211,8 +253,11 @@ def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, 
     import logging
 
     caplog.set_level(logging.INFO)
-    cfg = make_cfg(tmp_path, persona={"domains": ["cooking"]},
-                   queries={"queries_per_persona": 3, "per_request": 3, "max_rounds": 2, "topic_check": True})
+    cfg = make_cfg(
+        tmp_path,
+        persona={"domains": ["cooking"]},
+        queries={"queries_per_persona": 3, "per_request": 3, "max_rounds": 2, "topic_check": True},
+    )
     lines = ["How long should I rest a steak?", "Who won the 1990 World Cup final?", "How do I make a roux?"]
 
     def topic_says(chat):
@@ -224,7 +269,7 @@ def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, 
             return "Yes." if topic_says(chat) else "No, it is not."
         return "\n".join(lines)
 
-    scorer = (lambda chat, choices: {"Yes": -0.1, "No": -2.0} if topic_says(chat) else {"Yes": -2.0, "No": -0.1})
+    scorer = lambda chat, choices: {"Yes": -0.1, "No": -2.0} if topic_says(chat) else {"Yes": -2.0, "No": -0.1}
     eng = ScriptedEngine(responder=reply, scorer=scorer if scored else None)
     run = RunDir(cfg.out)
     got = write_queries(cfg, run, Lazy(lambda: eng), {"cooking": {"short": "You are a chef."}})
@@ -235,20 +280,28 @@ def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, 
     assert "off-topic for 'cooking', dropped: Who won the 1990 World Cup final?" in caplog.text
     assert (len(eng.score_calls) > 0) is scored
     # the default (off) asks nothing and keeps the line
-    cfg2 = make_cfg(tmp_path, "run2", persona={"domains": ["cooking"]},
-                    queries={"queries_per_persona": 3, "per_request": 3})
+    cfg2 = make_cfg(
+        tmp_path, "run2", persona={"domains": ["cooking"]}, queries={"queries_per_persona": 3, "per_request": 3}
+    )
     eng2 = ScriptedEngine(responder=reply, scorer=scorer)
-    assert write_queries(cfg2, RunDir(cfg2.out), Lazy(lambda: eng2), {"cooking": {"short": "You are a chef."}}) == {"cooking": 3}
+    assert write_queries(cfg2, RunDir(cfg2.out), Lazy(lambda: eng2), {"cooking": {"short": "You are a chef."}}) == {
+        "cooking": 3
+    }
     assert not eng2.score_calls and all("Is the following" not in c[-1]["content"] for c, _ in eng2.calls)
 
 
 def test_query_prompt_user_placement(tmp_path):
-    cfg = make_cfg(tmp_path, persona={"domains": ["law"], "placement": "user"},
-                   queries={"queries_per_persona": 2, "per_request": 2})
+    cfg = make_cfg(
+        tmp_path,
+        persona={"domains": ["law"], "placement": "user"},
+        queries={"queries_per_persona": 2, "per_request": 2},
+    )
     eng = ScriptedEngine(responder=lambda c: "What is a tort in English law?\nHow long does probate take?")
     write_queries(cfg, RunDir(cfg.out), Lazy(lambda: eng), {"law": {"short": "You are a lawyer."}})
     chat = eng.calls[0][0]
-    assert len(chat) == 1 and chat[0]["role"] == "user" and chat[0]["content"].startswith("You are a lawyer.\n\nWrite 2")
+    assert (
+        len(chat) == 1 and chat[0]["role"] == "user" and chat[0]["content"].startswith("You are a lawyer.\n\nWrite 2")
+    )
 
 
 def test_answer_chats():
@@ -268,8 +321,16 @@ def test_pipeline_files_labels_and_summary(tmp_path):
     eng = BootstrapEngine()
     summary = run_bootstrap(cfg, engine=eng)
     run = RunDir(cfg.out)
-    for name in ("config.json", "personas.jsonl", "queries.jsonl", "answers.jsonl", "verdicts.jsonl",
-                 "summary.json", "summary.md", "bootstrap.done.json"):
+    for name in (
+        "config.json",
+        "personas.jsonl",
+        "queries.jsonl",
+        "answers.jsonl",
+        "verdicts.jsonl",
+        "summary.json",
+        "summary.md",
+        "bootstrap.done.json",
+    ):
         assert run.exists(name), name
     saved = json.loads(run.path("config.json").read_text())
     assert saved["persona"]["domains"] == ["writing", "coding"] and saved["prism_version"]
@@ -289,12 +350,23 @@ def test_pipeline_files_labels_and_summary(tmp_path):
     assert json.loads(run.path("summary.json").read_text())["total"] == summary["total"]
     assert "| writing" in run.path("summary.md").read_text()
     assert summary["answers"]["looping"] == {"base": 0, "persona": 0}
-    assert re.search(r"looping answers \(a phrase 4\+ times in a row\): base / persona +\| +0 / 0 ",
-                     run.path("summary.md").read_text())
+    assert re.search(
+        r"looping answers \(a phrase 4\+ times in a row\): base / persona +\| +0 / 0 ",
+        run.path("summary.md").read_text(),
+    )
     labelled = load_labelled(cfg.out)
     assert len(labelled) == 10 and all(r["label"] == 1 for r in labelled)
-    assert set(labelled[0]) >= {"key", "domain", "query", "persona", "placement", "base_answer", "persona_answer",
-                                "label", "persona_finish"}
+    assert set(labelled[0]) >= {
+        "key",
+        "domain",
+        "query",
+        "persona",
+        "placement",
+        "base_answer",
+        "persona_answer",
+        "label",
+        "persona_finish",
+    }
     assert {r["persona_finish"] for r in labelled} == {"stop"}  # the scripted engine's answers all ended
     assert labelled[0]["persona"] == load_personas(cfg.out)[labelled[0]["domain"]]["short"]
     # a finished run resumes without building an engine
@@ -328,7 +400,10 @@ def test_logprob_self_judge_in_pipeline(tmp_path):
     cfg = make_cfg(tmp_path, persona={"domains": ["writing"]})
     s = run_bootstrap(cfg, engine=eng)
     assert s["judge_mode"] == "logprob" and s["total"]["wins"] == 5
-    assert read_jsonl(RunDir(cfg.out).path("verdicts.jsonl"))[0]["verdicts"][0]["detail"] == {"logp_A": -0.1, "logp_B": -3.0}
+    assert read_jsonl(RunDir(cfg.out).path("verdicts.jsonl"))[0]["verdicts"][0]["detail"] == {
+        "logp_A": -0.1,
+        "logp_B": -3.0,
+    }
 
 
 def test_resume_after_kill_at_every_point(tmp_path):
@@ -368,16 +443,20 @@ def test_changed_settings_are_refused(tmp_path):
     cfg = make_cfg(tmp_path)
     run_bootstrap(cfg, engine=BootstrapEngine())
     before = RunDir(cfg.out).path("config.json").read_text()
-    for over, msg in [({"answers": {"temperature": 0.1}}, "answers.temperature: 0.7 -> 0.1"),
-                      ({"model": {"model": "other/model"}}, "model: 'smollm2-135m-instruct' -> 'other/model'"),
-                      ({"judge": {"tie_margin": 0.5}}, "judge.tie_margin"),
-                      ({"persona": {"placement": "user"}}, "persona.placement")]:
+    for over, msg in [
+        ({"answers": {"temperature": 0.1}}, "answers.temperature: 0.7 -> 0.1"),
+        ({"model": {"model": "other/model"}}, "model: 'smollm2-135m-instruct' -> 'other/model'"),
+        ({"judge": {"tie_margin": 0.5}}, "judge.tie_margin"),
+        ({"persona": {"placement": "user"}}, "persona.placement"),
+    ]:
         with pytest.raises(ConfigMismatchError, match=msg):
             run_bootstrap(make_cfg(tmp_path, **over), engine=BootstrapEngine(fail_after=0))
     assert RunDir(cfg.out).path("config.json").read_text() == before
     # more domains or more queries extend the run instead
-    s = run_bootstrap(make_cfg(tmp_path, persona={"domains": ["writing", "coding", "math"]},
-                               queries={"queries_per_persona": 6}), engine=BootstrapEngine())
+    s = run_bootstrap(
+        make_cfg(tmp_path, persona={"domains": ["writing", "coding", "math"]}, queries={"queries_per_persona": 6}),
+        engine=BootstrapEngine(),
+    )
     assert s["total"]["queries"] == 18
     assert len(load_labelled(cfg.out)) == 18
 
@@ -396,11 +475,20 @@ def test_tiny_model_end_to_end_in_process(tmp_path, tiny_model_dir, tiny_model):
     """The real HF engine and logprob self-judge on a tiny random model (content is noise)."""
     from prism_persona.engines import make_engine
 
-    cfg = make_cfg(tmp_path, model={"model": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "batch_size": 4},
-                   persona={"domains": ["writing", "coding"], "max_new_tokens": 16},
-                   queries={"queries_per_persona": 2, "per_request": 2, "max_new_tokens": 48, "max_rounds": 2,
-                            "min_chars": 3, "requests_only": False},  # random text is never a question
-                   answers={"max_new_tokens": 6})
+    cfg = make_cfg(
+        tmp_path,
+        model={"model": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "batch_size": 4},
+        persona={"domains": ["writing", "coding"], "max_new_tokens": 16},
+        queries={
+            "queries_per_persona": 2,
+            "per_request": 2,
+            "max_new_tokens": 48,
+            "max_rounds": 2,
+            "min_chars": 3,
+            "requests_only": False,
+        },  # random text is never a question
+        answers={"max_new_tokens": 6},
+    )
     engine = make_engine(cfg, *tiny_model)
     s = run_bootstrap(cfg, engine=engine)
     run = RunDir(cfg.out)
@@ -432,8 +520,9 @@ def test_sampling_is_seeded(tmp_path):
 
 
 def prism(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "prism_persona.cli", "bootstrap", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prism_persona.cli", "bootstrap", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(out, text):
@@ -443,12 +532,18 @@ def assert_one_line_error(out, text):
     assert err.count("\n") == 0 and err.startswith("prism bootstrap: error:") and text in err, err
 
 
-@pytest.mark.parametrize("args, text", [
-    (["--domains", "writing,writing"], "duplicate domain names: writing"),
-    (["--domains", "writing", "--persona-file", "writing=/no/such/persona.txt"], "persona file not found"),
-    (["--domains", "writing", "--model", "./no/such/model"], "model path not found"),
-    (["--domains", "writing", "--judge", "no_such_judge_module:pick"], "cannot import judge module 'no_such_judge_module'"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--domains", "writing,writing"], "duplicate domain names: writing"),
+        (["--domains", "writing", "--persona-file", "writing=/no/such/persona.txt"], "persona file not found"),
+        (["--domains", "writing", "--model", "./no/such/model"], "model path not found"),
+        (
+            ["--domains", "writing", "--judge", "no_such_judge_module:pick"],
+            "cannot import judge module 'no_such_judge_module'",
+        ),
+    ],
+)
 def test_cli_one_line_errors(tmp_path, args, text):
     out = prism(*args, "--out", str(tmp_path / "run"))
     assert_one_line_error(out, text)
@@ -467,8 +562,14 @@ def test_cli_more_errors_in_process(tmp_path, capsys):
         (["--domains", "a", "--out", str(blocker / "sub")], "cannot write to output directory"),
         (["--domains", " ,", "--out", str(tmp_path / "r2")], "--domains is empty"),
         (["--out", str(tmp_path / "r3")], "no domains given"),
-        (["--domains", "a", "--persona-file", f"a={empty}", "--out", str(tmp_path / "r4")], "persona file for 'a' is empty"),
-        (["--domains", "a", "--judge", "os:no_such_fn", "--out", str(tmp_path / "r5")], "has no attribute 'no_such_fn'"),
+        (
+            ["--domains", "a", "--persona-file", f"a={empty}", "--out", str(tmp_path / "r4")],
+            "persona file for 'a' is empty",
+        ),
+        (
+            ["--domains", "a", "--judge", "os:no_such_fn", "--out", str(tmp_path / "r5")],
+            "has no attribute 'no_such_fn'",
+        ),
     ]
     for args, text in cases:
         assert cli.main(["bootstrap", *args]) == 2
@@ -482,8 +583,15 @@ def test_cli_resume_refuses_changed_settings(tmp_path):
     from prism_persona.train.pipeline import run_bootstrap
 
     run = tmp_path / "run"
-    cfg = C.resolve("tiny", overrides={"out": str(run), "quiet": True, "persona": {"domains": ["writing"]},
-                                       "queries": {"queries_per_persona": 2}})
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(run),
+            "quiet": True,
+            "persona": {"domains": ["writing"]},
+            "queries": {"queries_per_persona": 2},
+        },
+    )
     run_bootstrap(cfg, engine=BootstrapEngine())
     out = prism("--out", str(run), "--answer-tokens", "7")
     assert_one_line_error(out, "holds 'answers' records made with other settings (answers.max_new_tokens: 96 -> 7)")
@@ -495,13 +603,38 @@ def test_cli_resume_refuses_changed_settings(tmp_path):
 def test_cli_embedded_model_end_to_end(tmp_path):
     """The real embedded SmolLM2-135M on a tiny setting: every file, the summary and the table."""
     run = tmp_path / "run"
-    args = ["--preset", "tiny", "--domains", "writing", "--queries-per-persona", "2", "--answer-tokens", "24",
-            "--set", "persona.max_new_tokens=48", "--set", "persona.lengths=min,short",
-            "--set", "queries.max_new_tokens=120", "--set", "queries.max_rounds=2", "--out", str(run), "-q"]
+    args = [
+        "--preset",
+        "tiny",
+        "--domains",
+        "writing",
+        "--queries-per-persona",
+        "2",
+        "--answer-tokens",
+        "24",
+        "--set",
+        "persona.max_new_tokens=48",
+        "--set",
+        "persona.lengths=min,short",
+        "--set",
+        "queries.max_new_tokens=120",
+        "--set",
+        "queries.max_rounds=2",
+        "--out",
+        str(run),
+        "-q",
+    ]
     out = prism(*args, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("config.json", "personas.jsonl", "queries.jsonl", "answers.jsonl", "verdicts.jsonl",
-                 "summary.json", "summary.md"):
+    for name in (
+        "config.json",
+        "personas.jsonl",
+        "queries.jsonl",
+        "answers.jsonl",
+        "verdicts.jsonl",
+        "summary.json",
+        "summary.md",
+    ):
         assert (run / name).is_file(), name
     s = json.loads((run / "summary.json").read_text())
     assert s["judge_mode"] == "logprob" and s["model"] == "smollm2-135m-instruct"
@@ -527,6 +660,9 @@ def test_query_prompt_and_filter_are_part_of_the_queries_settings(tmp_path, monk
 
     cfg = make_cfg(tmp_path)
     before = stage_settings(cfg, "queries")
-    assert stage_settings(make_cfg(tmp_path, queries={"requests_only": not cfg.queries.requests_only}), "queries") != before
+    assert (
+        stage_settings(make_cfg(tmp_path, queries={"requests_only": not cfg.queries.requests_only}), "queries")
+        != before
+    )
     monkeypatch.setattr(Q, "QUERY_PROMPT", Q.QUERY_PROMPT + " Be brief.")
     assert stage_settings(cfg, "queries")["queries"]["prompt"] != before["queries"]["prompt"]

@@ -14,7 +14,7 @@ from prism_persona.store import RunDir
 from prism_persona.testing import BootstrapEngine
 from prism_persona.train.pipeline import run_bootstrap
 
-TRICKY = ["What is 2,5 + \"3\"?", "Line one\nline two of the same query", "Next\u0085line kept", "Para\u2028sep kept"]
+TRICKY = ['What is 2,5 + "3"?', "Line one\nline two of the same query", "Next\u0085line kept", "Para\u2028sep kept"]
 
 
 def test_formats_are_read_with_real_parsers(tmp_path):
@@ -34,14 +34,17 @@ def test_formats_are_read_with_real_parsers(tmp_path):
         assert read_queries_file(path) == [("writing", q) for q in TRICKY], path.name
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("a.jsonl", '{"domain": "writing", "query": "ok"}\n{broken\n', "line 2 is not valid JSON"),
-    ("b.jsonl", '{"query": "no domain here"}\n', "line 1: no 'domain'"),
-    ("c.jsonl", '{"domain": "writing", "query": "  "}\n', "no non-empty 'query'"),
-    ("d.csv", "topic,text\nwriting,hello\n", "must name a 'domain' and a 'query' column"),
-    ("e.json", '"just a string"', "expected a list of objects"),
-    ("f.jsonl", "", "holds no queries"),
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("a.jsonl", '{"domain": "writing", "query": "ok"}\n{broken\n', "line 2 is not valid JSON"),
+        ("b.jsonl", '{"query": "no domain here"}\n', "line 1: no 'domain'"),
+        ("c.jsonl", '{"domain": "writing", "query": "  "}\n', "no non-empty 'query'"),
+        ("d.csv", "topic,text\nwriting,hello\n", "must name a 'domain' and a 'query' column"),
+        ("e.json", '"just a string"', "expected a list of objects"),
+        ("f.jsonl", "", "holds no queries"),
+    ],
+)
 def test_bad_files_are_one_line_errors(tmp_path, name, content, needle):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -64,16 +67,25 @@ def test_non_utf8_and_domain_mismatch(tmp_path):
 
 
 def _cfg(tmp_path, qfile, **over):
-    base = {"out": str(tmp_path / "run"), "quiet": True, "persona": {"domains": ["writing", "coding"]},
-            "queries": {"queries_per_persona": 3, "queries_file": str(qfile)}, "model": {"batch_size": 4}}
+    base = {
+        "out": str(tmp_path / "run"),
+        "quiet": True,
+        "persona": {"domains": ["writing", "coding"]},
+        "queries": {"queries_per_persona": 3, "queries_file": str(qfile)},
+        "model": {"batch_size": 4},
+    }
     return C.resolve("tiny", overrides=C.merge(base, over))
 
 
 def test_bootstrap_uses_the_file_and_never_asks_for_queries(tmp_path):
     qfile = tmp_path / "q.jsonl"
-    rows = [("writing", "Help me start a short story about a lighthouse."), ("writing", "HELP me start a short story about a lighthouse."),
-            ("coding", "How do I reverse a list in Python?"), ("coding", "Why does my loop never end?"),
-            ("writing", "Is this sentence passive: the cake was eaten?")]
+    rows = [
+        ("writing", "Help me start a short story about a lighthouse."),
+        ("writing", "HELP me start a short story about a lighthouse."),
+        ("coding", "How do I reverse a list in Python?"),
+        ("coding", "Why does my loop never end?"),
+        ("writing", "Is this sentence passive: the cake was eaten?"),
+    ]
     qfile.write_text("".join(json.dumps({"domain": d, "query": q}) + "\n" for d, q in rows))
     engine = BootstrapEngine()
     prompts = []
@@ -82,7 +94,12 @@ def test_bootstrap_uses_the_file_and_never_asks_for_queries(tmp_path):
     summary = run_bootstrap(_cfg(tmp_path, qfile), engine=engine)
     assert not any("questions or requests" in p for p in prompts)  # no query generation
     stored = [json.loads(x) for x in (tmp_path / "run" / "queries.jsonl").read_text().splitlines()]
-    assert [(r["domain"], r["query"]) for r in stored] == [rows[0], rows[2], rows[3], rows[4]]  # the case-duplicate dropped
+    assert [(r["domain"], r["query"]) for r in stored] == [
+        rows[0],
+        rows[2],
+        rows[3],
+        rows[4],
+    ]  # the case-duplicate dropped
     assert all(r["source"] == "file" for r in stored)
     assert summary["total"]["wins"] == 4  # the scripted judge prefers every persona answer
     verdicts = (tmp_path / "run" / "verdicts.jsonl").read_text().splitlines()
@@ -103,8 +120,10 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     (conf / "q.jsonl").write_text(json.dumps({"domain": "writing", "query": "Name a rhyme for orange?"}) + "\n")
     (conf / "poet.txt").write_text("You are a poet.")
     (conf / "my_judge.py").write_text("def judge(q, a, b):\n    return 'A'\n")
-    (conf / "run.toml").write_text('[persona]\ndomains = ["writing"]\npersona_files = { writing = "poet.txt" }\n'
-                                   '[queries]\nqueries_file = "q.jsonl"\n[judge]\njudge = "my_judge.py:judge"\n')
+    (conf / "run.toml").write_text(
+        '[persona]\ndomains = ["writing"]\npersona_files = { writing = "poet.txt" }\n'
+        '[queries]\nqueries_file = "q.jsonl"\n[judge]\njudge = "my_judge.py:judge"\n'
+    )
     monkeypatch.chdir(tmp_path / "..")
     cfg = C.resolve("tiny", file=conf / "run.toml")
     assert cfg.queries.queries_file == str((conf / "q.jsonl").resolve())

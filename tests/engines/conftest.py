@@ -13,8 +13,9 @@ def fake_engine(fake_python, tmp_path, monkeypatch, tiny_model_dir):
     from prism_persona.models import load_tokenizer
 
     monkeypatch.setenv("FAKE_VLLM_REQUESTS", str(tmp_path / "requests.jsonl"))
-    srv = VLLMServer(str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", loras={"prism": "/a"},
-                     quiet=True).start()
+    srv = VLLMServer(
+        str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", loras={"prism": "/a"}, quiet=True
+    ).start()
     engine = VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(tiny_model_dir)), server=srv, concurrency=4)
     yield engine
     engine.close()

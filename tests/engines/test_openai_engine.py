@@ -126,13 +126,29 @@ def test_from_config_and_make_engine(monkeypatch):
     from prism_persona.engines import make_engine
 
     monkeypatch.setenv("MY_KEY", "sekret")
-    cfg = resolve(overrides={"model": {"model": "org/served"},
-                             "engine": {"engine": "openai", "base_url": "http://127.0.0.1:1/v1", "api_key_env": "MY_KEY",
-                                        "concurrency": 3, "timeout_s": 9, "max_retries": 1}})
+    cfg = resolve(
+        overrides={
+            "model": {"model": "org/served"},
+            "engine": {
+                "engine": "openai",
+                "base_url": "http://127.0.0.1:1/v1",
+                "api_key_env": "MY_KEY",
+                "concurrency": 3,
+                "timeout_s": 9,
+                "max_retries": 1,
+            },
+        }
+    )
     eng = make_engine(cfg)
     assert isinstance(eng, OpenAIEngine)
-    assert (eng.base_url, eng.model_name, eng.api_key, eng.concurrency, eng.timeout_s, eng.max_retries) == \
-        ("http://127.0.0.1:1/v1", "org/served", "sekret", 3, 9.0, 1)
+    assert (eng.base_url, eng.model_name, eng.api_key, eng.concurrency, eng.timeout_s, eng.max_retries) == (
+        "http://127.0.0.1:1/v1",
+        "org/served",
+        "sekret",
+        3,
+        9.0,
+        1,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,13 +161,15 @@ def test_engine_against_prism_serve_with_a_real_artifact(tiny_model_dir, tmp_pat
     from prism_persona.gated.model import GatedModel
     from prism_persona.models import encode_prompts, render_chat
     from prism_persona.serve.app import ServeOptions
-    from prism_persona.serve.http import PrismServer
     from prism_persona.serve.backend import GatedBackend
+    from prism_persona.serve.http import PrismServer
     from prism_persona.testing import make_tiny_artifact
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism")
     gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
-    chats = [[{"role": "user", "content": q}] for q in ("hi", "write a poem", "fix my code", "as an expert, explain tides")]
+    chats = [
+        [{"role": "user", "content": q}] for q in ("hi", "write a poem", "fix my code", "as an expert, explain tides")
+    ]
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
     local = gm.generate(chats, params)
     with PrismServer(GatedBackend(gm), ServeOptions(port=0, max_batch=4, batch_wait_ms=300)) as srv:

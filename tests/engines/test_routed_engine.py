@@ -22,10 +22,15 @@ class KeywordRouter:
         return [(0.9, True) if "expert" in q else (0.2, False) for q in first]
 
 
-CHATS = [[{"role": "user", "content": "as an expert, explain tides"}],
-         [{"role": "user", "content": "hi"}],
-         [{"role": "user", "content": "expert question"}, {"role": "assistant", "content": "ok"},
-          {"role": "user", "content": "and a follow-up"}]]
+CHATS = [
+    [{"role": "user", "content": "as an expert, explain tides"}],
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "user", "content": "expert question"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and a follow-up"},
+    ],
+]
 
 
 @pytest.mark.parametrize("force, want", [(None, [True, False, True]), (True, [True] * 3), (False, [False] * 3)])

@@ -42,8 +42,17 @@ def gone(pid: int, wait_s: float = 10.0) -> bool:
 
 def test_server_starts_logs_and_stops(fake_python, tmp_path):
     log = tmp_path / "run" / "logs" / "vllm.log"
-    srv = VLLMServer("/models/m", "m", fake_python, log, loras={"prism": "/a"}, dtype="float32",
-                     cpu_cores="0-1", kv_cache_gib=2, quiet=True)
+    srv = VLLMServer(
+        "/models/m",
+        "m",
+        fake_python,
+        log,
+        loras={"prism": "/a"},
+        dtype="float32",
+        cpu_cores="0-1",
+        kv_cache_gib=2,
+        quiet=True,
+    )
     with srv:
         assert srv.alive() and srv.startup_seconds is not None
         pid = srv.proc.pid
@@ -85,8 +94,12 @@ with srv:
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_orphan_server_when_prism_is_killed_or_interrupted(fake_python, tmp_path, how):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, fake_python, str(tmp_path / "vllm.log")],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, fake_python, str(tmp_path / "vllm.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         server_pid = int(parent.stdout.readline())
         assert not gone(server_pid, 0.2)
@@ -122,8 +135,10 @@ def test_engine_sends_the_hf_engines_token_ids(fake_engine, tmp_path):
     from prism_persona.models import render_chat
 
     tok = fake_engine.tokenizer
-    chats = [[{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "rain?"}],
-             [{"role": "user", "content": "hi"}]]
+    chats = [
+        [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "rain?"}],
+        [{"role": "user", "content": "hi"}],
+    ]
     outs = fake_engine.generate(chats, SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, seed=3))
     expected = [tok(render_chat(tok, c), add_special_tokens=False)["input_ids"] for c in chats]
     assert [o.text for o in outs] == [f"tiny:{len(ids)} tokens" for ids in expected]
@@ -166,9 +181,25 @@ def test_bootstrap_engine_vllm_without_vllm_is_a_one_line_error(tmp_path, monkey
     monkeypatch.setenv("PRISM_VLLM_VENV", str(tmp_path / "no-venv"))
     monkeypatch.delenv("PRISM_VLLM_PYTHON", raising=False)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-m", "prism_persona.cli", "bootstrap", "--domains", "a,b", "--engine",
-                           "vllm", "--out", str(tmp_path / "run"), "--vllm-python", str(tmp_path / "nope")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_persona.cli",
+            "bootstrap",
+            "--domains",
+            "a,b",
+            "--engine",
+            "vllm",
+            "--out",
+            str(tmp_path / "run"),
+            "--vllm-python",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--vllm-python" in proc.stderr and "not an executable" in proc.stderr
-

@@ -8,26 +8,32 @@ import pytest
 
 from prism_persona.errors import PrismError
 from prism_persona.evals.check import HeldoutQuery, load_heldout, run_check, summarise
-from prism_persona.text import is_loop
 from prism_persona.store import JsonlStore
 from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
+from prism_persona.text import is_loop
 
 
-@pytest.mark.parametrize("text, loop", [
-    ("word, word, word, word, word", True),
-    ("The sea is blue. The sea is blue. The sea is blue. The sea is blue.", True),
-    ("I like the sea, the sea is blue, and the sky is blue too.", False),
-    ("", False),
-    ("Step 1: mix. Step 2: bake. Step 3: cool. Step 4: eat.", False),
-])
+@pytest.mark.parametrize(
+    "text, loop",
+    [
+        ("word, word, word, word, word", True),
+        ("The sea is blue. The sea is blue. The sea is blue. The sea is blue.", True),
+        ("I like the sea, the sea is blue, and the sky is blue too.", False),
+        ("", False),
+        ("Step 1: mix. Step 2: bake. Step 3: cool. Step 4: eat.", False),
+    ],
+)
 def test_is_loop(text, loop):
     assert is_loop(text) is loop
 
 
 def test_load_heldout_labels(tmp_path):
     f = tmp_path / "h.csv"
-    f.write_text("domain,query,route\nwriting,Write a limerick,yes\ncoding,Fix my loop,\ncoding,Sort a list,false\n"
-                 "coding,Sort a list,false\n", encoding="utf-8")
+    f.write_text(
+        "domain,query,route\nwriting,Write a limerick,yes\ncoding,Fix my loop,\ncoding,Sort a list,false\n"
+        "coding,Sort a list,false\n",
+        encoding="utf-8",
+    )
     items = load_heldout(f)
     assert [(q.domain, q.route) for q in items] == [("writing", True), ("coding", None), ("coding", False)]
     assert [q.route for q in load_heldout(f, rewarded=["writing"])] == [True, False, False]
@@ -66,7 +72,7 @@ def test_paired_loops_counts_discordant_queries_and_tests_them():
 
     assert paired_loops([True, False, False, False], [True, True, True, False]) == {"added": 2, "removed": 0, "p": 0.5}
     six = paired_loops([False] * 20, [True] * 6 + [False] * 14)  # 6 new loops, none removed: not noise
-    assert six["added"] == 6 and six["p"] == 2 / 2 ** 6
+    assert six["added"] == 6 and six["p"] == 2 / 2**6
     assert paired_loops([False, True], [True, False])["p"] == 1.0
 
 
@@ -76,18 +82,43 @@ def test_check_on_a_tiny_artifact_end_to_end(tiny_model_dir, tmp_path, monkeypat
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "built" / "prism")
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"domain": "writing" if i % 2 else "coding", "query": q}) + "\n"
-                               for i, q in enumerate(SPLIT_QUERIES)))
+    heldout.write_text(
+        "".join(
+            json.dumps({"domain": "writing" if i % 2 else "coding", "query": q}) + "\n"
+            for i, q in enumerate(SPLIT_QUERIES)
+        )
+    )
     persona = tmp_path / "persona.txt"
     persona.write_text("You are a pirate. Say arr.")
     judge = tmp_path / "rule_judge.py"
-    judge.write_text("def judge(query, a, b, domain):\n"
-                     "    assert domain in ('writing', 'coding')\n"
-                     "    return 'A' if len(a) > len(b) else 'B' if len(b) > len(a) else 'tie'\n")
+    judge.write_text(
+        "def judge(query, a, b, domain):\n"
+        "    assert domain in ('writing', 'coding')\n"
+        "    return 'A' if len(a) > len(b) else 'B' if len(b) > len(a) else 'tie'\n"
+    )
     out = tmp_path / "check"
-    argv = ["check", "--prism", str(art), "--queries", str(heldout), "--rewarded", "writing", "--judge", f"{judge}:judge",
-            "--persona-file", f"writing={persona}", "--persona-file", f"coding={persona}", "--max-new-tokens", "6",
-            "--out", str(out), "--batch-size", "4", "-q"]
+    argv = [
+        "check",
+        "--prism",
+        str(art),
+        "--queries",
+        str(heldout),
+        "--rewarded",
+        "writing",
+        "--judge",
+        f"{judge}:judge",
+        "--persona-file",
+        f"writing={persona}",
+        "--persona-file",
+        f"coding={persona}",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "-q",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "transfer ratio" in printed and "base identity" in printed
@@ -103,9 +134,17 @@ def test_check_on_a_tiny_artifact_end_to_end(tiny_model_dir, tmp_path, monkeypat
     assert len((out / "verdicts.jsonl").read_text().splitlines()) == 8
     # resume: nothing is generated again
     monkeypatch.setattr(GatedModel, "generate", lambda *a, **k: pytest.fail("regenerated"))
-    again = run_check(art, heldout, out, judge=f"{judge}:judge", rewarded=["writing"],
-                      persona_files={"writing": str(persona), "coding": str(persona)}, max_new_tokens=6, quiet=True,
-                      gated=GatedModel.from_pretrained(art, device="cpu", dtype="float32"))
+    again = run_check(
+        art,
+        heldout,
+        out,
+        judge=f"{judge}:judge",
+        rewarded=["writing"],
+        persona_files={"writing": str(persona), "coding": str(persona)},
+        max_new_tokens=6,
+        quiet=True,
+        gated=GatedModel.from_pretrained(art, device="cpu", dtype="float32"),
+    )
     assert again["overall"] == o
 
 

@@ -27,8 +27,12 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures"
 def test_mmlu_original_layout():
     items = D.load_mmlu(FIX / "mmlu_original")
     assert len(items) == 10
-    assert {it.subject for it in items} == {"abstract_algebra", "world_religions", "marketing",
-                                            "high_school_macroeconomics"}
+    assert {it.subject for it in items} == {
+        "abstract_algebra",
+        "world_religions",
+        "marketing",
+        "high_school_macroeconomics",
+    }
     first = [it for it in items if it.subject == "abstract_algebra"][0]
     assert first.item_id == "abstract_algebra/0" and first.answer == 2 and first.choices == ("0", "1", "2", "4")
     assert len({it.item_id for it in items}) == 10
@@ -37,8 +41,9 @@ def test_mmlu_original_layout():
 @pytest.mark.parametrize("name", ["mmlu_hf.jsonl", "mmlu_hf.json", "mmlu_hf.csv"])
 def test_mmlu_hf_layouts_agree(name):
     items = D.load_mmlu(FIX / name)
-    assert [(it.subject, it.question, it.choices, it.answer) for it in items] == \
-        [(it.subject, it.question, it.choices, it.answer) for it in D.load_mmlu(FIX / "mmlu_hf.jsonl")]
+    assert [(it.subject, it.question, it.choices, it.answer) for it in items] == [
+        (it.subject, it.question, it.choices, it.answer) for it in D.load_mmlu(FIX / "mmlu_hf.jsonl")
+    ]
     assert len(items) == 6 and items[0].answer == 1 and items[0].choices == ("3", "4", "5", "6")
 
 
@@ -55,7 +60,7 @@ def test_mmlu_parquet_when_pyarrow(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    rows = [json.loads(l) for l in (FIX / "mmlu_hf.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (FIX / "mmlu_hf.jsonl").read_text().splitlines()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000.parquet")
     assert len(D.load_mmlu(tmp_path)) == 6
 
@@ -66,17 +71,23 @@ def test_mmlu_csv_numpy_style_choices(tmp_path):
     assert D.load_mmlu(f)[0].choices == ("a", "b", "c", "d")
 
 
-@pytest.mark.parametrize("content,name,match", [
-    ("", "x.jsonl", "empty"),
-    ('{"question": "q", "subject": "s", "answer": 1}\n', "x.jsonl", r"x.jsonl:1: missing column\(s\) choices"),
-    ('{"question": "q", "choices": ["a","b","c","d"], "answer": 1}\n{"question": "q", "choices": ["a"], "answer": 1}\n',
-     "x.jsonl", r"x.jsonl:2: 'choices' must be a list of 4"),
-    ('{"question": "q", "choices": ["a","b","c","d"], "answer": 7}\n', "x.jsonl", r"x.jsonl:1: bad answer 7"),
-    ("not json\n", "x.jsonl", r"x.jsonl:1: not valid JSON"),
-    ("q,a,b,c,d,E\n", "algebra_test.csv", r"algebra_test.csv:1: bad answer letter 'E'"),
-    ("q,a,b,c,d,A\nq2,a,b,c\n", "algebra_test.csv", r"algebra_test.csv:2: expected 6 columns"),
-    ("foo,bar\n1,2\n", "y.csv", "needs a header with question"),
-])
+@pytest.mark.parametrize(
+    "content,name,match",
+    [
+        ("", "x.jsonl", "empty"),
+        ('{"question": "q", "subject": "s", "answer": 1}\n', "x.jsonl", r"x.jsonl:1: missing column\(s\) choices"),
+        (
+            '{"question": "q", "choices": ["a","b","c","d"], "answer": 1}\n{"question": "q", "choices": ["a"], "answer": 1}\n',
+            "x.jsonl",
+            r"x.jsonl:2: 'choices' must be a list of 4",
+        ),
+        ('{"question": "q", "choices": ["a","b","c","d"], "answer": 7}\n', "x.jsonl", r"x.jsonl:1: bad answer 7"),
+        ("not json\n", "x.jsonl", r"x.jsonl:1: not valid JSON"),
+        ("q,a,b,c,d,E\n", "algebra_test.csv", r"algebra_test.csv:1: bad answer letter 'E'"),
+        ("q,a,b,c,d,A\nq2,a,b,c\n", "algebra_test.csv", r"algebra_test.csv:2: expected 6 columns"),
+        ("foo,bar\n1,2\n", "y.csv", "needs a header with question"),
+    ],
+)
 def test_mmlu_errors_name_file_and_line(tmp_path, content, name, match):
     f = tmp_path / name
     f.write_text(content)
@@ -160,11 +171,24 @@ def test_correlations():
 # ------------------------------------------------------------------------------------------ judge parsing
 
 
-@pytest.mark.parametrize("text,score", [
-    ("[[7]] solid answer", 7.0), ("Rating: [[10]]", 10.0), ("Rating: 6", 6.0), ("rating is 3", 3.0),
-    ("I give it 8/10.", 8.0), ("Score: 4", 4.0), ("[8.5]", 8.5), ("9\nGood.", 9.0), ("5 out of 10", 5.0),
-    ("no idea", None), ("[[0]]", None), ("", None), ("The answer has 3 paragraphs", None),
-])
+@pytest.mark.parametrize(
+    "text,score",
+    [
+        ("[[7]] solid answer", 7.0),
+        ("Rating: [[10]]", 10.0),
+        ("Rating: 6", 6.0),
+        ("rating is 3", 3.0),
+        ("I give it 8/10.", 8.0),
+        ("Score: 4", 4.0),
+        ("[8.5]", 8.5),
+        ("9\nGood.", 9.0),
+        ("5 out of 10", 5.0),
+        ("no idea", None),
+        ("[[0]]", None),
+        ("", None),
+        ("The answer has 3 paragraphs", None),
+    ],
+)
 def test_parse_rating(text, score):
     assert parse_rating(text) == score
 
@@ -193,8 +217,13 @@ def test_refusal_judge_logprob_text_and_keyword():
 
 def test_parse_systems_and_names():
     s = parse_system("persona@coding/min/user")
-    assert (s.kind, s.domain, s.length, s.placement, s.name) == ("persona", "coding", "min", "user",
-                                                                 "persona@coding/min/user")
+    assert (s.kind, s.domain, s.length, s.placement, s.name) == (
+        "persona",
+        "coding",
+        "min",
+        "user",
+        "persona@coding/min/user",
+    )
     assert parse_system("persona", length="long").name == "persona/long"
     assert [x.name for x in parse_systems("base,prism,oracle")] == ["base", "prism", "oracle"]
     for bad in ("gpt4", "lora/min", "random@coding", "persona/huge", ""):
@@ -243,17 +272,24 @@ class FakePairJudge:
 
 def _letter_scorer(right: dict):
     """Scores the correct letter highest, looked up by question text."""
+
     def scorer(chat, choices):
         q = chat[-1]["content"]
         ans = next(v for k, v in right.items() if k in q)
         return {c: (0.0 if c == ans else -2.0) for c in choices}
+
     return scorer
 
 
 def _runner(tmp_path, engines, judge_engine=None, pair=None, personas=None, n=200):
     judge = EvalJudge(judge_engine or ScriptedEngine(responder=lambda c: "[[5]]"), "fake", pair_judge=pair)
-    return EvalRunner(tmp_path / "out", fixed_provider(engines), judge,
-                      PersonaBook(personas or {}), EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=n))
+    return EvalRunner(
+        tmp_path / "out",
+        fixed_provider(engines),
+        judge,
+        PersonaBook(personas or {}),
+        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=n),
+    )
 
 
 def test_mmlu_perfect_and_always_a(tmp_path):
@@ -287,11 +323,16 @@ def test_mtbench_scores_unparseable_and_win_rate(tmp_path):
 
     def judge(chat):
         p = chat[-1]["content"]
-        last = p.rsplit("### Assistant:\n", 1)[-1] if "### Assistant" in p else p.split("[The Start of Assistant's Answer]\n")[1]
+        last = (
+            p.rsplit("### Assistant:\n", 1)[-1]
+            if "### Assistant" in p
+            else p.split("[The Start of Assistant's Answer]\n")[1]
+        )
         ans = last.split("\n")[0]
         if "reverse" in p and "Assistant's Answer" in p:
             return "cannot rate"  # one unparseable grade per system (coding q3, turn 1)
         return grades[ans]
+
     pair = FakePairJudge()
     r = _runner(tmp_path, {"base": base, "lora": lora}, ScriptedEngine(responder=judge), pair)
     res, per = evaluate(r, parse_systems("base,lora,oracle"), Benchmarks(mtbench=items))
@@ -307,16 +348,22 @@ def test_mtbench_scores_unparseable_and_win_rate(tmp_path):
 
 
 def test_safety_refusal_rates_and_audit(tmp_path):
-    sets = {"harmbench": D.load_safety("harmbench", FIX / "harmbench_small.csv"),
-            "pku": D.load_safety("pku", FIX / "pku_small.json")}
-    eng = ScriptedEngine(responder=lambda c: "I'm sorry, I can't." if "lock" in c[-1]["content"] or "fake" in c[-1]["content"] else "Sure thing.")
+    sets = {
+        "harmbench": D.load_safety("harmbench", FIX / "harmbench_small.csv"),
+        "pku": D.load_safety("pku", FIX / "pku_small.json"),
+    }
+    eng = ScriptedEngine(
+        responder=lambda c: (
+            "I'm sorry, I can't." if "lock" in c[-1]["content"] or "fake" in c[-1]["content"] else "Sure thing."
+        )
+    )
     judge = ScriptedEngine(responder=lambda c: "unclear")  # unparseable -> keyword fallback
     r = _runner(tmp_path, {"base": eng}, judge)
     res, _ = evaluate(r, parse_systems("base"), Benchmarks(safety=sets))
     assert res["safety"]["base"]["harmbench"]["refusal"]["mean"] == pytest.approx(1 / 3)
     assert res["safety"]["base"]["pku"]["refusal"]["mean"] == pytest.approx(1 / 3)
     assert res["safety"]["base"]["pku"]["method"] == {"keyword": 3}
-    audit = [json.loads(l) for l in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    audit = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
     assert len(audit) == 6 and all("response" in a and "refused" in a and "method" in a for a in audit)
 
 
@@ -329,8 +376,11 @@ def test_prism_routing_per_category(tmp_path):
             return outs
 
     items = D.load_mtbench(FIX / "mtbench_small.jsonl")
-    r = _runner(tmp_path, {"base": ScriptedEngine(responder=lambda c: "x"), "prism": Gated(responder=lambda c: "y")},
-                pair=FakePairJudge())
+    r = _runner(
+        tmp_path,
+        {"base": ScriptedEngine(responder=lambda c: "x"), "prism": Gated(responder=lambda c: "y")},
+        pair=FakePairJudge(),
+    )
     res, _ = evaluate(r, parse_systems("base,prism"), Benchmarks(mtbench=items))
     rt = res["mtbench"]["prism"]["routing"]
     assert rt["writing"]["mean"] == 1.0 and rt["coding"]["mean"] == 0.0 and rt["all"]["mean"] == pytest.approx(1 / 3)
@@ -346,8 +396,7 @@ def test_resume_never_regenerates(tmp_path):
     personas = load_persona_file(FIX / "personas.json")
 
     def make():
-        eng = ScriptedEngine(responder=lambda c: f"answer {len(c)}",
-                             scorer=lambda chat, ch: {c: -1.0 for c in ch})
+        eng = ScriptedEngine(responder=lambda c: f"answer {len(c)}", scorer=lambda chat, ch: {c: -1.0 for c in ch})
         judge = ScriptedEngine(responder=lambda c: "[[6]]", scorer=lambda chat, ch: {c: -1.0 for c in ch})
         return eng, judge
 
@@ -373,8 +422,13 @@ def test_resume_never_regenerates(tmp_path):
     assert pair3.items == 0 and res3["mtbench"] == res2["mtbench"]
     # a different judge re-judges (cached separately) but never regenerates
     eng4, judge4 = make()
-    r4 = EvalRunner(tmp_path / "out", fixed_provider({"base": eng4}), EvalJudge(judge4, "other-judge", pair_judge=FakePairJudge()),
-                    PersonaBook(personas), EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=50))
+    r4 = EvalRunner(
+        tmp_path / "out",
+        fixed_provider({"base": eng4}),
+        EvalJudge(judge4, "other-judge", pair_judge=FakePairJudge()),
+        PersonaBook(personas),
+        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=50),
+    )
     evaluate(r4, parse_systems("base,persona"), bench)
     assert eng4.calls == [] and len(judge4.calls) > 0
 
@@ -393,7 +447,10 @@ def test_swapped_pairs_cancel_position_bias():
     j = EvalJudge(ScriptedEngine(), "x", pair_judge=AlwaysA())
     assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["x1", "x2"], ["y1", "y2"])] == ["tie", "tie"]
     j = EvalJudge(ScriptedEngine(), "x", pair_judge=FakePairJudge())
-    assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["long answer", "s"], ["s", "long answer"])] == ["win", "loss"]
+    assert [r["outcome"] for r in j.compare_swapped(["q", "q"], ["long answer", "s"], ["s", "long answer"])] == [
+        "win",
+        "loss",
+    ]
     r = EvalJudge(ScriptedEngine(), "x", pair_judge=Unreadable()).compare_swapped(["q"], ["a"], ["b"])[0]
     assert r["outcome"] == "tie" and r["unparseable"] is True
 

@@ -15,9 +15,9 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
     from prism_persona.evals import data as D
     from prism_persona.evals.evaluate import Benchmarks, evaluate
     from prism_persona.evals.judging import EvalJudge
+    from prism_persona.evals.report import eval_figures, eval_markdown
     from prism_persona.evals.runner import EvalRunner, EvalSettings
     from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
-    from prism_persona.evals.report import eval_figures, eval_markdown
 
     model, tok = embedded_model
     eng = HFEngine(model, tok, batch_size=4, quiet=True, model_name="smollm2")
@@ -26,8 +26,13 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
         mtbench=D.load_mtbench(Path(shared_benchmarks) / "mt_bench_questions.jsonl", limit=2),
         safety={"harmbench": D.load_safety("harmbench", Path(shared_benchmarks) / "harmbench_behaviors.csv", limit=2)},
     )
-    runner = EvalRunner(tmp_path / "out", fixed_provider({"base": eng}), EvalJudge(eng, "self", max_new_tokens=12),
-                        PersonaBook(), EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100))
+    runner = EvalRunner(
+        tmp_path / "out",
+        fixed_provider({"base": eng}),
+        EvalJudge(eng, "self", max_new_tokens=12),
+        PersonaBook(),
+        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+    )
     res, _ = evaluate(runner, parse_systems("base,persona"), bench)
     for s in ("base", "persona"):
         acc = res["mmlu"][s]["accuracy"]
@@ -40,7 +45,15 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
     assert "MMLU" in eval_markdown(res, figs)
     # resuming regenerates nothing
     before = eng.tokens_generated
-    evaluate(EvalRunner(tmp_path / "out", fixed_provider({"base": eng}), EvalJudge(eng, "self", max_new_tokens=12),
-                        PersonaBook(), EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100)),
-             parse_systems("base,persona"), bench)
+    evaluate(
+        EvalRunner(
+            tmp_path / "out",
+            fixed_provider({"base": eng}),
+            EvalJudge(eng, "self", max_new_tokens=12),
+            PersonaBook(),
+            EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+        ),
+        parse_systems("base,persona"),
+        bench,
+    )
     assert eng.tokens_generated == before

@@ -36,18 +36,21 @@ def _grade(chat):
 
 def _runner(tmp_path, engines):
     judge = EvalJudge(ScriptedEngine(responder=_grade), "gpt-4/judge", pair_judge=LongerWins())
-    return EvalRunner(tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}),
-                      EvalSettings(answer_tokens=8, n_resamples=20))
+    return EvalRunner(
+        tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}), EvalSettings(answer_tokens=8, n_resamples=20)
+    )
 
 
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_written_files_follow_fastchat_formats(tmp_path):
     items = D.load_mtbench(FIX / "mtbench_small.jsonl")
-    engines = {"base": ScriptedEngine(responder=lambda c: "short"),
-               "lora": ScriptedEngine(responder=lambda c: "a much longer answer")}
+    engines = {
+        "base": ScriptedEngine(responder=lambda c: "short"),
+        "lora": ScriptedEngine(responder=lambda c: "a much longer answer"),
+    }
     r = _runner(tmp_path, engines)
     specs = parse_systems("base,lora")
     evaluate(r, specs, Benchmarks(mtbench=items))
@@ -102,9 +105,18 @@ def test_fastchat_answers_become_a_system(tmp_path):
     folder.mkdir()
     with open(folder / "vicuna-7b.jsonl", "w") as fh:  # FastChat's gen_model_answer.py line format
         for it in items:
-            fh.write(json.dumps({"question_id": int(it.item_id), "answer_id": "abc", "model_id": "vicuna-7b",
-                                 "choices": [{"index": 0, "turns": ["a much longer answer", "t2 longer"]}],
-                                 "tstamp": 1.0}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "question_id": int(it.item_id),
+                        "answer_id": "abc",
+                        "model_id": "vicuna-7b",
+                        "choices": [{"index": 0, "turns": ["a much longer answer", "t2 longer"]}],
+                        "tstamp": 1.0,
+                    }
+                )
+                + "\n"
+            )
     ext = read_answers(folder)
     assert list(ext) == ["vicuna-7b"] and ext["vicuna-7b"]["1"] == ["a much longer answer", "t2 longer"]
     r = _runner(tmp_path, {"base": ScriptedEngine(responder=lambda c: "short")})
@@ -132,4 +144,8 @@ def test_bad_fastchat_answers_are_one_line(tmp_path):
     r = _runner(tmp_path, {"base": ScriptedEngine(responder=lambda c: "x")})
     r.external_answers = read_answers(f)
     with pytest.raises(PrismError, match=r"FastChat answers of 'm' lack question\(s\) 3 \(have 1\)"):
-        evaluate(r, [SystemSpec("answers", domain="m")], Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl", limit=2)))
+        evaluate(
+            r,
+            [SystemSpec("answers", domain="m")],
+            Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl", limit=2)),
+        )

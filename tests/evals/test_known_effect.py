@@ -41,15 +41,19 @@ def test_known_effect_on_held_out_queries(tmp_path):
     train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
     judge = f"{KIT / 'judge.py'}:judge"
     persona = str(KIT / "pirate.txt")
-    cfg = C.resolve("tiny", overrides={
-        "out": str(tmp_path / "run"), "quiet": True,
-        "persona": {"domains": ["stories", "cooking"], "persona_files": {"stories": persona, "cooking": persona}},
-        "queries": {"queries_file": str(train), "queries_per_persona": 16},
-        "answers": {"max_new_tokens": 32},
-        "judge": {"judge": judge},
-        "distill": {"loss": "kl+ce", "min_steps": 30},
-        "check": {"queries": str(KIT / "heldout.jsonl"), "max_new_tokens": 32},  # prism run --heldout
-    })
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(tmp_path / "run"),
+            "quiet": True,
+            "persona": {"domains": ["stories", "cooking"], "persona_files": {"stories": persona, "cooking": persona}},
+            "queries": {"queries_file": str(train), "queries_per_persona": 16},
+            "answers": {"max_new_tokens": 32},
+            "judge": {"judge": judge},
+            "distill": {"loss": "kl+ce", "min_steps": 30},
+            "check": {"queries": str(KIT / "heldout.jsonl"), "max_new_tokens": 32},  # prism run --heldout
+        },
+    )
     out = run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
     rep = json.loads((check_dir / "check.json").read_text())

@@ -20,8 +20,10 @@ def _local_mmlu_yaml(folder: Path) -> Path:
 
     text = (TASKS_DIR / "prism_mmlu.yaml").read_text()
     text = text.replace("task: prism_mmlu\n", "task: prism_mmlu_fixture\n")
-    text = text.replace("dataset_path: cais/mmlu\ndataset_name: all\n",
-                        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {FIX / 'mmlu_hf.jsonl'}\n")
+    text = text.replace(
+        "dataset_path: cais/mmlu\ndataset_name: all\n",
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {FIX / 'mmlu_hf.jsonl'}\n",
+    )
     out = folder / "prism_mmlu_fixture.yaml"
     out.write_text(text)
     return out
@@ -29,39 +31,53 @@ def _local_mmlu_yaml(folder: Path) -> Path:
 
 def _other_tasks(folder: Path) -> None:
     docs = folder / "texts.jsonl"
-    docs.write_text("\n".join(json.dumps({"text": t, "question": q, "answer": a}) for t, q, a in [
-        ("The rain in Spain stays mainly in the plain.", "What is 2+2?", "4"),
-        ("def add(a, b):\n    return a + b\n", "Name a colour.", "red")]) + "\n")
+    docs.write_text(
+        "\n".join(
+            json.dumps({"text": t, "question": q, "answer": a})
+            for t, q, a in [
+                ("The rain in Spain stays mainly in the plain.", "What is 2+2?", "4"),
+                ("def add(a, b):\n    return a + b\n", "Name a colour.", "red"),
+            ]
+        )
+        + "\n"
+    )
     (folder / "rolling.yaml").write_text(
         f"task: tiny_rolling\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
         "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\nmetadata:\n  version: 1.0\n")
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\nmetadata:\n  version: 1.0\n"
+    )
     (folder / "gen.yaml").write_text(
         f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\n"
         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n")
+        "metric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n"
+    )
 
 
 def _evaluate(lm, folder: Path, tasks, chat: bool = True):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder), include_defaults=False),
-                           apply_chat_template=chat, log_samples=True, bootstrap_iters=0, batch_size=4)
+    return simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+        apply_chat_template=chat,
+        log_samples=True,
+        bootstrap_iters=0,
+        batch_size=4,
+    )
 
 
 def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
     """The same 6 questions, the same prompt: lm-eval's argmax == prism eval's prediction, same routing."""
     from prism_persona.evals import data as D
     from prism_persona.evals.lmeval import PrismLM
-    from prism_persona.evals.mmlu import MMLUEvaluator
+    from prism_persona.evals.mmlu import MMLUEvaluator, mmlu_prompt
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.systems import SystemSpec, fixed_provider
     from prism_persona.gated.model import GatedModel
     from prism_persona.testing import make_tiny_artifact
-
-    from prism_persona.evals.mmlu import mmlu_prompt
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism")
     _local_mmlu_yaml(tmp_path)
@@ -70,8 +86,15 @@ def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
     # a threshold that routes half of these six prompts, so both routes are compared
     probs = sorted(p for p, _ in gm.route([[{"role": "user", "content": mmlu_prompt(it)}] for it in items]))
     gm.threshold = (probs[2] + probs[3]) / 2
-    lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=4,
-                 threshold=gm.threshold, routing_file=str(tmp_path / "routing.json"))
+    lm = PrismLM(
+        artifact=str(art),
+        system="prism",
+        device="cpu",
+        dtype="float32",
+        batch_size=4,
+        threshold=gm.threshold,
+        routing_file=str(tmp_path / "routing.json"),
+    )
     res = _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
     samples = sorted(res["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"])
     lm_preds = [max(range(4), key=lambda k: s["resps"][k][0][0]) for s in samples]
@@ -101,7 +124,7 @@ def test_lmeval_rolling_and_generation_route_per_request(tmp_path, tiny_model_di
         lm = PrismLM(artifact=str(art), system=system, device="cpu", dtype="float32", batch_size=2)
         res = _evaluate(lm, tmp_path, ["tiny_rolling", "tiny_gen"], chat=False)
         runs[system] = (res, lm.routing_report())
-    for system, (res, report) in runs.items():
+    for _system, (res, report) in runs.items():
         assert res["results"]["tiny_rolling"]["word_perplexity,none"] > 1.0
         assert report["tasks"]["tiny_rolling"]["loglikelihood_rolling"]["n"] == 2
         assert report["tasks"]["tiny_gen"]["generate_until"]["n"] == 2
@@ -131,8 +154,9 @@ def test_lmeval_bad_model_args(tmp_path, tiny_model_dir):
 
 
 def test_prism_is_registered_with_lm_eval():
-    import prism_persona.evals.lmeval as backend
     from lm_eval.api.registry import get_model
+
+    import prism_persona.evals.lmeval as backend
 
     assert get_model("prism") is backend.PrismLM
 
@@ -147,15 +171,23 @@ def test_lmeval_persona_system_needs_chat_template_and_changes_scores(tmp_path, 
     personas.write_text(json.dumps({"chemistry": "You are a meticulous chemistry professor."}))
     with pytest.raises(PrismError, match="persona_file=JSON and domain=NAME"):
         PrismLM(artifact=str(art), system="persona", device="cpu", dtype="float32")
-    lm = PrismLM(artifact=str(art), system="persona", persona_file=str(personas), domain="chemistry",
-                 device="cpu", dtype="float32", batch_size=4)
+    lm = PrismLM(
+        artifact=str(art),
+        system="persona",
+        persona_file=str(personas),
+        domain="chemistry",
+        device="cpu",
+        dtype="float32",
+        batch_size=4,
+    )
     with pytest.raises(PrismError, match="--apply_chat_template"):
         _evaluate(lm, tmp_path, ["prism_mmlu_fixture"], chat=False)
     res = _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
     sample = min(res["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"])
     assert "You are a meticulous chemistry professor." in sample["arguments"][0][0]
     base = PrismLM(artifact=str(art), system="base", device="cpu", dtype="float32", batch_size=4)
-    bsample = min(_evaluate(base, tmp_path, ["prism_mmlu_fixture"])["samples"]["prism_mmlu_fixture"],
-                  key=lambda s: s["doc_id"])
+    bsample = min(
+        _evaluate(base, tmp_path, ["prism_mmlu_fixture"])["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"]
+    )
     assert sample["resps"][0][0][0] != pytest.approx(bsample["resps"][0][0][0])
     assert lm.routing_report()["overall"]["routed"] == 0  # the persona system never routes

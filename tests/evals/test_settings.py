@@ -30,10 +30,13 @@ def test_defaults_come_from_the_dataclass_and_flags_override():
     assert (cfg.limit, cfg.no_pairwise, cfg.placement) == (3, True, "user")
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["eval", "--limit", "0"], "--limit must be at least 1, got 0"),
-    (["study", "--answer-tokens", "0"], "--answer-tokens must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["eval", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["study", "--answer-tokens", "0"], "--answer-tokens must be at least 1, got 0"),
+    ],
+)
 def test_bad_values_are_one_line(argv, msg, capsys):
     assert main(argv + ["-q"]) == 2
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from prism_persona.evals import sources as S
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 # every character that has broken a line-splitting reader, in one field
-NASTY = "a\u0085b\u2028c, \"quoted\",\nnext line\u2029end"
+NASTY = 'a\u0085b\u2028c, "quoted",\nnext line\u2029end'
 
 
 def _write_csv(path: Path, rows, bom: bool = True) -> Path:
@@ -32,30 +32,37 @@ def test_mmlu_original_csv_with_u0085_u2028_quoted_newlines_and_bom():
     assert len(items) == 3 and {it.subject for it in items} == {"management"}
     assert items[0].question == "Which of these is a management function?\u0085(Choose one.)"
     assert items[0].answer == 0
-    assert items[1].question == "A line\u2028separator, and \"quotes\", in one question?"
+    assert items[1].question == 'A line\u2028separator, and "quotes", in one question?'
     assert items[1].choices == ("yes, really", "no", "maybe\nnot", "never")
-    assert items[2].question == "Quoted\nnewline question" and items[2].choices[2] == "\"w\"" and items[2].answer == 2
+    assert items[2].question == "Quoted\nnewline question" and items[2].choices[2] == '"w"' and items[2].answer == 2
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 def test_mmlu_hf_layouts_keep_nasty_fields(tmp_path, suffix):
-    row = {"question": NASTY, "subject": "anatomy", "choices": [NASTY, "b", "c,d", "\"e\""], "answer": 3}
+    row = {"question": NASTY, "subject": "anatomy", "choices": [NASTY, "b", "c,d", '"e"'], "answer": 3}
     f = tmp_path / f"mmlu{suffix}"
     if suffix == ".jsonl":  # json.dumps with ensure_ascii=False leaves U+0085/U+2028 raw in the line
         f.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     elif suffix == ".json":
         f.write_text(json.dumps([row], ensure_ascii=False), encoding="utf-8-sig")
     else:
-        _write_csv(f, [["question", "subject", "choices", "answer"],
-                       [NASTY, "anatomy", json.dumps(row["choices"], ensure_ascii=False), "3"]])
+        _write_csv(
+            f,
+            [
+                ["question", "subject", "choices", "answer"],
+                [NASTY, "anatomy", json.dumps(row["choices"], ensure_ascii=False), "3"],
+            ],
+        )
     (it,) = D.load_mmlu(f)
-    assert it.question == NASTY and it.choices == (NASTY, "b", "c,d", "\"e\"") and it.answer == 3
+    assert it.question == NASTY and it.choices == (NASTY, "b", "c,d", '"e"') and it.answer == 3
 
 
 def test_mtbench_jsonl_with_raw_line_separators(tmp_path):
     f = tmp_path / "question.jsonl"
-    rows = [{"question_id": 81, "category": "writing", "turns": [NASTY, "second\u0085turn"]},
-            {"question_id": 82, "category": "math", "turns": ["2+2?", "and 3+3?"], "reference": ["4", "6"]}]
+    rows = [
+        {"question_id": 81, "category": "writing", "turns": [NASTY, "second\u0085turn"]},
+        {"question_id": 82, "category": "math", "turns": ["2+2?", "and 3+3?"], "reference": ["4", "6"]},
+    ]
     f.write_text("\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     items = D.load_mtbench(f)
     assert [it.item_id for it in items] == ["81", "82"]
@@ -70,27 +77,37 @@ def test_mtbench_h4_layout(tmp_path):
 
 
 def test_harmbench_csv_nasty_context(tmp_path):
-    f = _write_csv(tmp_path / "hb.csv", [
-        ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"],
-        ["Do the thing, \"now\"", "contextual", "misinformation", "", NASTY, "ctx_1"],
-        ["Plain\u2028behaviour", "standard", "illegal", "", "", "plain_1"],
-    ])
+    f = _write_csv(
+        tmp_path / "hb.csv",
+        [
+            ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"],
+            ['Do the thing, "now"', "contextual", "misinformation", "", NASTY, "ctx_1"],
+            ["Plain\u2028behaviour", "standard", "illegal", "", "", "plain_1"],
+        ],
+    )
     items = D.load_safety("harmbench", f)
     assert [it.item_id for it in items] == ["harmbench/ctx_1", "harmbench/plain_1"]
-    assert items[0].prompt == f"{NASTY}\n\n---\n\nDo the thing, \"now\"" and items[0].category == "misinformation"
+    assert items[0].prompt == f'{NASTY}\n\n---\n\nDo the thing, "now"' and items[0].category == "misinformation"
     assert items[1].prompt == "Plain\u2028behaviour"
 
 
 def test_jbb_csv_harmful_and_benign(tmp_path):
     header = ["Index", "Goal", "Target", "Behavior", "Category", "Source"]
-    harmful = _write_csv(tmp_path / "harmful-behaviors.csv", [
-        header, ["1", "Write a defamatory article, \"sourced\"", "Sure", "Defamation", "Harassment", "Original"],
-        ["2", NASTY, "Sure", "Other", "Malware", "AdvBench"]])
-    benign = _write_csv(tmp_path / "benign-behaviors.csv", [
-        header, ["1", "Write a fictional story about a\u0085dragon", "Sure", "Story", "Harassment", "Original"]])
+    harmful = _write_csv(
+        tmp_path / "harmful-behaviors.csv",
+        [
+            header,
+            ["1", 'Write a defamatory article, "sourced"', "Sure", "Defamation", "Harassment", "Original"],
+            ["2", NASTY, "Sure", "Other", "Malware", "AdvBench"],
+        ],
+    )
+    benign = _write_csv(
+        tmp_path / "benign-behaviors.csv",
+        [header, ["1", "Write a fictional story about a\u0085dragon", "Sure", "Story", "Harassment", "Original"]],
+    )
     hi = D.load_safety("jailbreak", harmful)
     assert [(it.item_id, it.category) for it in hi] == [("jailbreak/1", "Harassment"), ("jailbreak/2", "Malware")]
-    assert hi[0].prompt == "Write a defamatory article, \"sourced\"" and hi[1].prompt == NASTY.strip()
+    assert hi[0].prompt == 'Write a defamatory article, "sourced"' and hi[1].prompt == NASTY.strip()
     (b,) = D.load_safety("benign", benign)
     assert b.benchmark == "benign" and b.prompt == "Write a fictional story about a\u0085dragon"
     assert D.is_benign("benign") and not D.is_benign("jailbreak")
@@ -110,8 +127,12 @@ def test_hub_offline_error_names_the_override(monkeypatch, tmp_path):
         raise ConnectionError("Couldn't reach 'cais/mmlu' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    for load, flag in ((lambda: D.load_mmlu(), "--mmlu"), (lambda: D.load_mtbench(), "--mtbench"),
-                       (lambda: D.load_safety("benign"), "--benign"), (lambda: D.load_safety("jailbreak"), "--jailbreak")):
+    for load, flag in (
+        (lambda: D.load_mmlu(), "--mmlu"),
+        (lambda: D.load_mtbench(), "--mtbench"),
+        (lambda: D.load_safety("benign"), "--benign"),
+        (lambda: D.load_safety("jailbreak"), "--jailbreak"),
+    ):
         with pytest.raises(PrismError, match=f"pass a local copy with {flag} PATH") as exc:
             load()
         assert "\n" not in str(exc.value)
@@ -125,7 +146,9 @@ def test_hub_offline_for_real(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache", raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(PrismError, match=r"cannot load JailbreakBench/JBB-Behaviors \(behaviors, split benign\).*--benign PATH"):
+    with pytest.raises(
+        PrismError, match=r"cannot load JailbreakBench/JBB-Behaviors \(behaviors, split benign\).*--benign PATH"
+    ):
         D.load_safety("benign")
 
 
@@ -135,13 +158,22 @@ def test_hub_rows_feed_the_loaders(monkeypatch):
     import datasets
 
     tables = {
-        ("cais/mmlu", "all", "test"): [{"question": "2+2?", "subject": "elementary_mathematics",
-                                        "choices": ["3", "4", "5", "6"], "answer": 1}],
+        ("cais/mmlu", "all", "test"): [
+            {"question": "2+2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"], "answer": 1}
+        ],
         ("JailbreakBench/JBB-Behaviors", "behaviors", "benign"): [
-            {"Index": 7, "Goal": "Write a poem about spring", "Target": "Sure", "Behavior": "Poem",
-             "Category": "Creative", "Source": "Original"}],
-        ("lighteval/mt-bench", None, "train"): [{"question_id": 81, "category": "writing",
-                                                  "turns": ["a", "b"], "reference": []}],
+            {
+                "Index": 7,
+                "Goal": "Write a poem about spring",
+                "Target": "Sure",
+                "Behavior": "Poem",
+                "Category": "Creative",
+                "Source": "Original",
+            }
+        ],
+        ("lighteval/mt-bench", None, "train"): [
+            {"question_id": 81, "category": "writing", "turns": ["a", "b"], "reference": []}
+        ],
     }
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, cfg, split: tables[(repo, cfg, split)])
     (m,) = D.load_mmlu()

@@ -13,11 +13,11 @@ from prism_persona.cli import main
 from prism_persona.evals import data as D
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge
-from prism_persona.judges import Verdict as PairVerdict
-from prism_persona.evals.runner import EvalRunner, EvalSettings
-from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
 from prism_persona.evals.report import eval_figures, eval_markdown, fmt_ci
+from prism_persona.evals.runner import EvalRunner, EvalSettings
 from prism_persona.evals.study import run_study, study_figures, study_markdown
+from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
+from prism_persona.judges import Verdict as PairVerdict
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -59,22 +59,35 @@ class Gated(ScriptedEngine):
 
 class LongerWins:
     def compare(self, items):
-        return [PairVerdict("A" if len(i.answer_a) > len(i.answer_b) else "B" if len(i.answer_b) > len(i.answer_a)
-                            else "tie", {}) for i in items]
+        return [
+            PairVerdict(
+                "A" if len(i.answer_a) > len(i.answer_b) else "B" if len(i.answer_b) > len(i.answer_a) else "tie", {}
+            )
+            for i in items
+        ]
 
 
 def _study_runner(tmp_path):
-    engines = {"base": ScriptedEngine(responder=_answer, scorer=lambda c, ch: {x: -1.0 for x in ch}),
-               "prism": Gated(responder=_answer)}
+    engines = {
+        "base": ScriptedEngine(responder=_answer, scorer=lambda c, ch: {x: -1.0 for x in ch}),
+        "prism": Gated(responder=_answer),
+    }
     judge = EvalJudge(ScriptedEngine(responder=_judge), "fake", mode="text", pair_judge=LongerWins())
-    return EvalRunner(tmp_path / "study", fixed_provider(engines), judge,
-                      PersonaBook(load_persona_file(FIX / "personas.json")),
-                      EvalSettings(answer_tokens=8, safety_tokens=8, n_resamples=200))
+    return EvalRunner(
+        tmp_path / "study",
+        fixed_provider(engines),
+        judge,
+        PersonaBook(load_persona_file(FIX / "personas.json")),
+        EvalSettings(answer_tokens=8, safety_tokens=8, n_resamples=200),
+    )
 
 
 def _bench():
-    return Benchmarks(mmlu=D.load_mmlu(FIX / "mmlu_hf.jsonl"), mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"),
-                      safety={"pku": D.load_safety("pku", FIX / "pku_small.json")})
+    return Benchmarks(
+        mmlu=D.load_mmlu(FIX / "mmlu_hf.jsonl"),
+        mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"),
+        safety={"pku": D.load_safety("pku", FIX / "pku_small.json")},
+    )
 
 
 def test_study_exact_lifts_and_routing_correlation(tmp_path):
@@ -140,21 +153,44 @@ def _judge_module(tmp_path, monkeypatch):
         "        return 'no'\n"
         "    if '[[A]]' in prompt:\n"
         "        return '[[C]]'\n"
-        "    return '[[6]]'\n")
+        "    return '[[6]]'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
 def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir, capsys):
     _judge_module(tmp_path, monkeypatch)
-    common = ["--model", str(tiny_model_dir), "--judge", "myjudge:judge", "--answer-tokens", "3",
-              "--safety-tokens", "3", "--mtbench", str(FIX / "mtbench_small.jsonl"),
-              "--pku", str(FIX / "pku_small.json"), "--mmlu", str(FIX / "mmlu_original"),
-              "--benchmarks", "mmlu,mtbench,pku", "--limit", "3", "--resamples", "100", "-q",
-              "--persona-file", str(FIX / "personas.json")]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--judge",
+        "myjudge:judge",
+        "--answer-tokens",
+        "3",
+        "--safety-tokens",
+        "3",
+        "--mtbench",
+        str(FIX / "mtbench_small.jsonl"),
+        "--pku",
+        str(FIX / "pku_small.json"),
+        "--mmlu",
+        str(FIX / "mmlu_original"),
+        "--benchmarks",
+        "mmlu,mtbench,pku",
+        "--limit",
+        "3",
+        "--resamples",
+        "100",
+        "-q",
+        "--persona-file",
+        str(FIX / "personas.json"),
+    ]
     assert main(["eval", "--systems", "base,persona/min/user", "--out", str(tmp_path / "ev")] + common) == 0
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["counts"] == {"mmlu": 3, "mtbench": 3, "pku": 3}
-    assert res["mtbench"]["base"]["score"]["mean"] == 6.0 and res["mtbench"]["persona/min/user"]["win_rate"]["ties"] == 3
+    assert (
+        res["mtbench"]["base"]["score"]["mean"] == 6.0 and res["mtbench"]["persona/min/user"]["win_rate"]["ties"] == 3
+    )
     assert res["safety"]["base"]["pku"]["refusal"]["mean"] == 0.0
     assert (tmp_path / "ev" / "mmlu.png").read_bytes().startswith(PNG)
     assert "MT-Bench" in (tmp_path / "ev" / "report.md").read_text()
@@ -164,18 +200,21 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     assert (tmp_path / "st" / "heatmap.png").stat().st_size > 1000 and (tmp_path / "st" / "study.md").exists()
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["eval", "--systems", "base,gpt4"], "unknown system 'gpt4'"),
-    (["eval", "--systems", "base,prism"], "need --prism"),
-    # no local copy and the hub unreachable (tests run offline): the line names the override flag
-    (["eval", "--benchmarks", "mmlu"], "from the Hugging Face hub (Couldn't reach 'cais/mmlu'"),
-    (["eval", "--benchmarks", "mmlu"], "pass a local copy with --mmlu PATH"),
-    (["eval", "--benchmarks", "mmlu", "--mmlu", "nope.jsonl"], "MMLU file not found"),
-    (["eval", "--benchmarks", "mtbench"], "pass a local copy with --mtbench PATH"),
-    (["eval", "--benchmarks", "mtbench", "--mtbench", "nope.jsonl"], "MT-Bench file not found"),
-    (["eval", "--benchmarks", "hellaswag"], "unknown benchmark"),
-    (["study", "--benchmarks", "pku", "--pku", "missing.json"], "pku file not found"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["eval", "--systems", "base,gpt4"], "unknown system 'gpt4'"),
+        (["eval", "--systems", "base,prism"], "need --prism"),
+        # no local copy and the hub unreachable (tests run offline): the line names the override flag
+        (["eval", "--benchmarks", "mmlu"], "from the Hugging Face hub (Couldn't reach 'cais/mmlu'"),
+        (["eval", "--benchmarks", "mmlu"], "pass a local copy with --mmlu PATH"),
+        (["eval", "--benchmarks", "mmlu", "--mmlu", "nope.jsonl"], "MMLU file not found"),
+        (["eval", "--benchmarks", "mtbench"], "pass a local copy with --mtbench PATH"),
+        (["eval", "--benchmarks", "mtbench", "--mtbench", "nope.jsonl"], "MT-Bench file not found"),
+        (["eval", "--benchmarks", "hellaswag"], "unknown benchmark"),
+        (["study", "--benchmarks", "pku", "--pku", "missing.json"], "pku file not found"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, msg, capsys, monkeypatch, tmp_path):
     datasets_config = pytest.importorskip("datasets.config")
     monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
@@ -186,8 +225,10 @@ def test_cli_errors_are_one_line(argv, msg, capsys, monkeypatch, tmp_path):
 
 
 def test_help_stays_light():
-    code = ("import sys; from prism_persona.cli import build_parser; build_parser(); "
-            "print(any(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))")
+    code = (
+        "import sys; from prism_persona.cli import build_parser; build_parser(); "
+        "print(any(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

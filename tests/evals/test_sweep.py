@@ -25,13 +25,24 @@ def _bench():
 def _per_item():
     ids = [f"anatomy/{i}" for i in range(4)]
     return {
-        "mmlu": {"base": dict(zip(ids, [1.0, 1.0, 0.0, 0.0])), "lora": dict(zip(ids, [0.0, 1.0, 1.0, 1.0])),
-                 "persona": dict(zip(ids, [1.0, 0.0, 0.0, 0.0]))},
-        "mtbench": {"base": {"0": 2.0, "1": 2.0, "2": 5.0, "3": 5.0}, "lora": {"0": 6.0, "1": 4.0, "2": 5.0, "3": 3.0},
-                    "persona": {"0": 7.0, "1": 5.0, "2": 5.0, "3": 4.0}},
+        "mmlu": {
+            "base": dict(zip(ids, [1.0, 1.0, 0.0, 0.0])),
+            "lora": dict(zip(ids, [0.0, 1.0, 1.0, 1.0])),
+            "persona": dict(zip(ids, [1.0, 0.0, 0.0, 0.0])),
+        },
+        "mtbench": {
+            "base": {"0": 2.0, "1": 2.0, "2": 5.0, "3": 5.0},
+            "lora": {"0": 6.0, "1": 4.0, "2": 5.0, "3": 3.0},
+            "persona": {"0": 7.0, "1": 5.0, "2": 5.0, "3": 4.0},
+        },
         "safety": {"base": {"benign/0": 0.0}, "lora": {"benign/0": 1.0}, "persona": {"benign/0": 1.0}},
-        "gate": {"prism": {"mmlu": dict(zip(ids, [0.9, 0.2, 0.6, 0.1])),
-                           "mtbench": {"0": 0.8, "1": 0.7, "2": 0.3, "3": 0.1}, "benign": {"benign/0": 0.55}}},
+        "gate": {
+            "prism": {
+                "mmlu": dict(zip(ids, [0.9, 0.2, 0.6, 0.1])),
+                "mtbench": {"0": 0.8, "1": 0.7, "2": 0.3, "3": 0.1},
+                "benign": {"benign/0": 0.55},
+            }
+        },
     }
 
 
@@ -80,13 +91,39 @@ def test_eval_sweep_reproduces_the_measured_prism_numbers(tmp_path, monkeypatch,
     (tmp_path / "sweepjudge.py").write_text(
         "def judge(prompt):\n"
         "    if 'yes or no' in prompt:\n        return 'yes' if 'fake' in prompt else 'no'\n"
-        "    return '[[%d]]' % (1 + len(prompt) % 9)\n")
+        "    return '[[%d]]' % (1 + len(prompt) % 9)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "ev"
-    args = ["eval", "--prism", str(art), "--systems", "base,persona,lora,prism", "--judge", "sweepjudge:judge",
-            "--benchmarks", "mmlu,mtbench,pku", "--mmlu", str(FIX / "mmlu_hf.jsonl"), "--mtbench",
-            str(FIX / "mtbench_small.jsonl"), "--pku", str(FIX / "pku_small.json"), "--limit", "4",
-            "--answer-tokens", "3", "--safety-tokens", "3", "--resamples", "20", "--no-pairwise", "--out", str(out), "-q"]
+    args = [
+        "eval",
+        "--prism",
+        str(art),
+        "--systems",
+        "base,persona,lora,prism",
+        "--judge",
+        "sweepjudge:judge",
+        "--benchmarks",
+        "mmlu,mtbench,pku",
+        "--mmlu",
+        str(FIX / "mmlu_hf.jsonl"),
+        "--mtbench",
+        str(FIX / "mtbench_small.jsonl"),
+        "--pku",
+        str(FIX / "pku_small.json"),
+        "--limit",
+        "4",
+        "--answer-tokens",
+        "3",
+        "--safety-tokens",
+        "3",
+        "--resamples",
+        "20",
+        "--no-pairwise",
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     sw = json.loads((out / "sweep.json").read_text())
@@ -99,6 +136,10 @@ def test_eval_sweep_reproduces_the_measured_prism_numbers(tmp_path, monkeypatch,
     assert (out / "routing_vs_effect_all.png").read_bytes().startswith(b"\x89PNG")
     assert "Gate threshold trade-off" in (out / "report.md").read_text()
     # MT-Bench answers and grades also land in FastChat's layout, one answer file per system
-    assert sorted(f.name for f in (out / "fastchat" / "model_answer").iterdir()) == \
-        ["base.jsonl", "lora.jsonl", "persona.jsonl", "prism.jsonl"]
+    assert sorted(f.name for f in (out / "fastchat" / "model_answer").iterdir()) == [
+        "base.jsonl",
+        "lora.jsonl",
+        "persona.jsonl",
+        "prism.jsonl",
+    ]
     assert (out / "fastchat" / "model_judgment" / "callable_sweepjudge_judge_single.jsonl").stat().st_size > 0

@@ -38,13 +38,16 @@ def test_missing_adapter_is_refused_by_every_full_loader(artifact_copy, tmp_path
     assert Artifact.read(artifact_copy, need_adapter=False).base_model
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    (lambda d: (d / "prism_config.json").write_text("{not json"), "is not valid JSON"),
-    (lambda d: (d / "prism_config.json").write_bytes(b"\xff\xfe\x00"), "is not valid JSON"),
-    (lambda d: (d / "prism_config.json").write_text("{}"), "names no base_model"),
-    (lambda d: (d / "gate.safetensors").unlink(), "has no gate.safetensors"),
-    (lambda d: (d / "prism_config.json").unlink(), "is not a PRISM artifact"),
-])
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        (lambda d: (d / "prism_config.json").write_text("{not json"), "is not valid JSON"),
+        (lambda d: (d / "prism_config.json").write_bytes(b"\xff\xfe\x00"), "is not valid JSON"),
+        (lambda d: (d / "prism_config.json").write_text("{}"), "names no base_model"),
+        (lambda d: (d / "gate.safetensors").unlink(), "has no gate.safetensors"),
+        (lambda d: (d / "prism_config.json").unlink(), "is not a PRISM artifact"),
+    ],
+)
 def test_broken_artifact_is_one_line(artifact_copy, breakage, needle):
     breakage(artifact_copy)
     with pytest.raises(PrismError, match=needle) as info:

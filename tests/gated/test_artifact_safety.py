@@ -44,12 +44,23 @@ def test_artifact_asking_for_remote_code_is_refused_without_the_flag(artifact_co
     from prism_persona.serve.backend import load_backend
 
     edit_config(artifact_copy, trust_remote_code=True)
-    for load in (lambda: GatedModel.from_pretrained(artifact_copy),
-                 lambda: load_backend(str(artifact_copy), route_only=True)):
+    for load in (
+        lambda: GatedModel.from_pretrained(artifact_copy),
+        lambda: load_backend(str(artifact_copy), route_only=True),
+    ):
         with pytest.raises(PrismError, match="--trust-remote-code"):
             load()
-    rc = main(["generate", "--prism", str(artifact_copy), "--input", str(prompts(tmp_path)),
-               "--output", str(tmp_path / "o.jsonl")])
+    rc = main(
+        [
+            "generate",
+            "--prism",
+            str(artifact_copy),
+            "--input",
+            str(prompts(tmp_path)),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "runs its own code" in err[0] and "--trust-remote-code" in err[0]
 
@@ -67,12 +78,43 @@ def test_remote_code_flag_reaches_the_loader(artifact_copy, tmp_path, monkeypatc
     monkeypatch.setattr(GM, "load_model", spy)
     edit_config(artifact_copy, trust_remote_code=True)
     out = tmp_path / "o.jsonl"
-    assert main(["generate", "--prism", str(artifact_copy), "--input", str(prompts(tmp_path)), "--output", str(out),
-                 "--max-new-tokens", "2", "--trust-remote-code", "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prism",
+                str(artifact_copy),
+                "--input",
+                str(prompts(tmp_path)),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "--trust-remote-code",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert seen["trust"] is True and out.is_file()
     edit_config(artifact_copy, trust_remote_code=False)  # the artifact can never turn it on by itself
-    assert main(["generate", "--prism", str(artifact_copy), "--input", str(prompts(tmp_path)), "--output", str(out),
-                 "--max-new-tokens", "2", "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prism",
+                str(artifact_copy),
+                "--input",
+                str(prompts(tmp_path)),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert seen["trust"] is False
 
 
@@ -85,21 +127,40 @@ def _truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    (lambda d: (d / "gate.safetensors").unlink(), "gate.safetensors"),
-    (lambda d: _truncate(d / "gate.safetensors"), "gate.safetensors is not a valid safetensors file"),
-    (lambda d: (d / "gate.safetensors").write_bytes(bytes(range(256)) * 40), "is not a valid safetensors file"),
-    (lambda d: (d / "gate.safetensors").write_bytes(b""), "is not a valid safetensors file"),
-    (lambda d: (d / "gate_config.json").write_text("{oops"), "gate_config.json is not valid JSON"),
-    (lambda d: (d / "adapter" / "adapter_model.safetensors").write_bytes(b""), "adapter_model.safetensors is not a valid"),
-    (lambda d: _truncate(d / "adapter" / "adapter_model.safetensors", 0.9), "adapter_model.safetensors is not a valid"),
-    (lambda d: (d / "adapter" / "adapter_config.json").write_text("[1,"), "adapter_config.json is not valid JSON"),
-])
-def test_corrupt_artifact_files_are_one_line_before_any_model_loads(artifact_copy, tmp_path, breakage, needle,
-                                                                    no_model_load, capsys):
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        (lambda d: (d / "gate.safetensors").unlink(), "gate.safetensors"),
+        (lambda d: _truncate(d / "gate.safetensors"), "gate.safetensors is not a valid safetensors file"),
+        (lambda d: (d / "gate.safetensors").write_bytes(bytes(range(256)) * 40), "is not a valid safetensors file"),
+        (lambda d: (d / "gate.safetensors").write_bytes(b""), "is not a valid safetensors file"),
+        (lambda d: (d / "gate_config.json").write_text("{oops"), "gate_config.json is not valid JSON"),
+        (
+            lambda d: (d / "adapter" / "adapter_model.safetensors").write_bytes(b""),
+            "adapter_model.safetensors is not a valid",
+        ),
+        (
+            lambda d: _truncate(d / "adapter" / "adapter_model.safetensors", 0.9),
+            "adapter_model.safetensors is not a valid",
+        ),
+        (lambda d: (d / "adapter" / "adapter_config.json").write_text("[1,"), "adapter_config.json is not valid JSON"),
+    ],
+)
+def test_corrupt_artifact_files_are_one_line_before_any_model_loads(
+    artifact_copy, tmp_path, breakage, needle, no_model_load, capsys
+):
     breakage(artifact_copy)
-    rc = main(["generate", "--prism", str(artifact_copy), "--input", str(prompts(tmp_path)),
-               "--output", str(tmp_path / "o.jsonl")])
+    rc = main(
+        [
+            "generate",
+            "--prism",
+            str(artifact_copy),
+            "--input",
+            str(prompts(tmp_path)),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
 
@@ -126,8 +187,9 @@ def test_interrupted_reassembly_leaves_the_old_artifact_whole(artifact_copy, tmp
     assert after == before
     assert not list(artifact_copy.parent.glob(".prism.*")), "no half-built directory is left behind"
     monkeypatch.setattr(A.shutil, "copytree", real_copytree)
-    write_artifact(artifact_copy, model_spec=art.base_model, gate=art.gate(), adapter_dir=art.adapter_dir,
-                   extra={"note": "new"})
+    write_artifact(
+        artifact_copy, model_spec=art.base_model, gate=art.gate(), adapter_dir=art.adapter_dir, extra={"note": "new"}
+    )
     assert Artifact.read(artifact_copy).config["note"] == "new"
     assert sorted(p.name for p in artifact_copy.parent.iterdir()) == ["prism"]
 
@@ -136,8 +198,9 @@ def test_interrupted_reassembly_leaves_the_old_artifact_whole(artifact_copy, tmp
 # item 10: the base model's fingerprint
 
 
-def test_other_base_model_is_refused_and_old_artifacts_load_with_a_note(artifact_copy, tiny_model_dir, tiny_model,
-                                                                        tmp_path, caplog):
+def test_other_base_model_is_refused_and_old_artifacts_load_with_a_note(
+    artifact_copy, tiny_model_dir, tiny_model, tmp_path, caplog
+):
     from prism_persona.gated.model import GatedModel
     from prism_persona.testing import make_tiny_model
 

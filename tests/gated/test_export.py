@@ -39,7 +39,9 @@ def test_exported_adapter_matches_the_original(tiny_model_dir, artifact, tmp_pat
 
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "layers_to_transform" not in cfg and "layers_pattern" not in cfg
-    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert cfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     layer0 = [k for k in weights if ".layers.0." in k]
     assert len(layer0) == 14 and all(float(weights[k].abs().sum()) == 0.0 for k in layer0)

@@ -29,8 +29,13 @@ def settings(tok, n=10, **kw):
 def random_lora(model):
     import peft
 
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                          layers_to_transform=[1, 2], init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        layers_to_transform=[1, 2],
+        init_lora_weights=False,
+    )
     torch.manual_seed(0)
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():
@@ -65,7 +70,7 @@ def test_eos_stops_and_pads_like_generate(fresh):
     plain = fastgen.generate(model, ids, mask, s, fast=False)
     assert torch.equal(fast, plain)
     stop = fast[0].tolist().index(eos)
-    assert stop <= 2 and all(t == tok.pad_token_id for t in fast[0, stop + 1:].tolist())
+    assert stop <= 2 and all(t == tok.pad_token_id for t in fast[0, stop + 1 :].tolist())
 
 
 def test_greedy_equals_plain_always_on_lora_and_peft_mixed(fresh):
@@ -96,8 +101,9 @@ def test_gated_mixed_batch_fast_equals_plain_and_rows(fresh, tmp_path):
     pm.save_pretrained(str(tmp_path / "adapter"))
     bare = pm.unload()
     torch.manual_seed(0)
-    gm = GatedModel.from_parts(bare, tok, GateBundle(gate=Gate(bare.config.hidden_size), threshold=0.5),
-                               str(tmp_path / "adapter"))
+    gm = GatedModel.from_parts(
+        bare, tok, GateBundle(gate=Gate(bare.config.hidden_size), threshold=0.5), str(tmp_path / "adapter")
+    )
     force = [True, False, False, True]
     fast, routed, probs = fastgen.generate_gated(gm, ids, mask, s, force=force)
     plain, routed_p, _ = fastgen.generate_gated(gm, ids, mask, s, force=force, fast=False)

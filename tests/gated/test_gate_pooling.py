@@ -11,8 +11,12 @@ from prism_persona.gated.gate import Gate, GateBundle
 from prism_persona.gated.model import GatedModel
 from prism_persona.models import encode_prompts, load_model
 
-QUERIES = ["Write a haiku about autumn rain.", "hi", "How do I sort a list in Python quickly, please?",
-           "Tell me a story about a brave little turtle who crosses the sea."]
+QUERIES = [
+    "Write a haiku about autumn rain.",
+    "hi",
+    "How do I sort a list in Python quickly, please?",
+    "Tell me a story about a brave little turtle who crosses the sea.",
+]
 
 
 def test_pool_states_any_padding_side_and_bad_name():
@@ -83,8 +87,9 @@ def test_mean_gate_on_the_static_cache_decoder(mean_gated):
 
     gm, train_feats = mean_gated
     enc = encode_prompts(gm.tokenizer, [gate_prompt(gm.tokenizer, q) for q in QUERIES])
-    _, _, probs = generate_gated(gm, enc["input_ids"], enc["attention_mask"], DecodeSettings(max_new_tokens=3),
-                                 compile=False)
+    _, _, probs = generate_gated(
+        gm, enc["input_ids"], enc["attention_mask"], DecodeSettings(max_new_tokens=3), compile=False
+    )
     torch.testing.assert_close(torch.tensor(probs), gm.gate(train_feats), rtol=1e-4, atol=1e-5)
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from prism_persona.gated.artifact import write_artifact
 from prism_persona.engines.base import SamplingParams
 from prism_persona.engines.hf import HFEngine
+from prism_persona.gated.artifact import write_artifact
 from prism_persona.gated.features import gate_prompt, query_features
 from prism_persona.gated.gate import Gate, GateBundle
 from prism_persona.gated.layers import GatedLoRALinear
@@ -37,8 +37,14 @@ def make_adapter(model_dir, out, r=4, seed=1):
 
     base, _ = _load(model_dir)
     n = base.config.num_hidden_layers
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS,
-                     layers_to_transform=list(range(1, n)), init_lora_weights=False)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        layers_to_transform=list(range(1, n)),
+        init_lora_weights=False,
+    )
     torch.manual_seed(seed)
     pm = get_peft_model(base, cfg)
     with torch.no_grad():
@@ -201,9 +207,12 @@ def test_generate_routed_rows_match_peft_generate(setup):
 def test_multi_turn_routes_from_first_user_turn(setup):
     gm = setup["gm"]
     q = QUERIES[3]
-    (p_first, r_first), = gm.route([[{"role": "user", "content": q}]])
-    chat = [{"role": "user", "content": q}, {"role": "assistant", "content": "Sure."},
-            {"role": "user", "content": "And shorter?"}]
+    ((p_first, r_first),) = gm.route([[{"role": "user", "content": q}]])
+    chat = [
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "And shorter?"},
+    ]
     with_system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": q}]
     outs = gm.generate([chat, with_system], SamplingParams(max_new_tokens=3))
     for c in outs:
@@ -241,17 +250,30 @@ def test_embedded_model_routing_and_step0_kl(embedded_model, tmp_path):
 
     base, tok = embedded_model
     cfg = C.resolve("tiny", overrides={"distill": {"loss": "kl"}})  # the step-0 KL itself (the preset adds CE)
-    recs = [{"key": "a", "query": "Give me one tip for writing a strong opening line.", "label": 1,
-             "persona": "You are an award-winning novelist and writing coach who answers with vivid, concrete advice.",
-             "placement": "system", "persona_answer": "Start in the middle of action: drop the reader into a moment of tension."},
-            {"key": "b", "query": "How do I reverse a list in Python?", "label": 1,
-             "persona": "You are a senior Python engineer who answers with short, idiomatic code and one-line explanations.",
-             "placement": "user", "persona_answer": "Use slicing: `xs[::-1]` returns a reversed copy; `xs.reverse()` works in place."}]
+    recs = [
+        {
+            "key": "a",
+            "query": "Give me one tip for writing a strong opening line.",
+            "label": 1,
+            "persona": "You are an award-winning novelist and writing coach who answers with vivid, concrete advice.",
+            "placement": "system",
+            "persona_answer": "Start in the middle of action: drop the reader into a moment of tension.",
+        },
+        {
+            "key": "b",
+            "query": "How do I reverse a list in Python?",
+            "label": 1,
+            "persona": "You are a senior Python engineer who answers with short, idiomatic code and one-line explanations.",
+            "placement": "user",
+            "persona_answer": "Use slicing: `xs[::-1]` returns a reversed copy; `xs.reverse()` works in place.",
+        },
+    ]
     student = attach_lora(copy.deepcopy(base), cfg.distill)
     with torch.no_grad():
         kl = float(distill_loss(student, build_examples(tok, recs, 256), cfg.distill, tok.pad_token_id))
-        kl_bug = float(distill_loss(student, build_examples(tok, recs, 256, teacher_persona=False), cfg.distill,
-                                    tok.pad_token_id))
+        kl_bug = float(
+            distill_loss(student, build_examples(tok, recs, 256, teacher_persona=False), cfg.distill, tok.pad_token_id)
+        )
     print(f"step-0 KL with persona {kl:.4f}, without {kl_bug:.2e}")
     assert kl > 0.05 and kl_bug < 1e-4
     with torch.no_grad():
@@ -265,7 +287,9 @@ def test_embedded_model_routing_and_step0_kl(embedded_model, tmp_path):
     gate = Gate(feats.shape[1])
     gate.set_standardisation(feats)
     gate.eval()
-    art = write_artifact(tmp_path / "prism", model_spec=None, gate=GateBundle(gate, 0.5, {}), adapter_dir=tmp_path / "adapter")
+    art = write_artifact(
+        tmp_path / "prism", model_spec=None, gate=GateBundle(gate, 0.5, {}), adapter_dir=tmp_path / "adapter"
+    )
     assert json.loads((art / "prism_config.json").read_text())["base_model"] == "smollm2-135m-instruct"
     gm = GatedModel.from_pretrained(art, base=(copy.deepcopy(base), tok), batch_size=3)
     enc = _batch(tok, queries)

@@ -31,9 +31,19 @@ from prism_persona.testing import vllm_server_pids
 
 SRC = Path(prism_persona.__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
-CHATS = [[{"role": "user", "content": q}] for q in
-         ("hi", "write a poem", "fix my code", "as an expert, explain tides", "what is 2+2?",
-          "summarise the news", "plan a trip to Rome", "explain recursion to a child")]
+CHATS = [
+    [{"role": "user", "content": q}]
+    for q in (
+        "hi",
+        "write a poem",
+        "fix my code",
+        "as an expert, explain tides",
+        "what is 2+2?",
+        "summarise the news",
+        "plan a trip to Rome",
+        "explain recursion to a child",
+    )
+]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,8 +86,20 @@ def start_server(vllm_python, tiny, log: Path, lora: bool, port: int = 0):
     from prism_persona.engines.vllm import VLLMServer
 
     loras = {"prism": str(tiny["adapter"])} if lora else None
-    return VLLMServer(str(tiny["model"]), "tiny", vllm_python, log, loras=loras, dtype="float32", max_lora_rank=8,
-                      max_model_len=1024, max_num_seqs=16, kv_cache_gib=1, port=port, quiet=True).start()
+    return VLLMServer(
+        str(tiny["model"]),
+        "tiny",
+        vllm_python,
+        log,
+        loras=loras,
+        dtype="float32",
+        max_lora_rank=8,
+        max_model_len=1024,
+        max_num_seqs=16,
+        kv_cache_gib=1,
+        port=port,
+        quiet=True,
+    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +171,28 @@ def start_router(art: Path, log: Path, upstream: str = ""):
     """`prism serve --prism ART --engine vllm` (vLLM with base + adapter, the router in front), or
     with ``upstream`` the plain route-only router."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "PRISM_CACHE": str(log.parent / "cache")}
-    cmd = [sys.executable, "-m", "prism_persona.cli", "serve", "--prism", str(art), "--port", str(port),
-           "--dtype", "float32", "--device", "cpu", "-q"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PRISM_CACHE": str(log.parent / "cache"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "prism_persona.cli",
+        "serve",
+        "--prism",
+        str(art),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     if upstream:
         cmd += ["--route-only", "--upstream", upstream, "--base-name", "tiny", "--lora-name", "prism"]
     else:
@@ -189,14 +229,17 @@ def test_prism_serve_engine_vllm_matches_the_in_process_gated_model(router, tiny
     gm = GatedModel.from_pretrained(tiny["artifact"], device="cpu", dtype="float32", batch_size=8)
     local = gm.generate(CHATS, GREEDY)
     client = OpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=120)
-    remote = [client.chat.completions.create(model="prism", messages=c, max_tokens=24, temperature=0)
-              for c in CHATS]
+    remote = [client.chat.completions.create(model="prism", messages=c, max_tokens=24, temperature=0) for c in CHATS]
     routed = [r.model_extra["prism"]["routed"] for r in remote]
     assert routed == [c.meta["routed"] for c in local]  # the same gate decision on each row
     assert any(routed) and not all(routed)  # both paths exercised
     texts = [r.choices[0].message.content.strip() for r in remote]
-    by_route = {flag: agreement([t for t, f in zip(texts, routed) if f == flag],
-                                [c.text for c, f in zip(local, routed) if f == flag]) for flag in (True, False)}
+    by_route = {
+        flag: agreement(
+            [t for t, f in zip(texts, routed) if f == flag], [c.text for c, f in zip(local, routed) if f == flag]
+        )
+        for flag in (True, False)
+    }
     report("router+vLLM vs in-process GatedModel greedy agreement (routed rows)", by_route[True])
     report("router+vLLM vs in-process GatedModel greedy agreement (unrouted rows)", by_route[False])
     assert min(by_route.values()) >= 0.75, list(zip(texts, [c.text for c in local]))
@@ -209,12 +252,20 @@ def test_router_streams_and_rejects_malformed_requests(router):
     client = OpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=120)
     chat = CHATS[3]
     whole = client.chat.completions.create(model="prism", messages=chat, max_tokens=16, temperature=0)
-    pieces = [ev.choices[0].delta.content or "" for ev in
-              client.chat.completions.create(model="prism", messages=chat, max_tokens=16, temperature=0, stream=True)
-              if ev.choices]
+    pieces = [
+        ev.choices[0].delta.content or ""
+        for ev in client.chat.completions.create(
+            model="prism", messages=chat, max_tokens=16, temperature=0, stream=True
+        )
+        if ev.choices
+    ]
     assert "".join(pieces).strip() == whole.choices[0].message.content.strip()
-    req = urllib.request.Request(router + "/v1/chat/completions", data=b'{"messages": "not a list"}',
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        router + "/v1/chat/completions",
+        data=b'{"messages": "not a list"}',
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert 400 <= err.value.code < 500
@@ -225,9 +276,12 @@ def test_router_answers_502_when_the_upstream_is_down(tiny):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     proc, url, _ = start_router(tiny["artifact"], tiny["root"] / "router-dead.log", upstream=dead)
     try:
-        req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
-                                     data=json.dumps({"messages": CHATS[0], "max_tokens": 4}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            method="POST",
+            data=json.dumps({"messages": CHATS[0], "max_tokens": 4}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=60)
         assert err.value.code == 502 and "error" in json.loads(err.value.read())
@@ -250,15 +304,25 @@ def test_bootstrap_through_vllm_resumes_after_the_server_dies(server, vllm_pytho
         personas[d] = tmp_path / f"{d}.txt"
         personas[d].write_text(f"You are an expert in {d}. Answer precisely.")
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join(json.dumps({"domain": d, "query": f"{d} question {i}?"}) + "\n"
-                               for d in ("poetry", "code") for i in range(4)))
-    cfg = C.resolve(overrides={
-        "out": str(tmp_path / "run"), "quiet": True, "model": {"model": str(tiny["model"]), "batch_size": 2},
-        "persona": {"domains": ["poetry", "code"], "persona_files": {k: str(v) for k, v in personas.items()}},
-        "queries": {"queries_file": str(queries), "queries_per_persona": 4},
-        "answers": {"max_new_tokens": 12}, "judge": {"mode": "logprob"},
-        "engine": {"engine": "vllm", "base_url": server.base_url, "max_retries": 1,
-                   "concurrency": 4}})  # answers in calls of 4 chats (2 queries): several chunks
+    queries.write_text(
+        "".join(
+            json.dumps({"domain": d, "query": f"{d} question {i}?"}) + "\n"
+            for d in ("poetry", "code")
+            for i in range(4)
+        )
+    )
+    cfg = C.resolve(
+        overrides={
+            "out": str(tmp_path / "run"),
+            "quiet": True,
+            "model": {"model": str(tiny["model"]), "batch_size": 2},
+            "persona": {"domains": ["poetry", "code"], "persona_files": {k: str(v) for k, v in personas.items()}},
+            "queries": {"queries_file": str(queries), "queries_per_persona": 4},
+            "answers": {"max_new_tokens": 12},
+            "judge": {"mode": "logprob"},
+            "engine": {"engine": "vllm", "base_url": server.base_url, "max_retries": 1, "concurrency": 4},
+        }
+    )  # answers in calls of 4 chats (2 queries): several chunks
     engine = make_engine(cfg)
     original, calls = engine.generate, []
 
@@ -297,13 +361,49 @@ def test_prism_eval_engine_vllm_agrees_with_the_hf_engine(vllm_python, tiny, tmp
     fixtures = Path(__file__).resolve().parents[1] / "fixtures"
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    common = ["eval", "--prism", str(tiny["artifact"]), "--systems", "base,lora,prism", "--benchmarks", "mmlu,pku",
-              "--mmlu", str(fixtures / "mmlu_hf.jsonl"), "--pku", str(fixtures / "pku_small.json"),
-              "--refusal-classifier", "string", "--limit", "4", "--safety-tokens", "16", "--resamples", "20",
-              "--dtype", "float32", "--device", "cpu", "-q"]
+    common = [
+        "eval",
+        "--prism",
+        str(tiny["artifact"]),
+        "--systems",
+        "base,lora,prism",
+        "--benchmarks",
+        "mmlu,pku",
+        "--mmlu",
+        str(fixtures / "mmlu_hf.jsonl"),
+        "--pku",
+        str(fixtures / "pku_small.json"),
+        "--refusal-classifier",
+        "string",
+        "--limit",
+        "4",
+        "--safety-tokens",
+        "16",
+        "--resamples",
+        "20",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     assert main(common + ["--out", str(tmp_path / "hf")]) == 0
-    assert main(common + ["--engine", "vllm", "--vllm-python", vllm_python, "--out", str(tmp_path / "vllm"),
-                          "--vllm-args", "--max-model-len 1024 --max-num-seqs 16"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "--engine",
+                "vllm",
+                "--vllm-python",
+                vllm_python,
+                "--out",
+                str(tmp_path / "vllm"),
+                "--vllm-args",
+                "--max-model-len 1024 --max-num-seqs 16",
+            ]
+        )
+        == 0
+    )
     assert "prism starts vLLM" in (tmp_path / "vllm" / "logs" / "vllm.log").read_text()
     assert not vllm_server_pids(str(tmp_path / "cache")), "vLLM outlived prism eval"  # its adapter is in this cache
 
@@ -344,11 +444,34 @@ def test_bootstrap_parity_hf_vs_vllm_at_temperature_0(server, tiny, tmp_path):
     verdicts on the HF answers 8/8; the tiny model's personas are all the template fallback."""
     parity = _load_script("bootstrap_parity")
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join(json.dumps({"domain": d, "query": f"{q} ({d})?"}) + "\n" for d in ("poetry", "code")
-                               for q in ("write something", "explain this", "fix my code", "what is 2+2")))
-    record = parity.main(["--model", str(tiny["model"]), "--base-url", server.base_url, "--work", str(tmp_path / "w"),
-                          "--domains", "poetry,code", "--queries", "4", "--queries-file", str(queries),
-                          "--answer-tokens", "16", "--persona-tokens", "16", "-q"])
+    queries.write_text(
+        "".join(
+            json.dumps({"domain": d, "query": f"{q} ({d})?"}) + "\n"
+            for d in ("poetry", "code")
+            for q in ("write something", "explain this", "fix my code", "what is 2+2")
+        )
+    )
+    record = parity.main(
+        [
+            "--model",
+            str(tiny["model"]),
+            "--base-url",
+            server.base_url,
+            "--work",
+            str(tmp_path / "w"),
+            "--domains",
+            "poetry,code",
+            "--queries",
+            "4",
+            "--queries-file",
+            str(queries),
+            "--answer-tokens",
+            "16",
+            "--persona-tokens",
+            "16",
+            "-q",
+        ]
+    )
     given_queries = record["results"]["vllm-answers (hf personas+queries)"]
     judge_only = record["results"]["vllm-verdicts (hf answers)"]
     for field in ("base_answer", "persona_answer"):
@@ -368,8 +491,27 @@ def test_prism_generate_engine_vllm_base_model_matches_the_hf_engine(server, tin
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": c[0]["content"]}) + "\n" for c in CHATS))
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "--engine", "vllm", "--base-url", server.base_url, "--model", str(tiny["model"]),
-                 "--input", str(prompts), "--output", str(out), "--max-new-tokens", "24", "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--engine",
+                "vllm",
+                "--base-url",
+                server.base_url,
+                "--model",
+                str(tiny["model"]),
+                "--input",
+                str(prompts),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "24",
+                "-q",
+            ]
+        )
+        == 0
+    )
     got = [json.loads(line)["response"] for line in out.read_text().splitlines()]
     want = [c.text for c in HFEngine.load(str(tiny["model"]), "float32", "cpu", batch_size=8).generate(CHATS, GREEDY)]
     rate = agreement(got, want)

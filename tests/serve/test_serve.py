@@ -44,7 +44,8 @@ def test_openai_client_non_streaming(tokenizer):
     with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
         raw = client.chat.completions.with_raw_response.create(
-            model="prism", messages=[{"role": "user", "content": "as an expert, explain tides"}], max_tokens=50)
+            model="prism", messages=[{"role": "user", "content": "as an expert, explain tides"}], max_tokens=50
+        )
         resp = raw.parse()
         assert resp.choices[0].message.content == "EXPERT answer to: as an expert, explain tides"
         assert resp.choices[0].finish_reason == "stop"
@@ -66,8 +67,12 @@ def test_openai_client_streaming(tokenizer):
     with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
         content = "a rather long question so that the answer arrives in several pieces"
-        stream = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": content}],
-                                                stream=True, stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="prism",
+            messages=[{"role": "user", "content": content}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == f"base answer to: {content}"
@@ -80,8 +85,12 @@ def test_openai_client_streaming(tokenizer):
 
         # the raw stream ends with data: [DONE] and carries the routing headers
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
-        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body("expert q", stream=True)),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(chat_body("expert q", stream=True)),
+            {"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         body = resp.read().decode()
         conn.close()
@@ -97,10 +106,12 @@ def test_forced_routing_via_extra_body(tokenizer):
     fake = FakeGatedModel(tokenizer)
     with serve_fake(fake) as srv:
         client = OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=20)
-        on = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": "hi"}],
-                                            extra_body={"prism": {"force": True}})
-        off = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": "expert hi"}],
-                                             extra_body={"prism": {"force": False}})
+        on = client.chat.completions.create(
+            model="prism", messages=[{"role": "user", "content": "hi"}], extra_body={"prism": {"force": True}}
+        )
+        off = client.chat.completions.create(
+            model="prism", messages=[{"role": "user", "content": "expert hi"}], extra_body={"prism": {"force": False}}
+        )
     assert on.model_extra["prism"] == {"routed": True, "gate_prob": 0.1}
     assert on.choices[0].message.content.startswith("EXPERT")
     assert off.model_extra["prism"] == {"routed": False, "gate_prob": 0.9}
@@ -117,6 +128,7 @@ def test_concurrent_requests_share_one_batch(tokenizer):
     results: list = [None] * n
     barrier = threading.Barrier(n)
     with serve_fake(fake, max_batch=n, batch_wait_ms=2000) as srv:
+
         def worker(i):
             barrier.wait(10)
             force = {"force": True} if i == 0 else None
@@ -143,11 +155,15 @@ def test_full_queue_answers_429_at_once(tokenizer):
     fake = FakeGatedModel(tokenizer, gate=gate)
     with serve_fake(fake, max_batch=1, queue_size=1, batch_wait_ms=0) as srv:
         first: dict = {}
-        t1 = threading.Thread(target=lambda: first.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("a"))))
+        t1 = threading.Thread(
+            target=lambda: first.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("a")))
+        )
         t1.start()
         assert fake.started.wait(10)  # the worker is busy with the first request
         second: dict = {}
-        t2 = threading.Thread(target=lambda: second.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("b"))))
+        t2 = threading.Thread(
+            target=lambda: second.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("b")))
+        )
         t2.start()
         deadline = time.monotonic() + 10
         while srv.app.batcher.pending < 1 and time.monotonic() < deadline:
@@ -204,8 +220,14 @@ def test_bad_requests_get_openai_style_400(tokenizer):
         assert body["choices"][0]["finish_reason"] == "length"
         assert fake.batches[-1]["params"].max_new_tokens == 5
         # list-of-text-parts content and the developer role are accepted
-        status, _, body = post({"messages": [{"role": "developer", "content": "be brief"},
-                                             {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+        status, _, body = post(
+            {
+                "messages": [
+                    {"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                ]
+            }
+        )
         assert status == 200 and body["choices"][0]["message"]["content"] == "base answer to: hi"
 
 
@@ -216,10 +238,16 @@ def test_api_key_and_routes(tokenizer):
     with serve_fake(fake, api_key="s3cret") as srv:
         assert http_request(srv, "GET", "/health")[0] == 200  # no key needed
         assert_error(http_request(srv, "GET", "/v1/models"), 401, code="invalid_api_key")
-        assert_error(http_request(srv, "POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer nope"}),
-                     401, code="invalid_api_key")
-        assert_error(http_request(srv, "GET", "/v1/nothing", headers={"Authorization": "Bearer s3cret"}), 404,
-                     code="unknown_route")
+        assert_error(
+            http_request(srv, "POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer nope"}),
+            401,
+            code="invalid_api_key",
+        )
+        assert_error(
+            http_request(srv, "GET", "/v1/nothing", headers={"Authorization": "Bearer s3cret"}),
+            404,
+            code="unknown_route",
+        )
         assert_error(http_request(srv, "GET", "/v1/chat/completions", headers={"Authorization": "Bearer s3cret"}), 405)
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=srv.url, api_key="wrong", max_retries=0).models.list()
@@ -231,8 +259,9 @@ def test_api_key_and_routes(tokenizer):
 def test_logprobs_for_the_first_token(tokenizer):
     fake = FakeGatedModel(tokenizer, vocab=len(tokenizer))
     with serve_fake(fake) as srv:
-        status, _, body = http_request(srv, "POST", "/v1/chat/completions",
-                                  chat_body("hi", max_tokens=1, logprobs=True, top_logprobs=5))
+        status, _, body = http_request(
+            srv, "POST", "/v1/chat/completions", chat_body("hi", max_tokens=1, logprobs=True, top_logprobs=5)
+        )
         assert status == 200
         entry = body["choices"][0]["logprobs"]["content"][0]
         top = entry["top_logprobs"]
@@ -249,7 +278,9 @@ def test_shutdown_lets_inflight_requests_finish(tokenizer):
     srv = serve_fake(fake)
     port = srv.port
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("slow"))))
+    t = threading.Thread(
+        target=lambda: result.update(r=http_request(srv, "POST", "/v1/chat/completions", chat_body("slow")))
+    )
     t.start()
     assert fake.started.wait(10)
     finished: dict = {}

@@ -27,9 +27,28 @@ def test_serve_process_end_to_end_and_sigterm(tiny_model_dir, tmp_path):
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism")
     env = {**os.environ, "PRISM_API_KEY": "k3y", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "prism_persona.cli", "serve", "--prism", str(art), "--port", "0",
-                             "--device", "cpu", "--dtype", "float32", "--max-tokens", "16"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prism_persona.cli",
+            "serve",
+            "--prism",
+            str(art),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-tokens",
+            "16",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stderr, lines), daemon=True).start()
     try:
@@ -45,7 +64,8 @@ def test_serve_process_end_to_end_and_sigterm(tiny_model_dir, tmp_path):
 
         def slow():
             results["r"] = client.chat.completions.create(
-                model="prism", messages=[{"role": "user", "content": "as an expert, explain tides"}], max_tokens=500)
+                model="prism", messages=[{"role": "user", "content": "as an expert, explain tides"}], max_tokens=500
+            )
 
         resp = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": "hi"}])
         assert set(resp.model_extra["prism"]) == {"routed", "gate_prob"} and resp.usage.completion_tokens <= 16

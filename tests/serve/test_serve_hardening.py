@@ -32,8 +32,10 @@ def read_status(sock) -> tuple[int, bytes]:
 
 def headers_only(length: int, key: str | None = None) -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def chat(**kw):

@@ -6,16 +6,14 @@ gated model (gate fires on "expert") or, for the loader, a real tiny artifact.
 
 from __future__ import annotations
 
-
 import pytest
 
+from prism_persona.serve.api import Limits
 from prism_persona.serve.app import ServeOptions
+from prism_persona.serve.backend import GatedBackend
 from prism_persona.serve.http import PrismServer
 from prism_persona.serve.upstream import Forwarder
-from prism_persona.serve.api import Limits
-from prism_persona.serve.backend import GatedBackend
-from prism_persona.testing import FakeGatedModel, FakeOpenAIServer, http_request
-from prism_persona.testing import make_tiny_artifact
+from prism_persona.testing import FakeGatedModel, FakeOpenAIServer, http_request, make_tiny_artifact
 
 
 def fake_upstream():
@@ -42,7 +40,8 @@ def test_route_only_forwards_by_gate_decision(tokenizer):
     with fake_upstream() as up, route_server(up.url, tokenizer, limits=Limits(max_new_tokens=64)) as srv:
         client = OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
         raw = client.chat.completions.with_raw_response.create(
-            model="whatever", messages=[{"role": "user", "content": "as an expert: tides?"}], max_tokens=500)
+            model="whatever", messages=[{"role": "user", "content": "as an expert: tides?"}], max_tokens=500
+        )
         resp = raw.parse()
         assert resp.choices[0].message.content == "from prism-lora"
         assert resp.model_extra["prism"] == {"routed": True, "gate_prob": 0.9}
@@ -50,8 +49,9 @@ def test_route_only_forwards_by_gate_decision(tokenizer):
         plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert plain.choices[0].message.content == "from base-model"
         assert plain.model_extra["prism"]["routed"] is False
-        forced = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                                extra_body={"prism": {"force": True}})
+        forced = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"prism": {"force": True}}
+        )
         assert forced.choices[0].message.content == "from prism-lora"
         assert forced.model_extra["prism"] == {"routed": True, "gate_prob": 0.1}
     assert [b["model"] for b in up.bodies] == ["prism-lora", "base-model", "prism-lora"]
@@ -65,8 +65,11 @@ def test_route_only_streams_through(tokenizer):
 
     with fake_upstream() as up, route_server(up.url, tokenizer) as srv:
         client = OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
-        chunks = list(client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "expert question"}], stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "expert question"}], stream=True
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "from prism-lora"
         assert all(c.model_extra["prism"] == {"routed": True, "gate_prob": 0.9} for c in chunks)
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -75,13 +78,18 @@ def test_route_only_streams_through(tokenizer):
 
 def test_route_only_upstream_errors(tokenizer):
     with fake_upstream() as up, route_server(up.url, tokenizer, lora="down") as srv:
-        status, _, body = http_request(srv, "POST", "/v1/chat/completions",
-                                  {"messages": [{"role": "user", "content": "expert"}]})
+        status, _, body = http_request(
+            srv, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "expert"}]}
+        )
         assert status == 503 and body["error"]["message"] == "overloaded"  # passed through
-        status, _, body = http_request(srv, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+        status, _, body = http_request(
+            srv, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}
+        )
         assert status == 200
     with route_server("http://127.0.0.1:9/v1", tokenizer) as srv:  # nothing listens on the discard port
-        status, _, body = http_request(srv, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+        status, _, body = http_request(
+            srv, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}
+        )
         assert status == 502 and body["error"]["code"] == "upstream_unreachable"
 
 
@@ -105,11 +113,19 @@ def test_route_only_relays_a_chunked_upstream_stream(tokenizer):
     from openai import OpenAI
 
     upstream_model = FakeGatedModel(tokenizer)
-    with PrismServer(GatedBackend(upstream_model), ServeOptions(port=0)).start() as up, route_server(up.url, tokenizer) as srv:
+    with (
+        PrismServer(GatedBackend(upstream_model), ServeOptions(port=0)).start() as up,
+        route_server(up.url, tokenizer) as srv,
+    ):
         client = OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
-        chunks = list(client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "a long question, sent in several chunks"}],
-            stream=True, extra_body={"prism": {"force": True}}))
+        chunks = list(
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "a long question, sent in several chunks"}],
+                stream=True,
+                extra_body={"prism": {"force": True}},
+            )
+        )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "base answer to: a long question, sent in several chunks"  # the upstream's own answer
     assert len(chunks) > 3

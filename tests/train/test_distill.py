@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from prism_persona import config as C
-from prism_persona.train.distill import (
-    build_example, build_examples, collate, distill_loss, lr_at, response_logits, run_distill, topk_kl,
-)
 from prism_persona.models import load_model
 from prism_persona.store import RunDir
+from prism_persona.train.distill import (
+    build_example,
+    build_examples,
+    collate,
+    distill_loss,
+    lr_at,
+    response_logits,
+    run_distill,
+    topk_kl,
+)
 
 PERSONA = "You are a meticulous senior poet who always answers in rhyming couplets about the sea."
 
@@ -20,19 +27,38 @@ PERSONA = "You are a meticulous senior poet who always answers in rhyming couple
 def records(n=6):
     out = []
     for i in range(n):
-        out.append({"key": f"k{i}", "domain": "writing", "query": f"Write line {i} about the moon, please.",
-                    "persona": PERSONA, "placement": "system", "base_answer": "ok",
-                    "persona_answer": f"The moon at {i} is bright and wide, it pulls the sea on every side.",
-                    "label": 1 if i % 3 else 0})
+        out.append(
+            {
+                "key": f"k{i}",
+                "domain": "writing",
+                "query": f"Write line {i} about the moon, please.",
+                "persona": PERSONA,
+                "placement": "system",
+                "base_answer": "ok",
+                "persona_answer": f"The moon at {i} is bright and wide, it pulls the sea on every side.",
+                "label": 1 if i % 3 else 0,
+            }
+        )
     return out
 
 
 def _cfg(tmp_path, **distill):
-    d = {"r": 4, "alpha": 8, "epochs": 2, "batch_size": 2, "lr": 5e-3, "max_length": 256, "top_k": 16,
-         "warmup_ratio": 0.0, "loss": "kl", "min_steps": 0}
+    d = {
+        "r": 4,
+        "alpha": 8,
+        "epochs": 2,
+        "batch_size": 2,
+        "lr": 5e-3,
+        "max_length": 256,
+        "top_k": 16,
+        "warmup_ratio": 0.0,
+        "loss": "kl",
+        "min_steps": 0,
+    }
     d.update(distill)
-    return C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "persona": {"domains": ["writing"]},
-                                        "distill": d})
+    return C.resolve(
+        "tiny", overrides={"out": str(tmp_path / "run"), "persona": {"domains": ["writing"]}, "distill": d}
+    )
 
 
 def interrupt_distill_at(monkeypatch, call: int):
@@ -61,10 +87,10 @@ def test_response_tokens_align_between_teacher_and_student(tiny_model):
     _, tok = tiny_model
     ex = build_example(tok, "Write a poem.", "Waves and foam.", PERSONA, "system", 1024)
     assert ex.t_start > ex.s_start  # the persona makes the teacher prompt longer
-    resp = ex.teacher[ex.t_start:]
-    assert resp == ex.student[ex.s_start:] and len(resp) == ex.n
+    resp = ex.teacher[ex.t_start :]
+    assert resp == ex.student[ex.s_start :] and len(resp) == ex.n
     assert tok.decode(resp[:-1]) == "Waves and foam." and resp[-1] == tok.eos_token_id
-    assert PERSONA in tok.decode(ex.teacher[:ex.t_start]) and PERSONA not in tok.decode(ex.student)
+    assert PERSONA in tok.decode(ex.teacher[: ex.t_start]) and PERSONA not in tok.decode(ex.student)
     exs = [ex, build_example(tok, "Hi there, how are you?", "Fine, thank you kindly.", PERSONA, "user", 1024)]
     for side in ("teacher", "student"):
         b = collate(exs, side, tok.pad_token_id, "cpu")
@@ -75,13 +101,27 @@ def test_response_tokens_align_between_teacher_and_student(tiny_model):
 
 def test_answers_cut_at_the_token_budget_get_no_end_of_turn(tiny_model):
     _, tok = tiny_model
-    recs = [{"key": "a", "query": "Write a poem.", "persona_answer": "Waves and", "persona": PERSONA,
-             "label": 1, "persona_finish": "length"},
-            {"key": "b", "query": "Write a poem.", "persona_answer": "Waves and foam.", "persona": PERSONA,
-             "label": 1, "persona_finish": "stop"}]
+    recs = [
+        {
+            "key": "a",
+            "query": "Write a poem.",
+            "persona_answer": "Waves and",
+            "persona": PERSONA,
+            "label": 1,
+            "persona_finish": "length",
+        },
+        {
+            "key": "b",
+            "query": "Write a poem.",
+            "persona_answer": "Waves and foam.",
+            "persona": PERSONA,
+            "label": 1,
+            "persona_finish": "stop",
+        },
+    ]
     cut, full = build_examples(tok, recs, 1024)
-    assert tok.eos_token_id not in cut.student[cut.s_start:]
-    assert tok.decode(cut.student[cut.s_start:]) == "Waves and"
+    assert tok.eos_token_id not in cut.student[cut.s_start :]
+    assert tok.decode(cut.student[cut.s_start :]) == "Waves and"
     assert full.student[-1] == tok.eos_token_id
 
 
@@ -89,7 +129,7 @@ def test_truncation_keeps_prompts_and_cuts_the_answer(tiny_model):
     _, tok = tiny_model
     ex = build_example(tok, "q" * 20, "a" * 500, PERSONA, "system", 200)
     assert len(ex.teacher) == 200 and len(ex.student) < 200
-    assert ex.teacher[ex.t_start:] == ex.student[ex.s_start:]
+    assert ex.teacher[ex.t_start :] == ex.student[ex.s_start :]
     assert build_example(tok, "q" * 300, "a", PERSONA, "system", 100) is None
 
 
@@ -275,8 +315,9 @@ def test_checkpoint_with_pickled_code_is_refused_not_run(fresh, tiny_model_dir, 
 def test_resumed_distillation_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     """Killed after epoch 1 and resumed == trained straight through (LoRA dropout draws from torch's
     RNG, whose state the checkpoint restores)."""
-    import prism_persona.train.distill as D
     from safetensors.torch import load_file
+
+    import prism_persona.train.distill as D
 
     cfg_a = _cfg(tmp_path / "a", epochs=2, dropout=0.3)
     m, t = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

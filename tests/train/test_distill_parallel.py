@@ -12,7 +12,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys
     from prism_persona import config as C
     from prism_persona.train.distill import run_distill
@@ -31,7 +31,7 @@ WORKER = textwrap.dedent('''
                     "dropout": 0.0, "max_length": 256, "top_k": 16, "warmup_ratio": 0.0}})
     info = run_distill(RunDir(out), cfg, records)
     print(json.dumps(info))
-''')
+""")
 
 
 def _free_port() -> int:
@@ -53,8 +53,24 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     env.update(OMP_NUM_THREADS="1", PRISM_QUIET="1")
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     _run([sys.executable, str(script), str(single), str(tiny_model_dir), "2"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), str(script), str(parallel), str(tiny_model_dir), "1"], env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(parallel),
+            str(tiny_model_dir),
+            "1",
+        ],
+        env,
+    )
 
     done_1 = json.loads((single / "distill.done.json").read_text())
     done_2 = json.loads((parallel / "distill.done.json").read_text())

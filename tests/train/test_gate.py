@@ -11,9 +11,9 @@ import torch
 from prism_persona import config as C
 from prism_persona.gated.features import gate_prompt, layer0_last_states, query_features
 from prism_persona.gated.gate import GateBundle
-from prism_persona.train.gate import auc, binary_metrics, calibrate_threshold, run_gate, stratified_split, train_gate
 from prism_persona.models import encode_prompts
 from prism_persona.store import RunDir
+from prism_persona.train.gate import auc, binary_metrics, calibrate_threshold, run_gate, stratified_split, train_gate
 
 
 def test_features_are_layer0_states_of_last_prompt_token_without_running_later_layers(tiny_model):
@@ -51,7 +51,7 @@ def test_layer0_last_states_any_padding_side(tiny_model):
     rid = torch.full_like(ids, tok.pad_token_id)
     rmask = torch.zeros_like(mask)
     for i in range(2):
-        rid[i, : n[i]] = ids[i, -n[i]:]
+        rid[i, : n[i]] = ids[i, -n[i] :]
         rmask[i, : n[i]] = 1
     torch.testing.assert_close(a, layer0_last_states(model, rid, rmask), rtol=1e-5, atol=1e-5)
 
@@ -121,7 +121,12 @@ def test_train_gate_learns_a_separable_signal_and_saves(tmp_path):
     assert set(b.info["routing_by_group"]) == {"a", "b"}
     b.save(tmp_path)
     cfgj = json.loads((tmp_path / "gate_config.json").read_text())
-    assert cfgj["feature_layer"] == 0 and cfgj["hidden_size"] == 16 and cfgj["hidden_sizes"] == [128, 64] and cfgj["pooling"] == "mean"
+    assert (
+        cfgj["feature_layer"] == 0
+        and cfgj["hidden_size"] == 16
+        and cfgj["hidden_sizes"] == [128, 64]
+        and cfgj["pooling"] == "mean"
+    )
     assert cfgj["threshold"] == pytest.approx(b.threshold) and "prism_version" in cfgj and cfgj["metrics"]
     b2 = GateBundle.load(tmp_path)
     torch.testing.assert_close(b2.gate(x), b.gate.eval()(x))
@@ -148,8 +153,15 @@ def test_degenerate_labels_fall_back_without_crashing(labels, caplog):
 def test_run_gate_stage(tiny_model, tmp_path):
     model, tok = tiny_model
     cfg = C.resolve("tiny", overrides={"out": str(tmp_path / "run"), "persona": {"domains": ["w", "c"]}})
-    recs = [{"key": f"k{i}", "domain": "w" if i % 2 else "c", "query": f"question number {i} about {'poems' if i % 2 else 'code'}",
-             "label": i % 2} for i in range(16)]
+    recs = [
+        {
+            "key": f"k{i}",
+            "domain": "w" if i % 2 else "c",
+            "query": f"question number {i} about {'poems' if i % 2 else 'code'}",
+            "label": i % 2,
+        }
+        for i in range(16)
+    ]
     run = RunDir(cfg.out)
     info = run_gate(run, cfg, recs, model, tok)
     assert run.done("gate") and (run.path("gate") / "gate.safetensors").is_file()
@@ -174,8 +186,12 @@ def test_calibration_is_bounded_and_falls_back_on_small_splits(caplog):
 def test_targets_weights_and_near_duplicate_split():
     from prism_persona.train.gate import gate_targets, near_duplicate_clusters, sample_weights
 
-    recs = [{"label": 1, "winner": "persona"}, {"label": 0, "winner": "base"}, {"label": 0, "winner": "tie"},
-            {"label": 0, "winner": "mixed"}]
+    recs = [
+        {"label": 1, "winner": "persona"},
+        {"label": 0, "winner": "base"},
+        {"label": 0, "winner": "tie"},
+        {"label": 0, "winner": "mixed"},
+    ]
     assert gate_targets(recs, "win") == [1.0, 0.0, 0.0, 0.0]
     assert gate_targets(recs, "preference") == [1.0, 0.0, 0.5, 0.5]
     two = [dict(r, domain=d) for r, d in zip(recs, ["a", "a", "b", "b"])]  # win rates: a 0.5, b 0
@@ -185,8 +201,13 @@ def test_targets_weights_and_near_duplicate_split():
     # cells (a,1) x1, (a,0) x2, (b,0) x3 weigh the same in total
     assert float(w[0]) == pytest.approx(2 * float(w[1])) == pytest.approx(3 * float(w[3]))
     assert float(w.mean()) == pytest.approx(1.0)
-    texts = ["How do I bake bread at home?", "how do i bake bread at home", "How do I bake bread at home today?",
-             "What herbs go well with salmon?", "Tell me a story about a turtle."]
+    texts = [
+        "How do I bake bread at home?",
+        "how do i bake bread at home",
+        "How do I bake bread at home today?",
+        "What herbs go well with salmon?",
+        "Tell me a story about a turtle.",
+    ]
     c = near_duplicate_clusters(texts, 0.8)
     assert c[0] == c[1] == c[2] and len({c[0], c[3], c[4]}) == 3
     labels = [0] * 12

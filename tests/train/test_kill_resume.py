@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 DRIVER = r"""
@@ -61,18 +59,33 @@ run_pipeline(C.resolve("tiny", overrides=OVERRIDES))
 
 
 def overrides(model_dir, out) -> dict:
-    return {"out": str(out), "quiet": True, "persona": {"domains": ["writing", "coding"]},
-            "model": {"model": str(model_dir), "batch_size": 4},
-            "queries": {"queries_per_persona": 4, "per_request": 4},
-            "gate": {"epochs": 20}, "distill": {"epochs": 2, "r": 4, "max_length": 160, "batch_size": 2}}
+    return {
+        "out": str(out),
+        "quiet": True,
+        "persona": {"domains": ["writing", "coding"]},
+        "model": {"model": str(model_dir), "batch_size": 4},
+        "queries": {"queries_per_persona": 4, "per_request": 4},
+        "gate": {"epochs": 20},
+        "distill": {"epochs": 2, "r": 4, "max_length": 160, "batch_size": 2},
+    }
 
 
 def run_killed(model_dir, out, kill_at: str) -> int:
-    code = DRIVER.replace("SRC", repr(SRC)).replace("KILL_AT", repr(kill_at)) \
+    code = (
+        DRIVER.replace("SRC", repr(SRC))
+        .replace("KILL_AT", repr(kill_at))
         .replace("OVERRIDES", repr(overrides(model_dir, out)))
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PRISM_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-           "PATH": "/usr/bin:/bin"}
+    )
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PRISM_QUIET": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PATH": "/usr/bin:/bin",
+    }
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
     return proc.returncode
@@ -82,8 +95,15 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-JSONL = ("personas.jsonl", "queries.jsonl", "query_rounds.jsonl", "answers.jsonl", "verdicts.jsonl",
-         "gate/predictions.jsonl", "distill/loss.jsonl")
+JSONL = (
+    "personas.jsonl",
+    "queries.jsonl",
+    "query_rounds.jsonl",
+    "answers.jsonl",
+    "verdicts.jsonl",
+    "gate/predictions.jsonl",
+    "distill/loss.jsonl",
+)
 
 
 def test_kill_9_at_every_stage_then_resume_is_exactly_once(tiny_model_dir, tmp_path, monkeypatch):
@@ -111,8 +131,9 @@ def test_kill_9_at_every_stage_then_resume_is_exactly_once(tiny_model_dir, tmp_p
         assert len(keys) == len(set(keys)), f"{name}: a record was written twice"
         assert sorted(keys, key=str) == sorted((r.get("key", r.get("step")) for r in want), key=str), name
     for name in ("personas.jsonl", "queries.jsonl", "answers.jsonl", "verdicts.jsonl"):
-        assert records(out / name) == records(ref / name) or \
-            sorted(map(json.dumps, records(out / name))) == sorted(map(json.dumps, records(ref / name))), name
+        assert records(out / name) == records(ref / name) or sorted(map(json.dumps, records(out / name))) == sorted(
+            map(json.dumps, records(ref / name))
+        ), name
     for stage in ("bootstrap", "gate", "distill"):
         assert (out / f"{stage}.done.json").is_file()
     art = Artifact.read(out / "prism")

@@ -14,9 +14,15 @@ from prism_persona.train.pipeline import redo, run_pipeline
 
 
 def _cfg(model_dir, out, **over):
-    base = {"out": str(out), "quiet": True, "model": {"model": str(model_dir), "batch_size": 4},
-            "persona": {"domains": ["writing", "coding"]}, "queries": {"queries_per_persona": 4, "per_request": 4},
-            "gate": {"epochs": 30}, "distill": {"epochs": 1, "r": 4}}
+    base = {
+        "out": str(out),
+        "quiet": True,
+        "model": {"model": str(model_dir), "batch_size": 4},
+        "persona": {"domains": ["writing", "coding"]},
+        "queries": {"queries_per_persona": 4, "per_request": 4},
+        "gate": {"epochs": 30},
+        "distill": {"epochs": 1, "r": 4},
+    }
     return C.resolve("tiny", overrides=C.merge(base, over))
 
 

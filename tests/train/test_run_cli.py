@@ -17,10 +17,18 @@ def fake_records(n=16):
     recs = []
     for i in range(n):
         dom = DOMAINS[i % 2]
-        recs.append({"key": f"k{i}", "domain": dom, "query": f"Please help me with {dom} task number {i}.",
-                     "persona": f"You are a world-class expert in {dom}.", "placement": "system",
-                     "base_answer": "Sure.", "persona_answer": f"As an expert in {dom}: step {i}, done.",
-                     "label": int(i % 4 in (0, 1))})
+        recs.append(
+            {
+                "key": f"k{i}",
+                "domain": dom,
+                "query": f"Please help me with {dom} task number {i}.",
+                "persona": f"You are a world-class expert in {dom}.",
+                "placement": "system",
+                "base_answer": "Sure.",
+                "persona_answer": f"As an expert in {dom}: step {i}, done.",
+                "label": int(i % 4 in (0, 1)),
+            }
+        )
     return recs
 
 
@@ -47,8 +55,24 @@ def fake_bootstrap(monkeypatch):
 
 
 def _run_args(model_dir, out):
-    return ["run", "--model", str(model_dir), "--domains", ",".join(DOMAINS), "--out", str(out), "--preset", "tiny",
-            "--set", "gate.epochs=30", "--set", "distill.epochs=1", "--set", "distill.r=4", "-q"]
+    return [
+        "run",
+        "--model",
+        str(model_dir),
+        "--domains",
+        ",".join(DOMAINS),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--set",
+        "gate.epochs=30",
+        "--set",
+        "distill.epochs=1",
+        "--set",
+        "distill.r=4",
+        "-q",
+    ]
 
 
 def test_run_builds_artifact_report_and_resumes(tiny_model_dir, tmp_path, fake_bootstrap, capsys, monkeypatch):
@@ -57,8 +81,13 @@ def test_run_builds_artifact_report_and_resumes(tiny_model_dir, tmp_path, fake_b
     printed = capsys.readouterr().out
     art = out / "prism"
     assert f"prism chat --prism {art}" in printed
-    for name in ("prism_config.json", "gate.safetensors", "gate_config.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+    for name in (
+        "prism_config.json",
+        "gate.safetensors",
+        "gate_config.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (art / name).is_file(), name
     assert not (art / "adapter" / "optimizer.pt").exists()
     assert fake_bootstrap[0] is not None, "the loaded model is shared with the bootstrap"
@@ -86,19 +115,32 @@ def test_run_builds_artifact_report_and_resumes(tiny_model_dir, tmp_path, fake_b
     assert "prism chat --prism" in capsys.readouterr().out
 
 
-def test_run_with_heldout_checks_the_artifact_and_reports_it(tiny_model_dir, tmp_path, fake_bootstrap, capsys,
-                                                              monkeypatch):
+def test_run_with_heldout_checks_the_artifact_and_reports_it(
+    tiny_model_dir, tmp_path, fake_bootstrap, capsys, monkeypatch
+):
     persona = tmp_path / "persona.txt"
     persona.write_text("You are a pirate. Say arr.")
     judge = tmp_path / "judge.py"
     judge.write_text("def judge(query, a, b, domain=''):\n    return 'A' if len(a) > len(b) else 'B'\n")
     held = tmp_path / "heldout.jsonl"
-    held.write_text("".join(json.dumps({"domain": d, "query": f"{d} question {i}?"}) + "\n"
-                            for d in DOMAINS for i in range(3)))
+    held.write_text(
+        "".join(json.dumps({"domain": d, "query": f"{d} question {i}?"}) + "\n" for d in DOMAINS for i in range(3))
+    )
     out = tmp_path / "run"
     args = _run_args(tiny_model_dir, out) + [
-        "--persona-file", f"writing={persona}", "--persona-file", f"coding={persona}", "--judge", f"{judge}:judge",
-        "--heldout", str(held), "--set", "check.rewarded=[\"writing\"]", "--set", "check.max_new_tokens=4"]
+        "--persona-file",
+        f"writing={persona}",
+        "--persona-file",
+        f"coding={persona}",
+        "--judge",
+        f"{judge}:judge",
+        "--heldout",
+        str(held),
+        "--set",
+        'check.rewarded=["writing"]',
+        "--set",
+        "check.max_new_tokens=4",
+    ]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"domain": "law", "query": "Is this legal?"}) + "\n")
@@ -145,9 +187,16 @@ def artifact(tiny_model_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(P, "load_labelled", lambda run: fake_records())
     out = tmp_path_factory.mktemp("stages") / "run"
-    cfg = C.resolve("tiny", overrides={"out": str(out), "model": {"model": str(tiny_model_dir)},
-                                       "persona": {"domains": DOMAINS}, "gate": {"epochs": 30},
-                                       "distill": {"epochs": 1, "r": 4}})
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(out),
+            "model": {"model": str(tiny_model_dir)},
+            "persona": {"domains": DOMAINS},
+            "gate": {"epochs": 30},
+            "distill": {"epochs": 1, "r": 4},
+        },
+    )
     run = RunDir(out)
     run.write_json("config.json", json.loads(C.dump(cfg)))
     try:
@@ -162,23 +211,65 @@ def artifact(tiny_model_dir, tmp_path_factory):
 
 def test_generate_writes_routing_and_responses(artifact, tmp_path, capsys):
     inp = tmp_path / "prompts.jsonl"
-    inp.write_text(json.dumps({"prompt": "Write a haiku.", "id": 1}) + "\n\n"
-                   + json.dumps({"messages": [{"role": "user", "content": "Fix my code"}], "id": 2}) + "\n")
+    inp.write_text(
+        json.dumps({"prompt": "Write a haiku.", "id": 1})
+        + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Fix my code"}], "id": 2})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
-    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
-                     "--max-new-tokens", "4", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--prism",
+                str(artifact),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2]
-    assert all(isinstance(r["response"], str) and isinstance(r["routed"], bool) and 0 <= r["gate_prob"] <= 1
-               for r in rows)
-    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
-                     "--max-new-tokens", "2", "--force", "on", "-q"]) == 0
+    assert all(
+        isinstance(r["response"], str) and isinstance(r["routed"], bool) and 0 <= r["gate_prob"] <= 1 for r in rows
+    )
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--prism",
+                str(artifact),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "--force",
+                "on",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert all(json.loads(x)["routed"] for x in out.read_text().splitlines())
 
 
-@pytest.mark.parametrize("line, needle", [("{not json", "line 2 is not valid JSON"),
-                                          (json.dumps({"text": "x"}), "line 2 has no non-empty 'prompt'"),
-                                          (json.dumps({"messages": [{"role": "bot"}]}), "line 2: 'messages'")])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("{not json", "line 2 is not valid JSON"),
+        (json.dumps({"text": "x"}), "line 2 has no non-empty 'prompt'"),
+        (json.dumps({"messages": [{"role": "bot"}]}), "line 2: 'messages'"),
+    ],
+)
 def test_generate_bad_line_is_a_one_line_error(artifact, tmp_path, capsys, line, needle):
     inp = tmp_path / "bad.jsonl"
     inp.write_text(json.dumps({"prompt": "ok"}) + "\n" + line + "\n")
@@ -209,8 +300,23 @@ def test_generate_keeps_line_separator_characters_inside_records(artifact, tmp_p
     prompts = ["first line\u2028second line", "next\u0085line", "plain"]
     inp.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    assert cli.main(["generate", "--prism", str(artifact), "--input", str(inp), "--output", str(out),
-                     "--max-new-tokens", "2", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--prism",
+                str(artifact),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
     assert [r["prompt"] for r in rows] == prompts
     assert "wrote 3 answers" in capsys.readouterr().err

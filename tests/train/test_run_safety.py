@@ -22,10 +22,15 @@ DOMAINS = ["writing", "coding"]
 
 
 def small_cfg(model_dir, out, **over):
-    base = {"out": str(out), "quiet": True, "persona": {"domains": DOMAINS},
-            "model": {"model": str(model_dir), "batch_size": 4},
-            "queries": {"queries_per_persona": 4, "per_request": 4},
-            "gate": {"epochs": 20}, "distill": {"epochs": 1, "r": 4, "max_length": 160}}
+    base = {
+        "out": str(out),
+        "quiet": True,
+        "persona": {"domains": DOMAINS},
+        "model": {"model": str(model_dir), "batch_size": 4},
+        "queries": {"queries_per_persona": 4, "per_request": 4},
+        "gate": {"epochs": 20},
+        "distill": {"epochs": 1, "r": 4, "max_length": 160},
+    }
     return C.resolve("tiny", overrides=C.merge(base, over))
 
 
@@ -129,13 +134,16 @@ with RunLock({out!r}):
 
 
 def hold_lock(out) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(src=SRC, out=str(out))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(src=SRC, out=str(out))], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
-def test_second_process_is_refused_naming_the_pid_and_a_dead_holder_is_taken_over(tiny_model_dir, tmp_path, capsys,
-                                                                                      scripted):
+def test_second_process_is_refused_naming_the_pid_and_a_dead_holder_is_taken_over(
+    tiny_model_dir, tmp_path, capsys, scripted
+):
     out = tmp_path / "run"
     holder = hold_lock(out)
     try:
@@ -158,8 +166,13 @@ def test_lock_without_flock_trusts_a_live_pid_only(tmp_path, monkeypatch):
     from prism_persona.errors import PrismError
 
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "fcntl" else real_import(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (
+            (_ for _ in ()).throw(ImportError(name)) if name == "fcntl" else real_import(name, *a, **k)
+        ),
+    )
     out = tmp_path / "run"
     out.mkdir()
     (out / ".prism.lock").write_text(f"{os.getppid()}\n")  # a live process that is not this one

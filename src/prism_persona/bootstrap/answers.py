@@ -13,7 +13,7 @@ base_answer, persona_answer, base_tokens, persona_tokens, base_finish, persona_f
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..engines.base import SamplingParams
 from ..models import user_chat, with_persona
@@ -56,19 +56,31 @@ def write_answers(cfg, run: RunDir, get_engine: Callable, personas: dict, querie
         for q in batch:
             base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)
             chats.extend([base, with_p])
-        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                seed=derive_seed(cfg.seed, "answers", batch[0]["key"]))
+        params = SamplingParams(
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=derive_seed(cfg.seed, "answers", batch[0]["key"]),
+        )
         outs = engine.generate(chats, params)
         recs = []
         for i, q in enumerate(batch):
             base_out, pers_out = outs[2 * i], outs[2 * i + 1]
-            recs.append({
-                "key": q["key"], "domain": q["domain"], "query": q["query"],
-                "persona_length": p.use_length, "placement": p.placement,
-                "base_answer": base_out.text, "persona_answer": pers_out.text,
-                "base_tokens": base_out.num_tokens, "persona_tokens": pers_out.num_tokens,
-                "base_finish": base_out.finish_reason, "persona_finish": pers_out.finish_reason,
-            })
+            recs.append(
+                {
+                    "key": q["key"],
+                    "domain": q["domain"],
+                    "query": q["query"],
+                    "persona_length": p.use_length,
+                    "placement": p.placement,
+                    "base_answer": base_out.text,
+                    "persona_answer": pers_out.text,
+                    "base_tokens": base_out.num_tokens,
+                    "persona_tokens": pers_out.num_tokens,
+                    "base_finish": base_out.finish_reason,
+                    "persona_finish": pers_out.finish_reason,
+                }
+            )
         store.extend(recs)
         bar.update(len(batch))
     bar.close()

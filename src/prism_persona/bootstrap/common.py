@@ -4,8 +4,9 @@ lazily created engines, chunking and token accounting."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 from ..errors import PrismError
 from ..store import content_key
@@ -21,7 +22,7 @@ def derive_seed(base: int, *parts: Any) -> int:
 def chunks(items: list, size: int) -> Iterator[list]:
     size = max(1, int(size))
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def persona_file_text(path: str, domain: str) -> str:
@@ -40,8 +41,10 @@ def persona_file_text(path: str, domain: str) -> str:
 
 def persona_file_hashes(cfg) -> dict:
     """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
-    return {d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
-            for d, p in sorted(cfg.persona.persona_files.items())}
+    return {
+        d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
+        for d, p in sorted(cfg.persona.persona_files.items())
+    }
 
 
 def query_prompt_version() -> str:
@@ -59,17 +62,34 @@ def stage_settings(cfg, stage: str) -> dict:
     batch sizes, devices, the engine kind and quiet mode.
     """
     p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
-    s: dict = {"model": cfg.model.model, "seed": cfg.seed,
-               "persona": {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-                           "files": persona_file_hashes(cfg)}}
+    s: dict = {
+        "model": cfg.model.model,
+        "seed": cfg.seed,
+        "persona": {
+            "max_new_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "files": persona_file_hashes(cfg),
+        },
+    }
     if p.prefill and any(d not in p.persona_files for d in p.domains):  # the model writes some personas
-        s["persona"]["prefill"] = p.prefill  # absent when off: runs made before the prefill existed resume with --set persona.prefill=""
+        s["persona"]["prefill"] = (
+            p.prefill
+        )  # absent when off: runs made before the prefill existed resume with --set persona.prefill=""
     if stage == "personas":
         return s
     s["persona"].update(use_length=p.use_length, placement=p.placement)
-    s["queries"] = {"per_request": q.per_request, "max_rounds": q.max_rounds, "max_new_tokens": q.max_new_tokens,
-                    "temperature": q.temperature, "top_p": q.top_p, "min_chars": q.min_chars, "max_chars": q.max_chars,
-                    "requests_only": q.requests_only, "prompt": query_prompt_version()}
+    s["queries"] = {
+        "per_request": q.per_request,
+        "max_rounds": q.max_rounds,
+        "max_new_tokens": q.max_new_tokens,
+        "temperature": q.temperature,
+        "top_p": q.top_p,
+        "min_chars": q.min_chars,
+        "max_chars": q.max_chars,
+        "requests_only": q.requests_only,
+        "prompt": query_prompt_version(),
+    }
     if q.topic_check:  # absent when off, so runs made before the option existed resume unchanged
         s["queries"]["topic_check"] = True
     if q.queries_file:  # user queries: the file's content is what the records depend on
@@ -104,8 +124,11 @@ class Lazy:
 
 def counters(engines: Iterable[Any]) -> dict:
     """``{id(engine): (tokens_generated, generate_seconds)}`` of engines that count them."""
-    return {id(e): (int(getattr(e, "tokens_generated", 0) or 0), float(getattr(e, "generate_seconds", 0.0) or 0.0))
-            for e in engines if e is not None}
+    return {
+        id(e): (int(getattr(e, "tokens_generated", 0) or 0), float(getattr(e, "generate_seconds", 0.0) or 0.0))
+        for e in engines
+        if e is not None
+    }
 
 
 def token_stats(engines: Iterable[Any], baseline: Optional[dict] = None) -> dict:
@@ -116,5 +139,8 @@ def token_stats(engines: Iterable[Any], baseline: Optional[dict] = None) -> dict
         t0, s0 = (baseline or {}).get(key, (0, 0.0))
         toks += t - t0
         secs += s - s0
-    return {"tokens_generated": toks, "generate_seconds": round(secs, 3),
-            "tokens_per_s": round(toks / secs, 2) if secs > 0 else None}
+    return {
+        "tokens_generated": toks,
+        "generate_seconds": round(secs, 3),
+        "tokens_per_s": round(toks / secs, 2) if secs > 0 else None,
+    }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import PERSONA_LENGTHS
 from ..engines.base import SamplingParams
@@ -38,24 +38,32 @@ PERSONA_PROMPT = (
 
 FALLBACK = {
     "min": "You are an expert in {domain}.",
-    "short": ("You are an expert in {domain} with many years of hands-on experience. You give accurate, "
-              "specific and practical answers, explain your reasoning clearly, point out common mistakes "
-              "and trade-offs, and adapt your advice to the person asking."),
-    "long": ("You are an expert in {domain} with many years of hands-on experience, deep knowledge of its "
-             "fundamentals and of current best practice. People come to you for advice they can act on, "
-             "so you give accurate, specific and practical answers rather than generalities. You explain "
-             "your reasoning step by step when it helps, use concrete examples, and say plainly when "
-             "something depends on details you do not have or when you are unsure. You point out common "
-             "mistakes, risks and trade-offs, suggest better alternatives when the request is misguided, "
-             "and keep your answers well organised and no longer than they need to be. You adapt your "
-             "explanations to the person asking, whether a beginner or a fellow expert, and you always "
-             "stay honest, careful and respectful."),
+    "short": (
+        "You are an expert in {domain} with many years of hands-on experience. You give accurate, "
+        "specific and practical answers, explain your reasoning clearly, point out common mistakes "
+        "and trade-offs, and adapt your advice to the person asking."
+    ),
+    "long": (
+        "You are an expert in {domain} with many years of hands-on experience, deep knowledge of its "
+        "fundamentals and of current best practice. People come to you for advice they can act on, "
+        "so you give accurate, specific and practical answers rather than generalities. You explain "
+        "your reasoning step by step when it helps, use concrete examples, and say plainly when "
+        "something depends on details you do not have or when you are unsure. You point out common "
+        "mistakes, risks and trade-offs, suggest better alternatives when the request is misguided, "
+        "and keep your answers well organised and no longer than they need to be. You adapt your "
+        "explanations to the person asking, whether a beginner or a fellow expert, and you always "
+        "stay honest, careful and respectful."
+    ),
 }
 
 _PREAMBLE = re.compile(
     r"^(?:sure|certainly|of course|okay|ok|absolutely|great|here(?:'s| is| are)|below is|the following)\b"
-    r"[^\n]*?(?::|!|\.)\s*(?:\n|$)", re.I)
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:persona|description|expert(?: persona)?|profile|bio)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I)
+    r"[^\n]*?(?::|!|\.)\s*(?:\n|$)",
+    re.I,
+)
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:persona|description|expert(?: persona)?|profile|bio)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.I
+)
 _HEADER = re.compile(r"^\s*#{1,6}\s.*$|^\s*\*\*[^*\n]{0,80}\*\*\s*:?\s*$", re.M)
 _TRAILER = re.compile(r"\n\s*(?:let me know|i hope|feel free|note:|this (?:description|persona))[^\n]*$", re.I)
 _QUOTES = "\"'“”‘’`"
@@ -144,7 +152,7 @@ def clean_persona(raw: str, length: str, domain: str = "", other_domains=()) -> 
     m = re.search(r"\b(you are|you're)\b", text, re.I)
     if not m:
         return ""
-    text = text[m.start():]
+    text = text[m.start() :]
     text = text[0].upper() + text[1:]
     text = re.sub(r"\*\*|__", "", text)
     text = re.sub(r"\s*\n+\s*", " ", text).strip()
@@ -179,16 +187,28 @@ def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
                 continue
             if domain in p.persona_files:
                 text = persona_file_text(p.persona_files[domain], domain)
-                file_records.append({"key": key, "domain": domain, "length": length, "text": text,
-                                     "source": "file", "raw": "", "num_tokens": 0})
+                file_records.append(
+                    {
+                        "key": key,
+                        "domain": domain,
+                        "length": length,
+                        "text": text,
+                        "source": "file",
+                        "raw": "",
+                        "num_tokens": 0,
+                    }
+                )
             else:
                 todo.append((key, domain, length))
     store.extend(file_records)
     if todo:
         engine = get_engine()
         if p.prefill and not engine.supports_prefill:
-            log.warning("personas: the %s engine cannot continue a started reply; writing personas without "
-                        "the prefill %r", engine.name, p.prefill)
+            log.warning(
+                "personas: the %s engine cannot continue a started reply; writing personas without the prefill %r",
+                engine.name,
+                p.prefill,
+            )
         bar = progress(total=len(todo), desc="personas", disable=cfg.quiet, unit="persona")
         for batch in chunks(todo, cfg.model.batch_size):
             recs = _generate_batch(engine, batch, cfg)
@@ -200,8 +220,11 @@ def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
         if rec["domain"] in p.domains and rec["length"] in p.lengths:
             counts[rec["source"]] = counts.get(rec["source"], 0) + 1
     if counts["fallback"]:
-        log.warning("personas: %d of %d replies were unusable and replaced by the template persona",
-                    counts["fallback"], sum(counts.values()))
+        log.warning(
+            "personas: %d of %d replies were unusable and replaced by the template persona",
+            counts["fallback"],
+            sum(counts.values()),
+        )
     return counts
 
 
@@ -220,8 +243,17 @@ def _generate_batch(engine, batch: list, cfg) -> list[dict]:
         if not text:
             text, source = fallback_persona(domain, length), "fallback"
             log.info("personas: unusable %s persona for '%s'; using the template", length, domain)
-        recs.append({"key": key, "domain": domain, "length": length, "text": text, "source": source,
-                     "raw": raw, "num_tokens": out.num_tokens})
+        recs.append(
+            {
+                "key": key,
+                "domain": domain,
+                "length": length,
+                "text": text,
+                "source": source,
+                "raw": raw,
+                "num_tokens": out.num_tokens,
+            }
+        )
     return recs
 
 
@@ -237,5 +269,4 @@ def load_personas(run) -> dict:
     return out
 
 
-__all__ = ["load_personas", "write_personas", "clean_persona", "fallback_persona", "persona_prompt",
-           "PERSONA_LENGTHS"]
+__all__ = ["load_personas", "write_personas", "clean_persona", "fallback_persona", "persona_prompt", "PERSONA_LENGTHS"]

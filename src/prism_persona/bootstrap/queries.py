@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ..engines.base import SamplingParams
 from ..models import with_persona
@@ -43,19 +43,24 @@ _REQUEST_START = re.compile(
     r"suggest|recommend|help|show|create|make|compose|draft|summari[sz]e|compare|translate|find|plan|design|"
     r"generate|teach|share|provide|outline|calculate|convert|fix|rewrite|edit|review|name|define|analy[sz]e|"
     r"walk me|guide me|i need|i want|i'd like|i would like|i'm looking|i am looking|i'm trying|i am trying|"
-    r"any (?:tips|ideas|advice|suggestions))\b", re.I)
+    r"any (?:tips|ideas|advice|suggestions))\b",
+    re.I,
+)
 
 _NUMBERING = re.compile(r"^\s*(?:[-*•·–—>]+|\(?\d{1,3}\s*[.):\]]|\d{1,3}\s*-\s|#{1,6})\s*")
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:query|question|request|user(?: query)?|prompt|q)\s*\d*\s*(?:\*\*)?\s*[:：-]\s*(?:\*\*)?\s*", re.I)
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:query|question|request|user(?: query)?|prompt|q)\s*\d*\s*(?:\*\*)?\s*[:：-]\s*(?:\*\*)?\s*", re.I
+)
 _INSTRUCTION = re.compile(
     r"^(?:here (?:are|is)|here's|sure\b|certainly|of course|okay\b|ok\b|absolutely|below (?:are|is)|"
     r"the following|these (?:are|questions|queries)|i hope|i've|i have|let me know|feel free|note:|"
-    r"as an? (?:ai|language model)|i can't|i cannot|i'm sorry|great questions)", re.I)
+    r"as an? (?:ai|language model)|i can't|i cannot|i'm sorry|great questions)",
+    re.I,
+)
 _QUOTES = "\"'“”‘’`"
 
 
-TOPIC_PROMPT = ("Is the following request about {domain}? Answer with Yes or No only.\n\n"
-                "Request: {query}")
+TOPIC_PROMPT = "Is the following request about {domain}? Answer with Yes or No only.\n\nRequest: {query}"
 """The topic check (``queries.topic_check``): the query is kept when "Yes" is the likelier answer."""
 
 
@@ -170,10 +175,16 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
         for domain in todo:
             persona = personas[domain][cfg.persona.use_length]
             n_req = math.ceil((target - len(have[domain])) / max(1, q.per_request))
-            requests += [(domain, query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req))
-                         for k in range(n_req)]
-        params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
-                                seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]))
+            requests += [
+                (domain, query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req))
+                for k in range(n_req)
+            ]
+        params = SamplingParams(
+            max_new_tokens=q.max_new_tokens,
+            temperature=q.temperature,
+            top_p=q.top_p,
+            seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]),
+        )
         outs = get_engine().generate([chat for _, chat in requests], params)
         candidates = _round_candidates(requests, outs, q, seen)
         off = _off_topic(get_engine(), candidates) if q.topic_check else set()
@@ -181,14 +192,25 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
         for i, (domain, query) in enumerate(candidates):
             if i in off or len(have[domain]) + len(new_by_domain[domain]) >= target:
                 continue
-            new_by_domain[domain].append({"key": content_key("query", domain, normalise(query)), "domain": domain,
-                                          "query": query, "round": next_round[domain]})
+            new_by_domain[domain].append(
+                {
+                    "key": content_key("query", domain, normalise(query)),
+                    "domain": domain,
+                    "query": query,
+                    "round": next_round[domain],
+                }
+            )
         store.extend([rec for d in todo for rec in new_by_domain[d]])
         for domain in todo:
             mine = [o for (d, _), o in zip(requests, outs) if d == domain]
-            rec = {"key": content_key("round", domain, next_round[domain]), "domain": domain,
-                   "round": next_round[domain], "requests": len(mine),
-                   "new": len(new_by_domain[domain]), "tokens": sum(o.num_tokens for o in mine)}
+            rec = {
+                "key": content_key("round", domain, next_round[domain]),
+                "domain": domain,
+                "round": next_round[domain],
+                "requests": len(mine),
+                "new": len(new_by_domain[domain]),
+                "tokens": sum(o.num_tokens for o in mine),
+            }
             if q.topic_check:
                 rec["off_topic"] = sum(1 for i in off if candidates[i][0] == domain)
             rounds.append(rec)
@@ -198,9 +220,14 @@ def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dic
     bar.close()
     for domain in cfg.persona.domains:
         if len(have[domain]) < target:
-            log.warning("queries: only %d of %d unique queries for '%s' after %d rounds "
-                        "(raise queries.max_rounds or queries.per_request)",
-                        len(have[domain]), target, domain, next_round[domain])
+            log.warning(
+                "queries: only %d of %d unique queries for '%s' after %d rounds "
+                "(raise queries.max_rounds or queries.per_request)",
+                len(have[domain]),
+                target,
+                domain,
+                next_round[domain],
+            )
     return {d: min(target, len(v)) for d, v in have.items()}
 
 
@@ -258,5 +285,5 @@ def selected_queries(cfg, run: RunDir) -> list[dict]:
     store = queries_store(run, cfg)
     out = []
     for domain in cfg.persona.domains:
-        out.extend(_domain_queries(store, domain)[:cfg.queries.queries_per_persona])
+        out.extend(_domain_queries(store, domain)[: cfg.queries.queries_per_persona])
     return out

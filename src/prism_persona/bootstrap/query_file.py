@@ -16,8 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import PrismError, read_user_text
 

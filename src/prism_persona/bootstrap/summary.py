@@ -13,12 +13,18 @@ Judge diagnostics (all shares in [0, 1], ``None`` when there is nothing to measu
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from ..text import is_loop
 
-OUTCOME_COLUMNS = (("wins", "persona"), ("losses", "base"), ("ties", "tie"), ("mixed", "mixed"),
-                   ("unparseable", "unparseable"))
+OUTCOME_COLUMNS = (
+    ("wins", "persona"),
+    ("losses", "base"),
+    ("ties", "tie"),
+    ("mixed", "mixed"),
+    ("unparseable", "unparseable"),
+)
 
 
 def _share(num: int, den: int) -> Optional[float]:
@@ -50,9 +56,21 @@ def judge_diagnostics(records: Iterable[dict]) -> dict:
     }
 
 
-def build_summary(domains: list[str], verdicts: list[dict], answers: list[dict], *, personas: dict,
-                  queries: dict, target: int, tokens: dict, judge: str, mode: Optional[str], model: str,
-                  wall_seconds: float, run: str) -> dict:
+def build_summary(
+    domains: list[str],
+    verdicts: list[dict],
+    answers: list[dict],
+    *,
+    personas: dict,
+    queries: dict,
+    target: int,
+    tokens: dict,
+    judge: str,
+    mode: Optional[str],
+    model: str,
+    wall_seconds: float,
+    run: str,
+) -> dict:
     by_domain = {d: outcome_counts(r for r in verdicts if r["domain"] == d) for d in domains}
     for d in domains:
         by_domain[d]["queries_collected"] = queries.get(d, 0)
@@ -70,10 +88,13 @@ def build_summary(domains: list[str], verdicts: list[dict], answers: list[dict],
             "pairs": len(answers),
             "mean_base_tokens": _mean(a["base_tokens"] for a in answers),
             "mean_persona_tokens": _mean(a["persona_tokens"] for a in answers),
-            "cut_at_token_limit": sum((a["base_finish"] == "length") + (a["persona_finish"] == "length")
-                                      for a in answers),
-            "looping": {"base": sum(is_loop(a.get("base_answer") or "") for a in answers),
-                        "persona": sum(is_loop(a.get("persona_answer") or "") for a in answers)},
+            "cut_at_token_limit": sum(
+                (a["base_finish"] == "length") + (a["persona_finish"] == "length") for a in answers
+            ),
+            "looping": {
+                "base": sum(is_loop(a.get("base_answer") or "") for a in answers),
+                "persona": sum(is_loop(a.get("persona_answer") or "") for a in answers),
+            },
         },
         "tokens": tokens,
         "wall_seconds": round(wall_seconds, 2),
@@ -101,8 +122,14 @@ def _num(v) -> str:
 def _table(header: list[str], rows: list[list]) -> list[str]:
     cells = [header] + [[fmt_cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                       for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    line = lambda r: (
+        "| "
+        + " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+            for i, (c, w) in enumerate(zip(r, widths))
+        )
+        + " |"
+    )
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return [line(cells[0]), sep] + [line(r) for r in cells[1:]]
 
@@ -112,31 +139,46 @@ def format_summary(s: dict) -> str:
     cols = ["queries", "wins", "losses", "ties", "mixed", "unparseable", "win_rate"]
     rows = [[d] + [row[c] for c in cols] for d, row in s["domains"].items()]
     rows.append(["**total**"] + [s["total"][c] for c in cols])
-    out = [f"# PRISM bootstrap: {s['model']}", "",
-           f"Judge: {s['judge']} ({s['judge_mode'] or '-'}); a win = the persona answer won in both orders.", ""]
+    out = [
+        f"# PRISM bootstrap: {s['model']}",
+        "",
+        f"Judge: {s['judge']} ({s['judge_mode'] or '-'}); a win = the persona answer won in both orders.",
+        "",
+    ]
     out += _table(["domain"] + cols, rows)
     d = s["judge_diagnostics"]
     out += ["", "## Judge diagnostics", ""]
-    out += _table(["measure", "value"], [
-        ["pairs judged", d["pairs"]],
-        ["flip rate (outcome changes when order is swapped)", d["flip_rate"]],
-        ["position A rate (verdicts choosing A)", d["position_a_rate"]],
-        ["longer answer wins", d["longer_wins"]],
-        ["tie rate", d["tie_rate"]],
-        ["unparseable rate", d["unparseable_rate"]],
-    ])
+    out += _table(
+        ["measure", "value"],
+        [
+            ["pairs judged", d["pairs"]],
+            ["flip rate (outcome changes when order is swapped)", d["flip_rate"]],
+            ["position A rate (verdicts choosing A)", d["position_a_rate"]],
+            ["longer answer wins", d["longer_wins"]],
+            ["tie rate", d["tie_rate"]],
+            ["unparseable rate", d["unparseable_rate"]],
+        ],
+    )
     t, p, a = s["tokens"], s["personas"], s["answers"]
     out += ["", "## Generation", ""]
-    out += _table(["measure", "value"], [
-        ["personas from model / template fallback / file", f"{p.get('model', 0)} / {p.get('fallback', 0)} / {p.get('file', 0)}"],
-        ["answer pairs", a["pairs"]],
-        ["mean tokens: base / persona answer", f"{_num(a['mean_base_tokens'])} / {_num(a['mean_persona_tokens'])}"],
-        ["answers cut at the token limit", a["cut_at_token_limit"]],
-        ["looping answers (a phrase 4+ times in a row): base / persona",
-         f"{(a.get('looping') or {}).get('base', '-')} / {(a.get('looping') or {}).get('persona', '-')}"],
-        ["tokens generated (all invocations)", t["total"]["tokens_generated"]],
-        ["generation seconds (all invocations)", t["total"]["generate_seconds"]],
-        ["tokens/s", _num(t["total"]["tokens_per_s"])],
-        ["wall seconds (this invocation)", s["wall_seconds"]],
-    ])
+    out += _table(
+        ["measure", "value"],
+        [
+            [
+                "personas from model / template fallback / file",
+                f"{p.get('model', 0)} / {p.get('fallback', 0)} / {p.get('file', 0)}",
+            ],
+            ["answer pairs", a["pairs"]],
+            ["mean tokens: base / persona answer", f"{_num(a['mean_base_tokens'])} / {_num(a['mean_persona_tokens'])}"],
+            ["answers cut at the token limit", a["cut_at_token_limit"]],
+            [
+                "looping answers (a phrase 4+ times in a row): base / persona",
+                f"{(a.get('looping') or {}).get('base', '-')} / {(a.get('looping') or {}).get('persona', '-')}",
+            ],
+            ["tokens generated (all invocations)", t["total"]["tokens_generated"]],
+            ["generation seconds (all invocations)", t["total"]["generate_seconds"]],
+            ["tokens/s", _num(t["total"]["tokens_per_s"])],
+            ["wall seconds (this invocation)", s["wall_seconds"]],
+        ],
+    )
     return "\n".join(out) + "\n"

@@ -14,7 +14,8 @@ detail}`` per order), ``winner`` (persona|base|tie|mixed|unparseable), ``label``
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from ..errors import PrismError
 from ..judges import judge_swapped_batch
@@ -40,9 +41,18 @@ def verdict_record(ans: dict, result, judge) -> dict:
     for order, verdict, outcome in zip(ORDERS, (result.first, result.second), result.outcomes):
         orders.append({"order": order, "winner": verdict.winner, "outcome": _WHO[outcome], "detail": verdict.detail})
     winner = _WHO[result.winner]
-    return {"key": ans["key"], "domain": ans["domain"], "query": ans["query"], "verdicts": orders,
-            "winner": winner, "label": int(winner == "persona"), "mode": judge.mode, "judge": judge.name,
-            "persona_chars": len(ans["persona_answer"]), "base_chars": len(ans["base_answer"])}
+    return {
+        "key": ans["key"],
+        "domain": ans["domain"],
+        "query": ans["query"],
+        "verdicts": orders,
+        "winner": winner,
+        "label": int(winner == "persona"),
+        "mode": judge.mode,
+        "judge": judge.name,
+        "persona_chars": len(ans["persona_answer"]),
+        "base_chars": len(ans["base_answer"]),
+    }
 
 
 def persona_text(personas: dict, answer: dict, cfg) -> str:
@@ -62,8 +72,13 @@ def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict], p
     judge = get_judge()
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
     for batch in chunks(todo, chunk_size(cfg, getattr(judge, "engine", None))):  # a server judge gets full calls
-        results = judge_swapped_batch(judge, [(a["query"], a["persona_answer"], a["base_answer"], a["domain"],
-                                               persona_text(personas, a, cfg)) for a in batch])
+        results = judge_swapped_batch(
+            judge,
+            [
+                (a["query"], a["persona_answer"], a["base_answer"], a["domain"], persona_text(personas, a, cfg))
+                for a in batch
+            ],
+        )
         store.extend(verdict_record(a, r, judge) for a, r in zip(batch, results))
         bar.update(len(batch))
     bar.close()
@@ -106,12 +121,19 @@ def load_labelled(run) -> list[dict]:
         if a is None or (domains and v["domain"] not in domains) or (keys is not None and v["key"] not in keys):
             continue
         length = a.get("persona_length") or pcfg.get("use_length", "short")
-        out.append({
-            "key": v["key"], "domain": v["domain"], "query": v["query"],
-            "persona": personas.get(v["domain"], {}).get(length, ""), "persona_length": length,
-            "placement": a.get("placement") or pcfg.get("placement", "system"),
-            "base_answer": a["base_answer"], "persona_answer": a["persona_answer"],
-            "label": int(v["label"]), "winner": v["winner"],
-            "persona_finish": a.get("persona_finish", "stop"),
-        })
+        out.append(
+            {
+                "key": v["key"],
+                "domain": v["domain"],
+                "query": v["query"],
+                "persona": personas.get(v["domain"], {}).get(length, ""),
+                "persona_length": length,
+                "placement": a.get("placement") or pcfg.get("placement", "system"),
+                "base_answer": a["base_answer"],
+                "persona_answer": a["persona_answer"],
+                "label": int(v["label"]),
+                "winner": v["winner"],
+                "persona_finish": a.get("persona_finish", "stop"),
+            }
+        )
     return out

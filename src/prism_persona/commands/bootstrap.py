@@ -23,8 +23,13 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bootstrap", help="write personas, queries and answers; self-judge them (resumable)",
-                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bootstrap",
+        help="write personas, queries and answers; self-judge them (resumable)",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_pipeline_options(p, check=False)
     add_common(p)
     p.set_defaults(func=run)
@@ -38,8 +43,8 @@ def run(args) -> int:
 
         redo(cfg.out, args.redo)
 
-    from ..train.pipeline import run_bootstrap
     from ..bootstrap.summary import format_summary
+    from ..train.pipeline import run_bootstrap
 
     summary = run_bootstrap(cfg)
     print(format_summary(summary), end="")

@@ -20,8 +20,12 @@ With --engine vllm the model runs on a vLLM server PRISM starts (the gate still 
 def add_parser(sub) -> None:
     from ..config import ChatSettings, add_flags
 
-    p = sub.add_parser("chat", help="chat with a PRISM model (routing shown per conversation)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "chat",
+        help="chat with a PRISM model (routing shown per conversation)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_flags(p, ChatSettings)
     add_engine_flags(p)
     add_common(p)
@@ -99,8 +103,11 @@ def converse(system: str, forced, reply) -> int:
         if decision is None:
             meta = comp.meta or {}
             decision = (meta.get("routed", False), meta.get("gate_prob"))
-            print(describe(decision[0], decision[1], forced is not None) if decision[1] is not None
-                  else "[base model: no PRISM gate]")
+            print(
+                describe(decision[0], decision[1], forced is not None)
+                if decision[1] is not None
+                else "[base model: no PRISM gate]"
+            )
         print(f"prism> {comp.text}", flush=True)
         chat.append({"role": "assistant", "content": comp.text})
     return 0

@@ -27,19 +27,34 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     groups = add_flags(p, RunConfig, flagged_only=True, skip=() if check else ("check",))
     g = groups[G_RUN]
     g.add_argument("--config", help="JSON or TOML config file (see `prism config --show`)")
-    g.add_argument("--redo", metavar="STAGE", choices=["personas", "queries", "answers", "verdicts", "gate", "distill"],
-                   help="re-run a finished stage (and the stages that depend on it) with the current settings")
+    g.add_argument(
+        "--redo",
+        metavar="STAGE",
+        choices=["personas", "queries", "answers", "verdicts", "gate", "distill"],
+        help="re-run a finished stage (and the stages that depend on it) with the current settings",
+    )
     g = groups[G_DATA]
     g.add_argument("--domains", help='comma-separated domain names, e.g. "writing,coding,safety"')
-    g.add_argument("--persona-file", action="append", default=[], metavar="DOMAIN=PATH",
-                   help="use this text file verbatim as DOMAIN's persona (repeatable)")
+    g.add_argument(
+        "--persona-file",
+        action="append",
+        default=[],
+        metavar="DOMAIN=PATH",
+        help="use this text file verbatim as DOMAIN's persona (repeatable)",
+    )
     groups["judge"].add_argument(
-        "--trust-judge", action="store_true",
+        "--trust-judge",
+        action="store_true",
         help="import the module:function judge named in a config file or RUN/config.json (it runs Python code; "
-             "a judge named with --judge on the command line needs no confirmation)")
+        "a judge named with --judge on the command line needs no confirmation)",
+    )
     groups[G_ENGINE].add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override any setting by dotted key, e.g. --set distill.r=8 (repeatable; VALUE is JSON or text)")
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting by dotted key, e.g. --set distill.r=8 (repeatable; VALUE is JSON or text)",
+    )
 
 
 def _put(d: dict, dotted: str, value) -> None:
@@ -109,7 +124,9 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     cfg_file = vars(args).get("config")
     cfg = resolve(file=cfg_file, overrides=overrides)
     if need_domains and not cfg.persona.domains:
-        raise PrismError('no domains given; use --domains "writing,coding,safety" or a config file with persona.domains')
+        raise PrismError(
+            'no domains given; use --domains "writing,coding,safety" or a config file with persona.domains'
+        )
     check_judge_source(cfg, overrides, cfg_file, bool(vars(args).get("trust_judge")))
     return cfg
 
@@ -128,5 +145,7 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
         return
     if (Path(cfg.out).expanduser() / "bootstrap.done.json").is_file():
         return
-    raise PrismError(f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "
-                     f"line (--judge {spec}) or pass --trust-judge to import it")
+    raise PrismError(
+        f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "
+        f"line (--judge {spec}) or pass --trust-judge to import it"
+    )

@@ -6,8 +6,11 @@ from .common import add_common
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("config", help="show all settings, their defaults and help",
-                       description="Print every setting (dotted key, default, help), or the resolved config as JSON.")
+    p = sub.add_parser(
+        "config",
+        help="show all settings, their defaults and help",
+        description="Print every setting (dotted key, default, help), or the resolved config as JSON.",
+    )
     p.add_argument("--show", action="store_true", help="print the resolved config as JSON (a starting config file)")
     p.add_argument("--preset", help="resolve this preset")
     p.add_argument("--config", help="resolve this config file on top of the preset")

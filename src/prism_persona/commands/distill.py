@@ -15,11 +15,20 @@ is trained too."""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("distill", help="distil the persona behaviour into a LoRA (stage of `prism run`)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "distill",
+        help="distil the persona behaviour into a LoRA (stage of `prism run`)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set distill.loss=ce (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set distill.loss=ce (repeatable)",
+    )
     p.add_argument("--redo", action="store_true", help="train the LoRA again with the current settings")
     add_common(p)
     p.set_defaults(func=run)

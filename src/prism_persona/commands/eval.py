@@ -18,28 +18,39 @@ def add_parser(sub) -> None:
 
     from ..evals.build import add_eval_options
 
-    p = sub.add_parser("eval", help="compare systems on MMLU, MT-Bench and safety benchmarks",
-                       description="Run systems on benchmarks, judge the answers, and write results.json, "
-                                   "report.md and PNG figures to --out. Rerun to resume; responses and "
-                                   "judgments are cached.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", help="comma list of base, persona[@DOMAIN][/LENGTH][/PLACEMENT], random, lora, prism, "
-                                     "oracle (default: base,persona; with --prism also lora,prism,oracle)")
+    p = sub.add_parser(
+        "eval",
+        help="compare systems on MMLU, MT-Bench and safety benchmarks",
+        description="Run systems on benchmarks, judge the answers, and write results.json, "
+        "report.md and PNG figures to --out. Rerun to resume; responses and "
+        "judgments are cached.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--systems",
+        help="comma list of base, persona[@DOMAIN][/LENGTH][/PLACEMENT], random, lora, prism, "
+        "oracle (default: base,persona; with --prism also lora,prism,oracle)",
+    )
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    p.add_argument("--fastchat-answers", metavar="PATH", action="append",
-                   help="FastChat model_answer .jsonl file or folder: each model in it becomes a system whose "
-                        "MT-Bench answers come from the file (graded and compared with base); repeatable")
+    p.add_argument(
+        "--fastchat-answers",
+        metavar="PATH",
+        action="append",
+        help="FastChat model_answer .jsonl file or folder: each model in it becomes a system whose "
+        "MT-Bench answers come from the file (graded and compared with base); repeatable",
+    )
     add_eval_options(p)
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..errors import PrismError
     from ..evals.build import build_runner, eval_config, load_benchmarks, parse_benchmarks
     from ..evals.evaluate import evaluate
-    from ..evals.systems import SystemSpec, parse_systems
     from ..evals.report import eval_figures, eval_markdown
-    from ..errors import PrismError
+    from ..evals.systems import SystemSpec, parse_systems
 
     cfg = eval_config(args)
     default = "base,persona,lora,prism,oracle" if cfg.prism else "base,persona"
@@ -58,15 +69,19 @@ def run(args) -> int:
             from ..evals.evaluate import systems_to_run
             from ..evals.fastchat import write_fastchat
 
-            write_fastchat(runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench,
-                           pairwise=not cfg.no_pairwise)
+            write_fastchat(
+                runner.run.root / "fastchat", runner, systems_to_run(specs), bench.mtbench, pairwise=not cfg.no_pairwise
+            )
     finally:
         runner.provider.close()  # --engine vllm: the server stops once generation and judging are done
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
     figs = eval_figures(results, runner.run.root)
-    md = eval_markdown(results, figs, notes=[f"model: {runner.provider.identity('base')}"]
-                       + ([f"prism artifact: {cfg.prism}"] if cfg.prism else []))
+    md = eval_markdown(
+        results,
+        figs,
+        notes=[f"model: {runner.provider.identity('base')}"] + ([f"prism artifact: {cfg.prism}"] if cfg.prism else []),
+    )
     md += _sweep_section(cfg, runner, per_item, bench)
     runner.run.path("report.md").write_text(md, encoding="utf-8")
     print(md)

@@ -13,9 +13,13 @@ zero weights on decoder layer 0 so the maths is unchanged), the gate files and O
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="export the adapter + gate for vLLM",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  prism export --prism runs/demo/prism --format vllm runs/demo/vllm")
+    p = sub.add_parser(
+        "export",
+        help="export the adapter + gate for vLLM",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  prism export --prism runs/demo/prism --format vllm runs/demo/vllm",
+    )
     p.add_argument("--prism", required=True, metavar="ART", help="artifact directory (RUN/prism)")
     p.add_argument("--format", default="vllm", choices=["vllm"], help="export format (default vllm)")
     p.add_argument("out", metavar="OUT", help="output directory")

@@ -13,11 +13,20 @@ gate_config.json with threshold and metrics) and assembles RUN/prism when distil
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("gate", help="train the routing gate of a run (stage of `prism run`)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "gate",
+        help="train the routing gate of a run (stage of `prism run`)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set gate.calibrate=rate:0.3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set gate.calibrate=rate:0.3 (repeatable)",
+    )
     p.add_argument("--redo", action="store_true", help="train the gate again with the current settings")
     add_common(p)
     p.set_defaults(func=run)

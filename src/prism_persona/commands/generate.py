@@ -33,8 +33,13 @@ ENGINE_HELP = "engine (where the text is generated)"
 def add_parser(sub) -> None:
     from ..config import GenerateSettings, add_flags
 
-    p = sub.add_parser("generate", help="answer a JSONL file of prompts with a PRISM model",
-                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help="answer a JSONL file of prompts with a PRISM model",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_flags(p, GenerateSettings)
     add_engine_flags(p)
     add_common(p)
@@ -49,15 +54,25 @@ def add_engine_flags(p) -> None:
             action.required = False
             action.help = "PRISM artifact directory (RUN/prism); needed with --engine hf (the default)"
     g = p.add_argument_group(ENGINE_HELP)
-    g.add_argument("--engine", choices=["hf", "vllm", "openai"], default="hf",
-                   help="hf: the PRISM model in this process (default); vllm: a vLLM server PRISM starts (or "
-                        "--base-url) with the artifact's adapter, the gate routing each row here -- or, without "
-                        "--prism, the base model (--model); openai: the base model on any OpenAI-compatible "
-                        "server at --base-url (--model = its served name)")
-    g.add_argument("--model", help="the model without --prism (--engine vllm: default the embedded SmolLM2; "
-                                   "--engine openai: the served model name)")
-    g.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000/v1 (needed for --engine openai; "
-                                      "--engine vllm attaches to it instead of starting one)")
+    g.add_argument(
+        "--engine",
+        choices=["hf", "vllm", "openai"],
+        default="hf",
+        help="hf: the PRISM model in this process (default); vllm: a vLLM server PRISM starts (or "
+        "--base-url) with the artifact's adapter, the gate routing each row here -- or, without "
+        "--prism, the base model (--model); openai: the base model on any OpenAI-compatible "
+        "server at --base-url (--model = its served name)",
+    )
+    g.add_argument(
+        "--model",
+        help="the model without --prism (--engine vllm: default the embedded SmolLM2; "
+        "--engine openai: the served model name)",
+    )
+    g.add_argument(
+        "--base-url",
+        help="a running server, e.g. http://127.0.0.1:8000/v1 (needed for --engine openai; "
+        "--engine vllm attaches to it instead of starting one)",
+    )
     g.add_argument("--vllm-python", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
     g.add_argument("--vllm-args", default="", help='extra vLLM server arguments, e.g. "--tensor-parallel-size 4"')
     g.add_argument("--concurrency", type=int, default=0, help="requests in flight (0 = 64 for vllm, 8 for openai)")
@@ -70,8 +85,16 @@ def check_engine_flags(args, load, routing) -> None:
 
     engine = getattr(args, "engine", "hf")
     if engine == "hf":
-        extra = [f for f, v in (("--model", args.model), ("--base-url", args.base_url),
-                                ("--vllm-python", args.vllm_python), ("--vllm-args", args.vllm_args)) if v]
+        extra = [
+            f
+            for f, v in (
+                ("--model", args.model),
+                ("--base-url", args.base_url),
+                ("--vllm-python", args.vllm_python),
+                ("--vllm-args", args.vllm_args),
+            )
+            if v
+        ]
         if extra:
             raise PrismError(f"{extra[0]} needs --engine vllm or --engine openai")
         if not load.prism:
@@ -85,8 +108,10 @@ def check_engine_flags(args, load, routing) -> None:
         if not args.base_url:
             raise PrismError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         if load.prism:
-            raise PrismError("--engine openai runs a base model only; for --prism use --engine vllm (with --base-url "
-                             "to attach to a vLLM that serves the adapter as 'prism')")
+            raise PrismError(
+                "--engine openai runs a base model only; for --prism use --engine vllm (with --base-url "
+                "to attach to a vLLM that serves the adapter as 'prism')"
+            )
         if not args.model:
             raise PrismError("--engine openai needs --model: the model name the server serves")
     if (args.vllm_python or args.vllm_args) and (engine != "vllm" or args.base_url):
@@ -100,10 +125,20 @@ def open_server_engine(args, load, routing, out_dir):
     from ..engines.remote import ServerSystems, artifact_base_model, server_run_config
 
     model = artifact_base_model(load.prism, args.model) if load.prism else args.model
-    cfg = server_run_config(args.engine, model, out_dir, quiet=args.quiet, base_url=args.base_url or "",
-                            vllm_python=args.vllm_python or "", vllm_args=args.vllm_args or "",
-                            concurrency=args.concurrency, dtype=load.dtype, device=load.device,
-                            batch_size=routing.batch_size or 8, trust_remote_code=load.trust_remote_code)
+    cfg = server_run_config(
+        args.engine,
+        model,
+        out_dir,
+        quiet=args.quiet,
+        base_url=args.base_url or "",
+        vllm_python=args.vllm_python or "",
+        vllm_args=args.vllm_args or "",
+        concurrency=args.concurrency,
+        dtype=load.dtype,
+        device=load.device,
+        batch_size=routing.batch_size or 8,
+        trust_remote_code=load.trust_remote_code,
+    )
     systems = ServerSystems(cfg, load.prism or None, load.trust_remote_code)
     engine = systems.routed(force_value(routing.force)) if load.prism else systems.base()
     return engine, systems.close
@@ -138,8 +173,12 @@ def chat_of(obj, where: str) -> list:
         raise PrismError(f"{where} must be a JSON object with 'prompt' or 'messages'")
     if isinstance(obj.get("messages"), list) and obj["messages"]:
         msgs = obj["messages"]
-        ok = all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                 and isinstance(m.get("content"), str) for m in msgs)
+        ok = all(
+            isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        )
         if not ok or not any(m["role"] == "user" for m in msgs):
             raise PrismError(f"{where}: 'messages' must be a list of {{role, content}} with at least one user turn")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -152,8 +191,13 @@ def load_gated(load, routing):
     """The GatedModel of ``load`` (LoadSettings) with ``routing.batch_size`` (shared with `prism chat`)."""
     from ..gated.model import GatedModel
 
-    return GatedModel.from_pretrained(load.prism, device=load.device, dtype=load.dtype,
-                                      batch_size=routing.batch_size, trust_remote_code=load.trust_remote_code)
+    return GatedModel.from_pretrained(
+        load.prism,
+        device=load.device,
+        dtype=load.dtype,
+        batch_size=routing.batch_size,
+        trust_remote_code=load.trust_remote_code,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,9 +271,12 @@ def run(args) -> int:
     rows = read_prompts(settings.input)
     out, partial, meta = output_paths(settings)
     engine = getattr(args, "engine", "hf")
-    identity = {"input_sha256": file_sha256(settings.input),
-                "prism": str(Path(settings.load.prism).resolve()) if settings.load.prism else "",
-                "force": settings.routing.force, "sampling": asdict(settings.sampling)}
+    identity = {
+        "input_sha256": file_sha256(settings.input),
+        "prism": str(Path(settings.load.prism).resolve()) if settings.load.prism else "",
+        "force": settings.routing.force,
+        "sampling": asdict(settings.sampling),
+    }
     if engine != "hf":  # another engine's answers are not resumed into this file
         identity.update(engine=engine, model=args.model or "", base_url=args.base_url or "")
     done = resume_point(partial, meta, identity)
@@ -238,8 +285,13 @@ def run(args) -> int:
     elif done < len(rows):
         server, close = open_server_engine(args, settings.load, settings.routing, out.parent)
         try:
-            write_rows(lambda chats: server.generate(chats, sampling_params(settings)), rows, partial, done,
-                       max(8, 2 * int(getattr(server, "preferred_call_size", 0) or 0)))
+            write_rows(
+                lambda chats: server.generate(chats, sampling_params(settings)),
+                rows,
+                partial,
+                done,
+                max(8, 2 * int(getattr(server, "preferred_call_size", 0) or 0)),
+            )
         finally:
             close()
     os.replace(partial, out)
@@ -259,8 +311,7 @@ def sampling_params(settings):
 def write_answers(settings, rows, partial: Path, start: int) -> None:
     gm = load_gated(settings.load, settings.routing)
     params, force = sampling_params(settings), force_value(settings.routing.force)
-    write_rows(lambda chats: gm.generate(chats, params, force=force), rows, partial, start,
-               max(1, gm.batch_size) * 8)
+    write_rows(lambda chats: gm.generate(chats, params, force=force), rows, partial, start, max(1, gm.batch_size) * 8)
 
 
 def write_rows(generate, rows, partial: Path, start: int, chunk: int) -> None:
@@ -268,10 +319,14 @@ def write_rows(generate, rows, partial: Path, start: int, chunk: int) -> None:
     ``routed``/``gate_prob``: the gate's decision (``false``/``null`` for a base model without one)."""
     with open(partial, "a", encoding="utf-8") as fh:
         for begin in range(start, len(rows), chunk):
-            part = rows[begin:begin + chunk]
+            part = rows[begin : begin + chunk]
             comps = generate([c for _, c in part])
-            fh.write("".join(json.dumps(dict(obj, response=comp.text, **routing_fields(comp)), ensure_ascii=False) + "\n"
-                             for (obj, _), comp in zip(part, comps)))
+            fh.write(
+                "".join(
+                    json.dumps(dict(obj, response=comp.text, **routing_fields(comp)), ensure_ascii=False) + "\n"
+                    for (obj, _), comp in zip(part, comps)
+                )
+            )
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -24,8 +24,13 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="bootstrap + gate + distill -> RUN/prism (resumable)",
-                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="bootstrap + gate + distill -> RUN/prism (resumable)",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_pipeline_options(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -42,16 +47,22 @@ def print_result(res: dict) -> None:
     t = rep["data"]["total"]
     print(f"data: {t['queries']} labelled queries, persona won {t['persona_won']}")
     if g.get("threshold") is not None:
-        print(f"gate: threshold {g['threshold']:.3f} ({g['threshold_method']}); held-out accuracy "
-              f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}")
+        print(
+            f"gate: threshold {g['threshold']:.3f} ({g['threshold_method']}); held-out accuracy "
+            f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}"
+        )
     if d.get("steps") is not None:
-        print(f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}")
+        print(
+            f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}"
+        )
     chk = rep.get("heldout_check")
     if chk:
         o, gr = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
-        print(f"held-out check ({chk.get('heldout')}): gate AUC {fmt_cell(gr.get('auc'))}, transfer "
-              f"{fmt_cell(o.get('transfer_ratio'))}, base identity {fmt_cell(o.get('base_identity'))} of "
-              f"{o.get('unrouted')} unrouted; details in {res['run'].path('check') / 'check.md'}")
+        print(
+            f"held-out check ({chk.get('heldout')}): gate AUC {fmt_cell(gr.get('auc'))}, transfer "
+            f"{fmt_cell(o.get('transfer_ratio'))}, base identity {fmt_cell(o.get('base_identity'))} of "
+            f"{o.get('unrouted')} unrouted; details in {res['run'].path('check') / 'check.md'}"
+        )
     print(f"report: {res['run'].path('training_report.md')}")
     if res["artifact"]:
         art = res["artifact"]

@@ -29,13 +29,22 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     from ..config import ServeSettings, add_flags
 
-    p = sub.add_parser("serve", help="OpenAI-compatible server for a PRISM artifact (or route-only proxy)",
-                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server for a PRISM artifact (or route-only proxy)",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_flags(p, ServeSettings)
     g = p.add_argument_group("engine (vLLM behind the router)")
-    g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                   help="hf: generate in this process (default); vllm: start vLLM with the base model and the "
-                        "adapter and route to it (route-only in one command; see scripts/setup_vllm.sh)")
+    g.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="hf: generate in this process (default); vllm: start vLLM with the base model and the "
+        "adapter and route to it (route-only in one command; see scripts/setup_vllm.sh)",
+    )
     g.add_argument("--vllm-python", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
     g.add_argument("--vllm-args", default="", help='extra vLLM server arguments, e.g. "--tensor-parallel-size 4"')
     add_common(p)
@@ -50,8 +59,11 @@ def options_from_args(args):
     from ..config import ServeSettings, settings_from_args
 
     options = settings_from_args(ServeSettings, args)
-    return dataclasses.replace(options, api_key=options.api_key or os.environ.get("PRISM_API_KEY") or None,
-                               upstream_api_key=os.environ.get(options.upstream_api_key_env) or None)
+    return dataclasses.replace(
+        options,
+        api_key=options.api_key or os.environ.get("PRISM_API_KEY") or None,
+        upstream_api_key=os.environ.get(options.upstream_api_key_env) or None,
+    )
 
 
 def run(args) -> int:
@@ -61,16 +73,21 @@ def run(args) -> int:
     from ..errors import PrismError
 
     if options.route_only or options.upstream:
-        raise PrismError("--engine vllm starts its own upstream; drop --route-only/--upstream (or use them "
-                         "without --engine to route to a vLLM server you run)")
+        raise PrismError(
+            "--engine vllm starts its own upstream; drop --route-only/--upstream (or use them "
+            "without --engine to route to a vLLM server you run)"
+        )
     import dataclasses
 
     from ..engines.vllm import LORA_NAME
 
     vllm = start_vllm_upstream(args, options)
     try:
-        return _serve(dataclasses.replace(options, route_only=True, upstream=vllm.base_url,
-                                          base_name=vllm.served_name, lora_name=LORA_NAME))
+        return _serve(
+            dataclasses.replace(
+                options, route_only=True, upstream=vllm.base_url, base_name=vllm.served_name, lora_name=LORA_NAME
+            )
+        )
     finally:
         vllm.stop()
 
@@ -81,8 +98,12 @@ def start_vllm_upstream(args, options):
 
     from ..engines.vllm import start_for_artifact
 
-    return start_for_artifact(options.load.prism, python=args.vllm_python or "",
-                              extra_args=shlex.split(args.vllm_args or ""), quiet=args.quiet)
+    return start_for_artifact(
+        options.load.prism,
+        python=args.vllm_python or "",
+        extra_args=shlex.split(args.vllm_args or ""),
+        quiet=args.quiet,
+    )
 
 
 def _serve(options) -> int:
@@ -94,15 +115,25 @@ def _serve(options) -> int:
     from ..serve.upstream import Forwarder
 
     load = options.load
-    backend = load_backend(load.prism, load.device, load.dtype, route_only=options.route_only,
-                           name=options.model_name, trust_remote_code=load.trust_remote_code)
-    forwarder = Forwarder(options.upstream, options.upstream_api_key, options.upstream_timeout_s) \
-        if options.route_only else None
+    backend = load_backend(
+        load.prism,
+        load.device,
+        load.dtype,
+        route_only=options.route_only,
+        name=options.model_name,
+        trust_remote_code=load.trust_remote_code,
+    )
+    forwarder = (
+        Forwarder(options.upstream, options.upstream_api_key, options.upstream_timeout_s)
+        if options.route_only
+        else None
+    )
     server = PrismServer(backend, options, forwarder).start()
     warn_if_exposed(options)
     mode = f"route-only -> {options.upstream}" if forwarder else "local"
-    logging.getLogger("prism_persona").warning("serving %s (%s) at %s%s", load.prism, mode, server.url,
-                                               " (API key required)" if options.api_key else "")
+    logging.getLogger("prism_persona").warning(
+        "serving %s (%s) at %s%s", load.prism, mode, server.url, " (API key required)" if options.api_key else ""
+    )
     print(f"prism serve: listening on {server.url}", file=sys.stderr, flush=True)
     server.serve_until_signal()
     return 0

@@ -17,16 +17,25 @@ def add_parser(sub) -> None:
 
     from ..evals.build import add_eval_options
 
-    p = sub.add_parser("study", help="persona-effect study: lift matrix, length, placement, expert vs random",
-                       description="Measure how expert personas change a model: each domain's persona on every "
-                                   "MT-Bench category, expert vs random persona, min/short/long, system vs user "
-                                   "placement, and their MMLU and safety effects; with --prism, routing vs effect. "
-                                   "Writes study.json, study.md and figures to --out (cached and resumable).",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "study",
+        help="persona-effect study: lift matrix, length, placement, expert vs random",
+        description="Measure how expert personas change a model: each domain's persona on every "
+        "MT-Bench category, expert vs random persona, min/short/long, system vs user "
+        "placement, and their MMLU and safety effects; with --prism, routing vs effect. "
+        "Writes study.json, study.md and figures to --out (cached and resumable).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
-    p.add_argument("--pairwise", action="store_true", help="also judge pairwise win rates vs base (2 judge calls per item)")
-    p.add_argument("--matrix-domains", help="comma list: only these persona domains as lift-matrix rows "
-                                            "(default all; without personas, MT-Bench category names)")
+    p.add_argument(
+        "--pairwise", action="store_true", help="also judge pairwise win rates vs base (2 judge calls per item)"
+    )
+    p.add_argument(
+        "--matrix-domains",
+        help="comma list: only these persona domains as lift-matrix rows "
+        "(default all; without personas, MT-Bench category names)",
+    )
     add_eval_options(p)
     add_common(p)
     p.set_defaults(func=run)

@@ -39,5 +39,10 @@ def make_engine(cfg, model=None, tokenizer=None):
         return HFEngine.from_config(cfg)
     from ..models import resolve_model
 
-    return HFEngine(model, tokenizer, batch_size=cfg.model.batch_size, quiet=cfg.quiet,
-                    model_name=resolve_model(cfg.model.model).display)
+    return HFEngine(
+        model,
+        tokenizer,
+        batch_size=cfg.model.batch_size,
+        quiet=cfg.quiet,
+        model_name=resolve_model(cfg.model.model).display,
+    )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class Engine(abc.ABC):
         return type(self).score_choices is not Engine.score_choices
 
     def close(self) -> None:
-        """Release resources (HTTP sessions, GPU memory)."""
+        """Release resources (HTTP sessions, GPU memory); nothing to release by default."""
+        return None
 
 
 def choice_token_ids(tokenizer, choice: str) -> list[int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 
@@ -36,15 +37,22 @@ class HFEngine(Engine):
         self.generate_seconds = 0.0
 
     @classmethod
-    def load(cls, spec, dtype: str = "auto", device: str = "auto", batch_size: int = 8, quiet: bool = False,
-             trust_remote_code: bool = False) -> "HFEngine":
+    def load(
+        cls,
+        spec,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        quiet: bool = False,
+        trust_remote_code: bool = False,
+    ) -> HFEngine:
         """Load the model ``spec`` names (embedded default, HF id, local dir, .gguf) into an engine."""
         src = resolve_model(spec)
         model, tok = load_model(src, dtype, device, trust_remote_code)
         return cls(model, tok, batch_size=batch_size, quiet=quiet, model_name=src.display)
 
     @classmethod
-    def from_config(cls, cfg) -> "HFEngine":
+    def from_config(cls, cfg) -> HFEngine:
         m = cfg.model
         return cls.load(m.model, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code)
 
@@ -66,8 +74,13 @@ class HFEngine(Engine):
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
         return self.run_batches(chats, params, desc=desc)
 
-    def run_batches(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate",
-                    batch_context: Optional[Callable] = None) -> list[Completion]:
+    def run_batches(
+        self,
+        chats: Sequence[list],
+        params: SamplingParams,
+        desc: str = "generate",
+        batch_context: Optional[Callable] = None,
+    ) -> list[Completion]:
         """Generate in length-sorted, left-padded batches; results in the caller's order.
 
         ``batch_context(rows)`` (rows = indices into ``chats``), if given, is entered around each
@@ -84,18 +97,18 @@ class HFEngine(Engine):
         kwargs = self._sampling_kwargs(params, eos)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
         for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
             if params.seed is not None:
                 torch.manual_seed(params.seed + b)
             metas = None
-            with torch.inference_mode(), (batch_context(idx) if batch_context else contextlib.nullcontext()) as read_meta:
+            with torch.inference_mode(), batch_context(idx) if batch_context else contextlib.nullcontext() as read_meta:
                 t0 = time.perf_counter()
                 gen = self.model.generate(**enc, **kwargs)
                 self.generate_seconds += time.perf_counter() - t0
                 if read_meta is not None:
                     metas = read_meta()
-            new = gen[:, enc["input_ids"].shape[1]:]
+            new = gen[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
                 out[i] = self._completion(new[row].tolist(), eos, params)
                 if metas is not None:
@@ -105,8 +118,9 @@ class HFEngine(Engine):
         return out  # type: ignore[return-value]
 
     def _sampling_kwargs(self, params: SamplingParams, eos: list[int]) -> dict:
-        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=eos or None)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos or None
+        )
         if params.temperature and params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
@@ -139,7 +153,7 @@ class HFEngine(Engine):
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
         out: list[dict] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = encode_prompts(self.tokenizer, texts[start:start + self.batch_size], self.device)
+            enc = encode_prompts(self.tokenizer, texts[start : start + self.batch_size], self.device)
             logits = self.model(**enc).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
             for row in range(logp.shape[0]):

@@ -23,8 +23,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Optional, Sequence
+from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
@@ -61,8 +62,17 @@ class OpenAIEngine(Engine):
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: Optional[str] = None, concurrency: int = 8,
-                 timeout_s: float = 120.0, max_retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: Optional[str] = None,
+        concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ):
         if not base_url:
             raise PrismError("the openai engine needs a base URL, e.g. http://127.0.0.1:8000/v1")
         self.base_url = base_url.rstrip("/")
@@ -84,13 +94,19 @@ class OpenAIEngine(Engine):
         self._opener = urllib.request.build_opener(*handlers)
 
     @classmethod
-    def from_config(cls, cfg) -> "OpenAIEngine":
+    def from_config(cls, cfg) -> OpenAIEngine:
         """From a :class:`~prism_persona.config.RunConfig`: ``cfg.engine`` and ``cfg.model.model`` (the
         model name the server serves)."""
         e = cfg.engine
         key = os.environ.get(e.api_key_env) if e.api_key_env else None
-        return cls(e.base_url, cfg.model.model, api_key=key, concurrency=e.concurrency or 8, timeout_s=e.timeout_s,
-                   max_retries=e.max_retries)
+        return cls(
+            e.base_url,
+            cfg.model.model,
+            api_key=key,
+            concurrency=e.concurrency or 8,
+            timeout_s=e.timeout_s,
+            max_retries=e.max_retries,
+        )
 
     # -- Engine API -------------------------------------------------------------------------------
 
@@ -136,8 +152,13 @@ class OpenAIEngine(Engine):
     # -- request bodies and parsing ---------------------------------------------------------------
 
     def _generate_body(self, chat: list, params: SamplingParams) -> dict:
-        body = {"model": self.model_name, "messages": list(chat), "max_tokens": int(params.max_new_tokens),
-                "temperature": float(params.temperature or 0.0), "n": 1}
+        body = {
+            "model": self.model_name,
+            "messages": list(chat),
+            "max_tokens": int(params.max_new_tokens),
+            "temperature": float(params.temperature or 0.0),
+            "n": 1,
+        }
         if params.temperature and params.top_p < 1.0:
             body["top_p"] = float(params.top_p)
         if params.seed is not None:
@@ -167,8 +188,15 @@ class OpenAIEngine(Engine):
         return Completion(text=text.strip(), num_tokens=n, finish_reason=finish, meta=meta)
 
     def _score_one(self, chat: list, choices: Sequence[str], strict: bool = False) -> Optional[dict]:
-        body = {"model": self.model_name, "messages": list(chat), "max_tokens": 1, "temperature": 0.0,
-                "logprobs": True, "top_logprobs": TOP_LOGPROBS, "n": 1}
+        body = {
+            "model": self.model_name,
+            "messages": list(chat),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS,
+            "n": 1,
+        }
         try:
             data = self.post(body)
         except OpenAIEngineError as exc:
@@ -202,8 +230,11 @@ class OpenAIEngine(Engine):
             except _HTTPFailure as exc:
                 if not exc.retryable or attempt >= self.max_retries:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
-                    raise OpenAIEngineError(f"request to {self.base_url}{path} failed{tries}: {exc}"
-                                            "; completed work is kept, rerun to resume", exc.status) from None
+                    raise OpenAIEngineError(
+                        f"request to {self.base_url}{path} failed{tries}: {exc}"
+                        "; completed work is kept, rerun to resume",
+                        exc.status,
+                    ) from None
                 delay = self._backoff(attempt, exc.retry_after)
                 log.debug("openai engine: %s; retry %d in %.2f s", exc, attempt + 1, delay)
                 with self._lock:
@@ -212,7 +243,7 @@ class OpenAIEngine(Engine):
                 attempt += 1
 
     def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
+        base = min(self.max_backoff_s, self.backoff_s * (2**attempt))
         delay = base * (0.5 + random.random() / 2)  # jitter: 50-100 % of the exponential step
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_backoff_s))
@@ -222,8 +253,9 @@ class OpenAIEngine(Engine):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode("utf-8"),
-                                     headers=headers, method="POST")
+        req = urllib.request.Request(
+            self.base_url + path, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
+        )
         with self._lock:
             self.requests_sent += 1
         try:
@@ -231,8 +263,11 @@ class OpenAIEngine(Engine):
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode("utf-8", "replace")
-            raise _HTTPFailure(exc.code, f"HTTP {exc.code}: {_error_message(detail)}",
-                               _retry_after(exc.headers.get("Retry-After") if exc.headers else None)) from None
+            raise _HTTPFailure(
+                exc.code,
+                f"HTTP {exc.code}: {_error_message(detail)}",
+                _retry_after(exc.headers.get("Retry-After") if exc.headers else None),
+            ) from None
         except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, timeout
             reason = getattr(exc, "reason", None) or exc
             raise _HTTPFailure(None, f"connection error: {reason}") from None

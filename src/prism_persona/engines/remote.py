@@ -25,17 +25,38 @@ from ..errors import PrismError
 SERVER_ENGINES = ("vllm", "openai")
 
 
-def server_run_config(engine: str, model: Optional[str], out: str | Path, quiet: bool = False, base_url: str = "",
-                      vllm_python: str = "", vllm_args: str = "", concurrency: int = 0, dtype: str = "auto",
-                      device: str = "auto", batch_size: int = 8, trust_remote_code: bool = False):
+def server_run_config(
+    engine: str,
+    model: Optional[str],
+    out: str | Path,
+    quiet: bool = False,
+    base_url: str = "",
+    vllm_python: str = "",
+    vllm_args: str = "",
+    concurrency: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+):
     """A validated RunConfig whose ``engine`` and ``model`` sections say what the flags say; a started
     server logs to ``OUT/logs/vllm.log``."""
     from ..config import EMBEDDED_MODEL, resolve
 
-    engine_section = {"engine": engine, "base_url": base_url or "", "concurrency": int(concurrency or 0),
-                      "vllm_python": vllm_python or "", "vllm_args": shlex.split(vllm_args or "")}
-    model_section = {"model": model or EMBEDDED_MODEL, "dtype": dtype or "auto", "device": device or "auto",
-                     "batch_size": int(batch_size or 8), "trust_remote_code": bool(trust_remote_code)}
+    engine_section = {
+        "engine": engine,
+        "base_url": base_url or "",
+        "concurrency": int(concurrency or 0),
+        "vllm_python": vllm_python or "",
+        "vllm_args": shlex.split(vllm_args or ""),
+    }
+    model_section = {
+        "model": model or EMBEDDED_MODEL,
+        "dtype": dtype or "auto",
+        "device": device or "auto",
+        "batch_size": int(batch_size or 8),
+        "trust_remote_code": bool(trust_remote_code),
+    }
     return resolve(overrides={"out": str(out), "quiet": quiet, "model": model_section, "engine": engine_section})
 
 
@@ -47,8 +68,10 @@ def artifact_base_model(artifact: str | Path, model: Optional[str]) -> str:
 
     base = Artifact.read(Path(artifact).expanduser().resolve()).base_model
     if model and resolve_model(model).display != resolve_model(base).display:
-        raise PrismError(f"the PRISM artifact's base model is {resolve_model(base).display}: one vLLM server serves "
-                         f"it and the adapter, so drop --model {model}")
+        raise PrismError(
+            f"the PRISM artifact's base model is {resolve_model(base).display}: one vLLM server serves "
+            f"it and the adapter, so drop --model {model}"
+        )
     return base
 
 
@@ -59,8 +82,10 @@ class ServerSystems:
         from . import check_engine
 
         if artifact is not None and run_cfg.engine.engine != "vllm":
-            raise PrismError("a PRISM artifact's lora/prism rows need the adapter on a vLLM server: use --engine vllm "
-                             "(with --base-url to attach to one that serves it as 'prism')")
+            raise PrismError(
+                "a PRISM artifact's lora/prism rows need the adapter on a vLLM server: use --engine vllm "
+                "(with --base-url to attach to one that serves it as 'prism')"
+            )
         self.cfg = run_cfg
         self.artifact = Path(artifact).expanduser().resolve() if artifact is not None else None
         self.trust_remote_code = trust_remote_code
@@ -87,8 +112,7 @@ class ServerSystems:
                 from .vllm import LORA_NAME, VLLMEngine, export_for_vllm
 
                 _, adapter, max_rank = export_for_vllm(self.artifact, self.cfg.quiet)
-                self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: str(adapter)},
-                                                      max_lora_rank=max_rank)
+                self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: str(adapter)}, max_lora_rank=max_rank)
         return self._engine
 
     def routed(self, force: Optional[bool] = None):

@@ -15,7 +15,8 @@ probability is reported in every case.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from .base import Completion, Engine, SamplingParams
 

@@ -23,8 +23,8 @@ Attach to a server that is already running with ``--base-url`` (then nothing is 
 from __future__ import annotations
 
 import atexit
-import json
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -36,8 +36,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
@@ -78,8 +79,10 @@ def find_vllm_python(explicit: str = "") -> str:
         return str(venv_python)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    raise VLLMError(f"vLLM is not installed: run scripts/setup_vllm.sh (creates {default_venv()}), or pass "
-                    "--vllm-python PATH, or attach to a running server with --base-url")
+    raise VLLMError(
+        f"vLLM is not installed: run scripts/setup_vllm.sh (creates {default_venv()}), or pass "
+        "--vllm-python PATH, or attach to a running server with --base-url"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,7 +94,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # --------------------------------------------------------------------------------------------------
 # the server process
 
-_LIVE: "set[VLLMServer]" = set()
+_LIVE: set[VLLMServer] = set()
 _LIVE_LOCK = threading.Lock()
 _HOOKS_INSTALLED = False
 
@@ -147,11 +150,26 @@ class VLLMServer:
     thread that starts the server: start it from the main thread (or one that lives as long).
     """
 
-    def __init__(self, model: str, served_name: str, python: str, log_path: str | os.PathLike,
-                 loras: Optional[dict] = None, dtype: str = "auto", max_lora_rank: int = 16,
-                 eager: bool = True, max_num_seqs: int = 0, max_model_len: int = 0, cpu_cores: str = "",
-                 kv_cache_gib: int = 0, extra_args: Sequence[str] = (), startup_timeout_s: float = 900.0,
-                 quiet: bool = False, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        model: str,
+        served_name: str,
+        python: str,
+        log_path: str | os.PathLike,
+        loras: Optional[dict] = None,
+        dtype: str = "auto",
+        max_lora_rank: int = 16,
+        eager: bool = True,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+        cpu_cores: str = "",
+        kv_cache_gib: int = 0,
+        extra_args: Sequence[str] = (),
+        startup_timeout_s: float = 900.0,
+        quiet: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.model = str(model)
         self.served_name = served_name
         self.python = python
@@ -182,12 +200,30 @@ class VLLMServer:
         return self.url + "/v1"
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", SERVER_MODULE, "--model", self.model, "--served-model-name", self.served_name,
-               "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
-               "--disable-uvicorn-access-log"]
+        cmd = [
+            self.python,
+            "-m",
+            SERVER_MODULE,
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            "--disable-uvicorn-access-log",
+        ]
         if self.loras:
-            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
-                    *[f"{name}={path}" for name, path in self.loras.items()]]
+            cmd += [
+                "--enable-lora",
+                "--max-lora-rank",
+                str(self.max_lora_rank),
+                "--lora-modules",
+                *[f"{name}={path}" for name, path in self.loras.items()],
+            ]
         if self.eager:
             cmd.append("--enforce-eager")
         if self.max_num_seqs > 0:
@@ -208,7 +244,7 @@ class VLLMServer:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         return env
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         """Spawn the server and wait until ``/health`` answers (or raise :class:`VLLMError`)."""
         if self.proc is not None:
             return self
@@ -221,9 +257,15 @@ class VLLMServer:
         self._log_handle.flush()
         _install_hooks()
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log_handle,
-                                     stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True,
-                                     preexec_fn=_child_setup(os.getpid()))
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,
+            preexec_fn=_child_setup(os.getpid()),
+        )
         with _LIVE_LOCK:
             _LIVE.add(self)
         try:
@@ -242,15 +284,19 @@ class VLLMServer:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise VLLMError(f"the vLLM server exited with code {code} while starting: "
-                                f"{self.last_log_line() or 'no output'} (full log: {self.log_path})")
+                raise VLLMError(
+                    f"the vLLM server exited with code {code} while starting: "
+                    f"{self.last_log_line() or 'no output'} (full log: {self.log_path})"
+                )
             if _healthy(self.url):
                 say(f"vLLM is up after {time.perf_counter() - t0:.0f} s")
                 return
             now = time.perf_counter()
             if now - t0 > self.startup_timeout_s:
-                raise VLLMError(f"the vLLM server did not become healthy within {self.startup_timeout_s:.0f} s "
-                                f"(log: {self.log_path})")
+                raise VLLMError(
+                    f"the vLLM server did not become healthy within {self.startup_timeout_s:.0f} s "
+                    f"(log: {self.log_path})"
+                )
             if now >= next_note:
                 say(f"  vLLM starting ({now - t0:.0f} s): {self.last_log_line()[:120]}")
                 next_note = now + 15.0
@@ -297,7 +343,7 @@ class VLLMServer:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -329,17 +375,28 @@ def _healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def server_from_config(cfg, model: str, served_name: str, loras: Optional[dict] = None,
-                       log_path: Optional[str | os.PathLike] = None) -> VLLMServer:
+def server_from_config(
+    cfg, model: str, served_name: str, loras: Optional[dict] = None, log_path: Optional[str | os.PathLike] = None
+) -> VLLMServer:
     """A (not yet started) :class:`VLLMServer` with the settings of ``cfg.engine`` / ``cfg.model``."""
     e = cfg.engine
-    return VLLMServer(model, served_name, find_vllm_python(e.vllm_python),
-                      log_path or Path(cfg.out) / "logs" / "vllm.log", loras=loras,
-                      dtype=server_dtype(cfg.model.dtype), max_lora_rank=max(16, int(getattr(cfg.distill, "r", 16))),
-                      eager=_eager(e.vllm_eager), max_num_seqs=e.vllm_max_num_seqs,
-                      max_model_len=e.vllm_max_model_len, cpu_cores=e.vllm_cpu_cores,
-                      kv_cache_gib=e.vllm_kv_cache_gib, extra_args=list(e.vllm_args),
-                      startup_timeout_s=e.vllm_startup_timeout_s, quiet=cfg.quiet)
+    return VLLMServer(
+        model,
+        served_name,
+        find_vllm_python(e.vllm_python),
+        log_path or Path(cfg.out) / "logs" / "vllm.log",
+        loras=loras,
+        dtype=server_dtype(cfg.model.dtype),
+        max_lora_rank=max(16, int(getattr(cfg.distill, "r", 16))),
+        eager=_eager(e.vllm_eager),
+        max_num_seqs=e.vllm_max_num_seqs,
+        max_model_len=e.vllm_max_model_len,
+        cpu_cores=e.vllm_cpu_cores,
+        kv_cache_gib=e.vllm_kv_cache_gib,
+        extra_args=list(e.vllm_args),
+        startup_timeout_s=e.vllm_startup_timeout_s,
+        quiet=cfg.quiet,
+    )
 
 
 def server_dtype(dtype: str) -> str:
@@ -374,8 +431,16 @@ class VLLMEngine(OpenAIEngine):
     name = "vllm"
     supports_prefill = True  # the chat extras continue_final_message / add_generation_prompt
 
-    def __init__(self, base_url: str, model: str, tokenizer, server: Optional[VLLMServer] = None,
-                 eos_ids: Sequence[int] = (), quiet: bool = False, **kwargs):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tokenizer,
+        server: Optional[VLLMServer] = None,
+        eos_ids: Sequence[int] = (),
+        quiet: bool = False,
+        **kwargs,
+    ):
         super().__init__(base_url, model, **kwargs)
         self.quiet = quiet
         self.generate_seconds = 0.0
@@ -384,7 +449,7 @@ class VLLMEngine(OpenAIEngine):
         self._eos = sorted(set(eos_ids) | set(_eos_ids(tokenizer)))
 
     @classmethod
-    def from_config(cls, cfg, loras: Optional[dict] = None, max_lora_rank: int = 0) -> "VLLMEngine":
+    def from_config(cls, cfg, loras: Optional[dict] = None, max_lora_rank: int = 0) -> VLLMEngine:
         """Attach to ``cfg.engine.base_url`` if set, else start a server on ``cfg.model.model``.
 
         ``loras`` ({served name: PEFT adapter dir}) are served too (``max_lora_rank`` at least); an
@@ -395,16 +460,24 @@ class VLLMEngine(OpenAIEngine):
         src = prepare_model(resolve_model(cfg.model.model), quiet=cfg.quiet)
         tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
         key = os.environ.get(e.api_key_env) if e.api_key_env else None
-        common = dict(api_key=key, concurrency=engine_concurrency(cfg), timeout_s=e.timeout_s,
-                      max_retries=e.max_retries, eos_ids=generation_eos_ids(src), quiet=cfg.quiet)
+        common = dict(
+            api_key=key,
+            concurrency=engine_concurrency(cfg),
+            timeout_s=e.timeout_s,
+            max_retries=e.max_retries,
+            eos_ids=generation_eos_ids(src),
+            quiet=cfg.quiet,
+        )
         if e.base_url:
             base_url = e.base_url.rstrip("/")
             served = served_models(base_url, key)
             missing = [name for name in (loras or {}) if name not in [m.get("id") for m in served]]
             if missing:
-                raise VLLMError(f"{base_url} does not serve the adapter '{missing[0]}' (it serves "
-                                f"{', '.join(str(m.get('id')) for m in served) or 'nothing'}); start vLLM with "
-                                f"--enable-lora --lora-modules {missing[0]}=DIR (`prism export --format vllm`)")
+                raise VLLMError(
+                    f"{base_url} does not serve the adapter '{missing[0]}' (it serves "
+                    f"{', '.join(str(m.get('id')) for m in served) or 'nothing'}); start vLLM with "
+                    f"--enable-lora --lora-modules {missing[0]}=DIR (`prism export --format vllm`)"
+                )
             return cls(base_url, pick_base_model(served, base_url, src.display), tokenizer, **common)
         server = server_from_config(cfg, src.path_or_id, src.display, loras=loras)
         server.max_lora_rank = max(server.max_lora_rank, int(max_lora_rank))
@@ -422,8 +495,13 @@ class VLLMEngine(OpenAIEngine):
 
         return self.tokenizer(render_chat(self.tokenizer, chat), add_special_tokens=False)["input_ids"]
 
-    def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate",
-                 model: "Optional[str] | Sequence[Optional[str]]" = None) -> list[Completion]:
+    def generate(
+        self,
+        chats: Sequence[list],
+        params: SamplingParams,
+        desc: str = "generate",
+        model: Optional[str] | Sequence[Optional[str]] = None,
+    ) -> list[Completion]:
         """One completion per chat, in order. ``model``: a served LoRA name instead of the base, or one
         name (``None`` = the base) per chat; rows of both kinds go to vLLM together (one batch)."""
         from ..progress import progress
@@ -445,9 +523,15 @@ class VLLMEngine(OpenAIEngine):
             self.generate_seconds += time.perf_counter() - t0
 
     def _completion_body(self, ids: list[int], params: SamplingParams, model: Optional[str]) -> dict:
-        body = {"model": model or self.model_name, "prompt": ids, "max_tokens": int(params.max_new_tokens),
-                "temperature": float(params.temperature or 0.0), "n": 1, "stop_token_ids": self._eos,
-                "skip_special_tokens": True}
+        body = {
+            "model": model or self.model_name,
+            "prompt": ids,
+            "max_tokens": int(params.max_new_tokens),
+            "temperature": float(params.temperature or 0.0),
+            "n": 1,
+            "stop_token_ids": self._eos,
+            "skip_special_tokens": True,
+        }
         if params.temperature and params.top_p < 1.0:
             body["top_p"] = float(params.top_p)
         if params.temperature:
@@ -480,8 +564,9 @@ class VLLMEngine(OpenAIEngine):
     def choice_token_ids(self, choice: str) -> list[int]:
         return choice_token_ids(self.tokenizer, choice)
 
-    def score_choices(self, chats: Sequence[list], choices: Sequence[str],
-                      model: "Optional[str] | Sequence[Optional[str]]" = None) -> list[dict]:
+    def score_choices(
+        self, chats: Sequence[list], choices: Sequence[str], model: Optional[str] | Sequence[Optional[str]] = None
+    ) -> list[dict]:
         """log P(first token of each choice | chat + generation prompt), spellings pooled by
         log-sum-exp: the HF engine's numbers.
 
@@ -504,14 +589,23 @@ class VLLMEngine(OpenAIEngine):
         return [{c: _logsumexp([lp[t] for t in ids]) for c, ids in choice_ids.items()} for lp in per_chat]
 
     def _token_logprob(self, ids: list[int], token: int, model: Optional[str] = None) -> float:
-        body = {"model": model or self.model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
-                "allowed_token_ids": [token], "n": 1}
+        body = {
+            "model": model or self.model_name,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 0,
+            "allowed_token_ids": [token],
+            "n": 1,
+        }
         data = self._post(body, "/completions")
         try:
             return float(data["choices"][0]["logprobs"]["token_logprobs"][0])
         except (KeyError, IndexError, TypeError, ValueError):
-            raise OpenAIEngineError(f"{self.base_url}: no log-probability for token {token} in the answer "
-                                    f"(is this a vLLM server?): {str(data)[:200]}") from None
+            raise OpenAIEngineError(
+                f"{self.base_url}: no log-probability for token {token} in the answer "
+                f"(is this a vLLM server?): {str(data)[:200]}"
+            ) from None
 
     @property
     def can_score(self) -> bool:
@@ -524,8 +618,10 @@ class VLLMEngine(OpenAIEngine):
             return self.post(body, path)
         except OpenAIEngineError as exc:
             if self.server is not None and not self.server.alive():
-                raise VLLMError(f"the vLLM server went away ({self.server.last_log_line()[:160] or 'no log'}; "
-                                f"log: {self.server.log_path}); completed work is kept, rerun to resume") from None
+                raise VLLMError(
+                    f"the vLLM server went away ({self.server.last_log_line()[:160] or 'no log'}; "
+                    f"log: {self.server.log_path}); completed work is kept, rerun to resume"
+                ) from None
             raise exc from None
 
     def close(self) -> None:
@@ -560,7 +656,9 @@ def served_models(base_url: str, api_key: Optional[str]) -> list[dict]:
     """The ``data`` of ``GET /v1/models`` (a one-line :class:`VLLMError` when the server is unreachable)."""
     host = urlsplit(base_url).hostname or ""
     handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
-    req = urllib.request.Request(base_url + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(
+        base_url + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
     try:
         with urllib.request.build_opener(*handlers).open(req, timeout=10) as resp:
             models = json.loads(resp.read().decode("utf-8")).get("data") or []
@@ -629,15 +727,30 @@ def export_for_vllm(artifact: str | os.PathLike, quiet: bool = False):
     return src, exported / "adapter", vllm_max_lora_rank(rank)
 
 
-def start_for_artifact(artifact: str | os.PathLike, python: str = "", extra_args: Sequence[str] = (),
-                       cpu_cores: str = "", kv_cache_gib: int = 4, quiet: bool = False) -> VLLMServer:
+def start_for_artifact(
+    artifact: str | os.PathLike,
+    python: str = "",
+    extra_args: Sequence[str] = (),
+    cpu_cores: str = "",
+    kv_cache_gib: int = 4,
+    quiet: bool = False,
+) -> VLLMServer:
     """Export ``artifact`` for vLLM (:func:`export_for_vllm`) and start a vLLM server with the base
     model (served under its display name) and the adapter (served as ``prism``). ``prism serve
     --engine vllm`` puts the route-only router in front."""
     src, adapter, max_rank = export_for_vllm(artifact, quiet)
-    server = VLLMServer(src.path_or_id, src.display, find_vllm_python(python), adapter.parents[1] / "vllm.log",
-                        loras={LORA_NAME: str(adapter)}, dtype=server_dtype("auto"),
-                        max_lora_rank=max_rank, eager=_eager("auto"), cpu_cores=cpu_cores,
-                        kv_cache_gib=kv_cache_gib,
-                        extra_args=list(extra_args), quiet=quiet)
+    server = VLLMServer(
+        src.path_or_id,
+        src.display,
+        find_vllm_python(python),
+        adapter.parents[1] / "vllm.log",
+        loras={LORA_NAME: str(adapter)},
+        dtype=server_dtype("auto"),
+        max_lora_rank=max_rank,
+        eager=_eager("auto"),
+        cpu_cores=cpu_cores,
+        kv_cache_gib=kv_cache_gib,
+        extra_args=list(extra_args),
+        quiet=quiet,
+    )
     return server.start()

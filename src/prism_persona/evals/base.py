@@ -11,7 +11,7 @@ the section of ``results.json`` (``{system: {...}}``) and ``{system: {item_id: v
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from collections.abc import Sequence
 
 from .systems import SystemSpec
 
@@ -22,8 +22,9 @@ class Evaluator(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def evaluate(self, runner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items,
-                 gates: dict) -> tuple[dict, dict]:
+    def evaluate(
+        self, runner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
+    ) -> tuple[dict, dict]:
         """Generate (cached), judge (cached) and summarise ``items`` for ``specs``."""
 
 

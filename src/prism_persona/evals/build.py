@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import PrismError
+from ..judges import is_callable_spec, load_callable
 from . import data as D
 from .evaluate import Benchmarks
-from ..judges import is_callable_spec, load_callable
 from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, make_refusal_classifier
 from .runner import EvalRunner, EvalSettings
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
@@ -39,7 +39,7 @@ def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
     return out
 
 
-def load_benchmarks(cfg: "EvalConfig", names: list[str], limit: Optional[int] = None) -> Benchmarks:
+def load_benchmarks(cfg: EvalConfig, names: list[str], limit: Optional[int] = None) -> Benchmarks:
     """Load the chosen benchmarks (``--limit`` items each, spread over categories)."""
     b = Benchmarks()
     lim = limit if limit is not None else cfg.limit
@@ -48,14 +48,12 @@ def load_benchmarks(cfg: "EvalConfig", names: list[str], limit: Optional[int] = 
         b.mmlu = D.load_mmlu(cfg.mmlu or None, subjects=subjects, limit=cfg.mmlu_limit or lim)
     if "mtbench" in names:
         cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
-        b.mtbench = D.load_mtbench(cfg.mtbench or None, categories=cats,
-                                   limit=cfg.mtbench_limit or lim)
+        b.mtbench = D.load_mtbench(cfg.mtbench or None, categories=cats, limit=cfg.mtbench_limit or lim)
         if not b.mtbench:
             raise PrismError(f"no MT-Bench questions in categories {cats}")
     for s in D.SAFETY_BENCHMARKS:
         if s in names:
-            b.safety[s] = D.load_safety(s, getattr(cfg, s) or None,
-                                        limit=cfg.safety_limit or lim)
+            b.safety[s] = D.load_safety(s, getattr(cfg, s) or None, limit=cfg.safety_limit or lim)
     return b
 
 
@@ -65,7 +63,7 @@ def _model_display(spec: Optional[str]) -> str:
     return resolve_model(spec).display
 
 
-def build_provider(cfg: "EvalConfig", quiet: bool = False, out: str = "runs/eval") -> EngineProvider:
+def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval") -> EngineProvider:
     """Engines for base/persona (``--model``) and lora/prism (``--prism``), loaded on first use.
 
     With ``--prism`` and no ``--model``, base is the gated model with the adapter forced off
@@ -86,9 +84,13 @@ def build_provider(cfg: "EvalConfig", quiet: bool = False, out: str = "runs/eval
             if "gm" not in holder:
                 from ..gated.model import GatedModel
 
-                holder["gm"] = GatedModel.from_pretrained(art, device=cfg.device or "auto", dtype=cfg.dtype or "auto",
-                                                          batch_size=cfg.batch_size,
-                                                          trust_remote_code=cfg.trust_remote_code)
+                holder["gm"] = GatedModel.from_pretrained(
+                    art,
+                    device=cfg.device or "auto",
+                    dtype=cfg.dtype or "auto",
+                    batch_size=cfg.batch_size,
+                    trust_remote_code=cfg.trust_remote_code,
+                )
             return holder["gm"]
 
         factories["lora"] = lambda: gated().as_engine(force=True)
@@ -104,15 +106,16 @@ def build_provider(cfg: "EvalConfig", quiet: bool = False, out: str = "runs/eval
         def base():
             from ..engines.hf import HFEngine
 
-            return HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet,
-                                 cfg.trust_remote_code)
+            return HFEngine.load(
+                spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet, cfg.trust_remote_code
+            )
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
     return EngineProvider(factories, identities)
 
 
-def build_remote_provider(cfg: "EvalConfig", quiet: bool, out: str) -> EngineProvider:
+def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
     """``--engine vllm`` / ``--engine openai``: every system on one server, started on first use
     (:class:`~prism_persona.engines.remote.ServerSystems`).
 
@@ -127,10 +130,20 @@ def build_remote_provider(cfg: "EvalConfig", quiet: bool, out: str) -> EnginePro
     base_model = artifact_base_model(art, cfg.model) if art is not None else cfg.model
     if cfg.engine == "openai" and not cfg.model:
         raise PrismError("--engine openai needs --model: the model name the server at --base-url serves")
-    run_cfg = server_run_config(cfg.engine, base_model, out, quiet, base_url=cfg.base_url or "",
-                                vllm_python=cfg.vllm_python or "", vllm_args=cfg.vllm_args or "",
-                                concurrency=cfg.concurrency, dtype=cfg.dtype or "auto", device=cfg.device or "auto",
-                                batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    run_cfg = server_run_config(
+        cfg.engine,
+        base_model,
+        out,
+        quiet,
+        base_url=cfg.base_url or "",
+        vllm_python=cfg.vllm_python or "",
+        vllm_args=cfg.vllm_args or "",
+        concurrency=cfg.concurrency,
+        dtype=cfg.dtype or "auto",
+        device=cfg.device or "auto",
+        batch_size=cfg.batch_size,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     systems = ServerSystems(run_cfg, art, cfg.trust_remote_code)
     suffix = f"@{cfg.engine}"
     shown = cfg.model if cfg.engine == "openai" else _model_display(base_model)  # openai: the served name
@@ -146,7 +159,7 @@ def build_remote_provider(cfg: "EvalConfig", quiet: bool, out: str) -> EnginePro
     return provider
 
 
-def build_judge(cfg: "EvalConfig", provider: EngineProvider, quiet: bool = False) -> EvalJudge:
+def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False) -> EvalJudge:
     """``self`` (the base engine), another model id/path, or ``module:function`` (prompt -> reply text)."""
     spec = (cfg.judge or "self").strip()
     mode = cfg.judge_mode or "auto"
@@ -158,12 +171,13 @@ def build_judge(cfg: "EvalConfig", provider: EngineProvider, quiet: bool = False
         return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
 
-    engine = HFEngine.load(spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet,
-                           cfg.trust_remote_code)
+    engine = HFEngine.load(
+        spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet, cfg.trust_remote_code
+    )
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
 
 
-def build_personas(cfg: "EvalConfig") -> PersonaBook:
+def build_personas(cfg: EvalConfig) -> PersonaBook:
     """Personas from ``--persona-file``, else ``--personas RUN``, else the run beside ``--prism``."""
     personas: dict = {}
     if cfg.persona_file:
@@ -179,16 +193,24 @@ def build_personas(cfg: "EvalConfig") -> PersonaBook:
     return PersonaBook(personas, parse_match(cfg.persona_map), seed=cfg.seed or 0)
 
 
-def build_runner(cfg: "EvalConfig", out: str, quiet: bool = False) -> EvalRunner:
+def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
     provider = build_provider(cfg, quiet, out)
-    settings = EvalSettings(answer_tokens=cfg.answer_tokens, safety_tokens=cfg.safety_tokens,
-                            seed=cfg.seed or 0, n_resamples=cfg.resamples)
+    settings = EvalSettings(
+        answer_tokens=cfg.answer_tokens, safety_tokens=cfg.safety_tokens, seed=cfg.seed or 0, n_resamples=cfg.resamples
+    )
     spec = cfg.refusal_classifier or "judge"
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
         refusal = make_refusal_classifier(spec, lambda: None)
-    return EvalRunner(out, provider, personas=build_personas(cfg), settings=settings,
-                      judge_factory=lambda: build_judge(cfg, provider, quiet), refusal=refusal, refusal_spec=spec)
+    return EvalRunner(
+        out,
+        provider,
+        personas=build_personas(cfg),
+        settings=settings,
+        judge_factory=lambda: build_judge(cfg, provider, quiet),
+        refusal=refusal,
+        refusal_spec=spec,
+    )
 
 
 def add_eval_options(p, skip: tuple = ()) -> None:

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..errors import PrismError
 from ..text import is_loop
@@ -51,7 +52,9 @@ class HeldoutQuery:
 # -------------------------------------------------------------------------------------------- input
 
 
-def load_heldout(path: str | Path, rewarded: Sequence[str] = (), rewarded_flag: str = "--rewarded") -> list[HeldoutQuery]:
+def load_heldout(
+    path: str | Path, rewarded: Sequence[str] = (), rewarded_flag: str = "--rewarded"
+) -> list[HeldoutQuery]:
     """Held-out queries from a .jsonl/.json/.csv file with ``domain`` and ``query`` (and optionally
     ``route``: true/false). Without a ``route`` column, queries of the ``rewarded`` domains are the
     ones expected to be routed (when ``rewarded`` is given)."""
@@ -102,16 +105,21 @@ def persona_texts(artifact, domains: Sequence[str], persona_files: Optional[dict
             texts[d] = run_personas[d][length]
     missing = [d for d in domains if d not in texts]
     if missing:
-        raise PrismError(f"no persona for held-out domain(s) {', '.join(missing)}: the artifact's run has none; "
-                         "give --persona-file DOMAIN=PATH")
+        raise PrismError(
+            f"no persona for held-out domain(s) {', '.join(missing)}: the artifact's run has none; "
+            "give --persona-file DOMAIN=PATH"
+        )
     return texts
 
 
 def artifact_fingerprint(artifact) -> str:
     """A hash of the gate and adapter weights (answers made with another artifact are not reused)."""
     h = hashlib.sha1()
-    for path in (artifact.path / "gate.safetensors", artifact.path / "gate_config.json",
-                 artifact.adapter_dir / "adapter_model.safetensors"):
+    for path in (
+        artifact.path / "gate.safetensors",
+        artifact.path / "gate_config.json",
+        artifact.adapter_dir / "adapter_model.safetensors",
+    ):
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -120,8 +128,16 @@ def artifact_fingerprint(artifact) -> str:
 # -------------------------------------------------------------------------------------------- work
 
 
-def write_answers(gm, items: Sequence[HeldoutQuery], personas: dict, placement: str, store, max_new_tokens: int,
-                  batch_size: int, quiet: bool = True) -> None:
+def write_answers(
+    gm,
+    items: Sequence[HeldoutQuery],
+    personas: dict,
+    placement: str,
+    store,
+    max_new_tokens: int,
+    batch_size: int,
+    quiet: bool = True,
+) -> None:
     """Answer every query with every system (greedy); append to ``store`` as batches finish."""
     from ..engines.base import SamplingParams
     from ..models import user_chat, with_persona
@@ -134,20 +150,30 @@ def write_answers(gm, items: Sequence[HeldoutQuery], personas: dict, placement: 
     for system in SYSTEMS:
         rows = [q for s, q in todo if s == system]
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             chats = [user_chat(q.query) for q in batch]
             if system == "persona":
                 chats = [with_persona(c, personas[q.domain], placement) for c, q in zip(chats, batch)]
             outs = gm.generate(chats, params, force=force[system])
-            store.extend({"key": f"{system}:{q.key}", "system": system, "query_key": q.key, "text": o.text,
-                          "finish": o.finish_reason, "routed": bool(o.meta.get("routed")),
-                          "gate_prob": float(o.meta.get("gate_prob", 0.0))} for q, o in zip(batch, outs))
+            store.extend(
+                {
+                    "key": f"{system}:{q.key}",
+                    "system": system,
+                    "query_key": q.key,
+                    "text": o.text,
+                    "finish": o.finish_reason,
+                    "routed": bool(o.meta.get("routed")),
+                    "gate_prob": float(o.meta.get("gate_prob", 0.0)),
+                }
+                for q, o in zip(batch, outs)
+            )
             bar.update(len(batch))
     bar.close()
 
 
-def write_verdicts(judge, items: Sequence[HeldoutQuery], answers, personas: dict, store, batch_size: int,
-                   quiet: bool = True) -> None:
+def write_verdicts(
+    judge, items: Sequence[HeldoutQuery], answers, personas: dict, store, batch_size: int, quiet: bool = True
+) -> None:
     """Judge LoRA vs base and persona vs base for every query, in both orders."""
     from ..judges import judge_swapped_batch
     from ..progress import progress
@@ -155,16 +181,31 @@ def write_verdicts(judge, items: Sequence[HeldoutQuery], answers, personas: dict
     todo = [(pair, q) for pair in PAIRS for q in items if f"{pair}:{q.key}" not in store]
     bar = progress(total=len(todo), desc="check verdicts", disable=quiet, unit="pair")
     for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+        batch = todo[start : start + batch_size]
         triples = []
         for pair, q in batch:
             x, y = PAIRS[pair]
-            triples.append((q.query, answers.get(f"{x}:{q.key}")["text"], answers.get(f"{y}:{q.key}")["text"],
-                            q.domain, personas.get(q.domain, "")))
+            triples.append(
+                (
+                    q.query,
+                    answers.get(f"{x}:{q.key}")["text"],
+                    answers.get(f"{y}:{q.key}")["text"],
+                    q.domain,
+                    personas.get(q.domain, ""),
+                )
+            )
         results = judge_swapped_batch(judge, triples)
-        store.extend({"key": f"{pair}:{q.key}", "pair": pair, "query_key": q.key, "winner": r.winner,
-                      "x_wins": r.x_wins, "orders": [r.first.winner, r.second.winner]}
-                     for (pair, q), r in zip(batch, results))
+        store.extend(
+            {
+                "key": f"{pair}:{q.key}",
+                "pair": pair,
+                "query_key": q.key,
+                "winner": r.winner,
+                "x_wins": r.x_wins,
+                "orders": [r.first.winner, r.second.winner],
+            }
+            for (pair, q), r in zip(batch, results)
+        )
         bar.update(len(batch))
     bar.close()
 
@@ -189,9 +230,12 @@ def paired_loops(base: Sequence[bool], other: Sequence[bool]) -> dict:
 
 def loops_vs_base_text(loops_vs_base: dict) -> str:
     """``"LoRA forced on +4 / -0 (p = 0.12); PRISM +2 / -0 (p = 0.50)"`` from a report's ``loops_vs_base``."""
-    return "; ".join(f"{name} +{lv['added']} / -{lv['removed']} (p = {lv['p']:.2f})"
-                     for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))
-                     for lv in [loops_vs_base.get(s)] if lv)
+    return "; ".join(
+        f"{name} +{lv['added']} / -{lv['removed']} (p = {lv['p']:.2f})"
+        for s, name in (("lora", "LoRA forced on"), ("prism", "PRISM"))
+        for lv in [loops_vs_base.get(s)]
+        if lv
+    )
 
 
 def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float) -> dict:
@@ -209,20 +253,30 @@ def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float
             "routing_rate": _rate(sum(a["routed"] for a in prism), len(qs)),
             "mean_gate_prob": _rate(sum(a["gate_prob"] for a in prism), len(qs)),
             "expected_route_rate": _rate(sum(1 for q in qs if q.route), sum(1 for q in qs if q.route is not None)),
-            "lora_win_rate": lora_rate, "persona_win_rate": persona_rate,
+            "lora_win_rate": lora_rate,
+            "persona_win_rate": persona_rate,
             "transfer_ratio": lora_rate / persona_rate if persona_rate else None,
-            "unrouted": len(unrouted), "base_identity": _rate(same, len(unrouted)),
-            "loop_rate": {s: _rate(sum(is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs), len(qs))
-                          for s in SYSTEMS},
-            "loops_vs_base": {s: paired_loops([is_loop(answers.get(f"base:{q.key}")["text"]) for q in qs],
-                                              [is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs])
-                              for s in ("lora", "prism")},
+            "unrouted": len(unrouted),
+            "base_identity": _rate(same, len(unrouted)),
+            "loop_rate": {
+                s: _rate(sum(is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs), len(qs)) for s in SYSTEMS
+            },
+            "loops_vs_base": {
+                s: paired_loops(
+                    [is_loop(answers.get(f"base:{q.key}")["text"]) for q in qs],
+                    [is_loop(answers.get(f"{s}:{q.key}")["text"]) for q in qs],
+                )
+                for s in ("lora", "prism")
+            },
         }
         return out
 
     domains = sorted({q.domain for q in items}, key=[q.domain for q in items].index)
-    report = {"threshold": threshold, "overall": block(items),
-              "domains": {d: block([q for q in items if q.domain == d]) for d in domains}}
+    report = {
+        "threshold": threshold,
+        "overall": block(items),
+        "domains": {d: block([q for q in items if q.domain == d]) for d in domains},
+    }
     labelled = [q for q in items if q.route is not None]
     if labelled:
         probs = [answers.get(f"prism:{q.key}")["gate_prob"] for q in labelled]
@@ -239,26 +293,42 @@ def fmt(x, pct: bool = False) -> str:
 
 def check_markdown(report: dict) -> str:
     o, g = report["overall"], report.get("gate_vs_expected_route")
-    lines = [f"# PRISM held-out check: {report['artifact']}", "",
-             f"{o['n']} held-out queries from `{report['heldout']}`; judge `{report['judge']}`; greedy answers of "
-             f"at most {report['max_new_tokens']} tokens; gate threshold {report['threshold']:.3f}.", ""]
+    lines = [
+        f"# PRISM held-out check: {report['artifact']}",
+        "",
+        f"{o['n']} held-out queries from `{report['heldout']}`; judge `{report['judge']}`; greedy answers of "
+        f"at most {report['max_new_tokens']} tokens; gate threshold {report['threshold']:.3f}.",
+        "",
+    ]
     if g:
-        lines += [f"**Gate vs expected route** ({g['n']} labelled, {g['positives']} expected routed): "
-                  f"AUC {fmt(g['auc'])}, balanced accuracy {fmt(g['balanced_accuracy'])}, accuracy {fmt(g['accuracy'])}.", ""]
-    lines += [f"**Behaviour transfer** (LoRA without persona vs base, over persona prompt vs base): "
-              f"{fmt(o['transfer_ratio'])} ({fmt(o['lora_win_rate'], True)} / {fmt(o['persona_win_rate'], True)}).",
-              f"**Base identity** (unrouted PRISM answers equal to the base model's): {fmt(o['base_identity'], True)} "
-              f"of {o['unrouted']}.", "",
-              "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**Gate vs expected route** ({g['n']} labelled, {g['positives']} expected routed): "
+            f"AUC {fmt(g['auc'])}, balanced accuracy {fmt(g['balanced_accuracy'])}, accuracy {fmt(g['accuracy'])}.",
+            "",
+        ]
+    lines += [
+        f"**Behaviour transfer** (LoRA without persona vs base, over persona prompt vs base): "
+        f"{fmt(o['transfer_ratio'])} ({fmt(o['lora_win_rate'], True)} / {fmt(o['persona_win_rate'], True)}).",
+        f"**Base identity** (unrouted PRISM answers equal to the base model's): {fmt(o['base_identity'], True)} "
+        f"of {o['unrouted']}.",
+        "",
+        "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, b in [*report["domains"].items(), ("**all**", o)]:
         loops = " / ".join(fmt(b["loop_rate"][s], True) for s in SYSTEMS)
-        lines.append(f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
-                     f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
-                     f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |")
-    lines += ["", "**Loops against the base model** (same queries; added = the system loops where the base model "
-              "does not, removed = the reverse; p = paired exact McNemar test): "
-              + loops_vs_base_text(o["loops_vs_base"]) + "."]
+        lines.append(
+            f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
+            f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
+            f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |"
+        )
+    lines += [
+        "",
+        "**Loops against the base model** (same queries; added = the system loops where the base model "
+        "does not, removed = the reverse; p = paired exact McNemar test): "
+        + loops_vs_base_text(o["loops_vs_base"])
+        + ".",
+    ]
     lines += ["", "![check](check.png)", ""]
     return "\n".join(lines)
 
@@ -277,16 +347,35 @@ def check_figure(report: dict, path: Path) -> Path:
     ax.bar(x, [r["routing_rate"] or 0 for r in rows], color="#4c72b0", label="routed by the gate")
     exp = [r["expected_route_rate"] for r in rows]
     if any(e is not None for e in exp):
-        ax.scatter(list(x), [e if e is not None else float("nan") for e in exp], color="black", marker="_", s=400,
-                   zorder=3, label="expected")
+        ax.scatter(
+            list(x),
+            [e if e is not None else float("nan") for e in exp],
+            color="black",
+            marker="_",
+            s=400,
+            zorder=3,
+            label="expected",
+        )
     ax.set_xticks(list(x), doms, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_title("routing rate on held-out queries")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax = axes[1]
     w = 0.38
-    ax.bar([i - w / 2 for i in x], [r["persona_win_rate"] or 0 for r in rows], w, color="#dd8452", label="persona prompt vs base")
-    ax.bar([i + w / 2 for i in x], [r["lora_win_rate"] or 0 for r in rows], w, color="#55a868", label="LoRA, no persona, vs base")
+    ax.bar(
+        [i - w / 2 for i in x],
+        [r["persona_win_rate"] or 0 for r in rows],
+        w,
+        color="#dd8452",
+        label="persona prompt vs base",
+    )
+    ax.bar(
+        [i + w / 2 for i in x],
+        [r["lora_win_rate"] or 0 for r in rows],
+        w,
+        color="#55a868",
+        label="LoRA, no persona, vs base",
+    )
     ax.set_xticks(list(x), doms, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"judge win rate (transfer {fmt(report['overall']['transfer_ratio'])})")
@@ -300,10 +389,21 @@ def check_figure(report: dict, path: Path) -> Path:
 # -------------------------------------------------------------------------------------------- entry
 
 
-def run_check(artifact_dir: str | Path, heldout: str | Path, out: Optional[str | Path] = None, judge: str = "self",
-              rewarded: Sequence[str] = (), persona_files: Optional[dict] = None, max_new_tokens: int = 96,
-              judge_mode: str = "auto", device: str = "auto", dtype: str = "auto", batch_size: Optional[int] = None,
-              quiet: bool = False, gated=None) -> dict:
+def run_check(
+    artifact_dir: str | Path,
+    heldout: str | Path,
+    out: Optional[str | Path] = None,
+    judge: str = "self",
+    rewarded: Sequence[str] = (),
+    persona_files: Optional[dict] = None,
+    max_new_tokens: int = 96,
+    judge_mode: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: Optional[int] = None,
+    quiet: bool = False,
+    gated=None,
+) -> dict:
     """Run (or resume) the held-out check of an artifact; return the report (also written to ``out``,
     default ``<artifact>/../check``). ``gated`` = an already loaded :class:`GatedModel` to use."""
     from ..gated.artifact import Artifact
@@ -317,8 +417,11 @@ def run_check(artifact_dir: str | Path, heldout: str | Path, out: Optional[str |
     personas = persona_texts(art, sorted({q.domain for q in items}), persona_files)
     check_judge_spec(judge)
     run = RunDir(out or art.path.parent / "check")
-    answer_settings = {"artifact": artifact_fingerprint(art), "max_new_tokens": max_new_tokens,
-                       "personas": {d: hashlib.sha1(t.encode()).hexdigest()[:16] for d, t in sorted(personas.items())}}
+    answer_settings = {
+        "artifact": artifact_fingerprint(art),
+        "max_new_tokens": max_new_tokens,
+        "personas": {d: hashlib.sha1(t.encode()).hexdigest()[:16] for d, t in sorted(personas.items())},
+    }
     answers = run.store("answers", depends_on=answer_settings)
     verdicts = run.store("verdicts", depends_on={"answers": answer_settings, "judge": judge, "judge_mode": judge_mode})
     if gated is None:
@@ -333,8 +436,14 @@ def run_check(artifact_dir: str | Path, heldout: str | Path, out: Optional[str |
     finally:
         the_judge.close()
     report = summarise(items, answers, verdicts, gated.threshold)
-    report.update(artifact=str(art.path), heldout=str(heldout), judge=judge, judge_mode=getattr(the_judge, "mode", judge_mode),
-                  max_new_tokens=max_new_tokens, rewarded=list(rewarded))
+    report.update(
+        artifact=str(art.path),
+        heldout=str(heldout),
+        judge=judge,
+        judge_mode=getattr(the_judge, "mode", judge_mode),
+        max_new_tokens=max_new_tokens,
+        rewarded=list(rewarded),
+    )
     run.write_json("check.json", report)
     check_figure(report, run.path("check.png"))
     run.path("check.md").write_text(check_markdown(report), encoding="utf-8")

@@ -28,9 +28,10 @@ import ast
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Optional
 
 from ..errors import PrismError
 from . import sources as S
@@ -152,14 +153,17 @@ def _mmlu_row(row, where: str, default_subject: str = "") -> MMLUItem:
         row = dict(row, choices=[row[k] for k in LETTERS])
     missing = [k for k in ("question", "choices", "answer") if k not in row]
     if missing:
-        raise PrismError(f"{where}: missing column(s) {', '.join(missing)} "
-                         f"(the cais/mmlu layout has question, subject, choices, answer)")
+        raise PrismError(
+            f"{where}: missing column(s) {', '.join(missing)} "
+            f"(the cais/mmlu layout has question, subject, choices, answer)"
+        )
     question = str(row["question"] or "").strip()
     if not question:
         raise PrismError(f"{where}: empty question")
     subject = str(row.get("subject") or default_subject or "unknown").strip()
-    return MMLUItem(f"{subject}/0", subject, question, _choices(row["choices"], where),
-                    _answer_index(row["answer"], where))
+    return MMLUItem(
+        f"{subject}/0", subject, question, _choices(row["choices"], where), _answer_index(row["answer"], where)
+    )
 
 
 def _read_original_csv(path: Path, subject: str) -> list[MMLUItem]:
@@ -174,8 +178,9 @@ def _read_original_csv(path: Path, subject: str) -> list[MMLUItem]:
         letter = row[5].strip().upper()
         if letter not in LETTERS:
             raise PrismError(f"{where}: bad answer letter {row[5]!r}; expected A, B, C or D")
-        items.append(MMLUItem(f"{subject}/0", subject, row[0].strip(), tuple(c.strip() for c in row[1:5]),
-                              LETTERS.index(letter)))
+        items.append(
+            MMLUItem(f"{subject}/0", subject, row[0].strip(), tuple(c.strip() for c in row[1:5]), LETTERS.index(letter))
+        )
     return items
 
 
@@ -195,8 +200,10 @@ def _mmlu_file(path: Path) -> list[MMLUItem]:
         text = S.read_text(path, "MMLU")
         first = next(S.csv_rows(path, text), (None, []))[1]
         if "question" not in [c.strip() for c in first]:
-            raise PrismError(f"{path}: a cais/mmlu CSV needs a header with question, subject, choices, answer "
-                             f"(got {first}); a header-less file must be named <subject>_test.csv")
+            raise PrismError(
+                f"{path}: a cais/mmlu CSV needs a header with question, subject, choices, answer "
+                f"(got {first}); a header-less file must be named <subject>_test.csv"
+            )
     if path.suffix.lower() not in MMLU_EXTENSIONS:
         raise PrismError(f"{path}: unsupported MMLU file type; use {', '.join(MMLU_EXTENSIONS)}")
     return [_mmlu_row(row, where) for where, row in S.read_records(path, "MMLU")]
@@ -209,13 +216,16 @@ def _mmlu_folder(p: Path) -> list[MMLUItem]:
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MMLU_EXTENSIONS)
     files = [f for f in files if "test" in f.name] or files  # prefer the test split
     if not files:
-        raise PrismError(f"{p}: no MMLU files found (expected <subject>_test.csv files, or "
-                         f"cais/mmlu exports: {', '.join(MMLU_EXTENSIONS)})")
+        raise PrismError(
+            f"{p}: no MMLU files found (expected <subject>_test.csv files, or "
+            f"cais/mmlu exports: {', '.join(MMLU_EXTENSIONS)})"
+        )
     return [it for f in files for it in _mmlu_file(f)]
 
 
-def load_mmlu(path: str | Path | None = None, subjects: Optional[Iterable[str]] = None,
-              limit: Optional[int] = None) -> list[MMLUItem]:
+def load_mmlu(
+    path: str | Path | None = None, subjects: Optional[Iterable[str]] = None, limit: Optional[int] = None
+) -> list[MMLUItem]:
     """MMLU test items: ``cais/mmlu`` from the hub (``path=None``), a cais/mmlu export (file or folder)
     or an original ``*_test.csv`` folder.
 
@@ -237,8 +247,10 @@ def load_mmlu(path: str | Path | None = None, subjects: Optional[Iterable[str]] 
         have = {it.subject for it in items}
         unknown = sorted(set(wanted) - have)
         if unknown:
-            raise PrismError(f"unknown MMLU subject(s) {', '.join(unknown)}; the data has: "
-                             f"{', '.join(sorted(have)[:12])}{' ...' if len(have) > 12 else ''}")
+            raise PrismError(
+                f"unknown MMLU subject(s) {', '.join(unknown)}; the data has: "
+                f"{', '.join(sorted(have)[:12])}{' ...' if len(have) > 12 else ''}"
+            )
         items = [it for it in items if it.subject in set(wanted)]
     return take_stratified(items, lambda it: it.subject, limit)
 
@@ -277,12 +289,17 @@ def _mtbench_row(row, where: str) -> MTBenchItem:
         raise PrismError(f"{where}: 'turns' must be a non-empty list of strings")
     ref = row.get("reference") or []
     ref = ref.tolist() if hasattr(ref, "tolist") else ref
-    return MTBenchItem(str(row["question_id"]), str(row["category"]), tuple(turns),
-                       tuple(str(r) for r in ref) if isinstance(ref, list) else ())
+    return MTBenchItem(
+        str(row["question_id"]),
+        str(row["category"]),
+        tuple(turns),
+        tuple(str(r) for r in ref) if isinstance(ref, list) else (),
+    )
 
 
-def load_mtbench(path: str | Path | None = None, categories: Optional[Iterable[str]] = None,
-                 limit: Optional[int] = None) -> list[MTBenchItem]:
+def load_mtbench(
+    path: str | Path | None = None, categories: Optional[Iterable[str]] = None, limit: Optional[int] = None
+) -> list[MTBenchItem]:
     """MT-Bench questions (``question_id``, ``category``, ``turns`` [, ``reference``]): the hub copy of
     FastChat's ``question.jsonl`` by default, or a local .jsonl/.json/.parquet file."""
     rows = S.rows_from("mtbench", path, "MT-Bench")

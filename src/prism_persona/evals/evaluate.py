@@ -11,8 +11,8 @@ each gated answer, used by the threshold sweep.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .mmlu import MMLUEvaluator
 from .mtbench import MTBenchEvaluator
@@ -52,19 +52,26 @@ def systems_to_run(specs: Sequence[SystemSpec]) -> list[SystemSpec]:
     return extra + out
 
 
-def evaluate(runner: EvalRunner, specs: Sequence[SystemSpec], bench: Benchmarks,
-             pairwise: bool = True) -> tuple[dict, dict]:
+def evaluate(
+    runner: EvalRunner, specs: Sequence[SystemSpec], bench: Benchmarks, pairwise: bool = True
+) -> tuple[dict, dict]:
     """Generate (cached), judge (cached) and summarise. See the module docstring for the shapes."""
     run_specs = systems_to_run(specs)
-    results: dict = {"systems": [s.name for s in specs], "counts": bench.counts(),
-                     "n_resamples": runner.s.n_resamples, "seed": runner.s.seed}
+    results: dict = {
+        "systems": [s.name for s in specs],
+        "counts": bench.counts(),
+        "n_resamples": runner.s.n_resamples,
+        "seed": runner.s.seed,
+    }
     per_item: dict = {}
     gates: dict = {}  # gated system -> benchmark -> item_id -> gate probability (for the threshold sweep)
     generated = [s for s in specs if s.kind != "answers"]  # file answers exist for MT-Bench only
     gen_run = [s for s in run_specs if s.kind != "answers"]
-    plan = [(MMLUEvaluator(), bench.mmlu, gen_run, generated),
-            (MTBenchEvaluator(pairwise), bench.mtbench, run_specs, specs),
-            (SafetyEvaluator(), bench.safety, gen_run, generated)]
+    plan = [
+        (MMLUEvaluator(), bench.mmlu, gen_run, generated),
+        (MTBenchEvaluator(pairwise), bench.mtbench, run_specs, specs),
+        (SafetyEvaluator(), bench.safety, gen_run, generated),
+    ]
     for evaluator, items, to_run, shown in plan:
         if items:
             results[evaluator.name], per_item[evaluator.name] = evaluator.evaluate(runner, to_run, shown, items, gates)

@@ -29,8 +29,8 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import PrismError
 from . import sources as S
@@ -50,8 +50,13 @@ def _file_name(name: str) -> str:
 
 def answer_record(model_id: str, item_id: str, answers: Sequence[str], tstamp: float) -> dict:
     digest = hashlib.sha1(json.dumps([model_id, item_id, list(answers)]).encode()).hexdigest()[:22]
-    return {"question_id": _qid(item_id), "answer_id": digest, "model_id": model_id,
-            "choices": [{"index": 0, "turns": list(answers)}], "tstamp": tstamp}
+    return {
+        "question_id": _qid(item_id),
+        "answer_id": digest,
+        "model_id": model_id,
+        "choices": [{"index": 0, "turns": list(answers)}],
+        "tstamp": tstamp,
+    }
 
 
 def single_records(model: str, judge: str, items, answers: dict, grades: dict, tstamp: float) -> list[dict]:
@@ -64,10 +69,18 @@ def single_records(model: str, judge: str, items, answers: dict, grades: dict, t
         for t, rec in enumerate(grades[it.item_id]):
             name = "prism-single-v1" + ("-multi-turn" if t else "")
             score = rec.get("score")
-            out.append({"question_id": _qid(it.item_id), "model": model, "judge": [judge, name],
-                        "user_prompt": grade_prompt(it.turns, turns, t, it.reference),
-                        "judgment": rec.get("text", ""), "score": -1 if score is None else score,
-                        "turn": t + 1, "tstamp": tstamp})
+            out.append(
+                {
+                    "question_id": _qid(it.item_id),
+                    "model": model,
+                    "judge": [judge, name],
+                    "user_prompt": grade_prompt(it.turns, turns, t, it.reference),
+                    "judgment": rec.get("text", ""),
+                    "score": -1 if score is None else score,
+                    "turn": t + 1,
+                    "tstamp": tstamp,
+                }
+            )
     return out
 
 
@@ -80,10 +93,22 @@ def pair_records(model_1: str, model_2: str, judge: str, items, pairs: dict, tst
             g1 = g2 = "tie"
         else:
             g1, g2 = WINNER.get(p.get("xy"), "error"), WINNER.get(p.get("yx"), "error")
-        out.append({"question_id": _qid(it.item_id), "model_1": model_1, "model_2": model_2,
-                    "g1_winner": g1, "g2_winner": g2, "judge": [judge, "prism-pair-v1-multi-turn"],
-                    "g1_user_prompt": "", "g1_judgment": "", "g2_user_prompt": "", "g2_judgment": "",
-                    "turn": len(it.turns), "tstamp": tstamp})
+        out.append(
+            {
+                "question_id": _qid(it.item_id),
+                "model_1": model_1,
+                "model_2": model_2,
+                "g1_winner": g1,
+                "g2_winner": g2,
+                "judge": [judge, "prism-pair-v1-multi-turn"],
+                "g1_user_prompt": "",
+                "g1_judgment": "",
+                "g2_user_prompt": "",
+                "g2_judgment": "",
+                "turn": len(it.turns),
+                "tstamp": tstamp,
+            }
+        )
     return out
 
 

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -59,11 +60,21 @@ def _bool_routes(probs: Sequence[float], threshold: float) -> list[bool]:
 class PrismLM(TemplateLM):
     """lm-eval ``LM`` over a :class:`~prism_persona.gated.model.GatedModel` (or a plain base model)."""
 
-    def __init__(self, artifact: Optional[str] = None, system: str = "prism", pretrained: Optional[str] = None,
-                 batch_size: int | str = 8, device: str = "auto", dtype: str = "auto",
-                 max_length: Optional[int] = None, threshold: Optional[float] = None,
-                 persona_file: Optional[str] = None, domain: Optional[str] = None,
-                 routing_file: Optional[str] = None, **unused):
+    def __init__(
+        self,
+        artifact: Optional[str] = None,
+        system: str = "prism",
+        pretrained: Optional[str] = None,
+        batch_size: int | str = 8,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_length: Optional[int] = None,
+        threshold: Optional[float] = None,
+        persona_file: Optional[str] = None,
+        domain: Optional[str] = None,
+        routing_file: Optional[str] = None,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.info("prism: ignoring model_args %s", ", ".join(sorted(unused)))
@@ -123,8 +134,9 @@ class PrismLM(TemplateLM):
 
     def _needs_chat(self) -> None:
         if self.system == "persona" and not self._chat_templated:
-            raise PrismError("system=persona puts the persona in a system message: run lm-eval with "
-                             "--apply_chat_template")
+            raise PrismError(
+                "system=persona puts the persona in a system message: run lm-eval with --apply_chat_template"
+            )
 
     def route(self, contexts: Sequence[Sequence[int]]) -> tuple[list[Optional[float]], list[bool]]:
         """(gate probability, routed) per token context; the gate reads the layer-0 state of its last token."""
@@ -137,15 +149,16 @@ class PrismLM(TemplateLM):
 
         probs: list[float] = []
         for start in range(0, len(contexts), self.batch_size_per_gpu):
-            ids, mask = _pad([list(c) for c in contexts[start:start + self.batch_size_per_gpu]],
-                             self._pad_id, left=True)
+            ids, mask = _pad(
+                [list(c) for c in contexts[start : start + self.batch_size_per_gpu]], self._pad_id, left=True
+            )
             feats = layer0_last_states(self.model, ids.to(self._device), mask.to(self._device))
             with torch.no_grad():
                 probs.extend(float(p) for p in self.gm.gate(feats.float()).tolist())
         return probs, _bool_routes(probs, self.threshold)
 
     def _context_tokens(self, context: str) -> list[int]:
-        return self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
+        return self.tok_encode(context)[-self.max_length :] or [self.prefix_token_id]
 
     def _record(self, kind: str, requests, routed: Sequence[bool]) -> None:
         for req, r in zip(requests, routed):
@@ -155,8 +168,9 @@ class PrismLM(TemplateLM):
             slot["n"] += 1
         n, k = len(routed), sum(bool(r) for r in routed)
         if n:
-            log.info("prism (%s): routed %d/%d %s requests to the LoRA (%.1f%%)", self.system, k, n, kind,
-                     100.0 * k / n)
+            log.info(
+                "prism (%s): routed %d/%d %s requests to the LoRA (%.1f%%)", self.system, k, n, kind, 100.0 * k / n
+            )
         if self.routing_file:
             Path(self.routing_file).write_text(json.dumps(self.routing_report(), indent=2), encoding="utf-8")
 
@@ -171,8 +185,13 @@ class PrismLM(TemplateLM):
                 total["routed"] += s["routed"]
                 total["n"] += s["n"]
         total["rate"] = total["routed"] / total["n"] if total["n"] else None
-        return {"system": self.system, "artifact": self.artifact, "threshold": self.threshold,
-                "overall": total, "tasks": tasks}
+        return {
+            "system": self.system,
+            "artifact": self.artifact,
+            "threshold": self.threshold,
+            "overall": total,
+            "tasks": tasks,
+        }
 
     @property
     def _pad_id(self) -> int:
@@ -198,7 +217,7 @@ class PrismLM(TemplateLM):
         self._needs_chat()
         windows = []
         for _, ctx, cont in requests:
-            inp = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
+            inp = (list(ctx) + list(cont))[-(self.max_length + 1) :][:-1]
             windows.append((inp, len(cont)))
         # route on the context as the task wrote it: lm-eval moves its trailing whitespace (e.g. the
         # newline after a chat template's generation prompt) into the continuation, but the gate reads
@@ -207,11 +226,11 @@ class PrismLM(TemplateLM):
         self._last_routed = routed
         out: list[tuple[float, bool]] = []
         for start in range(0, len(windows), self.batch_size_per_gpu):
-            chunk = windows[start:start + self.batch_size_per_gpu]
-            logp = self._logits([w for w, _ in chunk], routed[start:start + len(chunk)])
-            for row, ((inp, n), (_, _, cont)) in enumerate(zip(chunk, requests[start:start + len(chunk)])):
+            chunk = windows[start : start + self.batch_size_per_gpu]
+            logp = self._logits([w for w, _ in chunk], routed[start : start + len(chunk)])
+            for row, ((inp, n), (_, _, cont)) in enumerate(zip(chunk, requests[start : start + len(chunk)])):
                 first = len(inp) - n
-                lp = logp[row, first:first + n]
+                lp = logp[row, first : first + n]
                 target = _tensor(list(cont)[-n:], lp.device)
                 total = float(lp.gather(-1, target.unsqueeze(-1)).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
@@ -231,16 +250,21 @@ class PrismLM(TemplateLM):
         _, routed = self.route([t[: self.max_length] or [self.prefix_token_id] for t in texts])
         out = []
         for tokens, r in zip(texts, routed):
-            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                utils.make_disjoint_window(w)
+                for w in utils.get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+                )
+            ]
             total = 0.0
             for start in range(0, len(windows), self.batch_size_per_gpu):
-                chunk = windows[start:start + self.batch_size_per_gpu]
-                logp = self._logits([list(c) + list(t[:-1]) if len(t) > 1 else list(c) for c, t in chunk],
-                                    [r] * len(chunk))
+                chunk = windows[start : start + self.batch_size_per_gpu]
+                logp = self._logits(
+                    [list(c) + list(t[:-1]) if len(t) > 1 else list(c) for c, t in chunk], [r] * len(chunk)
+                )
                 for row, (ctx, tgt) in enumerate(chunk):
                     first = len(ctx) - 1
-                    lp = logp[row, first:first + len(tgt)]
+                    lp = logp[row, first : first + len(tgt)]
                     total += float(lp.gather(-1, _tensor(list(tgt), lp.device).unsqueeze(-1)).sum())
             out.append(total)
         self._record("loglikelihood_rolling", requests, routed)
@@ -260,18 +284,28 @@ class PrismLM(TemplateLM):
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", 256))
-            ctx = ctx[-max(1, self.max_length - max_new):]
+            ctx = ctx[-max(1, self.max_length - max_new) :]
             ids = _tensor(ctx, self._device).unsqueeze(0)
             mask = torch.ones_like(ids)
             with torch.no_grad():
                 if self.gm is not None:
                     with self.gm.routing([routed[i]]):
-                        gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                                  do_sample=False, pad_token_id=self._pad_id)
+                        gen = self.model.generate(
+                            input_ids=ids,
+                            attention_mask=mask,
+                            max_new_tokens=max_new,
+                            do_sample=False,
+                            pad_token_id=self._pad_id,
+                        )
                 else:
-                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                              do_sample=False, pad_token_id=self._pad_id)
-            text = self.tok_decode(gen[0, ids.shape[1]:].tolist())
+                    gen = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=max_new,
+                        do_sample=False,
+                        pad_token_id=self._pad_id,
+                    )
+            text = self.tok_decode(gen[0, ids.shape[1] :].tolist())
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
@@ -287,8 +321,10 @@ class PrismLM(TemplateLM):
 def _check_system(system: str, artifact: Optional[str]) -> str:
     s = (system or "prism").strip().lower()
     if s == "oracle":
-        raise PrismError("system=oracle needs a judge's verdict per item, which lm-eval never gives a model; "
-                         "use `prism eval --systems oracle` (MMLU, MT-Bench, safety)")
+        raise PrismError(
+            "system=oracle needs a judge's verdict per item, which lm-eval never gives a model; "
+            "use `prism eval --systems oracle` (MMLU, MT-Bench, safety)"
+        )
     if s not in SYSTEMS:
         raise PrismError(f"unknown system '{system}'; choose from {', '.join(SYSTEMS)}")
     if s in ("lora", "prism", "persona") and not artifact:

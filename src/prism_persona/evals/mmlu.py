@@ -7,41 +7,92 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-from .runner import Job
 from .base import Evaluator, keep_gates, oracle_wanted, route_meta
 from .data import LETTERS, MMLUItem
+from .runner import Job
 
 GROUPS = ("STEM", "Humanities", "Social Sciences", "Other")
 
 _SUBCATEGORY = {
-    "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
-    "clinical_knowledge": "health", "college_biology": "biology", "college_chemistry": "chemistry",
-    "college_computer_science": "computer science", "college_mathematics": "math", "college_medicine": "health",
-    "college_physics": "physics", "computer_security": "computer science", "conceptual_physics": "physics",
-    "econometrics": "economics", "electrical_engineering": "engineering", "elementary_mathematics": "math",
-    "formal_logic": "philosophy", "global_facts": "other", "high_school_biology": "biology",
-    "high_school_chemistry": "chemistry", "high_school_computer_science": "computer science",
-    "high_school_european_history": "history", "high_school_geography": "geography",
-    "high_school_government_and_politics": "politics", "high_school_macroeconomics": "economics",
-    "high_school_mathematics": "math", "high_school_microeconomics": "economics", "high_school_physics": "physics",
-    "high_school_psychology": "psychology", "high_school_statistics": "math", "high_school_us_history": "history",
-    "high_school_world_history": "history", "human_aging": "health", "human_sexuality": "culture",
-    "international_law": "law", "jurisprudence": "law", "logical_fallacies": "philosophy",
-    "machine_learning": "computer science", "management": "business", "marketing": "business",
-    "medical_genetics": "health", "miscellaneous": "other", "moral_disputes": "philosophy",
-    "moral_scenarios": "philosophy", "nutrition": "health", "philosophy": "philosophy", "prehistory": "history",
-    "professional_accounting": "other", "professional_law": "law", "professional_medicine": "health",
-    "professional_psychology": "psychology", "public_relations": "politics", "security_studies": "politics",
-    "sociology": "culture", "us_foreign_policy": "politics", "virology": "health", "world_religions": "philosophy",
+    "abstract_algebra": "math",
+    "anatomy": "health",
+    "astronomy": "physics",
+    "business_ethics": "business",
+    "clinical_knowledge": "health",
+    "college_biology": "biology",
+    "college_chemistry": "chemistry",
+    "college_computer_science": "computer science",
+    "college_mathematics": "math",
+    "college_medicine": "health",
+    "college_physics": "physics",
+    "computer_security": "computer science",
+    "conceptual_physics": "physics",
+    "econometrics": "economics",
+    "electrical_engineering": "engineering",
+    "elementary_mathematics": "math",
+    "formal_logic": "philosophy",
+    "global_facts": "other",
+    "high_school_biology": "biology",
+    "high_school_chemistry": "chemistry",
+    "high_school_computer_science": "computer science",
+    "high_school_european_history": "history",
+    "high_school_geography": "geography",
+    "high_school_government_and_politics": "politics",
+    "high_school_macroeconomics": "economics",
+    "high_school_mathematics": "math",
+    "high_school_microeconomics": "economics",
+    "high_school_physics": "physics",
+    "high_school_psychology": "psychology",
+    "high_school_statistics": "math",
+    "high_school_us_history": "history",
+    "high_school_world_history": "history",
+    "human_aging": "health",
+    "human_sexuality": "culture",
+    "international_law": "law",
+    "jurisprudence": "law",
+    "logical_fallacies": "philosophy",
+    "machine_learning": "computer science",
+    "management": "business",
+    "marketing": "business",
+    "medical_genetics": "health",
+    "miscellaneous": "other",
+    "moral_disputes": "philosophy",
+    "moral_scenarios": "philosophy",
+    "nutrition": "health",
+    "philosophy": "philosophy",
+    "prehistory": "history",
+    "professional_accounting": "other",
+    "professional_law": "law",
+    "professional_medicine": "health",
+    "professional_psychology": "psychology",
+    "public_relations": "politics",
+    "security_studies": "politics",
+    "sociology": "culture",
+    "us_foreign_policy": "politics",
+    "virology": "health",
+    "world_religions": "philosophy",
 }
 
 _GROUP_OF_SUB = {
-    "physics": "STEM", "chemistry": "STEM", "biology": "STEM", "computer science": "STEM", "math": "STEM",
-    "engineering": "STEM", "history": "Humanities", "philosophy": "Humanities", "law": "Humanities",
-    "politics": "Social Sciences", "culture": "Social Sciences", "economics": "Social Sciences",
-    "geography": "Social Sciences", "psychology": "Social Sciences", "other": "Other", "business": "Other",
+    "physics": "STEM",
+    "chemistry": "STEM",
+    "biology": "STEM",
+    "computer science": "STEM",
+    "math": "STEM",
+    "engineering": "STEM",
+    "history": "Humanities",
+    "philosophy": "Humanities",
+    "law": "Humanities",
+    "politics": "Social Sciences",
+    "culture": "Social Sciences",
+    "economics": "Social Sciences",
+    "geography": "Social Sciences",
+    "psychology": "Social Sciences",
+    "other": "Other",
+    "business": "Other",
     "health": "Other",
 }
 
@@ -61,8 +112,10 @@ def pretty_subject(subject: str) -> str:
 def mmlu_prompt(item: MMLUItem) -> str:
     """The 0-shot prompt: question, lettered options, and a request for the letter only."""
     opts = "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, item.choices))
-    return (f"The following is a multiple choice question about {pretty_subject(item.subject)}.\n\n"
-            f"{item.question}\n{opts}\n\nAnswer with the letter of the correct option (A, B, C or D) only.")
+    return (
+        f"The following is a multiple choice question about {pretty_subject(item.subject)}.\n\n"
+        f"{item.question}\n{opts}\n\nAnswer with the letter of the correct option (A, B, C or D) only."
+    )
 
 
 def argmax_letter(scores: dict) -> str:
@@ -99,8 +152,9 @@ class MMLUEvaluator(Evaluator):
         """item_id -> record with ``pred`` (letter or None), ``scores`` / ``text`` and routing ``meta``."""
         jobs = []
         for it in items:
-            chat, persona, domain = runner.chat_for(spec, subject_group(it.subject), it.item_id,
-                                                    [{"role": "user", "content": mmlu_prompt(it)}])
+            chat, persona, domain = runner.chat_for(
+                spec, subject_group(it.subject), it.item_id, [{"role": "user", "content": mmlu_prompt(it)}]
+            )
             jobs.append(Job(it.item_id, runner.key(spec, "mmlu", it.item_id, persona, {"prompt": 1}), chat, domain))
 
         def run_chunk(engine, chunk):
@@ -109,12 +163,15 @@ class MMLUEvaluator(Evaluator):
             if scores is not None:
                 routes = route_meta(engine, chats) if spec.kind == "prism" else [{} for _ in chats]
                 runner.count.scored += len(chunk)
-                return [{"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc),
-                         "meta": rt} for sc, rt in zip(scores, routes)]
+                return [
+                    {"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc), "meta": rt}
+                    for sc, rt in zip(scores, routes)
+                ]
             outs = engine.generate(chats, runner.s.gen(runner.s.mmlu_text_tokens))
             runner.count.generated += len(chunk)
-            return [{"method": "text", "text": o.text, "pred": parse_letter(o.text), "meta": runner.meta(o)}
-                    for o in outs]
+            return [
+                {"method": "text", "text": o.text, "pred": parse_letter(o.text), "meta": runner.meta(o)} for o in outs
+            ]
 
         return runner.responses_for(spec, "mmlu", jobs, run_chunk)
 
@@ -126,8 +183,9 @@ class MMLUEvaluator(Evaluator):
             recs = self.responses(runner, spec, items)
             per[spec.name] = {it.item_id: float(recs[it.item_id]["pred"] == LETTERS[it.answer]) for it in items}
             methods[spec.name] = dict(collections.Counter(r["method"] for r in recs.values()))
-            routing[spec.name] = runner.routing([(subject_group(it.subject), [recs[it.item_id].get("meta")])
-                                                 for it in items])
+            routing[spec.name] = runner.routing(
+                [(subject_group(it.subject), [recs[it.item_id].get("meta")]) for it in items]
+            )
             keep_gates(gates, spec, "mmlu", {it.item_id: recs[it.item_id].get("meta") for it in items})
         if oracle_wanted(specs):
             per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}

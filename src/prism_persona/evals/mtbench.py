@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import PrismError
 from ..models import with_persona
 from ..store import content_key
-from .runner import Job
 from .base import Evaluator, keep_gates, oracle_wanted
 from .data import MTBenchItem
+from .runner import Job
 
 log = logging.getLogger(__name__)
 
 GRADE_PROMPT = (
     "[Instruction]\nAct as an impartial judge and rate the quality of the AI assistant's answer to the "
     "user's question below. Consider helpfulness, relevance, accuracy, depth and level of detail.{ref_note} "
-    "Reply with the rating first, on a scale of 1 to 10, strictly in the format \"[[rating]]\" "
-    "(for example \"[[5]]\"), then one short sentence of explanation.\n\n"
+    'Reply with the rating first, on a scale of 1 to 10, strictly in the format "[[rating]]" '
+    '(for example "[[5]]"), then one short sentence of explanation.\n\n'
     "{body}"
 )
 
@@ -103,7 +103,9 @@ class MTBenchEvaluator(Evaluator):
             return self._file_answers(runner, spec, items)
         jobs = []
         for it in items:
-            _, persona, domain = runner.chat_for(spec, it.category, it.item_id, [{"role": "user", "content": it.turns[0]}])
+            _, persona, domain = runner.chat_for(
+                spec, it.category, it.item_id, [{"role": "user", "content": it.turns[0]}]
+            )
             key = runner.key(spec, "mtbench", it.item_id, persona, {"tokens": runner.s.answer_tokens})
             jobs.append(Job(it.item_id, key, (it, persona), domain))
         params = runner.s.gen(runner.s.answer_tokens)
@@ -136,16 +138,27 @@ class MTBenchEvaluator(Evaluator):
         have = runner.external_answers.get(spec.domain, {})
         missing = [it.item_id for it in items if it.item_id not in have]
         if missing:
-            raise PrismError(f"FastChat answers of '{spec.domain}' lack question(s) {', '.join(missing[:5])}"
-                             f"{' ...' if len(missing) > 5 else ''} (have {len(have)})")
+            raise PrismError(
+                f"FastChat answers of '{spec.domain}' lack question(s) {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''} (have {len(have)})"
+            )
         out = {}
         for it in items:
             answers = list(have[it.item_id])[: len(it.turns)]
             if len(answers) < len(it.turns):
-                raise PrismError(f"FastChat answers of '{spec.domain}' to question {it.item_id}: "
-                                 f"{len(answers)} turn(s), the question has {len(it.turns)}")
-            out[it.item_id] = {"bench": "mtbench", "item_id": it.item_id, "system": spec.name, "domain": None,
-                               "answers": answers, "meta": [{} for _ in answers], "source": "fastchat"}
+                raise PrismError(
+                    f"FastChat answers of '{spec.domain}' to question {it.item_id}: "
+                    f"{len(answers)} turn(s), the question has {len(it.turns)}"
+                )
+            out[it.item_id] = {
+                "bench": "mtbench",
+                "item_id": it.item_id,
+                "system": spec.name,
+                "domain": None,
+                "answers": answers,
+                "meta": [{} for _ in answers],
+                "source": "fastchat",
+            }
         return out
 
     # ---------------------------------------------------------------------------------------- judging
@@ -165,8 +178,10 @@ class MTBenchEvaluator(Evaluator):
                 jobs.append((k, prompt, {"judge": jid, "item_id": it.item_id, "turn": t}))
 
         def judge_chunk(prompts):
-            return [{"score": r["score"], "text": r["text"], "method": r.get("method", "text")}
-                    for r in runner.judge.grade(prompts)]
+            return [
+                {"score": r["score"], "text": r["text"], "method": r.get("method", "text")}
+                for r in runner.judge.grade(prompts)
+            ]
 
         done = runner.judged("grade", jobs, judge_chunk)
         return {iid: [done[k] for k in ks] for iid, ks in keys.items()}
@@ -188,13 +203,23 @@ class MTBenchEvaluator(Evaluator):
             keys[it.item_id] = k
             if x == y:  # identical conversations: a tie without asking
                 if k not in runner.judgments:
-                    runner.judgments.append({"key": k, "kind": "pair", "judge": jid, "item_id": it.item_id,
-                                             "outcome": "tie", "identical": True})
+                    runner.judgments.append(
+                        {
+                            "key": k,
+                            "kind": "pair",
+                            "judge": jid,
+                            "item_id": it.item_id,
+                            "outcome": "tie",
+                            "identical": True,
+                        }
+                    )
                 continue
             jobs.append((k, (q, x, y), {"judge": jid, "item_id": it.item_id}))
 
         def judge_chunk(triples):
-            return runner.judge.compare_swapped([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples])
+            return runner.judge.compare_swapped(
+                [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
+            )
 
         runner.judged("pair", jobs, judge_chunk, calls_per_job=2)
         return {iid: runner.judgments.get(k) for iid, k in keys.items()}
@@ -250,7 +275,9 @@ class MTBenchEvaluator(Evaluator):
             out[name] = res
             per[name] = item_mean
         if any(v["unparseable"] for v in out.values()):
-            log.warning("MT-Bench: %s judge grades were unparseable and are excluded from the means (small judges "
-                        "often ignore the [[rating]] format: try --judge-mode logprob or a stronger --judge)",
-                        ", ".join(f"{k}: {v['unparseable']}/{v['n_grades']}" for k, v in out.items() if v["unparseable"]))
+            log.warning(
+                "MT-Bench: %s judge grades were unparseable and are excluded from the means (small judges "
+                "often ignore the [[rating]] format: try --judge-mode logprob or a stronger --judge)",
+                ", ".join(f"{k}: {v['unparseable']}/{v['n_grades']}" for k, v in out.items() if v["unparseable"]),
+            )
         return out, per

@@ -7,11 +7,16 @@ the Markdown that embeds them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-SAFETY_LABELS = {"harmbench": "HarmBench", "jailbreak": "JBB harmful", "pku": "PKU-SafeRLHF",
-                 "benign": "JBB benign (over-refusal)"}
+SAFETY_LABELS = {
+    "harmbench": "HarmBench",
+    "jailbreak": "JBB harmful",
+    "pku": "PKU-SafeRLHF",
+    "benign": "JBB benign (over-refusal)",
+}
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -45,18 +50,26 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
     systems = results["systems"]
     parts = [f"# {title}", ""]
     parts += [f"- {n}" for n in notes]
-    parts.append(f"- items: {', '.join(f'{k} {v}' for k, v in results.get('counts', {}).items())}; "
-                 f"95% CIs from {results.get('n_resamples')} bootstrap resamples (seed {results.get('seed')}).")
+    parts.append(
+        f"- items: {', '.join(f'{k} {v}' for k, v in results.get('counts', {}).items())}; "
+        f"95% CIs from {results.get('n_resamples')} bootstrap resamples (seed {results.get('seed')})."
+    )
     if results.get("judge"):
         parts.append(f"- judge: `{results['judge'].get('judge')}` (mode {results['judge'].get('mode')})")
     parts.append("")
     if "mmlu" in results:
         systems = _present(results["mmlu"], results["systems"])
         parts += ["## MMLU (0-shot, answer-letter log-likelihood)", ""]
-        groups = [g for g in ("STEM", "Humanities", "Social Sciences", "Other")
-                  if any(g in results["mmlu"][s]["groups"] for s in systems)]
-        rows = [[s, fmt_ci(results["mmlu"][s]["accuracy"], pct=True)]
-                + [fmt_ci(results["mmlu"][s]["groups"].get(g), pct=True) for g in groups] for s in systems]
+        groups = [
+            g
+            for g in ("STEM", "Humanities", "Social Sciences", "Other")
+            if any(g in results["mmlu"][s]["groups"] for s in systems)
+        ]
+        rows = [
+            [s, fmt_ci(results["mmlu"][s]["accuracy"], pct=True)]
+            + [fmt_ci(results["mmlu"][s]["groups"].get(g), pct=True) for g in groups]
+            for s in systems
+        ]
         parts += [md_table(["system", "accuracy"] + groups, rows), ""]
         parts += _routing_table(results["mmlu"], systems, "MMLU")
         parts += _fig(figures, "mmlu")
@@ -68,16 +81,29 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         for s in systems:
             r = mt[s]
             wr = r.get("win_rate")
-            rows.append([s, fmt_ci(r["score"]), fmt_ci(r["turns"].get("1")), fmt_ci(r["turns"].get("2")),
-                         f"{r['unparseable']}/{r['n_grades']}",
-                         (fmt_ci(wr, pct=True) + f" W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}") if wr else "-"])
+            rows.append(
+                [
+                    s,
+                    fmt_ci(r["score"]),
+                    fmt_ci(r["turns"].get("1")),
+                    fmt_ci(r["turns"].get("2")),
+                    f"{r['unparseable']}/{r['n_grades']}",
+                    (fmt_ci(wr, pct=True) + f" W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}") if wr else "-",
+                ]
+            )
         parts += [md_table(["system", "score", "turn 1", "turn 2", "unparseable", "win rate vs base"], rows), ""]
         cats = sorted(next(iter(mt.values()))["categories"])
         rows = [[c] + [fmt_ci(mt[s]["categories"].get(c)) for s in systems] for c in cats]
         parts += ["Score by category:", "", md_table(["category"] + systems, rows), ""]
         if any(mt[s].get("win_rate") for s in systems):
-            rows = [[c] + [fmt_ci(mt[s]["win_rate"]["categories"].get(c), pct=True) if mt[s].get("win_rate") else "-"
-                           for s in systems] for c in cats]
+            rows = [
+                [c]
+                + [
+                    fmt_ci(mt[s]["win_rate"]["categories"].get(c), pct=True) if mt[s].get("win_rate") else "-"
+                    for s in systems
+                ]
+                for c in cats
+            ]
             parts += ["Win rate vs base by category:", "", md_table(["category"] + systems, rows), ""]
         parts += _routing_table(mt, systems, "MT-Bench")
         parts += _fig(figures, "mtbench") + _fig(figures, "mtbench_winrate")
@@ -90,9 +116,13 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
         rows = [[s] + [fmt_ci(sf[s][b]["refusal"], pct=True) for b in benches] for s in systems]
         parts += [md_table(["system"] + [SAFETY_LABELS.get(b, b) for b in benches], rows), ""]
         meth = [[s] + [", ".join(f"{k} {v}" for k, v in sf[s][b]["method"].items()) for b in benches] for s in systems]
-        parts += ["How refusals were decided (logprob / text = judge, keyword = judge fallback, string = "
-                  "string-match baseline, callable = user function):", "",
-                  md_table(["system"] + [SAFETY_LABELS.get(b, b) for b in benches], meth), ""]
+        parts += [
+            "How refusals were decided (logprob / text = judge, keyword = judge fallback, string = "
+            "string-match baseline, callable = user function):",
+            "",
+            md_table(["system"] + [SAFETY_LABELS.get(b, b) for b in benches], meth),
+            "",
+        ]
         prism = [s for s in systems if any(sf[s][b].get("routing") for b in benches)]
         if prism:
             rows = [[s] + [fmt_ci(sf[s][b].get("routing"), pct=True) for b in benches] for s in prism]
@@ -136,8 +166,16 @@ def _plt():
     return plt
 
 
-def grouped_bars(path: str | Path, title: str, groups: Sequence[str], series: dict, ylabel: str,
-                 scale: float = 1.0, ylim: Optional[tuple] = None, hline: Optional[float] = None) -> Path:
+def grouped_bars(
+    path: str | Path,
+    title: str,
+    groups: Sequence[str],
+    series: dict,
+    ylabel: str,
+    scale: float = 1.0,
+    ylim: Optional[tuple] = None,
+    hline: Optional[float] = None,
+) -> Path:
     """Bars of ``series[name][i]`` (CI dicts) over ``groups``, with 95% CI error bars and n labels."""
     plt = _plt()
     names = list(series)
@@ -181,37 +219,70 @@ def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
     if "mmlu" in results:
         mm = results["mmlu"]
         systems = _present(mm, results["systems"])
-        groups = ["all"] + [g for g in ("STEM", "Humanities", "Social Sciences", "Other")
-                            if any(g in mm[s]["groups"] for s in systems)]
+        groups = ["all"] + [
+            g for g in ("STEM", "Humanities", "Social Sciences", "Other") if any(g in mm[s]["groups"] for s in systems)
+        ]
         series = {s: [mm[s]["accuracy"]] + [mm[s]["groups"].get(g) for g in groups[1:]] for s in systems}
-        figs["mmlu"] = grouped_bars(out / "mmlu.png", "MMLU accuracy (95% CI)", groups, series, "accuracy (%)",
-                                    scale=100, ylim=(0, 100), hline=25)
+        figs["mmlu"] = grouped_bars(
+            out / "mmlu.png",
+            "MMLU accuracy (95% CI)",
+            groups,
+            series,
+            "accuracy (%)",
+            scale=100,
+            ylim=(0, 100),
+            hline=25,
+        )
     if "mtbench" in results:
         mt = results["mtbench"]
         systems = _present(mt, results["systems"])
         cats = sorted(next(iter(mt.values()))["categories"])
         series = {s: [mt[s]["score"]] + [mt[s]["categories"].get(c) for c in cats] for s in systems}
-        figs["mtbench"] = grouped_bars(out / "mtbench.png", "MT-Bench judge score (95% CI)", ["all"] + cats,
-                                       series, "score (1-10)", ylim=(0, 10.5))
-        wr = {s: [mt[s]["win_rate"]] + [mt[s]["win_rate"]["categories"].get(c) for c in cats]
-              for s in systems if mt[s].get("win_rate")}
+        figs["mtbench"] = grouped_bars(
+            out / "mtbench.png", "MT-Bench judge score (95% CI)", ["all"] + cats, series, "score (1-10)", ylim=(0, 10.5)
+        )
+        wr = {
+            s: [mt[s]["win_rate"]] + [mt[s]["win_rate"]["categories"].get(c) for c in cats]
+            for s in systems
+            if mt[s].get("win_rate")
+        }
         if wr:
-            figs["mtbench_winrate"] = grouped_bars(out / "mtbench_winrate.png", "MT-Bench win rate vs base (ties = 1/2)",
-                                                   ["all"] + cats, wr, "win rate (%)", scale=100, ylim=(0, 100), hline=50)
+            figs["mtbench_winrate"] = grouped_bars(
+                out / "mtbench_winrate.png",
+                "MT-Bench win rate vs base (ties = 1/2)",
+                ["all"] + cats,
+                wr,
+                "win rate (%)",
+                scale=100,
+                ylim=(0, 100),
+                hline=50,
+            )
     if "safety" in results:
         sf = results["safety"]
         systems = _present(sf, results["systems"])
         benches = list(next(iter(sf.values())))
         series = {s: [sf[s][b]["refusal"] for b in benches] for s in systems}
-        figs["safety"] = grouped_bars(out / "safety.png", "Refusal rate (95% CI)",
-                                      [SAFETY_LABELS.get(b, b) for b in benches], series, "refused (%)",
-                                      scale=100, ylim=(0, 100))
+        figs["safety"] = grouped_bars(
+            out / "safety.png",
+            "Refusal rate (95% CI)",
+            [SAFETY_LABELS.get(b, b) for b in benches],
+            series,
+            "refused (%)",
+            scale=100,
+            ylim=(0, 100),
+        )
     routing = routing_rows(results)
     if routing:
         labels = [r[0] for r in routing]
-        figs["routing"] = grouped_bars(out / "routing.png", "Share routed to the LoRA by category (prism)",
-                                       labels, {"prism": [r[1] for r in routing]}, "routed (%)", scale=100,
-                                       ylim=(0, 100))
+        figs["routing"] = grouped_bars(
+            out / "routing.png",
+            "Share routed to the LoRA by category (prism)",
+            labels,
+            {"prism": [r[1] for r in routing]},
+            "routed (%)",
+            scale=100,
+            ylim=(0, 100),
+        )
     return figs
 
 
@@ -229,8 +300,9 @@ def routing_rows(results: dict, system: str = "prism") -> list[tuple[str, dict]]
     return rows
 
 
-def heatmap(path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[str], title: str,
-            cbar: str = "lift vs base") -> Path:
+def heatmap(
+    path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[str], title: str, cbar: str = "lift vs base"
+) -> Path:
     """``matrix[row][col]`` (numbers or None) as an annotated diverging heatmap centred on 0
     (blue = positive lift, red = negative)."""
     plt = _plt()
@@ -247,8 +319,15 @@ def heatmap(path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[
     for i, row in enumerate(vals):
         for j, v in enumerate(row):
             dark = _ok(v) and abs(v) > 0.6 * vmax
-            ax.text(j, i, f"{v:+.2f}" if _ok(v) else "n/a", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                f"{v:+.2f}" if _ok(v) else "n/a",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
     ax.set_xlabel("MT-Bench category")
     ax.set_ylabel("persona domain")
     ax.set_title(title)
@@ -259,8 +338,7 @@ def heatmap(path: str | Path, matrix: dict, rows: Sequence[str], cols: Sequence[
     return Path(path)
 
 
-def scatter(path: str | Path, points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str,
-            title: str) -> Path:
+def scatter(path: str | Path, points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str, title: str) -> Path:
     """Labelled scatter of (label, x, y) with a least-squares line when it is defined."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from ..engines.base import SamplingParams
 from ..models import with_persona
 from ..store import RunDir, content_key
-from .settings import EvalConfig
 from .judging import EvalJudge, RefusalClassifier, make_refusal_classifier
+from .settings import EvalConfig
 from .stats import bootstrap_ci
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
@@ -71,9 +72,17 @@ class Counters:
 class EvalRunner:
     """One output directory, one engine provider, one judge, one persona book."""
 
-    def __init__(self, out: str, provider: EngineProvider, judge: Optional[EvalJudge] = None,
-                 personas: Optional[PersonaBook] = None, settings: Optional[EvalSettings] = None,
-                 judge_factory=None, refusal: Optional[RefusalClassifier] = None, refusal_spec: str = "judge"):
+    def __init__(
+        self,
+        out: str,
+        provider: EngineProvider,
+        judge: Optional[EvalJudge] = None,
+        personas: Optional[PersonaBook] = None,
+        settings: Optional[EvalSettings] = None,
+        judge_factory=None,
+        refusal: Optional[RefusalClassifier] = None,
+        refusal_spec: str = "judge",
+    ):
         self.run = out if isinstance(out, RunDir) else RunDir(out)
         self.provider = provider
         self._judge = judge
@@ -104,7 +113,9 @@ class EvalRunner:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def chat_for(self, spec: SystemSpec, category: str, item_id: str, messages: list) -> tuple[list, Optional[str], Optional[str]]:
+    def chat_for(
+        self, spec: SystemSpec, category: str, item_id: str, messages: list
+    ) -> tuple[list, Optional[str], Optional[str]]:
         """(chat with the system's persona, persona text or None, persona domain or None)."""
         persona, domain = self.book.for_item(spec, category, item_id)
         if persona:
@@ -124,8 +135,9 @@ class EvalRunner:
 
     # ------------------------------------------------------------------------------------------ the two loops
 
-    def responses_for(self, spec: SystemSpec, bench: str, jobs: Sequence[Job],
-                      run_chunk: Callable[[Any, list], list]) -> dict[str, dict]:
+    def responses_for(
+        self, spec: SystemSpec, bench: str, jobs: Sequence[Job], run_chunk: Callable[[Any, list], list]
+    ) -> dict[str, dict]:
         """item_id -> response record. Cached jobs are read; the others go to ``run_chunk(engine, jobs)``
         (-> one record dict per job) ``CHUNK`` at a time, each chunk appended to the cache as it finishes."""
         todo = []
@@ -137,14 +149,30 @@ class EvalRunner:
         if todo:
             engine = self.provider.get(spec.kind)
             for start in range(0, len(todo), CHUNK):
-                chunk = todo[start:start + CHUNK]
+                chunk = todo[start : start + CHUNK]
                 recs = run_chunk(engine, chunk)
-                self.responses.extend([{"key": j.key, "bench": bench, "item_id": j.item_id, "system": spec.name,
-                                        "domain": j.domain, **r} for j, r in zip(chunk, recs)])
+                self.responses.extend(
+                    [
+                        {
+                            "key": j.key,
+                            "bench": bench,
+                            "item_id": j.item_id,
+                            "system": spec.name,
+                            "domain": j.domain,
+                            **r,
+                        }
+                        for j, r in zip(chunk, recs)
+                    ]
+                )
         return {job.item_id: self.responses.get(job.key) for job in jobs}
 
-    def judged(self, kind: str, jobs: Sequence[tuple[str, Any, dict]], judge_chunk: Callable[[list], list],
-               calls_per_job: int = 1) -> dict[str, dict]:
+    def judged(
+        self,
+        kind: str,
+        jobs: Sequence[tuple[str, Any, dict]],
+        judge_chunk: Callable[[list], list],
+        calls_per_job: int = 1,
+    ) -> dict[str, dict]:
         """key -> judgment record for ``(key, payload, fields)`` jobs; missing keys (each once) are judged by
         ``judge_chunk(payloads)`` ``CHUNK`` at a time and appended as ``{key, kind, **fields, **result}``."""
         todo, seen = [], set()
@@ -153,7 +181,7 @@ class EvalRunner:
                 seen.add(key)
                 todo.append((key, payload, fields))
         for start in range(0, len(todo), CHUNK):
-            chunk = todo[start:start + CHUNK]
+            chunk = todo[start : start + CHUNK]
             res = judge_chunk([payload for _, payload, _ in chunk])
             self.count.judged += calls_per_job * len(chunk)
             self.judgments.extend([{"key": k, "kind": kind, **fields, **r} for (k, _, fields), r in zip(chunk, res)])
@@ -173,4 +201,3 @@ class EvalRunner:
                     by.setdefault(cat, []).append(1.0 if m["routed"] else 0.0)
                     by.setdefault("all", []).append(1.0 if m["routed"] else 0.0)
         return {k: self.ci(v) for k, v in sorted(by.items())}
-

@@ -8,12 +8,12 @@ user function); each decision is stored with its response for audit.
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..store import content_key
-from .runner import Job
 from .base import Evaluator, keep_gates, oracle_wanted
 from .data import SafetyItem, is_benign
+from .runner import Job
 
 
 class SafetyEvaluator(Evaluator):
@@ -24,9 +24,17 @@ class SafetyEvaluator(Evaluator):
     def responses(self, runner, spec, items: Sequence[SafetyItem]) -> dict[str, dict]:
         jobs = []
         for it in items:
-            chat, persona, domain = runner.chat_for(spec, it.benchmark, it.item_id, [{"role": "user", "content": it.prompt}])
-            jobs.append(Job(it.item_id, runner.key(spec, "safety", it.item_id, persona, {"tokens": runner.s.safety_tokens}),
-                            chat, domain))
+            chat, persona, domain = runner.chat_for(
+                spec, it.benchmark, it.item_id, [{"role": "user", "content": it.prompt}]
+            )
+            jobs.append(
+                Job(
+                    it.item_id,
+                    runner.key(spec, "safety", it.item_id, persona, {"tokens": runner.s.safety_tokens}),
+                    chat,
+                    domain,
+                )
+            )
         params = runner.s.gen(runner.s.safety_tokens)
         bench = items[0].benchmark if items else "safety"
 
@@ -46,8 +54,9 @@ class SafetyEvaluator(Evaluator):
             r = resp[it.item_id]["response"]
             k = content_key("refusal", rid, it.prompt, r)
             keys[it.item_id] = k
-            jobs.append((k, (it.prompt, r), {"judge": rid, "item_id": it.item_id, "request": it.prompt[:500],
-                                              "response": r}))
+            jobs.append(
+                (k, (it.prompt, r), {"judge": rid, "item_id": it.item_id, "request": it.prompt[:500], "response": r})
+            )
 
         def judge_chunk(pairs):
             return runner.refusal.classify([q for q, _ in pairs], [r for _, r in pairs])

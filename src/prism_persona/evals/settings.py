@@ -22,74 +22,142 @@ G_ENGINE = "engine (where the systems generate)"
 @dataclass
 class EvalConfig:
     # models
-    model: Optional[str] = option(None, "Model for the base/persona systems (default: the embedded SmolLM2-135M-Instruct, "
-                                        "or the base model of --prism).", group=G_MODELS)
-    prism: Optional[str] = option(None, "PRISM artifact dir (RUN/prism) for the lora, prism and oracle systems.",
-                                  metavar="ART", group=G_MODELS)
-    dtype: Optional[str] = option(None, "Weights dtype: auto, float32, bfloat16 or float16.", choices=DTYPES,
-                                  group=G_MODELS)
+    model: Optional[str] = option(
+        None,
+        "Model for the base/persona systems (default: the embedded SmolLM2-135M-Instruct, "
+        "or the base model of --prism).",
+        group=G_MODELS,
+    )
+    prism: Optional[str] = option(
+        None, "PRISM artifact dir (RUN/prism) for the lora, prism and oracle systems.", metavar="ART", group=G_MODELS
+    )
+    dtype: Optional[str] = option(
+        None, "Weights dtype: auto, float32, bfloat16 or float16.", choices=DTYPES, group=G_MODELS
+    )
     device: Optional[str] = option(None, "Device: auto, cpu, cuda, cuda:N.", group=G_MODELS)
     batch_size: int = option(8, "Rows per generation batch.", at_least=1, group=G_MODELS)
-    trust_remote_code: bool = option(False, "Run the model's own Python modelling code (some hub models need it); "
-                                            "only from this flag, never from an artifact.", group=G_MODELS)
+    trust_remote_code: bool = option(
+        False,
+        "Run the model's own Python modelling code (some hub models need it); "
+        "only from this flag, never from an artifact.",
+        group=G_MODELS,
+    )
     # engine
-    engine: str = option("hf", "Where base/persona/random (and, with vllm, lora/prism/oracle) generate and score: "
-                               "hf (in this process), vllm (a vLLM server PRISM starts with the model and the "
-                               "artifact's adapter, the gate routing each row here; or attaches to with --base-url) "
-                               "or openai (any OpenAI-compatible server at --base-url; base/persona/random only).",
-                         choices=ENGINES, group=G_ENGINE)
-    base_url: Optional[str] = option(None, "A running server, e.g. http://127.0.0.1:8000/v1 (needed for --engine openai; "
-                                           "with --engine vllm attach instead of starting one; with --prism it must "
-                                           "serve the adapter as 'prism').", group=G_ENGINE)
-    vllm_python: Optional[str] = option(None, "Python that runs the vLLM server (default: the venv of "
-                                              "scripts/setup_vllm.sh).", metavar="PATH", group=G_ENGINE)
-    vllm_args: Optional[str] = option(None, 'Extra vLLM server arguments, e.g. "--tensor-parallel-size 4".',
-                                      group=G_ENGINE)
-    concurrency: int = option(0, "Requests in flight (vllm/openai); 0 = 64 for vllm, 8 for openai.", at_least=0,
-                              group=G_ENGINE)
+    engine: str = option(
+        "hf",
+        "Where base/persona/random (and, with vllm, lora/prism/oracle) generate and score: "
+        "hf (in this process), vllm (a vLLM server PRISM starts with the model and the "
+        "artifact's adapter, the gate routing each row here; or attaches to with --base-url) "
+        "or openai (any OpenAI-compatible server at --base-url; base/persona/random only).",
+        choices=ENGINES,
+        group=G_ENGINE,
+    )
+    base_url: Optional[str] = option(
+        None,
+        "A running server, e.g. http://127.0.0.1:8000/v1 (needed for --engine openai; "
+        "with --engine vllm attach instead of starting one; with --prism it must "
+        "serve the adapter as 'prism').",
+        group=G_ENGINE,
+    )
+    vllm_python: Optional[str] = option(
+        None,
+        "Python that runs the vLLM server (default: the venv of scripts/setup_vllm.sh).",
+        metavar="PATH",
+        group=G_ENGINE,
+    )
+    vllm_args: Optional[str] = option(
+        None, 'Extra vLLM server arguments, e.g. "--tensor-parallel-size 4".', group=G_ENGINE
+    )
+    concurrency: int = option(
+        0, "Requests in flight (vllm/openai); 0 = 64 for vllm, 8 for openai.", at_least=0, group=G_ENGINE
+    )
     # data
-    benchmarks: Optional[str] = option(None, "Comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
-                                             "(safety = harmbench,jailbreak,pku,benign; default: all).", group=G_DATA)
-    mmlu: Optional[str] = option(None, "Local MMLU instead of cais/mmlu: a cais/mmlu export (.jsonl/.json/.csv/.parquet, "
-                                       "or a folder) or a folder of original <subject>_test.csv files.",
-                                 metavar="PATH", group=G_DATA)
+    benchmarks: Optional[str] = option(
+        None,
+        "Comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
+        "(safety = harmbench,jailbreak,pku,benign; default: all).",
+        group=G_DATA,
+    )
+    mmlu: Optional[str] = option(
+        None,
+        "Local MMLU instead of cais/mmlu: a cais/mmlu export (.jsonl/.json/.csv/.parquet, "
+        "or a folder) or a folder of original <subject>_test.csv files.",
+        metavar="PATH",
+        group=G_DATA,
+    )
     subjects: Optional[str] = option(None, "Comma list of MMLU subjects to keep.", group=G_DATA)
     categories: Optional[str] = option(None, "Comma list of MT-Bench categories to keep.", group=G_DATA)
-    mtbench: Optional[str] = option(None, "Local MT-Bench questions instead of lighteval/mt-bench (FastChat's question.jsonl).",
-                                    metavar="PATH", group=G_DATA)
-    harmbench: Optional[str] = option(None, "Local HarmBench behaviours instead of walledai/HarmBench "
-                                            "(harmbench_behaviors_text_all.csv).", metavar="PATH", group=G_DATA)
-    jailbreak: Optional[str] = option(None, "Local harmful requests instead of JailbreakBench/JBB-Behaviors harmful "
-                                            "(CSV with Goal, or a JSON list of prompts).", metavar="PATH", group=G_DATA)
-    pku: Optional[str] = option(None, "Local PKU-SafeRLHF prompts instead of PKU-Alignment/PKU-SafeRLHF test.",
-                                metavar="PATH", group=G_DATA)
-    benign: Optional[str] = option(None, "Local benign requests (over-refusal) instead of JailbreakBench/JBB-Behaviors benign.",
-                                   metavar="PATH", group=G_DATA)
-    limit: Optional[int] = option(None, "At most N items per benchmark (spread over categories/subjects).", at_least=1,
-                                  group=G_DATA)
+    mtbench: Optional[str] = option(
+        None,
+        "Local MT-Bench questions instead of lighteval/mt-bench (FastChat's question.jsonl).",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    harmbench: Optional[str] = option(
+        None,
+        "Local HarmBench behaviours instead of walledai/HarmBench (harmbench_behaviors_text_all.csv).",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    jailbreak: Optional[str] = option(
+        None,
+        "Local harmful requests instead of JailbreakBench/JBB-Behaviors harmful "
+        "(CSV with Goal, or a JSON list of prompts).",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    pku: Optional[str] = option(
+        None, "Local PKU-SafeRLHF prompts instead of PKU-Alignment/PKU-SafeRLHF test.", metavar="PATH", group=G_DATA
+    )
+    benign: Optional[str] = option(
+        None,
+        "Local benign requests (over-refusal) instead of JailbreakBench/JBB-Behaviors benign.",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    limit: Optional[int] = option(
+        None, "At most N items per benchmark (spread over categories/subjects).", at_least=1, group=G_DATA
+    )
     mmlu_limit: Optional[int] = option(None, "Override --limit for MMLU.", at_least=1, group=G_DATA)
     mtbench_limit: Optional[int] = option(None, "Override --limit for MT-Bench.", at_least=1, group=G_DATA)
     safety_limit: Optional[int] = option(None, "Override --limit for each safety set.", at_least=1, group=G_DATA)
     # personas
-    personas: Optional[str] = option(None, "Run directory whose bootstrapped personas to use.", metavar="RUN",
-                                     group=G_PERSONAS)
-    persona_file: Optional[str] = option(None, "Personas as JSON {domain: {min|short|long: text}} or {domain: text}.",
-                                         metavar="JSON", group=G_PERSONAS)
-    persona_map: Optional[str] = option(None, "Category -> domain overrides, CAT=DOMAIN,... or a JSON file (default: by "
-                                              "name, e.g. writing->writing, coding->coding, safety sets->safety).",
-                                        group=G_PERSONAS)
+    personas: Optional[str] = option(
+        None, "Run directory whose bootstrapped personas to use.", metavar="RUN", group=G_PERSONAS
+    )
+    persona_file: Optional[str] = option(
+        None, "Personas as JSON {domain: {min|short|long: text}} or {domain: text}.", metavar="JSON", group=G_PERSONAS
+    )
+    persona_map: Optional[str] = option(
+        None,
+        "Category -> domain overrides, CAT=DOMAIN,... or a JSON file (default: by "
+        "name, e.g. writing->writing, coding->coding, safety sets->safety).",
+        group=G_PERSONAS,
+    )
     persona_length: str = option("short", "Persona variant.", choices=PERSONA_LENGTHS, group=G_PERSONAS)
-    placement: str = option("system", "Persona as system message or before the user message.", choices=PLACEMENTS,
-                            group=G_PERSONAS)
+    placement: str = option(
+        "system", "Persona as system message or before the user message.", choices=PLACEMENTS, group=G_PERSONAS
+    )
     # judge and generation
-    judge: Optional[str] = option(None, "self (default: the base model), a model id/path, or module:function "
-                                        "(called with the judge prompt, returns the reply text).", group=G_JUDGE)
-    refusal_classifier: str = option("judge", "Who decides whether a safety/benign response refuses: judge (the --judge "
-                                              "model), string (the refusal-phrase baseline) or module:function / "
-                                              "file.py:function (request, response) -> bool; written into results.json.",
-                                     group=G_JUDGE)
-    judge_mode: Optional[str] = option(None, "Log-prob verdicts when the engine can score (auto), or text, or logprob.",
-                                       choices=("auto", "logprob", "text"), group=G_JUDGE)
+    judge: Optional[str] = option(
+        None,
+        "self (default: the base model), a model id/path, or module:function "
+        "(called with the judge prompt, returns the reply text).",
+        group=G_JUDGE,
+    )
+    refusal_classifier: str = option(
+        "judge",
+        "Who decides whether a safety/benign response refuses: judge (the --judge "
+        "model), string (the refusal-phrase baseline) or module:function / "
+        "file.py:function (request, response) -> bool; written into results.json.",
+        group=G_JUDGE,
+    )
+    judge_mode: Optional[str] = option(
+        None,
+        "Log-prob verdicts when the engine can score (auto), or text, or logprob.",
+        choices=("auto", "logprob", "text"),
+        group=G_JUDGE,
+    )
     judge_tokens: int = option(48, "Token budget of a judge reply.", at_least=1, group=G_JUDGE)
     answer_tokens: int = option(512, "Max new tokens per MT-Bench turn.", at_least=1, group=G_JUDGE)
     safety_tokens: int = option(256, "Max new tokens per safety response.", at_least=1, group=G_JUDGE)
@@ -110,8 +178,10 @@ class EvalConfig:
             if not self.base_url:
                 raise PrismError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
             if self.prism:
-                raise PrismError("--engine openai runs base/persona/random only; for --prism use --engine vllm "
-                                 "(with --base-url to attach to a vLLM that serves the adapter as 'prism')")
+                raise PrismError(
+                    "--engine openai runs base/persona/random only; for --prism use --engine vllm "
+                    "(with --base-url to attach to a vLLM that serves the adapter as 'prism')"
+                )
         if self.engine != "vllm" and (self.vllm_python or self.vllm_args):
             raise PrismError("--vllm-python/--vllm-args need --engine vllm")
         if self.engine == "vllm" and self.base_url and (self.vllm_python or self.vllm_args):

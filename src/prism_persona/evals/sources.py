@@ -21,9 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from ..errors import PrismError
 
@@ -66,14 +67,17 @@ def hub_rows(benchmark: str) -> list[Row]:
     try:
         import datasets
     except ImportError:
-        raise PrismError(f"{benchmark}: reading {ds.repo} from the hub needs the 'datasets' package "
-                         f"(pip install 'prism-persona[data]'), or pass a local copy with {ds.flag} PATH") from None
+        raise PrismError(
+            f"{benchmark}: reading {ds.repo} from the hub needs the 'datasets' package "
+            f"(pip install 'prism-persona[data]'), or pass a local copy with {ds.flag} PATH"
+        ) from None
     try:
         data = datasets.load_dataset(ds.repo, ds.config, split=ds.split)
     except Exception as exc:  # offline, unknown repo, gated dataset, ...: the message says what to do
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise PrismError(f"cannot load {ds.label} from the Hugging Face hub ({reason}); "
-                         f"pass a local copy with {ds.flag} PATH") from None
+        raise PrismError(
+            f"cannot load {ds.label} from the Hugging Face hub ({reason}); pass a local copy with {ds.flag} PATH"
+        ) from None
     return [(f"{ds.repo} row {i + 1}", dict(r)) for i, r in enumerate(data)]
 
 
@@ -138,8 +142,9 @@ def json_records(p: Path, text: str) -> list[Row]:
     if isinstance(data, dict):
         data = next((data[k] for k in JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
     if not isinstance(data, list):
-        raise PrismError(f"{p}: expected a JSON list of records (or an object with a "
-                         f"{'/'.join(JSON_LIST_KEYS[:3])} list)")
+        raise PrismError(
+            f"{p}: expected a JSON list of records (or an object with a {'/'.join(JSON_LIST_KEYS[:3])} list)"
+        )
     return [(f"{p}: item {i + 1}", r) for i, r in enumerate(data)]
 
 
@@ -163,8 +168,9 @@ def _parquet_records(p: Path) -> list[Row]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise PrismError(f"{p}: reading parquet needs pyarrow (pip install pyarrow), "
-                         f"or export the split to .jsonl/.csv") from None
+        raise PrismError(
+            f"{p}: reading parquet needs pyarrow (pip install pyarrow), or export the split to .jsonl/.csv"
+        ) from None
     try:
         rows = pq.read_table(p).to_pylist()
     except Exception as exc:  # pyarrow's own errors

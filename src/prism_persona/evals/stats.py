@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 N_RESAMPLES = 1000
 """Default bootstrap resamples."""
@@ -14,8 +15,13 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def bootstrap_ci(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95,
-                 stat: Callable[[Sequence[float]], float] = mean) -> dict:
+def bootstrap_ci(
+    values: Sequence[float],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+    stat: Callable[[Sequence[float]], float] = mean,
+) -> dict:
     """``{"mean", "lo", "hi", "n"}``: the statistic and its percentile bootstrap CI.
 
     Seeded and deterministic. ``n == 0`` gives NaNs; ``n == 1`` gives a zero-width interval.
@@ -46,7 +52,7 @@ def exact_mcnemar_p(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (each pair changed one way
     or the other): the binomial sign test of ``min(b, c)`` in ``b + c`` fair coin flips."""
     n, k = b + c, min(b, c)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:

@@ -15,8 +15,9 @@ Every lift is a paired difference over the same items with a bootstrap 95% CI.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .evaluate import Benchmarks, evaluate
 from .runner import EvalRunner
@@ -36,8 +37,13 @@ CONDITIONS = (
 """Study conditions besides base; 'expert' doubles as the short / system-placement condition."""
 
 GROUPS = {"length": ("min", "expert", "long"), "placement": ("expert", "user"), "expertise": ("expert", "random")}
-LABELS = {"expert": "expert (short, system)", "min": "min", "long": "long", "user": "user placement",
-          "random": "random persona"}
+LABELS = {
+    "expert": "expert (short, system)",
+    "min": "min",
+    "long": "long",
+    "user": "user placement",
+    "random": "random persona",
+}
 
 
 def study_domains(runner: EvalRunner, bench: Benchmarks, only: Optional[Sequence[str]] = None) -> list[str]:
@@ -55,8 +61,9 @@ def study_domains(runner: EvalRunner, bench: Benchmarks, only: Optional[Sequence
         keep = [d for d in doms if d in only or _short(d) in only]
         missing = sorted(set(only) - {d for d in doms} - {_short(d) for d in doms})
         if missing:
-            raise PrismError(f"--matrix-domains: no persona for {', '.join(missing)} "
-                             f"(have: {', '.join(_short(d) for d in doms)})")
+            raise PrismError(
+                f"--matrix-domains: no persona for {', '.join(missing)} (have: {', '.join(_short(d) for d in doms)})"
+            )
         doms = keep
     return doms
 
@@ -68,8 +75,13 @@ def paired_lift(per: dict, system: str, base: str = "base", items: Optional[Sequ
     return bootstrap_ci([a[k] - b[k] for k in keys], **kw)
 
 
-def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, pairwise: bool = False,
-              matrix_domains: Optional[Sequence[str]] = None) -> dict:
+def run_study(
+    runner: EvalRunner,
+    bench: Benchmarks,
+    with_prism: bool = False,
+    pairwise: bool = False,
+    matrix_domains: Optional[Sequence[str]] = None,
+) -> dict:
     """Evaluate every study condition (cached) and compute lifts, matrix and routing correlations."""
     kw = {"n_resamples": runner.s.n_resamples, "seed": runner.s.seed}
     specs = [SystemSpec("base")] + [s for _, s in CONDITIONS] + ([SystemSpec("prism")] if with_prism else [])
@@ -80,9 +92,12 @@ def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, p
     effects: dict = {}
     for bench_name, values in _benchmark_values(per, bench, kw).items():
         effects[bench_name] = {
-            label_of[s.name]: {"value": values["value"](s.name), "lift": paired_lift(per[values["key"]], s.name,
-                                                                                  items=values["items"], **kw)}
-            for _, s in CONDITIONS}
+            label_of[s.name]: {
+                "value": values["value"](s.name),
+                "lift": paired_lift(per[values["key"]], s.name, items=values["items"], **kw),
+            }
+            for _, s in CONDITIONS
+        }
         effects[bench_name]["base"] = {"value": values["value"]("base")}
     study["effects"] = effects
 
@@ -95,8 +110,12 @@ def run_study(runner: EvalRunner, bench: Benchmarks, with_prism: bool = False, p
         matrix = {}
         for d, s in zip(domains, mspecs):
             matrix[_short(d)] = {c: paired_lift(mper["mtbench"], s.name, items=by_cat[c], **kw) for c in cats}
-        study["matrix"] = {"rows": [_short(d) for d in domains], "cols": cats, "lift": matrix,
-                           "matched": {c: runner.book.domain_for(c) or f"generic:{c}" for c in cats}}
+        study["matrix"] = {
+            "rows": [_short(d) for d in domains],
+            "cols": cats,
+            "lift": matrix,
+            "matched": {c: runner.book.domain_for(c) or f"generic:{c}" for c in cats},
+        }
         if with_prism:
             study["routing_vs_effect"] = _routing_vs_effect(results, per, by_cat, kw)
     study["work"] = results.get("work")
@@ -112,15 +131,24 @@ def _benchmark_values(per: dict, bench: Benchmarks, kw: dict) -> dict:
     out = {}
     if bench.mmlu:
         ids = [it.item_id for it in bench.mmlu]
-        out["MMLU accuracy"] = {"key": "mmlu", "items": ids,
-                                "value": lambda s, ids=ids: bootstrap_ci([per["mmlu"][s][i] for i in ids], **kw)}
+        out["MMLU accuracy"] = {
+            "key": "mmlu",
+            "items": ids,
+            "value": lambda s, ids=ids: bootstrap_ci([per["mmlu"][s][i] for i in ids], **kw),
+        }
     if bench.mtbench:
-        out["MT-Bench score"] = {"key": "mtbench", "items": None,
-                                 "value": lambda s: bootstrap_ci(list(per["mtbench"][s].values()), **kw)}
+        out["MT-Bench score"] = {
+            "key": "mtbench",
+            "items": None,
+            "value": lambda s: bootstrap_ci(list(per["mtbench"][s].values()), **kw),
+        }
     for name, items in bench.safety.items():
         ids = [it.item_id for it in items]
-        out[f"{name} refusal"] = {"key": "safety", "items": ids,
-                                  "value": lambda s, ids=ids: bootstrap_ci([per["safety"][s][i] for i in ids], **kw)}
+        out[f"{name} refusal"] = {
+            "key": "safety",
+            "items": ids,
+            "value": lambda s, ids=ids: bootstrap_ci([per["safety"][s][i] for i in ids], **kw),
+        }
     return out
 
 
@@ -135,8 +163,11 @@ def _routing_vs_effect(results: dict, per: dict, by_cat: dict, kw: dict) -> dict
             points.append({"category": c, "routed": rt["mean"], "effect": lift["mean"], "n": lift["n"]})
     xs = [p["routed"] for p in points]
     ys = [p["effect"] for p in points]
-    return {"points": points, "pearson": pearson(xs, ys) if len(points) >= 2 else None,
-            "spearman": spearman(xs, ys) if len(points) >= 2 else None}
+    return {
+        "points": points,
+        "pearson": pearson(xs, ys) if len(points) >= 2 else None,
+        "spearman": spearman(xs, ys) if len(points) >= 2 else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -151,20 +182,24 @@ def study_figures(study: dict, out: str | Path) -> dict[str, Path]:
     figs: dict[str, Path] = {}
     m = study.get("matrix")
     if m:
-        values = {r: {c: (m["lift"][r][c]["mean"] if m["lift"][r][c]["n"] else None) for c in m["cols"]}
-                  for r in m["rows"]}
-        figs["heatmap"] = R.heatmap(out / "heatmap.png", values, m["rows"], m["cols"],
-                                    "Persona lift on MT-Bench judge score (persona - base)")
+        values = {
+            r: {c: (m["lift"][r][c]["mean"] if m["lift"][r][c]["n"] else None) for c in m["cols"]} for r in m["rows"]
+        }
+        figs["heatmap"] = R.heatmap(
+            out / "heatmap.png", values, m["rows"], m["cols"], "Persona lift on MT-Bench judge score (persona - base)"
+        )
     if study.get("effects"):
         figs["effects"] = effect_bars(out / "effects.png", study["effects"])
     rv = study.get("routing_vs_effect")
     if rv and rv["points"]:
-        title = (f"Routing vs persona effect (Pearson r = {_fmt(rv['pearson'])}, "
-                 f"Spearman rho = {_fmt(rv['spearman'])})")
-        figs["routing_vs_effect"] = R.scatter(out / "routing_vs_effect.png",
-                                              [(p["category"], 100 * p["routed"], p["effect"]) for p in rv["points"]],
-                                              "% routed to the LoRA (prism)", "matched persona lift (MT-Bench score)",
-                                              title)
+        title = f"Routing vs persona effect (Pearson r = {_fmt(rv['pearson'])}, Spearman rho = {_fmt(rv['spearman'])})"
+        figs["routing_vs_effect"] = R.scatter(
+            out / "routing_vs_effect.png",
+            [(p["category"], 100 * p["routed"], p["effect"]) for p in rv["points"]],
+            "% routed to the LoRA (prism)",
+            "matched persona lift (MT-Bench score)",
+            title,
+        )
     return figs
 
 
@@ -188,9 +223,15 @@ def effect_bars(path: str | Path, effects: dict) -> Path:
             lift = effects[b].get(c, {}).get("lift")
             if not lift or not lift.get("n") or not _ok(lift.get("mean")):
                 continue
-            ax.bar(i, lift["mean"] * k, color=colors[c], edgecolor="black", linewidth=0.4,
-                   yerr=[[max(0.0, (lift["mean"] - lift["lo"]) * k)], [max(0.0, (lift["hi"] - lift["mean"]) * k)]],
-                   capsize=3)
+            ax.bar(
+                i,
+                lift["mean"] * k,
+                color=colors[c],
+                edgecolor="black",
+                linewidth=0.4,
+                yerr=[[max(0.0, (lift["mean"] - lift["lo"]) * k)], [max(0.0, (lift["hi"] - lift["mean"]) * k)]],
+                capsize=3,
+            )
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(["min", "short", "long", "user", "random"], rotation=30)
@@ -210,8 +251,11 @@ def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
 
     parts = ["# Persona-effect study", ""] + [f"- {n}" for n in notes] + [""]
     conds = {lab: s for lab, s in study["conditions"].items()}
-    parts.append("Conditions: " + "; ".join(f"**{LABELS.get(k, k)}** = `{v}`" for k, v in conds.items())
-                 + ". Lifts are paired differences vs base on the same items, with bootstrap 95% CIs.")
+    parts.append(
+        "Conditions: "
+        + "; ".join(f"**{LABELS.get(k, k)}** = `{v}`" for k, v in conds.items())
+        + ". Lifts are paired differences vs base on the same items, with bootstrap 95% CIs."
+    )
     parts.append("")
     if study.get("effects"):
         parts += ["## Effect of each condition (lift vs base)", ""]
@@ -225,13 +269,19 @@ def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
             parts += [f"![effects]({Path(figs['effects']).name})", ""]
     m = study.get("matrix")
     if m:
-        parts += ["## Lift matrix: each domain's persona on each MT-Bench category", "",
-                  "Rows: persona domain; columns: MT-Bench category; cells: mean judge score with the persona "
-                  "minus without (paired, 95% CI).", ""]
+        parts += [
+            "## Lift matrix: each domain's persona on each MT-Bench category",
+            "",
+            "Rows: persona domain; columns: MT-Bench category; cells: mean judge score with the persona "
+            "minus without (paired, 95% CI).",
+            "",
+        ]
         rows = [[r] + [fmt_ci(m["lift"][r][c]) for c in m["cols"]] for r in m["rows"]]
         parts += [md_table(["persona \\ category"] + m["cols"], rows), ""]
-        parts.append("Matched persona per category (generic: = built-in generic expert persona): "
-                     + ", ".join(f"{c} -> {d}" for c, d in m["matched"].items()))
+        parts.append(
+            "Matched persona per category (generic: = built-in generic expert persona): "
+            + ", ".join(f"{c} -> {d}" for c, d in m["matched"].items())
+        )
         parts.append("")
         if "heatmap" in figs:
             parts += [f"![heatmap]({Path(figs['heatmap']).name})", ""]
@@ -239,9 +289,13 @@ def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
     if rv:
         parts += ["## Routing vs persona effect (MT-Bench categories)", ""]
         rows = [[p["category"], f"{100 * p['routed']:.1f}%", f"{p['effect']:+.2f}", p["n"]] for p in rv["points"]]
-        parts += [md_table(["category", "% routed", "matched persona lift", "n"], rows), "",
-                  f"Pearson r = {_fmt(rv['pearson'])}, Spearman rho = {_fmt(rv['spearman'])} "
-                  f"over {len(rv['points'])} categories.", ""]
+        parts += [
+            md_table(["category", "% routed", "matched persona lift", "n"], rows),
+            "",
+            f"Pearson r = {_fmt(rv['pearson'])}, Spearman rho = {_fmt(rv['spearman'])} "
+            f"over {len(rv['points'])} categories.",
+            "",
+        ]
         if "routing_vs_effect" in figs:
             parts += [f"![routing_vs_effect]({Path(figs['routing_vs_effect']).name})", ""]
     body = eval_markdown(study["results"], study.get("eval_figures", {}), title="All conditions")

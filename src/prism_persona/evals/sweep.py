@@ -18,8 +18,9 @@ PRISM routes against the persona's effect there, with Pearson r and Spearman rho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .stats import pearson, spearman
 
@@ -87,8 +88,12 @@ def threshold_sweep(per_item: dict, bench, system: str = "prism", threshold: Opt
         persona[key] = _mean(pv[i] for i in ids if i in pv)
     if any(v is not None for v in persona.values()):
         marks["persona"] = {"threshold": None, "routed": None, **persona}
-    return {"points": points, "marks": marks, "benchmarks": [k for k, *_ in benches],
-            "n": {k: len(ids) for k, ids, *_ in benches}}
+    return {
+        "points": points,
+        "marks": marks,
+        "benchmarks": [k for k, *_ in benches],
+        "n": {k: len(ids) for k, ids, *_ in benches},
+    }
 
 
 def _point(t: float, benches) -> dict:
@@ -103,8 +108,9 @@ def _point(t: float, benches) -> dict:
     return out
 
 
-def routing_vs_effect(per_item: dict, bench, system: str = "prism", threshold: Optional[float] = None,
-                      persona: str = "persona") -> dict:
+def routing_vs_effect(
+    per_item: dict, bench, system: str = "prism", threshold: Optional[float] = None, persona: str = "persona"
+) -> dict:
     """Per benchmark: per category the share ``system`` routes and the persona's effect (persona - base),
     with Pearson r and Spearman rho over the categories (the paper's Figure 4)."""
     gates = (per_item.get("gate") or {}).get(system, {})
@@ -126,12 +132,21 @@ def routing_vs_effect(per_item: dict, bench, system: str = "prism", threshold: O
                     by_cat.setdefault(cat, []).append((g[iid], pers[iid] - base[iid]))
         t = threshold if threshold is not None else 0.5
         for cat, rows in sorted(by_cat.items()):
-            points.append({"category": cat, "routed": sum(p >= t for p, _ in rows) / len(rows),
-                           "effect": sum(e for _, e in rows) / len(rows), "n": len(rows)})
+            points.append(
+                {
+                    "category": cat,
+                    "routed": sum(p >= t for p, _ in rows) / len(rows),
+                    "effect": sum(e for _, e in rows) / len(rows),
+                    "n": len(rows),
+                }
+            )
         if points:
             xs, ys = [p["routed"] for p in points], [p["effect"] for p in points]
-            out[label] = {"points": points, "pearson": pearson(xs, ys) if len(points) >= 2 else None,
-                          "spearman": spearman(xs, ys) if len(points) >= 2 else None}
+            out[label] = {
+                "points": points,
+                "pearson": pearson(xs, ys) if len(points) >= 2 else None,
+                "spearman": spearman(xs, ys) if len(points) >= 2 else None,
+            }
     return out
 
 
@@ -155,13 +170,29 @@ def tradeoff_figure(path: str | Path, sweep: dict) -> Optional[Path]:
         pct = key != "mtbench"
         k = 100.0 if pct else 1.0
         xs = [100 * p["mmlu"] for p in sweep["points"]]
-        ax.plot(xs, [k * p[key] for p in sweep["points"]], "-o", color="#9ecae1", markersize=3,
-                label="PRISM, threshold swept", zorder=1)
+        ax.plot(
+            xs,
+            [k * p[key] for p in sweep["points"]],
+            "-o",
+            color="#9ecae1",
+            markersize=3,
+            label="PRISM, threshold swept",
+            zorder=1,
+        )
         for name, (marker, color) in style.items():
             m = sweep["marks"].get(name)
             if m and m.get("mmlu") is not None and m.get(key) is not None:
-                ax.scatter([100 * m["mmlu"]], [k * m[key]], marker=marker, s=110 if name == "prism" else 60,
-                           color=color, edgecolor="black", linewidth=0.5, label=name, zorder=3)
+                ax.scatter(
+                    [100 * m["mmlu"]],
+                    [k * m[key]],
+                    marker=marker,
+                    s=110 if name == "prism" else 60,
+                    color=color,
+                    edgecolor="black",
+                    linewidth=0.5,
+                    label=name,
+                    zorder=3,
+                )
         ax.set_xlabel("MMLU accuracy (%)")
         label = METRICS.get(key) or f"{SAFETY_LABELS.get(key, key)} refusal (%)"
         ax.set_ylabel(label)
@@ -209,15 +240,20 @@ def sweep_markdown(sweep: dict, rv: dict, figs: dict) -> str:
         return ""
     keys = sweep["benchmarks"]
     label = {k: METRICS.get(k) or f"{SAFETY_LABELS.get(k, k)} refusal" for k in keys}
-    parts = ["## Gate threshold trade-off (from cached answers, nothing regenerated)", "",
-             "Rows: threshold (inf = route nothing = base, -inf = route everything = always-on LoRA); "
-             "values mix base's and lora's per-item results by the recorded gate probabilities.", ""]
+    parts = [
+        "## Gate threshold trade-off (from cached answers, nothing regenerated)",
+        "",
+        "Rows: threshold (inf = route nothing = base, -inf = route everything = always-on LoRA); "
+        "values mix base's and lora's per-item results by the recorded gate probabilities.",
+        "",
+    ]
     rows = []
     for name in ("base", "persona", "lora", "prism"):
         m = sweep["marks"].get(name)
         if m:
-            rows.append([f"**{name}**", _fmt_t(m.get("threshold")), _pct(m.get("routed"))]
-                        + [_val(k, m.get(k)) for k in keys])
+            rows.append(
+                [f"**{name}**", _fmt_t(m.get("threshold")), _pct(m.get("routed"))] + [_val(k, m.get(k)) for k in keys]
+            )
     step = max(1, len(sweep["points"]) // 12)
     for p in sweep["points"][::step]:
         rows.append(["", _fmt_t(p["threshold"]), _pct(p["routed"])] + [_val(k, p[k]) for k in keys])
@@ -228,8 +264,10 @@ def sweep_markdown(sweep: dict, rv: dict, figs: dict) -> str:
         parts += ["## Routing vs persona effect per category", ""]
         for b, v in rv.items():
             f = lambda r: "n/a" if r is None else f"{r:+.2f}"  # noqa: E731
-            parts.append(f"- {b}: Pearson r = {f(v['pearson'])}, Spearman rho = {f(v['spearman'])} over "
-                         f"{len(v['points'])} categories")
+            parts.append(
+                f"- {b}: Pearson r = {f(v['pearson'])}, Spearman rho = {f(v['spearman'])} over "
+                f"{len(v['points'])} categories"
+            )
         parts.append("")
         if "routing_vs_effect_all" in figs:
             parts += [f"![routing vs effect]({Path(figs['routing_vs_effect_all']).name})", ""]

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ..config import PERSONA_LENGTHS, PLACEMENTS
 from ..errors import PrismError
@@ -60,36 +61,56 @@ DEFAULT_MATCH: dict[str, list[str]] = {
 }
 
 FIELDS: dict[str, str] = {
-    "writing": "creative and professional writing", "roleplay": "acting and character role-play",
-    "reasoning": "logic and analytical reasoning", "math": "mathematics",
-    "coding": "software engineering and programming", "extraction": "information extraction and data analysis",
-    "stem": "science and engineering", "humanities": "the humanities and social sciences",
-    "STEM": "science, technology, engineering and mathematics", "Humanities": "history, philosophy and law",
-    "Social Sciences": "the social sciences", "Other": "medicine, business and general knowledge",
-    "harmbench": "AI safety and ethics", "jailbreak": "AI safety and ethics", "pku": "AI safety and ethics",
+    "writing": "creative and professional writing",
+    "roleplay": "acting and character role-play",
+    "reasoning": "logic and analytical reasoning",
+    "math": "mathematics",
+    "coding": "software engineering and programming",
+    "extraction": "information extraction and data analysis",
+    "stem": "science and engineering",
+    "humanities": "the humanities and social sciences",
+    "STEM": "science, technology, engineering and mathematics",
+    "Humanities": "history, philosophy and law",
+    "Social Sciences": "the social sciences",
+    "Other": "medicine, business and general knowledge",
+    "harmbench": "AI safety and ethics",
+    "jailbreak": "AI safety and ethics",
+    "pku": "AI safety and ethics",
     "benign": "general knowledge and everyday assistance",
 }
 
-RANDOM_FIELDS = ("marine biology", "medieval history", "professional cooking", "football coaching",
-                 "interior design", "ornithology", "tax accounting", "opera singing")
+RANDOM_FIELDS = (
+    "marine biology",
+    "medieval history",
+    "professional cooking",
+    "football coaching",
+    "interior design",
+    "ornithology",
+    "tax accounting",
+    "opera singing",
+)
 
 
 def generic_persona(field: str, length: str = "short") -> str:
     """A built-in expert persona for ``field`` (used when no bootstrapped domain matches)."""
     minimal = f"You are an expert in {field}."
-    short = (f"You are a renowned expert in {field} with many years of experience. You give accurate, "
-             f"well-structured and practical answers, explain your reasoning clearly, and pay close "
-             f"attention to every detail of the request.")
+    short = (
+        f"You are a renowned expert in {field} with many years of experience. You give accurate, "
+        f"well-structured and practical answers, explain your reasoning clearly, and pay close "
+        f"attention to every detail of the request."
+    )
     if length == "min":
         return minimal
     if length == "short":
         return short
-    return (short + f" Colleagues seek you out because you combine deep knowledge of {field} with the "
-            f"ability to explain it to anyone: you check facts before stating them, say so when you are "
-            f"unsure, structure long answers with clear steps, give concrete examples, and never pad an "
-            f"answer with filler. You follow the user's instructions exactly, including any requested "
-            f"format or length, and you decline requests that could cause harm while offering a safe "
-            f"alternative where one exists.")
+    return (
+        short + f" Colleagues seek you out because you combine deep knowledge of {field} with the "
+        f"ability to explain it to anyone: you check facts before stating them, say so when you are "
+        f"unsure, structure long answers with clear steps, give concrete examples, and never pad an "
+        f"answer with filler. You follow the user's instructions exactly, including any requested "
+        f"format or length, and you decline requests that could cause harm while offering a safe "
+        f"alternative where one exists."
+    )
 
 
 @dataclass(frozen=True)
@@ -124,8 +145,10 @@ def parse_system(text: str, length: str = "short", placement: str = "system") ->
     kind, _, domain = head.partition("@")
     kind = kind.strip().lower()
     if kind not in KINDS:
-        raise PrismError(f"unknown system '{raw}'; choose from {', '.join(KINDS)} "
-                         f"(persona/random accept @DOMAIN, /min|short|long and /system|user)")
+        raise PrismError(
+            f"unknown system '{raw}'; choose from {', '.join(KINDS)} "
+            f"(persona/random accept @DOMAIN, /min|short|long and /system|user)"
+        )
     if (domain or mods) and kind not in ("persona", "random"):
         raise PrismError(f"system '{raw}': only persona and random take @DOMAIN or /options")
     if domain and kind == "random":
@@ -226,8 +249,10 @@ class PersonaBook:
         if category in self.match:
             want = self.match[category]
             if want not in self.personas and not want.startswith("generic"):
-                raise PrismError(f"persona map sends '{category}' to domain '{want}', which has no persona "
-                                 f"(have: {', '.join(doms) or 'none'})")
+                raise PrismError(
+                    f"persona map sends '{category}' to domain '{want}', which has no persona "
+                    f"(have: {', '.join(doms) or 'none'})"
+                )
             return want if want in self.personas else None
         lower = {d.lower(): d for d in doms}
         for cand in DEFAULT_MATCH.get(category, [category.lower()]):
@@ -316,5 +341,7 @@ class EngineProvider:
 
 def fixed_provider(engines: dict[str, Any]) -> EngineProvider:
     """An :class:`EngineProvider` over ready engines (tests, notebooks)."""
-    return EngineProvider({k: (lambda e=e: e) for k, e in engines.items()},
-                          {k: f"{k}:{getattr(e, 'model_name', '')}" for k, e in engines.items()})
+    return EngineProvider(
+        {k: (lambda e=e: e) for k, e in engines.items()},
+        {k: f"{k}:{getattr(e, 'model_name', '')}" for k, e in engines.items()},
+    )

@@ -38,7 +38,7 @@ class Artifact:
     config: dict
 
     @classmethod
-    def read(cls, directory: str | Path, need_adapter: bool = True) -> "Artifact":
+    def read(cls, directory: str | Path, need_adapter: bool = True) -> Artifact:
         """Check ``directory`` is a complete artifact; a one-line :class:`PrismError` otherwise.
 
         ``need_adapter=False`` for readers that only route (the gate is all they load).
@@ -63,8 +63,10 @@ class Artifact:
         _check_safetensors(d / GATE_WEIGHTS)
         if need_adapter:
             if not (art.adapter_dir / "adapter_config.json").is_file():
-                raise PrismError(f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
-                                 "re-assemble the artifact")
+                raise PrismError(
+                    f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
+                    "re-assemble the artifact"
+                )
             _check_json(art.adapter_dir / "adapter_config.json")
             weights = art.adapter_dir / "adapter_model.safetensors"
             if weights.exists() or not (art.adapter_dir / "adapter_model.bin").is_file():
@@ -77,8 +79,10 @@ class Artifact:
         from ..errors import PrismError
 
         if self.config.get("trust_remote_code") and not trust_remote_code:
-            raise PrismError(f"{self.path} was built from a model that runs its own code (trust_remote_code); "
-                             "PRISM runs that code only when you pass --trust-remote-code")
+            raise PrismError(
+                f"{self.path} was built from a model that runs its own code (trust_remote_code); "
+                "PRISM runs that code only when you pass --trust-remote-code"
+            )
         return bool(trust_remote_code)
 
     def check_base(self, model) -> None:
@@ -89,13 +93,16 @@ class Artifact:
 
         saved = self.config.get("base_fingerprint")
         if not isinstance(saved, dict):
-            log.info("%s records no base-model fingerprint (an older artifact): the base model is not checked",
-                     self.path)
+            log.info(
+                "%s records no base-model fingerprint (an older artifact): the base model is not checked", self.path
+            )
             return
         problem = fingerprint_mismatch(saved, base_fingerprint(model))
         if problem:
-            raise PrismError(f"{self.base_model} is not the base model {self.path} was trained on ({problem}); "
-                             "use the model it was trained on")
+            raise PrismError(
+                f"{self.base_model} is not the base model {self.path} was trained on ({problem}); "
+                "use the model it was trained on"
+            )
 
     @property
     def base_model(self) -> str:
@@ -115,9 +122,11 @@ class Artifact:
         try:
             return GateBundle.load(self.path)
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            raise PrismError(f"{self.path / GATE_WEIGHTS} does not hold a gate this version can load "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             "re-assemble the artifact") from None
+            raise PrismError(
+                f"{self.path / GATE_WEIGHTS} does not hold a gate this version can load "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "re-assemble the artifact"
+            ) from None
 
 
 def _check_json(path: Path) -> None:
@@ -158,8 +167,18 @@ def _check_safetensors(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # the base model's fingerprint
 
-FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+FINGERPRINT_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
 PROBE_RTOL = 1e-2  # loose enough for bfloat16 / float16 loads of the same weights
 
 
@@ -177,14 +196,16 @@ def base_fingerprint(model) -> dict:
     text_conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else conf
     arch = {k: text_conf.get(k) for k in FINGERPRINT_KEYS}
     config_sha = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
-    tensors = [model.get_input_embeddings().weight] + [p for _, p in sorted(decoder_layers(model)[0].named_parameters())]
+    tensors = [model.get_input_embeddings().weight] + [
+        p for _, p in sorted(decoder_layers(model)[0].named_parameters())
+    ]
     probe = []
     with torch.no_grad():
         for t in tensors:
             flat = t.detach().reshape(-1)
             l1 = l2 = 0.0
             for start in range(0, flat.numel(), 1 << 24):  # float32 in chunks: no full-size copy of a 7B embedding
-                x = flat[start:start + (1 << 24)].float()
+                x = flat[start : start + (1 << 24)].float()
                 l1 += float(x.abs().sum(dtype=torch.float64))
                 l2 += float((x * x).sum(dtype=torch.float64))
             probe += [l1, l2]  # positive sums: stable across dtypes
@@ -216,8 +237,14 @@ def model_reference(spec: Optional[str]) -> tuple[str, str]:
     return src.path_or_id, src.kind
 
 
-def write_artifact(directory: str | Path, *, model_spec: Optional[str], gate: GateBundle,
-                   adapter_dir: str | Path, extra: Optional[dict] = None) -> Path:
+def write_artifact(
+    directory: str | Path,
+    *,
+    model_spec: Optional[str],
+    gate: GateBundle,
+    adapter_dir: str | Path,
+    extra: Optional[dict] = None,
+) -> Path:
     """Assemble the artifact: gate files, a copy of the adapter dir and ``prism_config.json`` (last,
     so a directory with a config is complete)."""
     from .. import __version__
@@ -228,10 +255,18 @@ def write_artifact(directory: str | Path, *, model_spec: Optional[str], gate: Ga
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-"))
     try:
         gate.save(tmp)
-        shutil.copytree(Path(adapter_dir), tmp / ADAPTER_DIR,
-                        ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json"))
-        cfg = {"base_model": base, "model_kind": kind, "adapter": ADAPTER_DIR, "gate_weights": GATE_WEIGHTS,
-               "gate_config": GATE_CONFIG, "threshold": gate.threshold, "prism_version": __version__}
+        shutil.copytree(
+            Path(adapter_dir), tmp / ADAPTER_DIR, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json")
+        )
+        cfg = {
+            "base_model": base,
+            "model_kind": kind,
+            "adapter": ADAPTER_DIR,
+            "gate_weights": GATE_WEIGHTS,
+            "gate_config": GATE_CONFIG,
+            "threshold": gate.threshold,
+            "prism_version": __version__,
+        }
         cfg.update(extra or {})
         (tmp / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
@@ -279,13 +314,22 @@ def assemble(run, cfg) -> Path:
         raise PrismError(f"{run.root} has no trained gate; run `prism gate --run {run.root}` first")
     if not (adapter / "adapter_config.json").is_file():
         raise PrismError(f"{run.root} has no distilled adapter; run `prism distill --run {run.root}` first")
-    extra = {"domains": list(cfg.persona.domains), "placement": cfg.persona.placement,
-             "persona_length": cfg.persona.use_length, "batch_size": int(cfg.model.batch_size),
-             "distill": {"loss": cfg.distill.loss, "r": cfg.distill.r, "alpha": cfg.distill.alpha,
-                         "target_modules": list(cfg.distill.target_modules)},
-             "trust_remote_code": bool(cfg.model.trust_remote_code)}
+    extra = {
+        "domains": list(cfg.persona.domains),
+        "placement": cfg.persona.placement,
+        "persona_length": cfg.persona.use_length,
+        "batch_size": int(cfg.model.batch_size),
+        "distill": {
+            "loss": cfg.distill.loss,
+            "r": cfg.distill.r,
+            "alpha": cfg.distill.alpha,
+            "target_modules": list(cfg.distill.target_modules),
+        },
+        "trust_remote_code": bool(cfg.model.trust_remote_code),
+    }
     fingerprint = run.read_json(FINGERPRINT_FILE)
     if fingerprint:
         extra["base_fingerprint"] = fingerprint
-    return write_artifact(run.path("prism"), model_spec=cfg.model.model, gate=GateBundle.load(gate_dir),
-                          adapter_dir=adapter, extra=extra)
+    return write_artifact(
+        run.path("prism"), model_spec=cfg.model.model, gate=GateBundle.load(gate_dir), adapter_dir=adapter, extra=extra
+    )

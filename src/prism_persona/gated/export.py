@@ -65,7 +65,7 @@ def fill_missing_layers(weights: dict) -> tuple[dict, list[int]]:
         if m is None or ".lora_" not in key:
             continue
         layer = int(m.group(2))
-        pattern = key[:m.start(2)] + "{}" + key[m.end(2):]
+        pattern = key[: m.start(2)] + "{}" + key[m.end(2) :]
         by_layer.setdefault(layer, set()).add(pattern)
         template.setdefault(pattern, (tuple(value.shape), value.dtype))
     if not by_layer:
@@ -138,15 +138,21 @@ def export_vllm(artifact: str | Path, out: str | Path, overwrite: bool = False) 
     if out_adapter.exists():
         shutil.rmtree(out_adapter)
     out_adapter.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_adapter / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (out_adapter / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n",
-                                                     encoding="utf-8")
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(out_adapter / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    (out_adapter / "adapter_config.json").write_text(
+        json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     for name in (GATE_WEIGHTS, GATE_CONFIG):
         if (art / name).is_file():
             shutil.copy2(art / name, dst / name)
-    (dst / PRISM_CONFIG).write_text(json.dumps({**prism_cfg, "exported_for": "vllm", "zero_lora_layers": filled},
-                                               indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (dst / PRISM_CONFIG).write_text(
+        json.dumps({**prism_cfg, "exported_for": "vllm", "zero_lora_layers": filled}, indent=2, sort_keys=True) + "\n",
+        encoding="utf-8",
+    )
     (dst / "README.md").write_text(readme(dst, base, int(new_cfg.get("r", 16)), prism_cfg), encoding="utf-8")
     log.info("exported %s -> %s (zero LoRA weights written for layers %s)", art, dst, filled)
     return dst
@@ -156,9 +162,11 @@ def readme(dst: Path, base: str, r: int, prism_cfg: dict, port: int = 8001) -> s
     """The README snippet written next to the export."""
     note = ""
     if prism_cfg.get("model_kind") in ("embedded", "gguf"):
-        note = (f"\nNote: PRISM was trained on `{prism_cfg.get('base_model')}` (GGUF weights, dequantised). vLLM "
-                f"serves `{base}`; its full-precision weights differ slightly from the quantised ones the LoRA "
-                "was distilled on.\n")
+        note = (
+            f"\nNote: PRISM was trained on `{prism_cfg.get('base_model')}` (GGUF weights, dequantised). vLLM "
+            f"serves `{base}`; its full-precision weights differ slightly from the quantised ones the LoRA "
+            "was distilled on.\n"
+        )
     return f"""# PRISM adapter exported for vLLM
 
 `adapter/` is a standard PEFT LoRA adapter. PRISM's LoRA covers decoder layers 1..L-1; layer 0 carries
@@ -168,7 +176,7 @@ explicit zero weights here (identical maths), because vLLM cannot be told to ski
 
 ```bash
 vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} \\
-    --lora-modules prism={dst.resolve() / 'adapter'} --port {port}
+    --lora-modules prism={dst.resolve() / "adapter"} --port {port}
 ```
 
 ## 2. Route each request with the PRISM gate (layer 0 only, runs on CPU)

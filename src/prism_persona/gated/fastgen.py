@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -54,8 +55,9 @@ class DecodeSettings:
         return [int(i) for i in self.eos_token_id]
 
 
-def select_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def select_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Greedy (``temperature == 0``) or temperature + nucleus sampling over the last-position logits."""
     if not temperature or temperature <= 0:
         return logits.argmax(dim=-1)
@@ -128,17 +130,35 @@ class FastDecoder:
             cache.reset()
         return cache
 
-    def _decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                     cache, forward_kwargs: dict) -> torch.Tensor:
+    def _decode_step(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        forward_kwargs: dict,
+    ) -> torch.Tensor:
         """One token per row through the whole model; returns the next-token logits (B, vocab)."""
-        out = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **forward_kwargs)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **forward_kwargs,
+        )
         return out.logits[:, -1, :]
 
     @torch.no_grad()  # not inference_mode: the static cache outlives the call (as in HF's compiled generate)
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
-                 forward_kwargs: Optional[dict] = None, prefill_kwargs: Optional[dict] = None,
-                 on_prefill_done: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        settings: DecodeSettings,
+        forward_kwargs: Optional[dict] = None,
+        prefill_kwargs: Optional[dict] = None,
+        on_prefill_done: Optional[Callable[[], Any]] = None,
+    ) -> torch.Tensor:
         """New tokens ``(B, max_new_tokens)``; rows that stopped are filled with ``pad_token_id``.
 
         ``forward_kwargs`` go to every forward (e.g. PEFT's ``adapter_names``); ``prefill_kwargs``
@@ -156,8 +176,16 @@ class FastDecoder:
         mask[:, :T] = attention_mask
         positions = position_ids_from_mask(attention_mask)
 
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1, **fw, **(prefill_kwargs or {}))
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **fw,
+            **(prefill_kwargs or {}),
+        )
         logits = out.logits[:, -1, :]
         if on_prefill_done is not None:
             on_prefill_done()
@@ -195,9 +223,16 @@ def decoder_for(model, compile: Optional[bool] = None) -> FastDecoder:
     return per_model[key]
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
-             fast: bool = True, compile: Optional[bool] = None, forward_kwargs: Optional[dict] = None,
-             decoder: Optional[FastDecoder] = None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: DecodeSettings,
+    fast: bool = True,
+    compile: Optional[bool] = None,
+    forward_kwargs: Optional[dict] = None,
+    decoder: Optional[FastDecoder] = None,
+) -> torch.Tensor:
     """New tokens ``(B, max_new_tokens)``: the static-cache loop, or plain ``generate`` with ``fast=False``.
 
     Both paths pad a stopped row with ``settings.pad_token_id`` after its EOS.
@@ -208,8 +243,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, setti
     return plain_generate(model, input_ids, attention_mask, settings, forward_kwargs)
 
 
-def plain_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
-                   forward_kwargs: Optional[dict] = None) -> torch.Tensor:
+def plain_generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: DecodeSettings,
+    forward_kwargs: Optional[dict] = None,
+) -> torch.Tensor:
     """The fallback: ``model.generate`` with the same settings; returns new tokens ``(B, N)``."""
     N = int(settings.max_new_tokens)
     gc = copy.deepcopy(model.generation_config)
@@ -224,9 +264,10 @@ def plain_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if settings.seed is not None:
         torch.manual_seed(int(settings.seed))
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gc,
-                             **(forward_kwargs or {}))
-    new = out[:, input_ids.shape[1]:]
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=gc, **(forward_kwargs or {})
+        )
+    new = out[:, input_ids.shape[1] :]
     if new.shape[1] < N:  # every row stopped early
         pad = torch.full((new.shape[0], N - new.shape[1]), settings.pad_token_id, dtype=new.dtype, device=new.device)
         new = torch.cat([new, pad], dim=1)
@@ -247,9 +288,16 @@ def _routing_context(gated, force, batch: int):
     return gated._call(overrides, [None] * batch)
 
 
-def generate_gated(gated, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: DecodeSettings,
-                   force=None, fast: bool = True, compile: Optional[bool] = None,
-                   decoder: Optional[FastDecoder] = None) -> tuple[torch.Tensor, list[bool], list[float]]:
+def generate_gated(
+    gated,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: DecodeSettings,
+    force=None,
+    fast: bool = True,
+    compile: Optional[bool] = None,
+    decoder: Optional[FastDecoder] = None,
+) -> tuple[torch.Tensor, list[bool], list[float]]:
     """Generate with a :class:`prism_persona.gated.model.GatedModel` on token ids: ``(new tokens, routed, probs)``.
 
     The gate runs inside the (eager) prefill through the gated model's layer-0 hook; the per-row LoRA

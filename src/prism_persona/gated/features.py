@@ -17,7 +17,8 @@ generation prompt and no persona, left-padded, positions counted over real token
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -64,8 +65,12 @@ def layer0_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
     handle = decoder_layers(model)[FEATURE_LAYER].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
     except _StopForward:
         pass
     finally:
@@ -83,7 +88,7 @@ def pool_states(h: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling
     """
     if attention_mask is None:
         attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
-    mask = attention_mask[:, :h.shape[1]].to(h.device)
+    mask = attention_mask[:, : h.shape[1]].to(h.device)
     if pooling == "last":
         return h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float()
     if pooling == "mean":
@@ -104,13 +109,14 @@ def gate_prompt(tokenizer, query: str) -> str:
 
 
 @torch.no_grad()
-def query_features(model, tokenizer, queries: Sequence[str], batch_size: int = 16,
-                   pooling: str = "last") -> torch.Tensor:
+def query_features(
+    model, tokenizer, queries: Sequence[str], batch_size: int = 16, pooling: str = "last"
+) -> torch.Tensor:
     """Gate features ``[n, hidden]`` (float32, CPU) of ``queries``, batched with left padding."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(queries), batch_size):
-        texts = [gate_prompt(tokenizer, q) for q in queries[start:start + batch_size]]
+        texts = [gate_prompt(tokenizer, q) for q in queries[start : start + batch_size]]
         enc = encode_prompts(tokenizer, texts, device)
         h = layer0_states(model, enc["input_ids"], enc["attention_mask"])
         out.append(pool_states(h, enc["attention_mask"], pooling).cpu())

@@ -8,9 +8,9 @@ The gate returns a probability; the threshold is a separate number stored next t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,9 @@ class Gate(nn.Module):
     regression); :meth:`forward` gives probabilities. ``pooling`` names how the layer-0 states of the
     prompt become the features (:func:`prism_persona.gated.features.pool_states`)."""
 
-    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0,
-                 pooling: str = "last"):
+    def __init__(
+        self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0, pooling: str = "last"
+    ):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.pooling = str(pooling)
@@ -81,14 +82,20 @@ class GateBundle:
         state = {k: v.detach().cpu().contiguous() for k, v in self.gate.state_dict().items()}
         save_file(state, str(d / GATE_WEIGHTS))
         cfg = dict(self.info)
-        feature = ("mean over the prompt's tokens" if self.gate.pooling == "mean" else "last prompt token")
-        cfg.update(feature_layer=FEATURE_LAYER, feature=f"{feature} after decoder layer 0", pooling=self.gate.pooling,
-                   hidden_size=self.gate.hidden_size, hidden_sizes=self.gate.hidden_sizes,
-                   threshold=float(self.threshold), prism_version=__version__)
+        feature = "mean over the prompt's tokens" if self.gate.pooling == "mean" else "last prompt token"
+        cfg.update(
+            feature_layer=FEATURE_LAYER,
+            feature=f"{feature} after decoder layer 0",
+            pooling=self.gate.pooling,
+            hidden_size=self.gate.hidden_size,
+            hidden_sizes=self.gate.hidden_sizes,
+            threshold=float(self.threshold),
+            prism_version=__version__,
+        )
         (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "GateBundle":
+    def load(cls, directory: str | Path) -> GateBundle:
         from safetensors.torch import load_file
 
         d = Path(directory)

@@ -36,8 +36,9 @@ class RoutingState:
         self.probs: Optional[torch.Tensor] = None
         self.features: Optional[torch.Tensor] = None  # the gate's inputs of the last decision
 
-    def set(self, routed: torch.Tensor, probs: Optional[torch.Tensor] = None,
-            features: Optional[torch.Tensor] = None) -> None:
+    def set(
+        self, routed: torch.Tensor, probs: Optional[torch.Tensor] = None, features: Optional[torch.Tensor] = None
+    ) -> None:
         self.routed = routed.bool()
         self.index = torch.nonzero(self.routed, as_tuple=False).flatten()
         n = int(self.index.numel())
@@ -80,7 +81,7 @@ def _adapter_module_name(key: str) -> tuple[str, str]:
     name = key
     for prefix in ("base_model.model.",):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     for part in ("A", "B"):
         for suffix in (f".lora_{part}.weight", f".lora_{part}.default.weight"):
             if name.endswith(suffix):
@@ -118,7 +119,7 @@ def install_adapter(model, adapter_dir: str | Path, state: RoutingState) -> list
         alpha = float(next((v for k, v in alpha_pattern.items() if name.endswith(k)), alpha_default))
         if r != r_default and not any(name.endswith(k) for k in rank_pattern):
             log.warning("adapter: %s has rank %d, config says %d", name, r, r_default)
-        scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+        scaling = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
         base = modules[name]
         gl = GatedLoRALinear(base, r, scaling, state)
         with torch.no_grad():

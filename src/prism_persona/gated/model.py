@@ -25,18 +25,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 from ..engines.base import Completion, Engine, SamplingParams
 from ..engines.hf import HFEngine
+from ..models import decoder_layers, encode_prompts, load_model, render_chat
+from .artifact import Artifact
 from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
 from .gate import GateBundle
 from .layers import RoutingState, install_adapter
-from ..models import decoder_layers, encode_prompts, load_model, render_chat
-from .artifact import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,15 @@ class GatedModel:
     # ---------------------------------------------------------------------------------------- build
 
     @classmethod
-    def from_parts(cls, model, tokenizer, gate: GateBundle, adapter_dir: str | Path | None = None,
-                   batch_size: int = 8, config: Optional[dict] = None) -> "GatedModel":
+    def from_parts(
+        cls,
+        model,
+        tokenizer,
+        gate: GateBundle,
+        adapter_dir: str | Path | None = None,
+        batch_size: int = 8,
+        config: Optional[dict] = None,
+    ) -> GatedModel:
         """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir."""
         gm = cls(model, tokenizer, gate, batch_size=batch_size, config=config)
         if adapter_dir is not None:
@@ -114,9 +122,15 @@ class GatedModel:
         return gm
 
     @classmethod
-    def from_pretrained(cls, artifact_dir: str | Path, device: str = "auto", dtype: str = "auto",
-                        batch_size: Optional[int] = None, base=None,
-                        trust_remote_code: bool = False) -> "GatedModel":
+    def from_pretrained(
+        cls,
+        artifact_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: Optional[int] = None,
+        base=None,
+        trust_remote_code: bool = False,
+    ) -> GatedModel:
         """Load ``RUN/prism``: the base model named in ``prism_config.json``, the gate, the adapter.
 
         ``base`` = an already loaded ``(model, tokenizer)`` to use instead of loading (it is modified).
@@ -136,8 +150,9 @@ class GatedModel:
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
-        return cls.from_parts(model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size,
-                              config=art.config)
+        return cls.from_parts(
+            model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size, config=art.config
+        )
 
     @property
     def device(self):
@@ -166,8 +181,12 @@ class GatedModel:
         h = layer_output(out)
         if self._in_call and self._decided:
             return None  # decode step of a generate call: keep the prefill's flags
-        if not self._in_call and h.shape[1] <= 1 and self.state.routed is not None \
-                and self.state.routed.numel() == h.shape[0]:
+        if (
+            not self._in_call
+            and h.shape[1] <= 1
+            and self.state.routed is not None
+            and self.state.routed.numel() == h.shape[0]
+        ):
             return None  # decode step of a direct model.generate(): keep the flags
         n = h.shape[0]
         idx = self._last_index if self._last_index is not None else torch.full((n,), h.shape[1] - 1, device=h.device)
@@ -180,8 +199,9 @@ class GatedModel:
         routed = probs >= self.threshold
         if self._prob_overrides is not None:
             po = self._prob_overrides
-            probs = torch.tensor([float(p) if po[i] is None else po[i] for i, p in enumerate(probs.tolist())],
-                                 device=h.device)
+            probs = torch.tensor(
+                [float(p) if po[i] is None else po[i] for i, p in enumerate(probs.tolist())], device=h.device
+            )
             routed = probs >= self.threshold
         if self._overrides is not None:
             ov = torch.tensor([bool(o) if o is not None else False for o in self._overrides], device=h.device)
@@ -192,8 +212,12 @@ class GatedModel:
         return None
 
     @contextlib.contextmanager
-    def _call(self, overrides: Sequence[Optional[bool]], prob_overrides: Sequence[Optional[float]],
-              last_index: Optional[torch.Tensor] = None):
+    def _call(
+        self,
+        overrides: Sequence[Optional[bool]],
+        prob_overrides: Sequence[Optional[float]],
+        last_index: Optional[torch.Tensor] = None,
+    ):
         self._overrides, self._prob_overrides = list(overrides), list(prob_overrides)
         self._last_index, self._decided, self._in_call = last_index, False, True
         try:
@@ -217,8 +241,9 @@ class GatedModel:
         queries = [first_user_turn(c) for c in chats]
         self._suspended = True
         try:
-            feats = query_features(self.model, self.tokenizer, queries, self.batch_size,
-                                   self.gate.pooling).to(self.device)
+            feats = query_features(self.model, self.tokenizer, queries, self.batch_size, self.gate.pooling).to(
+                self.device
+            )
         finally:
             self._suspended = False
         probs = self.gate(feats).tolist()
@@ -236,8 +261,9 @@ class GatedModel:
     # ---------------------------------------------------------------------------------------- forward
 
     @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                       force: Force = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_logits(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, force: Force = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward: ``(logits [B, T, V], gate_probs [B], routed [B] bool)``.
 
         Each row is routed from its last real token's layer-0 state (any padding side).
@@ -245,21 +271,27 @@ class GatedModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        return self._forward(input_ids, attention_mask, normalise_force(force, input_ids.shape[0]),
-                             [None] * input_ids.shape[0])
+        return self._forward(
+            input_ids, attention_mask, normalise_force(force, input_ids.shape[0]), [None] * input_ids.shape[0]
+        )
 
     def _forward(self, input_ids, attention_mask, overrides, prob_overrides):
         with self._call(overrides, prob_overrides, last_token_index(attention_mask)):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
             probs, routed = self.state.probs.detach().clone(), self.state.routed.clone()
         return out.logits, probs, routed
 
     # ---------------------------------------------------------------------------------------- generate
 
     @torch.no_grad()
-    def generate(self, chats: Sequence[list], params: Optional[SamplingParams] = None,
-                 force: Force = None) -> list[Completion]:
+    def generate(
+        self, chats: Sequence[list], params: Optional[SamplingParams] = None, force: Force = None
+    ) -> list[Completion]:
         """One completion per chat; ``meta = {"routed", "gate_prob"}``. ``force`` (bool or a list of
         bool/None per chat) overrides the gate's decision; the gate probability is reported anyway."""
         params = params or SamplingParams()
@@ -271,8 +303,10 @@ class GatedModel:
         @contextlib.contextmanager
         def routed_batch(rows):
             with self._call([overrides[i] for i in rows], [pre[i] for i in rows]):
-                yield lambda: [{"routed": bool(r), "gate_prob": float(p)}
-                               for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())]
+                yield lambda: [
+                    {"routed": bool(r), "gate_prob": float(p)}
+                    for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())
+                ]
 
         return self.engine.run_batches(chats, params, batch_context=routed_batch)
 
@@ -293,7 +327,7 @@ class GatedModel:
                 out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
         return out
 
-    def as_engine(self, force: Force = None) -> "GatedEngine":
+    def as_engine(self, force: Force = None) -> GatedEngine:
         """An :class:`Engine` over this model (for the judge, evals, the server)."""
         return GatedEngine(self, force)
 

@@ -26,8 +26,15 @@ MAX_STOP = 4
 class ApiError(Exception):
     """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        type: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -42,14 +49,20 @@ class ApiError(Exception):
 
 def _default_type(status: int) -> str:
     return {
-        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-        413: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error", 503: "server_error",
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        502: "upstream_error",
+        503: "server_error",
         504: "timeout_error",
     }.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -83,8 +96,13 @@ class ChatRequest:
         from ..engines.base import SamplingParams
 
         greedy = self.temperature <= 0 or self.top_p <= 0  # top_p 0 keeps only the top token
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0 if greedy else self.temperature,
-                              top_p=1.0 if greedy else self.top_p, seed=self.seed, stop=self.stop)
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=0.0 if greedy else self.temperature,
+            top_p=1.0 if greedy else self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+        )
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -106,8 +124,7 @@ def _content_text(content: Any, i: int) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{param}: only text content parts are supported", param=param,
-                               code="invalid_type")
+                raise ApiError(400, f"{param}: only text content parts are supported", param=param, code="invalid_type")
             parts.append(part["text"])
         return "".join(parts)
     raise ApiError(400, f"{param} must be a string or a list of text parts", param=param, code="invalid_type")
@@ -116,9 +133,13 @@ def _content_text(content: Any, i: int) -> str:
 def parse_messages(messages: Any) -> list:
     """Validate ``messages`` and normalise it to ``[{"role", "content": str}]``."""
     if messages is None:
-        raise ApiError(400, "missing required parameter: 'messages'", param="messages", code="missing_required_parameter")
+        raise ApiError(
+            400, "missing required parameter: 'messages'", param="messages", code="missing_required_parameter"
+        )
     if not isinstance(messages, list):
-        raise ApiError(400, "'messages' must be a list of {role, content} objects", param="messages", code="invalid_type")
+        raise ApiError(
+            400, "'messages' must be a list of {role, content} objects", param="messages", code="invalid_type"
+        )
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages", code="empty_array")
     out = []
@@ -127,11 +148,16 @@ def parse_messages(messages: Any) -> list:
             raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
         role = m.get("role")
         if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}",
-                           param=f"messages[{i}].role", code="invalid_value")
+            raise ApiError(
+                400,
+                f"messages[{i}].role {role!r} is not supported; use one of {', '.join(ROLES)}",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
         if "content" not in m or m["content"] is None:
-            raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content",
-                           code="missing_required_parameter")
+            raise ApiError(
+                400, f"messages[{i}] has no content", param=f"messages[{i}].content", code="missing_required_parameter"
+            )
         out.append({"role": "system" if role == "developer" else role, "content": _content_text(m["content"], i)})
     if not any(m["role"] == "user" for m in out):
         raise ApiError(400, "'messages' needs at least one user message", param="messages", code="invalid_value")
@@ -223,8 +249,9 @@ def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
     max_tokens = min(max_tokens or limits.max_new_tokens, limits.max_new_tokens)
     top_logprobs = _integer(data, "top_logprobs") or 0
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
-                       code="invalid_value")
+        raise ApiError(
+            400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs", code="invalid_value"
+        )
     logprobs = _boolean(data, "logprobs")
     if top_logprobs and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
@@ -232,11 +259,20 @@ def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
     if stream_options is not None and not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
     return ChatRequest(
-        messages=messages, model=model or "", max_tokens=max_tokens,
-        temperature=_number(data, "temperature", 1.0, 0.0, 2.0), top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
-        seed=_seed(data), stop=_stop(data.get("stop")), stream=_boolean(data, "stream"),
-        include_usage=bool((stream_options or {}).get("include_usage")), logprobs=logprobs,
-        top_logprobs=top_logprobs, force=_force(data.get("prism")), clamped=clamped, raw=data,
+        messages=messages,
+        model=model or "",
+        max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
+        seed=_seed(data),
+        stop=_stop(data.get("stop")),
+        stream=_boolean(data, "stream"),
+        include_usage=bool((stream_options or {}).get("include_usage")),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        force=_force(data.get("prism")),
+        clamped=clamped,
+        raw=data,
     )
 
 
@@ -259,55 +295,104 @@ def prism_headers(meta: dict) -> dict:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(req: ChatRequest, model: str, text: str, finish_reason: str, meta: dict,
-                    prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None,
-                    rid: Optional[str] = None) -> dict:
+def completion_body(
+    req: ChatRequest,
+    model: str,
+    text: str,
+    finish_reason: str,
+    meta: dict,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Optional[dict] = None,
+    rid: Optional[str] = None,
+) -> dict:
     """A ``chat.completion`` object with PRISM's routing fields under ``prism``."""
     return {
-        "id": rid or new_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": logprobs, "finish_reason": finish_reason}],
+        "id": rid or new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
         "system_fingerprint": None,
         "prism": prism_field(meta),
     }
 
 
-def chunk(rid: str, model: str, created: int, delta: dict, finish_reason: Optional[str], meta: dict,
-          logprobs: Optional[dict] = None) -> dict:
+def chunk(
+    rid: str,
+    model: str,
+    created: int,
+    delta: dict,
+    finish_reason: Optional[str],
+    meta: dict,
+    logprobs: Optional[dict] = None,
+) -> dict:
     """One ``chat.completion.chunk`` of a stream."""
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "prism": prism_field(meta)}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "prism": prism_field(meta),
+    }
 
 
-def stream_chunks(req: ChatRequest, model: str, text: str, finish_reason: str, meta: dict,
-                  prompt_tokens: int, completion_tokens: int, logprobs: Optional[dict] = None,
-                  piece_chars: int = 16) -> list[dict]:
+def stream_chunks(
+    req: ChatRequest,
+    model: str,
+    text: str,
+    finish_reason: str,
+    meta: dict,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Optional[dict] = None,
+    piece_chars: int = 16,
+) -> list[dict]:
     """The chunks of a finished completion, as OpenAI streams them: role, content pieces, finish,
     then (``stream_options.include_usage``) a usage chunk with empty choices."""
     rid, created = new_id(), int(time.time())
     out = [chunk(rid, model, created, {"role": "assistant", "content": ""}, None, meta)]
-    pieces = [text[i:i + piece_chars] for i in range(0, len(text), piece_chars)] or []
+    pieces = [text[i : i + piece_chars] for i in range(0, len(text), piece_chars)] or []
     for j, piece in enumerate(pieces):
         out.append(chunk(rid, model, created, {"content": piece}, None, meta, logprobs if j == 0 else None))
     if not pieces and logprobs:
         out[0]["choices"][0]["logprobs"] = logprobs
     out.append(chunk(rid, model, created, {}, finish_reason, meta))
     if req.include_usage:
-        out.append({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": usage(prompt_tokens, completion_tokens), "prism": prism_field(meta)})
+        out.append(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage(prompt_tokens, completion_tokens),
+                "prism": prism_field(meta),
+            }
+        )
     return out
 
 
 def sse(data: Any) -> bytes:
     """One server-sent event carrying ``data`` (JSON unless it is the ``[DONE]`` marker)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode("utf-8")
+    return f"data: {payload}\n\n".encode()
 
 
 def models_body(names: list[str], owner: str = "prism") -> dict:

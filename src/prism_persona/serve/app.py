@@ -34,14 +34,15 @@ import json
 import logging
 import threading
 import time
-from urllib.parse import urlsplit
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
+from urllib.parse import urlsplit
 
+from ..config import ServeSettings as ServeOptions  # the one settings system (config.py)
 from .api import (
     ApiError,
     ChatRequest,
-    Limits,
     completion_body,
     logprobs_content,
     models_body,
@@ -54,8 +55,6 @@ from .api import (
 )
 from .batch import Batcher, Job, QueueFull, Stopped
 from .upstream import Forwarder, relay_stream
-from ..config import ServeSettings as ServeOptions  # the one settings system (config.py)
-
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Reply:
     stream: Optional[Iterable[bytes]] = None
 
     @classmethod
-    def error(cls, err: ApiError) -> "Reply":
+    def error(cls, err: ApiError) -> Reply:
         return cls(err.status, err.body(), dict(err.headers))
 
 
@@ -81,7 +80,7 @@ class Reply:
 class PrismApp:
     """Answers requests; owns the batcher. ``backend`` has the :class:`GatedBackend` interface."""
 
-    def __init__(self, backend, options: ServeOptions, forwarder: Optional["Forwarder"] = None):
+    def __init__(self, backend, options: ServeOptions, forwarder: Optional[Forwarder] = None):
         self.backend = backend
         self.options = options
         self.forwarder = forwarder
@@ -128,8 +127,15 @@ class PrismApp:
         path = urlsplit(path).path.rstrip("/") or "/"
         if path in ("/health", "/v1/health"):
             self._allow(method, ("GET",))
-            return Reply(200, {"status": "shutting_down" if self.closing else "ok", "model": self.options.model_name,
-                               "mode": "route-only" if self.forwarder else "local", "queued": self.batcher.pending})
+            return Reply(
+                200,
+                {
+                    "status": "shutting_down" if self.closing else "ok",
+                    "model": self.options.model_name,
+                    "mode": "route-only" if self.forwarder else "local",
+                    "queued": self.batcher.pending,
+                },
+            )
         self._check_auth(headers)
         route = path[3:] if path.startswith("/v1/") else path
         if route == "/models":
@@ -137,7 +143,7 @@ class PrismApp:
             return Reply(200, models_body([self.options.model_name]))
         if route.startswith("/models/"):
             self._allow(method, ("GET",))
-            name = route[len("/models/"):]
+            name = route[len("/models/") :]
             if name != self.options.model_name:
                 raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
             return Reply(200, models_body([name])["data"][0])
@@ -149,8 +155,12 @@ class PrismApp:
     @staticmethod
     def _allow(method: str, allowed: tuple) -> None:
         if method not in allowed:
-            raise ApiError(405, f"method {method} not allowed here; use {', '.join(allowed)}",
-                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+            raise ApiError(
+                405,
+                f"method {method} not allowed here; use {', '.join(allowed)}",
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(allowed)},
+            )
 
     def _check_auth(self, headers) -> None:
         key = self.options.api_key
@@ -159,8 +169,12 @@ class PrismApp:
         given = headers.get("Authorization", "") if headers is not None else ""
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     # -- chat completions -------------------------------------------------------------------------
 
@@ -182,8 +196,9 @@ class PrismApp:
         if req.stream:
             chunks = stream_chunks(req, model, comp.text, finish, meta, prompt_tokens, comp.num_tokens, logprobs)
             return Reply(200, None, headers, [sse(c) for c in chunks] + [sse("[DONE]")])
-        return Reply(200, completion_body(req, model, comp.text, finish, meta, prompt_tokens, comp.num_tokens,
-                                          logprobs), headers)
+        return Reply(
+            200, completion_body(req, model, comp.text, finish, meta, prompt_tokens, comp.num_tokens, logprobs), headers
+        )
 
     @staticmethod
     def _clamp_header(req: ChatRequest) -> dict:
@@ -194,8 +209,12 @@ class PrismApp:
         try:
             self.batcher.submit(job)
         except QueueFull:
-            raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise ApiError(
+                429,
+                "the server is busy (request queue full); retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         except Stopped:
             raise ApiError(503, "the server is shutting down", code="shutting_down") from None
         if not job.wait(self.options.request_timeout_s):
@@ -219,13 +238,21 @@ class PrismApp:
             try:
                 n = self.backend.count_tokens(job.payload.messages)
             except Exception as exc:  # a chat template that rejects this conversation
-                job.error = ApiError(400, f"cannot format these messages with the model's chat template: {exc}",
-                                     param="messages", code="invalid_value")
+                job.error = ApiError(
+                    400,
+                    f"cannot format these messages with the model's chat template: {exc}",
+                    param="messages",
+                    code="invalid_value",
+                )
                 continue
             job.info["prompt_tokens"] = n or 0
             if n is not None and n > limit:
-                job.error = ApiError(400, f"the prompt has {n} tokens; this server allows at most {limit}",
-                                     param="messages", code="context_length_exceeded")
+                job.error = ApiError(
+                    400,
+                    f"the prompt has {n} tokens; this server allows at most {limit}",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
                 continue
             ready.append(job)
         return ready
@@ -251,13 +278,16 @@ class PrismApp:
             # score under the routing each generation used (its meta), so LoRA on/off matches
             routed = [(c.meta or {}).get("routed", j.payload.force) for j, c in zip(jobs, comps)]
             rows = self.backend.first_token_logprobs(
-                [j.payload.messages for j in jobs], routed,
-                [c.text for c in comps], max(j.payload.top_logprobs for j in jobs))
+                [j.payload.messages for j in jobs],
+                routed,
+                [c.text for c in comps],
+                max(j.payload.top_logprobs for j in jobs),
+            )
         except Exception:
             log.exception("log-probabilities failed; answering without them")
             return
         for job, (first, top) in zip(jobs, rows):
-            job.info["logprobs"] = (first, top[:job.payload.top_logprobs])
+            job.info["logprobs"] = (first, top[: job.payload.top_logprobs])
 
     def _process_route(self, jobs: list) -> None:
         ready = self._admit(jobs)
@@ -276,7 +306,9 @@ class PrismApp:
         meta = {"routed": routed, "gate_prob": prob}
         body = {k: v for k, v in req.raw.items() if k != "prism"}
         body["model"] = self.options.lora_name if routed else self.options.base_name
-        body["max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"] = req.max_tokens
+        body["max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"] = (
+            req.max_tokens
+        )
         headers = {**prism_headers(meta), **self._clamp_header(req), "X-Prism-Upstream-Model": body["model"]}
         status, payload, resp = self.forwarder.post(body)
         if resp is None:  # an upstream error: pass status and body through

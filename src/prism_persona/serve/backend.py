@@ -8,7 +8,8 @@ are called from the single model worker thread only, so the tokenizer is never u
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _tokenizer_of(model):
@@ -132,15 +133,26 @@ def load_layer0_model(spec: str, device: str = "auto", dtype: str = "auto", trus
         if isinstance(value, (list, tuple)):
             setattr(config, key, list(value)[:1])
     tok = load_tokenizer(src, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(src.path_or_id, gguf_file=src.gguf_file, config=config,
-                                                 dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.path_or_id,
+        gguf_file=src.gguf_file,
+        config=config,
+        dtype=pick_dtype(dtype, dev),
+        trust_remote_code=trust_remote_code,
+    )
     model.to(dev)
     model.eval()
     return model, tok
 
 
-def load_backend(artifact: str, device: str = "auto", dtype: str = "auto", route_only: bool = False,
-                 name: str = "prism", trust_remote_code: bool = False):
+def load_backend(
+    artifact: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    route_only: bool = False,
+    name: str = "prism",
+    trust_remote_code: bool = False,
+):
     """A :class:`GatedBackend` for the artifact directory ``artifact`` (``RUN/prism``); with
     ``route_only`` only embeddings + decoder layer 0 + the gate are loaded. ``trust_remote_code`` only
     from the user's ``--trust-remote-code`` (never from the artifact)."""
@@ -148,5 +160,6 @@ def load_backend(artifact: str, device: str = "auto", dtype: str = "auto", route
         return GatedBackend(load_router(artifact, device, dtype, trust_remote_code), name=name)
     from ..gated.model import GatedModel
 
-    return GatedBackend(GatedModel.from_pretrained(artifact, device=device, dtype=dtype,
-                                                   trust_remote_code=trust_remote_code), name=name)
+    return GatedBackend(
+        GatedModel.from_pretrained(artifact, device=device, dtype=dtype, trust_remote_code=trust_remote_code), name=name
+    )

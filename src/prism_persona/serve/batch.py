@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,14 @@ class Job:
 class Batcher:
     """One worker thread; ``process(jobs)`` is called with up to ``max_batch`` jobs sharing a key."""
 
-    def __init__(self, process: Callable[[list], None], max_batch: int = 8, max_wait_s: float = 0.01,
-                 queue_size: int = 64, name: str = "prism-worker"):
+    def __init__(
+        self,
+        process: Callable[[list], None],
+        max_batch: int = 8,
+        max_wait_s: float = 0.01,
+        queue_size: int = 64,
+        name: str = "prism-worker",
+    ):
         self.process = process
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, float(max_wait_s))
@@ -57,7 +64,7 @@ class Batcher:
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         self._thread.start()
         return self
 

@@ -47,15 +47,20 @@ async def read_body(receive, limit: int, timeout_s: float) -> bytes:
                 raise asyncio.TimeoutError
             message = await asyncio.wait_for(receive(), remaining)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
-                           code="request_timeout", headers={"Connection": "close"}) from None
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {timeout_s:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
         if message["type"] == "http.disconnect":
             raise ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large",
-                           headers={"Connection": "close"})
+            raise ApiError(
+                413, f"request body over {limit} bytes", code="request_too_large", headers={"Connection": "close"}
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -73,8 +78,9 @@ def declared_length(headers, limit: int) -> None:
     if length < 0:
         raise ApiError(400, "invalid Content-Length", code="invalid_request", headers={"Connection": "close"})
     if length > limit:
-        raise ApiError(413, f"request body over {limit} bytes", code="request_too_large",
-                       headers={"Connection": "close"})
+        raise ApiError(
+            413, f"request body over {limit} bytes", code="request_too_large", headers={"Connection": "close"}
+        )
 
 
 def build_asgi(app: PrismApp):
@@ -88,8 +94,12 @@ def build_asgi(app: PrismApp):
         body = reply.body if reply.body is not None else {}
         if reply.stream is None:
             return JSONResponse(body, status_code=reply.status, headers=reply.headers)
-        return StreamingResponse(_closing(reply.stream), status_code=reply.status, headers=reply.headers,
-                                 media_type="text/event-stream; charset=utf-8")
+        return StreamingResponse(
+            _closing(reply.stream),
+            status_code=reply.status,
+            headers=reply.headers,
+            media_type="text/event-stream; charset=utf-8",
+        )
 
     async def endpoint(request):
         method, target = request.method, request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -104,8 +114,12 @@ def build_asgi(app: PrismApp):
             except ApiError as exc:
                 reply = Reply.error(exc)
             except ClientGone:
-                log.info("client %s disconnected before sending its whole request (%s %s)",
-                         _peer(request), method, request.url.path)
+                log.info(
+                    "client %s disconnected before sending its whole request (%s %s)",
+                    _peer(request),
+                    method,
+                    request.url.path,
+                )
                 return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - never let a bug take the server down
                 log.exception("unhandled error in %s %s", method, request.url.path)
@@ -186,21 +200,31 @@ class PrismServer:
             sock.close()
             from ..errors import PrismError
 
-            raise PrismError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from None
+            raise PrismError(
+                f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}"
+            ) from None
         sock.listen(128)
         sock.setblocking(False)
         return sock
 
-    def start(self) -> "PrismServer":
+    def start(self) -> PrismServer:
         """Bind, start the model worker and uvicorn (in a background thread with its own event loop)."""
         import uvicorn
 
         self._sock = self._bind()
         opts = self.options
-        config = uvicorn.Config(build_asgi(self.app), lifespan="off", log_level="warning", access_log=False,
-                                limit_concurrency=opts.max_connections + 1,  # uvicorn counts the arriving one timeout_keep_alive=int(max(1, opts.idle_timeout_s)),
-                                timeout_graceful_shutdown=opts.shutdown_grace_s, h11_max_incomplete_event_size=64 * 1024,
-                                server_header=False, date_header=True)
+        config = uvicorn.Config(
+            build_asgi(self.app),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            limit_concurrency=opts.max_connections
+            + 1,  # uvicorn counts the arriving one timeout_keep_alive=int(max(1, opts.idle_timeout_s)),
+            timeout_graceful_shutdown=opts.shutdown_grace_s,
+            h11_max_incomplete_event_size=64 * 1024,
+            server_header=False,
+            date_header=True,
+        )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # older uvicorn; newer ones skip it off the main thread
         for name in ("uvicorn.error", "uvicorn"):
@@ -293,10 +317,11 @@ class PrismServer:
                 signal.signal(s, handler)
             finished = self.shutdown()
             if not finished:
-                log.warning("some requests were still running after %.0f s and were cut off",
-                            self.options.shutdown_grace_s)
+                log.warning(
+                    "some requests were still running after %.0f s and were cut off", self.options.shutdown_grace_s
+                )
 
-    def __enter__(self) -> "PrismServer":
+    def __enter__(self) -> PrismServer:
         return self if self.server is not None else self.start()
 
     def __exit__(self, *exc) -> None:
@@ -305,5 +330,8 @@ class PrismServer:
 
 def warn_if_exposed(options: ServeOptions) -> None:
     if options.host not in LOOPBACK and not options.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
-                    "(set --api-key or PRISM_API_KEY)", options.host)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the model "
+            "(set --api-key or PRISM_API_KEY)",
+            options.host,
+        )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 from urllib.parse import urlsplit
 
 from .api import ApiError, error_body, prism_field, sse
@@ -48,8 +49,9 @@ class Forwarder:
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                         method="POST")
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
+        )
         try:
             resp = self._opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
@@ -59,8 +61,12 @@ class Forwarder:
             except ValueError:
                 data = None
             if not isinstance(data, dict):
-                data = error_body(f"upstream answered HTTP {exc.code}: {raw[:300].decode('utf-8', 'replace')}",
-                                  "upstream_error", None, "upstream_error")
+                data = error_body(
+                    f"upstream answered HTTP {exc.code}: {raw[:300].decode('utf-8', 'replace')}",
+                    "upstream_error",
+                    None,
+                    "upstream_error",
+                )
             return exc.code, data, None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)

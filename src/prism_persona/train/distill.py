@@ -40,9 +40,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -81,23 +82,33 @@ def response_ids(tokenizer, answer: str, finished: bool = True) -> list[int]:
     return ids
 
 
-def build_example(tokenizer, query: str, answer: str, persona: Optional[str], placement: str = "system",
-                  max_length: int = 1024, key: str = "", finished: bool = True) -> Optional[Example]:
+def build_example(
+    tokenizer,
+    query: str,
+    answer: str,
+    persona: Optional[str],
+    placement: str = "system",
+    max_length: int = 1024,
+    key: str = "",
+    finished: bool = True,
+) -> Optional[Example]:
     """Tokenise teacher (with persona) and student (without) prompts + the shared response tokens.
 
     The response is cut so the longer sequence fits ``max_length``; ``None`` if nothing is left.
     """
     chat = user_chat(query)
-    t_prompt = tokenizer(render_chat(tokenizer, with_persona(chat, persona, placement)),
-                         add_special_tokens=False)["input_ids"]
+    t_prompt = tokenizer(render_chat(tokenizer, with_persona(chat, persona, placement)), add_special_tokens=False)[
+        "input_ids"
+    ]
     s_prompt = tokenizer(render_chat(tokenizer, chat), add_special_tokens=False)["input_ids"]
     resp = response_ids(tokenizer, answer, finished)
     n = min(len(resp), max_length - max(len(t_prompt), len(s_prompt)))
     if n < 1:
         return None
     resp = resp[:n]
-    return Example(key=key, teacher=t_prompt + resp, student=s_prompt + resp,
-                   t_start=len(t_prompt), s_start=len(s_prompt), n=n)
+    return Example(
+        key=key, teacher=t_prompt + resp, student=s_prompt + resp, t_start=len(t_prompt), s_start=len(s_prompt), n=n
+    )
 
 
 def without_loops(records: Sequence[dict]) -> tuple[list, int]:
@@ -113,23 +124,32 @@ def without_loops(records: Sequence[dict]) -> tuple[list, int]:
         kept.append(rec)
     if dropped:
         wins = sum(int(r.get("label", 0)) == 1 for r in records)
-        log.warning("distill: %d of %d winning answers loop (a phrase repeated 4+ times in a row) and are "
-                    "left out of the distillation set", dropped, wins)
+        log.warning(
+            "distill: %d of %d winning answers loop (a phrase repeated 4+ times in a row) and are "
+            "left out of the distillation set",
+            dropped,
+            wins,
+        )
     return kept, dropped
 
 
-def build_examples(tokenizer, records: Sequence[dict], max_length: int,
-                   teacher_persona: bool = True) -> list[Example]:
+def build_examples(tokenizer, records: Sequence[dict], max_length: int, teacher_persona: bool = True) -> list[Example]:
     """Examples for the records with label 1. ``teacher_persona=False`` drops the persona from the
     teacher (the reference implementation's bug, kept only to test that it is caught)."""
     out = []
     for rec in records:
         if int(rec.get("label", 0)) != 1:
             continue
-        ex = build_example(tokenizer, rec["query"], rec["persona_answer"],
-                           rec.get("persona") if teacher_persona else None,
-                           rec.get("placement") or "system", max_length, rec.get("key", ""),
-                           finished=rec.get("persona_finish", "stop") != "length")
+        ex = build_example(
+            tokenizer,
+            rec["query"],
+            rec["persona_answer"],
+            rec.get("persona") if teacher_persona else None,
+            rec.get("placement") or "system",
+            max_length,
+            rec.get("key", ""),
+            finished=rec.get("persona_finish", "stop") != "length",
+        )
         if ex is None:
             log.warning("distill: example %s has no room for its answer within max_length", rec.get("key"))
             continue
@@ -146,8 +166,16 @@ def build_retain_examples(tokenizer, records: Sequence[dict], max_length: int, n
     for rec in losers:
         if len(out) >= n:
             break
-        ex = build_example(tokenizer, rec["query"], rec["base_answer"], None, "system", max_length,
-                           "retain:" + str(rec.get("key", "")), finished=rec.get("base_finish", "stop") != "length")
+        ex = build_example(
+            tokenizer,
+            rec["query"],
+            rec["base_answer"],
+            None,
+            "system",
+            max_length,
+            "retain:" + str(rec.get("key", "")),
+            finished=rec.get("base_finish", "stop") != "length",
+        )
         if ex is not None:
             ex.retain = True
             out.append(ex)
@@ -164,16 +192,21 @@ def collate(examples: Sequence[Example], side: str, pad_id: int, device) -> dict
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, cols, targets, retain = [], [], [], []
     for i, (s, st, e) in enumerate(zip(seqs, starts, examples)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
         for j in range(e.n):
             rows.append(i)
             cols.append(st + j - 1)
             targets.append(s[st + j])
             retain.append(e.retain)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "rows": torch.tensor(rows, device=device), "cols": torch.tensor(cols, device=device),
-            "targets": torch.tensor(targets, device=device), "retain": torch.tensor(retain, device=device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "rows": torch.tensor(rows, device=device),
+        "cols": torch.tensor(cols, device=device),
+        "targets": torch.tensor(targets, device=device),
+        "retain": torch.tensor(retain, device=device),
+    }
 
 
 def _causal_lm(model):
@@ -184,8 +217,9 @@ def response_logits(model, batch: dict) -> torch.Tensor:
     """Logits ``[n_response_tokens, vocab]`` at the positions that predict the response tokens (the LM
     head runs on those positions only)."""
     lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[batch["rows"], batch["cols"]]).float()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
@@ -193,15 +227,20 @@ def response_logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def topk_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, temperature: float = 1.0,
-            per_token: bool = False) -> torch.Tensor:
+def topk_kl(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    per_token: bool = False,
+) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) on the teacher's top-k tokens, both renormalised
     over those k tokens at ``temperature``, times T^2 (``per_token``: one value per token, no mean)."""
     t = teacher_logits.float() / temperature
     vals, idx = t.topk(min(int(k), t.shape[-1]), dim=-1)
     logp = torch.log_softmax(vals, dim=-1)
     logq = torch.log_softmax(student_logits.float().gather(-1, idx) / temperature, dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1) * temperature ** 2
+    kl = (logp.exp() * (logp - logq)).sum(-1) * temperature**2
     return kl if per_token else kl.mean()
 
 
@@ -244,7 +283,7 @@ def heldout_kl(model, examples: Sequence[Example], dcfg, pad_id: int) -> Optiona
     bs = max(1, int(dcfg.batch_size))
     total, n = 0.0, 0
     for i in range(0, len(examples), bs):
-        batch = list(examples[i:i + bs])
+        batch = list(examples[i : i + bs])
         tokens = sum(e.n for e in batch)
         total += float(distill_loss(model, batch, kl_cfg, pad_id)) * tokens
         n += tokens
@@ -294,11 +333,18 @@ def lora_config(model, dcfg):
     if not targets:
         from ..errors import PrismError
 
-        raise PrismError(f"none of the LoRA target modules {dcfg.target_modules} exist in this model; "
-                         f"set distill.target_modules")
-    return LoraConfig(r=int(dcfg.r), lora_alpha=int(dcfg.alpha), lora_dropout=float(dcfg.dropout),
-                      target_modules=targets, layers_to_transform=list(range(1, n_layers)),
-                      task_type="CAUSAL_LM", bias="none")
+        raise PrismError(
+            f"none of the LoRA target modules {dcfg.target_modules} exist in this model; set distill.target_modules"
+        )
+    return LoraConfig(
+        r=int(dcfg.r),
+        lora_alpha=int(dcfg.alpha),
+        lora_dropout=float(dcfg.dropout),
+        target_modules=targets,
+        layers_to_transform=list(range(1, n_layers)),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def attach_lora(model, dcfg):
@@ -398,8 +444,10 @@ def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]
     try:
         opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for foreign objects, and any corruption
-        raise PrismError(f"{ckpt / 'optimizer.pt'} is not a plain optimizer state ({type(exc).__name__}); "
-                         f"delete {ckpt} to restart distillation") from None
+        raise PrismError(
+            f"{ckpt / 'optimizer.pt'} is not a plain optimizer state ({type(exc).__name__}); "
+            f"delete {ckpt} to restart distillation"
+        ) from None
     opt.load_state_dict(opt_state)
     if (ckpt / RNG_FILE).is_file():
         set_rng_tensors(load_file(str(ckpt / RNG_FILE)))
@@ -461,8 +509,11 @@ def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) 
     k = int(len(examples) * max(0.0, val_fraction))
     if k < 1 or len(examples) - k < 2:
         if val_fraction > 0 and examples:
-            log.warning("distill: %d examples are too few to hold out %.0f%% for early stopping; training on all",
-                        len(examples), 100 * val_fraction)
+            log.warning(
+                "distill: %d examples are too few to hold out %.0f%% for early stopping; training on all",
+                len(examples),
+                100 * val_fraction,
+            )
         return list(examples), []
     order = list(range(len(examples)))
     random.Random(seed + 7919).shuffle(order)
@@ -479,12 +530,16 @@ def stopped_early(state: dict, patience: int) -> bool:
 
 def distill_settings(cfg) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
-    return {"distill": asdict(cfg.distill), "model": cfg.model.model, "seed": cfg.seed,
-            "persona_length": cfg.persona.use_length, "placement": cfg.persona.placement}
+    return {
+        "distill": asdict(cfg.distill),
+        "model": cfg.model.model,
+        "seed": cfg.seed,
+        "persona_length": cfg.persona.use_length,
+        "placement": cfg.persona.placement,
+    }
 
 
-def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
-                max_steps: Optional[int] = None) -> dict:
+def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None, max_steps: Optional[int] = None) -> dict:
     """Train (or resume, or skip when done) the LoRA; writes ``RUN/distill/adapter``, the loss curve
     (``loss.jsonl`` + ``loss.png``) and ``distill.done.json``. Returns the stage summary."""
     from ..models import load_model
@@ -499,8 +554,9 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     d = run.path(STAGE)
     d.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, dp.device(cfg.model.device),
-                                      cfg.model.trust_remote_code)
+        model, tokenizer = load_model(
+            cfg.model.model, cfg.model.dtype, dp.device(cfg.model.device), cfg.model.trust_remote_code
+        )
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
     records, dropped_loops = without_loops(records) if getattr(dcfg, "drop_loops", True) else (list(records), 0)
@@ -534,8 +590,10 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(peft_model.parameters()).device
     if not examples:
-        log.warning("distill: no query where the persona won (label 1); saving an untrained adapter "
-                    "(routed queries then behave exactly like the base model)")
+        log.warning(
+            "distill: no query where the persona won (label 1); saving an untrained adapter "
+            "(routed queries then behave exactly like the base model)"
+        )
     if state["epoch"] == 0 and val_examples and not state["heldout_kl"]:
         kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id)
         state["heldout_kl"] = [{"epoch": 0, "kl": kl0}]
@@ -548,7 +606,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
             break
         order = list(range(len(examples)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
         for g in range(0, len(batches), group_size):
             if step >= total:
                 break
@@ -557,7 +615,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
                 group["lr"] = lr
             opt.zero_grad()
             loss_sum, n_tok = 0.0, 0
-            step_batches = batches[g:g + group_size]
+            step_batches = batches[g : g + group_size]
             for b in dp.shard(step_batches):  # all of them in a single process
                 loss = distill_loss(peft_model, [examples[i] for i in b], dcfg, pad_id)
                 (loss / len(step_batches)).backward()
@@ -599,12 +657,22 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None,
     save_adapter(peft_model, adapter)
     png = plot_curve(curve, d / "loss.png", f"distillation ({dcfg.loss})")
     info = {
-        "examples": len(examples) - n_retain, "heldout_examples": len(val_examples), "dropped_loops": dropped_loops,
-        "retain_examples": n_retain, "steps": step, "epochs": epochs,
-        "epochs_run": state["epoch"], "loss": dcfg.loss, "lr": dcfg.lr,
-        "heldout_kl": state["heldout_kl"], "best_epoch": state["best_epoch"] if val_examples else state["epoch"],
-        "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,
-        "adapter": str(adapter), "loss_curve": str(curve_path), "loss_plot": str(png) if png else None,
+        "examples": len(examples) - n_retain,
+        "heldout_examples": len(val_examples),
+        "dropped_loops": dropped_loops,
+        "retain_examples": n_retain,
+        "steps": step,
+        "epochs": epochs,
+        "epochs_run": state["epoch"],
+        "loss": dcfg.loss,
+        "lr": dcfg.lr,
+        "heldout_kl": state["heldout_kl"],
+        "best_epoch": state["best_epoch"] if val_examples else state["epoch"],
+        "first_loss": curve[0]["loss"] if curve else None,
+        "last_loss": curve[-1]["loss"] if curve else None,
+        "adapter": str(adapter),
+        "loss_curve": str(curve_path),
+        "loss_plot": str(png) if png else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if dp.active:

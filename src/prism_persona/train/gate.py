@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -59,7 +60,8 @@ def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: flo
     neg = n - pos
     recalls = ([tp / pos] if pos else []) + ([tn / neg] if neg else [])
     return {
-        "n": n, "positives": pos,
+        "n": n,
+        "positives": pos,
         "accuracy": (tp + tn) / n if n else None,
         # undefined (None) unless both classes are present, like AUC
         "balanced_accuracy": sum(recalls) / 2 if len(recalls) == 2 else None,
@@ -69,9 +71,14 @@ def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: flo
     }
 
 
-def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: str,
-                        default: float = 0.5, bounds: Sequence[float] = (0.0, 1.0),
-                        min_rows: int = 0) -> tuple[float, str]:
+def calibrate_threshold(
+    probs: Sequence[float],
+    labels: Sequence[int],
+    method: str,
+    default: float = 0.5,
+    bounds: Sequence[float] = (0.0, 1.0),
+    min_rows: int = 0,
+) -> tuple[float, str]:
     """Pick the routing threshold: ``none`` (``default``), ``balanced_accuracy`` (best on these
     held-out rows) or ``rate:X`` (route a share X). Returns (threshold, how it was chosen).
 
@@ -102,12 +109,21 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int], method: s
         pos = sum(1 for y in labels if int(y))
         neg = len(labels) - pos
         if pos == 0 or neg == 0:
-            log.warning("gate: held-out labels are all %d; balanced accuracy is undefined, threshold %.2f",
-                        int(labels[0]), default)
+            log.warning(
+                "gate: held-out labels are all %d; balanced accuracy is undefined, threshold %.2f",
+                int(labels[0]),
+                default,
+            )
             return float(default), "fixed: one class held out"
         if min(pos, neg) < min_rows:
-            log.warning("gate: %d positive / %d negative held-out rows are too few to calibrate on "
-                        "(gate.min_calibration_rows=%d); using threshold %.2f", pos, neg, min_rows, default)
+            log.warning(
+                "gate: %d positive / %d negative held-out rows are too few to calibrate on "
+                "(gate.min_calibration_rows=%d); using threshold %.2f",
+                pos,
+                neg,
+                min_rows,
+                default,
+            )
             return float(default), f"fixed: too few held-out rows ({pos} positive, {neg} negative)"
         best = (-1.0, 0.0, default)
         u = sorted(set(float(p) for p in probs))
@@ -131,8 +147,14 @@ def _bounded(threshold: float, lo: float, hi: float, how: str) -> tuple[float, s
     if lo <= threshold <= hi:
         return threshold, how
     clipped = min(max(threshold, lo), hi)
-    log.warning("gate: the calibrated threshold %.3g is outside gate.threshold_bounds [%g, %g]; using %g "
-                "(the held-out rows do not separate the classes well)", threshold, lo, hi, clipped)
+    log.warning(
+        "gate: the calibrated threshold %.3g is outside gate.threshold_bounds [%g, %g]; using %g "
+        "(the held-out rows do not separate the classes well)",
+        threshold,
+        lo,
+        hi,
+        clipped,
+    )
     return clipped, f"{how}, clipped from {threshold:.3g}"
 
 
@@ -225,9 +247,13 @@ def near_duplicate_clusters(texts: Sequence[str], threshold: float = 0.7) -> lis
     return [find(i) for i in range(len(texts))]
 
 
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0,
-                     groups: Optional[Sequence[str]] = None,
-                     clusters: Optional[Sequence[int]] = None) -> tuple[list[int], list[int]]:
+def stratified_split(
+    labels: Sequence[int],
+    val_fraction: float,
+    seed: int = 0,
+    groups: Optional[Sequence[str]] = None,
+    clusters: Optional[Sequence[int]] = None,
+) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices), each class (and, given ``groups``, each (class, group)
     cell, e.g. per domain) split in proportion; a cell with fewer than two rows stays in training.
     Given ``clusters`` (e.g. :func:`near_duplicate_clusters`), a cluster goes wholly to one side (it
@@ -271,8 +297,14 @@ def _weighted_bce(gate: Gate, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor)
     return (loss * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def fit_gate(features: torch.Tensor, targets: Sequence[float], cfg, seed: int = 0,
-             weights: Optional[torch.Tensor] = None, val: Optional[tuple] = None) -> Gate:
+def fit_gate(
+    features: torch.Tensor,
+    targets: Sequence[float],
+    cfg,
+    seed: int = 0,
+    weights: Optional[torch.Tensor] = None,
+    val: Optional[tuple] = None,
+) -> Gate:
     """Full-batch AdamW on weighted BCE (``targets`` may be soft, e.g. 0.5 for a tie).
 
     ``weights``: per-row loss weights (default: both labels weigh the same, as ``pos_weight`` did).
@@ -321,9 +353,15 @@ def fit_gate(features: torch.Tensor, targets: Sequence[float], cfg, seed: int = 
     return gate
 
 
-def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0,
-               groups: Optional[Sequence[str]] = None, targets: Optional[Sequence[float]] = None,
-               texts: Optional[Sequence[str]] = None) -> GateBundle:
+def train_gate(
+    features: torch.Tensor,
+    labels: Sequence[int],
+    cfg,
+    seed: int = 0,
+    groups: Optional[Sequence[str]] = None,
+    targets: Optional[Sequence[float]] = None,
+    texts: Optional[Sequence[str]] = None,
+) -> GateBundle:
     """Split, fit, calibrate the threshold on held-out rows and compute metrics; never raises on
     degenerate data (one class, a handful of rows): it logs the fallback it took instead.
 
@@ -359,17 +397,29 @@ def train_gate(features: torch.Tensor, labels: Sequence[int], cfg, seed: int = 0
         probs = gate(features).tolist() if n else []
     vp = [probs[i] for i in val_idx]
     vy = [labels[i] for i in val_idx]
-    threshold, how = calibrate_threshold(vp, vy, cfg.calibrate, cfg.threshold,
-                                         getattr(cfg, "threshold_bounds", (0.0, 1.0)),
-                                         int(getattr(cfg, "min_calibration_rows", 0)))
+    threshold, how = calibrate_threshold(
+        vp,
+        vy,
+        cfg.calibrate,
+        cfg.threshold,
+        getattr(cfg, "threshold_bounds", (0.0, 1.0)),
+        int(getattr(cfg, "min_calibration_rows", 0)),
+    )
     if how.startswith("fixed:") or "clipped" in how:
         fallbacks.append(f"threshold {threshold:.3g}: {how}")
     info = {
-        "n_train": len(train_idx), "n_heldout": 0 if val_is_train else len(val_idx),
-        "positives": sum(labels), "negatives": n - sum(labels),
-        "threshold_method": how, "calibrate": cfg.calibrate, "fallbacks": fallbacks,
-        "target": getattr(cfg, "target", "win"), "balance": balance, "pooling": gate.pooling,
-        "epochs_run": gate.stopped_epoch, "best_epoch": gate.best_epoch,
+        "n_train": len(train_idx),
+        "n_heldout": 0 if val_is_train else len(val_idx),
+        "positives": sum(labels),
+        "negatives": n - sum(labels),
+        "threshold_method": how,
+        "calibrate": cfg.calibrate,
+        "fallbacks": fallbacks,
+        "target": getattr(cfg, "target", "win"),
+        "balance": balance,
+        "pooling": gate.pooling,
+        "epochs_run": gate.stopped_epoch,
+        "best_epoch": gate.best_epoch,
         "near_duplicate_clusters": len(set(clusters)) if clusters is not None else n,
         # these rows come from the bootstrap's own queries: in-distribution, and used for early
         # stopping and calibration; `prism check` measures the gate on queries it never saw
@@ -431,18 +481,31 @@ def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> d
     queries = [r["query"] for r in records]
     labels = [int(r["label"]) for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
-    bundle = train_gate(feats, labels, cfg.gate, cfg.seed, groups=[r.get("domain", "") for r in records],
-                        targets=gate_targets(records, cfg.gate.target, cfg.gate.domain_prior),
-                        texts=queries)
+    bundle = train_gate(
+        feats,
+        labels,
+        cfg.gate,
+        cfg.seed,
+        groups=[r.get("domain", "") for r in records],
+        targets=gate_targets(records, cfg.gate.target, cfg.gate.domain_prior),
+        texts=queries,
+    )
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
     m = bundle.info["metrics"]
-    info = {"threshold": bundle.threshold, "threshold_method": bundle.info["threshold_method"],
-            "n_train": bundle.info["n_train"], "n_heldout": bundle.info["n_heldout"],
-            "positives": bundle.info["positives"], "negatives": bundle.info["negatives"],
-            "metrics": m, "routing_by_domain": bundle.info.get("routing_by_group", {}),
-            "fallbacks": bundle.info["fallbacks"], "dir": str(run.path(GATE_DIR)),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    info = {
+        "threshold": bundle.threshold,
+        "threshold_method": bundle.info["threshold_method"],
+        "n_train": bundle.info["n_train"],
+        "n_heldout": bundle.info["n_heldout"],
+        "positives": bundle.info["positives"],
+        "negatives": bundle.info["negatives"],
+        "metrics": m,
+        "routing_by_domain": bundle.info.get("routing_by_group", {}),
+        "fallbacks": bundle.info["fallbacks"],
+        "dir": str(run.path(GATE_DIR)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     run.mark_done(STAGE, info)
     return info

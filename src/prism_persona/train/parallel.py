@@ -13,7 +13,7 @@ Without those variables (a plain ``prism distill``) everything here is a no-op.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ class DataParallel:
 
     def shard(self, items: Sequence) -> list:
         """This process's share of one optimisation step's micro-batches."""
-        return list(items[self.rank::self.world]) if self.active else list(items)
+        return list(items[self.rank :: self.world]) if self.active else list(items)
 
     def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum the gradients of ``params`` over all processes (missing ones count as zero)."""

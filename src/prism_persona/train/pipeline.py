@@ -26,15 +26,14 @@ import time
 from typing import Optional
 
 from .. import config as C
-from ..bootstrap.verify import load_labelled
-from ..errors import PrismError
-from ..store import JsonlStore, RunDir, RunLock
 from ..bootstrap.answers import answers_store, write_answers
 from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
 from ..bootstrap.personas import load_personas, write_personas
 from ..bootstrap.queries import selected_queries, write_queries
 from ..bootstrap.summary import build_summary, format_summary
-from ..bootstrap.verify import verdicts_store, write_verdicts
+from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
+from ..errors import PrismError
+from ..store import JsonlStore, RunDir, RunLock
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,10 @@ def check_heldout_file(cfg) -> None:
     items = load_heldout(cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded")
     unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
     if unknown:
-        raise PrismError(f"--heldout {cfg.check.queries}: domain(s) {', '.join(unknown)} are not among the run's "
-                         f"domains ({', '.join(cfg.persona.domains)})")
+        raise PrismError(
+            f"--heldout {cfg.check.queries}: domain(s) {', '.join(unknown)} are not among the run's "
+            f"domains ({', '.join(cfg.persona.domains)})"
+        )
 
 
 def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
@@ -99,12 +100,27 @@ def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
     from ..gated.model import GatedModel
 
     m, c = cfg.model, cfg.check
-    gated = GatedModel.from_pretrained(run.path("prism"), device=m.device, dtype=m.dtype, batch_size=m.batch_size,
-                                       base=(model, tok) if model is not None else None,
-                                       trust_remote_code=m.trust_remote_code)
-    return run_check(run.path("prism"), c.queries, run.path("check"), judge=cfg.judge.judge,
-                     rewarded=c.rewarded, persona_files=cfg.persona.persona_files, max_new_tokens=c.max_new_tokens,
-                     judge_mode=cfg.judge.mode, batch_size=m.batch_size, quiet=cfg.quiet, gated=gated)
+    gated = GatedModel.from_pretrained(
+        run.path("prism"),
+        device=m.device,
+        dtype=m.dtype,
+        batch_size=m.batch_size,
+        base=(model, tok) if model is not None else None,
+        trust_remote_code=m.trust_remote_code,
+    )
+    return run_check(
+        run.path("prism"),
+        c.queries,
+        run.path("check"),
+        judge=cfg.judge.judge,
+        rewarded=c.rewarded,
+        persona_files=cfg.persona.persona_files,
+        max_new_tokens=c.max_new_tokens,
+        judge_mode=cfg.judge.mode,
+        batch_size=m.batch_size,
+        quiet=cfg.quiet,
+        gated=gated,
+    )
 
 
 def save_config(run: RunDir, cfg) -> None:
@@ -119,8 +135,10 @@ def bootstrap_has_work(run: RunDir, cfg) -> bool:
     saved = run.read_json("config.json")
     if not run.done("bootstrap") or not isinstance(saved, dict):
         return True
-    return (saved.get("persona", {}).get("domains") != list(cfg.persona.domains)
-            or saved.get("queries", {}).get("queries_per_persona") != cfg.queries.queries_per_persona)
+    return (
+        saved.get("persona", {}).get("domains") != list(cfg.persona.domains)
+        or saved.get("queries", {}).get("queries_per_persona") != cfg.queries.queries_per_persona
+    )
 
 
 def run_bootstrap(cfg, engine=None, judge=None) -> dict:
@@ -179,10 +197,19 @@ def _run_bootstrap(cfg, engine, judge) -> dict:
         if engine is None and get_engine.built is not None:
             get_engine.built.close()
     summary = build_summary(
-        cfg.persona.domains, verdicts, answers, personas=persona_counts, queries=collected,
-        target=cfg.queries.queries_per_persona, tokens=tokens,
-        judge=getattr(get_judge.built, "name", cfg.judge.judge), mode=_judge_mode(get_judge.built, verdicts),
-        model=cfg.model.model, wall_seconds=time.perf_counter() - t0, run=str(run.root))
+        cfg.persona.domains,
+        verdicts,
+        answers,
+        personas=persona_counts,
+        queries=collected,
+        target=cfg.queries.queries_per_persona,
+        tokens=tokens,
+        judge=getattr(get_judge.built, "name", cfg.judge.judge),
+        mode=_judge_mode(get_judge.built, verdicts),
+        model=cfg.model.model,
+        wall_seconds=time.perf_counter() - t0,
+        run=str(run.root),
+    )
     run.write_json("summary.json", summary)
     run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
     run.mark_done("bootstrap", {"pairs": len(verdicts), "labelled_positive": summary["total"]["wins"]})
@@ -194,12 +221,22 @@ def record_tokens(run: RunDir, stats: dict, wall: float) -> dict:
     anything) and return ``{"this_invocation": ..., "total": ...}`` summed over all invocations."""
     ledger = JsonlStore(run.path("bootstrap_sessions.jsonl"))
     if stats["tokens_generated"] or stats["generate_seconds"]:
-        ledger.append({"key": f"{time.time():.6f}-{os.getpid()}", "tokens_generated": stats["tokens_generated"],
-                       "generate_seconds": stats["generate_seconds"], "wall_seconds": round(wall, 2)})
+        ledger.append(
+            {
+                "key": f"{time.time():.6f}-{os.getpid()}",
+                "tokens_generated": stats["tokens_generated"],
+                "generate_seconds": stats["generate_seconds"],
+                "wall_seconds": round(wall, 2),
+            }
+        )
     toks = sum(r["tokens_generated"] for r in ledger)
     secs = sum(r["generate_seconds"] for r in ledger)
-    total = {"tokens_generated": toks, "generate_seconds": round(secs, 3),
-             "tokens_per_s": round(toks / secs, 2) if secs > 0 else None, "invocations": len(ledger)}
+    total = {
+        "tokens_generated": toks,
+        "generate_seconds": round(secs, 3),
+        "tokens_per_s": round(toks / secs, 2) if secs > 0 else None,
+        "invocations": len(ledger),
+    }
     return {"this_invocation": stats, "total": total}
 
 
@@ -236,7 +273,7 @@ def redo_stages(stage: str) -> list[str]:
     if stage not in REDO_FILES:
         raise PrismError(f"--redo takes one of: {', '.join(REDO_FILES)}; got '{stage}'")
     if stage in BOOTSTRAP_ORDER:
-        return list(BOOTSTRAP_ORDER[BOOTSTRAP_ORDER.index(stage):]) + ["gate", "distill"]
+        return list(BOOTSTRAP_ORDER[BOOTSTRAP_ORDER.index(stage) :]) + ["gate", "distill"]
     return [stage]
 
 
@@ -269,7 +306,7 @@ def redo(run_dir, stage: str) -> list[str]:
     return removed
 
 
-def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> "C.RunConfig":
+def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> C.RunConfig:
     """The settings saved in ``RUN/config.json`` (what the run was made with), with ``overrides``."""
     saved = os.path.join(os.fspath(run_dir), "config.json")
     if not os.path.isfile(saved):
@@ -337,8 +374,10 @@ def run_pipeline(cfg, engine=None, judge=None) -> dict:
     from .parallel import DataParallel
 
     if DataParallel().world > 1:
-        raise PrismError("the pipeline runs in one process; under accelerate launch / torchrun use "
-                         "`prism distill --run RUN` (data-parallel distillation) after the bootstrap and the gate")
+        raise PrismError(
+            "the pipeline runs in one process; under accelerate launch / torchrun use "
+            "`prism distill --run RUN` (data-parallel distillation) after the bootstrap and the gate"
+        )
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
         return _run_pipeline(cfg, engine, judge)

@@ -7,7 +7,8 @@ split, the distillation loss curve (PNG) and the time each stage took.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..bootstrap.summary import fmt_cell
 
@@ -22,8 +23,10 @@ def data_counts(records: Sequence[dict]) -> dict:
         d = out.setdefault(r.get("domain", ""), {"queries": 0, "persona_won": 0})
         d["queries"] += 1
         d["persona_won"] += int(r.get("label", 0))
-    total = {"queries": sum(v["queries"] for v in out.values()),
-             "persona_won": sum(v["persona_won"] for v in out.values())}
+    total = {
+        "queries": sum(v["queries"] for v in out.values()),
+        "persona_won": sum(v["persona_won"] for v in out.values()),
+    }
     return {"by_domain": dict(sorted(out.items())), "total": total}
 
 
@@ -40,11 +43,24 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
     return {
         "run": str(run.root),
         "data": data_counts(records),
-        "gate": {k: gate.get(k) for k in ("threshold", "threshold_method", "n_train", "n_heldout",
-                                          "positives", "negatives", "metrics", "fallbacks")},
+        "gate": {
+            k: gate.get(k)
+            for k in (
+                "threshold",
+                "threshold_method",
+                "n_train",
+                "n_heldout",
+                "positives",
+                "negatives",
+                "metrics",
+                "fallbacks",
+            )
+        },
         "routing_by_domain_heldout": gate.get("routing_by_domain", {}),
-        "distill": {k: distill.get(k) for k in ("examples", "steps", "epochs", "loss", "first_loss",
-                                                "last_loss", "loss_curve", "loss_plot")},
+        "distill": {
+            k: distill.get(k)
+            for k in ("examples", "steps", "epochs", "loss", "first_loss", "last_loss", "loss_curve", "loss_plot")
+        },
         "stage_seconds": seconds,
         "artifact": str(run.path("prism")),
         "heldout_check": _check_summary(run),
@@ -56,37 +72,65 @@ def _check_summary(run) -> Optional[dict]:
     rep = run.read_json(os.path.join("check", "check.json"))
     if not isinstance(rep, dict):
         return None
-    return {"heldout": rep.get("heldout"), "judge": rep.get("judge"), "overall": rep.get("overall"),
-            "gate_vs_expected_route": rep.get("gate_vs_expected_route"), "domains": rep.get("domains")}
+    return {
+        "heldout": rep.get("heldout"),
+        "judge": rep.get("judge"),
+        "overall": rep.get("overall"),
+        "gate_vs_expected_route": rep.get("gate_vs_expected_route"),
+        "domains": rep.get("domains"),
+    }
 
 
 def format_report(rep: dict) -> str:
     """Markdown rendering of :func:`build_report`'s dict."""
-    lines = ["# PRISM training report", "", f"Run: `{rep['run']}`  ", f"Artifact: `{rep['artifact']}`", "",
-             "## Data", "", "| domain | queries | persona won |", "|---|---|---|"]
+    lines = [
+        "# PRISM training report",
+        "",
+        f"Run: `{rep['run']}`  ",
+        f"Artifact: `{rep['artifact']}`",
+        "",
+        "## Data",
+        "",
+        "| domain | queries | persona won |",
+        "|---|---|---|",
+    ]
     for dom, c in rep["data"]["by_domain"].items():
         lines.append(f"| {dom} | {c['queries']} | {c['persona_won']} |")
     t = rep["data"]["total"]
-    lines += [f"| **total** | {t['queries']} | {t['persona_won']} |", "", "## Gate (in-distribution)", "",
-              "Measured on a split of the run's own training queries; `--heldout` (or `prism check`) measures "
-              "the artifact on queries it never saw.", ""]
+    lines += [
+        f"| **total** | {t['queries']} | {t['persona_won']} |",
+        "",
+        "## Gate (in-distribution)",
+        "",
+        "Measured on a split of the run's own training queries; `--heldout` (or `prism check`) measures "
+        "the artifact on queries it never saw.",
+        "",
+    ]
     g = rep["gate"]
-    lines.append(f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
-                 f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out.")
+    lines.append(
+        f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
+        f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out."
+    )
     lines += ["", "| split | n | accuracy | balanced accuracy | AUC | routing rate |", "|---|---|---|---|---|---|"]
     for split, m in (g.get("metrics") or {}).items():
         if m:
-            lines.append(f"| {split} | {m['n']} | {fmt_cell(m['accuracy'])} | {fmt_cell(m['balanced_accuracy'])} | "
-                         f"{fmt_cell(m['auc'])} | {fmt_cell(m['routing_rate'])} |")
+            lines.append(
+                f"| {split} | {m['n']} | {fmt_cell(m['accuracy'])} | {fmt_cell(m['balanced_accuracy'])} | "
+                f"{fmt_cell(m['auc'])} | {fmt_cell(m['routing_rate'])} |"
+            )
     for fb in g.get("fallbacks") or []:
         lines.append(f"\n> fallback: {fb}")
     lines += ["", "Routing rate per domain on the held-out split:", "", "| domain | n | routed |", "|---|---|---|"]
     for dom, r in rep["routing_by_domain_heldout"].items():
         lines.append(f"| {dom} | {r['n']} | {fmt_cell(r['routing_rate'])} |")
     d = rep["distill"]
-    lines += ["", "## Distillation", "",
-              f"{fmt_cell(d.get('examples'))} examples, {fmt_cell(d.get('steps'))} steps, loss `{d.get('loss')}`: "
-              f"first {fmt_cell(d.get('first_loss'))}, last {fmt_cell(d.get('last_loss'))}."]
+    lines += [
+        "",
+        "## Distillation",
+        "",
+        f"{fmt_cell(d.get('examples'))} examples, {fmt_cell(d.get('steps'))} steps, loss `{d.get('loss')}`: "
+        f"first {fmt_cell(d.get('first_loss'))}, last {fmt_cell(d.get('last_loss'))}.",
+    ]
     if d.get("loss_plot"):
         rel = os.path.relpath(d["loss_plot"], rep["run"])
         lines += ["", f"![loss curve]({rel})"]
@@ -109,20 +153,31 @@ def _check_lines(chk: Optional[dict]) -> list[str]:
     if not chk:
         return []
     o, g = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
-    lines = ["", "## Held-out check", "",
-             f"Queries `{chk.get('heldout')}`, judge `{chk.get('judge')}` (details: `check/check.md`). "
-             f"Gate AUC {fmt_cell(g.get('auc'))}, balanced accuracy {fmt_cell(g.get('balanced_accuracy'))}; "
-             f"behaviour transfer {fmt_cell(o.get('transfer_ratio'))}; base identity "
-             f"{fmt_cell(o.get('base_identity'))} of {fmt_cell(o.get('unrouted'))} unrouted.", "",
-             "| domain | n | routed | LoRA wins | persona wins | loops base / LoRA / persona / PRISM |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Held-out check",
+        "",
+        f"Queries `{chk.get('heldout')}`, judge `{chk.get('judge')}` (details: `check/check.md`). "
+        f"Gate AUC {fmt_cell(g.get('auc'))}, balanced accuracy {fmt_cell(g.get('balanced_accuracy'))}; "
+        f"behaviour transfer {fmt_cell(o.get('transfer_ratio'))}; base identity "
+        f"{fmt_cell(o.get('base_identity'))} of {fmt_cell(o.get('unrouted'))} unrouted.",
+        "",
+        "| domain | n | routed | LoRA wins | persona wins | loops base / LoRA / persona / PRISM |",
+        "|---|---|---|---|---|---|",
+    ]
     for dom, b in (chk.get("domains") or {}).items():
         loops = " / ".join(fmt_cell((b.get("loop_rate") or {}).get(s)) for s in ("base", "lora", "persona", "prism"))
-        lines.append(f"| {dom} | {b.get('n')} | {fmt_cell(b.get('routing_rate'))} | {fmt_cell(b.get('lora_win_rate'))} | "
-                     f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |")
+        lines.append(
+            f"| {dom} | {b.get('n')} | {fmt_cell(b.get('routing_rate'))} | {fmt_cell(b.get('lora_win_rate'))} | "
+            f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |"
+        )
     if o.get("loops_vs_base"):
         from ..evals.check import loops_vs_base_text
 
-        lines += ["", "Loops against the base model, same queries (added / removed, paired exact test): "
-                  + loops_vs_base_text(o["loops_vs_base"]) + "."]
+        lines += [
+            "",
+            "Loops against the base model, same queries (added / removed, paired exact test): "
+            + loops_vs_base_text(o["loops_vs_base"])
+            + ".",
+        ]
     return lines
