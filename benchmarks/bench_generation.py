@@ -38,7 +38,7 @@ def routes_for(batch: int) -> list[bool]:
 
 
 def settings_for(built: common.Built, new_tokens: int):
-    from prism_persona.gated.fastgen import DecodeSettings
+    from fastgen import DecodeSettings
 
     pad = int(built.model.generation_config.pad_token_id or 0)
     return DecodeSettings(max_new_tokens=new_tokens, pad_token_id=pad, ignore_eos=True)
@@ -46,7 +46,7 @@ def settings_for(built: common.Built, new_tokens: int):
 
 def plain(model, ids, mask, settings, **forward_kwargs):
     """Plain HF ``generate`` (forced length); returns the new tokens."""
-    from prism_persona.gated.fastgen import plain_generate
+    from fastgen import plain_generate
 
     return plain_generate(model, ids, mask, settings, forward_kwargs or None)
 
@@ -104,7 +104,7 @@ def reference_sequential(pm, gate, ids, mask, routes, settings):
 
 def peft_mixed(pm, ids, mask, routes, settings, fast: bool = False):
     """PEFT's mixed-adapter batch: per-row adapter names, ``__base__`` for un-routed rows."""
-    from prism_persona.gated import fastgen
+    import fastgen
 
     names = ["default" if r else "__base__" for r in routes]
     if fast:
@@ -124,7 +124,7 @@ def measure(
     skip: tuple = (),
 ) -> list[dict]:
     """Every variant at every batch size; returns one row per (batch, variant)."""
-    from prism_persona.gated import fastgen
+    import fastgen
 
     dev = built.device
     settings = settings_for(built, new_tokens)

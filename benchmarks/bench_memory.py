@@ -65,7 +65,7 @@ def gate_numel(hidden: int) -> int:
     from prism_persona.gated.gate import Gate
 
     with torch.device("meta"):
-        gate = Gate(hidden, list(common.GATE_HIDDEN))
+        gate = Gate(hidden, list(common.GATE_HIDDEN), dropout=0.0, pooling="last")
     return sum(t.numel() for t in list(gate.parameters()) + list(gate.buffers()))
 
 

@@ -157,7 +157,7 @@ def gated_rows(
 
 
 def fastgen_context(gm, force):
-    from prism_persona.gated.fastgen import _routing_context
+    from fastgen import _routing_context
 
     return _routing_context(gm, force, len(force))
 

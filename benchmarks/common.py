@@ -344,7 +344,8 @@ def add_random_lora(
 
 
 def make_random_gate(hidden: int, device: str, dtype, seed: int = 0, sizes: Sequence[int] = GATE_HIDDEN):
-    """A random gate MLP ``hidden -> 128 -> 64 -> 1`` (GELU), the shape PRISM trains by default."""
+    """A random gate MLP ``hidden -> 128 -> 64 -> 1`` (GELU): the paper's gate shape and the costlier one
+    (PRISM's default, ``gate.hidden_sizes = []``, is a logistic regression ``hidden -> 1``)."""
     import torch
     from torch import nn
 

@@ -20,7 +20,7 @@ def random_gate_bundle(hidden: int, seed: int = 0, threshold: float = 0.5):
     from prism_persona.gated.gate import Gate, GateBundle
 
     torch.manual_seed(seed)
-    gate = Gate(hidden, list(common.GATE_HIDDEN))
+    gate = Gate(hidden, list(common.GATE_HIDDEN), dropout=0.0, pooling="last")
     gate.eval()
     return GateBundle(gate=gate, threshold=threshold, info={"note": "random gate for benchmarks"})
 
@@ -41,7 +41,7 @@ def gated_from_peft(pm, built: common.Built, seed: int = 0):
 
 def runner(gm):
     """``(ids, mask, routes, settings, fast) -> new tokens``: routes forced per row (half/half)."""
-    from prism_persona.gated import fastgen
+    import fastgen
 
     def run(ids, mask, routes, settings, fast: bool):
         new, _, _ = fastgen.generate_gated(gm, ids, mask, settings, force=list(routes), fast=fast)

@@ -15,7 +15,7 @@ _LAZY = {
     "resolve_config": ("config", "resolve"),
     "load_model": "models",
     "GatedModel": ("gated.model", "GatedModel"),
-    "Gate": ("train.gate", "Gate"),
+    "Gate": ("gated.gate", "Gate"),
     "HFEngine": ("engines.hf", "HFEngine"),
     "SamplingParams": ("engines.base", "SamplingParams"),
     "RunDir": "store",

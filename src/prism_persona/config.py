@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .errors import PrismError, read_user_text
+from .errors import PrismError
+from .userfiles import read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +444,35 @@ class LoadSettings:
 
     def validate(self) -> None:
         check_device(self.device)
+
+
+@dataclass
+class CheckSettings(CheckConfig):
+    """`prism check`: the held-out check (:class:`CheckConfig`, what `prism run --heldout` runs at the end
+    of a run) of any artifact, with its judge (:class:`JudgeConfig`) and how the artifact is loaded."""
+
+    queries: str = option("", "held-out queries: domain, query [, route]", required=True, metavar="PATH")
+    rewarded: list = option(
+        [], "domains whose queries should be routed (when the file has no 'route')", metavar="D1,D2"
+    )
+    prism: str = option("", "the artifact directory (RUN/prism)", required=True, metavar="ART")
+    judge: str = option(
+        "self", "self (the base model), a model id/path, or module:function / path/file.py:function (runs that code)"
+    )
+    judge_mode: str = option("auto", "how a model judge's verdict is read", choices=("auto", "logprob", "text"))
+    out: str = option("", "output directory (default: RUN/check beside the artifact)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16", choices=DTYPES, metavar="DTYPE")
+    batch_size: Optional[int] = option(None, "rows per generation batch (default: the artifact's)", at_least=1)
+
+    def validate(self) -> None:
+        check_device(self.device)
+
+    def check_config(self) -> CheckConfig:
+        return CheckConfig(queries=self.queries, rewarded=list(self.rewarded), max_new_tokens=self.max_new_tokens)
+
+    def judge_config(self) -> JudgeConfig:
+        return JudgeConfig(judge=self.judge, mode=self.judge_mode)
 
 
 @dataclass
@@ -949,7 +979,12 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
         hook()
 
 
-COMMAND_SETTINGS: dict[str, type] = {"generate": GenerateSettings, "chat": ChatSettings, "serve": ServeSettings}
+COMMAND_SETTINGS: dict[str, type] = {
+    "generate": GenerateSettings,
+    "chat": ChatSettings,
+    "serve": ServeSettings,
+    "check": CheckSettings,
+}
 """The settings of each command whose flags come from :func:`add_flags` (``prism config`` lists them all);
 a command that moves onto the settings system adds its dataclass here."""
 

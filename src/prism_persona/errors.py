@@ -13,17 +13,3 @@ class PrismError(Exception):
 
 class ConfigMismatchError(PrismError):
     """A run directory holds records made with settings that the current command would change."""
-
-
-def read_user_text(path, what: str) -> str:
-    """A file the user named, as text (UTF-8; a leading BOM dropped). A missing file or one in another
-    encoding is a one-line :class:`PrismError` naming ``what`` (e.g. "queries file") and the path."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise PrismError(f"{what} not found: {path}")
-    try:
-        return p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PrismError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None

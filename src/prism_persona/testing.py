@@ -246,9 +246,9 @@ def make_tiny_artifact(
 
     out = Path(out)
     base, tok = load_model(str(model_dir), dtype="float32", device="cpu")
-    feats = query_features(base, tok, list(queries))
+    feats = query_features(base, tok, list(queries), 16, "last")
     torch.manual_seed(seed)
-    gate = Gate(feats.shape[1])
+    gate = Gate(feats.shape[1], [128, 64], dropout=0.0, pooling="last")
     gate.set_standardisation(feats)
     gate.eval()
     probs = sorted(gate(feats).tolist())

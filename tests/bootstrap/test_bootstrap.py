@@ -15,6 +15,7 @@ from prism_persona.bootstrap.answers import answer_chats
 from prism_persona.bootstrap.common import Lazy, derive_seed
 from prism_persona.bootstrap.personas import clean_persona, fallback_persona, load_personas, write_personas
 from prism_persona.bootstrap.queries import clean_query_line, parse_queries, write_queries
+from prism_persona.config import QueryConfig
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import ConfigMismatchError, PrismError
 from prism_persona.store import RunDir
@@ -101,7 +102,10 @@ def test_clean_query_line(line, expected):
 
 def test_parse_queries_dedupes_case_and_whitespace():
     text = "1. How do I  write a cover letter?\n2. how do i write a COVER letter\n\n3. Another different question here?"
-    assert parse_queries(text) == ["How do I write a cover letter?", "Another different question here?"]
+    assert parse_queries(text, QueryConfig(requests_only=False)) == [
+        "How do I write a cover letter?",
+        "Another different question here?",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,7 +659,7 @@ def test_cli_embedded_model_end_to_end(tmp_path):
 
 def test_query_prompt_and_filter_are_part_of_the_queries_settings(tmp_path, monkeypatch):
     """Resuming a run whose queries were written with another prompt or filter is refused (not mixed)."""
-    import prism_persona.bootstrap.queries as Q
+    import prism_persona.bootstrap.prompts as Q
     from prism_persona.bootstrap.common import stage_settings
 
     cfg = make_cfg(tmp_path)

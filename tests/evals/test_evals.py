@@ -14,8 +14,8 @@ from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge, keyword_refusal, parse_rating, parse_yes_no
 from prism_persona.evals.mmlu import GROUPS, SUBJECT_GROUP, subject_group
 from prism_persona.evals.runner import EvalRunner, EvalSettings
-from prism_persona.evals.stats import bootstrap_ci, pearson, ranks, spearman
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_system, parse_systems
+from prism_persona.stats import bootstrap_ci, pearson, ranks, spearman
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,21 +41,21 @@ def test_pool_states_any_padding_side_and_bad_name():
 
 def test_mean_feature_is_the_mean_of_layer0_states_over_real_tokens(tiny_model):
     model, tok = tiny_model
-    feats = query_features(model, tok, QUERIES, pooling="mean")
+    feats = query_features(model, tok, QUERIES, 16, "mean")
     for i, q in enumerate(QUERIES):
         enc = encode_prompts(tok, [gate_prompt(tok, q)])
         with torch.no_grad():
             hs = model(**enc, output_hidden_states=True).hidden_states
         torch.testing.assert_close(feats[i], hs[1][0].mean(0), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(feats, query_features(model, tok, QUERIES, pooling="last"))
+    assert not torch.allclose(feats, query_features(model, tok, QUERIES, 16, "last"))
 
 
 @pytest.fixture
 def mean_gated(tiny_model_dir, tmp_path):
     model, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    feats = query_features(model, tok, QUERIES, pooling="mean")
+    feats = query_features(model, tok, QUERIES, 16, "mean")
     torch.manual_seed(0)
-    gate = Gate(feats.shape[1], [8], pooling="mean")
+    gate = Gate(feats.shape[1], [8], dropout=0.0, pooling="mean")
     gate.set_standardisation(feats)
     gate.eval()
     probs = gate(feats).detach().sort().values
@@ -65,7 +68,7 @@ def mean_gated(tiny_model_dir, tmp_path):
 
 def test_mean_gate_routes_inside_the_prefill_as_trained(mean_gated):
     gm, train_feats = mean_gated
-    alone = torch.cat([query_features(gm.model, gm.tokenizer, [q], pooling="mean") for q in QUERIES])
+    alone = torch.cat([query_features(gm.model, gm.tokenizer, [q], 16, "mean") for q in QUERIES])
     torch.testing.assert_close(alone, train_feats, rtol=1e-4, atol=1e-5)
     want = gm.gate(train_feats)
     # forward_logits on a left-padded batch
@@ -83,7 +86,8 @@ def test_mean_gate_routes_inside_the_prefill_as_trained(mean_gated):
 
 
 def test_mean_gate_on_the_static_cache_decoder(mean_gated):
-    from prism_persona.gated.fastgen import DecodeSettings, generate_gated
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from fastgen import DecodeSettings, generate_gated  # benchmarks/fastgen.py
 
     gm, train_feats = mean_gated
     enc = encode_prompts(gm.tokenizer, [gate_prompt(gm.tokenizer, q) for q in QUERIES])
@@ -96,7 +100,7 @@ def test_mean_gate_on_the_static_cache_decoder(mean_gated):
 def test_artifacts_without_a_pooling_entry_load_as_last_token(tmp_path):
     import json
 
-    gate = Gate(4, [])
+    gate = Gate(4, [], dropout=0.0, pooling="last")
     GateBundle(gate=gate).save(tmp_path)
     cfg = json.loads((tmp_path / "gate_config.json").read_text())
     assert cfg["pooling"] == "last"

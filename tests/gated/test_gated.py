@@ -58,9 +58,9 @@ def make_adapter(model_dir, out, r=4, seed=1):
 def make_mixed_gate(model_dir, queries=QUERIES, seed=0):
     """A random gate whose threshold routes about half of ``queries``."""
     model, tok = _load(model_dir)
-    feats = query_features(model, tok, queries)
+    feats = query_features(model, tok, queries, 16, "last")
     torch.manual_seed(seed)
-    gate = Gate(feats.shape[1])
+    gate = Gate(feats.shape[1], [128, 64], dropout=0.0, pooling="last")
     gate.set_standardisation(feats)
     gate.eval()
     probs = gate(feats).detach().sort().values
@@ -105,7 +105,7 @@ def test_prefill_feature_equals_training_feature(setup):
     """The gate's input inside a left-padded prefill == the training feature of each query alone."""
     gm = setup["gm"]
     base, tok = _load(setup["dir"])
-    train_feats = torch.cat([query_features(base, tok, [q]) for q in QUERIES])
+    train_feats = torch.cat([query_features(base, tok, [q], 16, "last") for q in QUERIES])
     enc = _batch(gm.tokenizer, QUERIES)
     assert (enc["attention_mask"] == 0).any(), "the batch must contain left padding"
     _, probs, _ = gm.forward_logits(enc["input_ids"], enc["attention_mask"])
@@ -282,9 +282,9 @@ def test_embedded_model_routing_and_step0_kl(embedded_model, tmp_path):
                 p.normal_(0.0, 0.02)
     student.save_pretrained(tmp_path / "adapter")
     queries = [r["query"] for r in recs] + ["What is the capital of France?"]
-    feats = query_features(base, tok, queries)
+    feats = query_features(base, tok, queries, 16, "last")
     torch.manual_seed(0)
-    gate = Gate(feats.shape[1])
+    gate = Gate(feats.shape[1], [128, 64], dropout=0.0, pooling="last")
     gate.set_standardisation(feats)
     gate.eval()
     art = write_artifact(

@@ -12,19 +12,20 @@ from prism_persona import config as C
 from prism_persona.gated.features import gate_prompt, layer0_last_states, query_features
 from prism_persona.gated.gate import GateBundle
 from prism_persona.models import encode_prompts
+from prism_persona.stats import auc, binary_metrics
 from prism_persona.store import RunDir
-from prism_persona.train.gate import auc, binary_metrics, calibrate_threshold, run_gate, stratified_split, train_gate
+from prism_persona.train.gate import calibrate_threshold, run_gate, stratified_split, train_gate
 
 
 def test_features_are_layer0_states_of_last_prompt_token_without_running_later_layers(tiny_model):
     model, tok = tiny_model
     qs = ["Write a poem about the sea.", "hi", "How do I sort a list in Python quickly?"]
-    feats = query_features(model, tok, qs)
+    feats = query_features(model, tok, qs, 16, "last")
     assert feats.shape == (3, 64)
     later = []
     hooks = [layer.register_forward_hook(lambda *a: later.append(1)) for layer in model.model.layers[1:]]
     try:
-        query_features(model, tok, qs)
+        query_features(model, tok, qs, 16, "last")
     finally:
         for h in hooks:
             h.remove()

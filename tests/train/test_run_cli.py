@@ -165,7 +165,7 @@ def test_run_with_heldout_checks_the_artifact_and_reports_it(
     assert "held-out check" in printed
 
     # resume: answers and verdicts of the check are reused, nothing is generated again
-    import prism_persona.evals.check as K
+    import prism_persona.train.check as K
 
     monkeypatch.setattr(K, "write_answers", lambda *a, **k: None)
     before = (out / "check" / "answers.jsonl").read_text()

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from ..errors import PrismError
 from ..store import content_key
+from . import prompts
 
 STAGES = ("personas", "queries", "answers", "verdicts")
 
@@ -49,9 +50,7 @@ def persona_file_hashes(cfg) -> dict:
 
 def query_prompt_version() -> str:
     """A short hash of the query-writing prompt: records written with another prompt are not mixed in."""
-    from .queries import QUERY_PROMPT
-
-    return hashlib.sha1(QUERY_PROMPT.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha1(prompts.QUERY_PROMPT.encode("utf-8")).hexdigest()[:12]
 
 
 def stage_settings(cfg, stage: str) -> dict:

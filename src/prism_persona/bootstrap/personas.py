@@ -69,7 +69,7 @@ _TRAILER = re.compile(r"\n\s*(?:let me know|i hope|feel free|note:|this (?:descr
 _QUOTES = "\"'“”‘’`"
 
 
-def persona_prompt(domain: str, length: str, prefill: str = "") -> list:
+def persona_prompt(domain: str, length: str, prefill: str) -> list:
     """The persona-writing chat; with ``prefill`` the assistant's reply is started with that text."""
     phrase = LENGTH_SPECS[length][0]
     chat = [{"role": "user", "content": PERSONA_PROMPT.format(domain=domain, phrase=phrase)}]

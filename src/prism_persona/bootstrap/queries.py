@@ -25,17 +25,9 @@ from ..models import with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
 from .common import derive_seed, stage_settings
+from .prompts import QUERY_PROMPT
 
 log = logging.getLogger(__name__)
-
-QUERY_PROMPT = (
-    "Write {n} realistic and specific questions or requests that different users might send to you "
-    "about {domain}. Write each one the way an ordinary user would type it to an assistant: a plain, "
-    "self-contained question or request in the user's own words, not in your voice. Make them different "
-    "from each other in topic and difficulty. Write one per line, with no numbering and no other text."
-)
-"""The persona (in the system message) conditions the topics; the request asks for plain user
-questions so that the queries read like the ones the gate will see at inference, not like the persona."""
 
 _REQUEST_START = re.compile(
     r"^(?:how|what|what's|whats|why|when|where|which|who|whom|whose|is|are|am|was|were|do|does|did|can|"
@@ -129,13 +121,14 @@ def normalise(query: str) -> str:
     return re.sub(r"\s+", " ", query.lower()).strip().rstrip(".?!").strip()
 
 
-def parse_queries(text: str, min_chars: int = 15, max_chars: int = 600, requests_only: bool = False) -> list[str]:
-    """Cleaned queries of one reply, in order (duplicates within the reply removed); with
-    ``requests_only`` lines that do not read as a question or request are dropped too."""
+def parse_queries(text: str, qcfg) -> list[str]:
+    """Cleaned queries of one reply, in order (duplicates within the reply removed), with the settings
+    of ``qcfg`` (the QueryConfig): lines shorter than ``min_chars`` or longer than ``max_chars`` are
+    dropped, and with ``requests_only`` lines that do not read as a question or request too."""
     out, seen = [], set()
     for line in (text or "").splitlines():
-        q = clean_query_line(line, min_chars, max_chars)
-        if q and requests_only and not looks_like_request(q):
+        q = clean_query_line(line, qcfg.min_chars, qcfg.max_chars)
+        if q and qcfg.requests_only and not looks_like_request(q):
             continue
         if q and normalise(q) not in seen:
             seen.add(normalise(q))
@@ -235,7 +228,7 @@ def _round_candidates(requests: list, outs: list, q, seen: dict) -> list[tuple[s
     """``(domain, query)`` of a round's replies not seen before (``seen`` is updated), in order."""
     out = []
     for (domain, _), reply in zip(requests, outs):
-        for query in parse_queries(reply.text, q.min_chars, q.max_chars, q.requests_only):
+        for query in parse_queries(reply.text, q):
             norm = normalise(query)
             if norm not in seen[domain]:
                 seen[domain].add(norm)

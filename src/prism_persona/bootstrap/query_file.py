@@ -19,7 +19,8 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import PrismError, read_user_text
+from ..errors import PrismError
+from ..userfiles import jsonl_rows, read_user_text
 
 QUERY_FIELDS = ("query", "prompt")
 
@@ -77,15 +78,8 @@ def queries_file_hash(path: str | Path) -> str:
 
 
 def _jsonl_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:
-    # JSON Lines: records are separated by "\n" only (json.loads rejects a raw newline inside a string,
-    # so a U+0085 or U+2028 inside a query stays part of it)
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {n}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PrismError(f"{p} line {n} is not valid JSON ({exc.msg})") from None
+    for n, row in jsonl_rows(text, lambda n, why: f"{p} line {n} is not valid JSON ({why})"):
+        yield f"line {n}", row
 
 
 def _json_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:

@@ -23,6 +23,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
+    from ..config import CheckSettings, add_flags
+
     p = sub.add_parser(
         "check",
         help="measure an artifact on held-out queries (routing, transfer, base identity)",
@@ -30,19 +32,7 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--prism", required=True, metavar="ART", help="the artifact directory (RUN/prism)")
-    p.add_argument("--queries", required=True, metavar="PATH", help="held-out queries: domain, query [, route]")
-    p.add_argument(
-        "--rewarded", metavar="D1,D2", help="domains whose queries should be routed (when the file has no 'route')"
-    )
-    p.add_argument(
-        "--judge",
-        default="self",
-        help="self (the base model), a model id/path, or module:function / path/file.py:function (runs that code)",
-    )
-    p.add_argument(
-        "--judge-mode", default="auto", choices=["auto", "logprob", "text"], help="how a model judge's verdict is read"
-    )
+    add_flags(p, CheckSettings)
     p.add_argument(
         "--persona-file",
         action="append",
@@ -50,11 +40,6 @@ def add_parser(sub) -> None:
         metavar="DOMAIN=PATH",
         help="persona for the persona-prompt system (default: the personas of the artifact's run)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=96, help="answer length (greedy decoding)")
-    p.add_argument("--out", help="output directory (default: RUN/check beside the artifact)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--batch-size", type=int, help="rows per generation batch (default: the artifact's)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -62,28 +47,26 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..config import CheckSettings, settings_from_args
     from ..errors import PrismError
-    from ..evals.check import fmt, loops_vs_base_text, run_check
+    from ..train.check import fmt, loops_vs_base_text, run_check
 
+    settings = settings_from_args(CheckSettings, args)
     files = {}
     for item in args.persona_file:
         if "=" not in item:
             raise PrismError(f"--persona-file wants DOMAIN=PATH, got '{item}'")
         dom, path = item.split("=", 1)
         files[dom.strip()] = str(Path(path).expanduser().resolve())
-    rewarded = [d.strip() for d in (args.rewarded or "").split(",") if d.strip()]
     rep = run_check(
-        args.prism,
-        args.queries,
-        args.out,
-        judge=args.judge,
-        rewarded=rewarded,
+        settings.prism,
+        settings.check_config(),
+        settings.judge_config(),
+        settings.out or None,
         persona_files=files,
-        max_new_tokens=args.max_new_tokens,
-        judge_mode=args.judge_mode,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
         quiet=args.quiet,
     )
     o, g = rep["overall"], rep.get("gate_vs_expected_route") or {}

@@ -149,3 +149,65 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
         f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "
         f"line (--judge {spec}) or pass --trust-judge to import it"
     )
+
+
+def print_result(res: dict) -> None:
+    from ..bootstrap.summary import fmt_cell
+
+    rep = res["report"]
+    if rep is None:  # a non-zero rank of data-parallel distillation
+        return
+    g, d = rep["gate"], rep["distill"]
+    held = (g.get("metrics") or {}).get("heldout") or (g.get("metrics") or {}).get("train") or {}
+    t = rep["data"]["total"]
+    print(f"data: {t['queries']} labelled queries, persona won {t['persona_won']}")
+    if g.get("threshold") is not None:
+        print(
+            f"gate: threshold {g['threshold']:.3f} ({g['threshold_method']}); held-out accuracy "
+            f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}"
+        )
+    if d.get("steps") is not None:
+        print(
+            f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}"
+        )
+    chk = rep.get("heldout_check")
+    if chk:
+        o, gr = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
+        print(
+            f"held-out check ({chk.get('heldout')}): gate AUC {fmt_cell(gr.get('auc'))}, transfer "
+            f"{fmt_cell(o.get('transfer_ratio'))}, base identity {fmt_cell(o.get('base_identity'))} of "
+            f"{o.get('unrouted')} unrouted; details in {res['run'].path('check') / 'check.md'}"
+        )
+    print(f"report: {res['run'].path('training_report.md')}")
+    if res["artifact"]:
+        art = res["artifact"]
+        print(f"\nPRISM model: {art}")
+        print(f"  chat:     prism chat --prism {art}")
+        print(f"  generate: prism generate --prism {art} --input prompts.jsonl --output out.jsonl")
+
+
+def add_stage_parser(sub, stage: str, help: str, description: str, example_set: str) -> None:
+    """The parser of a command that runs one training stage of a run (`prism gate`, `prism distill`)."""
+    p = sub.add_parser(stage, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a setting, e.g. --set {example_set} (repeatable)",
+    )
+    p.add_argument("--redo", action="store_true", help=f"run the {stage} stage again with the current settings")
+    add_common(p)
+    p.set_defaults(func=lambda args: run_stage(args, stage))
+
+
+def run_stage(args: argparse.Namespace, stage: str) -> int:
+    """Run one training stage of ``args.run`` (again with ``--redo``) and print the result."""
+    from ..train.pipeline import redo, run_config, train_stages
+
+    cfg = run_config(args.run, overrides_from_args(args))
+    if args.redo:
+        redo(args.run, stage)
+    print_result(train_stages(cfg, stages=(stage,)))
+    return 0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-from .common import add_common
+from .common import add_stage_parser
 
 DESCRIPTION = """\
 Self-distillation on the queries whose persona answer won: the frozen model WITH the persona is the
@@ -15,34 +13,10 @@ is trained too."""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    add_stage_parser(
+        sub,
         "distill",
-        help="distil the persona behaviour into a LoRA (stage of `prism run`)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "distil the persona behaviour into a LoRA (stage of `prism run`)",
+        DESCRIPTION,
+        "distill.loss=ce",
     )
-    p.add_argument("--run", required=True, help="run directory made by `prism bootstrap` / `prism run`")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set distill.loss=ce (repeatable)",
-    )
-    p.add_argument("--redo", action="store_true", help="train the LoRA again with the current settings")
-    add_common(p)
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    from ..train.pipeline import run_config, train_stages
-    from .common import overrides_from_args
-    from .run import print_result
-
-    cfg = run_config(args.run, overrides_from_args(args))
-    if args.redo:
-        from ..train.pipeline import redo
-
-        redo(args.run, "distill")
-    print_result(train_stages(cfg, stages=("distill",)))
-    return 0

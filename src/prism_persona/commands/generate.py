@@ -150,18 +150,11 @@ def force_value(flag: str):
 
 def read_prompts(path: str) -> list[tuple[dict, list]]:
     """(input object, chat) per line; a bad line or a file that is not UTF-8 is a one-line error."""
-    from ..errors import PrismError, read_user_text
+    from ..userfiles import jsonl_rows, read_user_text
 
     text = read_user_text(path, "input file")
     rows = []
-    # JSON Lines records end at "\n" only: str.splitlines() would also split inside a query at U+0085/U+2028
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PrismError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+    for n, obj in jsonl_rows(text, lambda n, why: f"{path}: line {n} is not valid JSON ({why})"):
         rows.append((obj, chat_of(obj, f"{path}: line {n}")))
     return rows
 

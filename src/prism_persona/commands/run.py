@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, add_pipeline_options, config_from_args, resume_from_saved_config
+from .common import add_common, add_pipeline_options, config_from_args, print_result, resume_from_saved_config
 
 DESCRIPTION = """\
 The whole pipeline in one run directory: the model writes expert personas for your domains, queries
@@ -34,41 +34,6 @@ def add_parser(sub) -> None:
     add_pipeline_options(p)
     add_common(p)
     p.set_defaults(func=run)
-
-
-def print_result(res: dict) -> None:
-    from ..bootstrap.summary import fmt_cell
-
-    rep = res["report"]
-    if rep is None:  # a non-zero rank of data-parallel distillation
-        return
-    g, d = rep["gate"], rep["distill"]
-    held = (g.get("metrics") or {}).get("heldout") or (g.get("metrics") or {}).get("train") or {}
-    t = rep["data"]["total"]
-    print(f"data: {t['queries']} labelled queries, persona won {t['persona_won']}")
-    if g.get("threshold") is not None:
-        print(
-            f"gate: threshold {g['threshold']:.3f} ({g['threshold_method']}); held-out accuracy "
-            f"{fmt_cell(held.get('accuracy'))}, balanced {fmt_cell(held.get('balanced_accuracy'))}, AUC {fmt_cell(held.get('auc'))}"
-        )
-    if d.get("steps") is not None:
-        print(
-            f"distill: {d['examples']} examples, {d['steps']} steps, loss {fmt_cell(d.get('first_loss'))} -> {fmt_cell(d.get('last_loss'))}"
-        )
-    chk = rep.get("heldout_check")
-    if chk:
-        o, gr = chk.get("overall") or {}, chk.get("gate_vs_expected_route") or {}
-        print(
-            f"held-out check ({chk.get('heldout')}): gate AUC {fmt_cell(gr.get('auc'))}, transfer "
-            f"{fmt_cell(o.get('transfer_ratio'))}, base identity {fmt_cell(o.get('base_identity'))} of "
-            f"{o.get('unrouted')} unrouted; details in {res['run'].path('check') / 'check.md'}"
-        )
-    print(f"report: {res['run'].path('training_report.md')}")
-    if res["artifact"]:
-        art = res["artifact"]
-        print(f"\nPRISM model: {art}")
-        print(f"  chat:     prism chat --prism {art}")
-        print(f"  generate: prism generate --prism {art} --input prompts.jsonl --output out.jsonl")
 
 
 def run(args) -> int:

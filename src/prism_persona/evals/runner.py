@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 from ..engines.base import SamplingParams
 from ..models import with_persona
+from ..stats import bootstrap_ci
 from ..store import RunDir, content_key
 from .judging import EvalJudge, RefusalClassifier, make_refusal_classifier
 from .settings import EvalConfig
-from .stats import bootstrap_ci
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
 log = logging.getLogger(__name__)

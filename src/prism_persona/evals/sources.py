@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import PrismError
+from ..userfiles import jsonl_rows
 
 RECORD_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 JSON_LIST_KEYS = ("test", "train", "rows", "data", "questions", "behaviors", "prompts")
@@ -123,14 +124,9 @@ def read_records(path: str | Path, what: str) -> list[Row]:
 
 
 def jsonl_records(p: Path, text: str) -> Iterable[Row]:
-    """JSON Lines: split at ``"\\n"`` only (U+0085/U+2028 inside a string stay part of it)."""
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{p}:{n}", json.loads(line)
-        except ValueError as exc:
-            raise PrismError(f"{p}:{n}: not valid JSON ({exc})") from None
+    """JSON Lines (:func:`prism_persona.userfiles.jsonl_rows`), each row named ``path:line``."""
+    for n, row in jsonl_rows(text, lambda n, why: f"{p}:{n}: not valid JSON ({why})"):
+        yield f"{p}:{n}", row
 
 
 def json_records(p: Path, text: str) -> list[Row]:

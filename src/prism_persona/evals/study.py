@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..stats import bootstrap_ci, pearson, spearman
 from .evaluate import Benchmarks, evaluate
 from .runner import EvalRunner
-from .stats import bootstrap_ci, pearson, spearman
 from .systems import SystemSpec
 
 log = logging.getLogger(__name__)

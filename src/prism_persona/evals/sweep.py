@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from .stats import pearson, spearman
+from ..stats import pearson, spearman
 
 METRICS = {"mmlu": "MMLU accuracy", "mtbench": "MT-Bench score"}
 

@@ -9,7 +9,7 @@ gated model computes them inside its prefill.
 
 This is the one copy of the feature code. Training (:func:`query_features`, used by
 :mod:`prism_persona.train.gate`) and inference (the layer-0 hook inside
-:class:`prism_persona.gated.model.GatedModel`'s prefill, and :mod:`prism_persona.gated.fastgen`) all
+:class:`prism_persona.gated.model.GatedModel`'s prefill) all
 call these functions, so the gate sees identical inputs in training and serving: the prompt exactly as
 the model sees it at inference, ``render_chat(tok, [{"role": "user", "content": query}])`` with the
 generation prompt and no persona, left-padded, positions counted over real tokens.
@@ -80,7 +80,7 @@ def layer0_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return captured["h"]
 
 
-def pool_states(h: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str = "last") -> torch.Tensor:
+def pool_states(h: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
     """The gate features ``[batch, hidden]`` (float32) of layer-0 states ``h`` ``[batch, seq, hidden]``.
 
     ``attention_mask`` (``[batch, >= seq]``, 1 = real token; ``None`` = no padding) marks the real
@@ -109,10 +109,9 @@ def gate_prompt(tokenizer, query: str) -> str:
 
 
 @torch.no_grad()
-def query_features(
-    model, tokenizer, queries: Sequence[str], batch_size: int = 16, pooling: str = "last"
-) -> torch.Tensor:
-    """Gate features ``[n, hidden]`` (float32, CPU) of ``queries``, batched with left padding."""
+def query_features(model, tokenizer, queries: Sequence[str], batch_size: int, pooling: str) -> torch.Tensor:
+    """Gate features ``[n, hidden]`` (float32, CPU) of ``queries``, batched with left padding; ``pooling``:
+    the gate's (GateConfig.pooling when training, the artifact's at inference)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(queries), batch_size):

@@ -24,11 +24,10 @@ GATE_CONFIG = "gate_config.json"
 class Gate(nn.Module):
     """Standardise, then MLP ``hidden -> *hidden_sizes -> 1`` with GELU (``hidden_sizes=[]``: logistic
     regression); :meth:`forward` gives probabilities. ``pooling`` names how the layer-0 states of the
-    prompt become the features (:func:`prism_persona.gated.features.pool_states`)."""
+    prompt become the features (:func:`prism_persona.gated.features.pool_states`). The settings come from
+    GateConfig when training, from the bundle's gate_config.json when loading (dropout 0)."""
 
-    def __init__(
-        self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.0, pooling: str = "last"
-    ):
+    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int], *, dropout: float, pooling: str):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.pooling = str(pooling)
@@ -100,8 +99,10 @@ class GateBundle:
 
         d = Path(directory)
         cfg = json.loads((d / GATE_CONFIG).read_text(encoding="utf-8"))
-        # artifacts written before the pooling was stored used the last prompt token
-        gate = Gate(cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), pooling=cfg.get("pooling", "last"))
+        # artifacts written before the pooling was stored used the last prompt token (and a [128, 64] MLP)
+        gate = Gate(
+            cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), dropout=0.0, pooling=cfg.get("pooling", "last")
+        )
         gate.load_state_dict(load_file(str(d / GATE_WEIGHTS)))
         gate.eval()
         return cls(gate=gate, threshold=float(cfg.get("threshold", 0.5)), info=cfg)

@@ -4,8 +4,9 @@ How routing costs nothing extra
 -------------------------------
 The target ``nn.Linear`` modules of decoder layers 1..L-1 are replaced by :class:`GatedLoRALinear`,
 which computes ``base(x) + scaling * B(A(x))`` only for the rows whose routing flag is set. A forward
-hook on decoder layer 0 reads the layer-0 hidden state of each row's last prompt token during the
-prefill, runs the gate (a ~100k-parameter MLP), and writes the per-row flags before layer 1 runs. Decode
+hook on decoder layer 0 reads the layer-0 hidden states of each row's prompt during the prefill (their
+mean over real tokens, or the last token, as the gate was trained), runs the gate (a logistic
+regression or a small MLP), and writes the per-row flags before layer 1 runs. Decode
 steps (one new token per row) keep the flags of their prefill. So a request costs one ordinary forward
 pass: no second pass to route, no splitting of the batch.
 
@@ -266,7 +267,7 @@ class GatedModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward: ``(logits [B, T, V], gate_probs [B], routed [B] bool)``.
 
-        Each row is routed from its last real token's layer-0 state (any padding side).
+        Each row is routed from its prompt's layer-0 states, pooled as the gate was trained (any padding side).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -257,7 +257,7 @@ def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch
     loss = zero
     if dcfg.loss in ("ce", "kl+ce") and bool(persona.any()):
         ce = torch.nn.functional.cross_entropy(s_logits[persona], student["targets"][persona])
-        loss = loss + (ce if dcfg.loss == "ce" else float(getattr(dcfg, "sft_weight", 1.0)) * ce)
+        loss = loss + (ce if dcfg.loss == "ce" else float(dcfg.sft_weight) * ce)
     if dcfg.loss == "ce" and not bool(retain.any()):
         return loss
     teacher = collate(examples, "teacher", pad_id, device)
@@ -268,7 +268,7 @@ def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch
     if dcfg.loss in ("kl", "kl+ce") and bool(persona.any()):
         loss = loss + kl[persona].mean()
     if bool(retain.any()):
-        loss = loss + float(getattr(dcfg, "retain_weight", 0.0)) * kl[retain].mean()
+        loss = loss + float(dcfg.retain_weight) * kl[retain].mean()
     return loss
 
 
@@ -497,9 +497,9 @@ def planned_epochs(per_epoch: int, dcfg) -> int:
     ``max_epochs``): with few winning answers a fixed epoch count is a handful of steps that barely
     moves the LoRA."""
     epochs = max(1, int(dcfg.epochs))
-    min_steps = int(getattr(dcfg, "min_steps", 0) or 0)
+    min_steps = int(dcfg.min_steps)
     if per_epoch and min_steps:
-        epochs = max(epochs, min(int(getattr(dcfg, "max_epochs", epochs) or epochs), math.ceil(min_steps / per_epoch)))
+        epochs = max(epochs, min(int(dcfg.max_epochs), math.ceil(min_steps / per_epoch)))
     return epochs
 
 
@@ -559,11 +559,11 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None, m
         )
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
-    records, dropped_loops = without_loops(records) if getattr(dcfg, "drop_loops", True) else (list(records), 0)
+    records, dropped_loops = without_loops(records) if dcfg.drop_loops else (list(records), 0)
     examples = build_examples(tokenizer, records, dcfg.max_length)
-    examples, val_examples = split_examples(examples, float(getattr(dcfg, "val_fraction", 0.0)), cfg.seed)
+    examples, val_examples = split_examples(examples, float(dcfg.val_fraction), cfg.seed)
     n_retain = 0
-    if float(getattr(dcfg, "retain_weight", 0.0)) > 0 and examples:
+    if float(dcfg.retain_weight) > 0 and examples:
         retain = build_retain_examples(tokenizer, records, dcfg.max_length, len(examples), cfg.seed)
         examples, n_retain = examples + retain, len(retain)
     peft_model = attach_lora(model, dcfg)
@@ -598,7 +598,7 @@ def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None, m
         kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id)
         state["heldout_kl"] = [{"epoch": 0, "kl": kl0}]
         log.info("distill: held-out KL before training %.4f (%d examples)", kl0, len(val_examples))
-    patience = int(getattr(dcfg, "patience", 0) or 0)
+    patience = int(dcfg.patience)
     peft_model.train()
     step = state["step"]
     for epoch in range(state["epoch"], epochs):

@@ -21,54 +21,9 @@ from torch import nn
 
 from ..gated.features import query_features
 from ..gated.gate import Gate, GateBundle
+from ..stats import binary_metrics
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------
-# metrics
-
-
-def auc(scores: Sequence[float], labels: Sequence[int]) -> Optional[float]:
-    """ROC AUC via the rank-sum (Mann-Whitney U) statistic, ties given average ranks.
-
-    ``None`` when only one class is present.
-    """
-    pairs = sorted(zip(scores, labels), key=lambda t: t[0])
-    n_pos = sum(1 for _, y in pairs if y)
-    n_neg = len(pairs) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    rank_sum = 0.0
-    i = 0
-    while i < len(pairs):
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        avg_rank = (i + j) / 2 + 1  # ranks are 1-based
-        rank_sum += avg_rank * sum(1 for k in range(i, j + 1) if pairs[k][1])
-        i = j + 1
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: float) -> dict:
-    """accuracy, balanced accuracy, AUC, routing rate and counts at ``threshold``."""
-    n = len(labels)
-    pred = [p >= threshold for p in probs]
-    tp = sum(1 for p, y in zip(pred, labels) if p and y)
-    tn = sum(1 for p, y in zip(pred, labels) if not p and not y)
-    pos = sum(1 for y in labels if y)
-    neg = n - pos
-    recalls = ([tp / pos] if pos else []) + ([tn / neg] if neg else [])
-    return {
-        "n": n,
-        "positives": pos,
-        "accuracy": (tp + tn) / n if n else None,
-        # undefined (None) unless both classes are present, like AUC
-        "balanced_accuracy": sum(recalls) / 2 if len(recalls) == 2 else None,
-        "auc": auc(probs, labels),
-        "routing_rate": sum(pred) / n if n else None,
-        "threshold": float(threshold),
-    }
 
 
 def calibrate_threshold(
@@ -225,7 +180,7 @@ def _words(text: str) -> frozenset:
     return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
 
 
-def near_duplicate_clusters(texts: Sequence[str], threshold: float = 0.7) -> list[int]:
+def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]:
     """A cluster id per text; texts whose word sets overlap by Jaccard >= ``threshold`` (or that are
     equal after lower-casing) share a cluster (transitively), so a split never puts one near-duplicate
     in training and another in the held-out rows. ``threshold`` >= 1 clusters exact duplicates only."""
@@ -312,7 +267,7 @@ def fit_gate(
     once their loss has not improved for that many epochs, and the best epoch's weights are kept
     (``gate.stopped_epoch`` / ``gate.best_epoch`` record it)."""
     torch.manual_seed(seed)
-    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=getattr(cfg, "pooling", "last"))
+    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=cfg.pooling)
     gate.set_standardisation(features)
     y = torch.tensor([float(v) for v in targets])
     gate.best_epoch = gate.stopped_epoch = 0
@@ -328,7 +283,7 @@ def fit_gate(
         out_layer.weight.zero_()
         out_layer.bias.fill_(math.log(min(max(prior, 1e-4), 1 - 1e-4) / (1 - min(max(prior, 1e-4), 1 - 1e-4))))
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    patience = int(getattr(cfg, "patience", 0) or 0)
+    patience = int(cfg.patience)
     use_val = val is not None and len(val[1]) > 0 and patience > 0
     best_loss, best_state, best_epoch, epoch = math.inf, None, 0, 0
     for epoch in range(1, int(cfg.epochs) + 1):
@@ -373,7 +328,7 @@ def train_gate(
     targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
     fallbacks: list[str] = []
-    dedup = float(getattr(cfg, "dedup_jaccard", 1.0))
+    dedup = float(cfg.dedup_jaccard)
     clusters = near_duplicate_clusters(texts, dedup) if texts is not None else None
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, groups, clusters)
     if not val_idx and groups is not None:
@@ -388,7 +343,7 @@ def train_gate(
         fallbacks.append(f"all labels are {only}: the gate learns a constant" if labels else "no labelled rows")
     for msg in fallbacks:
         log.warning("gate: %s", msg)
-    balance = getattr(cfg, "balance", "class")
+    balance = cfg.balance
     weights = sample_weights(labels, groups, balance)
     pick = lambda idx, seq: [seq[i] for i in idx]  # noqa: E731
     val = None if val_is_train else (features[val_idx], pick(val_idx, targets), weights[val_idx])
@@ -402,8 +357,8 @@ def train_gate(
         vy,
         cfg.calibrate,
         cfg.threshold,
-        getattr(cfg, "threshold_bounds", (0.0, 1.0)),
-        int(getattr(cfg, "min_calibration_rows", 0)),
+        cfg.threshold_bounds,
+        int(cfg.min_calibration_rows),
     )
     if how.startswith("fixed:") or "clipped" in how:
         fallbacks.append(f"threshold {threshold:.3g}: {how}")
@@ -415,7 +370,7 @@ def train_gate(
         "threshold_method": how,
         "calibrate": cfg.calibrate,
         "fallbacks": fallbacks,
-        "target": getattr(cfg, "target", "win"),
+        "target": cfg.target,
         "balance": balance,
         "pooling": gate.pooling,
         "epochs_run": gate.stopped_epoch,

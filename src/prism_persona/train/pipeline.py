@@ -81,7 +81,7 @@ def preflight(cfg, engine, judge) -> None:
 
 def check_heldout_file(cfg) -> None:
     """One-line errors for a ``--heldout`` file that cannot be read or names a domain the run lacks."""
-    from ..evals.check import load_heldout
+    from .check import load_heldout
 
     items = load_heldout(cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded")
     unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
@@ -96,10 +96,10 @@ def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
     """``prism check`` of the run's artifact on ``cfg.check.queries`` with the run's judge, into
     ``RUN/check`` (resumable; redone after ``--redo gate|distill``). An already loaded base model
     (``model``, ``tok``) is reused, and modified: the artifact's adapter is installed into it."""
-    from ..evals.check import run_check
     from ..gated.model import GatedModel
+    from .check import run_check
 
-    m, c = cfg.model, cfg.check
+    m = cfg.model
     gated = GatedModel.from_pretrained(
         run.path("prism"),
         device=m.device,
@@ -110,13 +110,10 @@ def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
     )
     return run_check(
         run.path("prism"),
-        c.queries,
+        cfg.check,
+        cfg.judge,
         run.path("check"),
-        judge=cfg.judge.judge,
-        rewarded=c.rewarded,
         persona_files=cfg.persona.persona_files,
-        max_new_tokens=c.max_new_tokens,
-        judge_mode=cfg.judge.mode,
         batch_size=m.batch_size,
         quiet=cfg.quiet,
         gated=gated,

@@ -172,7 +172,7 @@ def _check_lines(chk: Optional[dict]) -> list[str]:
             f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |"
         )
     if o.get("loops_vs_base"):
-        from ..evals.check import loops_vs_base_text
+        from .check import loops_vs_base_text
 
         lines += [
             "",

@@ -1,4 +1,7 @@
-"""Small, dependency-free statistics: seeded bootstrap CIs, an exact McNemar test, Pearson r and Spearman rho."""
+"""Small, dependency-free statistics shared by training and the evaluations: seeded bootstrap CIs, an
+exact McNemar test, Pearson r and Spearman rho, ROC AUC and the binary metrics of a routing threshold.
+
+Pure math on lists of numbers; it imports nothing from PRISM."""
 
 from __future__ import annotations
 
@@ -103,3 +106,46 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     if len(x) != len(y):
         raise ValueError("spearman needs equally long sequences")
     return pearson(ranks(x), ranks(y))
+
+
+def auc(scores: Sequence[float], labels: Sequence[int]) -> Optional[float]:
+    """ROC AUC via the rank-sum (Mann-Whitney U) statistic, ties given average ranks.
+
+    ``None`` when only one class is present.
+    """
+    pairs = sorted(zip(scores, labels), key=lambda t: t[0])
+    n_pos = sum(1 for _, y in pairs if y)
+    n_neg = len(pairs) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = 0.0
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j) / 2 + 1  # ranks are 1-based
+        rank_sum += avg_rank * sum(1 for k in range(i, j + 1) if pairs[k][1])
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def binary_metrics(probs: Sequence[float], labels: Sequence[int], threshold: float) -> dict:
+    """accuracy, balanced accuracy, AUC, routing rate and counts at ``threshold``."""
+    n = len(labels)
+    pred = [p >= threshold for p in probs]
+    tp = sum(1 for p, y in zip(pred, labels) if p and y)
+    tn = sum(1 for p, y in zip(pred, labels) if not p and not y)
+    pos = sum(1 for y in labels if y)
+    neg = n - pos
+    recalls = ([tp / pos] if pos else []) + ([tn / neg] if neg else [])
+    return {
+        "n": n,
+        "positives": pos,
+        "accuracy": (tp + tn) / n if n else None,
+        # undefined (None) unless both classes are present, like AUC
+        "balanced_accuracy": sum(recalls) / 2 if len(recalls) == 2 else None,
+        "auc": auc(probs, labels),
+        "routing_rate": sum(pred) / n if n else None,
+        "threshold": float(threshold),
+    }

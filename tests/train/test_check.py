@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+from prism_persona.config import CheckConfig, JudgeConfig
 from prism_persona.errors import PrismError
-from prism_persona.evals.check import HeldoutQuery, load_heldout, run_check, summarise
 from prism_persona.store import JsonlStore
 from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
 from prism_persona.text import is_loop
+from prism_persona.train.check import HeldoutQuery, load_heldout, run_check, summarise
 
 
 @pytest.mark.parametrize(
@@ -68,7 +69,7 @@ def test_summarise_counts_wins_transfer_identity_and_auc(tmp_path):
 
 
 def test_paired_loops_counts_discordant_queries_and_tests_them():
-    from prism_persona.evals.check import paired_loops
+    from prism_persona.train.check import paired_loops
 
     assert paired_loops([True, False, False, False], [True, True, True, False]) == {"added": 2, "removed": 0, "p": 0.5}
     six = paired_loops([False] * 20, [True] * 6 + [False] * 14)  # 6 new loops, none removed: not noise
@@ -136,12 +137,10 @@ def test_check_on_a_tiny_artifact_end_to_end(tiny_model_dir, tmp_path, monkeypat
     monkeypatch.setattr(GatedModel, "generate", lambda *a, **k: pytest.fail("regenerated"))
     again = run_check(
         art,
-        heldout,
+        CheckConfig(queries=str(heldout), rewarded=["writing"], max_new_tokens=6),
+        JudgeConfig(judge=f"{judge}:judge"),
         out,
-        judge=f"{judge}:judge",
-        rewarded=["writing"],
         persona_files={"writing": str(persona), "coding": str(persona)},
-        max_new_tokens=6,
         quiet=True,
         gated=GatedModel.from_pretrained(art, device="cpu", dtype="float32"),
     )
@@ -153,4 +152,4 @@ def test_check_needs_personas(tiny_model_dir, tmp_path):
     heldout = tmp_path / "h.jsonl"
     heldout.write_text(json.dumps({"domain": "law", "query": "Can I sue my landlord?"}) + "\n")
     with pytest.raises(PrismError, match="no persona for held-out domain"):
-        run_check(art, heldout, tmp_path / "c")
+        run_check(art, CheckConfig(queries=str(heldout)), JudgeConfig(), tmp_path / "c")

@@ -1,11 +1,16 @@
-"""The fast decode path (static cache, fixed routing) against plain ``generate``, on CPU."""
+"""benchmarks/fastgen.py, the fast decode path (static cache, fixed routing), against plain ``generate``, on CPU."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from prism_persona.gated import fastgen
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import fastgen  # noqa: E402  (benchmarks/fastgen.py)
+
 from prism_persona.models import encode_prompts, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +107,10 @@ def test_gated_mixed_batch_fast_equals_plain_and_rows(fresh, tmp_path):
     bare = pm.unload()
     torch.manual_seed(0)
     gm = GatedModel.from_parts(
-        bare, tok, GateBundle(gate=Gate(bare.config.hidden_size), threshold=0.5), str(tmp_path / "adapter")
+        bare,
+        tok,
+        GateBundle(gate=Gate(bare.config.hidden_size, [128, 64], dropout=0.0, pooling="last"), threshold=0.5),
+        str(tmp_path / "adapter"),
     )
     force = [True, False, False, True]
     fast, routed, probs = fastgen.generate_gated(gm, ids, mask, s, force=force)
@@ -146,7 +154,12 @@ def test_compiled_gated_decode_step_traces_as_one_graph(fresh, tmp_path):
     pm = random_lora(model)
     pm.save_pretrained(str(tmp_path / "adapter"))
     bare = pm.unload()
-    gm = GatedModel.from_parts(bare, tok, GateBundle(gate=Gate(bare.config.hidden_size)), str(tmp_path / "adapter"))
+    gm = GatedModel.from_parts(
+        bare,
+        tok,
+        GateBundle(gate=Gate(bare.config.hidden_size, [128, 64], dropout=0.0, pooling="last")),
+        str(tmp_path / "adapter"),
+    )
     s = settings(tok, 5, ignore_eos=True)
     force = [False, True, True, False]
     torch._dynamo.reset()

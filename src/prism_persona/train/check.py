@@ -136,7 +136,7 @@ def write_answers(
     store,
     max_new_tokens: int,
     batch_size: int,
-    quiet: bool = True,
+    quiet: bool,
 ) -> None:
     """Answer every query with every system (greedy); append to ``store`` as batches finish."""
     from ..engines.base import SamplingParams
@@ -172,7 +172,7 @@ def write_answers(
 
 
 def write_verdicts(
-    judge, items: Sequence[HeldoutQuery], answers, personas: dict, store, batch_size: int, quiet: bool = True
+    judge, items: Sequence[HeldoutQuery], answers, personas: dict, store, batch_size: int, quiet: bool
 ) -> None:
     """Judge LoRA vs base and persona vs base for every query, in both orders."""
     from ..judges import judge_swapped_batch
@@ -221,7 +221,7 @@ def paired_loops(base: Sequence[bool], other: Sequence[bool]) -> dict:
     """Loops a system adds or removes against the base model on the same queries: ``added`` (it
     loops, base does not), ``removed`` (the reverse) and the exact two-sided McNemar p-value of that
     difference (1.0 = no evidence either way; small = a real change, not noise)."""
-    from .stats import exact_mcnemar_p
+    from ..stats import exact_mcnemar_p
 
     added = sum(1 for b, o in zip(base, other) if o and not b)
     removed = sum(1 for b, o in zip(base, other) if b and not o)
@@ -391,25 +391,26 @@ def check_figure(report: dict, path: Path) -> Path:
 
 def run_check(
     artifact_dir: str | Path,
-    heldout: str | Path,
+    check,
+    judge_cfg,
     out: Optional[str | Path] = None,
-    judge: str = "self",
-    rewarded: Sequence[str] = (),
     persona_files: Optional[dict] = None,
-    max_new_tokens: int = 96,
-    judge_mode: str = "auto",
     device: str = "auto",
     dtype: str = "auto",
     batch_size: Optional[int] = None,
     quiet: bool = False,
     gated=None,
 ) -> dict:
-    """Run (or resume) the held-out check of an artifact; return the report (also written to ``out``,
-    default ``<artifact>/../check``). ``gated`` = an already loaded :class:`GatedModel` to use."""
+    """Run (or resume) the held-out check of an artifact with the settings of ``check`` (CheckConfig:
+    the queries file, rewarded domains, answer length) and ``judge_cfg`` (JudgeConfig: judge and mode);
+    return the report (also written to ``out``, default ``<artifact>/../check``). ``gated`` = an
+    already loaded :class:`GatedModel` to use."""
     from ..gated.artifact import Artifact
     from ..judges import check_judge_spec, judge_from_spec
     from ..store import RunDir
 
+    heldout, rewarded, max_new_tokens = check.queries, check.rewarded, check.max_new_tokens
+    judge, judge_mode = judge_cfg.judge, judge_cfg.mode
     if max_new_tokens < 1:
         raise PrismError("--max-new-tokens must be at least 1")
     art = Artifact.read(artifact_dir)

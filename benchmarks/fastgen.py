@@ -1,5 +1,7 @@
 """A fast decode loop: static KV cache, one compiled decode step (CUDA graphs on GPU), eager on CPU.
 
+A benchmark of a possible decode path (bench_generation, bench_routing); no PRISM command uses it.
+
 Plain ``model.generate`` re-plans every step in Python (logits processors, stopping criteria, a
 dynamic cache that grows by concatenation). For the gated model the work per step is fixed once the
 prefill has decided the route, so the loop can be made static:
@@ -29,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .features import position_ids_from_mask
+from prism_persona.gated.features import position_ids_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +281,7 @@ def _routing_context(gated, force, batch: int):
 
     Uses ``GatedModel.routing(force)`` when the gated model offers it, else its internal ``_call``.
     """
-    from .model import normalise_force
+    from prism_persona.gated.model import normalise_force
 
     overrides = normalise_force(force, batch)
     public = getattr(gated, "routing", None)
