@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigMismatchError, PrismError
+from .stages import store_stage
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,6 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-REDO_NAME = {"query_rounds": "queries"}  # the --redo name of a store that is part of another stage
-
-
 class RunDir:
     """A run directory you can point anywhere. Stages read and write only through it."""
 
@@ -191,7 +189,7 @@ class RunDir:
             shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
             raise ConfigMismatchError(
                 f"{self.root} holds '{stage}' records made with other settings ({shown}); "
-                f"use a new --out, or pass --redo {REDO_NAME.get(stage, stage)} to redo that stage with them"
+                f"use a new --out, or pass --redo {store_stage(stage)} to redo that stage with them"
             )
         if old is None:
             self.write_json(meta_name, {"stage": stage, "settings": new})

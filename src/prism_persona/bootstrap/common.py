@@ -12,8 +12,6 @@ from ..errors import PrismError
 from ..store import content_key
 from . import prompts
 
-STAGES = ("personas", "queries", "answers", "verdicts")
-
 
 def derive_seed(base: int, *parts: Any) -> int:
     """A 31-bit seed from the run seed and any JSON-serialisable parts (stable across runs)."""

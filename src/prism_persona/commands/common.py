@@ -23,6 +23,7 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     one (type, choices, help and default from config.py), plus the flags that are not one setting.
     ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
     from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig, add_flags
+    from ..stages import stage_names
 
     groups = add_flags(p, RunConfig, flagged_only=True, skip=() if check else ("check",))
     g = groups[G_RUN]
@@ -30,7 +31,7 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     g.add_argument(
         "--redo",
         metavar="STAGE",
-        choices=["personas", "queries", "answers", "verdicts", "gate", "distill"],
+        choices=stage_names(),
         help="re-run a finished stage (and the stages that depend on it) with the current settings",
     )
     g = groups[G_DATA]

@@ -33,6 +33,7 @@ from ..bootstrap.queries import selected_queries, write_queries
 from ..bootstrap.summary import build_summary, format_summary
 from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
 from ..errors import PrismError
+from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
 from ..store import JsonlStore, RunDir, RunLock
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ log = logging.getLogger(__name__)
 def check_run(cfg, run: RunDir) -> None:
     """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
     records or trained stages made with other settings: the saved config always describes what ran."""
-    for stage in ("personas", "queries", "query_rounds", "answers", "verdicts"):
-        base = "queries" if stage == "query_rounds" else stage
-        run.check_settings(stage, json.loads(json.dumps(stage_settings(cfg, base), default=str)))
-    check_trained(cfg, run, ("gate", "distill"))
+    for stage in STAGES:
+        for store in stage.stores:
+            run.check_settings(store, json.loads(json.dumps(stage_settings(cfg, stage.name), default=str)))
+    check_trained(cfg, run, training_stages())
 
 
 def check_trained(cfg, run: RunDir, stages) -> None:
@@ -53,12 +54,17 @@ def check_trained(cfg, run: RunDir, stages) -> None:
     done = [s for s in stages if run.done(s)]
     if not done:
         return
-    from .distill import distill_settings
-    from .gate import gate_settings
-
-    settings = {"gate": gate_settings, "distill": distill_settings}
     for stage in done:
-        run.check_settings(stage, json.loads(json.dumps(settings[stage](cfg), default=str)))
+        settings = stage_function(stage, "settings")(cfg)
+        run.check_settings(stage, json.loads(json.dumps(settings, default=str)))
+
+
+def stage_function(name: str, which: str):
+    """The ``run`` or ``settings`` function of the training stage ``name`` (its module is imported now)."""
+    import importlib
+
+    stage = get_stage(name)
+    return getattr(importlib.import_module(f"..{stage.module}", __package__), getattr(stage, which))
 
 
 def preflight(cfg, engine, judge) -> None:
@@ -251,27 +257,12 @@ def _select(store: JsonlStore, queries: list[dict]) -> list[dict]:
 
 # --- stages 5-7 -------------------------------------------------------------------------------------
 
-STAGES = ("bootstrap", "gate", "distill")
-
-# what --redo removes: each stage's own files; the stages after it are redone with it
-REDO_FILES = {
-    "personas": ["personas.jsonl"],
-    "queries": ["queries.jsonl", "query_rounds.jsonl", "query_rounds.meta.json"],
-    "answers": ["answers.jsonl"],
-    "verdicts": ["verdicts.jsonl", "bootstrap.done.json", "summary.json", "summary.md"],
-    "gate": ["gate.done.json", "gate"],
-    "distill": ["distill.done.json", "distill"],
-}
-BOOTSTRAP_ORDER = ("personas", "queries", "answers", "verdicts")
-
 
 def redo_stages(stage: str) -> list[str]:
     """``stage`` and every stage whose records depend on it, in pipeline order."""
-    if stage not in REDO_FILES:
-        raise PrismError(f"--redo takes one of: {', '.join(REDO_FILES)}; got '{stage}'")
-    if stage in BOOTSTRAP_ORDER:
-        return list(BOOTSTRAP_ORDER[BOOTSTRAP_ORDER.index(stage) :]) + ["gate", "distill"]
-    return [stage]
+    if stage not in stage_names():
+        raise PrismError(f"--redo takes one of: {', '.join(stage_names())}; got '{stage}'")
+    return with_dependents(stage)
 
 
 def redo(run_dir, stage: str) -> list[str]:
@@ -286,7 +277,7 @@ def redo(run_dir, stage: str) -> list[str]:
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     stages = redo_stages(stage)
-    names = [n for s in stages for n in REDO_FILES[s]]
+    names = [n for s in stages for n in get_stage(s).files]
     names.sort(key=lambda n: not n.endswith(".done.json"))  # markers first
     names += ["prism", "check", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
     removed = []
@@ -321,7 +312,7 @@ def load_base(cfg):
     return load_model(cfg.model.model, cfg.model.dtype, device, cfg.model.trust_remote_code)
 
 
-def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds: Optional[dict] = None) -> dict:
+def train_stages(cfg, model=None, tok=None, stages=training_stages(), seconds: Optional[dict] = None) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
     from .parallel import DataParallel
@@ -333,8 +324,6 @@ def train_stages(cfg, model=None, tok=None, stages=("gate", "distill"), seconds:
 
 def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
     from ..gated.artifact import assemble
-    from .distill import run_distill
-    from .gate import run_gate
     from .report import write_report
 
     run = RunDir(cfg.out)
@@ -350,13 +339,12 @@ def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
         from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
 
         run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
-    if "gate" in stages:
-        run_gate(run, cfg, records, model, tok)
-    if "distill" in stages:
-        run_distill(run, cfg, records, model, tok)
+    for stage in training_stages():
+        if stage in stages:
+            stage_function(stage, "run")(run, cfg, records, model, tok)
     if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
-    art = assemble(run, cfg) if run.done("gate") and run.done("distill") else None
+    art = assemble(run, cfg) if all(run.done(s) for s in training_stages()) else None
     rep = write_report(run, records, seconds)
     return {"artifact": art, "report": rep, "run": run}
 
@@ -385,7 +373,7 @@ def _run_pipeline(cfg, engine, judge) -> dict:
     model = tok = None
     run = RunDir(cfg.out)
     check_run(cfg, run)  # before the model loads
-    todo = [s for s in STAGES if not run.done(s)]
+    todo = [m for m in markers() if not run.done(m)]
     if todo and engine is None and cfg.engine.engine == "hf":
         from ..engines import make_engine
 
