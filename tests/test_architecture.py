@@ -11,7 +11,7 @@ import prism_persona
 PACKAGE = Path(prism_persona.__file__).resolve().parent
 
 LAYERS = (
-    {"errors", "config", "stats", "stages", "userfiles"},
+    {"errors", "config", "formats", "stats", "stages", "userfiles"},
     {"models", "store", "progress", "text"},
     {"engines"},
     {"judges", "bootstrap"},

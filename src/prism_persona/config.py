@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import PrismError
+from .formats import FIELD, RUN_CONFIG, stamp, upgrade
 from .userfiles import read_user_text
 
 log = logging.getLogger(__name__)
@@ -724,7 +725,9 @@ def read_config_file(path: str | Path) -> dict:
         raise PrismError(f"malformed config file {p}: {exc}") from None
     if not isinstance(data, dict):
         raise PrismError(f"malformed config file {p}: the top level must be an object/table")
+    data = upgrade(data, RUN_CONFIG, str(p))
     data.pop("prism_version", None)
+    data.pop(FIELD, None)
     return resolve_file_paths(data, p.parent)
 
 
@@ -828,10 +831,10 @@ def check_base_url(url: str, flag: str = "--base-url") -> None:
 
 
 def dump(cfg: Any) -> str:
-    """Sorted JSON stamped with the library version."""
+    """Sorted JSON stamped with the library version (and, for a RunConfig, its format version)."""
     from . import __version__
 
-    data = to_dict(cfg)
+    data = stamp(to_dict(cfg), RUN_CONFIG) if isinstance(cfg, RunConfig) else to_dict(cfg)
     data["prism_version"] = __version__
     return json.dumps(data, indent=2, sort_keys=True)
 

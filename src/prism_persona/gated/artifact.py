@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..formats import ARTIFACT_CONFIG, stamp, upgrade
 from .gate import GATE_CONFIG, GATE_WEIGHTS, GateBundle
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Artifact:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise PrismError(f"{cfg_path} is not valid JSON ({exc}); re-assemble the artifact") from None
+        if isinstance(cfg, dict):
+            cfg = upgrade(cfg, ARTIFACT_CONFIG, str(cfg_path))
         if not isinstance(cfg, dict) or not cfg.get("base_model"):
             raise PrismError(f"{cfg_path} names no base_model; re-assemble the artifact")
         for name in (GATE_WEIGHTS, GATE_CONFIG):
@@ -268,6 +271,7 @@ def write_artifact(
             "prism_version": __version__,
         }
         cfg.update(extra or {})
+        cfg = stamp(cfg, ARTIFACT_CONFIG)
         (tmp / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         _swap_into_place(tmp, d)

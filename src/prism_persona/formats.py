@@ -1,0 +1,64 @@
+"""Versions of the files PRISM writes and reads back: ``RUN/config.json`` (and any config file, same
+layout) and an artifact's ``prism_config.json``.
+
+Each file carries ``format_version``; a file without it is version 1 (the layout before the field
+existed). Reading a file runs its migrations, one function per version step (``migrations[n]`` turns
+version ``n`` into ``n + 1``), up to the version this library writes. A file newer than that is a
+one-line :class:`PrismError`: an older PRISM never guesses at a layout it does not know. Standard
+library only; migrations edit plain data and never run code from the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import PrismError
+
+FIELD = "format_version"
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    what: str
+    """How a message names the file, e.g. "run config"."""
+    current: int
+    """The version this library writes."""
+    migrations: dict[int, Callable[[dict], dict]] = field(default_factory=dict)
+    """``n -> step``: the step turns a version-``n`` dict into a version-``n + 1`` dict."""
+
+
+RUN_CONFIG = FileFormat("config file", 1)
+"""``RUN/config.json`` and ``--config`` files (version 1: the RunConfig sections as in config.py)."""
+
+ARTIFACT_CONFIG = FileFormat("artifact config", 1)
+"""An artifact's ``prism_config.json`` (version 1: base_model, model_kind, adapter, gate files,
+threshold, prism_version and the run's settings)."""
+
+
+def version_of(data: dict, fmt: FileFormat, where: str) -> int:
+    """The ``format_version`` of ``data`` (1 when absent); a one-line error for a bad or too new one."""
+    version = data.get(FIELD, 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PrismError(f"{where}: {FIELD} must be a positive integer, got {version!r}")
+    if version > fmt.current:
+        raise PrismError(
+            f"{where} has {FIELD} {version}, newer than this PRISM reads ({fmt.current}); upgrade prism-persona"
+        )
+    return version
+
+
+def upgrade(data: dict, fmt: FileFormat, where: str) -> dict:
+    """``data`` migrated step by step to ``fmt.current``, with ``format_version`` set to it."""
+    version = version_of(data, fmt, where)
+    out = dict(data)
+    while version < fmt.current:
+        out = fmt.migrations[version](out)
+        version += 1
+    out[FIELD] = fmt.current
+    return out
+
+
+def stamp(data: dict, fmt: FileFormat) -> dict:
+    """``data`` with the ``format_version`` this library writes."""
+    return {**data, FIELD: fmt.current}
