@@ -17,8 +17,7 @@ class Stage:
     depends_on: tuple[str, ...]
     """Stages whose output this one reads: redoing one of them redoes this one too."""
     module: str
-    """Where it runs, relative to ``prism_persona`` (a training stage: its ``run`` function, called as
-    ``run(run_dir, cfg, records, model, tokenizer)``, and its ``settings(cfg)``)."""
+    """Where it runs, relative to ``prism_persona``."""
     files: tuple[str, ...]
     """What ``--redo`` removes (files and directories in the run directory)."""
     stores: tuple[str, ...] = ()
@@ -26,7 +25,16 @@ class Stage:
     marker: str = ""
     """The ``<marker>.done.json`` written when the stage (and the ones it ends) is done."""
     run: str = ""
+    """A training stage's ``run(run_dir, cfg, records, model, tokenizer)`` function in ``module``."""
     settings: str = ""
+    """A training stage's ``settings(cfg)`` function (what a finished stage is checked against)."""
+
+    @classmethod
+    def training(cls, name: str, depends_on: tuple[str, ...], module: str) -> Stage:
+        """A stage that trains on the labelled data: ``run_<name>`` and ``<name>_settings`` in ``module``,
+        files in ``RUN/<name>/``, done marker ``<name>.done.json``."""
+        files = (f"{name}.done.json", name)
+        return cls(name, depends_on, module, files, marker=name, run=f"run_{name}", settings=f"{name}_settings")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -47,24 +55,8 @@ STAGES: tuple[Stage, ...] = (
         ("verdicts",),
         marker="bootstrap",
     ),
-    Stage(
-        "gate",
-        ("verdicts",),
-        "train.gate",
-        ("gate.done.json", "gate"),
-        marker="gate",
-        run="run_gate",
-        settings="gate_settings",
-    ),
-    Stage(
-        "distill",
-        ("verdicts",),
-        "train.distill",
-        ("distill.done.json", "distill"),
-        marker="distill",
-        run="run_distill",
-        settings="distill_settings",
-    ),
+    Stage.training("gate", ("verdicts",), "train.gate"),
+    Stage.training("distill", ("verdicts",), "train.distill"),
 )
 
 
