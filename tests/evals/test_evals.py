@@ -13,7 +13,8 @@ from prism_persona.evals import data as D
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge, keyword_refusal, parse_rating, parse_yes_no
 from prism_persona.evals.mmlu import GROUPS, SUBJECT_GROUP, subject_group
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.stats import bootstrap_ci, pearson, ranks, spearman
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_system, parse_systems
 from prism_persona.testing import ScriptedEngine
@@ -288,7 +289,7 @@ def _runner(tmp_path, engines, judge_engine=None, pair=None, personas=None, n=20
         fixed_provider(engines),
         judge,
         PersonaBook(personas or {}),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=n),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=n),
     )
 
 
@@ -427,7 +428,7 @@ def test_resume_never_regenerates(tmp_path):
         fixed_provider({"base": eng4}),
         EvalJudge(judge4, "other-judge", pair_judge=FakePairJudge()),
         PersonaBook(personas),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=50),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=50),
     )
     evaluate(r4, parse_systems("base,persona"), bench)
     assert eng4.calls == [] and len(judge4.calls) > 0

@@ -16,7 +16,8 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
     from prism_persona.evals.evaluate import Benchmarks, evaluate
     from prism_persona.evals.judging import EvalJudge
     from prism_persona.evals.report import eval_figures, eval_markdown
-    from prism_persona.evals.runner import EvalRunner, EvalSettings
+    from prism_persona.evals.runner import EvalRunner
+    from prism_persona.evals.settings import EvalConfig
     from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
 
     model, tok = embedded_model
@@ -31,7 +32,7 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
         fixed_provider({"base": eng}),
         EvalJudge(eng, "self", max_new_tokens=12),
         PersonaBook(),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=100),
     )
     res, _ = evaluate(runner, parse_systems("base,persona"), bench)
     for s in ("base", "persona"):
@@ -51,7 +52,7 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
             fixed_provider({"base": eng}),
             EvalJudge(eng, "self", max_new_tokens=12),
             PersonaBook(),
-            EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+            EvalConfig(answer_tokens=16, safety_tokens=16, resamples=100),
         ),
         parse_systems("base,persona"),
         bench,

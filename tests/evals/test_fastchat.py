@@ -14,7 +14,8 @@ from prism_persona.evals.evaluate import Benchmarks, evaluate, systems_to_run
 from prism_persona.evals.fastchat import read_answers, write_fastchat
 from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_markdown
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, SystemSpec, fixed_provider, parse_systems
 from prism_persona.judges import Verdict
 from prism_persona.testing import ScriptedEngine
@@ -37,7 +38,7 @@ def _grade(chat):
 def _runner(tmp_path, engines):
     judge = EvalJudge(ScriptedEngine(responder=_grade), "gpt-4/judge", pair_judge=LongerWins())
     return EvalRunner(
-        tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}), EvalSettings(answer_tokens=8, n_resamples=20)
+        tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}), EvalConfig(answer_tokens=8, resamples=20)
     )
 
 

@@ -14,7 +14,8 @@ from prism_persona.evals import data as D
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_figures, eval_markdown, fmt_ci
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.study import run_study, study_figures, study_markdown
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
 from prism_persona.judges import Verdict as PairVerdict
@@ -78,7 +79,7 @@ def _study_runner(tmp_path):
         fixed_provider(engines),
         judge,
         PersonaBook(load_persona_file(FIX / "personas.json")),
-        EvalSettings(answer_tokens=8, safety_tokens=8, n_resamples=200),
+        EvalConfig(answer_tokens=8, safety_tokens=8, resamples=200),
     )
 
 
@@ -163,7 +164,7 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     common = [
         "--model",
         str(tiny_model_dir),
-        "--judge",
+        "--grader",
         "myjudge:judge",
         "--answer-tokens",
         "3",
@@ -182,7 +183,7 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
         "--resamples",
         "100",
         "-q",
-        "--persona-file",
+        "--persona-json",
         str(FIX / "personas.json"),
     ]
     assert main(["eval", "--systems", "base,persona/min/user", "--out", str(tmp_path / "ev")] + common) == 0

@@ -60,7 +60,7 @@ def evaluate(
     results: dict = {
         "systems": [s.name for s in specs],
         "counts": bench.counts(),
-        "n_resamples": runner.s.n_resamples,
+        "n_resamples": runner.s.resamples,
         "seed": runner.s.seed,
     }
     per_item: dict = {}

@@ -15,6 +15,8 @@ from .data import LETTERS, MMLUItem
 from .runner import Job
 
 GROUPS = ("STEM", "Humanities", "Social Sciences", "Other")
+TEXT_TOKENS = 8
+"""Tokens generated for the answer letter by an engine that cannot score choices."""
 
 _SUBCATEGORY = {
     "abstract_algebra": "math",
@@ -167,7 +169,7 @@ class MMLUEvaluator(Evaluator):
                     {"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc), "meta": rt}
                     for sc, rt in zip(scores, routes)
                 ]
-            outs = engine.generate(chats, runner.s.gen(runner.s.mmlu_text_tokens))
+            outs = engine.generate(chats, runner.gen(TEXT_TOKENS))
             runner.count.generated += len(chunk)
             return [
                 {"method": "text", "text": o.text, "pred": parse_letter(o.text), "meta": runner.meta(o)} for o in outs

@@ -108,7 +108,7 @@ class MTBenchEvaluator(Evaluator):
             )
             key = runner.key(spec, "mtbench", it.item_id, persona, {"tokens": runner.s.answer_tokens})
             jobs.append(Job(it.item_id, key, (it, persona), domain))
-        params = runner.s.gen(runner.s.answer_tokens)
+        params = runner.gen(runner.s.answer_tokens)
 
         def run_chunk(engine, chunk):
             histories = [[] for _ in chunk]

@@ -35,7 +35,7 @@ class SafetyEvaluator(Evaluator):
                     domain,
                 )
             )
-        params = runner.s.gen(runner.s.safety_tokens)
+        params = runner.gen(runner.s.safety_tokens)
         bench = items[0].benchmark if items else "safety"
 
         def run_chunk(engine, chunk):

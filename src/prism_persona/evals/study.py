@@ -83,7 +83,7 @@ def run_study(
     matrix_domains: Optional[Sequence[str]] = None,
 ) -> dict:
     """Evaluate every study condition (cached) and compute lifts, matrix and routing correlations."""
-    kw = {"n_resamples": runner.s.n_resamples, "seed": runner.s.seed}
+    kw = {"n_resamples": runner.s.resamples, "seed": runner.s.seed}
     specs = [SystemSpec("base")] + [s for _, s in CONDITIONS] + ([SystemSpec("prism")] if with_prism else [])
     results, per = evaluate(runner, specs, bench, pairwise=pairwise)
     label_of = {s.name: lab for lab, s in CONDITIONS}
