@@ -12,7 +12,9 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures"
 @pytest.mark.slow
 def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmarks):
     from prism_persona.engines.hf import HFEngine
-    from prism_persona.evals import data as D
+    from prism_persona.evals.benchmarks.mmlu import load_mmlu
+    from prism_persona.evals.benchmarks.mtbench import load_mtbench
+    from prism_persona.evals.benchmarks.safety import load_safety
     from prism_persona.evals.evaluate import Benchmarks, evaluate
     from prism_persona.evals.judging import EvalJudge
     from prism_persona.evals.report import eval_figures, eval_markdown
@@ -23,9 +25,9 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
     model, tok = embedded_model
     eng = HFEngine(model, tok, batch_size=4, quiet=True, model_name="smollm2")
     bench = Benchmarks(
-        mmlu=D.load_mmlu(FIX / "mmlu_original", limit=4),
-        mtbench=D.load_mtbench(Path(shared_benchmarks) / "mt_bench_questions.jsonl", limit=2),
-        safety={"harmbench": D.load_safety("harmbench", Path(shared_benchmarks) / "harmbench_behaviors.csv", limit=2)},
+        mmlu=load_mmlu(FIX / "mmlu_original", limit=4),
+        mtbench=load_mtbench(Path(shared_benchmarks) / "mt_bench_questions.jsonl", limit=2),
+        safety={"harmbench": load_safety("harmbench", Path(shared_benchmarks) / "harmbench_behaviors.csv", limit=2)},
     )
     runner = EvalRunner(
         tmp_path / "out",

@@ -9,7 +9,7 @@ import pytest
 
 from prism_persona.cli import main
 from prism_persona.errors import PrismError
-from prism_persona.evals.data import SafetyItem
+from prism_persona.evals.benchmarks.safety import SafetyItem
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge, StringMatchRefusal, make_refusal_classifier
 from prism_persona.evals.runner import EvalRunner

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from prism_persona.cli import main
-from prism_persona.evals import data as D
+from prism_persona.evals.benchmarks.mmlu import load_mmlu
+from prism_persona.evals.benchmarks.mtbench import load_mtbench
+from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
+from prism_persona.evals.format import fmt_ci
 from prism_persona.evals.judging import EvalJudge
-from prism_persona.evals.report import eval_figures, eval_markdown, fmt_ci
+from prism_persona.evals.report import eval_figures, eval_markdown
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.study import run_study, study_figures, study_markdown
@@ -85,9 +88,9 @@ def _study_runner(tmp_path):
 
 def _bench():
     return Benchmarks(
-        mmlu=D.load_mmlu(FIX / "mmlu_hf.jsonl"),
-        mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"),
-        safety={"pku": D.load_safety("pku", FIX / "pku_small.json")},
+        mmlu=load_mmlu(FIX / "mmlu_hf.jsonl"),
+        mtbench=load_mtbench(FIX / "mtbench_small.jsonl"),
+        safety={"pku": load_safety("pku", FIX / "pku_small.json")},
     )
 
 
@@ -237,7 +240,7 @@ def test_help_stays_light():
 def test_study_matrix_domains_subset(tmp_path):
     from prism_persona.errors import PrismError
 
-    bench = Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"))
+    bench = Benchmarks(mtbench=load_mtbench(FIX / "mtbench_small.jsonl"))
     study = run_study(_study_runner(tmp_path), bench, matrix_domains=["coding"])
     assert study["matrix"]["rows"] == ["coding"] and "routing_vs_effect" not in study
     with pytest.raises(PrismError, match="no persona for astrology"):

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from prism_persona.cli import main
-from prism_persona.evals.data import MMLUItem, MTBenchItem, SafetyItem
+from prism_persona.evals.benchmarks.mmlu import MMLUItem
+from prism_persona.evals.benchmarks.mtbench import MTBenchItem
+from prism_persona.evals.benchmarks.safety import SafetyItem
 from prism_persona.evals.evaluate import Benchmarks
 from prism_persona.evals.sweep import routing_vs_effect, threshold_sweep, thresholds
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..config import PERSONA_LENGTHS
 from ..errors import PrismError
-from . import data as D
+from .benchmarks import REGISTRY
 from .evaluate import Benchmarks
 from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader, make_refusal_classifier
 from .runner import EvalRunner
@@ -20,20 +20,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALL_BENCHMARKS = ("mmlu", "mtbench") + D.SAFETY_BENCHMARKS
+
+def all_benchmarks() -> tuple[str, ...]:
+    """Every name ``--benchmarks`` accepts one by one (each registered benchmark's members)."""
+    return tuple(m for b in REGISTRY.values() for m in b.members)
 
 
-def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
-    """``"mmlu,mtbench,safety"`` -> names; ``safety`` means the harmful sets and the benign
-    (over-refusal) set. Default: every benchmark (each from its hub dataset unless a flag gives a path)."""
+def parse_benchmarks(text: Optional[str]) -> list[str]:
+    """``"mmlu,mtbench,safety"`` -> names; a family's name (``safety``) means all its sets (the harmful
+    sets and the benign, over-refusal, one). Default: every benchmark (each from its hub dataset unless a
+    flag gives a path)."""
     if not text:
-        return ["mmlu", "mtbench", *D.SAFETY_BENCHMARKS]
+        return list(all_benchmarks())
+    families = {b.name: b.members for b in REGISTRY.values() if b.sets}
     out: list[str] = []
     for name in (t.strip().lower() for t in text.split(",") if t.strip()):
-        names = list(D.SAFETY_BENCHMARKS) if name == "safety" else [name]
-        for n in names:
-            if n not in ALL_BENCHMARKS:
-                raise PrismError(f"unknown benchmark '{n}'; choose from {', '.join(ALL_BENCHMARKS)} or safety")
+        for n in families.get(name, (name,)):
+            if n not in all_benchmarks():
+                raise PrismError(
+                    f"unknown benchmark '{n}'; choose from {', '.join(all_benchmarks())} or {', '.join(families)}"
+                )
             if n not in out:
                 out.append(n)
     return out
@@ -41,20 +47,8 @@ def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
 
 def load_benchmarks(cfg: EvalConfig, names: list[str], limit: Optional[int] = None) -> Benchmarks:
     """Load the chosen benchmarks (``--limit`` items each, spread over categories)."""
-    b = Benchmarks()
     lim = limit if limit is not None else cfg.limit
-    if "mmlu" in names:
-        subjects = [s for s in (cfg.subjects or "").split(",") if s.strip()] or None
-        b.mmlu = D.load_mmlu(cfg.mmlu or None, subjects=subjects, limit=cfg.mmlu_limit or lim)
-    if "mtbench" in names:
-        cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
-        b.mtbench = D.load_mtbench(cfg.mtbench or None, categories=cats, limit=cfg.mtbench_limit or lim)
-        if not b.mtbench:
-            raise PrismError(f"no MT-Bench questions in categories {cats}")
-    for s in D.SAFETY_BENCHMARKS:
-        if s in names:
-            b.safety[s] = D.load_safety(s, getattr(cfg, s) or None, limit=cfg.safety_limit or lim)
-    return b
+    return Benchmarks(**{b.name: b.load(cfg, names, lim) for b in REGISTRY.values()})
 
 
 def _model_display(spec: Optional[str]) -> str:
