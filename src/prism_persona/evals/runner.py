@@ -1,6 +1,6 @@
 """The shared machinery of every benchmark: engines, judge, refusal classifier, personas and the cache.
 
-Each benchmark (``evals/mmlu.py``, ``evals/mtbench.py``, ``evals/safety.py``) is an
+Each benchmark (``evals/benchmarks/``: ``mmlu.py``, ``mtbench.py``, ``safety.py``) runs as an
 :class:`~prism_persona.evals.base.Evaluator` that uses the two loops here: :meth:`EvalRunner.responses_for`
 (cached generation) and :meth:`EvalRunner.judged` (cached judging).
 
