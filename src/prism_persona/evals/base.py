@@ -90,8 +90,12 @@ class Benchmark(abc.ABC):
     def categories(self, items) -> dict[str, dict[str, str]]:
         """``{member: {item_id: category}}``: the per-category keys (the threshold sweep's rows)."""
 
+    def groups(self, items) -> dict[str, list]:
+        """``{member: [items]}`` (a family's items already are; a single set is its name's)."""
+        return items if isinstance(items, dict) else {self.name: items}
+
     def counts(self, items) -> dict[str, int]:
-        return {member: len(cats) for member, cats in self.categories(items).items()}
+        return {member: len(group) for member, group in self.groups(items).items()}
 
     def label(self, member: str) -> str:
         """The measured value of a member, as tables and figures name it (``"MMLU accuracy"``)."""
@@ -103,7 +107,7 @@ class Benchmark(abc.ABC):
 
     def study_items(self, items) -> dict[str, Optional[list]]:
         """``{member: item ids}`` the study's lifts are paired over (``None``: every item with a value)."""
-        return {member: list(cats) for member, cats in self.categories(items).items()}
+        return {member: [it.item_id for it in group] for member, group in self.groups(items).items()}
 
     def extras(self, runner) -> dict:
         """Fields it adds to ``results.json`` beside its section (e.g. who decided refusals)."""
