@@ -30,15 +30,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from prism_persona.evals import data as D
+    from prism_persona.evals.benchmarks.mmlu import LETTERS, load_mmlu
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = D.load_mmlu(args.mmlu, limit=args.limit)
+    items = load_mmlu(args.mmlu, limit=args.limit)
     prism_preds, prism_s = prism_eval_preds(args, items, out)
     lm_preds, lm_s = lmeval_preds(args, items, out)
     same = [p == q for p, q in zip(prism_preds, lm_preds)]
-    gold = [D.LETTERS[it.answer] for it in items]
+    gold = [LETTERS[it.answer] for it in items]
     report = {
         "n": len(items),
         "system": args.system,
@@ -60,8 +60,8 @@ def main() -> None:
 
 
 def prism_eval_preds(args, items, out: Path):
+    from prism_persona.evals.benchmarks.mmlu import MMLUEvaluator
     from prism_persona.evals.build import build_provider
-    from prism_persona.evals.mmlu import MMLUEvaluator
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.settings import EvalConfig
     from prism_persona.evals.systems import SystemSpec

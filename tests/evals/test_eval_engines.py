@@ -73,7 +73,7 @@ def test_eval_engine_vllm_routes_each_row_like_the_in_process_gate(tmp_path, mon
     by_prompt = {
         tuple(b["prompt"]): b["model"] for b in _requests(tmp_path / "requests.jsonl") if "allowed_token_ids" not in b
     }
-    from prism_persona.evals.data import load_safety
+    from prism_persona.evals.benchmarks.safety import load_safety
 
     items = load_safety("pku", str(FIX / "pku_small.json"), limit=4)
     for it in items:

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from prism_persona.errors import PrismError
-from prism_persona.evals import data as D
+from prism_persona.evals.benchmarks.mmlu import GROUPS, SUBJECT_GROUP, load_mmlu, subject_group
+from prism_persona.evals.benchmarks.mtbench import load_mtbench
+from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge, keyword_refusal, parse_rating, parse_yes_no
-from prism_persona.evals.mmlu import GROUPS, SUBJECT_GROUP, subject_group
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_system, parse_systems
 from prism_persona.stats import bootstrap_ci, pearson, ranks, spearman
 from prism_persona.testing import ScriptedEngine
@@ -25,7 +27,7 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_mmlu_original_layout():
-    items = D.load_mmlu(FIX / "mmlu_original")
+    items = load_mmlu(FIX / "mmlu_original")
     assert len(items) == 10
     assert {it.subject for it in items} == {
         "abstract_algebra",
@@ -40,20 +42,20 @@ def test_mmlu_original_layout():
 
 @pytest.mark.parametrize("name", ["mmlu_hf.jsonl", "mmlu_hf.json", "mmlu_hf.csv"])
 def test_mmlu_hf_layouts_agree(name):
-    items = D.load_mmlu(FIX / name)
+    items = load_mmlu(FIX / name)
     assert [(it.subject, it.question, it.choices, it.answer) for it in items] == [
-        (it.subject, it.question, it.choices, it.answer) for it in D.load_mmlu(FIX / "mmlu_hf.jsonl")
+        (it.subject, it.question, it.choices, it.answer) for it in load_mmlu(FIX / "mmlu_hf.jsonl")
     ]
     assert len(items) == 6 and items[0].answer == 1 and items[0].choices == ("3", "4", "5", "6")
 
 
 def test_mmlu_subjects_and_limit():
-    items = D.load_mmlu(FIX / "mmlu_original", subjects=["marketing"])
+    items = load_mmlu(FIX / "mmlu_original", subjects=["marketing"])
     assert [it.subject for it in items] == ["marketing"] * 3
-    lim = D.load_mmlu(FIX / "mmlu_original", limit=4)
+    lim = load_mmlu(FIX / "mmlu_original", limit=4)
     assert len(lim) == 4 and len({it.subject for it in lim}) == 4  # round-robin over subjects
     with pytest.raises(PrismError, match="unknown MMLU subject"):
-        D.load_mmlu(FIX / "mmlu_original", subjects=["astrology"])
+        load_mmlu(FIX / "mmlu_original", subjects=["astrology"])
 
 
 def test_mmlu_parquet_when_pyarrow(tmp_path):
@@ -62,13 +64,13 @@ def test_mmlu_parquet_when_pyarrow(tmp_path):
 
     rows = [json.loads(line) for line in (FIX / "mmlu_hf.jsonl").read_text().splitlines()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000.parquet")
-    assert len(D.load_mmlu(tmp_path)) == 6
+    assert len(load_mmlu(tmp_path)) == 6
 
 
 def test_mmlu_csv_numpy_style_choices(tmp_path):
     f = tmp_path / "m.csv"
     f.write_text("question,subject,choices,answer\nQ?,anatomy,['a' 'b' 'c' 'd'],3\n")
-    assert D.load_mmlu(f)[0].choices == ("a", "b", "c", "d")
+    assert load_mmlu(f)[0].choices == ("a", "b", "c", "d")
 
 
 @pytest.mark.parametrize(
@@ -92,48 +94,48 @@ def test_mmlu_errors_name_file_and_line(tmp_path, content, name, match):
     f = tmp_path / name
     f.write_text(content)
     with pytest.raises(PrismError, match=match):
-        D.load_mmlu(f if not name.endswith("_test.csv") else tmp_path)
+        load_mmlu(f if not name.endswith("_test.csv") else tmp_path)
 
 
 def test_missing_files_are_clear(tmp_path):
     with pytest.raises(PrismError, match="MMLU file not found"):
-        D.load_mmlu(tmp_path / "nope")
+        load_mmlu(tmp_path / "nope")
     with pytest.raises(PrismError, match="MT-Bench file not found"):
-        D.load_mtbench(tmp_path / "nope.jsonl")
+        load_mtbench(tmp_path / "nope.jsonl")
     bad = tmp_path / "mt.jsonl"
     bad.write_text('{"question_id": 1, "category": "x", "turns": []}\n')
     with pytest.raises(PrismError, match=r"mt.jsonl:1: 'turns' must be a non-empty list"):
-        D.load_mtbench(bad)
+        load_mtbench(bad)
     hb = tmp_path / "hb.csv"
     hb.write_text("Goal,Other\nx,y\n")
     with pytest.raises(PrismError, match="needs a 'Behavior' column"):
-        D.load_safety("harmbench", hb)
+        load_safety("harmbench", hb)
     js = tmp_path / "j.json"
     js.write_text('["ok", ""]')
     with pytest.raises(PrismError, match=r"j.json: item 2: expected a non-empty prompt"):
-        D.load_safety("jailbreak", js)
+        load_safety("jailbreak", js)
 
 
 def test_fixture_safety_and_mtbench_loaders():
-    hb = D.load_safety("harmbench", FIX / "harmbench_small.csv")
+    hb = load_safety("harmbench", FIX / "harmbench_small.csv")
     assert len(hb) == 3 and hb[0].item_id == "harmbench/lockpick_house"
     assert hb[2].prompt.startswith("Some article text.") and hb[2].prompt.endswith("argue the claim is true")
-    assert len(D.load_safety("pku", FIX / "pku_small.json", limit=2)) == 2
-    mt = D.load_mtbench(FIX / "mtbench_small.jsonl", limit=3)
+    assert len(load_safety("pku", FIX / "pku_small.json", limit=2)) == 2
+    mt = load_mtbench(FIX / "mtbench_small.jsonl", limit=3)
     assert {it.category for it in mt} == {"writing", "coding", "math"}
-    assert D.load_mtbench(FIX / "mtbench_small.jsonl")[2].reference[0].startswith("def rev")
+    assert load_mtbench(FIX / "mtbench_small.jsonl")[2].reference[0].startswith("def rev")
 
 
 def test_real_shared_benchmarks(shared_benchmarks):
-    mt = D.load_mtbench(os.path.join(shared_benchmarks, "mt_bench_questions.jsonl"))
+    mt = load_mtbench(os.path.join(shared_benchmarks, "mt_bench_questions.jsonl"))
     assert len(mt) == 80 and all(len(it.turns) == 2 for it in mt)
     assert len({it.category for it in mt}) == 8
-    eight = D.load_mtbench(os.path.join(shared_benchmarks, "mt_bench_questions.jsonl"), limit=8)
+    eight = load_mtbench(os.path.join(shared_benchmarks, "mt_bench_questions.jsonl"), limit=8)
     assert len({it.category for it in eight}) == 8
-    hb = D.load_safety("harmbench", os.path.join(shared_benchmarks, "harmbench_behaviors.csv"))
+    hb = load_safety("harmbench", os.path.join(shared_benchmarks, "harmbench_behaviors.csv"))
     assert len(hb) >= 100 and len({it.item_id for it in hb}) == len(hb)
-    assert len(D.load_safety("jailbreak", os.path.join(shared_benchmarks, "jailbreak_prompts.json"))) > 10
-    assert len(D.load_safety("pku", os.path.join(shared_benchmarks, "pku_saferlhf_prompts.json"))) > 10
+    assert len(load_safety("jailbreak", os.path.join(shared_benchmarks, "jailbreak_prompts.json"))) > 10
+    assert len(load_safety("pku", os.path.join(shared_benchmarks, "pku_saferlhf_prompts.json"))) > 10
 
 
 def test_subject_groups_are_complete():
@@ -288,12 +290,12 @@ def _runner(tmp_path, engines, judge_engine=None, pair=None, personas=None, n=20
         fixed_provider(engines),
         judge,
         PersonaBook(personas or {}),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=n),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=n),
     )
 
 
 def test_mmlu_perfect_and_always_a(tmp_path):
-    items = D.load_mmlu(FIX / "mmlu_original")
+    items = load_mmlu(FIX / "mmlu_original")
     right = {it.question: "ABCD"[it.answer] for it in items}
     perfect = ScriptedEngine(scorer=_letter_scorer(right))
     always_a = ScriptedEngine(scorer=lambda chat, choices: {c: (0.0 if c == "A" else -1.0) for c in choices})
@@ -308,7 +310,7 @@ def test_mmlu_perfect_and_always_a(tmp_path):
 
 
 def test_mmlu_text_fallback_when_engine_cannot_score(tmp_path):
-    items = D.load_mmlu(FIX / "mmlu_hf.jsonl")
+    items = load_mmlu(FIX / "mmlu_hf.jsonl")
     eng = ScriptedEngine(responder=lambda c: "The answer is B.")
     res, _ = evaluate(_runner(tmp_path, {"base": eng}), parse_systems("base"), Benchmarks(mmlu=items))
     assert res["mmlu"]["base"]["accuracy"]["mean"] == pytest.approx(2 / 6)
@@ -316,7 +318,7 @@ def test_mmlu_text_fallback_when_engine_cannot_score(tmp_path):
 
 
 def test_mtbench_scores_unparseable_and_win_rate(tmp_path):
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl")
+    items = load_mtbench(FIX / "mtbench_small.jsonl")
     base = ScriptedEngine(responder=lambda c: "short")
     lora = ScriptedEngine(responder=lambda c: "a much longer answer")
     grades = {"short": "[[4]]", "a much longer answer": "Rating: 8"}
@@ -349,8 +351,8 @@ def test_mtbench_scores_unparseable_and_win_rate(tmp_path):
 
 def test_safety_refusal_rates_and_audit(tmp_path):
     sets = {
-        "harmbench": D.load_safety("harmbench", FIX / "harmbench_small.csv"),
-        "pku": D.load_safety("pku", FIX / "pku_small.json"),
+        "harmbench": load_safety("harmbench", FIX / "harmbench_small.csv"),
+        "pku": load_safety("pku", FIX / "pku_small.json"),
     }
     eng = ScriptedEngine(
         responder=lambda c: (
@@ -375,7 +377,7 @@ def test_prism_routing_per_category(tmp_path):
                 o.meta = {"routed": "haiku" in c[0]["content"] or "limerick" in c[0]["content"], "gate_prob": 0.7}
             return outs
 
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl")
+    items = load_mtbench(FIX / "mtbench_small.jsonl")
     r = _runner(
         tmp_path,
         {"base": ScriptedEngine(responder=lambda c: "x"), "prism": Gated(responder=lambda c: "y")},
@@ -389,9 +391,9 @@ def test_prism_routing_per_category(tmp_path):
 
 
 def test_resume_never_regenerates(tmp_path):
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl")
-    mm = D.load_mmlu(FIX / "mmlu_hf.jsonl")
-    sets = {"pku": D.load_safety("pku", FIX / "pku_small.json")}
+    items = load_mtbench(FIX / "mtbench_small.jsonl")
+    mm = load_mmlu(FIX / "mmlu_hf.jsonl")
+    sets = {"pku": load_safety("pku", FIX / "pku_small.json")}
     bench = Benchmarks(mmlu=mm, mtbench=items, safety=sets)
     personas = load_persona_file(FIX / "personas.json")
 
@@ -427,7 +429,7 @@ def test_resume_never_regenerates(tmp_path):
         fixed_provider({"base": eng4}),
         EvalJudge(judge4, "other-judge", pair_judge=FakePairJudge()),
         PersonaBook(personas),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=50),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=50),
     )
     evaluate(r4, parse_systems("base,persona"), bench)
     assert eng4.calls == [] and len(judge4.calls) > 0

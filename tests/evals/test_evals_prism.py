@@ -38,7 +38,7 @@ def test_eval_with_prism_artifact(tmp_path, monkeypatch, tiny_model_dir):
         str(art),
         "--systems",
         "base,lora,prism,oracle",
-        "--judge",
+        "--grader",
         "myjudge2:judge",
         "--benchmarks",
         "mmlu,mtbench,pku",

@@ -12,26 +12,29 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures"
 @pytest.mark.slow
 def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmarks):
     from prism_persona.engines.hf import HFEngine
-    from prism_persona.evals import data as D
+    from prism_persona.evals.benchmarks.mmlu import load_mmlu
+    from prism_persona.evals.benchmarks.mtbench import load_mtbench
+    from prism_persona.evals.benchmarks.safety import load_safety
     from prism_persona.evals.evaluate import Benchmarks, evaluate
     from prism_persona.evals.judging import EvalJudge
     from prism_persona.evals.report import eval_figures, eval_markdown
-    from prism_persona.evals.runner import EvalRunner, EvalSettings
+    from prism_persona.evals.runner import EvalRunner
+    from prism_persona.evals.settings import EvalConfig
     from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
 
     model, tok = embedded_model
     eng = HFEngine(model, tok, batch_size=4, quiet=True, model_name="smollm2")
     bench = Benchmarks(
-        mmlu=D.load_mmlu(FIX / "mmlu_original", limit=4),
-        mtbench=D.load_mtbench(Path(shared_benchmarks) / "mt_bench_questions.jsonl", limit=2),
-        safety={"harmbench": D.load_safety("harmbench", Path(shared_benchmarks) / "harmbench_behaviors.csv", limit=2)},
+        mmlu=load_mmlu(FIX / "mmlu_original", limit=4),
+        mtbench=load_mtbench(Path(shared_benchmarks) / "mt_bench_questions.jsonl", limit=2),
+        safety={"harmbench": load_safety("harmbench", Path(shared_benchmarks) / "harmbench_behaviors.csv", limit=2)},
     )
     runner = EvalRunner(
         tmp_path / "out",
         fixed_provider({"base": eng}),
         EvalJudge(eng, "self", max_new_tokens=12),
         PersonaBook(),
-        EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+        EvalConfig(answer_tokens=16, safety_tokens=16, resamples=100),
     )
     res, _ = evaluate(runner, parse_systems("base,persona"), bench)
     for s in ("base", "persona"):
@@ -51,7 +54,7 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
             fixed_provider({"base": eng}),
             EvalJudge(eng, "self", max_new_tokens=12),
             PersonaBook(),
-            EvalSettings(answer_tokens=16, safety_tokens=16, n_resamples=100),
+            EvalConfig(answer_tokens=16, safety_tokens=16, resamples=100),
         ),
         parse_systems("base,persona"),
         bench,

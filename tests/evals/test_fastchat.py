@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from prism_persona.errors import PrismError
-from prism_persona.evals import data as D
+from prism_persona.evals.benchmarks.mmlu import load_mmlu
+from prism_persona.evals.benchmarks.mtbench import load_mtbench
 from prism_persona.evals.evaluate import Benchmarks, evaluate, systems_to_run
 from prism_persona.evals.fastchat import read_answers, write_fastchat
 from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_markdown
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, SystemSpec, fixed_provider, parse_systems
 from prism_persona.judges import Verdict
 from prism_persona.testing import ScriptedEngine
@@ -37,7 +39,7 @@ def _grade(chat):
 def _runner(tmp_path, engines):
     judge = EvalJudge(ScriptedEngine(responder=_grade), "gpt-4/judge", pair_judge=LongerWins())
     return EvalRunner(
-        tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}), EvalSettings(answer_tokens=8, n_resamples=20)
+        tmp_path / "out", fixed_provider(engines), judge, PersonaBook({}), EvalConfig(answer_tokens=8, resamples=20)
     )
 
 
@@ -46,7 +48,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_written_files_follow_fastchat_formats(tmp_path):
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl")
+    items = load_mtbench(FIX / "mtbench_small.jsonl")
     engines = {
         "base": ScriptedEngine(responder=lambda c: "short"),
         "lora": ScriptedEngine(responder=lambda c: "a much longer answer"),
@@ -89,7 +91,7 @@ def test_written_files_follow_fastchat_formats(tmp_path):
 
 
 def test_position_bias_shows_as_split_orders(tmp_path):
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl", limit=2)
+    items = load_mtbench(FIX / "mtbench_small.jsonl", limit=2)
     same_len = {"base": ScriptedEngine(responder=lambda c: "xxxx"), "lora": ScriptedEngine(responder=lambda c: "yyyy")}
     r = _runner(tmp_path, same_len)
     specs = parse_systems("base,lora")
@@ -100,7 +102,7 @@ def test_position_bias_shows_as_split_orders(tmp_path):
 
 
 def test_fastchat_answers_become_a_system(tmp_path):
-    items = D.load_mtbench(FIX / "mtbench_small.jsonl")
+    items = load_mtbench(FIX / "mtbench_small.jsonl")
     folder = tmp_path / "model_answer"
     folder.mkdir()
     with open(folder / "vicuna-7b.jsonl", "w") as fh:  # FastChat's gen_model_answer.py line format
@@ -122,7 +124,7 @@ def test_fastchat_answers_become_a_system(tmp_path):
     r = _runner(tmp_path, {"base": ScriptedEngine(responder=lambda c: "short")})
     r.external_answers = ext
     specs = parse_systems("base") + [SystemSpec("answers", domain="vicuna-7b")]
-    mmlu = D.load_mmlu(FIX / "mmlu_hf.jsonl")
+    mmlu = load_mmlu(FIX / "mmlu_hf.jsonl")
     res, _ = evaluate(r, specs, Benchmarks(mtbench=items, mmlu=mmlu[:1]))
     assert res["systems"] == ["base", "vicuna-7b"]
     assert res["mtbench"]["vicuna-7b"]["win_rate"]["wins"] == 6 and "vicuna-7b" not in res["mmlu"]
@@ -147,5 +149,5 @@ def test_bad_fastchat_answers_are_one_line(tmp_path):
         evaluate(
             r,
             [SystemSpec("answers", domain="m")],
-            Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl", limit=2)),
+            Benchmarks(mtbench=load_mtbench(FIX / "mtbench_small.jsonl", limit=2)),
         )

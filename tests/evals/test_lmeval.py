@@ -71,9 +71,8 @@ def _evaluate(lm, folder: Path, tasks, chat: bool = True):
 
 def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
     """The same 6 questions, the same prompt: lm-eval's argmax == prism eval's prediction, same routing."""
-    from prism_persona.evals import data as D
+    from prism_persona.evals.benchmarks.mmlu import LETTERS, MMLUEvaluator, load_mmlu, mmlu_prompt
     from prism_persona.evals.lmeval import PrismLM
-    from prism_persona.evals.mmlu import MMLUEvaluator, mmlu_prompt
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.systems import SystemSpec, fixed_provider
     from prism_persona.gated.model import GatedModel
@@ -81,7 +80,7 @@ def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism")
     _local_mmlu_yaml(tmp_path)
-    items = D.load_mmlu(FIX / "mmlu_hf.jsonl")
+    items = load_mmlu(FIX / "mmlu_hf.jsonl")
     gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
     # a threshold that routes half of these six prompts, so both routes are compared
     probs = sorted(p for p, _ in gm.route([[{"role": "user", "content": mmlu_prompt(it)}] for it in items]))
@@ -101,7 +100,7 @@ def test_lmeval_mmlu_agrees_with_prism_eval(tmp_path, tiny_model_dir):
 
     runner = EvalRunner(str(tmp_path / "ev"), fixed_provider({"prism": gm.as_engine()}))
     recs = MMLUEvaluator().responses(runner, SystemSpec("prism"), items)
-    prism_preds = [D.LETTERS.index(recs[it.item_id]["pred"]) for it in items]
+    prism_preds = [LETTERS.index(recs[it.item_id]["pred"]) for it in items]
     assert lm_preds == prism_preds
     acc = sum(p == it.answer for p, it in zip(prism_preds, items)) / len(items)
     assert res["results"]["prism_mmlu_fixture"]["acc,none"] == pytest.approx(acc)

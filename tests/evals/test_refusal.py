@@ -9,10 +9,11 @@ import pytest
 
 from prism_persona.cli import main
 from prism_persona.errors import PrismError
-from prism_persona.evals.data import SafetyItem
+from prism_persona.evals.benchmarks.safety import SafetyItem
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.judging import EvalJudge, StringMatchRefusal, make_refusal_classifier
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
 from prism_persona.testing import ScriptedEngine
 
@@ -40,7 +41,7 @@ def _run(tmp_path, refusal, judge_engine=None):
         fixed_provider({"base": ScriptedEngine(responder=_answer)}),
         judge,
         PersonaBook({}),
-        EvalSettings(safety_tokens=8, n_resamples=50),
+        EvalConfig(safety_tokens=8, resamples=50),
         refusal=refusal,
     )
     return evaluate(runner, parse_systems("base"), Benchmarks(safety={"jailbreak": HARMFUL, "benign": BENIGN}))
@@ -122,7 +123,7 @@ def test_oracle_prefers_answering_benign_and_refusing_harmful(tmp_path):
         fixed_provider({"base": base, "lora": lora}),
         None,
         PersonaBook({}),
-        EvalSettings(safety_tokens=8, n_resamples=20),
+        EvalConfig(safety_tokens=8, resamples=20),
         refusal=StringMatchRefusal(),
     )
     res, _ = evaluate(

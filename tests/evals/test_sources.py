@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from prism_persona.errors import PrismError
-from prism_persona.evals import data as D
 from prism_persona.evals import sources as S
+from prism_persona.evals.benchmarks.mmlu import load_mmlu
+from prism_persona.evals.benchmarks.mtbench import load_mtbench
+from prism_persona.evals.benchmarks.safety import is_benign, load_safety
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -28,7 +30,7 @@ def _write_csv(path: Path, rows, bom: bool = True) -> Path:
 
 
 def test_mmlu_original_csv_with_u0085_u2028_quoted_newlines_and_bom():
-    items = D.load_mmlu(FIX / "mmlu_tricky")
+    items = load_mmlu(FIX / "mmlu_tricky")
     assert len(items) == 3 and {it.subject for it in items} == {"management"}
     assert items[0].question == "Which of these is a management function?\u0085(Choose one.)"
     assert items[0].answer == 0
@@ -53,7 +55,7 @@ def test_mmlu_hf_layouts_keep_nasty_fields(tmp_path, suffix):
                 [NASTY, "anatomy", json.dumps(row["choices"], ensure_ascii=False), "3"],
             ],
         )
-    (it,) = D.load_mmlu(f)
+    (it,) = load_mmlu(f)
     assert it.question == NASTY and it.choices == (NASTY, "b", "c,d", '"e"') and it.answer == 3
 
 
@@ -64,7 +66,7 @@ def test_mtbench_jsonl_with_raw_line_separators(tmp_path):
         {"question_id": 82, "category": "math", "turns": ["2+2?", "and 3+3?"], "reference": ["4", "6"]},
     ]
     f.write_text("\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
-    items = D.load_mtbench(f)
+    items = load_mtbench(f)
     assert [it.item_id for it in items] == ["81", "82"]
     assert items[0].turns == (NASTY, "second\u0085turn") and items[1].reference == ("4", "6")
 
@@ -72,7 +74,7 @@ def test_mtbench_jsonl_with_raw_line_separators(tmp_path):
 def test_mtbench_h4_layout(tmp_path):
     f = tmp_path / "h4.json"
     f.write_text(json.dumps([{"prompt": ["q1", "q2"], "prompt_id": 123, "category": "stem", "reference": []}]))
-    (it,) = D.load_mtbench(f)
+    (it,) = load_mtbench(f)
     assert it.item_id == "123" and it.turns == ("q1", "q2") and it.category == "stem"
 
 
@@ -85,7 +87,7 @@ def test_harmbench_csv_nasty_context(tmp_path):
             ["Plain\u2028behaviour", "standard", "illegal", "", "", "plain_1"],
         ],
     )
-    items = D.load_safety("harmbench", f)
+    items = load_safety("harmbench", f)
     assert [it.item_id for it in items] == ["harmbench/ctx_1", "harmbench/plain_1"]
     assert items[0].prompt == f'{NASTY}\n\n---\n\nDo the thing, "now"' and items[0].category == "misinformation"
     assert items[1].prompt == "Plain\u2028behaviour"
@@ -105,18 +107,18 @@ def test_jbb_csv_harmful_and_benign(tmp_path):
         tmp_path / "benign-behaviors.csv",
         [header, ["1", "Write a fictional story about a\u0085dragon", "Sure", "Story", "Harassment", "Original"]],
     )
-    hi = D.load_safety("jailbreak", harmful)
+    hi = load_safety("jailbreak", harmful)
     assert [(it.item_id, it.category) for it in hi] == [("jailbreak/1", "Harassment"), ("jailbreak/2", "Malware")]
     assert hi[0].prompt == 'Write a defamatory article, "sourced"' and hi[1].prompt == NASTY.strip()
-    (b,) = D.load_safety("benign", benign)
+    (b,) = load_safety("benign", benign)
     assert b.benchmark == "benign" and b.prompt == "Write a fictional story about a\u0085dragon"
-    assert D.is_benign("benign") and not D.is_benign("jailbreak")
+    assert is_benign("benign") and not is_benign("jailbreak")
 
 
 def test_pku_prompts_deduplicated(tmp_path):
     f = tmp_path / "pku.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": p, "response_0": "r"}) for p in ["p1", "p2", "p1"]))
-    assert [it.prompt for it in D.load_safety("pku", f)] == ["p1", "p2"]
+    assert [it.prompt for it in load_safety("pku", f)] == ["p1", "p2"]
 
 
 def test_hub_offline_error_names_the_override(monkeypatch, tmp_path):
@@ -128,10 +130,10 @@ def test_hub_offline_error_names_the_override(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     for load, flag in (
-        (lambda: D.load_mmlu(), "--mmlu"),
-        (lambda: D.load_mtbench(), "--mtbench"),
-        (lambda: D.load_safety("benign"), "--benign"),
-        (lambda: D.load_safety("jailbreak"), "--jailbreak"),
+        (lambda: load_mmlu(), "--mmlu"),
+        (lambda: load_mtbench(), "--mtbench"),
+        (lambda: load_safety("benign"), "--benign"),
+        (lambda: load_safety("jailbreak"), "--jailbreak"),
     ):
         with pytest.raises(PrismError, match=f"pass a local copy with {flag} PATH") as exc:
             load()
@@ -149,7 +151,7 @@ def test_hub_offline_for_real(monkeypatch, tmp_path):
     with pytest.raises(
         PrismError, match=r"cannot load JailbreakBench/JBB-Behaviors \(behaviors, split benign\).*--benign PATH"
     ):
-        D.load_safety("benign")
+        load_safety("benign")
 
 
 def test_hub_rows_feed_the_loaders(monkeypatch):
@@ -176,26 +178,29 @@ def test_hub_rows_feed_the_loaders(monkeypatch):
         ],
     }
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, cfg, split: tables[(repo, cfg, split)])
-    (m,) = D.load_mmlu()
+    (m,) = load_mmlu()
     assert m.item_id == "elementary_mathematics/0" and m.answer == 1
-    (b,) = D.load_safety("benign")
+    (b,) = load_safety("benign")
     assert b.item_id == "benign/7" and b.category == "Creative"
-    assert D.load_mtbench()[0].item_id == "81"
+    assert load_mtbench()[0].item_id == "81"
 
 
 def test_unsupported_and_non_utf8(tmp_path):
     bad = tmp_path / "x.txt"
     bad.write_text("hi")
     with pytest.raises(PrismError, match="unsupported"):
-        D.load_safety("pku", bad)
+        load_safety("pku", bad)
     latin = tmp_path / "y.json"
     latin.write_bytes('["caf\xe9"]'.encode("latin-1"))
     with pytest.raises(PrismError, match="not UTF-8"):
-        D.load_safety("pku", latin)
+        load_safety("pku", latin)
 
 
 def test_no_default_points_at_shared():
     import inspect
 
-    for mod in (D, S):
+    from prism_persona.evals import data as D
+    from prism_persona.evals.benchmarks import mmlu, mtbench, safety
+
+    for mod in (D, S, mmlu, mtbench, safety):
         assert "shared" not in inspect.getsource(mod)

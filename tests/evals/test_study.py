@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 
 from prism_persona.cli import main
-from prism_persona.evals import data as D
+from prism_persona.evals.benchmarks.mmlu import load_mmlu
+from prism_persona.evals.benchmarks.mtbench import load_mtbench
+from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
+from prism_persona.evals.format import fmt_ci
 from prism_persona.evals.judging import EvalJudge
-from prism_persona.evals.report import eval_figures, eval_markdown, fmt_ci
-from prism_persona.evals.runner import EvalRunner, EvalSettings
+from prism_persona.evals.report import eval_figures, eval_markdown
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.study import run_study, study_figures, study_markdown
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
 from prism_persona.judges import Verdict as PairVerdict
@@ -78,15 +82,15 @@ def _study_runner(tmp_path):
         fixed_provider(engines),
         judge,
         PersonaBook(load_persona_file(FIX / "personas.json")),
-        EvalSettings(answer_tokens=8, safety_tokens=8, n_resamples=200),
+        EvalConfig(answer_tokens=8, safety_tokens=8, resamples=200),
     )
 
 
 def _bench():
     return Benchmarks(
-        mmlu=D.load_mmlu(FIX / "mmlu_hf.jsonl"),
-        mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"),
-        safety={"pku": D.load_safety("pku", FIX / "pku_small.json")},
+        mmlu=load_mmlu(FIX / "mmlu_hf.jsonl"),
+        mtbench=load_mtbench(FIX / "mtbench_small.jsonl"),
+        safety={"pku": load_safety("pku", FIX / "pku_small.json")},
     )
 
 
@@ -163,7 +167,7 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     common = [
         "--model",
         str(tiny_model_dir),
-        "--judge",
+        "--grader",
         "myjudge:judge",
         "--answer-tokens",
         "3",
@@ -182,7 +186,7 @@ def test_cli_eval_and_study_on_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
         "--resamples",
         "100",
         "-q",
-        "--persona-file",
+        "--persona-json",
         str(FIX / "personas.json"),
     ]
     assert main(["eval", "--systems", "base,persona/min/user", "--out", str(tmp_path / "ev")] + common) == 0
@@ -236,7 +240,7 @@ def test_help_stays_light():
 def test_study_matrix_domains_subset(tmp_path):
     from prism_persona.errors import PrismError
 
-    bench = Benchmarks(mtbench=D.load_mtbench(FIX / "mtbench_small.jsonl"))
+    bench = Benchmarks(mtbench=load_mtbench(FIX / "mtbench_small.jsonl"))
     study = run_study(_study_runner(tmp_path), bench, matrix_domains=["coding"])
     assert study["matrix"]["rows"] == ["coding"] and "routing_vs_effect" not in study
     with pytest.raises(PrismError, match="no persona for astrology"):

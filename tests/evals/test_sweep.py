@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from prism_persona.cli import main
-from prism_persona.evals.data import MMLUItem, MTBenchItem, SafetyItem
+from prism_persona.evals.benchmarks.mmlu import MMLUItem
+from prism_persona.evals.benchmarks.mtbench import MTBenchItem
+from prism_persona.evals.benchmarks.safety import SafetyItem
 from prism_persona.evals.evaluate import Benchmarks
 from prism_persona.evals.sweep import routing_vs_effect, threshold_sweep, thresholds
 
@@ -101,7 +103,7 @@ def test_eval_sweep_reproduces_the_measured_prism_numbers(tmp_path, monkeypatch,
         str(art),
         "--systems",
         "base,persona,lora,prism",
-        "--judge",
+        "--grader",
         "sweepjudge:judge",
         "--benchmarks",
         "mmlu,mtbench,pku",

@@ -38,6 +38,19 @@ def persona_file_text(path: str, domain: str) -> str:
     return text
 
 
+def persona_files_from_flags(items) -> dict:
+    """``{domain: absolute path}`` from ``--persona-file DOMAIN=PATH`` values (one-line errors)."""
+    files = {}
+    for item in items:
+        if "=" not in item:
+            raise PrismError(f"--persona-file wants DOMAIN=PATH, got '{item}'")
+        dom, path = item.split("=", 1)
+        if not Path(path).expanduser().is_file():
+            raise PrismError(f"persona file not found: {path}")
+        files[dom.strip()] = str(Path(path).expanduser().resolve())
+    return files
+
+
 def persona_file_hashes(cfg) -> dict:
     """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
     return {

@@ -67,6 +67,7 @@ def _put(d: dict, dotted: str, value) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """The settings typed on the command line as a nested dict (what config.resolve layers on top)."""
+    from ..bootstrap.common import persona_files_from_flags
     from ..config import RunConfig, flag_values
     from ..errors import PrismError
 
@@ -79,14 +80,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         if not any(doms):
             raise PrismError("--domains is empty; give comma-separated names, e.g. --domains writing,coding")
         _put(o, "persona.domains", doms)
-    files = {}
-    for item in given.get("persona_file") or []:
-        if "=" not in item:
-            raise PrismError(f"--persona-file wants DOMAIN=PATH, got '{item}'")
-        dom, path = item.split("=", 1)
-        if not Path(path).expanduser().is_file():
-            raise PrismError(f"persona file not found: {path}")
-        files[dom.strip()] = str(Path(path).expanduser().resolve())
+    files = persona_files_from_flags(given.get("persona_file") or [])
     if files:
         _put(o, "persona.persona_files", files)
     for section, key in (("queries", "queries_file"), ("check", "queries")):

@@ -6,7 +6,7 @@ from .common import add_common
 
 EXAMPLES = """examples:
   prism study --limit 16 --out runs/study
-  prism study --persona-file personas.json --mmlu data/mmlu --limit 40 --out runs/study
+  prism study --persona-json personas.json --mmlu data/mmlu --limit 40 --out runs/study
   prism study --prism runs/demo/prism --out runs/demo/study
   prism study --engine vllm --limit 16 --out runs/study-vllm
 """

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from ..config import PERSONA_LENGTHS
 from ..errors import PrismError
-from ..judges import is_callable_spec, load_callable
-from . import data as D
+from .benchmarks import REGISTRY
 from .evaluate import Benchmarks
-from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, make_refusal_classifier
-from .runner import EvalRunner, EvalSettings
+from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader, make_refusal_classifier
+from .runner import EvalRunner
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
 
 if TYPE_CHECKING:
@@ -20,20 +20,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALL_BENCHMARKS = ("mmlu", "mtbench") + D.SAFETY_BENCHMARKS
+
+def all_benchmarks() -> tuple[str, ...]:
+    """Every name ``--benchmarks`` accepts one by one (each registered benchmark's members)."""
+    return tuple(m for b in REGISTRY.values() for m in b.members)
 
 
-def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
-    """``"mmlu,mtbench,safety"`` -> names; ``safety`` means the harmful sets and the benign
-    (over-refusal) set. Default: every benchmark (each from its hub dataset unless a flag gives a path)."""
+def parse_benchmarks(text: Optional[str]) -> list[str]:
+    """``"mmlu,mtbench,safety"`` -> names; a family's name (``safety``) means all its sets (the harmful
+    sets and the benign, over-refusal, one). Default: every benchmark (each from its hub dataset unless a
+    flag gives a path)."""
     if not text:
-        return ["mmlu", "mtbench", *D.SAFETY_BENCHMARKS]
+        return list(all_benchmarks())
+    families = {b.name: b.members for b in REGISTRY.values() if b.sets}
     out: list[str] = []
     for name in (t.strip().lower() for t in text.split(",") if t.strip()):
-        names = list(D.SAFETY_BENCHMARKS) if name == "safety" else [name]
-        for n in names:
-            if n not in ALL_BENCHMARKS:
-                raise PrismError(f"unknown benchmark '{n}'; choose from {', '.join(ALL_BENCHMARKS)} or safety")
+        for n in families.get(name, (name,)):
+            if n not in all_benchmarks():
+                raise PrismError(
+                    f"unknown benchmark '{n}'; choose from {', '.join(all_benchmarks())} or {', '.join(families)}"
+                )
             if n not in out:
                 out.append(n)
     return out
@@ -41,20 +47,8 @@ def parse_benchmarks(text: Optional[str], have_mmlu: bool = True) -> list[str]:
 
 def load_benchmarks(cfg: EvalConfig, names: list[str], limit: Optional[int] = None) -> Benchmarks:
     """Load the chosen benchmarks (``--limit`` items each, spread over categories)."""
-    b = Benchmarks()
     lim = limit if limit is not None else cfg.limit
-    if "mmlu" in names:
-        subjects = [s for s in (cfg.subjects or "").split(",") if s.strip()] or None
-        b.mmlu = D.load_mmlu(cfg.mmlu or None, subjects=subjects, limit=cfg.mmlu_limit or lim)
-    if "mtbench" in names:
-        cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
-        b.mtbench = D.load_mtbench(cfg.mtbench or None, categories=cats, limit=cfg.mtbench_limit or lim)
-        if not b.mtbench:
-            raise PrismError(f"no MT-Bench questions in categories {cats}")
-    for s in D.SAFETY_BENCHMARKS:
-        if s in names:
-            b.safety[s] = D.load_safety(s, getattr(cfg, s) or None, limit=cfg.safety_limit or lim)
-    return b
+    return Benchmarks(**{b.name: b.load(cfg, names, lim) for b in REGISTRY.values()})
 
 
 def _model_display(spec: Optional[str]) -> str:
@@ -160,15 +154,15 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
 
 
 def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False) -> EvalJudge:
-    """``self`` (the base engine), another model id/path, or ``module:function`` (prompt -> reply text)."""
-    spec = (cfg.judge or "self").strip()
+    """``--grader module:function`` (prompt -> reply text), else ``--judge``: ``self`` (the base engine)
+    or another model id/path."""
     mode = cfg.judge_mode or "auto"
     tokens = cfg.judge_tokens or 48
+    if cfg.grader:
+        return EvalJudge(CallableEngine(load_grader(cfg.grader), cfg.grader), f"callable:{cfg.grader}", "text", tokens)
+    spec = (cfg.judge or "self").strip()
     if spec == "self":
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
-    if is_callable_spec(spec) and not Path(spec).exists():
-        fn = load_callable(spec)
-        return EvalJudge(CallableEngine(fn, spec), f"callable:{spec}", "text", tokens)
     from ..engines.hf import HFEngine
 
     engine = HFEngine.load(
@@ -178,26 +172,30 @@ def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False) 
 
 
 def build_personas(cfg: EvalConfig) -> PersonaBook:
-    """Personas from ``--persona-file``, else ``--personas RUN``, else the run beside ``--prism``."""
-    personas: dict = {}
-    if cfg.persona_file:
-        personas = load_persona_file(cfg.persona_file)
-    elif cfg.personas:
-        personas = load_run_personas(cfg.personas)
-    elif cfg.prism:
-        run = Path(cfg.prism).expanduser().resolve().parent
-        if (run / "personas.jsonl").is_file():
-            personas = load_run_personas(run)
+    """Personas from ``--persona-json`` and ``--persona-file DOMAIN=PATH`` (the files win for their
+    domains), else ``--personas RUN``, else the run beside ``--prism``."""
+    from ..bootstrap.common import persona_file_text
+
+    personas: dict = load_persona_file(cfg.persona_json) if cfg.persona_json else {}
+    for domain, path in cfg.persona_files.items():
+        personas[domain] = dict.fromkeys(PERSONA_LENGTHS, persona_file_text(path, domain))
+    if not personas:
+        personas = _run_personas(cfg)
     if not personas:
         log.info("no personas given: using built-in generic expert personas per category")
     return PersonaBook(personas, parse_match(cfg.persona_map), seed=cfg.seed or 0)
 
 
+def _run_personas(cfg: EvalConfig) -> dict:
+    """The personas of ``--personas RUN``, else of the run beside ``--prism`` (empty when there are none)."""
+    if cfg.personas:
+        return load_run_personas(cfg.personas)
+    run = Path(cfg.prism).expanduser().resolve().parent if cfg.prism else None
+    return load_run_personas(run) if run and (run / "personas.jsonl").is_file() else {}
+
+
 def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
     provider = build_provider(cfg, quiet, out)
-    settings = EvalSettings(
-        answer_tokens=cfg.answer_tokens, safety_tokens=cfg.safety_tokens, seed=cfg.seed or 0, n_resamples=cfg.resamples
-    )
     spec = cfg.refusal_classifier or "judge"
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
@@ -206,7 +204,7 @@ def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
         out,
         provider,
         personas=build_personas(cfg),
-        settings=settings,
+        settings=cfg,
         judge_factory=lambda: build_judge(cfg, provider, quiet),
         refusal=refusal,
         refusal_spec=spec,
@@ -214,16 +212,28 @@ def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
 
 
 def add_eval_options(p, skip: tuple = ()) -> None:
-    """Flags shared by `prism eval` and `prism study`, derived from :class:`EvalConfig` (standard library only)."""
+    """Flags shared by `prism eval` and `prism study`, derived from :class:`EvalConfig` (standard library only),
+    plus ``--persona-file DOMAIN=PATH`` (repeatable, the contract of `prism run`)."""
     from ..config import add_flags
-    from .settings import EvalConfig
+    from .settings import G_PERSONAS, EvalConfig
 
-    add_flags(p, EvalConfig, skip=skip)
+    groups = add_flags(p, EvalConfig, skip=skip)
+    groups[G_PERSONAS].add_argument(
+        "--persona-file",
+        dest="persona_files",
+        action="append",
+        default=[],
+        metavar="DOMAIN=PATH",
+        help="use this text file verbatim as DOMAIN's persona (repeatable; as in prism run)",
+    )
 
 
 def eval_config(args, skip: tuple = ()):
     """The :class:`EvalConfig` of parsed flags (defaults from the dataclass; bounds checked, one-line errors)."""
+    from ..bootstrap.common import persona_files_from_flags
     from ..config import settings_from_args
     from .settings import EvalConfig
 
-    return settings_from_args(EvalConfig, args, skip=skip)
+    cfg = settings_from_args(EvalConfig, args, skip=skip)
+    cfg.persona_files = persona_files_from_flags(getattr(args, "persona_files", None) or [])
+    return cfg

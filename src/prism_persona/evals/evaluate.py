@@ -1,7 +1,7 @@
 """``evaluate``: every system on every chosen benchmark, judged, summarised with bootstrap CIs.
 
-Each benchmark is one :class:`~prism_persona.evals.base.Evaluator` (``evals/mmlu.py``,
-``evals/mtbench.py``, ``evals/safety.py``). Returns ``(results, per_item)``: ``results`` is what
+Each benchmark is one module in ``evals/benchmarks/`` (a registered :class:`~prism_persona.evals.base.Benchmark`
+with its :class:`~prism_persona.evals.base.Evaluator`). Returns ``(results, per_item)``: ``results`` is what
 ``results.json`` holds (every number a CI dict ``{mean, lo, hi, n}``); ``per_item[bench][system][item_id]``
 is the per-item value behind each mean (MMLU correctness, MT-Bench mean turn score, safety refusal), used
 by the study for paired lifts, and ``per_item["gate"][system][bench][item_id]`` the gate probability of
@@ -11,35 +11,37 @@ each gated answer, used by the threshold sweep.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
-from .mmlu import MMLUEvaluator
-from .mtbench import MTBenchEvaluator
+from .base import Benchmark
+from .benchmarks import REGISTRY
 from .runner import EvalRunner
-from .safety import SafetyEvaluator
 from .systems import SystemSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Benchmarks:
-    """The loaded items of each benchmark (empty = not evaluated)."""
+    """The loaded items of each registered benchmark, by name (absent or empty = not evaluated):
+    ``Benchmarks(mmlu=[...], safety={"pku": [...]})``; ``bench.mmlu`` reads them back (``None`` when absent)."""
 
-    mmlu: list = field(default_factory=list)
-    mtbench: list = field(default_factory=list)
-    safety: dict = field(default_factory=dict)  # name -> list[SafetyItem]
+    def __init__(self, **items):
+        unknown = sorted(set(items) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+        self.items = {name: items[name] for name in REGISTRY if items.get(name)}
+
+    def __getattr__(self, name: str):
+        if name in REGISTRY:
+            return self.__dict__.get("items", {}).get(name)
+        raise AttributeError(name)
+
+    def __iter__(self) -> Iterator[tuple[Benchmark, object]]:
+        """(benchmark, items) of every loaded benchmark, in registration order."""
+        return ((REGISTRY[name], items) for name, items in self.items.items())
 
     def counts(self) -> dict:
-        out = {}
-        if self.mmlu:
-            out["mmlu"] = len(self.mmlu)
-        if self.mtbench:
-            out["mtbench"] = len(self.mtbench)
-        for k, v in self.safety.items():
-            out[k] = len(v)
-        return out
+        return {k: v for bench, items in self for k, v in bench.counts(items).items()}
 
 
 def systems_to_run(specs: Sequence[SystemSpec]) -> list[SystemSpec]:
@@ -60,26 +62,23 @@ def evaluate(
     results: dict = {
         "systems": [s.name for s in specs],
         "counts": bench.counts(),
-        "n_resamples": runner.s.n_resamples,
+        "n_resamples": runner.s.resamples,
         "seed": runner.s.seed,
     }
     per_item: dict = {}
     gates: dict = {}  # gated system -> benchmark -> item_id -> gate probability (for the threshold sweep)
-    generated = [s for s in specs if s.kind != "answers"]  # file answers exist for MT-Bench only
+    generated = [s for s in specs if s.kind != "answers"]  # file answers exist for some benchmarks only
     gen_run = [s for s in run_specs if s.kind != "answers"]
-    plan = [
-        (MMLUEvaluator(), bench.mmlu, gen_run, generated),
-        (MTBenchEvaluator(pairwise), bench.mtbench, run_specs, specs),
-        (SafetyEvaluator(), bench.safety, gen_run, generated),
-    ]
-    for evaluator, items, to_run, shown in plan:
-        if items:
-            results[evaluator.name], per_item[evaluator.name] = evaluator.evaluate(runner, to_run, shown, items, gates)
+    extras: dict = {}
+    for benchmark, items in bench:
+        to_run, shown = (run_specs, specs) if benchmark.answers_from_files else (gen_run, generated)
+        evaluator = benchmark.evaluator(pairwise)
+        results[benchmark.name], per_item[benchmark.name] = evaluator.evaluate(runner, to_run, shown, items, gates)
+        extras.update(benchmark.extras(runner))
     if gates:
         per_item["gate"] = gates
     if runner._judge is not None:
         results["judge"] = runner.judge.identity
-    if bench.safety:
-        results["refusal_classifier"] = runner.refusal.identity
+    results.update(extras)
     results["work"] = vars(runner.count).copy()
     return results, per_item

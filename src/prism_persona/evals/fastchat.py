@@ -61,7 +61,7 @@ def answer_record(model_id: str, item_id: str, answers: Sequence[str], tstamp: f
 
 def single_records(model: str, judge: str, items, answers: dict, grades: dict, tstamp: float) -> list[dict]:
     """FastChat single-grade lines: one per question and turn (``grades[item_id]`` = judgment records)."""
-    from .mtbench import grade_prompt
+    from .benchmarks.mtbench import grade_prompt
 
     out = []
     for it in items:
@@ -129,7 +129,7 @@ def write_fastchat(out: Path, runner, specs, items, pairwise: bool = True) -> di
     written: dict = {"answers": [], "single": None, "pair": None}
     single: list = []
     pair: list = []
-    from .mtbench import MTBenchEvaluator
+    from .benchmarks.mtbench import MTBenchEvaluator
 
     mt = MTBenchEvaluator(pairwise)
     resp = {s.name: mt.responses(runner, s, items) for s in specs if s.kind != "oracle"}

@@ -149,6 +149,27 @@ class CallableEngine(Engine):
         return out
 
 
+def load_grader(spec: str) -> Callable[[str], Any]:
+    """The ``--grader`` function: takes the judge prompt, returns the reply text (one-line errors)."""
+    import inspect
+
+    from ..judges import load_callable
+
+    fn = load_callable(spec)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: trust it
+        return fn
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) > 1 or not (positional or any(p.kind is p.VAR_POSITIONAL for p in params)):
+        raise PrismError(
+            f"--grader {spec}: wants fn(prompt) -> reply text, this one takes {len(required)} required arguments "
+            "(a pairwise judge(query, answer_a, answer_b) belongs to prism run/check --judge)"
+        )
+    return fn
+
+
 def default_pair_judge(engine: Engine, mode: str = "auto", max_new_tokens: int = 24):
     """The pairwise judge on the judge engine: ``judges.ModelJudge`` (log-prob or text verdicts)."""
     from ..judges import ModelJudge

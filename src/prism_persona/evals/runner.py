@@ -1,6 +1,6 @@
 """The shared machinery of every benchmark: engines, judge, refusal classifier, personas and the cache.
 
-Each benchmark (``evals/mmlu.py``, ``evals/mtbench.py``, ``evals/safety.py``) is an
+Each benchmark (``evals/benchmarks/``: ``mmlu.py``, ``mtbench.py``, ``safety.py``) runs as an
 :class:`~prism_persona.evals.base.Evaluator` that uses the two loops here: :meth:`EvalRunner.responses_for`
 (cached generation) and :meth:`EvalRunner.judged` (cached judging).
 
@@ -12,7 +12,6 @@ system, re-judging, or a study that reuses a condition never regenerates what ex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,25 +29,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 32
 """Items generated between cache flushes."""
-
-
-def _default(name: str):
-    """The default of an :class:`~.settings.EvalConfig` setting (the one place eval defaults live)."""
-    return next(f.default for f in dataclasses.fields(EvalConfig) if f.name == name)
-
-
-@dataclass
-class EvalSettings:
-    """What the runner and the evaluators read of an :class:`~.settings.EvalConfig` (same defaults)."""
-
-    answer_tokens: int = _default("answer_tokens")
-    safety_tokens: int = _default("safety_tokens")
-    mmlu_text_tokens: int = 8
-    seed: int = _default("seed")
-    n_resamples: int = _default("resamples")
-
-    def gen(self, tokens: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=tokens, temperature=0.0, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -78,7 +58,7 @@ class EvalRunner:
         provider: EngineProvider,
         judge: Optional[EvalJudge] = None,
         personas: Optional[PersonaBook] = None,
-        settings: Optional[EvalSettings] = None,
+        settings: Optional[EvalConfig] = None,
         judge_factory=None,
         refusal: Optional[RefusalClassifier] = None,
         refusal_spec: str = "judge",
@@ -91,7 +71,7 @@ class EvalRunner:
         self._refusal_spec = refusal_spec
         self.external_answers: dict = {}  # model id -> {question_id: [answer per turn]} (FastChat files)
         self.book = personas or PersonaBook()
-        self.s = settings or EvalSettings()
+        self.s = settings or EvalConfig()  # the eval settings block itself (tokens, seed, resamples)
         self.responses = self.run.store("responses", {"schema": 1})
         self.judgments = self.run.store("judgments", {"schema": 1})
         self.count = Counters()
@@ -189,8 +169,12 @@ class EvalRunner:
 
     # ------------------------------------------------------------------------------------------ summaries
 
+    def gen(self, tokens: int) -> SamplingParams:
+        """Greedy sampling of at most ``tokens`` new tokens (every benchmark answers greedily)."""
+        return SamplingParams(max_new_tokens=tokens, temperature=0.0, seed=self.s.seed)
+
     def ci(self, values: Sequence[float]) -> dict:
-        return bootstrap_ci(values, n_resamples=self.s.n_resamples, seed=self.s.seed)
+        return bootstrap_ci(values, n_resamples=self.s.resamples, seed=self.s.seed)
 
     def routing(self, pairs: Sequence[tuple[str, list]]) -> dict:
         """{category: CI of the routed share} from (category, [meta...]) pairs that carry ``routed``."""

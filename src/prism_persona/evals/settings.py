@@ -8,6 +8,7 @@ flag), so a default lives only here. Standard library only: ``prism --help`` sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, option
@@ -125,8 +126,17 @@ class EvalConfig:
     personas: Optional[str] = option(
         None, "Run directory whose bootstrapped personas to use.", metavar="RUN", group=G_PERSONAS
     )
-    persona_file: Optional[str] = option(
-        None, "Personas as JSON {domain: {min|short|long: text}} or {domain: text}.", metavar="JSON", group=G_PERSONAS
+    persona_json: Optional[str] = option(
+        None,
+        "Personas of every domain as one JSON file {domain: {min|short|long: text}} or {domain: text}.",
+        metavar="JSON",
+        group=G_PERSONAS,
+    )
+    persona_files: dict = option(
+        {},
+        "domain -> path of a text file used verbatim as that domain's persona (all lengths); "
+        "on the command line --persona-file DOMAIN=PATH, repeatable, as in prism run.",
+        cli=False,
     )
     persona_map: Optional[str] = option(
         None,
@@ -141,8 +151,15 @@ class EvalConfig:
     # judge and generation
     judge: Optional[str] = option(
         None,
-        "self (default: the base model), a model id/path, or module:function "
-        "(called with the judge prompt, returns the reply text).",
+        "The model that judges: self (default: the base model) or a model id/path.",
+        metavar="MODEL",
+        group=G_JUDGE,
+    )
+    grader: Optional[str] = option(
+        None,
+        "A Python function module:function or file.py:function that judges instead of a model: "
+        "called with each judge prompt, it returns the reply text.",
+        metavar="FN",
         group=G_JUDGE,
     )
     refusal_classifier: str = option(
@@ -170,6 +187,7 @@ class EvalConfig:
         from ..config import check_base_url
         from ..errors import PrismError
 
+        self._validate_judge()
         if self.base_url:
             check_base_url(self.base_url)
             if self.engine == "hf":
@@ -186,3 +204,17 @@ class EvalConfig:
             raise PrismError("--vllm-python/--vllm-args need --engine vllm")
         if self.engine == "vllm" and self.base_url and (self.vllm_python or self.vllm_args):
             raise PrismError("--vllm-python/--vllm-args start a server; drop them to attach with --base-url")
+
+    def _validate_judge(self) -> None:
+        """--judge names a model, --grader a prompt -> text function: each flag keeps its one contract."""
+        from ..errors import PrismError
+        from ..judges import is_callable_spec
+
+        judge = (self.judge or "").strip()
+        if judge and is_callable_spec(judge) and not Path(judge).expanduser().exists():
+            raise PrismError(
+                f"--judge takes a model (self, a model id or a path), got '{judge}'; "
+                "a function judge(prompt) -> reply text goes to --grader module:function"
+            )
+        if judge and self.grader:
+            raise PrismError("--judge and --grader both name the judge: give one")

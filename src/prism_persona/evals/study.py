@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..stats import bootstrap_ci, pearson, spearman
+from .benchmarks import REGISTRY
 from .evaluate import Benchmarks, evaluate
+from .format import fmt_ci, md_table, ok, pyplot
+from .report import eval_markdown, heatmap, scatter
 from .runner import EvalRunner
 from .systems import SystemSpec
 
@@ -83,7 +86,7 @@ def run_study(
     matrix_domains: Optional[Sequence[str]] = None,
 ) -> dict:
     """Evaluate every study condition (cached) and compute lifts, matrix and routing correlations."""
-    kw = {"n_resamples": runner.s.n_resamples, "seed": runner.s.seed}
+    kw = {"n_resamples": runner.s.resamples, "seed": runner.s.seed}
     specs = [SystemSpec("base")] + [s for _, s in CONDITIONS] + ([SystemSpec("prism")] if with_prism else [])
     results, per = evaluate(runner, specs, bench, pairwise=pairwise)
     label_of = {s.name: lab for lab, s in CONDITIONS}
@@ -127,29 +130,23 @@ def _short(domain: str) -> str:
 
 
 def _benchmark_values(per: dict, bench: Benchmarks, kw: dict) -> dict:
-    """Per benchmark: the per-item table, the item ids, and a function system -> CI of the value."""
+    """Per benchmark member: the per-item table, the item ids, and a function system -> CI of the value."""
     out = {}
-    if bench.mmlu:
-        ids = [it.item_id for it in bench.mmlu]
-        out["MMLU accuracy"] = {
-            "key": "mmlu",
-            "items": ids,
-            "value": lambda s, ids=ids: bootstrap_ci([per["mmlu"][s][i] for i in ids], **kw),
-        }
-    if bench.mtbench:
-        out["MT-Bench score"] = {
-            "key": "mtbench",
-            "items": None,
-            "value": lambda s: bootstrap_ci(list(per["mtbench"][s].values()), **kw),
-        }
-    for name, items in bench.safety.items():
-        ids = [it.item_id for it in items]
-        out[f"{name} refusal"] = {
-            "key": "safety",
-            "items": ids,
-            "value": lambda s, ids=ids: bootstrap_ci([per["safety"][s][i] for i in ids], **kw),
-        }
+    for benchmark, items in bench:
+        for member, ids in benchmark.study_items(items).items():
+            out[benchmark.study_label(member)] = {
+                "key": benchmark.name,
+                "items": ids,
+                "value": lambda s, t=benchmark.name, ids=ids: bootstrap_ci(
+                    list(per[t][s].values()) if ids is None else [per[t][s][i] for i in ids], **kw
+                ),
+            }
     return out
+
+
+def _percent(label: str) -> bool:
+    """Whether a study row (a benchmark member's study label) is a share, shown in percent."""
+    return any(b.percent and label == b.study_label(m) for b in REGISTRY.values() for m in b.members)
 
 
 def _routing_vs_effect(results: dict, per: dict, by_cat: dict, kw: dict) -> dict:
@@ -175,8 +172,6 @@ def _routing_vs_effect(results: dict, per: dict, by_cat: dict, kw: dict) -> dict
 
 def study_figures(study: dict, out: str | Path) -> dict[str, Path]:
     """heatmap.png (lift matrix), effects.png (lift by condition per benchmark), routing_vs_effect.png."""
-    from . import report as R
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Path] = {}
@@ -185,7 +180,7 @@ def study_figures(study: dict, out: str | Path) -> dict[str, Path]:
         values = {
             r: {c: (m["lift"][r][c]["mean"] if m["lift"][r][c]["n"] else None) for c in m["cols"]} for r in m["rows"]
         }
-        figs["heatmap"] = R.heatmap(
+        figs["heatmap"] = heatmap(
             out / "heatmap.png", values, m["rows"], m["cols"], "Persona lift on MT-Bench judge score (persona - base)"
         )
     if study.get("effects"):
@@ -193,7 +188,7 @@ def study_figures(study: dict, out: str | Path) -> dict[str, Path]:
     rv = study.get("routing_vs_effect")
     if rv and rv["points"]:
         title = f"Routing vs persona effect (Pearson r = {_fmt(rv['pearson'])}, Spearman rho = {_fmt(rv['spearman'])})"
-        figs["routing_vs_effect"] = R.scatter(
+        figs["routing_vs_effect"] = scatter(
             out / "routing_vs_effect.png",
             [(p["category"], 100 * p["routed"], p["effect"]) for p in rv["points"]],
             "% routed to the LoRA (prism)",
@@ -209,19 +204,17 @@ def _fmt(x) -> str:
 
 def effect_bars(path: str | Path, effects: dict) -> Path:
     """One panel per benchmark: lift vs base (95% CI) of each condition, grouped length / placement / expertise."""
-    from .report import _ok, _plt
-
-    plt = _plt()
+    plt = pyplot()
     benches = list(effects)
     order = ["min", "expert", "long", "user", "random"]
     colors = {"min": "#9ecae1", "expert": "#3182bd", "long": "#08519c", "user": "#fd8d3c", "random": "#969696"}
     fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches) + 0.5, 3.8), squeeze=False)
     for ax, b in zip(axes[0], benches):
-        pct = "refusal" in b or "MMLU" in b
+        pct = _percent(b)
         k = 100.0 if pct else 1.0
         for i, c in enumerate(order):
             lift = effects[b].get(c, {}).get("lift")
-            if not lift or not lift.get("n") or not _ok(lift.get("mean")):
+            if not lift or not lift.get("n") or not ok(lift.get("mean")):
                 continue
             ax.bar(
                 i,
@@ -247,8 +240,6 @@ def effect_bars(path: str | Path, effects: dict) -> Path:
 
 def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
     """The study report: effects table, lift matrix, routing correlation, figures, then the eval tables."""
-    from .report import eval_markdown, fmt_ci, md_table
-
     parts = ["# Persona-effect study", ""] + [f"- {n}" for n in notes] + [""]
     conds = {lab: s for lab, s in study["conditions"].items()}
     parts.append(
@@ -262,7 +253,7 @@ def study_markdown(study: dict, figs: dict, notes: Sequence[str] = ()) -> str:
         order = ["expert", "random", "min", "long", "user"]
         rows = []
         for b, e in study["effects"].items():
-            pct = "refusal" in b or "MMLU" in b
+            pct = _percent(b)
             rows.append([b, fmt_ci(e["base"]["value"], pct=pct)] + [fmt_ci(e[c]["lift"], pct=pct) for c in order])
         parts += [md_table(["benchmark", "base"] + [LABELS[c] for c in order], rows), ""]
         if "effects" in figs:

@@ -23,31 +23,27 @@ from pathlib import Path
 from typing import Optional
 
 from ..stats import pearson, spearman
-
-METRICS = {"mmlu": "MMLU accuracy", "mtbench": "MT-Bench score"}
+from .base import owner
+from .format import md_table, pyplot
 
 
 def _category_of(bench) -> dict:
-    """benchmark key -> {item_id: category} (MMLU group, MT-Bench category, the safety set's name)."""
-    from .mmlu import subject_group
-
-    cats: dict = {}
-    if bench.mmlu:
-        cats["mmlu"] = {it.item_id: subject_group(it.subject) for it in bench.mmlu}
-    if bench.mtbench:
-        cats["mtbench"] = {it.item_id: it.category for it in bench.mtbench}
-    for name, items in bench.safety.items():
-        cats[name] = {it.item_id: name for it in items}
-    return cats
+    """member key -> {item_id: category} (MMLU group, MT-Bench category, the safety set's name)."""
+    return {key: cats for benchmark, items in bench for key, cats in benchmark.categories(items).items()}
 
 
 def _values(per_item: dict, bench_key: str, system: str) -> dict:
-    table = per_item.get("safety" if bench_key not in ("mmlu", "mtbench") else bench_key, {})
-    vals = table.get(system, {})
-    if bench_key in ("mmlu", "mtbench"):
+    """item_id -> value of ``system`` on the items of one member (its benchmark's per-item table)."""
+    benchmark = owner(bench_key)
+    vals = per_item.get(benchmark.name, {}).get(system, {})
+    if benchmark.members == (bench_key,):
         return dict(vals)
     prefix = f"{bench_key}/"
     return {k: v for k, v in vals.items() if k.startswith(prefix)}
+
+
+def _label(key: str) -> str:
+    return owner(key).label(key)
 
 
 def _mean(values) -> Optional[float]:
@@ -115,10 +111,7 @@ def routing_vs_effect(
     with Pearson r and Spearman rho over the categories (the paper's Figure 4)."""
     gates = (per_item.get("gate") or {}).get(system, {})
     out: dict = {}
-    groups = {"mmlu": ["mmlu"], "mtbench": ["mtbench"]}
-    safety_keys = [k for k in _category_of(bench) if k not in groups]
-    if safety_keys:
-        groups["safety"] = safety_keys
+    groups = {benchmark.name: list(benchmark.categories(items)) for benchmark, items in bench}
     cats_of = _category_of(bench)
     for label, keys in groups.items():
         points = []
@@ -156,20 +149,18 @@ def routing_vs_effect(
 
 def tradeoff_figure(path: str | Path, sweep: dict) -> Optional[Path]:
     """One panel per alignment measure: MMLU accuracy (x) against it (y) along the threshold curve."""
-    from .report import SAFETY_LABELS, _plt
-
-    if "mmlu" not in sweep.get("benchmarks", []):
+    x = next((k for k in sweep.get("benchmarks", []) if owner(k).accuracy_axis), None)
+    if x is None:
         return None
-    ys = [k for k in sweep["benchmarks"] if k != "mmlu"]
+    ys = [k for k in sweep["benchmarks"] if k != x]
     if not ys:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(ys), figsize=(4.6 * len(ys) + 0.6, 4.2), squeeze=False)
     style = {"base": ("s", "#636363"), "persona": ("D", "#fd8d3c"), "lora": ("^", "#3182bd"), "prism": ("*", "#d62728")}
     for ax, key in zip(axes[0], ys):
-        pct = key != "mtbench"
-        k = 100.0 if pct else 1.0
-        xs = [100 * p["mmlu"] for p in sweep["points"]]
+        k = 100.0 if owner(key).percent else 1.0
+        xs = [100 * p[x] for p in sweep["points"]]
         ax.plot(
             xs,
             [k * p[key] for p in sweep["points"]],
@@ -181,9 +172,9 @@ def tradeoff_figure(path: str | Path, sweep: dict) -> Optional[Path]:
         )
         for name, (marker, color) in style.items():
             m = sweep["marks"].get(name)
-            if m and m.get("mmlu") is not None and m.get(key) is not None:
+            if m and m.get(x) is not None and m.get(key) is not None:
                 ax.scatter(
-                    [100 * m["mmlu"]],
+                    [100 * m[x]],
                     [k * m[key]],
                     marker=marker,
                     s=110 if name == "prism" else 60,
@@ -193,8 +184,8 @@ def tradeoff_figure(path: str | Path, sweep: dict) -> Optional[Path]:
                     label=name,
                     zorder=3,
                 )
-        ax.set_xlabel("MMLU accuracy (%)")
-        label = METRICS.get(key) or f"{SAFETY_LABELS.get(key, key)} refusal (%)"
+        ax.set_xlabel(f"{_label(x)} (%)")
+        label = _label(key) + (" (%)" if owner(key).percent else "")
         ax.set_ylabel(label)
         ax.set_title(label + " vs accuracy", fontsize=9)
         ax.grid(alpha=0.3)
@@ -208,12 +199,10 @@ def tradeoff_figure(path: str | Path, sweep: dict) -> Optional[Path]:
 
 def routing_effect_figure(path: str | Path, rv: dict) -> Optional[Path]:
     """One scatter per benchmark: % routed per category against the persona's effect there."""
-    from .report import _plt
-
     panels = [(k, v) for k, v in rv.items() if v["points"]]
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 0.6, 4.2), squeeze=False)
     for ax, (label, v) in zip(axes[0], panels):
         xs = [100 * p["routed"] for p in v["points"]]
@@ -234,12 +223,10 @@ def routing_effect_figure(path: str | Path, rv: dict) -> Optional[Path]:
 
 
 def sweep_markdown(sweep: dict, rv: dict, figs: dict) -> str:
-    from .report import SAFETY_LABELS, md_table
-
     if not sweep.get("points"):
         return ""
     keys = sweep["benchmarks"]
-    label = {k: METRICS.get(k) or f"{SAFETY_LABELS.get(k, k)} refusal" for k in keys}
+    label = {k: _label(k) for k in keys}
     parts = [
         "## Gate threshold trade-off (from cached answers, nothing regenerated)",
         "",
@@ -285,7 +272,7 @@ def _pct(x) -> str:
 def _val(key: str, x) -> str:
     if x is None:
         return "-"
-    return f"{x:.2f}" if key == "mtbench" else f"{100 * x:.1f}%"
+    return f"{100 * x:.1f}%" if owner(key).percent else f"{x:.2f}"
 
 
 def write_sweep(run, per_item: dict, bench, threshold: Optional[float]) -> tuple[dict, dict, str]:

@@ -1,22 +1,79 @@
 """MT-Bench, all of it: answering both turns, single-answer grades, swapped pairwise verdicts vs base,
 the oracle, answers read from FastChat files, and the summary (scores per turn and category, win rates,
-routing). The FastChat file formats are in ``evals/fastchat.py``.
+routing), loading the questions and the report section. The FastChat file formats are in
+``evals/fastchat.py``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
-from ..errors import PrismError
-from ..models import with_persona
-from ..store import content_key
-from .base import Evaluator, keep_gates, oracle_wanted
-from .data import MTBenchItem
-from .runner import Job
+from ...errors import PrismError
+from ...models import with_persona
+from ...store import content_key
+from .. import sources as S
+from ..base import Benchmark, Evaluator, keep_gates, oracle_wanted, register
+from ..data import take_stratified
+from ..format import fig_md, fmt_ci, grouped_bars, md_table, present, routing_table
+from ..runner import Job
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MTBenchItem:
+    item_id: str
+    category: str
+    turns: tuple
+    reference: tuple = ()
+
+
+def _mtbench_row(row, where: str) -> MTBenchItem:
+    """FastChat's ``question.jsonl`` layout; HuggingFaceH4/mt_bench_prompts' ``prompt``/``prompt_id`` too."""
+    if not isinstance(row, dict):
+        raise PrismError(f"{where}: expected an object with question_id, category, turns")
+    row = dict(row)
+    if "turns" not in row and "prompt" in row:
+        row["turns"] = row["prompt"]
+    if "question_id" not in row and "prompt_id" in row:
+        row["question_id"] = row["prompt_id"]
+    missing = [k for k in ("question_id", "category", "turns") if k not in row]
+    if missing:
+        raise PrismError(f"{where}: missing field(s) {', '.join(missing)}")
+    turns = row["turns"]
+    if hasattr(turns, "tolist"):
+        turns = turns.tolist()
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise PrismError(f"{where}: 'turns' must be a non-empty list of strings")
+    ref = row.get("reference") or []
+    ref = ref.tolist() if hasattr(ref, "tolist") else ref
+    return MTBenchItem(
+        str(row["question_id"]),
+        str(row["category"]),
+        tuple(turns),
+        tuple(str(r) for r in ref) if isinstance(ref, list) else (),
+    )
+
+
+def load_mtbench(
+    path: str | Path | None = None, categories: Optional[Iterable[str]] = None, limit: Optional[int] = None
+) -> list[MTBenchItem]:
+    """MT-Bench questions (``question_id``, ``category``, ``turns`` [, ``reference``]): the hub copy of
+    FastChat's ``question.jsonl`` by default, or a local .jsonl/.json/.parquet file."""
+    rows = S.rows_from("mtbench", path, "MT-Bench")
+    items = [_mtbench_row(row, where) for where, row in rows]
+    if not items:
+        raise PrismError(f"MT-Bench file has no questions: {path}")
+    if categories:
+        wanted = {c.strip() for c in categories if c.strip()}
+        items = [it for it in items if it.category in wanted]
+    return take_stratified(items, lambda it: it.category, limit)
+
 
 GRADE_PROMPT = (
     "[Instruction]\nAct as an impartial judge and rate the quality of the AI assistant's answer to the "
@@ -108,7 +165,7 @@ class MTBenchEvaluator(Evaluator):
             )
             key = runner.key(spec, "mtbench", it.item_id, persona, {"tokens": runner.s.answer_tokens})
             jobs.append(Job(it.item_id, key, (it, persona), domain))
-        params = runner.s.gen(runner.s.answer_tokens)
+        params = runner.gen(runner.s.answer_tokens)
 
         def run_chunk(engine, chunk):
             histories = [[] for _ in chunk]
@@ -281,3 +338,104 @@ class MTBenchEvaluator(Evaluator):
                 ", ".join(f"{k}: {v['unparseable']}/{v['n_grades']}" for k, v in out.items() if v["unparseable"]),
             )
         return out, per
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@register
+class MTBench(Benchmark):
+    name = "mtbench"
+    answers_from_files = True
+    percent = False
+
+    def load(self, cfg, names, limit):
+        if "mtbench" not in names:
+            return []
+        cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
+        items = load_mtbench(cfg.mtbench or None, categories=cats, limit=cfg.mtbench_limit or limit)
+        if not items:
+            raise PrismError(f"no MT-Bench questions in categories {cats}")
+        return items
+
+    def evaluator(self, pairwise: bool) -> Evaluator:
+        return MTBenchEvaluator(pairwise)
+
+    def categories(self, items):
+        return {"mtbench": {it.item_id: it.category for it in items}}
+
+    def label(self, member: str) -> str:
+        return "MT-Bench score"
+
+    def study_items(self, items):
+        return {"mtbench": None}  # every item the judge graded
+
+    def markdown(self, results, figures):
+        mt = results["mtbench"]
+        systems = present(mt, results["systems"])
+        parts = ["## MT-Bench (judge score 1-10; win rate vs base, both orders)", ""]
+        rows = [[s] + self._score_cells(mt[s]) for s in systems]
+        parts += [md_table(["system", "score", "turn 1", "turn 2", "unparseable", "win rate vs base"], rows), ""]
+        cats = sorted(next(iter(mt.values()))["categories"])
+        rows = [[c] + [fmt_ci(mt[s]["categories"].get(c)) for s in systems] for c in cats]
+        parts += ["Score by category:", "", md_table(["category"] + systems, rows), ""]
+        if any(mt[s].get("win_rate") for s in systems):
+            rows = [
+                [c]
+                + [
+                    fmt_ci(mt[s]["win_rate"]["categories"].get(c), pct=True) if mt[s].get("win_rate") else "-"
+                    for s in systems
+                ]
+                for c in cats
+            ]
+            parts += ["Win rate vs base by category:", "", md_table(["category"] + systems, rows), ""]
+        parts += routing_table(mt, systems, "MT-Bench")
+        return parts + fig_md(figures, "mtbench") + fig_md(figures, "mtbench_winrate")
+
+    @staticmethod
+    def _score_cells(r: dict) -> list[str]:
+        wr = r.get("win_rate")
+        return [
+            fmt_ci(r["score"]),
+            fmt_ci(r["turns"].get("1")),
+            fmt_ci(r["turns"].get("2")),
+            f"{r['unparseable']}/{r['n_grades']}",
+            (fmt_ci(wr, pct=True) + f" W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}") if wr else "-",
+        ]
+
+    def figures(self, results, out):
+        mt = results["mtbench"]
+        systems = present(mt, results["systems"])
+        cats = sorted(next(iter(mt.values()))["categories"])
+        series = {s: [mt[s]["score"]] + [mt[s]["categories"].get(c) for c in cats] for s in systems}
+        figs = {
+            "mtbench": grouped_bars(
+                out / "mtbench.png",
+                "MT-Bench judge score (95% CI)",
+                ["all"] + cats,
+                series,
+                "score (1-10)",
+                ylim=(0, 10.5),
+            )
+        }
+        wr = {
+            s: [mt[s]["win_rate"]] + [mt[s]["win_rate"]["categories"].get(c) for c in cats]
+            for s in systems
+            if mt[s].get("win_rate")
+        }
+        if wr:
+            figs["mtbench_winrate"] = grouped_bars(
+                out / "mtbench_winrate.png",
+                "MT-Bench win rate vs base (ties = 1/2)",
+                ["all"] + cats,
+                wr,
+                "win rate (%)",
+                scale=100,
+                ylim=(0, 100),
+                hline=50,
+            )
+        return figs
+
+    def routing_rows(self, section):
+        return [(c, v) for c, v in (section.get("routing") or {}).items() if c != "all"]

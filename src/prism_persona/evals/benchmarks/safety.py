@@ -1,0 +1,259 @@
+"""Safety: refusal rate on harmful requests, and over-refusal on benign ones, per prompt set.
+
+Responses are generated greedily (``--safety-tokens``) and every refusal is decided by the runner's
+pluggable refusal classifier (``--refusal-classifier``: the judge, the string-match baseline or a
+user function); each decision is stored with its response for audit. Loading the prompt sets and the
+report section are here too.
+
+Safety and benign sets
+----------------------
+A record's prompt is its ``Goal`` (JailbreakBench), ``Behavior`` (+ ``ContextString``, HarmBench's
+CSV) or ``prompt`` / ``text`` / ``goal`` / ``query`` / ``question`` field, or the record itself in a
+JSON list of strings. Duplicate prompts (PKU-SafeRLHF lists each prompt with several responses) are
+kept once.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ...errors import PrismError
+from ...store import content_key
+from .. import sources as S
+from ..base import Benchmark, Evaluator, keep_gates, oracle_wanted, register
+from ..format import fig_md, fmt_ci, grouped_bars, md_table, present
+from ..runner import Job
+
+HARMFUL_SETS = ("harmbench", "jailbreak", "pku")
+BENIGN_SETS = ("benign",)
+"""Sets of harmless requests: their refusal rate is reported as over-refusal."""
+SAFETY_BENCHMARKS = HARMFUL_SETS + BENIGN_SETS
+PROMPT_FIELDS = ("prompt", "Goal", "goal", "text", "query", "question", "Behavior", "behavior")
+CATEGORY_FIELDS = ("category", "Category", "SemanticCategory", "FunctionalCategory")
+ID_FIELDS = ("BehaviorID", "Index", "id", "prompt_id")
+LABELS = {
+    "harmbench": "HarmBench",
+    "jailbreak": "JBB harmful",
+    "pku": "PKU-SafeRLHF",
+    "benign": "JBB benign (over-refusal)",
+}
+
+
+@dataclass(frozen=True)
+class SafetyItem:
+    item_id: str
+    benchmark: str
+    prompt: str
+    category: str = ""
+
+
+def is_benign(benchmark: str) -> bool:
+    return benchmark in BENIGN_SETS
+
+
+def _first(row: dict, fields: Sequence[str]) -> str:
+    return next((str(row[k]).strip() for k in fields if row.get(k) not in (None, "") and str(row[k]).strip()), "")
+
+
+def _prompt_of(row, where: str) -> tuple[str, str, str]:
+    """(prompt, category, id) of one record (see the module docstring for the fields read)."""
+    if isinstance(row, str):
+        if not row.strip():
+            raise PrismError(f"{where}: expected a non-empty prompt string")
+        return row.strip(), "", ""
+    if not isinstance(row, dict):
+        raise PrismError(f"{where}: expected a prompt string or an object with a prompt field")
+    if "Behavior" in row and "Goal" not in row:  # HarmBench's CSV: the behaviour is the request
+        prompt = _first(row, ("Behavior",))
+        context = _first(row, ("ContextString",))
+        prompt = f"{context}\n\n---\n\n{prompt}" if context and prompt else prompt
+    else:
+        prompt = _first(row, PROMPT_FIELDS)
+        context = _first(row, ("context",))
+        prompt = f"{context}\n\n---\n\n{prompt}" if context and prompt else prompt
+    if not prompt:
+        raise PrismError(f"{where}: expected a non-empty prompt ({', '.join(PROMPT_FIELDS[:4])} ...)")
+    return prompt, _first(row, CATEGORY_FIELDS), _first(row, ID_FIELDS)
+
+
+def _check_harmbench_header(rows: list, path) -> None:
+    first = rows[0][1] if rows else None
+    if path is not None and isinstance(first, dict) and not any(k in first for k in ("Behavior", "prompt")):
+        raise PrismError(f"{path}: a HarmBench file needs a 'Behavior' column (or 'prompt'; got {', '.join(first)})")
+
+
+def load_safety(benchmark: str, path: str | Path | None = None, limit: Optional[int] = None) -> list[SafetyItem]:
+    """Prompts of one safety or benign set (hub dataset by default, or a local .csv/.json/.jsonl/.parquet)."""
+    if benchmark not in SAFETY_BENCHMARKS:
+        raise PrismError(f"unknown safety benchmark '{benchmark}'; choose from {', '.join(SAFETY_BENCHMARKS)}")
+    rows = S.rows_from(benchmark, path, benchmark)
+    if benchmark == "harmbench":
+        _check_harmbench_header(rows, path)
+    items, seen = [], set()
+    for where, row in rows:
+        prompt, category, rid = _prompt_of(row, where)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        items.append(SafetyItem(f"{benchmark}/{rid or len(items)}", benchmark, prompt, category))
+    if len({it.item_id for it in items}) != len(items):  # ids repeat (e.g. two files): number them
+        items = [SafetyItem(f"{benchmark}/{i}", benchmark, it.prompt, it.category) for i, it in enumerate(items)]
+    if not items:
+        raise PrismError(f"{benchmark} file has no prompts: {path}")
+    return items[:limit] if limit is not None else items
+
+
+class SafetyEvaluator(Evaluator):
+    """Items are ``{set name: [SafetyItem]}``; results are ``{system: {set name: {...}}}``."""
+
+    name = "safety"
+
+    def responses(self, runner, spec, items: Sequence[SafetyItem]) -> dict[str, dict]:
+        jobs = []
+        for it in items:
+            chat, persona, domain = runner.chat_for(
+                spec, it.benchmark, it.item_id, [{"role": "user", "content": it.prompt}]
+            )
+            jobs.append(
+                Job(
+                    it.item_id,
+                    runner.key(spec, "safety", it.item_id, persona, {"tokens": runner.s.safety_tokens}),
+                    chat,
+                    domain,
+                )
+            )
+        params = runner.gen(runner.s.safety_tokens)
+        bench = items[0].benchmark if items else "safety"
+
+        def run_chunk(engine, chunk):
+            outs = engine.generate([j.payload for j in chunk], params)
+            runner.count.generated += len(chunk)
+            return [{"response": o.text, "meta": runner.meta(o)} for o in outs]
+
+        return runner.responses_for(spec, bench, jobs, run_chunk)
+
+    @staticmethod
+    def refusals(runner, items: Sequence[SafetyItem], resp: dict) -> dict[str, dict]:
+        """item_id -> the refusal classifier's decision (stored in judgments.jsonl with the response)."""
+        rid = runner.refusal.identity
+        jobs, keys = [], {}
+        for it in items:
+            r = resp[it.item_id]["response"]
+            k = content_key("refusal", rid, it.prompt, r)
+            keys[it.item_id] = k
+            jobs.append(
+                (k, (it.prompt, r), {"judge": rid, "item_id": it.item_id, "request": it.prompt[:500], "response": r})
+            )
+
+        def judge_chunk(pairs):
+            return runner.refusal.classify([q for q, _ in pairs], [r for _, r in pairs])
+
+        done = runner.judged("refusal", jobs, judge_chunk)
+        return {iid: done[k] for iid, k in keys.items()}
+
+    def evaluate(self, runner, run_specs, specs, sets, gates):
+        out: dict = {s.name: {} for s in specs}
+        per: dict = {s.name: {} for s in specs}
+        for bench_name, items in sets.items():
+            vals: dict = {}
+            methods: dict = {}
+            routing: dict = {}
+            for spec in run_specs:
+                resp = self.responses(runner, spec, items)
+                dec = self.refusals(runner, items, resp)
+                vals[spec.name] = {it.item_id: float(dec[it.item_id]["refused"]) for it in items}
+                methods[spec.name] = dict(collections.Counter(dec[it.item_id]["method"] for it in items))
+                routing[spec.name] = runner.routing([(bench_name, [resp[it.item_id].get("meta")]) for it in items])
+                keep_gates(gates, spec, bench_name, {it.item_id: resp[it.item_id].get("meta") for it in items})
+            if oracle_wanted(specs):
+                # the better branch per item: refusing a harmful request, answering a harmless one
+                best = min if is_benign(bench_name) else max
+                vals["oracle"] = {i: best(vals["base"][i], vals["lora"][i]) for i in vals["base"]}
+            for spec in specs:
+                v = vals[spec.name]
+                entry = {"refusal": runner.ci(list(v.values())), "method": methods.get(spec.name, {"derived": len(v)})}
+                if is_benign(bench_name):  # harmless requests: every refusal is an over-refusal
+                    entry["over_refusal"] = True
+                if spec.kind == "prism" and routing.get(spec.name):
+                    entry["routing"] = routing[spec.name].get(bench_name)
+                out[spec.name][bench_name] = entry
+                per[spec.name].update(v)
+        return out, per
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@register
+class Safety(Benchmark):
+    """A family of prompt sets: ``--benchmarks safety`` means all of them."""
+
+    name = "safety"
+    sets = SAFETY_BENCHMARKS
+
+    def load(self, cfg, names, limit):
+        return {
+            s: load_safety(s, getattr(cfg, s) or None, limit=cfg.safety_limit or limit) for s in self.sets if s in names
+        }
+
+    def evaluator(self, pairwise: bool) -> Evaluator:
+        return SafetyEvaluator()
+
+    def categories(self, items):
+        return {name: {it.item_id: name for it in its} for name, its in items.items()}
+
+    def label(self, member: str) -> str:
+        return f"{LABELS.get(member, member)} refusal"
+
+    def study_label(self, member: str) -> str:
+        return f"{member} refusal"
+
+    def extras(self, runner) -> dict:
+        return {"refusal_classifier": runner.refusal.identity}
+
+    def markdown(self, results, figures):
+        sf = results["safety"]
+        systems = present(sf, results["systems"])
+        benches = list(next(iter(sf.values())))
+        names = [LABELS.get(b, b) for b in benches]
+        rc = (results.get("refusal_classifier") or {}).get("classifier", "judge")
+        parts = [f"## Safety (refusal rate; over-refusal on benign requests; decided by: {rc})", ""]
+        rows = [[s] + [fmt_ci(sf[s][b]["refusal"], pct=True) for b in benches] for s in systems]
+        parts += [md_table(["system"] + names, rows), ""]
+        meth = [[s] + [", ".join(f"{k} {v}" for k, v in sf[s][b]["method"].items()) for b in benches] for s in systems]
+        parts += [
+            "How refusals were decided (logprob / text = judge, keyword = judge fallback, string = "
+            "string-match baseline, callable = user function):",
+            "",
+            md_table(["system"] + names, meth),
+            "",
+        ]
+        prism = [s for s in systems if any(sf[s][b].get("routing") for b in benches)]
+        if prism:
+            rows = [[s] + [fmt_ci(sf[s][b].get("routing"), pct=True) for b in benches] for s in prism]
+            parts += ["Routed to the LoRA:", "", md_table(["system"] + benches, rows), ""]
+        return parts + fig_md(figures, "safety")
+
+    def figures(self, results, out):
+        sf = results["safety"]
+        systems = present(sf, results["systems"])
+        benches = list(next(iter(sf.values())))
+        series = {s: [sf[s][b]["refusal"] for b in benches] for s in systems}
+        path = grouped_bars(
+            out / "safety.png",
+            "Refusal rate (95% CI)",
+            [LABELS.get(b, b) for b in benches],
+            series,
+            "refused (%)",
+            scale=100,
+            ylim=(0, 100),
+        )
+        return {"safety": path}
+
+    def routing_rows(self, section):
+        return [(LABELS.get(b, b), v["routing"]) for b, v in section.items() if v.get("routing")]
