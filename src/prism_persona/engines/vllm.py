@@ -42,6 +42,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
+from . import EngineSpec
 from .base import Completion, SamplingParams, choice_token_ids
 from .openai import OpenAIEngine, OpenAIEngineError
 
@@ -754,3 +755,19 @@ def start_for_artifact(
         quiet=quiet,
     )
     return server.start()
+
+
+def build(cfg, model=None, tokenizer=None) -> VLLMEngine:
+    return VLLMEngine.from_config(cfg)
+
+
+def check(cfg) -> None:
+    """The model resolves, and a vLLM to start is installed (nothing to find when attaching)."""
+    from ..models import resolve_model
+
+    resolve_model(cfg.model.model)
+    if not cfg.engine.base_url:
+        find_vllm_python(cfg.engine.vllm_python)
+
+
+ENGINE = EngineSpec("vllm", build, starts_server=True, serves_adapters=True, check=check)
