@@ -70,7 +70,8 @@ def _load() -> dict[str, EngineSpec]:
     """The registry, loaded on first use: each module's ``ENGINE``, also handed to the config checks."""
     if not _REGISTRY:
         for module in ENGINE_MODULES:
-            spec = importlib.import_module(f"{__name__}.{module}").ENGINE
+            name = module if "." in module else f"{__name__}.{module}"  # a dotted name: a module elsewhere
+            spec = importlib.import_module(name).ENGINE
             _REGISTRY[spec.name] = spec
             _config.register_engine(spec.name, spec)
     return _REGISTRY
