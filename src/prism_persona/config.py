@@ -121,7 +121,7 @@ class ModelConfig:
 class EngineConfig:
     engine: str = option(
         "hf",
-        "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
+        "Where generation runs (every command that generates): hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
         choices=ENGINES,
         flag="--engine",
         group=G_ENGINE,
