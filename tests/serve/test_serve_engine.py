@@ -26,7 +26,7 @@ def test_engine_mistakes_are_one_line(tmp_path, capsys, flags, message):
 def test_vllm_engine_starts_vllm_with_the_engine_blocks_settings(tmp_path, monkeypatch):
     """--vllm-python and a shell-quoted --vllm-args reach the vLLM that serve starts, as a list."""
     from prism_persona.commands import serve
-    from prism_persona.engines import vllm
+    from prism_persona.gated import remote
 
     seen = {}
 
@@ -34,7 +34,7 @@ def test_vllm_engine_starts_vllm_with_the_engine_blocks_settings(tmp_path, monke
         seen.update(artifact=artifact, python=python, extra_args=list(extra_args))
         raise SystemExit(7)  # stop before anything is served
 
-    monkeypatch.setattr(vllm, "start_for_artifact", fake_start)
+    monkeypatch.setattr(remote, "start_for_artifact", fake_start)
     argv = ["serve", "--prism", str(tmp_path / "art"), "--engine", "vllm", "--vllm-python", "/x/python"]
     args = _parse([*argv, "--vllm-args", "--max-num-seqs 4 --served-model-name 'a b'"])
     with pytest.raises(SystemExit):

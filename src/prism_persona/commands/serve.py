@@ -91,7 +91,7 @@ def run(args) -> int:
 
 def start_vllm_upstream(options, quiet: bool = False):
     """``--engine vllm``: vLLM with the artifact's base model and adapter (served as ``prism``)."""
-    from ..engines.vllm import start_for_artifact
+    from ..gated.remote import start_for_artifact
 
     e = options.engine
     return start_for_artifact(options.load.prism, python=e.vllm_python, extra_args=e.vllm_args, quiet=quiet)

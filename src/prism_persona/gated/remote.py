@@ -15,6 +15,7 @@ for, on first use, and hands out the engines of the systems PRISM knows:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -106,7 +107,7 @@ class ServerSystems:
 
                 self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: ""})
             else:
-                from ..engines.vllm import LORA_NAME, VLLMEngine, export_for_vllm
+                from ..engines.vllm import LORA_NAME, VLLMEngine
 
                 _, adapter, max_rank = export_for_vllm(self.artifact, self.cfg.quiet)
                 self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: str(adapter)}, max_lora_rank=max_rank)
@@ -131,3 +132,58 @@ class ServerSystems:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+
+# --------------------------------------------------------------------------------------------------
+# serving a PRISM artifact: vLLM with the base model and the adapter, the gate router in front
+
+
+def export_for_vllm(artifact: str | Path, quiet: bool = False):
+    """``(base model source, exported adapter dir, max LoRA rank)``: the artifact's base model prepared
+    for vLLM (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
+    the LoRA zero, as the gate leaves it), keyed by the artifact's path."""
+    import hashlib
+    import json
+
+    from ..models import cache_root, prepare_model, resolve_model
+    from .artifact import Artifact
+    from .export import export, vllm_max_lora_rank
+
+    art = Path(artifact).expanduser().resolve()
+    read = Artifact.read(art)
+    src = prepare_model(resolve_model(read.base_model), quiet=quiet)
+    work = cache_root() / "serve" / f"{art.name}-{hashlib.sha256(str(art).encode()).hexdigest()[:12]}"
+    exported = export(art, work / "vllm-export", overwrite=True)
+    rank = int(json.loads((exported / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16))
+    return src, exported / "adapter", vllm_max_lora_rank(rank)
+
+
+def start_for_artifact(
+    artifact: str | Path,
+    python: str = "",
+    extra_args: Sequence[str] = (),
+    cpu_cores: str = "",
+    kv_cache_gib: int = 4,
+    quiet: bool = False,
+):
+    """Export ``artifact`` for vLLM (:func:`export_for_vllm`) and start a vLLM server with the base
+    model (served under its display name) and the adapter (served as ``prism``). ``prism serve
+    --engine vllm`` puts the route-only router in front."""
+    from ..engines.vllm import LORA_NAME, VLLMServer, _eager, find_vllm_python, server_dtype
+
+    src, adapter, max_rank = export_for_vllm(artifact, quiet)
+    server = VLLMServer(
+        src.path_or_id,
+        src.display,
+        find_vllm_python(python),
+        adapter.parents[1] / "vllm.log",
+        loras={LORA_NAME: str(adapter)},
+        dtype=server_dtype("auto"),
+        max_lora_rank=max_rank,
+        eager=_eager("auto"),
+        cpu_cores=cpu_cores,
+        kv_cache_gib=kv_cache_gib,
+        extra_args=list(extra_args),
+        quiet=quiet,
+    )
+    return server.start()
