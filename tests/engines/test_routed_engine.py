@@ -7,7 +7,7 @@ import math
 import pytest
 
 from prism_persona.engines.base import SamplingParams
-from prism_persona.engines.routed import RoutedEngine
+from prism_persona.gated.routed import RoutedEngine
 
 
 class KeywordRouter:

@@ -217,7 +217,7 @@ def test_other_base_model_is_refused_and_old_artifacts_load_with_a_note(
     edit_config(artifact_copy, base_model=str(tiny_model_dir))
     GatedModel.from_pretrained(artifact_copy, dtype="bfloat16", device="cpu")
     # the route-only loader (one decoder layer) checks it too
-    from prism_persona.serve.backend import load_router
+    from prism_persona.gated.router import load_router
 
     load_router(str(artifact_copy), "cpu", "float32")
     edit_config(artifact_copy, base_model=str(other))

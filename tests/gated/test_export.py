@@ -65,7 +65,7 @@ def test_exported_adapter_matches_the_original(tiny_model_dir, artifact, tmp_pat
     torch.testing.assert_close(exported, original, atol=1e-5, rtol=1e-5)
 
     # the export is also a valid route-only artifact
-    from prism_persona.serve.backend import load_router
+    from prism_persona.gated.router import load_router
 
     router = load_router(str(out), device="cpu", dtype="float32")
     assert len(router.route([[{"role": "user", "content": "hi"}]])) == 1

@@ -95,7 +95,7 @@ def test_route_only_upstream_errors(tokenizer):
 
 def test_router_loads_layer0_only_and_routes_like_the_full_model(tiny_model_dir, tmp_path):
     from prism_persona.gated.model import GatedModel
-    from prism_persona.serve.backend import load_router
+    from prism_persona.gated.router import load_router
 
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism")
     full = GatedModel.from_pretrained(art, device="cpu", dtype="float32")

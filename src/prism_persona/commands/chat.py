@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_common
-from .generate import add_engine_flags, force_value
+from .common import add_common, prism_optional
 
 DESCRIPTION = """\
 Interactive chat with a PRISM model. The gate decides from your first message whether the distilled
@@ -27,7 +26,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(p, ChatSettings)
-    add_engine_flags(p)
+    prism_optional(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -49,26 +48,13 @@ def describe(routed: bool, prob: float, forced: bool) -> str:
 
 def run(args) -> int:
     from ..config import ChatSettings, settings_from_args
-    from .generate import check_engine_flags, sampling_params
+    from ..serve.offline import check_engine_settings, force_value, open_chat
 
     settings = settings_from_args(ChatSettings, args)
-    check_engine_flags(args, settings.load, settings.routing)
-    forced = force_value(settings.routing.force)
-    if getattr(args, "engine", "hf") == "hf":
-        from .generate import load_gated
-
-        gm = load_gated(settings.load, settings.routing)
-        reply = lambda chat, force: gm.generate([chat], params, force=force)[0]  # noqa: E731
-        close = gm.close
-    else:
-        from ..models import cache_root
-        from .generate import open_server_engine
-
-        engine, close = open_server_engine(args, settings.load, settings.routing, cache_root() / "chat")
-        reply = lambda chat, force: engine.generate([chat], params)[0]  # noqa: E731  (routed from the first turn)
-    params = sampling_params(settings)
+    check_engine_settings(settings)
+    reply, close = open_chat(settings, args.quiet)
     try:
-        return converse(settings.system, forced, reply)
+        return converse(settings.system, force_value(settings.routing.force), reply)
     finally:
         close()
 

@@ -10,12 +10,22 @@ import json
 import logging
 from pathlib import Path
 
+from .. import engines as _engine_registry  # noqa: F401  (loading it fills the --engine choices; no heavy imports)
+
 log = logging.getLogger("prism_persona")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and the final summary only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def prism_optional(p) -> None:
+    """--prism becomes optional (`prism generate` and `prism chat`): a server engine can run a base model alone."""
+    for action in p._actions:
+        if "--prism" in action.option_strings:
+            action.required = False
+            action.help = "PRISM artifact directory (RUN/prism); needed with --engine hf (the default)"
 
 
 def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None:
@@ -25,7 +35,8 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig, add_flags
     from ..stages import stage_names
 
-    groups = add_flags(p, RunConfig, flagged_only=True, skip=() if check else ("check",))
+    skip = ("vllm_args",) + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
+    groups = add_flags(p, RunConfig, flagged_only=True, skip=skip)
     g = groups[G_RUN]
     g.add_argument("--config", help="JSON or TOML config file (see `prism config --show`)")
     g.add_argument(

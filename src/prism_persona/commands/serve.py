@@ -37,16 +37,6 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(p, ServeSettings)
-    g = p.add_argument_group("engine (vLLM behind the router)")
-    g.add_argument(
-        "--engine",
-        choices=["hf", "vllm"],
-        default="hf",
-        help="hf: generate in this process (default); vllm: start vLLM with the base model and the "
-        "adapter and route to it (route-only in one command; see scripts/setup_vllm.sh)",
-    )
-    g.add_argument("--vllm-python", help="Python that runs vLLM (default: the venv of scripts/setup_vllm.sh)")
-    g.add_argument("--vllm-args", default="", help='extra vLLM server arguments, e.g. "--tensor-parallel-size 4"')
     add_common(p)
     p.set_defaults(func=run)
 
@@ -67,11 +57,18 @@ def options_from_args(args):
 
 
 def run(args) -> int:
-    options = options_from_args(args)
-    if getattr(args, "engine", "hf") != "vllm":
-        return _serve(options)
+    from ..engines import engine_spec
     from ..errors import PrismError
 
+    options = options_from_args(args)
+    spec = engine_spec(options.engine.engine)
+    if spec.in_process:
+        return _serve(options)
+    if not spec.starts_server or options.engine.base_url:
+        raise PrismError(
+            "prism serve runs the artifact here (--engine hf) or starts vLLM for it (--engine vllm); to route "
+            "to a server you run, use --route-only --upstream URL --base-name NAME --lora-name NAME"
+        )
     if options.route_only or options.upstream:
         raise PrismError(
             "--engine vllm starts its own upstream; drop --route-only/--upstream (or use them "
@@ -81,7 +78,7 @@ def run(args) -> int:
 
     from ..engines.vllm import LORA_NAME
 
-    vllm = start_vllm_upstream(args, options)
+    vllm = start_vllm_upstream(options, args.quiet)
     try:
         return _serve(
             dataclasses.replace(
@@ -92,18 +89,12 @@ def run(args) -> int:
         vllm.stop()
 
 
-def start_vllm_upstream(args, options):
+def start_vllm_upstream(options, quiet: bool = False):
     """``--engine vllm``: vLLM with the artifact's base model and adapter (served as ``prism``)."""
-    import shlex
+    from ..gated.remote import start_for_artifact
 
-    from ..engines.vllm import start_for_artifact
-
-    return start_for_artifact(
-        options.load.prism,
-        python=args.vllm_python or "",
-        extra_args=shlex.split(args.vllm_args or ""),
-        quiet=args.quiet,
-    )
+    e = options.engine
+    return start_for_artifact(options.load.prism, python=e.vllm_python, extra_args=e.vllm_args, quiet=quiet)
 
 
 def _serve(options) -> int:

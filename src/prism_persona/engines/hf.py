@@ -8,10 +8,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-import torch
-
 from ..models import encode_prompts, load_model, render_chat, resolve_model
 from ..progress import progress
+from . import EngineSpec
 from .base import Completion, Engine, SamplingParams, choice_token_ids
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,6 @@ class HFEngine(Engine):
                 ids.update(int(i) for i in x)
         return sorted(ids)
 
-    @torch.inference_mode()
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
         return self.run_batches(chats, params, desc=desc)
 
@@ -87,6 +85,8 @@ class HFEngine(Engine):
         batch's ``model.generate`` and yields a function returning one ``meta`` dict per row of the
         batch; the gated model uses it to set and read the routing of each batch.
         """
+        import torch
+
         if not chats:
             return []
         texts = [render_chat(self.tokenizer, c) for c in chats]
@@ -145,17 +145,36 @@ class HFEngine(Engine):
     def choice_token_ids(self, choice: str) -> list[int]:
         return choice_token_ids(self.tokenizer, choice)
 
-    @torch.inference_mode()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice) after the generation prompt; a choice's spellings with
         and without a leading space are pooled (log-sum-exp)."""
+        import torch
+
         texts = [render_chat(self.tokenizer, c) for c in chats]
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
         out: list[dict] = []
         for start in range(0, len(texts), self.batch_size):
             enc = encode_prompts(self.tokenizer, texts[start : start + self.batch_size], self.device)
-            logits = self.model(**enc).logits[:, -1, :].float()
+            with torch.inference_mode():
+                logits = self.model(**enc).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
             for row in range(logp.shape[0]):
                 out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
         return out
+
+
+def build(cfg, model=None, tokenizer=None) -> HFEngine:
+    """The in-process engine of ``cfg``, on ``model``/``tokenizer`` when they are already loaded."""
+    if model is None:
+        return HFEngine.from_config(cfg)
+    m = cfg.model
+    return HFEngine(
+        model, tokenizer, batch_size=m.batch_size, quiet=cfg.quiet, model_name=resolve_model(m.model).display
+    )
+
+
+def check(cfg) -> None:
+    resolve_model(cfg.model.model)
+
+
+ENGINE = EngineSpec("hf", build, in_process=True, check=check)

@@ -29,6 +29,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
+from . import EngineSpec
 from .base import Completion, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -336,3 +337,10 @@ def _choice_logprob(choice: str, top: list) -> Optional[float]:
         return None
     m = max(pieces)
     return m + math.log(sum(math.exp(v - m) for v in pieces))
+
+
+def build(cfg, model=None, tokenizer=None) -> OpenAIEngine:
+    return OpenAIEngine.from_config(cfg)
+
+
+ENGINE = EngineSpec("openai", build, needs_base_url=True, served_model_name=True)

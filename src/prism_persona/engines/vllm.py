@@ -42,6 +42,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import PrismError
+from . import EngineSpec
 from .base import Completion, SamplingParams, choice_token_ids
 from .openai import OpenAIEngine, OpenAIEngineError
 
@@ -704,53 +705,17 @@ def _logsumexp(values: list[float]) -> float:
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
-# --------------------------------------------------------------------------------------------------
-# serving a PRISM artifact: vLLM with the base model and the adapter, the gate router in front
+def build(cfg, model=None, tokenizer=None) -> VLLMEngine:
+    return VLLMEngine.from_config(cfg)
 
 
-def export_for_vllm(artifact: str | os.PathLike, quiet: bool = False):
-    """``(base model source, exported adapter dir, max LoRA rank)``: the artifact's base model prepared
-    for vLLM (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
-    the LoRA zero, as the gate leaves it), keyed by the artifact's path."""
-    import hashlib
+def check(cfg) -> None:
+    """The model resolves, and a vLLM to start is installed (nothing to find when attaching)."""
+    from ..models import resolve_model
 
-    from ..gated.artifact import Artifact
-    from ..gated.export import export, vllm_max_lora_rank
-    from ..models import cache_root, prepare_model, resolve_model
-
-    art = Path(artifact).expanduser().resolve()
-    read = Artifact.read(art)
-    src = prepare_model(resolve_model(read.base_model), quiet=quiet)
-    work = cache_root() / "serve" / f"{art.name}-{hashlib.sha256(str(art).encode()).hexdigest()[:12]}"
-    exported = export(art, work / "vllm-export", overwrite=True)
-    rank = int(json.loads((exported / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16))
-    return src, exported / "adapter", vllm_max_lora_rank(rank)
+    resolve_model(cfg.model.model)
+    if not cfg.engine.base_url:
+        find_vllm_python(cfg.engine.vllm_python)
 
 
-def start_for_artifact(
-    artifact: str | os.PathLike,
-    python: str = "",
-    extra_args: Sequence[str] = (),
-    cpu_cores: str = "",
-    kv_cache_gib: int = 4,
-    quiet: bool = False,
-) -> VLLMServer:
-    """Export ``artifact`` for vLLM (:func:`export_for_vllm`) and start a vLLM server with the base
-    model (served under its display name) and the adapter (served as ``prism``). ``prism serve
-    --engine vllm`` puts the route-only router in front."""
-    src, adapter, max_rank = export_for_vllm(artifact, quiet)
-    server = VLLMServer(
-        src.path_or_id,
-        src.display,
-        find_vllm_python(python),
-        adapter.parents[1] / "vllm.log",
-        loras={LORA_NAME: str(adapter)},
-        dtype=server_dtype("auto"),
-        max_lora_rank=max_rank,
-        eager=_eager("auto"),
-        cpu_cores=cpu_cores,
-        kv_cache_gib=kv_cache_gib,
-        extra_args=list(extra_args),
-        quiet=quiet,
-    )
-    return server.start()
+ENGINE = EngineSpec("vllm", build, starts_server=True, serves_adapters=True, check=check)

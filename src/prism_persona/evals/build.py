@@ -61,9 +61,11 @@ def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval")
     """Engines for base/persona (``--model``) and lora/prism (``--prism``), loaded on first use.
 
     With ``--prism`` and no ``--model``, base is the gated model with the adapter forced off
-    (the same weights, loaded once). ``--engine vllm|openai``: :func:`build_remote_provider`.
+    (the same weights, loaded once). A server engine (``--engine vllm|openai``): :func:`build_remote_provider`.
     """
-    if cfg.engine != "hf":
+    from ..engines import engine_spec
+
+    if not engine_spec(cfg.engine.engine).in_process:
         return build_remote_provider(cfg, quiet, out)
     factories: dict = {}
     identities: dict = {}
@@ -110,37 +112,25 @@ def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval")
 
 
 def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
-    """``--engine vllm`` / ``--engine openai``: every system on one server, started on first use
-    (:class:`~prism_persona.engines.remote.ServerSystems`).
+    """A server engine (``--engine vllm`` / ``--engine openai``): every system on one server, started on
+    first use (:class:`~prism_persona.gated.remote.ServerSystems`).
 
     vLLM with ``--prism`` serves the artifact's base model and its exported adapter (as ``prism``);
-    the gate routes each row in this process from decoder layer 0 (``serve.backend.load_router``):
+    the gate routes each row in this process from decoder layer 0 (``gated.router.load_router``):
     base = the base model, lora = the adapter on every row, prism = the gate's choice per row.
     Identities carry the engine (``@vllm``), so responses cached from the HF engine are not reused.
     """
-    from ..engines.remote import ServerSystems, artifact_base_model, server_run_config
+    from ..engines import engine_spec
+    from ..gated.remote import open_server_systems
 
     art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
-    base_model = artifact_base_model(art, cfg.model) if art is not None else cfg.model
-    if cfg.engine == "openai" and not cfg.model:
-        raise PrismError("--engine openai needs --model: the model name the server at --base-url serves")
-    run_cfg = server_run_config(
-        cfg.engine,
-        base_model,
-        out,
-        quiet,
-        base_url=cfg.base_url or "",
-        vllm_python=cfg.vllm_python or "",
-        vllm_args=cfg.vllm_args or "",
-        concurrency=cfg.concurrency,
-        dtype=cfg.dtype or "auto",
-        device=cfg.device or "auto",
-        batch_size=cfg.batch_size,
-        trust_remote_code=cfg.trust_remote_code,
+    name = cfg.engine.engine
+    systems = open_server_systems(
+        cfg.engine, cfg.model, out, quiet, art, cfg.dtype, cfg.device, cfg.batch_size, cfg.trust_remote_code
     )
-    systems = ServerSystems(run_cfg, art, cfg.trust_remote_code)
-    suffix = f"@{cfg.engine}"
-    shown = cfg.model if cfg.engine == "openai" else _model_display(base_model)  # openai: the served name
+    suffix = f"@{name}"
+    # a served model name is shown as given; a model PRISM resolved, by its display name
+    shown = cfg.model if engine_spec(name).served_model_name else _model_display(systems.cfg.model.model)
     factories: dict = {"base": systems.base}
     identities = {"base": f"base:{shown}{suffix}"}
     if art is not None:

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, option
+from ..config import DTYPES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, engine_block, option
 
 G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
 G_PERSONAS = "personas"
 G_JUDGE = "judge and generation"
-G_ENGINE = "engine (where the systems generate)"
 
 
 @dataclass
@@ -43,35 +42,8 @@ class EvalConfig:
         "only from this flag, never from an artifact.",
         group=G_MODELS,
     )
-    # engine
-    engine: str = option(
-        "hf",
-        "Where base/persona/random (and, with vllm, lora/prism/oracle) generate and score: "
-        "hf (in this process), vllm (a vLLM server PRISM starts with the model and the "
-        "artifact's adapter, the gate routing each row here; or attaches to with --base-url) "
-        "or openai (any OpenAI-compatible server at --base-url; base/persona/random only).",
-        choices=ENGINES,
-        group=G_ENGINE,
-    )
-    base_url: Optional[str] = option(
-        None,
-        "A running server, e.g. http://127.0.0.1:8000/v1 (needed for --engine openai; "
-        "with --engine vllm attach instead of starting one; with --prism it must "
-        "serve the adapter as 'prism').",
-        group=G_ENGINE,
-    )
-    vllm_python: Optional[str] = option(
-        None,
-        "Python that runs the vLLM server (default: the venv of scripts/setup_vllm.sh).",
-        metavar="PATH",
-        group=G_ENGINE,
-    )
-    vllm_args: Optional[str] = option(
-        None, 'Extra vLLM server arguments, e.g. "--tensor-parallel-size 4".', group=G_ENGINE
-    )
-    concurrency: int = option(
-        0, "Requests in flight (vllm/openai); 0 = 64 for vllm, 8 for openai.", at_least=0, group=G_ENGINE
-    )
+    # engine: the block every command that generates embeds (flags: the ones EngineConfig names)
+    engine: EngineConfig = engine_block()
     # data
     benchmarks: Optional[str] = option(
         None,
@@ -183,27 +155,18 @@ class EvalConfig:
     seed: int = option(0, "Seed for bootstrap and random personas.", group=G_JUDGE)
 
     def validate(self) -> None:
-        """Engine flag combinations, checked before anything loads (one-line errors)."""
-        from ..config import check_base_url
+        """What an artifact and a model need of the engine (``EngineConfig.validate`` checks the engine's
+        own flags), before anything loads (one-line errors)."""
+        from ..engines import engine_spec
         from ..errors import PrismError
 
         self._validate_judge()
-        if self.base_url:
-            check_base_url(self.base_url)
-            if self.engine == "hf":
-                raise PrismError("--base-url needs --engine vllm or --engine openai")
-        if self.engine == "openai":
-            if not self.base_url:
-                raise PrismError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-            if self.prism:
-                raise PrismError(
-                    "--engine openai runs base/persona/random only; for --prism use --engine vllm "
-                    "(with --base-url to attach to a vLLM that serves the adapter as 'prism')"
-                )
-        if self.engine != "vllm" and (self.vllm_python or self.vllm_args):
-            raise PrismError("--vllm-python/--vllm-args need --engine vllm")
-        if self.engine == "vllm" and self.base_url and (self.vllm_python or self.vllm_args):
-            raise PrismError("--vllm-python/--vllm-args start a server; drop them to attach with --base-url")
+        spec = engine_spec(self.engine.engine)
+        if self.prism and not (spec.in_process or spec.serves_adapters):
+            raise PrismError(
+                f"--engine {self.engine.engine} runs base/persona/random only; for --prism use --engine vllm "
+                "(with --base-url to attach to a vLLM that serves the adapter as 'prism')"
+            )
 
     def _validate_judge(self) -> None:
         """--judge names a model, --grader a prompt -> text function: each flag keeps its one contract."""

@@ -374,9 +374,9 @@ def _run_pipeline(cfg, engine, judge) -> dict:
     run = RunDir(cfg.out)
     check_run(cfg, run)  # before the model loads
     todo = [m for m in markers() if not run.done(m)]
-    if todo and engine is None and cfg.engine.engine == "hf":
-        from ..engines import make_engine
+    from ..engines import engine_spec, make_engine
 
+    if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)

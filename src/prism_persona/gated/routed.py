@@ -3,7 +3,7 @@
 :class:`RoutedEngine` is the :class:`~prism_persona.gated.model.GatedEngine` interface (``generate``,
 ``score_choices``, ``route``; every completion carries ``meta = {"routed", "gate_prob"}``) with the
 work split the way ``prism serve --engine vllm`` splits it: the gate is computed in this process from
-decoder layer 0 only (``serve.backend.load_router``, the same features and threshold as the in-process
+decoder layer 0 only (``gated.router.load_router``, the same features and threshold as the in-process
 ``GatedModel``: the chat's first user turn), and each row goes to the vLLM server either as the base
 model or as the served LoRA (``prism``, the artifact's exported adapter). Routed and unrouted rows of
 one call are sent together, so vLLM batches them as one.
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-from .base import Completion, Engine, SamplingParams
+from ..engines.base import Completion, Engine, SamplingParams
 
 
 class RoutedEngine(Engine):

@@ -1,0 +1,103 @@
+"""The engine registry: every caller asks it for names and capabilities, and one module adds an engine."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from prism_persona import config as C
+from prism_persona import engines as E
+from prism_persona.engines.base import SamplingParams
+from prism_persona.errors import PrismError
+
+
+def test_the_registered_engines_and_what_they_can_do():
+    assert E.engine_names() == ["hf", "vllm", "openai"] == C.ENGINES
+    hf, vllm, openai = (E.engine_spec(n) for n in ("hf", "vllm", "openai"))
+    assert hf.in_process and not hf.server and not hf.needs_base_url
+    assert vllm.server and vllm.starts_server and vllm.serves_adapters and not vllm.needs_base_url
+    assert openai.server and openai.needs_base_url and openai.served_model_name and not openai.starts_server
+    with pytest.raises(PrismError, match="unknown engine 'nope'; choose one of: hf, vllm, openai"):
+        E.engine_spec("nope")
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"engine": "nope"}, r"engine.engine \(--engine\) must be one of hf, vllm, openai, got 'nope'"),
+        ({"engine": "openai"}, "--engine openai needs --base-url"),
+        ({"engine": "vllm", "base_url": "ftp://x"}, r"--base-url must be an http\(s\) URL"),
+    ],
+)
+def test_a_config_file_gets_the_same_engine_rules(engine, message):
+    with pytest.raises(PrismError, match=message):
+        C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": engine})
+
+
+def test_flags_for_another_engine_are_refused_only_on_a_command_line():
+    cfg = C.EngineConfig(engine="hf", base_url="http://127.0.0.1:9/v1", vllm_python="py")
+    cfg.validate()  # a config file may carry every engine's settings
+    with pytest.raises(PrismError, match="--base-url needs --engine vllm or --engine openai"):
+        cfg.check_flags()
+    with pytest.raises(PrismError, match="--vllm-python/--vllm-args need --engine vllm"):
+        C.EngineConfig(engine="vllm", base_url="http://127.0.0.1:9/v1", vllm_args=["--x"]).check_flags()
+
+
+def test_a_shell_quoted_vllm_args_flag_becomes_a_list():
+    cfg = C.from_dict(C.EngineConfig, {"engine": "vllm", "vllm_args": "--tensor-parallel-size 4 --x 'a b'"})
+    assert cfg.vllm_args == ["--tensor-parallel-size", "4", "--x", "a b"]
+
+
+ECHO = """
+from prism_persona.engines import EngineSpec
+from prism_persona.engines.base import Completion, Engine
+
+
+class EchoEngine(Engine):
+    name = "echo"
+
+    def generate(self, chats, params):
+        return [Completion(text=chat[-1]["content"][::-1]) for chat in chats]
+
+
+ENGINE = EngineSpec("echo", lambda cfg, model=None, tokenizer=None: EchoEngine(), needs_base_url=True)
+"""
+
+
+@pytest.fixture
+def echo_engine(tmp_path, monkeypatch):
+    """An engine in one module outside the package, added by its one registration line."""
+    (tmp_path / "echo_pkg").mkdir()
+    (tmp_path / "echo_pkg" / "__init__.py").write_text("")
+    (tmp_path / "echo_pkg" / "echo.py").write_text(textwrap.dedent(ECHO))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(E, "ENGINE_MODULES", (*E.ENGINE_MODULES, "echo_pkg.echo"))
+    E._REGISTRY.clear()
+    try:
+        yield
+    finally:
+        E._REGISTRY.clear()
+        if "echo" in C.ENGINES:
+            C.ENGINES.remove("echo")
+        C._ENGINE_SPECS.pop("echo", None)
+        for name in ("echo_pkg.echo", "echo_pkg"):
+            sys.modules.pop(name, None)
+
+
+def test_one_module_adds_an_engine(echo_engine, capsys):
+    from prism_persona.cli import main
+
+    assert E.engine_names() == ["hf", "vllm", "openai", "echo"]
+    with pytest.raises(PrismError, match="--engine echo needs --base-url"):  # its capability, not its name
+        C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": {"engine": "echo"}})
+    cfg = C.resolve(
+        overrides={"persona": {"domains": ["a"]}, "engine": {"engine": "echo", "base_url": "http://127.0.0.1:9/v1"}}
+    )
+    E.check_engine(cfg)
+    engine = E.make_engine(cfg)
+    assert [c.text for c in engine.generate([[{"role": "user", "content": "abc"}]], SamplingParams())] == ["cba"]
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "{hf,vllm,openai,echo}" in capsys.readouterr().out
