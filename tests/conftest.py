@@ -18,6 +18,14 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the stand-in vLLM server (``fake_python``, directly or through another fixture)
+    starts a process: it is marked ``subprocess`` like the tests that start ``prism`` themselves."""
+    for item in items:
+        if "fake_python" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.subprocess)
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
     """No network, no progress bars, and a private cache/run area per test."""

@@ -611,7 +611,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if inner is not None:
         return None if value is None else _coerce(value, inner, where)
     origin = get_origin(typ) or typ
-    if dataclasses.is_dataclass(origin):
+    if isinstance(origin, type) and dataclasses.is_dataclass(origin):
         if not isinstance(value, dict):
             raise PrismError(f"config: '{where}' must be a table/object, got {type(value).__name__}")
         return from_dict(origin, value, prefix=f"{where}.")
@@ -831,7 +831,7 @@ def _settings_fields(cls: type, prefix: str = "", skip: tuple = (), flagged_only
         if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
             for sub in _settings_fields(typ, prefix, skip, flagged_only):
                 yield sub[:4] + (f"{f.name}.{sub[4]}",)
             continue
