@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
+from .runner import EvalRunner
 from .systems import SystemSpec
 
 
@@ -23,7 +24,7 @@ class Evaluator(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(
-        self, runner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
+        self, runner: EvalRunner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
     ) -> tuple[dict, dict]:
         """Generate (cached), judge (cached) and summarise ``items`` for ``specs``."""
 
