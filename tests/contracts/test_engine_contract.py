@@ -17,12 +17,14 @@ import pytest
 from prism_persona.engines.base import Completion, Engine, SamplingParams
 from prism_persona.engines.hf import HFEngine
 from prism_persona.engines.openai import OpenAIEngine
+from prism_persona.engines.vllm import VLLMEngine
 from prism_persona.evals.judging import CallableEngine
-from prism_persona.gated.model import GatedModel
+from prism_persona.gated.model import GatedEngine, GatedModel
 from prism_persona.testing import FakeOpenAIServer, ScriptedEngine, make_tiny_artifact
 
 # The module that holds RoutedEngine (moving to gated/ in the second renovation): one line to change.
 ROUTED_MODULE = "prism_persona.engines.routed"
+RoutedEngine = importlib.import_module(ROUTED_MODULE).RoutedEngine
 
 CHATS = [
     [{"role": "user", "content": "Name a colour."}],
@@ -55,12 +57,13 @@ class EngineContract:
     """
 
     scripted = False
+    engine_class: type = Engine
 
     def sent_max_tokens(self, engine) -> list[int] | None:
         return None
 
     def test_is_an_engine_with_a_name(self, engine):
-        assert isinstance(engine, Engine) and engine.name and isinstance(engine.model_name, str)
+        assert type(engine) is self.engine_class and engine.name and isinstance(engine.model_name, str)
 
     def test_one_completion_per_chat_in_order(self, engine):
         outs = engine.generate(CHATS, GREEDY)
@@ -125,6 +128,8 @@ class EngineContract:
 
 
 class TestHFEngine(EngineContract):
+    engine_class = HFEngine
+
     @pytest.fixture
     def engine(self, tiny_model):
         model, tok = tiny_model
@@ -140,6 +145,8 @@ def tiny_gated(tiny_model_dir, tmp_path_factory):
 
 
 class TestGatedEngine(EngineContract):
+    engine_class = GatedEngine
+
     @pytest.fixture
     def engine(self, tiny_gated):
         return tiny_gated.as_engine()
@@ -158,6 +165,8 @@ def reply_by_length(body: dict) -> str:
 
 
 class TestOpenAIEngine(EngineContract):
+    engine_class = OpenAIEngine
+
     @pytest.fixture
     def engine(self):
         server = FakeOpenAIServer(logprobs=True, reply=reply_by_length)
@@ -179,6 +188,8 @@ def vllm_requests() -> list[dict]:
 class TestVLLMEngine(EngineContract):
     """Against the stand-in vLLM server (tests/fixtures/fake_vllm); tests/integration runs real vLLM."""
 
+    engine_class = VLLMEngine
+
     @pytest.fixture
     def engine(self, fake_engine):
         return fake_engine
@@ -196,10 +207,11 @@ class ExpertRouter:
 
 
 class TestRoutedEngine(TestVLLMEngine):
+    engine_class = RoutedEngine
+
     @pytest.fixture
     def engine(self, fake_engine):
-        routed = importlib.import_module(ROUTED_MODULE).RoutedEngine
-        return routed(fake_engine, ExpertRouter(), "prism")
+        return RoutedEngine(fake_engine, ExpertRouter(), "prism")
 
 
 # ------------------------------------------------------------------------- doubles and user functions
@@ -207,6 +219,7 @@ class TestRoutedEngine(TestVLLMEngine):
 
 class TestScriptedEngine(EngineContract):
     scripted = True
+    engine_class = ScriptedEngine
 
     @pytest.fixture
     def engine(self):
@@ -218,7 +231,29 @@ class TestScriptedEngine(EngineContract):
 
 class TestCallableEngine(EngineContract):
     scripted = True
+    engine_class = CallableEngine
 
     @pytest.fixture
     def engine(self):
         return CallableEngine(lambda prompt: f"{len(prompt)} characters")
+
+
+# ------------------------------------------------------------------------------------------ coverage
+
+
+def subclasses(cls: type) -> set:
+    return {s for sub in cls.__subclasses__() for s in {sub} | subclasses(sub)}
+
+
+def test_every_engine_in_the_package_has_a_contract_class():
+    """A new Engine anywhere in prism_persona fails here until its class above inherits the contract."""
+    import pkgutil
+
+    import prism_persona
+    from prism_persona.testing import BootstrapEngine
+
+    for mod in pkgutil.walk_packages(prism_persona.__path__, "prism_persona."):
+        importlib.import_module(mod.name)
+    engines = {c for c in subclasses(Engine) if c.__module__.startswith("prism_persona.")}
+    tested = {c.engine_class for c in subclasses(EngineContract)}
+    assert engines - {BootstrapEngine} == tested  # BootstrapEngine: the ScriptedEngine with the bootstrap's script
