@@ -18,6 +18,14 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the stand-in vLLM server (``fake_python``, directly or through another fixture)
+    starts a process: it is marked ``subprocess`` like the tests that start ``prism`` themselves."""
+    for item in items:
+        if "fake_python" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.subprocess)
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
     """No network, no progress bars, and a private cache/run area per test."""
@@ -101,3 +109,20 @@ def fake_python(tmp_path):
     exe.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}" exec "{sys.executable}" "$@"\n')
     exe.chmod(0o755)
     return str(exe)
+
+
+@pytest.fixture
+def fake_engine(fake_python, tmp_path, monkeypatch, tiny_model_dir):
+    """A VLLMEngine owning a stand-in vLLM server (base 'tiny', LoRA 'prism'); requests are logged to
+    ``tmp_path/requests.jsonl``. Closing the engine must stop the server it owns."""
+    from prism_persona.engines.vllm import VLLMEngine, VLLMServer
+    from prism_persona.models import load_tokenizer
+
+    monkeypatch.setenv("FAKE_VLLM_REQUESTS", str(tmp_path / "requests.jsonl"))
+    srv = VLLMServer(
+        str(tiny_model_dir), "tiny", fake_python, tmp_path / "vllm.log", loras={"prism": "/a"}, quiet=True
+    ).start()
+    engine = VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(tiny_model_dir)), server=srv, concurrency=4)
+    yield engine
+    engine.close()
+    assert srv.proc is None

@@ -170,12 +170,14 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     assert [c.text for c in e.generate(chats, p)] == [c.text for c in e.generate(chats, p)]
 
 
+@pytest.mark.subprocess
 def test_cli_help_is_fast_and_light():
     code = "import sys, prism_persona.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.subprocess
 def test_cli_user_errors_are_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "prism_persona.cli", "config", "--show", "--config", str(tmp_path / "nope.json")],

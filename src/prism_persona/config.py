@@ -708,7 +708,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if inner is not None:
         return None if value is None else _coerce(value, inner, where)
     origin = get_origin(typ) or typ
-    if dataclasses.is_dataclass(origin):
+    if isinstance(origin, type) and dataclasses.is_dataclass(origin):
         if not isinstance(value, dict):
             raise PrismError(f"config: '{where}' must be a table/object, got {type(value).__name__}")
         return from_dict(origin, value, prefix=f"{where}.")
@@ -928,7 +928,7 @@ def _settings_fields(cls: type, prefix: str = "", skip: tuple = (), flagged_only
         if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):  # a block embedded with metadata flagged_only: only its named flags
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):  # a block embedded with metadata flagged_only: only its named flags
             for sub in _settings_fields(typ, prefix, skip, flagged_only or f.metadata.get("flagged_only", False)):
                 yield sub[:4] + (f"{f.name}.{sub[4]}",)
             continue

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import RunConfig
 from .engines.base import Engine, SamplingParams
 from .errors import PrismError
 
@@ -424,7 +425,7 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
-def make_judge(cfg, engine: Optional[Engine]) -> Judge:
+def make_judge(cfg: RunConfig, engine: Optional[Engine]) -> Judge:
     """The judge ``cfg.judge.judge`` names: ``self`` (uses ``engine``), ``module:function``, or a model
     id/path loaded as a second in-process engine."""
     jc, m = cfg.judge, cfg.model

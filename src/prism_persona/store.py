@@ -103,7 +103,7 @@ class JsonlStore:
         self.extend([record])
 
     def extend(self, records: Iterable[dict]) -> None:
-        new = []
+        new: list[dict] = []
         for rec in records:
             if self.key_field not in rec:
                 raise ValueError(f"record has no '{self.key_field}' field")
@@ -278,7 +278,7 @@ class RunLock:
         try:
             import fcntl
         except ImportError:  # no flock (Windows): trust the PID in the file
-            fcntl = None
+            fcntl = None  # type: ignore[assignment]
         if fcntl is not None:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

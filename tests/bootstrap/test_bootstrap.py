@@ -548,6 +548,7 @@ def assert_one_line_error(out, text):
         ),
     ],
 )
+@pytest.mark.subprocess
 def test_cli_one_line_errors(tmp_path, args, text):
     out = prism(*args, "--out", str(tmp_path / "run"))
     assert_one_line_error(out, text)
@@ -581,6 +582,7 @@ def test_cli_more_errors_in_process(tmp_path, capsys):
         assert err.count("\n") == 0 and text in err, (args, err)
 
 
+@pytest.mark.subprocess
 def test_cli_resume_refuses_changed_settings(tmp_path):
     """A run made in-process; the CLI resumes it from RUN/config.json and refuses a changed setting
     before loading any model."""
@@ -603,6 +605,7 @@ def test_cli_resume_refuses_changed_settings(tmp_path):
     assert_one_line_error(out, "model: 'smollm2-135m-instruct' -> 'HuggingFaceTB/other-model'")
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_cli_embedded_model_end_to_end(tmp_path):
     """The real embedded SmolLM2-135M on a tiny setting: every file, the summary and the table."""

@@ -177,6 +177,7 @@ def test_engine_reports_a_server_that_went_away(fake_engine):
         fake_engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2))
 
 
+@pytest.mark.subprocess
 def test_bootstrap_engine_vllm_without_vllm_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_VLLM_VENV", str(tmp_path / "no-venv"))
     monkeypatch.delenv("PRISM_VLLM_PYTHON", raising=False)

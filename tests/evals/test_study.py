@@ -228,6 +228,7 @@ def test_cli_errors_are_one_line(argv, msg, capsys, monkeypatch, tmp_path):
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.subprocess
 def test_help_stays_light():
     code = (
         "import sys; from prism_persona.cli import build_parser; build_parser(); "

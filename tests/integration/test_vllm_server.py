@@ -45,7 +45,7 @@ CHATS = [
     )
 ]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]
 
 
 def report(name: str, value) -> None:

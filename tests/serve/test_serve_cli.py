@@ -22,6 +22,7 @@ def _reader(stream, q):
     q.put(None)
 
 
+@pytest.mark.subprocess
 def test_serve_process_end_to_end_and_sigterm(tiny_model_dir, tmp_path):
     from openai import AuthenticationError, OpenAI
 

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.subprocess
 
 WORKER = textwrap.dedent("""
     import json, sys

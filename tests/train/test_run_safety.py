@@ -141,6 +141,7 @@ def hold_lock(out) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.subprocess
 def test_second_process_is_refused_naming_the_pid_and_a_dead_holder_is_taken_over(
     tiny_model_dir, tmp_path, capsys, scripted
 ):
@@ -160,6 +161,7 @@ def test_second_process_is_refused_naming_the_pid_and_a_dead_holder_is_taken_ove
     assert (out / ".prism.lock").read_text() == ""  # released on exit
 
 
+@pytest.mark.subprocess
 def test_lock_without_flock_trusts_a_live_pid_only(tmp_path, monkeypatch):
     import builtins
 

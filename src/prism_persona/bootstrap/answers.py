@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..config import RunConfig
 from ..engines.base import SamplingParams
 from ..models import user_chat, with_persona
 from ..progress import progress
@@ -24,7 +25,7 @@ from .common import chunks, derive_seed, stage_settings
 log = logging.getLogger(__name__)
 
 
-def answers_store(run: RunDir, cfg) -> JsonlStore:
+def answers_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("answers", depends_on=stage_settings(cfg, "answers"))
 
 
@@ -34,7 +35,7 @@ def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
     return base, with_persona(base, persona, placement)
 
 
-def chunk_size(cfg, engine=None) -> int:
+def chunk_size(cfg: RunConfig, engine=None) -> int:
     """Queries per chunk: both answers of a chunk fill about one engine call -- the in-process engine's
     batch (``model.batch_size``), or a server engine's ``preferred_call_size`` (its requests in
     flight: 64 for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
@@ -42,7 +43,7 @@ def chunk_size(cfg, engine=None) -> int:
     return max(1, rows // 2)
 
 
-def write_answers(cfg, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
+def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
     """Answer the queries that have no record yet; return how many were answered now."""
     store = answers_store(run, cfg)
     todo = [q for q in queries if q["key"] not in store]

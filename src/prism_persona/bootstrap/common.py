@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import RunConfig
 from ..errors import PrismError
 from ..store import content_key
 from . import prompts
@@ -51,7 +52,7 @@ def persona_files_from_flags(items) -> dict:
     return files
 
 
-def persona_file_hashes(cfg) -> dict:
+def persona_file_hashes(cfg: RunConfig) -> dict:
     """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
     return {
         d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
@@ -64,7 +65,7 @@ def query_prompt_version() -> str:
     return hashlib.sha1(prompts.QUERY_PROMPT.encode("utf-8")).hexdigest()[:12]
 
 
-def stage_settings(cfg, stage: str) -> dict:
+def stage_settings(cfg: RunConfig, stage: str) -> dict:
     """Everything the records of ``stage`` depend on, upstream stages included.
 
     Deliberately absent: the domain list and ``queries_per_persona`` (records are keyed per domain /

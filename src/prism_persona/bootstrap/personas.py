@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from ..config import PERSONA_LENGTHS
+from ..config import PERSONA_LENGTHS, RunConfig
 from ..engines.base import SamplingParams
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
@@ -170,11 +170,11 @@ def clean_persona(raw: str, length: str, domain: str = "", other_domains=()) -> 
     return text
 
 
-def personas_store(run: RunDir, cfg) -> JsonlStore:
+def personas_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("personas", depends_on=stage_settings(cfg, "personas"))
 
 
-def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
+def write_personas(cfg: RunConfig, run: RunDir, get_engine: Callable) -> dict:
     """Write the personas missing from ``personas.jsonl``; return counts by source."""
     store = personas_store(run, cfg)
     p = cfg.persona
@@ -228,7 +228,7 @@ def write_personas(cfg, run: RunDir, get_engine: Callable) -> dict:
     return counts
 
 
-def _generate_batch(engine, batch: list, cfg) -> list[dict]:
+def _generate_batch(engine, batch: list, cfg: RunConfig) -> list[dict]:
     p = cfg.persona
     prefill = p.prefill if engine.supports_prefill else ""
     chats = [persona_prompt(domain, length, prefill) for _, domain, length in batch]

@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable
 
+from ..config import RunConfig
 from ..engines.base import SamplingParams
 from ..models import with_persona
 from ..progress import progress
@@ -136,15 +137,15 @@ def parse_queries(text: str, qcfg) -> list[str]:
     return out
 
 
-def queries_store(run: RunDir, cfg) -> JsonlStore:
+def queries_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("queries", depends_on=stage_settings(cfg, "queries"))
 
 
-def rounds_store(run: RunDir, cfg) -> JsonlStore:
+def rounds_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("query_rounds", depends_on=stage_settings(cfg, "queries"))
 
 
-def write_queries(cfg, run: RunDir, get_engine: Callable, personas: dict) -> dict:
+def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: dict) -> dict:
     """Collect the missing queries of every domain; return ``{domain: number collected}``.
 
     Each round batches the requests of every domain that still needs queries into one ``generate``
@@ -247,7 +248,7 @@ def _off_topic(engine, candidates: list) -> set:
     return off
 
 
-def add_file_queries(cfg, run: RunDir) -> dict:
+def add_file_queries(cfg: RunConfig, run: RunDir) -> dict:
     """Store the ``--queries-file`` queries (no generation); return ``{domain: number stored}``.
     Duplicates (case and whitespace insensitive) within a domain are dropped and counted."""
     from .query_file import check_queries_file
@@ -273,7 +274,7 @@ def _domain_queries(store: JsonlStore, domain: str) -> list[dict]:
     return [r for r in store if r["domain"] == domain]
 
 
-def selected_queries(cfg, run: RunDir) -> list[dict]:
+def selected_queries(cfg: RunConfig, run: RunDir) -> list[dict]:
     """The queries the later stages use: the first ``queries_per_persona`` of each domain."""
     store = queries_store(run, cfg)
     out = []

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Optional
 
+from ..config import RunConfig
 from ..errors import PrismError
 from ..judges import judge_swapped_batch
 from ..progress import progress
@@ -31,7 +32,7 @@ ORDERS = ("persona_first", "persona_second")
 _WHO = {"x": "persona", "y": "base", "tie": "tie", "unparseable": "unparseable", "mixed": "mixed"}
 
 
-def verdicts_store(run: RunDir, cfg) -> JsonlStore:
+def verdicts_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("verdicts", depends_on=stage_settings(cfg, "verdicts"))
 
 
@@ -55,13 +56,15 @@ def verdict_record(ans: dict, result, judge) -> dict:
     }
 
 
-def persona_text(personas: dict, answer: dict, cfg) -> str:
+def persona_text(personas: dict, answer: dict, cfg: RunConfig) -> str:
     """The persona the answer was written with (what a context-aware judge receives)."""
     length = answer.get("persona_length") or cfg.persona.use_length
     return personas.get(answer["domain"], {}).get(length, "")
 
 
-def write_verdicts(cfg, run: RunDir, get_judge: Callable, answers: list[dict], personas: Optional[dict] = None) -> int:
+def write_verdicts(
+    cfg: RunConfig, run: RunDir, get_judge: Callable, answers: list[dict], personas: Optional[dict] = None
+) -> int:
     """Judge the answer pairs that have no verdict yet; return how many were judged now. A judge
     receives each pair's domain and persona text too (``personas`` = ``{domain: {length: text}}``)."""
     personas = personas if personas is not None else load_personas(run)

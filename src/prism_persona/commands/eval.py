@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .common import add_common
+
+if TYPE_CHECKING:  # commands import the standard library only at the top (`prism --help` stays instant)
+    from ..evals.runner import EvalRunner
+    from ..evals.settings import EvalConfig
 
 EXAMPLES = """examples:
   prism eval --systems base,persona --limit 20 --out runs/eval-base
@@ -89,7 +95,7 @@ def run(args) -> int:
     return 0
 
 
-def _sweep_section(cfg, runner, per_item, bench) -> str:
+def _sweep_section(cfg: EvalConfig, runner: EvalRunner, per_item, bench) -> str:
     """The threshold trade-off and routing-vs-effect (with --prism and base, lora, prism evaluated)."""
     if not cfg.prism or "gate" not in per_item:
         return ""

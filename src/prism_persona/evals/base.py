@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .runner import EvalRunner
 from .systems import SystemSpec
 
 
@@ -27,7 +28,7 @@ class Evaluator(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(
-        self, runner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
+        self, runner: EvalRunner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
     ) -> tuple[dict, dict]:
         """Generate (cached), judge (cached) and summarise ``items`` for ``specs``."""
 

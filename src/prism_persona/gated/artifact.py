@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config import RunConfig
 from ..formats import ARTIFACT_CONFIG, stamp, upgrade
 from .gate import GATE_CONFIG, GATE_WEIGHTS, GateBundle
 
@@ -309,7 +310,7 @@ def is_artifact(directory: str | Path) -> bool:
     return (d / PRISM_CONFIG).is_file() and (d / GATE_WEIGHTS).is_file()
 
 
-def assemble(run, cfg) -> Path:
+def assemble(run, cfg: RunConfig) -> Path:
     """Build ``RUN/prism`` from the finished gate (``RUN/gate``) and distillation (``RUN/distill/adapter``)."""
     from ..errors import PrismError
 

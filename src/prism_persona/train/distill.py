@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from ..config import RunConfig
 from ..models import decoder_layers, render_chat, user_chat, with_persona
 
 log = logging.getLogger(__name__)
@@ -528,7 +529,7 @@ def stopped_early(state: dict, patience: int) -> bool:
     return state["epoch"] - state["best_epoch"] >= patience
 
 
-def distill_settings(cfg) -> dict:
+def distill_settings(cfg: RunConfig) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
     return {
         "distill": asdict(cfg.distill),
@@ -539,7 +540,9 @@ def distill_settings(cfg) -> dict:
     }
 
 
-def run_distill(run, cfg, records: Sequence[dict], model=None, tokenizer=None, max_steps: Optional[int] = None) -> dict:
+def run_distill(
+    run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer=None, max_steps: Optional[int] = None
+) -> dict:
     """Train (or resume, or skip when done) the LoRA; writes ``RUN/distill/adapter``, the loss curve
     (``loss.jsonl`` + ``loss.png``) and ``distill.done.json``. Returns the stage summary."""
     from ..models import load_model

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..config import RunConfig
 from ..gated.features import query_features
 from ..gated.gate import Gate, GateBundle
 from ..stats import binary_metrics
@@ -412,14 +413,14 @@ STAGE = "gate"
 GATE_DIR = "gate"
 
 
-def gate_settings(cfg) -> dict:
+def gate_settings(cfg: RunConfig) -> dict:
     """The settings the gate stage depends on (a rerun with others is refused)."""
     from dataclasses import asdict
 
     return {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
 
 
-def run_gate(run, cfg, records: Sequence[dict], model=None, tokenizer=None) -> dict:
+def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer=None) -> dict:
     """Train the gate on the labelled queries (or skip when done); writes ``RUN/gate/`` and
     ``gate.done.json``. Returns the stage summary (metrics, threshold, routing per domain)."""
     import time

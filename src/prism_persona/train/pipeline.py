@@ -39,7 +39,7 @@ from ..store import JsonlStore, RunDir, RunLock
 log = logging.getLogger(__name__)
 
 
-def check_run(cfg, run: RunDir) -> None:
+def check_run(cfg: C.RunConfig, run: RunDir) -> None:
     """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
     records or trained stages made with other settings: the saved config always describes what ran."""
     for stage in STAGES:
@@ -48,7 +48,7 @@ def check_run(cfg, run: RunDir) -> None:
     check_trained(cfg, run, training_stages())
 
 
-def check_trained(cfg, run: RunDir, stages) -> None:
+def check_trained(cfg: C.RunConfig, run: RunDir, stages) -> None:
     """A finished gate / distill stage is skipped on a rerun, so settings that differ from the ones it
     was trained with are refused (with a --redo hint) instead of being silently ignored."""
     done = [s for s in stages if run.done(s)]
@@ -67,7 +67,7 @@ def stage_function(name: str, which: str):
     return getattr(importlib.import_module(f"..{stage.module}", __package__), getattr(stage, which))
 
 
-def preflight(cfg, engine, judge) -> None:
+def preflight(cfg: C.RunConfig, engine, judge) -> None:
     """One-line errors for a bad config, model, judge or persona file, before anything runs."""
     C.validate(cfg)
     if not cfg.persona.domains:
@@ -85,7 +85,7 @@ def preflight(cfg, engine, judge) -> None:
         check_engine(cfg)
 
 
-def check_heldout_file(cfg) -> None:
+def check_heldout_file(cfg: C.RunConfig) -> None:
     """One-line errors for a ``--heldout`` file that cannot be read or names a domain the run lacks."""
     from .check import load_heldout
 
@@ -98,7 +98,7 @@ def check_heldout_file(cfg) -> None:
         )
 
 
-def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
+def run_heldout_check(cfg: C.RunConfig, run: RunDir, model=None, tok=None) -> dict:
     """``prism check`` of the run's artifact on ``cfg.check.queries`` with the run's judge, into
     ``RUN/check`` (resumable; redone after ``--redo gate|distill``). An already loaded base model
     (``model``, ``tok``) is reused, and modified: the artifact's adapter is installed into it."""
@@ -126,13 +126,13 @@ def run_heldout_check(cfg, run: RunDir, model=None, tok=None) -> dict:
     )
 
 
-def save_config(run: RunDir, cfg) -> None:
+def save_config(run: RunDir, cfg: C.RunConfig) -> None:
     """``RUN/config.json`` := ``cfg``. Called only by a stage that is about to do work with ``cfg``, so
     the saved config always describes what was run (a rerun of a finished run rewrites nothing)."""
     run.write_json("config.json", json.loads(C.dump(cfg)))
 
 
-def bootstrap_has_work(run: RunDir, cfg) -> bool:
+def bootstrap_has_work(run: RunDir, cfg: C.RunConfig) -> bool:
     """False for a finished bootstrap that the current settings do not extend (same domains, same
     number of queries per persona): then nothing runs and ``config.json`` is left as it is."""
     saved = run.read_json("config.json")
@@ -144,7 +144,7 @@ def bootstrap_has_work(run: RunDir, cfg) -> bool:
     )
 
 
-def run_bootstrap(cfg, engine=None, judge=None) -> dict:
+def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None) -> dict:
     """Run or resume the bootstrap in ``cfg.out``; write ``summary.json`` / ``summary.md``; return the summary.
 
     ``engine`` defaults to ``engines.make_engine(cfg)`` and ``judge`` to ``judges.make_judge(cfg, engine)``;
@@ -157,7 +157,7 @@ def run_bootstrap(cfg, engine=None, judge=None) -> dict:
         return _run_bootstrap(cfg, engine, judge)
 
 
-def _run_bootstrap(cfg, engine, judge) -> dict:
+def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
     t0 = time.perf_counter()
     baseline = counters([engine] + (list(judge.engines) if judge is not None else []))
     run = RunDir(cfg.out)
@@ -302,7 +302,7 @@ def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> 
     return C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
 
 
-def load_base(cfg):
+def load_base(cfg: C.RunConfig):
     """(model, tokenizer) of the run's model, loaded once and shared by the stages (one GPU per
     process under a data-parallel launcher)."""
     from ..models import load_model
@@ -312,7 +312,9 @@ def load_base(cfg):
     return load_model(cfg.model.model, cfg.model.dtype, device, cfg.model.trust_remote_code)
 
 
-def train_stages(cfg, model=None, tok=None, stages=training_stages(), seconds: Optional[dict] = None) -> dict:
+def train_stages(
+    cfg: C.RunConfig, model=None, tok=None, stages=training_stages(), seconds: Optional[dict] = None
+) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
     from .parallel import DataParallel
@@ -322,7 +324,7 @@ def train_stages(cfg, model=None, tok=None, stages=training_stages(), seconds: O
         return _train_stages(cfg, model, tok, stages, seconds, main)
 
 
-def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
+def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
     from ..gated.artifact import assemble
     from .report import write_report
 
@@ -349,7 +351,7 @@ def _train_stages(cfg, model, tok, stages, seconds, main) -> dict:
     return {"artifact": art, "report": rep, "run": run}
 
 
-def run_pipeline(cfg, engine=None, judge=None) -> dict:
+def run_pipeline(cfg: C.RunConfig, engine=None, judge=None) -> dict:
     """Run or resume every stage of the method in ``cfg.out`` and return
     ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
 
@@ -368,7 +370,7 @@ def run_pipeline(cfg, engine=None, judge=None) -> dict:
         return _run_pipeline(cfg, engine, judge)
 
 
-def _run_pipeline(cfg, engine, judge) -> dict:
+def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
     seconds: dict = {}
     model = tok = None
     run = RunDir(cfg.out)
