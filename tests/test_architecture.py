@@ -23,17 +23,6 @@ LAYERS = (
 )
 """Lowest first: a module may import its own layer and the ones before it."""
 
-KNOWN = {
-    # removed by reno-engines (engines/routed.py, engines/remote.py and serve.backend.load_router move to gated/)
-    ("prism_persona.engines.remote", "prism_persona.gated.artifact"),
-    ("prism_persona.engines.remote", "prism_persona.serve.backend"),
-    ("prism_persona.engines.vllm", "prism_persona.gated.artifact"),
-    ("prism_persona.engines.vllm", "prism_persona.gated.export"),
-    # removed by reno-engines (the batch-generation library moves out of commands/generate.py)
-    ("prism_persona.commands.chat", "prism_persona.commands.generate"),
-}
-"""Edges against the order that another part of issue #21 removes; delete them when it has landed."""
-
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
     parts = ("prism_persona", *path.relative_to(package).with_suffix("").parts)
@@ -76,8 +65,6 @@ def violations(package_dir: Path = PACKAGE) -> list[str]:
     for path in sorted(package_dir.rglob("*.py")):
         importer = module_name(path, package_dir)
         for imported, line in imports(path, package_dir):
-            if (importer, imported) in KNOWN:
-                continue
             where = f"{path.relative_to(package_dir)}:{line}: {importer} imports {imported}"
             if imported == "prism_persona.testing" and not importer.startswith("prism_persona.testing"):
                 found.append(where + " (test doubles are for tests only)")
@@ -103,10 +90,16 @@ def test_every_top_level_module_has_a_layer():
     assert tops - {"__init__", "testing"} <= set().union(*LAYERS)
 
 
-def test_the_known_edges_still_exist():
-    """An allowed edge that is gone is removed from KNOWN (the allow-list only shrinks)."""
-    edges = {(module_name(p), imported) for p in PACKAGE.rglob("*.py") for imported, _ in imports(p)}
-    assert KNOWN <= edges, sorted(KNOWN - edges)
+def test_no_two_packages_import_each_other():
+    """Modules of one layer may import each other, but never both ways between two packages (a cycle)."""
+    edges = set()
+    for path in PACKAGE.rglob("*.py"):
+        mine = module_name(path).split(".")[:2]
+        for imported, _ in imports(path):
+            theirs = imported.split(".")[:2]
+            if mine != theirs and len(mine) == len(theirs) == 2:
+                edges.add((mine[1], theirs[1]))
+    assert not {(a, b) for a, b in edges if (b, a) in edges}
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path):

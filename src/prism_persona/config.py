@@ -928,7 +928,9 @@ def _settings_fields(cls: type, prefix: str = "", skip: tuple = (), flagged_only
         if f.name in skip or not f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = hints[f.name]
-        if isinstance(typ, type) and dataclasses.is_dataclass(typ):  # a block embedded with metadata flagged_only: only its named flags
+        if isinstance(typ, type) and dataclasses.is_dataclass(
+            typ
+        ):  # a block embedded with metadata flagged_only: only its named flags
             for sub in _settings_fields(typ, prefix, skip, flagged_only or f.metadata.get("flagged_only", False)):
                 yield sub[:4] + (f"{f.name}.{sub[4]}",)
             continue
