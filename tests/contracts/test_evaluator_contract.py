@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_persona.evals import data as D
 from prism_persona.evals.base import Evaluator
+from prism_persona.evals.benchmarks.mmlu import MMLUEvaluator, load_mmlu
+from prism_persona.evals.benchmarks.mtbench import MTBenchEvaluator, load_mtbench
+from prism_persona.evals.benchmarks.safety import SafetyEvaluator, load_safety
 from prism_persona.evals.evaluate import systems_to_run
 from prism_persona.evals.judging import EvalJudge
-from prism_persona.evals.mmlu import MMLUEvaluator
-from prism_persona.evals.mtbench import MTBenchEvaluator
-from prism_persona.evals.runner import EvalRunner, EvalSettings
-from prism_persona.evals.safety import SafetyEvaluator
+from prism_persona.evals.runner import EvalRunner
+from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
 from prism_persona.judges import CallableJudge
 from prism_persona.testing import ScriptedEngine
@@ -66,7 +66,7 @@ def runner_for(out: Path, engines: dict, judge_engine: ScriptedEngine) -> EvalRu
         fixed_provider(engines),
         EvalJudge(judge_engine, "contract", pair_judge=pair),
         PersonaBook({}),
-        EvalSettings(answer_tokens=8, safety_tokens=8, n_resamples=50),
+        EvalConfig(answer_tokens=8, safety_tokens=8, resamples=50),
     )
 
 
@@ -118,7 +118,7 @@ class TestMMLU(EvaluatorContract):
         return MMLUEvaluator()
 
     def items(self):
-        return D.load_mmlu(FIX / "mmlu_hf.jsonl")
+        return load_mmlu(FIX / "mmlu_hf.jsonl")
 
 
 class TestMTBench(EvaluatorContract):
@@ -126,7 +126,7 @@ class TestMTBench(EvaluatorContract):
         return MTBenchEvaluator()
 
     def items(self):
-        return D.load_mtbench(FIX / "mtbench_small.jsonl")
+        return load_mtbench(FIX / "mtbench_small.jsonl")
 
 
 class TestSafety(EvaluatorContract):
@@ -135,8 +135,8 @@ class TestSafety(EvaluatorContract):
 
     def items(self):
         return {
-            "harmbench": D.load_safety("harmbench", FIX / "harmbench_small.csv"),
-            "pku": D.load_safety("pku", FIX / "pku_small.json"),
+            "harmbench": load_safety("harmbench", FIX / "harmbench_small.csv"),
+            "pku": load_safety("pku", FIX / "pku_small.json"),
         }
 
     def item_ids(self, items) -> set:
