@@ -45,19 +45,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
+    from ..bootstrap.common import persona_files_from_flags
     from ..config import CheckSettings, settings_from_args
-    from ..errors import PrismError
     from ..train.check import fmt, loops_vs_base_text, run_check
 
     settings = settings_from_args(CheckSettings, args)
-    files = {}
-    for item in args.persona_file:
-        if "=" not in item:
-            raise PrismError(f"--persona-file wants DOMAIN=PATH, got '{item}'")
-        dom, path = item.split("=", 1)
-        files[dom.strip()] = str(Path(path).expanduser().resolve())
+    files = persona_files_from_flags(args.persona_file)
     rep = run_check(
         settings.prism,
         settings.check_config(),
