@@ -45,7 +45,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-
     from ..bootstrap.common import persona_files_from_flags
     from ..config import CheckSettings, settings_from_args
     from ..train.check import fmt, loops_vs_base_text, run_check
