@@ -75,7 +75,7 @@ def test_a_run_config_migration_is_applied_on_read(tmp_path, monkeypatch):
 
 
 def test_artifact_config_version(tiny_model_dir, tmp_path):
-    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism")
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism", cache=False)  # edited below: never the shared one
     path = art / PRISM_CONFIG
     written = json.loads(path.read_text())
     assert written["format_version"] == F.ARTIFACT_CONFIG.current == 1

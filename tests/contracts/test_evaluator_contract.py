@@ -145,4 +145,5 @@ class TestSafety(EvaluatorContract):
 
 def test_every_evaluator_has_a_contract_class():
     tested = {type(cls().make()) for cls in EvaluatorContract.__subclasses__()}
-    assert set(Evaluator.__subclasses__()) <= tested and len(tested) == 3
+    shipped = {c for c in Evaluator.__subclasses__() if c.__module__.startswith("prism_persona.")}
+    assert shipped <= tested and len(tested) == 3  # (a test may register its own toy benchmark)
