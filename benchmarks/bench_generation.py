@@ -3,7 +3,7 @@
 Variants, all greedy, all forced to ``--new-tokens`` (EOS disabled), measured in one run:
 
 - ``base``            the base model alone, plain ``generate`` (the reference speed, ratio 1.0)
-- ``base_fast``       the base model through ``prism_persona.gated.fastgen`` (static cache; CUDA graphs on GPU)
+- ``base_fast``       the base model through ``benchmarks/fastgen.py`` (static cache; CUDA graphs on GPU)
 - ``lora``            the always-on LoRA, unmerged (PEFT), every row
 - ``lora_fast``       the same through ``fastgen``
 - ``lora_merged``     the always-on LoRA merged into the weights (as fast as base, but no routing)
