@@ -109,3 +109,37 @@ def test_registry_names_and_wrong_names(echo_registered):
     with pytest.raises(PrismError, match="unknown benchmark 'nosuch'; choose from mmlu, mtbench, harmbench"):
         parse_benchmarks("nosuch")
     assert parse_benchmarks("safety,mmlu") == ["harmbench", "jailbreak", "pku", "benign", "mmlu"]
+
+
+class EchoFromFile(Echo):
+    """The toy benchmark reading its words from the local copy the user gave with ``--data echo=PATH``."""
+
+    def load(self, cfg, names, limit):
+        path = self.data_path(cfg, "echo")
+        words = open(path, encoding="utf-8").read().split() if path else ["apple"]
+        return [EchoItem(f"echo/{i}", w) for i, w in enumerate(words)] if "echo" in names else []
+
+
+def test_a_new_benchmark_gets_its_data_flag_from_the_registry(tmp_path):
+    """No settings field is needed for a new benchmark's data: --data NAME=PATH reaches its loader."""
+    import argparse
+
+    from prism_persona.evals.build import add_eval_options, eval_config
+
+    register(EchoFromFile)
+    try:
+        words = tmp_path / "words.txt"
+        words.write_text("kiwi fig lime lemon")
+        p = argparse.ArgumentParser()
+        add_eval_options(p)
+        cfg = eval_config(p.parse_args(["--benchmarks", "echo", "--data", f"echo={words}"]))
+        assert cfg.data == {"echo": str(words)}
+        assert load_benchmarks(cfg, ["echo"]).counts() == {"echo": 4}
+        assert load_benchmarks(EvalConfig(), ["echo"]).counts() == {"echo": 1}  # no --data: its own default
+        builtin = eval_config(p.parse_args(["--data", "pku=x.json"]))
+        assert Benchmark.data_path(builtin, "pku") == "x.json"  # the same as --pku x.json
+        for bad, why in (("echo", "wants NAME=PATH"), ("nosuch=x", "no such benchmark")):
+            with pytest.raises(PrismError, match=why):
+                eval_config(p.parse_args(["--data", bad]))
+    finally:
+        del REGISTRY["echo"]

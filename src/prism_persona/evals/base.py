@@ -79,6 +79,12 @@ class Benchmark(abc.ABC):
     def members(self) -> tuple:
         return self.sets or (self.name,)
 
+    @staticmethod
+    def data_path(cfg, member: str) -> Optional[str]:
+        """The local copy of ``member``'s data the user gave (``--data NAME=PATH``, or the built-in named flag
+        such as ``--pku``); ``None``: the benchmark's own default source."""
+        return cfg.data.get(member) or getattr(cfg, member, None) or None
+
     @abc.abstractmethod
     def load(self, cfg, names: Sequence[str], limit: Optional[int]) -> Any:
         """The items of the chosen ``names`` (empty when none of its members is chosen)."""

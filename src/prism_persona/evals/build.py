@@ -205,7 +205,7 @@ def add_eval_options(p, skip: tuple = ()) -> None:
     """Flags shared by `prism eval` and `prism study`, derived from :class:`EvalConfig` (standard library only),
     plus ``--persona-file DOMAIN=PATH`` (repeatable, the contract of `prism run`)."""
     from ..config import add_flags
-    from .settings import G_PERSONAS, EvalConfig
+    from .settings import G_DATA, G_PERSONAS, EvalConfig
 
     groups = add_flags(p, EvalConfig, skip=skip)
     groups[G_PERSONAS].add_argument(
@@ -215,6 +215,13 @@ def add_eval_options(p, skip: tuple = ()) -> None:
         default=[],
         metavar="DOMAIN=PATH",
         help="use this text file verbatim as DOMAIN's persona (repeatable; as in prism run)",
+    )
+    groups[G_DATA].add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a local copy of any registered benchmark's (or set's) data, e.g. --data pku=pku.json (repeatable)",
     )
 
 
@@ -226,4 +233,22 @@ def eval_config(args, skip: tuple = ()):
 
     cfg = settings_from_args(EvalConfig, args, skip=skip)
     cfg.persona_files = persona_files_from_flags(getattr(args, "persona_files", None) or [])
+    cfg.data = data_paths_from_flags(getattr(args, "data", None) or [])
     return cfg
+
+
+def data_paths_from_flags(items) -> dict:
+    """``{benchmark or set: path}`` from ``--data NAME=PATH`` values (one-line errors: unknown name, no ``=``)."""
+    from ..errors import PrismError
+    from .benchmarks import REGISTRY
+
+    known = {m for bench in REGISTRY.values() for m in bench.members}
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise PrismError(f"--data wants NAME=PATH, got '{item}'")
+        if name.strip() not in known:
+            raise PrismError(f"--data {name.strip()}: no such benchmark (known: {', '.join(sorted(known))})")
+        paths[name.strip()] = path.strip()
+    return paths

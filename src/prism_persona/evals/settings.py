@@ -88,6 +88,12 @@ class EvalConfig:
         metavar="PATH",
         group=G_DATA,
     )
+    data: dict = option(
+        {},
+        "Benchmark or set name -> a local copy of its data, for any registered benchmark (the named "
+        "flags above are the same for the built-in ones); on the command line --data NAME=PATH, repeatable.",
+        cli=False,
+    )
     limit: Optional[int] = option(
         None, "At most N items per benchmark (spread over categories/subjects).", at_least=1, group=G_DATA
     )

@@ -421,7 +421,7 @@ class MMLU(Benchmark):
     def load(self, cfg, names, limit):
         if "mmlu" not in names:
             return []
-        return load_mmlu(cfg.mmlu or None, subjects=_split(cfg.subjects), limit=cfg.mmlu_limit or limit)
+        return load_mmlu(self.data_path(cfg, "mmlu"), subjects=_split(cfg.subjects), limit=cfg.mmlu_limit or limit)
 
     def evaluator(self, pairwise: bool) -> Evaluator:
         return MMLUEvaluator()

@@ -354,7 +354,7 @@ class MTBench(Benchmark):
         if "mtbench" not in names:
             return []
         cats = [s for s in (cfg.categories or "").split(",") if s.strip()] or None
-        items = load_mtbench(cfg.mtbench or None, categories=cats, limit=cfg.mtbench_limit or limit)
+        items = load_mtbench(self.data_path(cfg, "mtbench"), categories=cats, limit=cfg.mtbench_limit or limit)
         if not items:
             raise PrismError(f"no MT-Bench questions in categories {cats}")
         return items

@@ -198,7 +198,7 @@ class Safety(Benchmark):
 
     def load(self, cfg, names, limit):
         return {
-            s: load_safety(s, getattr(cfg, s) or None, limit=cfg.safety_limit or limit) for s in self.sets if s in names
+            s: load_safety(s, self.data_path(cfg, s), limit=cfg.safety_limit or limit) for s in self.sets if s in names
         }
 
     def evaluator(self, pairwise: bool) -> Evaluator:
