@@ -424,3 +424,84 @@ def test_item14_a_kill_between_the_two_appends_loses_no_query_rounds(tiny_model_
         recorded = {r["round"]: r["new"] for r in rounds if r["domain"] == domain}
         for rnd in {q["round"] for q in mine}:
             assert recorded.get(rnd) == sum(1 for q in mine if q["round"] == rnd), (domain, rnd, recorded)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 12: corrupt files in a run directory are one line
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(finished_run, tmp_path_factory):
+    """The finished run with its distillation killed after the first epoch: RUN/distill/checkpoint exists."""
+    import prism_persona.engines as E
+    import prism_persona.train.distill as D
+    from prism_persona import config as C
+    from prism_persona.testing import BootstrapEngine
+    from prism_persona.train.pipeline import redo, run_pipeline
+
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    shutil.copytree(finished_run, out)
+    saved = json.loads((out / "config.json").read_text())
+    saved["out"] = str(out)
+    saved["distill"]["max_length"] = 512  # room for the answers: distillation takes steps
+    (out / "config.json").write_text(json.dumps(saved))
+    redo(str(out), "distill")
+    real_loss, real_engine, calls = D.distill_loss, E.make_engine, {"n": 0}
+
+    def killed_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if (out / "distill" / "checkpoint" / "trainer_state.json").is_file():
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    D.distill_loss = killed_in_epoch_2
+    E.make_engine = lambda cfg, model=None, tokenizer=None: BootstrapEngine()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(C.resolve(file=None, overrides=saved))
+    finally:
+        D.distill_loss, E.make_engine = real_loss, real_engine
+    assert (out / "distill" / "checkpoint" / "optimizer.pt").is_file()
+    return out
+
+
+def garble(path: Path, data: bytes = b"\x00garbage\xff" * 10) -> None:
+    path.write_bytes(data)
+
+
+CORRUPT_RUN_FILES = {
+    "trainer_state_garbage": lambda r: garble(r / "distill" / "checkpoint" / "trainer_state.json"),
+    "trainer_state_list": lambda r: (r / "distill" / "checkpoint" / "trainer_state.json").write_text("[1, 2]"),
+    "rng_state_garbage": lambda r: garble(r / "distill" / "checkpoint" / "rng_state.safetensors"),
+    "checkpoint_adapter_truncated": lambda r: garble(
+        r / "distill" / "checkpoint" / "adapter_model.safetensors",
+        (r / "distill" / "checkpoint" / "adapter_model.safetensors").read_bytes()[:300],
+    ),
+}
+
+
+@pytest.mark.parametrize("corrupt", sorted(CORRUPT_RUN_FILES))
+def test_item12_corrupt_checkpoint_files_are_one_line(corrupt, interrupted_run, tmp_path, scripted, capsys):
+    out = received_copy(interrupted_run, tmp_path)
+    CORRUPT_RUN_FILES[corrupt](out)
+    rc = cli.main(["run", "--out", str(out), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "checkpoint" in line, line
+
+
+def test_item12_a_directory_as_the_lock_file_is_one_line(finished_run, tmp_path, scripted, capsys):
+    out = received_copy(finished_run, tmp_path)
+    (out / ".prism.lock").unlink(missing_ok=True)
+    (out / ".prism.lock").mkdir()
+    rc = cli.main(["run", "--out", str(out), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and ".prism.lock" in line, line
+
+
+@pytest.mark.parametrize("text", ["[]", "7", '{"settings": [1]}'])
+def test_item12_a_stage_meta_that_is_not_an_object_is_one_line(text, finished_run, tmp_path, scripted, capsys):
+    out = received_copy(finished_run, tmp_path)
+    (out / "gate.meta.json").write_text(text)
+    rc = cli.main(["run", "--out", str(out), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "gate.meta.json" in line, line
