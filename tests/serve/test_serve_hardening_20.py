@@ -85,24 +85,29 @@ def test_item10_deeply_nested_json_is_400_in_route_only(tokenizer):
         assert up.bodies == []
 
 
-def raw_exchange(srv, data: bytes) -> tuple[int, bytes]:
-    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    sock.sendall(data)
+def read_response(sock) -> tuple[int, bytes]:
+    """(status, body) of one whole HTTP response with a Content-Length (or up to the close)."""
     got = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-            head, _, body = got.partition(b"\r\n\r\n")
-            length = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
-            if length and len(body) >= int(length[0].split(b":")[1]):
-                break
-    finally:
-        sock.close()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        length = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+        if length and len(body) >= int(length[0].split(b":")[1]):
+            break
     head, _, body = got.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+def raw_exchange(srv, data: bytes) -> tuple[int, bytes]:
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        sock.sendall(data)
+        return read_response(sock)
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize("length", [b"abc", b"-5", b"1, 2"])
@@ -136,8 +141,7 @@ def test_item11_idle_timeout_closes_keep_alive_connections(tokenizer):
     with serve_fake(FakeGatedModel(tokenizer), idle_timeout_s=1) as srv:
         sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = sock.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200")
+        assert read_response(sock)[0] == 200
         t0 = time.monotonic()
         sock.settimeout(4.0)
         try:
