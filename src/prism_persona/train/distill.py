@@ -40,7 +40,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -441,7 +441,6 @@ def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]
 
     from ..errors import PrismError
 
-    set_peft_model_state_dict(peft_model, load_file(str(ckpt / "adapter_model.safetensors")))
     try:
         opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for foreign objects, and any corruption
@@ -449,11 +448,36 @@ def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]
             f"{ckpt / 'optimizer.pt'} is not a plain optimizer state ({type(exc).__name__}); "
             f"delete {ckpt} to restart distillation"
         ) from None
-    opt.load_state_dict(opt_state)
-    if (ckpt / RNG_FILE).is_file():
-        set_rng_tensors(load_file(str(ckpt / RNG_FILE)))
-    best = load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None
-    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")), best
+    tensors = lambda path: load_file(str(path))  # noqa: E731
+    adapter = _checkpoint_part(ckpt, "adapter_model.safetensors", tensors)
+    rng = _checkpoint_part(ckpt, RNG_FILE, tensors) if (ckpt / RNG_FILE).is_file() else None
+    best = _checkpoint_part(ckpt, BEST_FILE, tensors) if (ckpt / BEST_FILE).is_file() else None
+    state = _checkpoint_part(ckpt, "trainer_state.json", _trainer_state)
+    _checkpoint_part(ckpt, "adapter_model.safetensors", lambda _: set_peft_model_state_dict(peft_model, adapter))
+    _checkpoint_part(ckpt, "optimizer.pt", lambda _: opt.load_state_dict(opt_state))
+    if rng is not None:
+        _checkpoint_part(ckpt, RNG_FILE, lambda _: set_rng_tensors(rng))
+    return state, best
+
+
+def _trainer_state(path: Path) -> dict:
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("step", 0), int):
+        raise ValueError("not an object with the step reached")
+    return state
+
+
+def _checkpoint_part(ckpt: Path, name: str, read: Callable):
+    """``read(ckpt / name)``; a damaged part of the checkpoint is one line, never a traceback."""
+    from ..errors import PrismError
+
+    try:
+        return read(ckpt / name)
+    except Exception as exc:
+        raise PrismError(
+            f"the distillation checkpoint {ckpt} is damaged ({name}: {type(exc).__name__}); "
+            "pass --redo distill to train from scratch"
+        ) from None
 
 
 def _read_curve(path: Path, max_step: Optional[int] = None) -> list[dict]:
