@@ -213,7 +213,8 @@ LOCK_NAME = ".prism.lock"
 _HELD: dict[str, list] = {}  # resolved run dir -> [open lock file, depth]: re-entrant within a process
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID is running (on this machine)."""
     if pid <= 0:
         return False
     try:
@@ -298,7 +299,7 @@ class RunLock:
                 raise self._busy(_lock_holder(self.path)) from None
         else:
             holder = _lock_holder(self.path)
-            if holder and holder != os.getpid() and _pid_alive(holder):
+            if holder and holder != os.getpid() and pid_alive(holder):
                 fh.close()
                 raise self._busy(holder)
         stale = _lock_holder(self.path)

@@ -301,8 +301,20 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     os.replace(tmp, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):  # from a killed earlier assembly
+    remove_leftovers(dst)
+
+
+def remove_leftovers(dst: Path) -> None:
+    """Remove what killed earlier assemblies of ``dst`` left beside it: every temporary directory
+    (the caller holds the run lock) and the set-aside old artifacts of processes no longer running."""
+    from ..store import pid_alive
+
+    for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in dst.parent.glob(f".{dst.name}.old-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def is_artifact(directory: str | Path) -> bool:
