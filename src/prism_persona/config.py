@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ class EngineConfig:
         flag="--vllm-python",
         group=G_ENGINE,
     )
-    vllm_args: list = option(
+    vllm_args: list[str] = option(
         [],
         "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] (a flag takes one shell-quoted string: --vllm-args \"--tensor-parallel-size 4\").",
         flag="--vllm-args",
@@ -218,10 +219,10 @@ def server_engines_text() -> str:
 
 @dataclass
 class PersonaConfig:
-    domains: list = option(
+    domains: list[str] = option(
         [], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain."
     )
-    lengths: list = option(
+    lengths: list[str] = option(
         list(PERSONA_LENGTHS),
         "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).",
     )
@@ -239,7 +240,7 @@ class PersonaConfig:
         flag="--placement",
         group=G_DATA,
     )
-    persona_files: dict = option(
+    persona_files: dict[str, str] = option(
         {}, "domain -> path of a text file used verbatim as that domain's persona (all lengths)."
     )
     prefill: str = option(
@@ -328,9 +329,10 @@ class GateConfig:
         at_least=0,
         at_most=1,
     )
-    hidden_sizes: list = option(
+    hidden_sizes: list[int] = option(
         [],
         "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).",
+        at_least=1,
     )
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
     lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
@@ -370,9 +372,11 @@ class GateConfig:
         at_least=0,
         at_most=1,
     )
-    threshold_bounds: list = option(
+    threshold_bounds: list[float] = option(
         [0.05, 0.95],
         "A calibrated threshold is clipped into [low, high] (with a warning): outside it the held-out rows did not separate the classes.",
+        at_least=0,
+        at_most=1,
     )
     min_calibration_rows: int = option(
         3,
@@ -394,7 +398,7 @@ class DistillConfig:
     r: int = option(16, "LoRA rank.", at_least=1)
     alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
-    target_modules: list = option(
+    target_modules: list[str] = option(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Linear layers that get LoRA (layers 1..L-1 only).",
     )
@@ -441,7 +445,7 @@ class CheckConfig:
         metavar="PATH",
         group=G_DATA,
     )
-    rewarded: list = option(
+    rewarded: list[str] = option(
         [], "Domains whose held-out queries should be routed (when the file has no 'route' column)."
     )
     max_new_tokens: int = option(96, "Answer length of the held-out check (greedy decoding).", at_least=1)
@@ -743,11 +747,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise PrismError(f"config: '{where}' must be a list, got {value!r}")
-        return list(value)
+        item = (get_args(typ) or (Any,))[0]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise PrismError(f"config: '{where}' must be a table/object, got {value!r}")
-        return dict(value)
+        item = (get_args(typ) or (Any, Any))[1]
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     return value
 
 
@@ -763,11 +769,19 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
                 log.warning("config: ignoring unknown key '%s%s'", prefix, key)
             continue
         if isinstance(value, str) and fields_by_name[key].metadata.get("shell_words"):
-            import shlex
-
-            value = shlex.split(value)  # --vllm-args "--tensor-parallel-size 4"
+            value = _shell_words(value, fields_by_name[key].metadata.get("flag") or f"{prefix}{key}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _shell_words(value: str, name: str) -> list:
+    """``--vllm-args "--tensor-parallel-size 4"`` as a list; an unbalanced quote is one line."""
+    import shlex
+
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise PrismError(f"{name} is not valid shell words ({exc}): {value!r}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -1010,9 +1024,14 @@ def settings_from_args(cls: type, args: Any, prefix: str = "", base: Any = None,
     return obj
 
 
-def _bound_error(value: Any, meta: Any) -> str | None:
+def bound_error(value: Any, meta: Any) -> str | None:
+    """What is wrong with the number ``value`` under the bounds in ``meta`` (``at_least``, ``above``,
+    ``at_most``, ``below``), or None. NaN and the infinities fail every check (a comparison with NaN is
+    always false: ``gate.threshold=NaN`` passed every bound and routed nothing)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if not math.isfinite(value):
+        return "must be a finite number"
     if meta.get("at_least") is not None and value < meta["at_least"]:
         return f"must be at least {meta['at_least']}"
     if meta.get("above") is not None and value <= meta["above"]:
@@ -1038,7 +1057,8 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
         meta = f.metadata
         flag = meta.get("flag") or "--" + (prefix + f.name).replace("_", "-")
         label = flag if flags else f"{where}{f.name}" + (f" ({meta['flag']})" if meta.get("flag") else "")
-        problem = _bound_error(value, meta)
+        items = value if isinstance(value, list) else [value]
+        problem = next((p for p in (bound_error(v, meta) for v in items) if p), None)
         if meta.get("choices") and value not in meta["choices"] and value != _default_of(f):
             problem = f"must be one of {', '.join(map(str, meta['choices']))}"
         if problem:
