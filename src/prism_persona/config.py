@@ -384,6 +384,24 @@ class GateConfig:
         at_least=0,
     )
 
+    def validate(self) -> None:
+        calibration_rate(self.calibrate)
+
+
+def calibration_rate(method: str) -> Optional[float]:
+    """The share X of ``gate.calibrate = 'rate:X'`` (0 <= X <= 1); None for 'none' and 'balanced_accuracy';
+    a one-line error for anything else (checked with the other settings, before any work starts)."""
+    method = (method or "none").strip().lower()
+    if method in ("none", "balanced_accuracy"):
+        return None
+    try:
+        rate = float(method.split(":", 1)[1]) if method.startswith("rate:") else None
+    except ValueError:
+        rate = None
+    if rate is None or not 0 <= rate <= 1:
+        raise PrismError(f"gate.calibrate must be none, balanced_accuracy or rate:X with 0 <= X <= 1, got {method!r}")
+    return rate
+
 
 @dataclass
 class DistillConfig:
