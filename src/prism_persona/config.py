@@ -477,7 +477,9 @@ class RunConfig:
         flag="--out",
         group=G_RUN,
     )
-    seed: int = option(0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN)
+    seed: int = option(
+        0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN, at_least=0, at_most=2**32 - 1
+    )
     preset: str = option(
         "default",
         "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).",
