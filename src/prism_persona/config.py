@@ -838,7 +838,8 @@ def read_config_file(path: str | Path) -> dict:
 
 def resolve_file_paths(data: dict, base: Path) -> dict:
     """Paths written in a config file are relative to that file (not to where ``prism`` runs):
-    persona files, the queries file, the held-out file and a ``path/to/judge.py:function`` judge."""
+    persona files, the queries file, the held-out file, a ``path/to/judge.py:function`` judge, and a
+    model directory or .gguf file that exists beside the file (anything else is a Hugging Face id)."""
 
     def absolute(value: str) -> str:
         path = Path(value).expanduser()
@@ -855,6 +856,11 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     check = data.get("check")
     if isinstance(check, dict) and isinstance(check.get("queries"), str) and check["queries"]:
         check["queries"] = absolute(check["queries"])
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("model"), str) and model["model"]:
+        local = Path(model["model"]).expanduser()
+        if not local.is_absolute() and (base / local).exists():  # a local model beside the file (else an id)
+            model["model"] = str((base / local).resolve())
     judge = data.get("judge")
     if isinstance(judge, dict) and isinstance(judge.get("judge"), str):
         spec = judge["judge"]
