@@ -122,8 +122,9 @@ def resume_from_saved_config(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
-    """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming."""
-    from ..config import resolve
+    """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming (what
+    was run: how to run here comes from the flags, :func:`config.check_how_to_run`)."""
+    from ..config import check_how_to_run, read_config_file, resolve
     from ..errors import PrismError
 
     overrides = overrides_from_args(args)
@@ -134,22 +135,23 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
             'no domains given; use --domains "writing,coding,safety" or a config file with persona.domains'
         )
     check_judge_source(cfg, overrides, cfg_file, bool(vars(args).get("trust_judge")))
+    if cfg_file:
+        resuming = cfg_file == saved_config(cfg.out)
+        check_how_to_run(cfg, read_config_file(cfg_file), overrides, cfg_file, cfg.out if resuming else "")
     return cfg
 
 
 def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bool) -> None:
     """A ``module:function`` judge runs Python code. It is imported when the user typed it on this
     command line (``--judge`` / ``--set judge.judge=``) or confirms with ``--trust-judge``; a judge that
-    only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line -
-    unless the run's verdicts are already done, in which case it is never imported."""
+    only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line,
+    also when the bootstrap is done (the held-out check and ``--redo verdicts`` would import it)."""
     from ..errors import PrismError
     from ..judges import is_callable_spec
 
     spec = (cfg.judge.judge or "self").strip()
     typed = "judge" in (overrides.get("judge") or {})
     if typed or confirmed or not is_callable_spec(spec) or Path(spec).exists():
-        return
-    if (Path(cfg.out).expanduser() / "bootstrap.done.json").is_file():
         return
     raise PrismError(
         f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "

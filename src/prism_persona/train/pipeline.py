@@ -299,7 +299,9 @@ def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> 
     saved = os.path.join(os.fspath(run_dir), "config.json")
     if not os.path.isfile(saved):
         raise PrismError(f"{run_dir} has no config.json; run `prism bootstrap --out {run_dir}` first")
-    return C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
+    cfg = C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
+    C.check_how_to_run(cfg, C.read_config_file(saved), overrides or {}, saved, os.fspath(run_dir))
+    return cfg
 
 
 def load_base(cfg: C.RunConfig):
