@@ -186,7 +186,7 @@ class RunDir:
         if old is not None and not (isinstance(old, dict) and isinstance(old.get("settings", {}), dict)):
             raise PrismError(
                 f"{self.root / meta_name} is not a stage record (an object with 'settings'); "
-                f"pass --redo {REDO_NAME.get(stage, stage)} to redo that stage"
+                f"pass --redo {store_stage(stage)} to redo that stage"
             )
         if old is not None and old.get("settings") != new:
             a, b = _flatten(old.get("settings", {})), _flatten(new)
