@@ -206,16 +206,20 @@ def add_stage_parser(sub, stage: str, help: str, description: str, example_set: 
         help=f"override a setting, e.g. --set {example_set} (repeatable)",
     )
     p.add_argument("--redo", action="store_true", help=f"run the {stage} stage again with the current settings")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="run the model repository's own modelling code (a run's saved config never turns it on)",
+    )
     add_common(p)
     p.set_defaults(func=lambda args: run_stage(args, stage))
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> int:
     """Run one training stage of ``args.run`` (again with ``--redo``) and print the result."""
-    from ..train.pipeline import redo, run_config, train_stages
+    from ..train.pipeline import run_config, train_stages
 
     cfg = run_config(args.run, overrides_from_args(args))
-    if args.redo:
-        redo(args.run, stage)
-    print_result(train_stages(cfg, stages=(stage,)))
+    print_result(train_stages(cfg, stages=(stage,), redo_stage=stage if args.redo else None))
     return 0

@@ -144,17 +144,26 @@ def bootstrap_has_work(run: RunDir, cfg: C.RunConfig) -> bool:
     )
 
 
-def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None) -> dict:
+def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
     """Run or resume the bootstrap in ``cfg.out``; write ``summary.json`` / ``summary.md``; return the summary.
 
     ``engine`` defaults to ``engines.make_engine(cfg)`` and ``judge`` to ``judges.make_judge(cfg, engine)``;
     both are built only when a stage needs them. The run directory is locked (:class:`RunLock`) while
     this runs. A ``module:function`` judge is imported only after the settings check, and only when the
-    verdicts still have work to do.
+    verdicts still have work to do. ``redo_stage`` is forgotten (:func:`redo`) only once every setting
+    is checked and the lock is held.
     """
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
+        redo_if_asked(cfg, redo_stage)
         return _run_bootstrap(cfg, engine, judge)
+
+
+def redo_if_asked(cfg: C.RunConfig, stage: Optional[str]) -> None:
+    """``--redo STAGE``: called with the run locked and every setting checked, so a refused command
+    (a bad flag, another process on the run) deletes nothing."""
+    if stage:
+        redo(cfg.out, stage)
 
 
 def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
@@ -315,7 +324,12 @@ def load_base(cfg: C.RunConfig):
 
 
 def train_stages(
-    cfg: C.RunConfig, model=None, tok=None, stages=training_stages(), seconds: Optional[dict] = None
+    cfg: C.RunConfig,
+    model=None,
+    tok=None,
+    stages=training_stages(),
+    seconds: Optional[dict] = None,
+    redo_stage: Optional[str] = None,
 ) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
@@ -323,6 +337,8 @@ def train_stages(
 
     main = DataParallel().is_main  # data-parallel distillation: every rank trains, rank 0 writes
     with RunLock(cfg.out) if main else contextlib.nullcontext():
+        if main:
+            redo_if_asked(cfg, redo_stage)
         return _train_stages(cfg, model, tok, stages, seconds, main)
 
 
@@ -353,7 +369,7 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
     return {"artifact": art, "report": rep, "run": run}
 
 
-def run_pipeline(cfg: C.RunConfig, engine=None, judge=None) -> dict:
+def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
     """Run or resume every stage of the method in ``cfg.out`` and return
     ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
 
@@ -369,6 +385,7 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None) -> dict:
         )
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
+        redo_if_asked(cfg, redo_stage)
         return _run_pipeline(cfg, engine, judge)
 
 
