@@ -41,6 +41,10 @@ G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = (
     "engine (where generation runs)",
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+MAX_TEXT_CHARS = 20_000
+"""The longest persona or query PRISM takes (a 100,000-character query ran out of memory two stages
+in); checked when the file is read, before any work starts."""
+MAX_PREFILL_CHARS = 1_000
 
 
 def option(
@@ -256,6 +260,12 @@ class PersonaConfig:
     max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
     temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for writing personas.", above=0, at_most=1)
+
+    def validate(self) -> None:
+        if len(self.prefill) > MAX_PREFILL_CHARS:
+            raise PrismError(
+                f"persona.prefill has {len(self.prefill)} characters; at most {MAX_PREFILL_CHARS} (it starts the reply)"
+            )
 
 
 @dataclass

@@ -241,21 +241,7 @@ class PrismServer:
         return f"http://{host}:{self.port}/v1"
 
     def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.options.host, self.options.port))
-        except OSError as exc:
-            sock.close()
-            from ..errors import PrismError
-
-            raise PrismError(
-                f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}"
-            ) from None
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
+        return bind_socket(self.options.host, self.options.port)
 
     def start(self) -> PrismServer:
         """Bind, start the model worker and uvicorn (in a background thread with its own event loop)."""
@@ -376,6 +362,28 @@ class PrismServer:
 
     def __exit__(self, *exc) -> None:
         self.shutdown(grace_s=5.0)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking socket on ``host:port``; an address that cannot be bound is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from ..errors import PrismError
+
+        raise PrismError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def check_address(options: ServeOptions) -> None:
+    """Fail on an address that cannot be bound before the model loads (minutes, for a large one)."""
+    bind_socket(options.host, options.port).close()
 
 
 def warn_if_exposed(options: ServeOptions) -> None:

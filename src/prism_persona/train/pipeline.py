@@ -395,6 +395,10 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
     run = RunDir(cfg.out)
     check_run(cfg, run)  # before the model loads
     todo = [m for m in markers() if not run.done(m)]
+    if judge is None and (todo or cfg.check.queries):  # a judge that cannot load: before the model loads
+        from ..judges import check_judge_spec
+
+        check_judge_spec(cfg.judge.judge)
     from ..engines import engine_spec, make_engine
 
     if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
