@@ -61,7 +61,7 @@ def load_heldout(
     from ..bootstrap.query_file import domain_and_query, read_rows
     from ..store import content_key
 
-    items, seen = [], set()
+    items, seen = [], {}
     for where, row in read_rows(path, what="held-out queries file"):
         domain, query = domain_and_query(path, where, row)
         route = _route_value(path, where, row.get("route", row.get("expected_route")))
@@ -69,8 +69,10 @@ def load_heldout(
             route = domain in rewarded
         key = content_key("heldout", domain, query)
         if key in seen:
+            if seen[key] != route:  # a duplicate is kept once; one that contradicts itself is a mistake
+                raise PrismError(f"{path} {where}: {query!r} ({domain}) is listed again with another route")
             continue
-        seen.add(key)
+        seen[key] = route
         items.append(HeldoutQuery(key, domain, query, route))
     unknown = sorted(set(rewarded) - {q.domain for q in items})
     if unknown:

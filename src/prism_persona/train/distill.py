@@ -321,15 +321,13 @@ class _adapter_off:
 # LoRA
 
 
-def lora_config(model, dcfg):
-    """PEFT LoRA on decoder layers 1..L-1 only (layer 0 feeds the gate and must stay the base's)."""
-    from peft import LoraConfig
-
-    n_layers = len(decoder_layers(model))
+def lora_targets(model, dcfg) -> list:
+    """The ``distill.target_modules`` this model has (a warning names the missing ones; none at all is a
+    one-line error - checked as soon as the model is loaded, before the bootstrap)."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = [t for t in dcfg.target_modules if t in names]
     missing = sorted(set(dcfg.target_modules) - set(targets))
-    if missing:
+    if missing and targets:
         log.warning("distill: the model has no %s layers; LoRA goes on %s", ", ".join(missing), ", ".join(targets))
     if not targets:
         from ..errors import PrismError
@@ -337,11 +335,19 @@ def lora_config(model, dcfg):
         raise PrismError(
             f"none of the LoRA target modules {dcfg.target_modules} exist in this model; set distill.target_modules"
         )
+    return targets
+
+
+def lora_config(model, dcfg):
+    """PEFT LoRA on decoder layers 1..L-1 only (layer 0 feeds the gate and must stay the base's)."""
+    from peft import LoraConfig
+
+    n_layers = len(decoder_layers(model))
     return LoraConfig(
         r=int(dcfg.r),
         lora_alpha=int(dcfg.alpha),
         lora_dropout=float(dcfg.dropout),
-        target_modules=targets,
+        target_modules=lora_targets(model, dcfg),
         layers_to_transform=list(range(1, n_layers)),
         task_type="CAUSAL_LM",
         bias="none",

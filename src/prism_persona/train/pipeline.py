@@ -405,6 +405,10 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)
+        if not run.done("distill"):  # a setting only distillation reads, checked before the bootstrap
+            from .distill import lora_targets
+
+            lora_targets(model, cfg.distill)
         engine = make_engine(cfg, model, tok)
     t0 = time.perf_counter()
     summary = run_bootstrap(cfg, engine=engine, judge=judge)
