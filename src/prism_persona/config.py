@@ -1190,9 +1190,16 @@ def _all_inside(value, run_dir: str) -> bool:
     return all(root in Path(str(p)).expanduser().resolve().parents for p in paths)
 
 
+RUN_SET_ONLY = ("vllm_args",)
+"""RunConfig fields with a flag of their own in other commands that `prism run` / `bootstrap` give only
+as ``--set`` (one list setting, not a shell string, in a run's config)."""
+
+
 def _flag_for(key: str) -> str:
     if key == "persona.persona_files":
         return "--persona-file DOMAIN=PATH"
+    if key.split(".")[-1] in RUN_SET_ONLY:
+        return f"--set {key}=[...]"
     section, name = key.split(".")
     f = {f.name: f for f in dataclasses.fields(get_type_hints(RunConfig)[section])}[name]
     return f.metadata.get("flag") or f"--set {key}=..."
