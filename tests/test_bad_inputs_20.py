@@ -148,6 +148,7 @@ def test_item12_13_bad_input_is_one_line_before_any_model_loads(argv, needle, fi
     assert err[0].startswith(f"prism {argv[0]}: error: "), err
 
 
+@pytest.mark.subprocess
 def test_item12_binary_bytes_piped_into_chat_are_one_line(artifact, tmp_path):
     import subprocess
 

@@ -336,6 +336,7 @@ def tree(path: Path) -> dict:
     }
 
 
+@pytest.mark.subprocess
 def test_item5_redo_waits_for_the_lock_before_deleting(finished_run, tmp_path, lock_holder, scripted, capsys):
     out = received_copy(finished_run, tmp_path)
     before = tree(out)
@@ -355,6 +356,7 @@ def test_item5_redo_validates_every_flag_before_deleting(finished_run, tmp_path,
     assert tree(out) == before, "--redo deleted the adapter and the artifact before a flag was refused"
 
 
+@pytest.mark.subprocess
 def test_item5_prism_gate_redo_waits_for_the_lock(finished_run, tmp_path, lock_holder, capsys):
     out = received_copy(finished_run, tmp_path)
     before = tree(out)
@@ -365,6 +367,7 @@ def test_item5_prism_gate_redo_waits_for_the_lock(finished_run, tmp_path, lock_h
     assert tree(out) == before
 
 
+@pytest.mark.subprocess
 def test_item6_prism_check_takes_the_run_lock(finished_run, tmp_path, lock_holder, capsys):
     out = received_copy(finished_run, tmp_path)
     heldout = tmp_path / "heldout.jsonl"
@@ -382,6 +385,7 @@ def test_item6_prism_check_takes_the_run_lock(finished_run, tmp_path, lock_holde
 # item 14: crash leftovers
 
 
+@pytest.mark.subprocess
 def test_item14_assembly_leftovers_of_a_dead_process_are_removed(finished_run, tmp_path, scripted):
     out = received_copy(finished_run, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
