@@ -25,16 +25,6 @@ def artifact(tiny_model_dir, tmp_path_factory):
     return make_tiny_artifact(tiny_model_dir, tmp_path_factory.mktemp("bad20") / "prism")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import prism_persona.gated.model as GM
-    import prism_persona.models as M
-    import prism_persona.train.pipeline  # noqa: F401
-
-    for module in (M, GM):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-
-
 def nested(depth: int = 100_000) -> str:
     return "[" * depth + "]" * depth
 
@@ -219,14 +209,6 @@ def test_item12_corrupt_artifact_values_are_one_line(edit, artifact, tmp_path, c
 
 # --------------------------------------------------------------------------------------------------
 # items 8 and 13: a user judge that exits, returns huge text or returns something else
-
-
-@pytest.fixture
-def scripted(monkeypatch):
-    import prism_persona.engines as E
-    from prism_persona.testing import BootstrapEngine
-
-    monkeypatch.setattr(E, "make_engine", lambda cfg, model=None, tokenizer=None: BootstrapEngine())
 
 
 def bootstrap_argv(tiny_model_dir, out, judge) -> list[str]:

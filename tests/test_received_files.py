@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from prism_persona import cli
+from prism_persona.testing import one_error_line, small_run_overrides
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 DOMAINS = ["writing", "coding"]
 
 
@@ -24,35 +24,12 @@ def _log_to_this_tests_stderr():
     cli.setup_logging(quiet=True)  # an earlier test's cli.main bound logging to its own (closed) stderr
 
 
-@pytest.fixture
-def scripted(monkeypatch):
-    """Every engine the pipeline builds is the scripted bootstrap engine (no generation model)."""
-    import prism_persona.engines as E
-    from prism_persona.testing import BootstrapEngine
-
-    monkeypatch.setattr(E, "make_engine", lambda cfg, model=None, tokenizer=None: BootstrapEngine())
-
-
-def one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert len(err) == 1, err
-    return err[0]
-
-
 def small_settings(model_dir, out, **over) -> dict:
     """The settings of a small run as `prism config --preset tiny --show` prints them, with ``over``
     (dotted keys) applied: what a RUN/config.json someone sends you holds."""
     from prism_persona import config as C
 
-    base = {
-        "out": str(out),
-        "quiet": True,
-        "persona": {"domains": DOMAINS},
-        "model": {"model": str(model_dir), "batch_size": 4},
-        "queries": {"queries_per_persona": 4, "per_request": 4},
-        "gate": {"epochs": 20},
-        "distill": {"epochs": 1, "r": 4, "max_length": 160},
-    }
+    base = small_run_overrides(model_dir, out, DOMAINS)
     saved = json.loads(C.dump(C.resolve("tiny", overrides=base)))
     set_dotted(saved, over)
     return saved
@@ -297,34 +274,6 @@ def test_item4_typed_flags_resume_the_received_run(finished_run, tmp_path, scrip
 
 # --------------------------------------------------------------------------------------------------
 # items 5 and 6: lock, validate everything, then delete; prism check takes the run lock
-
-
-HOLD = """
-import sys, time
-sys.path.insert(0, {src!r})
-from prism_persona.store import RunLock
-with RunLock({out!r}):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
-@pytest.fixture
-def lock_holder():
-    procs = []
-
-    def hold(out) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD.format(src=SRC, out=str(out))], stdout=subprocess.PIPE, text=True
-        )
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "locked"
-        return proc
-
-    yield hold
-    for proc in procs:
-        proc.kill()
-        proc.wait()
 
 
 def tree(path: Path) -> dict:
