@@ -266,12 +266,11 @@ def test_item8_a_judge_returning_megabytes_stores_a_bounded_record(tiny_model_di
 
 @pytest.mark.parametrize("result", ["42", "None", "['A']"])
 def test_item8_13_a_judge_returning_no_verdict_is_named(result, tiny_model_dir, tmp_path, scripted, capsys):
+    """Counted as unparseable (judges fail soft), and named with the judge and what it returned."""
     spec = write_judge(tmp_path, f"def judge(q, a, b):\n    return {result}\n")
     rc = cli.main(bootstrap_argv(tiny_model_dir, tmp_path / "run", spec))
     err = capsys.readouterr().err
-    assert "user_judge.py" in err and "A, B or tie" in err, err
-    lines = [x for x in err.splitlines() if "error" in x]
-    assert rc == 2 and len(lines) == 1, err
+    assert rc == 0 and f"user_judge.py:judge returned {result}, not A, B or tie" in err, err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = (
     "engine (where generation runs)",
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-MAX_TEXT_CHARS = 20_000
+MAX_TEXT_CHARS = 40_000
 """The longest persona or query PRISM takes (a 100,000-character query ran out of memory two stages
 in); checked when the file is read, before any work starts."""
 MAX_PREFILL_CHARS = 1_000

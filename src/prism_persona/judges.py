@@ -348,16 +348,17 @@ class CallableJudge(Judge):
         return Verdict(winner, {"result": shown})
 
     def _check_results(self, out: list) -> None:
-        """A judge that has returned no A, B or tie at all is a broken judge: one line naming it (before
-        its results are stored). Some other results among verdicts are counted and named once."""
-        if not self.others:
-            return
-        what = f"judge {self.name} returned {self._last_other}, not A, B or tie"
-        if not self.verdicts:
-            raise PrismError(f"{what} ({self.others} of {self.others} calls so far); fix the judge function")
-        if "other" not in self._warned:
+        """Results other than A, B or tie are counted as unparseable (judges fail soft) and named once,
+        with the judge, so an 'all labels are 0' later has its cause on screen."""
+        if self.others and "other" not in self._warned:
             self._warned.add("other")
-            log.warning("%s (counted as unparseable)", what)
+            log.warning(
+                "judge %s returned %s, not A, B or tie (counted as unparseable; %d of %d results so far)",
+                self.name,
+                self._last_other,
+                self.others,
+                self.others + self.verdicts,
+            )
 
 
 MAX_RESULT_CHARS = 300  # of a user judge's result (or error) kept in the verdict record
