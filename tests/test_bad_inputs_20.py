@@ -316,10 +316,13 @@ def test_item12_lm_eval_model_args_are_one_line(artifact):
             lmeval.PrismLM.create_from_arg_string(f"artifact={artifact},{bad}")
 
 
-def test_item12_eval_with_a_pairwise_judge_is_one_line(artifact, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--grader", "--judge"])
+def test_item12_eval_with_a_pairwise_judge_is_one_line(flag, artifact, tmp_path, capsys):
+    """prism eval grades one answer (``grader(prompt)``); a pairwise ``judge(q, a, b)`` given to it is one
+    line (``--judge``, the pairwise flag of run/check, is not an eval flag since the renovation)."""
     spec = write_judge(tmp_path, "def judge(q, a, b):\n    return 'A'\n")
     mtbench = Path(__file__).parent / "fixtures" / "mtbench_small.jsonl"
-    argv = ["eval", "--prism", str(artifact), "--systems", "base,prism", "--judge", spec, "--benchmarks", "mtbench"]
+    argv = ["eval", "--prism", str(artifact), "--systems", "base,prism", flag, spec, "--benchmarks", "mtbench"]
     rc = cli.main(argv + ["--mtbench", str(mtbench), "--limit", "1", "--out", str(tmp_path / "e"), "-q"])
     err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert rc == 2 and len(err) == 1 and "judge" in err[0], err
+    assert rc == 2 and len(err) == 1 and ("judge" in err[0] or "grader" in err[0]), err
