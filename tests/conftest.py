@@ -126,3 +126,56 @@ def fake_engine(fake_python, tmp_path, monkeypatch, tiny_model_dir):
     yield engine
     engine.close()
     assert srv.proc is None
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: for checks that must come before the (slow) load."""
+    import prism_persona.gated.model as GM  # imported first: it binds models.load_model at import
+    import prism_persona.models as M
+    import prism_persona.train.pipeline  # noqa: F401
+
+    for module in (M, GM):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Every engine the pipeline builds is the scripted bootstrap engine (no generation model)."""
+    import prism_persona.engines as E
+    from prism_persona.testing import BootstrapEngine
+
+    monkeypatch.setattr(E, "make_engine", lambda cfg, model=None, tokenizer=None: BootstrapEngine())
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {src!r})
+from prism_persona.store import RunLock
+with RunLock({out!r}):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """``hold(run_dir)``: another process holding the run's lock (killed at the end of the test)."""
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    procs = []
+
+    def hold(out) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK.format(src=src, out=str(out))], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()

@@ -19,16 +19,6 @@ def artifact(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    import prism_persona.gated.model as GM  # imported first: it binds models.load_model at import
-    import prism_persona.models as M
-    import prism_persona.train.pipeline  # noqa: F401
-
-    for module in (M, GM):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-
-
-@pytest.fixture
 def files(tmp_path, artifact):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))

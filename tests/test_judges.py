@@ -162,8 +162,13 @@ def test_callable_judge_results_and_errors(caplog):
     assert res[1].first.winner == "unparseable" and "bad input" in res[1].first.detail["error"]
     assert res[1].winner == "unparseable" and judge.errors == 1
     assert "raised ValueError" in caplog.text
+    assert "t:fn returned None, not A, B or tie (counted as unparseable" in caplog.text  # named (issue 20)
     with caplog.at_level(logging.WARNING):
-        assert CallableJudge(lambda q, a, b: 42).compare([PairItem("q", "a", "b")])[0].winner == "unparseable"
+        assert (
+            CallableJudge(lambda q, a, b: 42, name="broken").compare([PairItem("q", "a", "b")])[0].winner
+            == "unparseable"
+        )
+    assert "judge broken returned 42, not A, B or tie" in caplog.text
 
 
 def test_load_callable(tmp_path, monkeypatch):

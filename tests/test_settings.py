@@ -252,6 +252,7 @@ def test_run_and_bootstrap_flags_are_derived_and_unchanged():
         "--judge",
         "--judge-mode",
         "--trust-judge",
+        "--trust-remote-code",
         "--engine",
         "--base-url",
         "--concurrency",

@@ -41,6 +41,6 @@ def test_every_stage_module_and_training_function_exists():
 def test_the_redo_flag_offers_the_registry(capsys):
     from prism_persona.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["run", "--redo", "nonsense"])
-    assert "choose from personas, queries, answers, verdicts, gate, distill" in capsys.readouterr().err.replace("'", "")
+    assert main(["run", "--redo", "nonsense"]) == 2  # argparse's usage error, as one line (issue 20)
+    err = capsys.readouterr().err.replace("'", "")
+    assert "choose from personas, queries, answers, verdicts, gate, distill" in err and len(err.splitlines()) == 1

@@ -38,8 +38,16 @@ EPILOG = """examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (``prism run: error: argument --seed: invalid int
+    value: '1e20'``) and exit code 2, like every other user mistake; ``-h`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="prism",
         description="PRISM: self-distil expert-persona behaviour into a gated LoRA, from a list of domain names.",
         epilog=EPILOG,
@@ -75,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PrismError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, above), --help or --version
+        return int(exc.code or 0)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

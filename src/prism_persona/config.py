@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,10 @@ G_RUN, G_MODEL, G_DATA, G_JUDGE, G_ENGINE = (
     "engine (where generation runs)",
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+MAX_TEXT_CHARS = 40_000
+"""The longest persona or query PRISM takes (a 100,000-character query ran out of memory two stages
+in); checked when the file is read, before any work starts."""
+MAX_PREFILL_CHARS = 1_000
 
 
 def option(
@@ -116,7 +121,13 @@ class ModelConfig:
         at_least=1,
         group=G_MODEL,
     )
-    trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
+    trust_remote_code: bool = option(
+        False,
+        "Run the model repository's own modelling code (transformers' trust_remote_code); only this flag "
+        "turns it on, never a config file.",
+        flag="--trust-remote-code",
+        group=G_MODEL,
+    )
 
 
 @dataclass
@@ -154,7 +165,7 @@ class EngineConfig:
         flag="--vllm-python",
         group=G_ENGINE,
     )
-    vllm_args: list = option(
+    vllm_args: list[str] = option(
         [],
         "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] (a flag takes one shell-quoted string: --vllm-args \"--tensor-parallel-size 4\").",
         flag="--vllm-args",
@@ -218,10 +229,10 @@ def server_engines_text() -> str:
 
 @dataclass
 class PersonaConfig:
-    domains: list = option(
+    domains: list[str] = option(
         [], "Domain names, e.g. ['writing', 'coding', 'safety']. One expert persona is written per domain."
     )
-    lengths: list = option(
+    lengths: list[str] = option(
         list(PERSONA_LENGTHS),
         "Persona length variants to write: min (one sentence), short (~50 words), long (~150 words).",
     )
@@ -239,7 +250,7 @@ class PersonaConfig:
         flag="--placement",
         group=G_DATA,
     )
-    persona_files: dict = option(
+    persona_files: dict[str, str] = option(
         {}, "domain -> path of a text file used verbatim as that domain's persona (all lengths)."
     )
     prefill: str = option(
@@ -249,6 +260,12 @@ class PersonaConfig:
     max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
     temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for writing personas.", above=0, at_most=1)
+
+    def validate(self) -> None:
+        if len(self.prefill) > MAX_PREFILL_CHARS:
+            raise PrismError(
+                f"persona.prefill has {len(self.prefill)} characters; at most {MAX_PREFILL_CHARS} (it starts the reply)"
+            )
 
 
 @dataclass
@@ -328,9 +345,10 @@ class GateConfig:
         at_least=0,
         at_most=1,
     )
-    hidden_sizes: list = option(
+    hidden_sizes: list[int] = option(
         [],
         "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).",
+        at_least=1,
     )
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
     lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
@@ -370,15 +388,35 @@ class GateConfig:
         at_least=0,
         at_most=1,
     )
-    threshold_bounds: list = option(
+    threshold_bounds: list[float] = option(
         [0.05, 0.95],
         "A calibrated threshold is clipped into [low, high] (with a warning): outside it the held-out rows did not separate the classes.",
+        at_least=0,
+        at_most=1,
     )
     min_calibration_rows: int = option(
         3,
         "Calibrate only with at least this many held-out rows of each label; otherwise use threshold (with a warning).",
         at_least=0,
     )
+
+    def validate(self) -> None:
+        calibration_rate(self.calibrate)
+
+
+def calibration_rate(method: str) -> Optional[float]:
+    """The share X of ``gate.calibrate = 'rate:X'`` (0 <= X <= 1); None for 'none' and 'balanced_accuracy';
+    a one-line error for anything else (checked with the other settings, before any work starts)."""
+    method = (method or "none").strip().lower()
+    if method in ("none", "balanced_accuracy"):
+        return None
+    try:
+        rate = float(method.split(":", 1)[1]) if method.startswith("rate:") else None
+    except ValueError:
+        rate = None
+    if rate is None or not 0 <= rate <= 1:
+        raise PrismError(f"gate.calibrate must be none, balanced_accuracy or rate:X with 0 <= X <= 1, got {method!r}")
+    return rate
 
 
 @dataclass
@@ -394,7 +432,7 @@ class DistillConfig:
     r: int = option(16, "LoRA rank.", at_least=1)
     alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
-    target_modules: list = option(
+    target_modules: list[str] = option(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Linear layers that get LoRA (layers 1..L-1 only).",
     )
@@ -441,7 +479,7 @@ class CheckConfig:
         metavar="PATH",
         group=G_DATA,
     )
-    rewarded: list = option(
+    rewarded: list[str] = option(
         [], "Domains whose held-out queries should be routed (when the file has no 'route' column)."
     )
     max_new_tokens: int = option(96, "Answer length of the held-out check (greedy decoding).", at_least=1)
@@ -455,7 +493,9 @@ class RunConfig:
         flag="--out",
         group=G_RUN,
     )
-    seed: int = option(0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN)
+    seed: int = option(
+        0, "Seed for sampling, splits and initialisation.", flag="--seed", group=G_RUN, at_least=0, at_most=2**32 - 1
+    )
     preset: str = option(
         "default",
         "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).",
@@ -743,11 +783,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise PrismError(f"config: '{where}' must be a list, got {value!r}")
-        return list(value)
+        item = (get_args(typ) or (Any,))[0]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise PrismError(f"config: '{where}' must be a table/object, got {value!r}")
-        return dict(value)
+        item = (get_args(typ) or (Any, Any))[1]
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     return value
 
 
@@ -763,11 +805,19 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
                 log.warning("config: ignoring unknown key '%s%s'", prefix, key)
             continue
         if isinstance(value, str) and fields_by_name[key].metadata.get("shell_words"):
-            import shlex
-
-            value = shlex.split(value)  # --vllm-args "--tensor-parallel-size 4"
+            value = _shell_words(value, fields_by_name[key].metadata.get("flag") or f"{prefix}{key}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _shell_words(value: str, name: str) -> list:
+    """``--vllm-args "--tensor-parallel-size 4"`` as a list; an unbalanced quote is one line."""
+    import shlex
+
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise PrismError(f"{name} is not valid shell words ({exc}): {value!r}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -804,7 +854,8 @@ def read_config_file(path: str | Path) -> dict:
 
 def resolve_file_paths(data: dict, base: Path) -> dict:
     """Paths written in a config file are relative to that file (not to where ``prism`` runs):
-    persona files, the queries file, the held-out file and a ``path/to/judge.py:function`` judge."""
+    persona files, the queries file, the held-out file, a ``path/to/judge.py:function`` judge, and a
+    model directory or .gguf file that exists beside the file (anything else is a Hugging Face id)."""
 
     def absolute(value: str) -> str:
         path = Path(value).expanduser()
@@ -821,6 +872,11 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     check = data.get("check")
     if isinstance(check, dict) and isinstance(check.get("queries"), str) and check["queries"]:
         check["queries"] = absolute(check["queries"])
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("model"), str) and model["model"]:
+        local = Path(model["model"]).expanduser()
+        if not local.is_absolute() and (base / local).exists():  # a local model beside the file (else an id)
+            model["model"] = str((base / local).resolve())
     judge = data.get("judge")
     if isinstance(judge, dict) and isinstance(judge.get("judge"), str):
         spec = judge["judge"]
@@ -1010,9 +1066,14 @@ def settings_from_args(cls: type, args: Any, prefix: str = "", base: Any = None,
     return obj
 
 
-def _bound_error(value: Any, meta: Any) -> str | None:
+def bound_error(value: Any, meta: Any) -> str | None:
+    """What is wrong with the number ``value`` under the bounds in ``meta`` (``at_least``, ``above``,
+    ``at_most``, ``below``), or None. NaN and the infinities fail every check (a comparison with NaN is
+    always false: ``gate.threshold=NaN`` passed every bound and routed nothing)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if not math.isfinite(value):
+        return "must be a finite number"
     if meta.get("at_least") is not None and value < meta["at_least"]:
         return f"must be at least {meta['at_least']}"
     if meta.get("above") is not None and value <= meta["above"]:
@@ -1038,7 +1099,8 @@ def check_settings(obj: Any, prefix: str = "", flags: bool = False, where: str =
         meta = f.metadata
         flag = meta.get("flag") or "--" + (prefix + f.name).replace("_", "-")
         label = flag if flags else f"{where}{f.name}" + (f" ({meta['flag']})" if meta.get("flag") else "")
-        problem = _bound_error(value, meta)
+        items = value if isinstance(value, list) else [value]
+        problem = next((p for p in (bound_error(v, meta) for v in items) if p), None)
         if meta.get("choices") and value not in meta["choices"] and value != _default_of(f):
             problem = f"must be one of {', '.join(map(str, meta['choices']))}"
         if problem:
@@ -1064,3 +1126,80 @@ a command that moves onto the settings system adds its dataclass here."""
 def describe_flags(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(flag, default, help) for every command-line setting of ``cls``."""
     return [(flag, _default_of(f), f.metadata.get("help", "")) for f, _, flag, _, _ in _settings_fields(cls, prefix)]
+
+
+# --------------------------------------------------------------------------------------------------
+# what a file may say: what was run, never how to run here
+
+HOW_TO_RUN = (
+    "model.trust_remote_code",
+    "engine.engine",
+    "engine.vllm_python",
+    "engine.vllm_args",
+    "engine.base_url",
+    "engine.api_key_env",
+)
+LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries")
+"""Settings that run code, reach the network or read files on this machine. A config file (a received
+``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
+they are used only when this command line says them too (:func:`check_how_to_run`)."""
+
+
+def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, run_dir: str = "") -> None:
+    """Refuse, with one line naming the flag to pass, a setting of :data:`HOW_TO_RUN` (and, for a run's
+    own saved config, a local file of :data:`LOCAL_FILES` outside ``run_dir``) that ``file_data`` (what
+    the file ``source`` says) sets and this command line (``typed``) does not. Engine settings that the
+    engine in use ignores are not refused (a saved ``base_url`` does nothing for ``--engine hf``)."""
+    keys = HOW_TO_RUN + (LOCAL_FILES if run_dir else ())
+    refused = [key for key in keys if _from_file_only(cfg, key, file_data, typed, run_dir)]
+    if refused:
+        said = ", ".join(f"{key} = {_dotted(file_data, key)!r}" for key in refused)
+        flags = ", ".join(_flag_for(key) for key in refused)
+        raise PrismError(
+            f"{source} sets {said}: how to run here (code, servers, files of this machine) is not taken "
+            f"from a file; pass {flags} on the command line to use {'them' if len(refused) > 1 else 'it'}"
+        )
+
+
+def _from_file_only(cfg: RunConfig, key: str, file_data: dict, typed: dict, run_dir: str) -> bool:
+    value = _dotted(file_data, key)
+    if value is None or _dotted(typed, key) is not None or value == _dotted(to_dict(RunConfig()), key):
+        return False
+    return _engine_uses(cfg, key) and not (key in LOCAL_FILES and _all_inside(value, run_dir))
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _engine_uses(cfg: RunConfig, key: str) -> bool:
+    if key in ("engine.base_url", "engine.api_key_env"):
+        return cfg.engine.engine != "hf"
+    if key in ("engine.vllm_python", "engine.vllm_args"):
+        return cfg.engine.engine == "vllm" and not cfg.engine.base_url
+    return True
+
+
+def _all_inside(value, run_dir: str) -> bool:
+    paths = value.values() if isinstance(value, dict) else [value]
+    root = Path(run_dir).expanduser().resolve()
+    return all(root in Path(str(p)).expanduser().resolve().parents for p in paths)
+
+
+RUN_SET_ONLY = ("vllm_args",)
+"""RunConfig fields with a flag of their own in other commands that `prism run` / `bootstrap` give only
+as ``--set`` (one list setting, not a shell string, in a run's config)."""
+
+
+def _flag_for(key: str) -> str:
+    if key == "persona.persona_files":
+        return "--persona-file DOMAIN=PATH"
+    if key.split(".")[-1] in RUN_SET_ONLY:
+        return f"--set {key}=[...]"
+    section, name = key.split(".")
+    f = {f.name: f for f in dataclasses.fields(get_type_hints(RunConfig)[section])}[name]
+    return f.metadata.get("flag") or f"--set {key}=..."

@@ -313,29 +313,55 @@ class CallableJudge(Judge):
         self.fn = fn
         self.name = name
         self.errors = 0
+        self.verdicts = 0  # results that were A, B or tie
+        self.others = 0  # results that were not (counted as unparseable)
+        self._last_other = ""
         self._warned: set = set()
         self.context = context_parameters(fn)
 
     def compare(self, items: Sequence[PairItem]) -> list[Verdict]:
-        out = []
-        for it in items:
-            extra = {k: getattr(it, k) for k in self.context}
-            try:
-                result = self.fn(it.query, it.answer_a, it.answer_b, **extra)
-            except Exception as exc:  # the user's code: never let it kill the run
-                self.errors += 1
-                kind = type(exc).__name__
-                if kind not in self._warned:
-                    self._warned.add(kind)
-                    log.warning("judge %s raised %s: %s (counted as unparseable)", self.name, kind, exc)
-                out.append(Verdict("unparseable", {"error": f"{kind}: {exc}"[:300]}))
-                continue
-            winner = normalise_callable_result(result)
-            out.append(
-                Verdict(winner, {"result": result if isinstance(result, (str, int, float)) else repr(result)[:300]})
-            )
+        out = [self._judge_one(it) for it in items]
+        self._check_results(out)
         return out
 
+    def _judge_one(self, it: PairItem) -> Verdict:
+        extra = {k: getattr(it, k) for k in self.context}
+        try:
+            result = self.fn(it.query, it.answer_a, it.answer_b, **extra)
+        except SystemExit as exc:  # the user's code must not end PRISM silently
+            raise PrismError(f"judge {self.name} called sys.exit({exc.code!r}); a judge returns A, B or tie") from None
+        except Exception as exc:  # the user's code: never let it kill the run
+            self.errors += 1
+            kind = type(exc).__name__
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning("judge %s raised %s: %s (counted as unparseable)", self.name, kind, exc)
+            return Verdict("unparseable", {"error": f"{kind}: {exc}"[:MAX_RESULT_CHARS]})
+        winner = normalise_callable_result(result)
+        shown = result if isinstance(result, (str, int, float)) else repr(result)
+        shown = shown[:MAX_RESULT_CHARS] if isinstance(shown, str) else shown
+        if winner == "unparseable":
+            self.others += 1
+            self._last_other = repr(result)[:60]
+        else:
+            self.verdicts += 1
+        return Verdict(winner, {"result": shown})
+
+    def _check_results(self, out: list) -> None:
+        """Results other than A, B or tie are counted as unparseable (judges fail soft) and named once,
+        with the judge, so an 'all labels are 0' later has its cause on screen."""
+        if self.others and "other" not in self._warned:
+            self._warned.add("other")
+            log.warning(
+                "judge %s returned %s, not A, B or tie (counted as unparseable; %d of %d results so far)",
+                self.name,
+                self._last_other,
+                self.others,
+                self.others + self.verdicts,
+            )
+
+
+MAX_RESULT_CHARS = 300  # of a user judge's result (or error) kept in the verdict record
 
 CONTEXT_FIELDS = ("domain", "persona")
 
@@ -407,6 +433,8 @@ def load_callable(spec: str) -> Callable:
             module = importlib.import_module(mod_name)
     except PrismError:
         raise
+    except SystemExit as exc:
+        raise PrismError(f"judge module '{mod_name}' called sys.exit({exc.code!r}) while being imported") from None
     except Exception as exc:
         hint = ""
         if isinstance(exc, ModuleNotFoundError) and not mod_name.endswith(".py"):

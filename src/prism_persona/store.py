@@ -183,6 +183,11 @@ class RunDir:
         meta_name = f"{stage}.meta.json"
         old = self.read_json(meta_name)
         new = json.loads(json.dumps(depends_on, sort_keys=True, default=str))
+        if old is not None and not (isinstance(old, dict) and isinstance(old.get("settings", {}), dict)):
+            raise PrismError(
+                f"{self.root / meta_name} is not a stage record (an object with 'settings'); "
+                f"pass --redo {store_stage(stage)} to redo that stage"
+            )
         if old is not None and old.get("settings") != new:
             a, b = _flatten(old.get("settings", {})), _flatten(new)
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -208,7 +213,8 @@ LOCK_NAME = ".prism.lock"
 _HELD: dict[str, list] = {}  # resolved run dir -> [open lock file, depth]: re-entrant within a process
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID is running (on this machine)."""
     if pid <= 0:
         return False
     try:
@@ -274,7 +280,13 @@ class RunLock:
         )
 
     def _acquire(self):
-        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:  # a directory, or a file without write permission, in its place
+            raise PrismError(
+                f"cannot open the run lock {self.path} ({exc.strerror or exc}); remove it if no prism process "
+                "is using this run"
+            ) from None
         try:
             import fcntl
         except ImportError:  # no flock (Windows): trust the PID in the file
@@ -287,7 +299,7 @@ class RunLock:
                 raise self._busy(_lock_holder(self.path)) from None
         else:
             holder = _lock_holder(self.path)
-            if holder and holder != os.getpid() and _pid_alive(holder):
+            if holder and holder != os.getpid() and pid_alive(holder):
                 fh.close()
                 raise self._busy(holder)
         stale = _lock_holder(self.path)

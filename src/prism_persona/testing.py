@@ -541,3 +541,24 @@ def vllm_server_pids(needle: str) -> list[str]:
         ):
             out.append(cmdline.parent.name)
     return out
+
+
+def one_error_line(capsys) -> str:
+    """The one non-blank line a command wrote to stderr (pytest's ``capsys``); fails if there are more."""
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def small_run_overrides(model_dir, out, domains: Sequence[str] = ("writing", "coding")) -> dict:
+    """Settings (a ``config.resolve`` overrides dict, on the ``tiny`` preset) of a run on a tiny model
+    that the scripted :class:`BootstrapEngine` finishes in seconds."""
+    return {
+        "out": str(out),
+        "quiet": True,
+        "persona": {"domains": list(domains)},
+        "model": {"model": str(model_dir), "batch_size": 4},
+        "queries": {"queries_per_persona": 4, "per_request": 4},
+        "gate": {"epochs": 20},
+        "distill": {"epochs": 1, "r": 4, "max_length": 160},
+    }

@@ -4,7 +4,7 @@ with one-line :class:`~prism_persona.errors.PrismError` messages. Standard libra
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,4 +36,17 @@ def jsonl_rows(text: str, invalid: Callable[[int, str], str]) -> Iterator[tuple[
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PrismError(invalid(n, exc.msg)) from None
+        except RecursionError:  # [[[[... nested deeper than Python's stack
+            raise PrismError(invalid(n, "nested too deeply")) from None
         yield n, value
+
+
+def csv_checked(path, rows: Iterable) -> Iterator:
+    """The rows of a :mod:`csv` reader; malformed CSV (a field over the csv module's size limit, a NUL
+    byte) is a one-line :class:`PrismError` naming the file."""
+    import csv
+
+    try:
+        yield from rows
+    except csv.Error as exc:
+        raise PrismError(f"{path} is not valid CSV ({exc})") from None

@@ -14,15 +14,6 @@ from prism_persona.errors import PrismError
 from prism_persona.gated.artifact import Artifact, base_fingerprint, write_artifact
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import prism_persona.gated.model as GM  # imported first: it binds models.load_model at import
-    import prism_persona.models as M
-
-    for module in (M, GM):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-
-
 def edit_config(art, **changes):
     cfg = json.loads((art / "prism_config.json").read_text())
     cfg.update(changes)

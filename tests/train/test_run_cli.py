@@ -169,7 +169,14 @@ def test_run_with_heldout_checks_the_artifact_and_reports_it(
 
     monkeypatch.setattr(K, "write_answers", lambda *a, **k: None)
     before = (out / "check" / "answers.jsonl").read_text()
-    assert cli.main(["run", "--out", str(out), "-q"]) == 0
+    resume = ["run", "--out", str(out), "-q"]
+    assert cli.main(resume) == 2  # the judge and the held-out file are named on the command line (issue 20)
+    assert "--trust-judge" in capsys.readouterr().err
+    assert cli.main(resume + ["--trust-judge"]) == 2
+    err = capsys.readouterr().err
+    assert "--heldout" in err and "--persona-file" in err
+    files = ["--heldout", str(held), "--persona-file", f"writing={persona}", "--persona-file", f"coding={persona}"]
+    assert cli.main(resume + ["--trust-judge"] + files) == 0
     assert (out / "check" / "answers.jsonl").read_text() == before
 
     from prism_persona.train.pipeline import redo

@@ -16,42 +16,19 @@ import pytest
 from prism_persona import cli
 from prism_persona import config as C
 from prism_persona.store import RunDir, RunLock
+from prism_persona.testing import one_error_line, small_run_overrides
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 DOMAINS = ["writing", "coding"]
 
 
 def small_cfg(model_dir, out, **over):
-    base = {
-        "out": str(out),
-        "quiet": True,
-        "persona": {"domains": DOMAINS},
-        "model": {"model": str(model_dir), "batch_size": 4},
-        "queries": {"queries_per_persona": 4, "per_request": 4},
-        "gate": {"epochs": 20},
-        "distill": {"epochs": 1, "r": 4, "max_length": 160},
-    }
+    base = small_run_overrides(model_dir, out, DOMAINS)
     return C.resolve("tiny", overrides=C.merge(base, over))
 
 
 @pytest.fixture(autouse=True)
 def _log_to_this_tests_stderr():
     cli.setup_logging(quiet=True)  # an earlier test's cli.main bound logging to its own (closed) stderr
-
-
-@pytest.fixture
-def scripted(monkeypatch):
-    """Every engine the pipeline builds is the scripted bootstrap engine (no generation model)."""
-    import prism_persona.engines as E
-    from prism_persona.testing import BootstrapEngine
-
-    monkeypatch.setattr(E, "make_engine", lambda cfg, model=None, tokenizer=None: BootstrapEngine())
-
-
-def one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert len(err) == 1, err
-    return err[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,30 +100,12 @@ def test_finished_run_rerun_never_rewrites_its_config(tiny_model_dir, tmp_path, 
 # item 9: one process per run directory
 
 
-HOLD = """
-import sys, time
-sys.path.insert(0, {src!r})
-from prism_persona.store import RunLock
-with RunLock({out!r}):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
-def hold_lock(out) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD.format(src=SRC, out=str(out))], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 @pytest.mark.subprocess
 def test_second_process_is_refused_naming_the_pid_and_a_dead_holder_is_taken_over(
-    tiny_model_dir, tmp_path, capsys, scripted
+    tiny_model_dir, tmp_path, capsys, scripted, lock_holder
 ):
     out = tmp_path / "run"
-    holder = hold_lock(out)
+    holder = lock_holder(out)
     try:
         rc = cli.main(["bootstrap", "--model", str(tiny_model_dir), "--domains", "writing", "--out", str(out), "-q"])
         line = one_error_line(capsys)

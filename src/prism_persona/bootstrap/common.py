@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import RunConfig
+from ..config import MAX_TEXT_CHARS, RunConfig
 from ..errors import PrismError
 from ..store import content_key
 from . import prompts
@@ -36,6 +36,10 @@ def persona_file_text(path: str, domain: str) -> str:
         raise PrismError(f"cannot read persona file for '{domain}' ({path}): {exc}") from None
     if not text:
         raise PrismError(f"persona file for '{domain}' is empty: {path}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise PrismError(
+            f"persona file for '{domain}' ({path}) has {len(text)} characters; a persona may have at most {MAX_TEXT_CHARS}"
+        )
     return text
 
 
@@ -48,6 +52,8 @@ def persona_files_from_flags(items) -> dict:
         dom, path = item.split("=", 1)
         if not Path(path).expanduser().is_file():
             raise PrismError(f"persona file not found: {path}")
+        if dom.strip() in files:
+            raise PrismError(f"--persona-file names domain '{dom.strip()}' twice; give one file per domain")
         files[dom.strip()] = str(Path(path).expanduser().resolve())
     return files
 

@@ -158,6 +158,7 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
     target = q.queries_per_persona
     have = {d: _domain_queries(store, d) for d in cfg.persona.domains}
     seen = {d: {normalise(x["query"]) for x in have[d]} for d in cfg.persona.domains}
+    record_lost_rounds(rounds, have)
     next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in cfg.persona.domains}
     bar = progress(total=target * len(cfg.persona.domains), desc="queries", disable=cfg.quiet, unit="query")
     bar.update(sum(min(target, len(v)) for v in have.values()))
@@ -223,6 +224,21 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
                 next_round[domain],
             )
     return {d: min(target, len(v)) for d, v in have.items()}
+
+
+def record_lost_rounds(rounds: JsonlStore, have: dict) -> None:
+    """A kill between a round's queries append and its round record leaves queries of a round that
+    ``query_rounds.jsonl`` lacks: record that round from its queries (its request and token counts are
+    lost with the kill), so it is neither repeated nor missing from the counts."""
+    recorded = {(r["domain"], r["round"]) for r in rounds}
+    for domain, queries in have.items():
+        lost = sorted({q["round"] for q in queries if "round" in q} - {r for d, r in recorded if d == domain})
+        for rnd in lost:
+            new = sum(1 for q in queries if q.get("round") == rnd)
+            key = content_key("round", domain, rnd)
+            rounds.append(
+                {"key": key, "domain": domain, "round": rnd, "requests": 0, "new": new, "tokens": 0, "recovered": True}
+            )
 
 
 def _round_candidates(requests: list, outs: list, q, seen: dict) -> list[tuple[str, str]]:

@@ -19,8 +19,9 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..config import MAX_TEXT_CHARS
 from ..errors import PrismError
-from ..userfiles import jsonl_rows, read_user_text
+from ..userfiles import csv_checked, jsonl_rows, read_user_text
 
 QUERY_FIELDS = ("query", "prompt")
 
@@ -52,6 +53,8 @@ def domain_and_query(path: str | Path, where: str, row: dict) -> tuple[str, str]
         raise PrismError(f"{path} {where}: no 'domain'")
     if not isinstance(query, str) or not query.strip():
         raise PrismError(f"{path} {where}: no non-empty 'query'")
+    if len(query) > MAX_TEXT_CHARS:
+        raise PrismError(f"{path} {where}: the query has {len(query)} characters; at most {MAX_TEXT_CHARS}")
     return domain.strip(), query.strip()
 
 
@@ -87,6 +90,8 @@ def _json_rows(p: Path, text: str) -> Iterable[tuple[str, object]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PrismError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise PrismError(f"{p} is not valid JSON (nested too deeply)") from None
     if isinstance(data, dict):
         for domain, queries in data.items():
             if not isinstance(queries, list):
@@ -107,6 +112,6 @@ def _csv_rows(p: Path, text: str, delimiter: str) -> Iterable[tuple[str, object]
     fields = [f.strip().lower() for f in (reader.fieldnames or [])]
     if "domain" not in fields or not any(f in fields for f in QUERY_FIELDS):
         raise PrismError(f"{p}: the header must name a 'domain' and a 'query' column (found: {', '.join(fields)})")
-    for row in reader:
+    for row in csv_checked(p, reader):
         clean = {(k or "").strip().lower(): v for k, v in row.items()}
         yield f"line {reader.line_num}", clean

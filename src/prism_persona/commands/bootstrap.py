@@ -38,15 +38,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     resume_from_saved_config(args)
     cfg = config_from_args(args)
-    if args.redo:
-        from ..train.pipeline import redo
-
-        redo(cfg.out, args.redo)
-
     from ..bootstrap.summary import format_summary
     from ..train.pipeline import run_bootstrap
 
-    summary = run_bootstrap(cfg)
+    summary = run_bootstrap(cfg, redo_stage=args.redo)
     print(format_summary(summary), end="")
     print(f"\nwrote {summary['run']}/verdicts.jsonl, summary.json and summary.md")
     return 0

@@ -36,9 +36,11 @@ def read_line() -> str:
     from ..errors import PrismError
 
     try:
-        return sys.stdin.readline()
-    except UnicodeDecodeError:
+        line = sys.stdin.readline()
+        line.encode("utf-8")  # a piped stdin decodes with surrogateescape: undecodable bytes arrive as surrogates
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise PrismError("stdin is not UTF-8 text; prism chat reads one UTF-8 line per message") from None
+    return line
 
 
 def describe(routed: bool, prob: float, forced: bool) -> str:

@@ -32,10 +32,10 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
     one (type, choices, help and default from config.py), plus the flags that are not one setting.
     ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
-    from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig, add_flags
+    from ..config import G_DATA, G_ENGINE, G_RUN, RUN_SET_ONLY, RunConfig, add_flags
     from ..stages import stage_names
 
-    skip = ("vllm_args",) + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
+    skip = RUN_SET_ONLY + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
     groups = add_flags(p, RunConfig, flagged_only=True, skip=skip)
     g = groups[G_RUN]
     g.add_argument("--config", help="JSON or TOML config file (see `prism config --show`)")
@@ -122,8 +122,9 @@ def resume_from_saved_config(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
-    """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming."""
-    from ..config import resolve
+    """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming (what
+    was run: how to run here comes from the flags, :func:`config.check_how_to_run`)."""
+    from ..config import check_how_to_run, read_config_file, resolve
     from ..errors import PrismError
 
     overrides = overrides_from_args(args)
@@ -134,22 +135,23 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
             'no domains given; use --domains "writing,coding,safety" or a config file with persona.domains'
         )
     check_judge_source(cfg, overrides, cfg_file, bool(vars(args).get("trust_judge")))
+    if cfg_file:
+        resuming = cfg_file == saved_config(cfg.out)
+        check_how_to_run(cfg, read_config_file(cfg_file), overrides, cfg_file, cfg.out if resuming else "")
     return cfg
 
 
 def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bool) -> None:
     """A ``module:function`` judge runs Python code. It is imported when the user typed it on this
     command line (``--judge`` / ``--set judge.judge=``) or confirms with ``--trust-judge``; a judge that
-    only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line -
-    unless the run's verdicts are already done, in which case it is never imported."""
+    only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line,
+    also when the bootstrap is done (the held-out check and ``--redo verdicts`` would import it)."""
     from ..errors import PrismError
     from ..judges import is_callable_spec
 
     spec = (cfg.judge.judge or "self").strip()
     typed = "judge" in (overrides.get("judge") or {})
     if typed or confirmed or not is_callable_spec(spec) or Path(spec).exists():
-        return
-    if (Path(cfg.out).expanduser() / "bootstrap.done.json").is_file():
         return
     raise PrismError(
         f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "
@@ -204,16 +206,20 @@ def add_stage_parser(sub, stage: str, help: str, description: str, example_set: 
         help=f"override a setting, e.g. --set {example_set} (repeatable)",
     )
     p.add_argument("--redo", action="store_true", help=f"run the {stage} stage again with the current settings")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="run the model repository's own modelling code (a run's saved config never turns it on)",
+    )
     add_common(p)
     p.set_defaults(func=lambda args: run_stage(args, stage))
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> int:
     """Run one training stage of ``args.run`` (again with ``--redo``) and print the result."""
-    from ..train.pipeline import redo, run_config, train_stages
+    from ..train.pipeline import run_config, train_stages
 
     cfg = run_config(args.run, overrides_from_args(args))
-    if args.redo:
-        redo(args.run, stage)
-    print_result(train_stages(cfg, stages=(stage,)))
+    print_result(train_stages(cfg, stages=(stage,), redo_stage=stage if args.redo else None))
     return 0

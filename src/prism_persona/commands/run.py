@@ -39,12 +39,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     resume_from_saved_config(args)
     cfg = config_from_args(args)
-    if args.redo:
-        from ..train.pipeline import redo
-
-        redo(cfg.out, args.redo)
-
     from ..train.pipeline import run_pipeline
 
-    print_result(run_pipeline(cfg))
+    print_result(run_pipeline(cfg, redo_stage=args.redo))
     return 0

@@ -102,10 +102,11 @@ def _serve(options) -> int:
     import sys
 
     from ..serve.backend import load_backend
-    from ..serve.http import PrismServer, warn_if_exposed
+    from ..serve.http import PrismServer, check_address, warn_if_exposed
     from ..serve.upstream import Forwarder
 
     load = options.load
+    check_address(options)
     backend = load_backend(
         load.prism,
         load.device,

@@ -52,6 +52,35 @@ SYSTEMS = ("base", "persona", "lora", "prism")
 FORCE = {"base": False, "persona": False, "lora": True, "prism": None}
 
 
+def _check_model_args(device, threshold, max_length) -> tuple[Optional[float], Optional[int]]:
+    """One-line errors for ``--model_args`` values, before any model loads; returns (threshold,
+    max_length) as numbers."""
+    from ..config import check_device
+
+    check_device(str(device), "model_args device")
+    return (
+        _model_arg(threshold, "threshold", float, at_least=0, at_most=1),
+        _model_arg(max_length, "max_length", int, at_least=1),
+    )
+
+
+def _model_arg(value, name: str, kind: type, **bounds):
+    from ..config import bound_error
+
+    if value is None or value == "":
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise PrismError(
+            f"model_args {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        ) from None
+    problem = bound_error(number, bounds)
+    if problem:
+        raise PrismError(f"model_args {name} {problem}, got {value!r}")
+    return number
+
+
 def _bool_routes(probs: Sequence[float], threshold: float) -> list[bool]:
     return [bool(p >= threshold) for p in probs]
 
@@ -79,11 +108,12 @@ class PrismLM(TemplateLM):
         if unused:
             log.info("prism: ignoring model_args %s", ", ".join(sorted(unused)))
         self.system = _check_system(system, artifact)
+        threshold, max_length = _check_model_args(device, threshold, max_length)
         self.gm, model, tok = _load(artifact, pretrained, device, dtype, self.system)
         self.model, self.tokenizer = model, tok
         self.batch_size_per_gpu = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
-        self.threshold = float(threshold) if threshold is not None else (self.gm.threshold if self.gm else 0.5)
-        self._max_length = int(max_length) if max_length else _model_max_length(model)
+        self.threshold = threshold if threshold is not None else (self.gm.threshold if self.gm else 0.5)
+        self._max_length = max_length or _model_max_length(model)
         self.persona = _persona_text(persona_file, domain) if self.system == "persona" else None
         self.routing_file = routing_file
         self.routing: dict = {}

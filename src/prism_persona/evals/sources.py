@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import PrismError
-from ..userfiles import jsonl_rows
+from ..userfiles import csv_checked, jsonl_rows
 
 RECORD_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 JSON_LIST_KEYS = ("test", "train", "rows", "data", "questions", "behaviors", "prompts")
@@ -132,8 +132,8 @@ def jsonl_records(p: Path, text: str) -> Iterable[Row]:
 def json_records(p: Path, text: str) -> list[Row]:
     try:
         data = json.loads(text)
-    except ValueError:
-        # a .json file that is really JSON Lines
+    except (ValueError, RecursionError):
+        # a .json file that is really JSON Lines (or not JSON: jsonl_records names the line)
         return list(jsonl_records(p, text))
     if isinstance(data, dict):
         data = next((data[k] for k in JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
@@ -149,14 +149,14 @@ def csv_records(p: Path, text: str, delimiter: str = ",") -> Iterable[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     if not reader.fieldnames:
         raise PrismError(f"{p}: no header row")
-    for row in reader:
+    for row in csv_checked(p, reader):
         yield f"{p}:{reader.line_num}", {(k or "").strip(): v for k, v in row.items()}
 
 
 def csv_rows(p: Path, text: str) -> Iterable[tuple[str, list]]:
     """Header-less CSV rows as lists (``where`` = file:line of the row's last physical line)."""
     reader = csv.reader(io.StringIO(text, newline=""))
-    for row in reader:
+    for row in csv_checked(p, reader):
         yield f"{p}:{reader.line_num}", row
 
 

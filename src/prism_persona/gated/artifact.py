@@ -63,19 +63,37 @@ class Artifact:
             if not (d / name).is_file():
                 raise PrismError(f"{d} has no {name}: the artifact is incomplete; re-assemble it")
         art = cls(d, cfg)
-        _check_json(d / GATE_CONFIG)
+        _check_number(cfg, "batch_size", cfg_path, at_least=1, integer=True)
+        _check_number(cfg, "threshold", cfg_path, at_least=0, at_most=1)
+        _check_gate_config(d / GATE_CONFIG)
         _check_safetensors(d / GATE_WEIGHTS)
         if need_adapter:
-            if not (art.adapter_dir / "adapter_config.json").is_file():
-                raise PrismError(
-                    f"{d} has no LoRA adapter ({art.adapter_dir}/adapter_config.json is missing); "
-                    "re-assemble the artifact"
-                )
-            _check_json(art.adapter_dir / "adapter_config.json")
-            weights = art.adapter_dir / "adapter_model.safetensors"
-            if weights.exists() or not (art.adapter_dir / "adapter_model.bin").is_file():
-                _check_safetensors(weights)
+            art._check_adapter()
         return art
+
+    def _check_adapter(self) -> None:
+        from ..errors import PrismError
+
+        adapter = self.adapter_dir
+        if self.path not in adapter.resolve().parents:
+            raise PrismError(
+                f"{self.path / PRISM_CONFIG}: adapter {self.config.get('adapter')!r} is not a folder inside "
+                "the artifact; re-assemble the artifact"
+            )
+        if not (adapter / "adapter_config.json").is_file():
+            raise PrismError(
+                f"{self.path} has no LoRA adapter ({adapter}/adapter_config.json is missing); re-assemble the artifact"
+            )
+        acfg = _json_object(adapter / "adapter_config.json")
+        _check_number(acfg, "r", adapter / "adapter_config.json", at_least=1, integer=True)
+        _check_number(acfg, "lora_alpha", adapter / "adapter_config.json", above=0)
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.exists() and (adapter / "adapter_model.bin").is_file():
+            raise PrismError(
+                f"{adapter} holds adapter_model.bin, a pickle, which PRISM never loads (it can run code); "
+                "re-assemble the artifact (PRISM writes adapter_model.safetensors)"
+            )
+        _check_safetensors(weights)
 
     def check_trust(self, trust_remote_code: bool) -> bool:
         """Custom modelling code runs only when the user typed ``--trust-remote-code``: an artifact
@@ -133,13 +151,50 @@ class Artifact:
             ) from None
 
 
-def _check_json(path: Path) -> None:
+def _json_object(path: Path) -> dict:
     from ..errors import PrismError
 
     try:
-        json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise PrismError(f"{path} is not valid JSON ({exc}); re-assemble the artifact") from None
+    if not isinstance(data, dict):
+        raise PrismError(f"{path} is not a JSON object; re-assemble the artifact")
+    return data
+
+
+def _check_number(data: dict, key: str, path: Path, integer: bool = False, **bounds) -> None:
+    """``data[key]``, when present, is a finite number (an integer with ``integer``) within ``bounds``
+    (the keywords of config's bound checker); else one line naming the file."""
+    import math
+
+    from ..config import bound_error
+    from ..errors import PrismError
+
+    if key not in data:
+        return
+    value = data[key]
+    kind = int if integer else (int, float)
+    problem = None
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        problem = "must be an integer" if integer else "must be a finite number"
+    problem = problem or bound_error(value, bounds)
+    if problem:
+        raise PrismError(f"{path}: {key} {problem}, got {value!r}; re-assemble the artifact")
+
+
+def _check_gate_config(path: Path) -> None:
+    from ..errors import PrismError
+    from .features import POOLINGS
+
+    gcfg = _json_object(path)
+    _check_number(gcfg, "threshold", path, at_least=0, at_most=1)
+    _check_number(gcfg, "hidden_size", path, at_least=1, integer=True)
+    pooling = gcfg.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise PrismError(
+            f"{path}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}; re-assemble the artifact"
+        )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -301,8 +356,20 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     os.replace(tmp, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):  # from a killed earlier assembly
+    remove_leftovers(dst)
+
+
+def remove_leftovers(dst: Path) -> None:
+    """Remove what killed earlier assemblies of ``dst`` left beside it: every temporary directory
+    (the caller holds the run lock) and the set-aside old artifacts of processes no longer running."""
+    from ..store import pid_alive
+
+    for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in dst.parent.glob(f".{dst.name}.old-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def is_artifact(directory: str | Path) -> bool:

@@ -235,6 +235,14 @@ class PrismApp:
         ready = []
         limit = self.options.limits.max_prompt_tokens
         for job in jobs:
+            if self.backend.surely_over(job.payload.messages, limit):
+                job.error = ApiError(
+                    400,
+                    f"the prompt has more than {limit} tokens; this server allows at most {limit}",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+                continue
             try:
                 n = self.backend.count_tokens(job.payload.messages)
             except Exception as exc:  # a chat template that rejects this conversation

@@ -27,6 +27,7 @@ class GatedBackend:
         self.model = model
         self.name = name
         self.tokenizer = _tokenizer_of(model)
+        self._max_token_chars: Optional[int] = None
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -34,6 +35,22 @@ class GatedBackend:
         from ..models import render_chat
 
         return render_chat(self.tokenizer, chat)
+
+    def surely_over(self, chat: Sequence[dict], limit: int) -> bool:
+        """Whether ``chat`` has more than ``limit`` tokens by its length alone: more characters than
+        ``limit`` of the tokenizer's longest tokens hold. Such a prompt is refused without tokenizing
+        it (a megabyte prompt took seconds and memory the allocator never returned)."""
+        if self.tokenizer is None:
+            return False
+        chars = sum(len(m.get("content") or "") for m in chat)
+        return chars > limit * self.max_token_chars
+
+    @property
+    def max_token_chars(self) -> int:
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=64) or 64
+        return self._max_token_chars
 
     def count_tokens(self, chat: Sequence[dict]) -> Optional[int]:
         """Prompt length in tokens after the chat template; ``None`` if the model has no tokenizer."""

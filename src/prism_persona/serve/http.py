@@ -6,7 +6,8 @@ read), the declared ``Content-Length`` against ``max_body_bytes`` (413), then th
 deadline (``body_timeout_s``: a stalled or trickled body gets 408 and the connection is closed; a connection
 whose request headers are not complete within the same time is closed). The
 app core then runs in a worker thread (it blocks on the batching queue). uvicorn caps open connections
-(``max_connections``: the next one is answered 503 at once) and closes idle keep-alive connections.
+(``max_connections``: the next one is answered 503 at once, in the OpenAI error shape, as is a malformed
+request) and closes keep-alive connections idle for ``idle_timeout_s``.
 A client that disconnects is one log line. SIGTERM / Ctrl-C: stop accepting, let in-flight requests
 finish (``shutdown_grace_s``), stop the model worker. uvicorn and Starlette are imported in
 :meth:`PrismServer.start`, never at import.
@@ -15,6 +16,7 @@ finish (``shutdown_grace_s``), stop the model worker. uvicorn and Starlette are 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import socket
@@ -132,6 +134,54 @@ def build_asgi(app: PrismApp):
     return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)])
 
 
+async def send_json(send, status: int, body: dict) -> None:
+    """A whole JSON response on a raw ASGI ``send``, closing the connection."""
+    data = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def capped(asgi, open_connections, max_connections: int):
+    """``asgi`` behind the ``--max-connections`` cap: a request arriving while more connections are
+    open (its own included) gets 503 at once, in the OpenAI error shape (uvicorn's own cap answers
+    plain text)."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and open_connections() > max_connections:
+            err = ApiError(503, f"the server is at its limit of {max_connections} connections", code="overloaded")
+            await send_json(send, 503, err.body())
+            return
+        await asgi(scope, receive, send)
+
+    return app
+
+
+def _json_errors_protocol():
+    """uvicorn's h11 protocol answering a malformed request (a bad Content-Length, broken headers) with
+    400 in the OpenAI error shape instead of plain text."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            data = json.dumps(ApiError(400, msg, code="invalid_request").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (
+                h11.Response(status_code=400, headers=headers + [(b"content-length", str(len(data)).encode())]),
+                h11.Data(data=data),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorsH11Protocol
+
+
 def _closing(stream):
     """Iterate ``stream`` and close it however the iteration ends (a client gone mid-stream included)."""
     try:
@@ -191,21 +241,7 @@ class PrismServer:
         return f"http://{host}:{self.port}/v1"
 
     def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.options.host, self.options.port))
-        except OSError as exc:
-            sock.close()
-            from ..errors import PrismError
-
-            raise PrismError(
-                f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}"
-            ) from None
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
+        return bind_socket(self.options.host, self.options.port)
 
     def start(self) -> PrismServer:
         """Bind, start the model worker and uvicorn (in a background thread with its own event loop)."""
@@ -214,12 +250,12 @@ class PrismServer:
         self._sock = self._bind()
         opts = self.options
         config = uvicorn.Config(
-            build_asgi(self.app),
+            capped(build_asgi(self.app), lambda: len(self.server.server_state.connections), opts.max_connections),
             lifespan="off",
             log_level="warning",
             access_log=False,
-            limit_concurrency=opts.max_connections
-            + 1,  # uvicorn counts the arriving one timeout_keep_alive=int(max(1, opts.idle_timeout_s)),
+            http=_json_errors_protocol(),
+            timeout_keep_alive=int(max(1, opts.idle_timeout_s)),
             timeout_graceful_shutdown=opts.shutdown_grace_s,
             h11_max_incomplete_event_size=64 * 1024,
             server_header=False,
@@ -326,6 +362,28 @@ class PrismServer:
 
     def __exit__(self, *exc) -> None:
         self.shutdown(grace_s=5.0)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking socket on ``host:port``; an address that cannot be bound is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from ..errors import PrismError
+
+        raise PrismError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def check_address(options: ServeOptions) -> None:
+    """Fail on an address that cannot be bound before the model loads (minutes, for a large one)."""
+    bind_socket(options.host, options.port).close()
 
 
 def warn_if_exposed(options: ServeOptions) -> None:

@@ -61,7 +61,7 @@ def load_heldout(
     from ..bootstrap.query_file import domain_and_query, read_rows
     from ..store import content_key
 
-    items, seen = [], set()
+    items, seen = [], {}
     for where, row in read_rows(path, what="held-out queries file"):
         domain, query = domain_and_query(path, where, row)
         route = _route_value(path, where, row.get("route", row.get("expected_route")))
@@ -69,8 +69,10 @@ def load_heldout(
             route = domain in rewarded
         key = content_key("heldout", domain, query)
         if key in seen:
+            if seen[key] != route:  # a duplicate is kept once; one that contradicts itself is a mistake
+                raise PrismError(f"{path} {where}: {query!r} ({domain}) is listed again with another route")
             continue
-        seen.add(key)
+        seen[key] = route
         items.append(HeldoutQuery(key, domain, query, route))
     unknown = sorted(set(rewarded) - {q.domain for q in items})
     if unknown:
@@ -407,7 +409,7 @@ def run_check(
     already loaded :class:`GatedModel` to use."""
     from ..gated.artifact import Artifact
     from ..judges import check_judge_spec, judge_from_spec
-    from ..store import RunDir
+    from ..store import RunDir, RunLock
 
     heldout, rewarded, max_new_tokens = check.queries, check.rewarded, check.max_new_tokens
     judge, judge_mode = judge_cfg.judge, judge_cfg.mode
@@ -417,36 +419,41 @@ def run_check(
     items = load_heldout(heldout, rewarded)
     personas = persona_texts(art, sorted({q.domain for q in items}), persona_files)
     check_judge_spec(judge)
-    run = RunDir(out or art.path.parent / "check")
-    answer_settings = {
-        "artifact": artifact_fingerprint(art),
-        "max_new_tokens": max_new_tokens,
-        "personas": {d: hashlib.sha1(t.encode()).hexdigest()[:16] for d, t in sorted(personas.items())},
-    }
-    answers = run.store("answers", depends_on=answer_settings)
-    verdicts = run.store("verdicts", depends_on={"answers": answer_settings, "judge": judge, "judge_mode": judge_mode})
-    if gated is None:
-        from ..gated.model import GatedModel
+    out_dir = Path(out or art.path.parent / "check").expanduser().resolve()
+    # one writer: the run whose check this is (a `prism run` on it holds the same lock), else --out
+    with RunLock(art.path.parent if out_dir == art.path.parent / "check" else out_dir):
+        run = RunDir(out_dir)
+        answer_settings = {
+            "artifact": artifact_fingerprint(art),
+            "max_new_tokens": max_new_tokens,
+            "personas": {d: hashlib.sha1(t.encode()).hexdigest()[:16] for d, t in sorted(personas.items())},
+        }
+        answers = run.store("answers", depends_on=answer_settings)
+        verdicts = run.store(
+            "verdicts", depends_on={"answers": answer_settings, "judge": judge, "judge_mode": judge_mode}
+        )
+        if gated is None:
+            from ..gated.model import GatedModel
 
-        gated = GatedModel.from_pretrained(art.path, device=device, dtype=dtype, batch_size=batch_size)
-    bs = batch_size or gated.batch_size
-    write_answers(gated, items, personas, art.config.get("placement", "system"), answers, max_new_tokens, bs, quiet)
-    the_judge = judge_from_spec(judge, gated.as_engine(force=False), judge_mode)
-    try:
-        write_verdicts(the_judge, items, answers, personas, verdicts, bs, quiet)
-    finally:
-        the_judge.close()
-    report = summarise(items, answers, verdicts, gated.threshold)
-    report.update(
-        artifact=str(art.path),
-        heldout=str(heldout),
-        judge=judge,
-        judge_mode=getattr(the_judge, "mode", judge_mode),
-        max_new_tokens=max_new_tokens,
-        rewarded=list(rewarded),
-    )
-    run.write_json("check.json", report)
-    check_figure(report, run.path("check.png"))
-    run.path("check.md").write_text(check_markdown(report), encoding="utf-8")
-    report["out"] = str(run.root)
-    return report
+            gated = GatedModel.from_pretrained(art.path, device=device, dtype=dtype, batch_size=batch_size)
+        bs = batch_size or gated.batch_size
+        write_answers(gated, items, personas, art.config.get("placement", "system"), answers, max_new_tokens, bs, quiet)
+        the_judge = judge_from_spec(judge, gated.as_engine(force=False), judge_mode)
+        try:
+            write_verdicts(the_judge, items, answers, personas, verdicts, bs, quiet)
+        finally:
+            the_judge.close()
+        report = summarise(items, answers, verdicts, gated.threshold)
+        report.update(
+            artifact=str(art.path),
+            heldout=str(heldout),
+            judge=judge,
+            judge_mode=getattr(the_judge, "mode", judge_mode),
+            max_new_tokens=max_new_tokens,
+            rewarded=list(rewarded),
+        )
+        run.write_json("check.json", report)
+        check_figure(report, run.path("check.png"))
+        run.path("check.md").write_text(check_markdown(report), encoding="utf-8")
+        report["out"] = str(run.root)
+        return report

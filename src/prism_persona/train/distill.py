@@ -40,7 +40,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -321,15 +321,13 @@ class _adapter_off:
 # LoRA
 
 
-def lora_config(model, dcfg):
-    """PEFT LoRA on decoder layers 1..L-1 only (layer 0 feeds the gate and must stay the base's)."""
-    from peft import LoraConfig
-
-    n_layers = len(decoder_layers(model))
+def lora_targets(model, dcfg) -> list:
+    """The ``distill.target_modules`` this model has (a warning names the missing ones; none at all is a
+    one-line error - checked as soon as the model is loaded, before the bootstrap)."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = [t for t in dcfg.target_modules if t in names]
     missing = sorted(set(dcfg.target_modules) - set(targets))
-    if missing:
+    if missing and targets:
         log.warning("distill: the model has no %s layers; LoRA goes on %s", ", ".join(missing), ", ".join(targets))
     if not targets:
         from ..errors import PrismError
@@ -337,11 +335,19 @@ def lora_config(model, dcfg):
         raise PrismError(
             f"none of the LoRA target modules {dcfg.target_modules} exist in this model; set distill.target_modules"
         )
+    return targets
+
+
+def lora_config(model, dcfg):
+    """PEFT LoRA on decoder layers 1..L-1 only (layer 0 feeds the gate and must stay the base's)."""
+    from peft import LoraConfig
+
+    n_layers = len(decoder_layers(model))
     return LoraConfig(
         r=int(dcfg.r),
         lora_alpha=int(dcfg.alpha),
         lora_dropout=float(dcfg.dropout),
-        target_modules=targets,
+        target_modules=lora_targets(model, dcfg),
         layers_to_transform=list(range(1, n_layers)),
         task_type="CAUSAL_LM",
         bias="none",
@@ -441,7 +447,6 @@ def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]
 
     from ..errors import PrismError
 
-    set_peft_model_state_dict(peft_model, load_file(str(ckpt / "adapter_model.safetensors")))
     try:
         opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for foreign objects, and any corruption
@@ -449,11 +454,36 @@ def _load_checkpoint(peft_model, opt, ckpt: Path) -> tuple[dict, Optional[dict]]
             f"{ckpt / 'optimizer.pt'} is not a plain optimizer state ({type(exc).__name__}); "
             f"delete {ckpt} to restart distillation"
         ) from None
-    opt.load_state_dict(opt_state)
-    if (ckpt / RNG_FILE).is_file():
-        set_rng_tensors(load_file(str(ckpt / RNG_FILE)))
-    best = load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None
-    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")), best
+    tensors = lambda path: load_file(str(path))  # noqa: E731
+    adapter = _checkpoint_part(ckpt, "adapter_model.safetensors", tensors)
+    rng = _checkpoint_part(ckpt, RNG_FILE, tensors) if (ckpt / RNG_FILE).is_file() else None
+    best = _checkpoint_part(ckpt, BEST_FILE, tensors) if (ckpt / BEST_FILE).is_file() else None
+    state = _checkpoint_part(ckpt, "trainer_state.json", _trainer_state)
+    _checkpoint_part(ckpt, "adapter_model.safetensors", lambda _: set_peft_model_state_dict(peft_model, adapter))
+    _checkpoint_part(ckpt, "optimizer.pt", lambda _: opt.load_state_dict(opt_state))
+    if rng is not None:
+        _checkpoint_part(ckpt, RNG_FILE, lambda _: set_rng_tensors(rng))
+    return state, best
+
+
+def _trainer_state(path: Path) -> dict:
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("step", 0), int):
+        raise ValueError("not an object with the step reached")
+    return state
+
+
+def _checkpoint_part(ckpt: Path, name: str, read: Callable):
+    """``read(ckpt / name)``; a damaged part of the checkpoint is one line, never a traceback."""
+    from ..errors import PrismError
+
+    try:
+        return read(ckpt / name)
+    except Exception as exc:
+        raise PrismError(
+            f"the distillation checkpoint {ckpt} is damaged ({name}: {type(exc).__name__}); "
+            "pass --redo distill to train from scratch"
+        ) from None
 
 
 def _read_curve(path: Path, max_step: Optional[int] = None) -> list[dict]:

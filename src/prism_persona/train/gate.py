@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, calibration_rate
 from ..gated.features import query_features
 from ..gated.gate import Gate, GateBundle
 from ..stats import binary_metrics
@@ -49,14 +49,8 @@ def calibrate_threshold(
             log.warning("gate: no held-out rows to calibrate on; using threshold %.2f", default)
             return float(default), "fixed: no held-out rows"
         return float(default), "fixed"
-    if method.startswith("rate:"):
-        try:
-            rate = float(method.split(":", 1)[1])
-        except ValueError:
-            from ..errors import PrismError
-
-            raise PrismError(f"gate calibrate '{method}': the rate must be a number, e.g. rate:0.3") from None
-        rate = min(max(rate, 0.0), 1.0)
+    rate = calibration_rate(method)
+    if rate is not None:
         ranked = sorted(probs, reverse=True)
         k = int(round(rate * len(ranked)))
         t = float(min(1.0, ranked[0] + 1e-6)) if k <= 0 else float(ranked[k - 1])

@@ -144,17 +144,26 @@ def bootstrap_has_work(run: RunDir, cfg: C.RunConfig) -> bool:
     )
 
 
-def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None) -> dict:
+def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
     """Run or resume the bootstrap in ``cfg.out``; write ``summary.json`` / ``summary.md``; return the summary.
 
     ``engine`` defaults to ``engines.make_engine(cfg)`` and ``judge`` to ``judges.make_judge(cfg, engine)``;
     both are built only when a stage needs them. The run directory is locked (:class:`RunLock`) while
     this runs. A ``module:function`` judge is imported only after the settings check, and only when the
-    verdicts still have work to do.
+    verdicts still have work to do. ``redo_stage`` is forgotten (:func:`redo`) only once every setting
+    is checked and the lock is held.
     """
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
+        redo_if_asked(cfg, redo_stage)
         return _run_bootstrap(cfg, engine, judge)
+
+
+def redo_if_asked(cfg: C.RunConfig, stage: Optional[str]) -> None:
+    """``--redo STAGE``: called with the run locked and every setting checked, so a refused command
+    (a bad flag, another process on the run) deletes nothing."""
+    if stage:
+        redo(cfg.out, stage)
 
 
 def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
@@ -299,7 +308,9 @@ def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> 
     saved = os.path.join(os.fspath(run_dir), "config.json")
     if not os.path.isfile(saved):
         raise PrismError(f"{run_dir} has no config.json; run `prism bootstrap --out {run_dir}` first")
-    return C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
+    cfg = C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
+    C.check_how_to_run(cfg, C.read_config_file(saved), overrides or {}, saved, os.fspath(run_dir))
+    return cfg
 
 
 def load_base(cfg: C.RunConfig):
@@ -313,7 +324,12 @@ def load_base(cfg: C.RunConfig):
 
 
 def train_stages(
-    cfg: C.RunConfig, model=None, tok=None, stages=training_stages(), seconds: Optional[dict] = None
+    cfg: C.RunConfig,
+    model=None,
+    tok=None,
+    stages=training_stages(),
+    seconds: Optional[dict] = None,
+    redo_stage: Optional[str] = None,
 ) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
@@ -321,6 +337,8 @@ def train_stages(
 
     main = DataParallel().is_main  # data-parallel distillation: every rank trains, rank 0 writes
     with RunLock(cfg.out) if main else contextlib.nullcontext():
+        if main:
+            redo_if_asked(cfg, redo_stage)
         return _train_stages(cfg, model, tok, stages, seconds, main)
 
 
@@ -351,7 +369,7 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
     return {"artifact": art, "report": rep, "run": run}
 
 
-def run_pipeline(cfg: C.RunConfig, engine=None, judge=None) -> dict:
+def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
     """Run or resume every stage of the method in ``cfg.out`` and return
     ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
 
@@ -367,6 +385,7 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None) -> dict:
         )
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
+        redo_if_asked(cfg, redo_stage)
         return _run_pipeline(cfg, engine, judge)
 
 
@@ -376,12 +395,20 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
     run = RunDir(cfg.out)
     check_run(cfg, run)  # before the model loads
     todo = [m for m in markers() if not run.done(m)]
+    if judge is None and (todo or cfg.check.queries):  # a judge that cannot load: before the model loads
+        from ..judges import check_judge_spec
+
+        check_judge_spec(cfg.judge.judge)
     from ..engines import engine_spec, make_engine
 
     if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)
+        if not run.done("distill"):  # a setting only distillation reads, checked before the bootstrap
+            from .distill import lora_targets
+
+            lora_targets(model, cfg.distill)
         engine = make_engine(cfg, model, tok)
     t0 = time.perf_counter()
     summary = run_bootstrap(cfg, engine=engine, judge=judge)
