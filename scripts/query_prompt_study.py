@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -45,7 +46,7 @@ from prism_persona.store import RunDir
 EXPERT = {"writing": 12, "coding": 12, "safety": 12}
 STYLE = {"stories": 25, "cooking": 25}
 PIRATE = Path(__file__).resolve().parents[1] / "examples" / "style" / "pirate.txt"
-ROUNDS = 2
+ROUNDS = int(os.environ.get("STUDY_ROUNDS", "2"))
 
 EXAMPLES = (
     "How often should I water tomato plants in a hot summer?",
@@ -93,7 +94,9 @@ _META = re.compile(
     r"questions? (?:asked|that users)|user(?:'s)? (?:query|question|request|message)|"
     r"as an? (?:ai|assistant|language model)|example lines?|no numbering|one per line|"
     r"(?:user|someone) might (?:send|ask)|in the user's own words|(?:this|the|an?) (?:ai )?assistant\b|"
-    r"write (?:one|a) (?:message|question|request)|the ai\b|chatbot)\b",
+    r"write (?:one|a) (?:message|question|request)|the ai\b|chatbot|question or (?:a )?request|"
+    r"(?:give|ask|write|suggest|send) (?:me |you )?(?:a|one|another) (?:[\w-]+ )?question|(?:the|a) user|"
+    r"ai (?:assistant|system)|smollm)\b",
     re.I,
 )
 _PERSONA_LINE = re.compile(
