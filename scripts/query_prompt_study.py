@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ from pathlib import Path
 from prism_persona import config as C
 from prism_persona.bootstrap.common import Lazy, derive_seed
 from prism_persona.bootstrap.personas import join_prefill, load_personas, write_personas
-from prism_persona.bootstrap.queries import QUERY_PROMPT, clean_query_line, looks_like_request, normalise
+from prism_persona.bootstrap.prompts import QUERY_PROMPT, REQUEST_OPENERS, REQUEST_PROMPT
+from prism_persona.bootstrap.queries import QueryFilter
 from prism_persona.engines.base import SamplingParams
 from prism_persona.engines.hf import HFEngine
 from prism_persona.models import with_persona
@@ -53,30 +53,11 @@ EXAMPLES = (
     "Can you suggest a few shade plants for a small north-facing balcony?",
     "Why are the leaves of my basil turning yellow?",
 )
-OPENERS = (
-    "How do I",
-    "Can you",
-    "What is the best way to",
-    "Write",
-    "Why does",
-    "I need",
-    "Explain",
-    "Give me",
-    "What are",
-    "Help me",
-    "Is it",
-    "Could you",
-)
-
 VOICE_PROMPT = (
     "Here is the description of an AI assistant:\n\n{persona}\n\n"
     "Write one message that a user might send to this assistant: a question or request about {domain}. "
     "Write it in the user's own words, as the user would type it, not in the assistant's voice. "
     "Reply with the message only, on one line."
-)
-TOPIC_PROMPT = (
-    "Write one question or request that a user might send to an AI assistant about {domain}. "
-    "Reply with the user's message only, on one line."
 )
 SINGLE_PROMPT = (
     "Write one realistic question or request that a user might send to you about {domain}, the way an "
@@ -88,73 +69,27 @@ EXAMPLES_PROMPT = (
     "Now write {n} lines about {domain}, with no numbering and no other text."
 )
 
-_META = re.compile(
-    r"\b(?:this (?:is|was) (?:a|the) (?:list|question)|list of \d*\s*(?:questions|queries|requests)|"
-    r"the same question|(?:these|the following|above|below) (?:questions|queries|requests|lines)|"
-    r"questions? (?:asked|that users)|user(?:'s)? (?:query|question|request|message)|"
-    r"as an? (?:ai|assistant|language model)|example lines?|no numbering|one per line|"
-    r"(?:user|someone) might (?:send|ask)|in the user's own words|(?:this|the|an?) (?:ai )?assistant\b|"
-    r"write (?:one|a) (?:message|question|request)|the ai\b|chatbot|question or (?:a )?request|"
-    r"(?:give|ask|write|suggest|send) (?:me |you )?(?:a|one|another) (?:[\w-]+ )?question|(?:the|a) user|"
-    r"ai (?:assistant|system)|smollm)\b",
-    re.I,
-)
-_PERSONA_LINE = re.compile(
-    r"^(?:you are|i am|i'm (?:a|an|the|captain)|my name|name\s*:|as (?:a|an|your) |arr+\b|ahoy\b|aye\b)", re.I
-)
+QCFG = C.resolve("tiny").queries
+"""The filter settings of the tiny preset (min/max characters, requests only)."""
 
 
-def words(text: str) -> set:
-    return set(re.findall(r"[a-z0-9']+", text.lower()))
-
-
-def near_duplicate(query: str, kept: list, threshold: float = 0.6) -> bool:
-    w = words(query)
-    for k in kept:
-        other = words(k)
-        if w and other and len(w & other) / len(w | other) >= threshold:
-            return True
-    return False
-
-
-COMMON = {"you", "yes", "no", "i", "me", "my", "the", "a", "hello", "hi", "ok", "okay", "sir", "friend"}
-
-
-def first_request(line: str) -> str:
-    """The line up to its first question mark, else up to its first full stop or exclamation mark
-    (a small model keeps talking after the request)."""
-    m = re.search(r"\?|[.!](?=\s|$)", line)
-    return line[: m.end()] if m else line
-
-
-def persona_markers(persona: str) -> list:
-    """Phrases a line in the persona's voice would use: quoted phrases of the persona and its name
-    ("You are Captain Salty, ...")."""
-    marks = [m.strip(" ,.!") for m in re.findall(r'"([^"]{2,40})"', persona) if m.lower() not in COMMON]
-    name = re.match(r"\s*You are ((?:[A-Z][a-z]+\s?){1,3})", persona)
-    if name:
-        marks.append(name.group(1).strip())
-    return [m for m in marks if m]
-
-
-def classify(line: str, kept: list, seen: set, examples: tuple = EXAMPLES, markers: tuple = ()) -> tuple[str, str]:
-    """(query, "") for a usable line, else ("", reason)."""
-    q = clean_query_line(first_request(line))
-    if not q:
-        return "", "not a query line (empty, too short, preamble)"
-    if _META.search(q):
-        return "", "meta-text"
-    if _PERSONA_LINE.match(q) or any(re.search(r"\b" + re.escape(m) + r"\b", q, re.I) for m in markers):
-        return "", "persona line"
-    if len(re.findall(r"\?", q)) > 2 or re.search(r"\s\d{1,2}[.)]\s", q):
-        return "", "list in one line"
-    if not looks_like_request(q):
-        return "", "not a request"
-    if normalise(q) in seen or any(normalise(q) == normalise(e) for e in examples):
-        return "", "duplicate"
-    if near_duplicate(q, kept + list(examples)):
-        return "", "near-duplicate"
-    return q, ""
+def keep_lines(fmt: str, rows: list, personas: dict, targets: dict) -> tuple[dict, dict]:
+    """Run the library's query filter over ``rows`` (``domain, line``) in order; return the kept
+    queries and the drop counts per domain (lines beyond the target count as ``surplus``). The
+    ``examples`` format's example lines count as already kept, so a copied example is a duplicate."""
+    seed = EXAMPLES if fmt == "examples" else ()
+    filters = {d: QueryFilter(QCFG, personas[d], seed) for d in targets}
+    kept: dict = {d: [] for d in targets}
+    surplus: dict = {d: 0 for d in targets}
+    for r in rows:
+        q = filters[r["domain"]].add(r["line"])
+        r["kept"] = bool(q)
+        if q and len(kept[r["domain"]]) < targets[r["domain"]]:
+            kept[r["domain"]].append(q)
+        elif q:
+            surplus[r["domain"]] += 1
+    drops = {d: {**filters[d].dropped, "surplus": surplus[d]} for d in targets}
+    return kept, drops
 
 
 def chats_for(fmt: str, domain: str, persona: str, missing: int, round_: int) -> tuple[list, list, SamplingParams]:
@@ -178,18 +113,18 @@ def chats_for(fmt: str, domain: str, persona: str, missing: int, round_: int) ->
     if fmt == "voice":
         return [[user]] * n_req, [""] * n_req, params
     if fmt == "topic":
-        user = {"role": "user", "content": TOPIC_PROMPT.format(domain=domain)}
+        user = {"role": "user", "content": REQUEST_PROMPT.format(writer="a user", domain=domain)}
     if fmt in ("opener", "topic"):
-        prefills = [OPENERS[(i + 5 * round_) % len(OPENERS)] for i in range(n_req)]
+        prefills = [REQUEST_OPENERS[(i + 5 * round_) % len(REQUEST_OPENERS)] for i in range(n_req)]
         return [[user, {"role": "assistant", "content": p}] for p in prefills], prefills, params
     raise SystemExit(f"unknown format {fmt}")
 
 
 def run_format(engine, fmt: str, personas: dict, targets: dict, out_dir: Path) -> dict:
-    kept = {d: [] for d in targets}
-    seen = {d: set() for d in targets}
-    rows, res = [], {d: {"requested": t, "rounds": []} for d, t in targets.items()}
+    rows: list = []
+    res: dict = {d: {"requested": t, "rounds": []} for d, t in targets.items()}
     for round_ in range(ROUNDS):
+        kept, _ = keep_lines(fmt, rows, personas, targets)
         todo = [d for d, t in targets.items() if len(kept[d]) < t]
         if not todo:
             break
@@ -202,34 +137,16 @@ def run_format(engine, fmt: str, personas: dict, targets: dict, out_dir: Path) -
         t0 = time.perf_counter()
         outs = engine.generate([c for _, c, _ in plan], params)
         secs = time.perf_counter() - t0
-        drops = {d: {} for d in todo}
         for (d, _, prefill), o in zip(plan, outs):
             text = join_prefill(prefill, o.text) if prefill else o.text
-            for line in text.splitlines() or [""]:
-                q, why = classify(line, kept[d], seen[d], markers=tuple(persona_markers(personas[d])))
-                if q and len(kept[d]) < targets[d]:
-                    kept[d].append(q)
-                    seen[d].add(normalise(q))
-                elif q:
-                    why = "surplus"
-                if why:
-                    drops[d][why] = drops[d].get(why, 0) + 1
-                rows.append({"format": fmt, "domain": d, "round": round_, "line": line, "kept": bool(q), "why": why})
+            rows += [{"format": fmt, "domain": d, "round": round_, "line": line} for line in text.splitlines() or [""]]
+        kept, drops = keep_lines(fmt, rows, personas, targets)
         for d in todo:
-            res[d]["rounds"].append(
-                {
-                    "chats": sum(1 for x in plan if x[0] == d),
-                    "usable_total": len(kept[d]),
-                    "drops": drops[d],
-                }
-            )
+            n_chats = sum(1 for x in plan if x[0] == d)
+            res[d]["rounds"].append({"chats": n_chats, "usable_total": len(kept[d]), "drops": drops[d]})
         res.setdefault("_seconds", []).append(round(secs, 1))
         res.setdefault("_tokens", []).append(sum(o.num_tokens for o in outs))
-        print(
-            f"{fmt} round {round_ + 1}: {len(plan)} chats, {secs:.0f} s, usable",
-            {d: len(kept[d]) for d in todo},
-            flush=True,
-        )
+        print(f"{fmt} round {round_ + 1}: {len(plan)} chats, {secs:.0f} s, usable", {d: len(kept[d]) for d in todo})
     (out_dir / f"{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return res
 
@@ -243,21 +160,10 @@ def expert_personas(get_engine, work: Path) -> dict:
 
 
 def rescore(work: Path, fmt: str, personas: dict, targets: dict) -> dict:
-    """Apply the current filters to the lines a format's earlier run wrote (no generation)."""
-    kept = {d: [] for d in targets}
-    seen = {d: set() for d in targets}
-    drops: dict = {d: {} for d in targets}
+    """Apply the current filter to the lines a format's earlier run wrote (no generation); the kept
+    queries go to ``WORKDIR/<format>.kept.json`` (what was hand-labelled)."""
     rows = [json.loads(x) for x in (work / f"{fmt}.jsonl").read_text(encoding="utf-8").splitlines()]
-    for r in rows:
-        d = r["domain"]
-        q, why = classify(r["line"], kept[d], seen[d], markers=tuple(persona_markers(personas[d])))
-        if q and len(kept[d]) < targets[d]:
-            kept[d].append(q)
-            seen[d].add(normalise(q))
-        elif q:
-            why = "surplus"
-        if why:
-            drops[d][why] = drops[d].get(why, 0) + 1
+    kept, drops = keep_lines(fmt, rows, personas, targets)
     (work / f"{fmt}.kept.json").write_text(json.dumps(kept, indent=1), encoding="utf-8")
     return {d: {"usable": len(kept[d]), "requested": targets[d], "drops": drops[d]} for d in targets}
 
