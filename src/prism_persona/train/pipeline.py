@@ -217,11 +217,6 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
     )
     run.write_json("summary.json", summary)
     run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
-    log.info(
-        "bootstrap data report (also in %s):\n%s",
-        run.path("summary.md"),
-        "\n".join(format_data_report(summary["data_report"])),
-    )
     run.mark_done("bootstrap", {"pairs": len(verdicts), "labelled_positive": summary["total"]["wins"]})
     return summary
 
@@ -392,6 +387,9 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         engine = make_engine(cfg, model, tok)
     t0 = time.perf_counter()
     summary = run_bootstrap(cfg, engine=engine, judge=judge)
+    if summary.get("data_report"):  # `prism bootstrap` prints it with the summary
+        report = "\n".join(format_data_report(summary["data_report"]))
+        log.info("bootstrap data report (also in %s):\n%s", run.path("summary.md"), report)
     if "bootstrap" in todo:
         seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
     res = train_stages(cfg, model, tok, seconds=seconds)
