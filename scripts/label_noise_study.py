@@ -24,7 +24,8 @@ import torch
 from prism_persona import config as C
 from prism_persona.gated.features import query_features
 from prism_persona.models import load_model
-from prism_persona.train.gate import auc, gate_records, gate_targets, train_gate
+from prism_persona.stats import auc
+from prism_persona.train.gate import gate_records, gate_targets, train_gate
 
 KIT = Path(__file__).resolve().parents[1] / "examples" / "style"
 NOISE = {0.0: 0.05, 0.2: 1 / 0.8416, 0.35: 1 / 0.3853}
