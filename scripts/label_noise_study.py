@@ -25,7 +25,7 @@ from prism_persona import config as C
 from prism_persona.gated.features import query_features
 from prism_persona.models import load_model
 from prism_persona.stats import auc
-from prism_persona.train.gate import gate_records, gate_targets, train_gate
+from prism_persona.train.gate import gate_records, train_gate_on_records
 
 KIT = Path(__file__).resolve().parents[1] / "examples" / "style"
 NOISE = {0.0: 0.05, 0.2: 1 / 0.8416, 0.35: 1 / 0.3853}
@@ -70,15 +70,7 @@ def main() -> None:
                 recs, target = variant(noisy_records(train, sigma, random.Random(1000 * seed + int(100 * p))), name)
                 feats = f_train[[index[r["query"]] for r in recs]]
                 cfg = C.GateConfig(target=target)
-                bundle = train_gate(
-                    feats,
-                    [r["label"] for r in recs],
-                    cfg,
-                    seed,
-                    groups=[r["domain"] for r in recs],
-                    targets=gate_targets(recs, target),
-                    texts=[r["query"] for r in recs],
-                )
+                bundle = train_gate_on_records(feats, recs, cfg, seed)
                 with torch.no_grad():
                     probs = bundle.gate(f_held).tolist()
                 aucs.append(auc(probs, y_held) or 0.0)

@@ -170,6 +170,15 @@ PERSONA_REPLY = (
 )
 
 
+def bootstrap_config(out, **sections):
+    """A tiny-preset run config for scripted bootstraps: quiet, writing and coding, run directory
+    ``out``; ``sections`` (e.g. ``queries={...}``) are merged over it."""
+    from . import config as C
+
+    base = {"out": str(out), "quiet": True, "persona": {"domains": ["writing", "coding"]}}
+    return C.resolve("tiny", overrides=C.merge(base, sections))
+
+
 def verdict_stub(domain: str, first: str, second: str, winner: str, margins=None) -> dict:
     """A ``verdicts.jsonl`` record: the judge's letters in the persona-first and persona-second orders,
     the pair's ``winner`` and, for a log-prob judge, ``margins`` = ((logp_A, logp_B), (logp_A, logp_B))."""

@@ -3,11 +3,10 @@ and in the gate stage (scripted engines, a tiny model)."""
 
 import math
 
-from prism_persona import config as C
 from prism_persona.bootstrap.verify import load_labelled
 from prism_persona.judges import ModelJudge
 from prism_persona.store import RunDir
-from prism_persona.testing import BootstrapEngine, ScriptedEngine
+from prism_persona.testing import BootstrapEngine, ScriptedEngine, bootstrap_config
 from prism_persona.train.gate import gate_records, gate_targets, run_gate
 from prism_persona.train.pipeline import run_bootstrap
 
@@ -35,16 +34,11 @@ def judged_run(tmp_path, abstain=0.0):
         gap = 0.2 if sum(map(ord, query)) % 3 == 0 else 3.0
         return {"A": -1.0, "B": -1.0 - gap} if "EXPERT" in a else {"A": -1.0 - gap, "B": -1.0}
 
-    cfg = C.resolve(
-        "tiny",
-        overrides={
-            "out": str(tmp_path / "run"),
-            "quiet": True,
-            "persona": {"domains": ["writing", "coding"]},
-            "queries": {"queries_per_persona": 6},
-            "model": {"batch_size": 4},
-            "judge": {"abstain_margin": abstain},
-        },
+    cfg = bootstrap_config(
+        tmp_path / "run",
+        queries={"queries_per_persona": 6},
+        model={"batch_size": 4},
+        judge={"abstain_margin": abstain},
     )
     run_bootstrap(cfg, engine=BootstrapEngine(), judge=ModelJudge(ScriptedEngine(scorer=scorer)))
     return cfg
