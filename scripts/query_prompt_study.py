@@ -21,6 +21,11 @@ Formats:
   assistant the request is sent to; it sets the topic, the text is a user's message.
 * ``opener``    -- ``voice`` with the reply started by a request opener ("How do I", "Can you",
   "Write", ...), rotated over the chats, so that every reply is a request and the starts vary.
+* ``topic``     -- ``opener`` without the persona: the domain alone sets the topic (what the queries
+  stage's default ``one`` format became).
+
+``rescore,FORMAT`` re-applies the library's filter to a format's stored lines; ``stage`` runs the
+library's queries stage itself (format ``one``, two rounds) on the style setup.
 """
 
 from __future__ import annotations
@@ -176,6 +181,9 @@ def main(work: str, formats: list) -> None:
     personas = expert_personas(engine, out)
     pirate = PIRATE.read_text(encoding="utf-8").strip()
     personas.update({d: pirate for d in STYLE})
+    if formats[0] == "stage":
+        print(json.dumps(run_stage(engine, out / "stage", pirate), indent=1))
+        return
     if formats[0] == "rescore":
         for fmt in formats[1:]:
             print(fmt, json.dumps(rescore(out, fmt, personas, {**EXPERT, **STYLE}), indent=1))
@@ -186,6 +194,25 @@ def main(work: str, formats: list) -> None:
         results[fmt] = run_format(engine(), fmt, personas, {**EXPERT, **STYLE}, out)
         results_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
         print_format(fmt, results[fmt])
+
+
+def run_stage(get_engine, out: Path, persona: str) -> dict:
+    """The library's queries stage on the style setup (25 per domain, at most two rounds): per domain
+    the lines written, the usable queries and the drops, from ``query_rounds.jsonl``."""
+    from prism_persona.bootstrap.queries import query_stats, write_queries
+
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(out),
+            "quiet": True,
+            "persona": {"domains": list(STYLE)},
+            "queries": {"queries_per_persona": 25, "max_rounds": 2},
+        },
+    )
+    t0 = time.perf_counter()
+    got = write_queries(cfg, RunDir(cfg.out), get_engine, {d: {"short": persona} for d in STYLE})
+    return {"seconds": round(time.perf_counter() - t0), **query_stats(cfg, RunDir(cfg.out), got)}
 
 
 def print_format(fmt: str, res: dict) -> None:

@@ -653,7 +653,7 @@ def test_cli_embedded_model_end_to_end(tmp_path):
     assert s["tokens"]["total"]["tokens_generated"] > 0 and s["tokens"]["total"]["tokens_per_s"] > 0
     personas = [json.loads(x) for x in (run / "personas.jsonl").read_text().splitlines()]
     assert len(personas) == 2 and all(p["text"].startswith("You") for p in personas)
-    assert "| writing" in out.stdout and "flip rate" in out.stdout
+    assert "| writing" in out.stdout and "flip rate" in out.stdout and "## Data report" in out.stdout
     # rerunning the finished run is instant and changes nothing
     before = (run / "verdicts.jsonl").read_text()
     again = prism("--out", str(run), "-q", timeout=300)
