@@ -244,7 +244,7 @@ def test_callable_judge_receives_domain_and_persona_when_it_asks_for_them():
 
 
 def test_bootstrap_passes_each_pairs_domain_and_persona_to_the_judge(tmp_path):
-    from prism_persona.testing import BootstrapEngine
+    from prism_persona.testing import BootstrapEngine, bootstrap_config
     from prism_persona.train.pipeline import run_bootstrap
 
     calls = []
@@ -253,15 +253,7 @@ def test_bootstrap_passes_each_pairs_domain_and_persona_to_the_judge(tmp_path):
         calls.append((domain, persona))
         return "A" if "EXPERT" in a else "B"
 
-    cfg = C.resolve(
-        "tiny",
-        overrides={
-            "out": str(tmp_path / "run"),
-            "quiet": True,
-            "persona": {"domains": ["writing", "coding"]},
-            "queries": {"queries_per_persona": 3, "per_request": 4},
-        },
-    )
+    cfg = bootstrap_config(tmp_path / "run", queries={"queries_per_persona": 3, "per_request": 4})
     run_bootstrap(cfg, engine=BootstrapEngine(), judge=CallableJudge(judge))
     assert {d for d, _ in calls} == {"writing", "coding"}
     assert all(p.startswith("You are") and d in p for d, p in calls)  # the domain's own persona text

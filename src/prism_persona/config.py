@@ -273,15 +273,22 @@ class QueryConfig:
     queries_per_persona: int = option(
         50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1, group=G_DATA
     )
-    per_request: int = option(10, "Queries asked for in one generation request.", at_least=1)
+    per_request: int = option(10, "Queries asked for in one generation request (format 'list').", at_least=1)
     max_rounds: int = option(
         4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1
     )
-    max_new_tokens: int = option(512, "Token budget of one query-writing request.", at_least=1)
+    max_new_tokens: int = option(
+        512, "Token budget of one query-writing request (format 'one' uses at most 48: one line).", at_least=1
+    )
     temperature: float = option(0.9, "Sampling temperature for writing queries.", at_least=0)
     top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
+    format: str = option(
+        "one",
+        "How queries are asked for: 'one' (each chat asks for ONE user request about the domain, the reply started with a rotating opener such as 'How do I'; the domain sets the topic; embedded model: 96% usable of those requested in 2 rounds) or 'list' (per_request queries per chat, one per line, written with the persona; the earlier default).",
+        choices=("one", "list"),
+    )
     requests_only: bool = option(
         True,
         "Keep only lines that read as a user's question or request (a '?', or starting like 'How', 'Write', 'I need'); drops fragments written in the persona's voice.",
@@ -325,6 +332,11 @@ class JudgeConfig:
     )
     max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1)
     tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
+    abstain_margin: float = option(
+        0.0,
+        "Abstain band (logprob judges): a pair whose both-order log-prob margin for the persona is below this in absolute value is no win and is left out of the gate's training (counted as 'abstained' in the data report). 0 = off.",
+        at_least=0,
+    )
 
 
 @dataclass
@@ -336,8 +348,8 @@ class GateConfig:
     )
     target: str = option(
         "win",
-        "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label) or 'preference' (win 1, base won 0, tie/mixed 0.5).",
-        choices=("win", "preference"),
+        "What the gate is fitted to: 'win' (1 if the persona won both orders, else 0; the paper's label), 'preference' (win 1, base won 0, tie/mixed 0.5) or 'margin' (sigmoid of the logprob judge's both-order margin for the persona; pairs without one keep their 0/1 label; measured in docs/method-check.md).",
+        choices=("win", "preference", "margin"),
     )
     domain_prior: float = option(
         0.0,

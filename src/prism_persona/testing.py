@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .engines.base import Completion, Engine, SamplingParams
+from .store import content_key
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -169,6 +170,82 @@ PERSONA_REPLY = (
 )
 
 
+def bootstrap_config(out, **sections):
+    """A tiny-preset run config for scripted bootstraps: quiet, writing and coding, run directory
+    ``out``; ``sections`` (e.g. ``queries={...}``) are merged over it."""
+    from . import config as C
+
+    base = {"out": str(out), "quiet": True, "persona": {"domains": ["writing", "coding"]}}
+    return C.resolve("tiny", overrides=C.merge(base, sections))
+
+
+def verdict_stub(domain: str, first: str, second: str, winner: str, margins=None) -> dict:
+    """A ``verdicts.jsonl`` record: the judge's letters in the persona-first and persona-second orders,
+    the pair's ``winner`` and, for a log-prob judge, ``margins`` = ((logp_A, logp_B), (logp_A, logp_B))."""
+    verdicts = [
+        {"order": "persona_first", "winner": first, "detail": {}},
+        {"order": "persona_second", "winner": second, "detail": {}},
+    ]
+    for v, (a, b) in zip(verdicts, margins or ()):
+        v["detail"] = {"logp_A": a, "logp_B": b}
+    return {"domain": domain, "verdicts": verdicts, "winner": winner, "persona_chars": 10, "base_chars": 12}
+
+
+def blind_verdicts(n: int, domain: str = "writing") -> list[dict]:
+    """``n`` verdict records of a judge that always answers "A" (orders disagree on every pair)."""
+    return [verdict_stub(domain, "A", "A", "mixed") for _ in range(n)]
+
+
+def seeing_verdicts(n: int, domain: str = "writing") -> list[dict]:
+    """``n`` verdict records of a judge that sees the answers: the persona wins every other pair, in
+    both orders, and loses the rest in both orders."""
+    return [
+        verdict_stub(domain, "A", "B", "persona") if i % 2 else verdict_stub(domain, "B", "A", "base") for i in range(n)
+    ]
+
+
+_FAKE_WORDS = (
+    "budget",
+    "deadline",
+    "garden",
+    "invoice",
+    "recipe",
+    "backup",
+    "essay",
+    "ladder",
+    "password",
+    "river",
+    "tenant",
+    "engine",
+    "poster",
+    "vaccine",
+    "printer",
+    "lecture",
+    "harbor",
+    "pension",
+    "sensor",
+    "quilt",
+    "bicycle",
+    "kettle",
+    "mortgage",
+    "violin",
+    "compost",
+    "router",
+    "glacier",
+    "sonnet",
+    "ferry",
+    "tariff",
+)
+
+
+def fake_request(*parts) -> str:
+    """A deterministic request tail built from ``parts``: different parts give requests that share few
+    words (so the near-duplicate filter keeps them)."""
+    h = int(content_key("fake-request", *[str(p) for p in parts]), 16)
+    w = [_FAKE_WORDS[(h >> (7 * i)) % len(_FAKE_WORDS)] for i in range(3)]
+    return f"{' '.join(w)} {h % 99991} {(h >> 40) % 99991}?"
+
+
 class BootstrapEngine(ScriptedEngine):
     """A scripted engine for the whole bootstrap: answers every prompt kind deterministically (from the
     sampling seed), so pipelines can be tested end to end without a real model.
@@ -196,10 +273,13 @@ class BootstrapEngine(ScriptedEngine):
         if "Write a description of an expert in" in text:
             dom = text.split("expert in ")[1].split(",")[0]
             return PERSONA_REPLY.format(d=dom)
+        if "might send to an AI assistant about" in text:  # the 'one' query format
+            opener = text.split('Begin it with "')[1].split('"')[0] if "Begin it with" in text else "How do I"
+            return f"{opener} {fake_request(text, params.seed)}"
         if "questions or requests" in text:
             base = params.seed % 1000
             return "Here are some questions:\n" + "\n".join(
-                f"{i + 1}. How should I approach problem {base}-{i} in practice?" for i in range(self.qpr)
+                f"{i + 1}. How should I {fake_request(base, i)}" for i in range(self.qpr)
             )
         if "[Response A]" in text:
             if self.judge_reply:

@@ -7,6 +7,16 @@ import re
 _WORD = re.compile(r"\w+", re.U)
 
 
+def word_set(text: str) -> frozenset:
+    """The lower-cased words of ``text`` (for near-duplicate checks)."""
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    """Word-set overlap |a & b| / |a | b| (0 when either is empty)."""
+    return len(a & b) / len(a | b) if a and b else 0.0
+
+
 def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
     """True when the text repeats the same 1..``max_n``-word phrase ``min_repeats`` times in a row
     (``"word, word, word, word"``, a sentence over and over): a degenerate, looping answer."""

@@ -213,7 +213,7 @@ def test_persona_file_edited_on_resume_is_refused(tmp_path):
 
 
 def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
-    cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 3})
+    cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 3, "format": "list"})
     run = RunDir(cfg.out)
     personas = {d: {"short": f"You are a {d} expert."} for d in cfg.persona.domains}
     replies = {
@@ -260,7 +260,7 @@ def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, 
     cfg = make_cfg(
         tmp_path,
         persona={"domains": ["cooking"]},
-        queries={"queries_per_persona": 3, "per_request": 3, "max_rounds": 2, "topic_check": True},
+        queries={"queries_per_persona": 3, "per_request": 3, "max_rounds": 2, "topic_check": True, "format": "list"},
     )
     lines = ["How long should I rest a steak?", "Who won the 1990 World Cup final?", "How do I make a roux?"]
 
@@ -285,7 +285,10 @@ def test_topic_check_drops_off_domain_queries_and_counts_them(tmp_path, caplog, 
     assert (len(eng.score_calls) > 0) is scored
     # the default (off) asks nothing and keeps the line
     cfg2 = make_cfg(
-        tmp_path, "run2", persona={"domains": ["cooking"]}, queries={"queries_per_persona": 3, "per_request": 3}
+        tmp_path,
+        "run2",
+        persona={"domains": ["cooking"]},
+        queries={"queries_per_persona": 3, "per_request": 3, "format": "list"},
     )
     eng2 = ScriptedEngine(responder=reply, scorer=scorer)
     assert write_queries(cfg2, RunDir(cfg2.out), Lazy(lambda: eng2), {"cooking": {"short": "You are a chef."}}) == {
@@ -298,7 +301,7 @@ def test_query_prompt_user_placement(tmp_path):
     cfg = make_cfg(
         tmp_path,
         persona={"domains": ["law"], "placement": "user"},
-        queries={"queries_per_persona": 2, "per_request": 2},
+        queries={"queries_per_persona": 2, "per_request": 2, "format": "list"},
     )
     eng = ScriptedEngine(responder=lambda c: "What is a tort in English law?\nHow long does probate take?")
     write_queries(cfg, RunDir(cfg.out), Lazy(lambda: eng), {"law": {"short": "You are a lawyer."}})
@@ -650,7 +653,7 @@ def test_cli_embedded_model_end_to_end(tmp_path):
     assert s["tokens"]["total"]["tokens_generated"] > 0 and s["tokens"]["total"]["tokens_per_s"] > 0
     personas = [json.loads(x) for x in (run / "personas.jsonl").read_text().splitlines()]
     assert len(personas) == 2 and all(p["text"].startswith("You") for p in personas)
-    assert "| writing" in out.stdout and "flip rate" in out.stdout
+    assert "| writing" in out.stdout and "flip rate" in out.stdout and "## Data report" in out.stdout
     # rerunning the finished run is instant and changes nothing
     before = (run / "verdicts.jsonl").read_text()
     again = prism("--out", str(run), "-q", timeout=300)
@@ -671,5 +674,10 @@ def test_query_prompt_and_filter_are_part_of_the_queries_settings(tmp_path, monk
         stage_settings(make_cfg(tmp_path, queries={"requests_only": not cfg.queries.requests_only}), "queries")
         != before
     )
-    monkeypatch.setattr(Q, "QUERY_PROMPT", Q.QUERY_PROMPT + " Be brief.")
+    monkeypatch.setattr(Q, "REQUEST_PROMPT", Q.REQUEST_PROMPT + " Be brief.")  # the default 'one' format
     assert stage_settings(cfg, "queries")["queries"]["prompt"] != before["queries"]["prompt"]
+    listed = make_cfg(tmp_path, queries={"format": "list"})
+    before = stage_settings(listed, "queries")
+    assert "format" not in before["queries"]  # runs made with the list format resume unchanged
+    monkeypatch.setattr(Q, "QUERY_PROMPT", Q.QUERY_PROMPT + " Be brief.")
+    assert stage_settings(listed, "queries")["queries"]["prompt"] != before["queries"]["prompt"]

@@ -66,9 +66,11 @@ def persona_file_hashes(cfg: RunConfig) -> dict:
     }
 
 
-def query_prompt_version() -> str:
-    """A short hash of the query-writing prompt: records written with another prompt are not mixed in."""
-    return hashlib.sha1(prompts.QUERY_PROMPT.encode("utf-8")).hexdigest()[:12]
+def query_prompt_version(fmt: str = "list") -> str:
+    """A short hash of the query-writing prompt of format ``fmt``: records written with another prompt
+    are not mixed in."""
+    text = prompts.QUERY_PROMPT if fmt == "list" else prompts.request_prompt_text()
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict:
@@ -105,8 +107,10 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict:
         "min_chars": q.min_chars,
         "max_chars": q.max_chars,
         "requests_only": q.requests_only,
-        "prompt": query_prompt_version(),
+        "prompt": query_prompt_version(q.format),
     }
+    if q.format != "list":  # absent for the list format, so runs made with it resume unchanged
+        s["queries"]["format"] = q.format
     if q.topic_check:  # absent when off, so runs made before the option existed resume unchanged
         s["queries"]["topic_check"] = True
     if q.queries_file:  # user queries: the file's content is what the records depend on

@@ -9,3 +9,33 @@ QUERY_PROMPT = (
 )
 """The persona (in the system message) conditions the topics; the request asks for plain user
 questions so that the queries read like the ones the gate will see at inference, not like the persona."""
+
+REQUEST_PROMPT = (
+    "Write one question or request that {writer} might send to an AI assistant about {domain}. "
+    "Reply with the user's message only, on one line."
+)
+"""The ``one`` query format: the domain sets the topic, the text is one user's request (measured on the
+embedded model: scripts/query_prompt_study.py, docs/bootstrap.md)."""
+REQUEST_OPENERS = (
+    "How do I",
+    "Can you",
+    "What is the best way to",
+    "Write",
+    "Why does",
+    "I need",
+    "Explain",
+    "Give me",
+    "What are",
+    "Help me",
+    "Is it",
+    "Could you",
+)
+"""The reply of the k-th request of a round starts with the k-th opener: every reply is a request,
+and the requests start differently."""
+REQUEST_WRITERS = ("a user", "a beginner", "a student", "a professional")
+"""Who writes the request (rotated with the openers, so that identical prompts are rare)."""
+
+
+def request_prompt_text() -> str:
+    """Everything the ``one`` format's requests are made of (hashed into the queries stage's settings)."""
+    return "\n".join([REQUEST_PROMPT, *REQUEST_OPENERS, *REQUEST_WRITERS])

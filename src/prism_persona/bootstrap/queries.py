@@ -1,16 +1,29 @@
-"""Stage 2: queries written by the model while it plays each persona.
+"""Stage 2: the model writes the user queries of each domain.
 
-Per round, every domain still short of queries sends ``ceil(missing / per_request)`` requests (all
-domains in one batched ``generate`` call), each asking for ``per_request`` realistic,
-specific user queries, one per line, with the persona (``use_length`` variant) in the configured
-placement. Lines are cleaned (numbering, bullets, quotes, "Query:" labels removed; preambles such as
-"Here are ten questions:" and too short / too long lines dropped; with ``requests_only`` lines that are
-neither a question nor a request dropped) and de-duplicated (case and whitespace insensitive, across
-rounds). Rounds repeat until ``queries_per_persona`` are collected or
+Two formats (``queries.format``):
+
+* ``one`` (default): every chat asks for ONE user request about the domain, written by a rotating
+  kind of user ("a beginner", "a professional", ...), and the reply is started with a rotating request
+  opener ("How do I", "Can you", "Write", ...; an engine that cannot continue a started reply is told
+  to begin with it). The domain sets the topic and the text is a user's request, so the queries read
+  like the ones the gate will see. A round sends ``ceil(1.5 * missing) + 1`` such chats per domain,
+  stopped at the first line break. Measured on the embedded model in
+  ``scripts/query_prompt_study.py`` (docs/bootstrap.md).
+* ``list``: ``ceil(missing / per_request)`` requests per domain and round, each asking for
+  ``per_request`` queries one per line, with the persona (``use_length`` variant) in the configured
+  placement (the earlier default; a 135M model writes many lines that are not user requests).
+
+Every written line goes through :class:`QueryFilter`: cleaned (numbering, bullets, quotes, "Query:"
+labels removed, cut after the request's first "?" or sentence), then dropped when it is not a query
+(preamble, too short / long), meta-text ("This is a list of 22 questions"), a line in the persona's
+voice ("Name: ...", "Arr, matey!"), not a request (with ``requests_only``), or a duplicate or
+near-duplicate of a query kept for its domain; every drop is counted by reason. All domains of a round
+go in one batched ``generate`` call; rounds repeat until ``queries_per_persona`` are collected or
 ``max_rounds`` is reached. Sampling is seeded from the run seed, the domain and the round.
 
 Records (``queries.jsonl``): ``key, domain, query, round``. A round's completion is recorded in
-``query_rounds.jsonl`` (``key, domain, round, requests, new``) so resuming never repeats a round.
+``query_rounds.jsonl`` (``key, domain, round, requests, new, written, dropped``) so resuming never
+repeats a round and the data report can say how many lines were written and why they were dropped.
 """
 
 from __future__ import annotations
@@ -18,15 +31,18 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 from ..config import RunConfig
 from ..engines.base import SamplingParams
 from ..models import with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
+from ..text import jaccard, word_set
 from .common import derive_seed, stage_settings
-from .prompts import QUERY_PROMPT
+from .personas import join_prefill
+from .prompts import QUERY_PROMPT, REQUEST_OPENERS, REQUEST_PROMPT, REQUEST_WRITERS
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +138,106 @@ def normalise(query: str) -> str:
     return re.sub(r"\s+", " ", query.lower()).strip().rstrip(".?!").strip()
 
 
-def parse_queries(text: str, qcfg) -> list[str]:
-    """Cleaned queries of one reply, in order (duplicates within the reply removed), with the settings
-    of ``qcfg`` (the QueryConfig): lines shorter than ``min_chars`` or longer than ``max_chars`` are
-    dropped, and with ``requests_only`` lines that do not read as a question or request too."""
-    out, seen = [], set()
-    for line in (text or "").splitlines():
-        q = clean_query_line(line, qcfg.min_chars, qcfg.max_chars)
-        if q and qcfg.requests_only and not looks_like_request(q):
-            continue
-        if q and normalise(q) not in seen:
-            seen.add(normalise(q))
-            out.append(q)
-    return out
+def parse_queries(text: str, qcfg, persona: str = "") -> list[str]:
+    """The usable queries of one reply, in order, through a fresh :class:`QueryFilter` with the
+    settings of ``qcfg`` (the QueryConfig)."""
+    keep = QueryFilter(qcfg, persona)
+    return [q for q in map(keep.add, (text or "").splitlines()) if q]
+
+
+DROP_REASONS = (
+    "not a query",
+    "meta-text",
+    "persona line",
+    "not a request",
+    "duplicate",
+    "near-duplicate",
+)
+"""Why a written line is not kept, in the order the checks run (counted per round in
+``query_rounds.jsonl`` and logged)."""
+
+MAX_LINE_CHARS = 4000
+"""Longest written line looked at (the request cut from it must fit ``queries.max_chars``)."""
+NEAR_DUPLICATE = 0.6
+"""Word-set Jaccard at or above which a new query repeats one already kept for its domain."""
+
+_META = re.compile(
+    r"\b(?:this (?:is|was) (?:a|the) (?:list|question)|list of \d*\s*(?:questions|queries|requests)|"
+    r"the same question|(?:these|the following|above|below) (?:questions|queries|requests|lines)|"
+    r"questions? (?:asked|that users)|user(?:'s)? (?:query|question|request|message)|"
+    r"as an? (?:ai|assistant|language model)|no numbering|one per line|"
+    r"(?:user|someone) might (?:send|ask)|in the user's own words|(?:this|the|an?) (?:ai )?assistant\b|"
+    r"write (?:one|a) (?:message|question|request)|the ai\b|chatbot|question or (?:a )?request|"
+    r"(?:give|ask|write|suggest|send) (?:me |you )?(?:a|one|another) (?:[\w-]+ )?question|(?:the|a) user(?!\s+(?:manual|interface|guide|story|stories|experience|account|name))|"
+    r"ai (?:assistant|system)|smollm)\b",
+    re.I,
+)
+_PERSONA_VOICE = re.compile(
+    r"^(?:you are|i am (?:a|an|the|your)\b|i'm (?:a|an|the|your|captain)\b|my name|name\s*:|as (?:a|an|your) \w+,)",
+    re.I,
+)
+_COMMON = {"you", "yes", "no", "i", "me", "my", "the", "a", "hello", "hi", "ok", "okay", "sir", "friend"}
+
+
+def first_request(line: str) -> str:
+    """The line up to its first question mark, else up to its first full stop or exclamation mark:
+    a small model keeps talking after the request ("Why does the weather change? On the day I ...")."""
+    m = re.search(r"\?|[.!](?=\s|$)", line)
+    return (line[: m.end()] if m else line).strip()
+
+
+def persona_markers(persona: str) -> tuple[str, ...]:
+    """Phrases only a line in the persona's voice uses: the persona's quoted phrases ("Arr, matey!")
+    and its name ("You are Captain Salty, ...")."""
+    marks = [m.strip(" ,.!") for m in re.findall(r'"([^"]{2,40})"', persona or "") if m.lower() not in _COMMON]
+    name = re.match(r"\s*You are ((?:[A-Z][a-z]+\s?){1,3})", persona or "")
+    if name:
+        marks.append(name.group(1).strip())
+    return tuple(m for m in marks if m)
+
+
+class QueryFilter:
+    """Keeps the usable queries of one domain and counts every dropped line by reason
+    (:data:`DROP_REASONS`). ``kept`` seeds the duplicate checks with the queries stored earlier."""
+
+    def __init__(self, qcfg, persona: str = "", kept: Sequence[str] = ()):
+        self.q = qcfg
+        self.markers = persona_markers(persona)
+        self.seen = {normalise(k) for k in kept}
+        self.words = [word_set(k) for k in kept]
+        self.dropped: Counter = Counter()
+        self.written = 0
+
+    def reason(self, line: str, query: str) -> str:
+        """Why the cleaned ``line`` (and its request ``query``, :func:`first_request`) is not usable,
+        or ``""``."""
+        if not query or len(query) < self.q.min_chars or len(query) > self.q.max_chars:
+            return "not a query"
+        if _META.search(line):
+            return "meta-text"
+        if _PERSONA_VOICE.match(line) or any(re.search(r"\b" + re.escape(m) + r"\b", line, re.I) for m in self.markers):
+            return "persona line"
+        if self.q.requests_only and not looks_like_request(query):
+            return "not a request"
+        if normalise(query) in self.seen:
+            return "duplicate"
+        words = word_set(query)
+        if any(jaccard(words, other) >= NEAR_DUPLICATE for other in self.words):
+            return "near-duplicate"
+        return ""
+
+    def add(self, line: str) -> str:
+        """The usable query in ``line`` (now kept), or ``""`` (the reason counted)."""
+        self.written += 1
+        cleaned = clean_query_line(line, self.q.min_chars, MAX_LINE_CHARS)
+        query = first_request(cleaned)
+        why = self.reason(cleaned, query)
+        if why:
+            self.dropped[why] += 1
+            return ""
+        self.seen.add(normalise(query))
+        self.words.append(word_set(query))
+        return query
 
 
 def queries_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
@@ -149,43 +252,49 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
     """Collect the missing queries of every domain; return ``{domain: number collected}``.
 
     Each round batches the requests of every domain that still needs queries into one ``generate``
-    call (so the engine's batch is full), then files the cleaned queries under their domain.
+    call (so the engine's batch is full), then files the usable queries under their domain.
     """
     if cfg.queries.queries_file:
         return add_file_queries(cfg, run)
     store, rounds = queries_store(run, cfg), rounds_store(run, cfg)
-    q = cfg.queries
+    q, domains = cfg.queries, cfg.persona.domains
     target = q.queries_per_persona
-    have = {d: _domain_queries(store, d) for d in cfg.persona.domains}
-    seen = {d: {normalise(x["query"]) for x in have[d]} for d in cfg.persona.domains}
+    have = {d: _domain_queries(store, d) for d in domains}
     record_lost_rounds(rounds, have)
-    next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in cfg.persona.domains}
-    bar = progress(total=target * len(cfg.persona.domains), desc="queries", disable=cfg.quiet, unit="query")
+    persona = {d: personas[d][cfg.persona.use_length] for d in domains}
+    filters = {d: QueryFilter(q, persona[d], [x["query"] for x in have[d]]) for d in domains}
+    next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in domains}
+    bar = progress(total=target * len(domains), desc="queries", disable=cfg.quiet, unit="query")
     bar.update(sum(min(target, len(v)) for v in have.values()))
     while True:
-        todo = [d for d in cfg.persona.domains if len(have[d]) < target and next_round[d] < q.max_rounds]
+        todo = [d for d in domains if len(have[d]) < target and next_round[d] < q.max_rounds]
         if not todo:
             break
-        requests = []  # (domain, chat)
-        for domain in todo:
-            persona = personas[domain][cfg.persona.use_length]
-            n_req = math.ceil((target - len(have[domain])) / max(1, q.per_request))
-            requests += [
-                (domain, query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req))
-                for k in range(n_req)
-            ]
+        engine = get_engine()
+        prefill = q.format == "one" and engine.supports_prefill
+        requests = [
+            (d, chat, opener)
+            for d in todo
+            for chat, opener in round_chats(cfg, d, persona[d], target - len(have[d]), next_round[d], prefill)
+        ]
         params = SamplingParams(
-            max_new_tokens=q.max_new_tokens,
+            max_new_tokens=min(q.max_new_tokens, ONE_REQUEST_TOKENS) if q.format == "one" else q.max_new_tokens,
             temperature=q.temperature,
             top_p=q.top_p,
             seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]),
+            stop=("\n",) if q.format == "one" else (),
         )
-        outs = get_engine().generate([chat for _, chat in requests], params)
-        candidates = _round_candidates(requests, outs, q, seen)
-        off = _off_topic(get_engine(), candidates) if q.topic_check else set()
+        before = {d: (filters[d].written, Counter(filters[d].dropped)) for d in todo}
+        outs = engine.generate([chat for _, chat, _ in requests], params)
+        candidates = _round_candidates(requests, outs, filters, prefill)
+        off = _off_topic(engine, candidates) if q.topic_check else set()
         new_by_domain: dict = {d: [] for d in todo}
+        surplus: Counter = Counter()
         for i, (domain, query) in enumerate(candidates):
-            if i in off or len(have[domain]) + len(new_by_domain[domain]) >= target:
+            if i in off:
+                continue
+            if len(have[domain]) + len(new_by_domain[domain]) >= target:
+                surplus[domain] += 1
                 continue
             new_by_domain[domain].append(
                 {
@@ -197,7 +306,8 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
             )
         store.extend([rec for d in todo for rec in new_by_domain[d]])
         for domain in todo:
-            mine = [o for (d, _), o in zip(requests, outs) if d == domain]
+            mine = [o for (d, _, _), o in zip(requests, outs) if d == domain]
+            written, dropped = before[domain]
             rec = {
                 "key": content_key("round", domain, next_round[domain]),
                 "domain": domain,
@@ -205,15 +315,19 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
                 "requests": len(mine),
                 "new": len(new_by_domain[domain]),
                 "tokens": sum(o.num_tokens for o in mine),
+                "written": filters[domain].written - written,
+                "dropped": dict(filters[domain].dropped - dropped),
+                "surplus": surplus[domain],
             }
             if q.topic_check:
                 rec["off_topic"] = sum(1 for i in off if candidates[i][0] == domain)
             rounds.append(rec)
+            _log_round(rec)
             have[domain] = _domain_queries(store, domain)
             next_round[domain] += 1
             bar.update(len(new_by_domain[domain]))
     bar.close()
-    for domain in cfg.persona.domains:
+    for domain in domains:
         if len(have[domain]) < target:
             log.warning(
                 "queries: only %d of %d unique queries for '%s' after %d rounds "
@@ -241,16 +355,59 @@ def record_lost_rounds(rounds: JsonlStore, have: dict) -> None:
             )
 
 
-def _round_candidates(requests: list, outs: list, q, seen: dict) -> list[tuple[str, str]]:
-    """``(domain, query)`` of a round's replies not seen before (``seen`` is updated), in order."""
+ONE_REQUEST_TOKENS = 48
+"""Token budget of one ``one``-format request (one line; ``queries.max_new_tokens`` caps it too)."""
+OVERSHOOT = 1.5
+"""``one`` format: chats per round = ``ceil(OVERSHOOT * missing) + 1`` (some lines are dropped)."""
+
+
+def round_chats(cfg, domain: str, persona: str, missing: int, round_: int, prefill: bool) -> list[tuple[list, str]]:
+    """``(chat, prefill)`` of one domain's requests in one round (``prefill`` = "" when the reply is
+    not started)."""
+    q = cfg.queries
+    if q.format == "list":
+        n_req = math.ceil(missing / max(1, q.per_request))
+        return [(query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req), "") for k in range(n_req)]
     out = []
-    for (domain, _), reply in zip(requests, outs):
-        for query in parse_queries(reply.text, q):
-            norm = normalise(query)
-            if norm not in seen[domain]:
-                seen[domain].add(norm)
+    for i in range(math.ceil(OVERSHOOT * missing) + 1):
+        k = i + 5 * round_
+        opener = REQUEST_OPENERS[k % len(REQUEST_OPENERS)]
+        writer = REQUEST_WRITERS[(k // len(REQUEST_OPENERS) + round_) % len(REQUEST_WRITERS)]
+        out.append(request_chat(domain, writer, opener, prefill))
+    return out
+
+
+def request_chat(domain: str, writer: str, opener: str, prefill: bool) -> tuple[list, str]:
+    """A ``one``-format chat: the reply started with ``opener`` (``prefill``), or told to begin with it."""
+    text = REQUEST_PROMPT.format(writer=writer, domain=domain)
+    if not prefill:
+        return [{"role": "user", "content": f'{text} Begin it with "{opener}".'}], ""
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": opener}], opener
+
+
+def _round_candidates(requests: list, outs: list, filters: dict, prefill: bool) -> list[tuple[str, str]]:
+    """``(domain, query)`` of a round's usable lines, in order (the domain filters count the others)."""
+    out = []
+    for (domain, _, opener), reply in zip(requests, outs):
+        text = join_prefill(opener, reply.text) if prefill else reply.text
+        for line in text.splitlines():
+            query = filters[domain].add(line)
+            if query:
                 out.append((domain, query))
     return out
+
+
+def _log_round(rec: dict) -> None:
+    if rec["dropped"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(rec["dropped"].items()))
+        log.info(
+            "queries: '%s' round %d: %d lines written, %d kept; dropped: %s",
+            rec["domain"],
+            rec["round"] + 1,
+            rec["written"],
+            rec["new"],
+            reasons,
+        )
 
 
 def _off_topic(engine, candidates: list) -> set:
@@ -288,6 +445,23 @@ def add_file_queries(cfg: RunConfig, run: RunDir) -> dict:
 
 def _domain_queries(store: JsonlStore, domain: str) -> list[dict]:
     return [r for r in store if r["domain"] == domain]
+
+
+def query_stats(cfg: RunConfig, run: RunDir, collected: dict) -> dict:
+    """Per domain: lines the model ``written``, ``usable`` queries collected, and ``dropped`` lines by
+    reason, summed over the rounds in ``query_rounds.jsonl`` (``written`` is ``None`` for a queries
+    file or rounds recorded before the filters were counted)."""
+    rounds = rounds_store(run, cfg)
+    out = {}
+    for d in cfg.persona.domains:
+        mine = [r for r in rounds if r["domain"] == d]
+        dropped: Counter = Counter()
+        for r in mine:
+            dropped.update(r.get("dropped") or {})
+        counted = bool(mine) and all("written" in r for r in mine)
+        written = sum(r["written"] for r in mine) if counted else None
+        out[d] = {"written": written, "usable": collected.get(d, 0), "dropped": dict(dropped)}
+    return out
 
 
 def selected_queries(cfg: RunConfig, run: RunDir) -> list[dict]:

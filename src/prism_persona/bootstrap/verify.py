@@ -25,6 +25,7 @@ from ..store import JsonlStore, RunDir
 from .answers import chunk_size
 from .common import chunks, stage_settings
 from .personas import load_personas
+from .summary import BLIND_MIN_PAIRS, blind_warning, judge_diagnostics, persona_margin
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def write_verdicts(
         return 0
     judge = get_judge()
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
+    checked = False
     for batch in chunks(todo, chunk_size(cfg, getattr(judge, "engine", None))):  # a server judge gets full calls
         results = judge_swapped_batch(
             judge,
@@ -84,8 +86,20 @@ def write_verdicts(
         )
         store.extend(verdict_record(a, r, judge) for a, r in zip(batch, results))
         bar.update(len(batch))
+        checked = checked or warn_if_blind([store.get(a["key"]) for a in answers if a["key"] in store], judge.name)
     bar.close()
     return len(todo)
+
+
+def warn_if_blind(verdicts: list[dict], judge_name: str) -> bool:
+    """After a verification batch: warn in one line when the verdicts so far show a blind judge
+    (:data:`~prism_persona.bootstrap.summary.BLIND_RULE`). True once the check could be made."""
+    diag = judge_diagnostics(verdicts)
+    if diag["pairs"] < BLIND_MIN_PAIRS:
+        return False
+    if diag["blind"]:
+        log.warning("verify: %s", blind_warning(diag["blind"], f"the judge '{judge_name}'"))
+    return True
 
 
 def _open(run: RunDir, name: str) -> Optional[JsonlStore]:
@@ -93,12 +107,15 @@ def _open(run: RunDir, name: str) -> Optional[JsonlStore]:
     return JsonlStore(path) if path.exists() else None
 
 
-def load_labelled(run) -> list[dict]:
+def load_labelled(run, abstain_margin: Optional[float] = None) -> list[dict]:
     """The labelled pairs of a bootstrap run, one dict per judged query.
 
     Keys: ``key, domain, query, persona, placement, base_answer, persona_answer, label`` (1 = the
     persona answer won both orders), plus ``winner``, ``persona_length`` and ``persona_finish`` (``length``
-    when the answer was cut at the token budget). Only the domains and
+    when the answer was cut at the token budget), ``margin`` (:func:`persona_margin`) and ``abstain``
+    (True when ``|margin|`` is below ``abstain_margin``, default: the run's ``judge.abstain_margin``:
+    the judge barely preferred either answer, so the pair is no win and the gate leaves it out).
+    Only the domains and
     the first ``queries_per_persona`` queries per domain of the run's saved config are returned.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -111,6 +128,8 @@ def load_labelled(run) -> list[dict]:
     pcfg = saved.get("persona", {})
     domains = pcfg.get("domains")
     limit = saved.get("queries", {}).get("queries_per_persona")
+    if abstain_margin is None:
+        abstain_margin = float(saved.get("judge", {}).get("abstain_margin", 0.0) or 0.0)
     queries = _open(run, "queries")
     keys = None
     if queries is not None and domains and limit:
@@ -124,6 +143,8 @@ def load_labelled(run) -> list[dict]:
         if a is None or (domains and v["domain"] not in domains) or (keys is not None and v["key"] not in keys):
             continue
         length = a.get("persona_length") or pcfg.get("use_length", "short")
+        margin = persona_margin(v["verdicts"])
+        abstain = margin is not None and abs(margin) < abstain_margin
         out.append(
             {
                 "key": v["key"],
@@ -134,8 +155,10 @@ def load_labelled(run) -> list[dict]:
                 "placement": a.get("placement") or pcfg.get("placement", "system"),
                 "base_answer": a["base_answer"],
                 "persona_answer": a["persona_answer"],
-                "label": int(v["label"]),
+                "label": 0 if abstain else int(v["label"]),
                 "winner": v["winner"],
+                "margin": margin,
+                "abstain": abstain,
                 "persona_finish": a.get("persona_finish", "stop"),
             }
         )

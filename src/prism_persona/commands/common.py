@@ -192,6 +192,8 @@ def print_result(res: dict) -> None:
         print(f"\nPRISM model: {art}")
         print(f"  chat:     prism chat --prism {art}")
         print(f"  generate: prism generate --prism {art} --input prompts.jsonl --output out.jsonl")
+    if rep.get("statement"):
+        print(f"\n{rep['statement']}")
 
 
 def add_stage_parser(sub, stage: str, help: str, description: str, example_set: str) -> None:

@@ -23,6 +23,7 @@ from ..config import RunConfig, calibration_rate
 from ..gated.features import query_features
 from ..gated.gate import Gate, GateBundle
 from ..stats import binary_metrics
+from ..text import jaccard, word_set
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,9 @@ def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: flo
     ``win`` (the paper's label): 1 if the persona answer won both orders, else 0. ``preference``: 1 if
     the persona won, 0 if the base answer won, 0.5 for a tie / orders that disagree / an unreadable
     verdict, so the gate estimates how likely the persona answer is to be preferred and a threshold of
-    0.5 means "route where the persona is expected to do better than the base model".
+    0.5 means "route where the persona is expected to do better than the base model". ``margin``:
+    the judge's both-order log-prob margin for the persona as a soft target (:func:`margin_target`;
+    pairs without one, from text or rule judges, keep their 0/1 label).
 
     ``domain_prior`` = w blends each target with the mean target of its domain (the domain's win
     rate): ``(1 - w) * target + w * domain mean``; a noisy per-query label is pulled towards what
@@ -132,10 +135,12 @@ def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: flo
         for r in records:
             w = r.get("winner")
             out.append(1.0 if int(r["label"]) else 0.0 if w == "base" else 0.5 if w in TIE_WINNERS else 0.0)
+    elif target == "margin":
+        out = [margin_target(r) for r in records]
     else:
         from ..errors import PrismError
 
-        raise PrismError(f"unknown gate target '{target}'; use win or preference")
+        raise PrismError(f"unknown gate target '{target}'; use win, preference or margin")
     w = float(domain_prior or 0.0)
     if w <= 0:
         return out
@@ -144,6 +149,25 @@ def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: flo
         by_domain.setdefault(r.get("domain", ""), []).append(t)
     mean = {d: sum(ts) / len(ts) for d, ts in by_domain.items()}
     return [(1 - w) * t + w * mean[r.get("domain", "")] for r, t in zip(records, out)]
+
+
+MARGIN_SCALE = 1.0
+"""``margin`` target: sigmoid(margin / MARGIN_SCALE); a margin of 1 nat is a 73 % target."""
+
+
+def margin_target(record: dict) -> float:
+    """The judge's both-order log-prob margin for the persona as a soft target in (0, 1); a pair
+    without a margin (text or rule judge) keeps its 0/1 label."""
+    m = record.get("margin")
+    if m is None:
+        return float(int(record["label"]))
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, float(m))) / MARGIN_SCALE))
+
+
+def gate_records(records: Sequence[dict]) -> list[dict]:
+    """The labelled records the gate trains on: all but those in the judge's abstain band
+    (``judge.abstain_margin``: the judge barely preferred either answer)."""
+    return [r for r in records if not r.get("abstain")]
 
 
 def sample_weights(labels: Sequence[int], groups: Optional[Sequence[str]], balance: str) -> torch.Tensor:
@@ -169,17 +193,11 @@ def sample_weights(labels: Sequence[int], groups: Optional[Sequence[str]], balan
     return w * (n / float(w.sum()))
 
 
-def _words(text: str) -> frozenset:
-    import re
-
-    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
-
-
 def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]:
     """A cluster id per text; texts whose word sets overlap by Jaccard >= ``threshold`` (or that are
     equal after lower-casing) share a cluster (transitively), so a split never puts one near-duplicate
     in training and another in the held-out rows. ``threshold`` >= 1 clusters exact duplicates only."""
-    words = [_words(t) for t in texts]
+    words = [word_set(t) for t in texts]
     parent = list(range(len(texts)))
 
     def find(i: int) -> int:
@@ -192,7 +210,7 @@ def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]
         for j in range(i):
             a, b = words[i], words[j]
             same = texts[i].strip().lower() == texts[j].strip().lower()
-            if same or (a and b and len(a & b) / len(a | b) >= threshold):
+            if same or jaccard(a, b) >= threshold:
                 parent[find(i)] = find(j)
     return [find(i) for i in range(len(texts))]
 
@@ -385,6 +403,20 @@ def train_gate(
     return GateBundle(gate=gate, threshold=threshold, info=info)
 
 
+def train_gate_on_records(features: torch.Tensor, records: Sequence[dict], gcfg, seed: int = 0) -> GateBundle:
+    """:func:`train_gate` on labelled records (``query``, ``label``, ``domain`` and what the target
+    reads): labels, domains as groups, the ``gcfg.target`` / ``gcfg.domain_prior`` targets, queries as texts."""
+    return train_gate(
+        features,
+        [int(r["label"]) for r in records],
+        gcfg,
+        seed,
+        groups=[r.get("domain", "") for r in records],
+        targets=gate_targets(records, gcfg.target, gcfg.domain_prior),
+        texts=[r["query"] for r in records],
+    )
+
+
 def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:
     """{group: {"n", "routing_rate"}} for rows labelled by ``groups`` (e.g. domains)."""
     out: dict = {}
@@ -411,7 +443,10 @@ def gate_settings(cfg: RunConfig) -> dict:
     """The settings the gate stage depends on (a rerun with others is refused)."""
     from dataclasses import asdict
 
-    return {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
+    out = {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
+    if cfg.judge.abstain_margin > 0:  # absent when off, so runs made before the option resume unchanged
+        out["abstain_margin"] = cfg.judge.abstain_margin
+    return out
 
 
 def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer=None) -> dict:
@@ -428,18 +463,15 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    kept = gate_records(records)
+    if len(kept) < len(records):
+        log.info(
+            "gate: %d of %d pairs are in the judge's abstain band and left out", len(records) - len(kept), len(records)
+        )
+    records = kept
     queries = [r["query"] for r in records]
-    labels = [int(r["label"]) for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
-    bundle = train_gate(
-        feats,
-        labels,
-        cfg.gate,
-        cfg.seed,
-        groups=[r.get("domain", "") for r in records],
-        targets=gate_targets(records, cfg.gate.target, cfg.gate.domain_prior),
-        texts=queries,
-    )
+    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))

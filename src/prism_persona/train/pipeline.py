@@ -29,8 +29,8 @@ from .. import config as C
 from ..bootstrap.answers import answers_store, write_answers
 from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
 from ..bootstrap.personas import load_personas, write_personas
-from ..bootstrap.queries import selected_queries, write_queries
-from ..bootstrap.summary import build_summary, format_summary
+from ..bootstrap.queries import query_stats, selected_queries, write_queries
+from ..bootstrap.summary import build_summary, format_data_report, format_summary
 from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
 from ..errors import PrismError
 from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
@@ -221,6 +221,8 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
         model=cfg.model.model,
         wall_seconds=time.perf_counter() - t0,
         run=str(run.root),
+        query_stats=query_stats(cfg, run, collected),
+        abstain_margin=cfg.judge.abstain_margin,
     )
     run.write_json("summary.json", summary)
     run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
@@ -348,7 +350,7 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
 
     run = RunDir(cfg.out)
     check_trained(cfg, run, stages)
-    records = load_labelled(run)
+    records = load_labelled(run, cfg.judge.abstain_margin)
     seconds = dict(seconds or {})
     todo = any(not run.done(s) for s in stages)
     if todo and main:
@@ -412,6 +414,9 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         engine = make_engine(cfg, model, tok)
     t0 = time.perf_counter()
     summary = run_bootstrap(cfg, engine=engine, judge=judge)
+    if summary.get("data_report"):  # `prism bootstrap` prints it with the summary
+        report = "\n".join(format_data_report(summary["data_report"]))
+        log.info("bootstrap data report (also in %s):\n%s", run.path("summary.md"), report)
     if "bootstrap" in todo:
         seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
     res = train_stages(cfg, model, tok, seconds=seconds)
@@ -421,5 +426,5 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         t0 = time.perf_counter()
         run_heldout_check(cfg, run, model, tok)
         seconds["check"] = round(time.perf_counter() - t0, 2)
-        res["report"] = write_report(run, load_labelled(run), seconds)
+        res["report"] = write_report(run, load_labelled(run, cfg.judge.abstain_margin), seconds)
     return {"summary": summary, **res}

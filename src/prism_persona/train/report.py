@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
-from ..bootstrap.summary import fmt_cell
+from ..bootstrap.summary import BLIND_ADVICE, fmt_cell
 
 REPORT_JSON = "training_report.json"
 REPORT_MD = "training_report.md"
@@ -64,7 +64,45 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
         "stage_seconds": seconds,
         "artifact": str(run.path("prism")),
         "heldout_check": _check_summary(run),
+        "labels_noise": (summary.get("judge_diagnostics") or {}).get("blind"),
+        "data_report": summary.get("data_report"),
+        "statement": artifact_statement(summary, gate, distill),
     }
+
+
+def routed_share(gate: dict) -> Optional[float]:
+    """Share of the labelled queries (training and held-out split) the gate routes, or ``None``."""
+    n = routed = 0
+    for m in ((gate.get("metrics") or {}).get("train"), (gate.get("metrics") or {}).get("heldout")):
+        if m and m.get("n") and m.get("routing_rate") is not None:
+            n += m["n"]
+            routed += m["routing_rate"] * m["n"]
+    return routed / n if n else None
+
+
+def artifact_statement(summary: dict, gate: dict, distill: dict) -> str:
+    """One line saying what the artifact does, in plain words (the last line of ``prism run``)."""
+    blind = (summary.get("judge_diagnostics") or {}).get("blind")
+    wins = (summary.get("total") or {}).get("wins", 0)
+    examples, share = distill.get("examples") or 0, routed_share(gate)
+    if not examples or not share:
+        if blind:
+            why = "the judge could not tell the answers apart, so no answer counts as a persona win"
+        elif not wins:
+            why = "the persona answer never won in both orders, so there was nothing to learn"
+        elif not examples:
+            why = "no persona win was left to distil"
+        else:
+            why = "the gate routes none of the training queries"
+        return f"The artifact is exactly the base model: {why}."
+    text = (
+        f"The artifact routes {share:.0%} of the training queries to a LoRA trained on {examples} persona-won answers"
+    )
+    if blind:
+        return (
+            text + ", but the judge could not tell the answers apart: the labels are noise, so it learned nothing real."
+        )
+    return text + "; measure it on held-out queries with `prism check`."
 
 
 def _check_summary(run) -> Optional[dict]:
@@ -89,11 +127,18 @@ def format_report(rep: dict) -> str:
         f"Run: `{rep['run']}`  ",
         f"Artifact: `{rep['artifact']}`",
         "",
+        f"**{rep['statement']}**",
+        "",
         "## Data",
         "",
-        "| domain | queries | persona won |",
-        "|---|---|---|",
     ]
+    if rep.get("labels_noise"):
+        lines += [
+            f"**The labels are noise**: the judge could not tell the answers apart ({rep['labels_noise']}); "
+            f"nothing the gate or the adapter learned from them is real. To fix it: {BLIND_ADVICE}.",
+            "",
+        ]
+    lines += ["| domain | queries | persona won |", "|---|---|---|"]
     for dom, c in rep["data"]["by_domain"].items():
         lines.append(f"| {dom} | {c['queries']} | {c['persona_won']} |")
     t = rep["data"]["total"]
