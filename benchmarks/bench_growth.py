@@ -103,6 +103,7 @@ class StageMeter:
     def __init__(self, interval: float = 0.02):
         self.stage = "setup"
         self.seconds: dict = {}
+        self.cpu_seconds: dict = {}
         self.peak_mb: dict = {}
         self.start_mb: dict = {}
         self._stop = threading.Event()
@@ -127,12 +128,13 @@ class StageMeter:
             outer = self.stage
             self.stage = stage
             self.start_mb.setdefault(stage, self.rss_mb())
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.note()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+                self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + time.process_time() - c0
                 self.stage = outer
 
         return timed
@@ -196,6 +198,7 @@ def child(spec: dict) -> dict:
         "rc": rc,
         "wall_s": wall,
         "seconds": meter.seconds,
+        "cpu_seconds": meter.cpu_seconds,
         "peak_rss_mb": meter.peak_mb,
         "start_rss_mb": meter.start_mb,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -339,13 +342,18 @@ def main(argv: Optional[list] = None) -> list[dict]:
         sys.stdout.flush()
     stages = sorted({s for r in rows for s in r["seconds"]}, key=[h[2] for h in STAGE_HOOKS].index)
     xs = [x_value(args.axis, r["x"]) for r in rows]
-    fits = {s: fit_exponent(xs, [r["seconds"].get(s) for r in rows]) for s in stages}
+
+    def cost(r: dict) -> dict:  # CPU seconds of the stage (wall time on a shared machine measures the others)
+        return r.get("cpu_seconds") or r["seconds"]
+
+    fits = {s: fit_exponent(xs, [cost(r).get(s) for r in rows]) for s in stages}
     fits["total"] = fit_exponent(xs, [r["wall_s"] for r in rows])
     table = [
         {"stage": s, **{f"{args.axis}={r['x']}": r["seconds"].get(s) for r in rows}, "exponent": fits[s]}
         for s in stages
     ]
     table.append({"stage": "total", **{f"{args.axis}={r['x']}": r["wall_s"] for r in rows}, "exponent": fits["total"]})
+    print("CPU seconds per stage and the fitted exponent")
     print(common.table(table, ["stage", *[f"{args.axis}={r['x']}" for r in rows], "exponent"]))
     rss = [{"stage": s, **{f"{args.axis}={r['x']}": r["peak_rss_mb"].get(s) for r in rows}} for s in stages]
     print("peak RSS (MB) per stage")
