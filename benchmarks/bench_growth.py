@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -277,7 +278,9 @@ def fit_exponent(xs: list[float], ys: list[float]) -> Optional[float]:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
-def grid(axis: str, values: list[str], base: str, queries: int, domains: int, tokens: int) -> list[dict]:
+def grid(
+    axis: str, values: list[str], base: str, queries: int, domains: int, tokens: int, sets: Sequence[str] = ()
+) -> list[dict]:
     """The specs of an axis' points (each spec: argv, shape, x)."""
     specs = []
     tmp = Path(tempfile.mkdtemp(prefix="prism-growth-"))
@@ -301,7 +304,8 @@ def grid(axis: str, values: list[str], base: str, queries: int, domains: int, to
         qfile.write_text("".join(json.dumps(r) + "\n" for r in synthetic_queries(doms, q)), encoding="utf-8")
         # a random-shape point loads the embedded tokenizer: the CLI gets the embedded model's name
         model = "smollm2-135m-instruct" if shape else model_dir
-        specs.append({"argv": point_argv(model, tmp / f"run-{v}", doms, qfile, q, t), "shape": shape, "x": v})
+        argv = point_argv(model, tmp / f"run-{v}", doms, qfile, q, t) + [a for kv in sets for a in ("--set", kv)]
+        specs.append({"argv": argv, "shape": shape, "x": v})
     return specs
 
 
@@ -327,12 +331,13 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--queries", type=int, default=12, help="queries per domain when not the axis")
     p.add_argument("--domains", type=int, default=3, help="domains when not the axis")
     p.add_argument("--tokens", type=int, default=16, help="answer tokens when not the axis")
+    p.add_argument("--set", action="append", default=[], help="extra `prism run --set KEY=VALUE` (repeatable)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per grid point")
     p.add_argument("--out", default=str(common.RESULTS), help="results file to append to ('' = do not record)")
     args = p.parse_args(argv)
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     rows = []
-    for spec in grid(args.axis, values, args.base, args.queries, args.domains, args.tokens):
+    for spec in grid(args.axis, values, args.base, args.queries, args.domains, args.tokens, args.set):
         load0 = round(os.getloadavg()[0], 2)
         res = run_point(spec, args.timeout)
         res.update(x=spec["x"], load_before=load0, load_after=round(os.getloadavg()[0], 2))
@@ -365,6 +370,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
         "queries": args.queries,
         "domains": args.domains,
         "tokens": args.tokens,
+        "sets": args.set,
     }
     common.record(args.out, "growth", settings, rows, {"exponents": fits})
     return rows
