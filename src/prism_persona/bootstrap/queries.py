@@ -1,6 +1,6 @@
 """Stage 2: queries written by the model while it plays each persona.
 
-Per round, every domain still short of queries sends ``ceil(missing / per_request)`` requests (all
+Per round, every domain still short of queries sends ``ceil(oversample x missing / per_request)`` requests (all
 domains in one batched ``generate`` call), each asking for ``per_request`` realistic,
 specific user queries, one per line, with the persona (``use_length`` variant) in the configured
 placement. Lines are cleaned (numbering, bullets, quotes, "Query:" labels removed; preambles such as
@@ -168,7 +168,7 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
         requests = []  # (domain, chat)
         for domain in todo:
             persona = personas[domain][cfg.persona.use_length]
-            n_req = math.ceil((target - len(have[domain])) / max(1, q.per_request))
+            n_req = math.ceil(q.oversample * (target - len(have[domain])) / max(1, q.per_request))
             requests += [
                 (domain, query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req))
                 for k in range(n_req)
