@@ -251,6 +251,41 @@ def decode_shaped_gflops(model, batch: int, repeats: int = 3) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# the cost of one decode step as the cache grows
+
+
+def step_cost(model, batch: int, length: int, preallocated: bool, steps: int = 8) -> float:
+    """CPU milliseconds of one greedy decode step of ``batch`` rows whose cache holds ``length`` positions,
+    with generate's dynamic cache (``torch.cat`` per step) or the engine's preallocated one."""
+    import torch
+    from transformers import DynamicCache
+
+    from prism_persona.engines.kv_cache import preallocated_cache
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(10, 30000, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    cache = preallocated_cache(model, length + steps + 1) if preallocated else DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token, pos = out.logits[:, -1].argmax(-1, keepdim=True), torch.full((batch, 1), length)
+        c0 = time.process_time()
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            token, pos = out.logits[:, -1].argmax(-1, keepdim=True), pos + 1
+    return (time.process_time() - c0) / steps * 1000
+
+
+def step_costs(model, batch: int, lengths: list[int]) -> list[dict]:
+    rows = []
+    for n in lengths:
+        dyn, pre = step_cost(model, batch, n, False), step_cost(model, batch, n, True)
+        rows.append({"batch": batch, "cache_len": n, "dynamic_ms": dyn, "preallocated_ms": pre, "saved": 1 - pre / dyn})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # profile
 
 
@@ -365,9 +400,14 @@ def ratio_rows(res: dict, bnd: dict) -> list[dict]:
 
 def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
-    p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona)")
+    p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
     p.add_argument("--call-size", type=int, default=0, help="chats per engine call (0 = the engine batch)")
     p.add_argument("--profile", action="store_true", help="also profile one engine call")
+    p.add_argument(
+        "--step-lengths",
+        default="",
+        help="also time one decode step at these cache lengths (comma-separated), dynamic vs preallocated cache",
+    )
     args = p.parse_args(argv)
     dev, dtype = common.pick("cpu", "float32", args.threads)
     if args.size == "7b":
@@ -383,7 +423,7 @@ def main(argv: Optional[list] = None) -> dict:
     }
     common.print_header("CPU engine vs raw decode loop vs matmul bound", built, settings)
     results = []
-    for b in common.batch_sizes(args.batch_sizes):
+    for b in common.batch_sizes(args.batch_sizes) if args.rows else []:  # --rows 0: the step costs only
         call = args.call_size or b
         res = measure(built, args.rows, b, call, args.new_tokens, args.repeats)
         bnd = bounds(built.model, b)
@@ -412,6 +452,12 @@ def main(argv: Optional[list] = None) -> dict:
                 built.model, built.tokenizer, batch_size=b, quiet=True
             )
             res["profile"] = profile_engine(engine, workload(args.rows), call, args.new_tokens)
+    if args.step_lengths:
+        for b in common.batch_sizes(args.batch_sizes):
+            steps = step_costs(built.model, b, common.batch_sizes(args.step_lengths))
+            print(f"\n## one decode step, batch {b}: CPU ms by cache length (load {load_avg()})")
+            print(common.table(steps, ["batch", "cache_len", "dynamic_ms", "preallocated_ms", "saved"]))
+            results.append({"step_costs": steps})
     common.record(args.out, "cpu_engine", settings, results)
     return {"settings": settings, "results": results}
 

@@ -315,10 +315,63 @@ def x_value(axis: str, v: str) -> float:
     return float(v)
 
 
+def render(path: Path, png: Optional[Path] = None) -> str:
+    """Markdown tables (CPU seconds and peak RSS per stage, fitted exponents) of every growth record in
+    ``path`` (the latest record per axis), and a log-log plot of CPU seconds per stage to ``png``."""
+    recs = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("bench") == "growth":
+            recs[rec["settings"]["axis"]] = rec
+    order = [h[2] for h in STAGE_HOOKS]
+    parts, series = [], {}
+    for axis, rec in recs.items():
+        rows = rec["rows"]
+        stages = sorted({s for r in rows for s in r["seconds"]}, key=order.index)
+        xs = [x_value(axis, r["x"]) for r in rows]
+        cols = [f"{axis}={r['x']}" for r in rows]
+        table = []
+        for s in stages:
+            cpu = [(r.get("cpu_seconds") or r["seconds"]).get(s) for r in rows]
+            rss = [r["peak_rss_mb"].get(s) for r in rows]
+            cells = {c: f"{v:.2f} s / {m:.0f} MB" for c, v, m in zip(cols, cpu, rss) if v is not None and m}
+            table.append({"stage": s, **cells, "exponent": fit_exponent(xs, cpu)})
+            series[(axis, s)] = (xs, cpu)
+        loads = ", ".join(f"{r['load_before']}->{r['load_after']}" for r in rows)
+        parts.append(f"**{axis}** ({rec['date']}, settings {rec['settings']}; load {loads})\n")
+        parts.append(common.table(table, ["stage", *cols, "exponent"]) + "\n")
+    if png and series:
+        plot(series, list(recs), png)
+    return "\n".join(parts)
+
+
+def plot(series: dict, axes: list[str], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, subplots = plt.subplots(1, len(axes), figsize=(4.2 * len(axes), 3.6), squeeze=False)
+    for ax, axis in zip(subplots[0], axes):
+        for (a, stage), (xs, ys) in series.items():
+            pts = [(x, y) for x, y in zip(xs, ys) if y and y > 0.05]
+            if a == axis and len(pts) > 1:
+                ax.loglog(*zip(*pts), marker="o", label=stage)
+        ax.set_title(f"CPU seconds per stage vs {axis}")
+        ax.set_xlabel(axis)
+        ax.grid(True, which="both", alpha=0.3)
+    subplots[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main(argv: Optional[list] = None) -> list[dict]:
     import argparse
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--render"]:  # --render RESULTS.jsonl [PLOT.png]
+        print(render(Path(argv[1]), Path(argv[2]) if len(argv) > 2 else None))
+        return []
     if argv[:1] == ["--child"]:
         with open(argv[1], encoding="utf-8") as fh:
             res = child(json.load(fh))
