@@ -135,13 +135,13 @@ def eos_ignored(engine):
 # the raw decode loop
 
 
-def raw_decode(model, input_ids, attention_mask, new_tokens: int):
-    """Greedy tokens ``(B, new_tokens)``: prefill into a dynamic cache, then one forward per token."""
+def raw_decode(model, input_ids, attention_mask, new_tokens: int, cache=None):
+    """Greedy tokens ``(B, new_tokens)``: prefill into ``cache`` (default: a dynamic cache, the one
+    ``generate`` uses), then one forward per token."""
     import torch
     from transformers import DynamicCache
 
-    B = input_ids.shape[0]
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,
@@ -152,19 +152,24 @@ def raw_decode(model, input_ids, attention_mask, new_tokens: int):
         logits_to_keep=1,
     )
     token = out.logits[:, -1, :].argmax(-1)
-    result = torch.empty(B, new_tokens, dtype=torch.long)
-    result[:, 0] = token
-    mask = attention_mask
-    pos = positions[:, -1:]
-    for step in range(1, new_tokens):
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+    rest = decode_steps(model, token, attention_mask, positions[:, -1:], cache, new_tokens - 1)
+    return torch.cat([token[:, None], rest], dim=1)
+
+
+def decode_steps(model, token, mask, pos, cache, steps: int):
+    """``steps`` greedy tokens after ``token`` (whose position is ``pos``), one forward each."""
+    import torch
+
+    out_tokens = []
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos + 1
         out = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
         )
         token = out.logits[:, -1, :].argmax(-1)
-        result[:, step] = token
-    return result
+        out_tokens.append(token)
+    return torch.stack(out_tokens, dim=1) if out_tokens else token.new_empty(token.shape[0], 0)
 
 
 def sorted_batches(tokenizer, chats, batch: int):
@@ -258,23 +263,23 @@ def step_cost(model, batch: int, length: int, preallocated: bool, steps: int = 8
     """CPU milliseconds of one greedy decode step of ``batch`` rows whose cache holds ``length`` positions,
     with generate's dynamic cache (``torch.cat`` per step) or the engine's preallocated one."""
     import torch
-    from transformers import DynamicCache
 
     from prism_persona.engines.kv_cache import preallocated_cache
 
     g = torch.Generator().manual_seed(length)
-    ids = torch.randint(10, 30000, (batch, length), generator=g)
+    ids = torch.randint(3, min(30000, int(model.config.vocab_size)), (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    cache = preallocated_cache(model, length + steps + 1) if preallocated else DynamicCache(config=model.config)
+    cache = preallocated_cache(model, length + steps + 1) if preallocated else None
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token, pos = out.logits[:, -1].argmax(-1, keepdim=True), torch.full((batch, 1), length)
+        raw_decode(model, ids, mask, 1, cache)  # warm-up
+        cache = preallocated_cache(model, length + steps + 1) if preallocated else None
         c0 = time.process_time()
-        for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            token, pos = out.logits[:, -1].argmax(-1, keepdim=True), pos + 1
-    return (time.process_time() - c0) / steps * 1000
+        raw_decode(model, ids, mask, steps + 1, cache)
+        cpu = time.process_time() - c0
+        c0 = time.process_time()
+        raw_decode(model, ids, mask, 1, preallocated_cache(model, length + 1) if preallocated else None)
+        prefill = time.process_time() - c0
+    return (cpu - prefill) / steps * 1000
 
 
 def step_costs(model, batch: int, lengths: list[int]) -> list[dict]:
