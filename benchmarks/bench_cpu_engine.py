@@ -259,27 +259,37 @@ def decode_shaped_gflops(model, batch: int, repeats: int = 3) -> float:
 # the cost of one decode step as the cache grows
 
 
+def filled_cache(model, batch: int, length: int, preallocated: bool, room: int):
+    """A KV cache already holding ``length`` random positions per row (a step's cost does not depend on
+    the values): generate's dynamic cache, or the engine's preallocated one with ``room`` to grow."""
+    import torch
+    from transformers import DynamicCache
+
+    from prism_persona.engines.kv_cache import preallocated_cache
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (batch, cfg.num_key_value_heads, length, head_dim)
+    cache = preallocated_cache(model, length + room) if preallocated else DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape), torch.randn(shape), layer)
+    return cache
+
+
 def step_cost(model, batch: int, length: int, preallocated: bool, steps: int = 8) -> float:
     """CPU milliseconds of one greedy decode step of ``batch`` rows whose cache holds ``length`` positions,
     with generate's dynamic cache (``torch.cat`` per step) or the engine's preallocated one."""
     import torch
 
-    from prism_persona.engines.kv_cache import preallocated_cache
-
-    g = torch.Generator().manual_seed(length)
-    ids = torch.randint(3, min(30000, int(model.config.vocab_size)), (batch, length), generator=g)
+    cache = filled_cache(model, batch, length, preallocated, steps + 1)
+    token = torch.full((batch,), 5, dtype=torch.long)
     mask = torch.ones(batch, length, dtype=torch.long)
-    cache = preallocated_cache(model, length + steps + 1) if preallocated else None
+    pos = torch.full((batch, 1), length - 1)
     with torch.inference_mode():
-        raw_decode(model, ids, mask, 1, cache)  # warm-up
-        cache = preallocated_cache(model, length + steps + 1) if preallocated else None
+        token = decode_steps(model, token, mask, pos, cache, 1)[:, 0]  # warm-up
         c0 = time.process_time()
-        raw_decode(model, ids, mask, steps + 1, cache)
-        cpu = time.process_time() - c0
-        c0 = time.process_time()
-        raw_decode(model, ids, mask, 1, preallocated_cache(model, length + 1) if preallocated else None)
-        prefill = time.process_time() - c0
-    return (cpu - prefill) / steps * 1000
+        decode_steps(model, token, torch.ones(batch, length + 1, dtype=torch.long), pos + 1, cache, steps)
+        return (time.process_time() - c0) / steps * 1000
 
 
 def step_costs(model, batch: int, lengths: list[int]) -> list[dict]:
