@@ -292,11 +292,24 @@ def step_cost(model, batch: int, length: int, preallocated: bool, steps: int = 8
         return (time.process_time() - c0) / steps * 1000
 
 
-def step_costs(model, batch: int, lengths: list[int]) -> list[dict]:
+def step_costs(model, batch: int, lengths: list[int], bound_tokens_per_s: float) -> list[dict]:
+    """Per cache length: a step's CPU ms with each cache, the saving, and the preallocated step's
+    tokens per CPU second as a share of the square-matmul bound."""
     rows = []
     for n in lengths:
         dyn, pre = step_cost(model, batch, n, False), step_cost(model, batch, n, True)
-        rows.append({"batch": batch, "cache_len": n, "dynamic_ms": dyn, "preallocated_ms": pre, "saved": 1 - pre / dyn})
+        tps = batch / (pre / 1000)
+        rows.append(
+            {
+                "batch": batch,
+                "cache_len": n,
+                "dynamic_ms": dyn,
+                "preallocated_ms": pre,
+                "saved": 1 - pre / dyn,
+                "tokens_per_cpu_s": tps,
+                "of_square_bound": tps / bound_tokens_per_s,
+            }
+        )
     return rows
 
 
@@ -468,10 +481,21 @@ def main(argv: Optional[list] = None) -> dict:
             )
             res["profile"] = profile_engine(engine, workload(args.rows), call, args.new_tokens)
     if args.step_lengths:
+        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        print(f"\n2048^2 matmul bound: {square:.0f} tokens per CPU second (load {load_avg()})")
         for b in common.batch_sizes(args.batch_sizes):
-            steps = step_costs(built.model, b, common.batch_sizes(args.step_lengths))
+            steps = step_costs(built.model, b, common.batch_sizes(args.step_lengths), square)
             print(f"\n## one decode step, batch {b}: CPU ms by cache length (load {load_avg()})")
-            print(common.table(steps, ["batch", "cache_len", "dynamic_ms", "preallocated_ms", "saved"]))
+            cols = [
+                "batch",
+                "cache_len",
+                "dynamic_ms",
+                "preallocated_ms",
+                "saved",
+                "tokens_per_cpu_s",
+                "of_square_bound",
+            ]
+            print(common.table(steps, cols))
             results.append({"step_costs": steps})
     common.record(args.out, "cpu_engine", settings, results)
     return {"settings": settings, "results": results}

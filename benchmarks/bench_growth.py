@@ -338,7 +338,8 @@ def render(path: Path, png: Optional[Path] = None) -> str:
             table.append({"stage": s, **cells, "exponent": fit_exponent(xs, cpu)})
             series[(axis, s)] = (xs, cpu)
         loads = ", ".join(f"{r['load_before']}->{r['load_after']}" for r in rows)
-        parts.append(f"**{axis}** ({rec['date']}, settings {rec['settings']}; load {loads})\n")
+        code = f"; {rec['code']}" if rec.get("code") else ""
+        parts.append(f"**{axis}** ({rec['date']}{code}; settings {rec['settings']}; load {loads})\n")
         parts.append(common.table(table, ["stage", *cols, "exponent"]) + "\n")
     if png and series:
         plot(series, list(recs), png)
