@@ -234,3 +234,36 @@ def test_bench_vllm_answers_part_runs_both_engines(tmp_path, tiny_model_dir, fak
     assert [r["chats_per_call"] for r in rows] == [4, 4, 8] and all(r["rows"] == 10 for r in rows)
     assert res["answers"]["ratio_vllm_over_hf"] > 0 and res["answers"]["ratio_in_hf_batch_calls"] > 0
     assert json.loads(out.read_text())["results"]["answers"]["rows"][1]["startup_s"] is not None
+
+
+def test_cpu_engine_raw_loop_matches_the_engine_and_bounds_are_positive(tmp_path):
+    import bench_cpu_engine
+
+    out = tmp_path / "r.jsonl"
+    argv = ["--size", "tiny", "--rows", "6", "--batch-sizes", "3", "--new-tokens", "4", "--threads", "1"]
+    res = bench_cpu_engine.main(argv + ["--step-lengths", "8", "--out", str(out)])
+    first = res["results"][0]
+    assert first["greedy_agreement"] == 1.0  # the engine's greedy tokens = the raw decode loop's
+    assert 0 <= first["padding_share_one_call"] and first["padding_share"] <= first["padding_share_one_call"]
+    bounds = first["bounds"]
+    assert bounds["square_gflops"] > 0 and bounds["decode_bound_tokens_per_s"] > 0
+    assert {"dynamic_ms", "preallocated_ms"} <= set(res["results"][-1]["step_costs"][0])
+    check_record(records(out)[-1], "cpu_engine")
+
+
+def test_growth_exponent_fit_and_render(tmp_path):
+    import bench_growth
+
+    assert bench_growth.fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert bench_growth.fit_exponent([5], [1]) is None
+    rows = [
+        {"x": str(x), "seconds": {"answers": 2.0 * x}, "cpu_seconds": {"answers": float(x)}, "wall_s": 3.0 * x}
+        | {"peak_rss_mb": {"answers": 400.0 + x}, "load_before": 1.0, "load_after": 1.0}
+        for x in (12, 50, 200)
+    ]
+    rec = {"bench": "growth", "date": "2026-12-03T00:00:00Z", "settings": {"axis": "queries"}, "rows": rows}
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    text = bench_growth.render(path, tmp_path / "g.png")
+    assert "| answers | 12.00 s / 412 MB | 50.00 s / 450 MB | 200.00 s / 600 MB | 1.00 |" in text
+    assert (tmp_path / "g.png").stat().st_size > 0

@@ -274,6 +274,11 @@ class QueryConfig:
         50, "Unique, cleaned queries to collect per persona.", flag="--queries-per-persona", at_least=1, group=G_DATA
     )
     per_request: int = option(10, "Queries asked for in one generation request (format 'list').", at_least=1)
+    oversample: float = option(
+        1.0,
+        "Format 'list': requests per round = ceil(oversample x missing / per_request): more requests than strictly needed, so that one round usually collects them all. A round lasts max_new_tokens decode steps whatever its batch, and on a CPU a few more rows in a batch cost little next to another round (tiny preset: 2).",
+        at_least=1,
+    )
     max_rounds: int = option(
         4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1
     )
@@ -718,8 +723,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Finishes `prism run` on the embedded 135M model on a 2-core CPU in about ten minutes.
     "tiny": {
-        "model": {"batch_size": 12},
-        "queries": {"queries_per_persona": 12, "per_request": 12, "max_new_tokens": 400, "max_rounds": 3},
+        # one engine batch per stage call: on a CPU a decode step's cost is mostly reading the weights,
+        # so 72 rows cost ~2.5x what 12 do for 6x the tokens (docs/performance.md)
+        "model": {"batch_size": 96},
+        "queries": {
+            "queries_per_persona": 12,
+            "per_request": 12,
+            "oversample": 2,
+            "max_new_tokens": 400,
+            "max_rounds": 3,
+        },
         "answers": {"max_new_tokens": 96},
         "persona": {"max_new_tokens": 220},
         "gate": {"epochs": 200},

@@ -213,7 +213,10 @@ def test_persona_file_edited_on_resume_is_refused(tmp_path):
 
 
 def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
-    cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 3, "format": "list"})
+    cfg = make_cfg(
+        tmp_path,
+        queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 3, "format": "list", "oversample": 1},
+    )
     run = RunDir(cfg.out)
     personas = {d: {"short": f"You are a {d} expert."} for d in cfg.persona.domains}
     replies = {
@@ -250,6 +253,20 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
     # resuming: every round is recorded, so nothing is generated again
     write_queries(cfg, run, Lazy(lambda: pytest.fail("rounds are exhausted")), personas)
     assert len(read_jsonl(run.path("query_rounds.jsonl"))) == 6
+
+
+def test_oversample_asks_for_more_lists_per_round(tmp_path):
+    cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 2, "oversample": 2})
+    run = RunDir(cfg.out)
+    personas = {d: {"short": f"You are a {d} expert."} for d in cfg.persona.domains}
+    lines = iter(f"How do I handle case number {i} well?" for i in range(100))
+    eng = ScriptedEngine(responder=lambda chat: next(lines))  # one new query per list
+    got = write_queries(cfg, run, Lazy(lambda: eng), personas)
+    doms = ["writing" if "about writing" in c[-1]["content"] else "coding" for c, _ in eng.calls]
+    # round 0: ceil(2 x 6 / 4) = 3 lists per domain (3 queries each); round 1: ceil(2 x 3 / 4) = 2 lists
+    assert doms == ["writing"] * 3 + ["coding"] * 3 + ["writing"] * 2 + ["coding"] * 2
+    assert "list 3 of 3" in eng.calls[2][0][1]["content"]
+    assert got == {"writing": 5, "coding": 5}
 
 
 @pytest.mark.parametrize("scored", [True, False])

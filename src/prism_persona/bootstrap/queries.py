@@ -9,7 +9,7 @@ Two formats (``queries.format``):
   like the ones the gate will see. A round sends ``ceil(1.5 * missing) + 1`` such chats per domain,
   stopped at the first line break. Measured on the embedded model in
   ``scripts/query_prompt_study.py`` (docs/bootstrap.md).
-* ``list``: ``ceil(missing / per_request)`` requests per domain and round, each asking for
+* ``list``: ``ceil(oversample x missing / per_request)`` requests per domain and round, each asking for
   ``per_request`` queries one per line, with the persona (``use_length`` variant) in the configured
   placement (the earlier default; a 135M model writes many lines that are not user requests).
 
@@ -366,7 +366,7 @@ def round_chats(cfg, domain: str, persona: str, missing: int, round_: int, prefi
     not started)."""
     q = cfg.queries
     if q.format == "list":
-        n_req = math.ceil(missing / max(1, q.per_request))
+        n_req = math.ceil(q.oversample * missing / max(1, q.per_request))
         return [(query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req), "") for k in range(n_req)]
     out = []
     for i in range(math.ceil(OVERSHOOT * missing) + 1):

@@ -20,7 +20,10 @@ class HFEngine(Engine):
     """Generation and scoring with a ``transformers`` causal LM held in this process.
 
     Rows are sorted by prompt length before batching (less padding), generated in batches of
-    ``batch_size`` with left padding, stopped at EOS, and returned in the caller's order.
+    ``batch_size`` with left padding, stopped at EOS, and returned in the caller's order. Each batch
+    decodes into a KV cache allocated once for its prompt + new tokens
+    (:func:`~prism_persona.engines.kv_cache.preallocated_cache`: generate's dynamic cache copies
+    itself at every step), with the same tokens as ``generate``'s own cache.
     """
 
     name = "hf"
@@ -87,11 +90,12 @@ class HFEngine(Engine):
         """
         import torch
 
+        from . import kv_cache
+
         if not chats:
             return []
         texts = [render_chat(self.tokenizer, c) for c in chats]
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        order = self._longest_first(texts)
         out: list[Optional[Completion]] = [None] * len(texts)
         eos = self._eos_ids()
         kwargs = self._sampling_kwargs(params, eos)
@@ -104,7 +108,8 @@ class HFEngine(Engine):
             metas = None
             with torch.inference_mode(), batch_context(idx) if batch_context else contextlib.nullcontext() as read_meta:
                 t0 = time.perf_counter()
-                gen = self.model.generate(**enc, **kwargs)
+                cache = kv_cache.preallocated_cache(self.model, enc["input_ids"].shape[1] + params.max_new_tokens)
+                gen = self.model.generate(**enc, **kwargs, **kv_cache.cache_kwargs(self.model, cache))
                 self.generate_seconds += time.perf_counter() - t0
                 if read_meta is not None:
                     metas = read_meta()
@@ -116,6 +121,11 @@ class HFEngine(Engine):
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _longest_first(self, texts: Sequence[str]) -> list[int]:
+        """Indices of ``texts`` by decreasing token length (batches of similar lengths pad less)."""
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return sorted(range(len(texts)), key=lambda i: -lengths[i])
 
     def _sampling_kwargs(self, params: SamplingParams, eos: list[int]) -> dict:
         kwargs = dict(
@@ -147,19 +157,26 @@ class HFEngine(Engine):
 
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice) after the generation prompt; a choice's spellings with
-        and without a leading space are pooled (log-sum-exp)."""
+        and without a leading space are pooled (log-sum-exp). Prompts run in length-sorted batches and
+        the LM head only on the last position (``logits_to_keep=1``: the judge's prompts are long, and
+        logits for every position were a fifth of the work and ``batch x length x vocab`` floats)."""
         import torch
+
+        from .kv_cache import base_forward_accepts
 
         texts = [render_chat(self.tokenizer, c) for c in chats]
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
-        out: list[dict] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = encode_prompts(self.tokenizer, texts[start : start + self.batch_size], self.device)
+        last_only = {"logits_to_keep": 1} if base_forward_accepts(self.model, "logits_to_keep") else {}
+        order = self._longest_first(texts)
+        out: list[dict] = [{} for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
             with torch.inference_mode():
-                logits = self.model(**enc).logits[:, -1, :].float()
+                logits = self.model(**enc, **last_only).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
-            for row in range(logp.shape[0]):
-                out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
+            for row, i in enumerate(idx):
+                out[i] = {c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()}
         return out
 
 

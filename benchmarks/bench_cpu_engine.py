@@ -1,0 +1,505 @@
+"""Benchmark 7: the HF engine against a raw decode loop and the CPU's matmul bound, in one run.
+
+The README's main command spends most of its time in the HF engine's ``generate`` (answers stage:
+calls of ``model.batch_size`` chats, half of them carrying a ~60-word persona system prompt, 96 new
+tokens; queries stage: 3 chats, up to 400 new tokens). This prints, measured in the same process:
+
+- ``engine``: ``HFEngine.generate`` on such a workload, greedy, every row forced to ``--new-tokens``
+  (EOS neither stops nor is suppressed), in calls of ``--call-size`` chats at engine batch ``--batch``;
+- ``raw``: the model's own forward in a plain decode loop with a dynamic KV cache (prefill, then one
+  token per step, argmax), on the *same* length-sorted, left-padded batches;
+- ``raw_one_call``: the raw loop on every chat of the workload in one length-sorted batch (what
+  packing a whole stage into one call would give);
+- the CPU's bounds: the fp32 GFLOP/s of a 2048x2048 matmul, and of the model's own linear layers
+  run as bare matmuls at the decode batch (weights streamed from memory as in a real step),
+  each turned into tokens/s for this model (2 x matmul parameters FLOPs per token);
+- the ratios, the padding share of each batch, the greedy agreement of engine and raw loop, and the
+  1-minute load average before and after every timing (the machine is shared).
+
+Every rate is per **CPU second** of this process (``time.process_time``; run it with one torch
+thread, ``--threads 1``): on a machine shared with other jobs, wall time measures the other jobs,
+while the CPU time this process was given measures the work. Wall seconds are printed beside it.
+
+``--profile`` adds a torch-profiler table of one engine call (time per op family: matmul,
+attention, cache, sampling, the rest) and a cProfile of its Python functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+# Short personas like the ones the embedded model writes (persona.use_length = "short", ~50-70 words).
+PERSONAS = {
+    "writing": (
+        "You are a seasoned editor and creative writing coach with twenty years of experience in "
+        "publishing. You help writers find their voice, tighten their prose and structure stories that "
+        "hold a reader's attention. You give concrete, line-level suggestions, explain the craft behind "
+        "them, and always keep the author's intent and style at the centre of your feedback."
+    ),
+    "coding": (
+        "You are a senior software engineer who has shipped production systems in Python, Go and "
+        "Rust. You write clear, idiomatic, well-tested code, explain trade-offs between approaches, "
+        "point out edge cases, security issues and performance pitfalls, and prefer simple designs "
+        "that a team can maintain. You answer with working code and a short explanation of why it works."
+    ),
+    "safety": (
+        "You are a careful AI safety specialist. You help people with legitimate requests while "
+        "recognising attempts to obtain dangerous, illegal or harmful information. You decline "
+        "clearly and politely when a request could cause harm, explain the risk in plain words, and "
+        "offer a safe, useful alternative whenever one exists, without lecturing or moralising."
+    ),
+}
+QUERIES = {
+    "writing": [
+        "How can I make the opening paragraph of my short story more gripping?",
+        "Can you suggest a better title for an essay about growing up in a small fishing town?",
+        "What is the difference between showing and telling, with an example?",
+        "Rewrite this sentence to be more concise: 'In my opinion I think that the results are good.'",
+    ],
+    "coding": [
+        "How do I reverse a linked list in Python without using extra memory?",
+        "What is the best way to read a large CSV file in chunks with pandas?",
+        "Explain the difference between a process and a thread.",
+        "Why does my recursive Fibonacci function get so slow for n above 35?",
+    ],
+    "safety": [
+        "What household chemicals should never be mixed together?",
+        "How can I tell if an email asking for my bank password is a phishing attempt?",
+        "Is it safe to leave a phone charging overnight on my bed?",
+        "What should I do if I find a stranger's medication on the street?",
+    ],
+}
+
+
+def workload(rows: int) -> list[list[dict]]:
+    """``rows`` chats as the answers stage builds them: for each query, the bare chat and the chat
+    with its domain's persona as the system message (domains interleaved)."""
+    from prism_persona.models import user_chat, with_persona
+
+    pairs = [(d, q) for i in range(4) for d in PERSONAS for q in QUERIES[d][i : i + 1]]
+    chats: list = []
+    for k in range(rows // 2 + rows % 2):
+        domain, query = pairs[k % len(pairs)]
+        base = user_chat(query if k < len(pairs) else f"{query} (variant {k // len(pairs)})")
+        chats += [base, with_persona(base, PERSONAS[domain], "system")]
+    return chats[:rows]
+
+
+def cpu_timed(fn, repeats: int = 1, warmup: int = 1) -> tuple[float, float, object]:
+    """(median CPU seconds of this process, median wall seconds, the last result) over ``repeats``."""
+    import statistics
+
+    result = None
+    for _ in range(max(0, warmup)):
+        result = fn()
+    cpu, wall = [], []
+    for _ in range(max(1, repeats)):
+        c0, w0 = time.process_time(), time.perf_counter()
+        result = fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall), result
+
+
+def load_avg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def eos_ignored(engine):
+    """Force every row to its full length: no EOS id reaches ``generate`` (neither stop nor suppress)."""
+    gc = engine.model.generation_config
+    saved_gc, saved_fn = gc.eos_token_id, engine._eos_ids
+    gc.eos_token_id = None
+    engine._eos_ids = lambda: []
+    try:
+        yield engine
+    finally:
+        gc.eos_token_id = saved_gc
+        engine._eos_ids = saved_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# the raw decode loop
+
+
+def raw_decode(model, input_ids, attention_mask, new_tokens: int, cache=None):
+    """Greedy tokens ``(B, new_tokens)``: prefill into ``cache`` (default: a dynamic cache, the one
+    ``generate`` uses), then one forward per token."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    token = out.logits[:, -1, :].argmax(-1)
+    rest = decode_steps(model, token, attention_mask, positions[:, -1:], cache, new_tokens - 1)
+    return torch.cat([token[:, None], rest], dim=1)
+
+
+def decode_steps(model, token, mask, pos, cache, steps: int):
+    """``steps`` greedy tokens after ``token`` (whose position is ``pos``), one forward each."""
+    import torch
+
+    out_tokens = []
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos + 1
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        token = out.logits[:, -1, :].argmax(-1)
+        out_tokens.append(token)
+    return torch.stack(out_tokens, dim=1) if out_tokens else token.new_empty(token.shape[0], 0)
+
+
+def sorted_batches(tokenizer, chats, batch: int):
+    """(chat indices, encoded batch) in the engine's order: longest prompts first, left-padded."""
+    from prism_persona.models import encode_prompts, render_chat
+
+    texts = [render_chat(tokenizer, c) for c in chats]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out = []
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        out.append((idx, encode_prompts(tokenizer, [texts[i] for i in idx], "cpu")))
+    return out
+
+
+def padding_share(batches) -> float:
+    pad = sum(int((enc["attention_mask"] == 0).sum()) for _, enc in batches)
+    total = sum(enc["attention_mask"].numel() for _, enc in batches)
+    return pad / max(1, total)
+
+
+def run_raw(model, tokenizer, chats, batch: int, new_tokens: int) -> dict:
+    """Raw loop over the engine's batches; returns texts-free token rows in the caller's order."""
+    import torch
+
+    rows: list = [None] * len(chats)
+    with torch.inference_mode():
+        for idx, enc in sorted_batches(tokenizer, chats, batch):
+            toks = raw_decode(model, enc["input_ids"], enc["attention_mask"], new_tokens)
+            for r, i in enumerate(idx):
+                rows[i] = toks[r].tolist()
+    return {"rows": rows}
+
+
+def run_engine(engine, chats, call_size: int, new_tokens: int) -> dict:
+    """``HFEngine.generate`` in calls of ``call_size`` chats, EOS ignored, greedy; token rows in order."""
+    from prism_persona.engines.base import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    texts = []
+    with eos_ignored(engine):
+        for start in range(0, len(chats), call_size):
+            texts += [c.text for c in engine.generate(chats[start : start + call_size], params)]
+    return {"texts": texts}
+
+
+# --------------------------------------------------------------------------------------------------
+# the CPU's bounds
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per generated token: every Linear (the tied LM head too)."""
+    from torch import nn
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def square_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an ``n x n`` matmul (median of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec, _, _ = cpu_timed(lambda: a @ b, repeats=repeats)
+    return 2 * n**3 / sec / 1e9
+
+
+def decode_shaped_gflops(model, batch: int, repeats: int = 3) -> float:
+    """fp32 GFLOP/s of the model's own Linear weights as bare matmuls on a ``(batch, in)`` input:
+    one decode step's linear work with its real memory traffic, nothing else."""
+    import torch
+    from torch import nn
+
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+
+    def step():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        sec, _, _ = cpu_timed(step, repeats=repeats)
+    return 2 * batch * sum(w.numel() for w in weights) / sec / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# the cost of one decode step as the cache grows
+
+
+def filled_cache(model, batch: int, length: int, preallocated: bool, room: int):
+    """A KV cache already holding ``length`` random positions per row (a step's cost does not depend on
+    the values): generate's dynamic cache, or the engine's preallocated one with ``room`` to grow."""
+    import torch
+    from transformers import DynamicCache
+
+    from prism_persona.engines.kv_cache import preallocated_cache
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (batch, cfg.num_key_value_heads, length, head_dim)
+    cache = preallocated_cache(model, length + room) if preallocated else DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape), torch.randn(shape), layer)
+    return cache
+
+
+def step_cost(model, batch: int, length: int, preallocated: bool, steps: int = 8) -> float:
+    """CPU milliseconds of one greedy decode step of ``batch`` rows whose cache holds ``length`` positions,
+    with generate's dynamic cache (``torch.cat`` per step) or the engine's preallocated one."""
+    import torch
+
+    cache = filled_cache(model, batch, length, preallocated, steps + 1)
+    token = torch.full((batch,), 5, dtype=torch.long)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    pos = torch.full((batch, 1), length - 1)
+    with torch.inference_mode():
+        token = decode_steps(model, token, mask, pos, cache, 1)[:, 0]  # warm-up
+        c0 = time.process_time()
+        decode_steps(model, token, torch.ones(batch, length + 1, dtype=torch.long), pos + 1, cache, steps)
+        return (time.process_time() - c0) / steps * 1000
+
+
+def step_costs(model, batch: int, lengths: list[int], bound_tokens_per_s: float) -> list[dict]:
+    """Per cache length: a step's CPU ms with each cache, the saving, and the preallocated step's
+    tokens per CPU second as a share of the square-matmul bound."""
+    rows = []
+    for n in lengths:
+        dyn, pre = step_cost(model, batch, n, False), step_cost(model, batch, n, True)
+        tps = batch / (pre / 1000)
+        rows.append(
+            {
+                "batch": batch,
+                "cache_len": n,
+                "dynamic_ms": dyn,
+                "preallocated_ms": pre,
+                "saved": 1 - pre / dyn,
+                "tokens_per_cpu_s": tps,
+                "of_square_bound": tps / bound_tokens_per_s,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+
+
+OP_FAMILIES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product", "aten::softmax")),
+    ("cache_cat", ("aten::cat", "aten::index_select", "aten::index_copy")),
+    ("sampling", ("aten::argmax", "aten::sort", "aten::multinomial", "aten::topk", "aten::cumsum")),
+)
+
+
+def profile_engine(engine, chats, call_size: int, new_tokens: int, top: int = 18) -> dict:
+    """torch-profiler op families and cProfile's top Python functions of one engine call."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run_engine(engine, chats[:call_size], call_size, new_tokens)
+        wall = time.perf_counter() - t0
+    fam = {name: 0.0 for name, _ in OP_FAMILIES}
+    for ev in prof.key_averages():
+        for name, prefixes in OP_FAMILIES:
+            if any(ev.key == op or ev.key.startswith(op + "_") for op in prefixes):
+                fam[name] += ev.self_cpu_time_total / 1e6
+                break
+    shares = {k: v / wall for k, v in fam.items()}
+    shares["rest (python, masks, norms, rope, ...)"] = max(0.0, 1 - sum(shares.values()))
+    print(f"\n## torch profiler: one engine call of {call_size} chats x {new_tokens} tokens, {wall:.1f} s")
+    print(common.table([{"family": k, "share_of_wall": v} for k, v in shares.items()], ["family", "share_of_wall"]))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    pr = cProfile.Profile()
+    pr.enable()
+    run_engine(engine, chats[:call_size], call_size, new_tokens)
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    print("\n## cProfile (tottime) of the same call")
+    print(buf.getvalue())
+    return {"wall_s": wall, "shares": shares}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def measure(built: common.Built, rows: int, batch: int, call_size: int, new_tokens: int, repeats: int) -> dict:
+    from prism_persona.engines.hf import HFEngine
+
+    chats = workload(rows)
+    engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True)
+    tokens = rows * new_tokens
+    res: dict = {"rows": rows, "batch": batch, "call_size": call_size, "new_tokens": new_tokens}
+
+    def timed(name, fn):
+        load0 = load_avg()
+        sec, wall, out = cpu_timed(fn, repeats=repeats, warmup=0)
+        res[name] = {
+            "cpu_seconds": sec,
+            "wall_seconds": wall,
+            "tokens_per_s": tokens / sec,
+            "load_before": load0,
+            "load_after": load_avg(),
+        }
+        return out
+
+    eng = timed("engine", lambda: run_engine(engine, chats, call_size, new_tokens))
+    raw = timed("raw", lambda: run_raw(built.model, built.tokenizer, chats, batch, new_tokens))
+    timed("raw_one_call", lambda: run_raw(built.model, built.tokenizer, chats, rows, new_tokens))
+    raw_texts = [built.tokenizer.decode(r, skip_special_tokens=True).strip() for r in raw["rows"]]
+    res["greedy_agreement"] = sum(a == b for a, b in zip(eng["texts"], raw_texts)) / max(1, rows)
+    res["padding_share"] = padding_share(sorted_batches(built.tokenizer, chats, batch))
+    res["padding_share_one_call"] = padding_share(sorted_batches(built.tokenizer, chats, rows))
+    return res
+
+
+def bounds(model, batch: int) -> dict:
+    n = matmul_params(model)
+    load0 = load_avg()
+    sq = square_gflops()
+    dec = decode_shaped_gflops(model, batch)
+    return {
+        "matmul_params": n,
+        "square_gflops": sq,
+        "decode_shaped_gflops": dec,
+        "square_bound_tokens_per_s": sq * 1e9 / (2 * n),
+        "decode_bound_tokens_per_s": dec * 1e9 / (2 * n),
+        "load_before": load0,
+        "load_after": load_avg(),
+    }
+
+
+def ratio_rows(res: dict, bnd: dict) -> list[dict]:
+    out = []
+    for name in ("engine", "raw", "raw_one_call"):
+        tps = res[name]["tokens_per_s"]
+        out.append(
+            {
+                "variant": name,
+                "tokens_per_s": tps,
+                "wall_s": res[name]["wall_seconds"],
+                "vs_engine": tps / res["engine"]["tokens_per_s"],
+                "of_square_bound": tps / bnd["square_bound_tokens_per_s"],
+                "of_decode_bound": tps / bnd["decode_bound_tokens_per_s"],
+                "load_1m": f"{res[name]['load_before']}->{res[name]['load_after']}",
+            }
+        )
+    return out
+
+
+def main(argv: Optional[list] = None) -> dict:
+    p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
+    p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
+    p.add_argument("--call-size", type=int, default=0, help="chats per engine call (0 = the engine batch)")
+    p.add_argument("--profile", action="store_true", help="also profile one engine call")
+    p.add_argument(
+        "--step-lengths",
+        default="",
+        help="also time one decode step at these cache lengths (comma-separated), dynamic vs preallocated cache",
+    )
+    args = p.parse_args(argv)
+    dev, dtype = common.pick("cpu", "float32", args.threads)
+    if args.size == "7b":
+        raise SystemExit("bench_cpu_engine measures the CPU engine: use --size embedded (or tiny for a smoke run)")
+    built = common.build_model(args.size, dev, dtype, seed=args.seed)
+    settings = {
+        "size": args.size,
+        "model": built.label,
+        "rows": args.rows,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
+    common.print_header("CPU engine vs raw decode loop vs matmul bound", built, settings)
+    results = []
+    for b in common.batch_sizes(args.batch_sizes) if args.rows else []:  # --rows 0: the step costs only
+        call = args.call_size or b
+        res = measure(built, args.rows, b, call, args.new_tokens, args.repeats)
+        bnd = bounds(built.model, b)
+        res["bounds"] = bnd
+        print(
+            f"\n## batch {b}, calls of {call} chats, {args.rows} chats x {args.new_tokens} new tokens "
+            f"(padding {res['padding_share']:.0%} of prompt tokens; one call {res['padding_share_one_call']:.0%})"
+        )
+        print(
+            f"bound: 2048^2 matmul {bnd['square_gflops']:.1f} GFLOP/s -> {bnd['square_bound_tokens_per_s']:.0f} tokens/s; "
+            f"the model's linears at batch {b}: {bnd['decode_shaped_gflops']:.1f} GFLOP/s -> "
+            f"{bnd['decode_bound_tokens_per_s']:.0f} tokens/s ({bnd['matmul_params'] / 1e6:.1f} M matmul params; "
+            f"load {bnd['load_before']}->{bnd['load_after']})"
+        )
+        rows = ratio_rows(res, bnd)
+        print(
+            common.table(
+                rows,
+                ["variant", "tokens_per_s", "wall_s", "vs_engine", "of_square_bound", "of_decode_bound", "load_1m"],
+            )
+        )
+        print(f"greedy agreement engine vs raw loop: {res['greedy_agreement']:.2f}")
+        results.append(res)
+        if args.profile:
+            engine = __import__("prism_persona.engines.hf", fromlist=["HFEngine"]).HFEngine(
+                built.model, built.tokenizer, batch_size=b, quiet=True
+            )
+            res["profile"] = profile_engine(engine, workload(args.rows), call, args.new_tokens)
+    if args.step_lengths:
+        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        print(f"\n2048^2 matmul bound: {square:.0f} tokens per CPU second (load {load_avg()})")
+        for b in common.batch_sizes(args.batch_sizes):
+            steps = step_costs(built.model, b, common.batch_sizes(args.step_lengths), square)
+            print(f"\n## one decode step, batch {b}: CPU ms by cache length (load {load_avg()})")
+            cols = [
+                "batch",
+                "cache_len",
+                "dynamic_ms",
+                "preallocated_ms",
+                "saved",
+                "tokens_per_cpu_s",
+                "of_square_bound",
+            ]
+            print(common.table(steps, cols))
+            results.append({"step_costs": steps})
+    common.record(args.out, "cpu_engine", settings, results)
+    return {"settings": settings, "results": results}
+
+
+if __name__ == "__main__":
+    main()

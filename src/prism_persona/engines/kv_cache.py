@@ -1,0 +1,105 @@
+"""A KV cache that is not copied at every step: the in-process engine's decoding without ``torch.cat``.
+
+``transformers``' dynamic cache grows each layer's keys and values with ``torch.cat`` at every decode
+step, so every step copies the whole cache: O(length) work per token, O(length^2) per answer. In the
+README main command's answers stage (SmolLM2-135M on a CPU, ``benchmarks/bench_cpu_engine.py
+--profile``) that copy was 15 % of the engine's time. :func:`preallocated_cache` is the same dynamic
+cache whose layers write into buffers sized once (prompt + new tokens) and give attention a view of
+the filled part: the same values in the same order, so generation is token for token the same.
+
+It is used only where it is exactly the dynamic cache: every layer a plain full-attention layer
+(sliding-window and hybrid models keep ``generate``'s own cache) and ``transformers`` with cache
+layers (>= 4.56); otherwise :func:`preallocated_cache` returns ``None``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+try:  # transformers >= 4.56: caches made of per-layer objects
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: generate's own cache
+    DynamicCache = DynamicLayer = None  # type: ignore[assignment,misc]
+
+
+if DynamicLayer is not None:
+
+    class PreallocatedLayer(DynamicLayer):
+        """A dynamic cache layer whose keys/values live in buffers of ``capacity`` positions, allocated
+        at the first update; an update writes in place and exposes the filled part as a view."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = int(capacity)
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
+            b, _, _, _ = key_states.shape
+            self.device = key_states.device
+            self._keys = key_states.new_empty(b, key_states.shape[1], self.capacity, key_states.shape[-1])
+            self._values = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+            self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"preallocated KV cache full: {end} > {self.capacity} positions")
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reset(self) -> None:
+            self.length = 0
+            super().reset()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a preallocated cache layer is not cropped")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("a preallocated cache layer is not repeated")
+
+        def batch_select_indices(self, indices) -> None:
+            raise NotImplementedError("a preallocated cache layer keeps its rows")
+
+
+def base_forward_accepts(model: Any, name: str) -> bool:
+    """Whether the causal LM under ``model`` (a PEFT wrapper's base model too) takes ``name`` in forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def preallocated_cache(model: Any, capacity: int) -> Optional[Any]:
+    """A dynamic cache of ``capacity`` positions per row that is never copied, or ``None`` where it
+    would not be exactly the dynamic cache (see the module's docstring)."""
+    if DynamicCache is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        cache = DynamicCache(config=base.config)
+    except TypeError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in layers]
+    return cache
+
+
+def cache_kwargs(model: Any, cache: Optional[Any]) -> dict:
+    """``generate``'s keyword for a cache this ``transformers`` names it (``cache`` from 5.x, before
+    ``past_key_values``); empty without a cache."""
+    if cache is None:
+        return {}
+    return {"cache" if base_forward_accepts(model, "cache") else "past_key_values": cache}
