@@ -28,8 +28,8 @@ import torch
 
 from prism_persona import config as C
 from prism_persona.bootstrap.verify import load_labelled
-from prism_persona.gated.features import gate_prompt, pool_states, query_features
-from prism_persona.models import encode_prompts, load_model
+from prism_persona.gated.features import gate_prompt, layer_output, pool_states, position_ids_from_mask, query_features
+from prism_persona.models import decoder_layers, encode_prompts, load_model
 from prism_persona.train.gate import auc, gate_targets, train_gate
 
 LAYERS = (0, 1, 2, 4, 8)
@@ -50,19 +50,42 @@ def pooled(h: torch.Tensor, mask: torch.Tensor, pooling: str, attn: torch.Tensor
     return (h.float() * (w / w.sum(1, keepdim=True))[:, :, None]).sum(1)
 
 
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
 def all_features(model, tok, queries: list[str], batch_size: int = 16) -> dict:
-    """{(layer, pooling): [n, hidden]} for every layer in LAYERS and pooling in POOLINGS, from one
-    forward per batch (``output_hidden_states``; hidden_states[k + 1] is decoder layer k's output)."""
+    """{(layer, pooling): [n, hidden]} for every layer in LAYERS and pooling in POOLINGS; one forward per
+    batch that stops after the last layer needed (hooks capture each layer's output and attention)."""
+    layers = decoder_layers(model)
+    got: dict = {}
+    hooks = [
+        layers[k].register_forward_hook(lambda m, a, o, k=k: got.__setitem__(("h", k), layer_output(o))) for k in LAYERS
+    ]
+    hooks += [
+        layers[k].self_attn.register_forward_hook(lambda m, a, o, k=k: got.__setitem__(("a", k), o[1])) for k in LAYERS
+    ]
+
+    def stop(m, a, o):
+        raise _Stop
+
+    hooks.append(layers[max(LAYERS)].register_forward_hook(stop))
     out: dict = {}
-    for start in range(0, len(queries), batch_size):
-        enc = encode_prompts(tok, [gate_prompt(tok, q) for q in queries[start : start + batch_size]])
-        mask = enc["attention_mask"]
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        res = model(**enc, position_ids=pos, output_hidden_states=True, output_attentions=True, use_cache=False)
-        for k in LAYERS:
-            for p in POOLINGS:
-                out.setdefault((k, p), []).append(pooled(res.hidden_states[k + 1], mask, p, res.attentions[k]))
+    try:
+        for start in range(0, len(queries), batch_size):
+            enc = encode_prompts(tok, [gate_prompt(tok, q) for q in queries[start : start + batch_size]])
+            mask = enc["attention_mask"]
+            try:
+                model(**enc, position_ids=position_ids_from_mask(mask), use_cache=False)
+            except _Stop:
+                pass
+            for k in LAYERS:
+                for p in POOLINGS:
+                    out.setdefault((k, p), []).append(pooled(got[("h", k)], mask, p, got[("a", k)]))
+    finally:
+        for h in hooks:
+            h.remove()
     return {key: torch.cat(v) for key, v in out.items()}
 
 
