@@ -158,6 +158,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--parts", default="feature,target,prior,size")
+    ap.add_argument(
+        "--oracle",
+        help="a training queries file with the true route (`route`, or `intent` = harmful): adds rows where the "
+        "gate is trained on those labels instead of the judge's (the feature's ceiling)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
@@ -207,6 +212,17 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+    if args.oracle:
+        truth = {}
+        for x in open(args.oracle, encoding="utf-8"):
+            if x.strip():
+                row = json.loads(x)
+                truth[row["query"].strip()] = int(bool(row.get("route", row.get("intent") == "harmful")))
+        oracle = [dict(r, label=truth[r["query"].strip()]) for r in records]
+        print("\n### the gate trained on the true route instead of the judge's labels\n\n" + HEADER)
+        for k, p in ((0, "mean"), (0, "last"), (4, "mean"), (8, "mean")):
+            m = evaluate(feats[(k, p)], oracle, ho[(k, p)], heldout, base, args.seeds, args.noise)
+            print(line(f"true route, layer {k}, {p}", m), flush=True)
     if "size" in parts:
         print("\n### training queries per domain (the first n of each domain, layer 0, mean)\n\n" + HEADER)
         total = min(wins[d][1] for d in doms)
