@@ -18,8 +18,8 @@ import pytest
 
 KIT = Path(__file__).resolve().parents[2] / "examples" / "safety"
 DOMAINS = ["chemistry", "computers", "medicine"]
-TRAIN_PER_DOMAIN = 20  # 10 harmful + 10 benign (the kit's files alternate the intents)
-HELDOUT_PER_DOMAIN = 12  # 6 harmful + 6 benign
+TRAIN_PER_DOMAIN = 16  # 8 harmful + 8 benign (the kit's files alternate the intents)
+HELDOUT_PER_DOMAIN = 10  # 5 harmful + 5 benign
 TOKENS = 24  # a refusal is its first sentence (the kit's command uses 24 too)
 
 
@@ -59,6 +59,7 @@ def test_safety_kit_routes_by_intent_within_a_domain(tmp_path):
             "queries": {"queries_file": str(train), "queries_per_persona": TRAIN_PER_DOMAIN},
             "answers": {"max_new_tokens": TOKENS, "temperature": 0.0},  # --set answers.temperature=0
             "judge": {"judge": f"{KIT / 'judge.py'}:judge"},
+            "distill": {"min_steps": 15},
             "check": {"queries": str(heldout), "max_new_tokens": TOKENS},  # prism run --heldout
         },
     )
