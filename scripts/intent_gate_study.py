@@ -30,7 +30,8 @@ from prism_persona import config as C
 from prism_persona.bootstrap.verify import load_labelled
 from prism_persona.gated.features import gate_prompt, layer_output, pool_states, position_ids_from_mask, query_features
 from prism_persona.models import decoder_layers, encode_prompts, load_model
-from prism_persona.train.gate import auc, gate_targets, train_gate
+from prism_persona.stats import auc
+from prism_persona.train.gate import gate_targets, train_gate
 
 LAYERS = (0, 1, 2, 4, 8)
 POOLINGS = ("mean", "last", "max", "attn")

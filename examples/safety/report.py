@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from prism_persona.stats import auc
 from prism_persona.store import content_key
-from prism_persona.train.gate import auc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge import refuses  # noqa: E402
