@@ -20,7 +20,8 @@ from prism_persona import config as C
 from prism_persona.bootstrap.verify import load_labelled
 from prism_persona.gated.features import query_features
 from prism_persona.models import load_model
-from prism_persona.train.gate import auc, gate_targets, train_gate
+from prism_persona.stats import auc
+from prism_persona.train.gate import train_gate_on_records
 
 
 def main(run: str, heldout: str, rewarded: list) -> None:
@@ -44,16 +45,7 @@ def main(run: str, heldout: str, rewarded: list) -> None:
             for seed in range(4):
                 rng = random.Random(100 + seed)
                 noisy = [dict(r, label=(1 - r["label"]) if rng.random() < noise else r["label"]) for r in recs]
-                cfg = C.GateConfig(domain_prior=prior)
-                b = train_gate(
-                    ftr,
-                    [r["label"] for r in noisy],
-                    cfg,
-                    seed,
-                    groups=[r["domain"] for r in noisy],
-                    targets=gate_targets(noisy, cfg.target, prior),
-                    texts=[r["query"] for r in noisy],
-                )
+                b = train_gate_on_records(ftr, noisy, C.GateConfig(domain_prior=prior), seed)
                 with torch.no_grad():
                     p = b.gate(fho).tolist()
                 routed = {

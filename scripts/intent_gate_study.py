@@ -31,7 +31,7 @@ from prism_persona.bootstrap.verify import load_labelled
 from prism_persona.gated.features import gate_prompt, layer_output, pool_states, position_ids_from_mask, query_features
 from prism_persona.models import decoder_layers, encode_prompts, load_model
 from prism_persona.stats import auc
-from prism_persona.train.gate import gate_targets, train_gate
+from prism_persona.train.gate import train_gate_on_records
 
 LAYERS = (0, 1, 2, 4, 8)
 POOLINGS = ("mean", "last", "max", "attn")
@@ -101,15 +101,7 @@ def evaluate(feats, records, ho_feats, heldout, cfg, seeds: int, noise: float) -
     for seed in range(seeds):
         rng = random.Random(1000 + seed)
         recs = [dict(r, label=1 - r["label"]) if rng.random() < noise else r for r in records]
-        bundle = train_gate(
-            feats,
-            [r["label"] for r in recs],
-            cfg,
-            seed,
-            groups=[r["domain"] for r in recs],
-            targets=gate_targets(recs, cfg.target, cfg.domain_prior),
-            texts=[r["query"] for r in recs],
-        )
+        bundle = train_gate_on_records(feats, recs, cfg, seed)
         with torch.no_grad():
             prob = bundle.gate(ho_feats).tolist()
         hit = [p >= bundle.threshold for p in prob]

@@ -92,6 +92,21 @@ class ScriptedEngine(Engine):
         return self.scorer is not None
 
 
+def first_per_domain(src: str | Path, dst: str | Path, per_domain: int) -> Path:
+    """Write the first ``per_domain`` rows of each domain of the JSON Lines file ``src`` to ``dst``
+    (a smaller copy of an example kit's queries for a test); returns ``dst``."""
+    import json
+
+    rows, seen = [], collections.Counter()
+    for line in Path(src).read_text(encoding="utf-8").splitlines():
+        domain = json.loads(line)["domain"]
+        seen[domain] += 1
+        if seen[domain] <= per_domain:
+            rows.append(line)
+    Path(dst).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return Path(dst)
+
+
 def make_tokenizer(system_role: bool = True):
     """A byte-level tokenizer (256 byte tokens + ChatML specials) built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -22,23 +22,13 @@ import pytest
 KIT = Path(__file__).resolve().parents[2] / "examples" / "style"
 
 
-def _subset(src: Path, dst: Path, per_domain: int) -> Path:
-    rows, seen = [], {}
-    for line in src.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        seen[r["domain"]] = seen.get(r["domain"], 0) + 1
-        if seen[r["domain"]] <= per_domain:
-            rows.append(line)
-    dst.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return dst
-
-
 @pytest.mark.slow
 def test_known_effect_on_held_out_queries(tmp_path):
     from prism_persona import config as C
+    from prism_persona.testing import first_per_domain
     from prism_persona.train.pipeline import run_pipeline
 
-    train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
+    train = first_per_domain(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
     judge = f"{KIT / 'judge.py'}:judge"
     persona = str(KIT / "pirate.txt")
     cfg = C.resolve(

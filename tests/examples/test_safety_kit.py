@@ -23,17 +23,6 @@ HELDOUT_PER_DOMAIN = 10  # 5 harmful + 5 benign
 TOKENS = 24  # a refusal is its first sentence (the kit's command uses 24 too)
 
 
-def _subset(src: Path, dst: Path, per_domain: int) -> Path:
-    rows, seen = [], {}
-    for line in src.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        seen[r["domain"]] = seen.get(r["domain"], 0) + 1
-        if seen[r["domain"]] <= per_domain:
-            rows.append(line)
-    dst.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return dst
-
-
 def _kit_report():
     spec = importlib.util.spec_from_file_location("safety_kit_report", KIT / "report.py")
     module = importlib.util.module_from_spec(spec)
@@ -44,10 +33,11 @@ def _kit_report():
 @pytest.mark.slow
 def test_safety_kit_routes_by_intent_within_a_domain(tmp_path):
     from prism_persona import config as C
+    from prism_persona.testing import first_per_domain
     from prism_persona.train.pipeline import run_pipeline
 
-    train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", TRAIN_PER_DOMAIN)
-    heldout = _subset(KIT / "heldout.jsonl", tmp_path / "heldout.jsonl", HELDOUT_PER_DOMAIN)
+    train = first_per_domain(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", TRAIN_PER_DOMAIN)
+    heldout = first_per_domain(KIT / "heldout.jsonl", tmp_path / "heldout.jsonl", HELDOUT_PER_DOMAIN)
     persona = str(KIT / "safety_monitor.txt")
     cfg = C.resolve(
         "tiny",

@@ -391,6 +391,20 @@ def train_gate(
     return GateBundle(gate=gate, threshold=threshold, info=info)
 
 
+def train_gate_on_records(features: torch.Tensor, records: Sequence[dict], gate_cfg, seed: int) -> GateBundle:
+    """:func:`train_gate` on labelled records (``query``, ``label``, ``domain``, ``winner``): the
+    domains are the groups, the targets follow ``gate_cfg.target`` and ``gate_cfg.domain_prior``."""
+    return train_gate(
+        features,
+        [int(r["label"]) for r in records],
+        gate_cfg,
+        seed,
+        groups=[r.get("domain", "") for r in records],
+        targets=gate_targets(records, gate_cfg.target, gate_cfg.domain_prior),
+        texts=[r["query"] for r in records],
+    )
+
+
 def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:
     """{group: {"n", "routing_rate"}} for rows labelled by ``groups`` (e.g. domains)."""
     out: dict = {}
@@ -435,17 +449,8 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     if model is None:
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
     queries = [r["query"] for r in records]
-    labels = [int(r["label"]) for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
-    bundle = train_gate(
-        feats,
-        labels,
-        cfg.gate,
-        cfg.seed,
-        groups=[r.get("domain", "") for r in records],
-        targets=gate_targets(records, cfg.gate.target, cfg.gate.domain_prior),
-        texts=queries,
-    )
+    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
