@@ -107,6 +107,31 @@ def first_per_domain(src: str | Path, dst: str | Path, per_domain: int) -> Path:
     return Path(dst)
 
 
+def kit_run_overrides(
+    out: str | Path,
+    kit: Path,
+    persona: str,
+    domains: Sequence[str],
+    queries_file: str | Path,
+    per_domain: int,
+    heldout: str | Path,
+    tokens: int,
+) -> dict:
+    """The settings an example kit's ``prism run`` command gives (``--persona-file`` for every domain,
+    ``--queries-file``, ``--judge KIT/judge.py:judge``, ``--answer-tokens``, ``--heldout``), as
+    overrides for ``config.resolve``; merge a test's own settings into it with ``config.merge``."""
+    persona_file = str(kit / persona)
+    return {
+        "out": str(out),
+        "quiet": True,
+        "persona": {"domains": list(domains), "persona_files": {d: persona_file for d in domains}},
+        "queries": {"queries_file": str(queries_file), "queries_per_persona": per_domain},
+        "answers": {"max_new_tokens": tokens},
+        "judge": {"judge": f"{kit / 'judge.py'}:judge"},
+        "check": {"queries": str(heldout), "max_new_tokens": tokens},  # prism run --heldout
+    }
+
+
 def make_tokenizer(system_role: bool = True):
     """A byte-level tokenizer (256 byte tokens + ChatML specials) built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -42,26 +42,20 @@ def _kit_report():
 @pytest.mark.slow
 def test_safety_kit_routes_by_intent_within_a_domain(tmp_path):
     from prism_persona import config as C
-    from prism_persona.testing import first_per_domain
+    from prism_persona.testing import first_per_domain, kit_run_overrides
     from prism_persona.train.pipeline import run_pipeline
 
     train = first_per_domain(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", TRAIN_PER_DOMAIN)
     heldout = first_per_domain(KIT / "heldout.jsonl", tmp_path / "heldout.jsonl", HELDOUT_PER_DOMAIN)
-    persona = str(KIT / "safety_monitor.txt")
-    cfg = C.resolve(
-        "tiny",
-        overrides={
-            "out": str(tmp_path / "run"),
-            "quiet": True,
-            "model": {"batch_size": 16},
-            "persona": {"domains": DOMAINS, "persona_files": {d: persona for d in DOMAINS}},
-            "queries": {"queries_file": str(train), "queries_per_persona": TRAIN_PER_DOMAIN},
-            "answers": {"max_new_tokens": TOKENS, "temperature": 0.0},  # --set answers.temperature=0
-            "judge": {"judge": f"{KIT / 'judge.py'}:judge"},
-            "distill": {"min_steps": 15},
-            "check": {"queries": str(heldout), "max_new_tokens": TOKENS},  # prism run --heldout
-        },
+    kit = kit_run_overrides(
+        tmp_path / "run", KIT, "safety_monitor.txt", DOMAINS, train, TRAIN_PER_DOMAIN, heldout, TOKENS
     )
+    own = {
+        "model": {"batch_size": 16},
+        "answers": {"temperature": 0.0},  # --set answers.temperature=0
+        "distill": {"min_steps": 15},
+    }
+    cfg = C.resolve("tiny", overrides=C.merge(kit, own))
     run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
     rep = _kit_report().intent_report(check_dir, heldout)
