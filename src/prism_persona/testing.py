@@ -93,6 +93,46 @@ class ScriptedEngine(Engine):
         return self.scorer is not None
 
 
+def first_per_domain(src: str | Path, dst: str | Path, per_domain: int) -> Path:
+    """Write the first ``per_domain`` rows of each domain of the JSON Lines file ``src`` to ``dst``
+    (a smaller copy of an example kit's queries for a test); returns ``dst``."""
+    import json
+
+    rows, seen = [], collections.Counter()
+    for line in Path(src).read_text(encoding="utf-8").splitlines():
+        domain = json.loads(line)["domain"]
+        seen[domain] += 1
+        if seen[domain] <= per_domain:
+            rows.append(line)
+    Path(dst).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return Path(dst)
+
+
+def kit_run_overrides(
+    out: str | Path,
+    kit: Path,
+    persona: str,
+    domains: Sequence[str],
+    queries_file: str | Path,
+    per_domain: int,
+    heldout: str | Path,
+    tokens: int,
+) -> dict:
+    """The settings an example kit's ``prism run`` command gives (``--persona-file`` for every domain,
+    ``--queries-file``, ``--judge KIT/judge.py:judge``, ``--answer-tokens``, ``--heldout``), as
+    overrides for ``config.resolve``; merge a test's own settings into it with ``config.merge``."""
+    persona_file = str(kit / persona)
+    return {
+        "out": str(out),
+        "quiet": True,
+        "persona": {"domains": list(domains), "persona_files": {d: persona_file for d in domains}},
+        "queries": {"queries_file": str(queries_file), "queries_per_persona": per_domain},
+        "answers": {"max_new_tokens": tokens},
+        "judge": {"judge": f"{kit / 'judge.py'}:judge"},
+        "check": {"queries": str(heldout), "max_new_tokens": tokens},  # prism run --heldout
+    }
+
+
 def make_tokenizer(system_role: bool = True):
     """A byte-level tokenizer (256 byte tokens + ChatML specials) built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -22,38 +22,17 @@ import pytest
 KIT = Path(__file__).resolve().parents[2] / "examples" / "style"
 
 
-def _subset(src: Path, dst: Path, per_domain: int) -> Path:
-    rows, seen = [], {}
-    for line in src.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        seen[r["domain"]] = seen.get(r["domain"], 0) + 1
-        if seen[r["domain"]] <= per_domain:
-            rows.append(line)
-    dst.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return dst
-
-
 @pytest.mark.slow
 def test_known_effect_on_held_out_queries(tmp_path):
     from prism_persona import config as C
+    from prism_persona.testing import first_per_domain, kit_run_overrides
     from prism_persona.train.pipeline import run_pipeline
 
-    train = _subset(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
-    judge = f"{KIT / 'judge.py'}:judge"
-    persona = str(KIT / "pirate.txt")
-    cfg = C.resolve(
-        "tiny",
-        overrides={
-            "out": str(tmp_path / "run"),
-            "quiet": True,
-            "persona": {"domains": ["stories", "cooking"], "persona_files": {"stories": persona, "cooking": persona}},
-            "queries": {"queries_file": str(train), "queries_per_persona": 16},
-            "answers": {"max_new_tokens": 32},
-            "judge": {"judge": judge},
-            "distill": {"loss": "kl+ce", "min_steps": 30},
-            "check": {"queries": str(KIT / "heldout.jsonl"), "max_new_tokens": 32},  # prism run --heldout
-        },
+    train = first_per_domain(KIT / "train_queries.jsonl", tmp_path / "train.jsonl", 16)
+    kit = kit_run_overrides(
+        tmp_path / "run", KIT, "pirate.txt", ["stories", "cooking"], train, 16, KIT / "heldout.jsonl", 32
     )
+    cfg = C.resolve("tiny", overrides=C.merge(kit, {"distill": {"loss": "kl+ce", "min_steps": 30}}))
     out = run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
     rep = json.loads((check_dir / "check.json").read_text())
