@@ -31,7 +31,7 @@ def parse_benchmarks(text: Optional[str]) -> list[str]:
     sets and the benign, over-refusal, one). Default: every benchmark (each from its hub dataset unless a
     flag gives a path)."""
     if not text:
-        return list(all_benchmarks())
+        return [m for b in REGISTRY.values() if b.default for m in b.members]
     families = {b.name: b.members for b in REGISTRY.values() if b.sets}
     out: list[str] = []
     for name in (t.strip().lower() for t in text.split(",") if t.strip()):

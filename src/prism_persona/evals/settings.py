@@ -48,7 +48,8 @@ class EvalConfig:
     benchmarks: Optional[str] = option(
         None,
         "Comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
-        "(safety = harmbench,jailbreak,pku,benign; default: all).",
+        "(safety = harmbench,jailbreak,pku,benign), xstest, refusal_set "
+        "(default: all but xstest and refusal_set, which run when named).",
         group=G_DATA,
     )
     mmlu: Optional[str] = option(
@@ -85,6 +86,19 @@ class EvalConfig:
     benign: Optional[str] = option(
         None,
         "Local benign requests (over-refusal) instead of JailbreakBench/JBB-Behaviors benign.",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    xstest: Optional[str] = option(
+        None,
+        "Local XSTest instead of walledai/XSTest: xstest_prompts.csv (prompt, type, label = safe/unsafe).",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    refusal_set: Optional[str] = option(
+        None,
+        "Labelled refusal set for --benchmarks refusal_set: a .jsonl/.json/.csv of requests with a prompt "
+        "(query/prompt), a label (intent/label: harmful or benign) and optionally a domain/category.",
         metavar="PATH",
         group=G_DATA,
     )
