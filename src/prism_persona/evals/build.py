@@ -189,7 +189,7 @@ def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
     spec = cfg.refusal_classifier or "judge"
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
-        refusal = make_refusal_classifier(spec, lambda: None)
+        refusal = make_refusal_classifier(spec, lambda: None, cfg)
     return EvalRunner(
         out,
         provider,

@@ -151,8 +151,15 @@ class EvalConfig:
     refusal_classifier: str = option(
         "judge",
         "Who decides whether a safety/benign response refuses: judge (the --judge "
-        "model), string (the refusal-phrase baseline) or module:function / "
+        "model), string (the refusal-phrase baseline), hf:MODEL (a Hugging Face sequence classifier "
+        "reading the response, e.g. hf:ProtectAI/distilroberta-base-rejection-v1) or module:function / "
         "file.py:function (request, response) -> bool; written into results.json.",
+        group=G_JUDGE,
+    )
+    refusal_label: Optional[str] = option(
+        None,
+        "With --refusal-classifier hf:MODEL: the label (name or index of the model's id2label) that "
+        "means refusal (default: the one label whose name says refusal/rejection).",
         group=G_JUDGE,
     )
     judge_mode: Optional[str] = option(
