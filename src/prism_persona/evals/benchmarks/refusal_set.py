@@ -22,7 +22,7 @@ from ...errors import PrismError
 from .. import sources as S
 from ..base import register
 from ..data import take_stratified
-from .safety import Safety, SafetyItem, _first
+from .safety import Safety, SafetyEvaluator, SafetyItem, _first
 
 HARMFUL = "harmful"
 BENIGN = "benign"
@@ -44,6 +44,12 @@ class LabelledRefusalSet(Safety):
     flag: str = ""
     hub: Optional[str] = None
     category_fields: tuple = CATEGORY_FIELDS
+    persona_by_category = True
+    """The matched persona is the one of the item's category (its domain) when a persona domain has
+    that name, else the safety persona (``evals.systems.DEFAULT_MATCH`` of its member)."""
+
+    def evaluator(self, pairwise: bool):
+        return SafetyEvaluator(self.benign_sets, self.persona_by_category)
 
     def load(self, cfg, names, limit):
         if not any(m in names for m in self.members):

@@ -113,14 +113,22 @@ class SafetyEvaluator(Evaluator):
 
     name = "safety"
 
-    def __init__(self, benign: Sequence[str] = BENIGN_SETS):
+    def __init__(self, benign: Sequence[str] = BENIGN_SETS, persona_by_category: bool = False):
         self.benign = tuple(benign)
+        self.persona_by_category = persona_by_category
+
+    def persona_category(self, runner, it: SafetyItem) -> str:
+        """What the matched persona is chosen for: the item's category when ``persona_by_category`` and a
+        persona domain matches it (a labelled set's domains), else the item's set."""
+        if self.persona_by_category and it.category and runner.book.domain_for(it.category):
+            return it.category
+        return it.benchmark
 
     def responses(self, runner, spec, items: Sequence[SafetyItem]) -> dict[str, dict]:
         jobs = []
         for it in items:
             chat, persona, domain = runner.chat_for(
-                spec, it.benchmark, it.item_id, [{"role": "user", "content": it.prompt}]
+                spec, self.persona_category(runner, it), it.item_id, [{"role": "user", "content": it.prompt}]
             )
             jobs.append(
                 Job(

@@ -23,4 +23,5 @@ class XSTest(LabelledRefusalSet):
     flag = "xstest"
     hub = "xstest"
     category_fields = ("type",)
+    persona_by_category = False  # a prompt type is no persona domain: the safety persona throughout
     default = False
