@@ -121,7 +121,7 @@ def test_table1_rows_tests_and_routing(tmp_path):
     assert cats[("refusal_set_harmful", "computers (harmful)")]["routed"]["mean"] == 0.5
     assert cats[("refusal_set_benign", "chemistry (benign)")]["persona"] == 1.0
     md = table_markdown(table)
-    assert "always-on LoRA (SFT)" in md and "McNemar p=0.25" in md and "computers (harmful)" in md
+    assert "always-on LoRA (SFT)" in md and "3 items up, 0 down; McNemar p=0.25" in md and "computers (harmful)" in md
 
 
 def test_figure4_signs_over_refusal_as_harm(tmp_path):

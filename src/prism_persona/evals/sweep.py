@@ -219,6 +219,7 @@ def routing_effect_figure(path: str | Path, rv: dict) -> Optional[Path]:
         ax.axhline(0, color="lightgray", linewidth=0.6)
         fmt = lambda r: "n/a" if r is None else f"{r:+.2f}"  # noqa: E731
         ax.set_title(f"{label}: Pearson {fmt(v['pearson'])}, Spearman {fmt(v['spearman'])}", fontsize=9)
+        ax.set_xlim(-5, 105)
         ax.set_xlabel("% routed to the LoRA")
         ax.set_ylabel("persona effect (persona - base, + = helps)")
         ax.grid(alpha=0.3)

@@ -134,7 +134,7 @@ def _test_text(t: Optional[dict], pct: bool) -> str:
     k, unit = (100.0, " pts") if pct else (1.0, "")
     star = " *" if t["significant"] else ""
     if t["test"] == "mcnemar":
-        return f"{k * t['diff']:+.1f}{unit} ({t['a_only']} vs {t['b_only']} discordant, McNemar p={t['p']:.3g}){star}"
+        return f"{k * t['diff']:+.1f}{unit} ({t['a_only']} items up, {t['b_only']} down; McNemar p={t['p']:.3g}){star}"
     return f"{k * t['diff']:+.2f}{unit} [{k * t['lo']:+.2f}, {k * t['hi']:+.2f}]{star}"
 
 

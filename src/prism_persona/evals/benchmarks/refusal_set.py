@@ -106,6 +106,10 @@ class LabelledRefusalSet(Safety):
         kind = "benign, over-refusal" if member in self.benign_sets else "harmful"
         return f"{self.title} ({kind})"
 
+    def label(self, member: str) -> str:
+        what = "over-refusal on benign" if member in self.benign_sets else "refusal on harmful"
+        return f"{self.title}: {what}"
+
 
 @register
 class RefusalSet(LabelledRefusalSet):
