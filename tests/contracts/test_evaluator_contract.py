@@ -143,6 +143,22 @@ class TestSafety(EvaluatorContract):
         return {it.item_id for group in items.values() for it in group}
 
 
+class TestRefusalSet(TestSafety):
+    """A labelled refusal set (harmful and benign members of one file) on the safety evaluator."""
+
+    def make(self):
+        from prism_persona.evals.benchmarks import REGISTRY
+
+        return REGISTRY["refusal_set"].evaluator(pairwise=False)
+
+    def items(self):
+        from prism_persona.evals.benchmarks import REGISTRY
+        from prism_persona.evals.settings import EvalConfig
+
+        bench = REGISTRY["refusal_set"]
+        return bench.load(EvalConfig(refusal_set=str(FIX / "refusal_set_small.jsonl")), bench.members, None)
+
+
 def test_every_evaluator_has_a_contract_class():
     tested = {type(cls().make()) for cls in EvaluatorContract.__subclasses__()}
     shipped = {c for c in Evaluator.__subclasses__() if c.__module__.startswith("prism_persona.")}

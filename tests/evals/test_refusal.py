@@ -81,7 +81,7 @@ def test_callable_classifier_and_cache_per_classifier(tmp_path, monkeypatch):
 
 
 def test_bad_classifier_is_one_line(tmp_path, monkeypatch):
-    with pytest.raises(PrismError, match="--refusal-classifier must be judge, string or module:function"):
+    with pytest.raises(PrismError, match="--refusal-classifier must be judge, string, hf:MODEL or module:function"):
         make_refusal_classifier("regex", lambda: None)
     (tmp_path / "badref.py").write_text("def decide(q, r):\n    return 'maybe'\n")
     monkeypatch.syspath_prepend(str(tmp_path))

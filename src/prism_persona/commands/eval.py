@@ -88,21 +88,41 @@ def run(args) -> int:
         figs,
         notes=[f"model: {runner.provider.identity('base')}"] + ([f"prism artifact: {cfg.prism}"] if cfg.prism else []),
     )
-    md += _sweep_section(cfg, runner, per_item, bench)
+    threshold = _threshold(cfg)
+    md += _table_section(runner, results, per_item, bench, threshold)
+    md += _sweep_section(cfg, runner, per_item, bench, threshold)
     runner.run.path("report.md").write_text(md, encoding="utf-8")
     print(md)
     print(f"wrote {runner.run.root}/results.json, report.md and {len(figs)} figures")
     return 0
 
 
-def _sweep_section(cfg: EvalConfig, runner: EvalRunner, per_item, bench) -> str:
+def _threshold(cfg: EvalConfig):
+    """The artifact's gate threshold (``None`` without --prism)."""
+    if not cfg.prism:
+        return None
+    from ..gated.artifact import Artifact
+
+    return float(Artifact.read(cfg.prism).gate().threshold)
+
+
+def _table_section(runner: EvalRunner, results, per_item, bench, threshold) -> str:
+    """The paper's Table 1 (table1.json and its report section) from the per-item values."""
+    from ..evals.table import paper_table, table_markdown
+
+    table = paper_table(results, per_item, bench, threshold)
+    if not table["columns"]:
+        return ""
+    runner.run.write_json("table1.json", table)
+    return "\n" + table_markdown(table)
+
+
+def _sweep_section(cfg: EvalConfig, runner: EvalRunner, per_item, bench, threshold) -> str:
     """The threshold trade-off and routing-vs-effect (with --prism and base, lora, prism evaluated)."""
     if not cfg.prism or "gate" not in per_item:
         return ""
     from ..evals.sweep import write_sweep
-    from ..gated.artifact import Artifact
 
-    threshold = float(Artifact.read(cfg.prism).gate().threshold)
     return "\n" + write_sweep(runner.run, per_item, bench, threshold)[2]
 
 

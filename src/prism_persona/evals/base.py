@@ -74,6 +74,8 @@ class Benchmark(abc.ABC):
     """Whether its value is a share (shown in percent) rather than a score."""
     accuracy_axis = False
     """Whether it is the x axis (accuracy) of the gate-threshold trade-off, against every other one."""
+    default = True
+    """Whether it runs when ``--benchmarks`` is not given (a benchmark without a hub dataset: no)."""
 
     @property
     def members(self) -> tuple:
@@ -107,6 +109,10 @@ class Benchmark(abc.ABC):
     def label(self, member: str) -> str:
         """The measured value of a member, as tables and figures name it (``"MMLU accuracy"``)."""
         return member
+
+    def higher_is_better(self, member: str) -> bool:
+        """Whether a higher value of a member is better (over-refusal: no); the sign of a persona's effect."""
+        return True
 
     def study_label(self, member: str) -> str:
         """The row of a member in the study's effects table (default: :meth:`label`)."""

@@ -31,7 +31,7 @@ def parse_benchmarks(text: Optional[str]) -> list[str]:
     sets and the benign, over-refusal, one). Default: every benchmark (each from its hub dataset unless a
     flag gives a path)."""
     if not text:
-        return list(all_benchmarks())
+        return [m for b in REGISTRY.values() if b.default for m in b.members]
     families = {b.name: b.members for b in REGISTRY.values() if b.sets}
     out: list[str] = []
     for name in (t.strip().lower() for t in text.split(",") if t.strip()):
@@ -143,9 +143,9 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
     return provider
 
 
-def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False) -> EvalJudge:
+def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False, out: str = "runs/eval") -> EvalJudge:
     """``--grader module:function`` (prompt -> reply text), else ``--judge``: ``self`` (the base engine)
-    or another model id/path."""
+    or another model id/path, in this process or on the server of ``--judge-engine``."""
     mode = cfg.judge_mode or "auto"
     tokens = cfg.judge_tokens or 48
     if cfg.grader:
@@ -153,12 +153,33 @@ def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False) 
     spec = (cfg.judge or "self").strip()
     if spec == "self":
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
+    from ..engines import engine_spec
+
+    if cfg.judge_engine and not engine_spec(cfg.judge_engine).in_process:
+        engine = server_judge_engine(cfg, spec, provider, quiet, out)
+        return EvalJudge(engine, f"model:{spec}@{cfg.judge_engine}", mode, tokens)
     from ..engines.hf import HFEngine
 
     engine = HFEngine.load(
         spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet, cfg.trust_remote_code
     )
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
+
+
+def server_judge_engine(cfg: EvalConfig, model: str, provider: EngineProvider, quiet: bool, out: str):
+    """The judge model on a server (``--judge-engine vllm|openai``): ``--engine``'s settings with the
+    judge's engine and URL; a vLLM server started for it logs to ``OUT/judge/logs/vllm.log`` and stops
+    with the eval's engines."""
+    from dataclasses import replace
+
+    from ..gated.remote import open_server_systems
+
+    engine = replace(cfg.engine, engine=cfg.judge_engine, base_url=cfg.judge_base_url or "")
+    systems = open_server_systems(
+        engine, model, Path(out) / "judge", quiet, None, cfg.dtype, cfg.device, cfg.batch_size, cfg.trust_remote_code
+    )
+    provider.closers.append(systems.close)
+    return systems.base()
 
 
 def build_personas(cfg: EvalConfig) -> PersonaBook:
@@ -189,13 +210,13 @@ def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
     spec = cfg.refusal_classifier or "judge"
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
-        refusal = make_refusal_classifier(spec, lambda: None)
+        refusal = make_refusal_classifier(spec, lambda: None, cfg)
     return EvalRunner(
         out,
         provider,
         personas=build_personas(cfg),
         settings=cfg,
-        judge_factory=lambda: build_judge(cfg, provider, quiet),
+        judge_factory=lambda: build_judge(cfg, provider, quiet, out),
         refusal=refusal,
         refusal_spec=spec,
     )

@@ -353,8 +353,12 @@ class CallableRefusal(RefusalClassifier):
 REFUSAL_CLASSIFIERS = ("judge", "string")
 
 
-def make_refusal_classifier(spec: Optional[str], judge_factory: Callable[[], EvalJudge]) -> RefusalClassifier:
-    """``judge`` (default), ``string`` or ``module:function`` / ``file.py:function``."""
+def make_refusal_classifier(
+    spec: Optional[str], judge_factory: Callable[[], EvalJudge], settings: Any = None
+) -> RefusalClassifier:
+    """``judge`` (default), ``string``, ``hf:MODEL`` (a Hugging Face sequence classifier; its label,
+    device and batch size from ``settings``, an :class:`~.settings.EvalConfig`) or ``module:function`` /
+    ``file.py:function``."""
     from ..judges import load_callable
 
     spec = (spec or "judge").strip()
@@ -362,9 +366,20 @@ def make_refusal_classifier(spec: Optional[str], judge_factory: Callable[[], Eva
         return JudgeRefusal(judge_factory())
     if spec == "string":
         return StringMatchRefusal()
+    if spec.startswith("hf:") and spec[3:].strip():
+        from .hf_classifier import HFClassifierRefusal
+
+        s = settings
+        return HFClassifierRefusal(
+            spec[3:].strip(),
+            getattr(s, "refusal_label", None),
+            getattr(s, "device", None) or "auto",
+            getattr(s, "batch_size", 8),
+            trust_remote_code=bool(getattr(s, "trust_remote_code", False)),
+        )
     if ":" in spec:
         return CallableRefusal(load_callable(spec), spec)
-    raise PrismError(f"--refusal-classifier must be judge, string or module:function, got '{spec}'")
+    raise PrismError(f"--refusal-classifier must be judge, string, hf:MODEL or module:function, got '{spec}'")
 
 
 def _expected_rating(logps: dict) -> dict:

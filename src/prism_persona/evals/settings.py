@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DTYPES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, engine_block, option
+from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, engine_block, option
 
 G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
@@ -48,7 +48,8 @@ class EvalConfig:
     benchmarks: Optional[str] = option(
         None,
         "Comma list of mmlu, mtbench, harmbench, jailbreak, pku, benign, safety "
-        "(safety = harmbench,jailbreak,pku,benign; default: all).",
+        "(safety = harmbench,jailbreak,pku,benign), xstest, refusal_set "
+        "(default: all but xstest and refusal_set, which run when named).",
         group=G_DATA,
     )
     mmlu: Optional[str] = option(
@@ -85,6 +86,19 @@ class EvalConfig:
     benign: Optional[str] = option(
         None,
         "Local benign requests (over-refusal) instead of JailbreakBench/JBB-Behaviors benign.",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    xstest: Optional[str] = option(
+        None,
+        "Local XSTest instead of walledai/XSTest: xstest_prompts.csv (prompt, type, label = safe/unsafe).",
+        metavar="PATH",
+        group=G_DATA,
+    )
+    refusal_set: Optional[str] = option(
+        None,
+        "Labelled refusal set for --benchmarks refusal_set: a .jsonl/.json/.csv of requests with a prompt "
+        "(query/prompt), a label (intent/label: harmful or benign) and optionally a domain/category.",
         metavar="PATH",
         group=G_DATA,
     )
@@ -133,6 +147,19 @@ class EvalConfig:
         metavar="MODEL",
         group=G_JUDGE,
     )
+    judge_engine: Optional[str] = option(
+        None,
+        "Where the --judge MODEL runs: hf (in this process, the default), vllm (a vLLM server PRISM "
+        "starts for it, or attaches to with --judge-base-url) or openai (the server at --judge-base-url, "
+        "--judge = its served model name). The engine settings other than the URL are --engine's.",
+        choices=ENGINES,
+        group=G_JUDGE,
+    )
+    judge_base_url: str = option(
+        "",
+        "Base URL of the judge's server (--judge-engine openai, or vllm to attach), e.g. http://host:8000/v1.",
+        group=G_JUDGE,
+    )
     grader: Optional[str] = option(
         None,
         "A Python function module:function or file.py:function that judges instead of a model: "
@@ -143,8 +170,15 @@ class EvalConfig:
     refusal_classifier: str = option(
         "judge",
         "Who decides whether a safety/benign response refuses: judge (the --judge "
-        "model), string (the refusal-phrase baseline) or module:function / "
+        "model), string (the refusal-phrase baseline), hf:MODEL (a Hugging Face sequence classifier "
+        "reading the response, e.g. hf:ProtectAI/distilroberta-base-rejection-v1) or module:function / "
         "file.py:function (request, response) -> bool; written into results.json.",
+        group=G_JUDGE,
+    )
+    refusal_label: Optional[str] = option(
+        None,
+        "With --refusal-classifier hf:MODEL: the label (name or index of the model's id2label) that "
+        "means refusal (default: the one label whose name says refusal/rejection).",
         group=G_JUDGE,
     )
     judge_mode: Optional[str] = option(
@@ -187,3 +221,24 @@ class EvalConfig:
             )
         if judge and self.grader:
             raise PrismError("--judge and --grader both name the judge: give one")
+        self._validate_judge_engine(judge)
+
+    def _validate_judge_engine(self, judge: str) -> None:
+        """A judge on a server names its model; a judge URL needs a server judge engine."""
+        from ..config import check_base_url
+        from ..engines import engine_spec
+        from ..errors import PrismError
+
+        spec = engine_spec(self.judge_engine) if self.judge_engine else None
+        if self.judge_base_url and (spec is None or spec.in_process):
+            raise PrismError("--judge-base-url needs --judge-engine vllm or openai")
+        if spec is None or spec.in_process:
+            return
+        if not judge or judge == "self" or self.grader:
+            raise PrismError(f"--judge-engine {self.judge_engine} runs a judge model: pass --judge MODEL")
+        if spec.needs_base_url and not self.judge_base_url:
+            raise PrismError(
+                f"--judge-engine {self.judge_engine} needs --judge-base-url (e.g. http://127.0.0.1:8000/v1)"
+            )
+        if self.judge_base_url:
+            check_base_url(self.judge_base_url, "--judge-base-url")

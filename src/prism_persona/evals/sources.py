@@ -58,6 +58,7 @@ HUB: dict[str, HubDataset] = {
     "benign": HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "--benign"),
     "harmbench": HubDataset("walledai/HarmBench", "standard", "train", "--harmbench"),
     "pku": HubDataset("PKU-Alignment/PKU-SafeRLHF", "default", "test", "--pku"),
+    "xstest": HubDataset("walledai/XSTest", None, "test", "--xstest"),
 }
 """benchmark -> hub dataset read when no local override is given."""
 

@@ -27,12 +27,12 @@ from .base import owner
 from .format import md_table, pyplot
 
 
-def _category_of(bench) -> dict:
+def category_of(bench) -> dict:
     """member key -> {item_id: category} (MMLU group, MT-Bench category, the safety set's name)."""
     return {key: cats for benchmark, items in bench for key, cats in benchmark.categories(items).items()}
 
 
-def _values(per_item: dict, bench_key: str, system: str) -> dict:
+def member_values(per_item: dict, bench_key: str, system: str) -> dict:
     """item_id -> value of ``system`` on the items of one member (its benchmark's per-item table)."""
     benchmark = owner(bench_key)
     vals = per_item.get(benchmark.name, {}).get(system, {})
@@ -66,8 +66,8 @@ def threshold_sweep(per_item: dict, bench, system: str = "prism", threshold: Opt
     """
     gates = (per_item.get("gate") or {}).get(system, {})
     benches = []
-    for key in _category_of(bench):
-        b, lo, g = _values(per_item, key, "base"), _values(per_item, key, "lora"), gates.get(key, {})
+    for key in category_of(bench):
+        b, lo, g = member_values(per_item, key, "base"), member_values(per_item, key, "lora"), gates.get(key, {})
         ids = [i for i in b if i in lo and i in g]
         if ids:
             benches.append((key, ids, b, lo, g))
@@ -80,7 +80,7 @@ def threshold_sweep(per_item: dict, bench, system: str = "prism", threshold: Opt
         marks["prism"] = _point(threshold, benches)
     persona = {}
     for key, ids, *_ in benches:
-        pv = _values(per_item, key, "persona")
+        pv = member_values(per_item, key, "persona")
         persona[key] = _mean(pv[i] for i in ids if i in pv)
     if any(v is not None for v in persona.values()):
         marks["persona"] = {"threshold": None, "routed": None, **persona}
@@ -107,22 +107,28 @@ def _point(t: float, benches) -> dict:
 def routing_vs_effect(
     per_item: dict, bench, system: str = "prism", threshold: Optional[float] = None, persona: str = "persona"
 ) -> dict:
-    """Per benchmark: per category the share ``system`` routes and the persona's effect (persona - base),
-    with Pearson r and Spearman rho over the categories (the paper's Figure 4)."""
+    """Per benchmark: per category the share ``system`` routes and the persona's effect (persona - base,
+    signed so that positive = the persona helps: on benign requests, where a refusal is an over-refusal,
+    base - persona), with Pearson r and Spearman rho over the categories (the paper's Figure 4)."""
     gates = (per_item.get("gate") or {}).get(system, {})
     out: dict = {}
     groups = {benchmark.name: list(benchmark.categories(items)) for benchmark, items in bench}
-    cats_of = _category_of(bench)
+    cats_of = category_of(bench)
     for label, keys in groups.items():
         points = []
         by_cat: dict = {}
         for key in keys:
             if key not in cats_of:
                 continue
-            base, pers, g = _values(per_item, key, "base"), _values(per_item, key, persona), gates.get(key, {})
+            base, pers, g = (
+                member_values(per_item, key, "base"),
+                member_values(per_item, key, persona),
+                gates.get(key, {}),
+            )
+            sign = 1.0 if owner(key).higher_is_better(key) else -1.0  # over-refusal: fewer is better
             for iid, cat in cats_of[key].items():
                 if iid in base and iid in pers and iid in g:
-                    by_cat.setdefault(cat, []).append((g[iid], pers[iid] - base[iid]))
+                    by_cat.setdefault(cat, []).append((g[iid], sign * (pers[iid] - base[iid])))
         t = threshold if threshold is not None else 0.5
         for cat, rows in sorted(by_cat.items()):
             points.append(
@@ -213,8 +219,9 @@ def routing_effect_figure(path: str | Path, rv: dict) -> Optional[Path]:
         ax.axhline(0, color="lightgray", linewidth=0.6)
         fmt = lambda r: "n/a" if r is None else f"{r:+.2f}"  # noqa: E731
         ax.set_title(f"{label}: Pearson {fmt(v['pearson'])}, Spearman {fmt(v['spearman'])}", fontsize=9)
+        ax.set_xlim(-5, 105)
         ax.set_xlabel("% routed to the LoRA")
-        ax.set_ylabel("persona effect (persona - base)")
+        ax.set_ylabel("persona effect (persona - base, + = helps)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

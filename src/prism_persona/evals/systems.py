@@ -58,6 +58,11 @@ DEFAULT_MATCH: dict[str, list[str]] = {
     "jailbreak": ["safety", "ethics", "security"],
     "pku": ["safety", "ethics"],
     "benign": ["general knowledge", "writing", "helpfulness"],
+    # labelled refusal sets: the safety persona on both intents (its over-refusal is what they measure)
+    **dict.fromkeys(
+        ("xstest_harmful", "xstest_benign", "refusal_set_harmful", "refusal_set_benign"),
+        ["safety", "ethics", "security"],
+    ),
 }
 
 FIELDS: dict[str, str] = {
@@ -77,6 +82,9 @@ FIELDS: dict[str, str] = {
     "jailbreak": "AI safety and ethics",
     "pku": "AI safety and ethics",
     "benign": "general knowledge and everyday assistance",
+    **dict.fromkeys(
+        ("xstest_harmful", "xstest_benign", "refusal_set_harmful", "refusal_set_benign"), "AI safety and ethics"
+    ),
 }
 
 RANDOM_FIELDS = (

@@ -4,6 +4,6 @@ A new benchmark is one more module here and one more line below (see ``evals/bas
 """
 
 from ..base import REGISTRY, Benchmark
-from . import mmlu, mtbench, safety  # noqa: F401  (registration)
+from . import mmlu, mtbench, refusal_set, safety, xstest  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "Benchmark"]

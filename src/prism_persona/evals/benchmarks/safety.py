@@ -108,15 +108,27 @@ def load_safety(benchmark: str, path: str | Path | None = None, limit: Optional[
 
 
 class SafetyEvaluator(Evaluator):
-    """Items are ``{set name: [SafetyItem]}``; results are ``{system: {set name: {...}}}``."""
+    """Items are ``{set name: [SafetyItem]}``; results are ``{system: {set name: {...}}}``. ``benign``: the
+    sets of harmless requests (their refusals are over-refusals; their oracle answers when either branch does)."""
 
     name = "safety"
+
+    def __init__(self, benign: Sequence[str] = BENIGN_SETS, persona_by_category: bool = False):
+        self.benign = tuple(benign)
+        self.persona_by_category = persona_by_category
+
+    def persona_category(self, runner, it: SafetyItem) -> str:
+        """What the matched persona is chosen for: the item's category when ``persona_by_category`` and a
+        persona domain matches it (a labelled set's domains), else the item's set."""
+        if self.persona_by_category and it.category and runner.book.domain_for(it.category):
+            return it.category
+        return it.benchmark
 
     def responses(self, runner, spec, items: Sequence[SafetyItem]) -> dict[str, dict]:
         jobs = []
         for it in items:
             chat, persona, domain = runner.chat_for(
-                spec, it.benchmark, it.item_id, [{"role": "user", "content": it.prompt}]
+                spec, self.persona_category(runner, it), it.item_id, [{"role": "user", "content": it.prompt}]
             )
             jobs.append(
                 Job(
@@ -162,24 +174,32 @@ class SafetyEvaluator(Evaluator):
             vals: dict = {}
             methods: dict = {}
             routing: dict = {}
+            by_category: dict = {}
             for spec in run_specs:
                 resp = self.responses(runner, spec, items)
                 dec = self.refusals(runner, items, resp)
                 vals[spec.name] = {it.item_id: float(dec[it.item_id]["refused"]) for it in items}
                 methods[spec.name] = dict(collections.Counter(dec[it.item_id]["method"] for it in items))
-                routing[spec.name] = runner.routing([(bench_name, [resp[it.item_id].get("meta")]) for it in items])
+                metas = [resp[it.item_id].get("meta") for it in items]
+                routing[spec.name] = runner.routing([(bench_name, [m]) for m in metas])
+                by_category[spec.name] = runner.routing(
+                    [(it.category, [m]) for it, m in zip(items, metas) if it.category]
+                )
                 keep_gates(gates, spec, bench_name, {it.item_id: resp[it.item_id].get("meta") for it in items})
             if oracle_wanted(specs):
                 # the better branch per item: refusing a harmful request, answering a harmless one
-                best = min if is_benign(bench_name) else max
+                best = min if bench_name in self.benign else max
                 vals["oracle"] = {i: best(vals["base"][i], vals["lora"][i]) for i in vals["base"]}
             for spec in specs:
                 v = vals[spec.name]
                 entry = {"refusal": runner.ci(list(v.values())), "method": methods.get(spec.name, {"derived": len(v)})}
-                if is_benign(bench_name):  # harmless requests: every refusal is an over-refusal
+                if bench_name in self.benign:  # harmless requests: every refusal is an over-refusal
                     entry["over_refusal"] = True
                 if spec.kind == "prism" and routing.get(spec.name):
                     entry["routing"] = routing[spec.name].get(bench_name)
+                    cats = {c: v for c, v in by_category[spec.name].items() if c != "all"}
+                    if cats:
+                        entry["routing_by_category"] = cats
                 out[spec.name][bench_name] = entry
                 per[spec.name].update(v)
         return out, per
@@ -194,7 +214,10 @@ class Safety(Benchmark):
     """A family of prompt sets: ``--benchmarks safety`` means all of them."""
 
     name = "safety"
+    title = "Safety"
     sets = SAFETY_BENCHMARKS
+    benign_sets: tuple = BENIGN_SETS
+    """Its sets of harmless requests (refusal = over-refusal, lower is better)."""
 
     def load(self, cfg, names, limit):
         return {
@@ -202,33 +225,40 @@ class Safety(Benchmark):
         }
 
     def evaluator(self, pairwise: bool) -> Evaluator:
-        return SafetyEvaluator()
+        return SafetyEvaluator(self.benign_sets)
 
     def categories(self, items):
         return {name: {it.item_id: name for it in its} for name, its in items.items()}
 
+    def set_label(self, member: str) -> str:
+        """A set's name in tables and figures (``"JBB harmful"``)."""
+        return LABELS.get(member, member)
+
     def label(self, member: str) -> str:
-        return f"{LABELS.get(member, member)} refusal"
+        return f"{self.set_label(member)} refusal"
 
     def study_label(self, member: str) -> str:
         return f"{member} refusal"
+
+    def higher_is_better(self, member: str) -> bool:
+        return member not in self.benign_sets
 
     def extras(self, runner) -> dict:
         return {"refusal_classifier": runner.refusal.identity}
 
     def markdown(self, results, figures):
-        sf = results["safety"]
+        sf = results[self.name]
         systems = present(sf, results["systems"])
         benches = list(next(iter(sf.values())))
-        names = [LABELS.get(b, b) for b in benches]
+        names = [self.set_label(b) for b in benches]
         rc = (results.get("refusal_classifier") or {}).get("classifier", "judge")
-        parts = [f"## Safety (refusal rate; over-refusal on benign requests; decided by: {rc})", ""]
+        parts = [f"## {self.title} (refusal rate; over-refusal on benign requests; decided by: {rc})", ""]
         rows = [[s] + [fmt_ci(sf[s][b]["refusal"], pct=True) for b in benches] for s in systems]
         parts += [md_table(["system"] + names, rows), ""]
         meth = [[s] + [", ".join(f"{k} {v}" for k, v in sf[s][b]["method"].items()) for b in benches] for s in systems]
         parts += [
             "How refusals were decided (logprob / text = judge, keyword = judge fallback, string = "
-            "string-match baseline, callable = user function):",
+            "string-match baseline, callable = user function, classifier = a Hugging Face classifier):",
             "",
             md_table(["system"] + names, meth),
             "",
@@ -236,24 +266,29 @@ class Safety(Benchmark):
         prism = [s for s in systems if any(sf[s][b].get("routing") for b in benches)]
         if prism:
             rows = [[s] + [fmt_ci(sf[s][b].get("routing"), pct=True) for b in benches] for s in prism]
-            parts += ["Routed to the LoRA:", "", md_table(["system"] + benches, rows), ""]
-        return parts + fig_md(figures, "safety")
+            parts += ["Routed to the LoRA:", "", md_table(["system"] + names, rows), ""]
+        return parts + fig_md(figures, self.name)
 
     def figures(self, results, out):
-        sf = results["safety"]
+        sf = results[self.name]
         systems = present(sf, results["systems"])
         benches = list(next(iter(sf.values())))
         series = {s: [sf[s][b]["refusal"] for b in benches] for s in systems}
         path = grouped_bars(
-            out / "safety.png",
-            "Refusal rate (95% CI)",
-            [LABELS.get(b, b) for b in benches],
+            out / f"{self.name}.png",
+            f"{self.title}: refusal rate (95% CI)",
+            [self.set_label(b) for b in benches],
             series,
             "refused (%)",
             scale=100,
             ylim=(0, 100),
         )
-        return {"safety": path}
+        return {self.name: path}
 
     def routing_rows(self, section):
-        return [(LABELS.get(b, b), v["routing"]) for b, v in section.items() if v.get("routing")]
+        rows = []
+        for b, v in section.items():
+            if v.get("routing"):
+                rows.append((self.set_label(b), v["routing"]))
+                rows += [(f"{self.set_label(b)}: {c}", ci) for c, ci in v.get("routing_by_category", {}).items()]
+        return rows
