@@ -256,10 +256,14 @@ def test_queries_rounds_dedupe_and_seeds(tmp_path, caplog):
 
 
 def test_oversample_asks_for_more_lists_per_round(tmp_path):
-    cfg = make_cfg(tmp_path, queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 2, "oversample": 2})
+    cfg = make_cfg(
+        tmp_path,
+        queries={"queries_per_persona": 6, "per_request": 4, "max_rounds": 2, "oversample": 2, "format": "list"},
+    )
     run = RunDir(cfg.out)
     personas = {d: {"short": f"You are a {d} expert."} for d in cfg.persona.domains}
-    lines = iter(f"How do I handle case number {i} well?" for i in range(100))
+    # distinct words per line, so the near-duplicate filter keeps every one
+    lines = iter(f"Why is alpha{i} beta{i} gamma{i} delta{i} hard?" for i in range(100))
     eng = ScriptedEngine(responder=lambda chat: next(lines))  # one new query per list
     got = write_queries(cfg, run, Lazy(lambda: eng), personas)
     doms = ["writing" if "about writing" in c[-1]["content"] else "coding" for c, _ in eng.calls]
