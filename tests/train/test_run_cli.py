@@ -50,7 +50,7 @@ def fake_bootstrap(monkeypatch):
         return {}
 
     monkeypatch.setattr(P, "run_bootstrap", run_bootstrap)
-    monkeypatch.setattr(P, "load_labelled", lambda run: fake_records())
+    monkeypatch.setattr(P, "load_labelled", lambda run, *a, **k: fake_records())
     return calls
 
 
@@ -192,7 +192,7 @@ def artifact(tiny_model_dir, tmp_path_factory):
     from prism_persona.store import RunDir
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(P, "load_labelled", lambda run: fake_records())
+    mp.setattr(P, "load_labelled", lambda run, *a, **k: fake_records())
     out = tmp_path_factory.mktemp("stages") / "run"
     cfg = C.resolve(
         "tiny",
