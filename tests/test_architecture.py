@@ -1,4 +1,4 @@
-"""The import order of the package (DESIGN.md), checked on the source: no module imports one that comes
+"""The import order of the package (docs/ARCHITECTURE.md), checked on the source: no module imports one that comes
 later in the order, imports inside functions included, and no command imports another command."""
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ BLOCKS = {
     "prism_persona.train.gate": (C.GateConfig,),
     "prism_persona.train.distill": (C.DistillConfig,),
     "prism_persona.train.check": (C.CheckConfig, C.JudgeConfig),
+    # where models are loaded or served: the model block and the engine block
+    "prism_persona.models": (C.ModelConfig,),
+    "prism_persona.engines.hf": (C.ModelConfig, C.EngineConfig),
+    "prism_persona.engines.openai": (C.EngineConfig,),
+    "prism_persona.engines.vllm": (C.EngineConfig,),
+    "prism_persona.gated.remote": (C.ModelConfig,),
+    "prism_persona.gated.router": (C.ModelConfig,),
+    "prism_persona.gated.model": (C.ModelConfig,),
+    "prism_persona.serve.offline": (C.ModelConfig,),
+    "prism_persona.evals.build": (C.ModelConfig,),
 }
 RUN_FIELDS = tuple(k for k, t in typing.get_type_hints(C.RunConfig).items() if not dataclasses.is_dataclass(t))
 
@@ -90,3 +100,72 @@ def test_the_check_finds_a_second_default():
         return features
 
     assert second_defaults(old_gate, field_defaults((C.GateConfig,))) == ["pooling='last' (config: 'mean')"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# no default re-supplied where a setting is read: ``cfg.dtype or "auto"`` restates the field's default
+# (and hides a None that should not be there); the settings block owns it.
+
+SETTINGS_CLASSES = (
+    C.ModelConfig,
+    C.EngineConfig,
+    C.PersonaConfig,
+    C.QueryConfig,
+    C.AnswerConfig,
+    C.JudgeConfig,
+    C.GateConfig,
+    C.DistillConfig,
+    C.CheckConfig,
+    C.LoadSettings,
+    C.RoutingSettings,
+    C.SamplingSettings,
+)
+
+
+def _settings_defaults() -> dict:
+    from prism_persona.evals.settings import EvalConfig
+
+    out: dict = {}
+    for cls in (*SETTINGS_CLASSES, EvalConfig):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING and isinstance(f.default, (str, int, float)):
+                out.setdefault(f.name, set()).add(f.default)
+    return out
+
+
+def resupplied_defaults(source: str, defaults: dict) -> list[str]:
+    """``x.FIELD or LITERAL`` where LITERAL is a default of a setting named FIELD (line: text)."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and len(node.values) == 2):
+            continue
+        left, right = node.values
+        name = left.attr if isinstance(left, ast.Attribute) else None
+        if name in defaults and isinstance(right, ast.Constant) and right.value in defaults[name]:
+            if right.value in ("", 0, False) and not isinstance(right.value, str):
+                continue
+            out.append(f"{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_no_setting_default_is_resupplied_with_or():
+    from pathlib import Path
+
+    import prism_persona
+
+    defaults = _settings_defaults()
+    src = Path(prism_persona.__file__).resolve().parent
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        found += [f"{path.relative_to(src)}:{hit}" for hit in resupplied_defaults(path.read_text(), defaults)]
+    assert not found, "settings defaults written a second time:\n" + "\n".join(found)
+
+
+def test_the_scan_finds_a_resupplied_default():
+    defaults = {"dtype": {"auto"}, "batch_size": {8}}
+    hits = resupplied_defaults(
+        "x = cfg.dtype or 'auto'\ny = cfg.batch_size or 8\nz = cfg.dtype or 'float32'\n", defaults
+    )
+    assert [h.split(":")[0] for h in hits] == ["1", "2"]

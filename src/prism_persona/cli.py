@@ -1,8 +1,9 @@
 """The ``prism`` command: one subcommand per stage, thin over the library.
 
 Each subcommand lives in ``prism_persona.commands.<name>`` and defines ``add_parser(subparsers)``
-and ``run(args) -> int``. Those modules import only the standard library at the top, so
-``prism --help`` answers instantly; torch and transformers load inside ``run``.
+and ``run(args) -> int``. Those modules import nothing heavy at the top (the standard library and
+PRISM's light modules: settings, errors, the engine registry), so ``prism --help`` answers instantly;
+torch and transformers load inside ``run``.
 """
 
 from __future__ import annotations

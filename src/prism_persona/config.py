@@ -324,7 +324,7 @@ class AnswerConfig:
 class JudgeConfig:
     judge: str = option(
         "self",
-        "Who judges: self (the bootstrapped model), a model id / path, or a Python callable 'module:function'.",
+        "Who judges: self (the bootstrapped model; also when empty), a model id / path, or a Python callable 'module:function'.",
         flag="--judge",
         group=G_JUDGE,
     )
@@ -342,6 +342,10 @@ class JudgeConfig:
         "Abstain band (logprob judges): a pair whose both-order log-prob margin for the persona is below this in absolute value is no win and is left out of the gate's training (counted as 'abstained' in the data report). 0 = off.",
         at_least=0,
     )
+
+    def is_self(self) -> bool:
+        """The bootstrapped model judges (``self``, or no judge named)."""
+        return self.judge.strip().lower() in ("", "self")
 
 
 @dataclass

@@ -346,14 +346,22 @@ def make_tiny_artifact(
     target_modules: Sequence[str] = ALL_PROJECTIONS,
     queries: Sequence[str] = SPLIT_QUERIES,
     cache: bool = True,
+    pooling: Optional[str] = None,
 ) -> Path:
     """A real PRISM artifact on a tiny model: a PEFT LoRA on decoder layers 1..L-1 (random, non-zero B)
     and a random gate whose threshold splits ``queries`` in half (so both routes are exercised).
 
+    The gate is the product's: the shape and feature of the default :class:`~prism_persona.config.GateConfig`
+    (``pooling`` overrides the default pooling, so tests can run on every pooling the gate supports).
+
     With ``cache`` (the default) it is built once per process for the same model and settings, at the
     first ``out``; later calls return that directory, so treat it as read-only.
     """
-    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries))
+    from .config import GateConfig
+
+    gcfg = GateConfig()
+    pooling = gcfg.pooling if pooling is None else pooling
+    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries), pooling)
     if cache and key in _ARTIFACTS:
         return _ARTIFACTS[key]
     import torch
@@ -366,9 +374,9 @@ def make_tiny_artifact(
 
     out = Path(out)
     base, tok = load_model(str(model_dir), dtype="float32", device="cpu")
-    feats = query_features(base, tok, list(queries), 16, "last")
+    feats = query_features(base, tok, list(queries), 16, pooling)
     torch.manual_seed(seed)
-    gate = Gate(feats.shape[1], [128, 64], dropout=0.0, pooling="last")
+    gate = Gate(feats.shape[1], gcfg.hidden_sizes, dropout=0.0, pooling=pooling)
     gate.set_standardisation(feats)
     gate.eval()
     probs = sorted(gate(feats).tolist())

@@ -22,9 +22,7 @@ from prism_persona.evals.judging import CallableEngine
 from prism_persona.gated.model import GatedEngine, GatedModel
 from prism_persona.testing import FakeOpenAIServer, ScriptedEngine, make_tiny_artifact
 
-# The module that holds RoutedEngine (moving to gated/ in the second renovation): one line to change.
-ROUTED_MODULE = "prism_persona.gated.routed"
-RoutedEngine = importlib.import_module(ROUTED_MODULE).RoutedEngine
+from prism_persona.gated.routed import RoutedEngine
 
 CHATS = [
     [{"role": "user", "content": "Name a colour."}],

@@ -330,7 +330,7 @@ def test_bootstrap_through_vllm_resumes_after_the_server_dies(server, vllm_pytho
         out = original(chats, params, **kw)
         calls.append(len(chats))
         if len(calls) == 1:  # the first answers chunk is stored: the server goes away
-            server.stop(timeout_s=0)
+            server.stop(grace_s=0)
         return out
 
     engine.generate = generate_then_kill

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prism_persona import config as C
-from prism_persona.gated.features import gate_prompt, layer0_last_states, query_features
+from prism_persona.gated.features import gate_prompt, prompt_features, query_features
 from prism_persona.gated.gate import GateBundle
 from prism_persona.models import encode_prompts
 from prism_persona.stats import auc, binary_metrics
@@ -40,13 +40,14 @@ def test_features_are_layer0_states_of_last_prompt_token_without_running_later_l
     assert "You are a helpful assistant." in gate_prompt(tok, "hi")
 
 
-def test_layer0_last_states_any_padding_side(tiny_model):
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_prompt_features_any_padding_side(tiny_model, pooling):
     model, tok = tiny_model
     texts = [gate_prompt(tok, "short"), gate_prompt(tok, "a somewhat longer query here")]
     left = encode_prompts(tok, texts)
     ids = left["input_ids"]
     mask = left["attention_mask"]
-    a = layer0_last_states(model, ids, mask)
+    a = prompt_features(model, ids, mask, pooling)
     # right-pad the same rows
     n = mask.sum(1)
     rid = torch.full_like(ids, tok.pad_token_id)
@@ -54,7 +55,7 @@ def test_layer0_last_states_any_padding_side(tiny_model):
     for i in range(2):
         rid[i, : n[i]] = ids[i, -n[i] :]
         rmask[i, : n[i]] = 1
-    torch.testing.assert_close(a, layer0_last_states(model, rid, rmask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, prompt_features(model, rid, rmask, pooling), rtol=1e-5, atol=1e-5)
 
 
 def test_auc_matches_pairwise_definition():

@@ -149,7 +149,7 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
     from ..errors import PrismError
     from ..judges import is_callable_spec
 
-    spec = (cfg.judge.judge or "self").strip()
+    spec = cfg.judge.judge.strip()
     typed = "judge" in (overrides.get("judge") or {})
     if typed or confirmed or not is_callable_spec(spec) or Path(spec).exists():
         return

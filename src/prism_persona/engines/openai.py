@@ -61,6 +61,9 @@ class _HTTPFailure(Exception):
 class OpenAIEngine(Engine):
     """Generation (and, where the server has log-probabilities, scoring) over HTTP."""
 
+    default_concurrency = 8
+    """Requests in flight when ``concurrency`` is 0 (``--concurrency``'s default)."""
+
     name = "openai"
 
     def __init__(
@@ -68,7 +71,7 @@ class OpenAIEngine(Engine):
         base_url: str,
         model: str,
         api_key: Optional[str] = None,
-        concurrency: int = 8,
+        concurrency: int = 0,
         timeout_s: float = 120.0,
         max_retries: int = 4,
         backoff_s: float = 0.5,
@@ -79,7 +82,7 @@ class OpenAIEngine(Engine):
         self.base_url = base_url.rstrip("/")
         self.model_name = model
         self.api_key = api_key
-        self.concurrency = max(1, int(concurrency))
+        self.concurrency = int(concurrency) or self.default_concurrency  # 0 = the engine's default
         self.timeout_s = float(timeout_s)
         self.max_retries = max(0, int(max_retries))
         self.backoff_s = float(backoff_s)
@@ -104,7 +107,7 @@ class OpenAIEngine(Engine):
             e.base_url,
             cfg.model.model,
             api_key=key,
-            concurrency=e.concurrency or 8,
+            concurrency=e.concurrency,
             timeout_s=e.timeout_s,
             max_retries=e.max_retries,
         )

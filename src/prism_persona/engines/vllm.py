@@ -321,17 +321,17 @@ class VLLMServer:
                 return text
         return ""
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM to the server's process group (vLLM shuts its engine processes down), SIGKILL to
-        the group if it is still there after ``timeout_s``. Idempotent."""
+        the group if it is still there after ``grace_s``. Idempotent."""
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout_s)
+                    proc.wait(grace_s)
                 except subprocess.TimeoutExpired:
-                    log.warning("vLLM did not stop within %.0f s; killing it", timeout_s)
+                    log.warning("vLLM did not stop within %.0f s; killing it", grace_s)
             _signal_group(proc.pid, signal.SIGKILL)  # any engine-core process left in the group
             try:
                 proc.wait(5)
@@ -388,7 +388,6 @@ def server_from_config(
         log_path or Path(cfg.out) / "logs" / "vllm.log",
         loras=loras,
         dtype=server_dtype(cfg.model.dtype),
-        max_lora_rank=max(16, int(getattr(cfg.distill, "r", 16))),
         eager=_eager(e.vllm_eager),
         max_num_seqs=e.vllm_max_num_seqs,
         max_model_len=e.vllm_max_model_len,
@@ -481,6 +480,7 @@ class VLLMEngine(OpenAIEngine):
                 )
             return cls(base_url, pick_base_model(served, base_url, src.display), tokenizer, **common)
         server = server_from_config(cfg, src.path_or_id, src.display, loras=loras)
+        # the served adapters' rank (the caller knows it); VLLMServer's own floor is vLLM's default, 16
         server.max_lora_rank = max(server.max_lora_rank, int(max_lora_rank))
         server.start()
         try:

@@ -57,7 +57,7 @@ def _model_display(spec: Optional[str]) -> str:
     return resolve_model(spec).display
 
 
-def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval") -> EngineProvider:
+def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
     """Engines for base/persona (``--model``) and lora/prism (``--prism``), loaded on first use.
 
     With ``--prism`` and no ``--model``, base is the gated model with the adapter forced off
@@ -82,8 +82,8 @@ def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval")
 
                 holder["gm"] = GatedModel.from_pretrained(
                     art,
-                    device=cfg.device or "auto",
-                    dtype=cfg.dtype or "auto",
+                    device=cfg.device,
+                    dtype=cfg.dtype,
                     batch_size=cfg.batch_size,
                     trust_remote_code=cfg.trust_remote_code,
                 )
@@ -102,9 +102,7 @@ def build_provider(cfg: EvalConfig, quiet: bool = False, out: str = "runs/eval")
         def base():
             from ..engines.hf import HFEngine
 
-            return HFEngine.load(
-                spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet, cfg.trust_remote_code
-            )
+            return HFEngine.load(spec, cfg.dtype, cfg.device, cfg.batch_size, quiet, cfg.trust_remote_code)
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
@@ -125,9 +123,7 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
 
     art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
     name = cfg.engine.engine
-    systems = open_server_systems(
-        cfg.engine, cfg.model, out, quiet, art, cfg.dtype, cfg.device, cfg.batch_size, cfg.trust_remote_code
-    )
+    systems = open_server_systems(cfg.engine, cfg.model, out, quiet, art, cfg.model_block())
     suffix = f"@{name}"
     # a served model name is shown as given; a model PRISM resolved, by its display name
     shown = cfg.model if engine_spec(name).served_model_name else _model_display(systems.cfg.model.model)
@@ -143,15 +139,15 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
     return provider
 
 
-def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False, out: str = "runs/eval") -> EvalJudge:
+def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool, out: str) -> EvalJudge:
     """``--grader module:function`` (prompt -> reply text), else ``--judge``: ``self`` (the base engine)
     or another model id/path, in this process or on the server of ``--judge-engine``."""
-    mode = cfg.judge_mode or "auto"
-    tokens = cfg.judge_tokens or 48
+    mode = cfg.judge_mode
+    tokens = cfg.judge_tokens
     if cfg.grader:
         return EvalJudge(CallableEngine(load_grader(cfg.grader), cfg.grader), f"callable:{cfg.grader}", "text", tokens)
-    spec = (cfg.judge or "self").strip()
-    if spec == "self":
+    spec = (cfg.judge or "").strip()  # None or empty: the base model judges
+    if spec in ("", "self"):
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
     from ..engines import engine_spec
 
@@ -160,9 +156,7 @@ def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool = False, 
         return EvalJudge(engine, f"model:{spec}@{cfg.judge_engine}", mode, tokens)
     from ..engines.hf import HFEngine
 
-    engine = HFEngine.load(
-        spec, cfg.dtype or "auto", cfg.device or "auto", cfg.batch_size or 8, quiet, cfg.trust_remote_code
-    )
+    engine = HFEngine.load(spec, cfg.dtype, cfg.device, cfg.batch_size, quiet, cfg.trust_remote_code)
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
 
 
@@ -174,10 +168,8 @@ def server_judge_engine(cfg: EvalConfig, model: str, provider: EngineProvider, q
 
     from ..gated.remote import open_server_systems
 
-    engine = replace(cfg.engine, engine=cfg.judge_engine, base_url=cfg.judge_base_url or "")
-    systems = open_server_systems(
-        engine, model, Path(out) / "judge", quiet, None, cfg.dtype, cfg.device, cfg.batch_size, cfg.trust_remote_code
-    )
+    engine = replace(cfg.engine, engine=cfg.judge_engine, base_url=cfg.judge_base_url)
+    systems = open_server_systems(engine, model, Path(out) / "judge", quiet, None, cfg.model_block())
     provider.closers.append(systems.close)
     return systems.base()
 
@@ -194,7 +186,7 @@ def build_personas(cfg: EvalConfig) -> PersonaBook:
         personas = _run_personas(cfg)
     if not personas:
         log.info("no personas given: using built-in generic expert personas per category")
-    return PersonaBook(personas, parse_match(cfg.persona_map), seed=cfg.seed or 0)
+    return PersonaBook(personas, parse_match(cfg.persona_map), seed=cfg.seed)
 
 
 def _run_personas(cfg: EvalConfig) -> dict:
@@ -207,7 +199,7 @@ def _run_personas(cfg: EvalConfig) -> dict:
 
 def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
     provider = build_provider(cfg, quiet, out)
-    spec = cfg.refusal_classifier or "judge"
+    spec = cfg.refusal_classifier
     refusal = None
     if spec not in REFUSAL_CLASSIFIERS:  # a user function: import it now (one-line error before any model loads)
         refusal = make_refusal_classifier(spec, lambda: None, cfg)

@@ -24,9 +24,10 @@
 * ``threshold=`` -- override the artifact's gate threshold; ``dtype``, ``max_length`` (``--device``
   and ``--batch_size`` are lm-eval's own flags); ``routing_file=PATH`` -- write the routing report (JSON) after every call.
 
-Routing: every request is routed by the gate on **its own context** -- the layer-0 state of the
-context's last token, exactly what the gate reads inside a prefill (for ``loglikelihood_rolling``,
-which has no context, the text itself). All continuations of a request share that decision. With
+Routing: every request is routed by the gate on **its own context** -- the layer-0 states of the
+context pooled as the artifact's gate was trained (``gate_config.json`` ``pooling``: the mean over the
+prompt by default, the last token for the paper's gate), exactly what the gate reads inside a prefill
+(for ``loglikelihood_rolling``, which has no context, the text itself). All continuations of a request share that decision. With
 ``--apply_chat_template`` the context is the chat-rendered prompt ending in the generation prompt,
 the same text ``prism generate`` routes on; without it the gate reads raw task text, which it was
 not trained on. The routed share is logged after every call and kept per task and request type in
@@ -169,20 +170,21 @@ class PrismLM(TemplateLM):
             )
 
     def route(self, contexts: Sequence[Sequence[int]]) -> tuple[list[Optional[float]], list[bool]]:
-        """(gate probability, routed) per token context; the gate reads the layer-0 state of its last token."""
+        """(gate probability, routed) per token context: the gate's own feature of the context (layer-0
+        states pooled as the artifact's gate was trained, :func:`~prism_persona.gated.features.prompt_features`)."""
         force = FORCE[self.system]
         if self.gm is None or force is not None:
             return [None] * len(contexts), [bool(force)] * len(contexts)
         import torch
 
-        from ..gated.features import layer0_last_states
+        from ..gated.features import prompt_features
 
         probs: list[float] = []
         for start in range(0, len(contexts), self.batch_size_per_gpu):
             ids, mask = _pad(
                 [list(c) for c in contexts[start : start + self.batch_size_per_gpu]], self._pad_id, left=True
             )
-            feats = layer0_last_states(self.model, ids.to(self._device), mask.to(self._device))
+            feats = prompt_features(self.model, ids.to(self._device), mask.to(self._device), self.gm.gate.pooling)
             with torch.no_grad():
                 probs.extend(float(p) for p in self.gm.gate(feats.float()).tolist())
         return probs, _bool_routes(probs, self.threshold)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, engine_block, option
+from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, ModelConfig, engine_block, option
 
 G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
@@ -31,10 +31,8 @@ class EvalConfig:
     prism: Optional[str] = option(
         None, "PRISM artifact dir (RUN/prism) for the lora, prism and oracle systems.", metavar="ART", group=G_MODELS
     )
-    dtype: Optional[str] = option(
-        None, "Weights dtype: auto, float32, bfloat16 or float16.", choices=DTYPES, group=G_MODELS
-    )
-    device: Optional[str] = option(None, "Device: auto, cpu, cuda, cuda:N.", group=G_MODELS)
+    dtype: str = option("auto", "Weights dtype: auto, float32, bfloat16 or float16.", choices=DTYPES, group=G_MODELS)
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.", group=G_MODELS)
     batch_size: int = option(8, "Rows per generation batch.", at_least=1, group=G_MODELS)
     trust_remote_code: bool = option(
         False,
@@ -181,8 +179,8 @@ class EvalConfig:
         "means refusal (default: the one label whose name says refusal/rejection).",
         group=G_JUDGE,
     )
-    judge_mode: Optional[str] = option(
-        None,
+    judge_mode: str = option(
+        "auto",
         "Log-prob verdicts when the engine can score (auto), or text, or logprob.",
         choices=("auto", "logprob", "text"),
         group=G_JUDGE,
@@ -193,6 +191,13 @@ class EvalConfig:
     no_pairwise: bool = option(False, "Skip MT-Bench pairwise win rates vs base.", group=G_JUDGE)
     resamples: int = option(1000, "Bootstrap resamples for 95% CIs.", at_least=0, group=G_JUDGE)
     seed: int = option(0, "Seed for bootstrap and random personas.", group=G_JUDGE)
+
+    def model_block(self) -> ModelConfig:
+        """This command's model flags as the one model block every loader takes (the model itself is
+        chosen per system: ``--model``, the artifact's base model or ``--judge``)."""
+        return ModelConfig(
+            dtype=self.dtype, device=self.device, batch_size=self.batch_size, trust_remote_code=self.trust_remote_code
+        )
 
     def validate(self) -> None:
         """What an artifact and a model need of the engine (``EngineConfig.validate`` checks the engine's

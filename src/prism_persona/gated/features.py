@@ -98,9 +98,12 @@ def pool_states(h: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling
 
 
 @torch.no_grad()
-def layer0_last_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Layer-0 state of the last real token of each row, ``[batch, hidden]`` (float32)."""
-    return pool_states(layer0_states(model, input_ids, attention_mask), attention_mask, "last")
+def prompt_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The gate's feature of tokenised prompts, ``[batch, hidden]`` (float32): layer-0 states pooled as
+    ``pooling`` (the gate's own: ``Gate.pooling``). Any padding side. Every path that routes from token
+    ids (training, ``GatedModel.route``, the vLLM router, ``prism-lm-eval``) calls this one function;
+    the gated model's prefill hook pools the same layer-0 states with :func:`pool_states`."""
+    return pool_states(layer0_states(model, input_ids, attention_mask), attention_mask, pooling)
 
 
 def gate_prompt(tokenizer, query: str) -> str:
@@ -117,8 +120,7 @@ def query_features(model, tokenizer, queries: Sequence[str], batch_size: int, po
     for start in range(0, len(queries), batch_size):
         texts = [gate_prompt(tokenizer, q) for q in queries[start : start + batch_size]]
         enc = encode_prompts(tokenizer, texts, device)
-        h = layer0_states(model, enc["input_ids"], enc["attention_mask"])
-        out.append(pool_states(h, enc["attention_mask"], pooling).cpu())
+        out.append(prompt_features(model, enc["input_ids"], enc["attention_mask"], pooling).cpu())
     if not out:
         hidden = int(getattr(model.config, "hidden_size", 0))
         return torch.zeros(0, hidden)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..config import ModelConfig
 from ..errors import PrismError
 
 
@@ -51,25 +52,19 @@ def open_server_systems(
     out: str | Path,
     quiet: bool = False,
     artifact: Optional[str | Path] = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    batch_size: int = 8,
-    trust_remote_code: bool = False,
+    load: Optional[ModelConfig] = None,
 ) -> ServerSystems:
     """The :class:`ServerSystems` of a command's engine block and model flags: the server runs the
     artifact's base model (``model`` must agree), else ``model`` (default: the embedded model; for an
-    engine whose ``--model`` is the served name, required)."""
-    from ..config import EMBEDDED_MODEL, ModelConfig
+    engine whose ``--model`` is the served name, required). ``load``: the command's model block (dtype,
+    device, batch size, trust flag; its ``model`` field is ignored: ``model`` and the artifact decide)."""
+    from dataclasses import replace
+
+    from ..config import EMBEDDED_MODEL
 
     check_server_model(engine, model)
     base = artifact_base_model(artifact, model) if artifact else model
-    settings = ModelConfig(
-        model=base or EMBEDDED_MODEL,
-        dtype=dtype or "auto",
-        device=device or "auto",
-        batch_size=int(batch_size or 8),
-        trust_remote_code=bool(trust_remote_code),
-    )
+    settings = replace(load or ModelConfig(), model=base or EMBEDDED_MODEL)
     return ServerSystems(engine, settings, out, quiet, artifact or None)
 
 

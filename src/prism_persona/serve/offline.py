@@ -44,20 +44,16 @@ def check_engine_settings(settings) -> None:
 
 def open_server_engine(settings, out_dir, quiet: bool = False):
     """``(engine, close)`` on a server engine: the artifact routed per row, or the base model (``--model``)."""
+    from dataclasses import replace
+
+    from ..config import ModelConfig
     from ..gated.remote import open_server_systems
 
     load, routing = settings.load, settings.routing
-    systems = open_server_systems(
-        settings.engine,
-        settings.model or None,
-        out_dir,
-        quiet,
-        load.prism or None,
-        load.dtype,
-        load.device,
-        routing.batch_size or 8,
-        load.trust_remote_code,
-    )
+    model = ModelConfig(dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
+    if routing.batch_size:  # else the model block's default
+        model = replace(model, batch_size=routing.batch_size)
+    systems = open_server_systems(settings.engine, settings.model or None, out_dir, quiet, load.prism or None, model)
     engine = systems.routed(force_value(routing.force)) if load.prism else systems.base()
     return engine, systems.close
 

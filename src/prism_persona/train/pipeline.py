@@ -188,7 +188,7 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
     def _make_judge():
         from ..judges import make_judge
 
-        self_judge = (cfg.judge.judge or "self").strip().lower() == "self"
+        self_judge = cfg.judge.is_self()
         return make_judge(cfg, get_engine() if self_judge else None)
 
     get_judge = Lazy(_make_judge, judge)
