@@ -89,7 +89,10 @@ def test_train_gate_fits_the_region_on_the_routed_queries_and_keeps_in_distribut
     assert (r_on == r_off).float().mean() >= 0.95
     # a query far from every training query is abstained, whatever its probability
     far = blob(10, 8, 7, shift=12.0)
-    assert on.decide(far)[2].all() and not on.decide(far)[1].any()
+    p_far, r_far, a_far = on.decide(far)
+    assert on.gate.outside(far).all() and not r_far.any()
+    assert torch.equal(a_far, p_far >= on.threshold)  # abstained = the rule overrode a "route"
+    assert torch.equal(off.decide(far)[1], p_far >= off.threshold)
     # 'routed' with too few routed rows falls back to all rows; 'all' is every row
     assert ood_reference_rows([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], "routed") == list(range(10))
     assert ood_reference_rows([1] * 8 + [0] * 2, "routed") == list(range(8))

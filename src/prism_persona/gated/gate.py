@@ -177,13 +177,15 @@ class OODRegion(nn.Module):
 def decide(gate: Gate, threshold: float, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gate's final decision on layer-0 ``features`` [b, hidden]: ``(probs, routed, abstained)``.
 
-    ``probs``: the gate's probability, as is; ``abstained``: the query lies outside the region the gate
-    was trained on (:class:`OODRegion`), so it goes to the base model; ``routed = probs >= threshold``
-    and not abstained. Every router calls this (one rule for the prefill hook, route(), lm-eval, vLLM)."""
+    ``probs``: the gate's probability, as is; ``abstained``: the probability says route but the query
+    lies outside the region the gate was trained on (:class:`OODRegion`), so it goes to the base model;
+    ``routed = probs >= threshold`` and not abstained. Every router calls this (one rule for the prefill
+    hook, route(), lm-eval, vLLM)."""
     feats = features.to(device=gate.mean.device, dtype=gate.mean.dtype)
     probs = gate(feats)
-    abstained = gate.outside(feats)
-    return probs, (probs >= threshold) & ~abstained, abstained
+    wanted = probs >= threshold
+    abstained = wanted & gate.outside(feats)
+    return probs, wanted & ~abstained, abstained
 
 
 @dataclass

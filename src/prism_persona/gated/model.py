@@ -92,7 +92,8 @@ class GatedModel:
         self._overrides: Optional[list[Optional[bool]]] = None
         # rows decided before the forward (not a lone user turn): (gate_prob, abstained) from route()
         self._prob_overrides: Optional[list[Optional[tuple[float, bool]]]] = None
-        # per row of the last decision: outside the gate's training region, sent to the base model
+        # per row of the last decision: the gate said route, but the query lay outside its training
+        # region, so it went to the base model (gate.decide)
         self.abstained: Optional[torch.Tensor] = None
         self._last_index: Optional[torch.Tensor] = None
         self._decided = False
@@ -324,7 +325,8 @@ class GatedModel:
         self, chats: Sequence[list], params: Optional[SamplingParams] = None, force: Force = None
     ) -> list[Completion]:
         """One completion per chat; ``meta = {"routed", "gate_prob"}`` (and ``"abstained"`` when the gate
-        has an abstain region: the query lay outside its training queries and went to the base model).
+        has an abstain region: true where the probability said route but the query lay outside the gate's
+        training queries, so it went to the base model).
         ``force`` (bool or a list of bool/None per chat) overrides the gate's decision; the gate
         probability is reported anyway."""
         params = params or SamplingParams()

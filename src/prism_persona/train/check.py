@@ -166,7 +166,7 @@ def write_answers(
                     "finish": o.finish_reason,
                     "routed": bool(o.meta.get("routed")),
                     "gate_prob": float(o.meta.get("gate_prob", 0.0)),
-                    # outside the gate's training region (gate.ood): sent to the base model
+                    # the gate said route but the query is outside its training region (gate.ood): base model
                     "abstained": bool(o.meta.get("abstained", False)),
                 }
                 for q, o in zip(batch, outs)
@@ -316,8 +316,8 @@ def check_markdown(report: dict) -> str:
         f"{fmt(o['transfer_ratio'])} ({fmt(o['lora_win_rate'], True)} / {fmt(o['persona_win_rate'], True)}).",
         f"**Base identity** (unrouted PRISM answers equal to the base model's): {fmt(o['base_identity'], True)} "
         f"of {o['unrouted']}.",
-        f"**Abstained** (outside the gate's training queries, sent to the base model whatever the gate "
-        f"probability; gate.ood): {o.get('abstained', 0)} of {o['n']}.",
+        f"**Abstained** (the gate probability said route, but the query lies outside the gate's training "
+        f"queries, so it went to the base model; gate.ood): {o.get('abstained', 0)} of {o['n']}.",
         "",
         "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
         "|---|---|---|---|---|---|---|---|---|---|",
