@@ -574,6 +574,7 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         "metrics": m,
         "routing_by_domain": bundle.info.get("routing_by_group", {}),
         "fallbacks": bundle.info["fallbacks"],
+        "ood": bundle.info.get("ood_fit", {"method": "off"}),
         "dir": str(run.path(GATE_DIR)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
