@@ -420,6 +420,23 @@ class GateConfig:
         "Calibrate only with at least this many held-out rows of each label; otherwise use threshold (with a warning).",
         at_least=0,
     )
+    ood: str = option(
+        "mahalanobis",
+        "Abstain on unfamiliar queries: a query whose layer-0 feature lies outside the region of the gate's training queries goes to the base model whatever the gate's probability. 'mahalanobis' (shrinkage-covariance distance), 'knn' (mean distance to the ood_k nearest training queries) or 'off'. Measured in docs/method-check.md.",
+        choices=("mahalanobis", "knn", "off"),
+    )
+    ood_reference: str = option(
+        "routed",
+        "The queries the abstain region is fitted on: 'routed' (the training queries the persona won: a query is routed only near them; kept the other kit's queries off best, docs/method-check.md) or 'all' (every training query). 'routed' falls back to 'all' with fewer than 8 such queries.",
+        choices=("routed", "all"),
+    )
+    ood_quantile: float = option(
+        1.0,
+        "The abstain threshold is this quantile of the reference queries' own distances, each scored by a region fitted without its fold (1 = the largest: hand-written held-out queries lie farther out than the bootstrap's own, docs/method-check.md).",
+        above=0.5,
+        at_most=1,
+    )
+    ood_k: int = option(5, "Neighbours averaged by ood = knn.", at_least=1)
 
     def validate(self) -> None:
         calibration_rate(self.calibrate)

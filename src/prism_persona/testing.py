@@ -347,12 +347,15 @@ def make_tiny_artifact(
     queries: Sequence[str] = SPLIT_QUERIES,
     cache: bool = True,
     pooling: Optional[str] = None,
+    ood: bool = False,
 ) -> Path:
     """A real PRISM artifact on a tiny model: a PEFT LoRA on decoder layers 1..L-1 (random, non-zero B)
     and a random gate whose threshold splits ``queries`` in half (so both routes are exercised).
 
     The gate is the product's: the shape and feature of the default :class:`~prism_persona.config.GateConfig`
     (``pooling`` overrides the default pooling, so tests can run on every pooling the gate supports).
+    ``ood``: also fit the default abstain region (``gate.ood``) on ``queries``, as training does; off by
+    default, since a region of four queries leaves most other queries outside it.
 
     With ``cache`` (the default) it is built once per process for the same model and settings, at the
     first ``out``; later calls return that directory, so treat it as read-only.
@@ -361,7 +364,7 @@ def make_tiny_artifact(
 
     gcfg = GateConfig()
     pooling = gcfg.pooling if pooling is None else pooling
-    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries), pooling)
+    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries), pooling, ood)
     if cache and key in _ARTIFACTS:
         return _ARTIFACTS[key]
     import torch
@@ -379,6 +382,10 @@ def make_tiny_artifact(
     gate = Gate(feats.shape[1], gcfg.hidden_sizes, dropout=0.0, pooling=pooling)
     gate.set_standardisation(feats)
     gate.eval()
+    if ood:
+        from .train.gate import fit_ood
+
+        gate.ood, _ = fit_ood(gate, feats, gcfg.ood, gcfg.ood_quantile, gcfg.ood_k)
     probs = sorted(gate(feats).tolist())
     mid = len(probs) // 2
     bundle = GateBundle(gate=gate, threshold=(probs[mid - 1] + probs[mid]) / 2, info={"metrics": {}})

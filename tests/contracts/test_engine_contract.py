@@ -20,9 +20,8 @@ from prism_persona.engines.openai import OpenAIEngine
 from prism_persona.engines.vllm import VLLMEngine
 from prism_persona.evals.judging import CallableEngine
 from prism_persona.gated.model import GatedEngine, GatedModel
-from prism_persona.testing import FakeOpenAIServer, ScriptedEngine, make_tiny_artifact
-
 from prism_persona.gated.routed import RoutedEngine
+from prism_persona.testing import FakeOpenAIServer, ScriptedEngine, make_tiny_artifact
 
 CHATS = [
     [{"role": "user", "content": "Name a colour."}],

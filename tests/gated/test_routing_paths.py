@@ -36,15 +36,21 @@ def test_every_routing_path_gives_the_same_probability(tiny_model_dir, tmp_path,
     from prism_persona.gated.router import load_router
     from prism_persona.serve.backend import GatedBackend
 
-    art = make_tiny_artifact(tiny_model_dir, tmp_path / f"prism-{pooling}", pooling=pooling)
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / f"prism-{pooling}", pooling=pooling, ood=True)
     chats = [user_chat(q) for q in QUERIES]
     gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
     assert gm.gate.pooling == pooling
 
+    assert gm.gate.ood is not None  # the abstain rule is part of the decision every path must share
+    decided = gm.decisions(chats)
+    assert decided[-1]["abstained"] and not decided[-1]["routed"]  # the long query lies outside the 4 queries' region
     via_route = [p for p, _ in gm.route(chats)]
+    routed = [r for _, r in gm.route(chats)]
     via_serve = [p for p, _ in GatedBackend(gm).route(chats)]
-    via_prefill = [c.meta["gate_prob"] for c in gm.generate(chats, SamplingParams(max_new_tokens=1))]
-    via_router = [p for p, _ in load_router(str(art), device="cpu", dtype="float32").route(chats)]
+    completions = gm.generate(chats, SamplingParams(max_new_tokens=1))
+    via_prefill = [c.meta["gate_prob"] for c in completions]
+    router_routes = load_router(str(art), device="cpu", dtype="float32").route(chats)
+    via_router = [p for p, _ in router_routes]
     lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=2)
     contexts = [lm.tok_encode(render_chat(lm.tokenizer, c)) for c in chats]
     via_lmeval, routed_lmeval = lm.route(contexts)
@@ -56,7 +62,11 @@ def test_every_routing_path_gives_the_same_probability(tiny_model_dir, tmp_path,
         ("lm-eval", via_lmeval),
     ]:
         assert probs == pytest.approx(via_route, abs=1e-5), name
-    assert routed_lmeval == [p >= gm.threshold for p in via_route]
+    # one decision too, abstain rule included
+    assert routed_lmeval == routed
+    assert [c.meta["routed"] for c in completions] == routed
+    assert [r for _, r in router_routes] == routed
+    assert [c.meta["abstained"] for c in completions] == [d["abstained"] for d in decided]
     # the test has teeth: reading the other pooling's feature (lm-eval's old bug) gives other probabilities
     import torch
 

@@ -55,7 +55,10 @@ def test_summarise_counts_wins_transfer_identity_and_auc(tmp_path):
             text = {"base": f"base {i}", "lora": f"lora {i}", "persona": f"persona {i}"}.get(s)
             if s == "prism":
                 text = f"lora {i}" if routed else (f"base {i}" if i == 2 else "different")
-            answers.append({"key": f"{s}:{q.key}", "text": text, "routed": routed, "gate_prob": probs[i]})
+            row = {"key": f"{s}:{q.key}", "text": text, "routed": routed, "gate_prob": probs[i]}
+            if s == "prism" and i == 3:  # the gate abstained here (answers stored before issue 29 lack the key)
+                row["abstained"] = True
+            answers.append(row)
         verdicts.append({"key": f"lora_vs_base:{q.key}", "x_wins": i == 0})
         verdicts.append({"key": f"persona_vs_base:{q.key}", "x_wins": i < 2})
     rep = summarise(items, answers, verdicts, 0.5)
@@ -66,6 +69,7 @@ def test_summarise_counts_wins_transfer_identity_and_auc(tmp_path):
     assert o["unrouted"] == 2 and o["base_identity"] == 0.5
     assert rep["gate_vs_expected_route"]["auc"] == 1.0 and rep["gate_vs_expected_route"]["balanced_accuracy"] == 1.0
     assert o["loops_vs_base"]["lora"] == {"added": 0, "removed": 0, "p": 1.0}
+    assert o["abstained"] == 1 and w["abstained"] == 0 and rep["domains"]["coding"]["abstained"] == 1
 
 
 def test_paired_loops_counts_discordant_queries_and_tests_them():

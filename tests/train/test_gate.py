@@ -169,6 +169,11 @@ def test_run_gate_stage(tiny_model, tmp_path):
     assert run.done("gate") and (run.path("gate") / "gate.safetensors").is_file()
     assert info["n_heldout"] == 4 and set(info["routing_by_domain"]) == {"w", "c"}
     assert info["metrics"]["heldout"]["accuracy"] is not None
+    # the abstain region (gate.ood default) is fitted on the 8 routed queries and saved with the gate
+    assert info["ood"]["method"] == "mahalanobis" and info["ood"]["reference"] == "routed"
+    from prism_persona.gated.gate import GateBundle
+
+    assert GateBundle.load(run.path("gate")).gate.ood.limit == pytest.approx(info["ood"]["threshold"])
     again = run_gate(run, cfg, recs, None, None)  # done: skipped, no model needed
     assert again.pop("stage") == "gate" and again == info
 

@@ -82,10 +82,6 @@ def _model_arg(value, name: str, kind: type, **bounds):
     return number
 
 
-def _bool_routes(probs: Sequence[float], threshold: float) -> list[bool]:
-    return [bool(p >= threshold) for p in probs]
-
-
 @register_model("prism")
 class PrismLM(TemplateLM):
     """lm-eval ``LM`` over a :class:`~prism_persona.gated.model.GatedModel` (or a plain base model)."""
@@ -178,16 +174,20 @@ class PrismLM(TemplateLM):
         import torch
 
         from ..gated.features import prompt_features
+        from ..gated.gate import decide
 
         probs: list[float] = []
+        routed: list[bool] = []
         for start in range(0, len(contexts), self.batch_size_per_gpu):
             ids, mask = _pad(
                 [list(c) for c in contexts[start : start + self.batch_size_per_gpu]], self._pad_id, left=True
             )
             feats = prompt_features(self.model, ids.to(self._device), mask.to(self._device), self.gm.gate.pooling)
             with torch.no_grad():
-                probs.extend(float(p) for p in self.gm.gate(feats.float()).tolist())
-        return probs, _bool_routes(probs, self.threshold)
+                p, r, _ = decide(self.gm.gate, self.threshold, feats.float())  # the abstain rule included
+            probs.extend(float(x) for x in p.tolist())
+            routed.extend(bool(x) for x in r.tolist())
+        return probs, routed
 
     def _context_tokens(self, context: str) -> list[int]:
         return self.tok_encode(context)[-self.max_length :] or [self.prefix_token_id]

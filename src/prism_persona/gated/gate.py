@@ -3,14 +3,23 @@ probability) and :class:`GateBundle` (the gate, its threshold and ``gate_config.
 
 The gate returns a probability; the threshold is a separate number stored next to the weights
 (chosen at training time by :func:`prism_persona.train.gate.calibrate_threshold`).
+
+Abstain (issue 29): a gate may also hold an :class:`OODRegion`, the region of its standardised feature
+space it was trained on (a shrinkage Mahalanobis distance or the k-NN distance to the training
+features, with a threshold from cross-fitted in-distribution distances). A query outside it goes to the
+base model whatever its probability. :func:`decide` is the one call that gives the final decision
+(probability, routed, abstained); every router (the prefill hook, ``GatedModel.route``, lm-eval, the
+vLLM router) calls it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,10 +50,21 @@ class Gate(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("mean", torch.zeros(self.hidden_size))
         self.register_buffer("std", torch.ones(self.hidden_size))
+        # the abstain region (None: every query is in-distribution, as before issue 29)
+        self.ood: Optional[OODRegion] = None
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.to(self.mean.dtype) - self.mean) / self.std
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        x = (features.to(self.mean.dtype) - self.mean) / self.std
-        return self.mlp(x).squeeze(-1)
+        return self.mlp(self.standardise(features)).squeeze(-1)
+
+    def outside(self, features: torch.Tensor) -> torch.Tensor:
+        """Bool per row: the query lies outside the region the gate was trained on (all False when the
+        gate has no :class:`OODRegion`)."""
+        if self.ood is None:
+            return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        return self.ood.outside(self.standardise(features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Routing probability per row, ``[batch]``."""
@@ -58,6 +78,116 @@ class Gate(nn.Module):
         self.std.copy_(std.clamp_min(1e-6))
 
 
+OOD_METHODS = ("off", "mahalanobis", "knn")
+
+
+class OODRegion(nn.Module):
+    """The in-distribution region of a gate, in its standardised feature space ``z``.
+
+    ``mahalanobis``: ``sqrt((z - center)^T Sigma^-1 (z - center) / dim)`` with Sigma the Ledoit-Wolf
+    shrinkage of the reference rows' covariance towards ``nu * I``; stored as the covariance's
+    eigenvectors (``basis`` [rank, dim]) and eigenvalues, so the file grows with the number of training
+    rows, not with dim^2. ``knn``: the mean Euclidean distance to the ``k`` nearest reference rows
+    (``reference`` [n, dim]) divided by sqrt(dim). A row whose score exceeds ``limit`` (gate_config.json:
+    ``ood.threshold``) is outside.
+    """
+
+    def __init__(self, method: str, dim: int, rows: int, *, k: int, limit: float = math.inf, **stats: float):
+        super().__init__()
+        if method not in OOD_METHODS[1:]:
+            raise ValueError(f"unknown gate ood method {method!r}; use one of {', '.join(OOD_METHODS)}")
+        self.method, self.dim, self.rows, self.k = method, int(dim), int(rows), max(1, int(k))
+        self.limit = float(limit)
+        self.alpha = float(stats.get("alpha", 0.0))
+        self.nu = float(stats.get("nu", 1.0))
+        self.register_buffer("center", torch.zeros(self.dim))
+        if method == "mahalanobis":
+            self.register_buffer("basis", torch.zeros(self.rows, self.dim))
+            self.register_buffer("eigvals", torch.zeros(self.rows))
+        else:
+            self.register_buffer("reference", torch.zeros(self.rows, self.dim))
+
+    # ---------------------------------------------------------------------------------------- fit
+
+    @classmethod
+    def fit(cls, method: str, z: torch.Tensor, k: int) -> OODRegion:
+        """The region of the reference rows ``z`` [n, dim] (standardised features); limit inf (set it after)."""
+        z = z.detach().float().cpu()
+        n, dim = z.shape
+        if method == "knn":
+            region = cls("knn", dim, n, k=k)
+            region.reference.copy_(z)
+            return region
+        center = z.mean(0)
+        x = z - center
+        # Ledoit-Wolf shrinkage intensity, computed from the n x n Gram matrix (dim may be >> n)
+        gram = x @ x.T
+        tr_s = float(torch.diagonal(gram).sum()) / n
+        nu = max(tr_s / dim, 1e-12)
+        s_fro2 = float((gram**2).sum()) / n**2
+        norms2 = torch.diagonal(gram)
+        xsx = (gram**2).sum(1) / n  # x_k^T S x_k
+        beta2 = float((norms2**2 - 2 * xsx + s_fro2).sum()) / n**2
+        delta2 = s_fro2 - 2 * nu * tr_s + nu**2 * dim
+        alpha = 1.0 if delta2 <= 0 else min(1.0, max(beta2 / delta2, 1e-3))
+        _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+        lam = sv**2 / n
+        keep = lam > lam.max().clamp_min(1e-12) * 1e-6 if lam.numel() else lam > 0
+        region = cls("mahalanobis", dim, int(keep.sum()), k=k, alpha=alpha, nu=nu)
+        region.center.copy_(center)
+        region.basis.copy_(vh[keep])
+        region.eigvals.copy_(lam[keep])
+        return region
+
+    # ---------------------------------------------------------------------------------------- score
+
+    def score(self, z: torch.Tensor) -> torch.Tensor:
+        """Distance of each row of ``z`` [b, dim] from the region (per feature dimension, so the scale
+        does not grow with the model's width)."""
+        z = z.to(self.center.dtype)
+        if self.method == "knn":
+            ref = self.reference
+            if ref.shape[0] == 0:
+                return torch.full((z.shape[0],), math.inf, device=z.device)
+            d = torch.cdist(z, ref)
+            k = min(self.k, ref.shape[0])
+            return d.topk(k, dim=1, largest=False).values.mean(1) / math.sqrt(self.dim)
+        x = z - self.center
+        proj = x @ self.basis.T
+        floor = self.alpha * self.nu
+        inside = (proj**2 / ((1 - self.alpha) * self.eigvals + floor)).sum(1)
+        resid = ((x**2).sum(1) - (proj**2).sum(1)).clamp_min(0) / max(floor, 1e-12)
+        return torch.sqrt((inside + resid) / self.dim)
+
+    def outside(self, z: torch.Tensor) -> torch.Tensor:
+        return self.score(z) > self.limit
+
+    def settings(self) -> dict:
+        """The region's description for ``gate_config.json`` (its tensors go to gate.safetensors)."""
+        return {
+            "method": self.method,
+            "rows": self.rows,
+            "k": self.k,
+            "threshold": self.limit,
+            "alpha": self.alpha,
+            "nu": self.nu,
+        }
+
+
+def decide(gate: Gate, threshold: float, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's final decision on layer-0 ``features`` [b, hidden]: ``(probs, routed, abstained)``.
+
+    ``probs``: the gate's probability, as is; ``abstained``: the probability says route but the query
+    lies outside the region the gate was trained on (:class:`OODRegion`), so it goes to the base model;
+    ``routed = probs >= threshold`` and not abstained. Every router calls this (one rule for the prefill
+    hook, route(), lm-eval, vLLM)."""
+    feats = features.to(device=gate.mean.device, dtype=gate.mean.dtype)
+    probs = gate(feats)
+    wanted = probs >= threshold
+    abstained = wanted & gate.outside(feats)
+    return probs, wanted & ~abstained, abstained
+
+
 @dataclass
 class GateBundle:
     """A trained gate, its routing threshold and what it was trained on (``gate_config.json``)."""
@@ -67,9 +197,13 @@ class GateBundle:
     info: dict = field(default_factory=dict)
 
     def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, routed bools) for ``features``."""
-        p = self.gate(features)
-        return p, p >= self.threshold
+        """(probabilities, routed bools) for ``features``; routed includes the abstain rule."""
+        p, routed, _ = self.decide(features)
+        return p, routed
+
+    def decide(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities, routed, abstained) for ``features``: :func:`decide` with this bundle's threshold."""
+        return decide(self.gate, self.threshold, features)
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
@@ -91,6 +225,10 @@ class GateBundle:
             threshold=float(self.threshold),
             prism_version=__version__,
         )
+        if self.gate.ood is not None:
+            cfg["ood"] = self.gate.ood.settings()
+        else:
+            cfg.pop("ood", None)
         (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
@@ -103,6 +241,19 @@ class GateBundle:
         gate = Gate(
             cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), dropout=0.0, pooling=cfg.get("pooling", "last")
         )
+        ood = cfg.get("ood")  # absent in artifacts written before issue 29: no abstain region
+        if isinstance(ood, dict) and ood.get("method", "off") != "off":
+            if not math.isfinite(float(ood["threshold"])):
+                raise ValueError(f"ood.threshold must be a finite number, got {ood['threshold']!r}")
+            gate.ood = OODRegion(
+                str(ood["method"]),
+                gate.hidden_size,
+                int(ood["rows"]),
+                k=int(ood.get("k", 5)),
+                limit=float(ood["threshold"]),
+                alpha=float(ood.get("alpha", 0.0)),
+                nu=float(ood.get("nu", 1.0)),
+            )
         gate.load_state_dict(load_file(str(d / GATE_WEIGHTS)))
         gate.eval()
         return cls(gate=gate, threshold=float(cfg.get("threshold", 0.5)), info=cfg)

@@ -37,7 +37,7 @@ from ..engines.hf import HFEngine
 from ..models import decoder_layers, encode_prompts, load_model, render_chat
 from .artifact import Artifact
 from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
-from .gate import GateBundle
+from .gate import GateBundle, decide
 from .layers import RoutingState, install_adapter
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,11 @@ class GatedModel:
         self.state = RoutingState()
         self.lora_modules: list[str] = []
         self._overrides: Optional[list[Optional[bool]]] = None
-        self._prob_overrides: Optional[list[Optional[float]]] = None
+        # rows decided before the forward (not a lone user turn): (gate_prob, abstained) from route()
+        self._prob_overrides: Optional[list[Optional[tuple[float, bool]]]] = None
+        # per row of the last decision: the gate said route, but the query lay outside its training
+        # region, so it went to the base model (gate.decide)
+        self.abstained: Optional[torch.Tensor] = None
         self._last_index: Optional[torch.Tensor] = None
         self._decided = False
         self._in_call = False
@@ -196,14 +200,18 @@ class GatedModel:
                 feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
             else:
                 feats = pool_states(h, self._mask, self.gate.pooling)
-            probs = self.gate(feats)
-        routed = probs >= self.threshold
-        if self._prob_overrides is not None:
+            probs, routed, abstained = decide(self.gate, self.threshold, feats)
+        if self._prob_overrides is not None and any(o is not None for o in self._prob_overrides):
             po = self._prob_overrides
             probs = torch.tensor(
-                [float(p) if po[i] is None else po[i] for i, p in enumerate(probs.tolist())], device=h.device
+                [float(p) if po[i] is None else po[i][0] for i, p in enumerate(probs.tolist())], device=h.device
             )
-            routed = probs >= self.threshold
+            abstained = torch.tensor(
+                [bool(a) if po[i] is None else bool(po[i][1]) for i, a in enumerate(abstained.tolist())],
+                device=h.device,
+            )
+            routed = (probs >= self.threshold) & ~abstained
+        self.abstained = abstained
         if self._overrides is not None:
             ov = torch.tensor([bool(o) if o is not None else False for o in self._overrides], device=h.device)
             has = torch.tensor([o is not None for o in self._overrides], device=h.device)
@@ -216,7 +224,7 @@ class GatedModel:
     def _call(
         self,
         overrides: Sequence[Optional[bool]],
-        prob_overrides: Sequence[Optional[float]],
+        prob_overrides: Sequence[Optional[tuple[float, bool]]],
         last_index: Optional[torch.Tensor] = None,
     ):
         self._overrides, self._prob_overrides = list(overrides), list(prob_overrides)
@@ -234,9 +242,15 @@ class GatedModel:
         force = list(force)
         return self._call(force, [None] * len(force))
 
+    @property
+    def has_abstain(self) -> bool:
+        """True when the gate holds an abstain region (``gate.ood``): route reports then say ``abstained``."""
+        return self.gate.ood is not None
+
     @torch.no_grad()
-    def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
-        """(gate_prob, routed) per chat, from its first user turn, with embeddings + layer 0 only."""
+    def decisions(self, chats: Sequence[list]) -> list[dict]:
+        """``{"gate_prob", "routed", "abstained"}`` per chat, from its first user turn, with embeddings +
+        layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
         if not chats:
             return []
         queries = [first_user_turn(c) for c in chats]
@@ -247,17 +261,34 @@ class GatedModel:
             )
         finally:
             self._suspended = False
-        probs = self.gate(feats).tolist()
-        return [(float(p), bool(p >= self.threshold)) for p in probs]
+        probs, routed, abstained = decide(self.gate, self.threshold, feats)
+        return [
+            {"gate_prob": float(p), "routed": bool(r), "abstained": bool(a)}
+            for p, r, a in zip(probs.tolist(), routed.tolist(), abstained.tolist())
+        ]
 
-    def _prerouted(self, chats: Sequence[list]) -> list[Optional[float]]:
-        """Gate probabilities for chats that are not a lone user turn (computed from the first user turn)."""
+    def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
+        """(gate_prob, routed) per chat (:meth:`decisions`; routed is False where the gate abstained)."""
+        return [(d["gate_prob"], d["routed"]) for d in self.decisions(chats)]
+
+    def _prerouted(self, chats: Sequence[list]) -> list[Optional[tuple[float, bool]]]:
+        """(gate_prob, abstained) for chats that are not a lone user turn (from the first user turn)."""
         todo = [i for i, c in enumerate(chats) if not is_single_user_turn(c)]
-        out: list[Optional[float]] = [None] * len(chats)
+        out: list[Optional[tuple[float, bool]]] = [None] * len(chats)
         if todo:
-            for i, (p, _) in zip(todo, self.route([chats[i] for i in todo])):
-                out[i] = p
+            for i, d in zip(todo, self.decisions([chats[i] for i in todo])):
+                out[i] = (d["gate_prob"], d["abstained"])
         return out
+
+    def _meta(self) -> list[dict]:
+        """The route report of each row of the last decision (``abstained`` when the gate can abstain)."""
+        rows = zip(self.state.probs.tolist(), self.state.routed.tolist())
+        if not self.has_abstain or self.abstained is None:
+            return [{"routed": bool(r), "gate_prob": float(p)} for p, r in rows]
+        return [
+            {"routed": bool(r), "gate_prob": float(p), "abstained": bool(a)}
+            for (p, r), a in zip(rows, self.abstained.tolist())
+        ]
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -293,8 +324,11 @@ class GatedModel:
     def generate(
         self, chats: Sequence[list], params: Optional[SamplingParams] = None, force: Force = None
     ) -> list[Completion]:
-        """One completion per chat; ``meta = {"routed", "gate_prob"}``. ``force`` (bool or a list of
-        bool/None per chat) overrides the gate's decision; the gate probability is reported anyway."""
+        """One completion per chat; ``meta = {"routed", "gate_prob"}`` (and ``"abstained"`` when the gate
+        has an abstain region: true where the probability said route but the query lay outside the gate's
+        training queries, so it went to the base model).
+        ``force`` (bool or a list of bool/None per chat) overrides the gate's decision; the gate
+        probability is reported anyway."""
         params = params or SamplingParams()
         if not chats:
             return []
@@ -304,10 +338,7 @@ class GatedModel:
         @contextlib.contextmanager
         def routed_batch(rows):
             with self._call([overrides[i] for i in rows], [pre[i] for i in rows]):
-                yield lambda: [
-                    {"routed": bool(r), "gate_prob": float(p)}
-                    for p, r in zip(self.state.probs.tolist(), self.state.routed.tolist())
-                ]
+                yield self._meta
 
         return self.engine.run_batches(chats, params, batch_context=routed_batch)
 

@@ -166,6 +166,8 @@ def write_answers(
                     "finish": o.finish_reason,
                     "routed": bool(o.meta.get("routed")),
                     "gate_prob": float(o.meta.get("gate_prob", 0.0)),
+                    # the gate said route but the query is outside its training region (gate.ood): base model
+                    "abstained": bool(o.meta.get("abstained", False)),
                 }
                 for q, o in zip(batch, outs)
             )
@@ -254,6 +256,7 @@ def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float
             "n": len(qs),
             "routing_rate": _rate(sum(a["routed"] for a in prism), len(qs)),
             "mean_gate_prob": _rate(sum(a["gate_prob"] for a in prism), len(qs)),
+            "abstained": sum(bool(a.get("abstained")) for a in prism),
             "expected_route_rate": _rate(sum(1 for q in qs if q.route), sum(1 for q in qs if q.route is not None)),
             "lora_win_rate": lora_rate,
             "persona_win_rate": persona_rate,
@@ -313,6 +316,8 @@ def check_markdown(report: dict) -> str:
         f"{fmt(o['transfer_ratio'])} ({fmt(o['lora_win_rate'], True)} / {fmt(o['persona_win_rate'], True)}).",
         f"**Base identity** (unrouted PRISM answers equal to the base model's): {fmt(o['base_identity'], True)} "
         f"of {o['unrouted']}.",
+        f"**Abstained** (the gate probability said route, but the query lies outside the gate's training "
+        f"queries, so it went to the base model; gate.ood): {o.get('abstained', 0)} of {o['n']}.",
         "",
         "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
         "|---|---|---|---|---|---|---|---|---|---|",

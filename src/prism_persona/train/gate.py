@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import RunConfig, calibration_rate
 from ..gated.features import query_features
-from ..gated.gate import Gate, GateBundle
+from ..gated.gate import Gate, GateBundle, OODRegion
 from ..stats import binary_metrics
 from ..text import jaccard, word_set
 
@@ -257,6 +257,80 @@ def stratified_split(
 
 
 # --------------------------------------------------------------------------------------------------
+# the abstain region (issue 29)
+
+OOD_FOLDS = 5
+"""Folds of the cross-fitted in-distribution distances the abstain threshold is a quantile of."""
+
+
+OOD_MIN_ROUTED = 8
+"""``gate.ood_reference = routed`` with fewer routed training queries than this fits on every query."""
+
+
+def ood_reference_rows(labels: Sequence[int], reference: str) -> list[int]:
+    """The rows the abstain region is fitted on: those labelled 1 (``routed``; every row when fewer than
+    :data:`OOD_MIN_ROUTED`, with a log line) or every row (``all``)."""
+    every = list(range(len(labels)))
+    if reference != "routed":
+        return every
+    pos = [i for i, y in enumerate(labels) if int(y)]
+    if len(pos) < OOD_MIN_ROUTED:
+        log.info("gate: %d routed training queries: the abstain region is fitted on all %d", len(pos), len(labels))
+        return every
+    return pos
+
+
+def fit_ood(
+    gate: Gate,
+    features: torch.Tensor,
+    method: str,
+    quantile: float,
+    k: int,
+    seed: int = 0,
+    clusters: Optional[Sequence[int]] = None,
+) -> tuple[Optional[OODRegion], dict]:
+    """The gate's abstain region over ``features`` (all its labelled queries, in its standardised space)
+    and a description for ``gate_config.json``.
+
+    The threshold is the ``quantile`` of cross-fitted distances: the rows are cut into
+    :data:`OOD_FOLDS` folds (near-duplicate ``clusters`` stay in one fold), each fold is scored by a region
+    fitted on the others, so a training query is not its own neighbour. The stored region is then fitted
+    on every row (slightly tighter than the folds' regions: in-distribution queries abstain a little
+    less than ``1 - quantile``). ``method`` 'off' or fewer than 4 rows: no region (``None``)."""
+    n = int(features.shape[0])
+    if method == "off":
+        return None, {"method": "off"}
+    cl = list(clusters) if clusters is not None else list(range(n))
+    units = sorted(set(cl))
+    folds = min(OOD_FOLDS, len(units))
+    if n < 4 or folds < 2:
+        log.warning("gate: %d rows are too few to fit the abstain region (gate.ood); abstain is off", n)
+        return None, {"method": "off", "note": f"too few rows ({n}) for an abstain region"}
+    with torch.no_grad():
+        z = gate.standardise(features).float()
+    rng = random.Random(seed)
+    rng.shuffle(units)
+    fold_of = {u: i % folds for i, u in enumerate(units)}
+    fold = torch.tensor([fold_of[c] for c in cl])
+    scores = torch.empty(n)
+    for f in range(folds):
+        held = fold == f
+        scores[held] = OODRegion.fit(method, z[~held], k).score(z[held])
+    threshold = float(torch.quantile(scores, float(quantile)))
+    region = OODRegion.fit(method, z, k)
+    region.limit = threshold
+    inside = float((region.score(z) <= threshold).float().mean())
+    info = {
+        **region.settings(),
+        "quantile": float(quantile),
+        "folds": folds,
+        "crossfit_inside_rate": float((scores <= threshold).float().mean()),
+        "train_inside_rate": inside,
+    }
+    return region, info
+
+
+# --------------------------------------------------------------------------------------------------
 # training
 
 
@@ -375,6 +449,19 @@ def train_gate(
     )
     if how.startswith("fixed:") or "clipped" in how:
         fallbacks.append(f"threshold {threshold:.3g}: {how}")
+    ref = ood_reference_rows(labels, cfg.ood_reference)
+    region, ood_info = fit_ood(
+        gate,
+        features[ref],
+        cfg.ood,
+        cfg.ood_quantile,
+        cfg.ood_k,
+        seed,
+        [clusters[i] for i in ref] if clusters is not None else None,
+    )
+    if cfg.ood != "off":
+        ood_info["reference"] = "routed" if len(ref) < n else "all"
+    gate.ood = region
     info = {
         "n_train": len(train_idx),
         "n_heldout": 0 if val_is_train else len(val_idx),
@@ -389,6 +476,7 @@ def train_gate(
         "epochs_run": gate.stopped_epoch,
         "best_epoch": gate.best_epoch,
         "near_duplicate_clusters": len(set(clusters)) if clusters is not None else n,
+        "ood_fit": ood_info,
         # these rows come from the bootstrap's own queries: in-distribution, and used for early
         # stopping and calibration; `prism check` measures the gate on queries it never saw
         "metrics_note": "in-distribution: the held-out split of the bootstrap's own queries",
@@ -486,6 +574,7 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         "metrics": m,
         "routing_by_domain": bundle.info.get("routing_by_group", {}),
         "fallbacks": bundle.info["fallbacks"],
+        "ood": bundle.info.get("ood_fit", {"method": "off"}),
         "dir": str(run.path(GATE_DIR)),
         "seconds": round(time.perf_counter() - t0, 2),
     }

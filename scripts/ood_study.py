@@ -1,0 +1,235 @@
+"""Issue 29: does the abstain rule keep a kit's gate off queries it never saw?
+
+For each example kit (safety: label = intent harmful; style: label = domain stories) a gate is trained
+with the project's gate code (:func:`prism_persona.train.gate.train_gate_on_records`, GateConfig
+defaults) on the kit's training queries, and its routing rate is measured with and without the abstain
+rule (``gate.ood``) on: MMLU questions (every fixture file in tests/fixtures, as the eval prompts them),
+MT-Bench first turns, the other kit's queries (training + held-out) and the kit's own held-out queries.
+Layer-0 features only (no generation). Also the AUROC of each distance between the kit's own held-out
+queries and the foreign ones (how well it separates, whatever the threshold).
+
+    PYTHONPATH=src python scripts/ood_study.py --out docs/ood_study.json [--model SPEC] [--pooling mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from prism_persona.config import GateConfig, ModelConfig
+from prism_persona.evals.benchmarks.mmlu import load_mmlu, mmlu_prompt
+from prism_persona.gated.features import query_features
+from prism_persona.models import load_model
+from prism_persona.stats import binary_metrics
+from prism_persona.train.gate import fit_ood, near_duplicate_clusters, ood_reference_rows, train_gate_on_records
+
+ROOT = Path(__file__).resolve().parents[1]
+MMLU_FIXTURES = [
+    "tests/fixtures/mmlu_hf.jsonl",
+    "tests/fixtures/mmlu_hf.json",
+    "tests/fixtures/mmlu_hf.csv",
+    "tests/fixtures/mmlu_original",
+    "tests/fixtures/mmlu_tricky",
+]
+MTBENCH = ["../shared/benchmarks/mt_bench_questions.jsonl", "/work/shared/benchmarks/mt_bench_questions.jsonl"]
+KITS = {
+    "safety": ("examples/safety", lambda r: int(r.get("intent") == "harmful")),
+    "style": ("examples/style", lambda r: int(r.get("domain") == "stories")),
+}
+VARIANTS = [("off", "all", 1.0, 5)] + [
+    (m, ref, q, k)
+    for ref in ("all", "routed")
+    for m, k in (("mahalanobis", 5), ("knn", 1), ("knn", 5))
+    for q in (0.95, 0.99, 1.0)
+]
+"""(gate.ood, gate.ood_reference, gate.ood_quantile, gate.ood_k); the GateConfig default is marked."""
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def mmlu_queries() -> list[str]:
+    seen, out = set(), []
+    for rel in MMLU_FIXTURES:
+        for it in load_mmlu(ROOT / rel):
+            if it.question not in seen:
+                seen.add(it.question)
+                out.append(mmlu_prompt(it))
+    return out
+
+
+def mtbench_queries() -> list[str]:
+    for rel in MTBENCH:
+        p = (ROOT / rel) if not rel.startswith("/") else Path(rel)
+        if p.is_file():
+            return [r["turns"][0] for r in jsonl(p)]
+    return [r["turns"][0] for r in jsonl(ROOT / "tests/fixtures/mtbench_small.jsonl")]
+
+
+def auroc(pos: list[float], neg: list[float]) -> float:
+    """P(score of a foreign query > score of an in-distribution one) (ties count half)."""
+    return binary_metrics(pos + neg, [1] * len(pos) + [0] * len(neg), 0.5)["auc"]
+
+
+def routing_rates(bundle, sets: dict) -> dict:
+    """{set: {"routed", "routed_without_ood"}} of ``bundle`` on each feature set."""
+    out = {}
+    with torch.no_grad():
+        for sname, x in sets.items():
+            p, routed, _ = bundle.decide(x)
+            out[sname] = {
+                "n": int(x.shape[0]),
+                "routed_without_ood": float((p >= bundle.threshold).float().mean()),
+                "routed": float(routed.float().mean()),
+            }
+    return out
+
+
+def foreign_base_study(name: str, other: str, kit: dict, records: list, feats: dict, pooling: str) -> dict:
+    """The kit's gate (GateConfig defaults, abstain rule on) trained without / with the other kit's
+    training queries added as label-0 examples, on the kit's held-out queries, MMLU, MT-Bench and the
+    other kit's held-out queries (never trained on)."""
+    sets = {
+        "own_heldout": feats[f"{name}_heldout"],
+        "mmlu": feats["mmlu"],
+        "mtbench": feats["mtbench"],
+        f"other_kit_{other}_heldout": feats[f"{other}_heldout"],
+    }
+    cfg = replace(GateConfig(), pooling=pooling)
+    extra = [
+        {"query": q, "domain": f"other:{other}", "label": 0, "key": f"x{i}"}
+        for i, q in enumerate(r["query"] for r in kit["other_train"])
+    ]
+    out = {}
+    for label, recs, x in (
+        ("kit queries only", records, feats[f"{name}_train"]),
+        (
+            f"+ {len(extra)} {other} training queries as base",
+            records + extra,
+            torch.cat([feats[f"{name}_train"], feats[f"{other}_train"]]),
+        ),
+    ):
+        bundle = train_gate_on_records(x, recs, cfg, seed=0)
+        out[label] = routing_rates(bundle, sets)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/ood_study.json")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--pooling", default="mean", choices=("mean", "last"))
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    spec = args.model or ModelConfig().model
+    model, tok = load_model(spec, dtype="float32", device="cpu")
+    kits = {}
+    for name, (folder, label) in KITS.items():
+        train = jsonl(ROOT / folder / "train_queries.jsonl")
+        held = jsonl(ROOT / folder / "heldout.jsonl")
+        kits[name] = {"train": train, "heldout": held, "label": label}
+    for name, k in kits.items():
+        k["other_train"] = next(o["train"] for n, o in kits.items() if n != name)
+    texts = {
+        "mmlu": mmlu_queries(),
+        "mtbench": mtbench_queries(),
+    }
+    for name, k in kits.items():
+        texts[f"{name}_train"] = [r["query"] for r in k["train"]]
+        texts[f"{name}_heldout"] = [r["query"] for r in k["heldout"]]
+    feats = {key: query_features(model, tok, qs, args.batch_size, args.pooling) for key, qs in texts.items()}
+    results: dict = {
+        "model": spec,
+        "pooling": args.pooling,
+        "sizes": {k: len(v) for k, v in texts.items()},
+        "kits": {},
+    }
+    for name, k in kits.items():
+        other = [o for o in kits if o != name][0]
+        records = [
+            {"query": r["query"], "domain": r.get("domain", ""), "label": k["label"](r), "key": str(i)}
+            for i, r in enumerate(k["train"])
+        ]
+        base_cfg = replace(GateConfig(), pooling=args.pooling, ood="off")
+        bundle = train_gate_on_records(feats[f"{name}_train"], records, base_cfg, seed=0)
+        gate, thr = bundle.gate, bundle.threshold
+        clusters = near_duplicate_clusters([r["query"] for r in records], base_cfg.dedup_jaccard)
+        sets = {
+            "own_heldout": feats[f"{name}_heldout"],
+            "mmlu": feats["mmlu"],
+            "mtbench": feats["mtbench"],
+            f"other_kit_{other}": torch.cat([feats[f"{other}_train"], feats[f"{other}_heldout"]]),
+        }
+        held_route = [r.get("route") for r in k["heldout"]]
+        out: dict = {"threshold": thr, "n_train": len(records), "variants": {}}
+        labels = [r["label"] for r in records]
+        default = GateConfig()
+        for method, reference, q, kk in VARIANTS:
+            ref = ood_reference_rows(labels, reference)
+            region, info = fit_ood(gate, feats[f"{name}_train"][ref], method, q, kk, 0, [clusters[i] for i in ref])
+            gate.ood = region
+            row: dict = {"fit": info, "sets": {}}
+            with torch.no_grad():
+                for sname, x in sets.items():
+                    p, routed, abst = bundle.decide(x)
+                    entry = {
+                        "n": int(x.shape[0]),
+                        "routed_without_ood": float((p >= thr).float().mean()),
+                        "routed": float(routed.float().mean()),
+                        "abstained": float(abst.float().mean()),
+                    }
+                    if sname == "own_heldout" and all(v is not None for v in held_route):
+                        y = [int(v) for v in held_route]
+                        entry["balanced_accuracy_without_ood"] = binary_metrics(p.tolist(), y, thr)["balanced_accuracy"]
+                        entry["balanced_accuracy"] = binary_metrics(routed.float().tolist(), y, 0.5)[
+                            "balanced_accuracy"
+                        ]
+                        entry["expected_route_rate"] = sum(y) / len(y)
+                    row["sets"][sname] = entry
+                if region is not None:
+                    own = sets["own_heldout"]
+                    foreign = torch.cat([sets[s] for s in sets if s != "own_heldout"])
+                    d_own, d_far = (region.score(gate.standardise(x)) for x in (own, foreign))
+                    row["auroc_own_heldout_vs_foreign"] = auroc(d_far.tolist(), d_own.tolist())
+                    # what the rule decides: among the queries the gate would route, familiar vs foreign
+                    r_own, r_far = gate(own) >= thr, gate(foreign) >= thr
+                    row["auroc_routed_own_vs_foreign"] = auroc(d_far[r_far].tolist(), d_own[r_own].tolist())
+            key = (
+                "off" if method == "off" else f"{method} {reference} q={q:g}" + (f" k={kk}" if method == "knn" else "")
+            )
+            if (method, reference, q) == (default.ood, default.ood_reference, default.ood_quantile):
+                key += " (default)"
+            out["variants"][key] = row
+            gate.ood = None
+        # the issue's second idea, simulated: the bootstrap adds queries of other domains as "base"
+        # examples. Here: the other kit's TRAINING queries, label 0; scored on its HELD-OUT queries only
+        out["foreign_base_examples"] = foreign_base_study(name, other, k, records, feats, args.pooling)
+        results["kits"][name] = out
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for name, out in results["kits"].items():
+        print(f"== {name} kit (threshold {out['threshold']:.3f})")
+        for key, row in out["variants"].items():
+            cells = " ".join(f"{s}={e['routed']:.0%}({e['routed_without_ood']:.0%})" for s, e in row["sets"].items())
+            au = (
+                row.get("auroc_own_heldout_vs_foreign", float("nan")),
+                row.get("auroc_routed_own_vs_foreign", float("nan")),
+            )
+            print(f"{key:36s} auroc={au[0]:.3f}/{au[1]:.3f} {cells}")
+    for name, out in results["kits"].items():
+        for label, sets in out["foreign_base_examples"].items():
+            cells = " ".join(f"{s}={e['routed']:.0%}({e['routed_without_ood']:.0%})" for s, e in sets.items())
+            print(f"{name}: {label}: {cells}")
+    print(f"{results['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
