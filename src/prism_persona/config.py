@@ -318,6 +318,12 @@ class AnswerConfig:
     )
     temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
+    samples: int = option(
+        1,
+        "Answers per query with and without the persona (sampled; one seed per sample). Each (persona, base) sample pair is judged; the query's label is the share of persona wins (the gate's target), and the distillation set is the winning persona samples. 1 = one pair per query (the paper's method).",
+        at_least=1,
+        at_most=64,
+    )
 
 
 @dataclass
@@ -339,8 +345,21 @@ class JudgeConfig:
     tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
     abstain_margin: float = option(
         0.0,
-        "Abstain band (logprob judges): a pair whose both-order log-prob margin for the persona is below this in absolute value is no win and is left out of the gate's training (counted as 'abstained' in the data report). 0 = off.",
+        "Abstain band (logprob judges): a pair whose both-order log-prob margin for the persona is below this in absolute value is no win and is left out of the gate's training (counted as 'abstained' in the data report). 0 = off. With rule=margin and null_pairs > 0 the band is calibrated instead.",
         at_least=0,
+    )
+    rule: str = option(
+        "both_orders",
+        "How a pair's two verdicts decide it: 'both_orders' (the persona wins only if it wins in both orders; the paper's rule, any judge) or 'margin' (logprob judges: the persona wins when its both-order log-prob margin is above the abstain band, the base model wins below minus the band, else a tie; the position prior cancels; text and rule judges keep both_orders). Measured in docs/method-check.md.",
+        choices=("both_orders", "margin"),
+    )
+    null_pairs: int = option(
+        16,
+        "rule=margin: calibrate the abstain band on this many null pairs (a second base answer to each of the first N queries, judged against the first: their true difference is zero); 0 = use abstain_margin as given.",
+        at_least=0,
+    )
+    null_quantile: float = option(
+        0.9, "rule=margin: the band is this quantile of |margin| over the null pairs.", above=0, at_most=1
     )
 
     def is_self(self) -> bool:

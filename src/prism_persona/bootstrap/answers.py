@@ -8,6 +8,12 @@ most one chunk.
 
 Records (``answers.jsonl``): ``key`` (the query's key), ``domain, query, persona_length, placement,
 base_answer, persona_answer, base_tokens, persona_tokens, base_finish, persona_finish``.
+
+With ``answers.samples`` = k > 1 every query is answered k times with and k times without the persona.
+Sample 0 is the record above (same key, same seed: a run made with k = 1 is its first sample); sample
+s >= 1 has the key :func:`sample_key` and adds ``query_key`` and ``sample``. Samples are generated
+sample by sample (all queries' sample 0, then sample 1, ...), each chunk with its own seed derived from
+its first record's key, so a resumed run draws exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -43,33 +49,48 @@ def chunk_size(cfg: RunConfig, engine=None) -> int:
     return max(1, rows // 2)
 
 
+def sample_key(query_key: str, sample: int) -> str:
+    """The record key of answer sample ``sample`` of a query (sample 0 keeps the query's key)."""
+    return query_key if sample == 0 else f"{query_key}~s{sample}"
+
+
+def query_key_of(record: dict) -> str:
+    """The query key an answer / verdict record belongs to."""
+    return record.get("query_key") or record["key"]
+
+
+def sample_keys(queries: list[dict], samples: int) -> list[str]:
+    """The answer record keys of ``queries`` with ``samples`` samples each, sample by sample."""
+    return [sample_key(q["key"], s) for s in range(max(1, samples)) for q in queries]
+
+
 def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
-    """Answer the queries that have no record yet; return how many were answered now."""
+    """Answer the (query, sample) pairs that have no record yet; return how many were answered now."""
     store = answers_store(run, cfg)
-    todo = [q for q in queries if q["key"] not in store]
+    a, p = cfg.answers, cfg.persona
+    todo = [(q, s) for s in range(max(1, a.samples)) for q in queries if sample_key(q["key"], s) not in store]
     if not todo:
         return 0
-    a, p = cfg.answers, cfg.persona
     engine = get_engine()
-    bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="query")
-    for batch in chunks(todo, chunk_size(cfg, engine)):
-        chats = []
-        for q in batch:
-            base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)
-            chats.extend([base, with_p])
-        params = SamplingParams(
-            max_new_tokens=a.max_new_tokens,
-            temperature=a.temperature,
-            top_p=a.top_p,
-            seed=derive_seed(cfg.seed, "answers", batch[0]["key"]),
-        )
-        outs = engine.generate(chats, params)
-        recs = []
-        for i, q in enumerate(batch):
-            base_out, pers_out = outs[2 * i], outs[2 * i + 1]
-            recs.append(
-                {
-                    "key": q["key"],
+    bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="pair")
+    for s in sorted({s for _, s in todo}):  # one sample index per chunk: its seed differs from the others'
+        for batch in chunks([q for q, si in todo if si == s], chunk_size(cfg, engine)):
+            chats = []
+            for q in batch:
+                base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)
+                chats.extend([base, with_p])
+            params = SamplingParams(
+                max_new_tokens=a.max_new_tokens,
+                temperature=a.temperature,
+                top_p=a.top_p,
+                seed=derive_seed(cfg.seed, "answers", sample_key(batch[0]["key"], s)),
+            )
+            outs = engine.generate(chats, params)
+            recs = []
+            for i, q in enumerate(batch):
+                base_out, pers_out = outs[2 * i], outs[2 * i + 1]
+                rec = {
+                    "key": sample_key(q["key"], s),
                     "domain": q["domain"],
                     "query": q["query"],
                     "persona_length": p.use_length,
@@ -81,8 +102,10 @@ def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
                     "base_finish": base_out.finish_reason,
                     "persona_finish": pers_out.finish_reason,
                 }
-            )
-        store.extend(recs)
-        bar.update(len(batch))
+                if s:
+                    rec.update(query_key=q["key"], sample=s)
+                recs.append(rec)
+            store.extend(recs)
+            bar.update(len(batch))
     bar.close()
     return len(todo)

@@ -76,8 +76,9 @@ def query_prompt_version(fmt: str = "list") -> str:
 def stage_settings(cfg: RunConfig, stage: str) -> dict:
     """Everything the records of ``stage`` depend on, upstream stages included.
 
-    Deliberately absent: the domain list and ``queries_per_persona`` (records are keyed per domain /
-    query, so adding domains or asking for more queries extends a run instead of invalidating it),
+    Deliberately absent: the domain list, ``queries_per_persona`` and ``answers.samples`` (records are
+    keyed per domain / query / sample, so adding domains, queries or samples extends a run instead of
+    invalidating it),
     batch sizes, devices, the engine kind and quiet mode.
     """
     p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
@@ -123,6 +124,10 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict:
     if stage == "answers":
         return s
     s["judge"] = {"judge": j.judge, "mode": j.mode, "max_new_tokens": j.max_new_tokens, "tie_margin": j.tie_margin}
+    if j.rule != "both_orders":  # absent for the paper's rule, so runs made before the option resume unchanged
+        s["judge"].update(rule=j.rule, null_pairs=j.null_pairs, null_quantile=j.null_quantile)
+        if not j.null_pairs:
+            s["judge"]["abstain_margin"] = j.abstain_margin  # the band decides the verdicts
     return s
 
 

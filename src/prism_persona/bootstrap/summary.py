@@ -103,17 +103,24 @@ def judge_diagnostics(records: Iterable[dict]) -> dict:
         "tie_rate": _share(sum(1 for r in recs if r["winner"] == "tie"), len(recs)),
         "unparseable_rate": _share(sum(1 for r in recs if r["winner"] == "unparseable"), len(recs)),
     }
-    diag["blind"] = judge_blindness(diag)
+    margin_rule = bool(recs) and all(r.get("rule") == "margin" for r in recs)
+    if margin_rule:  # the margin rule cancels the position prior: only "no verdict" can make it blind
+        diag["rule"] = "margin"
+    diag["blind"] = judge_blindness(diag, margin_rule)
     return diag
 
 
-def judge_blindness(diag: dict) -> Optional[str]:
+def judge_blindness(diag: dict, margin_rule: bool = False) -> Optional[str]:
     """Why the judge's verdicts cannot tell the answers apart (:data:`BLIND_RULE`), in words; ``None``
-    when they can or when fewer than ``BLIND_MIN_PAIRS`` pairs were judged."""
+    when they can or when fewer than ``BLIND_MIN_PAIRS`` pairs were judged. ``margin_rule``: the
+    verdicts were decided by the both-order margin, in which a position prior cancels, so only the
+    share of pairs without a verdict (inside the abstain band, or unreadable) counts."""
     if diag["pairs"] < BLIND_MIN_PAIRS:
         return None
     flip, pos = diag["flip_rate"], diag["position_a_rate"]
     no_verdict = (diag["tie_rate"] or 0) + (diag["unparseable_rate"] or 0)
+    if margin_rule:
+        flip = pos = None
     if pos is not None and max(pos, 1 - pos) >= BLIND_POSITION:
         side = "A" if pos >= 0.5 else "B"
         return f"it chose position {side} in {max(pos, 1 - pos):.0%} of its verdicts, whichever answer stood there"
@@ -124,9 +131,26 @@ def judge_blindness(diag: dict) -> Optional[str]:
     return None
 
 
-def blind_warning(reason: str, judge: str = "the judge") -> str:
-    """The one-line warning for a blind judge."""
-    return f"{judge} cannot tell the answers apart ({reason}): its labels are noise; {BLIND_ADVICE}"
+def blind_warning(reason: str, judge: str = "the judge", debiased: Optional[str] = None) -> str:
+    """The one-line warning for a blind judge; ``debiased`` (:func:`debiased_note`) says what the
+    position-debiased margin of the same verdicts still sees."""
+    tail = f"; {debiased}" if debiased else ""
+    return f"{judge} cannot tell the answers apart ({reason}): its labels are noise{tail}; {BLIND_ADVICE}"
+
+
+def debiased_note(records: Iterable[dict]) -> Optional[str]:
+    """What the position-debiased judge sees in verdicts whose raw letters are blind: the share of
+    pairs whose both-order margin (:func:`persona_margin`) prefers the persona, and the mean
+    ``|margin|``; ``None`` without log-probabilities."""
+    margins = [m for m in (persona_margin(r["verdicts"]) for r in records) if m is not None]
+    if not margins:
+        return None
+    pos = sum(1 for m in margins if m > 0)
+    mean_abs = sum(abs(m) for m in margins) / len(margins)
+    return (
+        f"its both-order log-prob margin, in which the position prior cancels, still prefers the persona on "
+        f"{pos} of {len(margins)} pairs (mean |margin| {mean_abs:.3f}): judge.rule=margin decides by it"
+    )
 
 
 def build_summary(
@@ -158,6 +182,7 @@ def build_summary(
         "domains": by_domain,
         "total": outcome_counts(verdicts),
         "judge_diagnostics": judge_diagnostics(verdicts),
+        "debiased": debiased_note(verdicts),
         "data_report": data_report(domains, verdicts, stats, target, abstain_margin),
         "personas": personas,
         "queries_per_persona": target,
@@ -176,6 +201,17 @@ def build_summary(
         "tokens": tokens,
         "wall_seconds": round(wall_seconds, 2),
     }
+
+
+RULE_WORDS = {
+    "both_orders": "a win = the persona answer won in both orders.",
+    "margin": "a win = the persona's both-order log-prob margin is above the abstain band (judge.rule=margin).",
+}
+
+
+def d_rule(s: dict) -> str:
+    """The rule that decided a summary's verdicts."""
+    return (s.get("judge_diagnostics") or {}).get("rule", "both_orders")
 
 
 def _mean(values: Iterable[float]) -> Optional[float]:
@@ -219,13 +255,13 @@ def format_summary(s: dict) -> str:
     out = [
         f"# PRISM bootstrap: {s['model']}",
         "",
-        f"Judge: {s['judge']} ({s['judge_mode'] or '-'}); a win = the persona answer won in both orders.",
+        f"Judge: {s['judge']} ({s['judge_mode'] or '-'}); " + RULE_WORDS.get(d_rule(s), RULE_WORDS["both_orders"]),
         "",
     ]
     out += _table(["domain"] + cols, rows)
     d = s["judge_diagnostics"]
     if d.get("blind"):
-        out += ["", f"**{blind_warning(d['blind'], 'The judge')}.**"]
+        out += ["", f"**{blind_warning(d['blind'], 'The judge', s.get('debiased'))}.**"]
     out += ["", "## Judge diagnostics", ""]
     out += _table(
         ["measure", "value"],
@@ -302,6 +338,8 @@ def data_report(
 
 def in_abstain_band(record: dict, band: float) -> bool:
     """True when the judge's margin (:func:`persona_margin`) of a verdict record is below ``band``."""
+    if record.get("rule") == "margin":
+        return record["winner"] == "tie"
     m = persona_margin(record["verdicts"]) if band > 0 else None
     return m is not None and abs(m) < band
 

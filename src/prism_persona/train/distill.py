@@ -112,6 +112,31 @@ def build_example(
     )
 
 
+def per_sample(records: Sequence[dict]) -> list[dict]:
+    """One record per judged answer sample: a query answered several times (``answers.samples`` > 1,
+    its record holds ``samples``) gives one record per sample with that sample's answers and label,
+    so the distillation set is the winning persona samples and the retain set the others."""
+    out = []
+    for rec in records:
+        if not rec.get("samples"):
+            out.append(rec)
+            continue
+        for s in rec["samples"]:
+            out.append(
+                dict(
+                    rec,
+                    key=s["key"],
+                    persona_answer=s["persona_answer"],
+                    base_answer=s["base_answer"],
+                    persona_finish=s.get("persona_finish", "stop"),
+                    label=int(s["label"]),
+                    winner=s.get("winner"),
+                    samples=None,
+                )
+            )
+    return out
+
+
 def without_loops(records: Sequence[dict]) -> tuple[list, int]:
     """The records minus the winners whose persona answer loops (:func:`~prism_persona.text.is_loop`),
     and how many were dropped (logged): degenerate text is never distilled, whatever the judge said."""
@@ -592,6 +617,7 @@ def run_distill(
         )
     dcfg = cfg.distill
     torch.manual_seed(cfg.seed)
+    records = per_sample(records)
     records, dropped_loops = without_loops(records) if dcfg.drop_loops else (list(records), 0)
     examples = build_examples(tokenizer, records, dcfg.max_length)
     examples, val_examples = split_examples(examples, float(dcfg.val_fraction), cfg.seed)

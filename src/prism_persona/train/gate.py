@@ -127,20 +127,16 @@ def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: flo
 
     ``domain_prior`` = w blends each target with the mean target of its domain (the domain's win
     rate): ``(1 - w) * target + w * domain mean``; a noisy per-query label is pulled towards what
-    the domain as a whole says, and w = 1 is one label per domain."""
-    if target == "win":
-        out = [float(int(r["label"])) for r in records]
-    elif target == "preference":
-        out = []
-        for r in records:
-            w = r.get("winner")
-            out.append(1.0 if int(r["label"]) else 0.0 if w == "base" else 0.5 if w in TIE_WINNERS else 0.0)
-    elif target == "margin":
-        out = [margin_target(r) for r in records]
-    else:
+    the domain as a whole says, and w = 1 is one label per domain.
+
+    A query answered several times (``answers.samples`` > 1: the record holds ``samples``) gets the
+    mean of its samples' targets over the samples outside the abstain band: for ``win`` the share of
+    persona wins."""
+    if target not in ("win", "preference", "margin"):
         from ..errors import PrismError
 
         raise PrismError(f"unknown gate target '{target}'; use win, preference or margin")
+    out = [record_target(r, target) for r in records]
     w = float(domain_prior or 0.0)
     if w <= 0:
         return out
@@ -149,6 +145,23 @@ def gate_targets(records: Sequence[dict], target: str = "win", domain_prior: flo
         by_domain.setdefault(r.get("domain", ""), []).append(t)
     mean = {d: sum(ts) / len(ts) for d, ts in by_domain.items()}
     return [(1 - w) * t + w * mean[r.get("domain", "")] for r, t in zip(records, out)]
+
+
+def record_target(record: dict, target: str) -> float:
+    """:func:`gate_targets` of one record (the mean over its answer samples when it has several)."""
+    samples = [x for x in record.get("samples") or () if not x.get("abstain")]
+    if samples:
+        return sum(_pair_target(x, target) for x in samples) / len(samples)
+    return _pair_target(record, target)
+
+
+def _pair_target(r: dict, target: str) -> float:
+    if target == "win":
+        return float(int(r["label"]))
+    if target == "preference":
+        w = r.get("winner")
+        return 1.0 if int(r["label"]) else 0.0 if w == "base" else 0.5 if w in TIE_WINNERS else 0.0
+    return margin_target(r)
 
 
 MARGIN_SCALE = 1.0

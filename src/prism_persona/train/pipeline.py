@@ -26,7 +26,7 @@ import time
 from typing import Optional
 
 from .. import config as C
-from ..bootstrap.answers import answers_store, write_answers
+from ..bootstrap.answers import answers_store, sample_keys, write_answers
 from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
 from ..bootstrap.personas import load_personas, write_personas
 from ..bootstrap.queries import query_stats, selected_queries, write_queries
@@ -198,9 +198,9 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
         collected = write_queries(cfg, run, get_engine, personas)
         queries = selected_queries(cfg, run)
         write_answers(cfg, run, get_engine, personas, queries)
-        answers = _select(answers_store(run, cfg), queries)
-        write_verdicts(cfg, run, get_judge, answers, personas)
-        verdicts = _select(verdicts_store(run, cfg), queries)
+        answers = _select(answers_store(run, cfg), queries, cfg.answers.samples)
+        write_verdicts(cfg, run, get_judge, answers, personas, get_engine)
+        verdicts = _select(verdicts_store(run, cfg), queries, cfg.answers.samples)
     finally:  # also on Ctrl-C: close what was built here and keep this invocation's token counts
         built = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
         tokens = record_tokens(run, token_stats(built, baseline), time.perf_counter() - t0)
@@ -261,9 +261,10 @@ def _judge_mode(judge, verdicts: list[dict]) -> Optional[str]:
     return ",".join(modes) or None
 
 
-def _select(store: JsonlStore, queries: list[dict]) -> list[dict]:
-    """The store's records for ``queries``, in query order (missing ones skipped)."""
-    return [store.get(q["key"]) for q in queries if q["key"] in store]
+def _select(store: JsonlStore, queries: list[dict], samples: int = 1) -> list[dict]:
+    """The store's records for ``queries`` (``samples`` answer samples each), sample by sample in query
+    order (missing ones skipped)."""
+    return [store.get(k) for k in sample_keys(queries, samples) if k in store]
 
 
 # --- stages 5-7 -------------------------------------------------------------------------------------
