@@ -291,8 +291,8 @@ class QueryConfig:
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
     format: str = option(
         "one",
-        "How queries are asked for: 'one' (each chat asks for ONE user request about the domain, the reply started with a rotating opener such as 'How do I'; the domain sets the topic; embedded model: 96% usable of those requested in 2 rounds) or 'list' (per_request queries per chat, one per line, written with the persona; the earlier default).",
-        choices=("one", "list"),
+        "How queries are asked for: 'one' (each chat asks for ONE user request about the domain, the reply started with a rotating opener such as 'How do I'; the domain sets the topic; embedded model: 96% usable of those requested in 2 rounds) or 'list' (per_request queries per chat, one per line, written with the persona; the earlier default) or 'shots' (the model first lists topics of the domain, then completes one request per topic after example requests of other domains shipped with the library; no persona).",
+        choices=("one", "list", "shots"),
     )
     requests_only: bool = option(
         True,
