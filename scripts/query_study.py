@@ -10,7 +10,8 @@ persona-voice check). The run directory is ``WORKDIR/FORMAT``; the kept queries 
 ``WORKDIR/FORMAT.jsonl`` (domain, format, query) for hand labelling, the time and the round records
 to ``WORKDIR/FORMAT.rounds.json``. The labels (docs/examples/query_labels/*.jsonl) add ``on_domain``
 and ``self_contained``; ``python scripts/query_study.py --table`` prints the table of docs/bootstrap.md
-from them.
+from them; ``python scripts/query_study.py --topic-check FORMAT`` runs the topic check
+(``queries.topic_check``) on a format's labelled queries and says how many good ones it keeps.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def run(work: str, fmt: str, n: int, domains: list) -> None:
     print(f"{fmt}: {got} in {seconds:.0f} s")
 
 
+def topic_check(fmt: str) -> None:
+    """The topic check (``queries.topic_check``) on a format's labelled queries: of those it keeps, how
+    many are on their domain and self-contained (the check is run after the fact on the same lines)."""
+    from prism_persona.bootstrap.queries import on_topic
+    from prism_persona.engines.hf import HFEngine
+
+    rows = [json.loads(x) for x in (LABELS / f"{fmt}.jsonl").read_text().splitlines()]
+    engine = HFEngine.load("smollm2-135m-instruct", "float32", "cpu", batch_size=32, quiet=True)
+    keep = on_topic(engine, [(r["domain"], r["query"]) for r in rows])
+    good = [r["on_domain"] and r["self_contained"] for r in rows]
+    kept = [g for g, k in zip(good, keep) if k]
+    print(
+        f"{fmt}: topic check keeps {len(kept)} / {len(rows)}; good among kept {sum(kept)} / {len(kept)}; "
+        f"good dropped {sum(good) - sum(kept)} of {sum(good)}"
+    )
+
+
 def table() -> None:
     """Per format and domain: labelled queries, on-domain, self-contained, both (from the label files)."""
     counts: dict = defaultdict(lambda: [0, 0, 0, 0])
@@ -73,6 +91,8 @@ def table() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
         table()
+    elif sys.argv[1] == "--topic-check":
+        topic_check(sys.argv[2])
     else:
         work, fmt = sys.argv[1], sys.argv[2]
         n = int(sys.argv[3]) if len(sys.argv) > 3 else 16
