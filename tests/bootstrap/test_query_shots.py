@@ -118,11 +118,12 @@ def test_shots_without_prefill_asks_for_the_request_only_and_parses_the_labelled
 
 
 class Killed(PrefillEngine):
-    """Dies at its third ``generate`` call: after round 1 (topics, requests) was stored."""
+    """Dies at its fourth ``generate`` call: after round 1 (topics, requests) and the topics of round 2
+    were stored, before round 2's requests."""
 
     def generate(self, chats, params, desc=""):
         self.batches = getattr(self, "batches", 0) + 1
-        if self.batches == 3:
+        if self.batches == 4:
             raise KeyboardInterrupt
         return super().generate(chats, params, desc)
 
@@ -148,6 +149,14 @@ def test_shots_resume_repeats_no_round_and_duplicates_nothing(tmp_path):
     assert Q.write_queries(cfg2, RunDir(cfg2.out), lambda: eng, personas()) == {"gardening": 4, "cooking": 4}
     after = read(tmp_path, "queries")
     assert after[: len(first)] == first and len(after) == 8
+    # round 2's topics were stored before the kill: the resumed run reuses them instead of writing them again
+    assert not [c for c, _ in eng.calls if c[-1]["content"].endswith("Topics:")]
+    assert [(r["domain"], r["round"]) for r in read(tmp_path, "query_topics")] == [
+        ("gardening", 0),
+        ("cooking", 0),
+        ("gardening", 1),
+        ("cooking", 1),
+    ]
     assert len({r["key"] for r in after}) == 8
     assert sorted((r["domain"], r["round"]) for r in read(tmp_path, "query_rounds")) == [
         ("cooking", 0),

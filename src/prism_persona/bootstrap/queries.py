@@ -289,7 +289,7 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
             break
         engine = get_engine()
         prefill = q.format in ("one", "shots") and engine.supports_prefill
-        topics = write_topics(cfg, engine, todo, next_round, prefill) if q.format == "shots" else {}
+        topics = write_topics(cfg, run, engine, todo, next_round, prefill) if q.format == "shots" else {}
         requests = [
             (d, chat, opener)
             for d in todo
@@ -471,7 +471,7 @@ def topic_chat(domain: str, rng: random.Random, prefill: bool) -> list:
     return [{"role": "user", "content": text}, {"role": "assistant", "content": f"Field: {domain}\nTopics:"}]
 
 
-def parse_topics(text: str, domain: str = "") -> list[str]:
+def parse_topics(text: str) -> list[str]:
     """The topics of a topic-listing reply: comma / semicolon / line separated, 1-5 words of at most
     40 characters, no labels, no repeats (case-insensitive), at most :data:`MAX_TOPICS`."""
     out: list[str] = []
@@ -485,9 +485,24 @@ def parse_topics(text: str, domain: str = "") -> list[str]:
     return out[:MAX_TOPICS]
 
 
-def write_topics(cfg, engine, domains: Sequence[str], rounds: dict, prefill: bool) -> dict:
+def topics_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
+    return run.store("query_topics", depends_on=stage_settings(cfg, "queries"))
+
+
+def write_topics(cfg, run: RunDir, engine, domains: Sequence[str], rounds: dict, prefill: bool) -> dict:
     """``{domain: topics}`` the model lists for each domain this round (one batched call; a domain
-    without a usable topic gets none, its requests are then about the domain itself)."""
+    without a usable topic gets none, its requests are then about the domain itself). Stored in
+    ``query_topics.jsonl`` (``key, domain, round, topics, tokens``) before the requests are written, so
+    a resumed round reuses them instead of writing them again."""
+    store = topics_store(run, cfg)
+    stored = {(r["domain"], r["round"]): r["topics"] for r in store}
+    missing = [d for d in domains if (d, rounds[d]) not in stored]
+    if missing:
+        stored.update(_new_topics(cfg, store, engine, missing, rounds, prefill))
+    return {d: stored[(d, rounds[d])] for d in domains}
+
+
+def _new_topics(cfg, store: JsonlStore, engine, domains: Sequence[str], rounds: dict, prefill: bool) -> dict:
     chats = [
         (d, topic_chat(d, random.Random(derive_seed(cfg.seed, "topics", d, rounds[d], i)), prefill))
         for d in domains
@@ -502,9 +517,22 @@ def write_topics(cfg, engine, domains: Sequence[str], rounds: dict, prefill: boo
     )
     outs = engine.generate([c for _, c in chats], params)
     topics: dict = {d: [] for d in domains}
+    tokens: Counter = Counter()
     for (d, _), o in zip(chats, outs):
-        topics[d].extend(t for t in parse_topics(o.text, d) if t.lower() not in {x.lower() for x in topics[d]})
-    return {d: v[:MAX_TOPICS] for d, v in topics.items()}
+        topics[d].extend(t for t in parse_topics(o.text) if t.lower() not in {x.lower() for x in topics[d]})
+        tokens[d] += o.num_tokens
+    recs = [
+        {
+            "key": content_key("topics", d, rounds[d]),
+            "domain": d,
+            "round": rounds[d],
+            "topics": topics[d][:MAX_TOPICS],
+            "tokens": tokens[d],
+        }
+        for d in domains
+    ]
+    store.extend(recs)
+    return {(r["domain"], r["round"]): r["topics"] for r in recs}
 
 
 def request_chat(domain: str, writer: str, opener: str, prefill: bool) -> tuple[list, str]:
