@@ -201,3 +201,15 @@ def test_related_domains_and_topic_parsing():
         "editing",
         "poetry",
     ]
+
+
+def test_the_example_requests_ship_as_package_data():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    package_data = (root / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1].split("[")[1]
+    assert '"bootstrap/query_shots.json"' in package_data
+    assert (root / "src" / "prism_persona" / "bootstrap" / "query_shots.json").is_file()
+    shots = Q.shots_data()
+    assert len(shots) >= Q.SHOTS_PER_PROMPT + 2 and all(len(e["topics"]) >= 3 and e["requests"] for e in shots)
+    assert all(Q.looks_like_request(s["request"]) for s in Q.all_shots())
