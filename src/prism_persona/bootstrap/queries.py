@@ -24,6 +24,8 @@ go in one batched ``generate`` call; rounds repeat until ``queries_per_persona``
 Records (``queries.jsonl``): ``key, domain, query, round``. A round's completion is recorded in
 ``query_rounds.jsonl`` (``key, domain, round, requests, new, written, dropped``) so resuming never
 repeats a round and the data report can say how many lines were written and why they were dropped.
+Format ``shots`` stores each round's topics in ``query_topics.jsonl`` (``key, domain, round, topics,
+tokens``) before that round's requests are written, so a resumed round reuses them.
 """
 
 from __future__ import annotations
