@@ -290,9 +290,9 @@ class QueryConfig:
     min_chars: int = option(15, "Drop cleaned queries shorter than this many characters.", at_least=0)
     max_chars: int = option(600, "Drop cleaned queries longer than this many characters.", at_least=1)
     format: str = option(
-        "one",
-        "How queries are asked for: 'one' (each chat asks for ONE user request about the domain, the reply started with a rotating opener such as 'How do I'; the domain sets the topic; embedded model: 96% usable of those requested in 2 rounds) or 'list' (per_request queries per chat, one per line, written with the persona; the earlier default).",
-        choices=("one", "list"),
+        "shots",
+        "How queries are asked for: 'shots' (the model first lists topics of the domain, then each chat shows a few requests of OTHER domains shipped with the library and the model completes the request of its domain and one topic; embedded model: 51% of hand-labelled queries on their domain and self-contained, 'one' 32%), 'one' (each chat asks for ONE user request about the domain, the reply started with a rotating opener such as 'How do I'; the previous default) or 'list' (per_request queries per chat, one per line, written with the persona). Neither 'shots' nor 'one' shows the persona.",
+        choices=("one", "list", "shots"),
     )
     requests_only: bool = option(
         True,

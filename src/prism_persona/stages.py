@@ -43,8 +43,14 @@ STAGES: tuple[Stage, ...] = (
         "queries",
         ("personas",),
         "bootstrap.queries",
-        ("queries.jsonl", "query_rounds.jsonl", "query_rounds.meta.json"),
-        ("queries", "query_rounds"),
+        (
+            "queries.jsonl",
+            "query_rounds.jsonl",
+            "query_rounds.meta.json",
+            "query_topics.jsonl",
+            "query_topics.meta.json",
+        ),
+        ("queries", "query_rounds", "query_topics"),
     ),
     Stage("answers", ("queries",), "bootstrap.answers", ("answers.jsonl",), ("answers",)),
     Stage(

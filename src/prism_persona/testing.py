@@ -313,6 +313,10 @@ class BootstrapEngine(ScriptedEngine):
         if "Write a description of an expert in" in text:
             dom = text.split("expert in ")[1].split(",")[0]
             return PERSONA_REPLY.format(d=dom)
+        if "Write the topics of the next field" in text:  # the 'shots' query format: topics, then requests
+            return "Topics: basics, tools, common mistakes"
+        if "Write the request for the next field and topic" in text:
+            return f"Request: How do I {fake_request(text, params.seed)}"
         if "might send to an AI assistant about" in text:  # the 'one' query format
             opener = text.split('Begin it with "')[1].split('"')[0] if "Begin it with" in text else "How do I"
             return f"{opener} {fake_request(text, params.seed)}"

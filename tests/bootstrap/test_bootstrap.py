@@ -689,13 +689,15 @@ def test_query_prompt_and_filter_are_part_of_the_queries_settings(tmp_path, monk
     import prism_persona.bootstrap.prompts as Q
     from prism_persona.bootstrap.common import stage_settings
 
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(tmp_path, queries={"format": "one"})
     before = stage_settings(cfg, "queries")
     assert (
-        stage_settings(make_cfg(tmp_path, queries={"requests_only": not cfg.queries.requests_only}), "queries")
+        stage_settings(
+            make_cfg(tmp_path, queries={"format": "one", "requests_only": not cfg.queries.requests_only}), "queries"
+        )
         != before
     )
-    monkeypatch.setattr(Q, "REQUEST_PROMPT", Q.REQUEST_PROMPT + " Be brief.")  # the default 'one' format
+    monkeypatch.setattr(Q, "REQUEST_PROMPT", Q.REQUEST_PROMPT + " Be brief.")  # the 'one' format
     assert stage_settings(cfg, "queries")["queries"]["prompt"] != before["queries"]["prompt"]
     listed = make_cfg(tmp_path, queries={"format": "list"})
     before = stage_settings(listed, "queries")

@@ -80,7 +80,7 @@ def one_format_cfg(tmp_path, **queries):
             "out": str(tmp_path / "run"),
             "quiet": True,
             "persona": {"domains": ["cooking", "stories"]},
-            "queries": {"queries_per_persona": 6, "max_rounds": 2, **queries},
+            "queries": {"queries_per_persona": 6, "max_rounds": 2, "format": "one", **queries},
         },
     )
 

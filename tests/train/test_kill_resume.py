@@ -103,6 +103,7 @@ JSONL = (
     "personas.jsonl",
     "queries.jsonl",
     "query_rounds.jsonl",
+    "query_topics.jsonl",
     "answers.jsonl",
     "verdicts.jsonl",
     "gate/predictions.jsonl",

@@ -69,7 +69,10 @@ def persona_file_hashes(cfg: RunConfig) -> dict:
 def query_prompt_version(fmt: str = "list") -> str:
     """A short hash of the query-writing prompt of format ``fmt``: records written with another prompt
     are not mixed in."""
-    text = prompts.QUERY_PROMPT if fmt == "list" else prompts.request_prompt_text()
+    if fmt == "shots":
+        text = prompts.shots_prompt_text()
+    else:
+        text = prompts.QUERY_PROMPT if fmt == "list" else prompts.request_prompt_text()
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 

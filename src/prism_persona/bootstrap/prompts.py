@@ -39,3 +39,32 @@ REQUEST_WRITERS = ("a user", "a beginner", "a student", "a professional")
 def request_prompt_text() -> str:
     """Everything the ``one`` format's requests are made of (hashed into the queries stage's settings)."""
     return "\n".join([REQUEST_PROMPT, *REQUEST_OPENERS, *REQUEST_WRITERS])
+
+
+SHOTS_FILE = "query_shots.json"
+"""The ``shots`` query format's example requests of other domains (package data beside this module)."""
+SHOTS_PROMPT = (
+    "Below are requests that users sent to experts. Each request is specific and self-contained.\n\n"
+    "{examples}\n\nWrite the request for the next field and topic."
+)
+"""The ``shots`` format: a few requests of other domains ("Field: X\\nTopic: Y\\nRequest: ..."), then the
+reply is started with the target's "Field: {domain}\\nTopic: {topic}\\nRequest:" and the model completes
+the line (measured on the embedded model: scripts/query_study.py, docs/bootstrap.md)."""
+SHOTS_TOPIC_PROMPT = "Each field below is followed by specific topics in it.\n\n{examples}\n\nWrite the topics of the next field, {domain}."
+"""The ``shots`` format's first step: the model lists topics of the domain (after the topics of other
+fields), one request is then written per topic."""
+SHOTS_NO_PREFILL = "\n\nField: {domain}\nTopic: {topic}\nReply with the request only, on one line."
+"""Appended to the request when the engine cannot continue a started reply."""
+SHOTS_TOPIC_NO_PREFILL = " Reply with the topics only, separated by commas, on one line."
+
+
+def shots_data_text() -> str:
+    """The shipped example requests (JSON text)."""
+    from importlib.resources import files
+
+    return files(__package__).joinpath(SHOTS_FILE).read_text(encoding="utf-8")
+
+
+def shots_prompt_text() -> str:
+    """Everything the ``shots`` format's requests are made of (hashed into the queries stage's settings)."""
+    return "\n".join([SHOTS_PROMPT, SHOTS_TOPIC_PROMPT, SHOTS_NO_PREFILL, SHOTS_TOPIC_NO_PREFILL, shots_data_text()])

@@ -24,12 +24,16 @@ go in one batched ``generate`` call; rounds repeat until ``queries_per_persona``
 Records (``queries.jsonl``): ``key, domain, query, round``. A round's completion is recorded in
 ``query_rounds.jsonl`` (``key, domain, round, requests, new, written, dropped``) so resuming never
 repeats a round and the data report can say how many lines were written and why they were dropped.
+Format ``shots`` stores each round's topics in ``query_topics.jsonl`` (``key, domain, round, topics,
+tokens``) before that round's requests are written, so a resumed round reuses them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -42,7 +46,17 @@ from ..store import JsonlStore, RunDir, content_key
 from ..text import jaccard, word_set
 from .common import derive_seed, stage_settings
 from .personas import join_prefill
-from .prompts import QUERY_PROMPT, REQUEST_OPENERS, REQUEST_PROMPT, REQUEST_WRITERS
+from .prompts import (
+    QUERY_PROMPT,
+    REQUEST_OPENERS,
+    REQUEST_PROMPT,
+    REQUEST_WRITERS,
+    SHOTS_NO_PREFILL,
+    SHOTS_PROMPT,
+    SHOTS_TOPIC_NO_PREFILL,
+    SHOTS_TOPIC_PROMPT,
+    shots_data_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +164,7 @@ DROP_REASONS = (
     "meta-text",
     "persona line",
     "not a request",
+    "copied example",
     "duplicate",
     "near-duplicate",
 )
@@ -200,8 +215,9 @@ class QueryFilter:
     """Keeps the usable queries of one domain and counts every dropped line by reason
     (:data:`DROP_REASONS`). ``kept`` seeds the duplicate checks with the queries stored earlier."""
 
-    def __init__(self, qcfg, persona: str = "", kept: Sequence[str] = ()):
+    def __init__(self, qcfg, persona: str = "", kept: Sequence[str] = (), examples: Sequence[str] = ()):
         self.q = qcfg
+        self.examples = [word_set(e) for e in examples]
         self.markers = persona_markers(persona)
         self.seen = {normalise(k) for k in kept}
         self.words = [word_set(k) for k in kept]
@@ -219,9 +235,11 @@ class QueryFilter:
             return "persona line"
         if self.q.requests_only and not looks_like_request(query):
             return "not a request"
+        words = word_set(query)
+        if any(jaccard(words, ex) >= NEAR_DUPLICATE for ex in self.examples):
+            return "copied example"
         if normalise(query) in self.seen:
             return "duplicate"
-        words = word_set(query)
         if any(jaccard(words, other) >= NEAR_DUPLICATE for other in self.words):
             return "near-duplicate"
         return ""
@@ -262,7 +280,8 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
     have = {d: _domain_queries(store, d) for d in domains}
     record_lost_rounds(rounds, have)
     persona = {d: personas[d][cfg.persona.use_length] for d in domains}
-    filters = {d: QueryFilter(q, persona[d], [x["query"] for x in have[d]]) for d in domains}
+    examples = [s["request"] for s in all_shots()] if q.format == "shots" else []
+    filters = {d: QueryFilter(q, persona[d], [x["query"] for x in have[d]], examples) for d in domains}
     next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in domains}
     bar = progress(total=target * len(domains), desc="queries", disable=cfg.quiet, unit="query")
     bar.update(sum(min(target, len(v)) for v in have.values()))
@@ -271,22 +290,26 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
         if not todo:
             break
         engine = get_engine()
-        prefill = q.format == "one" and engine.supports_prefill
+        prefill = q.format in ("one", "shots") and engine.supports_prefill
+        topics = write_topics(cfg, run, engine, todo, next_round, prefill) if q.format == "shots" else {}
         requests = [
             (d, chat, opener)
             for d in todo
-            for chat, opener in round_chats(cfg, d, persona[d], target - len(have[d]), next_round[d], prefill)
+            for chat, opener in round_chats(
+                cfg, d, persona[d], target - len(have[d]), next_round[d], prefill, topics.get(d, ())
+            )
         ]
+        one_line = q.format == "one" or (q.format == "shots" and prefill)
         params = SamplingParams(
-            max_new_tokens=min(q.max_new_tokens, ONE_REQUEST_TOKENS) if q.format == "one" else q.max_new_tokens,
+            max_new_tokens=min(q.max_new_tokens, ONE_REQUEST_TOKENS) if q.format != "list" else q.max_new_tokens,
             temperature=q.temperature,
             top_p=q.top_p,
             seed=derive_seed(cfg.seed, "queries", *[(d, next_round[d]) for d in todo]),
-            stop=("\n",) if q.format == "one" else (),
+            stop=("\n",) if one_line else (),
         )
         before = {d: (filters[d].written, Counter(filters[d].dropped)) for d in todo}
         outs = engine.generate([chat for _, chat, _ in requests], params)
-        candidates = _round_candidates(requests, outs, filters, prefill)
+        candidates = _round_candidates(requests, outs, filters, prefill and q.format == "one", q.format == "shots")
         off = _off_topic(engine, candidates) if q.topic_check else set()
         new_by_domain: dict = {d: [] for d in todo}
         surplus: Counter = Counter()
@@ -319,6 +342,8 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
                 "dropped": dict(filters[domain].dropped - dropped),
                 "surplus": surplus[domain],
             }
+            if q.format == "shots":
+                rec["topics"] = list(topics.get(domain, ()))
             if q.topic_check:
                 rec["off_topic"] = sum(1 for i in off if candidates[i][0] == domain)
             rounds.append(rec)
@@ -361,13 +386,22 @@ OVERSHOOT = 1.5
 """``one`` format: chats per round = ``ceil(OVERSHOOT * missing) + 1`` (some lines are dropped)."""
 
 
-def round_chats(cfg, domain: str, persona: str, missing: int, round_: int, prefill: bool) -> list[tuple[list, str]]:
+def round_chats(
+    cfg, domain: str, persona: str, missing: int, round_: int, prefill: bool, topics: Sequence[str] = ()
+) -> list[tuple[list, str]]:
     """``(chat, prefill)`` of one domain's requests in one round (``prefill`` = "" when the reply is
-    not started)."""
+    not started; format ``shots``: the written ``topics`` of the domain, one per chat in turn)."""
     q = cfg.queries
     if q.format == "list":
         n_req = math.ceil(q.oversample * missing / max(1, q.per_request))
         return [(query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req), "") for k in range(n_req)]
+    if q.format == "shots":
+        topics = list(topics) or [domain]
+        out = []
+        for i in range(math.ceil(OVERSHOOT * missing) + 1):
+            rng = random.Random(derive_seed(cfg.seed, "shots", domain, round_, i))
+            out.append(shots_chat(domain, topics[i % len(topics)], pick_shots(domain, rng), prefill))
+        return out
     out = []
     for i in range(math.ceil(OVERSHOOT * missing) + 1):
         k = i + 5 * round_
@@ -375,6 +409,132 @@ def round_chats(cfg, domain: str, persona: str, missing: int, round_: int, prefi
         writer = REQUEST_WRITERS[(k // len(REQUEST_OPENERS) + round_) % len(REQUEST_WRITERS)]
         out.append(request_chat(domain, writer, opener, prefill))
     return out
+
+
+SHOTS_PER_PROMPT = 4
+"""``shots`` format: example requests (each of another domain) in one request-writing prompt."""
+TOPIC_CHATS = 2
+"""``shots`` format: topic-listing chats per domain and round (their topics are pooled)."""
+TOPIC_EXAMPLES = 3
+"""``shots`` format: example fields (with their topics) in one topic-listing prompt."""
+TOPIC_TOKENS = 60
+TOPIC_TEMPERATURE = 0.7
+MAX_TOPICS = 12
+_TOPIC_LINE = re.compile(r"^\s*(?:field|topic|topics|request)\s*:", re.I)
+_FIELD_LINE = re.compile(r"^\s*(?:field|topics?)\s*:", re.I)
+
+
+def shots_data() -> list[dict]:
+    """The shipped example domains: ``[{"domain", "topics", "requests": [{"topic", "request"}]}]``."""
+    return json.loads(shots_data_text())["domains"]
+
+
+def all_shots() -> list[dict]:
+    """Every shipped example request: ``{"domain", "topic", "request"}``."""
+    return [{"domain": e["domain"], **r} for e in shots_data() for r in e["requests"]]
+
+
+def related_domains(a: str, b: str) -> bool:
+    """True when two domain names may name the same field: they share a word of 3+ letters, compared
+    by its first 5 letters ("creative writing" / "writing", "law" / "tax law", "medicine" / "medical")."""
+    x, y = (re.findall(r"[a-z]{3,}", normalise(n)) for n in (a, b))
+    return bool({w[:5] for w in x} & {w[:5] for w in y}) or normalise(a) == normalise(b)
+
+
+def other_domains(domain: str) -> list[dict]:
+    """The shipped example domains unrelated to ``domain`` (a prompt never shows the target's own)."""
+    return [e for e in shots_data() if not related_domains(e["domain"], domain)]
+
+
+def pick_shots(domain: str, rng: random.Random, k: int = SHOTS_PER_PROMPT) -> list[dict]:
+    """``k`` example requests of ``k`` different domains unrelated to ``domain``."""
+    fields = rng.sample(other_domains(domain), k)
+    return [{"domain": e["domain"], **rng.choice(e["requests"])} for e in fields]
+
+
+def shots_chat(domain: str, topic: str, shots: Sequence[dict], prefill: bool) -> tuple[list, str]:
+    """A ``shots``-format chat: the examples, then the reply started with the target's field, topic and
+    "Request:" (``prefill``), or asked for the request only."""
+    block = "\n\n".join(f"Field: {s['domain']}\nTopic: {s['topic']}\nRequest: {s['request']}" for s in shots)
+    text = SHOTS_PROMPT.format(examples=block)
+    if not prefill:
+        return [{"role": "user", "content": text + SHOTS_NO_PREFILL.format(domain=domain, topic=topic)}], ""
+    start = f"Field: {domain}\nTopic: {topic}\nRequest:"
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": start}], start
+
+
+def topic_chat(domain: str, rng: random.Random, prefill: bool) -> list:
+    """A ``shots``-format topic-listing chat: the topics of a few other fields, then the domain's."""
+    fields = rng.sample(other_domains(domain), TOPIC_EXAMPLES)
+    block = "\n\n".join(f"Field: {e['domain']}\nTopics: {', '.join(e['topics'])}" for e in fields)
+    text = SHOTS_TOPIC_PROMPT.format(examples=block, domain=domain)
+    if not prefill:
+        return [{"role": "user", "content": text + SHOTS_TOPIC_NO_PREFILL}]
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": f"Field: {domain}\nTopics:"}]
+
+
+def parse_topics(text: str) -> list[str]:
+    """The topics of a topic-listing reply: comma / semicolon / line separated, 1-5 words of at most
+    40 characters, no labels, no repeats (case-insensitive), at most :data:`MAX_TOPICS`."""
+    out: list[str] = []
+    for part in re.split(r"[,;\n]", text or ""):
+        t = _TOPIC_LINE.sub("", part)
+        t = re.sub(r"^\s*(?:and|or)\s+", "", _NUMBERING.sub("", t.strip())).strip(" .*\"'")
+        if not t or len(t) > 40 or not 1 <= len(t.split()) <= 5 or not re.search(r"[A-Za-z]{3}", t):
+            continue
+        if t.lower() not in {o.lower() for o in out}:
+            out.append(t)
+    return out[:MAX_TOPICS]
+
+
+def topics_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
+    return run.store("query_topics", depends_on=stage_settings(cfg, "queries"))
+
+
+def write_topics(cfg, run: RunDir, engine, domains: Sequence[str], rounds: dict, prefill: bool) -> dict:
+    """``{domain: topics}`` the model lists for each domain this round (one batched call; a domain
+    without a usable topic gets none, its requests are then about the domain itself). Stored in
+    ``query_topics.jsonl`` (``key, domain, round, topics, tokens``) before the requests are written, so
+    a resumed round reuses them instead of writing them again."""
+    store = topics_store(run, cfg)
+    stored = {(r["domain"], r["round"]): r["topics"] for r in store}
+    missing = [d for d in domains if (d, rounds[d]) not in stored]
+    if missing:
+        stored.update(_new_topics(cfg, store, engine, missing, rounds, prefill))
+    return {d: stored[(d, rounds[d])] for d in domains}
+
+
+def _new_topics(cfg, store: JsonlStore, engine, domains: Sequence[str], rounds: dict, prefill: bool) -> dict:
+    chats = [
+        (d, topic_chat(d, random.Random(derive_seed(cfg.seed, "topics", d, rounds[d], i)), prefill))
+        for d in domains
+        for i in range(TOPIC_CHATS)
+    ]
+    params = SamplingParams(
+        max_new_tokens=TOPIC_TOKENS,
+        temperature=TOPIC_TEMPERATURE,
+        top_p=cfg.queries.top_p,
+        seed=derive_seed(cfg.seed, "topics", *[(d, rounds[d]) for d in domains]),
+        stop=("\n",) if prefill else (),
+    )
+    outs = engine.generate([c for _, c in chats], params)
+    topics: dict = {d: [] for d in domains}
+    tokens: Counter = Counter()
+    for (d, _), o in zip(chats, outs):
+        topics[d].extend(t for t in parse_topics(o.text) if t.lower() not in {x.lower() for x in topics[d]})
+        tokens[d] += o.num_tokens
+    recs = [
+        {
+            "key": content_key("topics", d, rounds[d]),
+            "domain": d,
+            "round": rounds[d],
+            "topics": topics[d][:MAX_TOPICS],
+            "tokens": tokens[d],
+        }
+        for d in domains
+    ]
+    store.extend(recs)
+    return {(r["domain"], r["round"]): r["topics"] for r in recs}
 
 
 def request_chat(domain: str, writer: str, opener: str, prefill: bool) -> tuple[list, str]:
@@ -385,12 +545,16 @@ def request_chat(domain: str, writer: str, opener: str, prefill: bool) -> tuple[
     return [{"role": "user", "content": text}, {"role": "assistant", "content": opener}], opener
 
 
-def _round_candidates(requests: list, outs: list, filters: dict, prefill: bool) -> list[tuple[str, str]]:
+def _round_candidates(
+    requests: list, outs: list, filters: dict, prefill: bool, shots: bool = False
+) -> list[tuple[str, str]]:
     """``(domain, query)`` of a round's usable lines, in order (the domain filters count the others)."""
     out = []
     for (domain, _, opener), reply in zip(requests, outs):
         text = join_prefill(opener, reply.text) if prefill else reply.text
         for line in text.splitlines():
+            if shots and _FIELD_LINE.match(line):  # the "Field: ..." / "Topic: ..." lines of a shots reply
+                continue
             query = filters[domain].add(line)
             if query:
                 out.append((domain, query))
