@@ -310,3 +310,102 @@ class RunLock:
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         return fh
+
+
+# --------------------------------------------------------------------------------------------------
+# a destructive command is all or nothing
+
+SWAP_DIR = ".prism-redo"
+"""Where :class:`StageSwap` keeps the files a ``--redo`` replaces until the command succeeds."""
+
+
+class StageSwap:
+    """``--redo`` without loss: the files it replaces are moved aside into ``RUN/.prism-redo/`` (and the
+    files every command rewrites are copied there), the stage is redone beside them, and only when the
+    command succeeds is the old copy dropped (:meth:`commit`). A command that fails calls
+    :meth:`rollback`: what it wrote under those names is removed and the old files move back, so the run
+    is byte-identical to what it was before the command started.
+
+    ``manifest.json`` lists every name with whether it existed when set aside; it is written before
+    anything moves, so a process killed at any moment leaves a state :meth:`begin` (called again by the
+    next command on the run) or :meth:`rollback` completes. A pending swap (``Ctrl-C``, ``kill -9``) is
+    carried on by the next command: it finishes the redo (commit) or, if it fails, restores the run as
+    it was before the first one.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.dir = run.root / SWAP_DIR
+        self.manifest_path = self.dir / "manifest.json"
+
+    def pending(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def _manifest(self) -> dict:
+        try:
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            names = m["names"]
+            if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+                raise ValueError("names")
+            return names
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PrismError(
+                f"{self.manifest_path} is not a record of an interrupted --redo; remove {self.dir} "
+                "(it holds the files the redo replaced) and redo the stage"
+            ) from None
+
+    def _safe(self, name: str) -> None:
+        if not name or name.startswith(("/", ".")) or ".." in Path(name).parts or "/" in name:
+            raise PrismError(f"{self.manifest_path} names '{name}', which is not a file of the run")
+
+    def begin(self, moved: Iterable[str], copied: Iterable[str] = ()) -> None:
+        """Set aside ``moved`` (they disappear from the run) and copy ``copied`` (they stay)."""
+        import shutil
+
+        names = self._manifest() if self.pending() else {}
+        for name in moved:
+            names.setdefault(name, "moved" if (self.run.root / name).exists() else "absent")
+        for name in copied:
+            names.setdefault(name, "copied" if (self.run.root / name).exists() else "absent")
+        for name in names:
+            self._safe(name)
+        self.dir.mkdir(exist_ok=True)
+        write_json_atomic(self.manifest_path, {"names": names})
+        for name, how in names.items():
+            src, kept = self.run.root / name, self.dir / name
+            if how == "absent" or kept.exists() or kept.is_symlink():
+                continue  # set aside by an earlier (interrupted) command, or nothing to keep
+            if not (src.exists() or src.is_symlink()):
+                continue
+            if how == "moved":
+                os.replace(src, kept)
+            elif src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, kept, symlinks=True)
+            else:
+                shutil.copy2(src, kept, follow_symlinks=False)
+
+    def commit(self) -> None:
+        """The command succeeded: drop the old files."""
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """The command failed: remove what it wrote under the swapped names, move the old files back."""
+        import shutil
+
+        if not self.pending():
+            return
+        for name, how in self._manifest().items():
+            self._safe(name)
+            cur, kept = self.run.root / name, self.dir / name
+            has_kept = kept.exists() or kept.is_symlink()
+            if how != "absent" and not has_kept:
+                continue  # never set aside (the command stopped before): the run's copy is the old one
+            if cur.is_symlink() or cur.is_file():
+                cur.unlink()
+            elif cur.is_dir():
+                shutil.rmtree(cur)
+            if has_kept:
+                os.replace(kept, cur)
+        shutil.rmtree(self.dir, ignore_errors=True)
