@@ -66,6 +66,15 @@ def tree_hash(root: Path) -> dict[str, str]:
     return out
 
 
+def error_line(capsys) -> str:
+    """The one error line of a command that may also log warnings (the tiny run's gate warns); no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if ": error: " in x]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. a command validates everything before it deletes anything; a failed --redo is rolled back
 
@@ -98,6 +107,20 @@ REDO_CASES = {
         ["run", "--out", "{R}", "--redo", "gate", "--set", 'distill.target_modules=["nonexistent"]'],
     ),
 }
+
+
+def empty_verdicts(run: Path) -> None:
+    (run / "verdicts.jsonl").write_text("")
+
+
+def blank_verdicts(run: Path) -> None:
+    (run / "verdicts.jsonl").write_text("\n\n")
+
+
+for _name, _prep in (("empty", empty_verdicts), ("blank", blank_verdicts)):
+    REDO_CASES[f"gate_redo_{_name}_verdicts"] = (_prep, ["gate", "--run", "{R}", "--redo"])
+    REDO_CASES[f"distill_redo_{_name}_verdicts"] = (_prep, ["distill", "--run", "{R}", "--redo"])
+    REDO_CASES[f"run_redo_gate_{_name}_verdicts"] = (_prep, ["run", "--out", "{R}", "--redo", "gate"])
 
 
 @pytest.mark.parametrize("case", sorted(REDO_CASES))
@@ -159,3 +182,242 @@ def test_1_an_interrupted_redo_is_carried_on_by_the_next_command(finished_run, t
     assert not (run / SWAP_DIR).exists()
     assert json.loads((run / "gate.meta.json").read_text())["settings"]["gate"]["epochs"] == 3
     assert (run / "prism" / "gate_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. no silent broken model: training stops at the first non-finite loss or weight, bounds refuse the
+#    settings that can only overflow, the artifact reader checks every tensor and every scale
+
+RUN_ARGS = ["run", "--domains", "writing,coding", "--preset", "tiny", "--out", "{T}/r"]
+OVERFLOW_SETTINGS = [
+    ("distill.kl_temperature=1e-300", "distill.kl_temperature"),
+    ("distill.kl_temperature=0", "distill.kl_temperature"),
+    ("distill.kl_temperature=1e300", "distill.kl_temperature"),
+    ("distill.lr=1e30", "distill.lr"),
+    ("distill.lr=2", "distill.lr"),
+    ("gate.lr=1e30", "gate.lr"),
+]
+
+
+@pytest.mark.parametrize("setting, name", OVERFLOW_SETTINGS)
+def test_2_settings_that_can_only_overflow_are_one_line(setting, name, tmp_path, no_model_load, capsys):
+    rc = cli.main([a.format(T=tmp_path) for a in RUN_ARGS] + ["--set", setting, "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and name in line, line
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def nan_loss(real):
+    return lambda *a, **k: real(*a, **k) * float("nan")
+
+
+def inf_loss(real):
+    return lambda *a, **k: real(*a, **k) * float("inf")
+
+
+def nan_grads(_real):
+    def clip(params, max_norm, *a, **k):
+        for p in params:
+            p.grad.fill_(float("nan"))
+
+    return clip
+
+
+DIVERGING = {  # (module attribute to break, how, the stage command, what the line names)
+    "distill_nan_loss": ("prism_persona.train.distill", "distill_loss", nan_loss, "distill", "distill.lr"),
+    "distill_inf_loss": ("prism_persona.train.distill", "distill_loss", inf_loss, "distill", "distill.kl_temperature"),
+    "distill_nan_weights": ("torch.nn.utils", "clip_grad_norm_", nan_grads, "distill", "LoRA weights"),
+    "gate_nan_loss": ("prism_persona.train.gate", "_weighted_bce", nan_loss, "gate", "gate.lr"),
+    "gate_inf_loss": ("prism_persona.train.gate", "_weighted_bce", inf_loss, "gate", "gate.lr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIVERGING))
+def test_2_training_stops_at_the_first_non_finite_loss_or_weight(
+    case, finished_run, tmp_path, scripted, monkeypatch, capsys
+):
+    import importlib
+
+    module, attr, breaker, stage, needle = DIVERGING[case]
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, attr, breaker(getattr(mod, attr)))
+    run = copy_run(finished_run, tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    saved["distill"]["max_length"] = 512  # room for the answers: distillation takes steps
+    (run / "config.json").write_text(json.dumps(saved, indent=2))
+    before = tree_hash(run)
+    rc = cli.main([stage, "--run", str(run), "--redo", "-q"])
+    line = error_line(capsys)
+    assert rc == 2 and "diverged" in line and needle in line, line
+    assert tree_hash(run) == before  # the trained stage and artifact are back, nothing non-finite saved
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory):
+    from prism_persona.testing import make_tiny_artifact
+
+    return make_tiny_artifact(tiny_model_dir, tmp_path_factory.mktemp("art31") / "prism")
+
+
+def poke_tensor(path: Path, value: float, which: int = 0) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[which]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = value
+    save_file(state, str(path))
+
+
+def edit_adapter_config(art: Path, text_edit) -> None:
+    p = art / "adapter" / "adapter_config.json"
+    p.write_text(text_edit(p.read_text()))
+
+
+def set_key(key: str, literal: str):
+    def edit(text: str) -> str:
+        data = json.loads(text)
+        data.pop(key, None)
+        body = json.dumps(data)
+        return body[:-1] + f', "{key}": {literal}}}'
+
+    return edit
+
+
+BROKEN_ARTIFACTS = {
+    "gate_weight_nan": (lambda a: poke_tensor(a / "gate.safetensors", float("nan")), "gate.safetensors"),
+    "gate_weight_inf": (lambda a: poke_tensor(a / "gate.safetensors", float("-inf"), -1), "gate.safetensors"),
+    "gate_weight_huge": (lambda a: poke_tensor(a / "gate.safetensors", 1e30), "magnitude"),
+    "adapter_weight_nan": (
+        lambda a: poke_tensor(a / "adapter" / "adapter_model.safetensors", float("nan")),
+        "adapter_model.safetensors",
+    ),
+    "adapter_weight_huge": (lambda a: poke_tensor(a / "adapter" / "adapter_model.safetensors", 1e30), "magnitude"),
+    "adapter_weight_big": (lambda a: poke_tensor(a / "adapter" / "adapter_model.safetensors", -5e4, -1), "magnitude"),
+    "alpha_pattern_1e999": (
+        lambda a: edit_adapter_config(a, set_key("alpha_pattern", '{"q_proj": 1e999}')),
+        "q_proj",
+    ),
+    "alpha_pattern_negative": (
+        lambda a: edit_adapter_config(a, set_key("alpha_pattern", '{"v_proj": -3}')),
+        "v_proj",
+    ),
+    "alpha_pattern_list": (lambda a: edit_adapter_config(a, set_key("alpha_pattern", "[1, 2]")), "alpha_pattern"),
+    "rank_pattern_zero": (lambda a: edit_adapter_config(a, set_key("rank_pattern", '{"q_proj": 0}')), "q_proj"),
+    "lora_alpha_1e999": (lambda a: edit_adapter_config(a, set_key("lora_alpha", "1e999")), "lora_alpha"),
+    "lora_alpha_huge": (lambda a: edit_adapter_config(a, set_key("lora_alpha", "1e12")), "lora_alpha"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_ARTIFACTS))
+def test_2_the_artifact_reader_checks_every_tensor_and_scale(case, artifact, tmp_path, no_model_load, capsys):
+    art = tmp_path / "prism"
+    shutil.copytree(artifact, art)
+    breaker, needle = BROKEN_ARTIFACTS[case]
+    breaker(art)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    argv = ["generate", "--prism", str(art), "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o")]
+    rc = cli.main(argv + ["-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and needle in line, line
+
+
+@pytest.mark.parametrize("flag", ["--out", "--run"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_2_an_empty_run_directory_is_refused(flag, value, tmp_path, monkeypatch, no_model_load, capsys):
+    monkeypatch.chdir(tmp_path)
+    if flag == "--out":
+        argv = ["run", "--domains", "writing", "--preset", "tiny", "--out", value]
+    else:
+        argv = ["gate", "--run", value]
+    rc = cli.main(argv + ["-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and ("empty" in line or "config.json" in line), line
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. a run directory stays inside itself: nothing is written or deleted through a link that leaves it
+
+
+def link_out(run: Path, name: str, outside: Path) -> Path:
+    """Move ``RUN/name`` outside and leave a link to it in its place (what a received tarball keeps)."""
+    src = run / name
+    dst = outside / name.replace("/", "_")
+    shutil.move(str(src), str(dst))
+    os.symlink(dst, src)
+    return dst
+
+
+def heldout(tmp_path: Path) -> Path:
+    p = tmp_path / "heldout.jsonl"
+    p.write_text("".join(json.dumps({"domain": d, "query": f"a held-out {d} question?"}) + "\n" for d in DOMAINS))
+    return p
+
+
+LINK_CASES = {  # name linked out of the run, the command
+    "verdicts_bootstrap": ("verdicts.jsonl", ["bootstrap", "--out", "{R}"]),
+    "verdicts_redo": ("verdicts.jsonl", ["bootstrap", "--out", "{R}", "--redo", "verdicts"]),
+    "answers_run": ("answers.jsonl", ["run", "--out", "{R}"]),
+    "config_run": ("config.json", ["run", "--out", "{R}", "--redo", "gate"]),
+    "lock_file": (".prism.lock", ["run", "--out", "{R}"]),
+    "gate_dir": ("gate", ["gate", "--run", "{R}", "--redo"]),
+    "gate_weights": ("gate/gate.safetensors", ["gate", "--run", "{R}", "--redo"]),
+    "distill_dir": ("distill", ["distill", "--run", "{R}", "--redo"]),
+    "distill_loss_curve": ("distill/loss.jsonl", ["distill", "--run", "{R}", "--redo"]),
+    "prism_dir": ("prism", ["run", "--out", "{R}", "--redo", "gate"]),
+    "prism_config": ("prism/prism_config.json", ["run", "--out", "{R}", "--redo", "distill"]),
+    "check_dir_run": ("check", ["run", "--out", "{R}", "--heldout", "{H}"]),
+    "check_answers_run": ("check/answers.jsonl", ["run", "--out", "{R}", "--heldout", "{H}"]),
+    "check_answers_check": (
+        "check/answers.jsonl",
+        ["check", "--prism", "{R}/prism", "--queries", "{H}", "--judge", "self"],
+    ),
+    "check_dir_check": ("check", ["check", "--prism", "{R}/prism", "--queries", "{H}", "--judge", "self"]),
+}
+
+
+@pytest.fixture(scope="module")
+def checked_run(finished_run, tmp_path_factory, tiny_model_dir):
+    """The finished run with its held-out check done (RUN/check/answers.jsonl exists)."""
+    import prism_persona.engines as E
+    from prism_persona import config as C
+    from prism_persona.testing import BootstrapEngine
+    from prism_persona.train.pipeline import run_pipeline
+
+    base = tmp_path_factory.mktemp("checked31")
+    out = base / "run"
+    shutil.copytree(finished_run, out)
+    over = small_run_overrides(tiny_model_dir, out, DOMAINS)
+    over["check"] = {"queries": str(heldout(base)), "max_new_tokens": 4}
+    real = E.make_engine
+    E.make_engine = lambda cfg, model=None, tokenizer=None: BootstrapEngine()
+    try:
+        run_pipeline(C.resolve("tiny", overrides=over))
+    finally:
+        E.make_engine = real
+    assert (out / "check" / "answers.jsonl").is_file()
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(LINK_CASES))
+def test_3_nothing_is_written_through_a_link_that_leaves_the_run(case, checked_run, tmp_path, scripted, capsys):
+    name, argv = LINK_CASES[case]
+    run = copy_run(checked_run, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = link_out(run, name, outside)
+    before, before_out = tree_hash(run), tree_hash(outside)
+    h = heldout(tmp_path)
+    rc = cli.main([a.format(R=run, H=h) for a in argv] + ["-q"])
+    line = error_line(capsys)
+    assert rc == 2 and str(run / name) in line and "link" in line, line
+    assert tree_hash(outside) == before_out, f"{target} was written through the link"
+    assert tree_hash(run) == before
+
+
+def test_3_a_link_that_stays_inside_the_run_is_fine(finished_run, tmp_path, scripted, capsys):
+    run = copy_run(finished_run, tmp_path)
+    os.symlink(run / "summary.md", run / "summary-link.md")
+    (run / "prism" / "readme-link").symlink_to("../summary.md")
+    assert cli.main(["run", "--out", str(run), "-q"]) == 0

@@ -47,6 +47,17 @@ in); checked when the file is read, before any work starts."""
 MAX_PREFILL_CHARS = 1_000
 
 
+def check_text(text: str, where: str) -> str:
+    """The one length rule for every text that reaches a model where it enters PRISM (a prompt or a
+    message of `prism generate`, a `prism chat` line, an eval set item, a persona or query file): at
+    most :data:`MAX_TEXT_CHARS` characters, else one line naming it, before anything is tokenized."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise PrismError(
+            f"{where} has {len(text):,} characters; a text given to a model may have at most {MAX_TEXT_CHARS:,}"
+        )
+    return text
+
+
 def option(
     default: Any,
     help: str,
@@ -368,7 +379,7 @@ class GateConfig:
         at_least=1,
     )
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
-    lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
+    lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0, at_most=10)
     weight_decay: float = option(
         1e-1, "AdamW weight decay of the gate (regularises towards small weights).", at_least=0
     )
@@ -445,7 +456,9 @@ class DistillConfig:
     )
     sft_weight: float = option(1.0, "Weight of the cross-entropy term when loss is kl+ce.", at_least=0)
     top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).", at_least=1)
-    kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.", above=0)
+    kl_temperature: float = option(
+        1.0, "Softmax temperature of teacher and student in the KL loss.", at_least=0.01, at_most=100
+    )
     r: int = option(16, "LoRA rank.", at_least=1)
     alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
@@ -453,7 +466,7 @@ class DistillConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Linear layers that get LoRA (layers 1..L-1 only).",
     )
-    lr: float = option(1e-4, "AdamW learning rate.", above=0)
+    lr: float = option(1e-4, "AdamW learning rate.", above=0, at_most=1)
     epochs: int = option(2, "Passes over the distillation set (raised to reach min_steps).", at_least=1)
     min_steps: int = option(
         0,

@@ -39,6 +39,11 @@ class JsonlStore:
         self.key_field = key_field
         self._records: dict[str, dict] = {}
         self._order: list[str] = []
+        if self.path.is_symlink():
+            raise PrismError(
+                f"{self.path} is a link (to {os.path.realpath(self.path)}); PRISM appends to its record files "
+                "and never through a link: replace it with the file it points to"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._load()
@@ -142,16 +147,24 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def run_path(path: str | Path) -> Path:
+    """A run directory's path; an empty one is refused (it would write the whole run into the current
+    directory)."""
+    if not str(path).strip():
+        raise PrismError("the run directory is empty (--out '' / --run ''); name a directory, e.g. --out runs/demo")
+    return Path(path).expanduser()
+
+
 class RunDir:
     """A run directory you can point anywhere. Stages read and write only through it."""
 
     def __init__(self, path: str | Path):
-        self.root = Path(path).expanduser()
+        self.root = run_path(path)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test-")  # O_EXCL: never through a link
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise PrismError(f"cannot write to output directory {self.root}: {exc.strerror or exc}") from None
 
@@ -207,6 +220,52 @@ class RunDir:
 
 
 # --------------------------------------------------------------------------------------------------
+# a run directory stays inside itself
+
+STAGE_DIRS = ("gate", "distill", "prism", "check", ".prism-redo")
+"""The folders of a run PRISM writes into (their whole tree is checked for links leaving the run)."""
+
+
+def links_leaving(root: Path) -> list[Path]:
+    """The symlinks in ``root`` (its entries, and the trees of :data:`STAGE_DIRS`) whose target is
+    outside ``root``: a file the run writes or deletes is never reached through one of them."""
+    root = root.resolve()
+    out: list[Path] = []
+
+    def leaves(p: Path) -> bool:
+        target = p.resolve()
+        return target != root and root not in target.parents
+
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return out
+    for e in entries:
+        p = Path(e.path)
+        if e.is_symlink():
+            if leaves(p):
+                out.append(p)
+        elif e.name in STAGE_DIRS and e.is_dir(follow_symlinks=False):
+            for dirpath, dirnames, filenames in os.walk(p):  # does not follow links
+                for name in dirnames + filenames:
+                    q = Path(dirpath) / name
+                    if q.is_symlink() and leaves(q):
+                        out.append(q)
+    return out
+
+
+def check_inside(root: Path) -> None:
+    """One line naming the first link in the run directory ``root`` that leaves it (a received tarball
+    keeps symlinks: PRISM would write, append or delete outside the run through them)."""
+    bad = links_leaving(root)
+    if bad:
+        raise PrismError(
+            f"{bad[0]} is a link to {os.path.realpath(bad[0])}, outside the run directory {root.resolve()}; "
+            "a run writes only inside itself: replace the link with the file it points to, or remove it"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # one writer per run directory
 
 LOCK_NAME = ".prism.lock"
@@ -244,7 +303,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.root = Path(run_dir).expanduser().resolve()
+        self.root = run_path(run_dir).resolve()
         self.path = self.root / LOCK_NAME
 
     def __enter__(self) -> RunLock:
@@ -252,6 +311,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
+        check_inside(self.root)  # before the lock file itself is opened
         RunDir(self.root)  # creates it, or a one-line error for an unwritable path
         _HELD[key] = [self._acquire(), 1]
         return self

@@ -171,7 +171,19 @@ def check_redo(cfg: C.RunConfig, stage: Optional[str], judge=None) -> None:
 
         check_judge_spec(cfg.judge.judge)
     if not any(get_stage(s).stores for s in stages):  # only training stages: their input must be readable
-        load_labelled(RunDir(cfg.out), cfg.judge.abstain_margin)
+        labelled(RunDir(cfg.out), cfg)
+
+
+def labelled(run: RunDir, cfg: C.RunConfig) -> list[dict]:
+    """The run's labelled pairs (:func:`load_labelled`); none at all is one line (a stage trained on
+    nothing would replace a trained gate or LoRA with an untrained one)."""
+    records = load_labelled(run, cfg.judge.abstain_margin)
+    if not records:
+        raise PrismError(
+            f"{run.path('verdicts.jsonl')} holds no judged pairs to train on; run `prism bootstrap --out "
+            f"{run.root}` (with --redo verdicts to judge again) first"
+        )
+    return records
 
 
 _SWAPPING: set[str] = set()  # run dirs with a redo in progress in this process (nested calls join it)
@@ -400,9 +412,9 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
 
     run = RunDir(cfg.out)
     check_trained(cfg, run, stages)
-    records = load_labelled(run, cfg.judge.abstain_margin)
-    seconds = dict(seconds or {})
     todo = any(not run.done(s) for s in stages)
+    records = labelled(run, cfg) if todo else load_labelled(run, cfg.judge.abstain_margin)
+    seconds = dict(seconds or {})
     if todo and model is None:
         model, tok = load_base(cfg)
     if "distill" in stages and not run.done("distill"):  # settings checked against the model before any write
