@@ -421,3 +421,150 @@ def test_3_a_link_that_stays_inside_the_run_is_fine(finished_run, tmp_path, scri
     os.symlink(run / "summary.md", run / "summary-link.md")
     (run / "prism" / "readme-link").symlink_to("../summary.md")
     assert cli.main(["run", "--out", str(run), "-q"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. every input bounded where it enters: one length rule (config.MAX_TEXT_CHARS) for every text that
+#    reaches a model, a size check on model configs before weights load, eval judgments capped
+
+BIG = 2_000_000
+
+
+def _prompt_rows(kind: str) -> list[dict]:
+    from prism_persona.config import MAX_TEXT_CHARS
+
+    just_over = "w" * (MAX_TEXT_CHARS + 1)
+    return {
+        "prompt_2mb": [{"prompt": "hi"}, {"prompt": "x" * BIG}],
+        "prompt_just_over": [{"prompt": just_over}],
+        "message_2mb": [{"messages": [{"role": "user", "content": "y" * BIG}]}],
+        "messages_sum_over": [
+            {"messages": [{"role": "system", "content": "s" * 30_000}, {"role": "user", "content": "u" * 30_000}]}
+        ],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["prompt_2mb", "prompt_just_over", "message_2mb", "messages_sum_over"])
+def test_4_a_generate_prompt_is_bounded_before_any_model_loads(kind, artifact, tmp_path, no_model_load, capsys):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in _prompt_rows(kind)))
+    rc = cli.main(["generate", "--prism", str(artifact), "--input", str(p), "--output", str(tmp_path / "o"), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "characters" in line and str(p) in line, line
+
+
+def test_4_a_generate_prompt_at_the_limit_is_read(tmp_path):
+    from prism_persona.config import MAX_TEXT_CHARS
+    from prism_persona.serve.offline import read_prompts
+
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"prompt": "z" * MAX_TEXT_CHARS}) + "\n")
+    assert len(read_prompts(str(p))[0][1][0]["content"]) == MAX_TEXT_CHARS
+
+
+@pytest.mark.parametrize("size", [1_000_000, 40_001])
+def test_4_a_chat_line_is_bounded(size, artifact, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n" + "q" * size + "\nbye\n"))
+    calls = []
+
+    import prism_persona.commands.chat as chat
+
+    def reply(messages, force):
+        calls.append(messages[-1]["content"])
+        from prism_persona.engines.base import Completion
+
+        return Completion(text="ok", meta={})
+
+    with pytest.raises(Exception) as info:
+        chat.converse("", None, reply)
+    assert "characters" in str(info.value) and "\n" not in str(info.value)
+    assert calls == ["hello"]  # the long line never reached the model
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "json_strings"])
+def test_4_an_eval_set_item_is_bounded_when_read(fmt, tmp_path):
+    from prism_persona.errors import PrismError
+    from prism_persona.evals.sources import read_records
+
+    long = "harm " * (20_000 if fmt == "csv" else 40_000)  # 100,000 (the csv module's own limit is 131,072) / 200,000
+    rows = [{"prompt": "a short one?"}, {"prompt": long}]
+    if fmt == "jsonl":
+        p = tmp_path / "set.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        p = tmp_path / "set.json"
+        p.write_text(json.dumps(rows))
+    elif fmt == "json_strings":
+        p = tmp_path / "set.json"
+        p.write_text(json.dumps([r["prompt"] for r in rows]))
+    else:
+        p = tmp_path / "set.csv"
+        p.write_text("prompt\n" + "\n".join(r["prompt"] for r in rows) + "\n")
+    with pytest.raises(PrismError, match="characters") as info:
+        read_records(p, "refusal set")
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from prism_persona.testing import make_tokenizer
+
+    path = tmp_path_factory.mktemp("clf31")
+    tok = make_tokenizer()
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=64,
+        id2label={0: "NORMAL", 1: "REJECTION"},
+        label2id={"NORMAL": 0, "REJECTION": 1},
+    )
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("num_hidden_layers", 1_000_000),
+        ("num_hidden_layers", 2_000),
+        ("num_hidden_layers", "12"),
+        ("hidden_size", -8),
+        ("vocab_size", 10**10),
+        ("intermediate_size", 10**8),
+        ("id2label", [0, 1]),
+    ],
+)
+def test_4_a_model_config_is_size_checked_before_weights_load(key, value, classifier_dir, tmp_path):
+    from prism_persona.errors import PrismError
+    from prism_persona.evals.hf_classifier import HFClassifierRefusal
+
+    clf = tmp_path / "clf"
+    shutil.copytree(classifier_dir, clf)
+    conf = json.loads((clf / "config.json").read_text())
+    conf[key] = value
+    (clf / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(PrismError) as info:
+        HFClassifierRefusal(str(clf), device="cpu")
+    assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_4_eval_judgments_are_capped(tmp_path):
+    from types import SimpleNamespace
+
+    from prism_persona.evals.runner import MAX_JUDGMENT_CHARS, EvalRunner
+    from prism_persona.store import JsonlStore
+
+    fake = SimpleNamespace(judgments=JsonlStore(tmp_path / "judgments.jsonl"), count=SimpleNamespace(judged=0))
+    huge = "Rating: [[7]] " + "blah " * 2_000_000  # a 10 MB answer from a judge served over HTTP
+    jobs = [(f"k{i}", i, {"bench": "mtbench"}) for i in range(4)]
+    out = EvalRunner.judged(fake, "single", jobs, lambda chunk: [{"score": 7.0, "text": huge} for _ in chunk])
+    assert all(r["score"] == 7.0 and len(r["text"]) <= MAX_JUDGMENT_CHARS + 10 for r in out.values())
+    assert (tmp_path / "judgments.jsonl").stat().st_size < 4 * (MAX_JUDGMENT_CHARS + 200)

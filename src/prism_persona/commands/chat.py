@@ -33,14 +33,15 @@ def add_parser(sub) -> None:
 
 def read_line() -> str:
     """One line of stdin; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    from ..config import MAX_TEXT_CHARS, check_text
     from ..errors import PrismError
 
     try:
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_TEXT_CHARS + 2)  # never more than the longest message in memory
         line.encode("utf-8")  # a piped stdin decodes with surrogateescape: undecodable bytes arrive as surrogates
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise PrismError("stdin is not UTF-8 text; prism chat reads one UTF-8 line per message") from None
-    return line
+    return check_text(line.rstrip("\r\n"), "a prism chat message") + line[len(line.rstrip("\r\n")) :]
 
 
 def describe(routed: bool, prob: float, forced: bool) -> str:
