@@ -568,3 +568,87 @@ def test_4_eval_judgments_are_capped(tmp_path):
     out = EvalRunner.judged(fake, "single", jobs, lambda chunk: [{"score": 7.0, "text": huge} for _ in chunk])
     assert all(r["score"] == 7.0 and len(r["text"]) <= MAX_JUDGMENT_CHARS + 10 for r in out.values())
     assert (tmp_path / "judgments.jsonl").stat().st_size < 4 * (MAX_JUDGMENT_CHARS + 200)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. one line, never a traceback
+
+GEN = ["generate", "--prism", "{ART}", "--input", "{P}", "--output", "{T}/o.jsonl"]
+CHECK = ["check", "--prism", "{ART}", "--queries", "{P}", "--judge", "self"]
+ONE_LINE_31 = [
+    (RUN_ARGS + ["--set", "gate.hidden_sizes=[10000000000]"], "gate.hidden_sizes"),
+    (RUN_ARGS + ["--set", "gate.hidden_sizes=[64, 1000000]"], "gate.hidden_sizes"),
+    (RUN_ARGS + ["--answer-tokens", "1000000000000"], "--answer-tokens"),
+    (RUN_ARGS + ["--set", "persona.max_new_tokens=10000000"], "persona.max_new_tokens"),
+    (RUN_ARGS + ["--set", "judge.max_new_tokens=10000000"], "judge.max_new_tokens"),
+    (RUN_ARGS + ["--set", "queries.max_new_tokens=10000000"], "queries.max_new_tokens"),
+    (GEN + ["--max-new-tokens", "1000000000000"], "--max-new-tokens"),
+    (GEN + ["--seed", str(2**70)], "--seed"),
+    (CHECK + ["--max-new-tokens", "100000000"], "--max-new-tokens"),
+]
+
+
+@pytest.mark.parametrize("argv, name", ONE_LINE_31, ids=[" ".join(a[-2:])[:50] for a, _ in ONE_LINE_31])
+def test_5_huge_numbers_are_one_line_before_any_model_loads(argv, name, artifact, tmp_path, no_model_load, capsys):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "hello", "domain": "writing", "query": "a question?"}) + "\n")
+    rc = cli.main([a.format(T=tmp_path, ART=artifact, P=p) for a in argv] + ["-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and name in line, line
+
+
+@pytest.mark.parametrize("kind", ["nested", "one_megabyte", "one_megabyte_length"])
+def test_5_a_persona_json_is_one_line(kind, tmp_path):
+    from prism_persona.errors import PrismError
+    from prism_persona.evals.systems import load_persona_file
+
+    p = tmp_path / "personas.json"
+    if kind == "nested":
+        p.write_text('{"writing": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif kind == "one_megabyte":
+        p.write_text(json.dumps({"writing": "You are a writer. " * 60_000}))
+    else:
+        p.write_text(json.dumps({"writing": {"short": "ok", "long": "x" * 1_000_000}}))
+    with pytest.raises(PrismError) as info:
+        load_persona_file(p)
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_5_a_classifier_config_with_more_labels_than_its_weights_is_one_line(classifier_dir, tmp_path):
+    from prism_persona.errors import PrismError
+    from prism_persona.evals.hf_classifier import HFClassifierRefusal
+
+    clf = tmp_path / "clf"
+    shutil.copytree(classifier_dir, clf)
+    conf = json.loads((clf / "config.json").read_text())
+    conf["id2label"] = {"0": "NORMAL", "1": "REJECTION", "2": "OTHER"}
+    conf["label2id"] = {"NORMAL": 0, "REJECTION": 1, "OTHER": 2}
+    (clf / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(PrismError) as info:
+        HFClassifierRefusal(str(clf), device="cpu")
+    assert "cannot load the classifier" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. `prism gate` / `prism distill` continue a run made with files outside it (the flags they are told to pass exist)
+
+
+@pytest.mark.parametrize("stage", ["gate", "distill"])
+@pytest.mark.parametrize("key, flag", [("queries.queries_file", "--queries-file"), ("check.queries", "--heldout")])
+def test_6_a_stage_command_takes_the_files_a_run_was_made_with(
+    stage, key, flag, finished_run, tmp_path, scripted, capsys
+):
+    run = copy_run(finished_run, tmp_path)
+    outside = heldout(tmp_path)  # a file of this machine, outside the run
+    saved = json.loads((run / "config.json").read_text())
+    section, leaf = key.split(".")
+    saved[section][leaf] = str(outside)
+    (run / "config.json").write_text(json.dumps(saved, indent=2))
+    rc = cli.main([stage, "--run", str(run), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and flag in line, line
+    before = tree_hash(run)
+    assert cli.main([stage, "--run", str(run), flag, str(outside), "-q"]) == 0  # resumes: the stage is done
+    after = tree_hash(run)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert changed == ["training_report.json", "training_report.md"], changed  # the report is rewritten each time
