@@ -252,6 +252,19 @@ def test_2_training_stops_at_the_first_non_finite_loss_or_weight(
     assert tree_hash(run) == before  # the trained stage and artifact are back, nothing non-finite saved
 
 
+def test_2_a_run_whose_redone_gate_diverges_is_rolled_back_whole(finished_run, tmp_path, scripted, monkeypatch, capsys):
+    """`prism run --redo gate` rewrites the bootstrap summary on the way; a divergence later restores it too."""
+    import prism_persona.train.gate as G
+
+    monkeypatch.setattr(G, "_weighted_bce", nan_loss(G._weighted_bce))
+    run = copy_run(finished_run, tmp_path)
+    before = tree_hash(run)
+    rc = cli.main(["run", "--out", str(run), "--redo", "gate", "--set", "gate.epochs=3", "-q"])
+    line = error_line(capsys)
+    assert rc == 2 and "gate.lr" in line, line
+    assert tree_hash(run) == before
+
+
 @pytest.fixture(scope="module")
 def artifact(tiny_model_dir, tmp_path_factory):
     from prism_persona.testing import make_tiny_artifact

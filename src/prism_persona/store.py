@@ -233,7 +233,10 @@ def links_leaving(root: Path) -> list[Path]:
     out: list[Path] = []
 
     def leaves(p: Path) -> bool:
-        target = p.resolve()
+        try:
+            target = p.resolve()
+        except (OSError, RuntimeError):  # a loop of links: nowhere inside the run either
+            return True
         return target != root and root not in target.parents
 
     try:

@@ -186,7 +186,9 @@ def labelled(run: RunDir, cfg: C.RunConfig) -> list[dict]:
     return records
 
 
-_SWAPPING: set[str] = set()  # run dirs with a redo in progress in this process (nested calls join it)
+_SWAPPING: set[str] = set()
+REWRITTEN = ("config.json", "bootstrap_sessions.jsonl", "summary.json", "summary.md")
+"""Files a command may rewrite whatever stage it redoes (copied aside with the redone ones)."""  # run dirs with a redo in progress in this process (nested calls join it)
 
 
 @contextlib.contextmanager
@@ -209,7 +211,7 @@ def redo_guard(cfg: C.RunConfig, stage: Optional[str]):
     if stage:
         redo_stages(stage)
         log.info("redo %s: setting aside %s until it succeeds", stage, ", ".join(redo_names(stage)))
-    swap.begin(redo_names(stage) if stage else (), ("config.json", FINGERPRINT_FILE, "bootstrap_sessions.jsonl"))
+    swap.begin(redo_names(stage) if stage else (), REWRITTEN + (FINGERPRINT_FILE,))
     _SWAPPING.add(key)
     try:
         yield
