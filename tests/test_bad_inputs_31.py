@@ -665,3 +665,28 @@ def test_6_a_stage_command_takes_the_files_a_run_was_made_with(
     after = tree_hash(run)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert changed == ["training_report.json", "training_report.md"], changed  # the report is rewritten each time
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 1_000_000), ("hidden_size", 10**9), ("vocab_size", -1)])
+def test_4_a_causal_lm_config_is_size_checked_before_weights_load(key, value, tiny_model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    from prism_persona.errors import PrismError
+    from prism_persona.models import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    conf = json.loads((model / "config.json").read_text())
+    conf[key] = value
+    (model / "config.json").write_text(json.dumps(conf))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(PrismError) as info:
+        load_model(str(model), device="cpu")
+    assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_4_the_size_check_passes_the_embedded_and_tiny_models(tiny_model_dir):
+    from prism_persona.models import check_config_size, resolve_model
+
+    check_config_size(str(tiny_model_dir), "tiny")
+    check_config_size(resolve_model(None).path_or_id, "embedded")

@@ -186,9 +186,9 @@ def labelled(run: RunDir, cfg: C.RunConfig) -> list[dict]:
     return records
 
 
-_SWAPPING: set[str] = set()
+_SWAPPING: set[str] = set()  # run dirs with a redo in progress in this process (nested calls join it)
 REWRITTEN = ("config.json", "bootstrap_sessions.jsonl", "summary.json", "summary.md")
-"""Files a command may rewrite whatever stage it redoes (copied aside with the redone ones)."""  # run dirs with a redo in progress in this process (nested calls join it)
+"""Files a command may rewrite whatever stage it redoes (copied aside with the redone ones)."""
 
 
 @contextlib.contextmanager
