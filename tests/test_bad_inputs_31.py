@@ -690,3 +690,38 @@ def test_4_the_size_check_passes_the_embedded_and_tiny_models(tiny_model_dir):
 
     check_config_size(str(tiny_model_dir), "tiny")
     check_config_size(resolve_model(None).path_or_id, "embedded")
+
+
+def test_1_a_second_redo_over_an_interrupted_one_starts_clean_and_a_failure_restores_the_first_state(
+    finished_run, tmp_path, scripted, monkeypatch, capsys
+):
+    import prism_persona.train.gate as G
+    from prism_persona.store import SWAP_DIR
+
+    run = copy_run(finished_run, tmp_path)
+    before = tree_hash(run)
+    real = G.run_gate
+
+    def interrupted_after_writing(run_dir, cfg, *a, **k):
+        run_dir.check_settings("gate", G.gate_settings(cfg))  # what a real stage writes first
+        (run / "gate").mkdir(exist_ok=True)
+        (run / "gate" / "partial").write_text("half a gate")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "run_gate", interrupted_after_writing)
+    assert cli.main(["gate", "--run", str(run), "--redo", "--set", "gate.epochs=3", "-q"]) == 130
+    assert (run / "gate" / "partial").exists() and (run / SWAP_DIR).is_dir()
+    # a second redo with other settings: the half-written attempt goes, the first settings are not in the way
+    monkeypatch.setattr(G, "run_gate", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    capsys.readouterr()
+    from prism_persona.train.pipeline import run_config, train_stages
+
+    with pytest.raises(ValueError):
+        train_stages(run_config(run, {"gate": {"epochs": 4}}), stages=("gate",), redo_stage="gate")
+    assert tree_hash(run) == before  # failed: back to the run before the FIRST redo
+    monkeypatch.setattr(G, "run_gate", interrupted_after_writing)
+    assert cli.main(["gate", "--run", str(run), "--redo", "--set", "gate.epochs=3", "-q"]) == 130
+    monkeypatch.setattr(G, "run_gate", real)
+    assert cli.main(["gate", "--run", str(run), "--redo", "--set", "gate.epochs=5", "-q"]) == 0
+    assert not (run / "gate" / "partial").exists() and not (run / SWAP_DIR).exists()
+    assert json.loads((run / "gate.meta.json").read_text())["settings"]["gate"]["epochs"] == 5

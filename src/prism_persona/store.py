@@ -426,6 +426,7 @@ class StageSwap:
         import shutil
 
         names = self._manifest() if self.pending() else {}
+        moved = list(moved)
         for name in moved:
             names.setdefault(name, "moved" if (self.run.root / name).exists() else "absent")
         for name in copied:
@@ -446,6 +447,13 @@ class StageSwap:
                 shutil.copytree(src, kept, symlinks=True)
             else:
                 shutil.copy2(src, kept, follow_symlinks=False)
+        for name in moved:  # asked to go again (a second --redo over a pending one): what the first wrote goes too
+            cur = self.run.root / name
+            if names[name] != "copied" and (cur.exists() or cur.is_symlink()):
+                if cur.is_dir() and not cur.is_symlink():
+                    shutil.rmtree(cur)
+                else:
+                    cur.unlink()
 
     def commit(self) -> None:
         """The command succeeded: drop the old files."""
