@@ -725,3 +725,14 @@ def test_1_a_second_redo_over_an_interrupted_one_starts_clean_and_a_failure_rest
     assert cli.main(["gate", "--run", str(run), "--redo", "--set", "gate.epochs=5", "-q"]) == 0
     assert not (run / "gate" / "partial").exists() and not (run / SWAP_DIR).exists()
     assert json.loads((run / "gate.meta.json").read_text())["settings"]["gate"]["epochs"] == 5
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1e9", "1.5"])
+def test_5_a_prism_lm_eval_batch_size_is_one_line_before_any_model_loads(value, artifact, no_model_load):
+    pytest.importorskip("lm_eval")
+    from prism_persona.errors import PrismError
+    from prism_persona.evals.lmeval import PrismLM
+
+    with pytest.raises(PrismError, match="batch_size") as info:
+        PrismLM(artifact=str(artifact), system="prism", device="cpu", batch_size=value)
+    assert "\n" not in str(info.value)
