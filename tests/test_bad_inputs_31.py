@@ -282,6 +282,17 @@ def poke_tensor(path: Path, value: float, which: int = 0) -> None:
     save_file(state, str(path))
 
 
+def reshape_lora(path: Path, which: str, shape) -> None:
+    """Replace the first ``lora_A`` / ``lora_B`` tensor by one of ``shape(old_shape)``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    name = sorted(k for k in state if f".{which}." in k)[0]
+    state[name] = torch.zeros(shape(list(state[name].shape)))
+    save_file(state, str(path))
+
+
 def edit_adapter_config(art: Path, text_edit) -> None:
     p = art / "adapter" / "adapter_config.json"
     p.write_text(text_edit(p.read_text()))
@@ -307,6 +318,18 @@ BROKEN_ARTIFACTS = {
     ),
     "adapter_weight_huge": (lambda a: poke_tensor(a / "adapter" / "adapter_model.safetensors", 1e30), "magnitude"),
     "adapter_weight_big": (lambda a: poke_tensor(a / "adapter" / "adapter_model.safetensors", -5e4, -1), "magnitude"),
+    "adapter_lora_A_wrong_rank": (
+        lambda a: reshape_lora(a / "adapter" / "adapter_model.safetensors", "lora_A", lambda s: [s[0] + 1, s[1]]),
+        "rank-",
+    ),
+    "adapter_lora_B_wrong_rank": (
+        lambda a: reshape_lora(a / "adapter" / "adapter_model.safetensors", "lora_B", lambda s: [s[0], s[1] * 2]),
+        "rank-",
+    ),
+    "adapter_lora_B_1d": (
+        lambda a: reshape_lora(a / "adapter" / "adapter_model.safetensors", "lora_B", lambda s: [s[0] * s[1]]),
+        "rank-",
+    ),
     "alpha_pattern_1e999": (
         lambda a: edit_adapter_config(a, set_key("alpha_pattern", '{"q_proj": 1e999}')),
         "q_proj",

@@ -107,7 +107,7 @@ class Artifact:
                 "re-assemble the artifact (PRISM writes adapter_model.safetensors)"
             )
         _check_safetensors(weights)
-        _check_tensors(weights, MAX_ADAPTER_ABS)
+        _check_tensors(weights, MAX_ADAPTER_ABS, lora_rank=_lora_rank(acfg))
 
     def check_trust(self, trust_remote_code: bool) -> bool:
         """Custom modelling code runs only when the user typed ``--trust-remote-code``: an artifact
@@ -237,9 +237,24 @@ def _check_safetensors(path: Path) -> None:
         raise PrismError(f"{path} is not a valid safetensors file ({exc}); re-assemble the artifact") from None
 
 
-def _check_tensors(path: Path, max_abs: float) -> None:
+def _lora_rank(acfg: dict):
+    """``module name -> rank`` of an adapter config (``rank_pattern`` keys matched as name suffixes)."""
+    r, pattern = int(acfg.get("r", 8)), acfg.get("rank_pattern") or {}
+
+    def rank(tensor_name: str) -> int:
+        module = tensor_name.split(".lora_")[0]
+        for key, value in pattern.items():
+            if module == key or module.endswith("." + key) or module.endswith(key):
+                return int(value)
+        return r
+
+    return rank
+
+
+def _check_tensors(path: Path, max_abs: float, lora_rank=None) -> None:
     """Every tensor of a (header-checked) safetensors file is finite and within ``max_abs``: a NaN or
-    huge weight is one line naming the tensor, never a model that answers garbage."""
+    huge weight is one line naming the tensor, never a model that answers garbage. ``lora_rank``
+    (adapters): each ``lora_A`` is a matrix of that many rows, each ``lora_B`` of that many columns."""
     import torch
     from safetensors import safe_open
 
@@ -249,6 +264,13 @@ def _check_tensors(path: Path, max_abs: float) -> None:
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():
                 t = fh.get_tensor(name)
+                if lora_rank is not None and (".lora_A." in name or ".lora_B." in name):
+                    want, axis = lora_rank(name), 0 if ".lora_A." in name else 1
+                    if t.dim() != 2 or t.shape[axis] != want:
+                        raise PrismError(
+                            f"{path}: tensor {name} has shape {list(t.shape)}, not a rank-{want} LoRA matrix; "
+                            "re-assemble the artifact"
+                        )
                 if not (t.is_floating_point() and t.numel()):
                     continue
                 if not bool(torch.isfinite(t).all()):
