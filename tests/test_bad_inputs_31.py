@@ -759,3 +759,9 @@ def test_5_a_prism_lm_eval_batch_size_is_one_line_before_any_model_loads(value, 
     with pytest.raises(PrismError, match="batch_size") as info:
         PrismLM(artifact=str(artifact), system="prism", device="cpu", batch_size=value)
     assert "\n" not in str(info.value)
+
+
+def test_4_a_chat_system_message_is_bounded_before_any_model_loads(artifact, no_model_load, capsys):
+    rc = cli.main(["chat", "--prism", str(artifact), "--system", "s" * 50_000, "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "--system" in line and "characters" in line, line

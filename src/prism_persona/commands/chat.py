@@ -50,10 +50,11 @@ def describe(routed: bool, prob: float, forced: bool) -> str:
 
 
 def run(args) -> int:
-    from ..config import ChatSettings, settings_from_args
+    from ..config import ChatSettings, check_text, settings_from_args
     from ..serve.offline import check_engine_settings, force_value, open_chat
 
     settings = settings_from_args(ChatSettings, args)
+    check_text(settings.system, "--system")  # before the model loads
     check_engine_settings(settings)
     reply, close = open_chat(settings, args.quiet)
     try:
