@@ -456,6 +456,7 @@ def test_3_a_link_that_stays_inside_the_run_is_fine(finished_run, tmp_path, scri
     run = copy_run(finished_run, tmp_path)
     os.symlink(run / "summary.md", run / "summary-link.md")
     (run / "prism" / "readme-link").symlink_to("../summary.md")
+    os.symlink(tmp_path, run / "my-data")  # a folder of yours linked in: PRISM writes no such name
     assert cli.main(["run", "--out", str(run), "-q"]) == 0
 
 

@@ -226,6 +226,16 @@ STAGE_DIRS = ("gate", "distill", "prism", "check", ".prism-redo")
 """The folders of a run PRISM writes into (their whole tree is checked for links leaving the run)."""
 
 
+RUN_FILE_SUFFIXES = (".json", ".jsonl", ".md", ".png", ".lock", ".safetensors", ".pt", ".txt", ".csv")
+
+
+def run_file_name(name: str) -> bool:
+    """Whether PRISM may write or delete an entry of this name at the top of a run (or check) directory:
+    its stage folders, its own dot-files and every kind of file it writes. Other entries (a data folder
+    you linked in) are never touched, so a link there is left alone."""
+    return name in STAGE_DIRS or name.startswith(".prism") or name.lower().endswith(RUN_FILE_SUFFIXES)
+
+
 def links_leaving(root: Path) -> list[Path]:
     """The symlinks in ``root`` (its entries, and the trees of :data:`STAGE_DIRS`) whose target is
     outside ``root``: a file the run writes or deletes is never reached through one of them."""
@@ -246,7 +256,7 @@ def links_leaving(root: Path) -> list[Path]:
     for e in entries:
         p = Path(e.path)
         if e.is_symlink():
-            if leaves(p):
+            if run_file_name(e.name) and leaves(p):
                 out.append(p)
         elif e.name in STAGE_DIRS and e.is_dir(follow_symlinks=False):
             for dirpath, dirnames, filenames in os.walk(p):  # does not follow links
