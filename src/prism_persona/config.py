@@ -45,6 +45,19 @@ MAX_TEXT_CHARS = 40_000
 """The longest persona or query PRISM takes (a 100,000-character query ran out of memory two stages
 in); checked when the file is read, before any work starts."""
 MAX_PREFILL_CHARS = 1_000
+MAX_NEW_TOKENS = 131_072
+"""The largest token budget (and serve prompt length) any setting takes: beyond every model's context."""
+
+
+def check_text(text: str, where: str) -> str:
+    """The one length rule for every text that reaches a model where it enters PRISM (a prompt or a
+    message of `prism generate`, a `prism chat` line, an eval set item, a persona or query file): at
+    most :data:`MAX_TEXT_CHARS` characters, else one line naming it, before anything is tokenized."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise PrismError(
+            f"{where} has {len(text):,} characters; a text given to a model may have at most {MAX_TEXT_CHARS:,}"
+        )
+    return text
 
 
 def option(
@@ -257,7 +270,7 @@ class PersonaConfig:
         "You are",
         "Start the model's reply with this text when it writes a persona ('' = no prefill). Without it small models write third-person biographies (embedded model: 1 of 27 replies usable without, 27 of 27 with). Engines that cannot continue a reply (plain --engine openai) write without it.",
     )
-    max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1)
+    max_new_tokens: int = option(320, "Token budget for writing one persona.", at_least=1, at_most=MAX_NEW_TOKENS)
     temperature: float = option(0.7, "Sampling temperature for writing personas.", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for writing personas.", above=0, at_most=1)
 
@@ -283,7 +296,10 @@ class QueryConfig:
         4, "Generation rounds per persona before giving up on reaching queries_per_persona.", at_least=1
     )
     max_new_tokens: int = option(
-        512, "Token budget of one query-writing request (format 'one' uses at most 48: one line).", at_least=1
+        512,
+        "Token budget of one query-writing request (format 'one' uses at most 48: one line).",
+        at_least=1,
+        at_most=MAX_NEW_TOKENS,
     )
     temperature: float = option(0.9, "Sampling temperature for writing queries.", at_least=0)
     top_p: float = option(0.95, "Nucleus sampling for writing queries.", above=0, at_most=1)
@@ -314,7 +330,12 @@ class QueryConfig:
 @dataclass
 class AnswerConfig:
     max_new_tokens: int = option(
-        512, "Token budget of each answer (with and without persona).", flag="--answer-tokens", at_least=1, group=G_DATA
+        512,
+        "Token budget of each answer (with and without persona).",
+        flag="--answer-tokens",
+        at_least=1,
+        at_most=MAX_NEW_TOKENS,
+        group=G_DATA,
     )
     temperature: float = option(0.7, "Sampling temperature for answers (0 = greedy).", at_least=0)
     top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
@@ -341,7 +362,7 @@ class JudgeConfig:
         choices=("auto", "logprob", "text"),
         group=G_JUDGE,
     )
-    max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1)
+    max_new_tokens: int = option(24, "Token budget of a text verdict.", at_least=1, at_most=MAX_NEW_TOKENS)
     tie_margin: float = option(0.0, "logprob mode: |log P(A) - log P(B)| at or below this is a tie.", at_least=0)
     abstain_margin: float = option(
         0.0,
@@ -389,9 +410,10 @@ class GateConfig:
         [],
         "Hidden layer widths of the gate MLP (GELU between layers); [] = logistic regression (generalised as well as [128, 64] on held-out queries, docs/method-check.md).",
         at_least=1,
+        at_most=16_384,
     )
     epochs: int = option(300, "Maximum full-batch training epochs of the gate.", at_least=1)
-    lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0)
+    lr: float = option(1e-2, "AdamW learning rate of the gate.", above=0, at_most=10)
     weight_decay: float = option(
         1e-1, "AdamW weight decay of the gate (regularises towards small weights).", at_least=0
     )
@@ -485,7 +507,9 @@ class DistillConfig:
     )
     sft_weight: float = option(1.0, "Weight of the cross-entropy term when loss is kl+ce.", at_least=0)
     top_k: int = option(64, "Teacher tokens per position kept for the KL loss (renormalised).", at_least=1)
-    kl_temperature: float = option(1.0, "Softmax temperature of teacher and student in the KL loss.", above=0)
+    kl_temperature: float = option(
+        1.0, "Softmax temperature of teacher and student in the KL loss.", at_least=0.01, at_most=100
+    )
     r: int = option(16, "LoRA rank.", at_least=1)
     alpha: int = option(32, "LoRA alpha (scaling = alpha / r).", above=0)
     dropout: float = option(0.05, "LoRA dropout.", at_least=0, below=1)
@@ -493,7 +517,7 @@ class DistillConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Linear layers that get LoRA (layers 1..L-1 only).",
     )
-    lr: float = option(1e-4, "AdamW learning rate.", above=0)
+    lr: float = option(1e-4, "AdamW learning rate.", above=0, at_most=1)
     epochs: int = option(2, "Passes over the distillation set (raised to reach min_steps).", at_least=1)
     min_steps: int = option(
         0,
@@ -539,7 +563,9 @@ class CheckConfig:
     rewarded: list[str] = option(
         [], "Domains whose held-out queries should be routed (when the file has no 'route' column)."
     )
-    max_new_tokens: int = option(96, "Answer length of the held-out check (greedy decoding).", at_least=1)
+    max_new_tokens: int = option(
+        96, "Answer length of the held-out check (greedy decoding).", at_least=1, at_most=MAX_NEW_TOKENS
+    )
 
 
 @dataclass
@@ -629,10 +655,10 @@ class RoutingSettings:
 
 @dataclass
 class SamplingSettings:
-    max_new_tokens: int = option(256, "token budget per answer", at_least=1)
+    max_new_tokens: int = option(256, "token budget per answer", at_least=1, at_most=MAX_NEW_TOKENS)
     temperature: float = option(0.0, "sampling temperature; 0 = greedy", at_least=0)
     top_p: float = option(1.0, "nucleus sampling when temperature > 0", above=0, at_most=1)
-    seed: Optional[int] = option(None, "sampling seed", at_least=0)
+    seed: Optional[int] = option(None, "sampling seed", at_least=0, at_most=2**63 - 1)
 
 
 BASE_MODEL_HELP = (
@@ -687,13 +713,18 @@ class ServeLimits:
     """Limits applied to every request."""
 
     max_prompt_tokens: int = option(
-        4096, "longer prompts (in tokens, after the chat template) get 400", at_least=1, group=LIMITS
+        4096,
+        "longer prompts (in tokens, after the chat template) get 400",
+        at_least=1,
+        at_most=MAX_NEW_TOKENS,
+        group=LIMITS,
     )
     max_new_tokens: int = option(
         1024,
         "cap on max_tokens; larger requests are clamped to it, absent ones get it",
         flag="--max-tokens",
         at_least=1,
+        at_most=MAX_NEW_TOKENS,
         group=LIMITS,
     )
 

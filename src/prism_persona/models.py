@@ -265,6 +265,48 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     return tok
 
 
+CONFIG_SIZE_LIMITS = {  # far above any released model; a config beyond them only builds for minutes
+    "num_hidden_layers": 1_024,
+    "n_layer": 1_024,
+    "num_layers": 1_024,
+    "hidden_size": 131_072,
+    "d_model": 131_072,
+    "n_embd": 131_072,
+    "intermediate_size": 1_048_576,
+    "num_attention_heads": 4_096,
+    "vocab_size": 4_194_304,
+    "max_position_embeddings": 2**25,
+    "num_labels": 100_000,
+}
+
+
+def check_config_size(model: str, what: str) -> None:
+    """A local model's ``config.json`` is read before any weights load: each size it claims (layers,
+    widths, vocabulary, labels) must be a positive integer within :data:`CONFIG_SIZE_LIMITS` (a config
+    claiming 1,000,000 layers built a model for minutes), else one line naming the key."""
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        return  # a hub id: transformers reads it (and the download is refused offline)
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise PrismError(f"{what}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(conf, dict):
+        raise PrismError(f"{what}: {path} is not a JSON object")
+    for section in [conf] + [v for v in conf.values() if isinstance(v, dict)]:  # text_config and the like
+        for key, limit in CONFIG_SIZE_LIMITS.items():
+            if key not in section or section[key] is None:
+                continue
+            v = section[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+                raise PrismError(f"{what}: {path} sets {key} = {v!r}; at most {limit:,} (a positive integer)")
+    labels = conf.get("id2label")
+    if labels is not None and (not isinstance(labels, dict) or len(labels) > CONFIG_SIZE_LIMITS["num_labels"]):
+        raise PrismError(f"{what}: {path} has an id2label that is not an object of at most 100,000 labels")
+
+
 def load_model(
     source: ModelSource | str | None = None,
     dtype: str = "auto",
@@ -275,6 +317,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     src = prepare_model(source if isinstance(source, ModelSource) else resolve_model(source))
+    check_config_size(src.path_or_id, f"model {src.display}")  # before the tokenizer and the weights
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     tok = load_tokenizer(src, trust_remote_code)

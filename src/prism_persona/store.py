@@ -39,6 +39,11 @@ class JsonlStore:
         self.key_field = key_field
         self._records: dict[str, dict] = {}
         self._order: list[str] = []
+        if self.path.is_symlink():
+            raise PrismError(
+                f"{self.path} is a link (to {os.path.realpath(self.path)}); PRISM appends to its record files "
+                "and never through a link: replace it with the file it points to"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._load()
@@ -142,16 +147,24 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def run_path(path: str | Path) -> Path:
+    """A run directory's path; an empty one is refused (it would write the whole run into the current
+    directory)."""
+    if not str(path).strip():
+        raise PrismError("the run directory is empty (--out '' / --run ''); name a directory, e.g. --out runs/demo")
+    return Path(path).expanduser()
+
+
 class RunDir:
     """A run directory you can point anywhere. Stages read and write only through it."""
 
     def __init__(self, path: str | Path):
-        self.root = Path(path).expanduser()
+        self.root = run_path(path)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test-")  # O_EXCL: never through a link
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise PrismError(f"cannot write to output directory {self.root}: {exc.strerror or exc}") from None
 
@@ -207,6 +220,65 @@ class RunDir:
 
 
 # --------------------------------------------------------------------------------------------------
+# a run directory stays inside itself
+
+STAGE_DIRS = ("gate", "distill", "prism", "check", ".prism-redo")
+"""The folders of a run PRISM writes into (their whole tree is checked for links leaving the run)."""
+
+
+RUN_FILE_SUFFIXES = (".json", ".jsonl", ".md", ".png", ".lock", ".safetensors", ".pt", ".txt", ".csv")
+
+
+def run_file_name(name: str) -> bool:
+    """Whether PRISM may write or delete an entry of this name at the top of a run (or check) directory:
+    its stage folders, its own dot-files and every kind of file it writes. Other entries (a data folder
+    you linked in) are never touched, so a link there is left alone."""
+    return name in STAGE_DIRS or name.startswith(".prism") or name.lower().endswith(RUN_FILE_SUFFIXES)
+
+
+def links_leaving(root: Path) -> list[Path]:
+    """The symlinks in ``root`` (its entries, and the trees of :data:`STAGE_DIRS`) whose target is
+    outside ``root``: a file the run writes or deletes is never reached through one of them."""
+    root = root.resolve()
+    out: list[Path] = []
+
+    def leaves(p: Path) -> bool:
+        try:
+            target = p.resolve()
+        except (OSError, RuntimeError):  # a loop of links: nowhere inside the run either
+            return True
+        return target != root and root not in target.parents
+
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return out
+    for e in entries:
+        p = Path(e.path)
+        if e.is_symlink():
+            if run_file_name(e.name) and leaves(p):
+                out.append(p)
+        elif e.name in STAGE_DIRS and e.is_dir(follow_symlinks=False):
+            for dirpath, dirnames, filenames in os.walk(p):  # does not follow links
+                for name in dirnames + filenames:
+                    q = Path(dirpath) / name
+                    if q.is_symlink() and leaves(q):
+                        out.append(q)
+    return out
+
+
+def check_inside(root: Path) -> None:
+    """One line naming the first link in the run directory ``root`` that leaves it (a received tarball
+    keeps symlinks: PRISM would write, append or delete outside the run through them)."""
+    bad = links_leaving(root)
+    if bad:
+        raise PrismError(
+            f"{bad[0]} is a link to {os.path.realpath(bad[0])}, outside the run directory {root.resolve()}; "
+            "a run writes only inside itself: replace the link with the file it points to, or remove it"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # one writer per run directory
 
 LOCK_NAME = ".prism.lock"
@@ -244,7 +316,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.root = Path(run_dir).expanduser().resolve()
+        self.root = run_path(run_dir).resolve()
         self.path = self.root / LOCK_NAME
 
     def __enter__(self) -> RunLock:
@@ -252,6 +324,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
+        check_inside(self.root)  # before the lock file itself is opened
         RunDir(self.root)  # creates it, or a one-line error for an unwritable path
         _HELD[key] = [self._acquire(), 1]
         return self
@@ -310,3 +383,110 @@ class RunLock:
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         return fh
+
+
+# --------------------------------------------------------------------------------------------------
+# a destructive command is all or nothing
+
+SWAP_DIR = ".prism-redo"
+"""Where :class:`StageSwap` keeps the files a ``--redo`` replaces until the command succeeds."""
+
+
+class StageSwap:
+    """``--redo`` without loss: the files it replaces are moved aside into ``RUN/.prism-redo/`` (and the
+    files every command rewrites are copied there), the stage is redone beside them, and only when the
+    command succeeds is the old copy dropped (:meth:`commit`). A command that fails calls
+    :meth:`rollback`: what it wrote under those names is removed and the old files move back, so the run
+    is byte-identical to what it was before the command started.
+
+    ``manifest.json`` lists every name with whether it existed when set aside; it is written before
+    anything moves, so a process killed at any moment leaves a state :meth:`begin` (called again by the
+    next command on the run) or :meth:`rollback` completes. A pending swap (``Ctrl-C``, ``kill -9``) is
+    carried on by the next command: it finishes the redo (commit) or, if it fails, restores the run as
+    it was before the first one.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.dir = run.root / SWAP_DIR
+        self.manifest_path = self.dir / "manifest.json"
+
+    def pending(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def _manifest(self) -> dict:
+        try:
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            names = m["names"]
+            if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+                raise ValueError("names")
+            return names
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PrismError(
+                f"{self.manifest_path} is not a record of an interrupted --redo; remove {self.dir} "
+                "(it holds the files the redo replaced) and redo the stage"
+            ) from None
+
+    def _safe(self, name: str) -> None:
+        if not name or name.startswith(("/", ".")) or ".." in Path(name).parts or "/" in name:
+            raise PrismError(f"{self.manifest_path} names '{name}', which is not a file of the run")
+
+    def begin(self, moved: Iterable[str], copied: Iterable[str] = ()) -> None:
+        """Set aside ``moved`` (they disappear from the run) and copy ``copied`` (they stay)."""
+        import shutil
+
+        names = self._manifest() if self.pending() else {}
+        moved = list(moved)
+        for name in moved:
+            names.setdefault(name, "moved" if (self.run.root / name).exists() else "absent")
+        for name in copied:
+            names.setdefault(name, "copied" if (self.run.root / name).exists() else "absent")
+        for name in names:
+            self._safe(name)
+        self.dir.mkdir(exist_ok=True)
+        write_json_atomic(self.manifest_path, {"names": names})
+        for name, how in names.items():
+            src, kept = self.run.root / name, self.dir / name
+            if how == "absent" or kept.exists() or kept.is_symlink():
+                continue  # set aside by an earlier (interrupted) command, or nothing to keep
+            if not (src.exists() or src.is_symlink()):
+                continue
+            if how == "moved":
+                os.replace(src, kept)
+            elif src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, kept, symlinks=True)
+            else:
+                shutil.copy2(src, kept, follow_symlinks=False)
+        for name in moved:  # asked to go again (a second --redo over a pending one): what the first wrote goes too
+            cur = self.run.root / name
+            if names[name] != "copied" and (cur.exists() or cur.is_symlink()):
+                if cur.is_dir() and not cur.is_symlink():
+                    shutil.rmtree(cur)
+                else:
+                    cur.unlink()
+
+    def commit(self) -> None:
+        """The command succeeded: drop the old files."""
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """The command failed: remove what it wrote under the swapped names, move the old files back."""
+        import shutil
+
+        if not self.pending():
+            return
+        for name, how in self._manifest().items():
+            self._safe(name)
+            cur, kept = self.run.root / name, self.dir / name
+            has_kept = kept.exists() or kept.is_symlink()
+            if how != "absent" and not has_kept:
+                continue  # never set aside (the command stopped before): the run's copy is the old one
+            if cur.is_symlink() or cur.is_file():
+                cur.unlink()
+            elif cur.is_dir():
+                shutil.rmtree(cur)
+            if has_kept:
+                os.replace(kept, cur)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -33,14 +33,15 @@ def add_parser(sub) -> None:
 
 def read_line() -> str:
     """One line of stdin; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    from ..config import MAX_TEXT_CHARS, check_text
     from ..errors import PrismError
 
     try:
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_TEXT_CHARS + 2)  # never more than the longest message in memory
         line.encode("utf-8")  # a piped stdin decodes with surrogateescape: undecodable bytes arrive as surrogates
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise PrismError("stdin is not UTF-8 text; prism chat reads one UTF-8 line per message") from None
-    return line
+    return check_text(line.rstrip("\r\n"), "a prism chat message") + line[len(line.rstrip("\r\n")) :]
 
 
 def describe(routed: bool, prob: float, forced: bool) -> str:
@@ -49,10 +50,11 @@ def describe(routed: bool, prob: float, forced: bool) -> str:
 
 
 def run(args) -> int:
-    from ..config import ChatSettings, settings_from_args
+    from ..config import ChatSettings, check_text, settings_from_args
     from ..serve.offline import check_engine_settings, force_value, open_chat
 
     settings = settings_from_args(ChatSettings, args)
+    check_text(settings.system, "--system")  # before the model loads
     check_engine_settings(settings)
     reply, close = open_chat(settings, args.quiet)
     try:

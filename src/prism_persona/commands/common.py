@@ -208,6 +208,16 @@ def add_stage_parser(sub, stage: str, help: str, description: str, example_set: 
         help=f"override a setting, e.g. --set {example_set} (repeatable)",
     )
     p.add_argument("--redo", action="store_true", help=f"run the {stage} stage again with the current settings")
+    # the files of this machine a run may have been made with (a saved RUN/config.json never names them for you)
+    p.add_argument("--queries-file", metavar="PATH", help="the training-queries file the run was made with")
+    p.add_argument("--heldout", metavar="PATH", help="the held-out file the run was made with")
+    p.add_argument(
+        "--persona-file",
+        action="append",
+        default=[],
+        metavar="DOMAIN=PATH",
+        help="a persona file outside the run the run was made with (repeatable)",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",

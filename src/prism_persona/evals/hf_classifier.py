@@ -94,10 +94,13 @@ def _load(model: str, trust_remote_code: bool):
     """Tokenizer and classifier (one-line error when the model cannot be found or read)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..models import check_config_size
+
+    check_config_size(model, f"--refusal-classifier {PREFIX}{model}")
     try:
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         clf = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights that do not fit the config
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PrismError(f"--refusal-classifier {PREFIX}{model}: cannot load the classifier ({reason})") from None
     if tok.pad_token is None:  # batches are padded

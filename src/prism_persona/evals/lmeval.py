@@ -106,9 +106,12 @@ class PrismLM(TemplateLM):
             log.info("prism: ignoring model_args %s", ", ".join(sorted(unused)))
         self.system = _check_system(system, artifact)
         threshold, max_length = _check_model_args(device, threshold, max_length)
+        auto = str(batch_size).startswith("auto")  # lm-eval's --batch_size auto / auto:N
+        self.batch_size_per_gpu = (
+            8 if auto else _model_arg(batch_size, "batch_size", int, at_least=1, at_most=65_536) or 8
+        )
         self.gm, model, tok = _load(artifact, pretrained, device, dtype, self.system)
         self.model, self.tokenizer = model, tok
-        self.batch_size_per_gpu = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
         self.threshold = threshold if threshold is not None else (self.gm.threshold if self.gm else 0.5)
         self._max_length = max_length or _model_max_length(model)
         self.persona = _persona_text(persona_file, domain) if self.system == "persona" else None

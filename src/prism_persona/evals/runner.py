@@ -31,6 +31,21 @@ CHUNK = 32
 """Items generated between cache flushes."""
 
 
+MAX_JUDGMENT_CHARS = 4_000
+"""Each text a judge returns is kept in ``judgments.jsonl`` to this many characters (a run's verdicts keep
+300 of a user judge's result, :data:`prism_persona.judges.MAX_RESULT_CHARS`; an eval judge's explanation
+is kept longer, it is exported as the FastChat ``judgment``); the grade is read before the cut."""
+
+
+def capped(result: dict) -> dict:
+    """``result`` with every string value cut to :data:`MAX_JUDGMENT_CHARS` (a judge served over HTTP
+    that answers 10 MB per item would otherwise make a judgments file of tens of MB for four items)."""
+    return {
+        k: (v[:MAX_JUDGMENT_CHARS] + "...[cut]" if isinstance(v, str) and len(v) > MAX_JUDGMENT_CHARS else v)
+        for k, v in result.items()
+    }
+
+
 @dataclass(frozen=True)
 class Job:
     """One item a system must answer: its cache key, what the benchmark needs to answer it, its persona domain."""
@@ -164,7 +179,9 @@ class EvalRunner:
             chunk = todo[start : start + CHUNK]
             res = judge_chunk([payload for _, payload, _ in chunk])
             self.count.judged += calls_per_job * len(chunk)
-            self.judgments.extend([{"key": k, "kind": kind, **fields, **r} for (k, _, fields), r in zip(chunk, res)])
+            self.judgments.extend(
+                [{"key": k, "kind": kind, **fields, **capped(r)} for (k, _, fields), r in zip(chunk, res)]
+            )
         return {key: self.judgments.get(key) for key, _, _ in jobs}
 
     # ------------------------------------------------------------------------------------------ summaries

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DTYPES, ENGINES, PERSONA_LENGTHS, PLACEMENTS, EngineConfig, ModelConfig, engine_block, option
+from ..config import (
+    DTYPES,
+    ENGINES,
+    MAX_NEW_TOKENS,
+    PERSONA_LENGTHS,
+    PLACEMENTS,
+    EngineConfig,
+    ModelConfig,
+    engine_block,
+    option,
+)
 
 G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
@@ -185,9 +195,13 @@ class EvalConfig:
         choices=("auto", "logprob", "text"),
         group=G_JUDGE,
     )
-    judge_tokens: int = option(48, "Token budget of a judge reply.", at_least=1, group=G_JUDGE)
-    answer_tokens: int = option(512, "Max new tokens per MT-Bench turn.", at_least=1, group=G_JUDGE)
-    safety_tokens: int = option(256, "Max new tokens per safety response.", at_least=1, group=G_JUDGE)
+    judge_tokens: int = option(48, "Token budget of a judge reply.", at_least=1, at_most=MAX_NEW_TOKENS, group=G_JUDGE)
+    answer_tokens: int = option(
+        512, "Max new tokens per MT-Bench turn.", at_least=1, at_most=MAX_NEW_TOKENS, group=G_JUDGE
+    )
+    safety_tokens: int = option(
+        256, "Max new tokens per safety response.", at_least=1, at_most=MAX_NEW_TOKENS, group=G_JUDGE
+    )
     no_pairwise: bool = option(False, "Skip MT-Bench pairwise win rates vs base.", group=G_JUDGE)
     resamples: int = option(1000, "Bootstrap resamples for 95% CIs.", at_least=0, group=G_JUDGE)
     seed: int = option(0, "Seed for bootstrap and random personas.", group=G_JUDGE)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config import check_text
 from ..errors import PrismError
 from ..userfiles import csv_checked, jsonl_rows
 
@@ -113,15 +114,27 @@ def read_records(path: str | Path, what: str) -> list[Row]:
     p = need_path(path, what)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
-        return _parquet_records(p)
+        return bounded(_parquet_records(p))
     if suffix not in RECORD_EXTENSIONS:
         raise PrismError(f"{p}: unsupported {what} file type '{suffix}'; use {', '.join(RECORD_EXTENSIONS)}")
     text = read_text(p, what)
     if suffix in (".csv", ".tsv"):
-        return list(csv_records(p, text, "\t" if suffix == ".tsv" else ","))
-    if suffix == ".jsonl":
-        return list(jsonl_records(p, text))
-    return json_records(p, text)
+        rows = list(csv_records(p, text, "\t" if suffix == ".tsv" else ","))
+    elif suffix == ".jsonl":
+        rows = list(jsonl_records(p, text))
+    else:
+        rows = json_records(p, text)
+    return bounded(rows)
+
+
+def bounded(rows: list[Row]) -> list[Row]:
+    """Every text of a set item is within the one length rule (:func:`config.check_text`), checked as
+    the file is read: a 200,000-character item is one line, not a generation running for minutes."""
+    for where, rec in rows:
+        for key, value in rec.items() if isinstance(rec, dict) else [("item", rec)]:
+            if isinstance(value, str):
+                check_text(value, f"{where}: {key!r}")
+    return rows
 
 
 def jsonl_records(p: Path, text: str) -> Iterable[Row]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import PERSONA_LENGTHS, PLACEMENTS
+from ..config import PERSONA_LENGTHS, PLACEMENTS, check_text
 from ..errors import PrismError
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,10 @@ def load_persona_file(path: str | Path) -> dict[str, dict[str, str]]:
         raise PrismError(f"persona file not found: {p}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         raise PrismError(f"persona file {p} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PrismError(f"persona file {p} is nested too deeply to be a persona file") from None
     if not isinstance(data, dict) or not data:
         raise PrismError(f"persona file {p}: expected an object {{domain: {{min|short|long: text}}}}")
     out = {}
@@ -225,6 +227,8 @@ def load_persona_file(path: str | Path) -> dict[str, dict[str, str]]:
             v = {k: v for k in PERSONA_LENGTHS}
         if not isinstance(v, dict) or not all(isinstance(t, str) and t.strip() for t in v.values()):
             raise PrismError(f"persona file {p}: domain '{dom}' must map to text or {{length: text}}")
+        for length, text in v.items():
+            check_text(text, f"persona file {p}: domain '{dom}' ({length})")
         out[str(dom)] = dict(v)
     return out
 

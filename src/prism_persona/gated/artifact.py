@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 PRISM_CONFIG = "prism_config.json"
 ADAPTER_DIR = "adapter"
 FINGERPRINT_FILE = "base_fingerprint.json"  # in the run directory, written when the model is loaded
+MAX_ADAPTER_ABS = 1e3  # a trained LoRA's weights are O(1); larger ones only overflow the base model's activations
+MAX_GATE_ABS = 1e6  # the gate's weights and its feature standardisation (layer-0 states reach the thousands)
+MAX_LORA_ALPHA = 1e4  # lora_alpha (and alpha_pattern values): the LoRA scale is alpha / r
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Artifact:
         _check_number(cfg, "threshold", cfg_path, at_least=0, at_most=1)
         _check_gate_config(d / GATE_CONFIG)
         _check_safetensors(d / GATE_WEIGHTS)
+        _check_tensors(d / GATE_WEIGHTS, MAX_GATE_ABS)
         if need_adapter:
             art._check_adapter()
         return art
@@ -86,7 +90,16 @@ class Artifact:
             )
         acfg = _json_object(adapter / "adapter_config.json")
         _check_number(acfg, "r", adapter / "adapter_config.json", at_least=1, integer=True)
-        _check_number(acfg, "lora_alpha", adapter / "adapter_config.json", above=0)
+        _check_number(acfg, "lora_alpha", adapter / "adapter_config.json", above=0, at_most=MAX_LORA_ALPHA)
+        for key, bounds in (
+            ("alpha_pattern", {"above": 0, "at_most": MAX_LORA_ALPHA}),
+            ("rank_pattern", {"at_least": 1}),
+        ):
+            pattern = acfg.get(key) or {}
+            if not isinstance(pattern, dict):
+                raise PrismError(f"{adapter / 'adapter_config.json'}: {key} is not an object; re-assemble the artifact")
+            for module in pattern:
+                _check_number(pattern, module, adapter / "adapter_config.json", integer=key == "rank_pattern", **bounds)
         weights = adapter / "adapter_model.safetensors"
         if not weights.exists() and (adapter / "adapter_model.bin").is_file():
             raise PrismError(
@@ -94,6 +107,7 @@ class Artifact:
                 "re-assemble the artifact (PRISM writes adapter_model.safetensors)"
             )
         _check_safetensors(weights)
+        _check_tensors(weights, MAX_ADAPTER_ABS, lora_rank=_lora_rank(acfg))
 
     def check_trust(self, trust_remote_code: bool) -> bool:
         """Custom modelling code runs only when the user typed ``--trust-remote-code``: an artifact
@@ -220,6 +234,56 @@ def _check_safetensors(path: Path) -> None:
         if 8 + n + end > size:
             raise ValueError(f"truncated ({size} bytes, the header describes {8 + n + end})")
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OSError) as exc:
+        raise PrismError(f"{path} is not a valid safetensors file ({exc}); re-assemble the artifact") from None
+
+
+def _lora_rank(acfg: dict):
+    """``module name -> rank`` of an adapter config (``rank_pattern`` keys matched as name suffixes)."""
+    r, pattern = int(acfg.get("r", 8)), acfg.get("rank_pattern") or {}
+
+    def rank(tensor_name: str) -> int:
+        module = tensor_name.split(".lora_")[0]
+        for key, value in pattern.items():
+            if module == key or module.endswith("." + key) or module.endswith(key):
+                return int(value)
+        return r
+
+    return rank
+
+
+def _check_tensors(path: Path, max_abs: float, lora_rank=None) -> None:
+    """Every tensor of a (header-checked) safetensors file is finite and within ``max_abs``: a NaN or
+    huge weight is one line naming the tensor, never a model that answers garbage. ``lora_rank``
+    (adapters): each ``lora_A`` is a matrix of that many rows, each ``lora_B`` of that many columns."""
+    import torch
+    from safetensors import safe_open
+
+    from ..errors import PrismError
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                if lora_rank is not None and (".lora_A." in name or ".lora_B." in name):
+                    want, axis = lora_rank(name), 0 if ".lora_A." in name else 1
+                    if t.dim() != 2 or t.shape[axis] != want:
+                        raise PrismError(
+                            f"{path}: tensor {name} has shape {list(t.shape)}, not a rank-{want} LoRA matrix; "
+                            "re-assemble the artifact"
+                        )
+                if not (t.is_floating_point() and t.numel()):
+                    continue
+                if not bool(torch.isfinite(t).all()):
+                    raise PrismError(f"{path}: tensor {name} holds NaN or infinite values; re-assemble the artifact")
+                peak = float(t.abs().max())
+                if peak > max_abs:
+                    raise PrismError(
+                        f"{path}: tensor {name} holds a value of magnitude {peak:.3g} (at most {max_abs:g} in a "
+                        "trained PRISM artifact); re-assemble the artifact"
+                    )
+    except PrismError:
+        raise
+    except Exception as exc:  # safetensors' own errors (dtype, layout) are not one class
         raise PrismError(f"{path} is not a valid safetensors file ({exc}); re-assemble the artifact") from None
 
 

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from ..config import check_text
 from ..errors import PrismError
 
 
@@ -140,9 +141,10 @@ def chat_of(obj, where: str) -> list:
         )
         if not ok or not any(m["role"] == "user" for m in msgs):
             raise PrismError(f"{where}: 'messages' must be a list of {{role, content}} with at least one user turn")
+        check_text("".join(m["content"] for m in msgs), f"{where}: 'messages'")  # the whole chat reaches the model
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-        return [{"role": "user", "content": obj["prompt"]}]
+        return [{"role": "user", "content": check_text(obj["prompt"], f"{where}: 'prompt'")}]
     raise PrismError(f"{where} has no non-empty 'prompt' string or 'messages' list")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,7 +425,7 @@ def run_check(
     items = load_heldout(heldout, rewarded)
     personas = persona_texts(art, sorted({q.domain for q in items}), persona_files)
     check_judge_spec(judge)
-    out_dir = Path(out or art.path.parent / "check").expanduser().resolve()
+    out_dir = Path(os.path.abspath(Path(out or art.path.parent / "check").expanduser()))  # a link is not followed
     # one writer: the run whose check this is (a `prism run` on it holds the same lock), else --out
     with RunLock(art.path.parent if out_dir == art.path.parent / "check" else out_dir):
         run = RunDir(out_dir)

@@ -584,6 +584,22 @@ def stopped_early(state: dict, patience: int) -> bool:
     return state["epoch"] - state["best_epoch"] >= patience
 
 
+def check_finite(loss: float, params, step: int, dcfg) -> None:
+    """One line, naming the settings, at the first step whose loss or LoRA weights are NaN or infinite
+    (before any checkpoint or adapter is written: a diverged LoRA is never saved)."""
+    bad = "" if math.isfinite(loss) else f"loss ({loss})"
+    if not bad and not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        bad = "LoRA weights"
+    if bad:
+        from ..errors import PrismError
+
+        raise PrismError(
+            f"distillation diverged at step {step}: the {bad} became non-finite with distill.lr={dcfg.lr} and "
+            f"distill.kl_temperature={dcfg.kl_temperature}; lower distill.lr or raise distill.kl_temperature "
+            "(nothing was saved)"
+        )
+
+
 def distill_settings(cfg: RunConfig) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
     return {
@@ -685,6 +701,7 @@ def run_distill(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
+            check_finite(loss_sum, params, step, dcfg)
             rec = {"step": step, "epoch": epoch + 1, "loss": loss_sum, "lr": lr, "tokens": n_tok}
             curve.append(rec)
             if dp.is_main:

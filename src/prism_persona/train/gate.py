@@ -389,8 +389,10 @@ def fit_gate(
     for epoch in range(1, int(cfg.epochs) + 1):
         gate.train()
         opt.zero_grad()
-        _weighted_bce(gate, features, y, w).backward()
+        loss = _weighted_bce(gate, features, y, w)
+        loss.backward()
         opt.step()
+        check_finite(loss, gate.parameters(), epoch, cfg)
         if use_val:
             gate.eval()
             with torch.no_grad():
@@ -406,6 +408,21 @@ def fit_gate(
     gate.stopped_epoch = epoch
     gate.eval()
     return gate
+
+
+def check_finite(loss: torch.Tensor, params, epoch: int, cfg) -> None:
+    """One line, naming the settings, when an epoch made the loss or a gate weight NaN or infinite
+    (nothing non-finite is ever saved)."""
+    bad = "loss" if not bool(torch.isfinite(loss.detach()).all()) else ""
+    if not bad and not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        bad = "weights"
+    if bad:
+        from ..errors import PrismError
+
+        raise PrismError(
+            f"gate training diverged at epoch {epoch}: the {bad} became non-finite with gate.lr={cfg.lr} and "
+            f"gate.weight_decay={cfg.weight_decay}; lower gate.lr (nothing was saved)"
+        )
 
 
 def train_gate(

@@ -34,7 +34,7 @@ from ..bootstrap.summary import build_summary, format_data_report, format_summar
 from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
 from ..errors import PrismError
 from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
-from ..store import JsonlStore, RunDir, RunLock
+from ..store import JsonlStore, RunDir, RunLock, StageSwap
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,73 @@ def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optiona
     """
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
-        redo_if_asked(cfg, redo_stage)
-        return _run_bootstrap(cfg, engine, judge)
+        check_redo(cfg, redo_stage, judge)
+        with redo_guard(cfg, redo_stage):
+            return _run_bootstrap(cfg, engine, judge)
 
 
-def redo_if_asked(cfg: C.RunConfig, stage: Optional[str]) -> None:
-    """``--redo STAGE``: called with the run locked and every setting checked, so a refused command
-    (a bad flag, another process on the run) deletes nothing."""
+def check_redo(cfg: C.RunConfig, stage: Optional[str], judge=None) -> None:
+    """Before ``--redo STAGE`` sets anything aside: the judge it will need resolves and the labelled data
+    the training stages it redoes read is readable (one-line errors; the run is not touched)."""
+    if not stage:
+        return
+    stages = redo_stages(stage)
+    if judge is None and any(get_stage(s).stores for s in stages):
+        from ..judges import check_judge_spec
+
+        check_judge_spec(cfg.judge.judge)
+    if not any(get_stage(s).stores for s in stages):  # only training stages: their input must be readable
+        labelled(RunDir(cfg.out), cfg)
+
+
+def labelled(run: RunDir, cfg: C.RunConfig) -> list[dict]:
+    """The run's labelled pairs (:func:`load_labelled`); none at all is one line (a stage trained on
+    nothing would replace a trained gate or LoRA with an untrained one)."""
+    records = load_labelled(run, cfg.judge.abstain_margin)
+    if not records:
+        raise PrismError(
+            f"{run.path('verdicts.jsonl')} holds no judged pairs to train on; run `prism bootstrap --out "
+            f"{run.root}` (with --redo verdicts to judge again) first"
+        )
+    return records
+
+
+_SWAPPING: set[str] = set()  # run dirs with a redo in progress in this process (nested calls join it)
+REWRITTEN = ("config.json", "bootstrap_sessions.jsonl", "summary.json", "summary.md")
+"""Files a command may rewrite whatever stage it redoes (copied aside with the redone ones)."""
+
+
+@contextlib.contextmanager
+def redo_guard(cfg: C.RunConfig, stage: Optional[str]):
+    """``with redo_guard(cfg, "--redo" stage):`` the command, all or nothing (:class:`StageSwap`): the
+    files ``--redo STAGE`` replaces are set aside (with ``config.json`` and the other files every command
+    rewrites) and dropped only when the block succeeds; an error in the block restores them, so a failed
+    redo leaves the run byte-identical. Ctrl-C / kill leave the swap pending: the next command on the
+    run carries it on. Called with the run locked."""
+    from ..gated.artifact import FINGERPRINT_FILE
+
+    run = RunDir(cfg.out)
+    swap = StageSwap(run)
+    key = str(run.root.resolve())
+    if key in _SWAPPING or not (stage or swap.pending()):
+        yield
+        return
+    if swap.pending():
+        log.warning("%s: carrying on an interrupted --redo (the files it replaces are in %s)", run.root, swap.dir)
     if stage:
-        redo(cfg.out, stage)
+        redo_stages(stage)
+        log.info("redo %s: setting aside %s until it succeeds", stage, ", ".join(redo_names(stage)))
+    swap.begin(redo_names(stage) if stage else (), REWRITTEN + (FINGERPRINT_FILE,))
+    _SWAPPING.add(key)
+    try:
+        yield
+    except (Exception, SystemExit):
+        swap.rollback()
+        log.info("%s: the command failed; the run is restored as it was before it", run.root)
+        raise
+    finally:
+        _SWAPPING.discard(key)
+    swap.commit()
 
 
 def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
@@ -277,6 +335,15 @@ def redo_stages(stage: str) -> list[str]:
     return with_dependents(stage)
 
 
+def redo_names(stage: str) -> list[str]:
+    """What redoing ``stage`` replaces: the done markers first, the stage files and directories, the
+    assembled artifact, its check and the training report, then the saved stage settings."""
+    stages = redo_stages(stage)
+    names = [n for s in stages for n in get_stage(s).files]
+    names.sort(key=lambda n: not n.endswith(".done.json"))  # markers first
+    return names + ["prism", "check", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
+
+
 def redo(run_dir, stage: str) -> list[str]:
     """Forget ``stage`` (and what depends on it) so the next run redoes it with the current settings.
 
@@ -288,12 +355,8 @@ def redo(run_dir, stage: str) -> list[str]:
     import shutil
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    stages = redo_stages(stage)
-    names = [n for s in stages for n in get_stage(s).files]
-    names.sort(key=lambda n: not n.endswith(".done.json"))  # markers first
-    names += ["prism", "check", "training_report.json", "training_report.md"] + [f"{s}.meta.json" for s in stages]
     removed = []
-    for name in names:
+    for name in redo_names(stage):
         path = run.path(name)
         if path.is_dir():
             shutil.rmtree(path)
@@ -341,8 +404,9 @@ def train_stages(
     main = DataParallel().is_main  # data-parallel distillation: every rank trains, rank 0 writes
     with RunLock(cfg.out) if main else contextlib.nullcontext():
         if main:
-            redo_if_asked(cfg, redo_stage)
-        return _train_stages(cfg, model, tok, stages, seconds, main)
+            check_redo(cfg, redo_stage)
+        with redo_guard(cfg, redo_stage) if main else contextlib.nullcontext():
+            return _train_stages(cfg, model, tok, stages, seconds, main)
 
 
 def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
@@ -351,13 +415,17 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
 
     run = RunDir(cfg.out)
     check_trained(cfg, run, stages)
-    records = load_labelled(run, cfg.judge.abstain_margin)
-    seconds = dict(seconds or {})
     todo = any(not run.done(s) for s in stages)
-    if todo and main:
-        save_config(run, cfg)
+    records = labelled(run, cfg) if todo else load_labelled(run, cfg.judge.abstain_margin)
+    seconds = dict(seconds or {})
     if todo and model is None:
         model, tok = load_base(cfg)
+    if "distill" in stages and not run.done("distill"):  # settings checked against the model before any write
+        from .distill import lora_targets
+
+        lora_targets(model, cfg.distill)
+    if todo and main:
+        save_config(run, cfg)
     if model is not None and main:
         from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
 
@@ -388,8 +456,9 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional
         )
     preflight(cfg, engine, judge)
     with RunLock(cfg.out):
-        redo_if_asked(cfg, redo_stage)
-        return _run_pipeline(cfg, engine, judge)
+        check_redo(cfg, redo_stage, judge)
+        with redo_guard(cfg, redo_stage):
+            return _run_pipeline(cfg, engine, judge)
 
 
 def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
