@@ -440,9 +440,6 @@ class GateConfig:
     base_queries: str = option(
         "builtin",
         "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (about 140 everyday requests and knowledge questions shipped with PRISM; kept other domains off best, docs/method-check.md), 'off', or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
-        flag="--base-queries",
-        metavar="builtin|off|PATH",
-        group=G_DATA,
     )
 
     def validate(self) -> None:

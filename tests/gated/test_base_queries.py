@@ -150,7 +150,7 @@ def test_a_saved_config_never_reads_a_base_queries_file_outside_the_run(tmp_path
     run_dir.mkdir()
     saved = {"gate": {"base_queries": str(outside)}}
     cfg = C.resolve("tiny", overrides=saved)
-    with pytest.raises(PrismError, match=r"gate.base_queries = .*--base-queries"):
+    with pytest.raises(PrismError, match=r"gate.base_queries = .*--set gate.base_queries="):
         C.check_how_to_run(cfg, saved, {}, "runs/x/config.json", str(run_dir))
     C.check_how_to_run(cfg, saved, saved, "runs/x/config.json", str(run_dir))  # typed again: used
     inside = run_dir / "base.txt"
@@ -161,3 +161,18 @@ def test_a_saved_config_never_reads_a_base_queries_file_outside_the_run(tmp_path
     # a relative path in a config file is relative to that file
     (tmp_path / "cfg.json").write_text(json.dumps({"gate": {"base_queries": "mine.txt"}}))
     assert C.resolve("tiny", file=tmp_path / "cfg.json").gate.base_queries == str(outside.resolve())
+
+
+def test_prism_run_refuses_a_bad_base_queries_file_before_anything_loads(tmp_path, monkeypatch, capsys):
+    import prism_persona.train.pipeline as P
+    from prism_persona import cli
+
+    monkeypatch.setattr(P, "load_base", lambda cfg: pytest.fail("model loaded"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    args = ["run", "--out", str(tmp_path / "run"), "--domains", "w,c", "-q", "--set"]
+    assert cli.main(args + ["gate.base_queries=missing.txt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"not found: {tmp_path / 'missing.txt'}" in err  # resolved where typed
+    assert cli.main(args + ["gate.base_queries=empty.txt"]) == 2
+    assert "holds no queries" in capsys.readouterr().err

@@ -97,10 +97,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     for section, key in (("queries", "queries_file"), ("check", "queries")):
         if o.get(section, {}).get(key):
             o[section][key] = str(Path(o[section][key]).expanduser().resolve())
-    from ..config import is_base_queries_file
-
-    if is_base_queries_file(o.get("gate", {}).get("base_queries")):
-        o["gate"]["base_queries"] = str(Path(o["gate"]["base_queries"]).expanduser().resolve())
     for item in given.get("set") or []:
         if "=" not in item:
             raise PrismError(f"--set wants KEY=VALUE, got '{item}'")
@@ -110,6 +106,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError:
             value = raw
         _put(o, key.strip(), value)
+    from ..config import is_base_queries_file
+
+    if is_base_queries_file(o.get("gate", {}).get("base_queries")):  # --set gate.base_queries=PATH
+        o["gate"]["base_queries"] = str(Path(o["gate"]["base_queries"]).expanduser().resolve())
     return o
 
 

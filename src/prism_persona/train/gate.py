@@ -383,7 +383,7 @@ def read_base_queries(path: str) -> list[str]:
     from ..userfiles import read_user_text
 
     p = Path(path).expanduser()
-    text = read_user_text(p, "base queries file (--base-queries)")
+    text = read_user_text(p, "base queries file (gate.base_queries)")
     out = _query_lines(text, str(p), jsonl=p.suffix.lower() == ".jsonl")
     if not out:
         raise PrismError(f"base queries file {p} holds no queries")
