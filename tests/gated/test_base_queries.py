@@ -176,3 +176,18 @@ def test_prism_run_refuses_a_bad_base_queries_file_before_anything_loads(tmp_pat
     assert err.count("\n") == 0 and f"not found: {tmp_path / 'missing.txt'}" in err  # resolved where typed
     assert cli.main(args + ["gate.base_queries=empty.txt"]) == 2
     assert "holds no queries" in capsys.readouterr().err
+
+
+def test_the_gate_stage_depends_on_the_base_queries_content(tmp_path):
+    from prism_persona.train.gate import gate_settings
+
+    f = tmp_path / "base.txt"
+    f.write_text("What is 2 + 2?\n", encoding="utf-8")
+    cfg = C.resolve("tiny", overrides={"gate": {"base_queries": str(f)}})
+    before = gate_settings(cfg)
+    f.write_text("What is 2 + 3?\n", encoding="utf-8")
+    assert gate_settings(cfg) != before  # an edited file is a changed setting: the stage is not reused
+    builtin = gate_settings(C.resolve("tiny"))
+    assert builtin["base_queries_hash"] and "base_queries_hash" not in gate_settings(
+        C.resolve("tiny", overrides={"gate": {"base_queries": "off"}})
+    )
