@@ -26,7 +26,14 @@ from prism_persona.evals.benchmarks.mmlu import load_mmlu, mmlu_prompt
 from prism_persona.gated.features import query_features
 from prism_persona.models import load_model
 from prism_persona.stats import binary_metrics
-from prism_persona.train.gate import fit_ood, near_duplicate_clusters, ood_reference_rows, train_gate_on_records
+from prism_persona.text import jaccard, word_set
+from prism_persona.train.gate import (
+    builtin_base_queries,
+    fit_ood,
+    near_duplicate_clusters,
+    ood_reference_rows,
+    train_gate_on_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MMLU_FIXTURES = [
@@ -120,6 +127,46 @@ def foreign_base_study(name: str, other: str, kit: dict, records: list, feats: d
     return out
 
 
+def base_examples_study(name: str, other: str, records: list, feats: dict, held_route: list, pooling: str) -> dict:
+    """The kit's gate trained without / with the built-in base examples (gate.base_queries = builtin),
+    each with the abstain rule on (GateConfig default) and off: routing on the kit's held-out queries,
+    MMLU, MT-Bench and the other kit's queries (training + held-out; never trained on here)."""
+    sets = {
+        "own_heldout": feats[f"{name}_heldout"],
+        "mmlu": feats["mmlu"],
+        "mtbench": feats["mtbench"],
+        f"other_kit_{other}": torch.cat([feats[f"{other}_train"], feats[f"{other}_heldout"]]),
+    }
+    out = {}
+    for ood in ("mahalanobis", "off"):
+        cfg = replace(GateConfig(), pooling=pooling, ood=ood)
+        for base_label, base in (("no base examples", None), ("builtin base examples", feats["builtin_base"])):
+            bundle = train_gate_on_records(feats[f"{name}_train"], records, cfg, seed=0, base_features=base)
+            row = routing_rates(bundle, sets)
+            if all(v is not None for v in held_route):
+                with torch.no_grad():
+                    _, routed, _ = bundle.decide(sets["own_heldout"])
+                y = [int(v) for v in held_route]
+                row["own_heldout"]["balanced_accuracy"] = binary_metrics(routed.float().tolist(), y, 0.5)[
+                    "balanced_accuracy"
+                ]
+                row["own_heldout"]["expected_route_rate"] = sum(y) / len(y)
+            row["base_examples"] = bundle.info["base_examples"]
+            out[f"ood={ood}, {base_label}"] = row
+    return out
+
+
+def builtin_overlap(texts: dict) -> dict:
+    """The largest word-set Jaccard between a built-in base example and any query of each measurement
+    set (the built-in list must not contain the evaluation sets' texts)."""
+    base = [word_set(q) for q in texts["builtin_base"]]
+    out = {}
+    for key, qs in texts.items():
+        if key != "builtin_base":
+            out[key] = max(jaccard(b, word_set(q)) for b in base for q in qs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/ood_study.json")
@@ -141,6 +188,7 @@ def main() -> None:
     texts = {
         "mmlu": mmlu_queries(),
         "mtbench": mtbench_queries(),
+        "builtin_base": builtin_base_queries(),
     }
     for name, k in kits.items():
         texts[f"{name}_train"] = [r["query"] for r in k["train"]]
@@ -212,7 +260,10 @@ def main() -> None:
         # the issue's second idea, simulated: the bootstrap adds queries of other domains as "base"
         # examples. Here: the other kit's TRAINING queries, label 0; scored on its HELD-OUT queries only
         out["foreign_base_examples"] = foreign_base_study(name, other, k, records, feats, args.pooling)
+        # the issue's second idea as shipped: gate.base_queries = builtin (with and without)
+        out["builtin_base_examples"] = base_examples_study(name, other, records, feats, held_route, args.pooling)
         results["kits"][name] = out
+    results["builtin_max_jaccard_to_measurement_sets"] = builtin_overlap(texts)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name, out in results["kits"].items():
@@ -228,6 +279,15 @@ def main() -> None:
         for label, sets in out["foreign_base_examples"].items():
             cells = " ".join(f"{s}={e['routed']:.0%}({e['routed_without_ood']:.0%})" for s, e in sets.items())
             print(f"{name}: {label}: {cells}")
+    for name, out in results["kits"].items():
+        for label, sets in out["builtin_base_examples"].items():
+            cells = " ".join(
+                f"{s}={e['routed']:.0%}" + (f"(bacc {e['balanced_accuracy']:.2f})" if "balanced_accuracy" in e else "")
+                for s, e in sets.items()
+                if isinstance(e, dict)
+            )
+            print(f"{name}: {label}: {cells}")
+    print("builtin max Jaccard:", results["builtin_max_jaccard_to_measurement_sets"])
     print(f"{results['seconds']} s")
 
 

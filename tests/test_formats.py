@@ -86,3 +86,27 @@ def test_artifact_config_version(tiny_model_dir, tmp_path):
     path.write_text(json.dumps({**written, "format_version": 2}))
     with pytest.raises(PrismError, match="prism_config.json has format_version 2, newer than this PRISM reads"):
         Artifact.read(art)
+
+
+def test_gate_config_version(tmp_path):
+    import torch
+
+    from prism_persona.gated.gate import GATE_CONFIG, Gate, GateBundle
+
+    torch.manual_seed(0)
+    gate = Gate(8, [], dropout=0.0, pooling="mean")
+    with torch.no_grad():
+        gate.mlp[-1].weight.normal_()
+    GateBundle(gate=gate, threshold=0.3).save(tmp_path)
+    path = tmp_path / GATE_CONFIG
+    written = json.loads(path.read_text())
+    assert written["format_version"] == F.GATE_CONFIG.current == 1
+    del written["format_version"]  # a gate saved before the field existed
+    path.write_text(json.dumps(written))
+    read = GateBundle.load(tmp_path)
+    assert read.info["format_version"] == 1 and read.threshold == 0.3
+    x = torch.randn(5, 8)
+    assert torch.equal(read.gate(x), gate(x))
+    path.write_text(json.dumps({**written, "format_version": 2}))
+    with pytest.raises(PrismError, match="gate_config.json has format_version 2, newer than this PRISM reads"):
+        GateBundle.load(tmp_path)

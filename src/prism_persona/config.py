@@ -478,9 +478,22 @@ class GateConfig:
         at_most=1,
     )
     ood_k: int = option(5, "Neighbours averaged by ood = knn.", at_least=1)
+    base_queries: str = option(
+        "builtin",
+        "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (about 140 everyday requests and knowledge questions shipped with PRISM; kept other domains off best, docs/method-check.md), 'off', or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
+    )
 
     def validate(self) -> None:
         calibration_rate(self.calibrate)
+
+
+BASE_QUERIES_WORDS = ("builtin", "off")
+"""The values of ``gate.base_queries`` that name no file."""
+
+
+def is_base_queries_file(value: Any) -> bool:
+    """``gate.base_queries`` names a file (not builtin / off / empty)."""
+    return isinstance(value, str) and bool(value.strip()) and value.strip().lower() not in BASE_QUERIES_WORDS
 
 
 def calibration_rate(method: str) -> Optional[float]:
@@ -965,6 +978,9 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     queries = data.get("queries")
     if isinstance(queries, dict) and isinstance(queries.get("queries_file"), str) and queries["queries_file"]:
         queries["queries_file"] = absolute(queries["queries_file"])
+    gate = data.get("gate")
+    if isinstance(gate, dict) and is_base_queries_file(gate.get("base_queries")):
+        gate["base_queries"] = absolute(gate["base_queries"])
     check = data.get("check")
     if isinstance(check, dict) and isinstance(check.get("queries"), str) and check["queries"]:
         check["queries"] = absolute(check["queries"])
@@ -1235,7 +1251,7 @@ HOW_TO_RUN = (
     "engine.base_url",
     "engine.api_key_env",
 )
-LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries")
+LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", "gate.base_queries")
 """Settings that run code, reach the network or read files on this machine. A config file (a received
 ``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
 they are used only when this command line says them too (:func:`check_how_to_run`)."""
@@ -1259,6 +1275,8 @@ def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, 
 
 def _from_file_only(cfg: RunConfig, key: str, file_data: dict, typed: dict, run_dir: str) -> bool:
     value = _dotted(file_data, key)
+    if key == "gate.base_queries" and not is_base_queries_file(value):  # builtin / off name no file
+        return False
     if value is None or _dotted(typed, key) is not None or value == _dotted(to_dict(RunConfig()), key):
         return False
     return _engine_uses(cfg, key) and not (key in LOCAL_FILES and _all_inside(value, run_dir))

@@ -1,5 +1,5 @@
 """Versions of the files PRISM writes and reads back: ``RUN/config.json`` (and any config file, same
-layout) and an artifact's ``prism_config.json``.
+layout), an artifact's ``prism_config.json`` and a gate's ``gate_config.json``.
 
 Each file carries ``format_version``; a file without it is version 1 (the layout before the field
 existed). Reading a file runs its migrations, one function per version step (``migrations[n]`` turns
@@ -34,6 +34,10 @@ RUN_CONFIG = FileFormat("config file", 1)
 ARTIFACT_CONFIG = FileFormat("artifact config", 1)
 """An artifact's ``prism_config.json`` (version 1: base_model, model_kind, adapter, gate files,
 threshold, prism_version and the run's settings)."""
+
+GATE_CONFIG = FileFormat("gate config", 1)
+"""A gate's ``gate_config.json`` (``RUN/gate/`` and inside an artifact; version 1: hidden_size,
+hidden_sizes, pooling, threshold, the optional ``ood`` abstain region and the training info)."""
 
 
 def version_of(data: dict, fmt: FileFormat, where: str) -> int:

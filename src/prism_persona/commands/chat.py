@@ -44,8 +44,10 @@ def read_line() -> str:
     return check_text(line.rstrip("\r\n"), "a prism chat message") + line[len(line.rstrip("\r\n")) :]
 
 
-def describe(routed: bool, prob: float, forced: bool) -> str:
+def describe(routed: bool, prob: float, forced: bool, abstained: bool = False) -> str:
     how = "forced" if forced else f"gate p={prob:.2f}"
+    if abstained and not forced:
+        how += ", abstained: the query is unlike the gate's training queries"
     return f"[routing: persona LoRA {'ON' if routed else 'off'} ({how})]"
 
 
@@ -94,7 +96,7 @@ def converse(system: str, forced, reply) -> int:
             meta = comp.meta or {}
             decision = (meta.get("routed", False), meta.get("gate_prob"))
             print(
-                describe(decision[0], decision[1], forced is not None)
+                describe(decision[0], decision[1], forced is not None, bool(meta.get("abstained")))
                 if decision[1] is not None
                 else "[base model: no PRISM gate]"
             )

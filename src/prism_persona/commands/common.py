@@ -106,6 +106,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError:
             value = raw
         _put(o, key.strip(), value)
+    from ..config import is_base_queries_file
+
+    if is_base_queries_file(o.get("gate", {}).get("base_queries")):  # --set gate.base_queries=PATH
+        o["gate"]["base_queries"] = str(Path(o["gate"]["base_queries"]).expanduser().resolve())
     return o
 
 

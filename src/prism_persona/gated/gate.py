@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..formats import GATE_CONFIG as GATE_CONFIG_FORMAT
+from ..formats import stamp, upgrade
 from .features import FEATURE_LAYER
 
 GATE_WEIGHTS = "gate.safetensors"
@@ -229,6 +231,7 @@ class GateBundle:
             cfg["ood"] = self.gate.ood.settings()
         else:
             cfg.pop("ood", None)
+        cfg = stamp(cfg, GATE_CONFIG_FORMAT)
         (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
@@ -237,6 +240,8 @@ class GateBundle:
 
         d = Path(directory)
         cfg = json.loads((d / GATE_CONFIG).read_text(encoding="utf-8"))
+        # a file without format_version is version 1; a newer one is a one-line PrismError
+        cfg = upgrade(cfg, GATE_CONFIG_FORMAT, str(d / GATE_CONFIG))
         # artifacts written before the pooling was stored used the last prompt token (and a [128, 64] MLP)
         gate = Gate(
             cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), dropout=0.0, pooling=cfg.get("pooling", "last")

@@ -287,13 +287,21 @@ def new_id() -> str:
 
 
 def prism_field(meta: dict) -> dict:
-    """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``."""
-    return {"routed": bool(meta.get("routed", False)), "gate_prob": round(float(meta.get("gate_prob", 0.0)), 6)}
+    """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``, and
+    ``"abstained": bool`` when the artifact's gate has an abstain region (``gate.ood``): true when the
+    query lay outside the region the gate was trained on and went to the base model for that reason."""
+    out = {"routed": bool(meta.get("routed", False)), "gate_prob": round(float(meta.get("gate_prob", 0.0)), 6)}
+    if "abstained" in meta:
+        out["abstained"] = bool(meta["abstained"])
+    return out
 
 
 def prism_headers(meta: dict) -> dict:
     p = prism_field(meta)
-    return {"X-Prism-Routed": "true" if p["routed"] else "false", "X-Prism-Gate-Prob": f"{p['gate_prob']:.6f}"}
+    out = {"X-Prism-Routed": "true" if p["routed"] else "false", "X-Prism-Gate-Prob": f"{p['gate_prob']:.6f}"}
+    if "abstained" in p:
+        out["X-Prism-Abstained"] = "true" if p["abstained"] else "false"
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions`` (JSON, or ``stream: true`` server-sent events ending with
 ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. The ``/v1`` prefix is optional.
 
-Every request goes through the gate; the response carries ``prism: {"routed", "gate_prob"}`` and
+Every request goes through the gate; the response carries ``prism: {"routed", "gate_prob"}`` (and
+``"abstained"`` when the artifact's gate has an abstain region) and
 the headers ``X-Prism-Routed`` / ``X-Prism-Gate-Prob``. A request may set ``prism: {"force": bool}``
 (``extra_body`` in the openai client) to switch the LoRA on or off regardless of the gate.
 
@@ -16,7 +17,7 @@ Two modes:
 
 * local (default): ``backend`` is a :class:`~prism_persona.serve.backend.GatedBackend` around a
   ``GatedModel`` (or anything with its interface, e.g. a test double) and generates here;
-* route-only: only the gate runs here (``backend.route``); each request is forwarded to an upstream
+* route-only: only the gate runs here (``backend.decisions``); each request is forwarded to an upstream
   OpenAI-compatible server (e.g. vLLM with the exported adapter) under the base model's name or the
   LoRA's name, and the upstream response (streams too) is passed through with the routing fields added.
 
@@ -301,17 +302,16 @@ class PrismApp:
         ready = self._admit(jobs)
         if not ready:
             return
-        routes = self.backend.route([j.payload.messages for j in ready])
-        for job, (prob, routed) in zip(ready, routes):
-            job.result = (float(prob), bool(routed))
+        for job, decision in zip(ready, self.backend.decisions([j.payload.messages for j in ready])):
+            job.result = decision
 
     # -- route-only -------------------------------------------------------------------------------
 
     def _chat_route_only(self, req: ChatRequest) -> Reply:
-        prob, routed = self._run(Job(payload=req, key="route")).result
+        meta = dict(self._run(Job(payload=req, key="route")).result)  # gate_prob, routed (, abstained)
         if req.force is not None:
-            routed = req.force
-        meta = {"routed": routed, "gate_prob": prob}
+            meta["routed"] = req.force
+        routed = meta["routed"]
         body = {k: v for k, v in req.raw.items() if k != "prism"}
         body["model"] = self.options.lora_name if routed else self.options.base_name
         body["max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"] = (

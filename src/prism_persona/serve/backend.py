@@ -67,6 +67,15 @@ class GatedBackend:
         """``[(gate_prob, routed)]`` per chat."""
         return [(float(p), bool(r)) for p, r in self.model.route(chats)]
 
+    def decisions(self, chats: list) -> list[dict]:
+        """``{"gate_prob", "routed"}`` per chat, with ``"abstained"`` when the model's gate can abstain."""
+        if getattr(self.model, "has_abstain", False) and hasattr(self.model, "decisions"):
+            return [
+                {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"]), "abstained": bool(d["abstained"])}
+                for d in self.model.decisions(chats)
+            ]
+        return [{"gate_prob": p, "routed": r} for p, r in self.route(chats)]
+
     @property
     def can_logprob(self) -> bool:
         return self.tokenizer is not None and hasattr(self.model, "forward_logits")

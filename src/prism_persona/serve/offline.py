@@ -254,4 +254,7 @@ def write_rows(generate, rows, partial: Path, start: int, chunk: int) -> None:
 def routing_fields(comp) -> dict:
     meta = comp.meta or {}
     prob = meta.get("gate_prob")
-    return {"routed": bool(meta.get("routed", False)), "gate_prob": None if prob is None else round(float(prob), 6)}
+    out = {"routed": bool(meta.get("routed", False)), "gate_prob": None if prob is None else round(float(prob), 6)}
+    if "abstained" in meta:  # the artifact's gate has an abstain region
+        out["abstained"] = bool(meta["abstained"])
+    return out

@@ -344,6 +344,119 @@ def fit_ood(
 
 
 # --------------------------------------------------------------------------------------------------
+# base examples (issue 29): queries that should stay on the base model, label 0
+
+BUILTIN_BASE_QUERIES = "base_queries.txt"
+"""Package data (``prism_persona/data/``): everyday requests and knowledge questions of no persona's domain."""
+
+MAX_BASE_QUERIES = 20_000
+"""A base-queries file with more queries than this is refused (each costs a layer-0 forward pass)."""
+
+
+def _query_lines(text: str, where: str, jsonl: bool) -> list[str]:
+    """The queries of a base-queries file: one per line (``#`` comments and blank lines skipped), or
+    JSON Lines with ``query``/``prompt`` (or a plain JSON string) per line."""
+    from ..config import MAX_TEXT_CHARS
+    from ..errors import PrismError
+    from ..userfiles import jsonl_rows
+
+    out: list[str] = []
+    if jsonl:
+        rows = jsonl_rows(text, lambda n, why: f"{where} line {n} is not valid JSON ({why})")
+    else:
+        rows = ((n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip() and not line.startswith("#"))
+    for n, row in rows:
+        q = row if isinstance(row, str) else None
+        if isinstance(row, dict):
+            q = next((row[k] for k in ("query", "prompt") if isinstance(row.get(k), str)), None)
+        if q is None or not q.strip():
+            raise PrismError(f"{where} line {n}: expected a non-empty query ('query' in a JSON object)")
+        if len(q) > MAX_TEXT_CHARS:
+            raise PrismError(f"{where} line {n}: the query has {len(q)} characters; at most {MAX_TEXT_CHARS}")
+        out.append(q.strip())
+        if len(out) > MAX_BASE_QUERIES:
+            raise PrismError(f"{where} has more than {MAX_BASE_QUERIES} queries; give at most that many")
+    return out
+
+
+def builtin_base_queries() -> list[str]:
+    """The base examples shipped with PRISM (``gate.base_queries = builtin``)."""
+    from importlib.resources import files
+
+    text = (files("prism_persona") / "data" / BUILTIN_BASE_QUERIES).read_text(encoding="utf-8")
+    return _query_lines(text, BUILTIN_BASE_QUERIES, jsonl=False)
+
+
+def read_base_queries(path: str) -> list[str]:
+    """The queries of a user's base-queries file (.jsonl: JSON Lines, anything else: one per line);
+    one-line errors for a missing, non-UTF-8, empty or malformed file or an over-long query."""
+    from pathlib import Path
+
+    from ..errors import PrismError
+    from ..userfiles import read_user_text
+
+    p = Path(path).expanduser()
+    text = read_user_text(p, "base queries file (gate.base_queries)")
+    out = _query_lines(text, str(p), jsonl=p.suffix.lower() == ".jsonl")
+    if not out:
+        raise PrismError(f"base queries file {p} holds no queries")
+    return out
+
+
+def base_queries(spec: str) -> list[str]:
+    """The base examples ``gate.base_queries`` names: the built-in list, none ('off') or a file's."""
+    from ..config import is_base_queries_file
+
+    if is_base_queries_file(spec):
+        return read_base_queries(spec)
+    return builtin_base_queries() if str(spec).strip().lower() == "builtin" else []
+
+
+def base_queries_fingerprint(spec: str) -> str:
+    """What the gate stage depends on: a hash of the base queries (the file's or the built-in list's)."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(base_queries(spec)).encode("utf-8")).hexdigest()[:16]
+
+
+def new_base_queries(queries: Sequence[str], run_queries: Sequence[str]) -> list[str]:
+    """``queries`` without duplicates and without those equal (ignoring case and spaces) to a query of
+    the run: a labelled query keeps its own label."""
+    seen = {" ".join(q.lower().split()) for q in run_queries}
+    out = []
+    for q in queries:
+        key = " ".join(q.lower().split())
+        if key not in seen:
+            seen.add(key)
+            out.append(q)
+    return out
+
+
+def with_base_rows(
+    features: torch.Tensor,
+    targets: Sequence[float],
+    weights: torch.Tensor,
+    base_features: Optional[torch.Tensor],
+    cells: int,
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """The training rows plus the base examples (target 0). Together the base rows weigh as much as one
+    (domain, label) cell of the run's rows on average (``weights.sum() / cells``): as many of them as
+    there are never outweigh the run's own queries, and with ``balance = domain`` they are one more cell."""
+    if base_features is None or base_features.shape[0] == 0 or features.shape[0] == 0:
+        return features, list(targets), weights
+    m = base_features.shape[0]
+    total = float(weights.sum()) / max(1, cells)
+    x = torch.cat([features, base_features.to(features.dtype)])
+    return x, list(targets) + [0.0] * m, torch.cat([weights, torch.full((m,), total / m)])
+
+
+def label_cells(labels: Sequence[int], groups: Optional[Sequence[str]]) -> int:
+    """The number of (domain, label) cells of the run's rows (labels only without groups)."""
+    g = groups if groups is not None else [""] * len(labels)
+    return len({(g[i], int(y)) for i, y in enumerate(labels)})
+
+
+# --------------------------------------------------------------------------------------------------
 # training
 
 
@@ -359,16 +472,19 @@ def fit_gate(
     seed: int = 0,
     weights: Optional[torch.Tensor] = None,
     val: Optional[tuple] = None,
+    standardise_on: Optional[torch.Tensor] = None,
 ) -> Gate:
     """Full-batch AdamW on weighted BCE (``targets`` may be soft, e.g. 0.5 for a tie).
 
     ``weights``: per-row loss weights (default: both labels weigh the same, as ``pos_weight`` did).
     ``val`` = (features, targets, weights) of held-out rows: with ``cfg.patience`` > 0 training stops
     once their loss has not improved for that many epochs, and the best epoch's weights are kept
-    (``gate.stopped_epoch`` / ``gate.best_epoch`` record it)."""
+    (``gate.stopped_epoch`` / ``gate.best_epoch`` record it). ``standardise_on``: the rows whose mean
+    and spread standardise the features (default ``features``; the run's own rows when base examples
+    are added, so that they do not stretch the space the run's queries are told apart in)."""
     torch.manual_seed(seed)
     gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=cfg.pooling)
-    gate.set_standardisation(features)
+    gate.set_standardisation(features if standardise_on is None else standardise_on)
     y = torch.tensor([float(v) for v in targets])
     gate.best_epoch = gate.stopped_epoch = 0
     if len(y) == 0:
@@ -433,6 +549,7 @@ def train_gate(
     groups: Optional[Sequence[str]] = None,
     targets: Optional[Sequence[float]] = None,
     texts: Optional[Sequence[str]] = None,
+    base_features: Optional[torch.Tensor] = None,
 ) -> GateBundle:
     """Split, fit, calibrate the threshold on held-out rows and compute metrics; never raises on
     degenerate data (one class, a handful of rows): it logs the fallback it took instead.
@@ -440,7 +557,8 @@ def train_gate(
     ``labels``: 1 = the persona won (metrics and calibration use these); ``targets``: what the gate is
     fitted to (default: ``labels``; see :func:`gate_targets`); ``groups``: the domain of each row
     (stratified split, ``balance=domain``, routing per domain); ``texts``: the queries, so that
-    near-duplicates stay on one side of the split."""
+    near-duplicates stay on one side of the split; ``base_features``: base examples (label 0), added
+    to the training rows only (:func:`with_base_rows`), never to the held-out split or the abstain region."""
     labels = [int(y) for y in labels]
     targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
@@ -464,7 +582,10 @@ def train_gate(
     weights = sample_weights(labels, groups, balance)
     pick = lambda idx, seq: [seq[i] for i in idx]  # noqa: E731
     val = None if val_is_train else (features[val_idx], pick(val_idx, targets), weights[val_idx])
-    gate = fit_gate(features[train_idx], pick(train_idx, targets), cfg, seed, weights[train_idx], val)
+    x_fit, t_fit, w_fit = with_base_rows(
+        features[train_idx], pick(train_idx, targets), weights[train_idx], base_features, label_cells(labels, groups)
+    )
+    gate = fit_gate(x_fit, t_fit, cfg, seed, w_fit, val, standardise_on=features[train_idx])
     with torch.no_grad():
         probs = gate(features).tolist() if n else []
     vp = [probs[i] for i in val_idx]
@@ -507,6 +628,7 @@ def train_gate(
         "best_epoch": gate.best_epoch,
         "near_duplicate_clusters": len(set(clusters)) if clusters is not None else n,
         "ood_fit": ood_info,
+        "base_examples": int(base_features.shape[0]) if base_features is not None and n else 0,
         # these rows come from the bootstrap's own queries: in-distribution, and used for early
         # stopping and calibration; `prism check` measures the gate on queries it never saw
         "metrics_note": "in-distribution: the held-out split of the bootstrap's own queries",
@@ -521,9 +643,16 @@ def train_gate(
     return GateBundle(gate=gate, threshold=threshold, info=info)
 
 
-def train_gate_on_records(features: torch.Tensor, records: Sequence[dict], gcfg, seed: int = 0) -> GateBundle:
+def train_gate_on_records(
+    features: torch.Tensor,
+    records: Sequence[dict],
+    gcfg,
+    seed: int = 0,
+    base_features: Optional[torch.Tensor] = None,
+) -> GateBundle:
     """:func:`train_gate` on labelled records (``query``, ``label``, ``domain`` and what the target
-    reads): labels, domains as groups, the ``gcfg.target`` / ``gcfg.domain_prior`` targets, queries as texts."""
+    reads): labels, domains as groups, the ``gcfg.target`` / ``gcfg.domain_prior`` targets, queries as
+    texts; ``base_features``: the base examples' features (label 0)."""
     return train_gate(
         features,
         [int(r["label"]) for r in records],
@@ -532,6 +661,7 @@ def train_gate_on_records(features: torch.Tensor, records: Sequence[dict], gcfg,
         groups=[r.get("domain", "") for r in records],
         targets=gate_targets(records, gcfg.target, gcfg.domain_prior),
         texts=[r["query"] for r in records],
+        base_features=base_features,
     )
 
 
@@ -564,7 +694,15 @@ def gate_settings(cfg: RunConfig) -> dict:
     out = {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
     if cfg.judge.abstain_margin > 0:  # absent when off, so runs made before the option resume unchanged
         out["abstain_margin"] = cfg.judge.abstain_margin
+    out.update(base_queries_settings(cfg))
     return out
+
+
+def base_queries_settings(cfg: RunConfig) -> dict:
+    """The base examples' content, for :func:`gate_settings` (an edited file or list is a change)."""
+    if str(cfg.gate.base_queries).strip().lower() == "off":
+        return {}
+    return {"base_queries_hash": base_queries_fingerprint(cfg.gate.base_queries)}
 
 
 def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer=None) -> dict:
@@ -589,7 +727,11 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     records = kept
     queries = [r["query"] for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
-    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed)
+    base = new_base_queries(base_queries(cfg.gate.base_queries), queries)
+    base_feats = (
+        query_features(model, tokenizer, base, max(1, cfg.model.batch_size), cfg.gate.pooling) if base else None
+    )
+    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
@@ -605,6 +747,7 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         "routing_by_domain": bundle.info.get("routing_by_group", {}),
         "fallbacks": bundle.info["fallbacks"],
         "ood": bundle.info.get("ood_fit", {"method": "off"}),
+        "base_examples": bundle.info.get("base_examples", 0),
         "dir": str(run.path(GATE_DIR)),
         "seconds": round(time.perf_counter() - t0, 2),
     }

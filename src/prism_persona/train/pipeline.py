@@ -79,6 +79,10 @@ def preflight(cfg: C.RunConfig, engine, judge) -> None:
         check_queries_file(cfg.queries.queries_file, cfg.persona.domains)
     if cfg.check.queries:
         check_heldout_file(cfg)
+    if C.is_base_queries_file(cfg.gate.base_queries):
+        from .gate import read_base_queries
+
+        read_base_queries(cfg.gate.base_queries)  # one-line errors before anything loads
     if engine is None:
         from ..engines import check_engine
 

@@ -54,6 +54,7 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
                 "negatives",
                 "metrics",
                 "fallbacks",
+                "base_examples",
             )
         },
         "routing_by_domain_heldout": gate.get("routing_by_domain", {}),
@@ -154,7 +155,9 @@ def format_report(rep: dict) -> str:
     g = rep["gate"]
     lines.append(
         f"Threshold {fmt_cell(g.get('threshold'))} ({g.get('threshold_method') or '-'}); "
-        f"{fmt_cell(g.get('n_train'))} training rows, {fmt_cell(g.get('n_heldout'))} held out."
+        f"{fmt_cell(g.get('n_train'))} training rows"
+        + (f" (+ {g['base_examples']} base examples, label 0)" if g.get("base_examples") else "")
+        + f", {fmt_cell(g.get('n_heldout'))} held out."
     )
     lines += ["", "| split | n | accuracy | balanced accuracy | AUC | routing rate |", "|---|---|---|---|---|---|"]
     for split, m in (g.get("metrics") or {}).items():
