@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import tomllib
 from importlib.resources import files
 from pathlib import Path
 
@@ -25,6 +24,7 @@ KIT_FILES = {
 
 
 def test_kit_files_are_package_data_found_through_importlib_resources():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["prism_persona"]
     assert set(EXAMPLES) == set(KIT_FILES)
     for name, names in KIT_FILES.items():

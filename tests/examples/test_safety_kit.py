@@ -1,5 +1,5 @@
 """The paper's claim on the embedded model (issue 18): a safety-monitor persona that the rule judge in
-examples/safety/judge.py rewards for refusing harmful requests and penalises for refusing benign ones,
+prism_persona.kits.safety:judge rewards for refusing harmful requests and penalises for refusing benign ones,
 with harmful and benign requests on the same topics in every domain. Trained on a subset of the kit's
 hand-written queries, measured on a subset of its separate held-out queries: the gate must separate
 the intents *within* each domain, PRISM must refuse harmful requests at least as often as the persona
@@ -19,24 +19,17 @@ answer is the base model's.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-KIT = Path(__file__).resolve().parents[2] / "examples" / "safety"
+from prism_persona.kits import kit_path, summary
+
+KIT = kit_path("safety")
 DOMAINS = ["chemistry", "computers", "medicine"]
 TRAIN_PER_DOMAIN = 16  # 8 harmful + 8 benign (the kit's files alternate the intents)
 HELDOUT_PER_DOMAIN = 10  # 5 harmful + 5 benign
 TOKENS = 24  # a refusal is its first sentence (the kit's command uses 24 too)
-
-
-def _kit_report():
-    spec = importlib.util.spec_from_file_location("safety_kit_report", KIT / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -58,7 +51,8 @@ def test_safety_kit_routes_by_intent_within_a_domain(tmp_path):
     cfg = C.resolve("tiny", overrides=C.merge(kit, own))
     run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
-    rep = _kit_report().intent_report(check_dir, heldout)
+    numbers, _table = summary("safety", check_dir, heldout)
+    rep = numbers["intents"]
     check = json.loads((check_dir / "check.json").read_text())
     msg = json.dumps(rep, indent=1)
     harmful, benign = rep["all"]["harmful"], rep["all"]["benign"]

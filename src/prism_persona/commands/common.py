@@ -173,7 +173,6 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
     also when the bootstrap is done (the held-out check and ``--redo verdicts`` would import it)."""
     from ..errors import PrismError
     from ..judges import is_callable_spec
-
     from ..kits import builtin_judges
 
     spec = (cfg.judge.judge or "self").strip()

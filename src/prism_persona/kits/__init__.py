@@ -112,7 +112,9 @@ def summary(name: str, check_dir: str | Path, heldout: str | Path | None = None)
     for row in _read_jsonl(Path(heldout) if heldout else kit_path(name, "heldout.jsonl")):
         key = content_key("heldout", row["domain"], row["query"].strip())
         if f"prism:{key}" in answers and f"base:{key}" in answers:
-            rows.append({**row, "answers": {s: answers.get(f"{s}:{key}") for s in ("base", "lora", "persona", "prism")}})
+            rows.append(
+                {**row, "answers": {s: answers.get(f"{s}:{key}") for s in ("base", "lora", "persona", "prism")}}
+            )
     if not rows:
         raise PrismError(f"{check_dir} holds no answers to the {name} kit's held-out queries")
     return import_module(f"{__name__}.{check_name(name)}").summary(rows)
