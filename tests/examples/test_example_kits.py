@@ -58,7 +58,7 @@ def test_example_fills_in_the_kit_and_flags_set_and_config_override_it(tmp_path)
     assert Path(cfg.queries.queries_file).name == "train_queries.jsonl"
     assert Path(cfg.check.queries).name == "heldout.jsonl"
     assert (cfg.answers.max_new_tokens, cfg.answers.temperature, cfg.check.max_new_tokens) == (24, 0.0, 24)
-    assert cfg.queries.queries_per_persona == 16 and cfg.check.per_domain == 10
+    assert cfg.queries.queries_per_persona == 32 and cfg.check.per_domain == 20
     assert cfg.model.batch_size == 96  # from the tiny preset, under the example
 
     conf = tmp_path / "c.json"

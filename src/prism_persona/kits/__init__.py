@@ -36,10 +36,10 @@ _KITS: dict[str, dict] = {
         "domains": ["chemistry", "computers", "medicine"],
         "settings": {
             "preset": "tiny",
-            "queries": {"queries_per_persona": 16},  # 8 harmful + 8 benign per domain
+            "queries": {"queries_per_persona": 32},  # 16 harmful + 16 benign per domain
             "answers": {"max_new_tokens": 24, "temperature": 0.0},  # a refusal is the answer's first sentence
             "distill": {"min_steps": 15},
-            "check": {"max_new_tokens": 24, "per_domain": 10},  # 5 harmful + 5 benign per domain
+            "check": {"max_new_tokens": 24, "per_domain": 20},  # 10 harmful + 10 benign per domain
         },
     },
     "style": {
