@@ -22,7 +22,7 @@ artifact does on the held-out queries. Precedence, lowest first: defaults < --pr
 --config file < flags and --set."""
 
 EXAMPLES = """examples:
-  prism run --example safety --out runs/demo     # a kit with a known answer; ~3 min on 2 CPU cores
+  prism run --example safety --out runs/demo     # a kit with a known answer; ~2 min on 2 idle CPU cores
   prism run --preset tiny --domains "writing,coding,safety" --out runs/demo
   prism run --model Qwen/Qwen2.5-7B-Instruct --domains writing,coding,law --out runs/qwen
   prism run --out runs/demo          # resume
