@@ -1,8 +1,9 @@
 """Every setting of a PRISM run, with its default and a help string, in one place.
 
 Precedence, lowest first: the dataclass defaults below, a ``--preset``, an ``--example`` kit's settings
-(:mod:`prism_persona.kits`), a config file (JSON or TOML), then command-line flags (and ``--set``). The resolved config is written to ``RUN/config.json`` (sorted keys, stamped
-with the library version) and a run is reproducible from that file alone. Loading is forward
+(:mod:`prism_persona.kits`), a config file (JSON or TOML), then command-line flags (and ``--set``). The
+resolved config is written to ``RUN/config.json`` (sorted keys, stamped with the library version) and a
+run is reproducible from that file alone. Loading is forward
 compatible: unknown keys are warned about and ignored, never fatal.
 """
 

@@ -82,6 +82,17 @@ def test_unknown_example_is_one_line_listing_the_kits(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "unknown example 'pirates'" in err and "safety, style" in err
 
 
+def test_another_example_on_a_run_of_one_is_one_line(tmp_path):
+    from prism_persona.errors import PrismError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(example_settings("style")))
+    with pytest.raises(PrismError, match="was made with --example style"):
+        _config(["--example", "safety", "--out", str(out)])
+    assert _config(["--example", "style", "--out", str(out)]).persona.domains == ["stories", "cooking"]
+
+
 def test_a_saved_config_naming_other_files_than_the_kit_is_still_refused(tmp_path):
     from prism_persona.errors import PrismError
 

@@ -130,7 +130,10 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     overrides = overrides_from_args(args)
     cfg_file = vars(args).get("config")
     file_data = read_config_file(cfg_file) if cfg_file else {}
-    kit = example_from(overrides.get("example") or file_data.get("example") or "")
+    typed_kit, saved_kit = overrides.get("example"), file_data.get("example")
+    if typed_kit and saved_kit and typed_kit != saved_kit:
+        raise PrismError(f"{cfg_file} was made with --example {saved_kit}; use another --out for --example {typed_kit}")
+    kit = example_from(typed_kit or saved_kit or "")
     cfg = resolve(file=cfg_file, overrides=overrides, example=kit)
     if need_domains and not cfg.persona.domains:
         raise PrismError(
