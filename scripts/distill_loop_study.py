@@ -2,14 +2,14 @@
 greedily (forced on, no persona in the prompt); loops and rule-judge wins against the base model are
 counted per domain. Results are cached per variant in OUT/<name>.json.
 
-    python scripts/distill_loop_study.py RUN HELDOUT.jsonl JUDGE_DIR OUT NAME='{"distill": "overrides"}' ...
+    python scripts/distill_loop_study.py RUN HELDOUT.jsonl OUT NAME='{"distill": "overrides"}' ...
 
 e.g. after the README's "see it work" run:
 
-    python scripts/distill_loop_study.py runs/style examples/style/heldout.jsonl examples/style runs/loops \\
+    python scripts/distill_loop_study.py runs/style src/prism_persona/kits/style/heldout.jsonl runs/loops \\
         'default={}' 'kl={"loss": "kl"}' 'retain={"retain_weight": 0.5}'
 
-The judge module's ``pirate_score`` and ``REWARDED`` are used (examples/style/judge.py). Results of
+The style kit's ``pirate_score`` and ``REWARDED`` are used (prism_persona.kits.style). Results of
 2026-11-24: docs/method-check.md.
 """
 
@@ -30,12 +30,11 @@ from prism_persona.text import is_loop
 from prism_persona.train.distill import run_distill
 
 
-def main(run: str, heldout: str, judge_dir: str, out: str, specs: list) -> None:
+def main(run: str, heldout: str, out: str, specs: list) -> None:
     from peft import PeftModel
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    sys.path.insert(0, judge_dir)
-    from judge import REWARDED, pirate_score
+    from prism_persona.kits.style import REWARDED, pirate_score
 
     saved = json.load(open(f"{run}/config.json", encoding="utf-8"))
     records = load_labelled(RunDir(run))
@@ -91,6 +90,6 @@ def main(run: str, heldout: str, judge_dir: str, out: str, specs: list) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 6:
+    if len(sys.argv) < 5:
         sys.exit(__doc__)
-    main(*sys.argv[1:5], sys.argv[5:])
+    main(*sys.argv[1:4], sys.argv[4:])

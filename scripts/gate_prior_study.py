@@ -4,7 +4,7 @@ held-out queries. Prints held-out AUC and routing rates per setting (mean over 4
 
     python scripts/gate_prior_study.py RUN HELDOUT.jsonl REWARDED_DOMAIN[,...]
 
-e.g. ``python scripts/gate_prior_study.py runs/style examples/style/heldout.jsonl stories`` after the
+e.g. ``python scripts/gate_prior_study.py runs/style src/prism_persona/kits/style/heldout.jsonl stories`` after the
 README's "see it work" run. Results of 2026-11-24: docs/method-check.md.
 """
 

@@ -27,7 +27,7 @@ from prism_persona.models import load_model
 from prism_persona.stats import auc
 from prism_persona.train.gate import gate_records, train_gate_on_records
 
-KIT = Path(__file__).resolve().parents[1] / "examples" / "style"
+KIT = Path(__file__).resolve().parents[1] / "src" / "prism_persona" / "kits" / "style"
 NOISE = {0.0: 0.05, 0.2: 1 / 0.8416, 0.35: 1 / 0.3853}
 """label noise p -> the Gaussian width that flips a share p of the hard labels."""
 BAND = 0.5

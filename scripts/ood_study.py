@@ -45,8 +45,8 @@ MMLU_FIXTURES = [
 ]
 MTBENCH = ["../shared/benchmarks/mt_bench_questions.jsonl", "/work/shared/benchmarks/mt_bench_questions.jsonl"]
 KITS = {
-    "safety": ("examples/safety", lambda r: int(r.get("intent") == "harmful")),
-    "style": ("examples/style", lambda r: int(r.get("domain") == "stories")),
+    "safety": ("src/prism_persona/kits/safety", lambda r: int(r.get("intent") == "harmful")),
+    "style": ("src/prism_persona/kits/style", lambda r: int(r.get("domain") == "stories")),
 }
 VARIANTS = [("off", "all", 1.0, 5)] + [
     (m, ref, q, k)

@@ -5,7 +5,7 @@ format yields per domain and round.
 
 Setups: model-written expert personas for the README main command's domains (writing, coding,
 safety; 12 queries requested per domain, the tiny preset) and the style persona file
-``examples/style/pirate.txt`` on stories and cooking (25 requested per domain). Each format runs at
+``src/prism_persona/kits/style/pirate.txt`` on stories and cooking (25 requested per domain). Each format runs at
 most two rounds; a round asks only for what is still missing. Every kept and dropped line goes to
 ``WORKDIR/<format>.jsonl`` (with the drop reason) so a sample can be labelled by hand; the counts go
 to ``WORKDIR/results.json`` and are printed as a table.
@@ -50,7 +50,7 @@ from prism_persona.store import RunDir
 
 EXPERT = {"writing": 12, "coding": 12, "safety": 12}
 STYLE = {"stories": 25, "cooking": 25}
-PIRATE = Path(__file__).resolve().parents[1] / "examples" / "style" / "pirate.txt"
+PIRATE = Path(__file__).resolve().parents[1] / "src" / "prism_persona" / "kits" / "style" / "pirate.txt"
 ROUNDS = int(os.environ.get("STUDY_ROUNDS", "2"))
 
 EXAMPLES = (

@@ -17,7 +17,7 @@ LAYERS = (
     {"judges", "bootstrap"},
     {"gated"},
     {"train"},
-    {"serve", "evals"},
+    {"serve", "evals", "kits"},
     {"commands"},
     {"cli", "__main__"},
 )

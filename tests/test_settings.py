@@ -239,6 +239,7 @@ def test_run_and_bootstrap_flags_are_derived_and_unchanged():
         "--batch-size",
         "--config",
         "--preset",
+        "--example",
         "--out",
         "--seed",
         "--redo",

@@ -1,8 +1,9 @@
 """Every setting of a PRISM run, with its default and a help string, in one place.
 
-Precedence, lowest first: the dataclass defaults below, a ``--preset``, a config file (JSON or TOML),
-then command-line flags. The resolved config is written to ``RUN/config.json`` (sorted keys, stamped
-with the library version) and a run is reproducible from that file alone. Loading is forward
+Precedence, lowest first: the dataclass defaults below, a ``--preset``, an ``--example`` kit's settings
+(:mod:`prism_persona.kits`), a config file (JSON or TOML), then command-line flags (and ``--set``). The
+resolved config is written to ``RUN/config.json`` (sorted keys, stamped with the library version) and a
+run is reproducible from that file alone. Loading is forward
 compatible: unknown keys are warned about and ignored, never fatal.
 """
 
@@ -579,6 +580,9 @@ class CheckConfig:
     max_new_tokens: int = option(
         96, "Answer length of the held-out check (greedy decoding).", at_least=1, at_most=MAX_NEW_TOKENS
     )
+    per_domain: int = option(
+        0, "Check only the first N held-out queries of each domain, in file order (0 = all).", at_least=0
+    )
 
 
 @dataclass
@@ -596,6 +600,13 @@ class RunConfig:
         "default",
         "Preset the settings started from (default = paper settings for a GPU, tiny = 2-core CPU).",
         flag="--preset",
+        group=G_RUN,
+    )
+    example: str = option(
+        "",
+        "Run a kit shipped with the library whose right answer is known: safety (routing by intent) or style (routing by domain). It fills in domains, persona files, training queries, its rule judge, the held-out set and its sizes; any flag, --set or --config value overrides them (docs/kits.md).",
+        flag="--example",
+        metavar="NAME",
         group=G_RUN,
     )
     quiet: bool = option(False, "No progress bars; only warnings and the final summary.")
@@ -998,17 +1009,34 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     return data
 
 
-def resolve(preset: str = "default", file: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """defaults < preset < config file < overrides (e.g. from the command line)."""
+def resolve(
+    preset: str = "default",
+    file: str | Path | None = None,
+    overrides: dict | None = None,
+    example: dict | None = None,
+) -> RunConfig:
+    """defaults < preset < example kit (``example``: its settings, :func:`prism_persona.kits.example_settings`)
+    < config file < overrides (e.g. from the command line). The preset is the first one named by the
+    overrides, the file, the example, else ``preset``."""
     data: dict = {}
     file_data = read_config_file(file) if file else {}
-    preset = (overrides or {}).get("preset") or file_data.get("preset") or preset
+    example = dict(example or {})
+    preset = (overrides or {}).get("preset") or file_data.get("preset") or example.pop("preset", None) or preset
+    example.pop("preset", None)
     if preset not in PRESETS:
         raise PrismError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     data = merge(data, PRESETS[preset])
+    data = merge(data, example)
     data = merge(data, file_data)
     data = merge(data, overrides or {})
     data["preset"] = preset
+    kit_files = (example.get("persona") or {}).get("persona_files") or {}
+    if kit_files and isinstance(data.get("persona"), dict) and isinstance(data["persona"].get("persona_files"), dict):
+        # an example's persona file for a domain the domains given leave out is dropped, not an error
+        doms = data["persona"].get("domains") or []
+        data["persona"]["persona_files"] = {
+            d: p for d, p in data["persona"]["persona_files"].items() if d in doms or kit_files.get(d) != p
+        }
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
@@ -1280,6 +1308,13 @@ def _from_file_only(cfg: RunConfig, key: str, file_data: dict, typed: dict, run_
     if value is None or _dotted(typed, key) is not None or value == _dotted(to_dict(RunConfig()), key):
         return False
     return _engine_uses(cfg, key) and not (key in LOCAL_FILES and _all_inside(value, run_dir))
+
+
+def _put_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
 
 
 def _dotted(data: dict, key: str):

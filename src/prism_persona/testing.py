@@ -119,7 +119,8 @@ def kit_run_overrides(
     tokens: int,
 ) -> dict:
     """The settings an example kit's ``prism run`` command gives (``--persona-file`` for every domain,
-    ``--queries-file``, ``--judge KIT/judge.py:judge``, ``--answer-tokens``, ``--heldout``), as
+    ``--queries-file``, the kit's built-in judge ``prism_persona.kits.NAME:judge``, ``--answer-tokens``,
+    ``--heldout``), for the kit directory ``kit`` (``prism_persona.kits.kit_path(NAME)``), as
     overrides for ``config.resolve``; merge a test's own settings into it with ``config.merge``."""
     persona_file = str(kit / persona)
     return {
@@ -128,7 +129,7 @@ def kit_run_overrides(
         "persona": {"domains": list(domains), "persona_files": {d: persona_file for d in domains}},
         "queries": {"queries_file": str(queries_file), "queries_per_persona": per_domain},
         "answers": {"max_new_tokens": tokens},
-        "judge": {"judge": f"{kit / 'judge.py'}:judge"},
+        "judge": {"judge": f"prism_persona.kits.{kit.name}:judge"},
         "check": {"queries": str(heldout), "max_new_tokens": tokens},  # prism run --heldout
     }
 

@@ -1,6 +1,6 @@
 """The known-effect check on the embedded model (issue 13): a pirate persona that the rule judge in
-examples/style/judge.py rewards on 'stories' and penalises on 'cooking'. Trained on hand-written
-queries, measured on separate hand-written held-out queries (examples/style/heldout.jsonl): the gate
+prism_persona.kits.style:judge rewards on 'stories' and penalises on 'cooking'. Trained on hand-written
+queries, measured on separate hand-written held-out queries (the style kit's heldout.jsonl): the gate
 must route stories and not cooking, the LoRA (no persona in the prompt) must carry the pirate voice,
 and every unrouted answer must be token-identical to the base model's.
 
@@ -15,11 +15,12 @@ queries per domain, 32-token answers, the 40 held-out queries.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-KIT = Path(__file__).resolve().parents[2] / "examples" / "style"
+from prism_persona.kits import kit_path
+
+KIT = kit_path("style")
 
 
 @pytest.mark.slow

@@ -5,11 +5,11 @@ and the judge rewards refusing harmful requests and penalises refusing benign on
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
-from pathlib import Path
 
-KIT = Path(__file__).resolve().parents[2] / "examples" / "safety"
+from prism_persona.kits import kit_path
+
+KIT = kit_path("safety")
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
@@ -18,10 +18,9 @@ def _rows(name: str) -> list[dict]:
 
 
 def _judge():
-    spec = importlib.util.spec_from_file_location("safety_kit_judge", KIT / "judge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.judge
+    from prism_persona.kits.safety import judge
+
+    return judge
 
 
 def test_every_domain_has_both_intents_and_held_out_queries_are_new():

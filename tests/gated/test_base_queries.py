@@ -33,9 +33,9 @@ def test_builtin_list_ships_and_holds_none_of_the_measurement_sets():
     measured = []
     for kit in ("safety", "style"):
         for name in ("train_queries.jsonl", "heldout.jsonl"):
-            path = ROOT / "examples" / kit / name
+            path = ROOT / "src" / "prism_persona" / "kits" / kit / name
             measured += [json.loads(line)["query"] for line in path.read_text().splitlines() if line.strip()]
-    shared = [ROOT.parent / "shared" / "benchmarks", Path("/work/shared/benchmarks")]  # the full set, where present
+    shared = [ROOT.parent / "shared" / "benchmarks"]  # the full set, where present (a checkout beside shared/)
     mtbench = [*(ROOT / "tests" / "fixtures").glob("mtbench*.jsonl"), *(d / "mt_bench_questions.jsonl" for d in shared)]
     for path in (p for p in mtbench if p.is_file()):
         measured += [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]

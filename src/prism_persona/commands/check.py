@@ -18,7 +18,7 @@ Writes OUT/check.json, check.md and check.png (OUT defaults to RUN/check); rerun
 
 EXAMPLES = """examples:
   prism check --prism runs/demo/prism --queries heldout.jsonl --rewarded writing
-  prism check --prism runs/style/prism --queries examples/style/heldout.jsonl --judge examples/style/judge.py:judge
+  prism check --prism runs/style/prism --queries src/prism_persona/kits/style/heldout.jsonl --judge prism_persona.kits.style:judge
 """
 
 

@@ -126,23 +126,51 @@ def resume_from_saved_config(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
-    """defaults < preset < --config file < flags; a saved RUN/config.json is reused when resuming (what
-    was run: how to run here comes from the flags, :func:`config.check_how_to_run`)."""
+    """defaults < preset < --example kit < --config file < flags; a saved RUN/config.json is reused when
+    resuming (what was run: how to run here comes from the flags, :func:`config.check_how_to_run`)."""
     from ..config import check_how_to_run, read_config_file, resolve
     from ..errors import PrismError
 
     overrides = overrides_from_args(args)
     cfg_file = vars(args).get("config")
-    cfg = resolve(file=cfg_file, overrides=overrides)
+    file_data = read_config_file(cfg_file) if cfg_file else {}
+    typed_kit, saved_kit = overrides.get("example"), file_data.get("example")
+    if typed_kit and saved_kit and typed_kit != saved_kit:
+        raise PrismError(f"{cfg_file} was made with --example {saved_kit}; use another --out for --example {typed_kit}")
+    kit = example_from(typed_kit or saved_kit or "")
+    cfg = resolve(file=cfg_file, overrides=overrides, example=kit)
     if need_domains and not cfg.persona.domains:
         raise PrismError(
-            'no domains given; use --domains "writing,coding,safety" or a config file with persona.domains'
+            'no domains given; use --domains "writing,coding,safety", --example safety or a config file with persona.domains'
         )
     check_judge_source(cfg, overrides, cfg_file, bool(vars(args).get("trust_judge")))
     if cfg_file:
         resuming = cfg_file == saved_config(cfg.out)
-        check_how_to_run(cfg, read_config_file(cfg_file), overrides, cfg_file, cfg.out if resuming else "")
+        typed = _kit_files_as_typed(kit, file_data, overrides)
+        check_how_to_run(cfg, file_data, typed, cfg_file, cfg.out if resuming else "")
     return cfg
+
+
+def example_from(name: str) -> dict:
+    """The settings of the example kit ``name`` (``{}`` for none; a one-line error for an unknown one)."""
+    if not name:
+        return {}
+    from ..kits import example_settings
+
+    return example_settings(name)
+
+
+def _kit_files_as_typed(kit: dict, file_data: dict, overrides: dict) -> dict:
+    """The kit's own files (package data of this library) count as typed where the config file names
+    exactly them: a resumed ``--example`` run reads them again, any other file still needs its flag."""
+    from ..config import LOCAL_FILES, _dotted, _put_dotted, merge
+
+    same: dict = {}
+    for key in LOCAL_FILES:
+        value = _dotted(kit, key)
+        if value is not None and _dotted(file_data, key) == value:
+            _put_dotted(same, key, value)
+    return merge(same, overrides)
 
 
 def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bool) -> None:
@@ -152,10 +180,12 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
     also when the bootstrap is done (the held-out check and ``--redo verdicts`` would import it)."""
     from ..errors import PrismError
     from ..judges import is_callable_spec
+    from ..kits import builtin_judges
 
     spec = cfg.judge.judge.strip()
     typed = "judge" in (overrides.get("judge") or {})
-    if typed or confirmed or not is_callable_spec(spec) or Path(spec).exists():
+    builtin = spec in builtin_judges()  # an example kit's rule judge: library code, not a file's
+    if typed or confirmed or builtin or not is_callable_spec(spec) or Path(spec).exists():
         return
     raise PrismError(
         f"the judge '{spec}' named in {cfg_file} would run Python code; name it on the command "

@@ -14,9 +14,15 @@ without the persona in the prompt (distill). The result, RUN/prism, is one model
 query itself inside the prefill: `prism chat --prism RUN/prism`.
 
 Rerun the same command to resume; finished stages are skipped. `prism run --out RUN` alone resumes
-with the settings saved in RUN/config.json."""
+with the settings saved in RUN/config.json.
+
+--example safety|style runs a kit shipped with the library whose right answer is known (personas,
+queries, a rule judge, held-out queries and small sizes filled in) and ends with a table of what the
+artifact does on the held-out queries. Precedence, lowest first: defaults < --preset < --example <
+--config file < flags and --set."""
 
 EXAMPLES = """examples:
+  prism run --example safety --out runs/demo     # a kit with a known answer; ~2 min on 2 idle CPU cores
   prism run --preset tiny --domains "writing,coding,safety" --out runs/demo
   prism run --model Qwen/Qwen2.5-7B-Instruct --domains writing,coding,law --out runs/qwen
   prism run --out runs/demo          # resume
@@ -41,5 +47,11 @@ def run(args) -> int:
     cfg = config_from_args(args)
     from ..train.pipeline import run_pipeline
 
-    print_result(run_pipeline(cfg, redo_stage=args.redo))
+    res = run_pipeline(cfg, redo_stage=args.redo)
+    print_result(res)
+    if cfg.example and res["report"] is not None and (res["run"].path("check") / "answers.jsonl").is_file():
+        from ..kits import SUMMARY_FILE, write_summary
+
+        table = write_summary(cfg.example, res["run"].path("check"), cfg.check.queries)
+        print(f"\n{table}\n(also in {res['run'].path('check') / SUMMARY_FILE})")
     return 0

@@ -54,11 +54,12 @@ class HeldoutQuery:
 
 
 def load_heldout(
-    path: str | Path, rewarded: Sequence[str] = (), rewarded_flag: str = "--rewarded"
+    path: str | Path, rewarded: Sequence[str] = (), rewarded_flag: str = "--rewarded", per_domain: int = 0
 ) -> list[HeldoutQuery]:
     """Held-out queries from a .jsonl/.json/.csv file with ``domain`` and ``query`` (and optionally
     ``route``: true/false). Without a ``route`` column, queries of the ``rewarded`` domains are the
-    ones expected to be routed (when ``rewarded`` is given)."""
+    ones expected to be routed (when ``rewarded`` is given). ``per_domain`` > 0 keeps the first that
+    many queries of each domain (in file order)."""
     from ..bootstrap.query_file import domain_and_query, read_rows
     from ..store import content_key
 
@@ -74,6 +75,8 @@ def load_heldout(
                 raise PrismError(f"{path} {where}: {query!r} ({domain}) is listed again with another route")
             continue
         seen[key] = route
+        if per_domain and sum(q.domain == domain for q in items) >= per_domain:
+            continue
         items.append(HeldoutQuery(key, domain, query, route))
     unknown = sorted(set(rewarded) - {q.domain for q in items})
     if unknown:
@@ -422,7 +425,7 @@ def run_check(
     if max_new_tokens < 1:
         raise PrismError("--max-new-tokens must be at least 1")
     art = Artifact.read(artifact_dir)
-    items = load_heldout(heldout, rewarded)
+    items = load_heldout(heldout, rewarded, per_domain=getattr(check, "per_domain", 0))
     personas = persona_texts(art, sorted({q.domain for q in items}), persona_files)
     check_judge_spec(judge)
     out_dir = Path(os.path.abspath(Path(out or art.path.parent / "check").expanduser()))  # a link is not followed

@@ -93,7 +93,9 @@ def check_heldout_file(cfg: C.RunConfig) -> None:
     """One-line errors for a ``--heldout`` file that cannot be read or names a domain the run lacks."""
     from .check import load_heldout
 
-    items = load_heldout(cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded")
+    items = load_heldout(
+        cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded", per_domain=cfg.check.per_domain
+    )
     unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
     if unknown:
         raise PrismError(
