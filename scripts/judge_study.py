@@ -299,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate-seeds", default="0,1,2")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--gate-only", action="store_true", help="safety: only the k-sample gate study (no self-judge)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sys.path.insert(0, str(ROOT / "src"))
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
         )
         gen_s = time.perf_counter() - t0
         judge_rows = rows if kit == "style" else pick_queries_subset(rows, args.per_cell_judge)
-        res = judge_kit(engine, kit, judge_rows, persona, args.k)
+        res = {} if args.gate_only and kit == "safety" else judge_kit(engine, kit, judge_rows, persona, args.k)
         res["generate_seconds"] = round(gen_s, 1)
         if kit == "safety":
             res["gate"] = gate_study(engine, rows, persona, args.k, [int(s) for s in args.gate_seeds.split(",")])
