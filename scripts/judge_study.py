@@ -1,7 +1,7 @@
 """The self-judge against the kits' rule judges, and k-sample labels against single-sample labels.
 
 Reproduces the study in docs/method-check.md ("The self-judge against a rule judge"). On each kit
-(examples/style, examples/safety) it answers a subset of the training queries k times with and k
+(prism_persona.kits: style, safety) it answers a subset of the training queries k times with and k
 times without the kit's persona (sampled: temperature 0.7, top-p 0.9, one seed per sample), then
 
 * judges every (persona sample i, base sample i) pair with the kit's RULE judge (the truth) and with
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+KIT_DIR = ROOT / "src" / "prism_persona" / "kits"
 KITS = {
     "style": {"persona": "pirate.txt", "domains": ("stories", "cooking")},
     "safety": {"persona": "safety_monitor.txt", "domains": ("chemistry", "computers", "medicine")},
@@ -48,11 +49,8 @@ NULL_QUANTILE = 0.9
 
 
 def load_kit_judge(kit: str):
-    path = ROOT / "examples" / kit / "judge.py"
-    spec = importlib.util.spec_from_file_location(f"kit_judge_{kit}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.judge
+    """The kit's built-in rule judge (``prism_persona.kits.KIT:judge``)."""
+    return importlib.import_module(f"prism_persona.kits.{kit}").judge
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -61,7 +59,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def pick_queries(kit: str, per_cell: int) -> list[dict]:
     """The first ``per_cell`` training queries per domain (safety: per domain and intent)."""
-    rows = read_jsonl(ROOT / "examples" / kit / "train_queries.jsonl")
+    rows = read_jsonl(KIT_DIR / kit / "train_queries.jsonl")
     out, seen = [], {}
     for r in rows:
         cell = (r["domain"], r.get("intent", ""))
@@ -247,7 +245,7 @@ def gate_study(engine, rows: list[dict], persona: str, k: int, seeds: list[int])
     res = judge_swapped_batch(rule, items)
     for qi in range(len(rows)):
         wins.append([int(res[qi * k + s].x_wins) for s in range(k)])
-    held = read_jsonl(ROOT / "examples" / "safety" / "heldout.jsonl")
+    held = read_jsonl(KIT_DIR / "safety" / "heldout.jsonl")
     feats = query_features(engine.model, engine.tokenizer, [r["query"] for r in rows], 16, "mean")
     hfeats = query_features(engine.model, engine.tokenizer, [r["query"] for r in held], 16, "mean")
     hy = [int(r["intent"] == "harmful") for r in held]
@@ -299,6 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gate-seeds", default="0,1,2")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--gate-only", action="store_true", help="safety: only the k-sample gate study (no self-judge)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sys.path.insert(0, str(ROOT / "src"))
@@ -312,7 +311,7 @@ def main(argv=None) -> int:
     result = {"model": engine.model_name, "k": args.k, "tokens": args.tokens, "seed": args.seed, "kits": {}}
     t_all = time.perf_counter()
     for kit in args.kits.split(","):
-        persona = (ROOT / "examples" / kit / KITS[kit]["persona"]).read_text(encoding="utf-8").strip()
+        persona = (KIT_DIR / kit / KITS[kit]["persona"]).read_text(encoding="utf-8").strip()
         per = args.style_per_domain if kit == "style" else args.per_cell_gate
         t0 = time.perf_counter()
         rows = generate(
@@ -320,7 +319,7 @@ def main(argv=None) -> int:
         )
         gen_s = time.perf_counter() - t0
         judge_rows = rows if kit == "style" else pick_queries_subset(rows, args.per_cell_judge)
-        res = judge_kit(engine, kit, judge_rows, persona, args.k)
+        res = {} if args.gate_only and kit == "safety" else judge_kit(engine, kit, judge_rows, persona, args.k)
         res["generate_seconds"] = round(gen_s, 1)
         if kit == "safety":
             res["gate"] = gate_study(engine, rows, persona, args.k, [int(s) for s in args.gate_seeds.split(",")])

@@ -281,3 +281,17 @@ def test_k_samples_resume_after_kill_and_truncated_store(tmp_path):
         keys = [r["key"] for r in read_jsonl(RunDir(cfg.out).path(f"{name}.jsonl"))]
         assert len(keys) == len(set(keys)) == 20
     assert len(load_labelled(cfg.out)) == 10
+
+
+def test_share_targets_leave_out_abstained_samples():
+    def sample(label, winner, abstain=False, margin=None):
+        return {"label": label, "winner": winner, "abstain": abstain, "margin": margin}
+
+    rec = {
+        "domain": "d",
+        "label": 1,
+        "samples": [sample(1, "persona"), sample(0, "base"), sample(0, "tie", abstain=True), sample(1, "persona")],
+    }
+    plain = {"domain": "d", "label": 0, "winner": "tie"}
+    assert gate_targets([rec, plain], "win") == pytest.approx([2 / 3, 0.0])
+    assert gate_targets([rec, plain], "preference") == pytest.approx([2 / 3, 0.5])
