@@ -581,7 +581,7 @@ def classifier_dir(tmp_path_factory):
 )
 def test_4_a_model_config_is_size_checked_before_weights_load(key, value, classifier_dir, tmp_path):
     from prism_persona.errors import PrismError
-    from prism_persona.evals.hf_classifier import HFClassifierRefusal
+    from prism_persona.judges.hf_classifier import HFClassifierRefusal
 
     clf = tmp_path / "clf"
     shutil.copytree(classifier_dir, clf)
@@ -653,7 +653,7 @@ def test_5_a_persona_json_is_one_line(kind, tmp_path):
 
 def test_5_a_classifier_config_with_more_labels_than_its_weights_is_one_line(classifier_dir, tmp_path):
     from prism_persona.errors import PrismError
-    from prism_persona.evals.hf_classifier import HFClassifierRefusal
+    from prism_persona.judges.hf_classifier import HFClassifierRefusal
 
     clf = tmp_path / "clf"
     shutil.copytree(classifier_dir, clf)

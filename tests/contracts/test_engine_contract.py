@@ -18,9 +18,9 @@ from prism_persona.engines.base import Completion, Engine, SamplingParams
 from prism_persona.engines.hf import HFEngine
 from prism_persona.engines.openai import OpenAIEngine
 from prism_persona.engines.vllm import VLLMEngine
-from prism_persona.evals.judging import CallableEngine
 from prism_persona.gated.model import GatedEngine, GatedModel
 from prism_persona.gated.routed import RoutedEngine
+from prism_persona.judges import CallableEngine
 from prism_persona.testing import FakeOpenAIServer, ScriptedEngine, make_tiny_artifact
 
 CHATS = [

@@ -13,11 +13,10 @@ from prism_persona.evals.benchmarks.mmlu import MMLUEvaluator, load_mmlu
 from prism_persona.evals.benchmarks.mtbench import MTBenchEvaluator, load_mtbench
 from prism_persona.evals.benchmarks.safety import SafetyEvaluator, load_safety
 from prism_persona.evals.evaluate import systems_to_run
-from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
-from prism_persona.judges import CallableJudge
+from prism_persona.judges import CallableJudge, EvalJudge
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

@@ -13,10 +13,10 @@ from prism_persona.evals.benchmarks.mmlu import GROUPS, SUBJECT_GROUP, load_mmlu
 from prism_persona.evals.benchmarks.mtbench import load_mtbench
 from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
-from prism_persona.evals.judging import EvalJudge, keyword_refusal, parse_rating, parse_yes_no
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_system, parse_systems
+from prism_persona.judges import EvalJudge, keyword_refusal, parse_rating, parse_yes_no
 from prism_persona.stats import bootstrap_ci, pearson, ranks, spearman
 from prism_persona.testing import ScriptedEngine
 

@@ -16,11 +16,11 @@ def test_smoke_eval_on_embedded_model(tmp_path, embedded_model, shared_benchmark
     from prism_persona.evals.benchmarks.mtbench import load_mtbench
     from prism_persona.evals.benchmarks.safety import load_safety
     from prism_persona.evals.evaluate import Benchmarks, evaluate
-    from prism_persona.evals.judging import EvalJudge
     from prism_persona.evals.report import eval_figures, eval_markdown
     from prism_persona.evals.runner import EvalRunner
     from prism_persona.evals.settings import EvalConfig
     from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
+    from prism_persona.judges import EvalJudge
 
     model, tok = embedded_model
     eng = HFEngine(model, tok, batch_size=4, quiet=True, model_name="smollm2")

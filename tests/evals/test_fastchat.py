@@ -13,12 +13,11 @@ from prism_persona.evals.benchmarks.mmlu import load_mmlu
 from prism_persona.evals.benchmarks.mtbench import load_mtbench
 from prism_persona.evals.evaluate import Benchmarks, evaluate, systems_to_run
 from prism_persona.evals.fastchat import read_answers, write_fastchat
-from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_markdown
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, SystemSpec, fixed_provider, parse_systems
-from prism_persona.judges import Verdict
+from prism_persona.judges import EvalJudge, Verdict
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from prism_persona.errors import PrismError
-from prism_persona.evals.hf_classifier import HFClassifierRefusal, refusal_index
-from prism_persona.evals.judging import make_refusal_classifier
 from prism_persona.evals.settings import EvalConfig
+from prism_persona.judges import make_refusal_classifier
+from prism_persona.judges.hf_classifier import HFClassifierRefusal, refusal_index
 
 RESPONSES = ["I'm sorry, but I can't help with that.", "Sure! Step one: preheat the oven.", "No.", "x" * 300]
 

@@ -13,12 +13,12 @@ from prism_persona.engines.base import Completion
 from prism_persona.errors import PrismError
 from prism_persona.evals.build import load_benchmarks, parse_benchmarks
 from prism_persona.evals.evaluate import evaluate
-from prism_persona.evals.judging import StringMatchRefusal
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.sweep import routing_vs_effect
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
 from prism_persona.evals.table import paired_test, paper_table, table_markdown
+from prism_persona.judges import StringMatchRefusal
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

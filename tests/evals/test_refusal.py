@@ -11,10 +11,10 @@ from prism_persona.cli import main
 from prism_persona.errors import PrismError
 from prism_persona.evals.benchmarks.safety import SafetyItem
 from prism_persona.evals.evaluate import Benchmarks, evaluate
-from prism_persona.evals.judging import EvalJudge, StringMatchRefusal, make_refusal_classifier
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
+from prism_persona.judges import EvalJudge, StringMatchRefusal, make_refusal_classifier
 from prism_persona.testing import ScriptedEngine
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

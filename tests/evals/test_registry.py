@@ -11,12 +11,12 @@ from prism_persona.evals.base import REGISTRY, Benchmark, Evaluator, register
 from prism_persona.evals.build import load_benchmarks, parse_benchmarks
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.format import fmt_ci, md_table
-from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_markdown
 from prism_persona.evals.runner import EvalRunner, Job
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.study import _benchmark_values
 from prism_persona.evals.systems import PersonaBook, fixed_provider, parse_systems
+from prism_persona.judges import EvalJudge
 from prism_persona.testing import ScriptedEngine
 
 

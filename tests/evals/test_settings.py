@@ -65,7 +65,7 @@ def test_each_flag_keeps_one_contract(argv, msg, capsys):
 
 def test_a_pairwise_judge_given_as_grader_is_one_line(tmp_path, monkeypatch):
     from prism_persona.errors import PrismError
-    from prism_persona.evals.judging import load_grader
+    from prism_persona.judges import load_grader
 
     _module(tmp_path, monkeypatch, "pairjudge", "def judge(query, a, b):\n    return 'A'\n")
     _module(tmp_path, monkeypatch, "okgrader", "def grade(prompt, **kw):\n    return '[[5]]'\n")

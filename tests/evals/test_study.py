@@ -15,12 +15,12 @@ from prism_persona.evals.benchmarks.mtbench import load_mtbench
 from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.format import fmt_ci
-from prism_persona.evals.judging import EvalJudge
 from prism_persona.evals.report import eval_figures, eval_markdown
 from prism_persona.evals.runner import EvalRunner
 from prism_persona.evals.settings import EvalConfig
 from prism_persona.evals.study import run_study, study_figures, study_markdown
 from prism_persona.evals.systems import PersonaBook, fixed_provider, load_persona_file, parse_systems
+from prism_persona.judges import EvalJudge
 from prism_persona.judges import Verdict as PairVerdict
 from prism_persona.testing import ScriptedEngine
 

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Optional
 
 from ..config import PERSONA_LENGTHS
 from ..errors import PrismError
+from ..judges import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader, make_refusal_classifier
 from .benchmarks import REGISTRY
 from .evaluate import Benchmarks
-from .judging import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader, make_refusal_classifier
 from .runner import EvalRunner
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
 

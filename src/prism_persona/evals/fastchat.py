@@ -14,7 +14,7 @@ Written by ``prism eval`` under ``OUT/fastchat/`` in FastChat's ``data/mt_bench`
   ``error``, ``judge``, ``turn``, ``tstamp``. PRISM judges the whole conversation once per order, so
   ``turn`` is the number of turns and the prompt name says ``multi-turn``.
 
-The prompt names start with ``prism-``: the judge prompts are PRISM's (``evals/judging.py``), not
+The prompt names start with ``prism-``: the judge prompts are PRISM's (``judges/grading.py``), not
 FastChat's GPT-4 prompts, so grades are comparable between systems judged here, not with FastChat's
 published GPT-4 scores.
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..engines.base import SamplingParams
+from ..judges import EvalJudge, RefusalClassifier, make_refusal_classifier
 from ..models import with_persona
 from ..stats import bootstrap_ci
 from ..store import RunDir, content_key
-from .judging import EvalJudge, RefusalClassifier, make_refusal_classifier
 from .settings import EvalConfig
 from .systems import EngineProvider, PersonaBook, SystemSpec
 

@@ -1,4 +1,4 @@
-"""Pairwise judges: which of two answers to a query is better.
+"""Pairwise judges: which of two answers to a query is better (the bootstrap's verdicts, ``--judge``).
 
 A :class:`Judge` compares :class:`PairItem` s (query, answer shown as A, answer shown as B) and
 returns one :class:`Verdict` per item: ``"A"``, ``"B"``, ``"tie"`` or ``"unparseable"``.
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import RunConfig
-from .engines.base import Engine, SamplingParams
-from .errors import PrismError
+from ..config import RunConfig
+from ..engines.base import Engine, SamplingParams
+from ..errors import PrismError
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ def judge_from_spec(
         return ModelJudge(self_engine, mode, max_new_tokens, tie_margin, name="self")
     if is_callable_spec(spec) and not Path(spec).exists():
         return CallableJudge(load_callable(spec), name=spec)
-    from .engines.hf import HFEngine
+    from ..engines.hf import HFEngine
 
     other = HFEngine.load(spec, **(load or {}))
     return ModelJudge(other, mode, max_new_tokens, tie_margin, name=other.model_name, owns_engine=True)
@@ -505,6 +505,6 @@ def check_judge_spec(spec: str) -> None:
     if is_callable_spec(spec) and not Path(spec).exists():
         load_callable(spec)
         return
-    from .models import resolve_model
+    from ..models import resolve_model
 
     resolve_model(spec)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..errors import PrismError
-from .judging import RefusalClassifier
+from .refusal import RefusalClassifier
 
 PREFIX = "hf:"
 REFUSAL_WORDS = ("refus", "reject", "declin")
