@@ -27,7 +27,9 @@ class Stage:
     run: str = ""
     """A training stage's ``run(run_dir, cfg, records, model, tokenizer)`` function in ``module``."""
     settings: str = ""
-    """A training stage's ``settings(cfg)`` function (what a finished stage is checked against)."""
+    """The stage's ``settings(cfg) -> dict`` function in ``module``: everything its output depends on,
+    upstream stages included (a bootstrap stage's records are checked against it before a run resumes,
+    a finished training stage before it is skipped). Each stage module owns its settings."""
 
     @classmethod
     def training(cls, name: str, depends_on: tuple[str, ...], module: str) -> Stage:
@@ -38,7 +40,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("personas", (), "bootstrap.personas", ("personas.jsonl",), ("personas",)),
+    Stage("personas", (), "bootstrap.personas", ("personas.jsonl",), ("personas",), settings="personas_settings"),
     Stage(
         "queries",
         ("personas",),
@@ -51,8 +53,9 @@ STAGES: tuple[Stage, ...] = (
             "query_topics.meta.json",
         ),
         ("queries", "query_rounds", "query_topics"),
+        settings="queries_settings",
     ),
-    Stage("answers", ("queries",), "bootstrap.answers", ("answers.jsonl",), ("answers",)),
+    Stage("answers", ("queries",), "bootstrap.answers", ("answers.jsonl",), ("answers",), settings="answers_settings"),
     Stage(
         "verdicts",
         ("answers",),
@@ -60,6 +63,7 @@ STAGES: tuple[Stage, ...] = (
         ("verdicts.jsonl", "bootstrap.done.json", "summary.json", "summary.md"),
         ("verdicts",),
         marker="bootstrap",
+        settings="verdicts_settings",
     ),
     Stage.training("gate", ("verdicts",), "train.gate"),
     Stage.training("distill", ("verdicts",), "train.distill"),

@@ -27,8 +27,17 @@ from ..models import user_chat, with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir
 from .common import chunks, derive_seed, stage_settings
+from .queries import queries_settings
 
 log = logging.getLogger(__name__)
+
+
+def answers_settings(cfg: RunConfig) -> dict:
+    """What the answer records depend on: the queries' settings and the answers' sampling."""
+    a = cfg.answers
+    s = queries_settings(cfg)
+    s["answers"] = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p}
+    return s
 
 
 def answers_store(run: RunDir, cfg: RunConfig) -> JsonlStore:

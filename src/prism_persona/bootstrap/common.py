@@ -77,61 +77,20 @@ def query_prompt_version(fmt: str = "list") -> str:
 
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict:
-    """Everything the records of ``stage`` depend on, upstream stages included.
+    """Everything the records of ``stage`` depend on, upstream stages included: the stage's own
+    ``<stage>_settings(cfg)``, found through the stage registry (:data:`prism_persona.stages.STAGES`;
+    each stage module owns its settings and extends its upstream stage's).
 
-    Deliberately absent: the domain list, ``queries_per_persona`` and ``answers.samples`` (records are
-    keyed per domain / query / sample, so adding domains, queries or samples extends a run instead of
-    invalidating it),
-    batch sizes, devices, the engine kind and quiet mode.
+    Deliberately absent in every stage: the domain list, ``queries_per_persona`` and ``answers.samples``
+    (records are keyed per domain / query / sample, so adding domains, queries or samples extends a run
+    instead of invalidating it), batch sizes, devices, the engine kind and quiet mode.
     """
-    p, q, a, j = cfg.persona, cfg.queries, cfg.answers, cfg.judge
-    s: dict = {
-        "model": cfg.model.model,
-        "seed": cfg.seed,
-        "persona": {
-            "max_new_tokens": p.max_new_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "files": persona_file_hashes(cfg),
-        },
-    }
-    if p.prefill and any(d not in p.persona_files for d in p.domains):  # the model writes some personas
-        s["persona"]["prefill"] = (
-            p.prefill
-        )  # absent when off: runs made before the prefill existed resume with --set persona.prefill=""
-    if stage == "personas":
-        return s
-    s["persona"].update(use_length=p.use_length, placement=p.placement)
-    s["queries"] = {
-        "per_request": q.per_request,
-        "max_rounds": q.max_rounds,
-        "max_new_tokens": q.max_new_tokens,
-        "temperature": q.temperature,
-        "top_p": q.top_p,
-        "min_chars": q.min_chars,
-        "max_chars": q.max_chars,
-        "requests_only": q.requests_only,
-        "prompt": query_prompt_version(q.format),
-    }
-    if q.format != "list":  # absent for the list format, so runs made with it resume unchanged
-        s["queries"]["format"] = q.format
-    if q.topic_check:  # absent when off, so runs made before the option existed resume unchanged
-        s["queries"]["topic_check"] = True
-    if q.queries_file:  # user queries: the file's content is what the records depend on
-        from .query_file import queries_file_hash
+    import importlib
 
-        s["queries"] = {"file": queries_file_hash(q.queries_file)}
-    if stage == "queries":
-        return s
-    s["answers"] = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p}
-    if stage == "answers":
-        return s
-    s["judge"] = {"judge": j.judge, "mode": j.mode, "max_new_tokens": j.max_new_tokens, "tie_margin": j.tie_margin}
-    if j.rule != "both_orders":  # absent for the paper's rule, so runs made before the option resume unchanged
-        s["judge"].update(rule=j.rule, null_pairs=j.null_pairs, null_quantile=j.null_quantile)
-        if not j.null_pairs:
-            s["judge"]["abstain_margin"] = j.abstain_margin  # the band decides the verdicts
-    return s
+    from ..stages import get_stage
+
+    entry = get_stage(stage)
+    return getattr(importlib.import_module(f"..{entry.module}", __package__), entry.settings)(cfg)
 
 
 class Lazy:

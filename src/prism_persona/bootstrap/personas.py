@@ -19,7 +19,7 @@ from ..config import PERSONA_LENGTHS, RunConfig
 from ..engines.base import SamplingParams
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
-from .common import chunks, derive_seed, persona_file_text, stage_settings
+from .common import chunks, derive_seed, persona_file_hashes, persona_file_text, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,26 @@ def clean_persona(raw: str, length: str, domain: str = "", other_domains=()) -> 
     if text[-1] not in ".!?":
         text += "."
     return text
+
+
+def personas_settings(cfg: RunConfig) -> dict:
+    """What the persona records depend on (the first stage: also the model and the seed every later
+    stage depends on): the persona-writing settings and the content of the persona files."""
+    p = cfg.persona
+    s: dict = {
+        "model": cfg.model.model,
+        "seed": cfg.seed,
+        "persona": {
+            "max_new_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "files": persona_file_hashes(cfg),
+        },
+    }
+    if p.prefill and any(d not in p.persona_files for d in p.domains):  # the model writes some personas
+        # absent when off: runs made before the prefill existed resume with --set persona.prefill=""
+        s["persona"]["prefill"] = p.prefill
+    return s
 
 
 def personas_store(run: RunDir, cfg: RunConfig) -> JsonlStore:

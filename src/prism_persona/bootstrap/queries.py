@@ -44,8 +44,8 @@ from ..models import with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
 from ..text import jaccard, word_set
-from .common import derive_seed, stage_settings
-from .personas import join_prefill
+from .common import derive_seed, query_prompt_version, stage_settings
+from .personas import join_prefill, personas_settings
 from .prompts import (
     QUERY_PROMPT,
     REQUEST_OPENERS,
@@ -256,6 +256,34 @@ class QueryFilter:
         self.seen.add(normalise(query))
         self.words.append(word_set(query))
         return query
+
+
+def queries_settings(cfg: RunConfig) -> dict:
+    """What the query records depend on: the personas' settings, how a persona is shown, and the
+    query-writing settings and prompt (or, for ``--queries-file``, the file's content)."""
+    p, q = cfg.persona, cfg.queries
+    s = personas_settings(cfg)
+    s["persona"].update(use_length=p.use_length, placement=p.placement)
+    s["queries"] = {
+        "per_request": q.per_request,
+        "max_rounds": q.max_rounds,
+        "max_new_tokens": q.max_new_tokens,
+        "temperature": q.temperature,
+        "top_p": q.top_p,
+        "min_chars": q.min_chars,
+        "max_chars": q.max_chars,
+        "requests_only": q.requests_only,
+        "prompt": query_prompt_version(q.format),
+    }
+    if q.format != "list":  # absent for the list format, so runs made with it resume unchanged
+        s["queries"]["format"] = q.format
+    if q.topic_check:  # absent when off, so runs made before the option existed resume unchanged
+        s["queries"]["topic_check"] = True
+    if q.queries_file:  # user queries: the file's content is what the records depend on
+        from .query_file import queries_file_hash
+
+        s["queries"] = {"file": queries_file_hash(q.queries_file)}
+    return s
 
 
 def queries_store(run: RunDir, cfg: RunConfig) -> JsonlStore:

@@ -42,7 +42,7 @@ from ..models import user_chat
 from ..progress import progress
 from ..stats import _quantile
 from ..store import JsonlStore, RunDir
-from .answers import chunk_size, query_key_of
+from .answers import answers_settings, chunk_size, query_key_of
 from .common import chunks, derive_seed, stage_settings
 from .personas import load_personas
 from .summary import BLIND_MIN_PAIRS, blind_warning, debiased_note, judge_diagnostics, persona_margin
@@ -51,6 +51,18 @@ log = logging.getLogger(__name__)
 
 ORDERS = ("persona_first", "persona_second")
 _WHO = {"x": "persona", "y": "base", "tie": "tie", "unparseable": "unparseable", "mixed": "mixed"}
+
+
+def verdicts_settings(cfg: RunConfig) -> dict:
+    """What the verdict records depend on: the answers' settings and the judge's."""
+    j = cfg.judge
+    s = answers_settings(cfg)
+    s["judge"] = {"judge": j.judge, "mode": j.mode, "max_new_tokens": j.max_new_tokens, "tie_margin": j.tie_margin}
+    if j.rule != "both_orders":  # absent for the paper's rule, so runs made before the option resume unchanged
+        s["judge"].update(rule=j.rule, null_pairs=j.null_pairs, null_quantile=j.null_quantile)
+        if not j.null_pairs:
+            s["judge"]["abstain_margin"] = j.abstain_margin  # the band decides the verdicts
+    return s
 
 
 def verdicts_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
