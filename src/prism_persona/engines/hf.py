@@ -99,6 +99,7 @@ class HFEngine(Engine):
         out: list[Optional[Completion]] = [None] * len(texts)
         eos = self._eos_ids()
         kwargs = self._sampling_kwargs(params, eos)
+        own_loop = batch_context is None and self._own_loop_exact(params)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
@@ -109,18 +110,142 @@ class HFEngine(Engine):
             with torch.inference_mode(), batch_context(idx) if batch_context else contextlib.nullcontext() as read_meta:
                 t0 = time.perf_counter()
                 cache = kv_cache.preallocated_cache(self.model, enc["input_ids"].shape[1] + params.max_new_tokens)
-                gen = self.model.generate(**enc, **kwargs, **kv_cache.cache_kwargs(self.model, cache))
+                if own_loop and cache is not None:
+                    rows = self._decode(enc, cache, params, eos)
+                else:
+                    gen = self.model.generate(**enc, **kwargs, **kv_cache.cache_kwargs(self.model, cache))
+                    rows = gen[:, enc["input_ids"].shape[1] :].tolist()
                 self.generate_seconds += time.perf_counter() - t0
                 if read_meta is not None:
                     metas = read_meta()
-            new = gen[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
-                out[i] = self._completion(new[row].tolist(), eos, params)
+                out[i] = self._completion(rows[row], eos, params)
                 if metas is not None:
                     out[i].meta = metas[row]
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    # Generation-config fields whose non-default values would make ``generate`` add logits processors
+    # that :meth:`_decode` does not apply (those models keep ``generate``).
+    _PLAIN_CONFIG = dict(
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        min_length=0,
+        min_new_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        sequence_bias=None,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        exponential_decay_length_penalty=None,
+        guidance_scale=None,
+        watermarking_config=None,
+        top_h=None,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        num_beams=1,
+    )
+
+    def _own_loop_exact(self, params: SamplingParams) -> bool:
+        """Whether :meth:`_decode` picks exactly ``generate``'s tokens for this model and ``params``:
+        a generation config that adds no logits processor beyond temperature and top-p."""
+        gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            return False
+        for name, default in self._PLAIN_CONFIG.items():
+            value = getattr(gc, name, default)
+            if value not in (default, None) and not (isinstance(value, (list, tuple)) and not value):
+                return False
+        return True
+
+    def _decode(self, enc, cache, params: SamplingParams, eos: list[int]) -> list[list[int]]:
+        """``generate``'s tokens for one left-padded batch, with finished rows leaving the batch.
+
+        The same forward calls as ``generate`` (prefill with ``cumsum(mask) - 1`` positions, then one
+        token per step, last-position logits), the same token choice (argmax, or temperature then top-p
+        then ``torch.multinomial``), but a row stops *inside* the loop at EOS, at its token budget or as
+        soon as its text contains a stop string, and stopped rows leave the batch: the last live row
+        moves into the freed slot of the cache (:meth:`PreallocatedLayer.compact`), so later steps
+        compute only live rows. Sampling draws ``multinomial``'s noise for the whole batch at every
+        step, as ``generate`` does, so every row's tokens are the ones ``generate`` samples for it.
+        Returns each row's new tokens (EOS included when it stopped there)."""
+        import torch
+
+        from .kv_cache import base_forward_accepts, cache_kwargs
+
+        model = self.model
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        batch = ids.shape[0]
+        sample = bool(params.temperature and params.temperature > 0)
+        warpers = self._warpers(params) if sample else []
+        stops = [s for s in params.stop if s]
+        eos_set = set(eos)
+        extra = dict(cache_kwargs(model, cache), use_cache=True)
+        if base_forward_accepts(model, "logits_to_keep"):
+            extra["logits_to_keep"] = 1
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
+        pos = pos[:, -1:]
+        live = list(range(batch))  # slot -> batch row
+        new: list[list[int]] = [[] for _ in range(batch)]
+        for step in range(params.max_new_tokens):
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if sample:
+                for w in warpers:
+                    scores = w(None, scores)
+                probs = torch.softmax(scores, dim=-1)
+                # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) of probs' shape; the
+                # noise of the whole batch is drawn so that a live row gets generate's draw.
+                noise = torch.empty((batch, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1)
+                if len(live) < batch:
+                    noise = noise[torch.tensor(live, device=probs.device)]
+                token = (probs / noise).argmax(dim=-1)
+            else:
+                token = scores.argmax(dim=-1)
+            done = []
+            last = step + 1 == params.max_new_tokens
+            for slot, t in enumerate(token.tolist()):
+                row = live[slot]
+                new[row].append(t)
+                if last or t in eos_set or (stops and self._has_stop(new[row], stops)):
+                    done.append(slot)
+            if len(done) == len(live):
+                break
+            if done:
+                moves, keep = _compaction(len(live), done)
+                for layer in cache.layers:
+                    layer.compact(moves, len(keep))
+                index = torch.tensor(keep, device=token.device)
+                token, mask, pos = token[index], mask[index], pos[index]
+                live = [live[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
+        return new
+
+    def _warpers(self, params: SamplingParams) -> list:
+        """``generate``'s sampling warpers for ``params`` (temperature, then top-p; top-k off)."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        out = []
+        if params.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p is not None and params.top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+        return out
+
+    def _has_stop(self, ids: list[int], stops: list[str]) -> bool:
+        """Whether the text of ``ids`` contains a stop string. A trailing U+FFFD is left out: it is a
+        character whose bytes have not all been generated yet, and may still become another one."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        return any(s in text for s in stops)
 
     def _longest_first(self, texts: Sequence[str]) -> list[int]:
         """Indices of ``texts`` by decreasing token length (batches of similar lengths pad less)."""
@@ -192,6 +317,19 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
 
 def check(cfg) -> None:
     resolve_model(cfg.model.model)
+
+
+def _compaction(rows: int, done: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Moves ``(dst, src)`` that fill the ``done`` slots of ``rows`` with live slots from the end, and
+    the slots kept, in their new order (slot ``k`` of the compacted batch was slot ``keep[k]``)."""
+    gone = set(done)
+    left = rows - len(gone)
+    holes = [s for s in sorted(gone) if s < left]
+    movers = [s for s in range(left, rows) if s not in gone]
+    keep = list(range(left))
+    for dst, src in zip(holes, movers):
+        keep[dst] = src
+    return list(zip(holes, movers)), keep
 
 
 ENGINE = EngineSpec("hf", build, in_process=True, check=check)

@@ -33,6 +33,7 @@ if DynamicLayer is not None:
             super().__init__()
             self.capacity = int(capacity)
             self.length = 0
+            self.rows = 0
 
         def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
             b, _, _, _ = key_states.shape
@@ -40,6 +41,7 @@ if DynamicLayer is not None:
             self._keys = key_states.new_empty(b, key_states.shape[1], self.capacity, key_states.shape[-1])
             self._values = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
             self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            self.rows = b
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -48,11 +50,23 @@ if DynamicLayer is not None:
             end = self.length + key_states.shape[-2]
             if end > self.capacity:
                 raise RuntimeError(f"preallocated KV cache full: {end} > {self.capacity} positions")
-            self._keys[:, :, self.length : end] = key_states
-            self._values[:, :, self.length : end] = value_states
+            rows = self.rows
+            self._keys[:rows, :, self.length : end] = key_states
+            self._values[:rows, :, self.length : end] = value_states
             self.length = end
-            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            self.keys, self.values = self._keys[:rows, :, :end], self._values[:rows, :, :end]
             return self.keys, self.values
+
+        def compact(self, moves, rows: int) -> None:
+            """Keep the first ``rows`` rows after copying row ``src`` into row ``dst`` for each
+            ``(dst, src)`` of ``moves`` (filled positions only): finished rows leave the batch without
+            a new buffer, and the rows after them cost nothing more."""
+            for dst, src in moves:
+                self._keys[dst, :, : self.length] = self._keys[src, :, : self.length]
+                self._values[dst, :, : self.length] = self._values[src, :, : self.length]
+            self.rows = int(rows)
+            self.keys = self._keys[: self.rows, :, : self.length]
+            self.values = self._values[: self.rows, :, : self.length]
 
         def get_seq_length(self) -> int:
             return self.length

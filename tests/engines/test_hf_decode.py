@@ -1,0 +1,125 @@
+"""The HF engine's own decode loop: generate's tokens, with rows stopped inside the loop and dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_persona.engines import SamplingParams
+from prism_persona.engines.hf import HFEngine, _compaction
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUESTIONS = (
+    "hi",
+    "a much longer question about many things here",
+    "mid length one",
+    "x",
+    "what is the capital of a country far away",
+    "tell me",
+)
+
+
+def chats():
+    return [[{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def run(model, tok, params, own_loop: bool, monkeypatch, batch_size=6, eos=None):
+    eng = HFEngine(model, tok, batch_size=batch_size, quiet=True)
+    if eos is not None:
+        monkeypatch.setattr(eng, "_eos_ids", lambda: [eos])
+    if not own_loop:
+        monkeypatch.setattr(eng, "_own_loop_exact", lambda p: False)
+    calls = []
+    real = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda *a: calls.append(1) or real(*a))
+    out = eng.generate(chats(), params)
+    assert bool(calls) == own_loop  # the path under test really ran
+    return out, eng
+
+
+def reference_tokens(model, tok, max_new):
+    eng = HFEngine(model, tok, batch_size=6, quiet=True)
+    from prism_persona.models import encode_prompts, render_chat
+
+    enc = encode_prompts(tok, [render_chat(tok, c) for c in chats()], "cpu")
+    with torch.inference_mode():
+        gen = model.generate(**enc, **eng._sampling_kwargs(SamplingParams(max_new_tokens=max_new), []))
+    return gen[:, enc["input_ids"].shape[1] :]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=20, temperature=0.0),
+        SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=3),
+        SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1.0, seed=11),
+    ],
+    ids=["greedy", "top-p", "plain-sampling"],
+)
+@pytest.mark.parametrize("batch_size", [6, 4])
+def test_own_loop_equals_generate_with_rows_stopping_part_way(tiny_model, monkeypatch, params, batch_size):
+    model, tok = tiny_model
+    # an EOS the greedy rows produce part-way, so rows leave the batch at different steps
+    ref = reference_tokens(model, tok, 20).tolist()
+    rows_with = {t: sum(t in r for r in ref) for r in ref for t in r[3:10]}
+    eos = max((t for t, n in rows_with.items() if n < len(ref)), key=lambda t: rows_with[t])
+    old, _ = run(model, tok, params, False, monkeypatch, batch_size, eos)
+    new, eng = run(model, tok, params, True, monkeypatch, batch_size, eos)
+    assert [c.text for c in new] == [c.text for c in old]
+    assert [c.finish_reason for c in new] == [c.finish_reason for c in old]
+    assert [c.num_tokens for c in new] == [c.num_tokens for c in old]
+    if params.temperature == 0:
+        finish = {c.finish_reason for c in new}
+        assert finish == {"stop", "length"}  # some rows stopped early, some ran to the budget
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_stop_strings_stop_rows_inside_the_loop_with_the_same_text(tiny_model, monkeypatch, temperature):
+    model, tok = tiny_model
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=5)
+    full, _ = run(model, tok, params, False, monkeypatch)
+    # a two-character string that appears part-way in some rows' text (byte-level tokens: often 2 tokens)
+    texts = [c.text for c in full]
+    candidates = [t[k : k + 2] for t in texts for k in range(3, max(3, len(t) - 4)) if t[k : k + 2].strip()]
+    stop = max(set(candidates), key=lambda s: sum(s in t for t in texts))
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=5, stop=(stop,))
+    old, old_eng = run(model, tok, params, False, monkeypatch)
+    new, new_eng = run(model, tok, params, True, monkeypatch)
+    assert [c.text for c in new] == [c.text for c in old]
+    assert [c.finish_reason for c in new] == [c.finish_reason for c in old]
+    cut = [i for i, c in enumerate(old) if stop in full[i].text]
+    assert cut, "the stop string must cut some row"
+    for i in cut:  # rows cut by the stop string stopped there instead of spending the whole budget
+        assert new[i].num_tokens < old[i].num_tokens == 24
+    assert new_eng.tokens_generated < old_eng.tokens_generated
+
+
+def test_a_row_stops_at_the_first_token_whose_text_contains_the_stop(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    full, _ = run(model, tok, params, False, monkeypatch)
+    text = full[1].text
+    stop = text[len(text) // 2]
+    got, eng = run(model, tok, SamplingParams(max_new_tokens=16, temperature=0.0, stop=(stop,)), True, monkeypatch)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    shortest = next(n for n in range(1, len(ids) + 1) if stop in tok.decode(ids[:n], skip_special_tokens=True))
+    assert got[1].text == text[: text.index(stop)].strip()
+    assert got[1].num_tokens <= shortest + 1  # byte-level re-tokenisation may merge one token differently
+
+
+def test_compaction_fills_finished_slots_from_the_end():
+    moves, keep = _compaction(6, [1, 4])
+    assert moves == [(1, 5)] and keep == [0, 5, 2, 3]
+    moves, keep = _compaction(5, [3, 4])
+    assert moves == [] and keep == [0, 1, 2]
+    moves, keep = _compaction(4, [0, 1, 2])
+    assert moves == [(0, 3)] and keep == [3]
+
+
+def test_models_with_extra_logits_processors_keep_generate(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    eng = HFEngine(model, tok, quiet=True)
+    assert eng._own_loop_exact(SamplingParams())
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    assert not eng._own_loop_exact(SamplingParams())
