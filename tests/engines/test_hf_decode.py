@@ -31,8 +31,9 @@ def run(model, tok, params, own_loop: bool, monkeypatch, batch_size=6, eos=None)
     if not own_loop:
         monkeypatch.setattr(eng, "_own_loop_exact", lambda p: False)
     calls = []
-    real = eng._decode
-    monkeypatch.setattr(eng, "_decode", lambda *a: calls.append(1) or real(*a))
+    for name in ("_decode", "_stream"):
+        real = getattr(eng, name)
+        monkeypatch.setattr(eng, name, lambda *a, real=real: calls.append(1) or real(*a))
     out = eng.generate(chats(), params)
     assert bool(calls) == own_loop  # the path under test really ran
     return out, eng
@@ -123,3 +124,44 @@ def test_models_with_extra_logits_processors_keep_generate(tiny_model, monkeypat
     assert eng._own_loop_exact(SamplingParams())
     monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
     assert not eng._own_loop_exact(SamplingParams())
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 4])
+def test_waiting_rows_join_the_batch_with_generates_greedy_tokens(tiny_model, monkeypatch, batch_size):
+    """More chats than the batch: greedy rows stream through one cache (rows leave at EOS and waiting
+    prompts join the live batch) and get the tokens generate gives them in its fixed batches."""
+    model, tok = tiny_model
+    ref = reference_tokens(model, tok, 20).tolist()
+    rows_with = {t: sum(t in r for r in ref) for r in ref for t in r[3:10]}
+    eos = max((t for t, n in rows_with.items() if n < len(ref)), key=lambda t: rows_with[t])
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    old, _ = run(model, tok, params, False, monkeypatch, batch_size, eos)
+    eng = HFEngine(model, tok, batch_size=batch_size, quiet=True)
+    monkeypatch.setattr(eng, "_eos_ids", lambda: [eos])
+    from prism_persona.engines.kv_cache import PreallocatedLayer
+
+    streamed, seen = [], []
+    real = eng._stream
+    monkeypatch.setattr(eng, "_stream", lambda *a: streamed.append(1) or real(*a))
+    for name in ("add_rows", "regrow"):
+        method = getattr(PreallocatedLayer, name)
+        monkeypatch.setattr(PreallocatedLayer, name, lambda self, *a, m=method, n=name: seen.append(n) or m(self, *a))
+    new = eng.generate(chats(), params)
+    assert streamed and {"add_rows", "regrow"} <= set(seen)  # rows joined a live batch, the cache grew
+    assert [c.text for c in new] == [c.text for c in old]
+    assert [c.num_tokens for c in new] == [c.num_tokens for c in old]
+    assert {c.finish_reason for c in new} == {"stop", "length"}
+
+
+def test_streamed_rows_stop_at_stop_strings_and_unseeded_sampling_runs(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
+    full, _ = run(model, tok, greedy, False, monkeypatch, batch_size=2)
+    stop = full[2].text[len(full[2].text) // 2]
+    cut, _ = run(model, tok, SamplingParams(max_new_tokens=24, stop=(stop,)), False, monkeypatch, batch_size=2)
+    eng = HFEngine(model, tok, batch_size=2, quiet=True)
+    got = eng.generate(chats(), SamplingParams(max_new_tokens=24, stop=(stop,)))
+    assert [c.text for c in got] == [c.text for c in cut]
+    assert got[2].num_tokens < 24
+    sampled = eng.generate(chats(), SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9))
+    assert len(sampled) == len(QUESTIONS) and all(0 < c.num_tokens <= 8 for c in sampled)

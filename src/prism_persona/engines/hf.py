@@ -101,6 +101,17 @@ class HFEngine(Engine):
         kwargs = self._sampling_kwargs(params, eos)
         own_loop = batch_context is None and self._own_loop_exact(params)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
+        seeded = params.seed is not None and bool(params.temperature and params.temperature > 0)
+        if own_loop and not seeded and len(order) > self.batch_size:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                rows = self._stream([texts[i] for i in order], params, eos, bar)
+            self.generate_seconds += time.perf_counter() - t0
+            if rows is not None:
+                for k, i in enumerate(order):
+                    out[i] = self._completion(rows[k], eos, params)
+                bar.close()
+                return out  # type: ignore[return-value]
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
@@ -228,6 +239,119 @@ class HFEngine(Engine):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos + 1
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
+        return new
+
+    def _stream(self, prompts: list[str], params: SamplingParams, eos: list[int], bar) -> Optional[list[list[int]]]:
+        """Continuous batching of ``prompts`` (longest first) in one preallocated cache of
+        ``batch_size`` rows: rows stop inside the loop (EOS, budget, stop string) and leave the batch,
+        and waiting prompts are prefilled and join it once a quarter of the rows is free (or none is
+        left), so the batch stays full. For greedy decoding (each row's tokens depend only on its
+        prompt) and unseeded sampling; seeded sampling keeps its batches (its noise is drawn per
+        batch). Returns each prompt's new tokens, or ``None`` where the cache is not preallocated."""
+        import torch
+
+        from . import kv_cache
+
+        model, size, budget = self.model, self.batch_size, params.max_new_tokens
+        sample = bool(params.temperature and params.temperature > 0)
+        warpers = self._warpers(params) if sample else []
+        stops, eos_set = [s for s in params.stop if s], set(eos)
+        extra: dict = {"use_cache": True}
+        if kv_cache.base_forward_accepts(model, "logits_to_keep"):
+            extra["logits_to_keep"] = 1
+        new: list[list[int]] = [[] for _ in prompts]
+        pending = list(range(len(prompts)))
+        cache = None
+        live: list[int] = []
+        mask = pos = logits = None
+
+        def prefill(idx: list[int], capacity: int):
+            enc = encode_prompts(self.tokenizer, [prompts[i] for i in idx], self.device)
+            c = kv_cache.preallocated_cache(model, capacity or enc["input_ids"].shape[1])
+            if c is None:
+                return None
+            m = enc["attention_mask"]
+            p = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)
+            lg = model(
+                input_ids=enc["input_ids"], attention_mask=m, position_ids=p, **extra, **kv_cache.cache_kwargs(model, c)
+            )
+            return c, m, p[:, -1:], lg.logits[:, -1]
+
+        while pending or live:
+            free = size - len(live)
+            if pending and (not live or free >= min(len(pending), max(1, size // 4))):
+                idx, pending = pending[:free], pending[free:]
+                if not live:  # a fresh batch
+                    got = prefill(idx, 0)
+                    if got is None:
+                        return None
+                    small, mask, pos, logits = got
+                    length = small.layers[0].length
+                    cache = kv_cache.preallocated_cache(model, length + budget)
+                    for big, layer in zip(cache.layers, small.layers):
+                        big.lazy_initialization(
+                            layer._keys.new_empty(size, *layer._keys.shape[1:2], 0, layer._keys.shape[3]),
+                            layer._values.new_empty(size, *layer._values.shape[1:2], 0, layer._values.shape[3]),
+                        )
+                        big.rows, big.length = 0, length
+                        big.add_rows(layer)
+                    live = list(idx)
+                else:  # waiting prompts join the live rows
+                    got = prefill(idx, 0)
+                    small, m2, p2, l2 = got
+                    layer0 = cache.layers[0]
+                    length, p_new = layer0.length, small.layers[0].length
+                    if length < p_new or length + budget > layer0.capacity:
+                        lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns hidden in every live row
+                        target = max(length - lead, p_new)
+                        shift = target - length
+                        for layer in cache.layers:
+                            layer.regrow(target + budget + budget // 2, shift)
+                        mask = (
+                            torch.cat([mask.new_zeros(mask.shape[0], shift), mask], 1)
+                            if shift >= 0
+                            else mask[:, -shift:]
+                        )
+                        length = target
+                    for big, layer in zip(cache.layers, small.layers):
+                        big.add_rows(layer)
+                    m2 = torch.cat([m2.new_zeros(m2.shape[0], length - p_new), m2], 1)
+                    mask, pos = torch.cat([mask, m2]), torch.cat([pos, p2])
+                    logits = torch.cat([logits, l2])
+                    live += idx
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if sample:
+                for w in warpers:
+                    scores = w(None, scores)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
+            else:
+                token = scores.argmax(dim=-1)
+            done = []
+            for slot, t in enumerate(token.tolist()):
+                row = live[slot]
+                new[row].append(t)
+                if len(new[row]) >= budget or t in eos_set or (stops and self._has_stop(new[row], stops)):
+                    done.append(slot)
+            if done:
+                bar.update(len(done))
+                moves, keep = _compaction(len(live), done)
+                for layer in cache.layers:
+                    layer.compact(moves, len(keep))
+                index = torch.tensor(keep, dtype=torch.long, device=token.device)
+                token, mask, pos = token[index], mask[index], pos[index]
+                live = [live[k] for k in keep]
+            if not live:
+                continue
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                **extra,
+                **kv_cache.cache_kwargs(model, cache),
+            )
+            logits = out.logits[:, -1]
         return new
 
     def _warpers(self, params: SamplingParams) -> list:
