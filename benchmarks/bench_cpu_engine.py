@@ -455,12 +455,20 @@ def stage_workloads(rows: int) -> list[tuple[str, list, object]]:
     return [("answers", workload(rows), answers), ("queries (one, stop \\n)", requests, queries)]
 
 
-def measure_stages(built: common.Built, rows: int, batch: int, repeats: int) -> list[dict]:
+def kit_workloads(rows: int) -> list[tuple[str, list, object]]:
+    """The method tests' answers stage (tests/examples/test_safety_kit.py: greedy, 24 new tokens, engine
+    batch 16): more chats than the batch, so the engine's own loop streams them through one cache."""
+    from prism_persona.engines.base import SamplingParams
+
+    return [("answers greedy, 24 tokens", workload(rows), SamplingParams(max_new_tokens=24, temperature=0.0))]
+
+
+def measure_stages(built: common.Built, rows: int, batch: int, repeats: int, kit: bool = False) -> list[dict]:
     """Per stage: ``generate`` (the engine before) vs the engine's own loop, tokens returned per CPU s."""
     from prism_persona.engines.hf import HFEngine
 
     out = []
-    for stage, chats, params in stage_workloads(rows):
+    for stage, chats, params in (kit_workloads if kit else stage_workloads)(rows):
         texts = {}
         for variant in ("generate (before)", "own loop (after)"):
             engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True)
@@ -510,6 +518,11 @@ def main(argv: Optional[list] = None) -> dict:
         help="measure the engine before/after at the main command's stage shapes (answers, queries) instead",
     )
     p.add_argument(
+        "--kit",
+        action="store_true",
+        help="with --stages: the method tests' greedy answers stage instead (use --batch-sizes 16)",
+    )
+    p.add_argument(
         "--step-lengths",
         default="",
         help="also time one decode step at these cache lengths (comma-separated), dynamic vs preallocated cache",
@@ -532,7 +545,7 @@ def main(argv: Optional[list] = None) -> dict:
     if args.stages:
         b = common.batch_sizes(args.batch_sizes)[0]
         square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
-        stages = measure_stages(built, args.rows, b, args.repeats)
+        stages = measure_stages(built, args.rows, b, args.repeats, kit=args.kit)
         square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
         for r in stages:
             r["of_square_bound"] = r["tokens_per_cpu_s"] / square

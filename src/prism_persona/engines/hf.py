@@ -20,10 +20,19 @@ class HFEngine(Engine):
     """Generation and scoring with a ``transformers`` causal LM held in this process.
 
     Rows are sorted by prompt length before batching (less padding), generated in batches of
-    ``batch_size`` with left padding, stopped at EOS, and returned in the caller's order. Each batch
-    decodes into a KV cache allocated once for its prompt + new tokens
+    ``batch_size`` with left padding, and returned in the caller's order. Each batch decodes into a
+    KV cache allocated once for its prompt + new tokens
     (:func:`~prism_persona.engines.kv_cache.preallocated_cache`: generate's dynamic cache copies
-    itself at every step), with the same tokens as ``generate``'s own cache.
+    itself at every step).
+
+    The engine runs its own decode loop (:meth:`_decode`, :meth:`_stream`) with ``generate``'s
+    forward calls and token choice, so the tokens are ``generate``'s, but a row stops *inside* the loop
+    at EOS, at its budget or as soon as its text holds a stop string, and a stopped row leaves the
+    batch (it costs nothing more). Greedy and unseeded calls with more chats than ``batch_size``
+    stream through one cache: waiting prompts join the live rows as slots free up. Seeded sampling
+    keeps its fixed batches (its noise is drawn per batch, as ``generate`` does). ``generate`` itself
+    still runs for routed batches (``batch_context``), caches that cannot be preallocated, and models
+    whose generation config adds logits processors.
     """
 
     name = "hf"
