@@ -165,3 +165,21 @@ def test_streamed_rows_stop_at_stop_strings_and_unseeded_sampling_runs(tiny_mode
     assert got[2].num_tokens < 24
     sampled = eng.generate(chats(), SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9))
     assert len(sampled) == len(QUESTIONS) and all(0 < c.num_tokens <= 8 for c in sampled)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_sorted_top_p_equals_the_transformers_warper(top_p):
+    from transformers import TopPLogitsWarper
+
+    from prism_persona.engines.hf import SortedTopP
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, 5000, generator=g) * 3
+    scores[3] = scores[3].round()  # many equal values, ties at the nucleus boundary likely
+    scores[4] = 0.0  # all tied
+    scores[5, :10] = 40.0  # one row's nucleus is a handful of tokens
+    warper = TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)
+    want = warper(None, scores.clone())
+    got = SortedTopP(warper)(None, scores.clone())
+    assert torch.equal(got, want)
+    assert bool(torch.isinf(got).any()) and bool((~torch.isinf(got)).sum(-1).ge(1).all())

