@@ -253,7 +253,7 @@ class HFEngine(Engine):
     def _stream(self, prompts: list[str], params: SamplingParams, eos: list[int], bar) -> Optional[list[list[int]]]:
         """Continuous batching of ``prompts`` (longest first) in one preallocated cache of
         ``batch_size`` rows: rows stop inside the loop (EOS, budget, stop string) and leave the batch,
-        and waiting prompts are prefilled and join it once a quarter of the rows is free (or none is
+        and waiting prompts are prefilled and join it once half of the rows are free (or none is
         left), so the batch stays full. For greedy decoding (each row's tokens depend only on its
         prompt) and unseeded sampling; seeded sampling keeps its batches (its noise is drawn per
         batch). Returns each prompt's new tokens, or ``None`` where the cache is not preallocated."""
@@ -288,7 +288,7 @@ class HFEngine(Engine):
 
         while pending or live:
             free = size - len(live)
-            if pending and (not live or free >= min(len(pending), max(1, size // 4))):
+            if pending and (not live or free >= min(len(pending), max(1, size // 2))):
                 idx, pending = pending[:free], pending[free:]
                 if not live:  # a fresh batch
                     got = prefill(idx, 0)
