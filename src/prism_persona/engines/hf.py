@@ -274,9 +274,10 @@ class HFEngine(Engine):
         live: list[int] = []
         mask = pos = logits = None
 
-        def prefill(idx: list[int], capacity: int):
+        def prefill(idx: list[int], room: int):
+            """The prompts ``idx`` run into a new cache of their length + ``room`` positions."""
             enc = encode_prompts(self.tokenizer, [prompts[i] for i in idx], self.device)
-            c = kv_cache.preallocated_cache(model, capacity or enc["input_ids"].shape[1])
+            c = kv_cache.preallocated_cache(model, enc["input_ids"].shape[1] + room)
             if c is None:
                 return None
             m = enc["attention_mask"]
@@ -290,24 +291,14 @@ class HFEngine(Engine):
             free = size - len(live)
             if pending and (not live or free >= min(len(pending), max(1, size // 2))):
                 idx, pending = pending[:free], pending[free:]
-                if not live:  # a fresh batch
-                    got = prefill(idx, 0)
+                if not live:  # a fresh batch: all ``size`` rows (the cache's rows), or the last prompts
+                    got = prefill(idx, budget)
                     if got is None:
                         return None
-                    small, mask, pos, logits = got
-                    length = small.layers[0].length
-                    cache = kv_cache.preallocated_cache(model, length + budget)
-                    for big, layer in zip(cache.layers, small.layers):
-                        big.lazy_initialization(
-                            layer._keys.new_empty(size, *layer._keys.shape[1:2], 0, layer._keys.shape[3]),
-                            layer._values.new_empty(size, *layer._values.shape[1:2], 0, layer._values.shape[3]),
-                        )
-                        big.rows, big.length = 0, length
-                        big.add_rows(layer)
+                    cache, mask, pos, logits = got
                     live = list(idx)
                 else:  # waiting prompts join the live rows
-                    got = prefill(idx, 0)
-                    small, m2, p2, l2 = got
+                    small, m2, p2, l2 = prefill(idx, 0)
                     layer0 = cache.layers[0]
                     length, p_new = layer0.length, small.layers[0].length
                     if length < p_new or length + budget > layer0.capacity:
