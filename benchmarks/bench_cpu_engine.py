@@ -20,6 +20,15 @@ Every rate is per **CPU second** of this process (``time.process_time``; run it 
 thread, ``--threads 1``): on a machine shared with other jobs, wall time measures the other jobs,
 while the CPU time this process was given measures the work. Wall seconds are printed beside it.
 
+``--stages`` measures instead the engine at the README main command's real stage shapes, EOS and stop
+strings on, the stages' own sampling settings and seeds (the tiny preset: engine batch 96): the
+answers stage (``--rows`` chats, half with a persona, ``answers.max_new_tokens``) and the queries
+stage (``one`` format: the bootstrap's own request chats, reply prefilled with its opener, stop at
+"\\n", 48 tokens), each through ``model.generate`` (the engine before: stop strings applied after
+generation, finished rows kept in the batch) and through the engine's own loop (rows stop inside it
+and leave the batch), in the same process. Tokens are the tokens each row returns (up to its EOS or
+stop string); the rate is per CPU second against the 2048^2-matmul bound measured in the same run.
+
 ``--profile`` adds a torch-profiler table of one engine call (time per op family: matmul,
 attention, cache, sampling, the rest) and a cProfile of its Python functions.
 """
@@ -426,11 +435,93 @@ def ratio_rows(res: dict, bnd: dict) -> list[dict]:
     return out
 
 
+def stage_workloads(rows: int) -> list[tuple[str, list, object]]:
+    """(stage, chats, SamplingParams) of the README main command's generation stages (tiny preset)."""
+    from prism_persona import config
+    from prism_persona.bootstrap.queries import ONE_REQUEST_TOKENS, round_chats
+    from prism_persona.engines.base import SamplingParams
+
+    cfg = config.resolve("tiny")
+    a, q = cfg.answers, cfg.queries
+    answers = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=11)
+    requests = [chat for d in PERSONAS for chat, _ in round_chats(cfg, d, PERSONAS[d], q.queries_per_persona, 0, True)]
+    queries = SamplingParams(
+        max_new_tokens=min(q.max_new_tokens, ONE_REQUEST_TOKENS),
+        temperature=q.temperature,
+        top_p=q.top_p,
+        seed=12,
+        stop=("\n",),
+    )
+    return [("answers", workload(rows), answers), ("queries (one, stop \\n)", requests, queries)]
+
+
+def kit_workloads(rows: int) -> list[tuple[str, list, object]]:
+    """The method tests' answers stage (tests/examples/test_safety_kit.py: greedy, 24 new tokens, engine
+    batch 16): more chats than the batch, so the engine's own loop streams them through one cache."""
+    from prism_persona.engines.base import SamplingParams
+
+    return [("answers greedy, 24 tokens", workload(rows), SamplingParams(max_new_tokens=24, temperature=0.0))]
+
+
+def measure_stages(built: common.Built, rows: int, batch: int, repeats: int, kit: bool = False) -> list[dict]:
+    """Per stage: ``generate`` (the engine before) vs the engine's own loop, tokens returned per CPU s."""
+    from prism_persona.engines.hf import HFEngine
+
+    out = []
+    for stage, chats, params in (kit_workloads if kit else stage_workloads)(rows):
+        texts = {}
+        for variant in ("generate (before)", "own loop (after)"):
+            engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True)
+            if variant.startswith("generate"):
+                engine._own_loop_exact = lambda p: False  # type: ignore[method-assign]
+            load0 = load_avg()
+
+            def call(engine=engine):
+                engine.tokens_generated = 0
+                return engine.generate(chats, params)
+
+            sec, wall, comps = cpu_timed(call, repeats=repeats, warmup=0)
+            returned = sum(c.num_tokens + (c.finish_reason == "stop") for c in comps)
+            texts[variant] = [c.text for c in comps]
+            out.append(
+                {
+                    "stage": stage,
+                    "variant": variant,
+                    "chats": len(chats),
+                    "max_new": params.max_new_tokens,
+                    "tokens": returned,
+                    "cpu_s": sec,
+                    "wall_s": wall,
+                    "tokens_per_cpu_s": returned / sec,
+                    "load_1m": f"{load0}->{load_avg()}",
+                }
+            )
+        a, b = texts.values()
+        out[-1]["same_texts"] = out[-2]["same_texts"] = f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+        # the same texts are delivered by both: count the tokens the rows return (up to EOS or the stop
+        # string, the own loop's count) for both; "decoded" is the engine's own count (before: a row cut by a
+        # stop string counted its whole budget)
+        for r in out[-2:]:
+            r["decoded"], r["tokens"] = r["tokens"], out[-1]["tokens"]
+            r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_s"]
+    return out
+
+
 def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
     p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
     p.add_argument("--call-size", type=int, default=0, help="chats per engine call (0 = the engine batch)")
     p.add_argument("--profile", action="store_true", help="also profile one engine call")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="measure the engine before/after at the main command's stage shapes (answers, queries) instead",
+    )
+    p.add_argument(
+        "--kit",
+        action="store_true",
+        help="with --stages: the method tests' greedy answers stage instead (use --batch-sizes 16)",
+    )
     p.add_argument(
         "--step-lengths",
         default="",
@@ -451,6 +542,22 @@ def main(argv: Optional[list] = None) -> dict:
     }
     common.print_header("CPU engine vs raw decode loop vs matmul bound", built, settings)
     results = []
+    if args.stages:
+        b = common.batch_sizes(args.batch_sizes)[0]
+        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        stages = measure_stages(built, args.rows, b, args.repeats, kit=args.kit)
+        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        for r in stages:
+            r["of_square_bound"] = r["tokens_per_cpu_s"] / square
+        print(
+            f"\n## the main command's stages, engine batch {b}; 2048^2 matmul bound {square:.0f} tokens per CPU s "
+            f"({square_after:.0f} after the runs)"
+        )
+        cols = ["stage", "variant", "chats", "max_new", "decoded", "tokens", "cpu_s", "wall_s", "tokens_per_cpu_s"]
+        print(common.table(stages, cols + ["of_square_bound", "same_texts", "load_1m"]))
+        results.append({"stages": stages, "square_bound_tokens_per_s": [square, square_after]})
+        common.record(args.out, "cpu_engine", settings, results)
+        return {"settings": settings, "results": results}
     for b in common.batch_sizes(args.batch_sizes) if args.rows else []:  # --rows 0: the step costs only
         call = args.call_size or b
         res = measure(built, args.rows, b, call, args.new_tokens, args.repeats)

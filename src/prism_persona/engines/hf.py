@@ -20,10 +20,19 @@ class HFEngine(Engine):
     """Generation and scoring with a ``transformers`` causal LM held in this process.
 
     Rows are sorted by prompt length before batching (less padding), generated in batches of
-    ``batch_size`` with left padding, stopped at EOS, and returned in the caller's order. Each batch
-    decodes into a KV cache allocated once for its prompt + new tokens
+    ``batch_size`` with left padding, and returned in the caller's order. Each batch decodes into a
+    KV cache allocated once for its prompt + new tokens
     (:func:`~prism_persona.engines.kv_cache.preallocated_cache`: generate's dynamic cache copies
-    itself at every step), with the same tokens as ``generate``'s own cache.
+    itself at every step).
+
+    The engine runs its own decode loop (:meth:`_decode`, :meth:`_stream`) with ``generate``'s
+    forward calls and token choice, so the tokens are ``generate``'s, but a row stops *inside* the loop
+    at EOS, at its budget or as soon as its text holds a stop string, and a stopped row leaves the
+    batch (it costs nothing more). Greedy and unseeded calls with more chats than ``batch_size``
+    stream through one cache: waiting prompts join the live rows as slots free up. Seeded sampling
+    keeps its fixed batches (its noise is drawn per batch, as ``generate`` does). ``generate`` itself
+    still runs for routed batches (``batch_context``), caches that cannot be preallocated, and models
+    whose generation config adds logits processors.
     """
 
     name = "hf"
@@ -99,7 +108,19 @@ class HFEngine(Engine):
         out: list[Optional[Completion]] = [None] * len(texts)
         eos = self._eos_ids()
         kwargs = self._sampling_kwargs(params, eos)
+        own_loop = batch_context is None and self._own_loop_exact(params)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
+        seeded = params.seed is not None and bool(params.temperature and params.temperature > 0)
+        if own_loop and not seeded and len(order) > self.batch_size:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                rows = self._stream([texts[i] for i in order], params, eos, bar)
+            self.generate_seconds += time.perf_counter() - t0
+            if rows is not None:
+                for k, i in enumerate(order):
+                    out[i] = self._completion(rows[k], eos, params)
+                bar.close()
+                return out  # type: ignore[return-value]
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
@@ -109,18 +130,246 @@ class HFEngine(Engine):
             with torch.inference_mode(), batch_context(idx) if batch_context else contextlib.nullcontext() as read_meta:
                 t0 = time.perf_counter()
                 cache = kv_cache.preallocated_cache(self.model, enc["input_ids"].shape[1] + params.max_new_tokens)
-                gen = self.model.generate(**enc, **kwargs, **kv_cache.cache_kwargs(self.model, cache))
+                if own_loop and cache is not None:
+                    rows = self._decode(enc, cache, params, eos)
+                else:
+                    gen = self.model.generate(**enc, **kwargs, **kv_cache.cache_kwargs(self.model, cache))
+                    rows = gen[:, enc["input_ids"].shape[1] :].tolist()
                 self.generate_seconds += time.perf_counter() - t0
                 if read_meta is not None:
                     metas = read_meta()
-            new = gen[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
-                out[i] = self._completion(new[row].tolist(), eos, params)
+                out[i] = self._completion(rows[row], eos, params)
                 if metas is not None:
                     out[i].meta = metas[row]
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+    # Generation-config fields whose non-default values would make ``generate`` add logits processors
+    # that :meth:`_decode` does not apply (those models keep ``generate``).
+    _PLAIN_CONFIG = dict(
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        min_length=0,
+        min_new_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        sequence_bias=None,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        exponential_decay_length_penalty=None,
+        guidance_scale=None,
+        watermarking_config=None,
+        top_h=None,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        num_beams=1,
+    )
+
+    def _own_loop_exact(self, params: SamplingParams) -> bool:
+        """Whether :meth:`_decode` picks exactly ``generate``'s tokens for this model and ``params``:
+        a generation config that adds no logits processor beyond temperature and top-p."""
+        gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            return False
+        for name, default in self._PLAIN_CONFIG.items():
+            value = getattr(gc, name, default)
+            if value not in (default, None) and not (isinstance(value, (list, tuple)) and not value):
+                return False
+        return True
+
+    def _decode(self, enc, cache, params: SamplingParams, eos: list[int]) -> list[list[int]]:
+        """``generate``'s tokens for one left-padded batch, with finished rows leaving the batch.
+
+        The same forward calls as ``generate`` (prefill with ``cumsum(mask) - 1`` positions, then one
+        token per step, last-position logits), the same token choice (argmax, or temperature then top-p
+        then ``torch.multinomial``), but a row stops *inside* the loop at EOS, at its token budget or as
+        soon as its text contains a stop string, and stopped rows leave the batch: the last live row
+        moves into the freed slot of the cache (:meth:`PreallocatedLayer.compact`), so later steps
+        compute only live rows. Sampling draws ``multinomial``'s noise for the whole batch at every
+        step, as ``generate`` does, so every row's tokens are the ones ``generate`` samples for it.
+        Returns each row's new tokens (EOS included when it stopped there)."""
+        import torch
+
+        from .kv_cache import base_forward_accepts, cache_kwargs
+
+        model = self.model
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        batch = ids.shape[0]
+        sample = bool(params.temperature and params.temperature > 0)
+        warpers = self._warpers(params) if sample else []
+        stops = [s for s in params.stop if s]
+        eos_set = set(eos)
+        extra = dict(cache_kwargs(model, cache), use_cache=True)
+        if base_forward_accepts(model, "logits_to_keep"):
+            extra["logits_to_keep"] = 1
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
+        pos = pos[:, -1:]
+        live = list(range(batch))  # slot -> batch row
+        new: list[list[int]] = [[] for _ in range(batch)]
+        for step in range(params.max_new_tokens):
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if sample:
+                for w in warpers:
+                    scores = w(None, scores)
+                probs = torch.softmax(scores, dim=-1)
+                # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) of probs' shape; the
+                # noise of the whole batch is drawn so that a live row gets generate's draw.
+                noise = torch.empty((batch, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1)
+                if len(live) < batch:
+                    noise = noise[torch.tensor(live, device=probs.device)]
+                token = (probs / noise).argmax(dim=-1)
+            else:
+                token = scores.argmax(dim=-1)
+            done = []
+            last = step + 1 == params.max_new_tokens
+            for slot, t in enumerate(token.tolist()):
+                row = live[slot]
+                new[row].append(t)
+                if last or t in eos_set or (stops and self._has_stop(new[row], stops)):
+                    done.append(slot)
+            if len(done) == len(live):
+                break
+            if done:
+                moves, keep = _compaction(len(live), done)
+                for layer in cache.layers:
+                    layer.compact(moves, len(keep))
+                index = torch.tensor(keep, device=token.device)
+                token, mask, pos = token[index], mask[index], pos[index]
+                live = [live[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
+        return new
+
+    def _stream(self, prompts: list[str], params: SamplingParams, eos: list[int], bar) -> Optional[list[list[int]]]:
+        """Continuous batching of ``prompts`` (longest first) in one preallocated cache of
+        ``batch_size`` rows: rows stop inside the loop (EOS, budget, stop string) and leave the batch,
+        and waiting prompts are prefilled and join it once half of the rows are free (or none is
+        left), so the batch stays full. For greedy decoding (each row's tokens depend only on its
+        prompt) and unseeded sampling; seeded sampling keeps its batches (its noise is drawn per
+        batch). Returns each prompt's new tokens, or ``None`` where the cache is not preallocated."""
+        import torch
+
+        from . import kv_cache
+
+        model, size, budget = self.model, self.batch_size, params.max_new_tokens
+        sample = bool(params.temperature and params.temperature > 0)
+        warpers = self._warpers(params) if sample else []
+        stops, eos_set = [s for s in params.stop if s], set(eos)
+        extra: dict = {"use_cache": True}
+        if kv_cache.base_forward_accepts(model, "logits_to_keep"):
+            extra["logits_to_keep"] = 1
+        new: list[list[int]] = [[] for _ in prompts]
+        pending = list(range(len(prompts)))
+        cache = None
+        live: list[int] = []
+        mask = pos = logits = None
+
+        def prefill(idx: list[int], room: int):
+            """The prompts ``idx`` run into a new cache of their length + ``room`` positions."""
+            enc = encode_prompts(self.tokenizer, [prompts[i] for i in idx], self.device)
+            c = kv_cache.preallocated_cache(model, enc["input_ids"].shape[1] + room)
+            if c is None:
+                return None
+            m = enc["attention_mask"]
+            p = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)
+            lg = model(
+                input_ids=enc["input_ids"], attention_mask=m, position_ids=p, **extra, **kv_cache.cache_kwargs(model, c)
+            )
+            return c, m, p[:, -1:], lg.logits[:, -1]
+
+        while pending or live:
+            free = size - len(live)
+            if pending and (not live or free >= min(len(pending), max(1, size // 2))):
+                idx, pending = pending[:free], pending[free:]
+                if not live:  # a fresh batch: all ``size`` rows (the cache's rows), or the last prompts
+                    got = prefill(idx, budget)
+                    if got is None:
+                        return None
+                    cache, mask, pos, logits = got
+                    live = list(idx)
+                else:  # waiting prompts join the live rows
+                    small, m2, p2, l2 = prefill(idx, 0)
+                    layer0 = cache.layers[0]
+                    length, p_new = layer0.length, small.layers[0].length
+                    if length < p_new or length + budget > layer0.capacity:
+                        lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns hidden in every live row
+                        target = max(length - lead, p_new)
+                        shift = target - length
+                        for layer in cache.layers:
+                            layer.regrow(target + budget + budget // 2, shift)
+                        mask = (
+                            torch.cat([mask.new_zeros(mask.shape[0], shift), mask], 1)
+                            if shift >= 0
+                            else mask[:, -shift:]
+                        )
+                        length = target
+                    for big, layer in zip(cache.layers, small.layers):
+                        big.add_rows(layer)
+                    m2 = torch.cat([m2.new_zeros(m2.shape[0], length - p_new), m2], 1)
+                    mask, pos = torch.cat([mask, m2]), torch.cat([pos, p2])
+                    logits = torch.cat([logits, l2])
+                    live += idx
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if sample:
+                for w in warpers:
+                    scores = w(None, scores)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
+            else:
+                token = scores.argmax(dim=-1)
+            done = []
+            for slot, t in enumerate(token.tolist()):
+                row = live[slot]
+                new[row].append(t)
+                if len(new[row]) >= budget or t in eos_set or (stops and self._has_stop(new[row], stops)):
+                    done.append(slot)
+            if done:
+                bar.update(len(done))
+                moves, keep = _compaction(len(live), done)
+                for layer in cache.layers:
+                    layer.compact(moves, len(keep))
+                index = torch.tensor(keep, dtype=torch.long, device=token.device)
+                token, mask, pos = token[index], mask[index], pos[index]
+                live = [live[k] for k in keep]
+            if not live:
+                continue
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                **extra,
+                **kv_cache.cache_kwargs(model, cache),
+            )
+            logits = out.logits[:, -1]
+        return new
+
+    def _warpers(self, params: SamplingParams) -> list:
+        """``generate``'s sampling warpers for ``params`` (temperature, then top-p; top-k off)."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        out = []
+        if params.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p is not None and params.top_p < 1.0:
+            out.append(SortedTopP(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1)))
+        return out
+
+    def _has_stop(self, ids: list[int], stops: list[str]) -> bool:
+        """Whether the text of ``ids`` contains a stop string. A trailing U+FFFD is left out: it is a
+        character whose bytes have not all been generated yet, and may still become another one."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        return any(s in text for s in stops)
 
     def _longest_first(self, texts: Sequence[str]) -> list[int]:
         """Indices of ``texts`` by decreasing token length (batches of similar lengths pad less)."""
@@ -192,6 +441,53 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
 
 def check(cfg) -> None:
     resolve_model(cfg.model.model)
+
+
+class SortedTopP:
+    """``transformers``' ``TopPLogitsWarper`` (nucleus filter), with the same result, 15-20x cheaper
+    on a CPU.
+
+    The warper sorts every row of ``batch x vocab`` logits with ``torch.sort`` (on the answers stage's
+    sampling a third of a decode step's CPU time) and removes the ascending prefix whose cumulative
+    softmax is ``<= 1 - top_p``. Only the sorted *values* decide that prefix, and they are the same
+    whichever sort produced them, so numpy's vectorised sort gives the same cumulative sums; a token is
+    then removed exactly when its logit is below the first kept value. A row whose last removed and
+    first kept values tie (where the sort's order of equal values decides) goes through the warper
+    itself."""
+
+    def __init__(self, warper):
+        self.warper = warper
+        self.top_p = warper.top_p
+
+    def __call__(self, input_ids, scores):
+        import numpy as np
+        import torch
+
+        if scores.device.type != "cpu" or scores.dtype != torch.float32:
+            return self.warper(input_ids, scores)
+        values = torch.from_numpy(np.sort(scores.numpy(), axis=-1))
+        remove = values.softmax(dim=-1).cumsum(dim=-1) <= (1 - self.top_p)
+        remove[..., -1:] = False
+        k = remove.sum(dim=-1, keepdim=True)  # a prefix: the cumulative sums never decrease
+        first_kept = values.gather(1, k)
+        out = scores.masked_fill(scores < first_kept, self.warper.filter_value)
+        tie = (k > 0) & (values.gather(1, (k - 1).clamp(min=0)) == first_kept)
+        for row in tie[:, 0].nonzero()[:, 0].tolist():
+            out[row] = self.warper(input_ids, scores[row : row + 1])[0]
+        return out
+
+
+def _compaction(rows: int, done: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Moves ``(dst, src)`` that fill the ``done`` slots of ``rows`` with live slots from the end, and
+    the slots kept, in their new order (slot ``k`` of the compacted batch was slot ``keep[k]``)."""
+    gone = set(done)
+    left = rows - len(gone)
+    holes = [s for s in sorted(gone) if s < left]
+    movers = [s for s in range(left, rows) if s not in gone]
+    keep = list(range(left))
+    for dst, src in zip(holes, movers):
+        keep[dst] = src
+    return list(zip(holes, movers)), keep
 
 
 ENGINE = EngineSpec("hf", build, in_process=True, check=check)

@@ -33,6 +33,7 @@ if DynamicLayer is not None:
             super().__init__()
             self.capacity = int(capacity)
             self.length = 0
+            self.rows = 0
 
         def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
             b, _, _, _ = key_states.shape
@@ -40,6 +41,7 @@ if DynamicLayer is not None:
             self._keys = key_states.new_empty(b, key_states.shape[1], self.capacity, key_states.shape[-1])
             self._values = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
             self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            self.rows = b
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -48,11 +50,52 @@ if DynamicLayer is not None:
             end = self.length + key_states.shape[-2]
             if end > self.capacity:
                 raise RuntimeError(f"preallocated KV cache full: {end} > {self.capacity} positions")
-            self._keys[:, :, self.length : end] = key_states
-            self._values[:, :, self.length : end] = value_states
+            rows = self.rows
+            self._keys[:rows, :, self.length : end] = key_states
+            self._values[:rows, :, self.length : end] = value_states
             self.length = end
-            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            self.keys, self.values = self._keys[:rows, :, :end], self._values[:rows, :, :end]
             return self.keys, self.values
+
+        def compact(self, moves, rows: int) -> None:
+            """Keep the first ``rows`` rows after copying row ``src`` into row ``dst`` for each
+            ``(dst, src)`` of ``moves`` (filled positions only): finished rows leave the batch without
+            a new buffer, and the rows after them cost nothing more."""
+            for dst, src in moves:
+                self._keys[dst, :, : self.length] = self._keys[src, :, : self.length]
+                self._values[dst, :, : self.length] = self._values[src, :, : self.length]
+            self.rows = int(rows)
+            self.keys = self._keys[: self.rows, :, : self.length]
+            self.values = self._values[: self.rows, :, : self.length]
+
+        def add_rows(self, other: PreallocatedLayer) -> None:
+            """Append ``other``'s rows (a prefill of new prompts, ``other.length <= self.length``) after
+            this layer's rows, right-aligned on the filled length: the columns before their prompt are
+            zeros, which the attention mask hides (continuous batching: waiting rows join a batch)."""
+            n, start = other.rows, self.length - other.length
+            if start < 0 or self.rows + n > self._keys.shape[0]:
+                raise RuntimeError("preallocated KV cache: the new rows do not fit")
+            rows = slice(self.rows, self.rows + n)
+            self._keys[rows, :, :start] = 0
+            self._values[rows, :, :start] = 0
+            self._keys[rows, :, start : self.length] = other._keys[:n, :, : other.length]
+            self._values[rows, :, start : self.length] = other._values[:n, :, : other.length]
+            self.compact((), self.rows + n)
+
+        def regrow(self, capacity: int, shift: int) -> None:
+            """New buffers of ``capacity`` positions holding the filled part moved right by ``shift``
+            columns (zeros in front) or, with a negative ``shift``, without its first ``-shift``
+            columns (ones the mask hides in every row)."""
+            keep = self._keys[:, :, max(0, -shift) : self.length]
+            end = keep.shape[2] + max(0, shift)
+            if end > capacity:
+                raise RuntimeError(f"preallocated KV cache: {end} positions do not fit in {capacity}")
+            keys = self._keys.new_zeros(self._keys.shape[0], self._keys.shape[1], capacity, self._keys.shape[3])
+            values = self._values.new_zeros(keys.shape[0], self._values.shape[1], capacity, self._values.shape[3])
+            keys[:, :, max(0, shift) : end] = keep
+            values[:, :, max(0, shift) : end] = self._values[:, :, max(0, -shift) : self.length]
+            self._keys, self._values, self.capacity, self.length = keys, values, int(capacity), end
+            self.compact((), self.rows)
 
         def get_seq_length(self) -> int:
             return self.length
