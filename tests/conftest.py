@@ -17,6 +17,14 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
+# Under pytest-xdist (``-n 2``, the project's default: pyproject.toml addopts) each worker computes on
+# one core: two processes that each use both cores thrash (OpenMP spin-waits), one thread each do not.
+# Set before anything imports torch (the fixtures import it lazily); a run without xdist keeps the
+# machine's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
+
 
 def pytest_collection_modifyitems(items):
     """A test that uses the stand-in vLLM server (``fake_python``, directly or through another fixture)
