@@ -28,3 +28,34 @@ def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
             if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(1, min_repeats)):
                 return True
     return False
+
+
+_UNSAFE_CHARS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f"  # C0 (but tab and newline), DEL, C1 (the ESC of ANSI escapes among them)
+    "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi marks, overrides and isolates
+    "\u200b-\u200d\u2060\ufeff"  # zero-width space, (non-)joiner, word joiner, BOM
+    "\u2028\u2029]"  # line and paragraph separators (a line break a splitlines() reader does not expect)
+)
+_TEMPLATE_TOKENS = re.compile(
+    r"<\|[^<>|\s]{1,40}\|>"  # <|im_start|>, <|im_end|>, <|endoftext|>, <|eot_id|>, <|start_header_id|> ...
+    r"|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>|<\|?(?:bos|eos|pad|unk)\|?>",
+    re.I,
+)
+
+
+def unsafe_text_reason(text: str, special_tokens: tuple[str, ...] = ()) -> str:
+    """Why ``text`` is unsafe to feed a model as a user turn, or ``""``: a control character (NUL,
+    the ESC of an ANSI escape, any other C0/C1 character but tab and newline), a bidi override or
+    isolate, a zero-width character, or a chat-template token (``<|im_start|>``, ``[INST]``, ... and
+    any of ``special_tokens``, the tokenizer's own, when the caller has them). Shared by the query
+    filter (generated queries) and the ``--queries-file`` reader (user queries)."""
+    m = _UNSAFE_CHARS.search(text.replace("\r\n", "\n"))
+    if m:
+        return f"control or invisible character U+{ord(m.group()):04X}"
+    m = _TEMPLATE_TOKENS.search(text)
+    if m:
+        return f"chat-template token {m.group()!r}"
+    for tok in special_tokens:
+        if tok and tok in text:
+            return f"special token {tok!r}"
+    return ""

@@ -13,7 +13,9 @@ Two formats (``queries.format``):
   ``per_request`` queries one per line, with the persona (``use_length`` variant) in the configured
   placement (the earlier default; a 135M model writes many lines that are not user requests).
 
-Every written line goes through :class:`QueryFilter`: cleaned (numbering, bullets, quotes, "Query:"
+Every written line goes through :class:`QueryFilter`: dropped as "unsafe text" when it holds a
+control, bidi or zero-width character or a chat-template token (:func:`..text.unsafe_text_reason`), then
+cleaned (numbering, bullets, quotes, "Query:"
 labels removed, cut after the request's first "?" or sentence), then dropped when it is not a query
 (preamble, too short / long), meta-text ("This is a list of 22 questions"), a line in the persona's
 voice ("Name: ...", "Arr, matey!"), not a request (with ``requests_only``), or a duplicate or
@@ -43,7 +45,7 @@ from ..engines.base import SamplingParams
 from ..models import with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
-from ..text import jaccard, word_set
+from ..text import jaccard, unsafe_text_reason, word_set
 from .common import derive_seed, query_prompt_version, stage_settings
 from .personas import join_prefill, personas_settings
 from .prompts import (
@@ -160,6 +162,7 @@ def parse_queries(text: str, qcfg, persona: str = "") -> list[str]:
 
 
 DROP_REASONS = (
+    "unsafe text",
     "not a query",
     "meta-text",
     "persona line",
@@ -247,6 +250,9 @@ class QueryFilter:
     def add(self, line: str) -> str:
         """The usable query in ``line`` (now kept), or ``""`` (the reason counted)."""
         self.written += 1
+        if unsafe_text_reason(line):  # control/bidi/zero-width characters, chat-template tokens
+            self.dropped["unsafe text"] += 1
+            return ""
         cleaned = clean_query_line(line, self.q.min_chars, MAX_LINE_CHARS)
         query = first_request(cleaned)
         why = self.reason(cleaned, query)

@@ -8,7 +8,9 @@ Accepted formats, read with the proper parsers (never by splitting lines of text
 * ``.json``  -- a list of such objects, or ``{domain: [query, ...]}``;
 * ``.csv`` / ``.tsv`` -- a header row with ``domain`` and ``query`` columns.
 
-Every problem is a one-line error naming the file and the row, raised before any model loads.
+Every problem is a one-line error naming the file and the row, raised before any model loads; so is a
+query (or domain) holding a control, bidi or zero-width character or a chat-template token
+(:func:`..text.unsafe_text_reason`): a user's file is refused, not silently cleaned.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..config import MAX_TEXT_CHARS
 from ..errors import PrismError
+from ..text import unsafe_text_reason
 from ..userfiles import csv_checked, jsonl_rows, read_user_text
 
 QUERY_FIELDS = ("query", "prompt")
@@ -55,6 +58,10 @@ def domain_and_query(path: str | Path, where: str, row: dict) -> tuple[str, str]
         raise PrismError(f"{path} {where}: no non-empty 'query'")
     if len(query) > MAX_TEXT_CHARS:
         raise PrismError(f"{path} {where}: the query has {len(query)} characters; at most {MAX_TEXT_CHARS}")
+    for what, text in (("domain", domain), ("query", query)):
+        why = unsafe_text_reason(text)
+        if why:
+            raise PrismError(f"{path} {where}: the {what} holds a {why}; remove it (it would reach the model)")
     return domain.strip(), query.strip()
 
 
