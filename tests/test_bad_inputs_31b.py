@@ -138,3 +138,104 @@ def test_1_a_queries_file_line_with_unsafe_text_is_one_line_naming_it(case, fmt,
     err = one_error_line(capsys)
     assert rc == 2 and str(path) in err and where in err and ("character" in err or "token" in err), err
     assert not (tmp_path / "run" / "queries.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. adapter tensors that do not fit the base model
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, tmp_path_factory):
+    from prism_persona.testing import make_tiny_artifact
+
+    return make_tiny_artifact(tiny_model_dir, tmp_path_factory.mktemp("art31b") / "prism")
+
+
+def edit_adapter(art, edit) -> None:
+    """Apply ``edit(state)`` (a dict of tensors, changed in place) to the artifact's adapter weights."""
+    from safetensors.torch import load_file, save_file
+
+    path = art / "adapter" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+def first(state, part: str, module: str = "q_proj") -> str:
+    return sorted(k for k in state if f"{module}.lora_{part}." in k and ".layers.1." in k)[0]
+
+
+def reshape(part: str, shape):
+    import torch
+
+    def edit(state):
+        k = first(state, part)
+        state[k] = torch.zeros(shape(list(state[k].shape)))
+
+    return edit
+
+
+def retarget(target: str, rename=lambda k: k):
+    """Move the layer-1 q_proj A/B pair onto ``target`` (a module path under ``model.``)."""
+
+    def edit(state):
+        for part in ("A", "B"):
+            k = first(state, part)
+            new = rename(k.replace("layers.1.self_attn.q_proj", target))
+            state[new] = state.pop(k)
+
+    return edit
+
+
+def drop(part: str):
+    def edit(state):
+        del state[first(state, part)]
+
+    return edit
+
+
+MISFIT = {
+    "lora_A_other_input_width": (reshape("A", lambda s: [s[0], s[1] + 8]), "inputs"),
+    "lora_A_transposed": (reshape("A", lambda s: [s[1], s[0]]), "shape"),
+    "lora_B_other_output_width": (reshape("B", lambda s: [s[0] + 8, s[1]]), "outputs"),
+    "on_embedding": (retarget("embed_tokens"), "Embedding, not a Linear"),
+    "on_layernorm": (retarget("layers.1.input_layernorm"), "RMSNorm, not a Linear"),
+    "on_final_norm": (retarget("norm"), "not a Linear"),
+    "on_a_missing_module": (retarget("layers.1.self_attn.nosuch"), "no module of this model"),
+    "on_a_missing_layer": (retarget("layers.99.self_attn.q_proj"), "no module of this model"),
+    "on_a_decoder_block": (retarget("layers.1"), "LlamaDecoderLayer, not a Linear"),
+    "on_layer_0": (retarget("layers.0.self_attn.q_proj"), "layer 0"),
+    "embedding_lora_names": (
+        retarget(
+            "embed_tokens",
+            lambda k: k.replace("lora_A.weight", "lora_embedding_A").replace("lora_B.weight", "lora_embedding_B"),
+        ),
+        "not a LoRA A/B weight",
+    ),
+    "lora_B_missing": (drop("B"), "no lora_B"),
+    "lora_A_missing": (drop("A"), "no lora_A"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISFIT))
+def test_2_an_adapter_that_does_not_fit_the_base_model_is_one_line(case, artifact, tmp_path, capsys):
+    import shutil
+
+    art = tmp_path / "prism"
+    shutil.copytree(artifact, art)
+    edit, needle = MISFIT[case]
+    edit_adapter(art, edit)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    rc = cli.main(["generate", "--prism", str(art), "--input", str(tmp_path / "p.jsonl"), "--output", str(out), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and needle in line and "adapter_model.safetensors" in line, line
+    assert not out.exists()
+
+
+def test_2_the_untouched_adapter_fits(artifact, tiny_model_dir):
+    from prism_persona.gated.model import check_adapter_fits
+    from prism_persona.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir), device="cpu")
+    check_adapter_fits(model, artifact / "adapter")  # no error

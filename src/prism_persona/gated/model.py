@@ -155,6 +155,7 @@ class GatedModel:
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
+        check_adapter_fits(model, art.adapter_dir)
         return cls.from_parts(
             model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size, config=art.config
         )
@@ -366,6 +367,71 @@ class GatedModel:
     def close(self) -> None:
         self._hook.remove()
         self._mask_hook.remove()
+
+
+def check_adapter_fits(model, adapter_dir: str | Path) -> None:
+    """Every tensor of a received adapter fits ``model`` before anything is installed: it is a LoRA A or
+    B weight of a ``Linear`` layer of the model (not an embedding, a norm, a missing module or decoder
+    layer 0, which the gate reads), ``lora_A`` is ``[r, in_features]`` and ``lora_B`` ``[out_features, r]``
+    of the same ``r``, and each module has both. Reads only the safetensors header (shapes); a problem
+    is one :class:`PrismError` naming the tensor, never a traceback from the copy."""
+    import json
+
+    from safetensors import safe_open
+    from torch import nn
+
+    from ..errors import PrismError
+
+    d = Path(adapter_dir)
+    weights = d / "adapter_model.safetensors"
+    fix = "re-assemble the artifact from a run of this base model"
+    try:
+        dora = json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("use_dora")
+    except (OSError, ValueError, AttributeError):
+        return  # Artifact.read reports an unreadable config
+    if dora:
+        raise PrismError(f"{d / 'adapter_config.json'}: DoRA adapters are not supported by the gated model")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception:  # noqa: BLE001 - Artifact.read checked the file; nothing more to say here
+        return
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, tuple[str, list]]] = {}
+    for key, shape in shapes.items():
+        if ".lora_" not in key:
+            continue
+        name, part = key.removeprefix("base_model.model."), ""
+        for p in ("A", "B"):
+            for suffix in (f".lora_{p}.weight", f".lora_{p}.default.weight"):
+                if name.endswith(suffix):
+                    name, part = name[: -len(suffix)], p
+        if not part:
+            raise PrismError(f"{weights}: tensor {key} is not a LoRA A/B weight of a Linear layer; {fix}")
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            what = "no module of this model" if module is None else f"a {type(module).__name__}, not a Linear layer"
+            raise PrismError(f"{weights}: tensor {key} targets {name!r}, {what}; {fix}")
+        if _layer_index(name) == 0:
+            raise PrismError(f"{weights}: tensor {key} touches decoder layer 0, which the gate reads; {fix}")
+        pairs.setdefault(name, {})[part] = (key, shape)
+    for name, ab in sorted(pairs.items()):
+        module = modules[name]
+        if set(ab) != {"A", "B"}:
+            have = next(iter(ab))
+            raise PrismError(f"{weights}: {name} has a lora_{have} but no lora_{'B' if have == 'A' else 'A'}; {fix}")
+        (ka, sa), (kb, sb) = ab["A"], ab["B"]
+        r = sa[0] if len(sa) == 2 else None
+        if len(sa) != 2 or sa[1] != module.in_features:
+            raise PrismError(
+                f"{weights}: tensor {ka} has shape {sa}; {name} takes {module.in_features} inputs "
+                f"(want [r, {module.in_features}]); {fix}"
+            )
+        if sb != [module.out_features, r]:
+            raise PrismError(
+                f"{weights}: tensor {kb} has shape {sb}; {name} has {module.out_features} outputs "
+                f"(want [{module.out_features}, {r}]); {fix}"
+            )
 
 
 def _layer_index(module_name: str) -> Optional[int]:
