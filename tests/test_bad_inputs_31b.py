@@ -239,3 +239,138 @@ def test_2_the_untouched_adapter_fits(artifact, tiny_model_dir):
 
     model, _ = load_model(str(tiny_model_dir), device="cpu")
     check_adapter_fits(model, artifact / "adapter")  # no error
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. prism serve: a field the server would silently ignore is 400 naming it
+
+
+def chat_body(**kw):
+    return {"model": "prism", "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+REFUSED = {
+    # body extras -> the param the 400 names
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    "tool_choice_required": ({"tool_choice": "required"}, "tool_choice"),
+    "functions": ({"functions": [{"name": "f"}]}, "functions"),
+    "function_call": ({"function_call": "auto"}, "function_call"),
+    "response_format_json": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "response_format_schema": ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    "logit_bias": ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    "presence_penalty": ({"presence_penalty": 1.5}, "presence_penalty"),
+    "frequency_penalty": ({"frequency_penalty": -0.5}, "frequency_penalty"),
+    "frequency_penalty_type": ({"frequency_penalty": "high"}, "frequency_penalty"),
+    "presence_penalty_range": ({"presence_penalty": 0.0 + 3}, "presence_penalty"),
+    "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    "modalities": ({"modalities": ["text", "audio"]}, "modalities"),
+    "prediction": ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    "best_of": ({"best_of": 3}, "best_of"),
+    "echo": ({"echo": True}, "echo"),
+    "max_tokens_differ": ({"max_tokens": 5, "max_completion_tokens": 7}, "max_tokens"),
+    "max_tokens_bad_beside_completion": ({"max_tokens": "many", "max_completion_tokens": 7}, "max_tokens"),
+    "stream_options_without_stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
+    "include_usage_not_bool": (
+        {"stream": True, "stream_options": {"include_usage": "yes"}},
+        "stream_options.include_usage",
+    ),
+    "prism_unknown_key": ({"prism": {"forse": True}}, "prism.forse"),
+    # refused before this change too (kept here so each OpenAI field of the brief has its test)
+    "n_2": ({"n": 2}, "n"),
+    "temperature_high": ({"temperature": 2.5}, "temperature"),
+    "temperature_nan": ({"temperature": float("nan")}, "temperature"),
+    "top_p_string": ({"top_p": "0.9"}, "top_p"),
+    "stop_number": ({"stop": 3}, "stop"),
+    "stop_five": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "logprobs_string": ({"logprobs": "yes"}, "logprobs"),
+    "top_logprobs_without_logprobs": ({"top_logprobs": 3}, "top_logprobs"),
+    "max_tokens_zero": ({"max_tokens": 0}, "max_tokens"),
+    "max_tokens_float": ({"max_tokens": 10.5}, "max_tokens"),
+}
+
+ACCEPTED = {
+    "bookkeeping": {"user": "u1", "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True},
+    "unused_values": {
+        "tool_choice": "none",
+        "tools": [],
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "modalities": ["text"],
+        "n": 1,
+    },
+    "both_budgets_agree": {"max_tokens": 4, "max_completion_tokens": 4},
+    "stream_with_usage": {"stream": True, "stream_options": {"include_usage": True}},
+    "unknown_extra": {"my_client_field": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def serve_tokenizer():
+    from prism_persona.testing import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def local_server(serve_tokenizer):
+    from prism_persona.serve.api import Limits
+    from prism_persona.testing import FakeGatedModel, serve_fake
+
+    fake = FakeGatedModel(serve_tokenizer)
+    with serve_fake(fake, limits=Limits(max_new_tokens=8)) as srv:
+        yield srv, fake
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_3_a_body_the_server_would_ignore_or_misread_is_400_naming_the_field(case, local_server):
+    from prism_persona.testing import http_request
+
+    srv, fake = local_server
+    before = len(fake.batches)
+    extra, param = REFUSED[case]
+    status, _, reply = http_request(srv, "POST", "/v1/chat/completions", chat_body(**extra))
+    assert status == 400, reply
+    err = reply["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    assert err["param"] == param and param.split(".")[-1] in err["message"], err
+    assert len(fake.batches) == before  # refused before the model worker saw it
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED))
+def test_3_fields_that_change_nothing_are_accepted(case, local_server):
+    from prism_persona.testing import http_request
+
+    srv, _ = local_server
+    status, _, reply = http_request(srv, "POST", "/v1/chat/completions", chat_body(**ACCEPTED[case]))
+    assert status == 200, reply
+
+
+def test_3_max_tokens_above_the_limit_is_clamped_and_says_so(local_server):
+    from prism_persona.testing import http_request
+
+    srv, fake = local_server
+    status, headers, reply = http_request(srv, "POST", "/v1/chat/completions", chat_body(max_tokens=10_000))
+    assert status == 200 and headers["X-Prism-Max-Tokens-Clamped"] == "8", (headers, reply)
+    assert reply["usage"]["completion_tokens"] <= 8
+
+
+def test_3_route_only_passes_upstream_fields_through(serve_tokenizer):
+    from prism_persona.serve.app import ServeOptions
+    from prism_persona.serve.backend import GatedBackend
+    from prism_persona.serve.http import PrismServer
+    from prism_persona.serve.upstream import Forwarder
+    from prism_persona.testing import FakeGatedModel, FakeOpenAIServer, http_request
+
+    with FakeOpenAIServer() as up:
+        opts = ServeOptions(port=0, base_name="base", lora_name="lora", upstream=up.url)
+        backend = GatedBackend(FakeGatedModel(serve_tokenizer))
+        with PrismServer(backend, opts, Forwarder(up.url, timeout_s=20)).start() as srv:
+            body = chat_body(response_format={"type": "json_object"}, presence_penalty=0.5)
+            status, _, reply = http_request(srv, "POST", "/v1/chat/completions", body)
+            assert status == 200, reply
+            status, _, reply = http_request(srv, "POST", "/v1/chat/completions", chat_body(prism={"nope": 1}))
+            assert status == 400 and reply["error"]["param"] == "prism.nope", reply
+    assert up.bodies[0]["response_format"] == {"type": "json_object"} and up.bodies[0]["presence_penalty"] == 0.5
+    assert len(up.bodies) == 1

@@ -223,28 +223,117 @@ def _force(value: Any) -> Optional[bool]:
         return None
     if not isinstance(value, dict):
         raise ApiError(400, "'prism' must be an object like {\"force\": true}", param="prism", code="invalid_type")
+    unknown = sorted(str(k) for k in value if k not in PRISM_KEYS)
+    if unknown:
+        raise ApiError(
+            400,
+            f"'prism.{unknown[0]}' is not a PRISM request option (known: {', '.join(PRISM_KEYS)})",
+            param=f"prism.{unknown[0]}",
+            code="unknown_parameter",
+        )
     force = value.get("force")
     if force is not None and not isinstance(force, bool):
         raise ApiError(400, "'prism.force' must be true, false or null", param="prism.force", code="invalid_type")
     return force
 
 
-def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
+UNSUPPORTED = {
+    # field: (values that mean "not used", what the field asks for)
+    "tools": ((None, []), "tool calling"),
+    "tool_choice": ((None, "none"), "tool calling"),
+    "functions": ((None, []), "function calling"),
+    "function_call": ((None, "none"), "function calling"),
+    "response_format": ((None, {"type": "text"}), 'structured output (only {"type": "text"})'),
+    "logit_bias": ((None, {}), "logit bias"),
+    "presence_penalty": ((None, 0, 0.0), "a presence penalty (only 0)"),
+    "frequency_penalty": ((None, 0, 0.0), "a frequency penalty (only 0)"),
+    "audio": ((None,), "audio output"),
+    "modalities": ((None, ["text"]), "output modalities other than text"),
+    "prediction": ((None,), "predicted outputs"),
+    "web_search_options": ((None,), "web search"),
+    "best_of": ((None, 1), "best_of other than 1"),
+    "echo": ((None, False), "echo"),
+}
+"""OpenAI fields a local ``prism serve`` does not implement: a request that sets one to anything but
+its "unused" value is 400 ``unsupported_parameter`` naming it, never answered as if it were honoured.
+In route-only mode the body goes to the upstream server, which decides."""
+
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
+"""OpenAI fields accepted and ignored (bookkeeping that does not change an answer); so is any field
+OpenAI does not define (clients send their own extras)."""
+
+PRISM_KEYS = ("force",)
+
+
+def _unsupported(data: dict) -> None:
+    for key, (unused, what) in UNSUPPORTED.items():
+        value = data.get(key)
+        if key.endswith("_penalty") and value is not None:
+            _number(data, key, 0.0, -2.0, 2.0)  # OpenAI's type and range first
+        if not any(type(value) is type(u) and value == u for u in unused):
+            raise ApiError(
+                400,
+                f"'{key}' is not supported by prism serve ({what}); leave it out",
+                param=key,
+                code="unsupported_parameter",
+            )
+
+
+def _stream_options(data: dict, stream: bool) -> bool:
+    """``include_usage`` of ``stream_options`` (an object, only with ``stream: true``, as OpenAI rules)."""
+    options = data.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    if not stream:
+        raise ApiError(
+            400, "'stream_options' is only allowed with 'stream': true", param="stream_options", code="invalid_value"
+        )
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise ApiError(
+            400,
+            "'stream_options.include_usage' must be true or false",
+            param="stream_options.include_usage",
+            code="invalid_type",
+        )
+    return bool(include)
+
+
+def _max_tokens(data: dict) -> tuple[Optional[int], str]:
+    """The requested completion budget and the field it came from; both fields are checked, and when both
+    are given they must agree (one would otherwise be silently ignored)."""
+    given = {k: _integer(data, k) for k in ("max_completion_tokens", "max_tokens")}
+    both = [k for k, v in given.items() if v is not None]
+    if len(both) == 2 and given["max_completion_tokens"] != given["max_tokens"]:
+        raise ApiError(
+            400,
+            "'max_tokens' and 'max_completion_tokens' differ; send one of them",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    param = both[0] if both else "max_tokens"
+    return given[param], param
+
+
+def parse_chat_request(data: dict, limits: Limits, forwarded: bool = False) -> ChatRequest:
     """Validate a chat-completions body against OpenAI's rules and the server's :class:`Limits`.
 
-    Unknown fields are ignored (clients send many optional ones); ``n`` other than 1 is refused.
+    ``n`` other than 1 and (unless ``forwarded`` to an upstream server, route-only mode) the fields of
+    :data:`UNSUPPORTED` are refused; fields OpenAI does not define, and those of :data:`IGNORED`, are
+    ignored (clients send many optional ones).
     """
     messages = parse_messages(data.get("messages"))
+    if not forwarded:
+        _unsupported(data)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
     n = _integer(data, "n")
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
-    max_tokens = _integer(data, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens")
-    param = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens, param = _max_tokens(data)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"'{param}' must be at least 1", param=param, code="invalid_value")
     clamped = max_tokens is not None and max_tokens > limits.max_new_tokens
@@ -257,9 +346,8 @@ def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
     logprobs = _boolean(data, "logprobs")
     if top_logprobs and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
-    stream_options = data.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    stream = _boolean(data, "stream")
+    include_usage = _stream_options(data, stream)
     return ChatRequest(
         messages=messages,
         model=model or "",
@@ -268,8 +356,8 @@ def parse_chat_request(data: dict, limits: Limits) -> ChatRequest:
         top_p=_number(data, "top_p", 1.0, 0.0, 1.0),
         seed=_seed(data),
         stop=_stop(data.get("stop")),
-        stream=_boolean(data, "stream"),
-        include_usage=bool((stream_options or {}).get("include_usage")),
+        stream=stream,
+        include_usage=include_usage,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         force=_force(data.get("prism")),

@@ -182,7 +182,7 @@ class PrismApp:
     def chat(self, body: bytes) -> Reply:
         if self.closing:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
-        req = parse_chat_request(parse_json_body(body), self.options.limits)
+        req = parse_chat_request(parse_json_body(body), self.options.limits, forwarded=self.forwarder is not None)
         if self.forwarder is not None:
             return self._chat_route_only(req)
         job = self._run(Job(payload=req, key=req.sampling_params()))
