@@ -374,3 +374,36 @@ def test_3_route_only_passes_upstream_fields_through(serve_tokenizer):
             assert status == 400 and reply["error"]["param"] == "prism.nope", reply
     assert up.bodies[0]["response_format"] == {"type": "json_object"} and up.bodies[0]["presence_penalty"] == 0.5
     assert len(up.bodies) == 1
+
+
+def test_1_the_writing_engines_own_special_tokens_are_dropped_too(tmp_path):
+    from types import SimpleNamespace
+
+    from prism_persona.bootstrap.queries import tokenizer_specials, write_queries
+    from prism_persona.store import RunDir
+    from prism_persona.testing import ScriptedEngine
+
+    cfg = C.resolve(
+        "tiny",
+        overrides={
+            "out": str(tmp_path / "run"),
+            "persona": {"domains": ["stories"]},
+            "queries": {
+                "queries_per_persona": 2,
+                "per_request": 4,
+                "max_rounds": 1,
+                "requests_only": False,
+                "format": "list",
+            },
+        },
+    )
+    tricky = "Tell me a story about <repo_name> and dragons please?"
+    reply = "\n".join([tricky, "Why is the sky blue at noon?", GOOD])
+    eng = ScriptedEngine(responder=lambda chat: reply)
+    eng.tokenizer = SimpleNamespace(all_special_tokens=["<repo_name>", "<|im_end|>", "a", "user"])
+    assert tokenizer_specials(eng) == ("<repo_name>", "<|im_end|>")  # plain words are never special here
+    write_queries(cfg, RunDir(cfg.out), lambda: eng, {"stories": {"short": "You are a storyteller."}})
+    stored = [json.loads(x)["query"] for x in (tmp_path / "run" / "queries.jsonl").read_text().splitlines()]
+    assert tricky not in stored and GOOD in stored
+    rounds = [json.loads(x) for x in (tmp_path / "run" / "query_rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["dropped"].get("unsafe text") == 1

@@ -226,6 +226,8 @@ class QueryFilter:
         self.words = [word_set(k) for k in kept]
         self.dropped: Counter = Counter()
         self.written = 0
+        self.special_tokens: tuple[str, ...] = ()
+        """The writing engine's tokenizer's special tokens (:func:`tokenizer_specials`), dropped too."""
 
     def reason(self, line: str, query: str) -> str:
         """Why the cleaned ``line`` (and its request ``query``, :func:`first_request`) is not usable,
@@ -250,7 +252,7 @@ class QueryFilter:
     def add(self, line: str) -> str:
         """The usable query in ``line`` (now kept), or ``""`` (the reason counted)."""
         self.written += 1
-        if unsafe_text_reason(line):  # control/bidi/zero-width characters, chat-template tokens
+        if unsafe_text_reason(line, self.special_tokens):  # control/bidi/zero-width chars, template tokens
             self.dropped["unsafe text"] += 1
             return ""
         cleaned = clean_query_line(line, self.q.min_chars, MAX_LINE_CHARS)
@@ -262,6 +264,18 @@ class QueryFilter:
         self.seen.add(normalise(query))
         self.words.append(word_set(query))
         return query
+
+
+def tokenizer_specials(engine) -> tuple[str, ...]:
+    """The special tokens of ``engine``'s tokenizer when it has one (a local model), those that read as
+    markup (``<repo_name>``, ``<|im_sep|>``; never a plain word); ``()`` for a remote engine."""
+    tok = getattr(engine, "tokenizer", None)
+    try:
+        specials = list(getattr(tok, "all_special_tokens", None) or ())
+        specials += [str(t) for t in (getattr(tok, "additional_special_tokens", None) or ())]
+    except Exception:  # noqa: BLE001 - a tokenizer without these lists filters with the patterns alone
+        return ()
+    return tuple(sorted({t for t in specials if isinstance(t, str) and len(t) > 2 and re.search(r"[<>\[\]|]", t)}))
 
 
 def queries_settings(cfg: RunConfig) -> dict:
@@ -324,6 +338,8 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
         if not todo:
             break
         engine = get_engine()
+        for f in filters.values():
+            f.special_tokens = tokenizer_specials(engine)
         prefill = q.format in ("one", "shots") and engine.supports_prefill
         topics = write_topics(cfg, run, engine, todo, next_round, prefill) if q.format == "shots" else {}
         requests = [
