@@ -30,6 +30,8 @@ UNSAFE = {
     "c0_bell": "How do I bake sourdough bread\x07 at home?",
     "c1_csi": "How do I bake sourdough \x9b31m bread at home?",
     "del": "How do I bake sourdough\x7f bread at home?",
+    "lone_cr": "How do I bake sourdough\r bread at home?",
+    "form_feed": "How do I bake sourdough\x0c bread at home?",
     "bidi_override": "How do I bake \u202esourdough bread at home?",
     "bidi_isolate": "How do I bake \u2066sourdough\u2069 bread at home?",
     "zero_width_space": "How do I bake sour\u200bdough bread at home?",
@@ -60,7 +62,12 @@ def test_1_the_helper_names_what_is_unsafe(case):
 
 @pytest.mark.parametrize(
     "text",
-    [GOOD, "Tabs\tand\nnew lines, CRLF\r\n too?", "Ünïcode, 中文, emoji 🙂?", "What does <b>bold</b> do in HTML?"],
+    [
+        GOOD,
+        "Tabs\tand\nnew lines, CRLF\r\n, NEL\u0085 and LS\u2028 too?",
+        "Ünïcode, 中文, emoji 🙂?",
+        "What does <b>bold</b> do in HTML?",
+    ],
 )
 def test_1_ordinary_text_is_safe(text):
     from prism_persona.text import unsafe_text_reason

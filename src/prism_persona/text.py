@@ -31,10 +31,9 @@ def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:
 
 
 _UNSAFE_CHARS = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f"  # C0 (but tab and newline), DEL, C1 (the ESC of ANSI escapes among them)
+    "[\x00-\x08\x0b-\x1f\x7f-\x84\x86-\x9f"  # C0 (but tab, newline), DEL, C1 (but NEL): ESC, CSI among them
     "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi marks, overrides and isolates
-    "\u200b-\u200d\u2060\ufeff"  # zero-width space, (non-)joiner, word joiner, BOM
-    "\u2028\u2029]"  # line and paragraph separators (a line break a splitlines() reader does not expect)
+    "\u200b-\u200d\u2060\ufeff]"  # zero-width space, (non-)joiner, word joiner, BOM
 )
 _TEMPLATE_TOKENS = re.compile(
     r"<\|[^<>|\s]{1,40}\|>"  # <|im_start|>, <|im_end|>, <|endoftext|>, <|eot_id|>, <|start_header_id|> ...
@@ -45,7 +44,8 @@ _TEMPLATE_TOKENS = re.compile(
 
 def unsafe_text_reason(text: str, special_tokens: tuple[str, ...] = ()) -> str:
     """Why ``text`` is unsafe to feed a model as a user turn, or ``""``: a control character (NUL,
-    the ESC of an ANSI escape, any other C0/C1 character but tab and newline), a bidi override or
+    the ESC of an ANSI escape, any other C0/C1 character but the line breaks tab, newline, CR LF, NEL;
+    U+2028/2029 are line breaks too and allowed), a bidi override or
     isolate, a zero-width character, or a chat-template token (``<|im_start|>``, ``[INST]``, ... and
     any of ``special_tokens``, the tokenizer's own, when the caller has them). Shared by the query
     filter (generated queries) and the ``--queries-file`` reader (user queries)."""
