@@ -479,9 +479,15 @@ class GateConfig:
         at_most=1,
     )
     ood_k: int = option(5, "Neighbours averaged by ood = knn.", at_least=1)
+    ood_scale: float = option(
+        1.25,
+        "The abstain limit is ood_quantile's distance times this: room beyond the farthest training query, since a run's reference holds only the few queries the persona won. 1.25 kept every kit's held-out routing and MMLU at 0 % (MT-Bench 8-15 %); 1.0 abstained on 5-20 % of the kits' own held-out queries (docs/method-check.md).",
+        at_least=1,
+        at_most=100,
+    )
     base_queries: str = option(
-        "builtin",
-        "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (about 140 everyday requests and knowledge questions shipped with PRISM; kept other domains off best, docs/method-check.md), 'off', or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
+        "off",
+        "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (178 everyday requests and knowledge questions shipped with PRISM; kept other kits' queries off best with true labels, but cut the routing a run's few noisy labels earn: docs/method-check.md), 'off' (the default), or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
     )
 
     def validate(self) -> None:

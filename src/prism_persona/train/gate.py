@@ -301,6 +301,7 @@ def fit_ood(
     k: int,
     seed: int = 0,
     clusters: Optional[Sequence[int]] = None,
+    scale: float = 1.0,
 ) -> tuple[Optional[OODRegion], dict]:
     """The gate's abstain region over ``features`` (all its labelled queries, in its standardised space)
     and a description for ``gate_config.json``.
@@ -331,11 +332,12 @@ def fit_ood(
         scores[held] = OODRegion.fit(method, z[~held], k).score(z[held])
     threshold = float(torch.quantile(scores, float(quantile)))
     region = OODRegion.fit(method, z, k)
-    region.limit = threshold
+    region.limit = threshold * float(scale)  # gate.ood_scale: room beyond the farthest training query
     inside = float((region.score(z) <= threshold).float().mean())
     info = {
         **region.settings(),
         "quantile": float(quantile),
+        "scale": float(scale),
         "folds": folds,
         "crossfit_inside_rate": float((scores <= threshold).float().mean()),
         "train_inside_rate": inside,
@@ -609,6 +611,7 @@ def train_gate(
         cfg.ood_k,
         seed,
         [clusters[i] for i in ref] if clusters is not None else None,
+        cfg.ood_scale,
     )
     if cfg.ood != "off":
         ood_info["reference"] = "routed" if len(ref) < n else "all"
