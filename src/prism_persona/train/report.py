@@ -194,7 +194,7 @@ def format_report(rep: dict) -> str:
     if rep.get("stage_peak_rss_mb"):
         lines += ["", "## Peak memory (process RSS in MB, the peak so far at the end of each stage)", ""]
         lines += ["| stage | peak RSS MB |", "|---|---|"]
-        lines += [f"| {stage} | {fmt_cell(m)} |" for stage, m in rep["stage_peak_rss_mb"].items()]
+        lines += [f"| {stage} | {fmt_cell(round(m))} |" for stage, m in rep["stage_peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
 
 
