@@ -39,6 +39,18 @@ from ..store import JsonlStore, RunDir, RunLock, StageSwap
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory so far in MB (``ru_maxrss``), None where unavailable."""
+    try:
+        import resource
+        import sys
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS
+    except (ImportError, OSError):
+        return None
+
+
 def check_run(cfg: C.RunConfig, run: RunDir) -> None:
     """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
     records or trained stages made with other settings: the saved config always describes what ran."""
@@ -402,6 +414,7 @@ def train_stages(
     stages=training_stages(),
     seconds: Optional[dict] = None,
     redo_stage: Optional[str] = None,
+    memory: Optional[dict] = None,
 ) -> dict:
     """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
     done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
@@ -412,10 +425,10 @@ def train_stages(
         if main:
             check_redo(cfg, redo_stage)
         with redo_guard(cfg, redo_stage) if main else contextlib.nullcontext():
-            return _train_stages(cfg, model, tok, stages, seconds, main)
+            return _train_stages(cfg, model, tok, stages, seconds, main, memory)
 
 
-def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
+def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main, memory=None) -> dict:
     from ..gated.artifact import assemble
     from .report import write_report
 
@@ -424,8 +437,10 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
     todo = any(not run.done(s) for s in stages)
     records = labelled(run, cfg) if todo else load_labelled(run, cfg.judge.abstain_margin)
     seconds = dict(seconds or {})
+    memory = {} if memory is None else memory
     if todo and model is None:
         model, tok = load_base(cfg)
+        memory["load_model"] = peak_rss_mb()
     if "distill" in stages and not run.done("distill"):  # settings checked against the model before any write
         from .distill import lora_targets
 
@@ -438,11 +453,14 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main) -> dict:
         run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
     for stage in training_stages():
         if stage in stages:
+            ran = not run.done(stage)
             stage_function(stage, "run")(run, cfg, records, model, tok)
+            if ran:
+                memory[stage] = peak_rss_mb()
     if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
     art = assemble(run, cfg) if all(run.done(s) for s in training_stages()) else None
-    rep = write_report(run, records, seconds)
+    rep = write_report(run, records, seconds, memory)
     return {"artifact": art, "report": rep, "run": run}
 
 
@@ -469,6 +487,7 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional
 
 def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
     seconds: dict = {}
+    memory: dict = {}  # peak RSS (MB) of the process after each stage run here
     model = tok = None
     run = RunDir(cfg.out)
     check_run(cfg, run)  # before the model loads
@@ -483,6 +502,7 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)
+        memory["load_model"] = peak_rss_mb()
         if not run.done("distill"):  # a setting only distillation reads, checked before the bootstrap
             from .distill import lora_targets
 
@@ -495,12 +515,14 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         log.info("bootstrap data report (also in %s):\n%s", run.path("summary.md"), report)
     if "bootstrap" in todo:
         seconds["bootstrap"] = round(time.perf_counter() - t0, 2)
-    res = train_stages(cfg, model, tok, seconds=seconds)
+        memory["bootstrap"] = peak_rss_mb()
+    res = train_stages(cfg, model, tok, seconds=seconds, memory=memory)
     if cfg.check.queries and res["artifact"]:
         from .report import write_report
 
         t0 = time.perf_counter()
         run_heldout_check(cfg, run, model, tok)
         seconds["check"] = round(time.perf_counter() - t0, 2)
-        res["report"] = write_report(run, load_labelled(run, cfg.judge.abstain_margin), seconds)
+        memory["check"] = peak_rss_mb()
+        res["report"] = write_report(run, load_labelled(run, cfg.judge.abstain_margin), seconds, memory)
     return {"summary": summary, **res}

@@ -30,7 +30,9 @@ def data_counts(records: Sequence[dict]) -> dict:
     return {"by_domain": dict(sorted(out.items())), "total": total}
 
 
-def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = None) -> dict:
+def build_report(
+    run, records: Sequence[dict], stage_seconds: Optional[dict] = None, stage_memory: Optional[dict] = None
+) -> dict:
     """Collect what the stages left in ``run`` into one dict (written by :func:`write_report`)."""
     gate = run.read_json("gate.done.json") or {}
     distill = run.read_json("distill.done.json") or {}
@@ -40,6 +42,8 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
     seconds.update({k: v for k, v in previous.items() if v is not None})  # times of earlier invocations
     seconds.update({"gate": gate.get("seconds"), "distill": distill.get("seconds")})
     seconds.update(stage_seconds or {})
+    memory = dict((run.read_json(REPORT_JSON) or {}).get("stage_peak_rss_mb") or {})  # earlier invocations
+    memory.update({k: v for k, v in (stage_memory or {}).items() if v is not None})
     return {
         "run": str(run.root),
         "data": data_counts(records),
@@ -63,6 +67,7 @@ def build_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = N
             for k in ("examples", "steps", "epochs", "loss", "first_loss", "last_loss", "loss_curve", "loss_plot")
         },
         "stage_seconds": seconds,
+        "stage_peak_rss_mb": memory,
         "artifact": str(run.path("prism")),
         "heldout_check": _check_summary(run),
         "labels_noise": (summary.get("judge_diagnostics") or {}).get("blind"),
@@ -186,11 +191,17 @@ def format_report(rep: dict) -> str:
     lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     for stage, s in rep["stage_seconds"].items():
         lines.append(f"| {stage} | {fmt_cell(s)} |")
+    if rep.get("stage_peak_rss_mb"):
+        lines += ["", "## Peak memory (process RSS in MB, the peak so far at the end of each stage)", ""]
+        lines += ["| stage | peak RSS MB |", "|---|---|"]
+        lines += [f"| {stage} | {fmt_cell(round(m))} |" for stage, m in rep["stage_peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(run, records: Sequence[dict], stage_seconds: Optional[dict] = None) -> dict:
-    rep = build_report(run, records, stage_seconds)
+def write_report(
+    run, records: Sequence[dict], stage_seconds: Optional[dict] = None, stage_memory: Optional[dict] = None
+) -> dict:
+    rep = build_report(run, records, stage_seconds, stage_memory)
     run.write_json(REPORT_JSON, rep)
     run.path(REPORT_MD).write_text(format_report(rep), encoding="utf-8")
     return rep
