@@ -187,7 +187,5 @@ def test_the_gate_stage_depends_on_the_base_queries_content(tmp_path):
     before = gate_settings(cfg)
     f.write_text("What is 2 + 3?\n", encoding="utf-8")
     assert gate_settings(cfg) != before  # an edited file is a changed setting: the stage is not reused
-    builtin = gate_settings(C.resolve("tiny"))
-    assert builtin["base_queries_hash"] and "base_queries_hash" not in gate_settings(
-        C.resolve("tiny", overrides={"gate": {"base_queries": "off"}})
-    )
+    builtin = gate_settings(C.resolve("tiny", overrides={"gate": {"base_queries": "builtin"}}))
+    assert builtin["base_queries_hash"] and "base_queries_hash" not in gate_settings(C.resolve("tiny"))  # off: default
