@@ -54,3 +54,26 @@ def test_scores_each_row_on_its_routed_model(fake_engine, tmp_path):
     ids = [fake_engine.prompt_ids(c) for c in CHATS[:2]]
     assert [prompt_model[tuple(i)] for i in ids] == ["prism", "tiny"]
     assert engine.route(CHATS[:2]) == [(0.9, True), (0.2, False)] and engine.can_score
+
+
+class AbstainingRouter(KeywordRouter):
+    """A router whose gate holds an abstain region: "hi" lies outside it (probability 0.9, not routed)."""
+
+    has_abstain = True
+
+    def decisions(self, chats):
+        out = []
+        for p, r in self.route(chats):
+            out.append({"gate_prob": p, "routed": r, "abstained": False})
+        out[1] = {"gate_prob": 0.9, "routed": False, "abstained": True}
+        return out
+
+
+def test_an_abstaining_router_reports_it_and_sends_the_row_to_the_base(fake_engine):
+    outs = RoutedEngine(fake_engine, AbstainingRouter(), "prism").generate(CHATS, SamplingParams(max_new_tokens=4))
+    assert [o.meta["abstained"] for o in outs] == [False, True, False]
+    assert [o.meta["routed"] for o in outs] == [True, False, True]
+    assert [o.text.split(":")[0] for o in outs] == ["prism", "tiny", "prism"]
+    # a router without a region reports the two fields it always did
+    plain = RoutedEngine(fake_engine, KeywordRouter(), "prism").generate(CHATS, SamplingParams(max_new_tokens=4))
+    assert all(set(o.meta) >= {"routed", "gate_prob"} and "abstained" not in o.meta for o in plain)

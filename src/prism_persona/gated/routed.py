@@ -38,11 +38,21 @@ class RoutedEngine(Engine):
         return [(float(p), bool(r)) for p, r in self.router.route(list(chats))]
 
     def _plan(self, chats: Sequence[list]) -> tuple[list, list]:
-        """(served model per row, meta per row)."""
-        routes = self.route(chats)
-        flags = [r if self.force is None else bool(self.force) for _, r in routes]
+        """(served model per row, meta per row): ``routed`` and ``gate_prob``, plus ``abstained`` when the
+        router's gate holds an abstain region (as the in-process ``GatedModel`` reports it)."""
+        if getattr(self.router, "has_abstain", False):
+            decided = self.router.decisions(list(chats))
+        else:
+            decided = [{"gate_prob": float(p), "routed": bool(r)} for p, r in self.route(chats)]
+        flags = [d["routed"] if self.force is None else bool(self.force) for d in decided]
         models = [self.lora_name if f else None for f in flags]
-        return models, [{"routed": f, "gate_prob": p} for f, (p, _) in zip(flags, routes)]
+        metas = []
+        for f, d in zip(flags, decided):
+            meta = {"routed": f, "gate_prob": float(d["gate_prob"])}
+            if "abstained" in d:
+                meta["abstained"] = bool(d["abstained"])
+            metas.append(meta)
+        return models, metas
 
     def generate(self, chats: Sequence[list], params: SamplingParams, desc: str = "generate") -> list[Completion]:
         chats = list(chats)
