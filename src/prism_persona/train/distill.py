@@ -49,6 +49,7 @@ import torch
 
 from ..config import RunConfig
 from ..models import decoder_layers, render_chat, user_chat, with_persona
+from . import non_finite
 
 log = logging.getLogger(__name__)
 
@@ -587,9 +588,7 @@ def stopped_early(state: dict, patience: int) -> bool:
 def check_finite(loss: float, params, step: int, dcfg) -> None:
     """One line, naming the settings, at the first step whose loss or LoRA weights are NaN or infinite
     (before any checkpoint or adapter is written: a diverged LoRA is never saved)."""
-    bad = "" if math.isfinite(loss) else f"loss ({loss})"
-    if not bad and not all(bool(torch.isfinite(p.detach()).all()) for p in params):
-        bad = "LoRA weights"
+    bad = {"loss": f"loss ({loss})", "weights": "LoRA weights", "": ""}[non_finite(loss, params)]
     if bad:
         from ..errors import PrismError
 

@@ -24,6 +24,7 @@ from ..gated.features import query_features
 from ..gated.gate import Gate, GateBundle, OODRegion
 from ..stats import binary_metrics
 from ..text import jaccard, word_set
+from . import non_finite
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +532,7 @@ def fit_gate(
 def check_finite(loss: torch.Tensor, params, epoch: int, cfg) -> None:
     """One line, naming the settings, when an epoch made the loss or a gate weight NaN or infinite
     (nothing non-finite is ever saved)."""
-    bad = "loss" if not bool(torch.isfinite(loss.detach()).all()) else ""
-    if not bad and not all(bool(torch.isfinite(p.detach()).all()) for p in params):
-        bad = "weights"
+    bad = non_finite(loss.detach(), params)
     if bad:
         from ..errors import PrismError
 
