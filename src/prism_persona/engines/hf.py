@@ -239,12 +239,7 @@ class HFEngine(Engine):
             if len(done) == len(live):
                 break
             if done:
-                moves, keep = _compaction(len(live), done)
-                for layer in cache.layers:
-                    layer.compact(moves, len(keep))
-                index = torch.tensor(keep, device=token.device)
-                token, mask, pos = token[index], mask[index], pos[index]
-                live = [live[k] for k in keep]
+                live, token, mask, pos = _drop_rows(cache, done, live, token, mask, pos)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos + 1
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
@@ -334,12 +329,7 @@ class HFEngine(Engine):
                     done.append(slot)
             if done:
                 bar.update(len(done))
-                moves, keep = _compaction(len(live), done)
-                for layer in cache.layers:
-                    layer.compact(moves, len(keep))
-                index = torch.tensor(keep, dtype=torch.long, device=token.device)
-                token, mask, pos = token[index], mask[index], pos[index]
-                live = [live[k] for k in keep]
+                live, token, mask, pos = _drop_rows(cache, done, live, token, mask, pos)
             if not live:
                 continue
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -488,6 +478,19 @@ def _compaction(rows: int, done: list[int]) -> tuple[list[tuple[int, int]], list
     for dst, src in zip(holes, movers):
         keep[dst] = src
     return list(zip(holes, movers)), keep
+
+
+def _drop_rows(cache, done: list[int], live: list[int], *tensors):
+    """Stopped rows leave the batch: the cache's ``done`` slots are filled with live rows from the end
+    (:func:`_compaction`), and ``live`` (slot -> row) and the per-row ``tensors`` follow the same order.
+    Returns ``(live, *tensors)``."""
+    import torch
+
+    moves, keep = _compaction(len(live), done)
+    for layer in cache.layers:
+        layer.compact(moves, len(keep))
+    index = torch.tensor(keep, dtype=torch.long, device=tensors[0].device)
+    return ([live[k] for k in keep], *(t[index] for t in tensors))
 
 
 ENGINE = EngineSpec("hf", build, in_process=True, check=check)
