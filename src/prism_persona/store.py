@@ -392,6 +392,20 @@ SWAP_DIR = ".prism-redo"
 """Where :class:`StageSwap` keeps the files a ``--redo`` replaces until the command succeeds."""
 
 
+def remove_entry(path: Path) -> bool:
+    """Remove a run entry: a file or a link (never what it points to), or a folder with its tree.
+    Whether there was anything to remove."""
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        return False
+    return True
+
+
 class StageSwap:
     """``--redo`` without loss: the files it replaces are moved aside into ``RUN/.prism-redo/`` (and the
     files every command rewrites are copied there), the stage is redone beside them, and only when the
@@ -458,12 +472,8 @@ class StageSwap:
             else:
                 shutil.copy2(src, kept, follow_symlinks=False)
         for name in moved:  # asked to go again (a second --redo over a pending one): what the first wrote goes too
-            cur = self.run.root / name
-            if names[name] != "copied" and (cur.exists() or cur.is_symlink()):
-                if cur.is_dir() and not cur.is_symlink():
-                    shutil.rmtree(cur)
-                else:
-                    cur.unlink()
+            if names[name] != "copied":
+                remove_entry(self.run.root / name)
 
     def commit(self) -> None:
         """The command succeeded: drop the old files."""
@@ -483,10 +493,7 @@ class StageSwap:
             has_kept = kept.exists() or kept.is_symlink()
             if how != "absent" and not has_kept:
                 continue  # never set aside (the command stopped before): the run's copy is the old one
-            if cur.is_symlink() or cur.is_file():
-                cur.unlink()
-            elif cur.is_dir():
-                shutil.rmtree(cur)
+            remove_entry(cur)
             if has_kept:
                 os.replace(kept, cur)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -34,7 +34,7 @@ from ..bootstrap.summary import build_summary, format_data_report, format_summar
 from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
 from ..errors import PrismError
 from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
-from ..store import JsonlStore, RunDir, RunLock, StageSwap
+from ..store import JsonlStore, RunDir, RunLock, StageSwap, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -370,19 +370,8 @@ def redo(run_dir, stage: str) -> list[str]:
     refused, with a hint to pass --redo again, rather than resumed from half-removed state).
     Returns the names removed.
     """
-    import shutil
-
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    removed = []
-    for name in redo_names(stage):
-        path = run.path(name)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
+    removed = [name for name in redo_names(stage) if remove_entry(run.path(name))]
     log.info("redo %s: removed %s", stage, ", ".join(removed) or "nothing (the stage had not run)")
     return removed
 
