@@ -59,14 +59,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def pick_queries(kit: str, per_cell: int) -> list[dict]:
     """The first ``per_cell`` training queries per domain (safety: per domain and intent)."""
-    rows = read_jsonl(KIT_DIR / kit / "train_queries.jsonl")
-    out, seen = [], {}
-    for r in rows:
-        cell = (r["domain"], r.get("intent", ""))
-        if seen.get(cell, 0) < per_cell:
-            seen[cell] = seen.get(cell, 0) + 1
-            out.append(r)
-    return out
+    return pick_queries_subset(read_jsonl(KIT_DIR / kit / "train_queries.jsonl"), per_cell)
 
 
 def generate(engine, queries: list[dict], persona: str, k: int, tokens: int, seed: int, cache: Path) -> list[dict]:
@@ -335,6 +328,7 @@ def main(argv=None) -> int:
 
 
 def pick_queries_subset(rows: list[dict], per_cell: int) -> list[dict]:
+    """The first ``per_cell`` rows per (domain, intent) cell, in file order."""
     out, seen = [], {}
     for r in rows:
         cell = (r["domain"], r.get("intent", ""))
