@@ -92,12 +92,9 @@ def test_1_a_generated_query_line_with_unsafe_text_is_dropped_and_counted(case):
     assert f.add(GOOD) == GOOD  # the same request, clean, is kept
 
 
-def test_1_unsafe_drops_are_counted_in_query_rounds(tmp_path):
-    from prism_persona.bootstrap.queries import write_queries
-    from prism_persona.store import RunDir
-    from prism_persona.testing import ScriptedEngine
-
-    cfg = C.resolve(
+def one_round_list_config(tmp_path):
+    """One round of the list query format on one domain (two queries asked, four lines a request)."""
+    return C.resolve(
         "tiny",
         overrides={
             "out": str(tmp_path / "run"),
@@ -111,6 +108,14 @@ def test_1_unsafe_drops_are_counted_in_query_rounds(tmp_path):
             },
         },
     )
+
+
+def test_1_unsafe_drops_are_counted_in_query_rounds(tmp_path):
+    from prism_persona.bootstrap.queries import write_queries
+    from prism_persona.store import RunDir
+    from prism_persona.testing import ScriptedEngine
+
+    cfg = one_round_list_config(tmp_path)
     reply = "\n".join([UNSAFE["ansi"], UNSAFE["im_start"], "Why is the sky blue at noon?", GOOD])
     eng = ScriptedEngine(responder=lambda chat: reply)
     write_queries(cfg, RunDir(cfg.out), lambda: eng, {"stories": {"short": "You are a storyteller."}})
@@ -390,20 +395,7 @@ def test_1_the_writing_engines_own_special_tokens_are_dropped_too(tmp_path):
     from prism_persona.store import RunDir
     from prism_persona.testing import ScriptedEngine
 
-    cfg = C.resolve(
-        "tiny",
-        overrides={
-            "out": str(tmp_path / "run"),
-            "persona": {"domains": ["stories"]},
-            "queries": {
-                "queries_per_persona": 2,
-                "per_request": 4,
-                "max_rounds": 1,
-                "requests_only": False,
-                "format": "list",
-            },
-        },
-    )
+    cfg = one_round_list_config(tmp_path)
     tricky = "Tell me a story about <repo_name> and dragons please?"
     reply = "\n".join([tricky, "Why is the sky blue at noon?", GOOD])
     eng = ScriptedEngine(responder=lambda chat: reply)
