@@ -25,6 +25,7 @@ from prism_persona.bootstrap.verify import load_labelled
 from prism_persona.engines.base import SamplingParams
 from prism_persona.engines.hf import HFEngine
 from prism_persona.models import load_model, user_chat
+from prism_persona.options import merge
 from prism_persona.store import RunDir
 from prism_persona.text import is_loop
 from prism_persona.train.distill import run_distill
@@ -72,7 +73,7 @@ def main(run: str, heldout: str, out: str, specs: list) -> None:
             continue
         cfg = C.resolve(
             "tiny",
-            overrides=C.merge(saved, {"out": f"{out}/{name}", "quiet": True, "distill": json.loads(sets or "{}")}),
+            overrides=merge(saved, {"out": f"{out}/{name}", "quiet": True, "distill": json.loads(sets or "{}")}),
         )
         t = time.time()
         info = run_distill(RunDir(cfg.out), cfg, records, model, tok)

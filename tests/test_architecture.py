@@ -11,7 +11,8 @@ import prism_persona
 PACKAGE = Path(prism_persona.__file__).resolve().parent
 
 LAYERS = (
-    {"errors", "config", "formats", "stats", "stages", "userfiles"},
+    {"errors", "formats", "stats", "stages", "userfiles", "options"},
+    {"config"},
     {"models", "store", "progress", "text"},
     {"engines"},
     {"judges", "bootstrap"},

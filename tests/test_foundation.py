@@ -11,6 +11,7 @@ import pytest
 from prism_persona import config as C
 from prism_persona.errors import ConfigMismatchError, PrismError
 from prism_persona.models import render_chat, resolve_model, with_persona
+from prism_persona.options import from_dict
 from prism_persona.store import JsonlStore, RunDir, content_key
 
 
@@ -44,7 +45,7 @@ def test_config_round_trip_is_sorted_and_versioned():
     data = json.loads(text)
     assert data["prism_version"] and list(data) == sorted(data)
     data.pop("prism_version")
-    assert C.from_dict(C.RunConfig, data) == cfg
+    assert from_dict(C.RunConfig, data) == cfg
 
 
 @pytest.mark.parametrize("domains, msg", [(["a", "a"], "duplicate"), (["a", " "], "empty")])

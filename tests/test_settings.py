@@ -9,8 +9,8 @@ from typing import Optional
 import pytest
 
 from prism_persona import config as C
-from prism_persona.config import option
 from prism_persona.errors import PrismError
+from prism_persona.options import add_flags, check_settings, describe_flags, option, settings_from_args
 
 
 @dataclass
@@ -34,14 +34,14 @@ class Example:
 
 def parse(argv, prefix=""):
     p = argparse.ArgumentParser()
-    C.add_flags(p, Example, prefix=prefix)
+    add_flags(p, Example, prefix=prefix)
     return p, p.parse_args(argv)
 
 
 def test_flags_derived_from_the_dataclass_and_defaults_live_only_there():
     p, args = parse(["--prism", "ART"])
     assert all(v is None for k, v in vars(args).items() if k != "prism")  # argparse holds no defaults
-    s = C.settings_from_args(Example, args)
+    s = settings_from_args(Example, args)
     assert s == Example(prism="ART")
     help_text = p.format_help()
     assert "--max-batch" in help_text and "(default: 8)" in help_text and "--hidden" not in help_text
@@ -69,7 +69,7 @@ def test_flags_typed_and_coerced():
             "0.5",
         ]
     )
-    s = C.settings_from_args(Example, args)
+    s = settings_from_args(Example, args)
     assert (s.batch, s.seed, s.force, s.pairwise, s.route_only, s.names, s.inner.max_prompt_tokens, s.top_p) == (
         3,
         5,
@@ -84,7 +84,7 @@ def test_flags_typed_and_coerced():
 
 def test_flags_over_a_base_and_prefix():
     _, args = parse(["--ex-prism", "A", "--ex-seed", "2"], prefix="ex-")
-    s = C.settings_from_args(Example, args, prefix="ex-", base=Example(batch=4, seed=1))
+    s = settings_from_args(Example, args, prefix="ex-", base=Example(batch=4, seed=1))
     assert (s.prism, s.batch, s.seed) == ("A", 4, 2)
 
 
@@ -100,13 +100,13 @@ def test_flags_over_a_base_and_prefix():
 def test_bounds_name_the_flag(argv, message):
     _, args = parse(["--prism", "A", *argv])
     with pytest.raises(PrismError) as err:
-        C.settings_from_args(Example, args)
+        settings_from_args(Example, args)
     assert str(err.value) == message
 
 
 def test_required_flag_and_choices_from_the_field():
     p = argparse.ArgumentParser()
-    C.add_flags(p, Example)
+    add_flags(p, Example)
     with pytest.raises(SystemExit):
         p.parse_args([])
     with pytest.raises(SystemExit):
@@ -164,14 +164,14 @@ def test_prism_config_lists_every_settings_class(capsys):
 @pytest.mark.parametrize("cls", list(C.COMMAND_SETTINGS.values()))
 def test_command_settings_defaults_pass_their_own_checks(cls):
     obj = cls()
-    C.check_settings(obj, flags=True)
-    flags = [flag for flag, _, _ in C.describe_flags(cls)]
+    check_settings(obj, flags=True)
+    flags = [flag for flag, _, _ in describe_flags(cls)]
     assert len(flags) == len(set(flags)), "two settings derive the same flag"
 
 
 def test_serve_flags_stay_compatible():
     p = argparse.ArgumentParser()
-    C.add_flags(p, C.ServeSettings)
+    add_flags(p, C.ServeSettings)
     args = p.parse_args(
         [
             "--prism",
@@ -211,7 +211,7 @@ def test_serve_flags_stay_compatible():
             "E",
         ]
     )
-    s = C.settings_from_args(C.ServeSettings, args)
+    s = settings_from_args(C.ServeSettings, args)
     assert (
         s.load.prism,
         s.port,
@@ -222,9 +222,9 @@ def test_serve_flags_stay_compatible():
         s.upstream_api_key_env,
     ) == ("A", 0, 9, 100, 7.0, True, "E")
     with pytest.raises(PrismError, match="--port must be at most 65535"):
-        C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
+        settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
     with pytest.raises(PrismError, match="--route-only needs"):
-        C.settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))
+        settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))
 
 
 def test_run_and_bootstrap_flags_are_derived_and_unchanged():

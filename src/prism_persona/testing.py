@@ -121,7 +121,7 @@ def kit_run_overrides(
     """The settings an example kit's ``prism run`` command gives (``--persona-file`` for every domain,
     ``--queries-file``, the kit's built-in judge ``prism_persona.kits.NAME:judge``, ``--answer-tokens``,
     ``--heldout``), for the kit directory ``kit`` (``prism_persona.kits.kit_path(NAME)``), as
-    overrides for ``config.resolve``; merge a test's own settings into it with ``config.merge``."""
+    overrides for ``config.resolve``; merge a test's own settings into it with ``options.merge``."""
     persona_file = str(kit / persona)
     return {
         "out": str(out),
@@ -215,9 +215,10 @@ def bootstrap_config(out, **sections):
     """A tiny-preset run config for scripted bootstraps: quiet, writing and coding, run directory
     ``out``; ``sections`` (e.g. ``queries={...}``) are merged over it."""
     from . import config as C
+    from .options import merge
 
     base = {"out": str(out), "quiet": True, "persona": {"domains": ["writing", "coding"]}}
-    return C.resolve("tiny", overrides=C.merge(base, sections))
+    return C.resolve("tiny", overrides=merge(base, sections))
 
 
 def verdict_stub(domain: str, first: str, second: str, winner: str, margins=None) -> dict:

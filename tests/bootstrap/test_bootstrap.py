@@ -18,6 +18,7 @@ from prism_persona.bootstrap.queries import clean_query_line, parse_queries, wri
 from prism_persona.config import QueryConfig
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import ConfigMismatchError, PrismError
+from prism_persona.options import merge
 from prism_persona.store import RunDir
 from prism_persona.testing import PERSONA_REPLY, BootstrapEngine, ScriptedEngine
 from prism_persona.train.pipeline import load_labelled, run_bootstrap
@@ -31,7 +32,7 @@ def make_cfg(tmp_path, name="run", **over):
         "queries": {"queries_per_persona": 5, "per_request": 4},
         "model": {"batch_size": 4},
     }
-    return C.resolve("tiny", overrides=C.merge(base, over))
+    return C.resolve("tiny", overrides=merge(base, over))
 
 
 def read_jsonl(path):

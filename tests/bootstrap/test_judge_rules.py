@@ -11,6 +11,7 @@ import pytest
 from prism_persona import config as C
 from prism_persona.bootstrap.summary import blind_warning, debiased_note, judge_diagnostics
 from prism_persona.bootstrap.verify import margin_winner
+from prism_persona.options import merge
 from prism_persona.stats import _quantile
 from prism_persona.store import RunDir
 from prism_persona.testing import BootstrapEngine
@@ -27,7 +28,7 @@ def make_cfg(tmp_path, name="run", **over):
         "queries": {"queries_per_persona": 5, "per_request": 4},
         "model": {"batch_size": 4},
     }
-    return C.resolve("tiny", overrides=C.merge(base, over))
+    return C.resolve("tiny", overrides=merge(base, over))
 
 
 def read_jsonl(path):

@@ -10,6 +10,7 @@ from prism_persona import config as C
 from prism_persona.bootstrap.query_file import check_queries_file, read_queries_file
 from prism_persona.cli import main
 from prism_persona.errors import ConfigMismatchError, PrismError
+from prism_persona.options import merge
 from prism_persona.store import RunDir
 from prism_persona.testing import BootstrapEngine
 from prism_persona.train.pipeline import run_bootstrap
@@ -74,7 +75,7 @@ def _cfg(tmp_path, qfile, **over):
         "queries": {"queries_per_persona": 3, "queries_file": str(qfile)},
         "model": {"batch_size": 4},
     }
-    return C.resolve("tiny", overrides=C.merge(base, over))
+    return C.resolve("tiny", overrides=merge(base, over))
 
 
 def test_bootstrap_uses_the_file_and_never_asks_for_queries(tmp_path):

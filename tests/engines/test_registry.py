@@ -11,6 +11,7 @@ from prism_persona import config as C
 from prism_persona import engines as E
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import PrismError
+from prism_persona.options import from_dict
 
 
 def test_the_registered_engines_and_what_they_can_do():
@@ -46,7 +47,7 @@ def test_flags_for_another_engine_are_refused_only_on_a_command_line():
 
 
 def test_a_shell_quoted_vllm_args_flag_becomes_a_list():
-    cfg = C.from_dict(C.EngineConfig, {"engine": "vllm", "vllm_args": "--tensor-parallel-size 4 --x 'a b'"})
+    cfg = from_dict(C.EngineConfig, {"engine": "vllm", "vllm_args": "--tensor-parallel-size 4 --x 'a b'"})
     assert cfg.vllm_args == ["--tensor-parallel-size", "4", "--x", "a b"]
 
 

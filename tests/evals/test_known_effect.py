@@ -26,6 +26,7 @@ KIT = kit_path("style")
 @pytest.mark.slow
 def test_known_effect_on_held_out_queries(tmp_path):
     from prism_persona import config as C
+    from prism_persona.options import merge
     from prism_persona.testing import first_per_domain, kit_run_overrides
     from prism_persona.train.pipeline import run_pipeline
 
@@ -33,7 +34,7 @@ def test_known_effect_on_held_out_queries(tmp_path):
     kit = kit_run_overrides(
         tmp_path / "run", KIT, "pirate.txt", ["stories", "cooking"], train, 16, KIT / "heldout.jsonl", 32
     )
-    cfg = C.resolve("tiny", overrides=C.merge(kit, {"distill": {"loss": "kl+ce", "min_steps": 30}}))
+    cfg = C.resolve("tiny", overrides=merge(kit, {"distill": {"loss": "kl+ce", "min_steps": 30}}))
     out = run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
     rep = json.loads((check_dir / "check.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 
 from prism_persona import config as C
 from prism_persona.errors import ConfigMismatchError
+from prism_persona.options import merge
 from prism_persona.testing import BootstrapEngine
 from prism_persona.train.pipeline import redo, run_pipeline
 
@@ -23,7 +24,7 @@ def _cfg(model_dir, out, **over):
         "gate": {"epochs": 30},
         "distill": {"epochs": 1, "r": 4},
     }
-    return C.resolve("tiny", overrides=C.merge(base, over))
+    return C.resolve("tiny", overrides=merge(base, over))
 
 
 def _saved(out):

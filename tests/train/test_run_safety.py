@@ -15,6 +15,7 @@ import pytest
 
 from prism_persona import cli
 from prism_persona import config as C
+from prism_persona.options import merge
 from prism_persona.store import RunDir, RunLock
 from prism_persona.testing import one_error_line, small_run_overrides
 
@@ -23,7 +24,7 @@ DOMAINS = ["writing", "coding"]
 
 def small_cfg(model_dir, out, **over):
     base = small_run_overrides(model_dir, out, DOMAINS)
-    return C.resolve("tiny", overrides=C.merge(base, over))
+    return C.resolve("tiny", overrides=merge(base, over))
 
 
 @pytest.fixture(autouse=True)

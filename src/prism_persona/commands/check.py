@@ -23,7 +23,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import CheckSettings, add_flags
+    from ..config import CheckSettings
+    from ..options import add_flags
 
     p = sub.add_parser(
         "check",
@@ -46,7 +47,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..bootstrap.common import persona_files_from_flags
-    from ..config import CheckSettings, settings_from_args
+    from ..config import CheckSettings
+    from ..options import settings_from_args
     from ..train.check import fmt, loops_vs_base_text, run_check
 
     settings = settings_from_args(CheckSettings, args)

@@ -30,9 +30,10 @@ def prism_optional(p) -> None:
 
 def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None:
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
-    one (type, choices, help and default from config.py), plus the flags that are not one setting.
+    one (type, choices, help and default from config.py, flags by options.add_flags), plus the flags that are not one setting.
     ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
-    from ..config import G_DATA, G_ENGINE, G_RUN, RUN_SET_ONLY, RunConfig, add_flags
+    from ..config import G_DATA, G_ENGINE, G_RUN, RUN_SET_ONLY, RunConfig
+    from ..options import add_flags
     from ..stages import stage_names
 
     skip = RUN_SET_ONLY + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
@@ -79,8 +80,9 @@ def _put(d: dict, dotted: str, value) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """The settings typed on the command line as a nested dict (what config.resolve layers on top)."""
     from ..bootstrap.common import persona_files_from_flags
-    from ..config import RunConfig, flag_values
+    from ..config import RunConfig
     from ..errors import PrismError
+    from ..options import flag_values
 
     given = vars(args)
     o = flag_values(RunConfig, args, flagged_only=True)
@@ -163,7 +165,8 @@ def example_from(name: str) -> dict:
 def _kit_files_as_typed(kit: dict, file_data: dict, overrides: dict) -> dict:
     """The kit's own files (package data of this library) count as typed where the config file names
     exactly them: a resumed ``--example`` run reads them again, any other file still needs its flag."""
-    from ..config import LOCAL_FILES, _dotted, _put_dotted, merge
+    from ..config import LOCAL_FILES, _dotted, _put_dotted
+    from ..options import merge
 
     same: dict = {}
     for key in LOCAL_FILES:

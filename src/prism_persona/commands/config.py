@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import config as C
+    from ..options import describe_flags
 
     if args.show:
         print(C.dump(C.resolve(preset=args.preset or "default", file=args.config)))
@@ -31,6 +32,6 @@ def run(args) -> int:
 
     for command, cls in {**C.COMMAND_SETTINGS, "eval / study": EvalConfig}.items():
         print(f"\nprism {command} (flags)")
-        for flag, default, help_ in C.describe_flags(cls):
+        for flag, default, help_ in describe_flags(cls):
             print(f"  {flag:32s} {str(default):24s} {help_}")
     return 0

@@ -26,7 +26,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import GenerateSettings, add_flags
+    from ..config import GenerateSettings
+    from ..options import add_flags
 
     p = sub.add_parser(
         "generate",
@@ -42,7 +43,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import GenerateSettings, settings_from_args
+    from ..config import GenerateSettings
+    from ..options import settings_from_args
     from ..serve.offline import answer_file, check_engine_settings
 
     settings = settings_from_args(GenerateSettings, args)

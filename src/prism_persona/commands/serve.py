@@ -27,7 +27,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import ServeSettings, add_flags
+    from ..config import ServeSettings
+    from ..options import add_flags
 
     p = sub.add_parser(
         "serve",
@@ -46,7 +47,8 @@ def options_from_args(args):
     the API keys read from the environment."""
     import dataclasses
 
-    from ..config import ServeSettings, settings_from_args
+    from ..config import ServeSettings
+    from ..options import settings_from_args
 
     options = settings_from_args(ServeSettings, args)
     return dataclasses.replace(

@@ -217,7 +217,7 @@ def build_runner(cfg: EvalConfig, out: str, quiet: bool = False) -> EvalRunner:
 def add_eval_options(p, skip: tuple = ()) -> None:
     """Flags shared by `prism eval` and `prism study`, derived from :class:`EvalConfig` (standard library only),
     plus ``--persona-file DOMAIN=PATH`` (repeatable, the contract of `prism run`)."""
-    from ..config import add_flags
+    from ..options import add_flags
     from .settings import G_DATA, G_PERSONAS, EvalConfig
 
     groups = add_flags(p, EvalConfig, skip=skip)
@@ -241,7 +241,7 @@ def add_eval_options(p, skip: tuple = ()) -> None:
 def eval_config(args, skip: tuple = ()):
     """The :class:`EvalConfig` of parsed flags (defaults from the dataclass; bounds checked, one-line errors)."""
     from ..bootstrap.common import persona_files_from_flags
-    from ..config import settings_from_args
+    from ..options import settings_from_args
     from .settings import EvalConfig
 
     cfg = settings_from_args(EvalConfig, args, skip=skip)

@@ -66,7 +66,7 @@ def _check_model_args(device, threshold, max_length) -> tuple[Optional[float], O
 
 
 def _model_arg(value, name: str, kind: type, **bounds):
-    from ..config import bound_error
+    from ..options import bound_error
 
     if value is None or value == "":
         return None

@@ -1,7 +1,7 @@
 """Every setting of ``prism eval`` and ``prism study``, with its default and help string, in one place.
 
-The command-line flags are derived from :class:`EvalConfig` (``config.add_flags``) and read back with
-``config.settings_from_args`` (types coerced, bounds and choices checked, one-line errors naming the
+The command-line flags are derived from :class:`EvalConfig` (``options.add_flags``) and read back with
+``options.settings_from_args`` (types coerced, bounds and choices checked, one-line errors naming the
 flag), so a default lives only here. Standard library only: ``prism --help`` stays instant.
 """
 
@@ -20,8 +20,8 @@ from ..config import (
     EngineConfig,
     ModelConfig,
     engine_block,
-    option,
 )
+from ..options import option
 
 G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"

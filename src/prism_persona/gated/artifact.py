@@ -182,8 +182,8 @@ def _check_number(data: dict, key: str, path: Path, integer: bool = False, **bou
     (the keywords of config's bound checker); else one line naming the file."""
     import math
 
-    from ..config import bound_error
     from ..errors import PrismError
+    from ..options import bound_error
 
     if key not in data:
         return

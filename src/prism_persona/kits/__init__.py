@@ -91,7 +91,7 @@ def example_settings(name: str) -> dict:
         "judge": {"judge": judge_spec(name)},
         "check": {"queries": str(kit_path(name, "heldout.jsonl"))},
     }
-    from ..config import merge
+    from ..options import merge
 
     return merge(json.loads(json.dumps(kit["settings"])), base)
 
