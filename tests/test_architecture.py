@@ -13,6 +13,7 @@ PACKAGE = Path(prism_persona.__file__).resolve().parent
 LAYERS = (
     {"errors", "formats", "stats", "stages", "userfiles", "options"},
     {"config"},
+    {"command_settings", "how_to_run"},
     {"models", "store", "progress", "text"},
     {"engines"},
     {"judges", "bootstrap"},

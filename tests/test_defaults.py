@@ -12,6 +12,7 @@ import importlib
 import inspect
 import typing
 
+from prism_persona import command_settings as CS
 from prism_persona import config as C
 
 # module prefix -> the settings blocks its functions and classes take (settings by these names)
@@ -116,9 +117,9 @@ SETTINGS_CLASSES = (
     C.GateConfig,
     C.DistillConfig,
     C.CheckConfig,
-    C.LoadSettings,
-    C.RoutingSettings,
-    C.SamplingSettings,
+    CS.LoadSettings,
+    CS.RoutingSettings,
+    CS.SamplingSettings,
 )
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import pytest
 
+from prism_persona import command_settings as CS
 from prism_persona import config as C
 from prism_persona.errors import PrismError
 from prism_persona.options import add_flags, check_settings, describe_flags, option, settings_from_args
@@ -161,7 +162,7 @@ def test_prism_config_lists_every_settings_class(capsys):
         assert needle in out, needle
 
 
-@pytest.mark.parametrize("cls", list(C.COMMAND_SETTINGS.values()))
+@pytest.mark.parametrize("cls", list(CS.COMMAND_SETTINGS.values()))
 def test_command_settings_defaults_pass_their_own_checks(cls):
     obj = cls()
     check_settings(obj, flags=True)
@@ -171,7 +172,7 @@ def test_command_settings_defaults_pass_their_own_checks(cls):
 
 def test_serve_flags_stay_compatible():
     p = argparse.ArgumentParser()
-    add_flags(p, C.ServeSettings)
+    add_flags(p, CS.ServeSettings)
     args = p.parse_args(
         [
             "--prism",
@@ -211,7 +212,7 @@ def test_serve_flags_stay_compatible():
             "E",
         ]
     )
-    s = settings_from_args(C.ServeSettings, args)
+    s = settings_from_args(CS.ServeSettings, args)
     assert (
         s.load.prism,
         s.port,
@@ -222,9 +223,9 @@ def test_serve_flags_stay_compatible():
         s.upstream_api_key_env,
     ) == ("A", 0, 9, 100, 7.0, True, "E")
     with pytest.raises(PrismError, match="--port must be at most 65535"):
-        settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
+        settings_from_args(CS.ServeSettings, p.parse_args(["--prism", "A", "--port", "70000"]))
     with pytest.raises(PrismError, match="--route-only needs"):
-        settings_from_args(C.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))
+        settings_from_args(CS.ServeSettings, p.parse_args(["--prism", "A", "--route-only"]))
 
 
 def test_run_and_bootstrap_flags_are_derived_and_unchanged():

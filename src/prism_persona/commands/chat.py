@@ -17,7 +17,7 @@ With --engine vllm the model runs on a vLLM server PRISM starts (the gate still 
 
 
 def add_parser(sub) -> None:
-    from ..config import ChatSettings
+    from ..command_settings import ChatSettings
     from ..options import add_flags
 
     p = sub.add_parser(
@@ -53,7 +53,8 @@ def describe(routed: bool, prob: float, forced: bool, abstained: bool = False) -
 
 
 def run(args) -> int:
-    from ..config import ChatSettings, check_text
+    from ..command_settings import ChatSettings
+    from ..config import check_text
     from ..options import settings_from_args
     from ..serve.offline import check_engine_settings, force_value, open_chat
 

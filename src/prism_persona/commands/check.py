@@ -23,7 +23,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import CheckSettings
+    from ..command_settings import CheckSettings
     from ..options import add_flags
 
     p = sub.add_parser(
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..bootstrap.common import persona_files_from_flags
-    from ..config import CheckSettings
+    from ..command_settings import CheckSettings
     from ..options import settings_from_args
     from ..train.check import fmt, loops_vs_base_text, run_check
 

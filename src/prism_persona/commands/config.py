@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import config as C
+    from ..command_settings import COMMAND_SETTINGS
     from ..options import describe_flags
 
     if args.show:
@@ -30,7 +31,7 @@ def run(args) -> int:
         print(f"  {key:32s} {str(default):24s} {help_}")
     from ..evals.settings import EvalConfig  # standard library only, like config.py
 
-    for command, cls in {**C.COMMAND_SETTINGS, "eval / study": EvalConfig}.items():
+    for command, cls in {**COMMAND_SETTINGS, "eval / study": EvalConfig}.items():
         print(f"\nprism {command} (flags)")
         for flag, default, help_ in describe_flags(cls):
             print(f"  {flag:32s} {str(default):24s} {help_}")

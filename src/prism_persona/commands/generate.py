@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import GenerateSettings
+    from ..command_settings import GenerateSettings
     from ..options import add_flags
 
     p = sub.add_parser(
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import GenerateSettings
+    from ..command_settings import GenerateSettings
     from ..options import settings_from_args
     from ..serve.offline import answer_file, check_engine_settings
 

@@ -27,7 +27,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from ..config import ServeSettings
+    from ..command_settings import ServeSettings
     from ..options import add_flags
 
     p = sub.add_parser(
@@ -47,7 +47,7 @@ def options_from_args(args):
     the API keys read from the environment."""
     import dataclasses
 
-    from ..config import ServeSettings
+    from ..command_settings import ServeSettings
     from ..options import settings_from_args
 
     options = settings_from_args(ServeSettings, args)

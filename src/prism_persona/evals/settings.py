@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..command_settings import engine_block
 from ..config import (
     DTYPES,
     ENGINES,
@@ -19,7 +20,6 @@ from ..config import (
     PLACEMENTS,
     EngineConfig,
     ModelConfig,
-    engine_block,
 )
 from ..options import option
 

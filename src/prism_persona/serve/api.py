@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import ServeLimits
+from ..command_settings import ServeLimits
 
 ROLES = ("system", "developer", "user", "assistant")
 """Accepted message roles; ``developer`` (OpenAI's newer name for system) is treated as ``system``."""
@@ -67,7 +67,7 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-Limits = ServeLimits  # server-side limits applied to every request (config.ServeLimits)
+Limits = ServeLimits  # server-side limits applied to every request (command_settings.ServeLimits)
 
 
 @dataclass

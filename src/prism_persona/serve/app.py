@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urlsplit
 
-from ..config import ServeSettings as ServeOptions  # the one settings system (config.py)
+from ..command_settings import ServeSettings as ServeOptions  # the one settings system (command_settings.py)
 from .api import (
     ApiError,
     ChatRequest,
