@@ -5,6 +5,10 @@ Precedence, lowest first: the dataclass defaults below, a ``--preset``, an ``--e
 resolved config is written to ``RUN/config.json`` (sorted keys, stamped with the library version) and a
 run is reproducible from that file alone. Loading is forward
 compatible: unknown keys are warned about and ignored, never fatal.
+
+Beside it: :mod:`prism_persona.options` (``option()`` and the flag/coercion machinery every settings
+dataclass uses), :mod:`prism_persona.command_settings` (the settings of `prism generate`, `chat`, `serve`,
+`check`) and :mod:`prism_persona.how_to_run` (which saved settings a file may set without the flag).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional
 
 from .errors import PrismError
 from .formats import FIELD, RUN_CONFIG, stamp, upgrade
@@ -767,89 +771,3 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, st
         else:
             rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
     return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# what a file may say: what was run, never how to run here
-
-HOW_TO_RUN = (
-    "model.trust_remote_code",
-    "engine.engine",
-    "engine.vllm_python",
-    "engine.vllm_args",
-    "engine.base_url",
-    "engine.api_key_env",
-)
-LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", "gate.base_queries")
-"""Settings that run code, reach the network or read files on this machine. A config file (a received
-``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
-they are used only when this command line says them too (:func:`check_how_to_run`)."""
-
-
-def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, run_dir: str = "") -> None:
-    """Refuse, with one line naming the flag to pass, a setting of :data:`HOW_TO_RUN` (and, for a run's
-    own saved config, a local file of :data:`LOCAL_FILES` outside ``run_dir``) that ``file_data`` (what
-    the file ``source`` says) sets and this command line (``typed``) does not. Engine settings that the
-    engine in use ignores are not refused (a saved ``base_url`` does nothing for ``--engine hf``)."""
-    keys = HOW_TO_RUN + (LOCAL_FILES if run_dir else ())
-    refused = [key for key in keys if _from_file_only(cfg, key, file_data, typed, run_dir)]
-    if refused:
-        said = ", ".join(f"{key} = {_dotted(file_data, key)!r}" for key in refused)
-        flags = ", ".join(_flag_for(key) for key in refused)
-        raise PrismError(
-            f"{source} sets {said}: how to run here (code, servers, files of this machine) is not taken "
-            f"from a file; pass {flags} on the command line to use {'them' if len(refused) > 1 else 'it'}"
-        )
-
-
-def _from_file_only(cfg: RunConfig, key: str, file_data: dict, typed: dict, run_dir: str) -> bool:
-    value = _dotted(file_data, key)
-    if key == "gate.base_queries" and not is_base_queries_file(value):  # builtin / off name no file
-        return False
-    if value is None or _dotted(typed, key) is not None or value == _dotted(to_dict(RunConfig()), key):
-        return False
-    return _engine_uses(cfg, key) and not (key in LOCAL_FILES and _all_inside(value, run_dir))
-
-
-def _put_dotted(data: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        data = data.setdefault(part, {})
-    data[leaf] = value
-
-
-def _dotted(data: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def _engine_uses(cfg: RunConfig, key: str) -> bool:
-    if key in ("engine.base_url", "engine.api_key_env"):
-        return cfg.engine.engine != "hf"
-    if key in ("engine.vllm_python", "engine.vllm_args"):
-        return cfg.engine.engine == "vllm" and not cfg.engine.base_url
-    return True
-
-
-def _all_inside(value, run_dir: str) -> bool:
-    paths = value.values() if isinstance(value, dict) else [value]
-    root = Path(run_dir).expanduser().resolve()
-    return all(root in Path(str(p)).expanduser().resolve().parents for p in paths)
-
-
-RUN_SET_ONLY = ("vllm_args",)
-"""RunConfig fields with a flag of their own in other commands that `prism run` / `bootstrap` give only
-as ``--set`` (one list setting, not a shell string, in a run's config)."""
-
-
-def _flag_for(key: str) -> str:
-    if key == "persona.persona_files":
-        return "--persona-file DOMAIN=PATH"
-    if key.split(".")[-1] in RUN_SET_ONLY:
-        return f"--set {key}=[...]"
-    section, name = key.split(".")
-    f = {f.name: f for f in dataclasses.fields(get_type_hints(RunConfig)[section])}[name]
-    return f.metadata.get("flag") or f"--set {key}=..."

@@ -11,6 +11,7 @@ import torch
 
 from prism_persona import config as C
 from prism_persona.errors import PrismError
+from prism_persona.how_to_run import check_how_to_run
 from prism_persona.text import jaccard, word_set
 from prism_persona.train.gate import (
     base_queries,
@@ -151,13 +152,13 @@ def test_a_saved_config_never_reads_a_base_queries_file_outside_the_run(tmp_path
     saved = {"gate": {"base_queries": str(outside)}}
     cfg = C.resolve("tiny", overrides=saved)
     with pytest.raises(PrismError, match=r"gate.base_queries = .*--set gate.base_queries="):
-        C.check_how_to_run(cfg, saved, {}, "runs/x/config.json", str(run_dir))
-    C.check_how_to_run(cfg, saved, saved, "runs/x/config.json", str(run_dir))  # typed again: used
+        check_how_to_run(cfg, saved, {}, "runs/x/config.json", str(run_dir))
+    check_how_to_run(cfg, saved, saved, "runs/x/config.json", str(run_dir))  # typed again: used
     inside = run_dir / "base.txt"
     inside.write_text("What is 2 + 2?\n", encoding="utf-8")
-    C.check_how_to_run(cfg, {"gate": {"base_queries": str(inside)}}, {}, "c", str(run_dir))
+    check_how_to_run(cfg, {"gate": {"base_queries": str(inside)}}, {}, "c", str(run_dir))
     for word in ("off", "builtin"):  # no file: nothing to refuse
-        C.check_how_to_run(cfg, {"gate": {"base_queries": word}}, {}, "c", str(run_dir))
+        check_how_to_run(cfg, {"gate": {"base_queries": word}}, {}, "c", str(run_dir))
     # a relative path in a config file is relative to that file
     (tmp_path / "cfg.json").write_text(json.dumps({"gate": {"base_queries": "mine.txt"}}))
     assert C.resolve("tiny", file=tmp_path / "cfg.json").gate.base_queries == str(outside.resolve())

@@ -32,7 +32,8 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
     one (type, choices, help and default from config.py, flags by options.add_flags), plus the flags that are not one setting.
     ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
-    from ..config import G_DATA, G_ENGINE, G_RUN, RUN_SET_ONLY, RunConfig
+    from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig
+    from ..how_to_run import RUN_SET_ONLY
     from ..options import add_flags
     from ..stages import stage_names
 
@@ -129,9 +130,10 @@ def resume_from_saved_config(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     """defaults < preset < --example kit < --config file < flags; a saved RUN/config.json is reused when
-    resuming (what was run: how to run here comes from the flags, :func:`config.check_how_to_run`)."""
-    from ..config import check_how_to_run, read_config_file, resolve
+    resuming (what was run: how to run here comes from the flags, :func:`how_to_run.check_how_to_run`)."""
+    from ..config import read_config_file, resolve
     from ..errors import PrismError
+    from ..how_to_run import check_how_to_run
 
     overrides = overrides_from_args(args)
     cfg_file = vars(args).get("config")
@@ -165,7 +167,7 @@ def example_from(name: str) -> dict:
 def _kit_files_as_typed(kit: dict, file_data: dict, overrides: dict) -> dict:
     """The kit's own files (package data of this library) count as typed where the config file names
     exactly them: a resumed ``--example`` run reads them again, any other file still needs its flag."""
-    from ..config import LOCAL_FILES, _dotted, _put_dotted
+    from ..how_to_run import LOCAL_FILES, _dotted, _put_dotted
     from ..options import merge
 
     same: dict = {}

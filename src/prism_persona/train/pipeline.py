@@ -33,6 +33,7 @@ from ..bootstrap.queries import query_stats, selected_queries, write_queries
 from ..bootstrap.summary import build_summary, format_data_report, format_summary
 from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
 from ..errors import PrismError
+from ..how_to_run import check_how_to_run
 from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
 from ..store import JsonlStore, RunDir, RunLock, StageSwap, remove_entry
 
@@ -382,7 +383,7 @@ def run_config(run_dir: str | os.PathLike, overrides: Optional[dict] = None) -> 
     if not os.path.isfile(saved):
         raise PrismError(f"{run_dir} has no config.json; run `prism bootstrap --out {run_dir}` first")
     cfg = C.resolve(file=saved, overrides={**(overrides or {}), "out": os.fspath(run_dir)})
-    C.check_how_to_run(cfg, C.read_config_file(saved), overrides or {}, saved, os.fspath(run_dir))
+    check_how_to_run(cfg, C.read_config_file(saved), overrides or {}, saved, os.fspath(run_dir))
     return cfg
 
 
