@@ -92,6 +92,76 @@ def test_every_top_level_module_has_a_layer():
     assert tops - {"__init__", "testing"} <= set().union(*LAYERS)
 
 
+SETTINGS_MODULES = ("config", "command_settings", "how_to_run")
+"""config.py was split by job (options < config < command_settings, how_to_run): a name is imported from
+the module that defines it, never through one that only imports it (no silent re-export)."""
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        for target in targets:
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def borrowed_names(path: Path, homes: dict[str, set[str]], package: str = "", label: str = "") -> list[str]:
+    """``from prism_persona.<m> import NAME`` and ``<alias>.NAME`` (``from prism_persona import <m> as alias``)
+    where ``<m>`` is a module of ``homes`` that does not define NAME."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    label = label or path.name
+    aliases: dict[str, str] = {}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+        target = ".".join(base + ([node.module] if node.module else []))
+        for alias in node.names:
+            if target == "prism_persona" and alias.name in homes:
+                aliases[alias.asname or alias.name] = alias.name
+            elif target.startswith("prism_persona.") and target[14:] in homes and alias.name not in homes[target[14:]]:
+                found.append(f"{label}:{node.lineno}: {alias.name} from {target}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            module = aliases[node.value.id]
+            if node.attr not in homes[module]:
+                found.append(f"{label}:{node.lineno}: {node.value.id}.{node.attr} from prism_persona.{module}")
+    return found
+
+
+def test_settings_names_come_from_their_own_module():
+    homes = {m: defined_names(PACKAGE / f"{m}.py") for m in SETTINGS_MODULES}
+    root = PACKAGE.parents[1]
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found += borrowed_names(path, homes, package, str(path.relative_to(root)))
+    for folder in ("tests", "scripts", "benchmarks"):
+        for path in sorted((root / folder).rglob("*.py")) if (root / folder).is_dir() else []:
+            found += borrowed_names(path, homes, label=str(path.relative_to(root)))
+    assert not found, "\n".join(found)
+
+
+def test_the_borrowed_name_check_sees_both_forms(tmp_path):
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from prism_persona import config as C\nfrom prism_persona.config import merge, resolve\nC.merge\nC.resolve\n"
+    )
+    homes = {"config": {"resolve"}}
+    assert borrowed_names(user, homes) == [
+        "user.py:2: merge from prism_persona.config",
+        "user.py:3: C.merge from prism_persona.config",
+    ]
+
+
 def test_no_two_packages_import_each_other():
     """Modules of one layer may import each other, but never both ways between two packages (a cycle)."""
     edges = set()
