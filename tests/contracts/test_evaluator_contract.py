@@ -81,16 +81,16 @@ class EvaluatorContract:
     def item_ids(self, items) -> set:
         return {it.item_id for it in items}
 
-    def run(self, out: Path, engines: dict, judge_engine: ScriptedEngine, gates: dict):
+    def run(self, out: Path, engines: dict, judge_engine: ScriptedEngine):
         specs = parse_systems(SYSTEMS)
         runner = runner_for(out, engines, judge_engine)
-        return self.make().evaluate(runner, systems_to_run(specs), specs, self.items(), gates)
+        return self.make().evaluate(runner, systems_to_run(specs), specs, self.items())
 
     def test_has_a_name(self):
         assert isinstance(self.make(), Evaluator) and self.make().name
 
     def test_every_reported_system_gets_a_summary_and_a_value_per_item(self, tmp_path):
-        summary, per_item = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply), {})
+        summary, per_item, _ = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply))
         names = [s.name for s in parse_systems(SYSTEMS)]
         assert sorted(summary) == sorted(per_item) == sorted(names)
         ids = self.item_ids(self.items())
@@ -99,13 +99,12 @@ class EvaluatorContract:
             assert all(isinstance(v, float) for v in per_item[name].values()), name
 
     def test_a_second_run_answers_from_the_cache(self, tmp_path):
-        first = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply), {})
+        first = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply))
         silent = {name: ScriptedEngine() for name in systems()}  # raises on any generation
-        assert self.run(tmp_path, silent, ScriptedEngine(), {}) == first
+        assert self.run(tmp_path, silent, ScriptedEngine()) == first
 
     def test_gates_hold_the_gated_system_probabilities_only(self, tmp_path):
-        gates: dict = {}
-        self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply), gates)
+        _, _, gates = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply))
         assert list(gates) == ["prism"] and gates["prism"]
         ids = self.item_ids(self.items())
         for probs in gates["prism"].values():

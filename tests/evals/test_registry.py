@@ -31,7 +31,7 @@ class EchoEvaluator(Evaluator):
 
     name = "echo"
 
-    def evaluate(self, runner, run_specs, specs, items, gates):
+    def evaluate(self, runner, run_specs, specs, items):
         per = {}
         for spec in run_specs:
             jobs = [
@@ -44,7 +44,7 @@ class EchoEvaluator(Evaluator):
 
             recs = runner.responses_for(spec, "echo", jobs, run_chunk)
             per[spec.name] = {it.item_id: float(it.word in recs[it.item_id]["text"]) for it in items}
-        return {s.name: {"echo": runner.ci(list(per[s.name].values()))} for s in specs}, per
+        return {s.name: {"echo": runner.ci(list(per[s.name].values()))} for s in specs}, per, {}
 
 
 class Echo(Benchmark):

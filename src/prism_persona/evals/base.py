@@ -5,9 +5,10 @@ registered with ``@register``, and an :class:`Evaluator` (one method) that runs 
 Add a benchmark by writing ``evals/benchmarks/<name>.py`` and importing it in
 ``evals/benchmarks/__init__.py`` (the one registration line). ``Evaluator.evaluate`` receives the runner (engines, judge, cache: ``runner.responses_for``
 for cached generation, ``runner.judged`` for cached judging), the systems to run (base always, lora when
-oracle is shown), the systems to report, the items, and ``gates`` to fill with each gated system's gate
-probability per item (``_keep_gates``) for the threshold sweep. It returns ``(summary, per_item)``:
-the section of ``results.json`` (``{system: {...}}``) and ``{system: {item_id: value}}``.
+oracle is shown), the systems to report and the items. It returns ``(summary, per_item, gates)``: the
+section of ``results.json`` (``{system: {...}}``), ``{system: {item_id: value}}``, and each gated
+system's gate probability per item, ``{system: {set: {item_id: p}}}`` (:func:`keep_gates`), for the
+threshold sweep.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class Evaluator(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(
-        self, runner: EvalRunner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items, gates: dict
-    ) -> tuple[dict, dict]:
-        """Generate (cached), judge (cached) and summarise ``items`` for ``specs``."""
+        self, runner: EvalRunner, run_specs: Sequence[SystemSpec], specs: Sequence[SystemSpec], items
+    ) -> tuple[dict, dict, dict]:
+        """Generate (cached), judge (cached) and summarise ``items`` for ``specs``: ``(summary, per_item, gates)``."""
 
 
 def oracle_wanted(specs: Sequence[SystemSpec]) -> bool:

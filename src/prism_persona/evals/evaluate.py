@@ -73,7 +73,9 @@ def evaluate(
     for benchmark, items in bench:
         to_run, shown = (run_specs, specs) if benchmark.answers_from_files else (gen_run, generated)
         evaluator = benchmark.evaluator(pairwise)
-        results[benchmark.name], per_item[benchmark.name] = evaluator.evaluate(runner, to_run, shown, items, gates)
+        results[benchmark.name], per_item[benchmark.name], found = evaluator.evaluate(runner, to_run, shown, items)
+        for system, by_set in found.items():
+            gates.setdefault(system, {}).update(by_set)
         extras.update(benchmark.extras(runner))
     if gates:
         per_item["gate"] = gates

@@ -371,7 +371,8 @@ class MMLUEvaluator(Evaluator):
 
         return runner.responses_for(spec, "mmlu", jobs, run_chunk)
 
-    def evaluate(self, runner, run_specs, specs, items, gates):
+    def evaluate(self, runner, run_specs, specs, items):
+        gates: dict = {}
         per: dict = {}
         routing: dict = {}
         methods: dict = {}
@@ -386,7 +387,7 @@ class MMLUEvaluator(Evaluator):
         if oracle_wanted(specs):
             per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}
         out = {spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing) for spec in specs}
-        return out, {s.name: per[s.name] for s in specs}
+        return out, {s.name: per[s.name] for s in specs}, gates
 
     @staticmethod
     def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict) -> dict:

@@ -283,7 +283,8 @@ class MTBenchEvaluator(Evaluator):
 
     # ---------------------------------------------------------------------------------------- summary
 
-    def evaluate(self, runner, run_specs, specs, items, gates):
+    def evaluate(self, runner, run_specs, specs, items):
+        gates: dict = {}
         resp = {spec.name: self.responses(runner, spec, items) for spec in run_specs}
         for spec in run_specs:
             keep_gates(gates, spec, "mtbench", {it.item_id: resp[spec.name][it.item_id].get("meta") for it in items})
@@ -337,7 +338,7 @@ class MTBenchEvaluator(Evaluator):
                 "often ignore the [[rating]] format: try --judge-mode logprob or a stronger --judge)",
                 ", ".join(f"{k}: {v['unparseable']}/{v['n_grades']}" for k, v in out.items() if v["unparseable"]),
             )
-        return out, per
+        return out, per, gates
 
 
 # --------------------------------------------------------------------------------------------------

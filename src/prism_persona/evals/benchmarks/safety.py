@@ -167,7 +167,8 @@ class SafetyEvaluator(Evaluator):
         done = runner.judged("refusal", jobs, judge_chunk)
         return {iid: done[k] for iid, k in keys.items()}
 
-    def evaluate(self, runner, run_specs, specs, sets, gates):
+    def evaluate(self, runner, run_specs, specs, sets):
+        gates: dict = {}
         out: dict = {s.name: {} for s in specs}
         per: dict = {s.name: {} for s in specs}
         for bench_name, items in sets.items():
@@ -202,7 +203,7 @@ class SafetyEvaluator(Evaluator):
                         entry["routing_by_category"] = cats
                 out[spec.name][bench_name] = entry
                 per[spec.name].update(v)
-        return out, per
+        return out, per, gates
 
 
 # --------------------------------------------------------------------------------------------------
