@@ -30,8 +30,8 @@ def prism_optional(p) -> None:
 
 def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None:
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
-    one (type, choices, help and default from config.py; :func:`options.add_flags`), plus the flags that
-    are not one setting. ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
+    one (type, choices, help and default from config.py), plus the flags that are not one setting.
+    ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
     from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig
     from ..how_to_run import RUN_SET_ONLY
     from ..options import add_flags
