@@ -213,7 +213,7 @@ def test_an_add_count_a_toy_extension_proves_is_the_one_stated(kind):
     assert kind in entries, f"ARCHITECTURE's 'Where to add things' has no entry for {kind}"
     toy = ROOT / "tests" / "extension" / f"test_toy_{kind}.py"
     if not toy.is_file():
-        pytest.skip(f"no toy-extension test proves the count of adding a {kind} yet")
+        pytest.skip(f"no toy-extension test proves the count for '{kind}' yet")
     entry = " ".join(entries[kind].split())
     assert re.search(r"\b(one|1) (new )?module\b", entry) and re.search(r"\b(one|1) (registration )?line\b", entry), (
         f"tests/extension/{toy.name} proves one module + one line; the {kind} entry states otherwise: {entry[:200]}"
