@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from prism_persona.evals.base import Evaluator
+from prism_persona.evals.base import AnsweredBenchmark, Evaluator
 from prism_persona.evals.benchmarks.mmlu import MMLUEvaluator, load_mmlu
 from prism_persona.evals.benchmarks.mtbench import MTBenchEvaluator, load_mtbench
 from prism_persona.evals.benchmarks.safety import SafetyEvaluator, load_safety
@@ -67,6 +68,13 @@ def runner_for(out: Path, engines: dict, judge_engine: ScriptedEngine) -> EvalRu
         PersonaBook({}),
         EvalConfig(answer_tokens=8, safety_tokens=8, resamples=50),
     )
+
+
+@dataclass(frozen=True)
+class SumItem:
+    item_id: str
+    a: int
+    b: int
 
 
 class EvaluatorContract:
@@ -157,7 +165,32 @@ class TestRefusalSet(TestSafety):
         return bench.load(EvalConfig(refusal_set=str(FIX / "refusal_set_small.jsonl")), bench.members, None)
 
 
+class Sums(AnsweredBenchmark):
+    """An unregistered one-question benchmark: right when the answer holds the sum."""
+
+    name = "sums"
+
+    def load(self, cfg, names, limit):
+        return [SumItem(f"sums/{a}", a, 1) for a in range(4)]
+
+    def prompt(self, item):
+        return f"What is {item.a} + {item.b}?" if item.a % 2 else "What is the sum of one and one?"
+
+    def grade(self, item, answer):
+        return float(str(item.a + item.b) in answer)
+
+
+class TestGradedAnswers(EvaluatorContract):
+    """The evaluator every :class:`AnsweredBenchmark` gets (its own prompt and grading)."""
+
+    def make(self):
+        return Sums().evaluator(pairwise=False)
+
+    def items(self):
+        return Sums().load(EvalConfig(), ["sums"], None)
+
+
 def test_every_evaluator_has_a_contract_class():
     tested = {type(cls().make()) for cls in EvaluatorContract.__subclasses__()}
     shipped = {c for c in Evaluator.__subclasses__() if c.__module__.startswith("prism_persona.")}
-    assert shipped <= tested and len(tested) == 3  # (a test may register its own toy benchmark)
+    assert shipped <= tested and len(tested) == 4  # (a test may register its own toy benchmark)

@@ -1,9 +1,14 @@
-"""The benchmark contract: one benchmark = one module in ``evals/benchmarks/`` with a :class:`Benchmark`
-(what PRISM knows about it: its names, how to load its items, its per-item categories, its report rows)
-registered with ``@register``, and an :class:`Evaluator` (one method) that runs it.
+"""The benchmark contract: one benchmark = one module with a :class:`Benchmark` (everything PRISM knows
+about it: its names, its hub datasets, how to load its items, its per-item categories and the personas
+that match them, the settings it alone reads, its report rows) registered with ``@register``, and an
+:class:`Evaluator` (one method) that runs and grades it.
 
 Add a benchmark by writing ``evals/benchmarks/<name>.py`` and importing it in
-``evals/benchmarks/__init__.py`` (the one registration line). ``Evaluator.evaluate`` receives the runner (engines, judge, cache: ``runner.responses_for``
+``evals/benchmarks/__init__.py`` (the one registration line), or, from another package, by writing its
+module there and naming it in that package's ``prism_persona.benchmarks`` entry point (the one line;
+:func:`prism_persona.evals.benchmarks.load_plugins`). Nothing else names a benchmark: the hub table,
+the persona matching, ``--benchmarks``, ``--data NAME=PATH``, the report and Table 1 look it up here.
+``Evaluator.evaluate`` receives the runner (engines, judge, cache: ``runner.responses_for``
 for cached generation, ``runner.judged`` for cached judging), the systems to run (base always, lora when
 oracle is shown), the systems to report and the items. It returns ``(summary, per_item, gates)``: the
 section of ``results.json`` (``{system: {...}}``), ``{system: {item_id: value}}``, and each gated
@@ -16,9 +21,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
-from .runner import EvalRunner
+from .format import fmt_ci, md_table, present
+from .runner import EvalRunner, Job
+from .sources import HubDataset
 from .systems import SystemSpec
 
 
@@ -59,6 +66,15 @@ def route_meta(engine, chats) -> list[dict]:
     return [{"gate_prob": float(p), "routed": bool(r)} for p, r in fn(chats)]
 
 
+class CategoryPersona(NamedTuple):
+    """The persona of one item category: the persona domains that match it (best first; a domain matches
+    when its name equals a candidate or contains it, case ignored), and the field of the built-in
+    expert persona used when no domain does."""
+
+    field: str
+    domains: tuple
+
+
 class Benchmark(abc.ABC):
     """Everything PRISM knows about one benchmark; ``name`` is its key in ``results.json`` and ``per_item.json``.
 
@@ -77,6 +93,16 @@ class Benchmark(abc.ABC):
     """Whether it is the x axis (accuracy) of the gate-threshold trade-off, against every other one."""
     default = True
     """Whether it runs when ``--benchmarks`` is not given (a benchmark without a hub dataset: no)."""
+    hub: dict[str, HubDataset] = {}
+    """``{source: HubDataset}``: where each of its members' rows come from when no local copy is given
+    (a source is a member, or the benchmark's name when one dataset holds all its members)."""
+    personas: dict[str, CategoryPersona] = {}
+    """``{category: CategoryPersona}`` for the categories its items are matched to a persona by (what
+    :meth:`categories` and the evaluator pass to ``runner.chat_for``); a category no benchmark lists
+    matches the domain of its own name and gets a generic expert persona in its own name."""
+    options: tuple = ()
+    """The :class:`~prism_persona.evals.settings.EvalConfig` fields only this benchmark reads (its data
+    path, filters, limits, token budgets); a test holds every other module off them."""
 
     @property
     def members(self) -> tuple:
@@ -140,6 +166,102 @@ class Benchmark(abc.ABC):
         return []
 
 
+class AnsweredBenchmark(Benchmark):
+    """A benchmark that asks one question per item and grades each answer itself: a subclass writes
+    ``name``, :meth:`load`, :meth:`prompt` and :meth:`grade` (and, to choose matched personas, items with
+    a ``category`` and ``personas`` for those categories); its evaluator (:class:`GradedAnswers`), its
+    categories, its report section and its routing rows come with this class."""
+
+    title: str = ""
+    """Its heading in ``report.md`` (default: its name)."""
+    max_tokens = 64
+    """New tokens of one (greedy) answer."""
+
+    @abc.abstractmethod
+    def prompt(self, item) -> str:
+        """The user message that asks ``item``."""
+
+    @abc.abstractmethod
+    def grade(self, item, answer: str) -> float:
+        """The value of one answer (1.0 / 0.0 for right / wrong; any number for a score)."""
+
+    def category(self, member: str, item) -> str:
+        """The category an item is reported and matched to a persona by (its ``category``, else its member)."""
+        return getattr(item, "category", "") or member
+
+    def categories(self, items):
+        return {m: {it.item_id: self.category(m, it) for it in group} for m, group in self.groups(items).items()}
+
+    def evaluator(self, pairwise: bool) -> Evaluator:
+        return GradedAnswers(self)
+
+    def markdown(self, results, figures):
+        section = results[self.name]
+        systems = present(section, results["systems"])
+        members = [m for m in self.members if any(m in section[s] for s in systems)]
+        rows = [[s] + [fmt_ci(section[s].get(m, {}).get("value"), pct=self.percent) for m in members] for s in systems]
+        return [f"## {self.title or self.name}", "", md_table(["system"] + [self.label(m) for m in members], rows), ""]
+
+    def figures(self, results, out):
+        return {}
+
+    def routing_rows(self, section):
+        return [(self.label(m), v["routing"]) for m, v in section.items() if v.get("routing")]
+
+
+class GradedAnswers(Evaluator):
+    """The evaluator of an :class:`AnsweredBenchmark`: each system's greedy answer to every item (cached,
+    with its matched persona), graded by the benchmark; ``{system: {member: {"value": CI[, "routing": CI]}}}``
+    and per item the grade. The oracle takes per item the better of base and lora."""
+
+    def __init__(self, bench: AnsweredBenchmark):
+        self.bench = bench
+        self.name = bench.name
+
+    def evaluate(self, runner, run_specs, specs, items):
+        bench = self.bench
+        gates: dict = {}
+        groups = bench.groups(items)
+        cats = bench.categories(items)
+        out: dict = {s.name: {} for s in specs}
+        per: dict = {s.name: {} for s in specs}
+        for member, group in groups.items():
+            vals: dict = {}
+            routed: dict = {}
+            for spec in run_specs:
+                recs = self._answers(runner, spec, member, group, cats[member])
+                vals[spec.name] = {it.item_id: float(bench.grade(it, recs[it.item_id]["response"])) for it in group}
+                metas = {it.item_id: recs[it.item_id].get("meta") for it in group}
+                routed[spec.name] = runner.routing([(member, [m]) for m in metas.values()]).get(member)
+                keep_gates(gates, spec, member, metas)
+            if oracle_wanted(specs):
+                best = max if bench.higher_is_better(member) else min
+                vals["oracle"] = {i: best(vals["base"][i], vals["lora"][i]) for i in vals["base"]}
+            for spec in specs:
+                entry = {"value": runner.ci(list(vals[spec.name].values()))}
+                if spec.kind == "prism" and routed.get(spec.name):
+                    entry["routing"] = routed[spec.name]
+                out[spec.name][member] = entry
+                per[spec.name].update(vals[spec.name])
+        return out, per, gates
+
+    def _answers(self, runner, spec, member: str, group, cats: dict) -> dict[str, dict]:
+        bench = self.bench
+        jobs = []
+        for it in group:
+            message = [{"role": "user", "content": bench.prompt(it)}]
+            chat, persona, domain = runner.chat_for(spec, cats[it.item_id], it.item_id, message)
+            key = runner.key(spec, bench.name, it.item_id, persona, {"tokens": bench.max_tokens})
+            jobs.append(Job(it.item_id, key, chat, domain))
+
+        def run_chunk(engine, chunk):
+            outs = engine.generate([j.payload for j in chunk], runner.gen(bench.max_tokens))
+            runner.count.generated += len(chunk)
+            return [{"response": o.text, "meta": runner.meta(o)} for o in outs]
+
+        return runner.responses_for(spec, member, jobs, run_chunk)
+
+
 REGISTRY: dict[str, Benchmark] = {}
 """Every benchmark by name, in registration order (the order of reports and ``--benchmarks``)."""
 
@@ -155,3 +277,13 @@ def register(cls: type[Benchmark]) -> type[Benchmark]:
 def owner(member: str) -> Benchmark:
     """The registered benchmark a member name (``mmlu``, ``pku``) belongs to."""
     return next(b for b in REGISTRY.values() if member in b.members)
+
+
+def hub_dataset(source: str) -> Optional[HubDataset]:
+    """The hub dataset a registered benchmark declares for ``source`` (a member or a benchmark name)."""
+    return next((b.hub[source] for b in REGISTRY.values() if source in b.hub), None)
+
+
+def category_persona(category: str) -> Optional[CategoryPersona]:
+    """The persona a registered benchmark declares for one of its categories (the first one to list it)."""
+    return next((b.personas[category] for b in REGISTRY.values() if category in b.personas), None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 from ..config import PERSONA_LENGTHS
 from ..errors import PrismError
 from ..judges import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader, make_refusal_classifier
-from .benchmarks import REGISTRY
+from .benchmarks import REGISTRY, load_plugins
 from .evaluate import Benchmarks
 from .runner import EvalRunner
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
@@ -29,7 +29,8 @@ def all_benchmarks() -> tuple[str, ...]:
 def parse_benchmarks(text: Optional[str]) -> list[str]:
     """``"mmlu,mtbench,safety"`` -> names; a family's name (``safety``) means all its sets (the harmful
     sets and the benign, over-refusal, one). Default: every benchmark (each from its hub dataset unless a
-    flag gives a path)."""
+    flag gives a path). Benchmarks of other packages (entry points) are registered first."""
+    load_plugins()
     if not text:
         return [m for b in REGISTRY.values() if b.default for m in b.members]
     families = {b.name: b.members for b in REGISTRY.values() if b.sets}
@@ -252,9 +253,7 @@ def eval_config(args, skip: tuple = ()):
 
 def data_paths_from_flags(items) -> dict:
     """``{benchmark or set: path}`` from ``--data NAME=PATH`` values (one-line errors: unknown name, no ``=``)."""
-    from ..errors import PrismError
-    from .benchmarks import REGISTRY
-
+    load_plugins()
     known = {m for bench in REGISTRY.values() for m in bench.members}
     paths = {}
     for item in items:

@@ -1,7 +1,7 @@
 """What every benchmark loader shares: the round-robin limit over categories.
 
 The loaders themselves live with their benchmark (``evals/benchmarks/``). By default each reads the
-benchmark's Hugging Face hub dataset (:data:`.sources.HUB`); a path (file or folder) replaces it. Every
+benchmark's Hugging Face hub dataset (its class's ``hub``); a path (file or folder) replaces it. Every
 loader returns plain dataclass items and raises :class:`~prism_persona.errors.PrismError` naming the
 file and line (or item) for a missing, empty or malformed input. Files are read with the proper
 parsers (:mod:`.sources`).

@@ -1,9 +1,10 @@
 """Where benchmark rows come from: the Hugging Face hub by default, a local file or folder as override.
 
-Every benchmark has one hub dataset (:data:`HUB`), read with the ``datasets`` library
-(``load_dataset(repo, config, split=...)``, cached by ``datasets`` in its usual cache), and one flag
-that points at a local copy instead. When the hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``
-without a cached copy, ``datasets`` not installed) loading stops with one line that names the flag.
+A benchmark declares its hub datasets in its class (``Benchmark.hub``: ``{member: HubDataset}``), read
+with the ``datasets`` library (``load_dataset(repo, config, split=...)``, cached by ``datasets`` in its
+usual cache), and a flag that points at a local copy instead (its own, or ``--data NAME=PATH``). When
+the hub cannot be reached (no network, ``HF_HUB_OFFLINE=1`` without a cached copy, ``datasets`` not
+installed) loading stops with one line that names the flag.
 
 Local files are read with the proper parsers, never by splitting text into lines with
 ``str.splitlines()`` (which also breaks at U+0085, U+2028 and friends inside a field):
@@ -38,48 +39,45 @@ Row = tuple  # (where: str, record: dict | str)
 
 @dataclass(frozen=True)
 class HubDataset:
-    """One dataset on the Hugging Face hub and the flag that replaces it with a local copy."""
+    """One dataset on the Hugging Face hub (a benchmark declares its own in ``Benchmark.hub``) and the flag
+    that replaces it with a local copy (empty: ``--data NAME=PATH``, which every benchmark has)."""
 
     repo: str
     config: Optional[str]
     split: str
-    flag: str
+    flag: str = ""
 
     @property
     def label(self) -> str:
         cfg = f"{self.config}, " if self.config else ""
         return f"{self.repo} ({cfg}split {self.split})"
 
-
-HUB: dict[str, HubDataset] = {
-    "mmlu": HubDataset("cais/mmlu", "all", "test", "--mmlu"),
-    # FastChat's question.jsonl (question_id 81-160, category, turns, reference) as a hub dataset
-    "mtbench": HubDataset("lighteval/mt-bench", None, "train", "--mtbench"),
-    "jailbreak": HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "--jailbreak"),
-    "benign": HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "--benign"),
-    "harmbench": HubDataset("walledai/HarmBench", "standard", "train", "--harmbench"),
-    "pku": HubDataset("PKU-Alignment/PKU-SafeRLHF", "default", "test", "--pku"),
-    "xstest": HubDataset("walledai/XSTest", None, "test", "--xstest"),
-}
-"""benchmark -> hub dataset read when no local override is given."""
+    def override(self, source: str) -> str:
+        """How the user passes a local copy instead (``--pku PATH``, ``--data toy=PATH``)."""
+        return f"{self.flag} PATH" if self.flag else f"--data {source}=PATH"
 
 
-def hub_rows(benchmark: str) -> list[Row]:
-    """``[(where, record), ...]`` of the benchmark's hub dataset; one-line error naming the override."""
-    ds = HUB[benchmark]
+def hub_rows(source: str) -> list[Row]:
+    """``[(where, record), ...]`` of the hub dataset a registered benchmark declares for ``source`` (a
+    member, or a benchmark's name: ``Benchmark.hub``); one-line error naming the override."""
+    from .benchmarks import hub_dataset  # the registered benchmarks (imported on use: they import this module)
+
+    ds = hub_dataset(source)
+    if ds is None:
+        raise PrismError(f"{source} has no Hugging Face dataset: pass a local copy with --data {source}=PATH")
     try:
         import datasets
     except ImportError:
         raise PrismError(
-            f"{benchmark}: reading {ds.repo} from the hub needs the 'datasets' package "
-            f"(pip install 'prism-persona[data]'), or pass a local copy with {ds.flag} PATH"
+            f"{source}: reading {ds.repo} from the hub needs the 'datasets' package "
+            f"(pip install 'prism-persona[data]'), or pass a local copy with {ds.override(source)}"
         ) from None
     try:
         data = datasets.load_dataset(ds.repo, ds.config, split=ds.split)
     except Exception as exc:  # offline, unknown repo, gated dataset, ...: the message says what to do
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PrismError(
-            f"cannot load {ds.label} from the Hugging Face hub ({reason}); pass a local copy with {ds.flag} PATH"
+            f"cannot load {ds.label} from the Hugging Face hub ({reason}); pass a local copy with {ds.override(source)}"
         ) from None
     return [(f"{ds.repo} row {i + 1}", dict(r)) for i, r in enumerate(data)]
 
@@ -200,9 +198,9 @@ def folder_records(folder: Path, what: str) -> list[Row]:
     return out
 
 
-def rows_from(benchmark: str, path: str | Path | None, what: str) -> list[Row]:
-    """The override file/folder when given, else the hub dataset."""
+def rows_from(source: str, path: str | Path | None, what: str) -> list[Row]:
+    """The override file/folder when given, else the hub dataset of ``source`` (:func:`hub_rows`)."""
     if path is None or str(path) == "":
-        return hub_rows(benchmark)
+        return hub_rows(source)
     p = need_path(path, what)
     return folder_records(p, what) if p.is_dir() else read_records(p, what)

@@ -3,7 +3,8 @@
 A system is written as ``KIND[@DOMAIN][/LENGTH][/PLACEMENT]``:
 
 * ``base``: the model as is.
-* ``persona``: the *matched* expert persona of each item's category (see :data:`DEFAULT_MATCH`);
+* ``persona``: the *matched* expert persona of each item's category (see :func:`match_domains`: each
+  benchmark declares its categories' personas);
   ``persona@coding``: the coding persona on every item; ``persona/min/user``: the min-length persona
   prepended to the user message.
 * ``random``: a persona from an unrelated domain (seeded per item), same length/placement options.
@@ -36,56 +37,24 @@ log = logging.getLogger(__name__)
 
 KINDS = ("base", "persona", "random", "lora", "prism", "oracle")
 
-# benchmark category -> preferred persona domain names, best first (case-insensitive; a domain matches
-# when its name equals a candidate or contains it).
-DEFAULT_MATCH: dict[str, list[str]] = {
-    # MT-Bench categories
-    "writing": ["writing", "creative writing", "writer"],
-    "roleplay": ["roleplay", "role-play", "acting", "creative writing", "writing"],
-    "reasoning": ["reasoning", "logic", "math", "mathematics"],
-    "math": ["math", "mathematics", "reasoning"],
-    "coding": ["coding", "programming", "code", "software"],
-    "extraction": ["extraction", "data", "analysis", "writing"],
-    "stem": ["stem", "science", "physics", "chemistry", "biology", "math"],
-    "humanities": ["humanities", "history", "philosophy", "social science", "writing"],
-    # MMLU groups
-    "STEM": ["stem", "science", "math", "mathematics", "physics"],
-    "Humanities": ["humanities", "history", "philosophy", "law"],
-    "Social Sciences": ["social science", "social sciences", "economics", "psychology", "humanities"],
-    "Other": ["medicine", "health", "business", "general knowledge"],
-    # safety sets
-    "harmbench": ["safety", "ethics", "security"],
-    "jailbreak": ["safety", "ethics", "security"],
-    "pku": ["safety", "ethics"],
-    "benign": ["general knowledge", "writing", "helpfulness"],
-    # labelled refusal sets: the safety persona on both intents (its over-refusal is what they measure)
-    **dict.fromkeys(
-        ("xstest_harmful", "xstest_benign", "refusal_set_harmful", "refusal_set_benign"),
-        ["safety", "ethics", "security"],
-    ),
-}
 
-FIELDS: dict[str, str] = {
-    "writing": "creative and professional writing",
-    "roleplay": "acting and character role-play",
-    "reasoning": "logic and analytical reasoning",
-    "math": "mathematics",
-    "coding": "software engineering and programming",
-    "extraction": "information extraction and data analysis",
-    "stem": "science and engineering",
-    "humanities": "the humanities and social sciences",
-    "STEM": "science, technology, engineering and mathematics",
-    "Humanities": "history, philosophy and law",
-    "Social Sciences": "the social sciences",
-    "Other": "medicine, business and general knowledge",
-    "harmbench": "AI safety and ethics",
-    "jailbreak": "AI safety and ethics",
-    "pku": "AI safety and ethics",
-    "benign": "general knowledge and everyday assistance",
-    **dict.fromkeys(
-        ("xstest_harmful", "xstest_benign", "refusal_set_harmful", "refusal_set_benign"), "AI safety and ethics"
-    ),
-}
+def match_domains(category: str) -> tuple:
+    """Preferred persona domain names of a benchmark category, best first (case-insensitive; a domain
+    matches when its name equals a candidate or contains it): what the registered benchmark that lists
+    the category declares (``Benchmark.personas``), else the category's own name."""
+    from .benchmarks import category_persona  # the registered benchmarks (imported on use: they import this)
+
+    known = category_persona(category)
+    return known.domains if known else (category.lower(),)
+
+
+def persona_field(category: str) -> str:
+    """The field of the built-in expert persona of a category no persona domain matches."""
+    from .benchmarks import category_persona
+
+    known = category_persona(category)
+    return known.field if known else category
+
 
 RANDOM_FIELDS = (
     "marine biology",
@@ -267,10 +236,11 @@ class PersonaBook:
                 )
             return want if want in self.personas else None
         lower = {d.lower(): d for d in doms}
-        for cand in DEFAULT_MATCH.get(category, [category.lower()]):
+        candidates = match_domains(category)
+        for cand in candidates:
             if cand.lower() in lower:
                 return lower[cand.lower()]
-        for cand in DEFAULT_MATCH.get(category, [category.lower()]):
+        for cand in candidates:
             for d in doms:
                 if cand.lower() in d.lower() or d.lower() in cand.lower():
                     return d
@@ -279,12 +249,11 @@ class PersonaBook:
     def text(self, domain: Optional[str], length: str, category: str) -> tuple[str, str]:
         """(persona text, domain label); generic built-in text when ``domain`` is None."""
         if domain is None:
-            field = FIELDS.get(category, category)
-            return generic_persona(field, length), f"generic:{category}"
+            return generic_persona(persona_field(category), length), f"generic:{category}"
         if domain not in self.personas:
             if domain.startswith("generic:"):
                 cat = domain.split(":", 1)[1]
-                return generic_persona(FIELDS.get(cat, cat), length), domain
+                return generic_persona(persona_field(cat), length), domain
             raise PrismError(f"no persona for domain '{domain}' (have: {', '.join(self.personas) or 'none'})")
         variants = self.personas[domain]
         text = variants.get(length) or variants.get("short") or next(iter(variants.values()))

@@ -26,7 +26,7 @@ from typing import Optional
 
 from ...errors import PrismError
 from .. import sources as S
-from ..base import Benchmark, Evaluator, keep_gates, oracle_wanted, register, route_meta
+from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register, route_meta
 from ..data import take_stratified
 from ..format import fig_md, fmt_ci, grouped_bars, md_table, present, routing_table
 from ..runner import Job
@@ -302,7 +302,7 @@ def load_mmlu(
     """
     if path is None:
         items = [_mmlu_row(row, where) for where, row in S.hub_rows("mmlu")]
-        origin = S.HUB["mmlu"].repo
+        origin = MMLU.hub["mmlu"].repo
     else:
         p = S.need_path(path, "MMLU")
         items = _mmlu_folder(p) if p.is_dir() else _mmlu_file(p)
@@ -418,6 +418,20 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 class MMLU(Benchmark):
     name = "mmlu"
     accuracy_axis = True
+    hub = {"mmlu": S.HubDataset("cais/mmlu", "all", "test", "--mmlu")}
+    options = ("mmlu", "subjects", "mmlu_limit")
+    personas = {  # the four subject groups (an item's category)
+        "STEM": CategoryPersona(
+            "science, technology, engineering and mathematics", ("stem", "science", "math", "mathematics", "physics")
+        ),
+        "Humanities": CategoryPersona("history, philosophy and law", ("humanities", "history", "philosophy", "law")),
+        "Social Sciences": CategoryPersona(
+            "the social sciences", ("social science", "social sciences", "economics", "psychology", "humanities")
+        ),
+        "Other": CategoryPersona(
+            "medicine, business and general knowledge", ("medicine", "health", "business", "general knowledge")
+        ),
+    }
 
     def load(self, cfg, names, limit):
         if "mmlu" not in names:

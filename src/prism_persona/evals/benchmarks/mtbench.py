@@ -17,7 +17,7 @@ from ...errors import PrismError
 from ...models import with_persona
 from ...store import content_key
 from .. import sources as S
-from ..base import Benchmark, Evaluator, keep_gates, oracle_wanted, register
+from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register
 from ..data import take_stratified
 from ..format import fig_md, fmt_ci, grouped_bars, md_table, present, routing_table
 from ..runner import Job
@@ -350,6 +350,29 @@ class MTBench(Benchmark):
     name = "mtbench"
     answers_from_files = True
     percent = False
+    # FastChat's question.jsonl (question_id 81-160, category, turns, reference) as a hub dataset
+    hub = {"mtbench": S.HubDataset("lighteval/mt-bench", None, "train", "--mtbench")}
+    options = ("mtbench", "categories", "mtbench_limit", "answer_tokens")
+    personas = {  # its eight question categories
+        "writing": CategoryPersona("creative and professional writing", ("writing", "creative writing", "writer")),
+        "roleplay": CategoryPersona(
+            "acting and character role-play", ("roleplay", "role-play", "acting", "creative writing", "writing")
+        ),
+        "reasoning": CategoryPersona("logic and analytical reasoning", ("reasoning", "logic", "math", "mathematics")),
+        "math": CategoryPersona("mathematics", ("math", "mathematics", "reasoning")),
+        "coding": CategoryPersona(
+            "software engineering and programming", ("coding", "programming", "code", "software")
+        ),
+        "extraction": CategoryPersona(
+            "information extraction and data analysis", ("extraction", "data", "analysis", "writing")
+        ),
+        "stem": CategoryPersona(
+            "science and engineering", ("stem", "science", "physics", "chemistry", "biology", "math")
+        ),
+        "humanities": CategoryPersona(
+            "the humanities and social sciences", ("humanities", "history", "philosophy", "social science", "writing")
+        ),
+    }
 
     def load(self, cfg, names, limit):
         if "mtbench" not in names:

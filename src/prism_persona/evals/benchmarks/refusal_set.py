@@ -16,13 +16,11 @@ subclasses :class:`LabelledRefusalSet` (``xstest.py``).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ...errors import PrismError
 from .. import sources as S
 from ..base import register
 from ..data import take_stratified
-from .safety import Safety, SafetyEvaluator, SafetyItem, _first
+from .safety import SAFETY_PERSONA, Safety, SafetyEvaluator, SafetyItem, _first
 
 HARMFUL = "harmful"
 BENIGN = "benign"
@@ -38,15 +36,24 @@ class LabelledRefusalSet(Safety):
 
     A subclass sets ``name``, ``title``, ``sets``/``benign_sets`` (the two member names), ``flag`` (the
     :class:`~prism_persona.evals.settings.EvalConfig` field holding the local path) and, when the data is
-    on the hub, ``hub`` (a key of :data:`~prism_persona.evals.sources.HUB`).
+    on the hub, ``hub`` (``{name: HubDataset}``: one dataset holds both members).
     """
 
     flag: str = ""
-    hub: Optional[str] = None
+    hub: dict = {}
     category_fields: tuple = CATEGORY_FIELDS
     persona_by_category = True
     """The matched persona is the one of the item's category (its domain) when a persona domain has
-    that name, else the safety persona (``evals.systems.DEFAULT_MATCH`` of its member)."""
+    that name, else the safety persona (its member's, :attr:`personas`)."""
+
+    @property
+    def options(self) -> tuple:  # type: ignore[override]
+        return (self.flag, "safety_limit", "safety_tokens")
+
+    @property
+    def personas(self) -> dict:  # type: ignore[override]
+        """Both members: the safety persona (its over-refusal on benign requests is what a set measures)."""
+        return dict.fromkeys(self.members, SAFETY_PERSONA)
 
     def evaluator(self, pairwise: bool):
         return SafetyEvaluator(self.benign_sets, self.persona_by_category)
@@ -55,9 +62,9 @@ class LabelledRefusalSet(Safety):
         if not any(m in names for m in self.members):
             return {}
         path = getattr(cfg, self.flag) or None
-        if path is None and self.hub is None:
+        if path is None and self.name not in self.hub:
             raise PrismError(f"{self.name} is a local file: pass it with --{self.flag.replace('_', '-')} PATH")
-        items = self.items(S.rows_from(self.hub or self.name, path, self.name))
+        items = self.items(S.rows_from(self.name, path, self.name))
         lim = cfg.safety_limit or limit
         return {m: take_stratified(items[m], lambda it: it.category, lim) for m in self.members if m in names}
 

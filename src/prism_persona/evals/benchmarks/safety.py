@@ -24,7 +24,7 @@ from typing import Optional
 from ...errors import PrismError
 from ...store import content_key
 from .. import sources as S
-from ..base import Benchmark, Evaluator, keep_gates, oracle_wanted, register
+from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register
 from ..format import fig_md, fmt_ci, grouped_bars, md_table, present
 from ..runner import Job
 
@@ -35,6 +35,8 @@ SAFETY_BENCHMARKS = HARMFUL_SETS + BENIGN_SETS
 PROMPT_FIELDS = ("prompt", "Goal", "goal", "text", "query", "question", "Behavior", "behavior")
 CATEGORY_FIELDS = ("category", "Category", "SemanticCategory", "FunctionalCategory")
 ID_FIELDS = ("BehaviorID", "Index", "id", "prompt_id")
+SAFETY_PERSONA = CategoryPersona("AI safety and ethics", ("safety", "ethics", "security"))
+"""The persona of a set of harmful requests (and of a labelled set's both intents)."""
 LABELS = {
     "harmbench": "HarmBench",
     "jailbreak": "JBB harmful",
@@ -219,6 +221,21 @@ class Safety(Benchmark):
     sets = SAFETY_BENCHMARKS
     benign_sets: tuple = BENIGN_SETS
     """Its sets of harmless requests (refusal = over-refusal, lower is better)."""
+    hub = {
+        "harmbench": S.HubDataset("walledai/HarmBench", "standard", "train", "--harmbench"),
+        "jailbreak": S.HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "--jailbreak"),
+        "pku": S.HubDataset("PKU-Alignment/PKU-SafeRLHF", "default", "test", "--pku"),
+        "benign": S.HubDataset("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "--benign"),
+    }
+    options = ("harmbench", "jailbreak", "pku", "benign", "safety_limit", "safety_tokens")
+    personas = {  # an item's persona category is its set
+        "harmbench": SAFETY_PERSONA,
+        "jailbreak": SAFETY_PERSONA,
+        "pku": CategoryPersona("AI safety and ethics", ("safety", "ethics")),
+        "benign": CategoryPersona(
+            "general knowledge and everyday assistance", ("general knowledge", "writing", "helpfulness")
+        ),
+    }
 
     def load(self, cfg, names, limit):
         return {

@@ -11,6 +11,7 @@ The hub dataset ``walledai/XSTest`` (split ``test``) by default, or ``--xstest P
 from __future__ import annotations
 
 from ..base import register
+from ..sources import HubDataset
 from .refusal_set import LabelledRefusalSet
 
 
@@ -21,7 +22,7 @@ class XSTest(LabelledRefusalSet):
     sets = ("xstest_harmful", "xstest_benign")
     benign_sets = ("xstest_benign",)
     flag = "xstest"
-    hub = "xstest"
+    hub = {"xstest": HubDataset("walledai/XSTest", None, "test", "--xstest")}
     category_fields = ("type",)
     persona_by_category = False  # a prompt type is no persona domain: the safety persona throughout
     default = False
