@@ -30,6 +30,8 @@ __all__ = [
     "engine_names",
     "engine_spec",
     "make_engine",
+    "register_module",
+    "unregister",
 ]
 
 ENGINE_MODULES = ("hf", "vllm", "openai")
@@ -121,6 +123,27 @@ def _load() -> dict[str, EngineSpec]:
             _REGISTRY[spec.name] = spec
             _config.register_engine(spec.name, spec)
     return _REGISTRY
+
+
+def register_module(module: str) -> EngineSpec:
+    """Add the engine that the importable module ``module`` declares as ``ENGINE``: the one line an engine
+    outside this package needs (inside it: its name in :data:`ENGINE_MODULES`). Its options join the
+    ``[engine]`` block and ``--engine`` takes its name from then on in this process."""
+    specs = _load()
+    spec = getattr(importlib.import_module(module), "ENGINE", None)
+    if not isinstance(spec, EngineSpec):
+        raise PrismError(f"engine module {module} declares no ENGINE = EngineSpec(...)")
+    if spec.name in specs and specs[spec.name] is not spec:
+        raise PrismError(f"engine '{spec.name}' (from {module}) is registered already")
+    _config.register_engine(spec.name, spec)
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove the engine ``name`` and its options (tests that add a toy engine)."""
+    _REGISTRY.pop(name, None)
+    _config.unregister_engine(name)
 
 
 def engine_names() -> list[str]:
