@@ -178,7 +178,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         """The rules across engine settings, for every command that generates and every config file
-        (one-line errors naming the flags); the engine's own rules are its spec's ``validate`` hook."""
+        (one-line errors naming the flags); each engine's own rules are its spec's (``EngineSpec.validate``)."""
         if self.base_url:
             check_base_url(self.base_url, "--base-url")
         for name, spec in _ENGINE_SPECS.items():  # each engine's options are checked even when unused
@@ -186,7 +186,7 @@ class EngineConfig:
 
     def check_flags(self) -> None:
         """Flags typed for another engine are mistakes (a config file may carry every engine's settings):
-        ``--base-url`` needs a server engine; the engine's own flag rules are its spec's ``check_flags``."""
+        ``--base-url`` needs a server engine; each engine's own flag rules are its spec's (``EngineSpec.check_flags``)."""
         spec = _ENGINE_SPECS.get(self.engine)
         if spec is None:
             return
@@ -243,11 +243,10 @@ def _remake_engine_config() -> None:
     del cls.__dataclass_fields__, cls.__dataclass_params__
     cls.__annotations__ = hints
     for name, f in fields.items():
-        kw: dict = {"metadata": f.metadata}
-        kw.update(default=f.default) if f.default is not dataclasses.MISSING else kw.update(
-            default_factory=f.default_factory
-        )
-        setattr(cls, name, field(**kw))
+        if f.default is not dataclasses.MISSING:
+            setattr(cls, name, field(default=f.default, metadata=f.metadata))
+        else:
+            setattr(cls, name, field(default_factory=f.default_factory, metadata=f.metadata))
     dataclass(cls)
     global HOW_TO_RUN, RUN_SET_ONLY
     HOW_TO_RUN = _HOW_TO_RUN + tuple(f"engine.{k}" for n in _ENGINE_OPTIONS for k in _ENGINE_SPECS[n].how_to_run)
