@@ -139,3 +139,25 @@ def test_one_module_adds_an_engine(echo_engine, capsys):
     assert [c.text for c in engine.generate([[{"role": "user", "content": "abc"}]], SamplingParams())] == ["cba"]
     assert main(["generate", "--help"]) == 0  # cli.main returns argparse's exit code (issue 20: usage errors)
     assert "{hf,vllm,openai,echo}" in capsys.readouterr().out
+
+
+def test_no_module_outside_an_engine_imports_it():
+    """Callers reach the server engines through the registry and their spec's hooks: no module outside
+    engines/ imports engines.vllm or engines.openai (hf is the in-process model GatedModel extends)."""
+    import ast
+    from pathlib import Path
+
+    import prism_persona
+
+    package = Path(prism_persona.__file__).resolve().parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "engines":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            targets = [f"{module}.{n}" for n in names] + ([module] if module else [])
+            if any(t.split(".")[-1] in ("vllm", "openai") and "engines" in t for t in targets):
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not found, found
