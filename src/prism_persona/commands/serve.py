@@ -57,7 +57,7 @@ def options_from_args(args):
 
 
 def run(args) -> int:
-    from ..engines import engine_spec
+    from ..engines import engine_names, engine_spec
     from ..errors import PrismError
 
     options = options_from_args(args)
@@ -65,9 +65,11 @@ def run(args) -> int:
     if spec.in_process:
         return _serve(options)
     if spec.adapter_server is None or options.engine.base_url:
+        here = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).in_process)
+        starts = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).adapter_server)
         raise PrismError(
-            "prism serve runs the artifact here (--engine hf) or starts a server for it (--engine vllm); to "
-            "route to a server you run, use --route-only --upstream URL --base-name NAME --lora-name NAME"
+            f"prism serve runs the artifact here ({here}) or starts a server for it ({starts}); to route "
+            "to a server you run, use --route-only --upstream URL --base-name NAME --lora-name NAME"
         )
     if options.route_only or options.upstream:
         raise PrismError(
