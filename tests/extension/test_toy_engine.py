@@ -9,9 +9,11 @@ and `prism generate` work with it, and nothing else in PRISM names it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,25 @@ def test_an_engine_module_without_a_spec_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(C.PrismError, match="engine module not_an_engine declares no ENGINE"):
         E.register_module("not_an_engine")
     sys.modules.pop("not_an_engine", None)
+
+
+def _contract_module():
+    """tests/contracts/test_engine_contract.py (its mixin; the tests folders are not packages)."""
+    path = Path(__file__).resolve().parents[1] / "contracts" / "test_engine_contract.py"
+    spec = importlib.util.spec_from_file_location("engine_contract_for_extension", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestToyEngineKeepsTheEngineContract(_contract_module().EngineContract):
+    """The toy engine, built by the registry from a run config, keeps every engine's contract."""
+
+    scripted = True  # its text is the prompt reversed: no generation to stop or bound
+
+    @pytest.fixture
+    def engine(self, toy_engine):
+        cfg = C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": {"engine": "toy", "toy_repeat": 2}})
+        engine = E.make_engine(cfg)
+        self.engine_class = type(engine)
+        return engine
