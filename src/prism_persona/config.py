@@ -248,10 +248,20 @@ def _remake_engine_config() -> None:
         else:
             setattr(cls, name, field(default_factory=f.default_factory, metadata=f.metadata))
     dataclass(cls)
-    global HOW_TO_RUN, RUN_SET_ONLY
-    HOW_TO_RUN = _HOW_TO_RUN + tuple(f"engine.{k}" for n in _ENGINE_OPTIONS for k in _ENGINE_SPECS[n].how_to_run)
-    shell = [f.name for o in _ENGINE_OPTIONS.values() for f in dataclasses.fields(o) if f.metadata.get("shell_words")]
-    RUN_SET_ONLY = tuple(shell)
+
+
+def engine_how_to_run() -> tuple[str, ...]:
+    """The registered engines' options that run code or reach the network (``EngineSpec.how_to_run``), as
+    ``engine.<field>`` keys: like :data:`HOW_TO_RUN`, taken only from a command line."""
+    return tuple(f"engine.{key}" for name in _ENGINE_OPTIONS for key in _ENGINE_SPECS[name].how_to_run)
+
+
+def run_set_only() -> tuple[str, ...]:
+    """Engine options with a flag of their own in other commands that `prism run` / `bootstrap` give only
+    as ``--set`` (a list setting, e.g. ``engine.vllm_args``, is a list in a run's config, not a shell string)."""
+    return tuple(
+        f.name for o in _ENGINE_OPTIONS.values() for f in dataclasses.fields(o) if f.metadata.get("shell_words")
+    )
 
 
 def server_engines_text() -> str:
@@ -1295,12 +1305,12 @@ def describe_flags(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
 # --------------------------------------------------------------------------------------------------
 # what a file may say: what was run, never how to run here
 
-_HOW_TO_RUN: tuple[str, ...] = ("model.trust_remote_code", "engine.engine", "engine.base_url", "engine.api_key_env")
-HOW_TO_RUN: tuple[str, ...] = _HOW_TO_RUN  # and each registered engine's ``how_to_run`` options
+HOW_TO_RUN = ("model.trust_remote_code", "engine.engine", "engine.base_url", "engine.api_key_env")
 LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", "gate.base_queries")
 """Settings that run code, reach the network or read files on this machine. A config file (a received
 ``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
-they are used only when this command line says them too (:func:`check_how_to_run`)."""
+they are used only when this command line says them too (:func:`check_how_to_run`); each engine's own
+such options join them (:func:`engine_how_to_run`)."""
 
 
 def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, run_dir: str = "") -> None:
@@ -1308,7 +1318,7 @@ def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, 
     own saved config, a local file of :data:`LOCAL_FILES` outside ``run_dir``) that ``file_data`` (what
     the file ``source`` says) sets and this command line (``typed``) does not. Engine settings that the
     engine in use ignores are not refused (a saved ``base_url`` does nothing for ``--engine hf``)."""
-    keys = HOW_TO_RUN + (LOCAL_FILES if run_dir else ())
+    keys = HOW_TO_RUN + engine_how_to_run() + (LOCAL_FILES if run_dir else ())
     refused = [key for key in keys if _from_file_only(cfg, key, file_data, typed, run_dir)]
     if refused:
         said = ", ".join(f"{key} = {_dotted(file_data, key)!r}" for key in refused)
@@ -1356,15 +1366,10 @@ def _all_inside(value, run_dir: str) -> bool:
     return all(root in Path(str(p)).expanduser().resolve().parents for p in paths)
 
 
-RUN_SET_ONLY: tuple = ()
-"""RunConfig fields with a flag of their own in other commands that `prism run` / `bootstrap` give only
-as ``--set`` (one list setting, not a shell string, in a run's config)."""
-
-
 def _flag_for(key: str) -> str:
     if key == "persona.persona_files":
         return "--persona-file DOMAIN=PATH"
-    if key.split(".")[-1] in RUN_SET_ONLY:
+    if key.split(".")[-1] in run_set_only():
         return f"--set {key}=[...]"
     section, name = key.split(".")
     f = {f.name: f for f in dataclasses.fields(get_type_hints(RunConfig)[section])}[name]
