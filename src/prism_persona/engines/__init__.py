@@ -53,7 +53,7 @@ class EngineSpec:
     ``<name>_...``; they join the ``[engine]`` block (``engine.<field>`` keys, their flags and bounds)."""
     how_to_run: tuple = ()
     """Fields of :attr:`options` that run code or reach the network: used only when typed on this command
-    line, never taken from a file (:data:`prism_persona.config.HOW_TO_RUN`)."""
+    line, never taken from a file (:func:`prism_persona.config.engine_how_to_run`)."""
     in_process: bool = False
     """Runs the model in this process (shares loaded weights; a PRISM artifact runs as a GatedModel)."""
     needs_base_url: bool = False
