@@ -7,8 +7,8 @@ for, on first use, and hands out the engines of the systems PRISM knows:
   ``openai``: any OpenAI-compatible server, ``--model`` = its served name);
 * ``routed(force)`` (an engine that serves adapters, with a PRISM artifact): a
   :class:`~.routed.RoutedEngine` -- the artifact's exported adapter is served next to the base (the
-  engine's ``adapter_engine`` hook), the gate runs here on decoder layer 0 and sends each row to one or the other (``force``: True =
-  LoRA on every row, False = base).
+  engine's ``adapter_engine`` hook), the gate runs here on decoder layer 0 and sends each row to one
+  or the other (``force``: True = LoRA on every row, False = base).
 
 ``close()`` stops a server it started (idempotent).
 """
