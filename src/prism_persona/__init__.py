@@ -30,6 +30,8 @@ def __getattr__(name):
     import importlib
 
     target = _LAZY[name]
+    if name in ("RunConfig", "resolve_config"):  # the engines' options join the [engine] block as they register
+        importlib.import_module(".engines", __name__)
     module, attr = (target, name) if isinstance(target, str) else target
     value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value

@@ -17,7 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from .errors import PrismError
 from .formats import FIELD, RUN_CONFIG, stamp, upgrade
@@ -98,6 +98,8 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
+    """The ``[engine]`` block: the settings every engine shares, and each registered engine's options."""
+
     engine: str = option(
         "hf",
         "Where generation runs (every command that generates): hf (in-process transformers), vllm (a vLLM server PRISM starts, or attaches to with base_url) or openai (any OpenAI-compatible server).",
@@ -125,67 +127,98 @@ class EngineConfig:
     max_retries: int = option(
         4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0
     )
-    vllm_python: str = option(
-        "",
-        "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.",
-        flag="--vllm-python",
-        group=G_ENGINE,
-    )
-    vllm_args: list[str] = option(
-        [],
-        "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] (a flag takes one shell-quoted string: --vllm-args \"--tensor-parallel-size 4\").",
-        flag="--vllm-args",
-        group=G_ENGINE,
-        shell_words=True,
-    )
-    vllm_eager: str = option(
-        "auto",
-        "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.",
-    )
-    vllm_max_num_seqs: int = option(0, "vLLM --max-num-seqs, sequences batched at once (0 = vLLM's default).")
-    vllm_max_model_len: int = option(0, "vLLM --max-model-len, tokens per sequence (0 = the model's own limit).")
-    vllm_cpu_cores: str = option(
-        "",
-        "CPU build only: cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); empty = vLLM's choice (all but one).",
-    )
-    vllm_kv_cache_gib: int = option(
-        4,
-        "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory",
-    )
-    vllm_startup_timeout_s: float = option(900.0, "Seconds to wait for a started vLLM server to answer /health.")
 
     def validate(self) -> None:
         """The rules across engine settings, for every command that generates and every config file
-        (one-line errors naming the flags). The engine's capabilities come from the engine registry."""
-        spec = _ENGINE_SPECS.get(self.engine)  # the name is one of the choices (check_settings)
-        if str(self.vllm_eager).lower() not in ("auto", "true", "false"):
-            raise PrismError(f"engine.vllm_eager must be auto, true or false, got '{self.vllm_eager}'")
-        self.vllm_eager = str(self.vllm_eager).lower()
+        (one-line errors naming the flags); each engine's own rules are its spec's (``EngineSpec.validate``)."""
         if self.base_url:
             check_base_url(self.base_url, "--base-url")
-        if spec is not None and spec.needs_base_url and not self.base_url:
-            raise PrismError(f"--engine {self.engine} needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        for name, spec in _ENGINE_SPECS.items():  # each engine's options are checked even when unused
+            spec.validate(self, name == self.engine)
 
     def check_flags(self) -> None:
         """Flags typed for another engine are mistakes (a config file may carry every engine's settings):
-        ``--base-url`` needs a server engine, ``--vllm-python``/``--vllm-args`` one that starts its server."""
+        ``--base-url`` needs a server engine; each engine's own flag rules are its spec's (``EngineSpec.check_flags``)."""
         spec = _ENGINE_SPECS.get(self.engine)
         if spec is None:
             return
-        if self.base_url and spec.in_process:
+        if self.base_url and not spec.server:
             raise PrismError(f"--base-url needs {server_engines_text()}")
-        if (self.vllm_python or self.vllm_args) and not (spec.starts_server and not self.base_url):
-            starters = " or ".join(f"--engine {n}" for n, s in _ENGINE_SPECS.items() if s.starts_server)
-            raise PrismError(
-                f"--vllm-python/--vllm-args need {starters}: they start a server (drop them to attach with --base-url)"
-            )
+        for other in _ENGINE_SPECS.values():  # another engine's flags typed: its rule names the engines
+            other.check_flags(self, other is spec)
+
+
+_ENGINE_FIELDS = dict(EngineConfig.__dataclass_fields__)
+"""The settings every engine shares; each engine's own options (:attr:`EngineSpec.options`, fields named
+``<engine>_...``) join them in the ``[engine]`` block when the engine registers (:func:`register_engine`),
+so a run config's keys and the flags stay flat: ``engine.vllm_args``, ``--vllm-args``."""
+_ENGINE_OPTIONS: dict[str, type] = {}
 
 
 def register_engine(name: str, spec: Any) -> None:
-    """Called by the engine registry for each engine it loads (see :data:`ENGINES`)."""
+    """Called by the engine registry for each engine it loads (see :data:`ENGINES`): its name becomes an
+    ``--engine`` choice and its options' fields join :class:`EngineConfig`."""
+    options = getattr(spec, "options", None)
+    bad = [f.name for f in dataclasses.fields(options) if not f.name.startswith(f"{name}_")] if options else []
+    if bad:
+        raise PrismError(f"engine {name}: option names must start with '{name}_' (got {', '.join(bad)})")
     _ENGINE_SPECS[name] = spec
     if name not in ENGINES:
         ENGINES.append(name)
+    if options is not None and _ENGINE_OPTIONS.get(name) is not options:
+        _ENGINE_OPTIONS[name] = options
+        _remake_engine_config()
+
+
+def unregister_engine(name: str) -> None:
+    """Undo :func:`register_engine` (tests that add a toy engine)."""
+    _ENGINE_SPECS.pop(name, None)
+    if name in ENGINES:
+        ENGINES.remove(name)
+    if _ENGINE_OPTIONS.pop(name, None) is not None:
+        _remake_engine_config()
+
+
+def _remake_engine_config() -> None:
+    """Re-make :class:`EngineConfig` in place (the same class: every reference stays good) with the shared
+    fields and each registered engine's options, in registration order."""
+    cls: Any = EngineConfig
+    fields = dict(_ENGINE_FIELDS)
+    hints = {name: fields[name].type for name in fields}
+    for options in _ENGINE_OPTIONS.values():
+        types_of = get_type_hints(options)
+        for f in dataclasses.fields(options):
+            fields[f.name], hints[f.name] = f, types_of[f.name]
+    for name in [*cls.__dataclass_fields__, "__init__", "__repr__", "__eq__", "__hash__", "__match_args__"]:
+        if name in cls.__dict__:
+            delattr(cls, name)
+    del cls.__dataclass_fields__, cls.__dataclass_params__
+    cls.__annotations__ = hints
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            setattr(cls, name, field(default=f.default, metadata=f.metadata))
+        else:
+            setattr(cls, name, field(default_factory=f.default_factory, metadata=f.metadata))
+    dataclass(cls)
+
+
+def engine_how_to_run() -> tuple[str, ...]:
+    """The registered engines' options that run code or reach the network (``EngineSpec.how_to_run``), as
+    ``engine.<field>`` keys: like :data:`how_to_run.HOW_TO_RUN`, taken only from a command line."""
+    return tuple(f"engine.{key}" for name in _ENGINE_OPTIONS for key in _ENGINE_SPECS[name].how_to_run)
+
+
+def run_set_only() -> tuple[str, ...]:
+    """Engine options with a flag of their own in other commands that `prism run` / `bootstrap` give only
+    as ``--set`` (a list setting, e.g. ``engine.vllm_args``, is a list in a run's config, not a shell string)."""
+    return tuple(
+        f.name for o in _ENGINE_OPTIONS.values() for f in dataclasses.fields(o) if f.metadata.get("shell_words")
+    )
+
+
+def engine_spec(name: str) -> Any:
+    """The registered engine's spec (``None`` for a name no engine registered)."""
+    return _ENGINE_SPECS.get(name)
 
 
 def server_engines_text() -> str:

@@ -10,22 +10,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .config import RunConfig, is_base_queries_file
+from .config import RunConfig, engine_how_to_run, engine_spec, is_base_queries_file, run_set_only
 from .errors import PrismError
 from .options import to_dict
 
-HOW_TO_RUN = (
-    "model.trust_remote_code",
-    "engine.engine",
-    "engine.vllm_python",
-    "engine.vllm_args",
-    "engine.base_url",
-    "engine.api_key_env",
-)
+HOW_TO_RUN = ("model.trust_remote_code", "engine.engine", "engine.base_url", "engine.api_key_env")
 LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", "gate.base_queries")
 """Settings that run code, reach the network or read files on this machine. A config file (a received
 ``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
-they are used only when this command line says them too (:func:`check_how_to_run`)."""
+they are used only when this command line says them too (:func:`check_how_to_run`); each engine's own
+such options join them (:func:`config.engine_how_to_run`)."""
 
 
 def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, run_dir: str = "") -> None:
@@ -33,7 +27,7 @@ def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, 
     own saved config, a local file of :data:`LOCAL_FILES` outside ``run_dir``) that ``file_data`` (what
     the file ``source`` says) sets and this command line (``typed``) does not. Engine settings that the
     engine in use ignores are not refused (a saved ``base_url`` does nothing for ``--engine hf``)."""
-    keys = HOW_TO_RUN + (LOCAL_FILES if run_dir else ())
+    keys = HOW_TO_RUN + engine_how_to_run() + (LOCAL_FILES if run_dir else ())
     refused = [key for key in keys if _from_file_only(cfg, key, file_data, typed, run_dir)]
     if refused:
         said = ", ".join(f"{key} = {_dotted(file_data, key)!r}" for key in refused)
@@ -69,11 +63,10 @@ def _dotted(data: dict, key: str):
 
 
 def _engine_uses(cfg: RunConfig, key: str) -> bool:
-    if key in ("engine.base_url", "engine.api_key_env"):
-        return cfg.engine.engine != "hf"
-    if key in ("engine.vllm_python", "engine.vllm_args"):
-        return cfg.engine.engine == "vllm" and not cfg.engine.base_url
-    return True
+    spec = engine_spec(cfg.engine.engine)
+    if not key.startswith("engine.") or spec is None:
+        return True
+    return spec.reads(cfg.engine, key.split(".", 1)[1])
 
 
 def _all_inside(value, run_dir: str) -> bool:
@@ -82,15 +75,10 @@ def _all_inside(value, run_dir: str) -> bool:
     return all(root in Path(str(p)).expanduser().resolve().parents for p in paths)
 
 
-RUN_SET_ONLY = ("vllm_args",)
-"""RunConfig fields with a flag of their own in other commands that `prism run` / `bootstrap` give only
-as ``--set`` (one list setting, not a shell string, in a run's config)."""
-
-
 def _flag_for(key: str) -> str:
     if key == "persona.persona_files":
         return "--persona-file DOMAIN=PATH"
-    if key.split(".")[-1] in RUN_SET_ONLY:
+    if key.split(".")[-1] in run_set_only():
         return f"--set {key}=[...]"
     section, name = key.split(".")
     f = {f.name: f for f in dataclasses.fields(get_type_hints(RunConfig)[section])}[name]

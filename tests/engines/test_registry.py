@@ -11,15 +11,16 @@ from prism_persona import config as C
 from prism_persona import engines as E
 from prism_persona.engines.base import SamplingParams
 from prism_persona.errors import PrismError
-from prism_persona.options import from_dict
+from prism_persona.options import from_dict, option
 
 
 def test_the_registered_engines_and_what_they_can_do():
     assert E.engine_names() == ["hf", "vllm", "openai"] == C.ENGINES
     hf, vllm, openai = (E.engine_spec(n) for n in ("hf", "vllm", "openai"))
     assert hf.in_process and not hf.server and not hf.needs_base_url
-    assert vllm.server and vllm.starts_server and vllm.serves_adapters and not vllm.needs_base_url
-    assert openai.server and openai.needs_base_url and openai.served_model_name and not openai.starts_server
+    assert vllm.server and vllm.adapter_server and vllm.serves_adapters and not vllm.needs_base_url
+    assert openai.server and openai.needs_base_url and openai.served_model_name and not openai.serves_adapters
+    assert not hf.serves_adapters and hf.adapter_server is None and openai.adapter_server is None
     with pytest.raises(PrismError, match="unknown engine 'nope'; choose one of: hf, vllm, openai"):
         E.engine_spec("nope")
 
@@ -44,6 +45,44 @@ def test_flags_for_another_engine_are_refused_only_on_a_command_line():
         cfg.check_flags()
     with pytest.raises(PrismError, match="--vllm-python/--vllm-args need --engine vllm"):
         C.EngineConfig(engine="vllm", base_url="http://127.0.0.1:9/v1", vllm_args=["--x"]).check_flags()
+
+
+def test_each_engine_owns_its_options_and_the_engine_block_keeps_its_keys():
+    """vLLM's settings live in engines/vllm.py; they join the shared [engine] block under the same keys."""
+    import dataclasses
+
+    from prism_persona.engines import vllm
+
+    own = [f.name for f in dataclasses.fields(vllm.VLLMOptions)]
+    shared = ["engine", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries"]
+    assert [f.name for f in dataclasses.fields(C.EngineConfig)] == shared + own
+    assert own == [
+        "vllm_python",
+        "vllm_args",
+        "vllm_eager",
+        "vllm_max_num_seqs",
+        "vllm_max_model_len",
+        "vllm_cpu_cores",
+        "vllm_kv_cache_gib",
+        "vllm_startup_timeout_s",
+    ]
+    assert "vllm" not in C.EngineConfig.__module__ and C.EngineConfig().vllm_kv_cache_gib == 4
+    assert ("engine.vllm_eager", "auto") in [(k, v) for k, v, _ in C.describe()]
+    with pytest.raises(PrismError, match="engine.vllm_eager must be auto, true or false, got 'maybe'"):
+        C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": {"vllm_eager": "maybe"}})  # even with hf
+
+
+def test_an_engine_option_must_carry_the_engine_name():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Loose:
+        depth: int = option(1, "no prefix")
+
+    with pytest.raises(PrismError, match="engine bad: option names must start with 'bad_' \\(got depth\\)"):
+        C.register_engine("bad", E.EngineSpec("bad", lambda cfg, model=None, tokenizer=None: None, options=Loose))
+    C.unregister_engine("bad")
+    assert "bad" not in C.ENGINES and "depth" not in {f.name for f in dataclasses.fields(C.EngineConfig)}
 
 
 def test_a_shell_quoted_vllm_args_flag_becomes_a_list():
@@ -101,3 +140,25 @@ def test_one_module_adds_an_engine(echo_engine, capsys):
     assert [c.text for c in engine.generate([[{"role": "user", "content": "abc"}]], SamplingParams())] == ["cba"]
     assert main(["generate", "--help"]) == 0  # cli.main returns argparse's exit code (issue 20: usage errors)
     assert "{hf,vllm,openai,echo}" in capsys.readouterr().out
+
+
+def test_no_module_outside_an_engine_imports_it():
+    """Callers reach the server engines through the registry and their spec's hooks: no module outside
+    engines/ imports engines.vllm or engines.openai (hf is the in-process model GatedModel extends)."""
+    import ast
+    from pathlib import Path
+
+    import prism_persona
+
+    package = Path(prism_persona.__file__).resolve().parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "engines":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            targets = [f"{module}.{n}" for n in names] + ([module] if module else [])
+            if any(t.split(".")[-1] in ("vllm", "openai") and "engines" in t for t in targets):
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not found, found

@@ -24,25 +24,38 @@ def test_engine_mistakes_are_one_line(tmp_path, capsys, flags, message):
 
 
 def test_vllm_engine_starts_vllm_with_the_engine_blocks_settings(tmp_path, monkeypatch):
-    """--vllm-python and a shell-quoted --vllm-args reach the vLLM that serve starts, as a list."""
+    """--vllm-python and a shell-quoted --vllm-args reach the vLLM that serve starts (through the engine's
+    adapter_server hook), as a list, with the exported adapter."""
+    import types
+
     from prism_persona.commands import serve
+    from prism_persona.engines import vllm
     from prism_persona.gated import remote
 
     seen = {}
 
-    def fake_start(artifact, python="", extra_args=(), quiet=False, **_):
-        seen.update(artifact=artifact, python=python, extra_args=list(extra_args))
-        raise SystemExit(7)  # stop before anything is served
+    class FakeServer:
+        def __init__(self, model, served_name, python, log_path, **kw):
+            seen.update(model=model, python=python, log=log_path, extra_args=kw["extra_args"], loras=kw["loras"])
 
-    monkeypatch.setattr(remote, "start_for_artifact", fake_start)
+        def start(self):
+            raise SystemExit(7)  # stop before anything is served
+
+    src = types.SimpleNamespace(path_or_id="/m/base", display="base")
+    adapter = tmp_path / "work" / "vllm-export" / "adapter"
+    monkeypatch.setattr(remote, "export_for_server", lambda art, quiet=False: (src, adapter, 16))
+    monkeypatch.setattr(vllm, "find_vllm_python", lambda python: python)
+    monkeypatch.setattr(vllm, "VLLMServer", FakeServer)
     argv = ["serve", "--prism", str(tmp_path / "art"), "--engine", "vllm", "--vllm-python", "/x/python"]
     args = _parse([*argv, "--vllm-args", "--max-num-seqs 4 --served-model-name 'a b'"])
     with pytest.raises(SystemExit):
         serve.run(args)
     assert seen == {
-        "artifact": str(tmp_path / "art"),
+        "model": "/m/base",
         "python": "/x/python",
+        "log": tmp_path / "work" / "vllm.log",
         "extra_args": ["--max-num-seqs", "4", "--served-model-name", "a b"],
+        "loras": {vllm.LORA_NAME: str(adapter)},
     }
 
 

@@ -32,12 +32,11 @@ def add_pipeline_options(p: argparse.ArgumentParser, check: bool = True) -> None
     """Everything `prism bootstrap` and `prism run` share: the flags of the RunConfig fields that name
     one (type, choices, help and default from config.py), plus the flags that are not one setting.
     ``check=False`` leaves out the held-out check's flags (`prism bootstrap` trains nothing to check)."""
-    from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig
-    from ..how_to_run import RUN_SET_ONLY
+    from ..config import G_DATA, G_ENGINE, G_RUN, RunConfig, run_set_only
     from ..options import add_flags
     from ..stages import stage_names
 
-    skip = RUN_SET_ONLY + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
+    skip = run_set_only() + (() if check else ("check",))  # --set engine.vllm_args=[...] in a run
     groups = add_flags(p, RunConfig, flagged_only=True, skip=skip)
     g = groups[G_RUN]
     g.add_argument("--config", help="JSON or TOML config file (see `prism config --show`)")

@@ -59,44 +59,48 @@ def options_from_args(args):
 
 
 def run(args) -> int:
-    from ..engines import engine_spec
+    from ..engines import engine_names, engine_spec
     from ..errors import PrismError
 
     options = options_from_args(args)
     spec = engine_spec(options.engine.engine)
     if spec.in_process:
         return _serve(options)
-    if not spec.starts_server or options.engine.base_url:
+    if spec.adapter_server is None or options.engine.base_url:
+        here = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).in_process)
+        starts = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).adapter_server)
         raise PrismError(
-            "prism serve runs the artifact here (--engine hf) or starts vLLM for it (--engine vllm); to route "
+            f"prism serve runs the artifact here ({here}) or starts a server for it ({starts}); to route "
             "to a server you run, use --route-only --upstream URL --base-name NAME --lora-name NAME"
         )
     if options.route_only or options.upstream:
         raise PrismError(
-            "--engine vllm starts its own upstream; drop --route-only/--upstream (or use them "
-            "without --engine to route to a vLLM server you run)"
+            f"--engine {spec.name} starts its own upstream; drop --route-only/--upstream (or use them "
+            "without --engine to route to a server you run)"
         )
     import dataclasses
 
-    from ..engines.vllm import LORA_NAME
-
-    vllm = start_vllm_upstream(options, args.quiet)
+    upstream, adapter_name = start_upstream(options, args.quiet)
     try:
         return _serve(
             dataclasses.replace(
-                options, route_only=True, upstream=vllm.base_url, base_name=vllm.served_name, lora_name=LORA_NAME
+                options,
+                route_only=True,
+                upstream=upstream.base_url,
+                base_name=upstream.served_name,
+                lora_name=adapter_name,
             )
         )
     finally:
-        vllm.stop()
+        upstream.stop()
 
 
-def start_vllm_upstream(options, quiet: bool = False):
-    """``--engine vllm``: vLLM with the artifact's base model and adapter (served as ``prism``)."""
+def start_upstream(options, quiet: bool = False):
+    """A server engine (``--engine vllm``) started with the artifact's base model and adapter:
+    ``(server, adapter name)``."""
     from ..gated.remote import start_for_artifact
 
-    e = options.engine
-    return start_for_artifact(options.load.prism, python=e.vllm_python, extra_args=e.vllm_args, quiet=quiet)
+    return start_for_artifact(options.engine, options.load.prism, quiet=quiet)
 
 
 def _serve(options) -> int:

@@ -37,11 +37,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
+from ..config import G_ENGINE
 from ..errors import PrismError
+from ..options import option
 from . import EngineSpec
 from .base import Completion, SamplingParams, choice_token_ids
 from .openai import OpenAIEngine, OpenAIEngineError
@@ -718,4 +721,104 @@ def check(cfg) -> None:
         find_vllm_python(cfg.engine.vllm_python)
 
 
-ENGINE = EngineSpec("vllm", build, starts_server=True, serves_adapters=True, check=check)
+@dataclass
+class VLLMOptions:
+    """vLLM's own settings: ``engine.vllm_*`` keys of a run config (flags where a field names one)."""
+
+    vllm_python: str = option(
+        "",
+        "Python that runs the vLLM server (engine=vllm); empty: $PRISM_VLLM_PYTHON, the venv of scripts/setup_vllm.sh (~/.cache/prism/vllm-venv), or this Python if it has vllm.",
+        flag="--vllm-python",
+        group=G_ENGINE,
+    )
+    vllm_args: list[str] = option(
+        [],
+        "Extra vLLM server arguments, e.g. ['--tensor-parallel-size', '4'] (a flag takes one shell-quoted string: --vllm-args \"--tensor-parallel-size 4\").",
+        flag="--vllm-args",
+        group=G_ENGINE,
+        shell_words=True,
+    )
+    vllm_eager: str = option(
+        "auto",
+        "Pass --enforce-eager: auto (yes on CPU, where torch.compile adds ~50 s of start-up for no measured speed; no on GPU, for CUDA graphs), true or false.",
+    )
+    vllm_max_num_seqs: int = option(0, "vLLM --max-num-seqs, sequences batched at once (0 = vLLM's default).")
+    vllm_max_model_len: int = option(0, "vLLM --max-model-len, tokens per sequence (0 = the model's own limit).")
+    vllm_cpu_cores: str = option(
+        "",
+        "CPU build only: cores vLLM binds its threads to (VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'); empty = vLLM's choice (all but one).",
+    )
+    vllm_kv_cache_gib: int = option(
+        4,
+        "CPU build only: GiB of RAM for the KV cache (VLLM_CPU_KVCACHE_SPACE; that variable, if set, wins). 0 = vLLM's default, which claims 92% of RAM and refuses to start when other processes hold memory",
+    )
+    vllm_startup_timeout_s: float = option(900.0, "Seconds to wait for a started vLLM server to answer /health.")
+
+
+def rules(e) -> None:
+    """``vllm_eager`` is auto, true or false (any case; stored lower-case)."""
+    if str(e.vllm_eager).lower() not in ("auto", "true", "false"):
+        raise PrismError(f"engine.vllm_eager must be auto, true or false, got '{e.vllm_eager}'")
+    e.vllm_eager = str(e.vllm_eager).lower()
+
+
+def flag_rules(e, chosen: bool) -> None:
+    """``--vllm-python``/``--vllm-args`` start a server: with another engine, or attaching, they are mistakes."""
+    if (e.vllm_python or e.vllm_args) and not (chosen and not e.base_url):
+        raise PrismError(
+            "--vllm-python/--vllm-args need --engine vllm: they start a server (drop them to attach with --base-url)"
+        )
+
+
+def uses(e, name: str) -> bool:
+    """The server's address and key always; how to start one only when not attaching."""
+    if name in ("vllm_python", "vllm_args"):
+        return not e.base_url
+    return True
+
+
+def adapter_engine(cfg, export) -> tuple[VLLMEngine, str]:
+    """The base model and a PRISM adapter (served as :data:`LORA_NAME`) on one vLLM: attached with
+    ``base_url`` (it must already serve the adapter by that name), else started with ``export()``'s adapter."""
+    if cfg.engine.base_url:
+        return VLLMEngine.from_config(cfg, loras={LORA_NAME: ""}), LORA_NAME
+    adapter, rank = export()
+    return VLLMEngine.from_config(cfg, loras={LORA_NAME: str(adapter)}, max_lora_rank=rank), LORA_NAME
+
+
+def adapter_server(e, src, adapter, rank: int, log_dir, quiet: bool = False) -> tuple[VLLMServer, str]:
+    """A started vLLM with the model ``src`` (served under its display name) and the adapter (as
+    :data:`LORA_NAME`), with the ``[engine]`` block's vLLM settings (`prism serve --engine vllm`); it logs
+    to ``log_dir/vllm.log``."""
+    server = VLLMServer(
+        src.path_or_id,
+        src.display,
+        find_vllm_python(e.vllm_python),
+        Path(log_dir) / "vllm.log",
+        loras={LORA_NAME: str(adapter)},
+        dtype=server_dtype("auto"),
+        max_lora_rank=rank,
+        eager=_eager(e.vllm_eager),
+        max_num_seqs=e.vllm_max_num_seqs,
+        max_model_len=e.vllm_max_model_len,
+        cpu_cores=e.vllm_cpu_cores,
+        kv_cache_gib=e.vllm_kv_cache_gib,
+        extra_args=list(e.vllm_args),
+        startup_timeout_s=e.vllm_startup_timeout_s,
+        quiet=quiet,
+    )
+    return server.start(), LORA_NAME
+
+
+ENGINE = EngineSpec(
+    "vllm",
+    build,
+    options=VLLMOptions,
+    how_to_run=("vllm_python", "vllm_args"),
+    check=check,
+    rules=rules,
+    flag_rules=flag_rules,
+    uses=uses,
+    adapter_engine=adapter_engine,
+    adapter_server=adapter_server,
+)

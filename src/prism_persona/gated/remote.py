@@ -6,16 +6,15 @@ for, on first use, and hands out the engines of the systems PRISM knows:
 * ``base()``: the base model (``vllm``: a managed server, or one attached with ``--base-url``;
   ``openai``: any OpenAI-compatible server, ``--model`` = its served name);
 * ``routed(force)`` (an engine that serves adapters, with a PRISM artifact): a
-  :class:`~.routed.RoutedEngine` -- the artifact's exported adapter is served as ``prism`` next to the
-  base, the gate runs here on decoder layer 0 and sends each row to one or the other (``force``: True =
-  LoRA on every row, False = base).
+  :class:`~.routed.RoutedEngine` -- the artifact's exported adapter is served next to the base (the
+  engine's ``adapter_engine`` hook), the gate runs here on decoder layer 0 and sends each row to one
+  or the other (``force``: True = LoRA on every row, False = base).
 
 ``close()`` stops a server it started (idempotent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -78,15 +77,17 @@ class ServerSystems:
         from ..config import RunConfig
         from ..engines import check_engine, engine_spec
 
-        if artifact is not None and not engine_spec(engine.engine).serves_adapters:
+        self.spec = engine_spec(engine.engine)
+        if artifact is not None and not self.spec.serves_adapters:
             raise PrismError(
-                "a PRISM artifact's lora/prism rows need the adapter on a vLLM server: use --engine vllm "
-                "(with --base-url to attach to one that serves it as 'prism')"
+                f"a PRISM artifact's lora/prism rows need the adapter on a server that serves adapters: use "
+                f"{adapter_engines_text()} (with --base-url to attach to one that serves it as 'prism')"
             )
         self.cfg = RunConfig(out=str(out), quiet=quiet, model=model, engine=engine)  # what the engines read
         self.artifact = Path(artifact).expanduser().resolve() if artifact is not None else None
         self.trust_remote_code = model.trust_remote_code
         self._engine = None
+        self._adapter_name = ""
         self._router = None
         check_engine(self.cfg)  # vLLM missing: a one-line error before any data is read
 
@@ -97,20 +98,15 @@ class ServerSystems:
                 from ..engines import make_engine
 
                 self._engine = make_engine(self.cfg)
-            elif self.cfg.engine.base_url:  # attached: the server must already serve the adapter by name
-                from ..engines.vllm import LORA_NAME, VLLMEngine
-
-                self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: ""})
-            else:
-                from ..engines.vllm import LORA_NAME, VLLMEngine
-
-                _, adapter, max_rank = export_for_vllm(self.artifact, self.cfg.quiet)
-                self._engine = VLLMEngine.from_config(self.cfg, loras={LORA_NAME: str(adapter)}, max_lora_rank=max_rank)
+            else:  # the engine exports the adapter only when it starts the server (attached: served already)
+                artifact = self.artifact
+                self._engine, self._adapter_name = self.spec.adapter_engine(
+                    self.cfg, lambda: export_for_server(artifact, self.cfg.quiet)[1:]
+                )
         return self._engine
 
     def routed(self, force: Optional[bool] = None):
         """The artifact on the server: the gate here (layer 0), base or adapter per row there."""
-        from ..engines.vllm import LORA_NAME
         from .routed import RoutedEngine
 
         if self.artifact is None:
@@ -121,7 +117,7 @@ class ServerSystems:
 
             m = self.cfg.model
             self._router = load_router(str(self.artifact), m.device, m.dtype, self.trust_remote_code)
-        return RoutedEngine(server, self._router, LORA_NAME, force=force)
+        return RoutedEngine(server, self._router, self._adapter_name, force=force)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -130,12 +126,19 @@ class ServerSystems:
 
 
 # --------------------------------------------------------------------------------------------------
-# serving a PRISM artifact: vLLM with the base model and the adapter, the gate router in front
+# serving a PRISM artifact: a server with the base model and the adapter, the gate router in front
 
 
-def export_for_vllm(artifact: str | Path, quiet: bool = False):
+def adapter_engines_text() -> str:
+    """``--engine vllm``: the registered engines that serve a PRISM artifact's adapter."""
+    from ..engines import engine_names, engine_spec
+
+    return " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).serves_adapters)
+
+
+def export_for_server(artifact: str | Path, quiet: bool = False):
     """``(base model source, exported adapter dir, max LoRA rank)``: the artifact's base model prepared
-    for vLLM (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
+    for a server (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
     the LoRA zero, as the gate leaves it), keyed by the artifact's path."""
     import hashlib
     import json
@@ -153,32 +156,14 @@ def export_for_vllm(artifact: str | Path, quiet: bool = False):
     return src, exported / "adapter", vllm_max_lora_rank(rank)
 
 
-def start_for_artifact(
-    artifact: str | Path,
-    python: str = "",
-    extra_args: Sequence[str] = (),
-    cpu_cores: str = "",
-    kv_cache_gib: int = 4,
-    quiet: bool = False,
-):
-    """Export ``artifact`` for vLLM (:func:`export_for_vllm`) and start a vLLM server with the base
-    model (served under its display name) and the adapter (served as ``prism``). ``prism serve
-    --engine vllm`` puts the route-only router in front."""
-    from ..engines.vllm import LORA_NAME, VLLMServer, _eager, find_vllm_python, server_dtype
+def start_for_artifact(engine, artifact: str | Path, quiet: bool = False):
+    """Export ``artifact`` (:func:`export_for_server`) and start the server of the engine block ``engine``
+    with the base model (served under its display name) and the adapter: ``(server, adapter name)``.
+    ``prism serve --engine vllm`` puts the route-only router in front."""
+    from ..engines import engine_spec
 
-    src, adapter, max_rank = export_for_vllm(artifact, quiet)
-    server = VLLMServer(
-        src.path_or_id,
-        src.display,
-        find_vllm_python(python),
-        adapter.parents[1] / "vllm.log",
-        loras={LORA_NAME: str(adapter)},
-        dtype=server_dtype("auto"),
-        max_lora_rank=max_rank,
-        eager=_eager("auto"),
-        cpu_cores=cpu_cores,
-        kv_cache_gib=kv_cache_gib,
-        extra_args=list(extra_args),
-        quiet=quiet,
-    )
-    return server.start()
+    spec = engine_spec(engine.engine)
+    if spec.adapter_server is None:
+        raise PrismError(f"--engine {spec.name} starts no server for an artifact")
+    src, adapter, max_rank = export_for_server(artifact, quiet)
+    return spec.adapter_server(engine, src, adapter, max_rank, adapter.parents[1], quiet)

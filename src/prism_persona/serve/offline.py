@@ -23,7 +23,7 @@ def check_engine_settings(settings) -> None:
     ask, before anything loads; ``EngineConfig.validate`` has checked the engine's own flags."""
     from ..config import server_engines_text
     from ..engines import engine_spec
-    from ..gated.remote import check_server_model
+    from ..gated.remote import adapter_engines_text, check_server_model
 
     spec = engine_spec(settings.engine.engine)
     load, routing = settings.load, settings.routing
@@ -35,8 +35,8 @@ def check_engine_settings(settings) -> None:
         return
     if load.prism and not spec.serves_adapters:
         raise PrismError(
-            f"--engine {spec.name} runs a base model only; for --prism use --engine vllm (with --base-url "
-            "to attach to a vLLM that serves the adapter as 'prism')"
+            f"--engine {spec.name} runs a base model only; for --prism use {adapter_engines_text()} (with "
+            "--base-url to attach to a server that serves the adapter as 'prism')"
         )
     check_server_model(settings.engine, settings.model)
     if routing.force and not load.prism:
