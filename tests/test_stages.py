@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def test_every_stage_module_and_function_exists():
         for which in ("settings", "step", "check", "prepare"):
             name = getattr(stage, which)
             assert (not name and which in ("check", "prepare")) or callable(getattr(module, name)), (stage, which)
-        assert stage.function("step") is getattr(module, "step")
+        assert stage.function("step") is module.step
 
 
 # --- the settings dicts old runs were saved with ---------------------------------------------------
@@ -103,3 +105,90 @@ def test_the_redo_flag_offers_the_registry(capsys):
     assert main(["run", "--redo", "nonsense"]) == 2  # argparse's usage error, as one line (issue 20)
     err = capsys.readouterr().err.replace("'", "")
     assert "choose from personas, queries, answers, verdicts, gate, distill" in err and len(err.splitlines()) == 1
+
+
+# --- no function outside a stage's module reads that stage's settings ------------------------------
+
+CFG_NAMES = {"cfg", "config", "run_cfg", "rc", "c"}
+"""The names a ``RunConfig`` goes by in src/ (``cfg.gate`` or ``self.cfg.gate`` is a read of the block)."""
+
+ALLOWED = {
+    ("prism_persona.config", "validate", "persona"): "config validation: one-line errors for every block",
+    ("prism_persona.config", "validate", "queries"): "config validation",
+    ("prism_persona.config", "validate", "gate"): "config validation",
+    ("prism_persona.evals.build", "build_judge", "judge"): (
+        "not a RunConfig: `cfg` there is an EvalConfig, whose `judge` is the grader's model"
+    ),
+    ("prism_persona.judges.pairwise", "make_judge", "judge"): (
+        "the judge factory builds a judge from its block; the verdicts stage (bootstrap.verify.build_judge) "
+        "and `prism check` both build their judge with it"
+    ),
+    ("prism_persona.train.pipeline", "run_heldout_check", "judge"): (
+        "hands the run's judge block to `prism check` (train/check.py): the held-out check judges with the run's judge"
+    ),
+    ("prism_persona.gated.artifact", "assemble", "persona"): (
+        "the artifact's manifest records the domains and persona it was trained with"
+    ),
+    ("prism_persona.gated.artifact", "assemble", "distill"): (
+        "the artifact's manifest records the LoRA it holds; gated/ sits below train/, so it cannot ask train.distill"
+    ),
+}
+"""(module, function, block) -> why it may read another stage's block. Keep it short."""
+
+
+def section_reads(source: str, sections) -> list[tuple[str, str, int]]:
+    """``(block, function, line)`` of every ``cfg.<block>`` / ``getattr(cfg, "<block>")`` in ``source``."""
+    out: list[tuple[str, str, int]] = []
+
+    def is_cfg(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id in CFG_NAMES) or (
+            isinstance(node, ast.Attribute) and node.attr in CFG_NAMES
+        )
+
+    def visit(node, fn: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name)  # nested functions count as their own (each one is named)
+                continue
+            if isinstance(child, ast.Attribute) and child.attr in sections and is_cfg(child.value):
+                out.append((child.attr, fn, child.lineno))
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Name)
+                and child.func.id == "getattr"
+                and len(child.args) >= 2
+                and is_cfg(child.args[0])
+                and isinstance(child.args[1], ast.Constant)
+                and child.args[1].value in sections
+            ):
+                out.append((child.args[1].value, fn, child.lineno))
+            visit(child, fn)
+
+    visit(ast.parse(source), "<module>")
+    return out
+
+
+def test_the_scan_sees_a_read_of_a_stage_block():
+    src = "def f(cfg):\n    x = cfg.gate.epochs\n    def g(self):\n        return getattr(self.cfg, 'distill')\n"
+    assert section_reads(src, {"gate", "distill"}) == [("gate", "f", 2), ("distill", "g", 4)]
+    assert section_reads("def f(model):\n    return model.gate.pooling\n", {"gate"}) == []
+
+
+def test_no_function_outside_a_stage_module_reads_its_settings():
+    import prism_persona
+
+    package = Path(prism_persona.__file__).resolve().parent
+    owners = {s.section: importlib.util.resolve_name(s.module, "prism_persona") for s in S.STAGES if s.section}
+    assert set(owners) == {"persona", "queries", "answers", "judge", "gate", "distill"}
+    found, used = [], set()
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(("prism_persona", *path.relative_to(package).with_suffix("").parts))
+        for block, fn, line in section_reads(path.read_text(encoding="utf-8"), set(owners)):
+            if module == owners[block]:
+                continue
+            if (module, fn, block) in ALLOWED:
+                used.add((module, fn, block))
+                continue
+            found.append(f"{path.relative_to(package)}:{line} {fn}() reads cfg.{block} (owned by {owners[block]})")
+    assert not found, "read the value through the owning stage module instead:\n" + "\n".join(found)
+    assert used == set(ALLOWED), f"stale allow-list entries: {set(ALLOWED) - used}"
