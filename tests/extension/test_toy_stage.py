@@ -126,3 +126,72 @@ def test_register_refuses_a_stage_before_what_it_depends_on(monkeypatch):
     with pytest.raises(ValueError, match="no stage 'nope'"):
         S.register(S.Stage.training("early", ("verdicts",), "nowhere"), after="nope")
     assert S.stage_names() == ["personas", "queries", "answers", "verdicts", "gate", "distill"]
+
+
+TOY_BOOTSTRAP = '''
+"""A toy bootstrap stage: how much longer the persona answer is than the base one, per answer."""
+
+from prism_persona import stages
+from prism_persona.bootstrap.answers import answers_settings
+
+CALLS = []
+UNIT = "chars"
+
+
+def ratios_settings(cfg) -> dict:
+    """The answers' settings (its upstream stage) and its own."""
+    s = answers_settings(cfg)
+    s["ratios"] = {"unit": UNIT}
+    return s
+
+
+def step(ctx) -> None:
+    store = ctx.run.store("ratios", depends_on=ctx.settings)
+    todo = [a for a in ctx.outputs["answers"] if a["key"] not in store]
+    CALLS.append(len(todo))
+    store.extend(
+        {"key": a["key"], "ratio": len(a["persona_answer"]) / max(1, len(a["base_answer"]))} for a in todo
+    )
+    ctx.outputs["ratios"] = [store.get(a["key"]) for a in ctx.outputs["answers"]]
+
+
+stages.register(stages.Stage("ratios", ("answers",), __name__, ("ratios.jsonl",), ("ratios",)), after="answers")
+'''
+
+
+@pytest.fixture
+def toy_bootstrap_stage(tmp_path, monkeypatch):
+    pkg = tmp_path / "toy_boot"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ratios.py").write_text(textwrap.dedent(TOY_BOOTSTRAP))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(S, "STAGES", S.STAGES)
+    try:
+        yield importlib.import_module("toy_boot.ratios")
+    finally:
+        for name in ("toy_boot.ratios", "toy_boot"):
+            sys.modules.pop(name, None)
+
+
+def test_a_registered_bootstrap_stage_writes_records_in_order_and_resumes(toy_bootstrap_stage, tmp_path, monkeypatch):
+    from prism_persona.testing import bootstrap_config
+    from prism_persona.train.pipeline import run_bootstrap
+
+    assert S.bootstrap_stages() == ("personas", "queries", "answers", "ratios", "verdicts")
+    assert redo_stages("answers")[:3] == ["answers", "ratios", "verdicts"]
+    cfg = bootstrap_config(tmp_path / "run", queries={"queries_per_persona": 3, "per_request": 3})
+    run_bootstrap(cfg, engine=BootstrapEngine())
+    records = [json.loads(line) for line in (tmp_path / "run" / "ratios.jsonl").read_text().splitlines()]
+    pairs = json.loads((tmp_path / "run" / "bootstrap.done.json").read_text())["pairs"]
+    assert len(records) == pairs == 6 and toy_bootstrap_stage.CALLS == [6]
+    assert all(r["ratio"] > 0 for r in records)
+    assert json.loads((tmp_path / "run" / "ratios.meta.json").read_text())["settings"]["ratios"] == {"unit": "chars"}
+
+    run_bootstrap(cfg, engine=BootstrapEngine())  # resumed: nothing left to do
+    assert toy_bootstrap_stage.CALLS == [6, 0]
+
+    monkeypatch.setattr(toy_bootstrap_stage, "UNIT", "tokens")  # its records were made with other settings
+    with pytest.raises(ConfigMismatchError, match="ratios"):
+        run_bootstrap(cfg, engine=BootstrapEngine())
+    assert toy_bootstrap_stage.CALLS == [6, 0]  # refused before any stage ran
