@@ -75,11 +75,11 @@ def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
     return base, with_persona(base, persona, placement)
 
 
-def chunk_size(cfg: RunConfig, engine=None) -> int:
+def chunk_size(batch_size: int, engine=None) -> int:
     """Queries per chunk: both answers of a chunk fill about one engine call -- the in-process engine's
     batch (``model.batch_size``), or a server engine's ``preferred_call_size`` (its requests in
     flight: 64 for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
-    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or cfg.model.batch_size
+    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or batch_size
     return max(1, rows // 2)
 
 
@@ -108,7 +108,7 @@ def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
     engine = get_engine()
     bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="pair")
     for s in sorted({s for _, s in todo}):  # one sample index per chunk: its seed differs from the others'
-        for batch in chunks([q for q, si in todo if si == s], chunk_size(cfg, engine)):
+        for batch in chunks([q for q, si in todo if si == s], chunk_size(cfg.model.batch_size, engine)):
             chats = []
             for q in batch:
                 base, with_p = answer_chats(q["query"], personas[q["domain"]][use_length], placement)

@@ -150,9 +150,9 @@ def margin_winner(margin: Optional[float], band: float) -> str:
     return "tie"
 
 
-def effective_rule(cfg: RunConfig, judge) -> str:
-    """``judge.rule``, or ``both_orders`` (said once) when the judge gives no log-probabilities."""
-    if cfg.judge.rule == "margin" and judge.mode != "logprob":
+def effective_rule(rule: str, judge) -> str:
+    """``rule`` (``judge.rule``), or ``both_orders`` (said once) when the judge gives no log-probabilities."""
+    if rule == "margin" and judge.mode != "logprob":
         log.info(
             "verify: judge.rule=margin needs log-probabilities; the %s judge '%s' gives none, so the "
             "both-orders rule decides",
@@ -160,7 +160,7 @@ def effective_rule(cfg: RunConfig, judge) -> str:
             judge.name,
         )
         return "both_orders"
-    return cfg.judge.rule
+    return rule
 
 
 def null_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
@@ -184,7 +184,7 @@ def calibrate_band(
     todo = [x for x in picked if x["key"] not in store]
     if todo:
         engine = get_engine() if get_engine is not None else judge.engine
-        for batch in chunks(todo, chunk_size(cfg, engine) * 2):
+        for batch in chunks(todo, chunk_size(cfg.model.batch_size, engine) * 2):
             params = sampling(cfg, derive_seed(cfg.seed, "null", batch[0]["key"]))
             outs = engine.generate([user_chat(x["query"]) for x in batch], params)
             results = judge_swapped_batch(
@@ -215,9 +215,10 @@ def calibrate_band(
     return float(_quantile(margins, jc.null_quantile)), len(margins)
 
 
-def persona_text(personas: dict, answer: dict, cfg: RunConfig) -> str:
-    """The persona the answer was written with (what a context-aware judge receives)."""
-    length = answer.get("persona_length") or shown(cfg)[0]
+def persona_text(personas: dict, answer: dict, use_length: str) -> str:
+    """The persona the answer was written with (what a context-aware judge receives; ``use_length``
+    for records that do not say)."""
+    length = answer.get("persona_length") or use_length
     return personas.get(answer["domain"], {}).get(length, "")
 
 
@@ -238,7 +239,7 @@ def write_verdicts(
     if not todo:
         return 0
     judge = get_judge()
-    rule, band = effective_rule(cfg, judge), 0.0
+    rule, band = effective_rule(cfg.judge.rule, judge), 0.0
     if rule == "margin":
         band, n_null = calibrate_band(cfg, run, get_engine, judge, answers)
         how = (
@@ -248,12 +249,13 @@ def write_verdicts(
         )
         log.info("verify: margin rule, abstain band %.3f (%s)", band, how)
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
-    checked = False
-    for batch in chunks(todo, chunk_size(cfg, getattr(judge, "engine", None))):  # a server judge gets full calls
+    checked, use_length = False, shown(cfg)[0]
+    size = chunk_size(cfg.model.batch_size, getattr(judge, "engine", None))  # a server judge gets full calls
+    for batch in chunks(todo, size):
         results = judge_swapped_batch(
             judge,
             [
-                (a["query"], a["persona_answer"], a["base_answer"], a["domain"], persona_text(personas, a, cfg))
+                (a["query"], a["persona_answer"], a["base_answer"], a["domain"], persona_text(personas, a, use_length))
                 for a in batch
             ],
         )
