@@ -84,12 +84,12 @@ SHAPES = {
 
 STAGE_HOOKS = [  # (module, attribute, stage): the functions `prism run` calls, one per stage
     ("prism_persona.train.pipeline", "load_base", "load_model"),
-    ("prism_persona.train.pipeline", "write_personas", "personas"),
-    ("prism_persona.train.pipeline", "write_queries", "queries"),
-    ("prism_persona.train.pipeline", "write_answers", "answers"),
-    ("prism_persona.train.pipeline", "write_verdicts", "verify"),
-    ("prism_persona.train.gate", "run_gate", "gate"),
-    ("prism_persona.train.distill", "run_distill", "distill"),
+    ("prism_persona.bootstrap.personas", "step", "personas"),
+    ("prism_persona.bootstrap.queries", "step", "queries"),
+    ("prism_persona.bootstrap.answers", "step", "answers"),
+    ("prism_persona.bootstrap.verify", "step", "verify"),
+    ("prism_persona.train.gate", "step", "gate"),
+    ("prism_persona.train.distill", "step", "distill"),
     ("prism_persona.gated.artifact", "assemble", "assemble"),
 ]
 

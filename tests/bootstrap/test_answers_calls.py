@@ -48,7 +48,7 @@ def test_in_process_engine_calls_carry_one_batch(tmp_path):
 def test_server_engine_calls_carry_its_requests_in_flight(tmp_path):
     cfg = _cfg(tmp_path, batch_size=4)
     engine = CallSizes(preferred=12)
-    assert chunk_size(cfg, engine) == 6 and chunk_size(cfg) == 2
+    assert chunk_size(cfg.model.batch_size, engine) == 6 and chunk_size(cfg.model.batch_size) == 2
     assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(9)) == 9
     assert engine.sizes == [12, 6]
 

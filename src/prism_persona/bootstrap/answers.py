@@ -27,6 +27,7 @@ from ..models import user_chat, with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir
 from .common import chunks, derive_seed, stage_settings
+from .personas import shown
 from .queries import queries_settings
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,41 @@ def answers_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
     return run.store("answers", depends_on=stage_settings(cfg, "answers"))
 
 
+def sampling(cfg: RunConfig, seed: int) -> SamplingParams:
+    """How an answer is sampled (also the margin rule's null answers), with ``seed``."""
+    a = cfg.answers
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=seed)
+
+
+def samples(cfg: RunConfig) -> int:
+    """Answer samples per query (records are keyed per sample: more samples extend a run)."""
+    return cfg.answers.samples
+
+
+def select(store: JsonlStore, queries: list[dict], samples: int = 1) -> list[dict]:
+    """The store's records for ``queries`` (``samples`` answer samples each), sample by sample in query
+    order (missing ones skipped)."""
+    return [store.get(k) for k in sample_keys(queries, samples) if k in store]
+
+
+def step(ctx) -> None:
+    """Answer the missing (query, sample) pairs; publish the selected ``answers``."""
+    queries = ctx.outputs["queries"]
+    write_answers(ctx.cfg, ctx.run, ctx.engine, ctx.outputs["personas"], queries)
+    ctx.outputs["answers"] = select(answers_store(ctx.run, ctx.cfg), queries, ctx.options.samples)
+
+
 def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
     """(base chat, persona chat) for one query."""
     base = user_chat(query)
     return base, with_persona(base, persona, placement)
 
 
-def chunk_size(cfg: RunConfig, engine=None) -> int:
+def chunk_size(batch_size: int, engine=None) -> int:
     """Queries per chunk: both answers of a chunk fill about one engine call -- the in-process engine's
     batch (``model.batch_size``), or a server engine's ``preferred_call_size`` (its requests in
     flight: 64 for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
-    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or cfg.model.batch_size
+    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or batch_size
     return max(1, rows // 2)
 
 
@@ -76,24 +101,19 @@ def sample_keys(queries: list[dict], samples: int) -> list[str]:
 def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: dict, queries: list[dict]) -> int:
     """Answer the (query, sample) pairs that have no record yet; return how many were answered now."""
     store = answers_store(run, cfg)
-    a, p = cfg.answers, cfg.persona
-    todo = [(q, s) for s in range(max(1, a.samples)) for q in queries if sample_key(q["key"], s) not in store]
+    use_length, placement = shown(cfg)
+    todo = [(q, s) for s in range(max(1, samples(cfg))) for q in queries if sample_key(q["key"], s) not in store]
     if not todo:
         return 0
     engine = get_engine()
     bar = progress(total=len(todo), desc="answers", disable=cfg.quiet, unit="pair")
     for s in sorted({s for _, s in todo}):  # one sample index per chunk: its seed differs from the others'
-        for batch in chunks([q for q, si in todo if si == s], chunk_size(cfg, engine)):
+        for batch in chunks([q for q, si in todo if si == s], chunk_size(cfg.model.batch_size, engine)):
             chats = []
             for q in batch:
-                base, with_p = answer_chats(q["query"], personas[q["domain"]][p.use_length], p.placement)
+                base, with_p = answer_chats(q["query"], personas[q["domain"]][use_length], placement)
                 chats.extend([base, with_p])
-            params = SamplingParams(
-                max_new_tokens=a.max_new_tokens,
-                temperature=a.temperature,
-                top_p=a.top_p,
-                seed=derive_seed(cfg.seed, "answers", sample_key(batch[0]["key"], s)),
-            )
+            params = sampling(cfg, derive_seed(cfg.seed, "answers", sample_key(batch[0]["key"], s)))
             outs = engine.generate(chats, params)
             recs = []
             for i, q in enumerate(batch):
@@ -102,8 +122,8 @@ def write_answers(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
                     "key": sample_key(q["key"], s),
                     "domain": q["domain"],
                     "query": q["query"],
-                    "persona_length": p.use_length,
-                    "placement": p.placement,
+                    "persona_length": use_length,
+                    "placement": placement,
                     "base_answer": base_out.text,
                     "persona_answer": pers_out.text,
                     "base_tokens": base_out.num_tokens,

@@ -58,14 +58,6 @@ def persona_files_from_flags(items) -> dict:
     return files
 
 
-def persona_file_hashes(cfg: RunConfig) -> dict:
-    """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
-    return {
-        d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
-        for d, p in sorted(cfg.persona.persona_files.items())
-    }
-
-
 def query_prompt_version(fmt: str = "list") -> str:
     """A short hash of the query-writing prompt of format ``fmt``: records written with another prompt
     are not mixed in."""
@@ -85,12 +77,9 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict:
     (records are keyed per domain / query / sample, so adding domains, queries or samples extends a run
     instead of invalidating it), batch sizes, devices, the engine kind and quiet mode.
     """
-    import importlib
-
     from ..stages import get_stage
 
-    entry = get_stage(stage)
-    return getattr(importlib.import_module(f"..{entry.module}", __package__), entry.settings)(cfg)
+    return get_stage(stage).function("settings")(cfg)
 
 
 class Lazy:

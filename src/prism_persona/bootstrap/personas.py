@@ -11,15 +11,17 @@ num_tokens``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable
 
 from ..config import PERSONA_LENGTHS, RunConfig
 from ..engines.base import SamplingParams
+from ..errors import PrismError
 from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
-from .common import chunks, derive_seed, persona_file_hashes, persona_file_text, stage_settings
+from .common import chunks, derive_seed, persona_file_text, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,46 @@ def clean_persona(raw: str, length: str, domain: str = "", other_domains=()) -> 
     if text[-1] not in ".!?":
         text += "."
     return text
+
+
+def persona_file_hashes(cfg: RunConfig) -> dict:
+    """domain -> sha1 of the persona file's text (so an edited file is noticed on resume)."""
+    return {
+        d: hashlib.sha1(persona_file_text(p, d).encode("utf-8")).hexdigest()[:16]
+        for d, p in sorted(cfg.persona.persona_files.items())
+    }
+
+
+# What later stages read of this stage's settings (the ``persona`` block is read only in this module).
+
+
+def run_domains(cfg: RunConfig) -> list[str]:
+    """The run's domains: every stage's records are keyed by domain."""
+    return list(cfg.persona.domains)
+
+
+def shown(cfg: RunConfig) -> tuple[str, str]:
+    """``(use_length, placement)``: which persona variant the later stages show, and where in the chat."""
+    return cfg.persona.use_length, cfg.persona.placement
+
+
+def persona_files(cfg: RunConfig) -> dict:
+    """``{domain: path}`` of the personas given as files (``prism check`` judges with them)."""
+    return dict(cfg.persona.persona_files)
+
+
+def check(cfg: RunConfig) -> None:
+    """One-line errors before anything runs: no domain, a missing or empty persona file."""
+    if not cfg.persona.domains:
+        raise PrismError('no domains given; use --domains "writing,coding,safety"')
+    persona_file_hashes(cfg)
+
+
+def step(ctx) -> None:
+    """Write the missing personas; publish ``persona_counts``, ``personas`` and ``domains``."""
+    ctx.outputs["persona_counts"] = write_personas(ctx.cfg, ctx.run, ctx.engine)
+    ctx.outputs["personas"] = load_personas(ctx.run)
+    ctx.outputs["domains"] = list(ctx.options.domains)
 
 
 def personas_settings(cfg: RunConfig) -> dict:

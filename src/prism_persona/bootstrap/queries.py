@@ -47,7 +47,7 @@ from ..progress import progress
 from ..store import JsonlStore, RunDir, content_key
 from ..text import jaccard, unsafe_text_reason, word_set
 from .common import derive_seed, query_prompt_version, stage_settings
-from .personas import join_prefill, personas_settings
+from .personas import join_prefill, personas_settings, run_domains, shown
 from .prompts import (
     QUERY_PROMPT,
     REQUEST_OPENERS,
@@ -281,9 +281,10 @@ def tokenizer_specials(engine) -> tuple[str, ...]:
 def queries_settings(cfg: RunConfig) -> dict:
     """What the query records depend on: the personas' settings, how a persona is shown, and the
     query-writing settings and prompt (or, for ``--queries-file``, the file's content)."""
-    p, q = cfg.persona, cfg.queries
+    q = cfg.queries
     s = personas_settings(cfg)
-    s["persona"].update(use_length=p.use_length, placement=p.placement)
+    use_length, placement = shown(cfg)
+    s["persona"].update(use_length=use_length, placement=placement)
     s["queries"] = {
         "per_request": q.per_request,
         "max_rounds": q.max_rounds,
@@ -323,11 +324,11 @@ def write_queries(cfg: RunConfig, run: RunDir, get_engine: Callable, personas: d
     if cfg.queries.queries_file:
         return add_file_queries(cfg, run)
     store, rounds = queries_store(run, cfg), rounds_store(run, cfg)
-    q, domains = cfg.queries, cfg.persona.domains
+    q, domains = cfg.queries, run_domains(cfg)
     target = q.queries_per_persona
     have = {d: _domain_queries(store, d) for d in domains}
     record_lost_rounds(rounds, have)
-    persona = {d: personas[d][cfg.persona.use_length] for d in domains}
+    persona = {d: personas[d][shown(cfg)[0]] for d in domains}
     examples = [s["request"] for s in all_shots()] if q.format == "shots" else []
     filters = {d: QueryFilter(q, persona[d], [x["query"] for x in have[d]], examples) for d in domains}
     next_round = {d: sum(1 for r in rounds if r["domain"] == d) for d in domains}
@@ -444,7 +445,7 @@ def round_chats(
     q = cfg.queries
     if q.format == "list":
         n_req = math.ceil(q.oversample * missing / max(1, q.per_request))
-        return [(query_chat(domain, persona, cfg.persona.placement, q.per_request, k, n_req), "") for k in range(n_req)]
+        return [(query_chat(domain, persona, shown(cfg)[1], q.per_request, k, n_req), "") for k in range(n_req)]
     if q.format == "shots":
         topics = list(topics) or [domain]
         out = []
@@ -640,9 +641,9 @@ def add_file_queries(cfg: RunConfig, run: RunDir) -> dict:
     Duplicates (case and whitespace insensitive) within a domain are dropped and counted."""
     from .query_file import check_queries_file
 
-    store = queries_store(run, cfg)
-    added, in_file, dropped = [], {d: set() for d in cfg.persona.domains}, 0
-    for domain, query in check_queries_file(cfg.queries.queries_file, cfg.persona.domains):
+    store, domains = queries_store(run, cfg), run_domains(cfg)
+    added, in_file, dropped = [], {d: set() for d in domains}, 0
+    for domain, query in check_queries_file(cfg.queries.queries_file, domains):
         norm = normalise(query)
         key = content_key("query", domain, norm)
         if norm in in_file[domain]:
@@ -654,7 +655,7 @@ def add_file_queries(cfg: RunConfig, run: RunDir) -> dict:
     store.extend(added)
     if dropped:
         log.info("queries: %d duplicate lines of %s skipped", dropped, cfg.queries.queries_file)
-    return {d: min(cfg.queries.queries_per_persona, len(_domain_queries(store, d))) for d in cfg.persona.domains}
+    return {d: min(cfg.queries.queries_per_persona, len(_domain_queries(store, d))) for d in domains}
 
 
 def _domain_queries(store: JsonlStore, domain: str) -> list[dict]:
@@ -667,7 +668,7 @@ def query_stats(cfg: RunConfig, run: RunDir, collected: dict) -> dict:
     file or rounds recorded before the filters were counted)."""
     rounds = rounds_store(run, cfg)
     out = {}
-    for d in cfg.persona.domains:
+    for d in run_domains(cfg):
         mine = [r for r in rounds if r["domain"] == d]
         dropped: Counter = Counter()
         for r in mine:
@@ -682,6 +683,30 @@ def selected_queries(cfg: RunConfig, run: RunDir) -> list[dict]:
     """The queries the later stages use: the first ``queries_per_persona`` of each domain."""
     store = queries_store(run, cfg)
     out = []
-    for domain in cfg.persona.domains:
+    for domain in run_domains(cfg):
         out.extend(_domain_queries(store, domain)[: cfg.queries.queries_per_persona])
     return out
+
+
+def target(cfg: RunConfig) -> int:
+    """Queries per persona the run asks for (a larger number extends a finished bootstrap)."""
+    return cfg.queries.queries_per_persona
+
+
+def check(cfg: RunConfig) -> None:
+    """One-line errors before anything runs: a ``--queries-file`` that cannot be read or names a domain
+    the run lacks."""
+    if cfg.queries.queries_file:
+        from .query_file import check_queries_file
+
+        check_queries_file(cfg.queries.queries_file, run_domains(cfg))
+
+
+def step(ctx) -> None:
+    """Collect the missing queries; publish ``collected``, the selected ``queries``, ``query_stats`` and
+    the ``target`` per persona."""
+    collected = write_queries(ctx.cfg, ctx.run, ctx.engine, ctx.outputs["personas"])
+    ctx.outputs["collected"] = collected
+    ctx.outputs["queries"] = selected_queries(ctx.cfg, ctx.run)
+    ctx.outputs["query_stats"] = query_stats(ctx.cfg, ctx.run, collected)
+    ctx.outputs["target"] = ctx.options.queries_per_persona

@@ -35,16 +35,15 @@ from collections.abc import Callable
 from typing import Optional
 
 from ..config import RunConfig
-from ..engines.base import SamplingParams
 from ..errors import PrismError
 from ..judges import judge_swapped_batch
 from ..models import user_chat
 from ..progress import progress
 from ..stats import _quantile
 from ..store import JsonlStore, RunDir
-from .answers import answers_settings, chunk_size, query_key_of
+from .answers import answers_settings, chunk_size, query_key_of, samples, sampling, select
 from .common import chunks, derive_seed, stage_settings
-from .personas import load_personas
+from .personas import load_personas, shown
 from .summary import BLIND_MIN_PAIRS, blind_warning, debiased_note, judge_diagnostics, persona_margin
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,44 @@ def verdicts_settings(cfg: RunConfig) -> dict:
         if not j.null_pairs:
             s["judge"]["abstain_margin"] = j.abstain_margin  # the band decides the verdicts
     return s
+
+
+# What the pipeline, the training stages and the summary read of the judge's settings.
+
+
+def judge_spec(cfg: RunConfig) -> str:
+    """The ``--judge`` value (``self``, a model, a built-in rule judge or ``module:function``)."""
+    return cfg.judge.judge
+
+
+def abstain_margin(cfg: RunConfig) -> float:
+    """The judge's abstain band (0 = off): pairs inside it are left out of the gate's training."""
+    return cfg.judge.abstain_margin
+
+
+def check_judge(cfg: RunConfig) -> None:
+    """A judge that cannot load is one line, before any model loads (a ``module:function`` judge is
+    resolved, not called)."""
+    from ..judges import check_judge_spec
+
+    check_judge_spec(cfg.judge.judge)
+
+
+def build_judge(cfg: RunConfig, get_engine: Callable):
+    """The run's judge; the ``self`` judge shares the answering engine (``get_engine()``)."""
+    from ..judges import make_judge
+
+    return make_judge(cfg, get_engine() if cfg.judge.is_self() else None)
+
+
+def step(ctx) -> None:
+    """Judge the answer pairs that have no verdict yet; publish the selected ``verdicts``, the
+    ``judge`` spec and the ``abstain_margin`` (for the summary)."""
+    queries = ctx.outputs["queries"]
+    write_verdicts(ctx.cfg, ctx.run, ctx.judge, ctx.outputs["answers"], ctx.outputs["personas"], ctx.engine)
+    ctx.outputs["verdicts"] = select(verdicts_store(ctx.run, ctx.cfg), queries, samples(ctx.cfg))
+    ctx.outputs["judge"] = ctx.options.judge
+    ctx.outputs["abstain_margin"] = ctx.options.abstain_margin
 
 
 def verdicts_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
@@ -113,9 +150,9 @@ def margin_winner(margin: Optional[float], band: float) -> str:
     return "tie"
 
 
-def effective_rule(cfg: RunConfig, judge) -> str:
-    """``judge.rule``, or ``both_orders`` (said once) when the judge gives no log-probabilities."""
-    if cfg.judge.rule == "margin" and judge.mode != "logprob":
+def effective_rule(rule: str, judge) -> str:
+    """``rule`` (``judge.rule``), or ``both_orders`` (said once) when the judge gives no log-probabilities."""
+    if rule == "margin" and judge.mode != "logprob":
         log.info(
             "verify: judge.rule=margin needs log-probabilities; the %s judge '%s' gives none, so the "
             "both-orders rule decides",
@@ -123,7 +160,7 @@ def effective_rule(cfg: RunConfig, judge) -> str:
             judge.name,
         )
         return "both_orders"
-    return cfg.judge.rule
+    return rule
 
 
 def null_store(run: RunDir, cfg: RunConfig) -> JsonlStore:
@@ -139,7 +176,7 @@ def calibrate_band(
     the answers, its seed derived from the query key), judged in both orders against the stored base
     answer: two samples of the same system, so any margin is the judge's noise. The band is the
     ``judge.null_quantile`` quantile of ``|margin|`` over them. ``null_pairs`` = 0: ``abstain_margin``."""
-    jc, a = cfg.judge, cfg.answers
+    jc = cfg.judge
     if jc.null_pairs <= 0:
         return float(jc.abstain_margin), 0
     picked = [x for x in answers if "query_key" not in x][: jc.null_pairs]
@@ -147,13 +184,8 @@ def calibrate_band(
     todo = [x for x in picked if x["key"] not in store]
     if todo:
         engine = get_engine() if get_engine is not None else judge.engine
-        for batch in chunks(todo, chunk_size(cfg, engine) * 2):
-            params = SamplingParams(
-                max_new_tokens=a.max_new_tokens,
-                temperature=a.temperature,
-                top_p=a.top_p,
-                seed=derive_seed(cfg.seed, "null", batch[0]["key"]),
-            )
+        for batch in chunks(todo, chunk_size(cfg.model.batch_size, engine) * 2):
+            params = sampling(cfg, derive_seed(cfg.seed, "null", batch[0]["key"]))
             outs = engine.generate([user_chat(x["query"]) for x in batch], params)
             results = judge_swapped_batch(
                 judge, [(x["query"], o.text, x["base_answer"], x["domain"], "") for x, o in zip(batch, outs)]
@@ -183,9 +215,10 @@ def calibrate_band(
     return float(_quantile(margins, jc.null_quantile)), len(margins)
 
 
-def persona_text(personas: dict, answer: dict, cfg: RunConfig) -> str:
-    """The persona the answer was written with (what a context-aware judge receives)."""
-    length = answer.get("persona_length") or cfg.persona.use_length
+def persona_text(personas: dict, answer: dict, use_length: str) -> str:
+    """The persona the answer was written with (what a context-aware judge receives; ``use_length``
+    for records that do not say)."""
+    length = answer.get("persona_length") or use_length
     return personas.get(answer["domain"], {}).get(length, "")
 
 
@@ -206,7 +239,7 @@ def write_verdicts(
     if not todo:
         return 0
     judge = get_judge()
-    rule, band = effective_rule(cfg, judge), 0.0
+    rule, band = effective_rule(cfg.judge.rule, judge), 0.0
     if rule == "margin":
         band, n_null = calibrate_band(cfg, run, get_engine, judge, answers)
         how = (
@@ -216,12 +249,13 @@ def write_verdicts(
         )
         log.info("verify: margin rule, abstain band %.3f (%s)", band, how)
     bar = progress(total=len(todo), desc="verify", disable=cfg.quiet, unit="pair")
-    checked = False
-    for batch in chunks(todo, chunk_size(cfg, getattr(judge, "engine", None))):  # a server judge gets full calls
+    checked, use_length = False, shown(cfg)[0]
+    size = chunk_size(cfg.model.batch_size, getattr(judge, "engine", None))  # a server judge gets full calls
+    for batch in chunks(todo, size):
         results = judge_swapped_batch(
             judge,
             [
-                (a["query"], a["persona_answer"], a["base_answer"], a["domain"], persona_text(personas, a, cfg))
+                (a["query"], a["persona_answer"], a["base_answer"], a["domain"], persona_text(personas, a, use_length))
                 for a in batch
             ],
         )

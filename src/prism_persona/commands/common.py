@@ -130,6 +130,7 @@ def resume_from_saved_config(args: argparse.Namespace) -> None:
 def config_from_args(args: argparse.Namespace, need_domains: bool = True):
     """defaults < preset < --example kit < --config file < flags; a saved RUN/config.json is reused when
     resuming (what was run: how to run here comes from the flags, :func:`how_to_run.check_how_to_run`)."""
+    from ..bootstrap.personas import run_domains
     from ..config import read_config_file, resolve
     from ..errors import PrismError
     from ..how_to_run import check_how_to_run
@@ -142,7 +143,7 @@ def config_from_args(args: argparse.Namespace, need_domains: bool = True):
         raise PrismError(f"{cfg_file} was made with --example {saved_kit}; use another --out for --example {typed_kit}")
     kit = example_from(typed_kit or saved_kit or "")
     cfg = resolve(file=cfg_file, overrides=overrides, example=kit)
-    if need_domains and not cfg.persona.domains:
+    if need_domains and not run_domains(cfg):
         raise PrismError(
             'no domains given; use --domains "writing,coding,safety", --example safety or a config file with persona.domains'
         )
@@ -182,11 +183,12 @@ def check_judge_source(cfg, overrides: dict, cfg_file: str | None, confirmed: bo
     command line (``--judge`` / ``--set judge.judge=``) or confirms with ``--trust-judge``; a judge that
     only a file names (a received ``RUN/config.json`` or ``--config`` file) is refused with one line,
     also when the bootstrap is done (the held-out check and ``--redo verdicts`` would import it)."""
+    from ..bootstrap.verify import judge_spec
     from ..errors import PrismError
     from ..judges import is_callable_spec
     from ..kits import builtin_judges
 
-    spec = cfg.judge.judge.strip()
+    spec = judge_spec(cfg).strip()
     typed = "judge" in (overrides.get("judge") or {})
     builtin = spec in builtin_judges()  # an example kit's rule judge: library code, not a file's
     if typed or confirmed or builtin or not is_callable_spec(spec) or Path(spec).exists():

@@ -601,13 +601,26 @@ def check_finite(loss: float, params, step: int, dcfg) -> None:
 
 def distill_settings(cfg: RunConfig) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
+    from ..bootstrap.personas import shown
+
+    use_length, placement = shown(cfg)
     return {
         "distill": asdict(cfg.distill),
         "model": cfg.model.model,
         "seed": cfg.seed,
-        "persona_length": cfg.persona.use_length,
-        "placement": cfg.persona.placement,
+        "persona_length": use_length,
+        "placement": placement,
     }
+
+
+def prepare(ctx) -> None:
+    """Before any stage writes: the LoRA's target modules exist in the loaded model (one line if not)."""
+    lora_targets(ctx.model, ctx.options)
+
+
+def step(ctx) -> None:
+    """The stage registry's entry point: :func:`run_distill` on the run's labelled pairs."""
+    run_distill(ctx.run, ctx.cfg, ctx.records, ctx.model, ctx.tokenizer)
 
 
 def run_distill(

@@ -693,9 +693,11 @@ def gate_settings(cfg: RunConfig) -> dict:
     """The settings the gate stage depends on (a rerun with others is refused)."""
     from dataclasses import asdict
 
+    from ..bootstrap.verify import abstain_margin
+
     out = {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
-    if cfg.judge.abstain_margin > 0:  # absent when off, so runs made before the option resume unchanged
-        out["abstain_margin"] = cfg.judge.abstain_margin
+    if abstain_margin(cfg) > 0:  # absent when off, so runs made before the option resume unchanged
+        out["abstain_margin"] = abstain_margin(cfg)
     out.update(base_queries_settings(cfg))
     return out
 
@@ -705,6 +707,19 @@ def base_queries_settings(cfg: RunConfig) -> dict:
     if str(cfg.gate.base_queries).strip().lower() == "off":
         return {}
     return {"base_queries_hash": base_queries_fingerprint(cfg.gate.base_queries)}
+
+
+def check(cfg: RunConfig) -> None:
+    """One-line errors for a base-queries file before anything loads (the stage registry's check)."""
+    from ..config import is_base_queries_file
+
+    if is_base_queries_file(cfg.gate.base_queries):
+        read_base_queries(cfg.gate.base_queries)
+
+
+def step(ctx) -> None:
+    """The stage registry's entry point: :func:`run_gate` on the run's labelled pairs."""
+    run_gate(ctx.run, ctx.cfg, ctx.records, ctx.model, ctx.tokenizer)
 
 
 def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer=None) -> dict:

@@ -7,6 +7,10 @@ Stages, each a set of files in the run directory ``cfg.out``:
 6.   distill (:func:`prism_persona.train.distill.run_distill`): persona-conditioned teacher -> ``RUN/distill/adapter``.
 7.   assemble (:func:`prism_persona.gated.artifact.assemble`) -> ``RUN/prism``, and the training report.
 
+Stages 1-6 (and any registered with :func:`prism_persona.stages.register`) come from the stage
+registry: this module loops it, calling each stage's ``step(ctx)`` with a
+:class:`prism_persona.stages.StageContext`; it reads no stage's settings block itself.
+
 Every stage follows one protocol: skip when its ``<stage>.done.json`` exists; otherwise check the
 settings it saved against the current ones (a run directory made with different data-affecting
 settings is refused with a one-line error before any model loads), do the work (appending records as
@@ -26,15 +30,15 @@ import time
 from typing import Optional
 
 from .. import config as C
-from ..bootstrap.answers import answers_store, sample_keys, write_answers
-from ..bootstrap.common import Lazy, counters, persona_file_hashes, stage_settings, token_stats
-from ..bootstrap.personas import load_personas, write_personas
-from ..bootstrap.queries import query_stats, selected_queries, write_queries
+from .. import stages as S
+from ..bootstrap.common import Lazy, counters, stage_settings, token_stats
+from ..bootstrap.personas import run_domains
+from ..bootstrap.queries import target
 from ..bootstrap.summary import build_summary, format_data_report, format_summary
-from ..bootstrap.verify import load_labelled, verdicts_store, write_verdicts
+from ..bootstrap.verify import abstain_margin, build_judge, check_judge, load_labelled
 from ..errors import PrismError
 from ..how_to_run import check_how_to_run
-from ..stages import STAGES, get_stage, markers, stage_names, training_stages, with_dependents
+from ..stages import StageContext, bootstrap_stages, get_stage, markers, stage_names, training_stages, with_dependents
 from ..store import JsonlStore, RunDir, RunLock, StageSwap, remove_entry
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,7 @@ def peak_rss_mb() -> Optional[float]:
 def check_run(cfg: C.RunConfig, run: RunDir) -> None:
     """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
     records or trained stages made with other settings: the saved config always describes what ran."""
-    for stage in STAGES:
+    for stage in S.STAGES:
         for store in stage.stores:
             run.check_settings(store, json.loads(json.dumps(stage_settings(cfg, stage.name), default=str)))
     check_trained(cfg, run, training_stages())
@@ -68,34 +72,22 @@ def check_trained(cfg: C.RunConfig, run: RunDir, stages) -> None:
     if not done:
         return
     for stage in done:
-        settings = stage_function(stage, "settings")(cfg)
+        settings = stage_settings(cfg, stage)
         run.check_settings(stage, json.loads(json.dumps(settings, default=str)))
 
 
-def stage_function(name: str, which: str):
-    """The ``run`` or ``settings`` function of the training stage ``name`` (its module is imported now)."""
-    import importlib
-
-    stage = get_stage(name)
-    return getattr(importlib.import_module(f"..{stage.module}", __package__), getattr(stage, which))
+ARTIFACT_STAGES = ("gate", "distill")
+"""The training stages the gated artifact is assembled from (a registered stage adds files, not parts)."""
 
 
 def preflight(cfg: C.RunConfig, engine, judge) -> None:
     """One-line errors for a bad config, model, judge or persona file, before anything runs."""
     C.validate(cfg)
-    if not cfg.persona.domains:
-        raise PrismError('no domains given; use --domains "writing,coding,safety"')
-    persona_file_hashes(cfg)  # raises for a missing or empty persona file
-    if cfg.queries.queries_file:
-        from ..bootstrap.query_file import check_queries_file
-
-        check_queries_file(cfg.queries.queries_file, cfg.persona.domains)
+    for stage in S.STAGES:  # each stage's own one-line errors (domains, persona / queries / base files)
+        if stage.check:
+            stage.function("check")(cfg)
     if cfg.check.queries:
         check_heldout_file(cfg)
-    if C.is_base_queries_file(cfg.gate.base_queries):
-        from .gate import read_base_queries
-
-        read_base_queries(cfg.gate.base_queries)  # one-line errors before anything loads
     if engine is None:
         from ..engines import check_engine
 
@@ -109,11 +101,12 @@ def check_heldout_file(cfg: C.RunConfig) -> None:
     items = load_heldout(
         cfg.check.queries, cfg.check.rewarded, rewarded_flag="check.rewarded", per_domain=cfg.check.per_domain
     )
-    unknown = sorted({q.domain for q in items} - set(cfg.persona.domains))
+    domains = run_domains(cfg)
+    unknown = sorted({q.domain for q in items} - set(domains))
     if unknown:
         raise PrismError(
             f"--heldout {cfg.check.queries}: domain(s) {', '.join(unknown)} are not among the run's "
-            f"domains ({', '.join(cfg.persona.domains)})"
+            f"domains ({', '.join(domains)})"
         )
 
 
@@ -121,6 +114,7 @@ def run_heldout_check(cfg: C.RunConfig, run: RunDir, model=None, tok=None) -> di
     """``prism check`` of the run's artifact on ``cfg.check.queries`` with the run's judge, into
     ``RUN/check`` (resumable; redone after ``--redo gate|distill``). An already loaded base model
     (``model``, ``tok``) is reused, and modified: the artifact's adapter is installed into it."""
+    from ..bootstrap.personas import persona_files
     from ..gated.model import GatedModel
     from .check import run_check
 
@@ -138,7 +132,7 @@ def run_heldout_check(cfg: C.RunConfig, run: RunDir, model=None, tok=None) -> di
         cfg.check,
         cfg.judge,
         run.path("check"),
-        persona_files=cfg.persona.persona_files,
+        persona_files=persona_files(cfg),
         batch_size=m.batch_size,
         quiet=cfg.quiet,
         gated=gated,
@@ -157,10 +151,8 @@ def bootstrap_has_work(run: RunDir, cfg: C.RunConfig) -> bool:
     saved = run.read_json("config.json")
     if not run.done("bootstrap") or not isinstance(saved, dict):
         return True
-    return (
-        saved.get("persona", {}).get("domains") != list(cfg.persona.domains)
-        or saved.get("queries", {}).get("queries_per_persona") != cfg.queries.queries_per_persona
-    )
+    same_domains = saved.get("persona", {}).get("domains") == run_domains(cfg)
+    return not same_domains or saved.get("queries", {}).get("queries_per_persona") != target(cfg)
 
 
 def run_bootstrap(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
@@ -186,9 +178,7 @@ def check_redo(cfg: C.RunConfig, stage: Optional[str], judge=None) -> None:
         return
     stages = redo_stages(stage)
     if judge is None and any(get_stage(s).stores for s in stages):
-        from ..judges import check_judge_spec
-
-        check_judge_spec(cfg.judge.judge)
+        check_judge(cfg)
     if not any(get_stage(s).stores for s in stages):  # only training stages: their input must be readable
         labelled(RunDir(cfg.out), cfg)
 
@@ -196,7 +186,7 @@ def check_redo(cfg: C.RunConfig, stage: Optional[str], judge=None) -> None:
 def labelled(run: RunDir, cfg: C.RunConfig) -> list[dict]:
     """The run's labelled pairs (:func:`load_labelled`); none at all is one line (a stage trained on
     nothing would replace a trained gate or LoRA with an untrained one)."""
-    records = load_labelled(run, cfg.judge.abstain_margin)
+    records = load_labelled(run, abstain_margin(cfg))
     if not records:
         raise PrismError(
             f"{run.path('verdicts.jsonl')} holds no judged pairs to train on; run `prism bootstrap --out "
@@ -249,9 +239,7 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
     run = RunDir(cfg.out)
     check_run(cfg, run)
     if not run.done("bootstrap") and judge is None:
-        from ..judges import check_judge_spec
-
-        check_judge_spec(cfg.judge.judge)
+        check_judge(cfg)
     if bootstrap_has_work(run, cfg):
         save_config(run, cfg)
 
@@ -261,23 +249,12 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
         return make_engine(cfg)
 
     get_engine = Lazy(_make_engine, engine)
-
-    def _make_judge():
-        from ..judges import make_judge
-
-        self_judge = cfg.judge.is_self()
-        return make_judge(cfg, get_engine() if self_judge else None)
-
-    get_judge = Lazy(_make_judge, judge)
+    get_judge = Lazy(lambda: build_judge(cfg, get_engine), judge)
+    ctx = StageContext(cfg, run, engine=get_engine, judge=get_judge, quiet=cfg.quiet)
     try:
-        persona_counts = write_personas(cfg, run, get_engine)
-        personas = load_personas(run)
-        collected = write_queries(cfg, run, get_engine, personas)
-        queries = selected_queries(cfg, run)
-        write_answers(cfg, run, get_engine, personas, queries)
-        answers = _select(answers_store(run, cfg), queries, cfg.answers.samples)
-        write_verdicts(cfg, run, get_judge, answers, personas, get_engine)
-        verdicts = _select(verdicts_store(run, cfg), queries, cfg.answers.samples)
+        for name in bootstrap_stages():  # each stage publishes what later ones read in ctx.outputs
+            stage = get_stage(name)
+            stage.function("step")(ctx.for_stage(stage))
     finally:  # also on Ctrl-C: close what was built here and keep this invocation's token counts
         built = [get_engine.built] + (list(get_judge.built.engines) if get_judge.built is not None else [])
         tokens = record_tokens(run, token_stats(built, baseline), time.perf_counter() - t0)
@@ -285,25 +262,26 @@ def _run_bootstrap(cfg: C.RunConfig, engine, judge) -> dict:
             get_judge.built.close()
         if engine is None and get_engine.built is not None:
             get_engine.built.close()
+    out = ctx.outputs
     summary = build_summary(
-        cfg.persona.domains,
-        verdicts,
-        answers,
-        personas=persona_counts,
-        queries=collected,
-        target=cfg.queries.queries_per_persona,
+        out["domains"],
+        out["verdicts"],
+        out["answers"],
+        personas=out["persona_counts"],
+        queries=out["collected"],
+        target=out["target"],
         tokens=tokens,
-        judge=getattr(get_judge.built, "name", cfg.judge.judge),
-        mode=_judge_mode(get_judge.built, verdicts),
+        judge=getattr(get_judge.built, "name", out["judge"]),
+        mode=_judge_mode(get_judge.built, out["verdicts"]),
         model=cfg.model.model,
         wall_seconds=time.perf_counter() - t0,
         run=str(run.root),
-        query_stats=query_stats(cfg, run, collected),
-        abstain_margin=cfg.judge.abstain_margin,
+        query_stats=out["query_stats"],
+        abstain_margin=out["abstain_margin"],
     )
     run.write_json("summary.json", summary)
     run.path("summary.md").write_text(format_summary(summary), encoding="utf-8")
-    run.mark_done("bootstrap", {"pairs": len(verdicts), "labelled_positive": summary["total"]["wins"]})
+    run.mark_done("bootstrap", {"pairs": len(out["verdicts"]), "labelled_positive": summary["total"]["wins"]})
     return summary
 
 
@@ -336,12 +314,6 @@ def _judge_mode(judge, verdicts: list[dict]) -> Optional[str]:
         return judge.mode
     modes = sorted({v["mode"] for v in verdicts})
     return ",".join(modes) or None
-
-
-def _select(store: JsonlStore, queries: list[dict], samples: int = 1) -> list[dict]:
-    """The store's records for ``queries`` (``samples`` answer samples each), sample by sample in query
-    order (missing ones skipped)."""
-    return [store.get(k) for k in sample_keys(queries, samples) if k in store]
 
 
 # --- stages 5-7 -------------------------------------------------------------------------------------
@@ -401,13 +373,14 @@ def train_stages(
     cfg: C.RunConfig,
     model=None,
     tok=None,
-    stages=training_stages(),
+    stages: Optional[tuple[str, ...]] = None,
     seconds: Optional[dict] = None,
     redo_stage: Optional[str] = None,
     memory: Optional[dict] = None,
 ) -> dict:
-    """Run the gate and/or distill stages on a run's labelled data, assemble the artifact when both are
-    done, and write the training report. Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
+    """Run the training stages ``stages`` (default: all of them, in registry order) on a run's labelled
+    data, assemble the artifact when the gate and distillation are done, and write the training report.
+    Returns ``{"artifact": path or None, "report": dict, "run": RunDir}``."""
     from .parallel import DataParallel
 
     main = DataParallel().is_main  # data-parallel distillation: every rank trains, rank 0 writes
@@ -415,7 +388,9 @@ def train_stages(
         if main:
             check_redo(cfg, redo_stage)
         with redo_guard(cfg, redo_stage) if main else contextlib.nullcontext():
-            return _train_stages(cfg, model, tok, stages, seconds, main, memory)
+            return _train_stages(
+                cfg, model, tok, training_stages() if stages is None else stages, seconds, main, memory
+            )
 
 
 def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main, memory=None) -> dict:
@@ -425,33 +400,41 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main, memory=No
     run = RunDir(cfg.out)
     check_trained(cfg, run, stages)
     todo = any(not run.done(s) for s in stages)
-    records = labelled(run, cfg) if todo else load_labelled(run, cfg.judge.abstain_margin)
+    records = labelled(run, cfg) if todo else load_labelled(run, abstain_margin(cfg))
     seconds = dict(seconds or {})
     memory = {} if memory is None else memory
     if todo and model is None:
         model, tok = load_base(cfg)
         memory["load_model"] = peak_rss_mb()
-    if "distill" in stages and not run.done("distill"):  # settings checked against the model before any write
-        from .distill import lora_targets
-
-        lora_targets(model, cfg.distill)
+    ctx = StageContext(cfg, run, model=model, tokenizer=tok, records=records, quiet=cfg.quiet)
+    prepare_stages(ctx, stages)  # settings checked against the model before any write
     if todo and main:
         save_config(run, cfg)
     if model is not None and main:
         from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
 
         run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
-    for stage in training_stages():
-        if stage in stages:
-            ran = not run.done(stage)
-            stage_function(stage, "run")(run, cfg, records, model, tok)
+    for name in training_stages():
+        if name in stages:
+            ran = not run.done(name)
+            stage = get_stage(name)
+            stage.function("step")(ctx.for_stage(stage))
             if ran:
-                memory[stage] = peak_rss_mb()
+                memory[name] = peak_rss_mb()
     if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
-    art = assemble(run, cfg) if all(run.done(s) for s in training_stages()) else None
+    art = assemble(run, cfg) if all(run.done(s) for s in ARTIFACT_STAGES) else None
     rep = write_report(run, records, seconds, memory)
     return {"artifact": art, "report": rep, "run": run}
+
+
+def prepare_stages(ctx: StageContext, names) -> None:
+    """Call the ``prepare(ctx)`` hook of each training stage in ``names`` that is not done yet (the
+    shared model is loaded): settings checked against the model before anything is written."""
+    for name in training_stages():
+        stage = get_stage(name)
+        if name in names and stage.prepare and not ctx.run.done(name):
+            stage.function("prepare")(ctx.for_stage(stage))
 
 
 def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional[str] = None) -> dict:
@@ -483,9 +466,7 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
     check_run(cfg, run)  # before the model loads
     todo = [m for m in markers() if not run.done(m)]
     if judge is None and (todo or cfg.check.queries):  # a judge that cannot load: before the model loads
-        from ..judges import check_judge_spec
-
-        check_judge_spec(cfg.judge.judge)
+        check_judge(cfg)
     from ..engines import engine_spec, make_engine
 
     if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
@@ -493,10 +474,8 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)
         memory["load_model"] = peak_rss_mb()
-        if not run.done("distill"):  # a setting only distillation reads, checked before the bootstrap
-            from .distill import lora_targets
-
-            lora_targets(model, cfg.distill)
+        # settings checked against the model (distillation's LoRA targets) before the bootstrap
+        prepare_stages(StageContext(cfg, run, model=model, tokenizer=tok, quiet=cfg.quiet), training_stages())
         engine = make_engine(cfg, model, tok)
     t0 = time.perf_counter()
     summary = run_bootstrap(cfg, engine=engine, judge=judge)
@@ -514,5 +493,5 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         run_heldout_check(cfg, run, model, tok)
         seconds["check"] = round(time.perf_counter() - t0, 2)
         memory["check"] = peak_rss_mb()
-        res["report"] = write_report(run, load_labelled(run, cfg.judge.abstain_margin), seconds, memory)
+        res["report"] = write_report(run, load_labelled(run, abstain_margin(cfg)), seconds, memory)
     return {"summary": summary, **res}
