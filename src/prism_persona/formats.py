@@ -35,6 +35,7 @@ ARTIFACT_CONFIG = FileFormat("artifact config", 1)
 """An artifact's ``prism_config.json`` (version 1: base_model, model_kind, adapter, gate files,
 threshold, prism_version and the run's settings)."""
 
+
 def _gate_v1_to_v2(data: dict) -> dict:
     """Version 1 (the binary gate) is version 2 without ``personas``: nothing to change."""
     return dict(data)

@@ -618,7 +618,10 @@ def auto_min_confidence(
         if b["n"] and b["accuracy"] < AUTO_CONFIDENCE_ACCURACY:
             floor = b["hi"]
     floor = min(floor, 1.0)
-    return floor, f"auto: {int(wanted.sum())} routed held-out rows, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up"
+    return (
+        floor,
+        f"auto: {int(wanted.sum())} routed held-out rows, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
+    )
 
 
 def confusion(gate: Gate, threshold: float, features: torch.Tensor, classes: Sequence[int]) -> list[list[int]]:
@@ -828,7 +831,11 @@ def train_gate(
         fit_targets = targets
     val = None if val_is_train else (features[val_idx], pick(val_idx, fit_targets), weights[val_idx])
     x_fit, t_fit, w_fit = with_base_rows(
-        features[train_idx], pick(train_idx, fit_targets), weights[train_idx], base_features, label_cells(labels, groups)
+        features[train_idx],
+        pick(train_idx, fit_targets),
+        weights[train_idx],
+        base_features,
+        label_cells(labels, groups),
     )
     gate = fit_gate(x_fit, t_fit, cfg, seed, w_fit, val, standardise_on=features[train_idx])
     with torch.no_grad():
@@ -974,18 +981,22 @@ def run_personas(domains: Sequence[str], texts: dict, files: Optional[dict] = No
 
 def personas_of_run(run, cfg: RunConfig, records: Sequence[dict]) -> list[dict]:
     """:func:`run_personas` of a run directory: the persona texts of ``RUN/personas.jsonl`` at the run's
-    persona length, for the domains of ``records`` (a domain without a persona text there is its own)."""
+    persona length, for the domains of ``records``. A domain without a persona text there gives one
+    persona for all (the binary gate), with a log line: a K-way gate is never guessed."""
     from ..bootstrap.personas import load_personas
 
     stored = load_personas(run)
-    length = cfg.persona.use_length
-    domains = [d for d in cfg.persona.domains] + sorted({r.get("domain", "") for r in records} - set(cfg.persona.domains))
+    used = {r.get("domain", "") for r in records}
+    domains = [d for d in cfg.persona.domains if d in used] + sorted(used - set(cfg.persona.domains))
     texts = {}
     for d in domains:
         by_length = stored.get(d) or {}
-        texts[d] = by_length.get(length) or next(iter(by_length.values()), None) or f"\x00domain:{d}"
-    used = {r.get("domain", "") for r in records}
-    return run_personas([d for d in domains if d in used], texts, cfg.persona.persona_files)
+        texts[d] = by_length.get(cfg.persona.use_length) or next(iter(by_length.values()), None)
+    missing = [d for d in domains if not texts[d]]
+    if missing:
+        log.info("gate: no persona text for %s in personas.jsonl: one gate class for all personas", ", ".join(missing))
+        return []
+    return run_personas(domains, texts, cfg.persona.persona_files)
 
 
 def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:

@@ -229,7 +229,10 @@ def _calibration_lines(g: dict, root: str) -> list[str]:
         lines += ["", f"![reliability]({os.path.relpath(g['reliability_plot'], root)})"]
     conf = g.get("confusion")
     if g.get("personas"):
-        lines += ["", f"Personas: {', '.join(g['personas'])}; abstain below confidence {fmt_cell(g.get('min_confidence'))}."]
+        lines += [
+            "",
+            f"Personas: {', '.join(g['personas'])}; abstain below confidence {fmt_cell(g.get('min_confidence'))}.",
+        ]
     if conf:
         names = conf["classes"]
         lines += ["", "Held-out confusion (rows: the class that won; columns: the gate's decision):", ""]
