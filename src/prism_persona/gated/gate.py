@@ -30,8 +30,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..formats import GATE_CONFIG as GATE_CONFIG_FORMAT
 from ..formats import BINARY_GATE_VERSION, stamp, upgrade
+from ..formats import GATE_CONFIG as GATE_CONFIG_FORMAT
 from .features import FEATURE_LAYER
 
 GATE_WEIGHTS = "gate.safetensors"
