@@ -353,3 +353,62 @@ def test_the_gate_stage_of_one_shared_persona_is_the_binary_gate(tiny_model, tmp
     assert "personas" not in info and "calibration" in info
     bundle = GateBundle.load(run.path("gate"))
     assert bundle.gate.personas == 1 and json.loads((run.path("gate") / GATE_CONFIG).read_text())["format_version"] == 1
+
+
+# ------------------------------------------------------------------------------------- routing paths
+
+
+def test_every_routing_path_agrees_on_a_three_persona_gate(tiny_model_dir, tmp_path):
+    """A K = 3 gate in an artifact: route(), the prefill hook (with the persona per row), the vLLM router
+    and lm-eval give the same probabilities and routes; the prefill's persona is decide()'s."""
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.gated.features import query_features
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.gated.router import load_router
+    from prism_persona.models import load_model, render_chat, user_chat
+    from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism", cache=False)
+    queries = list(SPLIT_QUERIES) + ["a much longer request about the history of the printing press", "hi"]
+    base, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    feats = query_features(base, tok, queries, 16, GateConfig().pooling)
+    torch.manual_seed(3)
+    gate = Gate(feats.shape[1], [], dropout=0.0, pooling=GateConfig().pooling, personas=3)
+    gate.set_standardisation(feats)
+    with torch.no_grad():
+        gate.mlp[-1].weight.normal_(0, 1.0)
+    gate.eval()
+    gate.min_confidence = 0.45
+    GateBundle(gate=gate, threshold=0.5, info={"personas": persona_list(3)}).save(art)
+    want = decide(gate, 0.5, feats)
+    assert want.routed.any() and (~want.routed).any()  # both routes exercised
+
+    chats = [user_chat(q) for q in queries]
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    assert gm.gate.personas == 3
+    decided = gm.decisions(chats)
+    completions = gm.generate(chats, SamplingParams(max_new_tokens=1))
+    router = load_router(str(art), device="cpu", dtype="float32").route(chats)
+    lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=2)
+    via_lmeval, routed_lmeval = lm.route([lm.tok_encode(render_chat(lm.tokenizer, c)) for c in chats])
+    for name, probs in [
+        ("route", [d["gate_prob"] for d in decided]),
+        ("prefill", [c.meta["gate_prob"] for c in completions]),
+        ("router", [p for p, _ in router]),
+        ("lmeval", via_lmeval),
+    ]:
+        assert probs == pytest.approx(want.probs.tolist(), abs=1e-4), name
+    for name, routed in [
+        ("route", [d["routed"] for d in decided]),
+        ("prefill", [c.meta["routed"] for c in completions]),
+        ("router", [r for _, r in router]),
+        ("lmeval", routed_lmeval),
+    ]:
+        assert routed == want.routed.tolist(), name
+    # the prefill's persona per row (its rows in the order of its last batch) is decide()'s on its features
+    assert gm.persona is not None and gm.state.features is not None
+    assert torch.equal(gm.persona, decide(gm.gate, gm.threshold, gm.state.features).persona)
+    assert torch.equal(gm.persona >= 0, gm.state.routed)
+    if gm.persona.numel() == len(queries):  # one batch: the same personas, in its order
+        assert sorted(gm.persona.tolist()) == sorted(want.persona.tolist())
