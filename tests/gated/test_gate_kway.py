@@ -236,6 +236,8 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model():
     conf, ok = top_label(after, labels)
     assert expected_calibration_error(conf, ok) == pytest.approx(report["ece_after"])
     assert sum(b["n"] for b in report["reliability_after"]) == n
+    # an underconfident model is not sharpened (the fit only softens: TEMPERATURE_RANGE)
+    assert calibrate_temperature(true_logits / 3.0, labels, "fit")[0] == 1.0
     # off / too few rows: temperature 1 and a note
     t0, rep0, _ = calibrate_temperature(sharp[:4], labels[:4], "fit")
     assert t0 == 1.0 and "too few" in rep0["note"]
