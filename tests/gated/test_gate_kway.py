@@ -414,3 +414,17 @@ def test_every_routing_path_agrees_on_a_three_persona_gate(tiny_model_dir, tmp_p
     assert torch.equal(gm.persona >= 0, gm.state.routed)
     if gm.persona.numel() == len(queries):  # one batch: the same personas, in its order
         assert sorted(gm.persona.tolist()) == sorted(want.persona.tolist())
+    assert [d["persona"] for d in decided] == want.persona.tolist()
+
+    # prism check's per-persona confusion: expected class (the domain's persona where routed) vs decide()'s
+    from prism_persona.train.check import HeldoutQuery, persona_confusion
+
+    domains = [f"domain{i % 3}" for i in range(len(queries))]
+    routes = [i % 2 == 0 for i in range(len(queries))]
+    items = [HeldoutQuery(f"k{i}", d, q, r) for i, (d, q, r) in enumerate(zip(domains, queries, routes))]
+    items.append(HeldoutQuery("x", "elsewhere", "a query of a domain no persona lists", True))
+    pc = persona_confusion(gm, items)
+    matrix = [[0] * 4 for _ in range(4)]
+    for i, k in enumerate(want.persona.tolist()):
+        matrix[(i % 3) + 1 if routes[i] else 0][k + 1] += 1
+    assert pc["classes"] == ["base", "p0", "p1", "p2"] and pc["matrix"] == matrix and pc["left_out"] == 1

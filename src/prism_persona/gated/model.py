@@ -252,8 +252,8 @@ class GatedModel:
 
     @torch.no_grad()
     def decisions(self, chats: Sequence[list]) -> list[dict]:
-        """``{"gate_prob", "routed", "abstained"}`` per chat, from its first user turn, with embeddings +
-        layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
+        """``{"gate_prob", "routed", "abstained"}`` (and ``persona`` for a K-way gate) per chat, from its
+        first user turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
         if not chats:
             return []
         queries = [first_user_turn(c) for c in chats]
@@ -264,11 +264,15 @@ class GatedModel:
             )
         finally:
             self._suspended = False
-        probs, routed, abstained = decide(self.gate, self.threshold, feats)[:3]
-        return [
+        d = decide(self.gate, self.threshold, feats)
+        rows = [
             {"gate_prob": float(p), "routed": bool(r), "abstained": bool(a)}
-            for p, r, a in zip(probs.tolist(), routed.tolist(), abstained.tolist())
+            for p, r, a in zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist())
         ]
+        if self.gate.personas > 1:  # K-way gate: the routed persona's index (-1 = base)
+            for row, k in zip(rows, d.persona.tolist()):
+                row["persona"] = int(k)
+        return rows
 
     def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
         """(gate_prob, routed) per chat (:meth:`decisions`; routed is False where the gate abstained)."""
