@@ -242,8 +242,10 @@ def decide(gate: Gate, threshold: float, features: torch.Tensor, min_confidence:
     route and not abstained; ``persona``: the most probable persona where routed, -1 elsewhere. Every
     router calls this (one rule for the prefill hook, route(), lm-eval, vLLM)."""
     feats = features.to(device=gate.mean.device, dtype=gate.mean.dtype)
-    probs = gate(feats)
-    class_probs = gate.class_probs(feats)
+    logits = gate.class_logits(feats)  # one pass of the MLP
+    class_probs = torch.softmax(logits, dim=-1)
+    # K = 1: sigmoid of the logit, exactly as gate(feats); K >= 2: 1 - P(base)
+    probs = torch.sigmoid(logits[:, 1]) if gate.personas == 1 else 1.0 - class_probs[:, 0]
     wanted = probs >= threshold
     outside = gate.outside(feats)
     if gate.personas > 1:
