@@ -428,3 +428,65 @@ def test_every_routing_path_agrees_on_a_three_persona_gate(tiny_model_dir, tmp_p
     for i, k in enumerate(want.persona.tolist()):
         matrix[(i % 3) + 1 if routes[i] else 0][k + 1] += 1
     assert pc["classes"] == ["base", "p0", "p1", "p2"] and pc["matrix"] == matrix and pc["left_out"] == 1
+
+
+# ------------------------------------------------------------------------------------- prism run end to end
+
+
+def test_prism_run_with_two_personas_assembles_a_kway_artifact_that_generates(tiny_model_dir, tmp_path, monkeypatch):
+    """`prism run` (bootstrap faked) on two domains with two persona texts: the artifact's gate is K = 2,
+    the training report carries its calibration and confusion, and the gated model routes and answers."""
+    import prism_persona.train.pipeline as P
+    from prism_persona import cli
+    from prism_persona import config as C
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.models import user_chat
+    from prism_persona.store import RunDir
+
+    domains = ["writing", "coding"]
+    records = [
+        {
+            "key": f"k{i}",
+            "domain": domains[i % 2],
+            "query": f"Please help me with {domains[i % 2]} task number {i}.",
+            "persona": f"You are a world-class expert in {domains[i % 2]}.",
+            "placement": "system",
+            "base_answer": "Sure.",
+            "persona_answer": f"As an expert in {domains[i % 2]}: step {i}, done.",
+            "label": int(i % 4 in (0, 1)),
+        }
+        for i in range(24)
+    ]
+
+    def run_bootstrap(cfg, engine=None, judge=None):
+        run = RunDir(cfg.out)
+        run.write_json("config.json", json.loads(C.dump(cfg)))
+        rows = [
+            {"key": f"{d}-{n}", "domain": d, "length": n, "text": f"You are a world-class expert in {d}."}
+            for d in domains
+            for n in cfg.persona.lengths
+        ]
+        run.path("personas.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if not run.done("bootstrap"):
+            run.write_json("summary.json", {"wall_seconds": 1.0})
+            run.mark_done("bootstrap", {})
+        return {}
+
+    monkeypatch.setattr(P, "run_bootstrap", run_bootstrap)
+    monkeypatch.setattr(P, "load_labelled", lambda run, *a, **k: records)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--domains", ",".join(domains), "--out", str(out)]
+    args += ["--preset", "tiny", "--set", "gate.epochs=30", "--set", "distill.epochs=1", "--set", "distill.r=4", "-q"]
+    assert cli.main(args) == 0
+    art = out / "prism"
+    bundle = GateBundle.load(art)
+    assert bundle.gate.personas == 2 and bundle.personas == domains
+    rep = json.loads((out / "training_report.json").read_text())
+    assert rep["gate"]["personas"] == domains and rep["gate"]["calibration"]["ece_before"] is not None
+    assert (out / "gate" / "reliability.png").is_file()
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    chats = [user_chat(r["query"]) for r in records[:6]]
+    done = gm.generate(chats, SamplingParams(max_new_tokens=2))
+    assert len(done) == 6 and all("gate_prob" in c.meta for c in done)
+    assert [d["routed"] for d in gm.decisions(chats)] == [c.meta["routed"] for c in done]
