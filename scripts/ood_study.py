@@ -89,7 +89,7 @@ def routing_rates(bundle, sets: dict) -> dict:
     out = {}
     with torch.no_grad():
         for sname, x in sets.items():
-            p, routed, _ = bundle.decide(x)
+            p, routed, _ = bundle.decide(x)[:3]
             out[sname] = {
                 "n": int(x.shape[0]),
                 "routed_without_ood": float((p >= bundle.threshold).float().mean()),
@@ -145,7 +145,7 @@ def base_examples_study(name: str, other: str, records: list, feats: dict, held_
             row = routing_rates(bundle, sets)
             if all(v is not None for v in held_route):
                 with torch.no_grad():
-                    _, routed, _ = bundle.decide(sets["own_heldout"])
+                    _, routed, _ = bundle.decide(sets["own_heldout"])[:3]
                 y = [int(v) for v in held_route]
                 row["own_heldout"]["balanced_accuracy"] = binary_metrics(routed.float().tolist(), y, 0.5)[
                     "balanced_accuracy"
@@ -227,7 +227,7 @@ def main() -> None:
             row: dict = {"fit": info, "sets": {}}
             with torch.no_grad():
                 for sname, x in sets.items():
-                    p, routed, abst = bundle.decide(x)
+                    p, routed, abst = bundle.decide(x)[:3]
                     entry = {
                         "n": int(x.shape[0]),
                         "routed_without_ood": float((p >= thr).float().mean()),

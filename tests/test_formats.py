@@ -100,13 +100,14 @@ def test_gate_config_version(tmp_path):
     GateBundle(gate=gate, threshold=0.3).save(tmp_path)
     path = tmp_path / GATE_CONFIG
     written = json.loads(path.read_text())
-    assert written["format_version"] == F.GATE_CONFIG.current == 1
+    # a binary gate is still written as version 1 (an older PRISM reads it); version 2 adds personas
+    assert written["format_version"] == 1 and F.GATE_CONFIG.current == 2
     del written["format_version"]  # a gate saved before the field existed
     path.write_text(json.dumps(written))
     read = GateBundle.load(tmp_path)
-    assert read.info["format_version"] == 1 and read.threshold == 0.3
+    assert read.info["format_version"] == F.GATE_CONFIG.current and read.threshold == 0.3  # migrated on read
     x = torch.randn(5, 8)
     assert torch.equal(read.gate(x), gate(x))
-    path.write_text(json.dumps({**written, "format_version": 2}))
-    with pytest.raises(PrismError, match="gate_config.json has format_version 2, newer than this PRISM reads"):
+    path.write_text(json.dumps({**written, "format_version": 3}))
+    with pytest.raises(PrismError, match="gate_config.json has format_version 3, newer than this PRISM reads"):
         GateBundle.load(tmp_path)

@@ -475,8 +475,40 @@ class GateConfig:
         "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (178 everyday requests and knowledge questions shipped with PRISM; kept other kits' queries off best with true labels, but cut the routing a run's few noisy labels earn: docs/method-check.md), 'off' (the default), or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
     )
 
+    classes: str = option(
+        "binary",
+        "Gate classes: 'personas' (base + one class per distinct persona text of the run: several personas give a K-way gate that also picks the persona; one persona is the binary gate) or 'binary' (base vs persona, whatever the personas; the default until one adapter per persona is distilled: with one adapter a K-way gate only adds the persona-confidence abstain). docs/gated.md.",
+        choices=("personas", "binary"),
+    )
+    temperature: str = option(
+        "fit",
+        "Calibrate the gate's probabilities by temperature scaling on the held-out split ('fit'; the expected calibration error before and after goes to the gate report) or not ('off'). The binary gate's routing at threshold 0.5 does not change.",
+        choices=("fit", "off"),
+    )
+    min_confidence: str = option(
+        "auto",
+        "K-way gate only: a query whose most probable persona has a calibrated probability below this goes to the base model (abstains). 'auto' (from the held-out reliability curve: the lowest confidence from which the routed persona is right at least half the time), 'off' (never), or a number in [0, 1].",
+    )
+
     def validate(self) -> None:
         calibration_rate(self.calibrate)
+        confidence_floor(self.min_confidence)
+
+
+def confidence_floor(value: str) -> Optional[float]:
+    """``gate.min_confidence`` as a number (0.0 for 'off'); None for 'auto'; a one-line error otherwise."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text == "off":
+        return 0.0
+    try:
+        floor = float(text)
+    except ValueError:
+        floor = -1.0
+    if not 0 <= floor <= 1:
+        raise PrismError(f"gate.min_confidence must be auto, off or a number in [0, 1], got {value!r}")
+    return floor
 
 
 BASE_QUERIES_WORDS = ("builtin", "off")

@@ -35,9 +35,20 @@ ARTIFACT_CONFIG = FileFormat("artifact config", 1)
 """An artifact's ``prism_config.json`` (version 1: base_model, model_kind, adapter, gate files,
 threshold, prism_version and the run's settings)."""
 
-GATE_CONFIG = FileFormat("gate config", 1)
+
+def _gate_v1_to_v2(data: dict) -> dict:
+    """Version 1 (the binary gate) is version 2 without ``personas``: nothing to change."""
+    return dict(data)
+
+
+GATE_CONFIG = FileFormat("gate config", 2, {1: _gate_v1_to_v2})
 """A gate's ``gate_config.json`` (``RUN/gate/`` and inside an artifact; version 1: hidden_size,
-hidden_sizes, pooling, threshold, the optional ``ood`` abstain region and the training info)."""
+hidden_sizes, pooling, threshold, the optional ``ood`` abstain region, the optional ``temperature`` and
+the training info; version 2 adds ``personas`` (a list of K >= 2 entries: the K-way gate) and
+``min_confidence``). A binary gate is still written as version 1, so an older PRISM reads it."""
+
+BINARY_GATE_VERSION = 1
+"""The ``format_version`` a binary (K = 1) gate's ``gate_config.json`` is written with."""
 
 
 def version_of(data: dict, fmt: FileFormat, where: str) -> int:
@@ -63,6 +74,7 @@ def upgrade(data: dict, fmt: FileFormat, where: str) -> dict:
     return out
 
 
-def stamp(data: dict, fmt: FileFormat) -> dict:
-    """``data`` with the ``format_version`` this library writes."""
-    return {**data, FIELD: fmt.current}
+def stamp(data: dict, fmt: FileFormat, version: int | None = None) -> dict:
+    """``data`` with the ``format_version`` this library writes (``version``: an older one whose layout
+    ``data`` still has, so that an older reader accepts it)."""
+    return {**data, FIELD: fmt.current if version is None else int(version)}

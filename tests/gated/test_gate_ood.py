@@ -53,8 +53,8 @@ def test_region_separates_far_points_and_decide_sends_them_to_the_base_model(met
     assert region is not None and info["method"] == method and info["crossfit_inside_rate"] >= 0.98
     gate.ood = region
     near, far = blob(50, 16, 1), blob(50, 16, 2, shift=6.0)
-    p_near, r_near, a_near = decide(gate, 0.5, near)
-    p_far, r_far, a_far = decide(gate, 0.5, far)
+    p_near, r_near, a_near = decide(gate, 0.5, near)[:3]
+    p_far, r_far, a_far = decide(gate, 0.5, far)[:3]
     assert a_far.all() and not r_far.any()  # far: abstained, never routed
     assert a_near.float().mean() <= 0.1 and torch.equal(r_near, ~a_near)
     torch.testing.assert_close(p_far, gate(far))  # the probability is reported as is
@@ -84,12 +84,12 @@ def test_train_gate_fits_the_region_on_the_routed_queries_and_keeps_in_distribut
     fit = on.info["ood_fit"]
     assert fit["method"] == "mahalanobis" and fit["reference"] == "routed" and fit["quantile"] == 1.0
     # the training queries the gate routes keep their route
-    p_off, r_off, _ = off.decide(x)
-    _, r_on, a_on = on.decide(x)
+    p_off, r_off, _ = off.decide(x)[:3]
+    _, r_on, a_on = on.decide(x)[:3]
     assert (r_on == r_off).float().mean() >= 0.95
     # a query far from every training query is abstained, whatever its probability
     far = blob(10, 8, 7, shift=12.0)
-    p_far, r_far, a_far = on.decide(far)
+    p_far, r_far, a_far = on.decide(far)[:3]
     assert on.gate.outside(far).all() and not r_far.any()
     assert torch.equal(a_far, p_far >= on.threshold)  # abstained = the rule overrode a "route"
     assert torch.equal(off.decide(far)[1], p_far >= off.threshold)
@@ -124,7 +124,7 @@ def test_old_gate_files_without_an_ood_block_load_unchanged(tiny_model_dir, tmp_
     bundle = Artifact.read(art).gate()
     assert bundle.gate.ood is None
     x = torch.randn(4, bundle.gate.hidden_size)
-    p, routed, abstained = bundle.decide(x)
+    p, routed, abstained = bundle.decide(x)[:3]
     assert torch.equal(routed, p >= bundle.threshold) and not abstained.any()
 
 

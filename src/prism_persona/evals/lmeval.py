@@ -187,7 +187,7 @@ class PrismLM(TemplateLM):
             )
             feats = prompt_features(self.model, ids.to(self._device), mask.to(self._device), self.gm.gate.pooling)
             with torch.no_grad():
-                p, r, _ = decide(self.gm.gate, self.threshold, feats.float())  # the abstain rule included
+                p, r, _ = decide(self.gm.gate, self.threshold, feats.float())[:3]  # the abstain rule included
             probs.extend(float(x) for x in p.tolist())
             routed.extend(bool(x) for x in r.tolist())
         return probs, routed

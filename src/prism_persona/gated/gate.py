@@ -8,8 +8,14 @@ Abstain (issue 29): a gate may also hold an :class:`OODRegion`, the region of it
 space it was trained on (a shrinkage Mahalanobis distance or the k-NN distance to the training
 features, with a threshold from cross-fitted in-distribution distances). A query outside it goes to the
 base model whatever its probability. :func:`decide` is the one call that gives the final decision
-(probability, routed, abstained); every router (the prefill hook, ``GatedModel.route``, lm-eval, the
-vLLM router) calls it.
+(:class:`Decision`: probability, routed, abstained, persona); every router (the prefill hook,
+``GatedModel.route``, lm-eval, the vLLM router) calls it.
+
+K-way gate (issue 29): with K >= 2 personas the gate has K + 1 outputs (base, persona 1 ... K) and a
+softmax; the routing probability is ``1 - P(base)`` (compared with the threshold as the binary gate's
+probability is), the routed persona the most probable persona, and a row whose persona probability is
+below ``min_confidence`` abstains. K = 1 is the binary gate, unchanged (one output, sigmoid). A
+temperature (fitted on held-out rows at training time, 1 when absent) divides the logits of either.
 """
 
 from __future__ import annotations
@@ -19,13 +25,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from ..formats import BINARY_GATE_VERSION, stamp, upgrade
 from ..formats import GATE_CONFIG as GATE_CONFIG_FORMAT
-from ..formats import stamp, upgrade
 from .features import FEATURE_LAYER
 
 GATE_WEIGHTS = "gate.safetensors"
@@ -36,19 +42,28 @@ class Gate(nn.Module):
     """Standardise, then MLP ``hidden -> *hidden_sizes -> 1`` with GELU (``hidden_sizes=[]``: logistic
     regression); :meth:`forward` gives probabilities. ``pooling`` names how the layer-0 states of the
     prompt become the features (:func:`prism_persona.gated.features.pool_states`). The settings come from
-    GateConfig when training, from the bundle's gate_config.json when loading (dropout 0)."""
+    GateConfig when training, from the bundle's gate_config.json when loading (dropout 0).
 
-    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int], *, dropout: float, pooling: str):
+    ``personas`` = K: 1 is the binary gate (one output); K >= 2 gives K + 1 outputs (class 0 = base,
+    class k = persona k - 1). ``temperature`` (a plain attribute, stored in gate_config.json) divides the
+    logits; ``min_confidence`` (K >= 2) is the persona probability below which :func:`decide` abstains."""
+
+    def __init__(
+        self, hidden_size: int, hidden_sizes: Sequence[int], *, dropout: float, pooling: str, personas: int = 1
+    ):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.pooling = str(pooling)
         self.hidden_sizes = [int(x) for x in hidden_sizes]
+        self.personas = max(1, int(personas))
+        self.temperature = 1.0
+        self.min_confidence = 0.0
         layers: list[nn.Module] = []
         width = self.hidden_size
         for h in self.hidden_sizes:
             layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, 1 if self.personas == 1 else self.personas + 1))
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("mean", torch.zeros(self.hidden_size))
         self.register_buffer("std", torch.ones(self.hidden_size))
@@ -59,7 +74,21 @@ class Gate(nn.Module):
         return (features.to(self.mean.dtype) - self.mean) / self.std
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.standardise(features)).squeeze(-1)
+        """The MLP's raw output (before the temperature): ``[batch]`` for K = 1, ``[batch, K + 1]`` else."""
+        out = self.mlp(self.standardise(features))
+        return out.squeeze(-1) if self.personas == 1 else out
+
+    def class_logits(self, features: torch.Tensor, temperature: Optional[float] = None) -> torch.Tensor:
+        """``[batch, K + 1]`` logits over (base, persona 1 ... K) divided by the temperature (K = 1: the
+        binary logit ``z`` as ``[0, z]``, whose softmax is ``[1 - sigmoid(z), sigmoid(z)]``)."""
+        z = self.logits(features)
+        if self.personas == 1:
+            z = torch.stack([torch.zeros_like(z), z], dim=-1)
+        return z / float(self.temperature if temperature is None else temperature)
+
+    def class_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated probability of each class (base, persona 1 ... K) per row, ``[batch, K + 1]``."""
+        return torch.softmax(self.class_logits(features), dim=-1)
 
     def outside(self, features: torch.Tensor) -> torch.Tensor:
         """Bool per row: the query lies outside the region the gate was trained on (all False when the
@@ -69,8 +98,12 @@ class Gate(nn.Module):
         return self.ood.outside(self.standardise(features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Routing probability per row, ``[batch]``."""
-        return torch.sigmoid(self.logits(features))
+        """Routing probability per row, ``[batch]``: the probability that a persona answers better than
+        the base model (K = 1: sigmoid of the logit; K >= 2: 1 - P(base))."""
+        if self.personas == 1:
+            z = self.logits(features)
+            return torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
+        return 1.0 - self.class_probs(features)[:, 0]
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         if features.shape[0] == 0:
@@ -176,18 +209,51 @@ class OODRegion(nn.Module):
         }
 
 
-def decide(gate: Gate, threshold: float, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate's final decision on layer-0 ``features`` [b, hidden]: ``(probs, routed, abstained)``.
+class Decision(NamedTuple):
+    """The gate's decision on a batch of rows (:func:`decide`)."""
 
-    ``probs``: the gate's probability, as is; ``abstained``: the probability says route but the query
-    lies outside the region the gate was trained on (:class:`OODRegion`), so it goes to the base model;
-    ``routed = probs >= threshold`` and not abstained. Every router calls this (one rule for the prefill
-    hook, route(), lm-eval, vLLM)."""
+    probs: torch.Tensor
+    """``[b]`` the routing probability (K = 1: the binary gate's; K >= 2: 1 - P(base))."""
+    routed: torch.Tensor
+    """``[b]`` bool: the row runs with an adapter."""
+    abstained: torch.Tensor
+    """``[b]`` bool: the probability says route, but the row goes to the base model (outside the
+    gate's region, or, K >= 2, persona probability below ``min_confidence``)."""
+    persona: torch.Tensor
+    """``[b]`` long: index into the gate's persona list where routed (K = 1: 0), -1 = base."""
+    class_probs: torch.Tensor
+    """``[b, K + 1]`` calibrated probabilities of (base, persona 1 ... K)."""
+
+
+def persona_choice(class_probs: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """The routed persona per row: the most probable persona where ``routed``, -1 elsewhere (for a
+    caller that overrides ``routed`` after :func:`decide`, e.g. a forced route)."""
+    best = class_probs[:, 1:].argmax(-1)
+    return torch.where(routed.to(best.device), best, torch.full_like(best, -1))
+
+
+def decide(gate: Gate, threshold: float, features: torch.Tensor, min_confidence: Optional[float] = None) -> Decision:
+    """The gate's final decision on layer-0 ``features`` [b, hidden] (:class:`Decision`).
+
+    ``probs``: the gate's probability; the probability says route where ``probs >= threshold``.
+    ``abstained``: it says route but the query lies outside the region the gate was trained on
+    (:class:`OODRegion`) or, K >= 2, the most probable persona's probability is below ``min_confidence``
+    (default: the gate's own, from gate_config.json); such a row goes to the base model. ``routed``:
+    route and not abstained; ``persona``: the most probable persona where routed, -1 elsewhere. Every
+    router calls this (one rule for the prefill hook, route(), lm-eval, vLLM)."""
     feats = features.to(device=gate.mean.device, dtype=gate.mean.dtype)
-    probs = gate(feats)
+    logits = gate.class_logits(feats)  # one pass of the MLP
+    class_probs = torch.softmax(logits, dim=-1)
+    # K = 1: sigmoid of the logit, exactly as gate(feats); K >= 2: 1 - P(base)
+    probs = torch.sigmoid(logits[:, 1]) if gate.personas == 1 else 1.0 - class_probs[:, 0]
     wanted = probs >= threshold
-    abstained = wanted & gate.outside(feats)
-    return probs, wanted & ~abstained, abstained
+    outside = gate.outside(feats)
+    if gate.personas > 1:
+        floor = gate.min_confidence if min_confidence is None else float(min_confidence)
+        outside = outside | (class_probs[:, 1:].max(-1).values < floor)
+    abstained = wanted & outside
+    routed = wanted & ~abstained
+    return Decision(probs, routed, abstained, persona_choice(class_probs, routed), class_probs)
 
 
 @dataclass
@@ -200,12 +266,20 @@ class GateBundle:
 
     def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, routed bools) for ``features``; routed includes the abstain rule."""
-        p, routed, _ = self.decide(features)
-        return p, routed
+        d = self.decide(features)
+        return d.probs, d.routed
 
-    def decide(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probabilities, routed, abstained) for ``features``: :func:`decide` with this bundle's threshold."""
+    def decide(self, features: torch.Tensor) -> Decision:
+        """:func:`decide` with this bundle's threshold."""
         return decide(self.gate, self.threshold, features)
+
+    @property
+    def personas(self) -> list[str]:
+        """The names of the gate's personas (index = :attr:`Decision.persona`); K = 1: one entry."""
+        listed = self.info.get("personas")
+        if isinstance(listed, list) and len(listed) == self.gate.personas:
+            return [str(p.get("name", i) if isinstance(p, dict) else p) for i, p in enumerate(listed)]
+        return ["persona"] * self.gate.personas
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
@@ -231,7 +305,17 @@ class GateBundle:
             cfg["ood"] = self.gate.ood.settings()
         else:
             cfg.pop("ood", None)
-        cfg = stamp(cfg, GATE_CONFIG_FORMAT)
+        cfg["temperature"] = float(self.gate.temperature)
+        if self.gate.personas > 1:
+            personas = cfg.get("personas")
+            if not isinstance(personas, list) or len(personas) != self.gate.personas:
+                raise ValueError(f"a {self.gate.personas}-persona gate needs info['personas'] with as many entries")
+            cfg["min_confidence"] = float(self.gate.min_confidence)
+        else:
+            cfg.pop("personas", None)
+            cfg.pop("min_confidence", None)
+        # the binary gate keeps version 1 (older PRISM reads it); personas need version 2
+        cfg = stamp(cfg, GATE_CONFIG_FORMAT, version=BINARY_GATE_VERSION if self.gate.personas == 1 else None)
         (d / GATE_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
@@ -243,9 +327,25 @@ class GateBundle:
         # a file without format_version is version 1; a newer one is a one-line PrismError
         cfg = upgrade(cfg, GATE_CONFIG_FORMAT, str(d / GATE_CONFIG))
         # artifacts written before the pooling was stored used the last prompt token (and a [128, 64] MLP)
+        personas = cfg.get("personas")  # K >= 2 only (format_version 2)
+        if personas is not None and (not isinstance(personas, list) or len(personas) < 2):
+            raise ValueError(f"personas must be a list of at least 2 personas, got {personas!r}")
         gate = Gate(
-            cfg["hidden_size"], cfg.get("hidden_sizes", [128, 64]), dropout=0.0, pooling=cfg.get("pooling", "last")
+            cfg["hidden_size"],
+            cfg.get("hidden_sizes", [128, 64]),
+            dropout=0.0,
+            pooling=cfg.get("pooling", "last"),
+            personas=len(personas) if personas else 1,
         )
+        temperature = float(cfg.get("temperature", 1.0))  # absent before calibration existed: none
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {cfg.get('temperature')!r}")
+        gate.temperature = temperature
+        if personas:
+            floor = float(cfg.get("min_confidence", 0.0))
+            if not (0.0 <= floor <= 1.0):
+                raise ValueError(f"min_confidence must be in [0, 1], got {cfg.get('min_confidence')!r}")
+            gate.min_confidence = floor
         ood = cfg.get("ood")  # absent in artifacts written before issue 29: no abstain region
         if isinstance(ood, dict) and ood.get("method", "off") != "off":
             if not math.isfinite(float(ood["threshold"])):

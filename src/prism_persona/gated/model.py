@@ -37,7 +37,7 @@ from ..engines.hf import HFEngine
 from ..models import decoder_layers, encode_prompts, load_model, render_chat
 from .artifact import Artifact
 from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
-from .gate import GateBundle, decide
+from .gate import GateBundle, decide, persona_choice
 from .layers import RoutingState, install_adapter
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class GatedModel:
         # per row of the last decision: the gate said route, but the query lay outside its training
         # region, so it went to the base model (gate.decide)
         self.abstained: Optional[torch.Tensor] = None
+        self.persona: Optional[torch.Tensor] = None  # per row of the last decision: persona index, -1 = base
         self._last_index: Optional[torch.Tensor] = None
         self._decided = False
         self._in_call = False
@@ -201,7 +202,7 @@ class GatedModel:
                 feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
             else:
                 feats = pool_states(h, self._mask, self.gate.pooling)
-            probs, routed, abstained = decide(self.gate, self.threshold, feats)
+            probs, routed, abstained, _, class_probs = decide(self.gate, self.threshold, feats)
         if self._prob_overrides is not None and any(o is not None for o in self._prob_overrides):
             po = self._prob_overrides
             probs = torch.tensor(
@@ -217,6 +218,7 @@ class GatedModel:
             ov = torch.tensor([bool(o) if o is not None else False for o in self._overrides], device=h.device)
             has = torch.tensor([o is not None for o in self._overrides], device=h.device)
             routed = torch.where(has, ov, routed)
+        self.persona = persona_choice(class_probs, routed)  # per row: the routed persona's index, -1 = base
         self.state.set(routed, probs, feats)
         self._decided = True
         return None
@@ -250,8 +252,8 @@ class GatedModel:
 
     @torch.no_grad()
     def decisions(self, chats: Sequence[list]) -> list[dict]:
-        """``{"gate_prob", "routed", "abstained"}`` per chat, from its first user turn, with embeddings +
-        layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
+        """``{"gate_prob", "routed", "abstained"}`` (and ``persona`` for a K-way gate) per chat, from its
+        first user turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
         if not chats:
             return []
         queries = [first_user_turn(c) for c in chats]
@@ -262,11 +264,15 @@ class GatedModel:
             )
         finally:
             self._suspended = False
-        probs, routed, abstained = decide(self.gate, self.threshold, feats)
-        return [
+        d = decide(self.gate, self.threshold, feats)
+        rows = [
             {"gate_prob": float(p), "routed": bool(r), "abstained": bool(a)}
-            for p, r, a in zip(probs.tolist(), routed.tolist(), abstained.tolist())
+            for p, r, a in zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist())
         ]
+        if self.gate.personas > 1:  # K-way gate: the routed persona's index (-1 = base)
+            for row, k in zip(rows, d.persona.tolist()):
+                row["persona"] = int(k)
+        return rows
 
     def route(self, chats: Sequence[list]) -> list[tuple[float, bool]]:
         """(gate_prob, routed) per chat (:meth:`decisions`; routed is False where the gate abstained)."""

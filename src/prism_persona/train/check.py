@@ -11,6 +11,8 @@ optionally by the route you expect):
   model, divided by the win rate of the persona *prompt* against the base model, on the same queries
   with the same judge (both orders; a win only if it wins both). 1.0 = the LoRA carries all of the
   persona's effect; 0 = none of it;
+* **per persona** (a K-way gate) -- the confusion matrix of expected persona (or base) against the
+  gate's decision on the queries with an expected route;
 * **base identity** -- the share of unrouted queries whose PRISM answer (gate deciding, mixed batches)
   is token-identical to the base model's answer (greedy decoding): PRISM must leave them untouched;
 * **repetition loops** -- the share of answers stuck repeating a phrase, per system (distillation
@@ -294,6 +296,34 @@ def summarise(items: Sequence[HeldoutQuery], answers, verdicts, threshold: float
     return report
 
 
+def persona_confusion(gated, items: Sequence[HeldoutQuery]) -> Optional[dict]:
+    """A K-way gate's confusion matrix on the held-out queries with an expected route: rows = the
+    expected class (the persona of the query's domain where it should be routed, else base), columns =
+    the gate's decision (:meth:`GatedModel.decisions`, abstain rules included). ``None`` for a binary gate
+    or without labelled queries; queries of a domain no persona of the gate lists are left out (counted)."""
+    from ..models import user_chat
+
+    listed = gated.gate_bundle.info.get("personas") or []
+    if gated.gate.personas < 2 or len(listed) != gated.gate.personas:
+        return None
+    of_domain = {d: i + 1 for i, p in enumerate(listed) for d in p.get("domains", ())}
+    labelled = [q for q in items if q.route is not None and (not q.route or q.domain in of_domain)]
+    if not labelled:
+        return None
+    names = ["base"] + [str(p.get("name", i)) for i, p in enumerate(listed)]
+    matrix = [[0] * len(names) for _ in names]
+    for q, d in zip(labelled, gated.decisions([user_chat(q.query) for q in labelled])):
+        matrix[of_domain[q.domain] if q.route else 0][d.get("persona", -1) + 1] += 1
+    routed_right = {names[c]: _rate(matrix[c][c], sum(matrix[c])) for c in range(1, len(names))}
+    return {
+        "classes": names,
+        "matrix": matrix,
+        "routed_to_own_persona": routed_right,
+        "base_routed": _rate(sum(matrix[0][1:]), sum(matrix[0])),
+        "left_out": sum(1 for q in items if q.route and q.domain not in of_domain),
+    }
+
+
 def fmt(x, pct: bool = False) -> str:
     if x is None:
         return "-"
@@ -340,6 +370,12 @@ def check_markdown(report: dict) -> str:
         + loops_vs_base_text(o["loops_vs_base"])
         + ".",
     ]
+    pc = report.get("persona_confusion")
+    if pc:
+        names = pc["classes"]
+        lines += ["", "**Per persona** (K-way gate; rows: expected, columns: the gate's decision):", ""]
+        lines += ["| expected \\ decided | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, pc["matrix"])]
     lines += ["", "![check](check.png)", ""]
     return "\n".join(lines)
 
@@ -453,6 +489,9 @@ def run_check(
         finally:
             the_judge.close()
         report = summarise(items, answers, verdicts, gated.threshold)
+        confusion = persona_confusion(gated, items)
+        if confusion is not None:
+            report["persona_confusion"] = confusion
         report.update(
             artifact=str(art.path),
             heldout=str(heldout),

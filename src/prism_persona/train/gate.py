@@ -6,6 +6,12 @@ fits the gate, splits and calibrates, and computes the metrics.
 
 The gate returns a probability; the routing threshold is a separate number, chosen by
 :func:`calibrate_threshold` on the held-out split and stored next to the weights.
+
+Several personas (issue 29): a run whose domains hold K >= 2 distinct persona texts
+(:func:`run_personas`) trains a K-way gate (base, persona 1 ... K): a query's class is the persona that
+won there, base where none did, with soft targets from the same win shares the binary gate uses. The
+probabilities are calibrated by temperature scaling on the held-out split (:func:`calibrate_temperature`,
+K = 1 too), with the expected calibration error before and after in the report and a reliability plot.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import RunConfig, calibration_rate
+from ..config import RunConfig, calibration_rate, confidence_floor
 from ..gated.features import query_features
-from ..gated.gate import Gate, GateBundle, OODRegion
+from ..gated.gate import Gate, GateBundle, OODRegion, decide
 from ..stats import binary_metrics
 from ..text import jaccard, word_set
 from . import non_finite
@@ -185,7 +191,7 @@ def gate_records(records: Sequence[dict]) -> list[dict]:
 
 
 def sample_weights(labels: Sequence[int], groups: Optional[Sequence[str]], balance: str) -> torch.Tensor:
-    """Per-row loss weights (mean 1). ``class``: both labels weigh the same in total; ``domain``: every
+    """Per-row loss weights (mean 1). ``class``: every label (class) weighs the same in total; ``domain``: every
     (domain, label) cell weighs the same in total, so a domain with many queries or a lopsided win rate
     does not dominate; ``none``: every row weighs 1."""
     n = len(labels)
@@ -446,11 +452,17 @@ def with_base_rows(
     (domain, label) cell of the run's rows on average (``weights.sum() / cells``): as many of them as
     there are never outweigh the run's own queries, and with ``balance = domain`` they are one more cell."""
     if base_features is None or base_features.shape[0] == 0 or features.shape[0] == 0:
-        return features, list(targets), weights
+        return features, targets if isinstance(targets, torch.Tensor) else list(targets), weights
     m = base_features.shape[0]
     total = float(weights.sum()) / max(1, cells)
     x = torch.cat([features, base_features.to(features.dtype)])
-    return x, list(targets) + [0.0] * m, torch.cat([weights, torch.full((m,), total / m)])
+    if isinstance(targets, torch.Tensor):  # K-way soft targets [n, K + 1]: base rows are class 0
+        base = torch.zeros(m, targets.shape[1], dtype=targets.dtype)
+        base[:, 0] = 1.0
+        y = torch.cat([targets, base])
+    else:
+        y = list(targets) + [0.0] * m
+    return x, y, torch.cat([weights, torch.full((m,), total / m)])
 
 
 def label_cells(labels: Sequence[int], groups: Optional[Sequence[str]]) -> int:
@@ -460,12 +472,230 @@ def label_cells(labels: Sequence[int], groups: Optional[Sequence[str]]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# calibration of the probabilities (issue 29): temperature scaling, ECE, the abstain confidence
+
+ECE_BINS = 10
+"""Equal-width confidence bins of the expected calibration error and the reliability plot."""
+
+MIN_TEMPERATURE_ROWS = 6
+"""Fewer held-out rows than this (or one class among them): no temperature is fitted (it stays 1)."""
+
+TEMPERATURE_RANGE = (1.0, 20.0)
+"""The temperatures the fit searches (golden section on the log of 1 / T). It only softens (T >= 1): the
+held-out split is the bootstrap's own queries, and a sharper gate (T < 1) fitted there raised the
+calibration error on the kits' hand-written held-out queries (K-way 0.070 -> 0.083, the style kit's
+binary gate 0.224 -> 0.285; scripts/kway_gate_study.py, docs/gated.md)."""
+
+AUTO_CONFIDENCE_ACCURACY = 0.5
+"""``gate.min_confidence = auto``: the routed persona must be right at least this often from the chosen
+confidence up (on the held-out rows the gate routes, calibrated, cross-fitted)."""
+
+
+def top_label(class_probs: torch.Tensor, labels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, correct) per row: the most probable class's probability, and whether it is the label."""
+    conf, pred = class_probs.max(-1)
+    return conf, (pred == torch.as_tensor(list(labels), dtype=torch.long)).float()
+
+
+def reliability_bins(conf: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> list[dict]:
+    """Equal-width bins of ``conf`` over [0, 1]: ``lo``, ``hi``, ``n``, mean ``confidence`` and ``accuracy``."""
+    out = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = (conf > lo) & (conf <= hi) if b else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        out.append(
+            {
+                "lo": lo,
+                "hi": hi,
+                "n": n,
+                "confidence": float(conf[inside].mean()) if n else None,
+                "accuracy": float(correct[inside].mean()) if n else None,
+            }
+        )
+    return out
+
+
+def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> Optional[float]:
+    """ECE: the row-weighted mean over :func:`reliability_bins` of ``|accuracy - confidence|``; None without rows."""
+    n = int(conf.numel())
+    if n == 0:
+        return None
+    rows = reliability_bins(conf, correct, bins)
+    return float(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in rows if b["n"]) / n)
+
+
+def fit_temperature(logits: torch.Tensor, labels: Sequence[int]) -> float:
+    """The temperature T minimising the mean negative log-likelihood of ``labels`` under
+    ``softmax(logits / T)`` (``logits`` [n, C]); convex in 1 / T, found by golden section."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    z = logits.detach().float()
+
+    def nll(log_beta: float) -> float:
+        return float(nn.functional.cross_entropy(z * math.exp(log_beta), y))
+
+    a, b = -math.log(TEMPERATURE_RANGE[1]), -math.log(TEMPERATURE_RANGE[0])
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(80):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    t = math.exp(-(a + b) / 2)
+    lo, hi = TEMPERATURE_RANGE
+    # at a bound the search stops a hair inside it: T = 1 means "no change", exactly
+    return float(lo if t < lo * 1.001 else hi if t > hi / 1.001 else t)
+
+
+def calibrate_temperature(
+    logits: torch.Tensor, labels: Sequence[int], method: str = "fit", seed: int = 0
+) -> tuple[float, dict, torch.Tensor]:
+    """Temperature scaling on held-out rows: ``logits`` [n, C] (before any temperature), ``labels`` the
+    class of each row. Returns (temperature, report, calibrated probabilities [n, C]).
+
+    The temperature kept is fitted on every row. The report's ``ece_after`` (and the probabilities
+    returned) are cross-fitted: the rows are cut in two halves, each scored with the temperature fitted on
+    the other, so the error after calibration is not measured on the rows it was fitted on. ``method``
+    'off', fewer than :data:`MIN_TEMPERATURE_ROWS` rows or a single class: temperature 1 (``note`` says why)."""
+    labels = [int(y) for y in labels]
+    n = len(labels)
+    before = torch.softmax(logits.float(), -1)
+    conf0, ok0 = top_label(before, labels)
+    report: dict = {
+        "method": "temperature",
+        "bins": ECE_BINS,
+        "n": n,
+        "ece_before": expected_calibration_error(conf0, ok0),
+        "reliability_before": reliability_bins(conf0, ok0),
+    }
+    why = None
+    if method == "off":
+        why = "gate.temperature = off"
+    elif n < MIN_TEMPERATURE_ROWS:
+        why = f"too few held-out rows ({n}) to fit a temperature"
+    elif len(set(labels)) < 2:
+        why = "the held-out rows hold one class"
+    if why is not None:
+        report.update(method="none", temperature=1.0, note=why, ece_after=report["ece_before"])
+        report["reliability_after"] = report["reliability_before"]
+        return 1.0, report, before
+    temperature = fit_temperature(logits, labels)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    halves = [sorted(order[: n // 2]), sorted(order[n // 2 :])]
+    after = torch.empty_like(before)
+    for i, part in enumerate(halves):
+        other = halves[1 - i]
+        t = fit_temperature(logits[other], [labels[j] for j in other])
+        after[part] = torch.softmax(logits[part].float() / t, -1)
+    conf1, ok1 = top_label(after, labels)
+    report.update(
+        temperature=temperature,
+        ece_after=expected_calibration_error(conf1, ok1),
+        ece_after_note="cross-fitted: each half of the held-out rows scored with the temperature of the other",
+        reliability_after=reliability_bins(conf1, ok1),
+    )
+    return temperature, report, after
+
+
+def auto_min_confidence(
+    class_probs: torch.Tensor, labels: Sequence[int], threshold: float, bins: int = ECE_BINS
+) -> tuple[float, str]:
+    """``gate.min_confidence = auto`` (K-way gate): from the reliability curve of the persona choice on the
+    held-out rows the gate routes (``1 - P(base) >= threshold``; right = the label is the most probable
+    persona), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
+    :data:`AUTO_CONFIDENCE_ACCURACY` of the time (0: nothing abstains). Returns (floor, how)."""
+    wanted = (1.0 - class_probs[:, 0]) >= threshold
+    if not bool(wanted.any()):
+        return 0.0, "auto: no routed held-out rows, no confidence floor"
+    pc = class_probs[wanted]
+    conf, best = pc[:, 1:].max(-1)
+    y = torch.as_tensor(list(labels), dtype=torch.long)[wanted]
+    right = (y == best + 1).float()
+    rows = reliability_bins(conf, right, bins)
+    floor = 0.0
+    for b in rows:
+        if b["n"] and b["accuracy"] < AUTO_CONFIDENCE_ACCURACY:
+            floor = b["hi"]
+    floor = min(floor, 1.0)
+    return (
+        floor,
+        f"auto: {int(wanted.sum())} routed held-out rows, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
+    )
+
+
+def confusion(gate: Gate, threshold: float, features: torch.Tensor, classes: Sequence[int]) -> list[list[int]]:
+    """``matrix[true][decided]`` over classes (0 = base, k = persona k): the decision is :func:`decide`'s
+    (abstain rules included), the true class the persona that won (base where none did)."""
+    k = gate.personas + 1
+    matrix = [[0] * k for _ in range(k)]
+    if features.shape[0] == 0:
+        return matrix
+    with torch.no_grad():
+        d = decide(gate, threshold, features)
+    for t, p in zip(classes, (d.persona + 1).tolist()):
+        matrix[int(t)][int(p)] += 1
+    return matrix
+
+
+def plot_reliability(calibration: dict, png, title: str = "gate calibration"):
+    """The reliability diagram (accuracy per confidence bin, before and after temperature scaling) to a
+    PNG (matplotlib, Agg backend); ``None`` if matplotlib is absent or there is nothing to plot."""
+    if not calibration or not calibration.get("n"):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no reliability plot")
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    for key, name, marker in (("before", "before", "o"), ("after", "after (cross-fitted)", "s")):
+        rows = [b for b in calibration.get(f"reliability_{key}", []) if b["n"]]
+        ece = calibration.get(f"ece_{key}")
+        label = f"{name}: ECE {ece:.3f}" if isinstance(ece, (int, float)) else name
+        ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], marker=marker, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (most probable class)")
+    ax.set_ylabel("accuracy (held-out)")
+    t = calibration.get("temperature", 1.0)
+    ax.set_title(f"{title}, T = {t:.2f}, n = {calibration['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------------------------------
 # training
 
 
 def _weighted_bce(gate: Gate, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    loss = nn.functional.binary_cross_entropy_with_logits(gate.logits(x), y, reduction="none")
+    """Weighted BCE (binary gate, ``y`` [n]) or weighted soft cross-entropy (K-way, ``y`` [n, K + 1])."""
+    if y.dim() == 1:
+        loss = nn.functional.binary_cross_entropy_with_logits(gate.logits(x), y, reduction="none")
+    else:
+        loss = -(y * torch.log_softmax(gate.logits(x), dim=-1)).sum(-1)
     return (loss * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _target_tensor(targets) -> torch.Tensor:
+    """Targets as a tensor: a list of floats (binary gate) or a ``[n, K + 1]`` tensor (K-way) as is."""
+    if isinstance(targets, torch.Tensor):
+        return targets.float()
+    return torch.tensor([float(v) for v in targets])
 
 
 def fit_gate(
@@ -486,21 +716,27 @@ def fit_gate(
     and spread standardise the features (default ``features``; the run's own rows when base examples
     are added, so that they do not stretch the space the run's queries are told apart in)."""
     torch.manual_seed(seed)
-    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=cfg.pooling)
+    y = _target_tensor(targets)
+    personas = 1 if y.dim() == 1 else y.shape[1] - 1
+    gate = Gate(features.shape[1], cfg.hidden_sizes, dropout=cfg.dropout, pooling=cfg.pooling, personas=personas)
     gate.set_standardisation(features if standardise_on is None else standardise_on)
-    y = torch.tensor([float(v) for v in targets])
     gate.best_epoch = gate.stopped_epoch = 0
     if len(y) == 0:
         log.warning("gate: no training rows; the gate is left at its initialisation")
         gate.eval()
         return gate
-    w = weights if weights is not None else sample_weights([int(v >= 1.0) for v in targets], None, "class")
+    hard = [int(v >= 1.0) for v in targets] if y.dim() == 1 else y.argmax(-1).tolist()
+    w = weights if weights is not None else sample_weights(hard, None, "class")
     # start from the (weighted) base rate: output layer zero, bias = its logit (one class -> a constant)
-    prior = float((w * y).sum() / w.sum().clamp_min(1e-12))
     out_layer = gate.mlp[-1]
     with torch.no_grad():
         out_layer.weight.zero_()
-        out_layer.bias.fill_(math.log(min(max(prior, 1e-4), 1 - 1e-4) / (1 - min(max(prior, 1e-4), 1 - 1e-4))))
+        if y.dim() == 1:
+            prior = float((w * y).sum() / w.sum().clamp_min(1e-12))
+            clipped = min(max(prior, 1e-4), 1 - 1e-4)
+            out_layer.bias.fill_(math.log(clipped / (1 - clipped)))
+        else:
+            out_layer.bias.copy_(((w[:, None] * y).sum(0) / w.sum().clamp_min(1e-12)).clamp_min(1e-4).log())
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     patience = int(cfg.patience)
     use_val = val is not None and len(val[1]) > 0 and patience > 0
@@ -515,7 +751,7 @@ def fit_gate(
         if use_val:
             gate.eval()
             with torch.no_grad():
-                vloss = float(_weighted_bce(gate, val[0], torch.tensor([float(v) for v in val[1]]), val[2]))
+                vloss = float(_weighted_bce(gate, val[0], _target_tensor(val[1]), val[2]))
             if vloss < best_loss - 1e-6:
                 best_loss, best_epoch = vloss, epoch
                 best_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
@@ -551,9 +787,16 @@ def train_gate(
     targets: Optional[Sequence[float]] = None,
     texts: Optional[Sequence[str]] = None,
     base_features: Optional[torch.Tensor] = None,
+    personas: Optional[Sequence[int]] = None,
+    persona_list: Optional[Sequence[dict]] = None,
 ) -> GateBundle:
-    """Split, fit, calibrate the threshold on held-out rows and compute metrics; never raises on
-    degenerate data (one class, a handful of rows): it logs the fallback it took instead.
+    """Split, fit, calibrate the probabilities (temperature) and the threshold on held-out rows and compute
+    metrics; never raises on degenerate data (one class, a handful of rows): it logs the fallback it took instead.
+
+    ``persona_list`` with K >= 2 entries (:func:`run_personas`) and ``personas`` (the index in it of the
+    persona tried on each row): a K-way gate; a row's class is its persona + 1 where it won, else 0 (base),
+    its soft target ``1 - t`` on base and ``t`` on its persona (``t``: the binary target). Otherwise the
+    binary gate.
 
     ``labels``: 1 = the persona won (metrics and calibration use these); ``targets``: what the gate is
     fitted to (default: ``labels``; see :func:`gate_targets`); ``groups``: the domain of each row
@@ -563,6 +806,8 @@ def train_gate(
     labels = [int(y) for y in labels]
     targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
+    k = len(persona_list) if persona_list is not None and personas is not None and len(persona_list) >= 2 else 1
+    classes = [(int(personas[i]) + 1) * y for i, y in enumerate(labels)] if k > 1 else labels  # type: ignore[index]
     fallbacks: list[str] = []
     dedup = float(cfg.dedup_jaccard)
     clusters = near_duplicate_clusters(texts, dedup) if texts is not None else None
@@ -580,13 +825,33 @@ def train_gate(
     for msg in fallbacks:
         log.warning("gate: %s", msg)
     balance = cfg.balance
-    weights = sample_weights(labels, groups, balance)
-    pick = lambda idx, seq: [seq[i] for i in idx]  # noqa: E731
-    val = None if val_is_train else (features[val_idx], pick(val_idx, targets), weights[val_idx])
+    weights = sample_weights(classes, groups, balance)
+    if k > 1:
+        soft = torch.zeros(n, k + 1)
+        for i, t in enumerate(targets):
+            soft[i, 0], soft[i, int(personas[i]) + 1] = 1.0 - t, t  # type: ignore[index]
+        pick = lambda idx, seq: seq[idx] if isinstance(seq, torch.Tensor) else [seq[i] for i in idx]  # noqa: E731
+        fit_targets: object = soft
+    else:
+        pick = lambda idx, seq: [seq[i] for i in idx]  # noqa: E731
+        fit_targets = targets
+    val = None if val_is_train else (features[val_idx], pick(val_idx, fit_targets), weights[val_idx])
     x_fit, t_fit, w_fit = with_base_rows(
-        features[train_idx], pick(train_idx, targets), weights[train_idx], base_features, label_cells(labels, groups)
+        features[train_idx],
+        pick(train_idx, fit_targets),
+        weights[train_idx],
+        base_features,
+        label_cells(labels, groups),
     )
     gate = fit_gate(x_fit, t_fit, cfg, seed, w_fit, val, standardise_on=features[train_idx])
+    with torch.no_grad():
+        val_logits = gate.class_logits(features[val_idx], temperature=1.0) if n else torch.zeros(0, k + 1)
+    temperature, calibration, val_class_probs = calibrate_temperature(
+        val_logits, [classes[i] for i in val_idx], "off" if val_is_train else cfg.temperature, seed
+    )
+    if val_is_train:
+        calibration["note"] = "no held-out split: no temperature fitted"
+    gate.temperature = temperature
     with torch.no_grad():
         probs = gate(features).tolist() if n else []
     vp = [probs[i] for i in val_idx]
@@ -615,6 +880,24 @@ def train_gate(
     if cfg.ood != "off":
         ood_info["reference"] = "routed" if len(ref) < n else "all"
     gate.ood = region
+    kway: dict = {}
+    if k > 1:
+        floor = confidence_floor(cfg.min_confidence)
+        how_floor = "set" if floor is not None else ""
+        if floor is None:
+            floor, how_floor = auto_min_confidence(val_class_probs, [classes[i] for i in val_idx], threshold)
+        gate.min_confidence = float(floor)
+        kway = {
+            "personas": [dict(p) for p in persona_list],  # type: ignore[union-attr]
+            "min_confidence_method": how_floor,
+            "class_counts": [sum(1 for c in classes if c == j) for j in range(k + 1)],
+        }
+        if not val_is_train:
+            kway["confusion"] = {
+                "classes": ["base"] + [str(p.get("name", i)) for i, p in enumerate(persona_list)],  # type: ignore[union-attr]
+                "matrix": confusion(gate, threshold, features[val_idx], [classes[i] for i in val_idx]),
+                "note": "held-out split: rows = the class that won, columns = the gate's decision",
+            }
     info = {
         "n_train": len(train_idx),
         "n_heldout": 0 if val_is_train else len(val_idx),
@@ -639,6 +922,8 @@ def train_gate(
             "heldout": None if val_is_train else binary_metrics(vp, vy, threshold),
         },
         "heldout_indices": [] if val_is_train else val_idx,
+        "calibration": calibration,
+        **kway,
     }
     if groups is not None and not val_is_train:
         info["routing_by_group"] = routing_by_group([groups[i] for i in val_idx], vp, threshold)
@@ -651,10 +936,15 @@ def train_gate_on_records(
     gcfg,
     seed: int = 0,
     base_features: Optional[torch.Tensor] = None,
+    persona_list: Optional[Sequence[dict]] = None,
 ) -> GateBundle:
     """:func:`train_gate` on labelled records (``query``, ``label``, ``domain`` and what the target
     reads): labels, domains as groups, the ``gcfg.target`` / ``gcfg.domain_prior`` targets, queries as
-    texts; ``base_features``: the base examples' features (label 0)."""
+    texts; ``base_features``: the base examples' features (label 0). ``persona_list``
+    (:func:`run_personas`) with K >= 2 entries and ``gcfg.classes = personas``: a K-way gate, each record's
+    persona the one listing its domain."""
+    index = {d: i for i, p in enumerate(persona_list or ()) for d in p.get("domains", ())}
+    kway = persona_list is not None and len(persona_list) >= 2 and gcfg.classes == "personas"
     return train_gate(
         features,
         [int(r["label"]) for r in records],
@@ -664,7 +954,57 @@ def train_gate_on_records(
         targets=gate_targets(records, gcfg.target, gcfg.domain_prior),
         texts=[r["query"] for r in records],
         base_features=base_features,
+        personas=[index[r.get("domain", "")] for r in records] if kway else None,
+        persona_list=persona_list if kway else None,
     )
+
+
+def run_personas(domains: Sequence[str], texts: dict, files: Optional[dict] = None) -> list[dict]:
+    """The run's distinct personas, in the order of ``domains``: ``{"name", "key", "domains"}`` each. A
+    persona is its text (``texts``: domain -> the persona text that drove the run); domains with the same
+    text share one. ``name``: the persona file's name without suffix when the domain has one
+    (``files``: domain -> path), else the domain (the first domain of a shared text)."""
+    from pathlib import Path
+
+    from ..store import content_key
+
+    out: list[dict] = []
+    by_key: dict = {}
+    for d in domains:
+        text = texts.get(d)
+        if text is None:
+            continue
+        key = content_key("persona", str(text).strip())
+        if key not in by_key:
+            name = Path(files[d]).stem if files and files.get(d) else d
+            if name in {p["name"] for p in out}:
+                name = f"{name}-{len(out) + 1}"
+            by_key[key] = {"name": name, "key": key, "domains": []}
+            out.append(by_key[key])
+        by_key[key]["domains"].append(d)
+    return out
+
+
+def personas_of_run(run, cfg: RunConfig, records: Sequence[dict]) -> list[dict]:
+    """:func:`run_personas` of a run directory: the persona texts of ``RUN/personas.jsonl`` at the run's
+    persona length, for the domains of ``records``. A domain without a persona text there gives one
+    persona for all (the binary gate), with a log line: a K-way gate is never guessed."""
+    from ..bootstrap.personas import load_personas, persona_files, run_domains, shown
+
+    stored = load_personas(run)
+    used = {r.get("domain", "") for r in records}
+    run_ds = run_domains(cfg)
+    domains = [d for d in run_ds if d in used] + sorted(used - set(run_ds))
+    use_length = shown(cfg)[0]
+    texts = {}
+    for d in domains:
+        by_length = stored.get(d) or {}
+        texts[d] = by_length.get(use_length) or next(iter(by_length.values()), None)
+    missing = [d for d in domains if not texts[d]]
+    if missing:
+        log.info("gate: no persona text for %s in personas.jsonl: one gate class for all personas", ", ".join(missing))
+        return []
+    return run_personas(domains, texts, persona_files(cfg))
 
 
 def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:
@@ -689,13 +1029,23 @@ STAGE = "gate"
 GATE_DIR = "gate"
 
 
+KWAY_SETTINGS = {"classes": "binary", "temperature": "fit", "min_confidence": "auto"}
+"""The K-way gate's settings (issue 29) at their defaults: a run's gate settings leave them out at these
+values, so a run made before them resumes without a redo (its gate is binary with T = 1: the same routing
+decisions as a fitted temperature gives, which only rescales the probabilities)."""
+
+
 def gate_settings(cfg: RunConfig) -> dict:
     """The settings the gate stage depends on (a rerun with others is refused)."""
     from dataclasses import asdict
 
     from ..bootstrap.verify import abstain_margin
 
-    out = {"gate": asdict(cfg.gate), "model": cfg.model.model, "seed": cfg.seed}
+    gate = asdict(cfg.gate)
+    for key, old in KWAY_SETTINGS.items():  # absent at the value that trains today's gate: old runs resume
+        if gate.get(key) == old:
+            gate.pop(key)
+    out = {"gate": gate, "model": cfg.model.model, "seed": cfg.seed}
     if abstain_margin(cfg) > 0:  # absent when off, so runs made before the option resume unchanged
         out["abstain_margin"] = abstain_margin(cfg)
     out.update(base_queries_settings(cfg))
@@ -748,11 +1098,14 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     base_feats = (
         query_features(model, tokenizer, base, max(1, cfg.model.batch_size), cfg.gate.pooling) if base else None
     )
-    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats)
+    personas = personas_of_run(run, cfg, records)
+    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats, personas)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
+    png = plot_reliability(bundle.info.get("calibration", {}), run.path(GATE_DIR) / "reliability.png")
     m = bundle.info["metrics"]
+    cal = bundle.info.get("calibration", {})
     info = {
         "threshold": bundle.threshold,
         "threshold_method": bundle.info["threshold_method"],
@@ -765,6 +1118,17 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         "fallbacks": bundle.info["fallbacks"],
         "ood": bundle.info.get("ood_fit", {"method": "off"}),
         "base_examples": bundle.info.get("base_examples", 0),
+        "calibration": {k: cal.get(k) for k in ("method", "temperature", "ece_before", "ece_after", "n", "note")},
+        "reliability_plot": str(png) if png else None,
+        **(
+            {
+                "personas": [p["name"] for p in bundle.info["personas"]],
+                "min_confidence": bundle.gate.min_confidence,
+                "confusion": bundle.info.get("confusion"),
+            }
+            if bundle.gate.personas > 1
+            else {}
+        ),
         "dir": str(run.path(GATE_DIR)),
         "seconds": round(time.perf_counter() - t0, 2),
     }

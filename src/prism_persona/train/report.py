@@ -59,6 +59,11 @@ def build_report(
                 "metrics",
                 "fallbacks",
                 "base_examples",
+                "calibration",
+                "reliability_plot",
+                "personas",
+                "min_confidence",
+                "confusion",
             )
         },
         "routing_by_domain_heldout": gate.get("routing_by_domain", {}),
@@ -176,6 +181,7 @@ def format_report(rep: dict) -> str:
     lines += ["", "Routing rate per domain on the held-out split:", "", "| domain | n | routed |", "|---|---|---|"]
     for dom, r in rep["routing_by_domain_heldout"].items():
         lines.append(f"| {dom} | {r['n']} | {fmt_cell(r['routing_rate'])} |")
+    lines += _calibration_lines(g, rep["run"])
     d = rep["distill"]
     lines += [
         "",
@@ -205,6 +211,34 @@ def write_report(
     run.write_json(REPORT_JSON, rep)
     run.path(REPORT_MD).write_text(format_report(rep), encoding="utf-8")
     return rep
+
+
+def _calibration_lines(g: dict, root: str) -> list[str]:
+    """The gate's calibration (temperature, ECE before/after, reliability plot) and, for a K-way gate,
+    its personas and held-out confusion matrix."""
+    cal = g.get("calibration") or {}
+    lines: list[str] = []
+    if cal:
+        lines += [
+            "",
+            f"Calibration ({cal.get('method') or '-'}): temperature {fmt_cell(cal.get('temperature'))}, expected "
+            f"calibration error on {fmt_cell(cal.get('n'))} held-out rows {fmt_cell(cal.get('ece_before'))} before, "
+            f"{fmt_cell(cal.get('ece_after'))} after (cross-fitted)." + (f" {cal['note']}." if cal.get("note") else ""),
+        ]
+    if g.get("reliability_plot"):
+        lines += ["", f"![reliability]({os.path.relpath(g['reliability_plot'], root)})"]
+    conf = g.get("confusion")
+    if g.get("personas"):
+        lines += [
+            "",
+            f"Personas: {', '.join(g['personas'])}; abstain below confidence {fmt_cell(g.get('min_confidence'))}.",
+        ]
+    if conf:
+        names = conf["classes"]
+        lines += ["", "Held-out confusion (rows: the class that won; columns: the gate's decision):", ""]
+        lines += ["| won \\ decided | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, conf["matrix"])]
+    return lines
 
 
 def _check_lines(chk: Optional[dict]) -> list[str]:
