@@ -38,7 +38,7 @@ from ..models import decoder_layers, encode_prompts, load_model, render_chat
 from .artifact import Artifact
 from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
 from .gate import GateBundle, decide
-from .layers import RoutingState, install_adapter
+from .layers import DEFAULT_ADAPTER, RoutingState, install_adapters
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,16 @@ class GatedModel:
         model,
         tokenizer,
         gate: GateBundle,
-        adapter_dir: str | Path | None = None,
+        adapter_dir: str | Path | Sequence[tuple[str, str | Path]] | None = None,
         batch_size: int = 8,
         config: Optional[dict] = None,
     ) -> GatedModel:
-        """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir."""
+        """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir (or
+        ``[(persona name, adapter dir), ...]``: one adapter per persona, adapter k = persona k)."""
         gm = cls(model, tokenizer, gate, batch_size=batch_size, config=config)
         if adapter_dir is not None:
-            gm.lora_modules = install_adapter(model, adapter_dir, gm.state)
+            named = [(DEFAULT_ADAPTER, adapter_dir)] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
+            gm.lora_modules = install_adapters(model, named, gm.state)
             bad = [n for n in gm.lora_modules if _layer_index(n) == 0]
             if bad:
                 raise ValueError(f"the adapter touches decoder layer 0 ({bad[0]}); the gate reads that layer")
@@ -155,9 +157,10 @@ class GatedModel:
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
-        check_adapter_fits(model, art.adapter_dir)
+        for _, adapter in art.adapters:
+            check_adapter_fits(model, adapter)
         return cls.from_parts(
-            model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size, config=art.config
+            model, tok, gate, art.adapters, batch_size=batch_size or art.batch_size, config=art.config
         )
 
     @property
