@@ -1,0 +1,160 @@
+"""Benchmark: one adapter per persona - the cost of a mixed prefill with K = 1, 2, 4 adapters.
+
+One prefill (prompt forward, KV cache built, last logits) of a batch of ``--batch-sizes`` rows, timed
+for each variant in one run on one machine:
+
+- ``base``           the base model alone (no gated module installed)
+- ``none_routed``    PRISM's gated model (4 adapters installed), no row routed: must cost ``base``
+- ``gated_K{1,2,4}`` the gated model with ``--routed`` of the rows routed, split evenly over K adapters
+                     (each adapter's delta on its own rows: ``index_select`` / ``index_add``)
+- ``peft_K{1,2,4}``  PEFT's mixed-adapter batch (``adapter_names=`` per row, ``__base__`` for the rest)
+                     on the same rows: PEFT's own answer to the same batch
+
+Ratios are to ``base``; ``max_diff`` is the largest |logit| difference between the gated model and PEFT on
+the same rows (a check that both compute the same thing). The adapters are random (rank ``--rank``, every
+attention + MLP projection of layers 1..L-1): speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+KS = (1, 2, 4)
+GPU_COMMAND = (
+    "python benchmarks/bench_multi_adapter.py --size smol --device cuda --dtype bfloat16 --batch-sizes 16,64 "
+    "--prompt-len 256 --repeats 10\n"
+    "python benchmarks/bench_multi_adapter.py --size 7b --device cuda --batch-sizes 16,64 --prompt-len 256"
+)
+
+
+def prefill(model, ids, mask, **kw):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw).logits[:, -1].float()
+
+
+def random_adapters(model, k: int, r: int, seed: int, out: Path) -> tuple[object, list[tuple[str, Path]]]:
+    """A PEFT model over ``model`` (in place) with ``k`` random LoRA adapters ``p0..p{k-1}``, saved to
+    ``out/<name>`` (PEFT's ``save_pretrained`` layout for named adapters)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    n = int(model.config.num_hidden_layers)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=list(common.TARGET_MODULES),
+        layers_to_transform=list(range(1, n)),
+        init_lora_weights=False,
+    )
+    names = [f"p{i}" for i in range(k)]
+    pm = get_peft_model(model, cfg, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.normal_(0.0, 1.0 / (p.shape[1] ** 0.5))
+    pm.eval()
+    pm.save_pretrained(str(out))
+    return pm, [(name, out / name) for name in names]
+
+
+def row_plan(batch: int, routed: float, k: int) -> list[int]:
+    """Adapter per row (-1 = base): the first ``routed`` share of the rows, adapters in turn."""
+    n = round(batch * routed)
+    return [i % k if i < n else -1 for i in range(batch)]
+
+
+def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int, routed: float, r: int, seed: int = 0):
+    import torch
+
+    from prism_persona.gated.layers import RoutingState, install_adapters
+
+    dev = built.device
+    gated_model = built.model
+    peft_base = copy.deepcopy(gated_model)
+    tmp = tempfile.TemporaryDirectory(prefix="prism-bench-multi-")
+    pm, adapters = random_adapters(peft_base, max(KS), r, seed, Path(tmp.name))
+    pm.to(built.dtype)
+    rows = []
+    base_times = {}
+    for b in sizes:  # the base model first, before any gated module is installed
+        ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
+        base_times[b] = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
+    state = RoutingState()
+    install_adapters(gated_model, adapters, state)
+    gated_model.to(built.dtype)
+    for b in sizes:
+        ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
+        t_base, ref = base_times[b]
+        state.set(torch.zeros(b, dtype=torch.bool, device=dev))
+        t_none, none = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
+        row = {"batch": b, "routed_rows": round(b * routed), "base_s": t_base, "none_routed_s": t_none}
+        row["none_routed_x"] = t_none / t_base
+        row["none_equal_base"] = bool(torch.equal(none, ref))
+        for k in KS:
+            plan = row_plan(b, routed, k)
+            persona = torch.tensor(plan, device=dev)
+            state.set(persona >= 0, persona=persona)
+            t_g, got = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
+            names = [f"p{a}" if a >= 0 else "__base__" for a in plan]
+            t_p, want = common.timed(lambda: prefill(pm, ids, mask, adapter_names=names), dev, repeats)
+            row.update(
+                {
+                    f"gated_K{k}_s": t_g,
+                    f"gated_K{k}_x": t_g / t_base,
+                    f"peft_K{k}_s": t_p,
+                    f"peft_K{k}_x": t_p / t_base,
+                    f"max_diff_K{k}": float((got - want).abs().max()),
+                }
+            )
+        rows.append(row)
+    tmp.cleanup()
+    return rows
+
+
+def main(argv: Optional[list] = None) -> list[dict]:
+    p = common.base_parser(__doc__.splitlines()[0], batch_sizes="16", prompt_len=64, repeats=3)
+    p.add_argument("--routed", type=float, default=0.75, help="share of the rows routed (split over the K adapters)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter (PRISM's distill.r default)")
+    p.set_defaults(size="smol")
+    args = p.parse_args(argv)
+    dev, dtype = common.pick(args.device, args.dtype, args.threads)
+    built = common.build_model(args.size, dev, dtype, seed=args.seed)
+    sizes = common.batch_sizes(args.batch_sizes)
+    settings = {
+        "size": args.size,
+        "model": built.label,
+        "device": dev,
+        "dtype": str(dtype),
+        "batch_sizes": sizes,
+        "prompt_len": args.prompt_len,
+        "repeats": args.repeats,
+        "routed": args.routed,
+        "rank": args.rank,
+        "threads": args.threads,
+    }
+    common.print_header("One adapter per persona: mixed-batch prefill with K adapters", built, settings)
+    rows = measure(built, sizes, args.prompt_len, args.repeats, args.routed, args.rank, seed=args.seed)
+    cols = ["batch", "routed_rows", "base_s", "none_routed_x", "none_equal_base"]
+    cols += [f"gated_K{k}_x" for k in KS] + [f"peft_K{k}_x" for k in KS] + [f"max_diff_K{k}" for k in KS]
+    print(common.table(rows, cols))
+    print("\nOn a GPU (same script; bf16):\n" + GPU_COMMAND)
+    common.record(args.out, "multi_adapter", settings, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
