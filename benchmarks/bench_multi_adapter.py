@@ -10,6 +10,8 @@ for each variant in one run on one machine:
 - ``peft_K{1,2,4}``  PEFT's mixed-adapter batch (``adapter_names=`` per row, ``__base__`` for the rest)
                      on the same rows: PEFT's own answer to the same batch
 
+Each variant is also timed on one decode step (one new token per row on the prompt's KV cache,
+``*_step_x`` columns), where the per-adapter gathers are a larger share of the work than in the prefill.
 Ratios are to ``base``; ``max_diff`` is the largest |logit| difference between the gated model and PEFT on
 the same rows (a check that both compute the same thing). The adapters are random (rank ``--rank``, every
 attention + MLP projection of layers 1..L-1): speed does not depend on the weights' values.
@@ -40,6 +42,28 @@ def prefill(model, ids, mask, **kw):
 
     with torch.inference_mode():
         return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw).logits[:, -1].float()
+
+
+def decode_step(model, ids, mask, **kw):
+    """``() -> last logits`` of one decode step on a prompt cache built once (cropped back after each step)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
+    cache, n = out.past_key_values, ids.shape[1]
+    nxt = out.logits[:, -1:].argmax(-1)
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    pos = step_mask.sum(-1, keepdim=True) - 1
+
+    def step():
+        with torch.inference_mode():
+            logits = model(
+                input_ids=nxt, attention_mask=step_mask, position_ids=pos, past_key_values=cache, use_cache=True, **kw
+            ).logits
+        cache.crop(n - cache.get_seq_length())  # back to the prompt (a negative count: tokens to drop)
+        return logits[:, -1].float()
+
+    return step
 
 
 def random_adapters(model, k: int, r: int, seed: int, out: Path) -> tuple[object, list[tuple[str, Path]]]:
@@ -93,6 +117,7 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
     for b in sizes:  # the base model first, before any gated module is installed
         ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
         base_times[b] = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
+        base_times[b, "step"] = common.timed(decode_step(gated_model, ids, mask), dev, repeats)
     state = RoutingState()
     install_adapters(gated_model, adapters, state)
     gated_model.to(built.dtype)
@@ -104,6 +129,9 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
         row = {"batch": b, "routed_rows": round(b * routed), "base_s": t_base, "none_routed_s": t_none}
         row["none_routed_x"] = t_none / t_base
         row["none_equal_base"] = bool(torch.equal(none, ref))
+        t_base_step = base_times[b, "step"][0]
+        row["base_step_s"] = t_base_step
+        row["none_step_x"] = common.timed(decode_step(gated_model, ids, mask), dev, repeats)[0] / t_base_step
         for k in KS:
             plan = row_plan(b, routed, k)
             persona = torch.tensor(plan, device=dev)
@@ -111,6 +139,8 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
             t_g, got = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
             names = [f"p{a}" if a >= 0 else "__base__" for a in plan]
             t_p, want = common.timed(lambda: prefill(pm, ids, mask, adapter_names=names), dev, repeats)
+            t_gs, _ = common.timed(decode_step(gated_model, ids, mask), dev, repeats)
+            t_ps, _ = common.timed(decode_step(pm, ids, mask, adapter_names=names), dev, repeats)
             row.update(
                 {
                     f"gated_K{k}_s": t_g,
@@ -118,6 +148,8 @@ def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int
                     f"peft_K{k}_s": t_p,
                     f"peft_K{k}_x": t_p / t_base,
                     f"max_diff_K{k}": float((got - want).abs().max()),
+                    f"gated_K{k}_step_x": t_gs / t_base_step,
+                    f"peft_K{k}_step_x": t_ps / t_base_step,
                 }
             )
         rows.append(row)
@@ -151,6 +183,9 @@ def main(argv: Optional[list] = None) -> list[dict]:
     cols = ["batch", "routed_rows", "base_s", "none_routed_x", "none_equal_base"]
     cols += [f"gated_K{k}_x" for k in KS] + [f"peft_K{k}_x" for k in KS] + [f"max_diff_K{k}" for k in KS]
     print(common.table(rows, cols))
+    step_cols = ["batch", "base_step_s", "none_step_x"]
+    step_cols += [f"gated_K{k}_step_x" for k in KS] + [f"peft_K{k}_step_x" for k in KS]
+    print("\nOne decode step (ratios to the base model's step):\n" + common.table(rows, step_cols))
     print("\nOn a GPU (same script; bf16):\n" + GPU_COMMAND)
     common.record(args.out, "multi_adapter", settings, rows)
     return rows
