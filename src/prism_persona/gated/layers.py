@@ -122,14 +122,18 @@ class GatedLoRALinear(nn.Module):
             return out
         if st.routed.numel() != x.shape[0]:
             raise RuntimeError(f"routing flags for {st.routed.numel()} rows, batch has {x.shape[0]}")
+        owned = False  # base(x) is left untouched; the first delta makes the copy the others add into
         for k, idx in st.groups:
             name = st.adapters[k] if st.adapters else DEFAULT_ADAPTER  # a state no install has named
             if name not in self.lora_A:
                 continue
             if idx is None:
                 out = out + self.delta(x, name).to(out.dtype)
+            elif owned:
+                out.index_add_(0, idx, self.delta(x.index_select(0, idx), name).to(out.dtype))
             else:
                 out = out.index_add(0, idx, self.delta(x.index_select(0, idx), name).to(out.dtype))
+            owned = True
         return out
 
 
