@@ -12,6 +12,9 @@ for each variant in one run on one machine:
 
 Each variant is also timed on one decode step (one new token per row on the prompt's KV cache,
 ``*_step_x`` columns), where the per-adapter gathers are a larger share of the work than in the prefill.
+Every variant runs in turn, round after round, and reports its fastest round (round 0 warms up; on a
+shared machine noise only adds time). The ``base`` variant is the same model with its plain ``Linear``
+layers put back (no gated module), so every variant shares one copy of the base weights.
 Ratios are to ``base``; ``max_diff`` is the largest |logit| difference between the gated model and PEFT on
 the same rows (a check that both compute the same thing). The adapters are random (rank ``--rank``, every
 attention + MLP projection of layers 1..L-1): speed does not depend on the weights' values.
@@ -102,56 +105,83 @@ def row_plan(batch: int, routed: float, k: int) -> list[int]:
 
 
 def measure(built: common.Built, sizes: list[int], prompt_len: int, repeats: int, routed: float, r: int, seed: int = 0):
+    """The variants are timed in turn, round after round (round 0 warms up), and each reports its fastest
+    round: on a machine shared with other jobs, noise only adds time, and interleaving spreads it."""
+    import time
+
     import torch
 
-    from prism_persona.gated.layers import RoutingState, install_adapters
+    from prism_persona.gated.layers import GatedLoRALinear, RoutingState, install_adapters
 
     dev = built.device
-    gated_model = built.model
-    peft_base = copy.deepcopy(gated_model)
+    model = built.model
+    peft_base = copy.deepcopy(model)
     tmp = tempfile.TemporaryDirectory(prefix="prism-bench-multi-")
     pm, adapters = random_adapters(peft_base, max(KS), r, seed, Path(tmp.name))
     pm.to(built.dtype)
-    rows = []
-    base_times = {}
-    for b in sizes:  # the base model first, before any gated module is installed
-        ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
-        base_times[b] = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
-        base_times[b, "step"] = common.timed(decode_step(gated_model, ids, mask), dev, repeats)
     state = RoutingState()
-    install_adapters(gated_model, adapters, state)
-    gated_model.to(built.dtype)
+    install_adapters(model, adapters, state)
+    model.to(built.dtype)
+    gated = {n: m for n, m in model.named_modules() if isinstance(m, GatedLoRALinear)}
+
+    def put(base: bool) -> None:  # the bare base model (plain Linear layers) or the gated one, same weights
+        for name, mod in gated.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.base if base else mod)
+
+    def timed_once(fn):
+        common.sync(dev)
+        t0 = time.perf_counter()
+        out = fn()
+        common.sync(dev)
+        return time.perf_counter() - t0, out
+
+    rows = []
     for b in sizes:
         ids, mask = common.random_prompts(built, b, prompt_len, seed=seed + b)
-        t_base, ref = base_times[b]
-        state.set(torch.zeros(b, dtype=torch.bool, device=dev))
-        t_none, none = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
-        row = {"batch": b, "routed_rows": round(b * routed), "base_s": t_base, "none_routed_s": t_none}
-        row["none_routed_x"] = t_none / t_base
-        row["none_equal_base"] = bool(torch.equal(none, ref))
-        t_base_step = base_times[b, "step"][0]
-        row["base_step_s"] = t_base_step
-        row["none_step_x"] = common.timed(decode_step(gated_model, ids, mask), dev, repeats)[0] / t_base_step
+        variants = {
+            "base": (lambda: put(True), model, {}),
+            "none_routed": (lambda: (put(False), state.set(torch.zeros(b, dtype=torch.bool, device=dev))), model, {}),
+        }
         for k in KS:
             plan = row_plan(b, routed, k)
             persona = torch.tensor(plan, device=dev)
-            state.set(persona >= 0, persona=persona)
-            t_g, got = common.timed(lambda: prefill(gated_model, ids, mask), dev, repeats)
+            variants[f"gated_K{k}"] = (lambda p=persona: (put(False), state.set(p >= 0, persona=p)), model, {})
             names = [f"p{a}" if a >= 0 else "__base__" for a in plan]
-            t_p, want = common.timed(lambda: prefill(pm, ids, mask, adapter_names=names), dev, repeats)
-            t_gs, _ = common.timed(decode_step(gated_model, ids, mask), dev, repeats)
-            t_ps, _ = common.timed(decode_step(pm, ids, mask, adapter_names=names), dev, repeats)
-            row.update(
-                {
-                    f"gated_K{k}_s": t_g,
-                    f"gated_K{k}_x": t_g / t_base,
-                    f"peft_K{k}_s": t_p,
-                    f"peft_K{k}_x": t_p / t_base,
-                    f"max_diff_K{k}": float((got - want).abs().max()),
-                    f"gated_K{k}_step_x": t_gs / t_base_step,
-                    f"peft_K{k}_step_x": t_ps / t_base_step,
-                }
-            )
+            variants[f"peft_K{k}"] = (lambda: None, pm, {"adapter_names": names})
+        steps = {}
+        for name, (setup, m, kw) in variants.items():
+            setup()
+            steps[name] = decode_step(m, ids, mask, **kw)
+        pre: dict = {name: [] for name in variants}
+        dec: dict = {name: [] for name in variants}
+        last = {}
+        for rnd in range(max(1, repeats) + 1):
+            for name, (setup, m, kw) in variants.items():
+                setup()
+                t, last[name] = timed_once(lambda: prefill(m, ids, mask, **kw))
+                t_step, _ = timed_once(steps[name])
+                if rnd:  # round 0 warms up
+                    pre[name].append(t)
+                    dec[name].append(t_step)
+        put(False)
+        best = {name: min(v) for name, v in pre.items()}
+        best_step = {name: min(v) for name, v in dec.items()}
+        row = {"batch": b, "routed_rows": round(b * routed), "base_s": best["base"], "base_step_s": best_step["base"]}
+        row["none_routed_x"] = best["none_routed"] / best["base"]
+        row["none_step_x"] = best_step["none_routed"] / best_step["base"]
+        row["none_equal_base"] = bool(torch.equal(last["none_routed"], last["base"]))
+        for k in KS:
+            for kind in ("gated", "peft"):
+                v = f"{kind}_K{k}"
+                row.update(
+                    {
+                        f"{v}_s": best[v],
+                        f"{v}_x": best[v] / best["base"],
+                        f"{v}_step_x": best_step[v] / best_step["base"],
+                    }
+                )
+            row[f"max_diff_K{k}"] = float((last[f"gated_K{k}"] - last[f"peft_K{k}"]).abs().max())
         rows.append(row)
     tmp.cleanup()
     return rows
