@@ -40,6 +40,20 @@ QWEN7B = dict(
     tie_word_embeddings=False,
     hidden_act="silu",
 )
+# SmolLM2-135M-Instruct's shape (the embedded model's architecture), for random weights of its size.
+SMOLLM2 = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,8 +70,9 @@ def base_parser(
     p.add_argument(
         "--size",
         default="tiny",
-        choices=["tiny", "embedded", "7b"],
-        help="tiny: random 4-layer model; embedded: SmolLM2-135M; 7b: random Qwen2.5-7B shape (GPU)",
+        choices=["tiny", "embedded", "smol", "7b"],
+        help="tiny: random 4-layer model; embedded: SmolLM2-135M; smol: random SmolLM2-135M shape; "
+        "7b: random Qwen2.5-7B shape (GPU)",
     )
     p.add_argument("--batch-sizes", default=batch_sizes, help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=prompt_len, help="prompt tokens per row")
@@ -261,7 +276,8 @@ def qwen7b_config():
 
 
 def build_model(size: str, device: str, dtype, seed: int = 0) -> Built:
-    """``tiny`` (random 4-layer Llama, hidden 64), ``embedded`` (SmolLM2-135M), ``7b`` (random Qwen2.5-7B)."""
+    """``tiny`` (random 4-layer Llama, hidden 64), ``embedded`` (SmolLM2-135M), ``smol`` (random SmolLM2-135M
+    shape), ``7b`` (random Qwen2.5-7B)."""
     import torch
 
     from prism_persona.models import load_model
@@ -276,6 +292,16 @@ def build_model(size: str, device: str, dtype, seed: int = 0) -> Built:
     if size == "embedded":
         model, tok = load_model(None, dtype=_dtype_name(dtype), device=device)
         return Built(model, tok, "SmolLM2-135M-Instruct (embedded)", device, dtype)
+    if size == "smol":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                LlamaConfig(**SMOLLM2, pad_token_id=2, eos_token_id=2), dtype=dtype
+            )
+        model.eval()
+        return Built(model, None, "random SmolLM2-135M shape", device, dtype)
     if size == "7b":
         from transformers import AutoModelForCausalLM
 

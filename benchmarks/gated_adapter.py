@@ -52,7 +52,7 @@ def runner(gm):
 
 def merge_and_strip(gm) -> object:
     """Fold every gated LoRA delta into its base weight and put the plain Linear back (always-on LoRA,
-    merged); removes the gate hook. Returns the plain model."""
+    merged; the first adapter); removes the gate hook. Returns the plain model."""
     import torch
 
     from prism_persona.gated.layers import GatedLoRALinear
@@ -62,7 +62,7 @@ def merge_and_strip(gm) -> object:
     swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GatedLoRALinear)]
     with torch.no_grad():
         for name, mod in swaps:
-            delta = (mod.lora_B.weight.float() @ mod.lora_A.weight.float()) * mod.scaling
+            delta = mod.delta_weight(gm.state.adapters[0])
             mod.base.weight.add_(delta.to(mod.base.weight.dtype))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.base)

@@ -49,6 +49,18 @@ COLUMNS = {
     ],
     "bootstrap": ["batch", "rows", "tokens", "wall_s", "tokens_per_s", "ratio_to_first", "length_stops"],
     "e2e": ["stage", "seconds", "share_of_total", "records", "measured_by"],
+    "multi_adapter": [
+        "batch",
+        "routed_rows",
+        "base_s",
+        "none_routed_x",
+        "none_equal_base",
+        *(f"{v}_K{k}_x" for v in ("gated", "peft") for k in (1, 2, 4)),
+        "base_step_s",
+        "none_step_x",
+        *(f"{v}_K{k}_step_x" for v in ("gated", "peft") for k in (1, 2, 4)),
+        *(f"max_diff_K{k}" for k in (1, 2, 4)),
+    ],
 }
 TITLES = {
     "generation": "1. Generation throughput (mixed batch, half routed)",
@@ -56,6 +68,7 @@ TITLES = {
     "memory": "3. Memory (adapter + gate vs base; peak per row)",
     "bootstrap": "4. Bootstrap throughput (HFEngine sampling)",
     "e2e": "5. CPU end to end (prism run)",
+    "multi_adapter": "6. One adapter per persona (mixed batch, K adapters)",
 }
 
 

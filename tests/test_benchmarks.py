@@ -267,3 +267,17 @@ def test_growth_exponent_fit_and_render(tmp_path):
     text = bench_growth.render(path, tmp_path / "g.png")
     assert "| answers | 12.00 s / 412 MB | 50.00 s / 450 MB | 200.00 s / 600 MB | 1.00 |" in text
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_multi_adapter_rows_match_peft_and_unrouted_batch_equals_base(tmp_path):
+    import bench_multi_adapter
+
+    out = tmp_path / "r.jsonl"
+    rows = bench_multi_adapter.main(
+        TINY + ["--batch-sizes", "6", "--prompt-len", "8", "--repeats", "1", "--out", str(out)]
+    )
+    (row,) = rows
+    assert row["none_equal_base"] is True and row["routed_rows"] == 4
+    assert all(row[f"max_diff_K{k}"] < 1e-4 for k in bench_multi_adapter.KS)
+    assert bench_multi_adapter.row_plan(8, 0.75, 4) == [0, 1, 2, 3, 0, 1, -1, -1]
+    check_record(records(out)[0], "multi_adapter")

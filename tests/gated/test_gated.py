@@ -170,7 +170,7 @@ def test_all_off_batch_skips_the_lora_delta(setup, monkeypatch):
     gm = setup["gm"]
     calls = []
     orig = GatedLoRALinear.delta
-    monkeypatch.setattr(GatedLoRALinear, "delta", lambda self, x: calls.append(x.shape[0]) or orig(self, x))
+    monkeypatch.setattr(GatedLoRALinear, "delta", lambda self, x, name: calls.append(x.shape[0]) or orig(self, x, name))
     enc = _batch(gm.tokenizer, QUERIES)
     gm.forward_logits(enc["input_ids"], enc["attention_mask"], force=False)
     assert calls == []

@@ -5,6 +5,13 @@
 * ``gate.safetensors`` + ``gate_config.json`` - the routing gate and its threshold and metrics;
 * ``adapter/`` - a standard PEFT LoRA adapter (decoder layers 1..L-1), loadable with
   ``PeftModel.from_pretrained(base, "RUN/prism/adapter")``.
+
+One adapter per persona (K >= 2): ``adapter/`` is the standard PEFT multi-adapter directory that
+``save_pretrained`` writes for several adapters - the first persona's adapter at its root (PEFT's
+``default``), every other one in a sub-folder named by its persona (``adapter/<name>/``), loadable with
+``PeftModel.from_pretrained(base, "adapter")`` + ``load_adapter("adapter/<name>", adapter_name=<name>)``.
+``prism_config.json``'s ``personas`` names them in order (adapter k = persona k); an artifact without it
+holds one adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PRISM_CONFIG = "prism_config.json"
 ADAPTER_DIR = "adapter"
+PERSONAS_KEY = "personas"  # prism_config.json: the adapters' (personas') names, in order
+PERSONA_ADAPTERS = "distill/personas.json"  # in the run: one adapter per persona (train/personas.py)
 FINGERPRINT_FILE = "base_fingerprint.json"  # in the run directory, written when the model is loaded
 MAX_ADAPTER_ABS = 1e3  # a trained LoRA's weights are O(1); larger ones only overflow the base model's activations
 MAX_GATE_ABS = 1e6  # the gate's weights and its feature standardisation (layer-0 states reach the thousands)
@@ -71,14 +81,39 @@ class Artifact:
         _check_gate_config(d / GATE_CONFIG)
         _check_safetensors(d / GATE_WEIGHTS)
         _check_tensors(d / GATE_WEIGHTS, MAX_GATE_ABS)
+        art._check_personas()
         if need_adapter:
-            art._check_adapter()
+            for _, adapter in art.adapters:
+                art._check_adapter(adapter)
         return art
 
-    def _check_adapter(self) -> None:
+    def _check_personas(self) -> None:
+        from ..errors import PrismError
+        from .layers import ADAPTER_NAME, DEFAULT_ADAPTER
+
+        names = self.config.get(PERSONAS_KEY)
+        if names is None:
+            return
+        where = f"{self.path / PRISM_CONFIG}: {PERSONAS_KEY}"
+        if not isinstance(names, list) or not names:
+            raise PrismError(f"{where} must be a non-empty list of names, got {names!r}; re-assemble the artifact")
+        for name in names:
+            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+                raise PrismError(
+                    f"{where}: {name!r} is not a persona name (letters, digits, _ and -, at most 64); "
+                    "re-assemble the artifact"
+                )
+        if len(set(names)) != len(names):
+            raise PrismError(f"{where} names a persona twice ({names}); re-assemble the artifact")
+        if DEFAULT_ADAPTER in names[1:]:
+            raise PrismError(
+                f"{where}: only the first persona may be named {DEFAULT_ADAPTER!r} (PEFT's root adapter); "
+                "re-assemble the artifact"
+            )
+
+    def _check_adapter(self, adapter: Path) -> None:
         from ..errors import PrismError
 
-        adapter = self.adapter_dir
         if self.path not in adapter.resolve().parents:
             raise PrismError(
                 f"{self.path / PRISM_CONFIG}: adapter {self.config.get('adapter')!r} is not a folder inside "
@@ -147,6 +182,21 @@ class Artifact:
     @property
     def adapter_dir(self) -> Path:
         return self.path / str(self.config.get("adapter", ADAPTER_DIR))
+
+    @property
+    def personas(self) -> list[str]:
+        """The adapters' names in order (adapter k = persona k); ``['default']`` for a one-adapter artifact
+        that names none."""
+        from .layers import DEFAULT_ADAPTER
+
+        return [str(n) for n in self.config.get(PERSONAS_KEY) or [DEFAULT_ADAPTER]]
+
+    @property
+    def adapters(self) -> list[tuple[str, Path]]:
+        """``(name, adapter directory)`` per persona: the first at ``adapter/``, the others in
+        ``adapter/<name>/`` (PEFT's multi-adapter layout)."""
+        names, root = self.personas, self.adapter_dir
+        return [(names[0], root)] + [(n, root / n) for n in names[1:]]
 
     @property
     def batch_size(self) -> int:
@@ -365,22 +415,33 @@ def write_artifact(
     *,
     model_spec: Optional[str],
     gate: GateBundle,
-    adapter_dir: str | Path,
+    adapter_dir: str | Path | None = None,
     extra: Optional[dict] = None,
+    adapters: Optional[Sequence[tuple[str, str | Path]]] = None,
 ) -> Path:
     """Assemble the artifact: gate files, a copy of the adapter dir and ``prism_config.json`` (last,
-    so a directory with a config is complete)."""
+    so a directory with a config is complete). ``adapters`` = ``[(persona name, adapter dir), ...]`` instead
+    of ``adapter_dir``: one adapter per persona (PEFT's multi-adapter layout, the names in ``personas``)."""
     from .. import __version__
+    from .layers import ADAPTER_NAME, DEFAULT_ADAPTER
 
+    if (adapter_dir is None) == (adapters is None):
+        raise ValueError("write_artifact takes adapter_dir or adapters, not both or neither")
+    named = [(str(n), Path(p)) for n, p in adapters] if adapters is not None else [(DEFAULT_ADAPTER, Path(adapter_dir))]
+    names = [n for n, _ in named]
+    if not names or len(set(names)) != len(names) or not all(ADAPTER_NAME.match(n) for n in names):
+        raise ValueError(f"persona names must be distinct folder names (letters, digits, _ and -), got {names}")
+    if DEFAULT_ADAPTER in names[1:]:
+        raise ValueError(f"only the first persona may be named {DEFAULT_ADAPTER!r}")
     d = Path(directory)
     d.parent.mkdir(parents=True, exist_ok=True)
     base, kind = model_reference(model_spec)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-"))
     try:
         gate.save(tmp)
-        shutil.copytree(
-            Path(adapter_dir), tmp / ADAPTER_DIR, ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json")
-        )
+        skip = shutil.ignore_patterns("optimizer.pt", "trainer_state.json")
+        for k, (name, src) in enumerate(named):
+            shutil.copytree(src, tmp / ADAPTER_DIR / name if k else tmp / ADAPTER_DIR, ignore=skip)
         cfg = {
             "base_model": base,
             "model_kind": kind,
@@ -390,6 +451,8 @@ def write_artifact(
             "threshold": gate.threshold,
             "prism_version": __version__,
         }
+        if adapters is not None:
+            cfg[PERSONAS_KEY] = names
         cfg.update(extra or {})
         cfg = stamp(cfg, ARTIFACT_CONFIG)
         (tmp / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -442,14 +505,20 @@ def is_artifact(directory: str | Path) -> bool:
 
 
 def assemble(run, cfg: RunConfig) -> Path:
-    """Build ``RUN/prism`` from the finished gate (``RUN/gate``) and distillation (``RUN/distill/adapter``)."""
+    """Build ``RUN/prism`` from the finished gate (``RUN/gate``) and distillation (``RUN/distill/adapter``,
+    or one adapter per persona when ``RUN/distill/personas.json`` lists them)."""
     from ..errors import PrismError
 
     gate_dir, adapter = run.path("gate"), run.path("distill") / "adapter"
+    listing = run.read_json(PERSONA_ADAPTERS)
+    adapters = None
+    if isinstance(listing, dict) and isinstance(listing.get("personas"), list):
+        adapters = [(str(p["name"]), run.root / str(p["adapter"])) for p in listing["personas"]]
     if not (gate_dir / GATE_WEIGHTS).is_file():
         raise PrismError(f"{run.root} has no trained gate; run `prism gate --run {run.root}` first")
-    if not (adapter / "adapter_config.json").is_file():
-        raise PrismError(f"{run.root} has no distilled adapter; run `prism distill --run {run.root}` first")
+    for _, a in adapters or [("", adapter)]:
+        if not (a / "adapter_config.json").is_file():
+            raise PrismError(f"{run.root} has no distilled adapter ({a}); run `prism distill --run {run.root}` first")
     extra = {
         "domains": list(cfg.persona.domains),
         "placement": cfg.persona.placement,
@@ -467,5 +536,10 @@ def assemble(run, cfg: RunConfig) -> Path:
     if fingerprint:
         extra["base_fingerprint"] = fingerprint
     return write_artifact(
-        run.path("prism"), model_spec=cfg.model.model, gate=GateBundle.load(gate_dir), adapter_dir=adapter, extra=extra
+        run.path("prism"),
+        model_spec=cfg.model.model,
+        gate=GateBundle.load(gate_dir),
+        adapter_dir=None if adapters else adapter,
+        adapters=adapters,
+        extra=extra,
     )

@@ -12,6 +12,10 @@ Layout of ``OUT``::
     OUT/adapter/adapter_config.json, adapter_model.safetensors   # --lora-modules prism=OUT/adapter
     OUT/gate.safetensors, gate_config.json, prism_config.json     # for prism serve --route-only
     OUT/README.md
+
+An artifact with one adapter per persona exports each of them the same way, in the artifact's layout:
+the first persona in ``OUT/adapter``, persona ``name`` in ``OUT/adapter/<name>`` (``--lora-modules
+<name>=OUT/adapter/<name>``, one per persona).
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def vllm_max_lora_rank(r: int) -> int:
 
 
 def export_vllm(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``out/adapter`` (PEFT, zero weights on layer 0), the gate files and a README."""
+    """Write ``out/adapter`` (PEFT, zero weights on layer 0; one per persona), the gate files and a README."""
     from safetensors.torch import save_file
 
     from .artifact import PRISM_CONFIG, Artifact
@@ -124,28 +128,41 @@ def export_vllm(artifact: str | Path, out: str | Path, overwrite: bool = False) 
 
     art, dst = Path(artifact).expanduser(), Path(out).expanduser()
     read = Artifact.read(art)
-    prism_cfg, adapter = read.config, read.adapter_dir
+    prism_cfg = read.config
     if dst.resolve() == art.resolve():
         raise PrismError("the export directory must differ from the artifact directory")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise PrismError(f"{dst} exists and is not empty; choose another directory or pass --overwrite")
-    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    weights, filled = fill_missing_layers(_load_weights(adapter))
     base = vllm_base_model(prism_cfg)
-    new_cfg = vllm_adapter_config(adapter_cfg, weights, base)
+    converted = []  # (name, relative dir, weights, config) per persona, all checked before anything is written
+    filled_layers: set[int] = set()
+    for k, (name, adapter) in enumerate(read.adapters):
+        adapter_cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        weights, filled_k = fill_missing_layers(_load_weights(adapter))
+        filled_layers.update(filled_k)
+        converted.append(
+            (
+                name,
+                Path("adapter", name) if k else Path("adapter"),
+                weights,
+                vllm_adapter_config(adapter_cfg, weights, base),
+            )
+        )
 
     out_adapter = dst / "adapter"
     if out_adapter.exists():
         shutil.rmtree(out_adapter)
-    out_adapter.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()},
-        str(out_adapter / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    (out_adapter / "adapter_config.json").write_text(
-        json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    for _, rel, weights, new_cfg in converted:
+        (dst / rel).mkdir(parents=True)  # the first persona's adapter/ comes first
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()},
+            str(dst / rel / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        (dst / rel / "adapter_config.json").write_text(
+            json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    filled = sorted(filled_layers)
     for name in (GATE_WEIGHTS, GATE_CONFIG):
         if (art / name).is_file():
             shutil.copy2(art / name, dst / name)
@@ -153,13 +170,27 @@ def export_vllm(artifact: str | Path, out: str | Path, overwrite: bool = False) 
         json.dumps({**prism_cfg, "exported_for": "vllm", "zero_lora_layers": filled}, indent=2, sort_keys=True) + "\n",
         encoding="utf-8",
     )
-    (dst / "README.md").write_text(readme(dst, base, int(new_cfg.get("r", 16)), prism_cfg), encoding="utf-8")
+    r = max(int(c.get("r", 16)) for *_, c in converted)
+    modules = [(name, rel) for name, rel, *_ in converted] if len(converted) > 1 else None
+    (dst / "README.md").write_text(readme(dst, base, r, prism_cfg, modules=modules), encoding="utf-8")
     log.info("exported %s -> %s (zero LoRA weights written for layers %s)", art, dst, filled)
     return dst
 
 
-def readme(dst: Path, base: str, r: int, prism_cfg: dict, port: int = 8001) -> str:
-    """The README snippet written next to the export."""
+def readme(dst: Path, base: str, r: int, prism_cfg: dict, port: int = 8001, modules=None) -> str:
+    """The README snippet written next to the export; ``modules`` = ``[(persona, relative dir), ...]`` of
+    an artifact with one adapter per persona."""
+    lora = f"--lora-modules prism={dst.resolve() / 'adapter'}"
+    personas = ""
+    if modules:
+        lora = f"--max-loras {len(modules)} --lora-modules " + " ".join(
+            f"{n}={dst.resolve() / rel}" for n, rel in modules
+        )
+        personas = (
+            f"\nOne adapter per persona ({', '.join(n for n, _ in modules)}), each served under its name. "
+            f"`prism serve --route-only` below sends the routed requests to `--lora-name`; pass the persona "
+            "the requests should get (per-persona routing there needs the K-way gate).\n"
+        )
     note = ""
     if prism_cfg.get("model_kind") in ("embedded", "gguf"):
         note = (
@@ -171,19 +202,19 @@ def readme(dst: Path, base: str, r: int, prism_cfg: dict, port: int = 8001) -> s
 
 `adapter/` is a standard PEFT LoRA adapter. PRISM's LoRA covers decoder layers 1..L-1; layer 0 carries
 explicit zero weights here (identical maths), because vLLM cannot be told to skip a layer.
-{note}
+{note}{personas}
 ## 1. Serve the base model with the adapter (vLLM)
 
 ```bash
 vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} \\
-    --lora-modules prism={dst.resolve() / "adapter"} --port {port}
+    {lora} --port {port}
 ```
 
 ## 2. Route each request with the PRISM gate (layer 0 only, runs on CPU)
 
 ```bash
 prism serve --route-only --prism {dst.resolve()} \\
-    --upstream http://127.0.0.1:{port}/v1 --base-name {base} --lora-name prism --port 8000
+    --upstream http://127.0.0.1:{port}/v1 --base-name {base} --lora-name {modules[0][0] if modules else "prism"} --port 8000
 ```
 
 Clients talk to `http://127.0.0.1:8000/v1` with any OpenAI client; each response carries

@@ -38,7 +38,7 @@ from ..models import decoder_layers, encode_prompts, load_model, render_chat
 from .artifact import Artifact
 from .features import last_token_index, layer_output, pool_states, position_ids_from_mask, query_features
 from .gate import GateBundle, decide, persona_choice
-from .layers import RoutingState, install_adapter
+from .layers import DEFAULT_ADAPTER, RoutingState, install_adapters
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class GatedModel:
         # region, so it went to the base model (gate.decide)
         self.abstained: Optional[torch.Tensor] = None
         self.persona: Optional[torch.Tensor] = None  # per row of the last decision: persona index, -1 = base
+        # gate persona k -> adapter index (None: one adapter serves every routed row)
+        self._adapter_of_persona: Optional[torch.Tensor] = None
         self._last_index: Optional[torch.Tensor] = None
         self._decided = False
         self._in_call = False
@@ -113,17 +115,20 @@ class GatedModel:
         model,
         tokenizer,
         gate: GateBundle,
-        adapter_dir: str | Path | None = None,
+        adapter_dir: str | Path | Sequence[tuple[str, str | Path]] | None = None,
         batch_size: int = 8,
         config: Optional[dict] = None,
     ) -> GatedModel:
-        """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir."""
+        """Wrap an already loaded ``model`` (modified in place) with ``gate`` and a PEFT adapter dir (or
+        ``[(persona name, adapter dir), ...]``: one adapter per persona, adapter k = persona k)."""
         gm = cls(model, tokenizer, gate, batch_size=batch_size, config=config)
         if adapter_dir is not None:
-            gm.lora_modules = install_adapter(model, adapter_dir, gm.state)
+            named = [(DEFAULT_ADAPTER, adapter_dir)] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
+            gm.lora_modules = install_adapters(model, named, gm.state)
             bad = [n for n in gm.lora_modules if _layer_index(n) == 0]
             if bad:
                 raise ValueError(f"the adapter touches decoder layer 0 ({bad[0]}); the gate reads that layer")
+            gm._adapter_of_persona = adapter_index(gate, [str(name) for name, _ in named], gm.device)
         model.eval()
         return gm
 
@@ -148,6 +153,10 @@ class GatedModel:
         art = Artifact.read(artifact_dir)
         trust = art.check_trust(trust_remote_code)
         gate = art.gate()  # a corrupt gate is refused before the model loads
+        try:  # each adapter named by the gate's personas, before the model loads
+            adapter_index(gate, art.personas)
+        except ValueError as e:
+            raise PrismError(f"{artifact_dir}: {e}") from None
         if base is None:
             model, tok = load_model(art.base_model, dtype=dtype, device=device, trust_remote_code=trust)
         else:
@@ -156,9 +165,10 @@ class GatedModel:
         hidden = int(getattr(model.config, "hidden_size", gate.gate.hidden_size))
         if hidden != gate.gate.hidden_size:
             raise PrismError(f"gate expects hidden size {gate.gate.hidden_size}, model has {hidden}")
-        check_adapter_fits(model, art.adapter_dir)
+        for _, adapter in art.adapters:
+            check_adapter_fits(model, adapter)
         return cls.from_parts(
-            model, tok, gate, art.adapter_dir, batch_size=batch_size or art.batch_size, config=art.config
+            model, tok, gate, art.adapters, batch_size=batch_size or art.batch_size, config=art.config
         )
 
     @property
@@ -219,7 +229,11 @@ class GatedModel:
             has = torch.tensor([o is not None for o in self._overrides], device=h.device)
             routed = torch.where(has, ov, routed)
         self.persona = persona_choice(class_probs, routed)  # per row: the routed persona's index, -1 = base
-        self.state.set(routed, probs, feats)
+        adapters = None
+        if self._adapter_of_persona is not None:  # one adapter per persona: row -> its persona's adapter
+            index = self._adapter_of_persona.to(self.persona.device)
+            adapters = torch.where(self.persona >= 0, index[self.persona.clamp_min(0)], -1)
+        self.state.set(routed, probs, feats, persona=adapters)
         self._decided = True
         return None
 
@@ -373,6 +387,21 @@ class GatedModel:
     def close(self) -> None:
         self._hook.remove()
         self._mask_hook.remove()
+
+
+def adapter_index(gate: GateBundle, adapters: Sequence[str], device=None) -> Optional[torch.Tensor]:
+    """Gate persona k -> the index of its adapter among ``adapters`` (matched by name); ``None`` when one
+    adapter serves every routed row (a binary gate, or a K-way gate over a single adapter). Several
+    adapters need a K-way gate naming each of them: a mismatch is a one-line ValueError at load."""
+    if len(adapters) <= 1:
+        return None
+    names = gate.personas
+    if gate.gate.personas < 2:
+        raise ValueError(f"{len(adapters)} adapters ({', '.join(adapters)}) need a K-way gate; this gate is binary")
+    missing = [n for n in names if n not in adapters]
+    if missing:
+        raise ValueError(f"the gate's persona {missing[0]!r} has no adapter (adapters: {', '.join(adapters)})")
+    return torch.tensor([list(adapters).index(n) for n in names], dtype=torch.long, device=device)
 
 
 def check_adapter_fits(model, adapter_dir: str | Path) -> None:

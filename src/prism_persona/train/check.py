@@ -126,7 +126,7 @@ def artifact_fingerprint(artifact) -> str:
     for path in (
         artifact.path / "gate.safetensors",
         artifact.path / "gate_config.json",
-        artifact.adapter_dir / "adapter_model.safetensors",
+        *(adapter / "adapter_model.safetensors" for _, adapter in artifact.adapters),  # one per persona
     ):
         if path.is_file():
             h.update(path.read_bytes())
