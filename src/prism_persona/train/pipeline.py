@@ -441,8 +441,9 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional
     """Run or resume every stage of the method in ``cfg.out`` and return
     ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
 
-    ``engine`` / ``judge`` default to the ones ``cfg`` asks for; with the in-process engine the model
-    is loaded once and shared by the bootstrap, the gate and distillation.
+    ``engine`` / ``judge`` default to the ones ``cfg`` asks for; with an engine that shares the caller's
+    model (``EngineSpec.shares_model``) the model is loaded once and shared by the bootstrap, the gate and
+    distillation.
     """
     from .parallel import DataParallel
 
@@ -469,7 +470,7 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         check_judge(cfg)
     from ..engines import engine_spec, make_engine
 
-    if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
+    if todo and engine is None and engine_spec(cfg.engine.engine).shares_model:  # the model loads once, shared
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)
