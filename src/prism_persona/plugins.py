@@ -54,6 +54,11 @@ def load_entry(ep: Any, group: str) -> Any:
     return obj
 
 
+def find_entry(group: str, name: str) -> Any:
+    """The entry point ``name`` of ``group`` (None when no installed package declares it)."""
+    return next((ep for ep in entries(group) if ep.name == name), None)
+
+
 def load_group(group: str) -> list[tuple[str, Any]]:
     """Import every entry of ``group``: ``[(entry name, loaded object)]``."""
     return [(ep.name, load_entry(ep, group)) for ep in entries(group)]

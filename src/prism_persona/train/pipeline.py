@@ -414,13 +414,16 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main, memory=No
         from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
 
         run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
-    for name in training_stages():
-        if name in stages:
-            ran = not run.done(name)
-            stage = get_stage(name)
-            stage.function("step")(ctx.for_stage(stage))
-            if ran:
-                memory[name] = peak_rss_mb()
+    for name in training_stages():  # the registry skips a finished stage (check_trained checked its settings)
+        if name not in stages:
+            continue
+        if run.done(name):
+            log.info("%s: already done, skipping (pass --redo %s to train it again)", name, name)
+            continue
+        stage_ctx = ctx.for_stage(get_stage(name))
+        run.check_settings(name, stage_ctx.settings)  # a half-done stage's files were made with these settings
+        stage_ctx.stage.function("step")(stage_ctx)  # the step trains and writes <name>.done.json
+        memory[name] = peak_rss_mb()
     if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
     art = assemble(run, cfg) if all(run.done(s) for s in ARTIFACT_STAGES) else None
