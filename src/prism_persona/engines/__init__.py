@@ -7,8 +7,9 @@ An engine is one module (of this package, or any importable one) that declares `
 its name, its options (a dataclass of ``option(...)`` fields: they join the ``[engine]`` block with their
 flags, help and bounds), how it is built from a :class:`~prism_persona.config.RunConfig`, and hooks that
 callers use instead of naming it (its settings' rules, serving a PRISM artifact's adapter, starting a
-server for `prism serve`). Adding one = the module + its name in :data:`ENGINE_MODULES`. Engine modules import nothing heavy at the top (torch loads when an engine is
-built), so the registry loads with ``prism --help``.
+server for `prism serve`). Adding one = the module + its name in :data:`ENGINE_MODULES` (from another
+installed package: its ``prism_persona.engines`` entry point, :func:`load_plugins`). Engine modules import
+nothing heavy at the top (torch loads when an engine is built), so the registry loads with ``prism --help``.
 """
 
 from __future__ import annotations
