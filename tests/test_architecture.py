@@ -11,7 +11,7 @@ import prism_persona
 PACKAGE = Path(prism_persona.__file__).resolve().parent
 
 LAYERS = (
-    {"errors", "formats", "stats", "stages", "userfiles", "options"},
+    {"errors", "formats", "plugins", "stats", "stages", "userfiles", "options"},
     {"config"},
     {"command_settings", "how_to_run"},
     {"models", "store", "progress", "text"},

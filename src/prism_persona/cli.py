@@ -56,9 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prism-persona {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    load_plugins()  # before the commands read the registries (--engine, --redo choices)
     for name in COMMANDS:
         importlib.import_module(f".commands.{name}", __package__).add_parser(sub)
     return parser
+
+
+def load_plugins() -> None:
+    """The engines and stages of installed packages (their ``prism_persona.engines`` /
+    ``prism_persona.stages`` entry points, :mod:`prism_persona.plugins`)."""
+    from . import engines, stages
+
+    engines.load_plugins()
+    stages.load_plugins()
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -83,7 +93,11 @@ def quiet_third_party() -> None:
 def main(argv: list[str] | None = None) -> int:
     from .errors import PrismError
 
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except PrismError as exc:  # a plug-in that fails to import
+        print(f"prism: error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (one line, above), --help or --version

@@ -221,9 +221,9 @@ def engine_spec(name: str) -> Any:
     return _ENGINE_SPECS.get(name)
 
 
-def server_engines_text() -> str:
+def server_engines_text(flag: str = "--engine") -> str:
     """``--engine vllm or --engine openai``: the registered engines that generate on a server."""
-    return " or ".join(f"--engine {n}" for n, s in _ENGINE_SPECS.items() if s.server)
+    return " or ".join(f"{flag} {n}" for n, s in _ENGINE_SPECS.items() if s.server)
 
 
 @dataclass

@@ -161,6 +161,16 @@ def register(stage: Stage, after: Optional[str] = None) -> Stage:
     return stage
 
 
+def load_plugins() -> list[str]:
+    """Import the stage modules of the installed packages: each ``prism_persona.stages`` entry point names
+    a module whose import calls :func:`register` (the `prism` CLI calls this before it builds its parser,
+    so ``--redo`` knows them). Returns the entry names; a module that fails to import is a one-line error
+    (:mod:`prism_persona.plugins`)."""
+    from .plugins import STAGE_GROUP, load_group
+
+    return [name for name, _ in load_group(STAGE_GROUP)]
+
+
 def unregister(name: str) -> None:
     """Remove a registered (not a built-in) stage: for tests and plug-ins that undo their registration."""
     global STAGES

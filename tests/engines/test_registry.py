@@ -21,6 +21,27 @@ def test_the_registered_engines_and_what_they_can_do():
     assert vllm.server and vllm.adapter_server and vllm.serves_adapters and not vllm.needs_base_url
     assert openai.server and openai.needs_base_url and openai.served_model_name and not openai.serves_adapters
     assert not hf.serves_adapters and hf.adapter_server is None and openai.adapter_server is None
+    assert hf.shares_model and hf.gated_model  # the pipeline shares its model; an artifact is the GatedModel
+    assert not any(s.shares_model or s.gated_model for s in (vllm, openai))
+
+
+def test_no_caller_outside_the_engines_asks_in_process():
+    """Callers ask the capability they need (``shares_model``, ``gated_model``, ``server``), not whether
+    the engine is the in-process one (which meant 'hf')."""
+    import re
+    from pathlib import Path
+
+    import prism_persona
+
+    root = Path(prism_persona.__file__).parent
+    found = [
+        f"{p.relative_to(root)}:{n}"
+        for p in sorted(root.rglob("*.py"))
+        if p.parent.name != "engines"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\.in_process\b", line)
+    ]
+    assert found == []
     with pytest.raises(PrismError, match="unknown engine 'nope'; choose one of: hf, vllm, openai"):
         E.engine_spec("nope")
 

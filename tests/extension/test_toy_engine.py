@@ -154,3 +154,83 @@ class TestToyEngineKeepsTheEngineContract(_contract_module().EngineContract):
         engine = E.make_engine(cfg)
         self.engine_class = type(engine)
         return engine
+
+
+TOY_GATED = """
+from prism_persona.engines import EngineSpec
+from toy_ext.toy import build
+
+# runs in this process and runs a PRISM artifact as PRISM's own GatedModel: the capability the hf engine has
+ENGINE = EngineSpec("toyg", build, in_process=True, gated_model=True)
+"""
+
+
+def test_a_toy_engine_declares_that_the_artifact_runs_as_the_gated_model(toy_engine, tmp_path, tiny_model_dir, capsys):
+    """`prism generate --prism` asks the spec (``gated_model``), not the engine's name: the toy that declares
+    it answers with the artifact's GatedModel, row for row as the hf engine does; the toy without it cannot."""
+    from prism_persona.testing import make_tiny_artifact
+
+    (tmp_path / "toy_ext" / "toyg.py").write_text(textwrap.dedent(TOY_GATED))
+    E.register_module("toy_ext.toyg")
+    try:
+        art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism", cache=False)
+        src = tmp_path / "in.jsonl"
+        src.write_text('{"prompt": "as an expert, explain tides"}\n{"prompt": "hi"}\n')
+        outs = {}
+        for name in ("hf", "toyg"):
+            out = tmp_path / f"{name}.jsonl"
+            argv = ["generate", "--engine", name, "--prism", str(art), "--input", str(src), "--output", str(out)]
+            assert main([*argv, "--max-new-tokens", "4", "--device", "cpu", "--quiet"]) == 0
+            outs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert outs["toyg"] == outs["hf"] and all("gate_prob" in r and r["gate_prob"] is not None for r in outs["hf"])
+        assert main(["generate", "--engine", "toyg", "--model", "m", "--input", str(src), "--output", "x"]) == 2
+        assert "--model needs" in capsys.readouterr().err  # as the hf engine: the artifact runs here, no base model
+        argv = ["generate", "--engine", "toy", "--prism", str(art), "--input", str(src), "--output", "x"]
+        assert main(argv) == 2 and "runs a base model only" in capsys.readouterr().err
+    finally:
+        E.unregister("toyg")
+        sys.modules.pop("toy_ext.toyg", None)
+
+
+def _install(root: Path, group: str, line: str) -> None:
+    """The package's one line of metadata: an entry point in ``group`` (a dist-info on ``sys.path``)."""
+    meta = root / "toy_ext-0.1.dist-info"
+    meta.mkdir(exist_ok=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-ext\nVersion: 0.1\n", encoding="utf-8")
+    (meta / "entry_points.txt").write_text(f"[{group}]\n{line}\n", encoding="utf-8")
+
+
+@pytest.fixture
+def toy_package(tmp_path, monkeypatch):
+    """The toy engine's module in a temporary package on sys.path, not registered by any code."""
+    (tmp_path / "toy_ext").mkdir()
+    (tmp_path / "toy_ext" / "__init__.py").write_text("")
+    (tmp_path / "toy_ext" / "toy.py").write_text(textwrap.dedent(TOY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        E.unregister("toy")
+        for name in ("toy_ext.toy", "toy_ext.broken", "toy_ext"):
+            sys.modules.pop(name, None)
+
+
+def test_the_prism_cli_sees_an_installed_packages_engine(toy_package, capsys):
+    """An installed package's ``prism_persona.engines`` entry point is the one registration line: the CLI
+    imports it when it builds its parser (``--engine toy`` and the toy's flag are there)."""
+    assert main(["generate", "--help"]) == 0
+    assert "--toy-repeat" not in capsys.readouterr().out  # not installed yet
+    _install(toy_package, "prism_persona.engines", "toy = toy_ext.toy")
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "toy}" in out and "--toy-repeat TOY_REPEAT" in out and "toy" in E.engine_names()
+
+
+def test_an_engine_plugin_that_fails_to_import_is_one_line(toy_package, capsys):
+    (toy_package / "toy_ext" / "broken.py").write_text("import no_such_module_here\n")
+    _install(toy_package, "prism_persona.engines", "broken = toy_ext.broken")
+    assert main(["generate", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "engine entry point 'broken = toy_ext.broken' (package toy-ext) failed to import" in err
+    assert "ModuleNotFoundError: No module named 'no_such_module_here'" in err

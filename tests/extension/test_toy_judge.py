@@ -91,3 +91,24 @@ def test_the_toy_judge_judges_the_verdicts_step(tmp_path):
     assert [r["winner"] for r in records] == ["persona", "base", "tie"]  # x = the persona answer, both orders
     assert [r["label"] for r in records] == [1, 0, 0] and {r["judge"] for r in records} == {SPEC}
     assert [v["winner"] for v in records[0]["verdicts"]] == ["A", "B"]  # asked in both orders
+
+
+def test_an_installed_packages_judge_is_named_by_its_entry_point(tmp_path):
+    """From an installed package the one line is its ``prism_persona.judges`` entry point: ``--judge good``
+    (or ``judge.judge = "good"``) then names the package's function, the same contract as ``module:function``."""
+    from prism_persona.errors import PrismError
+    from prism_persona.judges import CallableJudge, PairItem, check_judge_spec, judge_from_spec
+    from prism_persona.judges.pairwise import installed_judge
+
+    meta = tmp_path / "toy_judges-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-judges\nVersion: 0.1\n", encoding="utf-8")
+    assert installed_judge("good") is None  # not installed yet: 'good' would be a model id
+    (meta / "entry_points.txt").write_text(f"[prism_persona.judges]\ngood = {SPEC}\nbroken = toy_judges.none:f\n")
+    check_judge_spec("good")
+    judge = judge_from_spec("good", None)
+    assert isinstance(judge, CallableJudge) and judge.name == "good"
+    verdicts = judge.compare([PairItem("q", "GOOD a", "b"), PairItem("q", "a", "GOOD b"), PairItem("q", "a", "b")])
+    assert [v.winner for v in verdicts] == ["A", "B", "tie"]
+    with pytest.raises(PrismError, match=r"^judge entry point 'broken = toy_judges.none:f' \(package toy-judges\)"):
+        check_judge_spec("broken")

@@ -39,11 +39,8 @@ def probe_settings(cfg) -> dict:
     return {"model": cfg.model.model, "seed": cfg.seed, "probe": {"pooling": POOLING}}
 
 
-def step(ctx) -> None:
+def step(ctx) -> None:  # the registry skips it once done and checks its settings first
     run = ctx.run
-    if run.done("probe"):
-        return
-    run.check_settings("probe", ctx.settings)
     CALLS.append(ctx.stage.name)
     queries = [r["query"] for r in ctx.records]
     feats = query_features(ctx.model, ctx.tokenizer, queries, 4, POOLING)
@@ -196,3 +193,36 @@ def test_a_registered_bootstrap_stage_writes_records_in_order_and_resumes(toy_bo
     with pytest.raises(ConfigMismatchError, match="ratios"):
         run_bootstrap(cfg, engine=BootstrapEngine())
     assert toy_bootstrap_stage.CALLS == [6, 0]  # refused before any stage ran
+
+
+def test_the_prism_cli_sees_an_installed_packages_stage(tmp_path, monkeypatch, capsys):
+    """An installed package's ``prism_persona.stages`` entry point is the one registration line: the CLI
+    imports the module (which registers the stage) when it builds its parser, so ``--redo`` knows it."""
+    from prism_persona.cli import main
+
+    pkg = tmp_path / "toy_stages"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "probe.py").write_text(textwrap.dedent(TOY))
+    (pkg / "broken.py").write_text("raise RuntimeError('the plug-in is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(S, "STAGES", S.STAGES)  # restored at teardown: the registration is undone
+    meta = tmp_path / "toy_stages-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-stages\nVersion: 0.1\n", encoding="utf-8")
+    try:
+        assert main(["run", "--redo", "probe", "--help"]) == 2  # not installed yet
+        assert "argument --redo: invalid choice: 'probe'" in capsys.readouterr().err
+        (meta / "entry_points.txt").write_text("[prism_persona.stages]\nprobe = toy_stages.probe\n")
+        assert main(["run", "--redo", "probe", "--help"]) == 0
+        assert "--redo STAGE" in capsys.readouterr().out and S.training_stages() == ("gate", "probe", "distill")
+
+        (meta / "entry_points.txt").write_text("[prism_persona.stages]\nbroken = toy_stages.broken\n")
+        assert main(["run", "--help"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "stage entry point 'broken = toy_stages.broken' (package toy-stages) failed to import" in err
+        assert "RuntimeError: the plug-in is broken" in err
+    finally:
+        for name in ("toy_stages.probe", "toy_stages.broken", "toy_stages"):
+            sys.modules.pop(name, None)

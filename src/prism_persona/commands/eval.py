@@ -131,10 +131,12 @@ def _fastchat_systems(args, names) -> dict:
     if not args.fastchat_answers:
         return {}
     from ..errors import PrismError
+    from ..evals.base import REGISTRY, owner
     from ..evals.fastchat import read_answers
 
-    if "mtbench" not in names:
-        raise PrismError("--fastchat-answers holds MT-Bench answers: include mtbench in --benchmarks")
+    takers = [b.name for b in REGISTRY.values() if b.answers_from_files]  # the benchmarks that run them
+    if not any(owner(n).answers_from_files for n in names):
+        raise PrismError(f"--fastchat-answers holds answers to {' or '.join(takers)}: include it in --benchmarks")
     out: dict = {}
     for path in args.fastchat_answers:
         for model, answers in read_answers(path).items():

@@ -64,10 +64,10 @@ def run(args) -> int:
 
     options = options_from_args(args)
     spec = engine_spec(options.engine.engine)
-    if spec.in_process:
+    if spec.gated_model:  # PRISM's HTTP server on the artifact's GatedModel, in this process
         return _serve(options)
     if spec.adapter_server is None or options.engine.base_url:
-        here = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).in_process)
+        here = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).gated_model)
         starts = " or ".join(f"--engine {n}" for n in engine_names() if engine_spec(n).adapter_server)
         raise PrismError(
             f"prism serve runs the artifact here ({here}) or starts a server for it ({starts}); to route "

@@ -7,8 +7,9 @@ An engine is one module (of this package, or any importable one) that declares `
 its name, its options (a dataclass of ``option(...)`` fields: they join the ``[engine]`` block with their
 flags, help and bounds), how it is built from a :class:`~prism_persona.config.RunConfig`, and hooks that
 callers use instead of naming it (its settings' rules, serving a PRISM artifact's adapter, starting a
-server for `prism serve`). Adding one = the module + its name in :data:`ENGINE_MODULES`. Engine modules import nothing heavy at the top (torch loads when an engine is
-built), so the registry loads with ``prism --help``.
+server for `prism serve`). Adding one = the module + its name in :data:`ENGINE_MODULES` (from another
+installed package: its ``prism_persona.engines`` entry point, :func:`load_plugins`). Engine modules import
+nothing heavy at the top (torch loads when an engine is built), so the registry loads with ``prism --help``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "check_engine",
     "engine_names",
     "engine_spec",
+    "load_plugins",
     "make_engine",
     "register_module",
     "unregister",
@@ -55,7 +57,16 @@ class EngineSpec:
     """Fields of :attr:`options` that run code or reach the network: used only when typed on this command
     line, never taken from a file (:func:`prism_persona.config.engine_how_to_run`)."""
     in_process: bool = False
-    """Runs the model in this process (shares loaded weights; a PRISM artifact runs as a GatedModel)."""
+    """Runs the model in this process (no server: requests are not in flight, identities carry no
+    ``@name``). Callers outside this package ask the hooks below instead, each for what it needs."""
+    shares_model: bool = False
+    """``build(cfg, model, tokenizer)`` runs on weights the caller already loaded in this process: the
+    pipeline loads the base model once and shares it with the bootstrap, the gate and distillation."""
+    gated_model: bool = False
+    """A PRISM artifact under this engine is PRISM's own GatedModel in this process (`prism generate`,
+    `chat`, `serve` and `eval --prism` load it; no server, no adapter export), so `prism generate`'s
+    answers depend on the artifact and the sampling alone and resume whatever the engine settings; the
+    command's base model (eval's ``--model``) is then this engine's ``build`` in this process."""
     needs_base_url: bool = False
     """Talks to a server someone else runs: ``engine.base_url`` is required."""
     served_model_name: bool = False
@@ -127,17 +138,31 @@ def _load() -> dict[str, EngineSpec]:
 
 def register_module(module: str) -> EngineSpec:
     """Add the engine that the importable module ``module`` declares as ``ENGINE``: the one line an engine
-    outside this package needs (inside it: its name in :data:`ENGINE_MODULES`). Its options join the
+    outside this package needs in code (inside it: its name in :data:`ENGINE_MODULES`; in an installed
+    package: its ``prism_persona.engines`` entry point, :func:`load_plugins`). Its options join the
     ``[engine]`` block and ``--engine`` takes its name from then on in this process."""
+    return _register(importlib.import_module(module), module)
+
+
+def _register(mod, where: str) -> EngineSpec:
     specs = _load()
-    spec = getattr(importlib.import_module(module), "ENGINE", None)
+    spec = getattr(mod, "ENGINE", None)
     if not isinstance(spec, EngineSpec):
-        raise PrismError(f"engine module {module} declares no ENGINE = EngineSpec(...)")
+        raise PrismError(f"engine module {where} declares no ENGINE = EngineSpec(...)")
     if spec.name in specs and specs[spec.name] is not spec:
-        raise PrismError(f"engine '{spec.name}' (from {module}) is registered already")
+        raise PrismError(f"engine '{spec.name}' (from {where}) is registered already")
     _config.register_engine(spec.name, spec)
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def load_plugins() -> list[str]:
+    """Register the engines of the installed packages: each ``prism_persona.engines`` entry point names a
+    module declaring ``ENGINE`` (the `prism` CLI calls this before it builds its parser). Returns their
+    names; a module that fails to import is a one-line error (:mod:`prism_persona.plugins`)."""
+    from ..plugins import ENGINE_GROUP, load_group
+
+    return [_register(mod, f"{name} = {getattr(mod, '__name__', mod)}").name for name, mod in load_group(ENGINE_GROUP)]
 
 
 def unregister(name: str) -> None:

@@ -493,4 +493,4 @@ def _drop_rows(cache, done: list[int], live: list[int], *tensors):
     return ([live[k] for k in keep], *(t[index] for t in tensors))
 
 
-ENGINE = EngineSpec("hf", build, in_process=True, check=check)
+ENGINE = EngineSpec("hf", build, in_process=True, shares_model=True, gated_model=True, check=check)

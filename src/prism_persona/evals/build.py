@@ -13,6 +13,7 @@ from ..judges import REFUSAL_CLASSIFIERS, CallableEngine, EvalJudge, load_grader
 from .benchmarks import REGISTRY, load_plugins
 from .evaluate import Benchmarks
 from .runner import EvalRunner
+from .settings import LOCAL_JUDGE_ENGINE
 from .systems import EngineProvider, PersonaBook, load_persona_file, load_run_personas, parse_match
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
     """
     from ..engines import engine_spec
 
-    if not engine_spec(cfg.engine.engine).in_process:
+    if not engine_spec(cfg.engine.engine).gated_model:  # the artifact is not PRISM's GatedModel here
         return build_remote_provider(cfg, quiet, out)
     factories: dict = {}
     identities: dict = {}
@@ -101,9 +102,7 @@ def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
         spec = cfg.model
 
         def base():
-            from ..engines.hf import HFEngine
-
-            return HFEngine.load(spec, cfg.dtype, cfg.device, cfg.batch_size, quiet, cfg.trust_remote_code)
+            return local_engine(cfg, cfg.engine.engine, spec, quiet)
 
         factories["base"] = base
         identities["base"] = f"base:{_model_display(spec)}"
@@ -152,13 +151,25 @@ def build_judge(cfg: EvalConfig, provider: EngineProvider, quiet: bool, out: str
         return EvalJudge(provider.get("base"), f"self:{provider.identity('base')}", mode, tokens)
     from ..engines import engine_spec
 
-    if cfg.judge_engine and not engine_spec(cfg.judge_engine).in_process:
+    name = cfg.judge_engine or LOCAL_JUDGE_ENGINE
+    if engine_spec(name).server:
         engine = server_judge_engine(cfg, spec, provider, quiet, out)
         return EvalJudge(engine, f"model:{spec}@{cfg.judge_engine}", mode, tokens)
-    from ..engines.hf import HFEngine
-
-    engine = HFEngine.load(spec, cfg.dtype, cfg.device, cfg.batch_size, quiet, cfg.trust_remote_code)
+    engine = local_engine(cfg, name, spec, quiet)
     return EvalJudge(engine, f"model:{engine.model_name}", mode, tokens)
+
+
+def local_engine(cfg: EvalConfig, engine: str, model: Optional[str], quiet: bool):
+    """The engine ``engine`` built in this process (its ``build``) on ``model`` (default: the embedded
+    model) with the command's model flags and engine settings."""
+    from dataclasses import replace
+
+    from ..config import RunConfig
+    from ..engines import make_engine
+
+    block = cfg.model_block()
+    block = replace(block, model=model) if model else block
+    return make_engine(RunConfig(quiet=quiet, model=block, engine=replace(cfg.engine, engine=engine)))
 
 
 def server_judge_engine(cfg: EvalConfig, model: str, provider: EngineProvider, quiet: bool, out: str):

@@ -27,6 +27,8 @@ G_MODELS = "models"
 G_DATA = "data (default: each benchmark's Hugging Face dataset; a PATH = a local copy)"
 G_PERSONAS = "personas"
 G_JUDGE = "judge and generation"
+LOCAL_JUDGE_ENGINE = "hf"
+"""The engine of a ``--judge MODEL`` without ``--judge-engine``: loaded in this process (transformers)."""
 
 
 @dataclass
@@ -157,7 +159,7 @@ class EvalConfig:
     )
     judge_engine: Optional[str] = option(
         None,
-        "Where the --judge MODEL runs: hf (in this process, the default), vllm (a vLLM server PRISM "
+        f"Where the --judge MODEL runs: {LOCAL_JUDGE_ENGINE} (in this process, the default), vllm (a vLLM server PRISM "
         "starts for it, or attaches to with --judge-base-url) or openai (the server at --judge-base-url, "
         "--judge = its served model name). The engine settings other than the URL are --engine's.",
         choices=ENGINES,
@@ -221,10 +223,12 @@ class EvalConfig:
 
         self._validate_judge()
         spec = engine_spec(self.engine.engine)
-        if self.prism and not (spec.in_process or spec.serves_adapters):
+        if self.prism and not (spec.gated_model or spec.serves_adapters):
+            from ..gated.remote import adapter_engines_text
+
             raise PrismError(
-                f"--engine {self.engine.engine} runs base/persona/random only; for --prism use --engine vllm "
-                "(with --base-url to attach to a vLLM that serves the adapter as 'prism')"
+                f"--engine {self.engine.engine} runs base/persona/random only; for --prism use "
+                f"{adapter_engines_text()} (with --base-url to attach to a server that serves the adapter as 'prism')"
             )
 
     def _validate_judge(self) -> None:
@@ -244,14 +248,14 @@ class EvalConfig:
 
     def _validate_judge_engine(self, judge: str) -> None:
         """A judge on a server names its model; a judge URL needs a server judge engine."""
-        from ..config import check_base_url
+        from ..config import check_base_url, server_engines_text
         from ..engines import engine_spec
         from ..errors import PrismError
 
-        spec = engine_spec(self.judge_engine) if self.judge_engine else None
-        if self.judge_base_url and (spec is None or spec.in_process):
-            raise PrismError("--judge-base-url needs --judge-engine vllm or openai")
-        if spec is None or spec.in_process:
+        spec = engine_spec(self.judge_engine or LOCAL_JUDGE_ENGINE)
+        if self.judge_base_url and not spec.server:
+            raise PrismError(f"--judge-base-url needs {server_engines_text('--judge-engine')}")
+        if not spec.server:  # the judge model loads in this process
             return
         if not judge or judge == "self" or self.grader:
             raise PrismError(f"--judge-engine {self.judge_engine} runs a judge model: pass --judge MODEL")

@@ -453,6 +453,16 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
+def installed_judge(name: str) -> Optional[Callable]:
+    """The judge function an installed package names ``name`` in its ``prism_persona.judges`` entry point
+    (``name = "pkg.module:function"``, the contract of ``--judge module:function``); None when no package
+    does, or when ``name`` is a path that exists (a model directory). A failing import is one line."""
+    from ..plugins import JUDGE_GROUP, find_entry, load_entry
+
+    ep = None if Path(name).expanduser().exists() else find_entry(JUDGE_GROUP, name)
+    return None if ep is None else load_entry(ep, JUDGE_GROUP)
+
+
 def make_judge(cfg: RunConfig, engine: Optional[Engine]) -> Judge:
     """The judge ``cfg.judge.judge`` names: ``self`` (uses ``engine``), ``module:function``, or a model
     id/path loaded as a second in-process engine."""
@@ -482,7 +492,8 @@ def judge_from_spec(
     load: Optional[dict] = None,
 ) -> Judge:
     """``self`` -> a :class:`ModelJudge` on ``self_engine``; ``module:function`` / ``file.py:function``
-    -> a :class:`CallableJudge` (this imports and runs the user's code); anything else is a model id
+    -> a :class:`CallableJudge` (this imports and runs the user's code), as does the name of an installed
+    package's ``prism_persona.judges`` entry point (:func:`installed_judge`); anything else is a model id
     or path, loaded in-process (``load`` = keyword arguments of :meth:`HFEngine.load`)."""
     spec = (spec or "self").strip()
     if spec.lower() == "self":
@@ -491,6 +502,9 @@ def judge_from_spec(
         return ModelJudge(self_engine, mode, max_new_tokens, tie_margin, name="self")
     if is_callable_spec(spec) and not Path(spec).exists():
         return CallableJudge(load_callable(spec), name=spec)
+    plugin = installed_judge(spec)
+    if plugin is not None:
+        return CallableJudge(plugin, name=spec)
     from ..engines.hf import HFEngine
 
     other = HFEngine.load(spec, **(load or {}))
@@ -504,6 +518,8 @@ def check_judge_spec(spec: str) -> None:
         return
     if is_callable_spec(spec) and not Path(spec).exists():
         load_callable(spec)
+        return
+    if installed_judge(spec) is not None:
         return
     from ..models import resolve_model
 

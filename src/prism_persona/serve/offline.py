@@ -1,8 +1,8 @@
 """Running a model over a file of prompts, or one conversation, without a server in front: the library of
 `prism generate` and `prism chat`.
 
-A PRISM artifact runs in this process (:class:`~prism_persona.gated.model.GatedModel`, the in-process
-engine) or on a server engine (the gate here, generation there: :mod:`prism_persona.gated.remote`);
+A PRISM artifact runs in this process (:class:`~prism_persona.gated.model.GatedModel`, under an engine
+whose spec says ``gated_model``) or on a server engine (the gate here, generation there: :mod:`prism_persona.gated.remote`);
 a server engine can also run a base model alone. :func:`answer_file` writes the answers to
 ``OUTPUT.partial`` as they finish and renames it to ``OUTPUT`` at the end; rerun after an interruption,
 it keeps the rows already answered.
@@ -27,7 +27,7 @@ def check_engine_settings(settings) -> None:
 
     spec = engine_spec(settings.engine.engine)
     load, routing = settings.load, settings.routing
-    if spec.in_process:
+    if spec.gated_model:  # the artifact is PRISM's own GatedModel, in this process
         if settings.model:
             raise PrismError(f"--model needs {server_engines_text()}")
         if not load.prism:
@@ -65,7 +65,7 @@ def open_chat(settings, quiet: bool = False):
     from ..engines import engine_spec
 
     params = sampling_params(settings)
-    if engine_spec(settings.engine.engine).in_process:
+    if engine_spec(settings.engine.engine).gated_model:
         gm = load_gated(settings.load, settings.routing)
         return (lambda chat, force: gm.generate([chat], params, force=force)[0]), gm.close
     from ..models import cache_root
@@ -83,17 +83,17 @@ def answer_file(settings, quiet: bool = False) -> tuple[Path, int, int]:
 
     rows = read_prompts(settings.input)
     out, partial, meta = output_paths(settings)
-    in_process = engine_spec(settings.engine.engine).in_process
+    gated_here = engine_spec(settings.engine.engine).gated_model  # the answers depend on the artifact alone
     identity = {
         "input_sha256": file_sha256(settings.input),
         "prism": str(Path(settings.load.prism).resolve()) if settings.load.prism else "",
         "force": settings.routing.force,
         "sampling": asdict(settings.sampling),
     }
-    if not in_process:  # another engine's answers are not resumed into this file
+    if not gated_here:  # another engine's answers are not resumed into this file
         identity.update(engine=settings.engine.engine, model=settings.model or "", base_url=settings.engine.base_url)
     done = resume_point(partial, meta, identity)
-    if done < len(rows) and in_process:
+    if done < len(rows) and gated_here:
         write_answers(settings, rows, partial, done)
     elif done < len(rows):
         server, close = open_server_engine(settings, out.parent, quiet)
@@ -228,7 +228,7 @@ def sampling_params(settings):
 
 
 def write_answers(settings, rows, partial: Path, start: int) -> None:
-    """The in-process engine: the artifact's GatedModel answers ``rows[start:]``."""
+    """An engine whose artifact runs as the GatedModel (``EngineSpec.gated_model``): it answers ``rows[start:]``."""
     gm = load_gated(settings.load, settings.routing)
     params, force = sampling_params(settings), force_value(settings.routing.force)
     write_rows(lambda chats: gm.generate(chats, params, force=force), rows, partial, start, max(1, gm.batch_size) * 8)

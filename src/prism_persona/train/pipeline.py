@@ -414,13 +414,16 @@ def _train_stages(cfg: C.RunConfig, model, tok, stages, seconds, main, memory=No
         from ..gated.artifact import FINGERPRINT_FILE, base_fingerprint
 
         run.write_json(FINGERPRINT_FILE, base_fingerprint(model))
-    for name in training_stages():
-        if name in stages:
-            ran = not run.done(name)
-            stage = get_stage(name)
-            stage.function("step")(ctx.for_stage(stage))
-            if ran:
-                memory[name] = peak_rss_mb()
+    for name in training_stages():  # the registry skips a finished stage (check_trained checked its settings)
+        if name not in stages:
+            continue
+        if run.done(name):
+            log.info("%s: already done, skipping (pass --redo %s to train it again)", name, name)
+            continue
+        stage_ctx = ctx.for_stage(get_stage(name))
+        run.check_settings(name, stage_ctx.settings)  # a half-done stage's files were made with these settings
+        stage_ctx.stage.function("step")(stage_ctx)  # the step trains and writes <name>.done.json
+        memory[name] = peak_rss_mb()
     if not main:  # data-parallel distillation: rank 0 assembles and reports
         return {"artifact": None, "report": None, "run": run}
     art = assemble(run, cfg) if all(run.done(s) for s in ARTIFACT_STAGES) else None
@@ -441,8 +444,9 @@ def run_pipeline(cfg: C.RunConfig, engine=None, judge=None, redo_stage: Optional
     """Run or resume every stage of the method in ``cfg.out`` and return
     ``{"summary", "artifact", "report", "run"}``; ``RUN/prism`` is the gated model.
 
-    ``engine`` / ``judge`` default to the ones ``cfg`` asks for; with the in-process engine the model
-    is loaded once and shared by the bootstrap, the gate and distillation.
+    ``engine`` / ``judge`` default to the ones ``cfg`` asks for; with an engine that shares the caller's
+    model (``EngineSpec.shares_model``) the model is loaded once and shared by the bootstrap, the gate and
+    distillation.
     """
     from .parallel import DataParallel
 
@@ -469,7 +473,7 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         check_judge(cfg)
     from ..engines import engine_spec, make_engine
 
-    if todo and engine is None and engine_spec(cfg.engine.engine).in_process:  # the model loads once, shared
+    if todo and engine is None and engine_spec(cfg.engine.engine).shares_model:  # the model loads once, shared
         t0 = time.perf_counter()
         model, tok = load_base(cfg)
         seconds["load_model"] = round(time.perf_counter() - t0, 2)

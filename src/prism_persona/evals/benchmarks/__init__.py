@@ -9,9 +9,7 @@ group ``prism_persona.benchmarks`` naming the module (``toy = my_package.toy``),
 
 from __future__ import annotations
 
-import logging
-
-from ...errors import PrismError
+from ...plugins import BENCHMARK_GROUP
 from ..base import REGISTRY, Benchmark, CategoryPersona, category_persona, hub_dataset, owner, register
 from . import mmlu, mtbench, refusal_set, safety, xstest  # noqa: F401  (registration)
 
@@ -27,27 +25,15 @@ __all__ = [
     "register",
 ]
 
-log = logging.getLogger(__name__)
-
-GROUP = "prism_persona.benchmarks"
+GROUP = BENCHMARK_GROUP
 """The entry-point group of benchmarks from other packages (each entry names the module that registers one)."""
 
 
 def load_plugins() -> list[str]:
     """Import every module named in the :data:`GROUP` entry points (its ``@register`` line adds its
     benchmark to :data:`REGISTRY` on the first import; later calls find it imported); returns the entry
-    names. A module that fails to import is a one-line error naming the entry and its package."""
-    from importlib.metadata import entry_points
+    names. A module that fails to import is a one-line error naming the entry and its package
+    (:mod:`prism_persona.plugins`, the same for every kind of plug-in)."""
+    from ...plugins import load_group
 
-    done = []
-    for ep in entry_points(group=GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # the plugin's own import error: say whose it is
-            where = f" (package {ep.dist.name})" if getattr(ep, "dist", None) else ""
-            raise PrismError(
-                f"benchmark entry point '{ep.name} = {ep.value}'{where} failed to import: {type(exc).__name__}: {exc}"
-            ) from None
-        log.debug("benchmark plugin %s loaded from %s", ep.name, ep.value)
-        done.append(ep.name)
-    return done
+    return [name for name, _ in load_group(GROUP)]
