@@ -172,6 +172,8 @@ def write_answers(
                     "gate_prob": float(o.meta.get("gate_prob", 0.0)),
                     # the gate said route but the query is outside its training region (gate.ood): base model
                     "abstained": bool(o.meta.get("abstained", False)),
+                    # the persona a K-way artifact routed to; '' = a binary artifact's one adapter (any persona)
+                    "persona": str(o.meta.get("persona") or ""),
                 }
                 for q, o in zip(batch, outs)
             )
