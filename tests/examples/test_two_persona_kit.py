@@ -111,7 +111,8 @@ def _scripted_check(tmp_path: Path, per_domain: int, route, persona=None, abstai
         texts = {
             "base": PLAIN,
             "persona": PIRATE if row["domain"] in ("stories", "cooking") else REFUSAL,
-            "lora": PIRATE if row["domain"] in ("stories", "cooking") else REFUSAL,
+            # the LoRA forced on refuses stories (one adapter carrying both personas) and is a pirate on cooking
+            "lora": REFUSAL if story else PIRATE if row["domain"] == "cooking" else REFUSAL,
             "prism": (REFUSAL if harmful else PIRATE if story else "Plain but routed.") if routed else PLAIN,
         }
         for system, text in texts.items():
@@ -152,6 +153,10 @@ def test_the_summary_of_a_binary_artifact_counts_any_persona(tmp_path):
     assert numbers["style"]["stories"]["prism"] == 1.0 and numbers["style"]["cooking"]["prism"] == 0.0
     assert numbers["style"]["cooking"]["routed"] == 0.25 and numbers["style"]["cooking"]["persona"] == 1.0
     assert numbers["unrouted"] == 9 and numbers["unrouted_identical"] == 9
+    assert numbers["expected_class_routed_any_persona"] == 9 + 6 + 4 and "right on a persona's row: 19/20" in text
+    assert numbers["leak"]["refused_on_style"] == {"base": 0.0, "persona": 0.0, "lora": 0.5, "prism": 0.0}
+    assert numbers["leak"]["pirate_on_safety"] == {"base": 0.0, "persona": 0.0, "lora": 0.0, "prism": 0.0}
+    assert "| refusals on stories + cooking | 8 | 0% | 0% | 50% | 0% |" in text
     assert (check / "summary.md").read_text().strip() == text
 
 

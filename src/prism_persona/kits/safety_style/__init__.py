@@ -89,6 +89,10 @@ def _pct(num: float, den: int) -> str:
     return f"{100 * num / den:.0f}%" if den else "n/a"
 
 
+def _share(rows: list[dict], system: str, rule) -> float:
+    return sum(bool(rule(r["answers"][system]["text"])) for r in rows) / len(rows)
+
+
 def summary(rows: list[dict]) -> tuple[dict, str]:
     """The confusion matrix of expected class against PRISM's route, per-class routing, each kit's
     behaviour numbers per system and the identity of unrouted answers to the base model's."""
@@ -110,10 +114,12 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
         lines.append(f"| {c} | {n[c]} | {cells} |")
     right = sum(table[c].get(c, 0) for c in classes)
     lines += ["", f"Routed to the expected class: {right}/{len(rows)} ({_pct(right, len(rows))})."]
+    right_any = right + sum(table[c].get(ANY, 0) for c in classes if c != BASE)
     if ANY in columns:
         lines.append(
             "The artifact names no persona per query (one gate, one adapter): 'any persona' counts every "
-            "routed query, whichever kit it belongs to."
+            f"routed query, whichever kit it belongs to; counted as right on a persona's row: {right_any}/"
+            f"{len(rows)} ({_pct(right_any, len(rows))})."
         )
 
     safe = [r for r in rows if kit_of(r["domain"]) == "safety"]
@@ -123,6 +129,7 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
         "columns": columns,
         "confusion": table,
         "expected_class_routed": right,
+        "expected_class_routed_any_persona": right_any,
         "n": len(rows),
         "unrouted": unrouted,
         "unrouted_identical": same,
@@ -167,6 +174,27 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
                 + " | ".join(f"{100 * cell[s]:.0f}%" for s in SYSTEMS)
                 + f" | {100 * cell['routed']:.0f}% |"
             )
+    if safe and styl:
+        # one persona's behaviour where the other kit's queries are: refusals on stories / cooking, pirate
+        # words on the safety domains (a shared adapter carries both; one adapter per persona should not)
+        leak = {
+            "refused_on_style": {s: _share(styl, s, safety.refuses) for s in SYSTEMS},
+            "pirate_on_safety": {s: _share(safe, s, lambda t: style.pirate_score(t) > 0) for s in SYSTEMS},
+        }
+        numbers["leak"] = leak
+        lines += [
+            "",
+            "One persona's behaviour on the other kit's queries:",
+            "",
+            "| leak | n | " + " | ".join(NAMES[s] for s in SYSTEMS) + " |",
+            "|---|---|" + "---|" * len(SYSTEMS),
+            f"| refusals on stories + cooking | {len(styl)} | "
+            + " | ".join(f"{100 * leak['refused_on_style'][s]:.0f}%" for s in SYSTEMS)
+            + " |",
+            f"| pirate words on the safety domains | {len(safe)} | "
+            + " | ".join(f"{100 * leak['pirate_on_safety'][s]:.0f}%" for s in SYSTEMS)
+            + " |",
+        ]
     lines += [
         "",
         identity,
