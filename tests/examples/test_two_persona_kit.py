@@ -244,6 +244,24 @@ def test_a_two_persona_run_ends_with_the_confusion_matrix(tiny_model_dir, tmp_pa
     }
     answers = _rows(out / "check" / "answers.jsonl")
     prism = [a for a in answers if a["system"] == "prism"]
-    assert len(prism) == 10 and all(a["persona"] == "" for a in prism)  # a binary artifact names none
-    routed = sum(a["routed"] for a in prism)
-    assert sum(numbers["confusion"][c]["any persona"] for c in numbers["classes"]) == routed
+    assert len(prism) == 10 and all(a["persona"] == "" for a in prism if not a["routed"])
+    # today's binary artifact names no persona ('any persona'); a K-way one names its persona files' stems
+    assert {a["persona"] for a in prism if a["routed"]} <= {"", "safety_monitor", "pirate"}
+    routed_columns = [col for col in numbers["columns"] if col not in ("base", "abstained")]
+    conf = numbers["confusion"]
+    assert sum(conf[c][col] for c in numbers["classes"] for col in routed_columns) == sum(a["routed"] for a in prism)
+    assert sum(conf[c]["abstained"] for c in numbers["classes"]) == sum(a["abstained"] for a in prism)
+
+
+def test_check_answers_name_the_persona_a_query_was_routed_to():
+    from prism_persona.train.check import persona_name
+
+    names = ["safety_monitor", "pirate"]
+    assert persona_name({"routed": True, "persona": 1}, names) == "pirate"  # a K-way engine's index
+    assert persona_name({"routed": True, "persona": 0}, names) == "safety_monitor"
+    assert persona_name({"routed": True, "persona": "pirate"}, []) == "pirate"  # an engine that names it
+    assert persona_name({"routed": False, "persona": 1}, names) == ""  # not routed: no persona
+    assert persona_name({"routed": True, "persona": -1}, names) == ""
+    assert persona_name({"routed": True}, ["safety_monitor"]) == "safety_monitor"  # the one persona listed
+    assert persona_name({"routed": True}, []) == ""  # one adapter for all domains: 'any persona'
+    assert persona_name({"routed": True, "persona": True}, names) == ""
