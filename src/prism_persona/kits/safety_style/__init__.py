@@ -72,12 +72,11 @@ def routed_to(answer: dict) -> str:
 def confusion(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     """``(row classes, columns, {expected: {column: count}})`` over held-out rows with answers."""
     got = [routed_to(r["answers"]["prism"]) for r in rows]
-    personas = [p for p in PERSONAS.values()]
-    extra = {g for g in got if g not in personas and g not in (BASE, ABSTAINED)}
+    personas = list(PERSONAS.values())
+    other = {g for g in got if g not in personas and g not in (BASE, ABSTAINED)}
     if not any(r["answers"]["prism"].get("persona") for r in rows):
-        extra.add(ANY)  # a binary artifact (no answer names a persona): the column stays, routed or not
-    extra = sorted(extra)
-    columns = personas + extra + [BASE, ABSTAINED]
+        other.add(ANY)  # a binary artifact (no answer names a persona): the column stays, routed or not
+    columns = personas + sorted(other) + [BASE, ABSTAINED]
     classes = personas + [BASE]
     table = {c: {col: 0 for col in columns} for c in classes}
     for r, g in zip(rows, got):
