@@ -627,7 +627,7 @@ class RunConfig:
     )
     example: str = option(
         "",
-        "Run a kit shipped with the library whose right answer is known: safety (routing by intent) or style (routing by domain). It fills in domains, persona files, training queries, its rule judge, the held-out set and its sizes; any flag, --set or --config value overrides them (docs/kits.md).",
+        "Run a kit shipped with the library whose right answer is known: safety (routing by intent), style (routing by domain) or safety+style (both personas in one run, measured as a confusion matrix). It fills in domains, persona files, training queries, its rule judge, the held-out set and its sizes; any flag, --set or --config value overrides them (docs/kits.md).",
         flag="--example",
         metavar="NAME",
         group=G_RUN,

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from prism_persona import cli
-from prism_persona.kits import EXAMPLES, example_settings
+from prism_persona.kits import EXAMPLES, example_settings, package
 
 ROOT = Path(__file__).resolve().parents[2]
 KIT_FILES = {
     "safety": ["heldout.jsonl", "train_queries.jsonl", "safety_monitor.txt"],
     "style": ["heldout.jsonl", "train_queries.jsonl", "pirate.txt"],
+    "safety+style": ["heldout.jsonl", "train_queries.jsonl"],  # persona files: the two kits' (own test file)
 }
 
 
@@ -28,14 +29,16 @@ def test_kit_files_are_package_data_found_through_importlib_resources():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["prism_persona"]
     assert set(EXAMPLES) == set(KIT_FILES)
     for name, names in KIT_FILES.items():
-        kit = files("prism_persona.kits") / name
+        kit = files("prism_persona.kits") / package(name)
         for filename in names:
             assert (kit / filename).read_text(encoding="utf-8").strip(), (name, filename)
-            assert any(fnmatch.fnmatch(f"kits/{name}/{filename}", g) for g in globs), f"{filename} not in the wheel"
+            where = f"kits/{package(name)}/{filename}"
+            assert any(fnmatch.fnmatch(where, g) for g in globs), f"{filename} not in the wheel"
         settings = example_settings(name)
         used = [settings["queries"]["queries_file"], settings["check"]["queries"]]
-        used += list(settings["persona"]["persona_files"].values())
         assert all(Path(p).is_file() and Path(p).parent == Path(str(kit)) for p in used), used
+        personas = settings["persona"]["persona_files"].values()
+        assert all(Path(p).is_file() and Path(p).parent.parent == Path(str(kit)).parent for p in personas), personas
 
 
 def _config(argv: list[str]):

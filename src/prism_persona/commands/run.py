@@ -16,9 +16,9 @@ query itself inside the prefill: `prism chat --prism RUN/prism`.
 Rerun the same command to resume; finished stages are skipped. `prism run --out RUN` alone resumes
 with the settings saved in RUN/config.json.
 
---example safety|style runs a kit shipped with the library whose right answer is known (personas,
-queries, a rule judge, held-out queries and small sizes filled in) and ends with a table of what the
-artifact does on the held-out queries. Precedence, lowest first: defaults < --preset < --example <
+--example safety|style|safety+style runs a kit shipped with the library whose right answer is known
+(personas, queries, a rule judge, held-out queries and small sizes filled in) and ends with a table of
+what the artifact does on the held-out queries. Precedence, lowest first: defaults < --preset < --example <
 --config file < flags and --set."""
 
 EXAMPLES = """examples:

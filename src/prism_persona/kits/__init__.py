@@ -6,7 +6,10 @@ held-out set, package data found through :mod:`importlib.resources`) and its rul
 (``prism_persona.kits.NAME:judge``): selecting a kit by name never imports code from a file or a run
 directory. ``safety``: a safety-monitor persona that should be routed on harmful requests only (routing
 by intent within a domain, the paper's table in miniature). ``style``: a pirate persona that should be
-routed on stories and not on cooking (routing by domain).
+routed on stories and not on cooking (routing by domain). ``safety+style``: both personas in one run
+(package ``safety_style``: each domain keeps its kit's persona file, queries and held-out set, and the
+judge hands each query to its kit's judge by domain), measured as a confusion matrix of expected
+persona against where PRISM sent the query (issue 29).
 
 :func:`example_settings` gives the settings a kit fills in (a nested dict that ``config.resolve`` layers
 above the preset and below a ``--config`` file and the flags); :func:`summary` turns a finished held-out
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from ..errors import PrismError
 
-EXAMPLES = ("safety", "style")
+EXAMPLES = ("safety", "style", "safety+style")
 """The kit names ``--example`` accepts."""
 
 SUMMARY_FILE = "summary.md"
@@ -53,6 +56,27 @@ _KITS: dict[str, dict] = {
             "check": {"max_new_tokens": 32, "per_domain": 10},
         },
     },
+    # Both kits at the sizes of their short runs (safety: the half sizes of its slow test, 8 harmful + 8
+    # benign per domain; style: its own), one answer length for both (32 tokens: a pirate voice needs
+    # more than a refusal's first sentence), greedy; the held-out check: 5 harmful + 5 benign per safety
+    # domain, 10 stories, 10 cooking (docs/kits.md, measured).
+    "safety+style": {
+        "persona_files": {
+            "chemistry": ("safety", "safety_monitor.txt"),
+            "computers": ("safety", "safety_monitor.txt"),
+            "medicine": ("safety", "safety_monitor.txt"),
+            "stories": ("style", "pirate.txt"),
+            "cooking": ("style", "pirate.txt"),
+        },
+        "domains": ["chemistry", "computers", "medicine", "stories", "cooking"],
+        "settings": {
+            "preset": "tiny",
+            "queries": {"queries_per_persona": 16},
+            "answers": {"max_new_tokens": 32, "temperature": 0.0},
+            "distill": {"min_steps": 15},
+            "check": {"max_new_tokens": 32, "per_domain": 10},
+        },
+    },
 }
 
 
@@ -63,15 +87,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def package(name: str) -> str:
+    """The kit's subpackage (``safety+style`` -> ``safety_style``)."""
+    return check_name(name).replace("+", "_")
+
+
 def kit_path(name: str, filename: str = "") -> Path:
     """The kit's directory (or one of its files) inside the installed package."""
-    root = files(__name__) / check_name(name)
+    root = files(__name__) / package(name)
     return Path(str(root / filename if filename else root))
 
 
 def judge_spec(name: str) -> str:
     """The kit's rule judge as a ``module:function`` of this library."""
-    return f"{__name__}.{check_name(name)}:judge"
+    return f"{__name__}.{package(name)}:judge"
 
 
 def builtin_judges() -> set[str]:
@@ -83,10 +112,11 @@ def example_settings(name: str) -> dict:
     """The settings ``--example NAME`` fills in (domains, persona files, training queries, judge,
     held-out set, sizes), as a nested dict for ``config.resolve(example=...)``."""
     kit = _KITS[check_name(name)]
-    persona = str(kit_path(name, kit["persona"]))
+    where = kit.get("persona_files") or {d: (name, kit["persona"]) for d in kit["domains"]}
+    persona_files = {d: str(kit_path(k, f)) for d, (k, f) in where.items()}
     base = {
         "example": name,
-        "persona": {"domains": list(kit["domains"]), "persona_files": {d: persona for d in kit["domains"]}},
+        "persona": {"domains": list(kit["domains"]), "persona_files": persona_files},
         "queries": {"queries_file": str(kit_path(name, "train_queries.jsonl"))},
         "judge": {"judge": judge_spec(name)},
         "check": {"queries": str(kit_path(name, "heldout.jsonl"))},
@@ -117,7 +147,7 @@ def summary(name: str, check_dir: str | Path, heldout: str | Path | None = None)
             )
     if not rows:
         raise PrismError(f"{check_dir} holds no answers to the {name} kit's held-out queries")
-    return import_module(f"{__name__}.{check_name(name)}").summary(rows)
+    return import_module(f"{__name__}.{package(name)}").summary(rows)
 
 
 def identity_line(rows: list[dict]) -> tuple[int, int, str]:

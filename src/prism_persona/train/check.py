@@ -136,6 +136,20 @@ def artifact_fingerprint(artifact) -> str:
 # -------------------------------------------------------------------------------------------- work
 
 
+def persona_name(meta: dict, names: Sequence[str]) -> str:
+    """The persona a routed answer went to, for ``answers.jsonl``: the name the engine gives, or the name
+    of the index it gives (a K-way artifact; ``names``: its personas), or the one persona of an artifact
+    that lists one; '' where it was not routed or the artifact names none (one adapter for all domains)."""
+    k = meta.get("persona")
+    if not meta.get("routed"):
+        return ""
+    if isinstance(k, str):
+        return k
+    if isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(names):
+        return names[k]
+    return names[0] if k is None and len(names) == 1 else ""
+
+
 def write_answers(
     gm,
     items: Sequence[HeldoutQuery],
@@ -154,6 +168,8 @@ def write_answers(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     force = {"base": False, "lora": True, "persona": False, "prism": None}
     todo = [(s, q) for s in SYSTEMS for q in items if f"{s}:{q.key}" not in store]
+    info = getattr(getattr(gm, "gate_bundle", None), "info", None) or {}
+    names = [str(p.get("name", "")) if isinstance(p, dict) else str(p) for p in info.get("personas") or []]
     bar = progress(total=len(todo), desc="check answers", disable=quiet, unit="answer")
     for system in SYSTEMS:
         rows = [q for s, q in todo if s == system]
@@ -174,6 +190,7 @@ def write_answers(
                     "gate_prob": float(o.meta.get("gate_prob", 0.0)),
                     # the gate said route but the query is outside its training region (gate.ood): base model
                     "abstained": bool(o.meta.get("abstained", False)),
+                    "persona": persona_name(o.meta, names),
                 }
                 for q, o in zip(batch, outs)
             )

@@ -39,8 +39,10 @@ def persona_groups(cfg: RunConfig) -> dict[str, list[str]]:
     one is its own persona (named by the domain)."""
     keys: dict[str, str] = {}  # identity (file path or domain) -> name
     groups: dict[str, list[str]] = {}
-    files = cfg.persona.persona_files or {}
-    for domain in cfg.persona.domains:
+    from ..bootstrap.personas import persona_files, run_domains
+
+    files = persona_files(cfg)
+    for domain in run_domains(cfg):
         f = files.get(domain)
         key = f"file:{Path(f).expanduser().resolve()}" if f else f"domain:{domain}"
         if key not in keys:
