@@ -420,7 +420,7 @@ class TeacherCache:
 
         try:
             t = load_file(str(path))
-            vals, idx = t["values"], t["indices"]
+            vals, idx = t["values"].clone(), t["indices"].clone()  # not a view of the mapped file
         except Exception as exc:  # a damaged file is recomputed, never trusted
             log.warning(
                 "distill: teacher cache file %s is unreadable (%s); recomputing it", path.name, type(exc).__name__
@@ -449,22 +449,22 @@ class TeacherCache:
         """Compute and store the top-k of the examples not cached yet (micro-batches of ``max_tokens``
         padded teacher tokens); returns how many were computed."""
         todo = [e for e in examples if not self.has(e)]
-        before = self.computed
-        for group in micro_batches(todo, max_tokens, "teacher"):
+        self._compute(model, todo, pad_id, max_tokens)
+        if todo:
+            log.info("distill: teacher top-%d logits of %d examples computed once, for every epoch", self.k, len(todo))
+        return len(todo)
+
+    def _compute(self, model, examples: Sequence[Example], pad_id: int, max_tokens: int) -> None:
+        for group in micro_batches(examples, max_tokens, "teacher"):
             for e, topk in zip(group, teacher_topk(model, group, self.k, pad_id)):
                 self.put(e, topk)
-        if todo:
-            log.info(
-                "distill: teacher top-%d logits computed for %d examples (cached for every epoch)", self.k, len(todo)
-            )
-        return self.computed - before
 
     def lookup(self, model, examples: Sequence[Example], pad_id: int) -> list[tuple]:
-        """The examples' cached top-k, computing (and storing) the ones that are missing."""
+        """The examples' cached top-k, computing (and storing) the missing or unreadable ones."""
         out = [self.get(e) for e in examples]
         missing = [e for e, t in zip(examples, out) if t is None]
         if missing:
-            self.fill(model, missing, pad_id, 0)
+            self._compute(model, missing, pad_id, 0)
             out = [self.get(e) for e in examples]
         return out
 
