@@ -23,7 +23,13 @@ most ``max_epochs``), so a run with few winning answers still trains long enough
 With ``val_fraction`` > 0 a share of the examples is held out; after every epoch their KL is
 measured, the best epoch's adapter is kept, and training stops after ``patience`` epochs without
 improvement. Teacher and student share one model object: the teacher
-runs with the adapter disabled and without gradients.
+runs with the adapter disabled, without gradients, in eval mode.
+
+Speed and memory (docs/performance.md): the teacher's top-k logits are computed once per example
+before the first step and cached in ``RUN/distill/teacher_topk`` (:class:`TeacherCache`), not once
+per epoch; a step's batch is cut into micro-batches of at most ``micro_tokens`` padded tokens whose
+losses are normalised by the whole batch's token counts, so their gradients add up to the batch's
+while the activations held at once are one micro-batch's.
 
 The stage is resumable: after every epoch the adapter, the optimizer state, the random number
 generators' states, the step and the early-stopping state are saved in ``RUN/distill/checkpoint``; a
