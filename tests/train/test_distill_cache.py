@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -167,3 +169,17 @@ def test_interrupted_run_resumes_without_recomputing_or_skipping_teachers(tiny_m
     resumed = adapter(cfg_b)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_micro_tokens_is_not_a_stage_setting(fresh, tmp_path):
+    """micro_tokens changes how a step is computed, not what: a finished (or older) run is not refused
+    when it changes, while a setting that changes the result still is."""
+    from prism_persona.errors import PrismError
+
+    model, tok = fresh
+    run = RunDir(_cfg(tmp_path).out)
+    D.run_distill(run, _cfg(tmp_path, micro_tokens=64), records(9), model, tok)
+    assert "micro_tokens" not in json.loads((run.root / "distill.meta.json").read_text())["settings"]["distill"]
+    run.check_settings("distill", D.distill_settings(_cfg(tmp_path, micro_tokens=0)))  # what a rerun checks
+    with pytest.raises(PrismError, match="top_k"):
+        run.check_settings("distill", D.distill_settings(_cfg(tmp_path, top_k=8)))

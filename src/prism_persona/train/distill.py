@@ -779,10 +779,16 @@ def check_finite(loss: float, params, step: int, dcfg) -> None:
         )
 
 
+EXECUTION_ONLY = ("micro_tokens",)
+"""Distillation settings that change how a step is computed, not what it computes (micro-batches add
+up to the batch's gradient): not part of the stage's settings, so a run made before they existed
+resumes, and a resumed run may change them (only the LoRA dropout's random draws then differ)."""
+
+
 def distill_settings(cfg: RunConfig) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
     return {
-        "distill": asdict(cfg.distill),
+        "distill": {k: v for k, v in asdict(cfg.distill).items() if k not in EXECUTION_ONLY},
         "model": cfg.model.model,
         "seed": cfg.seed,
         "persona_length": cfg.persona.use_length,
