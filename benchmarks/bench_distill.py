@@ -48,6 +48,7 @@ def parse(argv: Optional[list[str]]):
     p.add_argument("--epochs", type=int, default=2, help="passes over the examples per variant")
     p.add_argument("--micro-tokens", type=int, default=None, help="distill.micro_tokens (default: the setting's)")
     p.add_argument("--max-length", type=int, default=None, help="distill.max_length (default: the tiny preset's)")
+    p.add_argument("--bound-n", type=int, default=2048, help="size of the square fp32 matmul that sets the bound")
     p.add_argument("--variants", default="recompute,cached,cached_whole_batch")
     p.set_defaults(size="embedded", out=str(common.RESULTS.parent / "distill.jsonl"), threads=1)
     return p.parse_args(argv)
@@ -132,8 +133,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"{sum(e.n for e in examples) / len(examples):.1f}; top-k {dcfg.top_k}, loss {dcfg.loss}, LoRA r {dcfg.r}, "
         f"micro_tokens {micro_tokens}"
     )
-    sq = square_gflops()
-    print(f"2048^2 fp32 matmul: {sq:.1f} GFLOP/s (load {load_avg()})")
+    sq = square_gflops(args.bound_n)
+    print(f"{args.bound_n}^2 fp32 matmul: {sq:.1f} GFLOP/s (load {load_avg()})")
 
     batches = [examples[i : i + bs] for i in range(0, len(examples), bs)]
     prof = profile_step(pm, batches[0], dcfg, pad, params)

@@ -17,7 +17,8 @@ def test_distill_bench_cache_and_micro_batches_match_recompute(tmp_path):
     import bench_distill
 
     out = tmp_path / "r.jsonl"
-    argv = ["--size", "tiny", "--examples", "6", "--epochs", "2", "--max-length", "1024", "--out", str(out)]
+    argv = ["--size", "tiny", "--examples", "6", "--epochs", "2", "--max-length", "1024", "--bound-n", "256"]
+    argv += ["--out", str(out)]
     rec = bench_distill.main(argv + ["--micro-tokens", "1"])
     rows = {r["variant"]: r for r in rec["rows"]}
     assert set(rows) == {"recompute", "cached", "cached_whole_batch"}
