@@ -183,3 +183,15 @@ def test_micro_tokens_is_not_a_stage_setting(fresh, tmp_path):
     run.check_settings("distill", D.distill_settings(_cfg(tmp_path, micro_tokens=0)))  # what a rerun checks
     with pytest.raises(PrismError, match="top_k"):
         run.check_settings("distill", D.distill_settings(_cfg(tmp_path, top_k=8)))
+
+
+def test_ce_loss_runs_the_teacher_only_for_retain_examples(fresh, tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = fresh
+    seen = _count_teacher(monkeypatch)
+    info = D.run_distill(RunDir(_cfg(tmp_path / "a").out), _cfg(tmp_path / "a", loss="ce"), records(9), model, tok)
+    assert info["teacher_cache"] is None and seen == []  # no KL term: no teacher at all
+    model, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    cfg = _cfg(tmp_path / "b", loss="ce", retain_weight=0.5)
+    info = D.run_distill(RunDir(cfg.out), cfg, records(9), model, tok)
+    assert info["teacher_cache"] == info["retain_examples"] == 3
+    assert sorted(seen) == ["retain:k0", "retain:k3", "retain:k6"]  # once each, over both epochs

@@ -288,9 +288,10 @@ def cached_topk_kl(
     return kl if per_token else kl.mean()
 
 
-def needs_teacher(dcfg, examples: Sequence[Example] = ()) -> bool:
-    """Whether the loss reads the teacher: any KL term (``kl``, ``kl+ce``, or retain examples)."""
-    return dcfg.loss != "ce" or any(e.retain for e in examples)
+def teacher_examples(dcfg, examples: Sequence[Example]) -> list[Example]:
+    """The examples whose loss reads the teacher: all of them with a KL term (``kl``, ``kl+ce``), the
+    retain examples only with ``ce``."""
+    return list(examples) if dcfg.loss != "ce" else [e for e in examples if e.retain]
 
 
 def token_counts(examples: Sequence[Example]) -> tuple[int, int]:
@@ -304,15 +305,16 @@ def distill_loss(
     examples: Sequence[Example],
     dcfg,
     pad_id: int,
-    teacher: Optional[Sequence[tuple]] = None,
+    teacher=None,
     counts: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """The loss of one batch (gradients flow into the student's LoRA only): on the persona's winning
     answers ``kl``, ``ce`` or ``kl + sft_weight * ce``; plus ``retain_weight`` x the mean KL(base ||
     student) on the retain examples' tokens (:func:`build_retain_examples`) when the batch has any.
 
-    ``teacher``: the examples' cached teacher top-k (one ``(values, indices)`` per example, see
-    :class:`TeacherCache`); ``None`` runs the teacher now. ``counts``: the (persona, retain) response
+    ``teacher``: a :class:`TeacherCache` to read the teacher's top-k from (only when the loss needs
+    it), or the examples' top-k already read (one ``(values, indices)`` per example); ``None`` runs the
+    teacher now. ``counts``: the (persona, retain) response
     tokens of the whole batch when ``examples`` is one micro-batch of it (:func:`micro_batches`): the
     micro-batches' losses then sum to the batch's loss, so their gradients add up to the batch's."""
     device = next(model.parameters()).device
@@ -331,6 +333,8 @@ def distill_loss(
         return loss
     if teacher is None:
         teacher = teacher_topk(model, examples, dcfg.top_k, pad_id)
+    elif isinstance(teacher, TeacherCache):
+        teacher = teacher.lookup(model, examples, pad_id)
     values = torch.cat([t[0] for t in teacher]).to(device)
     indices = torch.cat([t[1] for t in teacher]).to(device)
     kl = cached_topk_kl(values, indices, s_logits, dcfg.kl_temperature, per_token=True)
@@ -490,8 +494,7 @@ def heldout_kl(
     for i in range(0, len(examples), bs):
         batch = list(examples[i : i + bs])
         tokens = sum(e.n for e in batch)
-        teacher = cache.lookup(model, batch, pad_id) if cache is not None else None
-        total += float(distill_loss(model, batch, kl_cfg, pad_id, teacher)) * tokens
+        total += float(distill_loss(model, batch, kl_cfg, pad_id, cache)) * tokens
         n += tokens
     if was_training:
         model.train()
@@ -855,10 +858,10 @@ def run_distill(
             "(routed queries then behave exactly like the base model)"
         )
     cache = None
-    if needs_teacher(dcfg, examples + val_examples) and examples:
+    needed = teacher_examples(dcfg, examples) + val_examples  # the held-out signal is a KL
+    if needed:
         cache = TeacherCache(d / TEACHER_DIR, dcfg.top_k)
-        everything = examples + val_examples
-        cache.fill(peft_model, everything[dp.rank :: dp.world], pad_id, int(dcfg.micro_tokens))
+        cache.fill(peft_model, needed[dp.rank :: dp.world], pad_id, int(dcfg.micro_tokens))
         dp.barrier()
     if state["epoch"] == 0 and val_examples and not state["heldout_kl"]:
         kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id, cache)
@@ -886,8 +889,7 @@ def run_distill(
                 batch = [examples[i] for i in b]
                 counts = token_counts(batch)
                 for micro in micro_batches(batch, int(dcfg.micro_tokens)):
-                    teacher = cache.lookup(peft_model, micro, pad_id) if cache is not None else None
-                    loss = distill_loss(peft_model, micro, dcfg, pad_id, teacher, counts)
+                    loss = distill_loss(peft_model, micro, dcfg, pad_id, cache, counts)
                     (loss / len(step_batches)).backward()
                     loss_sum += float(loss.detach()) / len(step_batches)
                 n_tok += sum(e.n for e in batch)
