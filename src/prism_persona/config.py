@@ -575,6 +575,11 @@ class DistillConfig:
     )
     batch_size: int = option(4, "Examples per optimisation step.", at_least=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", at_least=1)
+    micro_tokens: int = option(
+        128,
+        "Padded tokens per forward/backward pass: a batch is cut into micro-batches of at most this many (one example at least) whose gradients add up to the batch's; bounds a step's activation memory (0 = the whole batch in one pass).",
+        at_least=0,
+    )
     max_length: int = option(1024, "Truncate (prompt + answer) to this many tokens.", at_least=2)
     retain_weight: float = option(
         0.0,

@@ -183,7 +183,7 @@ def test_run_distill_trains_saves_peft_adapter_and_resumes(fresh, tiny_model_dir
     import prism_persona.train.distill as D
 
     model, tok = fresh
-    cfg = _cfg(tmp_path, epochs=3)
+    cfg = _cfg(tmp_path, epochs=3, micro_tokens=0)  # one loss call per step
     run = RunDir(cfg.out)
     recs = records(9)  # 6 positives -> 3 steps per epoch
 
@@ -319,12 +319,12 @@ def test_resumed_distillation_is_bit_identical(tiny_model_dir, tmp_path, monkeyp
 
     import prism_persona.train.distill as D
 
-    cfg_a = _cfg(tmp_path / "a", epochs=2, dropout=0.3)
+    cfg_a = _cfg(tmp_path / "a", epochs=2, dropout=0.3, micro_tokens=0)
     m, t = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     run_distill(RunDir(cfg_a.out), cfg_a, records(9), m, t)
     straight = load_file(str(RunDir(cfg_a.out).path("distill") / "adapter" / "adapter_model.safetensors"))
 
-    cfg_b = _cfg(tmp_path / "b", epochs=2, dropout=0.3)
+    cfg_b = _cfg(tmp_path / "b", epochs=2, dropout=0.3, micro_tokens=0)
     real = interrupt_distill_at(monkeypatch, 4)  # killed in epoch 2
     m, t = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     with pytest.raises(KeyboardInterrupt):

@@ -23,7 +23,13 @@ most ``max_epochs``), so a run with few winning answers still trains long enough
 With ``val_fraction`` > 0 a share of the examples is held out; after every epoch their KL is
 measured, the best epoch's adapter is kept, and training stops after ``patience`` epochs without
 improvement. Teacher and student share one model object: the teacher
-runs with the adapter disabled and without gradients.
+runs with the adapter disabled, without gradients, in eval mode.
+
+Speed and memory (docs/performance.md): the teacher's top-k logits are computed once per example
+before the first step and cached in ``RUN/distill/teacher_topk`` (:class:`TeacherCache`), not once
+per epoch; a step's batch is cut into micro-batches of at most ``micro_tokens`` padded tokens whose
+losses are normalised by the whole batch's token counts, so their gradients add up to the batch's
+while the activations held at once are one micro-batch's.
 
 The stage is resumable: after every epoch the adapter, the optimizer state, the random number
 generators' states, the step and the early-stopping state are saved in ``RUN/distill/checkpoint``; a
@@ -263,44 +269,220 @@ def topk_kl(
 ) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) on the teacher's top-k tokens, both renormalised
     over those k tokens at ``temperature``, times T^2 (``per_token``: one value per token, no mean)."""
-    t = teacher_logits.float() / temperature
-    vals, idx = t.topk(min(int(k), t.shape[-1]), dim=-1)
-    logp = torch.log_softmax(vals, dim=-1)
-    logq = torch.log_softmax(student_logits.float().gather(-1, idx) / temperature, dim=-1)
+    vals, idx = teacher_logits.float().topk(min(int(k), teacher_logits.shape[-1]), dim=-1)
+    return cached_topk_kl(vals, idx, student_logits, temperature, per_token)
+
+
+def cached_topk_kl(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float = 1.0,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """:func:`topk_kl` from the teacher's top-k logits already taken (``values``, ``indices``: ``[n, k]``,
+    as :func:`teacher_topk` returns and the teacher cache stores them)."""
+    logp = torch.log_softmax(values.float() / temperature, dim=-1)
+    logq = torch.log_softmax(student_logits.float().gather(-1, indices.long()) / temperature, dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1) * temperature**2
     return kl if per_token else kl.mean()
 
 
-def distill_loss(model, examples: Sequence[Example], dcfg, pad_id: int) -> torch.Tensor:
+def teacher_examples(dcfg, examples: Sequence[Example]) -> list[Example]:
+    """The examples whose loss reads the teacher: all of them with a KL term (``kl``, ``kl+ce``), the
+    retain examples only with ``ce``."""
+    return list(examples) if dcfg.loss != "ce" else [e for e in examples if e.retain]
+
+
+def token_counts(examples: Sequence[Example]) -> tuple[int, int]:
+    """(persona response tokens, retain response tokens) of a batch: the loss's denominators."""
+    retain = sum(e.n for e in examples if e.retain)
+    return sum(e.n for e in examples) - retain, retain
+
+
+def distill_loss(
+    model,
+    examples: Sequence[Example],
+    dcfg,
+    pad_id: int,
+    teacher=None,
+    counts: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
     """The loss of one batch (gradients flow into the student's LoRA only): on the persona's winning
     answers ``kl``, ``ce`` or ``kl + sft_weight * ce``; plus ``retain_weight`` x the mean KL(base ||
-    student) on the retain examples' tokens (:func:`build_retain_examples`) when the batch has any."""
+    student) on the retain examples' tokens (:func:`build_retain_examples`) when the batch has any.
+
+    ``teacher``: a :class:`TeacherCache` to read the teacher's top-k from (only when the loss needs
+    it), or the examples' top-k already read (one ``(values, indices)`` per example); ``None`` runs the
+    teacher now. ``counts``: the (persona, retain) response
+    tokens of the whole batch when ``examples`` is one micro-batch of it (:func:`micro_batches`): the
+    micro-batches' losses then sum to the batch's loss, so their gradients add up to the batch's."""
     device = next(model.parameters()).device
     student = collate(examples, "student", pad_id, device)
     s_logits = response_logits(model, student)
     retain = student["retain"]
     persona = ~retain
+    n_persona, n_retain = counts if counts is not None else token_counts(examples)
     zero = s_logits.sum() * 0.0
     loss = zero
     if dcfg.loss in ("ce", "kl+ce") and bool(persona.any()):
-        ce = torch.nn.functional.cross_entropy(s_logits[persona], student["targets"][persona])
+        ce = torch.nn.functional.cross_entropy(s_logits[persona], student["targets"][persona], reduction="sum")
+        ce = ce / n_persona
         loss = loss + (ce if dcfg.loss == "ce" else float(dcfg.sft_weight) * ce)
     if dcfg.loss == "ce" and not bool(retain.any()):
         return loss
-    teacher = collate(examples, "teacher", pad_id, device)
-    assert torch.equal(teacher["targets"], student["targets"]), "teacher/student response tokens differ"
-    with torch.no_grad(), _adapter_off(model):
-        t_logits = response_logits(model, teacher)
-    kl = topk_kl(t_logits, s_logits, dcfg.top_k, dcfg.kl_temperature, per_token=True)
+    if teacher is None:
+        teacher = teacher_topk(model, examples, dcfg.top_k, pad_id)
+    elif isinstance(teacher, TeacherCache):
+        teacher = teacher.lookup(model, examples, pad_id)
+    values = torch.cat([t[0] for t in teacher]).to(device)
+    indices = torch.cat([t[1] for t in teacher]).to(device)
+    kl = cached_topk_kl(values, indices, s_logits, dcfg.kl_temperature, per_token=True)
     if dcfg.loss in ("kl", "kl+ce") and bool(persona.any()):
-        loss = loss + kl[persona].mean()
+        loss = loss + kl[persona].sum() / n_persona
     if bool(retain.any()):
-        loss = loss + float(dcfg.retain_weight) * kl[retain].mean()
+        loss = loss + float(dcfg.retain_weight) * kl[retain].sum() / n_retain
     return loss
 
 
 @torch.no_grad()
-def heldout_kl(model, examples: Sequence[Example], dcfg, pad_id: int) -> Optional[float]:
+def teacher_topk(model, examples: Sequence[Example], k: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's top-``k`` logits on each example's response tokens, one ``(values [n, k] float32,
+    indices [n, k] int32)`` per example: the frozen base model (adapter off) reading the persona
+    prompt, in eval mode (a teacher is deterministic), on the same weights as the student."""
+    device = next(model.parameters()).device
+    teacher = collate(examples, "teacher", pad_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with _adapter_off(model):
+            logits = response_logits(model, teacher)
+    finally:
+        if was_training:
+            model.train()
+    vals, idx = logits.topk(min(int(k), logits.shape[-1]), dim=-1)
+    del logits
+    out, start = [], 0
+    for e in examples:
+        out.append((vals[start : start + e.n].cpu().contiguous(), idx[start : start + e.n].to(torch.int32).cpu()))
+        start += e.n
+    return out
+
+
+def micro_batches(examples: Sequence[Example], max_tokens: int, side: str = "student") -> list[list[Example]]:
+    """``examples`` (one batch) cut, in order, into micro-batches whose padded size (rows x longest
+    ``side`` sequence) stays within ``max_tokens``, one example at least each; ``0`` keeps the batch
+    whole. A step's activation memory follows the micro-batch; its gradient does not."""
+    if max_tokens <= 0:
+        return [list(examples)] if examples else []
+    out: list[list[Example]] = []
+    width = 0
+    for e in examples:
+        n = len(getattr(e, side))
+        if out and (len(out[-1]) + 1) * max(width, n) <= max_tokens:
+            out[-1].append(e)
+            width = max(width, n)
+        else:
+            out.append([e])
+            width = n
+    return out
+
+
+class TeacherCache:
+    """The teacher's top-k logits of every example, computed once per run instead of once per epoch.
+
+    One file per example, ``DIR/<hash of the teacher's token ids, the response span and k>.safetensors``
+    holding ``values`` (float32, ``[n, k]``) and ``indices`` (int32), written to a temporary name and
+    renamed (a ``kill -9`` leaves whole files only: a resumed run recomputes at most the micro-batch
+    that was running). ``directory=None`` keeps them in memory (benchmarks, tests). The files are
+    tensors only (safetensors): reading them runs no code. They live in ``RUN/distill``, so
+    ``--redo distill`` (and settings that changed, refused by the stage's settings check) never reuse
+    a stale teacher."""
+
+    def __init__(self, directory: Optional[Path], k: int):
+        self.dir = Path(directory) if directory is not None else None
+        self.k = int(k)
+        self.mem: dict[str, tuple] = {}
+        self.computed = 0
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, e: Example) -> str:
+        import hashlib
+
+        blob = json.dumps([e.teacher, e.t_start, e.n, self.k]).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def _path(self, e: Example) -> Path:
+        assert self.dir is not None
+        return self.dir / f"{self.key(e)}.safetensors"
+
+    def has(self, e: Example) -> bool:
+        return self.key(e) in self.mem if self.dir is None else self._path(e).is_file()
+
+    def get(self, e: Example) -> Optional[tuple]:
+        if self.dir is None:
+            return self.mem.get(self.key(e))
+        path = self._path(e)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path))
+            vals, idx = t["values"].clone(), t["indices"].clone()  # not a view of the mapped file
+        except Exception as exc:  # a damaged file is recomputed, never trusted
+            log.warning(
+                "distill: teacher cache file %s is unreadable (%s); recomputing it", path.name, type(exc).__name__
+            )
+            return None
+        if vals.dim() != 2 or int(vals.shape[0]) != e.n or vals.shape != idx.shape:
+            log.warning("distill: teacher cache file %s does not fit its example; recomputing it", path.name)
+            return None
+        return vals, idx
+
+    def put(self, e: Example, topk: tuple) -> None:
+        self.computed += 1
+        if self.dir is None:
+            self.mem[self.key(e)] = topk
+            return
+        import os
+
+        from safetensors.torch import save_file
+
+        path = self._path(e)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"values": topk[0].contiguous(), "indices": topk[1].contiguous()}, str(tmp))
+        os.replace(tmp, path)
+
+    def fill(self, model, examples: Sequence[Example], pad_id: int, max_tokens: int) -> int:
+        """Compute and store the top-k of the examples not cached yet (micro-batches of ``max_tokens``
+        padded teacher tokens); returns how many were computed."""
+        todo = [e for e in examples if not self.has(e)]
+        self._compute(model, todo, pad_id, max_tokens)
+        if todo:
+            log.info("distill: teacher top-%d logits of %d examples computed once, for every epoch", self.k, len(todo))
+        return len(todo)
+
+    def _compute(self, model, examples: Sequence[Example], pad_id: int, max_tokens: int) -> None:
+        for group in micro_batches(examples, max_tokens, "teacher"):
+            for e, topk in zip(group, teacher_topk(model, group, self.k, pad_id)):
+                self.put(e, topk)
+
+    def lookup(self, model, examples: Sequence[Example], pad_id: int) -> list[tuple]:
+        """The examples' cached top-k, computing (and storing) the missing or unreadable ones."""
+        out = [self.get(e) for e in examples]
+        missing = [e for e, t in zip(examples, out) if t is None]
+        if missing:
+            self._compute(model, missing, pad_id, 0)
+            out = [self.get(e) for e in examples]
+        return out
+
+
+@torch.no_grad()
+def heldout_kl(
+    model, examples: Sequence[Example], dcfg, pad_id: int, cache: Optional[TeacherCache] = None
+) -> Optional[float]:
     """Mean KL(teacher || student) over held-out examples (the early-stopping signal), eval mode."""
     if not examples:
         return None
@@ -312,7 +494,7 @@ def heldout_kl(model, examples: Sequence[Example], dcfg, pad_id: int) -> Optiona
     for i in range(0, len(examples), bs):
         batch = list(examples[i : i + bs])
         tokens = sum(e.n for e in batch)
-        total += float(distill_loss(model, batch, kl_cfg, pad_id)) * tokens
+        total += float(distill_loss(model, batch, kl_cfg, pad_id, cache)) * tokens
         n += tokens
     if was_training:
         model.train()
@@ -416,6 +598,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 
 
 RNG_FILE = "rng_state.safetensors"
+TEACHER_DIR = "teacher_topk"
 BEST_FILE = "best_adapter.safetensors"
 
 
@@ -599,13 +782,19 @@ def check_finite(loss: float, params, step: int, dcfg) -> None:
         )
 
 
+EXECUTION_ONLY = ("micro_tokens",)
+"""Distillation settings that change how a step is computed, not what it computes (micro-batches add
+up to the batch's gradient): not part of the stage's settings, so a run made before they existed
+resumes, and a resumed run may change them (only the LoRA dropout's random draws then differ)."""
+
+
 def distill_settings(cfg: RunConfig) -> dict:
     """The settings a distillation run depends on (a rerun with others is refused)."""
     from ..bootstrap.personas import shown
 
     use_length, placement = shown(cfg)
     return {
-        "distill": asdict(cfg.distill),
+        "distill": {k: v for k, v in asdict(cfg.distill).items() if k not in EXECUTION_ONLY},
         "model": cfg.model.model,
         "seed": cfg.seed,
         "persona_length": use_length,
@@ -681,8 +870,14 @@ def run_distill(
             "distill: no query where the persona won (label 1); saving an untrained adapter "
             "(routed queries then behave exactly like the base model)"
         )
+    cache = None
+    needed = teacher_examples(dcfg, examples) + val_examples  # the held-out signal is a KL
+    if needed:
+        cache = TeacherCache(d / TEACHER_DIR, dcfg.top_k)
+        cache.fill(peft_model, needed[dp.rank :: dp.world], pad_id, int(dcfg.micro_tokens))
+        dp.barrier()
     if state["epoch"] == 0 and val_examples and not state["heldout_kl"]:
-        kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id)
+        kl0 = heldout_kl(peft_model, val_examples, dcfg, pad_id, cache)
         state["heldout_kl"] = [{"epoch": 0, "kl": kl0}]
         log.info("distill: held-out KL before training %.4f (%d examples)", kl0, len(val_examples))
     patience = int(dcfg.patience)
@@ -704,10 +899,13 @@ def run_distill(
             loss_sum, n_tok = 0.0, 0
             step_batches = batches[g : g + group_size]
             for b in dp.shard(step_batches):  # all of them in a single process
-                loss = distill_loss(peft_model, [examples[i] for i in b], dcfg, pad_id)
-                (loss / len(step_batches)).backward()
-                loss_sum += float(loss.detach()) / len(step_batches)
-                n_tok += sum(examples[i].n for i in b)
+                batch = [examples[i] for i in b]
+                counts = token_counts(batch)
+                for micro in micro_batches(batch, int(dcfg.micro_tokens)):
+                    loss = distill_loss(peft_model, micro, dcfg, pad_id, cache, counts)
+                    (loss / len(step_batches)).backward()
+                    loss_sum += float(loss.detach()) / len(step_batches)
+                n_tok += sum(e.n for e in batch)
             dp.sum_gradients(params)
             loss_sum, n_tok = dp.sum_scalar(loss_sum, device), int(dp.sum_scalar(n_tok, device))
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -722,7 +920,7 @@ def run_distill(
             log.info("distill: epoch %d step %d/%d loss %.4f", epoch + 1, step, total, loss_sum)
         state.update(epoch=epoch + 1, step=step)
         if val_examples:
-            kl = heldout_kl(peft_model, val_examples, dcfg, pad_id)
+            kl = heldout_kl(peft_model, val_examples, dcfg, pad_id, cache)
             state["heldout_kl"] = list(state["heldout_kl"]) + [{"epoch": epoch + 1, "kl": kl}]
             log.info("distill: epoch %d held-out KL %.4f", epoch + 1, kl)
             if state["best_kl"] is None or kl < state["best_kl"]:
@@ -761,6 +959,7 @@ def run_distill(
         "adapter": str(adapter),
         "loss_curve": str(curve_path),
         "loss_plot": str(png) if png else None,
+        "teacher_cache": cache.computed if cache is not None else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if dp.active:
