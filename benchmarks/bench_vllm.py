@@ -161,7 +161,7 @@ def part_answers(args, work: Path) -> dict:
         )
 
     hf = HFEngine.load(args.model, "float32", "cpu", batch_size=args.batch_size, quiet=True)
-    hf_call = 2 * chunk_size(cfg, hf)
+    hf_call = 2 * chunk_size(cfg.model.batch_size, hf)
     row("hf", hf_call, *in_calls(hf, chats, params, hf_call))
     del hf
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def part_answers(args, work: Path) -> dict:
     startup = round(time.perf_counter() - t0, 1)
     try:
         row("vllm (calls of the HF batch)", hf_call, *in_calls(engine, chats, params, hf_call), startup)
-        call = 2 * chunk_size(cfg, engine)
+        call = 2 * chunk_size(cfg.model.batch_size, engine)
         row("vllm (calls of its requests in flight)", call, *in_calls(engine, chats, params, call), startup)
     finally:
         engine.close()
