@@ -531,14 +531,24 @@ def _fake_handler(server: FakeOpenAIServer):
                 server.inflight += 1
                 server.max_inflight = max(server.max_inflight, server.inflight)
                 step = server.script.pop(0) if server.script else None
+            done = False
+
+            def finished() -> None:  # counted out before the reply is written: a client that has read it
+                nonlocal done  # may send its next request before this thread runs again
+                if not done:
+                    done = True
+                    with server.lock:
+                        server.inflight -= 1
+
             try:
                 time.sleep(server.delay)
                 if step is None and body.get("stream") and body.get("model") not in server.down_models:
                     return self._stream(server.stream_events(body))
-                self._json(*(step if step else server.answer(body)))
+                reply = step if step else server.answer(body)
+                finished()
+                self._json(*reply)
             finally:
-                with server.lock:
-                    server.inflight -= 1
+                finished()
 
         def _json(self, status: int, obj: dict) -> None:
             data = json.dumps(obj).encode()
