@@ -344,8 +344,12 @@ class HFEngine(Engine):
                         lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns hidden in every live row
                         target = max(length - lead, p_new)
                         shift = target - length
+                        # room for the budget and half again (fewer regrowths), within batch_tokens
+                        capacity = target + budget + budget // 2
+                        if self.batch_tokens:
+                            capacity = max(target + budget, min(capacity, self.batch_tokens // size))
                         for layer in cache.layers:
-                            layer.regrow(target + budget + budget // 2, shift)
+                            layer.regrow(capacity, shift)
                         mask = (
                             torch.cat([mask.new_zeros(mask.shape[0], shift), mask], 1)
                             if shift >= 0
