@@ -348,8 +348,7 @@ class HFEngine(Engine):
                         capacity = target + budget + budget // 2
                         if self.batch_tokens:
                             capacity = max(target + budget, min(capacity, self.batch_tokens // size))
-                        for layer in cache.layers:
-                            layer.regrow(capacity, shift)
+                        kv_cache.regrow(cache, capacity, shift)
                         mask = (
                             torch.cat([mask.new_zeros(mask.shape[0], shift), mask], 1)
                             if shift >= 0
