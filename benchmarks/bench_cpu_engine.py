@@ -534,7 +534,7 @@ def pipeline_stage_rows(
     cfg = config.resolve("tiny")
     a = cfg.answers
     after = variant == "after"
-    budget = cfg.engine.batch_tokens if after else None
+    budget = cfg.engine.batch_tokens if after else 0
     call = STREAM_BATCHES * batch if after else batch
     engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True, batch_tokens=budget)
     chats = workload(rows)

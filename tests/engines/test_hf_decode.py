@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from prism_persona import config as C
 from prism_persona.engines import SamplingParams
 from prism_persona.engines.hf import HFEngine, _compaction
 
@@ -212,7 +213,7 @@ def test_the_token_budget_bounds_each_batchs_cache_and_keeps_greedy_tokens(tiny_
     rows (the rest stream in as rows finish), and greedy rows get the same tokens as without a budget."""
     model, tok = tiny_model
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
-    free = HFEngine(model, tok, batch_size=6, quiet=True)
+    free = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=0)
     ref = free.generate(chats(), params)
     longest = max(len(tok(free_text, add_special_tokens=False)["input_ids"]) for free_text in _texts(tok))
     budget = 2 * (longest + 20) + 5  # room for two rows of the longest prompt
@@ -225,6 +226,8 @@ def test_the_token_budget_bounds_each_batchs_cache_and_keeps_greedy_tokens(tiny_
     rows, capacity = seen[0]  # the stream's cache: sized by the budget, not by batch_size
     assert rows == 2 and rows * capacity <= budget
     assert HFEngine(model, tok, batch_size=6, batch_tokens=1).rows_for(longest, 20) == 1  # never zero rows
+    # without an explicit budget an engine (the gated model's too) takes the setting's default
+    assert HFEngine(model, tok, batch_size=6).batch_tokens == C.EngineConfig().batch_tokens > 0
 
 
 def _texts(tok):
@@ -235,7 +238,7 @@ def _texts(tok):
 
 def test_scores_are_the_same_under_a_token_budget(tiny_model):
     model, tok = tiny_model
-    free = HFEngine(model, tok, batch_size=6, quiet=True).score_choices(chats(), ["A", "B"])
+    free = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=0).score_choices(chats(), ["A", "B"])
     tight = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=40).score_choices(chats(), ["A", "B"])
     assert len(tight) == len(free)
     for a, b in zip(free, tight):

@@ -53,7 +53,11 @@ class HFEngine(Engine):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(batch_size))
-        self.batch_tokens = max(0, int(batch_tokens or 0))  # None or 0: rows only (see rows_for)
+        if batch_tokens is None:  # the setting's default: every in-process engine (the gated model's too) is bounded
+            from ..config import EngineConfig
+
+            batch_tokens = EngineConfig.__dataclass_fields__["batch_tokens"].default
+        self.batch_tokens = max(0, int(batch_tokens))  # 0: rows only (see rows_for)
         self.quiet = quiet
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or "model"
         self.tokens_generated = 0
