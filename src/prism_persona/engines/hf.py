@@ -496,9 +496,9 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
     )
 
 
-def _batch_tokens(cfg) -> int:
-    """``engine.batch_tokens`` of ``cfg`` (0, rows only, for a config without an engine block)."""
-    return int(getattr(getattr(cfg, "engine", None), "batch_tokens", 0) or 0)
+def _batch_tokens(cfg) -> Optional[int]:
+    """``engine.batch_tokens`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
+    return getattr(getattr(cfg, "engine", None), "batch_tokens", None)
 
 
 def check(cfg) -> None:
