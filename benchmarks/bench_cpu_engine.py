@@ -29,6 +29,13 @@ generation, finished rows kept in the batch) and through the engine's own loop (
 and leave the batch), in the same process. Tokens are the tokens each row returns (up to its EOS or
 stop string); the rate is per CPU second against the 2048^2-matmul bound measured in the same run.
 
+``--pipeline`` measures the engine end to end as the answers and verification stages call it (the
+tiny preset's shapes: seeded sampling, ``answers.max_new_tokens``; the self judge's log-prob calls on
+both orders of every answer pair), before (calls of one engine batch, no token budget) and after (the
+stages' calls of ``STREAM_BATCHES`` batches, streamed through one cache, within ``engine.batch_tokens``),
+with the 2048^2-matmul bound measured in the same process; ``forward_of_bound`` counts every token a
+forward ran (prompt and generated), the compute the CPU actually did.
+
 ``--profile`` adds a torch-profiler table of one engine call (time per op family: matmul,
 attention, cache, sampling, the rest) and a cProfile of its Python functions.
 """
@@ -507,6 +514,111 @@ def measure_stages(built: common.Built, rows: int, batch: int, repeats: int, kit
     return out
 
 
+def pipeline_stage_rows(
+    built: common.Built, rows: int, batch: int, repeats: int, variant: str, answers_texts: Optional[list] = None
+) -> tuple[list[dict], list]:
+    """The engine end to end as the bootstrap calls it, at the README main command's shapes (tiny
+    preset): the answers stage (``rows`` chats, half with a persona, the stage's seeded sampling and
+    token budget) and the verification stage (the self judge's log-prob calls on both orders of every
+    (persona, base) answer pair). ``variant``: ``before`` = calls of one engine batch, no token budget
+    (the stages' batching until 2026-12-07); ``after`` = the stages' calls now (``STREAM_BATCHES``
+    batches streamed through one cache) and the engine's ``engine.batch_tokens`` budget. Tokens:
+    generated tokens (answers), prompt tokens scored (verification), and all tokens a forward ran."""
+    from prism_persona import config
+    from prism_persona.bootstrap.answers import STREAM_BATCHES
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.engines.hf import HFEngine
+    from prism_persona.judges.pairwise import PairItem, judge_chat
+    from prism_persona.models import render_chat
+
+    cfg = config.resolve("tiny")
+    a = cfg.answers
+    after = variant == "after"
+    budget = cfg.engine.batch_tokens if after else 0
+    call = STREAM_BATCHES * batch if after else batch
+    engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True, batch_tokens=budget)
+    chats = workload(rows)
+
+    def prompt_tokens(cs) -> int:
+        return sum(
+            len(built.tokenizer(render_chat(built.tokenizer, c), add_special_tokens=False)["input_ids"]) for c in cs
+        )
+
+    def answers():
+        out = []
+        for k, start in enumerate(range(0, len(chats), call)):
+            params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, seed=11 + k)
+            out += engine.generate(chats[start : start + call], params)
+        return out
+
+    load0 = load_avg()
+    sec, wall, comps = cpu_timed(answers, repeats=repeats, warmup=0)
+    gen = sum(c.num_tokens + (c.finish_reason == "stop") for c in comps)
+    prompts = prompt_tokens(chats)
+    out = [
+        {
+            "stage": "answers",
+            "variant": variant,
+            "chats": len(chats),
+            "call": call,
+            "batch_tokens": budget or 0,
+            "tokens": gen,
+            "forward_tokens": gen + prompts,
+            "cpu_s": sec,
+            "wall_s": wall,
+            "load_1m": f"{load0}->{load_avg()}",
+        }
+    ]
+    texts = answers_texts or [c.text for c in comps]
+    items = []
+    for i in range(0, len(chats) - 1, 2):  # (base, persona) chats of one query: both orders
+        q = chats[i][-1]["content"]
+        items += [PairItem(q, texts[i + 1], texts[i]), PairItem(q, texts[i], texts[i + 1])]
+    jchats = [judge_chat(it, "logprob") for it in items]
+
+    def verify():
+        res = []
+        for start in range(0, len(jchats), call):
+            res += engine.score_choices(jchats[start : start + call], ["A", "B"])
+        return res
+
+    load0 = load_avg()
+    sec, wall, scores = cpu_timed(verify, repeats=repeats, warmup=0)
+    scored = prompt_tokens(jchats)
+    out.append(
+        {
+            "stage": "verification (logprob)",
+            "variant": variant,
+            "chats": len(jchats),
+            "call": call,
+            "batch_tokens": budget or 0,
+            "tokens": scored,
+            "forward_tokens": scored,
+            "cpu_s": sec,
+            "wall_s": wall,
+            "load_1m": f"{load0}->{load_avg()}",
+        }
+    )
+    out[0]["texts"], out[1]["scores"] = [c.text for c in comps], scores
+    return out, texts
+
+
+def measure_pipeline(built: common.Built, rows: int, batch: int, repeats: int) -> list[dict]:
+    """``before`` and ``after`` of :func:`pipeline_stage_rows`, the judge scoring the same answers."""
+    before, texts = pipeline_stage_rows(built, rows, batch, repeats, "before")
+    after, _ = pipeline_stage_rows(built, rows, batch, repeats, "after", answers_texts=texts)
+    for b, a in zip(before, after):
+        if "scores" in b:
+            same = sum(all(abs(x[k] - y[k]) < 1e-3 for k in x) for x, y in zip(b.pop("scores"), a.pop("scores")))
+        else:
+            same = sum(x == y for x, y in zip(b.pop("texts"), a.pop("texts")))
+        a["same"] = b["same"] = f"{same}/{b['chats']}"
+    rows_out = []
+    for b, a in zip(before, after):
+        rows_out += [b, a]
+    return rows_out
+
+
 def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
     p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
@@ -516,6 +628,12 @@ def main(argv: Optional[list] = None) -> dict:
         "--stages",
         action="store_true",
         help="measure the engine before/after at the main command's stage shapes (answers, queries) instead",
+    )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="measure the engine end to end as the answers and verification stages call it (tiny preset shapes), "
+        "before/after, against the bound measured in the same process",
     )
     p.add_argument(
         "--kit",
@@ -542,6 +660,25 @@ def main(argv: Optional[list] = None) -> dict:
     }
     common.print_header("CPU engine vs raw decode loop vs matmul bound", built, settings)
     results = []
+    if args.pipeline:
+        b = common.batch_sizes(args.batch_sizes)[0]
+        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        rows = measure_pipeline(built, args.rows, b, args.repeats)
+        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        for r in rows:
+            r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_s"]
+            r["of_square_bound"] = r["tokens_per_cpu_s"] / square
+            r["forward_of_bound"] = r["forward_tokens"] / r["cpu_s"] / square
+        print(
+            f"\n## the engine as the stages call it, engine batch {b}; 2048^2 matmul bound {square:.0f} tokens per "
+            f"CPU s ({square_after:.0f} after the runs)"
+        )
+        cols = ["stage", "variant", "chats", "call", "batch_tokens", "tokens", "forward_tokens", "cpu_s", "wall_s"]
+        cols += ["tokens_per_cpu_s", "of_square_bound", "forward_of_bound", "same", "load_1m"]
+        print(common.table(rows, cols))
+        results.append({"pipeline": rows, "square_bound_tokens_per_s": [square, square_after]})
+        common.record(args.out, "cpu_engine", settings, results)
+        return {"settings": settings, "results": results}
     if args.stages:
         b = common.batch_sizes(args.batch_sizes)[0]
         square = square_gflops() * 1e9 / (2 * matmul_params(built.model))

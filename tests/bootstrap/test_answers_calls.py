@@ -4,7 +4,7 @@ in flight (so vLLM's continuous batching is fed instead of draining after every 
 from __future__ import annotations
 
 from prism_persona import config as C
-from prism_persona.bootstrap.answers import chunk_size, write_answers
+from prism_persona.bootstrap.answers import STREAM_BATCHES, chunk_size, write_answers
 from prism_persona.engines.openai import OpenAIEngine
 from prism_persona.store import RunDir
 from prism_persona.testing import FakeOpenAIServer, ScriptedEngine
@@ -38,17 +38,20 @@ class CallSizes(ScriptedEngine):
         return super().generate(chats, params, desc)
 
 
-def test_in_process_engine_calls_carry_one_batch(tmp_path):
+def test_in_process_engine_calls_carry_a_stream_of_batches(tmp_path):
     cfg = _cfg(tmp_path, batch_size=4)
     engine = CallSizes()
-    assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(5)) == 5
-    assert engine.sizes == [4, 4, 2]  # 2 queries x (base, persona) per call
+    assert STREAM_BATCHES > 1
+    per_call = STREAM_BATCHES * 4  # chats: queries x (base, persona), streamed through one cache
+    n = 2 * per_call // 2 + 3
+    assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(n)) == n
+    assert engine.sizes == [per_call, per_call, 6]
 
 
 def test_server_engine_calls_carry_its_requests_in_flight(tmp_path):
     cfg = _cfg(tmp_path, batch_size=4)
     engine = CallSizes(preferred=12)
-    assert chunk_size(cfg.model.batch_size, engine) == 6 and chunk_size(cfg.model.batch_size) == 2
+    assert chunk_size(cfg.model.batch_size, engine) == 6 and chunk_size(cfg.model.batch_size) == STREAM_BATCHES * 4 // 2
     assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(9)) == 9
     assert engine.sizes == [12, 6]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from prism_persona import config as C
 from prism_persona.engines import SamplingParams
 from prism_persona.engines.hf import HFEngine, _compaction
 
@@ -34,6 +37,7 @@ def run(model, tok, params, own_loop: bool, monkeypatch, batch_size=6, eos=None)
     for name in ("_decode", "_stream"):
         real = getattr(eng, name)
         monkeypatch.setattr(eng, name, lambda *a, real=real: calls.append(1) or real(*a))
+    torch.manual_seed(5)  # unseeded sampling draws from the global generator: the same draws for both paths
     out = eng.generate(chats(), params)
     assert bool(calls) == own_loop  # the path under test really ran
     return out, eng
@@ -49,16 +53,20 @@ def reference_tokens(model, tok, max_new):
     return gen[:, enc["input_ids"].shape[1] :]
 
 
+GREEDY = SamplingParams(max_new_tokens=20, temperature=0.0)
+
+
 @pytest.mark.parametrize(
-    "params",
+    "params, batch_size",
     [
-        SamplingParams(max_new_tokens=20, temperature=0.0),
-        SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=3),
-        SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1.0, seed=11),
+        (GREEDY, 6),
+        (GREEDY, 4),  # two batches: the rows stream through one cache
+        # unseeded sampling in one batch: the fixed-batch loop draws generate's noise from the global generator
+        (SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9), 6),
+        (SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1.0), 6),
     ],
-    ids=["greedy", "top-p", "plain-sampling"],
+    ids=["greedy-6", "greedy-4", "top-p", "plain-sampling"],
 )
-@pytest.mark.parametrize("batch_size", [6, 4])
 def test_own_loop_equals_generate_with_rows_stopping_part_way(tiny_model, monkeypatch, params, batch_size):
     model, tok = tiny_model
     # an EOS the greedy rows produce part-way, so rows leave the batch at different steps
@@ -78,13 +86,13 @@ def test_own_loop_equals_generate_with_rows_stopping_part_way(tiny_model, monkey
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_stop_strings_stop_rows_inside_the_loop_with_the_same_text(tiny_model, monkeypatch, temperature):
     model, tok = tiny_model
-    params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=5)
+    params = SamplingParams(max_new_tokens=24, temperature=temperature)
     full, _ = run(model, tok, params, False, monkeypatch)
     # a two-character string that appears part-way in some rows' text (byte-level tokens: often 2 tokens)
     texts = [c.text for c in full]
     candidates = [t[k : k + 2] for t in texts for k in range(3, max(3, len(t) - 4)) if t[k : k + 2].strip()]
     stop = max(set(candidates), key=lambda s: sum(s in t for t in texts))
-    params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=5, stop=(stop,))
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, stop=(stop,))
     old, old_eng = run(model, tok, params, False, monkeypatch)
     new, new_eng = run(model, tok, params, True, monkeypatch)
     assert [c.text for c in new] == [c.text for c in old]
@@ -183,3 +191,70 @@ def test_sorted_top_p_equals_the_transformers_warper(top_p):
     got = SortedTopP(warper)(None, scores.clone())
     assert torch.equal(got, want)
     assert bool(torch.isinf(got).any()) and bool((~torch.isinf(got)).sum(-1).ge(1).all())
+
+
+def _cache_allocations(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, capacity) of every preallocated cache layer allocated from now on."""
+    from prism_persona.engines.kv_cache import PreallocatedLayer
+
+    seen: list[tuple[int, int]] = []
+    real = PreallocatedLayer.lazy_initialization
+
+    def spy(self, k, v, *a, **kw):
+        seen.append((k.shape[0], self.capacity))
+        return real(self, k, v, *a, **kw)
+
+    monkeypatch.setattr(PreallocatedLayer, "lazy_initialization", spy)
+    return seen
+
+
+def test_the_token_budget_bounds_each_batchs_cache_and_keeps_greedy_tokens(tiny_model, monkeypatch):
+    """``batch_tokens`` caps rows x (longest prompt + new tokens) of a batch: the cache holds fewer
+    rows (the rest stream in as rows finish), and greedy rows get the same tokens as without a budget."""
+    model, tok = tiny_model
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    free = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=0)
+    ref = free.generate(chats(), params)
+    longest = max(len(tok(free_text, add_special_tokens=False)["input_ids"]) for free_text in _texts(tok))
+    budget = 2 * (longest + 20) + 5  # room for two rows of the longest prompt
+    seen = _cache_allocations(monkeypatch)
+    eng = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=budget)
+    assert eng.rows_for(longest, 20) == 2 and free.rows_for(longest, 20) == 6
+    got = eng.generate(chats(), params)
+    assert [c.text for c in got] == [c.text for c in ref]
+    assert [c.num_tokens for c in got] == [c.num_tokens for c in ref]
+    rows, capacity = seen[0]  # the stream's cache: sized by the budget, not by batch_size
+    assert rows == 2 and rows * capacity <= budget
+    assert HFEngine(model, tok, batch_size=6, batch_tokens=1).rows_for(longest, 20) == 1  # never zero rows
+    # without an explicit budget an engine (the gated model's too) takes the setting's default
+    assert HFEngine(model, tok, batch_size=6).batch_tokens == C.EngineConfig().batch_tokens > 0
+
+
+def _texts(tok):
+    from prism_persona.models import render_chat
+
+    return [render_chat(tok, c) for c in chats()]
+
+
+def test_scores_are_the_same_under_a_token_budget(tiny_model):
+    model, tok = tiny_model
+    free = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=0).score_choices(chats(), ["A", "B"])
+    tight = HFEngine(model, tok, batch_size=6, quiet=True, batch_tokens=40).score_choices(chats(), ["A", "B"])
+    assert len(tight) == len(free)
+    for a, b in zip(free, tight):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_a_seeded_rows_sample_does_not_depend_on_the_rows_batched_with_it(tiny_model):
+    """Seeded sampling streams, each row with its own generator: the same samples whatever the batch
+    size or token budget (so stages can pack rows into one stream), a new seed gives new samples."""
+    model, tok = tiny_model
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+    outs = []
+    for batch_size, budget in ((6, 0), (2, 0), (3, 0), (6, 60)):
+        eng = HFEngine(model, tok, batch_size=batch_size, quiet=True, batch_tokens=budget)
+        torch.manual_seed(batch_size)  # the global generator plays no part
+        outs.append([(c.text, c.num_tokens) for c in eng.generate(chats(), params)])
+    assert all(o == outs[0] for o in outs[1:])
+    other = HFEngine(model, tok, batch_size=6, quiet=True).generate(chats(), dataclasses.replace(params, seed=8))
+    assert [(c.text, c.num_tokens) for c in other] != outs[0]

@@ -82,20 +82,27 @@ def test_hf_engine_output_is_the_same_with_and_without_the_cache(tiny_model, mon
 
     model, tok = tiny_model
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5)
-    used = []
+    # greedy over two batches (streamed through one cache), and unseeded sampling in one batch (the
+    # global generator's draws; seeded sampling draws per row with the cache, per batch without it)
+    for params, batch in (
+        (SamplingParams(max_new_tokens=12), 4),
+        (SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9), len(chats)),
+    ):
+        used: list = []
 
-    def spy(m, capacity):
-        cache = preallocated_cache(m, capacity)
-        used.append(cache)
-        return cache
+        def spy(m, capacity, used=used):
+            cache = preallocated_cache(m, capacity)
+            used.append(cache)
+            return cache
 
-    monkeypatch.setattr(kv_cache, "preallocated_cache", spy)
-    fast = [c.text for c in HFEngine(model, tok, batch_size=4, quiet=True).generate(chats, params)]
-    assert used and all(c is not None and c.layers[0].length > 0 for c in used)
-    monkeypatch.setattr(kv_cache, "preallocated_cache", lambda m, capacity: None)
-    plain = [c.text for c in HFEngine(model, tok, batch_size=4, quiet=True).generate(chats, params)]
-    assert fast == plain
+        monkeypatch.setattr(kv_cache, "preallocated_cache", spy)
+        torch.manual_seed(5)
+        fast = [c.text for c in HFEngine(model, tok, batch_size=batch, quiet=True).generate(chats, params)]
+        assert used and all(c is not None and c.layers[0].length > 0 for c in used)
+        monkeypatch.setattr(kv_cache, "preallocated_cache", lambda m, capacity: None)
+        torch.manual_seed(5)
+        plain = [c.text for c in HFEngine(model, tok, batch_size=batch, quiet=True).generate(chats, params)]
+        assert fast == plain
 
 
 def test_score_choices_in_sorted_batches_equal_one_row_full_logits(tiny_model):
@@ -112,3 +119,29 @@ def test_score_choices_in_sorted_batches_equal_one_row_full_logits(tiny_model):
         for choice in ("A", "B"):
             ref = float(torch.logsumexp(logp[eng.choice_token_ids(choice)], dim=0))
             assert got[choice] == pytest.approx(ref, abs=1e-4)
+
+
+def test_a_cache_is_one_block_and_a_regrown_cache_moves_every_layer_to_a_new_one(tiny_model):
+    """All layers' keys and values live in one allocation (freed as one mapping when the call ends);
+    regrowing moves every layer into one new block, with the filled positions shifted and kept."""
+    from prism_persona.engines import kv_cache
+
+    model, tok = tiny_model
+    enc = encoded(tok)
+    cache = preallocated_cache(model, enc["input_ids"].shape[1] + 4)
+    with torch.inference_mode():
+        model(**enc, **cache_kwargs(model, cache), use_cache=True)
+
+    def blocks():
+        return {layer._keys.untyped_storage().data_ptr() for layer in cache.layers} | {
+            layer._values.untyped_storage().data_ptr() for layer in cache.layers
+        }
+
+    before = blocks()
+    assert len(before) == 1 and len(cache.layers) > 1
+    filled = [layer.keys.clone() for layer in cache.layers]
+    kv_cache.regrow(cache, cache.layers[0].capacity + 6, 2)
+    after = blocks()
+    assert len(after) == 1 and after != before
+    for layer, old in zip(cache.layers, filled):
+        assert torch.equal(layer.keys[:, :, 2:], old) and not layer.keys[:, :, :2].any()

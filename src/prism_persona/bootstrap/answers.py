@@ -3,8 +3,8 @@
 The base answer is generated from the bare chat ``[user: query]`` (the chat template's own default
 system prompt, if any, is left as it is); the persona answer from the same chat carrying the persona
 (``use_length`` variant) in the configured placement. Both come from one seeded generate call per
-chunk of queries (one engine batch; for a server engine its requests in flight), so a kill loses at
-most one chunk.
+chunk of queries (a few engine batches streamed through one cache, :data:`STREAM_BATCHES`; for a
+server engine its requests in flight), so a kill loses at most one chunk.
 
 Records (``answers.jsonl``): ``key`` (the query's key), ``domain, query, persona_length, placement,
 base_answer, persona_answer, base_tokens, persona_tokens, base_finish, persona_finish``.
@@ -75,11 +75,20 @@ def answer_chats(query: str, persona: str, placement: str) -> tuple[list, list]:
     return base, with_persona(base, persona, placement)
 
 
+STREAM_BATCHES = 4
+"""In-process engine calls carry this many engine batches (``model.batch_size`` rows each): the engine
+streams a call's rows through one cache, refilling the slots of finished rows with waiting ones, so
+the decode batch stays full until the call's last rows; a call of one batch drains instead (its rows
+stop one by one and the batch shrinks). Four batches per call keep that drain to the end of every
+fourth batch while a kill still loses at most one call."""
+
+
 def chunk_size(batch_size: int, engine=None) -> int:
-    """Queries per chunk: both answers of a chunk fill about one engine call -- the in-process engine's
-    batch (``model.batch_size``), or a server engine's ``preferred_call_size`` (its requests in
-    flight: 64 for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
-    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or batch_size
+    """Queries per chunk: both answers of a chunk fill one engine call -- :data:`STREAM_BATCHES` batches
+    of the in-process engine (``batch_size`` rows each; queries of every domain, with and without the
+    persona, in one stream), or a server engine's ``preferred_call_size`` (its requests in flight: 64
+    for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
+    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or STREAM_BATCHES * batch_size
     return max(1, rows // 2)
 
 

@@ -20,7 +20,9 @@ class HFEngine(Engine):
     """Generation and scoring with a ``transformers`` causal LM held in this process.
 
     Rows are sorted by prompt length before batching (less padding), generated in batches of
-    ``batch_size`` with left padding, and returned in the caller's order. Each batch decodes into a
+    ``batch_size`` rows -- fewer where rows x (longest prompt + new tokens) would pass ``batch_tokens``
+    (:meth:`rows_for`: the cache and the prefill's activations grow with it) -- with left padding, and
+    returned in the caller's order. Each batch decodes into a
     KV cache allocated once for its prompt + new tokens
     (:func:`~prism_persona.engines.kv_cache.preallocated_cache`: generate's dynamic cache copies
     itself at every step).
@@ -28,9 +30,10 @@ class HFEngine(Engine):
     The engine runs its own decode loop (:meth:`_decode`, :meth:`_stream`) with ``generate``'s
     forward calls and token choice, so the tokens are ``generate``'s, but a row stops *inside* the loop
     at EOS, at its budget or as soon as its text holds a stop string, and a stopped row leaves the
-    batch (it costs nothing more). Greedy and unseeded calls with more chats than ``batch_size``
-    stream through one cache: waiting prompts join the live rows as slots free up. Seeded sampling
-    keeps its fixed batches (its noise is drawn per batch, as ``generate`` does). ``generate`` itself
+    batch (it costs nothing more). Calls with more chats than one batch stream through one cache:
+    waiting prompts join the live rows as slots free up (:meth:`_stream`). Seeded sampling always
+    streams, each row drawing its noise from its own generator (:func:`row_seed`), so a row's sample
+    does not depend on the rows batched with it; greedy rows get ``generate``'s tokens. ``generate`` itself
     still runs for routed batches (``batch_context``), caches that cannot be preallocated, and models
     whose generation config adds logits processors.
     """
@@ -38,10 +41,23 @@ class HFEngine(Engine):
     name = "hf"
     supports_prefill = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, quiet: bool = False, model_name: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 8,
+        quiet: bool = False,
+        model_name: str = "",
+        batch_tokens: Optional[int] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(batch_size))
+        if batch_tokens is None:  # the setting's default: every in-process engine (the gated model's too) is bounded
+            from ..config import EngineConfig
+
+            batch_tokens = EngineConfig.__dataclass_fields__["batch_tokens"].default
+        self.batch_tokens = max(0, int(batch_tokens))  # 0: rows only (see rows_for)
         self.quiet = quiet
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or "model"
         self.tokens_generated = 0
@@ -56,16 +72,35 @@ class HFEngine(Engine):
         batch_size: int = 8,
         quiet: bool = False,
         trust_remote_code: bool = False,
+        batch_tokens: Optional[int] = None,
     ) -> HFEngine:
         """Load the model ``spec`` names (embedded default, HF id, local dir, .gguf) into an engine."""
         src = resolve_model(spec)
         model, tok = load_model(src, dtype, device, trust_remote_code)
-        return cls(model, tok, batch_size=batch_size, quiet=quiet, model_name=src.display)
+        return cls(model, tok, batch_size=batch_size, quiet=quiet, model_name=src.display, batch_tokens=batch_tokens)
 
     @classmethod
     def from_config(cls, cfg) -> HFEngine:
         m = cfg.model
-        return cls.load(m.model, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code)
+        return cls.load(m.model, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code, _batch_tokens(cfg))
+
+    def rows_for(self, longest: int, new_tokens: int) -> int:
+        """Rows of one batch whose longest prompt has ``longest`` tokens and that decodes ``new_tokens``:
+        ``batch_size``, fewer where rows x (longest + new_tokens) would pass ``batch_tokens`` (the KV
+        cache, ``rows x positions x layers``, and the prefill's activations grow with it), at least 1."""
+        rows = self.batch_size
+        if self.batch_tokens:
+            rows = min(rows, self.batch_tokens // max(1, longest + new_tokens))
+        return max(1, rows)
+
+    def _batches(self, order: list[int], lengths: list[int], new_tokens: int) -> list[list[int]]:
+        """``order`` (longest prompt first) cut into batches of :meth:`rows_for` rows each."""
+        out, start = [], 0
+        while start < len(order):
+            rows = self.rows_for(lengths[order[start]], new_tokens)
+            out.append(order[start : start + rows])
+            start += rows
+        return out
 
     @property
     def device(self):
@@ -104,25 +139,26 @@ class HFEngine(Engine):
         if not chats:
             return []
         texts = [render_chat(self.tokenizer, c) for c in chats]
-        order = self._longest_first(texts)
+        order, lengths = self._longest_first(texts)
+        batches = self._batches(order, lengths, params.max_new_tokens)
         out: list[Optional[Completion]] = [None] * len(texts)
         eos = self._eos_ids()
         kwargs = self._sampling_kwargs(params, eos)
         own_loop = batch_context is None and self._own_loop_exact(params)
         bar = progress(total=len(texts), desc=desc, disable=self.quiet, unit="seq")
         seeded = params.seed is not None and bool(params.temperature and params.temperature > 0)
-        if own_loop and not seeded and len(order) > self.batch_size:
+        if own_loop and (seeded or len(batches) > 1):
+            seeds = [row_seed(params.seed, i) for i in order] if seeded else None
             t0 = time.perf_counter()
             with torch.inference_mode():
-                rows = self._stream([texts[i] for i in order], params, eos, bar)
+                rows = self._stream([texts[i] for i in order], params, eos, bar, len(batches[0]), seeds)
             self.generate_seconds += time.perf_counter() - t0
             if rows is not None:
                 for k, i in enumerate(order):
                     out[i] = self._completion(rows[k], eos, params)
                 bar.close()
                 return out  # type: ignore[return-value]
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start : start + self.batch_size]
+        for b, idx in enumerate(batches):
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
             if params.seed is not None:
                 torch.manual_seed(params.seed + b)
@@ -245,18 +281,29 @@ class HFEngine(Engine):
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, **extra).logits[:, -1]
         return new
 
-    def _stream(self, prompts: list[str], params: SamplingParams, eos: list[int], bar) -> Optional[list[list[int]]]:
-        """Continuous batching of ``prompts`` (longest first) in one preallocated cache of
-        ``batch_size`` rows: rows stop inside the loop (EOS, budget, stop string) and leave the batch,
-        and waiting prompts are prefilled and join it once half of the rows are free (or none is
-        left), so the batch stays full. For greedy decoding (each row's tokens depend only on its
-        prompt) and unseeded sampling; seeded sampling keeps its batches (its noise is drawn per
-        batch). Returns each prompt's new tokens, or ``None`` where the cache is not preallocated."""
+    def _stream(
+        self,
+        prompts: list[str],
+        params: SamplingParams,
+        eos: list[int],
+        bar,
+        size: int,
+        seeds: Optional[list[int]] = None,
+    ) -> Optional[list[list[int]]]:
+        """Continuous batching of ``prompts`` (longest first) in one preallocated cache of ``size`` rows
+        (:meth:`rows_for` of the longest prompt): rows stop inside the loop (EOS, budget, stop string)
+        and leave the batch, and waiting prompts are prefilled and join it once half of the rows are
+        free (or none is left), so the batch stays full. Greedy rows get ``generate``'s tokens (each
+        row's tokens depend only on its prompt); unseeded sampling draws from torch's global generator;
+        seeded sampling (``seeds``: one per prompt, :func:`row_seed`) draws each row's noise from its own
+        generator, so a row's sample depends on its prompt and seed only -- not on the batch it shares,
+        the batch size or the token budget. Returns each prompt's new tokens, or ``None`` where the
+        cache is not preallocated."""
         import torch
 
         from . import kv_cache
 
-        model, size, budget = self.model, self.batch_size, params.max_new_tokens
+        model, budget = self.model, params.max_new_tokens
         sample = bool(params.temperature and params.temperature > 0)
         warpers = self._warpers(params) if sample else []
         stops, eos_set = [s for s in params.stop if s], set(eos)
@@ -265,6 +312,7 @@ class HFEngine(Engine):
             extra["logits_to_keep"] = 1
         new: list[list[int]] = [[] for _ in prompts]
         pending = list(range(len(prompts)))
+        gens: dict[int, torch.Generator] = {}
         cache = None
         live: list[int] = []
         mask = pos = logits = None
@@ -300,8 +348,11 @@ class HFEngine(Engine):
                         lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns hidden in every live row
                         target = max(length - lead, p_new)
                         shift = target - length
-                        for layer in cache.layers:
-                            layer.regrow(target + budget + budget // 2, shift)
+                        # room for the budget and half again (fewer regrowths), within batch_tokens
+                        capacity = target + budget + budget // 2
+                        if self.batch_tokens:
+                            capacity = max(target + budget, min(capacity, self.batch_tokens // size))
+                        kv_cache.regrow(cache, capacity, shift)
                         mask = (
                             torch.cat([mask.new_zeros(mask.shape[0], shift), mask], 1)
                             if shift >= 0
@@ -318,7 +369,16 @@ class HFEngine(Engine):
             if sample:
                 for w in warpers:
                     scores = w(None, scores)
-                token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
+                probs = torch.softmax(scores, dim=-1)
+                if seeds is None:
+                    token = torch.multinomial(probs, 1).squeeze(-1)
+                else:  # multinomial(p, 1) = argmax(p / q), q ~ Exp(1), q drawn from the row's own generator
+                    noise = torch.empty_like(probs)
+                    for slot, row in enumerate(live):
+                        if row not in gens:
+                            gens[row] = torch.Generator(probs.device).manual_seed(seeds[row])
+                        noise[slot].exponential_(1, generator=gens[row])
+                    token = (probs / noise).argmax(dim=-1)
             else:
                 token = scores.argmax(dim=-1)
             done = []
@@ -327,6 +387,7 @@ class HFEngine(Engine):
                 new[row].append(t)
                 if len(new[row]) >= budget or t in eos_set or (stops and self._has_stop(new[row], stops)):
                     done.append(slot)
+                    gens.pop(row, None)
             if done:
                 bar.update(len(done))
                 live, token, mask, pos = _drop_rows(cache, done, live, token, mask, pos)
@@ -361,10 +422,12 @@ class HFEngine(Engine):
         text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
         return any(s in text for s in stops)
 
-    def _longest_first(self, texts: Sequence[str]) -> list[int]:
-        """Indices of ``texts`` by decreasing token length (batches of similar lengths pad less)."""
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        return sorted(range(len(texts)), key=lambda i: -lengths[i])
+    def _longest_first(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Indices of ``texts`` by decreasing token length (batches of similar lengths pad less), and
+        each text's length in tokens."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        lengths = [len(x) for x in ids]
+        return sorted(range(len(texts)), key=lambda i: -lengths[i]), lengths
 
     def _sampling_kwargs(self, params: SamplingParams, eos: list[int]) -> dict:
         kwargs = dict(
@@ -406,10 +469,9 @@ class HFEngine(Engine):
         texts = [render_chat(self.tokenizer, c) for c in chats]
         choice_ids = {c: self.choice_token_ids(c) for c in choices}
         last_only = {"logits_to_keep": 1} if base_forward_accepts(self.model, "logits_to_keep") else {}
-        order = self._longest_first(texts)
+        order, lengths = self._longest_first(texts)
         out: list[dict] = [{} for _ in texts]
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in self._batches(order, lengths, 0):
             enc = encode_prompts(self.tokenizer, [texts[i] for i in idx], self.device)
             with torch.inference_mode():
                 logits = self.model(**enc, **last_only).logits[:, -1, :].float()
@@ -425,8 +487,18 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
         return HFEngine.from_config(cfg)
     m = cfg.model
     return HFEngine(
-        model, tokenizer, batch_size=m.batch_size, quiet=cfg.quiet, model_name=resolve_model(m.model).display
+        model,
+        tokenizer,
+        batch_size=m.batch_size,
+        quiet=cfg.quiet,
+        model_name=resolve_model(m.model).display,
+        batch_tokens=_batch_tokens(cfg),
     )
+
+
+def _batch_tokens(cfg) -> Optional[int]:
+    """``engine.batch_tokens`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
+    return getattr(getattr(cfg, "engine", None), "batch_tokens", None)
 
 
 def check(cfg) -> None:
@@ -465,6 +537,11 @@ class SortedTopP:
         for row in tie[:, 0].nonzero()[:, 0].tolist():
             out[row] = self.warper(input_ids, scores[row : row + 1])[0]
         return out
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of row ``index`` (the caller's order) of a call seeded with ``seed``."""
+    return (int(seed) * 1_000_003 + int(index)) % (1 << 63)
 
 
 def _compaction(rows: int, done: list[int]) -> tuple[list[tuple[int, int]], list[int]]:

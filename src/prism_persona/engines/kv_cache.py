@@ -27,19 +27,26 @@ if DynamicLayer is not None:
 
     class PreallocatedLayer(DynamicLayer):
         """A dynamic cache layer whose keys/values live in buffers of ``capacity`` positions, allocated
-        at the first update; an update writes in place and exposes the filled part as a view."""
+        at the first update; an update writes in place and exposes the filled part as a view. Layers
+        made together share one :class:`_Arena`: the first layer's update allocates the keys and values
+        of all of them as one block."""
 
-        def __init__(self, capacity: int):
+        def __init__(self, capacity: int, arena: Optional[_Arena] = None):
             super().__init__()
             self.capacity = int(capacity)
             self.length = 0
             self.rows = 0
+            self.arena = arena
 
         def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
             b, _, _, _ = key_states.shape
             self.device = key_states.device
-            self._keys = key_states.new_empty(b, key_states.shape[1], self.capacity, key_states.shape[-1])
-            self._values = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+            kshape = (b, key_states.shape[1], self.capacity, key_states.shape[-1])
+            vshape = (b, value_states.shape[1], self.capacity, value_states.shape[-1])
+            got = self.arena.take(kshape, vshape, key_states) if self.arena is not None else None
+            if got is None:
+                got = key_states.new_empty(kshape), value_states.new_empty(vshape)
+            self._keys, self._values = got
             self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
             self.rows = b
             self.is_initialized = True
@@ -82,16 +89,24 @@ if DynamicLayer is not None:
             self._values[rows, :, start : self.length] = other._values[:n, :, : other.length]
             self.compact((), self.rows + n)
 
-        def regrow(self, capacity: int, shift: int) -> None:
-            """New buffers of ``capacity`` positions holding the filled part moved right by ``shift``
-            columns (zeros in front) or, with a negative ``shift``, without its first ``-shift``
-            columns (ones the mask hides in every row)."""
+        def regrow(self, capacity: int, shift: int, arena: Optional[_Arena] = None) -> None:
+            """New buffers of ``capacity`` positions (from ``arena``, shared by the cache's layers, see
+            :func:`regrow`) holding the filled part moved right by ``shift`` columns (zeros in front)
+            or, with a negative ``shift``, without its first ``-shift`` columns (ones the mask hides in
+            every row)."""
             keep = self._keys[:, :, max(0, -shift) : self.length]
             end = keep.shape[2] + max(0, shift)
             if end > capacity:
                 raise RuntimeError(f"preallocated KV cache: {end} positions do not fit in {capacity}")
-            keys = self._keys.new_zeros(self._keys.shape[0], self._keys.shape[1], capacity, self._keys.shape[3])
-            values = self._values.new_zeros(keys.shape[0], self._values.shape[1], capacity, self._values.shape[3])
+            kshape = (self._keys.shape[0], self._keys.shape[1], capacity, self._keys.shape[3])
+            vshape = (self._values.shape[0], self._values.shape[1], capacity, self._values.shape[3])
+            got = arena.take(kshape, vshape, self._keys) if arena is not None else None
+            keys, values = got if got is not None else (self._keys.new_empty(kshape), self._values.new_empty(vshape))
+            keys[:, :, : max(0, shift)] = 0
+            values[:, :, : max(0, shift)] = 0
+            keys[:, :, end:] = 0
+            values[:, :, end:] = 0
+            self.arena = arena
             keys[:, :, max(0, shift) : end] = keep
             values[:, :, max(0, shift) : end] = self._values[:, :, max(0, -shift) : self.length]
             self._keys, self._values, self.capacity, self.length = keys, values, int(capacity), end
@@ -112,6 +127,54 @@ if DynamicLayer is not None:
 
         def batch_select_indices(self, indices) -> None:
             raise NotImplementedError("a preallocated cache layer keeps its rows")
+
+
+class _Arena:
+    """One block holding the keys and values of every layer of a cache, allocated at the first layer's
+    first update (the shapes are known then) and handed out in slices, layer after layer.
+
+    One block instead of two per layer, because of how the C allocator returns memory: glibc serves a
+    block above its mmap threshold with its own mapping, which ``free`` gives back to the OS at once,
+    but it raises that threshold (up to 32 MB) whenever such a block is freed, so that later per-layer
+    buffers of a few MB come from the heap, which keeps the process's RSS after the cache is gone (and
+    the next cache of another shape lands beside it). On a CPU the block is an anonymous mapping made
+    here (:func:`_block`), outside the allocator: released when the call ends, and without raising the
+    threshold for the rest of the process (a 190 MB block freed by glibc raised it to 32 MB, and the
+    distillation and check stages after it peaked 0.17 GB higher)."""
+
+    def __init__(self, layers: int):
+        self.layers = int(layers)
+        self.block = None
+        self.offset = 0
+
+    def take(self, kshape: tuple, vshape: tuple, like) -> Optional[tuple]:
+        """The next layer's (keys, values) buffers, or ``None`` where this layer does not fit the block
+        (a layer of another shape or dtype than the first: it allocates its own)."""
+        import math
+
+        kn, vn = math.prod(kshape), math.prod(vshape)
+        if self.block is None:
+            self.block = _block(self.layers * (kn + vn), like)
+        if self.block.dtype != like.dtype or self.offset + kn + vn > self.block.numel():
+            return None
+        keys = self.block[self.offset : self.offset + kn].view(kshape)
+        values = self.block[self.offset + kn : self.offset + kn + vn].view(vshape)
+        self.offset += kn + vn
+        return keys, values
+
+
+def _block(n: int, like) -> Any:
+    """``n`` elements of ``like``'s dtype and device; on a CPU an anonymous mapping of its own, outside
+    the C allocator: unmapped when the last tensor viewing it is gone, and its ``free`` does not raise
+    glibc's mmap threshold (which would move later activations of up to 32 MB into the heap)."""
+    import mmap
+
+    import torch
+
+    if like.device.type != "cpu" or n == 0:
+        return like.new_empty(n)
+    buf = mmap.mmap(-1, n * like.element_size())
+    return torch.frombuffer(buf, dtype=like.dtype, count=n)
 
 
 def base_forward_accepts(model: Any, name: str) -> bool:
@@ -136,8 +199,18 @@ def preallocated_cache(model: Any, capacity: int) -> Optional[Any]:
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return None
-    cache.layers = [PreallocatedLayer(capacity) for _ in layers]
+    arena = _Arena(len(layers))
+    cache.layers = [PreallocatedLayer(capacity, arena) for _ in layers]
     return cache
+
+
+def regrow(cache: Any, capacity: int, shift: int) -> None:
+    """Every layer of a preallocated ``cache`` into new buffers of ``capacity`` positions (one new
+    block for all of them), the filled part shifted by ``shift`` (:meth:`PreallocatedLayer.regrow`); the
+    old block is released once every layer has moved."""
+    arena = _Arena(len(cache.layers))
+    for layer in cache.layers:
+        layer.regrow(capacity, shift, arena)
 
 
 def cache_kwargs(model: Any, cache: Optional[Any]) -> dict:
