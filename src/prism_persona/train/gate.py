@@ -609,15 +609,18 @@ def auto_min_confidence(
     class_probs: torch.Tensor, labels: Sequence[int], threshold: float, bins: int = ECE_BINS
 ) -> tuple[float, str]:
     """``gate.min_confidence = auto`` (K-way gate): from the reliability curve of the persona choice on the
-    held-out rows the gate routes (``1 - P(base) >= threshold``; right = the label is the most probable
-    persona), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
+    held-out rows the gate routes (``1 - P(base) >= threshold``) where a persona won (right = that persona
+    is the most probable one), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
     :data:`AUTO_CONFIDENCE_ACCURACY` of the time (0: nothing abstains). Returns (floor, how)."""
-    wanted = (1.0 - class_probs[:, 0]) >= threshold
+    y_all = torch.as_tensor(list(labels), dtype=torch.long)
+    # the persona choice is judged where a persona won: a routed base row is the threshold's error, not
+    # the choice's (counted as wrong, a split with few wins pushed the floor to 1: nothing ever routed)
+    wanted = ((1.0 - class_probs[:, 0]) >= threshold) & (y_all > 0)
     if not bool(wanted.any()):
-        return 0.0, "auto: no routed held-out rows, no confidence floor"
+        return 0.0, "auto: no routed held-out row where a persona won, no confidence floor"
     pc = class_probs[wanted]
     conf, best = pc[:, 1:].max(-1)
-    y = torch.as_tensor(list(labels), dtype=torch.long)[wanted]
+    y = y_all[wanted]
     right = (y == best + 1).float()
     rows = reliability_bins(conf, right, bins)
     floor = 0.0
@@ -627,7 +630,7 @@ def auto_min_confidence(
     floor = min(floor, 1.0)
     return (
         floor,
-        f"auto: {int(wanted.sum())} routed held-out rows, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
+        f"auto: {int(wanted.sum())} routed held-out rows where a persona won, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
     )
 
 
