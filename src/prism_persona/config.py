@@ -483,7 +483,7 @@ class GateConfig:
 
     classes: str = option(
         "binary",
-        "Gate classes: 'personas' (base + one class per distinct persona text of the run: several personas give a K-way gate that also picks the persona; one persona is the binary gate) or 'binary' (base vs persona, whatever the personas; the default until one adapter per persona is distilled: with one adapter a K-way gate only adds the persona-confidence abstain). docs/gated.md.",
+        "Gate classes: 'personas' (base + one class per distinct persona text of the run that won somewhere, and one adapter distilled per such persona: several give a K-way gate that picks the persona and its adapter; one is the binary gate) or 'binary' (base vs persona and one adapter, whatever the personas). docs/gated.md, docs/kits.md.",
         choices=("personas", "binary"),
     )
     temperature: str = option(

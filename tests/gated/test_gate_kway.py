@@ -219,6 +219,21 @@ def test_auto_min_confidence_and_bad_values():
     GateConfig(min_confidence="0.4").validate()
 
 
+def test_auto_min_confidence_judges_the_persona_choice_where_a_persona_won():
+    """Routed base rows (the threshold's error) do not make the persona choice look wrong: with every
+    routed persona row right the floor is 0; counted as wrong they pushed it to 1 (nothing routed, the
+    two-persona kit's first K-way run). No routed persona row: no floor."""
+    from prism_persona.train.gate import auto_min_confidence
+
+    probs = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7]])
+    labels = [1, 2, 0, 0, 0]  # two persona rows, right; three routed base rows
+    floor, how = auto_min_confidence(probs, labels, 0.5)
+    assert floor == 0.0 and "2 routed held-out rows where a persona won" in how
+    wrong = [2, 1, 0, 0, 0]  # the persona rows get the other persona: a floor above their confidence
+    assert auto_min_confidence(probs, wrong, 0.5)[0] >= 0.8
+    assert auto_min_confidence(probs, [0, 0, 0, 0, 0], 0.5)[0] == 0.0
+
+
 # ------------------------------------------------------------------------------------- calibration
 
 

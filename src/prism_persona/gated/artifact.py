@@ -519,6 +519,13 @@ def assemble(run, cfg: RunConfig) -> Path:
     for _, a in adapters or [("", adapter)]:
         if not (a / "adapter_config.json").is_file():
             raise PrismError(f"{run.root} has no distilled adapter ({a}); run `prism distill --run {run.root}` first")
+    gate = GateBundle.load(gate_dir)
+    names = [n for n, _ in adapters or []]
+    if adapters and gate.personas != names:  # persona k of the gate = adapter k (one adapter: any gate)
+        raise PrismError(
+            f"{run.root}: the gate's personas ({', '.join(gate.personas)}) are not the distilled adapters "
+            f"({', '.join(names)}); pass --redo gate to train the gate again"
+        )
     extra = {
         "domains": list(cfg.persona.domains),
         "placement": cfg.persona.placement,
@@ -538,7 +545,7 @@ def assemble(run, cfg: RunConfig) -> Path:
     return write_artifact(
         run.path("prism"),
         model_spec=cfg.model.model,
-        gate=GateBundle.load(gate_dir),
+        gate=gate,
         adapter_dir=None if adapters else adapter,
         adapters=adapters,
         extra=extra,

@@ -808,8 +808,11 @@ def prepare(ctx) -> None:
 
 
 def step(ctx) -> None:
-    """The stage registry's entry point: :func:`run_distill` on the run's labelled pairs."""
-    run_distill(ctx.run, ctx.cfg, ctx.records, ctx.model, ctx.tokenizer)
+    """The stage registry's entry point: :func:`run_distill` on the run's labelled pairs, once per persona
+    when the gate has a class per persona (:func:`prism_persona.train.personas.distill_personas`)."""
+    from .personas import distill_personas
+
+    distill_personas(ctx.run, ctx.cfg, ctx.records, ctx.model, ctx.tokenizer)
 
 
 def run_distill(

@@ -31,6 +31,7 @@ from ..gated.gate import Gate, GateBundle, OODRegion, decide
 from ..stats import binary_metrics
 from ..text import jaccard, word_set
 from . import non_finite
+from .personas import personas_of_run, routed_personas, run_personas  # noqa: F401 (the one persona list)
 
 log = logging.getLogger(__name__)
 
@@ -608,15 +609,18 @@ def auto_min_confidence(
     class_probs: torch.Tensor, labels: Sequence[int], threshold: float, bins: int = ECE_BINS
 ) -> tuple[float, str]:
     """``gate.min_confidence = auto`` (K-way gate): from the reliability curve of the persona choice on the
-    held-out rows the gate routes (``1 - P(base) >= threshold``; right = the label is the most probable
-    persona), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
+    held-out rows the gate routes (``1 - P(base) >= threshold``) where a persona won (right = that persona
+    is the most probable one), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
     :data:`AUTO_CONFIDENCE_ACCURACY` of the time (0: nothing abstains). Returns (floor, how)."""
-    wanted = (1.0 - class_probs[:, 0]) >= threshold
+    y_all = torch.as_tensor(list(labels), dtype=torch.long)
+    # the persona choice is judged where a persona won: a routed base row is the threshold's error, not
+    # the choice's (counted as wrong, a split with few wins pushed the floor to 1: nothing ever routed)
+    wanted = ((1.0 - class_probs[:, 0]) >= threshold) & (y_all > 0)
     if not bool(wanted.any()):
-        return 0.0, "auto: no routed held-out rows, no confidence floor"
+        return 0.0, "auto: no routed held-out row where a persona won, no confidence floor"
     pc = class_probs[wanted]
     conf, best = pc[:, 1:].max(-1)
-    y = torch.as_tensor(list(labels), dtype=torch.long)[wanted]
+    y = y_all[wanted]
     right = (y == best + 1).float()
     rows = reliability_bins(conf, right, bins)
     floor = 0.0
@@ -626,7 +630,7 @@ def auto_min_confidence(
     floor = min(floor, 1.0)
     return (
         floor,
-        f"auto: {int(wanted.sum())} routed held-out rows, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
+        f"auto: {int(wanted.sum())} routed held-out rows where a persona won, persona right >= {AUTO_CONFIDENCE_ACCURACY:g} from {floor:g} up",
     )
 
 
@@ -807,7 +811,10 @@ def train_gate(
     targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
     k = len(persona_list) if persona_list is not None and personas is not None and len(persona_list) >= 2 else 1
-    classes = [(int(personas[i]) + 1) * y for i, y in enumerate(labels)] if k > 1 else labels  # type: ignore[index]
+    if k > 1:  # a row of no listed persona (-1) is a base row, whatever its label
+        classes = [(int(personas[i]) + 1) * y if int(personas[i]) >= 0 else 0 for i, y in enumerate(labels)]  # type: ignore[index]
+    else:
+        classes = labels
     fallbacks: list[str] = []
     dedup = float(cfg.dedup_jaccard)
     clusters = near_duplicate_clusters(texts, dedup) if texts is not None else None
@@ -829,7 +836,8 @@ def train_gate(
     if k > 1:
         soft = torch.zeros(n, k + 1)
         for i, t in enumerate(targets):
-            soft[i, 0], soft[i, int(personas[i]) + 1] = 1.0 - t, t  # type: ignore[index]
+            j = int(personas[i])  # type: ignore[index]
+            soft[i, 0], soft[i, j + 1] = (1.0 - t, t) if j >= 0 else (1.0, 0.0)
         pick = lambda idx, seq: seq[idx] if isinstance(seq, torch.Tensor) else [seq[i] for i in idx]  # noqa: E731
         fit_targets: object = soft
     else:
@@ -944,6 +952,7 @@ def train_gate_on_records(
     (:func:`run_personas`) with K >= 2 entries and ``gcfg.classes = personas``: a K-way gate, each record's
     persona the one listing its domain."""
     index = {d: i for i, p in enumerate(persona_list or ()) for d in p.get("domains", ())}
+    # a domain of no listed persona (its persona won nowhere: :func:`routed_personas`) gives base rows
     kway = persona_list is not None and len(persona_list) >= 2 and gcfg.classes == "personas"
     return train_gate(
         features,
@@ -954,57 +963,9 @@ def train_gate_on_records(
         targets=gate_targets(records, gcfg.target, gcfg.domain_prior),
         texts=[r["query"] for r in records],
         base_features=base_features,
-        personas=[index[r.get("domain", "")] for r in records] if kway else None,
+        personas=[index.get(r.get("domain", ""), -1) for r in records] if kway else None,
         persona_list=persona_list if kway else None,
     )
-
-
-def run_personas(domains: Sequence[str], texts: dict, files: Optional[dict] = None) -> list[dict]:
-    """The run's distinct personas, in the order of ``domains``: ``{"name", "key", "domains"}`` each. A
-    persona is its text (``texts``: domain -> the persona text that drove the run); domains with the same
-    text share one. ``name``: the persona file's name without suffix when the domain has one
-    (``files``: domain -> path), else the domain (the first domain of a shared text)."""
-    from pathlib import Path
-
-    from ..store import content_key
-
-    out: list[dict] = []
-    by_key: dict = {}
-    for d in domains:
-        text = texts.get(d)
-        if text is None:
-            continue
-        key = content_key("persona", str(text).strip())
-        if key not in by_key:
-            name = Path(files[d]).stem if files and files.get(d) else d
-            if name in {p["name"] for p in out}:
-                name = f"{name}-{len(out) + 1}"
-            by_key[key] = {"name": name, "key": key, "domains": []}
-            out.append(by_key[key])
-        by_key[key]["domains"].append(d)
-    return out
-
-
-def personas_of_run(run, cfg: RunConfig, records: Sequence[dict]) -> list[dict]:
-    """:func:`run_personas` of a run directory: the persona texts of ``RUN/personas.jsonl`` at the run's
-    persona length, for the domains of ``records``. A domain without a persona text there gives one
-    persona for all (the binary gate), with a log line: a K-way gate is never guessed."""
-    from ..bootstrap.personas import load_personas, persona_files, run_domains, shown
-
-    stored = load_personas(run)
-    used = {r.get("domain", "") for r in records}
-    run_ds = run_domains(cfg)
-    domains = [d for d in run_ds if d in used] + sorted(used - set(run_ds))
-    use_length = shown(cfg)[0]
-    texts = {}
-    for d in domains:
-        by_length = stored.get(d) or {}
-        texts[d] = by_length.get(use_length) or next(iter(by_length.values()), None)
-    missing = [d for d in domains if not texts[d]]
-    if missing:
-        log.info("gate: no persona text for %s in personas.jsonl: one gate class for all personas", ", ".join(missing))
-        return []
-    return run_personas(domains, texts, persona_files(cfg))
 
 
 def routing_by_group(groups: Sequence[str], probs: Sequence[float], threshold: float) -> dict:
@@ -1033,6 +994,11 @@ KWAY_SETTINGS = {"classes": "binary", "temperature": "fit", "min_confidence": "a
 """The K-way gate's settings (issue 29) at their defaults: a run's gate settings leave them out at these
 values, so a run made before them resumes without a redo (its gate is binary with T = 1: the same routing
 decisions as a fitted temperature gives, which only rescales the probabilities)."""
+
+
+def kway_classes(cfg: RunConfig) -> bool:
+    """Whether ``gate.classes`` asks for one class (and one adapter) per persona (:func:`routed_personas`)."""
+    return cfg.gate.classes == "personas"
 
 
 def gate_settings(cfg: RunConfig) -> dict:
@@ -1091,6 +1057,7 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         log.info(
             "gate: %d of %d pairs are in the judge's abstain band and left out", len(records) - len(kept), len(records)
         )
+    personas = routed_personas(run, cfg, records)  # on every pair, as distillation sees them: persona k = adapter k
     records = kept
     queries = [r["query"] for r in records]
     feats = query_features(model, tokenizer, queries, max(1, cfg.model.batch_size), cfg.gate.pooling)
@@ -1098,7 +1065,6 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     base_feats = (
         query_features(model, tokenizer, base, max(1, cfg.model.batch_size), cfg.gate.pooling) if base else None
     )
-    personas = personas_of_run(run, cfg, records)
     bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats, personas)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
