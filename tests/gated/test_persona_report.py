@@ -100,3 +100,71 @@ def test_binary_artifact_reports_no_persona_name(binary):
     for m in metas:
         assert m["persona"] is None
         assert m["persona_prob"] == (round(m["gate_prob"], 6) if m["routed"] else None)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def kway_dir(tiny_model_dir, tmp_path_factory):
+    return make_tiny_artifact(tiny_model_dir, tmp_path_factory.mktemp("kway") / "prism", personas=NAMES)
+
+
+def _generate(art, tmp_path, *extra):
+    import json
+
+    from prism_persona import cli
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in SPLIT_QUERIES))
+    rc = cli.main(
+        [
+            "generate",
+            "--prism",
+            str(art),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "2",
+            "-q",
+            *extra,
+        ]
+    )
+    return rc, [json.loads(line) for line in out.read_text().splitlines()] if rc == 0 else []
+
+
+def test_generate_writes_each_rows_persona(kway_dir, tmp_path):
+    rc, rows = _generate(kway_dir, tmp_path)
+    assert rc == 0
+    assert [r["persona"] for r in rows] == [None, "story", "monitor", None]
+    assert all((r["persona_prob"] is None) == (not r["routed"]) for r in rows)
+    rc, rows = _generate(kway_dir, tmp_path / "forced", "--force", "monitor")
+    assert rc == 0 and [r["persona"] for r in rows] == ["monitor"] * 4 and all(r["routed"] for r in rows)
+
+
+def test_force_an_unknown_persona_is_one_line_before_loading(kway_dir, tmp_path, capsys, monkeypatch):
+    from prism_persona.gated import model as gated_model
+    from prism_persona.testing import one_error_line
+
+    monkeypatch.setattr(gated_model, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    rc, _ = _generate(kway_dir, tmp_path, "--force", "poet")
+    assert rc != 0
+    assert one_error_line(capsys).endswith(
+        "--force poet: unknown persona 'poet'; this artifact's personas: story, monitor"
+    )
+
+
+def test_chat_names_the_conversations_persona(kway_dir, monkeypatch, capsys):
+    import io
+    import sys
+
+    from prism_persona import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{SPLIT_QUERIES[2]}\n{SPLIT_QUERIES[1]}\n/quit\n"))
+    assert cli.main(["chat", "--prism", str(kway_dir), "--max-new-tokens", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "[routing: persona monitor ON (gate p=1.00, p=1.00)]" in out
+    assert out.count("[routing:") == 1  # once per conversation: the second turn keeps monitor
