@@ -332,10 +332,12 @@ class GatedModel:
         return decide(self.gate, self.threshold, feats)
 
     def decisions(self, chats: Sequence[list]) -> list[dict]:
-        """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob"}`` (and ``persona``, the
+        """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob", "persona_probs"}`` (and
+        ``persona``, the
         routed persona's index or -1, for a K-way gate) per chat, from its first user turn, with embeddings
         + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook).
-        ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`)."""
+        ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`);
+        ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order)."""
         if not chats:
             return []
         d = self._decide(chats)
@@ -351,6 +353,7 @@ class GatedModel:
                     "abstained": bool(a),
                     "persona_name": name,
                     "persona_prob": prob,
+                    "persona_probs": [round(float(x), 6) for x in d.class_probs[i, 1:].tolist()],
                 }
             )
         if self.gate.personas > 1:  # K-way gate: the routed persona's index (-1 = base)
