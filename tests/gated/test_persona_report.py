@@ -136,9 +136,10 @@ def _generate(art, tmp_path, *extra):
     return rc, [json.loads(line) for line in out.read_text().splitlines()] if rc == 0 else []
 
 
-def test_generate_writes_each_rows_persona(kway_dir, tmp_path):
+def test_generate_writes_each_rows_persona(kway_dir, tmp_path, capsys):
     rc, rows = _generate(kway_dir, tmp_path)
     assert rc == 0
+    assert "(2 routed to the persona LoRA: story 1, monitor 1)" in capsys.readouterr().err
     assert [r["persona"] for r in rows] == [None, "story", "monitor", None]
     assert all((r["persona_prob"] is None) == (not r["routed"]) for r in rows)
     rc, rows = _generate(kway_dir, tmp_path / "forced", "--force", "monitor")

@@ -53,5 +53,15 @@ def run(args) -> int:
     settings = settings_from_args(GenerateSettings, args)
     check_engine_settings(settings)
     out, rows, routed = answer_file(settings, args.quiet)
-    print(f"wrote {rows} answers to {out} ({routed} routed to the persona LoRA)", file=sys.stderr)
+    print(f"wrote {rows} answers to {out} ({routed} routed to the persona LoRA{per_persona(out)})", file=sys.stderr)
     return 0
+
+
+def per_persona(out) -> str:
+    """``: story 2, monitor 1`` - the routed rows per named persona of the output file ('' when none is named)."""
+    import json
+    from collections import Counter
+
+    lines = out.read_text(encoding="utf-8").splitlines()
+    counts = Counter(p for p in (json.loads(line).get("persona") for line in lines if line) if p)
+    return ": " + ", ".join(f"{name} {n}" for name, n in counts.most_common()) if counts else ""
