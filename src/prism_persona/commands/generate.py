@@ -62,6 +62,6 @@ def per_persona(out) -> str:
     import json
     from collections import Counter
 
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = out.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a record
     counts = Counter(p for p in (json.loads(line).get("persona") for line in lines if line) if p)
     return ": " + ", ".join(f"{name} {n}" for name, n in counts.most_common()) if counts else ""
