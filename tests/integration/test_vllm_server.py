@@ -517,3 +517,55 @@ def test_prism_generate_engine_vllm_base_model_matches_the_hf_engine(server, tin
     rate = agreement(got, want)
     report("prism generate --engine vllm (base model) vs HF engine greedy agreement", rate)
     assert rate >= 0.75, list(zip(got, want))
+
+
+def test_vllm_serves_each_persona_and_the_router_picks_it(vllm_python, tmp_path_factory):
+    """A K-way artifact (two personas, one adapter each) on a real vLLM: both adapters served by name,
+    the layer-0 router sends each row to its persona's adapter, and the greedy answers agree with the
+    in-process GatedModel's per row (each row on its own adapter)."""
+    from prism_persona.engines.vllm import VLLMEngine, VLLMServer
+    from prism_persona.gated.export import export
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.gated.routed import RoutedEngine
+    from prism_persona.gated.router import load_router
+    from prism_persona.models import load_tokenizer
+    from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact, make_tiny_model
+
+    root = tmp_path_factory.mktemp("vllm-kway")
+    model = make_tiny_model(root / "llama", num_layers=3, hidden_size=256)
+    art = make_tiny_artifact(model, root / "prism", r=8, cache=False, personas=("story", "monitor"))
+    exported = export(art, root / "export")
+    loras = {"story": str(exported / "adapter"), "monitor": str(exported / "adapter" / "monitor")}
+    srv = VLLMServer(
+        str(model),
+        "tiny",
+        vllm_python,
+        root / "vllm.log",
+        loras=loras,
+        dtype="float32",
+        max_lora_rank=8,
+        max_model_len=1024,
+        max_num_seqs=16,
+        kv_cache_gib=1,
+        quiet=True,
+    ).start()
+    chats = [[{"role": "user", "content": q}] for q in SPLIT_QUERIES]
+    try:
+        assert "--max-loras 2" in " ".join(srv.command())
+        router = load_router(str(art), device="cpu", dtype="float32")
+        engine = RoutedEngine(VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(model)), concurrency=4), router)
+        remote = engine.generate(chats, GREEDY)
+        gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32", batch_size=4)
+        local = gm.generate(chats, GREEDY)
+        assert (
+            [c.meta["persona"] for c in remote]
+            == [c.meta["persona"] for c in local]
+            == [None, "story", "monitor", None]
+        )
+        rate = agreement([c.text for c in remote], [c.text for c in local])
+        report("K-way router+vLLM vs in-process GatedModel greedy agreement", rate)
+        assert rate >= 0.75, list(zip([c.text for c in remote], [c.text for c in local]))
+        gm.close()
+        router.close()
+    finally:
+        srv.stop()

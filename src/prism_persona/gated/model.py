@@ -333,9 +333,9 @@ class GatedModel:
 
     def decisions(self, chats: Sequence[list]) -> list[dict]:
         """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob", "persona_probs"}`` (and
-        ``persona``, the
-        routed persona's index or -1, for a K-way gate) per chat, from its first user turn, with embeddings
-        + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook).
+        ``persona``, the routed persona's index or -1, for a K-way gate) per chat, from its first user
+        turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as
+        the prefill hook).
         ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`);
         ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order)."""
         if not chats:
