@@ -563,8 +563,25 @@ def test_vllm_serves_each_persona_and_the_router_picks_it(vllm_python, tmp_path_
             == [None, "story", "monitor", None]
         )
         rate = agreement([c.text for c in remote], [c.text for c in local])
-        report("K-way router+vLLM vs in-process GatedModel greedy agreement", rate)
-        assert rate >= 0.75, list(zip([c.text for c in remote], [c.text for c in local]))
+        report("K-way router+vLLM vs in-process GatedModel greedy agreement (4 rows)", rate)
+        # the precise check: each row's choice log-probs are its own persona's adapter's (another
+        # adapter, or none, moves them by far more than the tolerance)
+        judge = [[{"role": "user", "content": f"{q} -- answer A or B"}] for q in SPLIT_QUERIES]
+        vs, hs = engine.score_choices(judge, ["A", "B"]), gm.score_choices(judge, ["A", "B"])
+        personas = [d["persona_name"] for d in gm.decisions(judge)]
+        rows = [max(abs(v[c] - h[c]) for c in "AB") for v, h in zip(vs, hs)]
+        on = [r for r, p in zip(rows, personas) if p]
+        report("K-way max |log P(choice)| difference, router+vLLM vs GatedModel (routed rows)", max(on))
+        # unrouted rows (base model in vLLM's LoRA batches) differed by 0.004 (CPU, float32); only the
+        # routed rows are held to 1e-3 here (an earlier draft's all-row maximum was once 0.12)
+        report(
+            "K-way max |log P(choice)| difference (unrouted rows)",
+            max((r for r, p in zip(rows, personas) if not p), default=None),
+        )
+        assert len(set(p for p in personas if p)) == 2 and max(on) < 1e-3, (rows, personas)
+        other = gm.score_choices(judge, ["A", "B"], force=["monitor" if p == "story" else "story" for p in personas])
+        moved = [max(abs(v[c] - o[c]) for c in "AB") for v, o, p in zip(vs, other, personas) if p]
+        assert min(moved) > 10 * max(on), moved  # the other persona's adapter gives other scores
         gm.close()
         router.close()
     finally:
