@@ -572,8 +572,8 @@ def test_vllm_serves_each_persona_and_the_router_picks_it(vllm_python, tmp_path_
         rows = [max(abs(v[c] - h[c]) for c in "AB") for v, h in zip(vs, hs)]
         on = [r for r, p in zip(rows, personas) if p]
         report("K-way max |log P(choice)| difference, router+vLLM vs GatedModel (routed rows)", max(on))
-        # unrouted rows (base model in vLLM's LoRA batches) differed by 0.004 (CPU, float32); only the
-        # routed rows are held to 1e-3 here (an earlier draft's all-row maximum was once 0.12)
+        # unrouted rows (the base model in vLLM's LoRA batches) differed by 0.004 in two runs and by 0.12
+        # in two others (vLLM CPU build, float32): reported, not asserted; the routed rows by 3e-7 in all
         report(
             "K-way max |log P(choice)| difference (unrouted rows)",
             max((r for r, p in zip(rows, personas) if not p), default=None),
