@@ -70,7 +70,12 @@ class CheckSettings(CheckConfig):
 
 @dataclass
 class RoutingSettings:
-    force: str = option("", "ignore the gate: LoRA always on, or always off (base model)", choices=("on", "off"))
+    force: str = option(
+        "",
+        "ignore the gate: on (a persona LoRA on every row: the gate's most probable persona), off (the base "
+        "model), or a persona's name (its LoRA on every row)",
+        metavar="on|off|PERSONA",
+    )
     batch_size: Optional[int] = option(None, "rows per batch (default: the artifact's)", at_least=1)
 
 
@@ -102,7 +107,7 @@ class GenerateSettings:
     input: str = option("", "JSONL file, one object per line with 'prompt' or 'messages'", required=True)
     output: str = option(
         "",
-        "JSONL file to write (input objects + response, routed, gate_prob); written "
+        "JSONL file to write (input objects + response, routed, gate_prob, persona, persona_prob); written "
         "atomically, and an interrupted run resumes from OUTPUT.partial",
         required=True,
     )

@@ -354,6 +354,7 @@ def make_tiny_artifact(
     cache: bool = True,
     pooling: Optional[str] = None,
     ood: bool = False,
+    personas: Sequence[str] = (),
 ) -> Path:
     """A real PRISM artifact on a tiny model: a PEFT LoRA on decoder layers 1..L-1 (random, non-zero B)
     and a random gate whose threshold splits ``queries`` in half (so both routes are exercised).
@@ -362,6 +363,10 @@ def make_tiny_artifact(
     (``pooling`` overrides the default pooling, so tests can run on every pooling the gate supports).
     ``ood``: also fit the default abstain region (``gate.ood``) on ``queries``, as training does; off by
     default, since a region of four queries leaves most other queries outside it.
+    ``personas`` (two or more names): a K-way artifact instead - a random K-way gate over those names
+    (its last layer fitted so ``queries[i]`` goes to class ``i mod (K + 1)``, 0 = base, so each persona and
+    the base get queries) and one random adapter per persona
+    (PEFT's multi-adapter layout, ``personas`` in prism_config.json).
 
     With ``cache`` (the default) it is built once per process for the same model and settings, at the
     first ``out``; later calls return that directory, so treat it as read-only.
@@ -370,7 +375,7 @@ def make_tiny_artifact(
 
     gcfg = GateConfig()
     pooling = gcfg.pooling if pooling is None else pooling
-    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries), pooling, ood)
+    key = (str(model_dir), int(r), int(seed), tuple(target_modules), tuple(queries), pooling, ood, tuple(personas))
     if cache and key in _ARTIFACTS:
         return _ARTIFACTS[key]
     import torch
@@ -385,16 +390,29 @@ def make_tiny_artifact(
     base, tok = load_model(str(model_dir), dtype="float32", device="cpu")
     feats = query_features(base, tok, list(queries), 16, pooling)
     torch.manual_seed(seed)
-    gate = Gate(feats.shape[1], gcfg.hidden_sizes, dropout=0.0, pooling=pooling)
+    kway = len(personas) >= 2
+    gate = Gate(feats.shape[1], gcfg.hidden_sizes, dropout=0.0, pooling=pooling, personas=max(1, len(personas)))
     gate.set_standardisation(feats)
     gate.eval()
+    if kway:  # query i -> class i mod (K + 1) (0 = base): every persona gets queries, and the base too
+        with torch.no_grad():
+            hidden = gate.mlp[:-1](gate.standardise(feats))
+            hidden = torch.cat([hidden, torch.ones(len(hidden), 1)], dim=1)
+            target = torch.full((len(hidden), len(personas) + 1), -4.0)
+            target[torch.arange(len(hidden)), torch.arange(len(hidden)) % (len(personas) + 1)] = 4.0
+            solved = torch.linalg.lstsq(hidden, target).solution  # [h + 1, K + 1]
+            gate.mlp[-1].weight.copy_(solved[:-1].T)
+            gate.mlp[-1].bias.copy_(solved[-1])
     if ood:
         from .train.gate import fit_ood
 
         gate.ood, _ = fit_ood(gate, feats, gcfg.ood, gcfg.ood_quantile, gcfg.ood_k)
     probs = sorted(gate(feats).tolist())
     mid = len(probs) // 2
-    bundle = GateBundle(gate=gate, threshold=(probs[mid - 1] + probs[mid]) / 2, info={"metrics": {}})
+    info: dict = {"metrics": {}}
+    if kway:
+        info["personas"] = [{"name": str(name)} for name in personas]
+    bundle = GateBundle(gate=gate, threshold=(probs[mid - 1] + probs[mid]) / 2, info=info)
     n = base.config.num_hidden_layers
     lcfg = LoraConfig(
         r=r,
@@ -405,13 +423,19 @@ def make_tiny_artifact(
         init_lora_weights=False,
     )
     pm = get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    adapter = out.parent / f"{out.name}-adapter"
-    pm.save_pretrained(adapter)
-    art = write_artifact(out, model_spec=str(model_dir), gate=bundle, adapter_dir=adapter)
+    named = []
+    for name in personas if kway else ["default"]:
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0.0, 0.05)
+        adapter = out.parent / f"{out.name}-adapter" / (str(name) if kway else "")
+        pm.save_pretrained(adapter)
+        named.append((str(name), adapter))
+    if kway:
+        art = write_artifact(out, model_spec=str(model_dir), gate=bundle, adapters=named)
+    else:
+        art = write_artifact(out, model_spec=str(model_dir), gate=bundle, adapter_dir=named[0][1])
     if cache:
         _ARTIFACTS[key] = art
     return art

@@ -190,3 +190,45 @@ def test_lmeval_persona_system_needs_chat_template_and_changes_scores(tmp_path, 
     )
     assert sample["resps"][0][0][0] != pytest.approx(bsample["resps"][0][0][0])
     assert lm.routing_report()["overall"]["routed"] == 0  # the persona system never routes
+
+
+def test_lmeval_routes_a_kway_artifact_to_each_contexts_persona(tmp_path, tiny_model_dir):
+    """One adapter per persona: each request runs with the adapter of the persona its context picks (the
+    same answers as prism eval's in-process model), and the routing report counts each persona."""
+    from collections import Counter
+
+    import torch
+
+    from prism_persona.evals.benchmarks.mmlu import LETTERS, MMLUEvaluator, load_mmlu, mmlu_prompt
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.evals.runner import EvalRunner
+    from prism_persona.evals.systems import SystemSpec, fixed_provider
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism", personas=("story", "monitor"))
+    _local_mmlu_yaml(tmp_path)
+    items = load_mmlu(FIX / "mmlu_hf.jsonl")
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    chats = [[{"role": "user", "content": mmlu_prompt(it)}] for it in items]
+    want = Counter(d["persona_name"] for d in gm.decisions(chats) if d["routed"])
+    lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=4, threshold=gm.threshold)
+    res = _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
+    samples = sorted(res["samples"]["prism_mmlu_fixture"], key=lambda s: s["doc_id"])
+    runner = EvalRunner(str(tmp_path / "ev"), fixed_provider({"prism": gm.as_engine()}))
+    recs = MMLUEvaluator().responses(runner, SystemSpec("prism"), items)
+    assert [max(range(4), key=lambda k: s["resps"][k][0][0]) for s in samples] == [
+        LETTERS.index(recs[it.item_id]["pred"]) for it in items
+    ]
+    report = lm.routing_report()
+    # a request's score is its context's persona's adapter's (not the persona of context + continuation)
+    text = lm.apply_chat_template([{"role": "user", "content": mmlu_prompt(items[0])}])
+    ctx, cont = lm.tok_encode(text), lm.tok_encode(" B")
+    _, (persona,) = lm.route([lm._context_tokens(text)])
+    ((got, _),) = lm._loglikelihood_tokens([((text, " B"), ctx, cont)])
+    for name, same in ((persona, True), ({"story": "monitor", "monitor": "story"}.get(persona, "story"), False)):
+        logp = lm._logits([ctx + cont[:-1]], [name])[0, len(ctx) - 1 :]
+        want_lp = float(logp.gather(-1, torch.tensor(cont).unsqueeze(-1)).sum())
+        assert (got == pytest.approx(want_lp, abs=1e-5)) is same
+    assert set(want) == {"story", "monitor"}  # both personas are exercised
+    assert report["overall"]["personas"] == {name: 4 * n for name, n in want.items()}  # 4 choices per question

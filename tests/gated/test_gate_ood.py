@@ -187,7 +187,13 @@ def test_gated_model_abstains_in_the_prefill_and_in_route_alike(tiny_model_dir, 
     params = SamplingParams(max_new_tokens=6)
     outs = gm.generate(chats, params)
     assert [c.meta for c in outs] == [
-        {"routed": d["routed"], "gate_prob": pytest.approx(d["gate_prob"], abs=1e-5), "abstained": d["abstained"]}
+        {
+            "routed": d["routed"],
+            "gate_prob": pytest.approx(d["gate_prob"], abs=1e-5),
+            "abstained": d["abstained"],
+            "persona": None,  # a binary artifact's unnamed adapter
+            "persona_prob": pytest.approx(d["gate_prob"], abs=1e-5) if d["routed"] else None,
+        }
         for d in dec
     ]
     base = gm.generate(chats, params, force=False)

@@ -227,7 +227,7 @@ def test_engine_view_and_scoring(setup):
     assert eng.can_score
     chats = [[{"role": "user", "content": q}] for q in QUERIES[:2]]
     out = eng.generate(chats, SamplingParams(max_new_tokens=3))
-    assert all(set(c.meta) == {"routed", "gate_prob"} and c.meta["routed"] for c in out)
+    assert all(set(c.meta) == {"routed", "gate_prob", "persona", "persona_prob"} and c.meta["routed"] for c in out)
     scores = eng.score_choices(chats, ["A", "B"])
     assert len(scores) == 2 and all(set(s) == {"A", "B"} and s["A"] < 0 for s in scores)
     enc = encode_prompts(gm.tokenizer, [render_chat(gm.tokenizer, c) for c in chats])

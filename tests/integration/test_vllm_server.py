@@ -517,3 +517,72 @@ def test_prism_generate_engine_vllm_base_model_matches_the_hf_engine(server, tin
     rate = agreement(got, want)
     report("prism generate --engine vllm (base model) vs HF engine greedy agreement", rate)
     assert rate >= 0.75, list(zip(got, want))
+
+
+def test_vllm_serves_each_persona_and_the_router_picks_it(vllm_python, tmp_path_factory):
+    """A K-way artifact (two personas, one adapter each) on a real vLLM: both adapters served by name,
+    the layer-0 router sends each row to its persona's adapter, and the greedy answers agree with the
+    in-process GatedModel's per row (each row on its own adapter)."""
+    from prism_persona.engines.vllm import VLLMEngine, VLLMServer
+    from prism_persona.gated.export import export
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.gated.routed import RoutedEngine
+    from prism_persona.gated.router import load_router
+    from prism_persona.models import load_tokenizer
+    from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact, make_tiny_model
+
+    root = tmp_path_factory.mktemp("vllm-kway")
+    model = make_tiny_model(root / "llama", num_layers=3, hidden_size=256)
+    art = make_tiny_artifact(model, root / "prism", r=8, cache=False, personas=("story", "monitor"))
+    exported = export(art, root / "export")
+    loras = {"story": str(exported / "adapter"), "monitor": str(exported / "adapter" / "monitor")}
+    srv = VLLMServer(
+        str(model),
+        "tiny",
+        vllm_python,
+        root / "vllm.log",
+        loras=loras,
+        dtype="float32",
+        max_lora_rank=8,
+        max_model_len=1024,
+        max_num_seqs=16,
+        kv_cache_gib=1,
+        quiet=True,
+    ).start()
+    chats = [[{"role": "user", "content": q}] for q in SPLIT_QUERIES]
+    try:
+        assert "--max-loras 2" in " ".join(srv.command())
+        router = load_router(str(art), device="cpu", dtype="float32")
+        engine = RoutedEngine(VLLMEngine(srv.base_url, "tiny", load_tokenizer(str(model)), concurrency=4), router)
+        remote = engine.generate(chats, GREEDY)
+        gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32", batch_size=4)
+        local = gm.generate(chats, GREEDY)
+        assert (
+            [c.meta["persona"] for c in remote]
+            == [c.meta["persona"] for c in local]
+            == [None, "story", "monitor", None]
+        )
+        rate = agreement([c.text for c in remote], [c.text for c in local])
+        report("K-way router+vLLM vs in-process GatedModel greedy agreement (4 rows)", rate)
+        # the precise check: each row's choice log-probs are its own persona's adapter's (another
+        # adapter, or none, moves them by far more than the tolerance)
+        judge = [[{"role": "user", "content": f"{q} -- answer A or B"}] for q in SPLIT_QUERIES]
+        vs, hs = engine.score_choices(judge, ["A", "B"]), gm.score_choices(judge, ["A", "B"])
+        personas = [d["persona_name"] for d in gm.decisions(judge)]
+        rows = [max(abs(v[c] - h[c]) for c in "AB") for v, h in zip(vs, hs)]
+        on = [r for r, p in zip(rows, personas) if p]
+        report("K-way max |log P(choice)| difference, router+vLLM vs GatedModel (routed rows)", max(on))
+        # unrouted rows (the base model in vLLM's LoRA batches) differed by 0.004 in two runs and by 0.12
+        # in two others (vLLM CPU build, float32): reported, not asserted; the routed rows by 3e-7 in all
+        report(
+            "K-way max |log P(choice)| difference (unrouted rows)",
+            max((r for r, p in zip(rows, personas) if not p), default=None),
+        )
+        assert len(set(p for p in personas if p)) == 2 and max(on) < 1e-3, (rows, personas)
+        other = gm.score_choices(judge, ["A", "B"], force=["monitor" if p == "story" else "story" for p in personas])
+        moved = [max(abs(v[c] - o[c]) for c in "AB") for v, o, p in zip(vs, other, personas) if p]
+        assert min(moved) > 10 * max(on), moved  # the other persona's adapter gives other scores
+        gm.close()
+        router.close()
+    finally:
+        srv.stop()

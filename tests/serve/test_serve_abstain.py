@@ -40,7 +40,9 @@ def test_serve_reports_abstained_as_the_gate_decides(gated):
         for q, d in zip(queries, want):
             headers, prism = ask(srv, q)
             assert prism == {"routed": d["routed"], "gate_prob": pytest.approx(d["gate_prob"], abs=1e-6)} | {
-                "abstained": d["abstained"]
+                "abstained": d["abstained"],
+                "persona": None,  # a binary artifact's unnamed adapter
+                "persona_prob": d["persona_prob"],
             }
             assert headers["X-Prism-Abstained"] == ("true" if d["abstained"] else "false")
 
@@ -70,7 +72,7 @@ def test_a_gate_without_a_region_reports_no_abstained(tiny_model_dir, tmp_path):
     gm = GatedModel.from_pretrained(make_tiny_artifact(tiny_model_dir, tmp_path / "p"), device="cpu", dtype="float32")
     with serve_fake(gm) as srv:
         headers, prism = ask(srv, FAR)
-    assert set(prism) == {"routed", "gate_prob"} and "X-Prism-Abstained" not in headers
+    assert set(prism) == {"routed", "gate_prob", "persona", "persona_prob"} and "X-Prism-Abstained" not in headers
 
 
 def test_generate_rows_and_chat_line_say_abstained(monkeypatch, capsys):

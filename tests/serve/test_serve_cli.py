@@ -69,7 +69,8 @@ def test_serve_process_end_to_end_and_sigterm(tiny_model_dir, tmp_path):
             )
 
         resp = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": "hi"}])
-        assert set(resp.model_extra["prism"]) == {"routed", "gate_prob"} and resp.usage.completion_tokens <= 16
+        prism = resp.model_extra["prism"]
+        assert set(prism) == {"routed", "gate_prob", "persona", "persona_prob"} and resp.usage.completion_tokens <= 16
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         t = threading.Thread(target=slow)

@@ -45,10 +45,15 @@ def read_line() -> str:
     return check_text(line.rstrip("\r\n"), "a prism chat message") + line[len(line.rstrip("\r\n")) :]
 
 
-def describe(routed: bool, prob: float, forced: bool, abstained: bool = False) -> str:
+def describe(routed: bool, prob: float, forced: bool, abstained: bool = False, persona=None, persona_prob=None) -> str:
+    """The routing line of a conversation: ``persona NAME ON`` with the gate's probability of that persona
+    (a K-way artifact, or a binary one whose persona has a name), else ``persona LoRA ON/off``."""
     how = "forced" if forced else f"gate p={prob:.2f}"
     if abstained and not forced:
         how += ", abstained: the query is unlike the gate's training queries"
+    if routed and persona:
+        p = "" if persona_prob is None else f", p={persona_prob:.2f}"
+        return f"[routing: persona {persona} ON ({how}{p})]"
     return f"[routing: persona LoRA {'ON' if routed else 'off'} ({how})]"
 
 
@@ -93,13 +98,21 @@ def converse(system: str, forced, reply) -> int:
             print("(new conversation)")
             continue
         chat.append({"role": "user", "content": text})
-        force = forced if forced is not None else (decision[0] if decision else None)
+        # later turns keep the first turn's decision: its persona by name where it has one
+        force = forced if forced is not None else (decision[2] or decision[0] if decision else None)
         comp = reply(chat, force)
         if decision is None:
             meta = comp.meta or {}
-            decision = (meta.get("routed", False), meta.get("gate_prob"))
+            decision = (meta.get("routed", False), meta.get("gate_prob"), meta.get("persona"))
             print(
-                describe(decision[0], decision[1], forced is not None, bool(meta.get("abstained")))
+                describe(
+                    decision[0],
+                    decision[1],
+                    forced is not None,
+                    bool(meta.get("abstained")),
+                    meta.get("persona"),
+                    meta.get("persona_prob"),
+                )
                 if decision[1] is not None
                 else "[base model: no PRISM gate]"
             )

@@ -83,12 +83,15 @@ class EngineSpec:
     """``uses(engine_cfg, name) -> bool``: whether this engine reads the engine setting ``name`` (default:
     its own options, and ``base_url``/``api_key_env`` for a server engine)."""
     adapter_engine: Callable | None = None
-    """``adapter_engine(cfg, export) -> (engine, adapter name)``: the base model and a PRISM artifact's
-    adapter on one server (rows pick one by model name); ``export()`` -> ``(adapter dir, LoRA rank)``
-    writes the adapter, called only when the server is started here. None: serves no adapters."""
+    """``adapter_engine(cfg, export[, names=]) -> (engine, adapter name)``: the base model and a PRISM
+    artifact's adapter on one server (rows pick one by model name); ``export()`` -> ``(adapter dir, LoRA
+    rank)`` writes the adapter, called only when the server is started here. A K-way artifact passes
+    ``names`` (its personas) and its ``export()`` gives ``{persona: dir}``: each adapter served under its
+    persona's name. None: serves no adapters."""
     adapter_server: Callable | None = None
     """``adapter_server(engine_cfg, src, adapter_dir, rank, log_dir, quiet) -> (server, adapter name)``:
-    a started server of ``src`` (a resolved model) and the adapter, with ``base_url``, ``served_name`` and
+    a started server of ``src`` (a resolved model) and the adapter (``{persona: dir}`` for a K-way
+    artifact: each served under its persona's name), with ``base_url``, ``served_name`` and
     ``stop()`` (`prism serve` routes to it). None: this engine starts no server for `prism serve`."""
 
     @property

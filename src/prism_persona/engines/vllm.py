@@ -228,6 +228,8 @@ class VLLMServer:
                 "--lora-modules",
                 *[f"{name}={path}" for name, path in self.loras.items()],
             ]
+            if len(self.loras) > 1 and not any(a.startswith("--max-loras") for a in self.extra_args):
+                cmd += ["--max-loras", str(len(self.loras))]  # one batch may mix every persona's adapter
         if self.eager:
             cmd.append("--enforce-eager")
         if self.max_num_seqs > 0:
@@ -777,13 +779,24 @@ def uses(e, name: str) -> bool:
     return True
 
 
-def adapter_engine(cfg, export) -> tuple[VLLMEngine, str]:
-    """The base model and a PRISM adapter (served as :data:`LORA_NAME`) on one vLLM: attached with
-    ``base_url`` (it must already serve the adapter by that name), else started with ``export()``'s adapter."""
+def served_loras(adapter) -> dict:
+    """``{served name: dir}``: one adapter (a path) is served as :data:`LORA_NAME`; a K-way artifact's
+    ``{persona: dir}`` each under its persona's name."""
+    if isinstance(adapter, dict):
+        return {str(name): str(path) for name, path in adapter.items()}
+    return {LORA_NAME: str(adapter)}
+
+
+def adapter_engine(cfg, export, names=None) -> tuple[VLLMEngine, str]:
+    """The base model and a PRISM adapter (served as :data:`LORA_NAME`; a K-way artifact's adapters each
+    under its persona's name, ``names``) on one vLLM: attached with ``base_url`` (it must already serve
+    each adapter by that name), else started with ``export()``'s adapter(s)."""
+    served = list(names) if names else [LORA_NAME]
     if cfg.engine.base_url:
-        return VLLMEngine.from_config(cfg, loras={LORA_NAME: ""}), LORA_NAME
+        return VLLMEngine.from_config(cfg, loras=dict.fromkeys(served, "")), served[0]
     adapter, rank = export()
-    return VLLMEngine.from_config(cfg, loras={LORA_NAME: str(adapter)}, max_lora_rank=rank), LORA_NAME
+    loras = served_loras(adapter)
+    return VLLMEngine.from_config(cfg, loras=loras, max_lora_rank=rank), next(iter(loras))
 
 
 def adapter_server(e, src, adapter, rank: int, log_dir, quiet: bool = False) -> tuple[VLLMServer, str]:
@@ -795,7 +808,7 @@ def adapter_server(e, src, adapter, rank: int, log_dir, quiet: bool = False) -> 
         src.display,
         find_vllm_python(e.vllm_python),
         Path(log_dir) / "vllm.log",
-        loras={LORA_NAME: str(adapter)},
+        loras=served_loras(adapter),
         dtype=server_dtype("auto"),
         max_lora_rank=rank,
         eager=_eager(e.vllm_eager),
@@ -807,7 +820,7 @@ def adapter_server(e, src, adapter, rank: int, log_dir, quiet: bool = False) -> 
         startup_timeout_s=e.vllm_startup_timeout_s,
         quiet=quiet,
     )
-    return server.start(), LORA_NAME
+    return server.start(), next(iter(server.loras))
 
 
 ENGINE = EngineSpec(

@@ -118,7 +118,7 @@ class PrismLM(TemplateLM):
         self.routing_file = routing_file
         self.routing: dict = {}
         self._chat_templated = False
-        self._last_routed: list[bool] = []
+        self._last_routed: list = []
         self.artifact = artifact
         self._device = model.device
 
@@ -168,39 +168,53 @@ class PrismLM(TemplateLM):
                 "system=persona puts the persona in a system message: run lm-eval with --apply_chat_template"
             )
 
-    def route(self, contexts: Sequence[Sequence[int]]) -> tuple[list[Optional[float]], list[bool]]:
+    def route(self, contexts: Sequence[Sequence[int]]) -> tuple[list[Optional[float]], list]:
         """(gate probability, routed) per token context: the gate's own feature of the context (layer-0
-        states pooled as the artifact's gate was trained, :func:`~prism_persona.gated.features.prompt_features`)."""
+        states pooled as the artifact's gate was trained, :func:`~prism_persona.gated.features.prompt_features`).
+
+        A K-way artifact (one adapter per persona): ``routed`` is the persona's name where routed (False
+        elsewhere), and each forward is forced to that persona's adapter, so the persona is the one the
+        context picks (``system=lora``: the context's most probable persona on every request)."""
         force = FORCE[self.system]
-        if self.gm is None or force is not None:
+        kway = self.gm is not None and self.gm.gate.personas > 1
+        if self.gm is None or force is False or (force is True and not kway):
             return [None] * len(contexts), [bool(force)] * len(contexts)
         import torch
 
         from ..gated.features import prompt_features
-        from ..gated.gate import decide
+        from ..gated.gate import decide, persona_choice
 
         probs: list[float] = []
-        routed: list[bool] = []
+        routed: list = []
         for start in range(0, len(contexts), self.batch_size_per_gpu):
             ids, mask = _pad(
                 [list(c) for c in contexts[start : start + self.batch_size_per_gpu]], self._pad_id, left=True
             )
             feats = prompt_features(self.model, ids.to(self._device), mask.to(self._device), self.gm.gate.pooling)
             with torch.no_grad():
-                p, r, _ = decide(self.gm.gate, self.threshold, feats.float())[:3]  # the abstain rule included
-            probs.extend(float(x) for x in p.tolist())
-            routed.extend(bool(x) for x in r.tolist())
+                d = decide(self.gm.gate, self.threshold, feats.float())  # the abstain rule included
+            probs.extend(float(x) for x in d.probs.tolist())
+            if not kway:
+                routed.extend(bool(x) for x in d.routed.tolist())
+                continue
+            on = torch.ones_like(d.routed) if force is True else d.routed
+            names = self.gm.persona_names
+            routed.extend(names[k] if k >= 0 else False for k in persona_choice(d.class_probs, on).tolist())
         return probs, routed
 
     def _context_tokens(self, context: str) -> list[int]:
         return self.tok_encode(context)[-self.max_length :] or [self.prefix_token_id]
 
-    def _record(self, kind: str, requests, routed: Sequence[bool]) -> None:
+    def _record(self, kind: str, requests, routed: Sequence) -> None:
+        """Count the routed requests per task and request type (and per persona: ``routed`` holds a
+        persona's name where a K-way artifact routed)."""
         for req, r in zip(requests, routed):
             task = getattr(req, "task_name", None) or "unknown"
             slot = self.routing.setdefault(task, {}).setdefault(kind, {"routed": 0, "n": 0})
             slot["routed"] += int(bool(r))
             slot["n"] += 1
+            if isinstance(r, str):
+                slot.setdefault("personas", {})[r] = slot.get("personas", {}).get(r, 0) + 1
         n, k = len(routed), sum(bool(r) for r in routed)
         if n:
             log.info(
@@ -210,8 +224,9 @@ class PrismLM(TemplateLM):
             Path(self.routing_file).write_text(json.dumps(self.routing_report(), indent=2), encoding="utf-8")
 
     def routing_report(self) -> dict:
-        """``{"system", "threshold", "overall": {routed, n, rate}, "tasks": {task: {kind: {...}}}}``."""
-        total = {"routed": 0, "n": 0}
+        """``{"system", "threshold", "overall": {routed, n, rate}, "tasks": {task: {kind: {...}}}}``; a
+        K-way artifact's counts also hold ``personas``: ``{persona: requests routed to it}``."""
+        total: dict = {"routed": 0, "n": 0}
         tasks = {}
         for task, kinds in self.routing.items():
             tasks[task] = {}
@@ -219,6 +234,8 @@ class PrismLM(TemplateLM):
                 tasks[task][kind] = dict(s, rate=s["routed"] / s["n"] if s["n"] else None)
                 total["routed"] += s["routed"]
                 total["n"] += s["n"]
+                for name, c in s.get("personas", {}).items():
+                    total.setdefault("personas", {})[name] = total.get("personas", {}).get(name, 0) + c
         total["rate"] = total["routed"] / total["n"] if total["n"] else None
         return {
             "system": self.system,
@@ -235,8 +252,9 @@ class PrismLM(TemplateLM):
 
     # ------------------------------------------------------------------------------ scoring
 
-    def _logits(self, rows: list[list[int]], routed: Sequence[bool]):
-        """Log-softmax over right-padded rows, each forward routed as ``routed`` says."""
+    def _logits(self, rows: list[list[int]], routed: Sequence):
+        """Log-softmax over right-padded rows, each forward routed as ``routed`` says (a persona's name:
+        that persona's adapter)."""
         import torch
 
         ids, mask = _pad(rows, self._pad_id, left=False)

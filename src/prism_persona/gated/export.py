@@ -188,8 +188,8 @@ def readme(dst: Path, base: str, r: int, prism_cfg: dict, port: int = 8001, modu
         )
         personas = (
             f"\nOne adapter per persona ({', '.join(n for n, _ in modules)}), each served under its name. "
-            f"`prism serve --route-only` below sends the routed requests to `--lora-name`; pass the persona "
-            "the requests should get (per-persona routing there needs the K-way gate).\n"
+            "`prism serve --route-only` below sends each routed request to its persona's adapter by that name "
+            "(`--lora-name` is required but only a one-adapter artifact uses it).\n"
         )
     note = ""
     if prism_cfg.get("model_kind") in ("embedded", "gguf"):
@@ -218,5 +218,6 @@ prism serve --route-only --prism {dst.resolve()} \\
 ```
 
 Clients talk to `http://127.0.0.1:8000/v1` with any OpenAI client; each response carries
-`prism: {{"routed", "gate_prob"}}` and the headers `X-Prism-Routed` / `X-Prism-Gate-Prob`.
+`prism: {{"routed", "gate_prob", "persona", "persona_prob"}}` and the headers `X-Prism-Routed` /
+`X-Prism-Gate-Prob` (`X-Prism-Persona` / `X-Prism-Persona-Prob` where a named persona answered).
 """

@@ -42,7 +42,7 @@ from .layers import DEFAULT_ADAPTER, RoutingState, install_adapters
 
 log = logging.getLogger(__name__)
 
-Force = Optional[Any]  # None | bool | list[bool | None]
+Force = Optional[Any]  # None | bool | persona name | list[bool | persona name | None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,14 +61,39 @@ def is_single_user_turn(chat: Sequence[dict]) -> bool:
     return len(chat) == 1 and chat[0].get("role") == "user"
 
 
-def normalise_force(force: Force, n: int) -> list[Optional[bool]]:
-    """``None`` | bool | list of (bool | None) -> one entry per row."""
-    if force is None or isinstance(force, bool):
+def normalise_force(force: Force, n: int) -> list[Optional[bool | str]]:
+    """``None`` | bool | persona name | list of (bool | persona name | None) -> one entry per row.
+    True = routed (to the gate's most probable persona), False = the base model, a name = routed to
+    that persona's adapter."""
+    if force is None or isinstance(force, (bool, str)):
         return [force] * n
     force = list(force)
     if len(force) != n:
         raise ValueError(f"force has {len(force)} entries for {n} rows")
-    return [None if f is None else bool(f) for f in force]
+    return [f if f is None or isinstance(f, str) else bool(f) for f in force]
+
+
+def persona_names(gate: GateBundle, config: Optional[dict] = None) -> list[Optional[str]]:
+    """The name of each of the gate's personas (index = :attr:`Decision.persona`), as responses report it:
+    a K-way gate's persona names; for a binary gate the one persona's name when the artifact's
+    ``personas`` names it, else ``None`` (an artifact with one unnamed adapter reports no name: its
+    routed answers say ``routed`` and ``persona: null``)."""
+    if gate.gate.personas > 1:
+        return list(gate.personas)
+    listed = (config or {}).get("personas")
+    if isinstance(listed, list) and len(listed) == 1 and listed[0] != DEFAULT_ADAPTER:
+        return [str(listed[0])]
+    return [None]
+
+
+def persona_of_force(names: Sequence[Optional[str]], name: str) -> int:
+    """The index of the persona ``name`` (a forced route); a one-line ValueError naming the known ones."""
+    if name in names:
+        return list(names).index(name)
+    known = [n for n in names if n]
+    if not known:
+        raise ValueError(f"unknown persona {name!r}: this artifact's one adapter has no name; force it with 'on'")
+    raise ValueError(f"unknown persona {name!r}; this artifact's personas: {', '.join(known)}")
 
 
 class GatedModel:
@@ -89,13 +114,17 @@ class GatedModel:
         self.config = dict(config or {})
         self.state = RoutingState()
         self.lora_modules: list[str] = []
-        self._overrides: Optional[list[Optional[bool]]] = None
-        # rows decided before the forward (not a lone user turn): (gate_prob, abstained) from route()
-        self._prob_overrides: Optional[list[Optional[tuple[float, bool]]]] = None
+        self._overrides: Optional[list[Optional[bool | str]]] = None
+        # rows decided before the forward (not a lone user turn): (gate_prob, abstained, class_probs)
+        # from their first user turn (decisions())
+        self._prob_overrides: Optional[list[Optional[tuple]]] = None
         # per row of the last decision: the gate said route, but the query lay outside its training
         # region, so it went to the base model (gate.decide)
         self.abstained: Optional[torch.Tensor] = None
         self.persona: Optional[torch.Tensor] = None  # per row of the last decision: persona index, -1 = base
+        self.class_probs: Optional[torch.Tensor] = None  # per row of the last decision: [K + 1] class probs
+        # the name of each gate persona, as responses report it (None: a binary artifact's unnamed adapter)
+        self.persona_names: list[Optional[str]] = persona_names(gate, config)
         # gate persona k -> adapter index (None: one adapter serves every routed row)
         self._adapter_of_persona: Optional[torch.Tensor] = None
         self._last_index: Optional[torch.Tensor] = None
@@ -129,6 +158,8 @@ class GatedModel:
             if bad:
                 raise ValueError(f"the adapter touches decoder layer 0 ({bad[0]}); the gate reads that layer")
             gm._adapter_of_persona = adapter_index(gate, [str(name) for name, _ in named], gm.device)
+            if gate.gate.personas == 1 and str(named[0][0]) != DEFAULT_ADAPTER:
+                gm.persona_names = [str(named[0][0])]
         model.eval()
         return gm
 
@@ -223,12 +254,26 @@ class GatedModel:
                 device=h.device,
             )
             routed = (probs >= self.threshold) & ~abstained
+            class_probs = class_probs.clone()
+            for i, o in enumerate(po):  # the first user turn's class probabilities pick the persona
+                if o is not None:
+                    class_probs[i] = o[2].to(class_probs)
         self.abstained = abstained
+        forced_persona = None
         if self._overrides is not None:
-            ov = torch.tensor([bool(o) if o is not None else False for o in self._overrides], device=h.device)
+            ov = torch.tensor([o is not None and o is not False for o in self._overrides], device=h.device)
             has = torch.tensor([o is not None for o in self._overrides], device=h.device)
             routed = torch.where(has, ov, routed)
+            if any(isinstance(o, str) for o in self._overrides):
+                forced_persona = [
+                    persona_of_force(self.persona_names, o) if isinstance(o, str) else None for o in self._overrides
+                ]
         self.persona = persona_choice(class_probs, routed)  # per row: the routed persona's index, -1 = base
+        if forced_persona is not None:
+            for i, k in enumerate(forced_persona):
+                if k is not None:
+                    self.persona[i] = k
+        self.class_probs = class_probs
         adapters = None
         if self._adapter_of_persona is not None:  # one adapter per persona: row -> its persona's adapter
             index = self._adapter_of_persona.to(self.persona.device)
@@ -257,19 +302,25 @@ class GatedModel:
         the first forward (the prefill) routes each row - ``force[i]`` overrides row i - and later
         forwards (decode steps) keep the flags. Yields the :class:`RoutingState` (``routed``, ``probs``)."""
         force = list(force)
+        self.check_force(force)
         return self._call(force, [None] * len(force))
+
+    def check_force(self, force: Force) -> None:
+        """A one-line ValueError for a forced persona name this artifact does not have (before any work)."""
+        entries = [force] if force is None or isinstance(force, (bool, str)) else list(force)
+        for f in entries:
+            if isinstance(f, str):
+                persona_of_force(self.persona_names, f)
 
     @property
     def has_abstain(self) -> bool:
-        """True when the gate holds an abstain region (``gate.ood``): route reports then say ``abstained``."""
-        return self.gate.ood is not None
+        """True when the gate can abstain - it holds an abstain region (``gate.ood``), or it is a K-way gate
+        with a ``min_confidence`` - so route reports say ``abstained``."""
+        return self.gate.ood is not None or (self.gate.personas > 1 and self.gate.min_confidence > 0)
 
     @torch.no_grad()
-    def decisions(self, chats: Sequence[list]) -> list[dict]:
-        """``{"gate_prob", "routed", "abstained"}`` (and ``persona`` for a K-way gate) per chat, from its
-        first user turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as the prefill hook)."""
-        if not chats:
-            return []
+    def _decide(self, chats: Sequence[list]):
+        """:func:`~prism_persona.gated.gate.decide` on each chat's first user turn (embeddings + layer 0)."""
         queries = [first_user_turn(c) for c in chats]
         self._suspended = True
         try:
@@ -278,11 +329,33 @@ class GatedModel:
             )
         finally:
             self._suspended = False
-        d = decide(self.gate, self.threshold, feats)
-        rows = [
-            {"gate_prob": float(p), "routed": bool(r), "abstained": bool(a)}
-            for p, r, a in zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist())
-        ]
+        return decide(self.gate, self.threshold, feats)
+
+    def decisions(self, chats: Sequence[list]) -> list[dict]:
+        """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob", "persona_probs"}`` (and
+        ``persona``, the routed persona's index or -1, for a K-way gate) per chat, from its first user
+        turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as
+        the prefill hook).
+        ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`);
+        ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order)."""
+        if not chats:
+            return []
+        d = self._decide(chats)
+        rows = []
+        for i, (p, r, a, k) in enumerate(
+            zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist(), d.persona.tolist())
+        ):
+            name, prob = persona_report(self.persona_names, int(k), d.class_probs[i])
+            rows.append(
+                {
+                    "gate_prob": float(p),
+                    "routed": bool(r),
+                    "abstained": bool(a),
+                    "persona_name": name,
+                    "persona_prob": prob,
+                    "persona_probs": [round(float(x), 6) for x in d.class_probs[i, 1:].tolist()],
+                }
+            )
         if self.gate.personas > 1:  # K-way gate: the routed persona's index (-1 = base)
             for row, k in zip(rows, d.persona.tolist()):
                 row["persona"] = int(k)
@@ -292,24 +365,29 @@ class GatedModel:
         """(gate_prob, routed) per chat (:meth:`decisions`; routed is False where the gate abstained)."""
         return [(d["gate_prob"], d["routed"]) for d in self.decisions(chats)]
 
-    def _prerouted(self, chats: Sequence[list]) -> list[Optional[tuple[float, bool]]]:
-        """(gate_prob, abstained) for chats that are not a lone user turn (from the first user turn)."""
+    def _prerouted(self, chats: Sequence[list]) -> list[Optional[tuple]]:
+        """(gate_prob, abstained, class_probs) for chats that are not a lone user turn (from the first user
+        turn)."""
         todo = [i for i, c in enumerate(chats) if not is_single_user_turn(c)]
-        out: list[Optional[tuple[float, bool]]] = [None] * len(chats)
+        out: list[Optional[tuple]] = [None] * len(chats)
         if todo:
-            for i, d in zip(todo, self.decisions([chats[i] for i in todo])):
-                out[i] = (d["gate_prob"], d["abstained"])
+            d = self._decide([chats[i] for i in todo])
+            for j, i in enumerate(todo):
+                out[i] = (float(d.probs[j]), bool(d.abstained[j]), d.class_probs[j])
         return out
 
     def _meta(self) -> list[dict]:
-        """The route report of each row of the last decision (``abstained`` when the gate can abstain)."""
-        rows = zip(self.state.probs.tolist(), self.state.routed.tolist())
-        if not self.has_abstain or self.abstained is None:
-            return [{"routed": bool(r), "gate_prob": float(p)} for p, r in rows]
-        return [
-            {"routed": bool(r), "gate_prob": float(p), "abstained": bool(a)}
-            for (p, r), a in zip(rows, self.abstained.tolist())
-        ]
+        """The route report of each row of the last decision: ``routed``, ``gate_prob``, ``persona`` and
+        ``persona_prob`` (:func:`persona_report`), and ``abstained`` when the gate can abstain."""
+        out = []
+        rows = zip(self.state.probs.tolist(), self.state.routed.tolist(), self.persona.tolist())
+        for i, (p, r, k) in enumerate(rows):
+            name, prob = persona_report(self.persona_names, int(k) if r else -1, self.class_probs[i])
+            out.append({"routed": bool(r), "gate_prob": float(p), "persona": name, "persona_prob": prob})
+        if self.has_abstain and self.abstained is not None:
+            for row, a in zip(out, self.abstained.tolist()):
+                row["abstained"] = bool(a)
+        return out
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -324,9 +402,9 @@ class GatedModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        return self._forward(
-            input_ids, attention_mask, normalise_force(force, input_ids.shape[0]), [None] * input_ids.shape[0]
-        )
+        overrides = normalise_force(force, input_ids.shape[0])
+        self.check_force(overrides)
+        return self._forward(input_ids, attention_mask, overrides, [None] * input_ids.shape[0])
 
     def _forward(self, input_ids, attention_mask, overrides, prob_overrides):
         with self._call(overrides, prob_overrides, last_token_index(attention_mask)):
@@ -345,15 +423,18 @@ class GatedModel:
     def generate(
         self, chats: Sequence[list], params: Optional[SamplingParams] = None, force: Force = None
     ) -> list[Completion]:
-        """One completion per chat; ``meta = {"routed", "gate_prob"}`` (and ``"abstained"`` when the gate
-        has an abstain region: true where the probability said route but the query lay outside the gate's
-        training queries, so it went to the base model).
-        ``force`` (bool or a list of bool/None per chat) overrides the gate's decision; the gate
-        probability is reported anyway."""
+        """One completion per chat; ``meta = {"routed", "gate_prob", "persona", "persona_prob"}`` (and
+        ``"abstained"`` when the gate can abstain: true where the probability said route but the query lay
+        outside the gate's training queries, or no persona was confident enough, so it went to the base
+        model). ``persona``: the routed persona's name (``None`` on the base model, and for a binary
+        artifact's unnamed adapter), ``persona_prob`` its calibrated probability (:func:`persona_report`).
+        ``force`` (True / False / a persona name, or a list of those or None per chat) overrides the gate's
+        decision (True: the gate's most probable persona); the gate probability is reported anyway."""
         params = params or SamplingParams()
         if not chats:
             return []
         overrides = normalise_force(force, len(chats))
+        self.check_force(overrides)
         pre = self._prerouted(chats)
 
         @contextlib.contextmanager
@@ -368,6 +449,7 @@ class GatedModel:
         """log P(first token of each choice) after the generation prompt, routed as in :meth:`generate`."""
         choice_ids = {c: self.engine.choice_token_ids(c) for c in choices}
         overrides = normalise_force(force, len(chats))
+        self.check_force(overrides)
         pre = self._prerouted(chats)
         texts = [render_chat(self.tokenizer, c) for c in chats]
         out: list[dict] = []
@@ -387,6 +469,17 @@ class GatedModel:
     def close(self) -> None:
         self._hook.remove()
         self._mask_hook.remove()
+
+
+def persona_report(
+    names: Sequence[Optional[str]], k: int, class_probs: torch.Tensor
+) -> tuple[Optional[str], Optional[float]]:
+    """``(persona, persona_prob)`` of one row as responses report them: the routed persona's name (``None``
+    for a binary artifact's unnamed adapter) and the gate's calibrated probability of that persona
+    (K = 1: the gate probability); ``(None, None)`` where the row went to the base model (``k`` = -1)."""
+    if k < 0:
+        return None, None
+    return names[k] if k < len(names) else None, round(float(class_probs[k + 1]), 6)
 
 
 def adapter_index(gate: GateBundle, adapters: Sequence[str], device=None) -> Optional[torch.Tensor]:

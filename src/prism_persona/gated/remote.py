@@ -99,9 +99,13 @@ class ServerSystems:
 
                 self._engine = make_engine(self.cfg)
             else:  # the engine exports the adapter only when it starts the server (attached: served already)
+                from .artifact import Artifact
+
                 artifact = self.artifact
+                personas = Artifact.read(artifact, need_adapter=False).personas
+                named = {"names": personas} if len(personas) > 1 else {}  # K-way: each adapter by its name
                 self._engine, self._adapter_name = self.spec.adapter_engine(
-                    self.cfg, lambda: export_for_server(artifact, self.cfg.quiet)[1:]
+                    self.cfg, lambda: export_for_server(artifact, self.cfg.quiet)[1:], **named
                 )
         return self._engine
 
@@ -139,7 +143,8 @@ def adapter_engines_text() -> str:
 def export_for_server(artifact: str | Path, quiet: bool = False):
     """``(base model source, exported adapter dir, max LoRA rank)``: the artifact's base model prepared
     for a server (GGUF de-quantised once, cached) and its adapter exported into PRISM's cache (layer 0 of
-    the LoRA zero, as the gate leaves it), keyed by the artifact's path."""
+    the LoRA zero, as the gate leaves it), keyed by the artifact's path. A K-way artifact (one adapter per
+    persona) gives ``{persona: exported adapter dir}`` instead of one dir, and the largest rank."""
     import hashlib
     import json
 
@@ -152,8 +157,12 @@ def export_for_server(artifact: str | Path, quiet: bool = False):
     src = prepare_model(resolve_model(read.base_model), quiet=quiet)
     work = cache_root() / "serve" / f"{art.name}-{hashlib.sha256(str(art).encode()).hexdigest()[:12]}"
     exported = export(art, work / "vllm-export", overwrite=True)
-    rank = int(json.loads((exported / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16))
-    return src, exported / "adapter", vllm_max_lora_rank(rank)
+    names = read.personas
+    dirs = {name: exported / "adapter" / name if k else exported / "adapter" for k, name in enumerate(names)}
+    rank = max(
+        int(json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for d in dirs.values()
+    )
+    return src, dirs if len(names) > 1 else dirs[names[0]], vllm_max_lora_rank(rank)
 
 
 def start_for_artifact(engine, artifact: str | Path, quiet: bool = False):
@@ -166,4 +175,5 @@ def start_for_artifact(engine, artifact: str | Path, quiet: bool = False):
     if spec.adapter_server is None:
         raise PrismError(f"--engine {spec.name} starts no server for an artifact")
     src, adapter, max_rank = export_for_server(artifact, quiet)
-    return spec.adapter_server(engine, src, adapter, max_rank, adapter.parents[1], quiet)
+    first = next(iter(adapter.values())) if isinstance(adapter, dict) else adapter  # RUN/.../vllm-export/adapter
+    return spec.adapter_server(engine, src, adapter, max_rank, first.parents[1], quiet)

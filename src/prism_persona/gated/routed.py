@@ -9,8 +9,13 @@ model or as the served LoRA (``prism``, the artifact's exported adapter). Routed
 one call are sent together, so vLLM batches them as one.
 
 ``force`` is the ``GatedEngine`` switch: ``True`` = the LoRA on every row (the ``lora`` system),
-``False`` = the base on every row, ``None`` = the gate decides (the ``prism`` system). The gate
-probability is reported in every case.
+``False`` = the base on every row, ``None`` = the gate decides (the ``prism`` system), a persona's name =
+that persona's adapter on every row. The gate probability is reported in every case.
+
+A K-way artifact (one adapter per persona) has each adapter served under its persona's name (vLLM
+``--lora-modules NAME=DIR`` for each, ``--max-loras K``): a routed row goes to the model named by the
+persona its gate picked, and every completion's meta names it (``persona``, ``persona_prob``), as the
+in-process ``GatedModel`` reports it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class RoutedEngine(Engine):
 
     name = "prism-vllm"
 
-    def __init__(self, engine, router, lora_name: str = "prism", force: Optional[bool] = None):
+    def __init__(self, engine, router, lora_name: str = "prism", force: Optional[bool | str] = None):
         self.engine = engine
         self.router = router
         self.lora_name = lora_name
@@ -37,20 +42,41 @@ class RoutedEngine(Engine):
         """``(gate_prob, routed)`` per chat, from its first user turn (the in-process gate's decision)."""
         return [(float(p), bool(r)) for p, r in self.router.route(list(chats))]
 
+    @property
+    def persona_names(self) -> list:
+        """The router's persona names (``[None]`` for a router that names none)."""
+        return list(getattr(self.router, "persona_names", None) or [None])
+
     def _plan(self, chats: Sequence[list]) -> tuple[list, list]:
-        """(served model per row, meta per row): ``routed`` and ``gate_prob``, plus ``abstained`` when the
-        router's gate holds an abstain region (as the in-process ``GatedModel`` reports it)."""
-        if getattr(self.router, "has_abstain", False):
+        """(served model per row, meta per row): ``routed`` and ``gate_prob``; ``persona`` and
+        ``persona_prob`` when the router names its personas; ``abstained`` when the router's gate can
+        abstain (as the in-process ``GatedModel`` reports it)."""
+        from .model import persona_of_force
+
+        names = self.persona_names
+        named = hasattr(self.router, "persona_names") and hasattr(self.router, "decisions")
+        if named or getattr(self.router, "has_abstain", False):
             decided = self.router.decisions(list(chats))
         else:
             decided = [{"gate_prob": float(p), "routed": bool(r)} for p, r in self.route(chats)]
-        flags = [d["routed"] if self.force is None else bool(self.force) for d in decided]
-        models = [self.lora_name if f else None for f in flags]
-        metas = []
-        for f, d in zip(flags, decided):
-            meta = {"routed": f, "gate_prob": float(d["gate_prob"])}
-            if "abstained" in d:
+        forced = persona_of_force(names, self.force) if isinstance(self.force, str) else None
+        models, metas = [], []
+        for d in decided:
+            routed = d["routed"] if self.force is None else self.force is not False
+            meta = {"routed": routed, "gate_prob": float(d["gate_prob"])}
+            k = None
+            if named:
+                probs = list(d.get("persona_probs") or [])
+                if routed and forced is not None:
+                    k = forced
+                elif routed and probs:  # the gate's persona (forced on: its most probable one)
+                    k = max(range(len(probs)), key=probs.__getitem__)
+                meta["persona"] = names[k] if k is not None and k < len(names) else None
+                meta["persona_prob"] = probs[k] if k is not None and k < len(probs) else None
+            if "abstained" in d and getattr(self.router, "has_abstain", False):
                 meta["abstained"] = bool(d["abstained"])
+            # one adapter per persona: each served under its persona's name
+            models.append((names[k] if len(names) > 1 and k is not None else self.lora_name) if routed else None)
             metas.append(meta)
         return models, metas
 

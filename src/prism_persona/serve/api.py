@@ -9,6 +9,7 @@ sockets; keeping them apart makes every rule here testable without a network.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -86,8 +87,9 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    force: Optional[bool] = None
-    """From the request's ``prism: {"force": true|false|null}``: override the gate."""
+    force: Optional[bool | str] = None
+    """From the request's ``prism: {"force": true|false|null|"PERSONA"}``: override the gate (a persona's
+    name: that persona's adapter)."""
     clamped: bool = False
     """``max_tokens`` was above the server limit and was lowered to it."""
     raw: dict = field(default_factory=dict, repr=False)
@@ -218,7 +220,7 @@ def _stop(value: Any) -> tuple:
     return tuple(s for s in value if s)
 
 
-def _force(value: Any) -> Optional[bool]:
+def _force(value: Any) -> Optional[bool | str]:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -232,8 +234,12 @@ def _force(value: Any) -> Optional[bool]:
             code="unknown_parameter",
         )
     force = value.get("force")
-    if force is not None and not isinstance(force, bool):
-        raise ApiError(400, "'prism.force' must be true, false or null", param="prism.force", code="invalid_type")
+    if force is not None and not isinstance(force, (bool, str)):
+        raise ApiError(
+            400, "'prism.force' must be true, false, null or a persona's name", param="prism.force", code="invalid_type"
+        )
+    if isinstance(force, str) and not 0 < len(force) <= 64:
+        raise ApiError(400, "'prism.force' is not a persona's name", param="prism.force", code="invalid_value")
     return force
 
 
@@ -375,18 +381,36 @@ def new_id() -> str:
 
 
 def prism_field(meta: dict) -> dict:
-    """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``, and
-    ``"abstained": bool`` when the artifact's gate has an abstain region (``gate.ood``): true when the
-    query lay outside the region the gate was trained on and went to the base model for that reason."""
+    """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``;
+    ``"persona"`` (the routed persona's name, null on the base model and for an artifact whose one adapter
+    has no name) and ``"persona_prob"`` (the gate's calibrated probability of that persona, null on the
+    base model) when the model reports them; and ``"abstained": bool`` when the artifact's gate can abstain
+    (an abstain region, ``gate.ood``, or a K-way gate's ``min_confidence``): true when the gate said route
+    but the query went to the base model for that reason."""
     out = {"routed": bool(meta.get("routed", False)), "gate_prob": round(float(meta.get("gate_prob", 0.0)), 6)}
+    if "persona" in meta:
+        pp = meta.get("persona_prob")
+        persona = meta["persona"]
+        out["persona"] = None if persona is None else str(persona)
+        out["persona_prob"] = None if pp is None else round(float(pp), 6)
     if "abstained" in meta:
         out["abstained"] = bool(meta["abstained"])
     return out
 
 
+HEADER_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+"""A persona name that may go into a header as is (an artifact's adapter names always do)."""
+
+
 def prism_headers(meta: dict) -> dict:
+    """``X-Prism-Routed``, ``X-Prism-Gate-Prob``; ``X-Prism-Persona`` / ``X-Prism-Persona-Prob`` where a
+    named persona answered; ``X-Prism-Abstained`` when the gate can abstain."""
     p = prism_field(meta)
     out = {"X-Prism-Routed": "true" if p["routed"] else "false", "X-Prism-Gate-Prob": f"{p['gate_prob']:.6f}"}
+    if p.get("persona") is not None and HEADER_SAFE.match(p["persona"]):
+        out["X-Prism-Persona"] = p["persona"]
+    if p.get("persona_prob") is not None:
+        out["X-Prism-Persona-Prob"] = f"{p['persona_prob']:.6f}"
     if "abstained" in p:
         out["X-Prism-Abstained"] = "true" if p["abstained"] else "false"
     return out

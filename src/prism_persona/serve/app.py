@@ -183,6 +183,11 @@ class PrismApp:
         if self.closing:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         req = parse_chat_request(parse_json_body(body), self.options.limits, forwarded=self.forwarder is not None)
+        if isinstance(req.force, str):  # a persona the model does not have: 400 before any work
+            try:
+                self.backend.check_force(req.force)
+            except ValueError as exc:
+                raise ApiError(400, f"'prism.force': {exc}", param="prism.force", code="invalid_value") from None
         if self.forwarder is not None:
             return self._chat_route_only(req)
         job = self._run(Job(payload=req, key=req.sampling_params()))
@@ -284,8 +289,13 @@ class PrismApp:
 
     def _attach_logprobs(self, jobs: list, comps: list) -> None:
         try:
-            # score under the routing each generation used (its meta), so LoRA on/off matches
-            routed = [(c.meta or {}).get("routed", j.payload.force) for j, c in zip(jobs, comps)]
+            # score under the routing each generation used (its meta), so LoRA on/off and the persona match
+            routed = [
+                ((c.meta or {}).get("persona") or True if (c.meta or {}).get("routed") else False)
+                if "routed" in (c.meta or {})
+                else j.payload.force
+                for j, c in zip(jobs, comps)
+            ]
             rows = self.backend.first_token_logprobs(
                 [j.payload.messages for j in jobs],
                 routed,
@@ -307,13 +317,22 @@ class PrismApp:
 
     # -- route-only -------------------------------------------------------------------------------
 
+    def upstream_model(self, meta: dict) -> str:
+        """The upstream model a routed request goes to: a K-way artifact's persona by its own name (each
+        adapter is served by its persona's name: ``--lora-modules NAME=adapter/NAME``), else ``--lora-name``."""
+        persona = meta.get("persona")
+        if persona and getattr(self.backend, "kway", False):
+            return str(persona)
+        return self.options.lora_name
+
     def _chat_route_only(self, req: ChatRequest) -> Reply:
-        meta = dict(self._run(Job(payload=req, key="route")).result)  # gate_prob, routed (, abstained)
+        meta = dict(self._run(Job(payload=req, key="route")).result)  # gate_prob, routed (, persona, abstained)
         if req.force is not None:
-            meta["routed"] = req.force
+            forced = getattr(self.backend, "forced", None)
+            meta = forced(meta, req.force) if forced else {**meta, "routed": bool(req.force)}
         routed = meta["routed"]
         body = {k: v for k, v in req.raw.items() if k != "prism"}
-        body["model"] = self.options.lora_name if routed else self.options.base_name
+        body["model"] = self.upstream_model(meta) if routed else self.options.base_name
         body["max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"] = (
             req.max_tokens
         )

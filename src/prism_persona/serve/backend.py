@@ -68,13 +68,68 @@ class GatedBackend:
         return [(float(p), bool(r)) for p, r in self.model.route(chats)]
 
     def decisions(self, chats: list) -> list[dict]:
-        """``{"gate_prob", "routed"}`` per chat, with ``"abstained"`` when the model's gate can abstain."""
+        """``{"gate_prob", "routed"}`` per chat, with ``"persona"`` / ``"persona_prob"`` when the model
+        reports them and ``"abstained"`` when its gate can abstain."""
+        if hasattr(self.model, "decisions") and hasattr(self.model, "persona_names"):
+            out = []
+            for d in self.model.decisions(chats):
+                row = {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"])}
+                row.update(
+                    persona=d.get("persona_name"),
+                    persona_prob=d.get("persona_prob"),
+                    persona_probs=d.get("persona_probs"),
+                )
+                if getattr(self.model, "has_abstain", False):
+                    row["abstained"] = bool(d["abstained"])
+                out.append(row)
+            return out
         if getattr(self.model, "has_abstain", False) and hasattr(self.model, "decisions"):
             return [
                 {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"]), "abstained": bool(d["abstained"])}
                 for d in self.model.decisions(chats)
             ]
         return [{"gate_prob": p, "routed": r} for p, r in self.route(chats)]
+
+    @property
+    def persona_names(self) -> list:
+        """The model's persona names (``None``: an artifact's unnamed adapter); ``[None]`` for a model that
+        names none."""
+        return list(getattr(self.model, "persona_names", None) or [None])
+
+    @property
+    def kway(self) -> bool:
+        """The model routes among several named personas (a K-way gate)."""
+        return len(self.persona_names) > 1
+
+    def check_force(self, force) -> None:
+        """A forced persona name the model does not have: a one-line ``ValueError`` naming the ones it has."""
+        if isinstance(force, str):
+            from ..gated.model import persona_of_force
+
+            persona_of_force(self.persona_names, force)
+
+    def forced(self, decision: dict, force) -> dict:
+        """``decision`` (from :meth:`decisions`) as a request with ``force`` gets it: False = the base model,
+        True = routed to the gate's most probable persona, a name = routed to that persona; the persona's
+        probability stays the gate's."""
+        if force is None:
+            return decision
+        out = dict(decision)
+        if force is False:
+            out.update(routed=False)
+            if "persona" in out:
+                out.update(persona=None, persona_prob=None)
+            return out
+        out["routed"] = True
+        probs = list(decision.get("persona_probs") or [])
+        if "persona" not in decision or not probs:
+            return out
+        from ..gated.model import persona_of_force
+
+        names = self.persona_names
+        k = persona_of_force(names, force) if isinstance(force, str) else max(range(len(probs)), key=probs.__getitem__)
+        out.update(persona=names[k], persona_prob=probs[k] if k < len(probs) else None)
+        return out
 
     @property
     def can_logprob(self) -> bool:

@@ -32,6 +32,7 @@ def check_engine_settings(settings) -> None:
             raise PrismError(f"--model needs {server_engines_text()}")
         if not load.prism:
             raise PrismError(f"--prism ART is required (or {server_engines_text()} with --model M for a base model)")
+        check_force(load.prism, routing.force)
         return
     if load.prism and not spec.serves_adapters:
         raise PrismError(
@@ -41,6 +42,22 @@ def check_engine_settings(settings) -> None:
     check_server_model(settings.engine, settings.model)
     if routing.force and not load.prism:
         raise PrismError("--force needs --prism (without an artifact there is no LoRA to switch)")
+    if load.prism:
+        check_force(load.prism, routing.force)
+
+
+def check_force(artifact: str, flag: str) -> None:
+    """``--force PERSONA``: a persona of the artifact (read before the model loads), else a one-line error."""
+    if flag in ("", "on", "off"):
+        return
+    from ..gated.artifact import Artifact
+    from ..gated.model import persona_names, persona_of_force
+
+    art = Artifact.read(artifact, need_adapter=False)
+    try:
+        persona_of_force(persona_names(art.gate(), art.config), flag)
+    except ValueError as e:
+        raise PrismError(f"--force {flag}: {e}") from None
 
 
 def open_server_engine(settings, out_dir, quiet: bool = False):
@@ -114,7 +131,10 @@ def answer_file(settings, quiet: bool = False) -> tuple[Path, int, int]:
 
 
 def force_value(flag: str):
-    return None if not flag else flag == "on"
+    """``--force``: '' = the gate decides (None), on = True, off = False, else the persona's name."""
+    if not flag:
+        return None
+    return flag == "on" if flag in ("on", "off") else flag
 
 
 def read_prompts(path: str) -> list[tuple[dict, list]]:
@@ -252,9 +272,15 @@ def write_rows(generate, rows, partial: Path, start: int, chunk: int) -> None:
 
 
 def routing_fields(comp) -> dict:
+    """``routed``, ``gate_prob``, ``persona`` (the routed persona's name, null on the base model or for a
+    binary artifact's unnamed adapter), ``persona_prob`` (the gate's probability of that persona), and
+    ``abstained`` when the gate can abstain; ``persona`` keys only where the engine reports them."""
     meta = comp.meta or {}
     prob = meta.get("gate_prob")
     out = {"routed": bool(meta.get("routed", False)), "gate_prob": None if prob is None else round(float(prob), 6)}
-    if "abstained" in meta:  # the artifact's gate has an abstain region
+    if "persona" in meta:
+        pp = meta.get("persona_prob")
+        out.update(persona=meta["persona"], persona_prob=None if pp is None else round(float(pp), 6))
+    if "abstained" in meta:  # the artifact's gate can abstain
         out["abstained"] = bool(meta["abstained"])
     return out
