@@ -123,12 +123,6 @@ class EngineConfig:
         flag="--concurrency",
         group=G_ENGINE,
     )
-    batch_tokens: int = option(
-        4096,
-        "Token budget of one in-process generation / scoring batch (engine=hf): rows x (longest prompt + new tokens) stays within it, so the KV cache (rows x positions x layers; ~46 kB a token for the embedded model) and the prefill's activations are bounded; model.batch_size still caps the rows. 0 = rows only.",
-        at_least=0,
-        at_most=1 << 20,
-    )
     timeout_s: float = option(120.0, "Per-request timeout in seconds (engine=openai/vllm).", above=0)
     max_retries: int = option(
         4, "Retries with exponential backoff on 429 / 5xx / connection errors (engine=openai/vllm).", at_least=0

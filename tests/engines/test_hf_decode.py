@@ -227,7 +227,7 @@ def test_the_token_budget_bounds_each_batchs_cache_and_keeps_greedy_tokens(tiny_
     assert rows == 2 and rows * capacity <= budget
     assert HFEngine(model, tok, batch_size=6, batch_tokens=1).rows_for(longest, 20) == 1  # never zero rows
     # without an explicit budget an engine (the gated model's too) takes the setting's default
-    assert HFEngine(model, tok, batch_size=6).batch_tokens == C.EngineConfig().batch_tokens > 0
+    assert HFEngine(model, tok, batch_size=6).batch_tokens == C.EngineConfig().hf_batch_tokens > 0
 
 
 def _texts(tok):

@@ -69,14 +69,16 @@ def test_flags_for_another_engine_are_refused_only_on_a_command_line():
 
 
 def test_each_engine_owns_its_options_and_the_engine_block_keeps_its_keys():
-    """vLLM's settings live in engines/vllm.py; they join the shared [engine] block under the same keys."""
+    """vLLM's settings live in engines/vllm.py, hf's in engines/hf.py; they join the shared [engine] block
+    under the same keys, in registration order."""
     import dataclasses
 
-    from prism_persona.engines import vllm
+    from prism_persona.engines import hf, vllm
 
     own = [f.name for f in dataclasses.fields(vllm.VLLMOptions)]
     shared = ["engine", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries"]
-    assert [f.name for f in dataclasses.fields(C.EngineConfig)] == shared + own
+    assert [f.name for f in dataclasses.fields(hf.HFOptions)] == ["hf_batch_tokens"]
+    assert [f.name for f in dataclasses.fields(C.EngineConfig)] == shared + ["hf_batch_tokens"] + own
     assert own == [
         "vllm_python",
         "vllm_args",

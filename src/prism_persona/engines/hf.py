@@ -6,9 +6,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 from ..models import encode_prompts, load_model, render_chat, resolve_model
+from ..options import option
 from ..progress import progress
 from . import EngineSpec
 from .base import Completion, Engine, SamplingParams, choice_token_ids
@@ -54,9 +56,7 @@ class HFEngine(Engine):
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(batch_size))
         if batch_tokens is None:  # the setting's default: every in-process engine (the gated model's too) is bounded
-            from ..config import EngineConfig
-
-            batch_tokens = EngineConfig.__dataclass_fields__["batch_tokens"].default
+            batch_tokens = HFOptions.__dataclass_fields__["hf_batch_tokens"].default
         self.batch_tokens = max(0, int(batch_tokens))  # 0: rows only (see rows_for)
         self.quiet = quiet
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or "model"
@@ -497,8 +497,20 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
 
 
 def _batch_tokens(cfg) -> Optional[int]:
-    """``engine.batch_tokens`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
-    return getattr(getattr(cfg, "engine", None), "batch_tokens", None)
+    """``engine.hf_batch_tokens`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
+    return getattr(getattr(cfg, "engine", None), "hf_batch_tokens", None)
+
+
+@dataclass
+class HFOptions:
+    """The in-process engine's own settings: ``engine.hf_*`` keys of a run config."""
+
+    hf_batch_tokens: int = option(
+        4096,
+        "Token budget of one in-process generation / scoring batch (engine=hf): rows x (longest prompt + new tokens) stays within it, so the KV cache (rows x positions x layers; ~46 kB a token for the embedded model) and the prefill's activations are bounded; model.batch_size still caps the rows. 0 = rows only.",
+        at_least=0,
+        at_most=1 << 20,
+    )
 
 
 def check(cfg) -> None:
@@ -570,4 +582,4 @@ def _drop_rows(cache, done: list[int], live: list[int], *tensors):
     return ([live[k] for k in keep], *(t[index] for t in tensors))
 
 
-ENGINE = EngineSpec("hf", build, in_process=True, shares_model=True, gated_model=True, check=check)
+ENGINE = EngineSpec("hf", build, in_process=True, shares_model=True, gated_model=True, check=check, options=HFOptions)
