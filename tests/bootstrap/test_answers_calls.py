@@ -28,9 +28,10 @@ def _cfg(tmp_path, batch_size: int):
 
 
 class CallSizes(ScriptedEngine):
-    def __init__(self, preferred: int = 0):
+    def __init__(self, preferred: int = 0, refills_rows: bool = True):
         super().__init__(responder=lambda chat: "an answer")
         self.preferred_call_size = preferred
+        self.refills_rows = refills_rows
         self.sizes: list[int] = []
 
     def generate(self, chats, params, desc=""):
@@ -48,10 +49,18 @@ def test_in_process_engine_calls_carry_a_stream_of_batches(tmp_path):
     assert engine.sizes == [per_call, per_call, 6]
 
 
+def test_an_engine_that_does_not_refill_rows_gets_one_batch_per_call(tmp_path):
+    cfg = _cfg(tmp_path, batch_size=4)
+    engine = CallSizes(refills_rows=False)
+    assert chunk_size(cfg.model.batch_size, engine) == 2 and chunk_size(cfg.model.batch_size) == 2
+    assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(5)) == 5
+    assert engine.sizes == [4, 4, 2]
+
+
 def test_server_engine_calls_carry_its_requests_in_flight(tmp_path):
     cfg = _cfg(tmp_path, batch_size=4)
     engine = CallSizes(preferred=12)
-    assert chunk_size(cfg.model.batch_size, engine) == 6 and chunk_size(cfg.model.batch_size) == STREAM_BATCHES * 4 // 2
+    assert chunk_size(cfg.model.batch_size, engine) == 6
     assert write_answers(cfg, RunDir(cfg.out), lambda: engine, PERSONAS, _queries(9)) == 9
     assert engine.sizes == [12, 6]
 

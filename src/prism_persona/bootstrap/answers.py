@@ -85,10 +85,12 @@ fourth batch while a kill still loses at most one call."""
 
 def chunk_size(batch_size: int, engine=None) -> int:
     """Queries per chunk: both answers of a chunk fill one engine call -- :data:`STREAM_BATCHES` batches
-    of the in-process engine (``batch_size`` rows each; queries of every domain, with and without the
-    persona, in one stream), or a server engine's ``preferred_call_size`` (its requests in flight: 64
-    for vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
-    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or STREAM_BATCHES * batch_size
+    of an engine that refills finished rows' slots (``engine.refills_rows``: the in-process engine;
+    queries of every domain, with and without the persona, in one stream), one batch of any other
+    in-process engine, or a server engine's ``preferred_call_size`` (its requests in flight: 64 for
+    vLLM), so vLLM's continuous batching is not drained at the end of each small call."""
+    streams = STREAM_BATCHES if getattr(engine, "refills_rows", False) else 1
+    rows = int(getattr(engine, "preferred_call_size", 0) or 0) or streams * batch_size
     return max(1, rows // 2)
 
 

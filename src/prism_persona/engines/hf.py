@@ -43,6 +43,10 @@ class HFEngine(Engine):
     name = "hf"
     supports_prefill = True
 
+    refills_rows = True
+    """A call's rows stream through one cache (a finished row's slot takes a waiting row): callers may
+    pass several batches per call (``bootstrap.answers.chunk_size``)."""
+
     def __init__(
         self,
         model,
