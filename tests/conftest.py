@@ -28,10 +28,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(items):
     """A test that uses the stand-in vLLM server (``fake_python``, directly or through another fixture)
-    starts a process: it is marked ``subprocess`` like the tests that start ``prism`` themselves."""
+    starts a process: it is marked ``subprocess`` like the tests that start ``prism`` themselves.
+
+    Then the files that hold the longest tests (``slow``: the embedded model's end-to-end runs, minutes
+    each; then ``integration``: real vLLM servers) are put first, each file's tests kept together and in
+    order. pytest-xdist (``--dist loadfile --no-loadscope-reorder``, pyproject's addopts) hands files to
+    the workers in this order, so the minutes-long files start at once and the short ones fill in
+    around them, instead of one worker finishing alone on a long file at the end."""
     for item in items:
         if "fake_python" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.subprocess)
+    rank: dict[str, int] = {}
+    for item in items:
+        path = str(getattr(item, "path", item.nodeid.split("::")[0]))
+        here = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("integration") else 2
+        rank[path] = min(rank.get(path, 2), here)
+    items.sort(key=lambda item: rank[str(getattr(item, "path", item.nodeid.split("::")[0]))])
 
 
 @pytest.fixture(autouse=True)
