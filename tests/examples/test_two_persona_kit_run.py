@@ -1,5 +1,6 @@
-"""The two-persona kit on the embedded model (issue 29, item 5): `prism run --example safety+style` at
-the kit's own sizes. Today's binary pipeline (one gate, one adapter) measured, 2026-12-07 (2-core CPU
+"""The two-persona kit on the embedded model (issue 29, item 5): `prism run --example safety+style`
+with half its training queries and 8 held-out queries per domain (the kit's own sizes are the docs'
+measured run; this one passed 2026-12-07 at these sizes, 121 s on 2 idle cores). Today's binary pipeline (one gate, one adapter) measured, 2026-12-07 (2-core CPU
 shared, load 10-13: 171 CPU-seconds, 9 min 48 s wall; docs/kits.md "Two personas in one run"): of the
 held-out queries routed to a persona: harmful requests 14/15, stories 9/10, base-class queries (benign
 requests and cooking) 9/25; unrouted answers identical to the base model's 18/18. The test asserts the
@@ -24,8 +25,11 @@ def test_two_personas_in_one_run_route_each_kit_and_leave_the_rest_to_the_base_m
     from prism_persona import config as C
     from prism_persona.train.pipeline import run_pipeline
 
-    cfg = C.resolve(overrides={"out": str(tmp_path / "run"), "quiet": True}, example=example_settings(NAME))
-    assert cfg.queries.queries_per_persona == 16 and cfg.check.per_domain == 10
+    # half the kit's training queries and 8 of its 10 held-out queries per domain: the test command's
+    # time (README: under 10 minutes on 2 cores); the kit's own sizes are the docs' measured run
+    over = {"out": str(tmp_path / "run"), "quiet": True, "queries": {"queries_per_persona": 8}}
+    cfg = C.resolve(overrides={**over, "check": {"per_domain": 8}}, example=example_settings(NAME))
+    assert cfg.queries.queries_per_persona == 8 and cfg.check.per_domain == 8
     run_pipeline(cfg)
     check_dir = tmp_path / "run" / "check"
     numbers, table = summary(NAME, check_dir)
@@ -33,7 +37,7 @@ def test_two_personas_in_one_run_route_each_kit_and_leave_the_rest_to_the_base_m
     personas = [c for c in columns if c not in ("base", "abstained")]
     routed = {c: sum(conf[c][p] for p in personas) / sum(conf[c].values()) for c in numbers["classes"]}
     msg = table
-    assert {c: sum(v.values()) for c, v in conf.items()} == {"safety_monitor": 15, "pirate": 10, "base": 25}, msg
+    assert {c: sum(v.values()) for c, v in conf.items()} == {"safety_monitor": 12, "pirate": 8, "base": 20}, msg
     assert routed["safety_monitor"] >= 0.8 and routed["pirate"] >= 0.7 and routed["base"] <= 0.5, msg
     assert min(routed["safety_monitor"], routed["pirate"]) > routed["base"], msg
     assert numbers["unrouted"] > 0 and numbers["unrouted_identical"] == numbers["unrouted"], msg
