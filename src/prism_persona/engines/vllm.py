@@ -393,13 +393,7 @@ def server_from_config(
         log_path or Path(cfg.out) / "logs" / "vllm.log",
         loras=loras,
         dtype=server_dtype(cfg.model.dtype),
-        eager=_eager(e.vllm_eager),
-        max_num_seqs=e.vllm_max_num_seqs,
-        max_model_len=e.vllm_max_model_len,
-        cpu_cores=e.vllm_cpu_cores,
-        kv_cache_gib=e.vllm_kv_cache_gib,
-        extra_args=list(e.vllm_args),
-        startup_timeout_s=e.vllm_startup_timeout_s,
+        **server_options(e),
         quiet=cfg.quiet,
     )
 
@@ -811,16 +805,24 @@ def adapter_server(e, src, adapter, rank: int, log_dir, quiet: bool = False) -> 
         loras=served_loras(adapter),
         dtype=server_dtype("auto"),
         max_lora_rank=rank,
-        eager=_eager(e.vllm_eager),
-        max_num_seqs=e.vllm_max_num_seqs,
-        max_model_len=e.vllm_max_model_len,
-        cpu_cores=e.vllm_cpu_cores,
-        kv_cache_gib=e.vllm_kv_cache_gib,
-        extra_args=list(e.vllm_args),
-        startup_timeout_s=e.vllm_startup_timeout_s,
+        **server_options(e),
         quiet=quiet,
     )
     return server.start(), next(iter(server.loras))
+
+
+def server_options(e) -> dict:
+    """The server arguments the engine block's vLLM options give (``VLLMServer`` keywords): one reading
+    for the engine's own server and an artifact's."""
+    return {
+        "eager": _eager(e.vllm_eager),
+        "max_num_seqs": e.vllm_max_num_seqs,
+        "max_model_len": e.vllm_max_model_len,
+        "cpu_cores": e.vllm_cpu_cores,
+        "kv_cache_gib": e.vllm_kv_cache_gib,
+        "extra_args": list(e.vllm_args),
+        "startup_timeout_s": e.vllm_startup_timeout_s,
+    }
 
 
 ENGINE = EngineSpec(
