@@ -31,17 +31,18 @@ def _load(model_dir):
     return load_model(str(model_dir), dtype="float32", device="cpu")
 
 
-def make_adapter(model_dir, out, r=4, seed=1):
-    """A PEFT LoRA adapter on layers 1..L-1 with random (non-zero) A and B."""
+def make_adapter(model_dir, out, r=4, seed=1, targets=TARGETS, alpha=None, b_std=0.05):
+    """A PEFT LoRA adapter on ``targets`` of layers 1..L-1 with random (non-zero) A and B (alpha 2r
+    unless given; B drawn with std ``b_std``)."""
     from peft import LoraConfig, get_peft_model
 
     base, _ = _load(model_dir)
     n = base.config.num_hidden_layers
     cfg = LoraConfig(
         r=r,
-        lora_alpha=2 * r,
+        lora_alpha=2 * r if alpha is None else alpha,
         lora_dropout=0.0,
-        target_modules=TARGETS,
+        target_modules=list(targets),
         layers_to_transform=list(range(1, n)),
         init_lora_weights=False,
     )
@@ -50,7 +51,7 @@ def make_adapter(model_dir, out, r=4, seed=1):
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+                p.normal_(0.0, b_std)
     pm.save_pretrained(out)
     return out
 

@@ -27,26 +27,7 @@ def _load(model_dir):
 
 def _make_partial_adapter(model_dir, out, seed):
     """An adapter of another rank on a subset of the modules (q_proj, v_proj) of layers 1..L-1."""
-    from peft import LoraConfig, get_peft_model
-
-    base, _ = _load(model_dir)
-    n = base.config.num_hidden_layers
-    cfg = LoraConfig(
-        r=2,
-        lora_alpha=6,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "v_proj"],
-        layers_to_transform=list(range(1, n)),
-        init_lora_weights=False,
-    )
-    torch.manual_seed(seed)
-    pm = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    pm.save_pretrained(out)
-    return out
+    return make_adapter(model_dir, out, r=2, seed=seed, targets=["q_proj", "v_proj"], alpha=6, b_std=0.1)
 
 
 @pytest.fixture(scope="module")
