@@ -78,14 +78,35 @@ def test_artifact_config_version(tiny_model_dir, tmp_path):
     art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism", cache=False)  # edited below: never the shared one
     path = art / PRISM_CONFIG
     written = json.loads(path.read_text())
-    assert written["format_version"] == F.ARTIFACT_CONFIG.current == 1
+    assert written["format_version"] == F.SINGLE_ADAPTER_VERSION == 1  # one adapter: an older PRISM reads it
     del written["format_version"]  # an artifact assembled before the field existed
     path.write_text(json.dumps(written))
     read = Artifact.read(art)
-    assert read.config["format_version"] == 1 and read.config["base_model"] == written["base_model"]
-    path.write_text(json.dumps({**written, "format_version": 2}))
-    with pytest.raises(PrismError, match="prism_config.json has format_version 2, newer than this PRISM reads"):
+    assert read.config["format_version"] == F.ARTIFACT_CONFIG.current == 2  # read through the v1 -> v2 step
+    assert read.config["base_model"] == written["base_model"]
+    newer = F.ARTIFACT_CONFIG.current + 1
+    path.write_text(json.dumps({**written, "format_version": newer}))
+    with pytest.raises(PrismError, match=f"prism_config.json has format_version {newer}, newer than this PRISM reads"):
         Artifact.read(art)
+
+
+def test_a_multi_adapter_artifact_is_version_2_so_an_older_prism_refuses_it(tiny_model_dir, tmp_path, monkeypatch):
+    """One adapter per persona is written as version 2: a reader that knows only version 1 (one adapter)
+    stops with one line instead of loading the root adapter for every persona."""
+    from prism_persona.gated import artifact as A
+    from prism_persona.gated.gate import Gate, GateBundle
+
+    single = make_tiny_artifact(tiny_model_dir, tmp_path / "one", cache=False)
+    gate = GateBundle(gate=Gate(8, [], dropout=0.0, pooling="mean"), threshold=0.5)  # the file format only
+    adapters = [("first", single / "adapter"), ("second", single / "adapter")]
+    art = A.write_artifact(tmp_path / "multi", model_spec=str(tiny_model_dir), gate=gate, adapters=adapters)
+    written = json.loads((art / PRISM_CONFIG).read_text())
+    assert written["format_version"] == 2 and written["personas"] == ["first", "second"]
+    monkeypatch.setattr(A, "ARTIFACT_CONFIG", F.FileFormat("artifact config", 1))  # a PRISM from before
+    with pytest.raises(PrismError, match="format_version 2, newer than this PRISM reads"):
+        Artifact.read(art)
+    monkeypatch.undo()
+    assert Artifact.read(art).config["personas"] == ["first", "second"]
 
 
 def test_gate_config_version(tmp_path):

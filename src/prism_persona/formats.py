@@ -31,9 +31,21 @@ class FileFormat:
 RUN_CONFIG = FileFormat("config file", 1)
 """``RUN/config.json`` and ``--config`` files (version 1: the RunConfig sections as in config.py)."""
 
-ARTIFACT_CONFIG = FileFormat("artifact config", 1)
+
+def _artifact_v1_to_v2(data: dict) -> dict:
+    """Version 1 (one adapter) is version 2 without ``personas``: nothing to change."""
+    return dict(data)
+
+
+ARTIFACT_CONFIG = FileFormat("artifact config", 2, {1: _artifact_v1_to_v2})
 """An artifact's ``prism_config.json`` (version 1: base_model, model_kind, adapter, gate files,
-threshold, prism_version and the run's settings)."""
+threshold, prism_version and the run's settings; version 2 adds ``personas``: one adapter per persona
+in PEFT's multi-adapter layout). A one-adapter artifact is still written as version 1, so an older
+PRISM reads it; a multi-adapter one is version 2, so an older PRISM refuses it instead of loading the
+root adapter only."""
+
+SINGLE_ADAPTER_VERSION = 1
+"""The ``format_version`` a one-adapter artifact's ``prism_config.json`` is written with."""
 
 
 def _gate_v1_to_v2(data: dict) -> dict:

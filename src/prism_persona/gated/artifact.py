@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import RunConfig
-from ..formats import ARTIFACT_CONFIG, stamp, upgrade
+from ..formats import ARTIFACT_CONFIG, SINGLE_ADAPTER_VERSION, stamp, upgrade
 from .gate import GATE_CONFIG, GATE_WEIGHTS, GateBundle
 
 log = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ def write_artifact(
         if adapters is not None:
             cfg[PERSONAS_KEY] = names
         cfg.update(extra or {})
-        cfg = stamp(cfg, ARTIFACT_CONFIG)
+        cfg = stamp(cfg, ARTIFACT_CONFIG, version=None if PERSONAS_KEY in cfg else SINGLE_ADAPTER_VERSION)
         (tmp / PRISM_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         _swap_into_place(tmp, d)
