@@ -470,3 +470,12 @@ def test_logprob_grading_mode():
     # auto mode grades from text even when the engine can score
     j = EvalJudge(ScriptedEngine(["[[3]]"], scorer=lambda chat, ch: {c: 0.0 for c in ch}), "a", mode="auto")
     assert j.grade(["p"])[0] == {"score": 3.0, "text": "[[3]]", "method": "text"}
+
+
+def test_the_default_pairwise_judge_uses_the_judges_token_budget():
+    """``judge_tokens`` is the budget of every judge reply, the pairwise text verdict's too (it was
+    ignored: the pairwise judge always wrote 24 tokens)."""
+    engine = ScriptedEngine(responder=lambda c: "[[A]]")
+    judge = EvalJudge(engine, "x", mode="text", max_new_tokens=7)
+    judge.compare_swapped(["q"], ["a"], ["b"])
+    assert engine.calls and {params.max_new_tokens for _, params in engine.calls} == {7}

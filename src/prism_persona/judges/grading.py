@@ -111,10 +111,11 @@ def load_grader(spec: str) -> Callable[[str], Any]:
 
 
 def default_pair_judge(engine: Engine, mode: str = "auto", max_new_tokens: int = 24):
-    """The pairwise judge on the judge engine: ``judges.ModelJudge`` (log-prob or text verdicts)."""
+    """The pairwise judge on the judge engine: ``judges.ModelJudge`` (log-prob or text verdicts; a text
+    verdict gets ``max_new_tokens``, the eval's ``judge_tokens``)."""
     from .pairwise import ModelJudge
 
-    return ModelJudge(engine, mode)
+    return ModelJudge(engine, mode, max_new_tokens)
 
 
 class EvalJudge:
