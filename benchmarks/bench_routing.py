@@ -165,19 +165,8 @@ def fastgen_context(gm, force):
 def main(argv: Optional[list] = None) -> list[dict]:
     p = common.base_parser(__doc__.splitlines()[0], repeats=5)
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype, args.threads)
-    built = common.build_model(args.size, dev, dtype, seed=args.seed)
-    sizes = common.batch_sizes(args.batch_sizes)
-    settings = {
-        "size": args.size,
-        "model": built.label,
-        "device": dev,
-        "dtype": str(dtype),
-        "batch_sizes": sizes,
-        "prompt_len": args.prompt_len,
-        "repeats": args.repeats,
-        "gate": "MLP hidden->128->64->1 (random)",
-    }
+    built, sizes, settings = common.setup(args)
+    settings["gate"] = "MLP hidden->128->64->1 (random)"
     common.print_header("Routing cost as a share of the prefill", built, settings)
     rows = measure(built, sizes, args.prompt_len, args.repeats, seed=args.seed)
     print(
