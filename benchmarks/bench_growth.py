@@ -203,7 +203,18 @@ def child(spec: dict) -> dict:
         "peak_rss_mb": meter.peak_mb,
         "start_rss_mb": meter.start_mb,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **distill_work(Path(spec["argv"][spec["argv"].index("--out") + 1])),
     }
+
+
+def distill_work(run: Path) -> dict:
+    """How much the distill stage did (its steps and examples, from ``RUN/distill.done.json``): the
+    self-judge decides how many pairs are distilled, so a distill time is only comparable per step."""
+    try:
+        done = json.loads((run / "distill.done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"distill_steps": done.get("steps"), "distill_examples": done.get("examples")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +348,11 @@ def render(path: Path, png: Optional[Path] = None) -> str:
             cells = {c: f"{v:.2f} s / {m:.0f} MB" for c, v, m in zip(cols, cpu, rss) if v is not None and m}
             table.append({"stage": s, **cells, "exponent": fit_exponent(xs, cpu)})
             series[(axis, s)] = (xs, cpu)
+        if any(r.get("distill_steps") is not None for r in rows):  # records before this field have none
+            work = {
+                c: f"{r.get('distill_steps')} steps, {r.get('distill_examples')} examples" for c, r in zip(cols, rows)
+            }
+            table.append({"stage": "distill work", **work, "exponent": None})
         loads = ", ".join(f"{r['load_before']}->{r['load_after']}" for r in rows)
         code = f"; {rec['code']}" if rec.get("code") else ""
         parts.append(f"**{axis}** ({rec['date']}{code}; settings {rec['settings']}; load {loads})\n")

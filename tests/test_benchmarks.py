@@ -269,7 +269,19 @@ def test_growth_exponent_fit_and_render(tmp_path):
     path.write_text(json.dumps(rec) + "\n")
     text = bench_growth.render(path, tmp_path / "g.png")
     assert "| answers | 12.00 s / 412 MB | 50.00 s / 450 MB | 200.00 s / 600 MB | 1.00 |" in text
+    assert "distill work" not in text  # records written before the step count have none
     assert (tmp_path / "g.png").stat().st_size > 0
+    run = tmp_path / "run"
+    run.mkdir()
+    assert bench_growth.distill_work(run) == {}
+    (run / "distill.done.json").write_text(json.dumps({"steps": 15, "examples": 20, "seconds": 9.0}))
+    assert bench_growth.distill_work(run) == {"distill_steps": 15, "distill_examples": 20}
+    for r, steps in zip(rows, (3, 15, 60)):
+        r.update(distill_steps=steps, distill_examples=4 * steps)
+    path.write_text(json.dumps(rec) + "\n")
+    assert "| distill work | 3 steps, 12 examples | 15 steps, 60 examples | 60 steps, 240 examples |" in (
+        bench_growth.render(path)
+    )
 
 
 def test_multi_adapter_rows_match_peft_and_unrouted_batch_equals_base(tmp_path):
