@@ -32,7 +32,13 @@ from prism_persona.config import GateConfig
 from prism_persona.gated.gate import decide
 from prism_persona.kits import safety_style
 from prism_persona.train.check import load_heldout
-from prism_persona.train.gate import gate_records, near_duplicate_clusters, train_gate_on_records
+from prism_persona.train.gate import (
+    builtin_base_queries,
+    gate_records,
+    near_duplicate_clusters,
+    new_base_queries,
+    train_gate_on_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "src/prism_persona/kits/safety_style/heldout.jsonl"
@@ -74,6 +80,13 @@ def features(run: dict, cache: Path, batch_size: int = 16) -> dict:
     out = {
         "train": query_features(model, tok, [r["query"] for r in run["records"]], batch_size, pooling),
         "heldout": query_features(model, tok, [r["query"] for r in run["heldout"]], batch_size, pooling),
+        "builtin": query_features(
+            model,
+            tok,
+            new_base_queries(builtin_base_queries(), [r["query"] for r in run["records"]]),
+            batch_size,
+            pooling,
+        ),
     }
     torch.save(out, cache)
     return out
@@ -114,14 +127,17 @@ def score(decided: list[int], classes: list[int], k: int) -> dict:
 
 
 def decisions(bundle, feats: torch.Tensor, rule: str = "default") -> list[int]:
-    """The bundle's decision per row (0 base, k persona k): ``default`` = :func:`decide` as shipped."""
+    """The bundle's decision per row (0 base, k persona k): ``default`` = :func:`decide` as shipped (at 0.5:
+    route where the most probable persona is more probable than base); ``1-P(base)`` = the rule before
+    (route where 1 - P(base) of the temperature-scaled probabilities >= the threshold); ``1-P(base) T=1``
+    = that rule on the unscaled probabilities. The abstain region and the persona floor apply to all."""
     with torch.no_grad():
         d = decide(bundle.gate, bundle.threshold, feats)
         if rule == "default":
             return (d.persona + 1).tolist()
         g = bundle.gate
-        cp = d.class_probs if rule == "argmax" else torch.softmax(g.class_logits(feats, temperature=1.0), -1)
-        wanted = cp.argmax(-1) > 0 if rule == "argmax" else (1 - cp[:, 0]) >= bundle.threshold
+        cp = d.class_probs if rule == "1-P(base)" else torch.softmax(g.class_logits(feats, temperature=1.0), -1)
+        wanted = (1 - cp[:, 0]) >= bundle.threshold
         outside = g.outside(feats) | (d.class_probs[:, 1:].max(-1).values < g.min_confidence)
         routed = wanted & ~outside
         best = cp[:, 1:].argmax(-1) + 1
@@ -149,7 +165,9 @@ def cv_folds(records: list[dict], classes: list[int], folds: int, seed: int, ded
     return [sorted(f) for f in out]
 
 
-def cross_validate(run: dict, feats: torch.Tensor, cfg: GateConfig, folds: int, repeats: int, rule: str) -> dict:
+def cross_validate(
+    run: dict, feats: torch.Tensor, cfg: GateConfig, folds: int, repeats: int, rule: str, base_feats=None
+) -> dict:
     records, personas = run["records"], run["personas"]
     classes = [run_class(r, personas) for r in records]
     k = len(personas)
@@ -157,7 +175,7 @@ def cross_validate(run: dict, feats: torch.Tensor, cfg: GateConfig, folds: int, 
     for rep in range(repeats):
         for f in cv_folds(records, classes, folds, rep, cfg.dedup_jaccard):
             train = [i for i in range(len(records)) if i not in set(f)]
-            b = train_gate_on_records(feats[train], [records[i] for i in train], cfg, run["seed"], None, personas)
+            b = train_gate_on_records(feats[train], [records[i] for i in train], cfg, run["seed"], base_feats, personas)
             for i, d in zip(f, decisions(b, feats[f], rule)):
                 decided[rep][i] = d
     per = [score(d, classes, k) for d in decided]
@@ -227,26 +245,28 @@ def diagnose(run: dict, feats: dict) -> dict:
 
 
 def candidates(base: GateConfig) -> dict:
-    """name -> (gate settings, decision rule): ``default`` = decide() as shipped (1 - P(base) >= threshold on
-    the temperature-scaled probabilities), ``argmax`` = route where a persona is the most probable class,
-    ``T1`` = 1 - P(base) >= threshold on the unscaled probabilities."""
-    return {
-        "argmax rule": (base, "argmax"),
-        "1-P(base) at T=1": (base, "T1"),
-        "default (as run)": base,
-        "patience 0 (no early stopping)": replace(base, patience=0),
-        "balance class": replace(base, balance="class"),
-        "balance none": replace(base, balance="none"),
-        "target preference": replace(base, target="preference"),
-        "val_fraction 0.5": replace(base, val_fraction=0.5),
-        "temperature off": replace(base, temperature="off"),
-        "min_confidence off": replace(base, min_confidence="off"),
-        "ood_reference all": replace(base, ood_reference="all"),
-        "ood off": replace(base, ood="off"),
-        "argmax + patience 0": (replace(base, patience=0), "argmax"),
-        "argmax + val_fraction 0.5": (replace(base, val_fraction=0.5), "argmax"),
-        "argmax + target preference": (replace(base, target="preference"), "argmax"),
+    """name -> (gate settings, decision rule (:func:`decisions`), builtin base examples or not)."""
+    out = {
+        "default (best persona vs base)": (base, "default", False),
+        "1-P(base) (the rule before)": (base, "1-P(base)", False),
+        "1-P(base) at T=1": (base, "1-P(base) T=1", False),
     }
+    for name, cfg, builtin in (
+        ("temperature off", replace(base, temperature="off"), False),
+        ("min_confidence off", replace(base, min_confidence="off"), False),
+        ("ood_reference all", replace(base, ood_reference="all"), False),
+        ("ood off", replace(base, ood="off"), False),
+        ("patience 0 (no early stopping)", replace(base, patience=0), False),
+        ("balance class", replace(base, balance="class"), False),
+        ("balance none", replace(base, balance="none"), False),
+        ("target preference", replace(base, target="preference"), False),
+        ("val_fraction 0.5", replace(base, val_fraction=0.5), False),
+        ("val_fraction 0.1", replace(base, val_fraction=0.1), False),
+        ("base_queries builtin", base, True),
+    ):
+        out[name] = (cfg, "default", builtin)
+        out[name + ", rule before"] = (cfg, "1-P(base)", builtin)
+    return out
 
 
 def main() -> None:
@@ -256,7 +276,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--what", default="diagnose,cv,heldout")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     t0 = time.perf_counter()
     run = load_run(args.run)
@@ -276,16 +296,16 @@ def main() -> None:
     cands = candidates(run["gate"])
     if "cv" in what:
         out["cv"] = {}
-        for name, c in cands.items():
-            cfg, rule = c if isinstance(c, tuple) else (c, "default")
-            out["cv"][name] = r = cross_validate(run, feats["train"], cfg, args.folds, args.repeats, rule)
+        for name, (cfg, rule, builtin) in cands.items():
+            bf = feats["builtin"] if builtin else None
+            out["cv"][name] = r = cross_validate(run, feats["train"], cfg, args.folds, args.repeats, rule, bf)
             print(f"CV {name:34s} own={r['own']} base_routed={r['base_routed']} macro={r['macro_recall']}")
     if "heldout" in what:
         out["heldout"] = {}
         classes = [expected(r, run["personas"]) for r in run["heldout"]]
-        for name, c in cands.items():
-            cfg, rule = c if isinstance(c, tuple) else (c, "default")
-            b = train_gate_on_records(feats["train"], run["records"], cfg, run["seed"], None, run["personas"])
+        for name, (cfg, rule, builtin) in cands.items():
+            bf = feats["builtin"] if builtin else None
+            b = train_gate_on_records(feats["train"], run["records"], cfg, run["seed"], bf, run["personas"])
             dec = decisions(b, feats["heldout"], rule)
             out["heldout"][name] = r = score(dec, classes, len(run["personas"]))
             print(f"HELD {name:34s} own={r['own']} base_routed={r['base_routed']} macro={r['macro_recall']}")
