@@ -123,6 +123,8 @@ def score(decided: list[int], classes: list[int], k: int) -> dict:
         "own": [round(m[c][c] / sum(m[c]), 3) if sum(m[c]) else None for c in range(1, k + 1)],
         "base_routed": round(1 - m[0][0] / sum(m[0]), 3) if sum(m[0]) else None,
         "macro_recall": round(sum(rec) / len(rec), 3) if rec else None,
+        # half for the persona rows (mean own-persona rate), half for the base rows (share kept on base)
+        "persona_and_base": round(0.5 * sum(rec[1:]) / len(rec[1:]) + 0.5 * rec[0], 3) if len(rec) > 1 else None,
     }
 
 
@@ -186,6 +188,7 @@ def cross_validate(
         "own": [mean("own", j) for j in range(k)],
         "base_routed": mean("base_routed"),
         "macro_recall": mean("macro_recall"),
+        "persona_and_base": mean("persona_and_base"),
         "confusion_first_repeat": per[0]["confusion"],
     }
 
@@ -299,7 +302,9 @@ def main() -> None:
         for name, (cfg, rule, builtin) in cands.items():
             bf = feats["builtin"] if builtin else None
             out["cv"][name] = r = cross_validate(run, feats["train"], cfg, args.folds, args.repeats, rule, bf)
-            print(f"CV {name:34s} own={r['own']} base_routed={r['base_routed']} macro={r['macro_recall']}")
+            print(
+                f"CV {name:34s} own={r['own']} base={r['base_routed']} macro={r['macro_recall']} pb={r['persona_and_base']}"
+            )
     if "heldout" in what:
         out["heldout"] = {}
         classes = [expected(r, run["personas"]) for r in run["heldout"]]
@@ -308,7 +313,9 @@ def main() -> None:
             b = train_gate_on_records(feats["train"], run["records"], cfg, run["seed"], bf, run["personas"])
             dec = decisions(b, feats["heldout"], rule)
             out["heldout"][name] = r = score(dec, classes, len(run["personas"]))
-            print(f"HELD {name:34s} own={r['own']} base_routed={r['base_routed']} macro={r['macro_recall']}")
+            print(
+                f"HELD {name:34s} own={r['own']} base={r['base_routed']} macro={r['macro_recall']} pb={r['persona_and_base']}"
+            )
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.out:
         args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
