@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prism_persona.config import GateConfig
-from prism_persona.gated.gate import GATE_CONFIG, GATE_WEIGHTS, Gate, GateBundle, decide
+from prism_persona.gated.gate import GATE_CONFIG, GATE_WEIGHTS, Gate, GateBundle, decide, routing_probability
 from prism_persona.train.gate import (
     calibrate_temperature,
     expected_calibration_error,
@@ -314,6 +314,8 @@ def test_gate_k_way_forward_is_the_best_persona_against_base():
     assert torch.allclose(gate(x), best / (best + cp[:, 0]), atol=1e-6)
     assert torch.allclose(gate.class_probs(x), cp, atol=1e-6)
     assert torch.allclose(decide(gate, 0.5, x).probs, gate(x), atol=1e-6)
+    z = torch.randn(6)  # K = 1: the class logits [0, z] give the binary gate's sigmoid, bit for bit
+    assert torch.equal(routing_probability(torch.stack([torch.zeros_like(z), z], -1)), torch.sigmoid(z))
 
 
 def test_kway_routing_counts_only_the_persona_the_row_would_get_and_ignores_the_temperature():
