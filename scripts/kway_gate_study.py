@@ -32,6 +32,9 @@ from prism_persona.models import load_model  # noqa: E402
 from prism_persona.train.gate import expected_calibration_error, top_label, train_gate_on_records  # noqa: E402
 
 PERSONA = {"style": "storyteller", "safety": "monitor"}
+KWAY = replace(GateConfig(), classes="personas")
+"""GateConfig defaults with one class per persona (``gate.classes`` defaults to ``binary``: without it the
+K-way rows below were a binary gate, whose one persona index read as the storyteller)."""
 
 
 def measure(bundle, feats: torch.Tensor, classes: list[int] | None, persona_of: dict) -> dict:
@@ -103,9 +106,9 @@ def main() -> None:
     results: dict = {"model": spec, "pooling": pooling, "sizes": {k: int(v.shape[0]) for k, v in feats.items()}}
     systems: dict = {}
     for variant, cfg in (
-        ("kway (defaults)", GateConfig()),
-        ("kway, min_confidence off", replace(GateConfig(), min_confidence="off")),
-        ("kway, temperature off", replace(GateConfig(), temperature="off")),
+        ("kway (defaults)", KWAY),
+        ("kway, min_confidence off", replace(KWAY, min_confidence="off")),
+        ("kway, temperature off", replace(KWAY, temperature="off")),
     ):
         b = train_gate_on_records(feats["train"], rows["train"], cfg, 0, persona_list=personas)
         systems[variant] = {

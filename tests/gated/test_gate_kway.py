@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prism_persona.config import GateConfig
-from prism_persona.gated.gate import GATE_CONFIG, GATE_WEIGHTS, Gate, GateBundle, decide
+from prism_persona.gated.gate import GATE_CONFIG, GATE_WEIGHTS, Gate, GateBundle, decide, routing_probability
 from prism_persona.train.gate import (
     calibrate_temperature,
     expected_calibration_error,
@@ -302,7 +302,7 @@ def test_a_broken_personas_block_is_refused(tmp_path):
     assert (tmp_path / GATE_WEIGHTS).exists()
 
 
-def test_gate_k_way_forward_is_one_minus_base():
+def test_gate_k_way_forward_is_the_best_persona_against_base():
     torch.manual_seed(0)
     gate = Gate(DIM, [], dropout=0.0, pooling="mean", personas=3)
     with torch.no_grad():
@@ -310,8 +310,36 @@ def test_gate_k_way_forward_is_one_minus_base():
     gate.temperature = 2.0
     x = torch.randn(5, DIM)
     cp = torch.softmax(gate.logits(x) / 2.0, -1)
-    assert torch.allclose(gate(x), 1 - cp[:, 0], atol=1e-6)
+    best = cp[:, 1:].max(-1).values
+    assert torch.allclose(gate(x), best / (best + cp[:, 0]), atol=1e-6)
     assert torch.allclose(gate.class_probs(x), cp, atol=1e-6)
+    assert torch.allclose(decide(gate, 0.5, x).probs, gate(x), atol=1e-6)
+    z = torch.randn(6)  # K = 1: the class logits [0, z] give the binary gate's sigmoid, bit for bit
+    assert torch.equal(routing_probability(torch.stack([torch.zeros_like(z), z], -1)), torch.sigmoid(z))
+
+
+def test_kway_routing_counts_only_the_persona_the_row_would_get_and_ignores_the_temperature():
+    """A row is routed to its most probable persona only, so it is routed where that persona is more
+    probable than base: P(base) 0.4 against 0.35 / 0.25 stays on the base model (1 - P(base) = 0.6
+    routed it). A temperature (which only softens) moves no decision at 0.5; with 1 - P(base) it pushed
+    every row towards K / (K + 1) and so towards routing (the two-persona kit: T = 20 routed 96 % of
+    the base-class held-out queries)."""
+    gate = Gate(4, [], dropout=0.0, pooling="mean", personas=2)
+    p = torch.tensor([[0.40, 0.35, 0.25], [0.30, 0.45, 0.25], [0.60, 0.30, 0.10], [0.20, 0.10, 0.70]])
+    with torch.no_grad():  # row i is the i-th unit vector, whose logits are log p[i] (no standardisation)
+        gate.mlp[-1].weight.copy_(p.log().T)
+        gate.mlp[-1].bias.zero_()
+    x = torch.eye(4)
+    assert torch.allclose(gate.class_probs(x), p, atol=1e-6)
+    d = decide(gate, 0.5, x)
+    assert d.routed.tolist() == [False, True, False, True]
+    assert d.persona.tolist() == [-1, 0, -1, 1]
+    assert torch.allclose(d.probs, torch.tensor([0.35 / 0.75, 0.45 / 0.75, 0.30 / 0.90, 0.70 / 0.90]), atol=1e-5)
+    for t in (1.5, 4.0, 20.0):
+        gate.temperature = t
+        assert decide(gate, 0.5, x).routed.tolist() == [False, True, False, True]
+        # 1 - P(base) at this temperature would route every row
+        assert bool(((1 - gate.class_probs(x)[:, 0]) >= 0.5).all()) == (t >= 4.0)
 
 
 # ------------------------------------------------------------------------------------- the gate stage

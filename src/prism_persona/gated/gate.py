@@ -12,9 +12,10 @@ base model whatever its probability. :func:`decide` is the one call that gives t
 ``GatedModel.route``, lm-eval, the vLLM router) calls it.
 
 K-way gate (issue 29): with K >= 2 personas the gate has K + 1 outputs (base, persona 1 ... K) and a
-softmax; the routing probability is ``1 - P(base)`` (compared with the threshold as the binary gate's
-probability is), the routed persona the most probable persona, and a row whose persona probability is
-below ``min_confidence`` abstains. K = 1 is the binary gate, unchanged (one output, sigmoid). A
+softmax; the routing probability is that of the most probable persona against base,
+``P(k*) / (P(k*) + P(base))`` (:func:`routing_probability`; compared with the threshold as the binary
+gate's probability is: at 0.5, route where a persona is more probable than base), the routed persona that
+persona k*, and a row whose persona probability is below ``min_confidence`` abstains. K = 1 is the binary gate, unchanged (one output, sigmoid). A
 temperature (fitted on held-out rows at training time, 1 when absent) divides the logits of either.
 """
 
@@ -99,11 +100,11 @@ class Gate(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Routing probability per row, ``[batch]``: the probability that a persona answers better than
-        the base model (K = 1: sigmoid of the logit; K >= 2: 1 - P(base))."""
+        the base model (K = 1: sigmoid of the logit; K >= 2: :func:`routing_probability`)."""
         if self.personas == 1:
             z = self.logits(features)
             return torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        return 1.0 - self.class_probs(features)[:, 0]
+        return routing_probability(self.class_logits(features))
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         if features.shape[0] == 0:
@@ -213,7 +214,7 @@ class Decision(NamedTuple):
     """The gate's decision on a batch of rows (:func:`decide`)."""
 
     probs: torch.Tensor
-    """``[b]`` the routing probability (K = 1: the binary gate's; K >= 2: 1 - P(base))."""
+    """``[b]`` the routing probability (K = 1: the binary gate's; K >= 2: :func:`routing_probability`)."""
     routed: torch.Tensor
     """``[b]`` bool: the row runs with an adapter."""
     abstained: torch.Tensor
@@ -223,6 +224,16 @@ class Decision(NamedTuple):
     """``[b]`` long: index into the gate's persona list where routed (K = 1: 0), -1 = base."""
     class_probs: torch.Tensor
     """``[b, K + 1]`` calibrated probabilities of (base, persona 1 ... K)."""
+
+
+def routing_probability(class_logits: torch.Tensor) -> torch.Tensor:
+    """``[b]`` routing probability of a K-way gate from its ``[b, K + 1]`` class logits: the probability
+    of the most probable persona k* against base, ``P(k*) / (P(k*) + P(base)) = sigmoid(l_k* - l_base)``
+    (K = 1: the binary gate's sigmoid). A routed row runs k*'s adapter only, so the other personas'
+    probability is no reason to route it (``1 - P(base)`` counted it). At threshold 0.5 the rule is
+    "a persona is more probable than base", which a temperature does not change; ``1 - P(base)`` rose
+    towards K / (K + 1) as the fitted temperature softened the probabilities (docs/kits.md)."""
+    return torch.sigmoid(class_logits[:, 1:].max(-1).values - class_logits[:, 0])
 
 
 def persona_choice(class_probs: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -244,8 +255,8 @@ def decide(gate: Gate, threshold: float, features: torch.Tensor, min_confidence:
     feats = features.to(device=gate.mean.device, dtype=gate.mean.dtype)
     logits = gate.class_logits(feats)  # one pass of the MLP
     class_probs = torch.softmax(logits, dim=-1)
-    # K = 1: sigmoid of the logit, exactly as gate(feats); K >= 2: 1 - P(base)
-    probs = torch.sigmoid(logits[:, 1]) if gate.personas == 1 else 1.0 - class_probs[:, 0]
+    # K = 1: sigmoid of the logit, exactly as gate(feats); K >= 2: the best persona against base
+    probs = torch.sigmoid(logits[:, 1]) if gate.personas == 1 else routing_probability(logits)
     wanted = probs >= threshold
     outside = gate.outside(feats)
     if gate.personas > 1:

@@ -609,13 +609,14 @@ def auto_min_confidence(
     class_probs: torch.Tensor, labels: Sequence[int], threshold: float, bins: int = ECE_BINS
 ) -> tuple[float, str]:
     """``gate.min_confidence = auto`` (K-way gate): from the reliability curve of the persona choice on the
-    held-out rows the gate routes (``1 - P(base) >= threshold``) where a persona won (right = that persona
+    held-out rows the gate routes (routing probability >= threshold) where a persona won (right = that persona
     is the most probable one), the lower edge of the lowest confidence bin from which every non-empty bin up is right at least
     :data:`AUTO_CONFIDENCE_ACCURACY` of the time (0: nothing abstains). Returns (floor, how)."""
     y_all = torch.as_tensor(list(labels), dtype=torch.long)
     # the persona choice is judged where a persona won: a routed base row is the threshold's error, not
     # the choice's (counted as wrong, a split with few wins pushed the floor to 1: nothing ever routed)
-    wanted = ((1.0 - class_probs[:, 0]) >= threshold) & (y_all > 0)
+    best = class_probs[:, 1:].max(-1).values  # the routing probability from probabilities (routing_probability)
+    wanted = (best / (best + class_probs[:, 0]).clamp_min(1e-30) >= threshold) & (y_all > 0)
     if not bool(wanted.any()):
         return 0.0, "auto: no routed held-out row where a persona won, no confidence floor"
     pc = class_probs[wanted]
