@@ -13,7 +13,8 @@ record without it counts a query outside when the gate abstained on it and insid
 and above the artifact's threshold; below it, a query under the threshold that lies outside the region
 would be counted routed); a bare probability (an older ``per_item.json``) is ``p >= t`` alone. For a
 K-way artifact ``lora`` is the adapters forced on (each query's most probable persona), which is the
-persona the gate routes a query to at any threshold.
+persona the gate routes a query to at any threshold. The threshold ``-inf`` is the always-on LoRA
+(forced on every query, the region does not apply), ``inf`` the base model.
 
 :func:`threshold_sweep` evaluates that at every threshold that changes a decision (midpoints between
 sorted gate probabilities, plus "route nothing" = base and "route everything" = lora), and
@@ -107,7 +108,7 @@ def _point(t: float, benches) -> dict:
     out: dict = {"threshold": t if math.isfinite(t) else ("inf" if t > 0 else "-inf")}
     routed = total = 0
     for key, ids, b, lo, g in benches:
-        on = {i: routed_at(g[i], t) for i in ids}
+        on = {i: t == -math.inf or routed_at(g[i], t) for i in ids}  # -inf: the LoRA forced on every query
         vals = [lo[i] if on[i] else b[i] for i in ids]
         out[key] = sum(vals) / len(vals)
         routed += sum(on.values())
