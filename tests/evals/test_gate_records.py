@@ -231,7 +231,7 @@ def test_eval_command_records_the_gates_decision_of_a_kway_artifact_with_a_regio
     assert {r.get("persona") for r in recs} == {None, *names}  # both personas and the base got queries
     assert any(r["outside"] for r in recs)  # the MMLU questions lie outside a region of 8 requests
     table = json.loads((out / "table1.json").read_text())
-    assert sorted(table["personas"]) == sorted(names)  # table1.json: keys sorted
+    assert sorted(table["personas"]) == sorted(names) and table["persona_order"] == list(names)
     for key, ci in table["routing"].items():
         by = per_item["gate"]["prism"][key]
         assert ci["mean"] == sum(r["routed"] for r in by.values()) / len(by)

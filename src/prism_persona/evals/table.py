@@ -63,6 +63,7 @@ def paper_table(
         "routing": {},
         "abstained": {},
         "personas": {n: {} for n in names},
+        "persona_order": names,  # table1.json sorts the keys of "personas"
         "categories": [],
     }
     for key in cats:
