@@ -80,7 +80,10 @@ def test_eval_engine_vllm_routes_each_row_like_the_in_process_gate(tmp_path, mon
         chat = [{"role": "user", "content": it.prompt}]
         ((prob, routed),) = gm.route([chat])
         rec = pku[("prism", it.item_id)]
-        assert rec["meta"] == {"routed": routed, "gate_prob": pytest.approx(prob, abs=1e-5)}
+        meta = {k: rec["meta"][k] for k in ("routed", "gate_prob")}
+        assert meta == {"routed": routed, "gate_prob": pytest.approx(prob, abs=1e-5)}
+        # the binary artifact's unnamed adapter: a routed answer names no persona (its probability is the gate's)
+        assert rec["meta"].get("persona") is None
         ids = tuple(tok(render_chat(tok, chat), add_special_tokens=False)["input_ids"])
         base_name = str(tiny_model_dir)  # the base is served under its display name (the local path)
         assert pku[("base", it.item_id)]["response"] == f"{base_name}:{len(ids)} tokens"

@@ -232,3 +232,29 @@ def test_lmeval_routes_a_kway_artifact_to_each_contexts_persona(tmp_path, tiny_m
         assert (got == pytest.approx(want_lp, abs=1e-5)) is same
     assert set(want) == {"story", "monitor"}  # both personas are exercised
     assert report["overall"]["personas"] == {name: 4 * n for name, n in want.items()}  # 4 choices per question
+
+
+def test_lmeval_routing_report_counts_the_requests_the_gate_abstained_on(tmp_path, tiny_model_dir):
+    """A gate with an abstain region: at threshold 0 every context's probability says route, so the routed
+    requests are those inside the region and the report counts the others as abstained (as decide does;
+    before, the report said nothing of them)."""
+    from prism_persona.evals.benchmarks.mmlu import load_mmlu, mmlu_prompt
+    from prism_persona.evals.lmeval import PrismLM
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.testing import make_tiny_artifact
+
+    _local_mmlu_yaml(tmp_path)
+    items = load_mmlu(FIX / "mmlu_hf.jsonl")
+    prompts = [mmlu_prompt(it) for it in items]
+    # the region: everyday requests; the knowledge questions lie outside it (the gate's own decide says so)
+    others = [json.loads(line)["query"] for line in (FIX / "refusal_set_small.jsonl").read_text().splitlines()]
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "run" / "prism", queries=others, ood=True, cache=False)
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    decided = gm.decisions([[{"role": "user", "content": p}] for p in prompts], threshold=0.0)
+    outside = sum(d["abstained"] for d in decided)
+    assert outside == len(items)
+    lm = PrismLM(artifact=str(art), system="prism", device="cpu", dtype="float32", batch_size=4, threshold=0.0)
+    _evaluate(lm, tmp_path, ["prism_mmlu_fixture"])
+    overall = lm.routing_report()["overall"]
+    assert overall["n"] == 4 * len(items)  # 4 choices per question, one decision per context
+    assert overall["abstained"] == 4 * outside and overall["routed"] == 4 * (len(items) - outside)

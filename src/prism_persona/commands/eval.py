@@ -82,14 +82,15 @@ def run(args) -> int:
         runner.provider.close()  # --engine vllm: the server stops once generation and judging are done
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
-    figs = eval_figures(results, runner.run.root)
+    threshold, personas = _gate_info(cfg)
+    table = _table(runner, results, per_item, bench, threshold, personas)
+    figs = eval_figures(results, runner.run.root, table)
     md = eval_markdown(
         results,
         figs,
         notes=[f"model: {runner.provider.identity('base')}"] + ([f"prism artifact: {cfg.prism}"] if cfg.prism else []),
     )
-    threshold = _threshold(cfg)
-    md += _table_section(runner, results, per_item, bench, threshold)
+    md += _table_section(table)
     md += _sweep_section(cfg, runner, per_item, bench, threshold)
     runner.run.path("report.md").write_text(md, encoding="utf-8")
     print(md)
@@ -97,24 +98,31 @@ def run(args) -> int:
     return 0
 
 
-def _threshold(cfg: EvalConfig):
-    """The artifact's gate threshold (``None`` without --prism)."""
+def _gate_info(cfg: EvalConfig) -> tuple:
+    """The artifact's gate threshold and, for a K-way gate, its persona names (``(None, [])`` without --prism)."""
     if not cfg.prism:
-        return None
+        return None, []
     from ..gated.artifact import Artifact
 
-    return float(Artifact.read(cfg.prism).gate().threshold)
+    gate = Artifact.read(cfg.prism).gate()
+    return float(gate.threshold), (list(gate.personas) if gate.gate.personas > 1 else [])
 
 
-def _table_section(runner: EvalRunner, results, per_item, bench, threshold) -> str:
-    """The paper's Table 1 (table1.json and its report section) from the per-item values."""
-    from ..evals.table import paper_table, table_markdown
+def _table(runner: EvalRunner, results, per_item, bench, threshold, personas) -> dict:
+    """The paper's Table 1 (written to table1.json when it has a column) from the per-item values."""
+    from ..evals.table import paper_table
 
-    table = paper_table(results, per_item, bench, threshold)
-    if not table["columns"]:
-        return ""
-    runner.run.write_json("table1.json", table)
-    return "\n" + table_markdown(table)
+    table = paper_table(results, per_item, bench, threshold, personas)
+    if table["columns"]:
+        runner.run.write_json("table1.json", table)
+    return table
+
+
+def _table_section(table: dict) -> str:
+    """Table 1's report section."""
+    from ..evals.table import table_markdown
+
+    return "\n" + table_markdown(table) if table["columns"] else ""
 
 
 def _sweep_section(cfg: EvalConfig, runner: EvalRunner, per_item, bench, threshold) -> str:

@@ -12,8 +12,8 @@ the persona matching, ``--benchmarks``, ``--data NAME=PATH``, the report and Tab
 for cached generation, ``runner.judged`` for cached judging), the systems to run (base always, lora when
 oracle is shown), the systems to report and the items. It returns ``(summary, per_item, gates)``: the
 section of ``results.json`` (``{system: {...}}``), ``{system: {item_id: value}}``, and each gated
-system's gate probability per item, ``{system: {set: {item_id: p}}}`` (:func:`keep_gates`), for the
-threshold sweep.
+system's gate decision per item, ``{system: {set: {item_id: record}}}`` (:func:`keep_gates`; the record
+of :mod:`.gates`), for Table 1, Figure 4 and the threshold sweep.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 from .format import fmt_ci, md_table, present
+from .gates import decision_meta
+from .gates import record as gate_record
 from .runner import EvalRunner, Job
 from .sources import HubDataset
 from .systems import SystemSpec
@@ -46,24 +48,23 @@ def oracle_wanted(specs: Sequence[SystemSpec]) -> bool:
 
 
 def keep_gates(gates: dict, spec: SystemSpec, bench: str, metas: dict) -> None:
-    """Store the gate probability of each item a gated system answered (its first turn's decision)."""
+    """Store the gate's decision on each item a gated system answered (its first turn's; a record of
+    :mod:`.gates`: probability, routed, abstained, outside, persona)."""
     if spec.kind != "prism":
         return
-    probs = {}
+    recs = {}
     for iid, meta in metas.items():
-        m = meta[0] if isinstance(meta, list) and meta else meta
-        if isinstance(m, dict) and "gate_prob" in m:
-            probs[iid] = float(m["gate_prob"])
-    if probs:
-        gates.setdefault(spec.name, {})[bench] = probs
+        rec = gate_record(meta[0] if isinstance(meta, list) and meta else meta)
+        if rec is not None:
+            recs[iid] = rec
+    if recs:
+        gates.setdefault(spec.name, {})[bench] = recs
 
 
 def route_meta(engine, chats) -> list[dict]:
-    """Routing meta for scored prompts, when the engine exposes ``route(chats)`` (gated engines)."""
-    fn = getattr(engine, "route", None) or getattr(getattr(engine, "gated", None), "route", None)
-    if not callable(fn):
-        return [{} for _ in chats]
-    return [{"gate_prob": float(p), "routed": bool(r)} for p, r in fn(chats)]
+    """Routing meta for scored prompts (nothing generated), as a gated engine's completion reports it
+    (:func:`.gates.decision_meta`); ``{}`` per chat for an engine without a gate."""
+    return decision_meta(engine, chats)
 
 
 class CategoryPersona(NamedTuple):

@@ -4,8 +4,9 @@ Each benchmark is one module in ``evals/benchmarks/`` (a registered :class:`~pri
 with its :class:`~prism_persona.evals.base.Evaluator`). Returns ``(results, per_item)``: ``results`` is what
 ``results.json`` holds (every number a CI dict ``{mean, lo, hi, n}``); ``per_item[bench][system][item_id]``
 is the per-item value behind each mean (MMLU correctness, MT-Bench mean turn score, safety refusal), used
-by the study for paired lifts, and ``per_item["gate"][system][bench][item_id]`` the gate probability of
-each gated answer, used by the threshold sweep.
+by the study for paired lifts, and ``per_item["gate"][system][bench][item_id]`` the gate's decision on
+each gated answer (a record of :mod:`.gates`; a bare probability in files written before it), used by
+Table 1, Figure 4 and the threshold sweep.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def evaluate(
         "seed": runner.s.seed,
     }
     per_item: dict = {}
-    gates: dict = {}  # gated system -> benchmark -> item_id -> gate probability (for the threshold sweep)
+    gates: dict = {}  # gated system -> benchmark -> item_id -> gate record (Table 1, the threshold sweep)
     generated = [s for s in specs if s.kind != "answers"]  # file answers exist for some benchmarks only
     gen_run = [s for s in run_specs if s.kind != "answers"]
     extras: dict = {}

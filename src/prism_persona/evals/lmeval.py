@@ -119,6 +119,7 @@ class PrismLM(TemplateLM):
         self.routing: dict = {}
         self._chat_templated = False
         self._last_routed: list = []
+        self._last_abstained: list = []  # per context of the last route(): the gate abstained (gates with a region)
         self.artifact = artifact
         self._device = model.device
 
@@ -177,6 +178,7 @@ class PrismLM(TemplateLM):
         context picks (``system=lora``: the context's most probable persona on every request)."""
         force = FORCE[self.system]
         kway = self.gm is not None and self.gm.gate.personas > 1
+        self._last_abstained = []
         if self.gm is None or force is False or (force is True and not kway):
             return [None] * len(contexts), [bool(force)] * len(contexts)
         import torch
@@ -194,6 +196,8 @@ class PrismLM(TemplateLM):
             with torch.no_grad():
                 d = decide(self.gm.gate, self.threshold, feats.float())  # the abstain rule included
             probs.extend(float(x) for x in d.probs.tolist())
+            if force is None and self.gm.has_abstain:
+                self._last_abstained.extend(bool(x) for x in d.abstained.tolist())
             if not kway:
                 routed.extend(bool(x) for x in d.routed.tolist())
                 continue
@@ -207,12 +211,16 @@ class PrismLM(TemplateLM):
 
     def _record(self, kind: str, requests, routed: Sequence) -> None:
         """Count the routed requests per task and request type (and per persona: ``routed`` holds a
-        persona's name where a K-way artifact routed)."""
-        for req, r in zip(requests, routed):
+        persona's name where a K-way artifact routed; and, for a gate that can abstain, the requests it
+        abstained on: the probability said route, the context lay outside its region)."""
+        held = self._last_abstained if len(self._last_abstained) == len(routed) else None
+        for j, (req, r) in enumerate(zip(requests, routed)):
             task = getattr(req, "task_name", None) or "unknown"
             slot = self.routing.setdefault(task, {}).setdefault(kind, {"routed": 0, "n": 0})
             slot["routed"] += int(bool(r))
             slot["n"] += 1
+            if held is not None:
+                slot["abstained"] = slot.get("abstained", 0) + int(held[j])
             if isinstance(r, str):
                 slot.setdefault("personas", {})[r] = slot.get("personas", {}).get(r, 0) + 1
         n, k = len(routed), sum(bool(r) for r in routed)
@@ -225,7 +233,8 @@ class PrismLM(TemplateLM):
 
     def routing_report(self) -> dict:
         """``{"system", "threshold", "overall": {routed, n, rate}, "tasks": {task: {kind: {...}}}}``; a
-        K-way artifact's counts also hold ``personas``: ``{persona: requests routed to it}``."""
+        K-way artifact's counts also hold ``personas``: ``{persona: requests routed to it}``; a gate that
+        can abstain, ``abstained`` (requests its probability would route that went to the base model)."""
         total: dict = {"routed": 0, "n": 0}
         tasks = {}
         for task, kinds in self.routing.items():
@@ -234,6 +243,8 @@ class PrismLM(TemplateLM):
                 tasks[task][kind] = dict(s, rate=s["routed"] / s["n"] if s["n"] else None)
                 total["routed"] += s["routed"]
                 total["n"] += s["n"]
+                if "abstained" in s:
+                    total["abstained"] = total.get("abstained", 0) + s["abstained"]
                 for name, c in s.get("personas", {}).items():
                     total.setdefault("personas", {})[name] = total.get("personas", {}).get(name, 0) + c
         total["rate"] = total["routed"] / total["n"] if total["n"] else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 from .benchmarks import REGISTRY
 from .format import fig_md, grouped_bars, ok, pyplot
@@ -37,16 +38,31 @@ def eval_markdown(results: dict, figures: dict, title: str = "PRISM evaluation",
 # ------------------------------------------------------------------------------------------ figures
 
 
-def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
-    """PNG per benchmark (its own :meth:`~.base.Benchmark.figures`) and the routing shares."""
+def eval_figures(results: dict, out: str | Path, table: Optional[dict] = None) -> dict[str, Path]:
+    """PNG per benchmark (its own :meth:`~.base.Benchmark.figures`) and the routing shares (routing.png:
+    from Table 1 (``table``, :func:`~.table.paper_table`) per benchmark column and category, one bar per
+    persona and one for the abstained share, when the gate's records hold personas or abstentions; else
+    one bar per category from each benchmark's results)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Path] = {}
     for bench in REGISTRY.values():
         if bench.name in results:
             figs.update(bench.figures(results, out))
+    split = table_routing(table) if table else None
     routing = routing_rows(results)
-    if routing:
+    if split:
+        labels, series = split
+        figs["routing"] = grouped_bars(
+            out / "routing.png",
+            "Share routed by benchmark and category (prism: recorded decisions)",
+            labels,
+            series,
+            "share (%)",
+            scale=100,
+            ylim=(0, 100),
+        )
+    elif routing:
         labels = [r[0] for r in routing]
         figs["routing"] = grouped_bars(
             out / "routing.png",
@@ -58,6 +74,35 @@ def eval_figures(results: dict, out: str | Path) -> dict[str, Path]:
             ylim=(0, 100),
         )
     return figs
+
+
+def table_routing(table: dict) -> Optional[tuple[list[str], dict]]:
+    """(labels, ``{series: [CI per label]}``) of routing.png from Table 1: a label per benchmark column
+    (then ``column: category``), series ``routed`` (any adapter), one per persona (K-way) and
+    ``abstained`` (a gate that can abstain); ``None`` when the table has neither personas nor abstentions
+    (routing.png is then drawn from the results, as before)."""
+    names = list(table.get("personas") or {})
+    held = bool(table.get("abstained"))
+    if not table.get("routing") or not (names or held):
+        return None
+    label = {c["key"]: c["label"] for c in table["columns"]}
+    rows: list[tuple[str, dict]] = []
+    for key in table["routing"]:
+        by = {"routed": table["routing"][key]}
+        by.update({f"to {n}": table["personas"][n].get(key) for n in names})
+        if held:
+            by["abstained"] = table["abstained"].get(key)
+        rows.append((label.get(key, key), by))
+    for r in table.get("categories", []):
+        if r["category"] == label.get(r["column"], r["column"]):
+            continue
+        by = {"routed": r["routed"]}
+        by.update({f"to {n}": (r.get("personas") or {}).get(n) for n in names})
+        if held:
+            by["abstained"] = r.get("abstained")
+        rows.append((f"{label.get(r['column'], r['column'])}: {r['category']}", by))
+    series_names = ["routed"] + [f"to {n}" for n in names] + (["abstained"] if held else [])
+    return [lab for lab, _ in rows], {s: [by.get(s) for _, by in rows] for s in series_names}
 
 
 def routing_rows(results: dict, system: str = "prism") -> list[tuple[str, dict]]:

@@ -22,6 +22,7 @@ from ..judges import EvalJudge, RefusalClassifier, make_refusal_classifier
 from ..models import with_persona
 from ..stats import bootstrap_ci
 from ..store import RunDir, content_key
+from .gates import RECORD_KEYS, probe
 from .settings import EvalConfig
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
@@ -124,9 +125,10 @@ class EvalRunner:
 
     @staticmethod
     def meta(c) -> dict:
-        """Routing meta of a completion (``routed``, ``gate_prob``) when the engine reports it."""
+        """Routing meta of a completion when the engine reports it: ``routed``, ``gate_prob``, and where
+        the gate has them ``abstained``, ``outside``, ``persona``, ``persona_prob`` (:mod:`.gates`)."""
         meta = getattr(c, "meta", None) or {}
-        return {k: meta[k] for k in ("routed", "gate_prob") if k in meta}
+        return {k: meta[k] for k in RECORD_KEYS if k in meta}
 
     # ------------------------------------------------------------------------------------------ the two loops
 
@@ -143,6 +145,8 @@ class EvalRunner:
                 todo.append(job)
         if todo:
             engine = self.provider.get(spec.kind)
+            if spec.kind == "prism":  # its completions also say whether the query lay outside the gate's region
+                engine = probe(engine)
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 recs = run_chunk(engine, chunk)

@@ -2,10 +2,19 @@
 
 PRISM's answer to an item is exactly the base model's when the gate does not route it and exactly the
 always-on LoRA's when it does (the gate decides once per conversation, from the prompt). So with the
-per-item values of ``base`` and ``lora`` (MMLU correctness, MT-Bench judge score, refusal) and the gate
-probability of every item (recorded by the ``prism`` system), PRISM at any threshold ``t`` is::
+per-item values of ``base`` and ``lora`` (MMLU correctness, MT-Bench judge score, refusal) and the gate's
+decision on every item (recorded by the ``prism`` system, :mod:`.gates`), PRISM at any threshold ``t`` is::
 
-    value_t(item) = lora(item) if gate_prob(item) >= t else base(item)
+    value_t(item) = lora(item) if gate_prob(item) >= t and not outside(item) else base(item)
+
+``outside``: the query lies outside the gate's abstain region (or, K-way, below its persona-confidence
+floor), so it stays on the base model at every threshold; recorded per item since the record exists. A
+record without it counts a query outside when the gate abstained on it and inside otherwise (exact at
+and above the artifact's threshold; below it, a query under the threshold that lies outside the region
+would be counted routed); a bare probability (an older ``per_item.json``) is ``p >= t`` alone. For a
+K-way artifact ``lora`` is the adapters forced on (each query's most probable persona), which is the
+persona the gate routes a query to at any threshold. The threshold ``-inf`` is the always-on LoRA
+(forced on every query, the region does not apply), ``inf`` the base model.
 
 :func:`threshold_sweep` evaluates that at every threshold that changes a decision (midpoints between
 sorted gate probabilities, plus "route nothing" = base and "route everything" = lora), and
@@ -25,6 +34,9 @@ from typing import Optional
 from ..stats import pearson, spearman
 from .base import owner
 from .format import md_table, pyplot
+from .gates import decided, prob, routed_at
+from .gates import persona as gate_persona
+from .gates import personas as gate_personas
 
 
 def category_of(bench) -> dict:
@@ -73,7 +85,7 @@ def threshold_sweep(per_item: dict, bench, system: str = "prism", threshold: Opt
             benches.append((key, ids, b, lo, g))
     if not benches:
         return {"points": [], "marks": {}, "benchmarks": []}
-    all_probs = [g[i] for _, ids, _, _, g in benches for i in ids]
+    all_probs = [prob(g[i]) for _, ids, _, _, g in benches for i in ids]
     points = [_point(t, benches) for t in thresholds(all_probs)]
     marks = {"base": _point(math.inf, benches), "lora": _point(-math.inf, benches)}
     if threshold is not None:
@@ -96,9 +108,10 @@ def _point(t: float, benches) -> dict:
     out: dict = {"threshold": t if math.isfinite(t) else ("inf" if t > 0 else "-inf")}
     routed = total = 0
     for key, ids, b, lo, g in benches:
-        vals = [lo[i] if g[i] >= t else b[i] for i in ids]
+        on = {i: t == -math.inf or routed_at(g[i], t) for i in ids}  # -inf: the LoRA forced on every query
+        vals = [lo[i] if on[i] else b[i] for i in ids]
         out[key] = sum(vals) / len(vals)
-        routed += sum(1 for i in ids if g[i] >= t)
+        routed += sum(on.values())
         total += len(ids)
     out["routed"] = routed / total if total else None
     return out
@@ -107,9 +120,11 @@ def _point(t: float, benches) -> dict:
 def routing_vs_effect(
     per_item: dict, bench, system: str = "prism", threshold: Optional[float] = None, persona: str = "persona"
 ) -> dict:
-    """Per benchmark: per category the share ``system`` routes and the persona's effect (persona - base,
-    signed so that positive = the persona helps: on benign requests, where a refusal is an over-refusal,
-    base - persona), with Pearson r and Spearman rho over the categories (the paper's Figure 4)."""
+    """Per benchmark: per category the share ``system`` routes (its recorded decisions; a bare probability:
+    ``p >= threshold``) and the persona's effect (persona - base, signed so that positive = the persona
+    helps: on benign requests, where a refusal is an over-refusal, base - persona), with Pearson r and
+    Spearman rho over the categories (the paper's Figure 4). A K-way artifact's points also hold
+    ``personas``: ``{persona: share routed to it}``."""
     gates = (per_item.get("gate") or {}).get(system, {})
     out: dict = {}
     groups = {benchmark.name: list(benchmark.categories(items)) for benchmark, items in bench}
@@ -129,16 +144,17 @@ def routing_vs_effect(
             for iid, cat in cats_of[key].items():
                 if iid in base and iid in pers and iid in g:
                     by_cat.setdefault(cat, []).append((g[iid], sign * (pers[iid] - base[iid])))
-        t = threshold if threshold is not None else 0.5
+        names = gate_personas([r for rows in by_cat.values() for r, _ in rows])
         for cat, rows in sorted(by_cat.items()):
-            points.append(
-                {
-                    "category": cat,
-                    "routed": sum(p >= t for p, _ in rows) / len(rows),
-                    "effect": sum(e for _, e in rows) / len(rows),
-                    "n": len(rows),
-                }
-            )
+            point = {
+                "category": cat,
+                "routed": sum(decided(r, threshold) for r, _ in rows) / len(rows),
+                "effect": sum(e for _, e in rows) / len(rows),
+                "n": len(rows),
+            }
+            if names:
+                point["personas"] = {n: sum(gate_persona(r) == n for r, _ in rows) / len(rows) for n in names}
+            points.append(point)
         if points:
             xs, ys = [p["routed"] for p in points], [p["effect"] for p in points]
             out[label] = {
@@ -213,14 +229,20 @@ def routing_effect_figure(path: str | Path, rv: dict) -> Optional[Path]:
     for ax, (label, v) in zip(axes[0], panels):
         xs = [100 * p["routed"] for p in v["points"]]
         ys = [p["effect"] for p in v["points"]]
-        ax.scatter(xs, ys, s=40, edgecolor="black", linewidth=0.5)
+        names = list(v["points"][0].get("personas") or {})
+        ax.scatter(xs, ys, s=40, edgecolor="black", linewidth=0.5, label="any persona" if names else None, zorder=3)
+        for k, name in enumerate(names):  # a K-way artifact: the share routed to each persona
+            px = [100 * p["personas"][name] for p in v["points"]]
+            ax.scatter(px, ys, s=22, marker="^v<>sD"[k % 6], label=name, alpha=0.8, zorder=2)
+        if names:
+            ax.legend(fontsize=7, loc="best")
         for p, x, y in zip(v["points"], xs, ys):
             ax.annotate(p["category"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(0, color="lightgray", linewidth=0.6)
         fmt = lambda r: "n/a" if r is None else f"{r:+.2f}"  # noqa: E731
         ax.set_title(f"{label}: Pearson {fmt(v['pearson'])}, Spearman {fmt(v['spearman'])}", fontsize=9)
         ax.set_xlim(-5, 105)
-        ax.set_xlabel("% routed to the LoRA")
+        ax.set_xlabel("% routed to " + ("an adapter / each persona" if names else "the LoRA"))
         ax.set_ylabel("persona effect (persona - base, + = helps)")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -319,8 +319,9 @@ class GatedModel:
         return self.gate.ood is not None or (self.gate.personas > 1 and self.gate.min_confidence > 0)
 
     @torch.no_grad()
-    def _decide(self, chats: Sequence[list]):
-        """:func:`~prism_persona.gated.gate.decide` on each chat's first user turn (embeddings + layer 0)."""
+    def _decide(self, chats: Sequence[list], threshold: Optional[float] = None):
+        """:func:`~prism_persona.gated.gate.decide` on each chat's first user turn (embeddings + layer 0), at
+        ``threshold`` (default: the artifact's)."""
         queries = [first_user_turn(c) for c in chats]
         self._suspended = True
         try:
@@ -329,18 +330,20 @@ class GatedModel:
             )
         finally:
             self._suspended = False
-        return decide(self.gate, self.threshold, feats)
+        return decide(self.gate, self.threshold if threshold is None else threshold, feats)
 
-    def decisions(self, chats: Sequence[list]) -> list[dict]:
+    def decisions(self, chats: Sequence[list], threshold: Optional[float] = None) -> list[dict]:
         """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob", "persona_probs"}`` (and
         ``persona``, the routed persona's index or -1, for a K-way gate) per chat, from its first user
         turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as
         the prefill hook).
         ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`);
-        ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order)."""
+        ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order).
+        ``threshold`` (default: the artifact's) decides at another threshold; at 0 every probability says
+        route, so ``abstained`` says whether the query lies outside the gate's region (the eval's sweep)."""
         if not chats:
             return []
-        d = self._decide(chats)
+        d = self._decide(chats, threshold)
         rows = []
         for i, (p, r, a, k) in enumerate(
             zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist(), d.persona.tolist())

@@ -1,0 +1,179 @@
+"""The gate's decision on each item a gated system answered, as ``per_item.json`` keeps it, and how Table 1,
+Figure 4 and the threshold sweep read it.
+
+``per_item["gate"][system][member][item_id]`` is a **record** of the decision on the item's first user turn::
+
+    {"gate_prob": 0.83, "routed": false, "abstained": true, "outside": true,
+     "persona": null, "persona_prob": null}
+
+* ``gate_prob``: the gate's probability (K-way: 1 - P(base));
+* ``routed``: the decision the answer was made with (the adapter ran);
+* ``abstained`` (a gate that can abstain: an abstain region, ``gate.ood``, or a K-way persona-confidence
+  floor): the probability said route (``gate_prob >= threshold``) but the query went to the base model;
+* ``outside`` (same gates): the query lies outside the gate's region (or, K-way, no persona reaches the
+  floor) -- independent of the threshold, so the sweep knows the query stays unrouted at every threshold;
+* ``persona`` / ``persona_prob`` (a K-way artifact): the routed persona's name and probability (``None``
+  where the query went to the base model).
+
+A **bare float** (``per_item.json`` written before the record existed, or a hand-made file) is the
+probability alone; it is read with the rule of that time: routed at threshold ``t`` when ``p >= t``
+(which overstates the routing of a gate that abstains).
+
+Read rules: :func:`decided` (Table 1, Figure 4, routing.png: the actual decision), :func:`routed_at`
+(the sweep: the decision at another threshold ``t``: ``p >= t`` and the query not outside the region;
+a record without ``outside`` counts the query outside when it abstained and inside otherwise, which is
+exact for thresholds at or above the artifact's and for a gate without a region).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+Record = Union[float, dict]
+
+RECORD_KEYS = ("gate_prob", "routed", "abstained", "outside", "persona", "persona_prob")
+"""The keys of a completion's routing meta an eval keeps (response cache and ``per_item.json``)."""
+
+
+def record(meta: Any) -> Optional[dict]:
+    """The gate record of one completion's routing meta (``None`` when the meta has no gate probability)."""
+    if not isinstance(meta, dict) or meta.get("gate_prob") is None:
+        return None
+    out: dict = {"gate_prob": float(meta["gate_prob"]), "routed": bool(meta.get("routed", False))}
+    for k in ("abstained", "outside"):
+        if k in meta and meta[k] is not None:
+            out[k] = bool(meta[k])
+    if meta.get("persona") is not None:
+        out["persona"] = str(meta["persona"])
+        if meta.get("persona_prob") is not None:
+            out["persona_prob"] = float(meta["persona_prob"])
+    return out
+
+
+def prob(rec: Record) -> float:
+    """The gate probability of a record (or of a bare float)."""
+    return float(rec["gate_prob"]) if isinstance(rec, dict) else float(rec)
+
+
+def decided(rec: Record, threshold: Optional[float] = None) -> bool:
+    """Whether the item was routed: the recorded decision; a bare float: ``p >= threshold`` (0.5 if None)."""
+    if isinstance(rec, dict):
+        return bool(rec.get("routed", False))
+    return float(rec) >= (0.5 if threshold is None else threshold)
+
+
+def outside(rec: Record) -> bool:
+    """Whether the query lies outside the gate's region (stays unrouted at every threshold): the recorded
+    ``outside``; else ``abstained`` (it said route and went to the base model); else False."""
+    if not isinstance(rec, dict):
+        return False
+    if "outside" in rec:
+        return bool(rec["outside"])
+    return bool(rec.get("abstained", False))
+
+
+def routed_at(rec: Record, threshold: float) -> bool:
+    """The decision at ``threshold`` (the sweep): ``p >= threshold`` and the query not :func:`outside`."""
+    return prob(rec) >= threshold and not outside(rec)
+
+
+def abstained(rec: Record) -> Optional[bool]:
+    """Whether the gate abstained (``None``: the record cannot say: a bare float, or a gate without a region)."""
+    if isinstance(rec, dict) and "abstained" in rec:
+        return bool(rec["abstained"])
+    return None
+
+
+def persona(rec: Record) -> Optional[str]:
+    """The persona the item was routed to (``None``: base model, or an artifact whose adapter has no name)."""
+    if isinstance(rec, dict) and rec.get("routed"):
+        return rec.get("persona")
+    return None
+
+
+def personas(records: Sequence[Record], known: Sequence[Optional[str]] = ()) -> list[str]:
+    """The persona names of a K-way artifact: ``known`` (the artifact's, in its order) then any other name
+    the records hold; empty unless there are at least two (a binary artifact has no per-persona rows)."""
+    names = [n for n in known if n]
+    for r in records:
+        p = persona(r)
+        if p and p not in names:
+            names.append(p)
+    return names if len(names) >= 2 else []
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+def gated_model(engine) -> Any:
+    """The :class:`~prism_persona.gated.model.GatedModel` behind a gated engine (the in-process
+    ``GatedEngine``'s ``gated``, the vLLM ``RoutedEngine``'s ``router``), or ``None``."""
+    for name in ("gated", "router"):
+        gm = getattr(engine, name, None)
+        if gm is not None and callable(getattr(gm, "decisions", None)):
+            return gm
+    return None
+
+
+def outside_flags(engine, chats: Sequence[list]) -> list[Optional[bool]]:
+    """Per chat, whether its first user turn lies outside the gate's region (the gate's decision at
+    threshold 0, where every probability says route, so ``abstained`` is exactly "outside"); ``None``
+    per chat when the engine's gate cannot abstain or cannot be asked."""
+    gm = gated_model(engine)
+    if gm is None or not getattr(gm, "has_abstain", False) or not chats:
+        return [None] * len(chats)
+    try:
+        rows = gm.decisions(list(chats), threshold=0.0)
+    except TypeError:  # a router without the threshold keyword: the record cannot say
+        return [None] * len(chats)
+    return [bool(d["abstained"]) for d in rows]
+
+
+def decision_meta(engine, chats: Sequence[list]) -> list[dict]:
+    """The routing meta of scored prompts (MMLU by log-likelihood: nothing is generated) as a completion of
+    the gated engine reports it, with ``outside``; ``[{}...]`` for an engine without a gate."""
+    gm = gated_model(engine)
+    if gm is not None:
+        rows = gm.decisions(list(chats))
+        flags = outside_flags(engine, chats)
+        out = []
+        for d, f in zip(rows, flags):
+            m: dict = {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"])}
+            if getattr(gm, "has_abstain", False):
+                m["abstained"] = bool(d["abstained"])
+            if f is not None:
+                m["outside"] = f
+            if d.get("persona_name") is not None:
+                m["persona"], m["persona_prob"] = d["persona_name"], d.get("persona_prob")
+            out.append(m)
+        return out
+    fn = getattr(engine, "route", None)
+    if not callable(fn):
+        return [{} for _ in chats]
+    return [{"gate_prob": float(p), "routed": bool(r)} for p, r in fn(chats)]
+
+
+class RegionProbe:
+    """A gated engine whose completions' meta also says ``outside`` (:func:`outside_flags`, from the same
+    layer-0 feature the gate routed by: one extra embeddings + layer-0 pass per call); every other
+    attribute is the engine's."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, chats, params, *args, **kwargs):
+        out = self.engine.generate(chats, params, *args, **kwargs)
+        for c, f in zip(out, outside_flags(self.engine, chats)):
+            if f is not None:
+                c.meta = {**(getattr(c, "meta", None) or {}), "outside": f}
+        return out
+
+
+def probe(engine):
+    """``engine`` wrapped in a :class:`RegionProbe` when its gate can abstain, else ``engine`` itself."""
+    gm = gated_model(engine)
+    return RegionProbe(engine) if gm is not None and getattr(gm, "has_abstain", False) else engine
