@@ -74,7 +74,7 @@ def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
     holder: dict = {}
     art = Path(cfg.prism).expanduser().resolve() if cfg.prism else None
     if art is not None:
-        from ..gated.artifact import Artifact
+        from ..gated.artifact import Artifact, content_id
 
         base_model = Artifact.read(art).base_model
 
@@ -93,8 +93,8 @@ def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
 
         factories["lora"] = lambda: gated().as_engine(force=True)
         factories["prism"] = lambda: gated().as_engine(force=None)
-        identities["lora"] = f"lora:{art}"
-        identities["prism"] = f"prism:{art}"
+        identities["lora"] = f"lora:{art}#{content_id(art)}"  # the files, not only the path: a re-assembled
+        identities["prism"] = f"prism:{art}#{content_id(art)}"  # artifact never reuses the answers of the old one
         if not cfg.model:
             factories["base"] = lambda: gated().as_engine(force=False)
             identities["base"] = f"base:{_model_display(base_model)}"
@@ -132,8 +132,10 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
     if art is not None:
         factories["lora"] = lambda: systems.routed(True)
         factories["prism"] = lambda: systems.routed(None)
-        identities["lora"] = f"lora:{art}{suffix}"
-        identities["prism"] = f"prism:{art}{suffix}"
+        from ..gated.artifact import content_id
+
+        identities["lora"] = f"lora:{art}#{content_id(art)}{suffix}"
+        identities["prism"] = f"prism:{art}#{content_id(art)}{suffix}"
     provider = EngineProvider(factories, identities)
     provider.closers.append(systems.close)
     return provider

@@ -355,6 +355,24 @@ FINGERPRINT_KEYS = (
 PROBE_RTOL = 1e-2  # loose enough for bfloat16 / float16 loads of the same weights
 
 
+def content_id(directory: str | Path) -> str:
+    """A short hash of every file of an artifact (relative path and bytes, in sorted order): what names
+    the artifact in caches (``prism eval``'s responses), so an artifact re-assembled at the same path
+    (``prism run --redo gate``, another threshold) is not mistaken for the one before. Reads the files
+    once (a 7B artifact's ~80 MB adapter: well under a second)."""
+    import hashlib
+
+    root = Path(directory)
+    digest = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 def base_fingerprint(model) -> dict:
     """What identifies a base model for the gate: a hash of its architecture config (layer count left
     out, so the route-only loader's one-layer model matches) and float sums (|x| and x^2) of the embedding matrix
