@@ -56,13 +56,13 @@ class HFEngine(Engine):
         quiet: bool = False,
         model_name: str = "",
         batch_tokens: Optional[int] = None,
-        quantize: str = "off",
+        quantize: Optional[str] = None,
     ):
-        if quantize != "off":  # engine.hf_quantize: int8 linears in a copy sharing every other tensor (opt-in)
+        self.quantize = HFOptions.__dataclass_fields__["hf_quantize"].default if quantize is None else quantize
+        if self.quantize != "off":  # engine.hf_quantize: int8 linears in a copy sharing every other tensor (opt-in)
             from .quantize import quantized_copy
 
-            model = quantized_copy(model, quantize)
-        self.quantize = quantize
+            model = quantized_copy(model, self.quantize)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(batch_size))
@@ -84,7 +84,7 @@ class HFEngine(Engine):
         quiet: bool = False,
         trust_remote_code: bool = False,
         batch_tokens: Optional[int] = None,
-        quantize: str = "off",
+        quantize: Optional[str] = None,
     ) -> HFEngine:
         """Load the model ``spec`` names (embedded default, HF id, local dir, .gguf) into an engine."""
         src = resolve_model(spec)
@@ -524,9 +524,9 @@ def _batch_tokens(cfg) -> Optional[int]:
     return getattr(getattr(cfg, "engine", None), "hf_batch_tokens", None)
 
 
-def _quantize(cfg) -> str:
-    """``engine.hf_quantize`` of ``cfg``; ``"off"`` for a config without an engine block."""
-    return getattr(getattr(cfg, "engine", None), "hf_quantize", "off")
+def _quantize(cfg) -> Optional[str]:
+    """``engine.hf_quantize`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
+    return getattr(getattr(cfg, "engine", None), "hf_quantize", None)
 
 
 @dataclass
@@ -552,7 +552,7 @@ class HFOptions:
 def check(cfg) -> None:
     resolve_model(cfg.model.model)
     mode, m = _quantize(cfg), cfg.model
-    if mode != "off" and (m.device not in ("auto", "cpu") or m.dtype not in ("auto", "float32", "fp32")):
+    if mode not in (None, "off") and (m.device not in ("auto", "cpu") or m.dtype not in ("auto", "float32", "fp32")):
         raise PrismError(f"engine.hf_quantize={mode} needs model.device cpu and model.dtype float32 (int8 CPU kernels)")
 
 
