@@ -15,9 +15,14 @@ shapes"):
   AVX2's int16 pair sums could saturate). 2-5x the fp32 GFLOP/s of a single linear on this CPU. The
   MLP's ``down_proj`` layers stay fp32: their inputs hold outlier channels hundreds of times the
   median, and one scale for the whole tensor leaves the other channels a few levels (quantized too,
-  the logits' relative error on SmolLM2-135M was 0.48 instead of 0.17; 7-bit activations: 0.73).
+  the logits' relative error on SmolLM2-135M was 0.48 instead of 0.17; with 7-bit activations 0.73
+  and 0.29). The scale is the whole input's, all rows of the batch: a row's output depends on the
+  rows batched with it (fp32's does not).
 - ``int8-weight``: weight-only int8 (``aten._weight_int8pack_mm``, per-output-channel scales), bf16
-  activations: close to fp32's outputs, but no faster than fp32 at a decode batch on this CPU.
+  activations: closer to fp32's outputs, but no faster than fp32 end to end on this CPU (its kernel
+  reaches half fp32's GFLOP/s at 16-72 rows), so it is not an ``engine.hf_quantize`` choice; the
+  benchmark (``bench_cpu_engine.py --quantize``) measures it. (With fp32 activations the kernel ran at
+  ~2 GFLOP/s: a reference loop.)
 """
 
 from __future__ import annotations
