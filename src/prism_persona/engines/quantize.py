@@ -17,7 +17,7 @@ shapes"):
   median, and one scale for the whole tensor leaves the other channels a few levels (quantized too,
   the logits' relative error on SmolLM2-135M was 0.48 instead of 0.17; with 7-bit activations 0.73
   and 0.29). The scale is the whole input's, all rows of the batch: a row's output depends on the
-  rows batched with it (fp32's does not).
+  rows batched with it.
 - ``int8-weight``: weight-only int8 (``aten._weight_int8pack_mm``, per-output-channel scales), bf16
   activations: closer to fp32's outputs, but no faster than fp32 end to end on this CPU (its kernel
   reaches half fp32's GFLOP/s at 16-72 rows), so it is not an ``engine.hf_quantize`` choice; the
