@@ -641,7 +641,7 @@ def linear_rates(model, modes: list[str], rows: list[int], repeats: int = 5) -> 
         for m in rows:
             x = torch.randn(m, lin.in_features, generator=torch.Generator().manual_seed(m))
             flops = 2 * m * lin.in_features * lin.out_features
-            reps = max(repeats, min(2000, int(5e8 / flops)))
+            reps = max(repeats, min(300, int(5e8 / flops)))
             row = {"layer": f"{name} {lin.in_features}->{lin.out_features}", "rows": m}
             with torch.inference_mode():
                 ref = lin(x)

@@ -141,3 +141,26 @@ def test_unsupported_models_and_settings_are_one_line_errors(tiny_model, tiny_mo
     hf_engine.check(_cfg("int8-dynamic", model=str(tiny_model_dir), device="cpu"))
     with pytest.raises(PrismError, match="hf_quantize"):
         C.resolve(overrides={"persona": {"domains": ["a"]}, "engine": {"hf_quantize": "int4"}})
+
+
+def test_the_benchmark_measures_int8_against_fp32(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_cpu_engine
+
+    argv = ["--size", "tiny", "--rows", "4", "--batch-sizes", "4", "--threads", "1", "--quant-rows", "1,3"]
+    res = bench_cpu_engine.main(argv + ["--quantize", "int8-dynamic,int8-weight", "--out", str(tmp_path / "r.jsonl")])
+    got = res["results"][0]
+    assert [(r["layer"].split()[0], r["rows"]) for r in got["linears"]] == [
+        (name, m) for name in ("up_proj", "down_proj", "lm_head") for m in (1, 3)
+    ]
+    for r in got["linears"]:
+        assert r["fp32_gflops"] > 0 and all(0 < r[f"{m}_rel_err"] < 0.05 for m in ("int8-dynamic", "int8-weight"))
+    rows = {(r["quantize"], r["decoding"]): r for r in got["answers"]}
+    assert set(rows) == {(m, d) for m in ("off", "int8-dynamic", "int8-weight") for d in ("sampled", "greedy")}
+    for d in ("sampled", "greedy"):
+        assert rows["off", d]["same_as_fp32"] == "4/4" and rows["off", d]["mean_prefix"] > 0  # fp32 vs itself
+        assert all(rows[m, d]["mean_prefix"] <= rows["off", d]["mean_prefix"] for m in ("int8-dynamic", "int8-weight"))
+    assert rows["off", "greedy"]["of_square_bound"] > 0
