@@ -109,7 +109,11 @@ def test_the_int8_engine_generates_and_scores_close_to_fp32(tiny_model, mode, li
     fp32 = HFEngine(model, tok, batch_size=4, quiet=True)
     int8 = HFEngine(model, tok, batch_size=4, quiet=True, quantize=mode)
     assert int8.model is not model
+    calls = []
+    real = int8._decode
+    int8._decode = lambda *a: calls.append(1) or real(*a)  # type: ignore[method-assign]
     ref, got = fp32.generate(CHATS, GREEDY), int8.generate(CHATS, GREEDY)
+    assert calls  # the engine's own loop (preallocated cache) ran on the int8 copy
     assert len(got) == len(CHATS) and all(0 < c.num_tokens <= 12 for c in got)
     # the first token of every row (one forward of int8 matmuls) is fp32's on this model; later ones may drift
     first = [tok(c.text, add_special_tokens=False)["input_ids"][:1] for c in ref]
