@@ -168,3 +168,18 @@ def test_the_benchmark_measures_int8_against_fp32(tmp_path):
         assert rows["off", d]["same_as_fp32"] == "4/4" and rows["off", d]["mean_prefix"] > 0  # fp32 vs itself
         assert all(rows[m, d]["mean_prefix"] <= rows["off", d]["mean_prefix"] for m in ("int8-dynamic", "int8-weight"))
     assert rows["off", "greedy"]["of_square_bound"] > 0
+
+
+def test_int8_dynamic_rows_depend_on_the_rows_batched_with_them(tiny_model):
+    """The documented cost of one activation scale per tensor: fp32's logits of a row do not change when another
+    row joins the batch; int8-dynamic's do (the scale is the batch's)."""
+    model, _ = tiny_model
+    q = quantized_copy(model, "int8-dynamic")
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randint(5, 200, (1, 9), generator=gen), torch.randint(5, 200, (1, 9), generator=gen)
+    with torch.inference_mode():
+        diff = {
+            name: float((m(input_ids=a).logits - m(input_ids=torch.cat([a, b])).logits[:1]).abs().max())
+            for name, m in (("fp32", model), ("int8", q))
+        }
+    assert diff["fp32"] == 0 and diff["int8"] > 0, diff
