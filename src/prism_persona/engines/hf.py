@@ -544,7 +544,8 @@ class HFOptions:
         "Int8 linear layers in the in-process engine (engine=hf; CPU, float32 model; opt-in: outputs change). "
         "int8-dynamic = int8 weights and activations (torch.ao dynamic quantization; the MLP's down_proj stays "
         "fp32): on SmolLM2-135M's answers stage 1.6-1.7x the fp32 tokens per CPU second, but only the first "
-        "~8-10 tokens of a row match fp32's on average. The engine runs a copy of the model's linears; "
+        "~8-10 tokens of a row match fp32's on average, and a row's output depends on the rows batched with it. "
+        "The engine runs a copy of the model's linears; "
         "training and the gated model stay fp32. Numbers: docs/performance.md.",
         choices=("off", "int8-dynamic"),
     )
