@@ -36,6 +36,14 @@ stages' calls of ``STREAM_BATCHES`` batches, streamed through one cache, within 
 with the 2048^2-matmul bound measured in the same process; ``forward_of_bound`` counts every token a
 forward ran (prompt and generated), the compute the CPU actually did.
 
+``--quantize int8-dynamic,int8-weight`` measures the engine's opt-in int8 linears
+(``engine.hf_quantize``, :mod:`prism_persona.engines.quantize`) against fp32 in the same process: the
+model's own linear layers (hidden -> intermediate, intermediate -> hidden, the LM head) at
+``--quant-rows`` rows, GFLOP/s and relative error; then the answers stage (``--rows`` chats, engine
+batch ``--batch-sizes``, the default token budget) through the engine in fp32 and in each mode, with
+the stage's seeded sampling and greedy: tokens per CPU second against the 2048^2-matmul bound, the
+share of rows whose text equals fp32's, and the mean common prefix in tokens.
+
 ``--profile`` adds a torch-profiler table of one engine call (time per op family: matmul,
 attention, cache, sampling, the rest) and a cProfile of its Python functions.
 """
@@ -619,6 +627,83 @@ def measure_pipeline(built: common.Built, rows: int, batch: int, repeats: int) -
     return rows_out
 
 
+def linear_rates(model, modes: list[str], rows: list[int], repeats: int = 5) -> list[dict]:
+    """fp32 vs each int8 mode on the model's own linears (first layer's up and down projections, the LM head)
+    at ``rows`` input rows: GFLOP/s per CPU second and the output's relative error against fp32."""
+    import torch
+
+    from prism_persona.engines.quantize import _int8_linear
+
+    layer = model.model.layers[0].mlp
+    out = []
+    for name, lin in (("up_proj", layer.up_proj), ("down_proj", layer.down_proj), ("lm_head", model.lm_head)):
+        variants = {"fp32": lin, **{mode: _int8_linear(lin, mode) for mode in modes}}
+        for m in rows:
+            x = torch.randn(m, lin.in_features, generator=torch.Generator().manual_seed(m))
+            flops = 2 * m * lin.in_features * lin.out_features
+            reps = max(repeats, min(300, int(5e8 / flops)))
+            row = {"layer": f"{name} {lin.in_features}->{lin.out_features}", "rows": m}
+            with torch.inference_mode():
+                ref = lin(x)
+                for v, mod in variants.items():
+                    sec, _, y = cpu_timed(lambda mod=mod: [mod(x) for _ in range(reps)][-1], repeats=3)
+                    row[f"{v}_gflops"] = flops * reps / sec / 1e9
+                    if v != "fp32":
+                        row[f"{v}_rel_err"] = float((y - ref).norm() / ref.norm())
+            out.append(row)
+    return out
+
+
+def common_prefix(tokenizer, a: str, b: str) -> int:
+    """Tokens the two texts share from the start."""
+    x, y = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b))
+    n = 0
+    while n < min(len(x), len(y)) and x[n] == y[n]:
+        n += 1
+    return n
+
+
+def measure_quantized(built: common.Built, rows: int, batch: int, repeats: int, modes: list[str]) -> list[dict]:
+    """The answers stage (tiny preset: ``rows`` chats, half with a persona; the stage's seeded sampling, and
+    greedy at the same budget) through the engine in fp32 and with each ``engine.hf_quantize`` mode, in one
+    call as the stage streams it (the default ``engine.hf_batch_tokens``)."""
+    from prism_persona import config
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.engines.hf import HFEngine
+
+    a = config.resolve("tiny").answers
+    chats = workload(rows)
+    out, ref = [], {}
+    for mode in ["off", *modes]:
+        engine = HFEngine(built.model, built.tokenizer, batch_size=batch, quiet=True, quantize=mode)
+        for kind, params in (
+            ("sampled", SamplingParams(a.max_new_tokens, a.temperature, a.top_p, seed=11)),
+            ("greedy", SamplingParams(a.max_new_tokens, 0.0)),
+        ):
+            load0 = load_avg()
+            sec, wall, comps = cpu_timed(lambda e=engine, p=params: e.generate(chats, p), repeats=repeats, warmup=0)
+            texts = [c.text for c in comps]
+            ref.setdefault(kind, texts)
+            prefix = [common_prefix(built.tokenizer, x, y) for x, y in zip(texts, ref[kind])]
+            tokens = sum(c.num_tokens + (c.finish_reason == "stop") for c in comps)
+            out.append(
+                {
+                    "quantize": mode,
+                    "decoding": kind,
+                    "chats": len(chats),
+                    "tokens": tokens,
+                    "cpu_s": sec,
+                    "wall_s": wall,
+                    "tokens_per_cpu_s": tokens / sec,
+                    "same_as_fp32": f"{sum(x == y for x, y in zip(texts, ref[kind]))}/{len(texts)}",
+                    "mean_prefix": sum(prefix) / len(prefix),
+                    "load_1m": f"{load0}->{load_avg()}",
+                }
+            )
+        del engine
+    return out
+
+
 def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
     p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
@@ -641,6 +726,13 @@ def main(argv: Optional[list] = None) -> dict:
         help="with --stages: the method tests' greedy answers stage instead (use --batch-sizes 16)",
     )
     p.add_argument(
+        "--quantize",
+        default="",
+        help="measure these engine.hf_quantize modes (comma-separated: int8-dynamic,int8-weight) against fp32: the "
+        "model's linears, then the answers stage (--rows, --batch-sizes), speed and agreement with fp32's texts",
+    )
+    p.add_argument("--quant-rows", default="1,16,72", help="with --quantize: input rows of the single-linear timings")
+    p.add_argument(
         "--step-lengths",
         default="",
         help="also time one decode step at these cache lengths (comma-separated), dynamic vs preallocated cache",
@@ -660,6 +752,27 @@ def main(argv: Optional[list] = None) -> dict:
     }
     common.print_header("CPU engine vs raw decode loop vs matmul bound", built, settings)
     results = []
+    if args.quantize:
+        modes = [m.strip() for m in args.quantize.split(",") if m.strip()]
+        b = common.batch_sizes(args.batch_sizes)[0]
+        linears = linear_rates(built.model, modes, common.batch_sizes(args.quant_rows))
+        print(f"\n## the model's linears, fp32 vs {', '.join(modes)}: GFLOP/s per CPU s (load {load_avg()})")
+        cols = ["layer", "rows", "fp32_gflops"] + [f"{m}_{k}" for m in modes for k in ("gflops", "rel_err")]
+        print(common.table(linears, cols))
+        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        stage = measure_quantized(built, args.rows, b, args.repeats, modes) if args.rows else []
+        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        for r in stage:
+            r["of_square_bound"] = r["tokens_per_cpu_s"] / square
+        print(
+            f"\n## the answers stage, engine batch {b}, fp32 vs int8; 2048^2 matmul bound {square:.0f} tokens per "
+            f"CPU s ({square_after:.0f} after the runs)"
+        )
+        cols = ["quantize", "decoding", "chats", "tokens", "cpu_s", "wall_s", "tokens_per_cpu_s", "of_square_bound"]
+        print(common.table(stage, cols + ["same_as_fp32", "mean_prefix", "load_1m"]))
+        results.append({"linears": linears, "answers": stage, "square_bound_tokens_per_s": [square, square_after]})
+        common.record(args.out, "cpu_engine", settings, results)
+        return {"settings": settings, "results": results}
     if args.pipeline:
         b = common.batch_sizes(args.batch_sizes)[0]
         square = square_gflops() * 1e9 / (2 * matmul_params(built.model))

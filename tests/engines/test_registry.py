@@ -77,8 +77,8 @@ def test_each_engine_owns_its_options_and_the_engine_block_keeps_its_keys():
 
     own = [f.name for f in dataclasses.fields(vllm.VLLMOptions)]
     shared = ["engine", "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries"]
-    assert [f.name for f in dataclasses.fields(hf.HFOptions)] == ["hf_batch_tokens"]
-    assert [f.name for f in dataclasses.fields(C.EngineConfig)] == shared + ["hf_batch_tokens"] + own
+    assert [f.name for f in dataclasses.fields(hf.HFOptions)] == ["hf_batch_tokens", "hf_quantize"]
+    assert [f.name for f in dataclasses.fields(C.EngineConfig)] == shared + ["hf_batch_tokens", "hf_quantize"] + own
     assert own == [
         "vllm_python",
         "vllm_args",
