@@ -121,12 +121,11 @@ def test_score_choices_in_sorted_batches_equal_one_row_full_logits(tiny_model):
             assert got[choice] == pytest.approx(ref, abs=1e-4)
 
 
-def test_a_cache_is_one_block_and_a_regrown_cache_moves_every_layer_to_a_new_one(tiny_model, monkeypatch):
+def test_a_cache_is_one_block_and_a_regrown_cache_moves_every_layer_to_a_new_one(tiny_model):
     """All layers' keys and values live in one allocation (freed as one mapping when the call ends);
     regrowing moves every layer into one new block, with the filled positions shifted and kept."""
     from prism_persona.engines import kv_cache
 
-    monkeypatch.setattr(kv_cache, "free_heap_bytes", lambda: 0)  # no free heap to reuse: a block of its own
     model, tok = tiny_model
     enc = encoded(tok)
     cache = preallocated_cache(model, enc["input_ids"].shape[1] + 4)
@@ -146,50 +145,3 @@ def test_a_cache_is_one_block_and_a_regrown_cache_moves_every_layer_to_a_new_one
     assert len(after) == 1 and after != before
     for layer, old in zip(cache.layers, filled):
         assert torch.equal(layer.keys[:, :, 2:], old) and not layer.keys[:, :, :2].any()
-
-
-def test_a_cache_takes_its_buffers_from_a_free_heap_and_gives_the_same_tokens(tiny_model, monkeypatch):
-    """Where the allocator holds at least twice the cache's size in free heap (after distillation),
-    every layer's buffers are its own allocations from it (no block of its own on top of that heap: the
-    check's peak), and the engine's greedy tokens are the same as with the block."""
-    from prism_persona.engines import kv_cache
-    from prism_persona.engines.base import SamplingParams
-    from prism_persona.engines.hf import HFEngine
-
-    model, tok = tiny_model
-    enc = encoded(tok)
-    blocks: list[int] = []
-    real = kv_cache._block
-    monkeypatch.setattr(kv_cache, "_block", lambda n, like: blocks.append(n) or real(n, like))
-
-    def filled_cache(free: int):
-        monkeypatch.setattr(kv_cache, "free_heap_bytes", lambda: free)
-        cache = preallocated_cache(model, enc["input_ids"].shape[1] + 4)
-        with torch.inference_mode():
-            model(**enc, **cache_kwargs(model, cache), use_cache=True)
-        return cache
-
-    filled_cache(0)
-    need = kv_cache.HEAP_ROOM * blocks[-1] * 4  # float32 bytes
-    filled_cache(need - 1)
-    assert len(blocks) == 2  # not enough free heap: a block of its own
-    cache = filled_cache(need)
-    assert len(blocks) == 2  # enough: no block
-    ptrs = {t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer._keys, layer._values)}
-    assert len(ptrs) == 2 * len(cache.layers) > 2
-
-    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    monkeypatch.setattr(kv_cache, "free_heap_bytes", lambda: 0)
-    ref = [c.text for c in HFEngine(model, tok, batch_size=2).generate(chats, params)]
-    monkeypatch.setattr(kv_cache, "free_heap_bytes", lambda: 1 << 60)
-    n = len(blocks)
-    assert [c.text for c in HFEngine(model, tok, batch_size=2).generate(chats, params)] == ref
-    assert len(blocks) == n  # the heap served every cache of that call
-
-
-def test_free_heap_bytes_reads_the_allocator():
-    """glibc's free heap bytes (a count, never negative); 0 where the C library has no mallinfo2."""
-    from prism_persona.engines.kv_cache import free_heap_bytes
-
-    assert isinstance(free_heap_bytes(), int) and free_heap_bytes() >= 0

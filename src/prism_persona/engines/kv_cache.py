@@ -140,9 +140,7 @@ class _Arena:
     the next cache of another shape lands beside it). On a CPU the block is an anonymous mapping made
     here (:func:`_block`), outside the allocator: released when the call ends, and without raising the
     threshold for the rest of the process (a 190 MB block freed by glibc raised it to 32 MB, and the
-    distillation and check stages after it peaked 0.17 GB higher). Where the heap already holds twice
-    the cache's size free (:func:`free_heap_bytes`, :data:`HEAP_ROOM`), the layers take their buffers
-    from it instead: that memory is resident anyway."""
+    distillation and check stages after it peaked 0.17 GB higher)."""
 
     def __init__(self, layers: int):
         self.layers = int(layers)
@@ -156,67 +154,13 @@ class _Arena:
 
         kn, vn = math.prod(kshape), math.prod(vshape)
         if self.block is None:
-            n = self.layers * (kn + vn)
-            if like.device.type == "cpu" and free_heap_bytes() >= HEAP_ROOM * n * like.element_size():
-                self.block = like.new_empty(0)  # every layer allocates its own buffers, from that free heap
-            else:
-                self.block = _block(n, like)
+            self.block = _block(self.layers * (kn + vn), like)
         if self.block.dtype != like.dtype or self.offset + kn + vn > self.block.numel():
             return None
         keys = self.block[self.offset : self.offset + kn].view(kshape)
         values = self.block[self.offset + kn : self.offset + kn + vn].view(vshape)
         self.offset += kn + vn
         return keys, values
-
-
-HEAP_ROOM = 2
-"""A cache takes its buffers from the heap (one per layer) where the C allocator holds at least this many
-times the cache's size in free heap memory (:func:`free_heap_bytes`), else one block of its own."""
-
-
-def free_heap_bytes() -> int:
-    """Bytes glibc's allocator holds free, resident, in its heaps (``mallinfo2().fordblks``); 0 where that
-    is not glibc.
-
-    A stage that allocated large tensors and freed them (distillation's logits and gradients) leaves
-    the heap it grew resident: glibc gives back only its top. A cache whose buffers come from that free
-    heap costs no new memory, where a block of its own (:func:`_block`) adds its whole size to the
-    process's RSS: the pipeline's held-out check, right after distillation, peaked 0.19 GB higher for it.
-    Per-layer buffers are a few MB each (below the mmap threshold glibc has raised by then), so they
-    are served from the free heap's chunks."""
-    global _MALLINFO2
-    if _MALLINFO2 is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-
-            class _Info(ctypes.Structure):
-                _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
-
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-            fn.restype = _Info
-            _MALLINFO2 = fn
-        except (OSError, AttributeError):
-            _MALLINFO2 = False
-    if _MALLINFO2 is False:
-        return 0
-    return int(_MALLINFO2().fordblks)
-
-
-_MALLINFO2: Any = None
-_MALLINFO2_FIELDS = (
-    "arena",
-    "ordblks",
-    "smblks",
-    "hblks",
-    "hblkhd",
-    "usmblks",
-    "fsmblks",
-    "uordblks",
-    "fordblks",
-    "keepcost",
-)
 
 
 def _block(n: int, like) -> Any:
