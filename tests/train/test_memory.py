@@ -1,4 +1,5 @@
-"""Memory: glibc's mmap threshold fixed by the pipeline, and the peak RSS per stage in the training report."""
+"""Memory: one copy of the weights, the free heap released before the check, and the peak RSS per stage
+in the training report."""
 
 import json
 import sys
@@ -29,3 +30,44 @@ def test_peak_memory_per_stage_in_the_report_and_kept_across_invocations(tmp_pat
 
 def test_peak_rss_is_this_process_in_megabytes():
     assert 10 < peak_rss_mb() < 1 << 20
+
+
+def test_the_checks_gated_model_shares_the_pipelines_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """The held-out check (``run_heldout_check``) on the pipeline's loaded model: no model is loaded, the
+    gated model, its engine and the judge's engine hold the very tensors of the base model (one copy of
+    the weights), and the only new parameters are the LoRA's."""
+    import prism_persona.gated.model as gated_model
+    from prism_persona.models import load_model
+    from prism_persona.testing import make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism")
+    model, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    base = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+
+    def no_load(*a, **k):
+        raise AssertionError("a second copy of the model was loaded")
+
+    monkeypatch.setattr(gated_model, "load_model", no_load)
+    gm = gated_model.GatedModel.from_pretrained(art, base=(model, tok))
+    assert gm.model is model and gm.engine.model is model and gm.as_engine(force=False).gated is gm
+    new = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in base]
+    assert new and all(".lora_A." in n or ".lora_B." in n for n in new)
+    kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert set(base) <= kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_release_free_heap_gives_freed_heap_memory_back():
+    """Freed heap chunks (held resident by glibc under a live allocation made after them, as after
+    distillation) leave the RSS once the pipeline releases the free heap; live tensors keep their values."""
+    import torch
+
+    from prism_persona.train.pipeline import release_free_heap
+
+    chunks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 kB each: from the heap, ~190 MB
+    pin = torch.full((16 * 1024,), 7.0)  # allocated above them: the heap's top stays in use
+    del chunks
+    before = _rss_mb()
+    assert release_free_heap() is True
+    assert _rss_mb() < before - 100
+    assert bool((pin == 7.0).all())

@@ -56,6 +56,28 @@ def peak_rss_mb() -> Optional[float]:
         return None
 
 
+def release_free_heap() -> bool:
+    """Give the memory the C allocator holds free back to the OS (glibc's ``malloc_trim(0)``); False
+    where the C library has none (not glibc). Called once, after distillation and before the held-out
+    check: distillation's logits and gradients (a few to 32 MB each) grow glibc's heap, which it keeps
+    resident when they are freed (~0.29 GB on the first command, 1.29 GB of RSS -> 1.0 GB after the
+    trim), and the check's caches, larger than glibc's mmap threshold, are mapped on top of it rather
+    than served from it (the command's peak, 1.6 GB). Nothing is live in that memory: no output changes."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
+
+
 def check_run(cfg: C.RunConfig, run: RunDir) -> None:
     """Refuse early (before loading a model, and before ``config.json`` is rewritten) if ``run`` holds
     records or trained stages made with other settings: the saved config always describes what ran."""
@@ -494,6 +516,7 @@ def _run_pipeline(cfg: C.RunConfig, engine, judge) -> dict:
         from .report import write_report
 
         t0 = time.perf_counter()
+        release_free_heap()  # distillation's freed heap, before the check maps its caches on top of it
         run_heldout_check(cfg, run, model, tok)
         seconds["check"] = round(time.perf_counter() - t0, 2)
         memory["check"] = peak_rss_mb()
