@@ -111,12 +111,15 @@ class EvaluatorContract:
         silent = {name: ScriptedEngine() for name in systems()}  # raises on any generation
         assert self.run(tmp_path, silent, ScriptedEngine()) == first
 
-    def test_gates_hold_the_gated_system_probabilities_only(self, tmp_path):
+    def test_gates_hold_the_gated_system_decisions_only(self, tmp_path):
         _, _, gates = self.run(tmp_path, systems(), ScriptedEngine(responder=judge_reply))
         assert list(gates) == ["prism"] and gates["prism"]
         ids = self.item_ids(self.items())
-        for probs in gates["prism"].values():
-            assert probs and set(probs) <= ids and set(probs.values()) <= {0.25, 0.75}
+        for records in gates["prism"].values():
+            assert records and set(records) <= ids
+            # each item's record is the decision the gated engine reported: probability and route
+            pairs = {(r["gate_prob"], r["routed"]) for r in records.values()}
+            assert pairs <= {(0.25, False), (0.75, True)}
 
 
 class TestMMLU(EvaluatorContract):

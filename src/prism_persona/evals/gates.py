@@ -6,7 +6,8 @@ Figure 4 and the threshold sweep read it.
     {"gate_prob": 0.83, "routed": false, "abstained": true, "outside": true,
      "persona": null, "persona_prob": null}
 
-* ``gate_prob``: the gate's probability (K-way: 1 - P(base));
+* ``gate_prob``: the gate's routing probability (K-way: the most probable persona against base,
+  ``P(k*) / (P(k*) + P(base))``);
 * ``routed``: the decision the answer was made with (the adapter ran);
 * ``abstained`` (a gate that can abstain: an abstain region, ``gate.ood``, or a K-way persona-confidence
   floor): the probability said route (``gate_prob >= threshold``) but the query went to the base model;
