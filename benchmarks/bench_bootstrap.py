@@ -95,23 +95,10 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--rows", type=int, default=32, help="chats in the workload")
     p.add_argument("--temperature", type=float, default=0.7)
     args = p.parse_args(argv)
-    dev, dtype = common.pick(args.device, args.dtype, args.threads)
     if args.size == "7b":
         raise SystemExit("bench_bootstrap needs a tokenizer: use --size tiny or embedded (or a real model via the CLI)")
-    built = common.build_model(args.size, dev, dtype, seed=args.seed)
-    sizes = common.batch_sizes(args.batch_sizes)
-    settings = {
-        "size": args.size,
-        "model": built.label,
-        "device": dev,
-        "dtype": str(dtype),
-        "batch_sizes": sizes,
-        "rows": args.rows,
-        "new_tokens": args.new_tokens,
-        "temperature": args.temperature,
-        "top_p": 0.9,
-        "repeats": args.repeats,
-    }
+    built, sizes, settings = common.setup(args, "rows", "new_tokens", "temperature")
+    settings["top_p"] = 0.9
     common.print_header("Bootstrap throughput: HFEngine batched sampling", built, settings)
     rows = measure(built, sizes, args.rows, args.new_tokens, args.repeats, args.temperature, seed=args.seed)
     print(

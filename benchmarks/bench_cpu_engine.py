@@ -704,6 +704,15 @@ def measure_quantized(built: common.Built, rows: int, batch: int, repeats: int, 
     return out
 
 
+def bounded(built, measure_fn):
+    """``(rows, bound, bound_after)``: ``measure_fn()`` between two measurements of the 2048^2 fp32 matmul
+    bound in this process, in tokens per CPU second of ``built``'s model (the rates are read against it)."""
+    per_token = 2 * matmul_params(built.model)
+    bound = square_gflops() * 1e9 / per_token
+    rows = measure_fn()
+    return rows, bound, square_gflops() * 1e9 / per_token
+
+
 def main(argv: Optional[list] = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], batch_sizes="12", new_tokens=96, repeats=1)
     p.add_argument("--rows", type=int, default=24, help="chats in the workload (half with a persona; 0 = skip)")
@@ -759,9 +768,9 @@ def main(argv: Optional[list] = None) -> dict:
         print(f"\n## the model's linears, fp32 vs {', '.join(modes)}: GFLOP/s per CPU s (load {load_avg()})")
         cols = ["layer", "rows", "fp32_gflops"] + [f"{m}_{k}" for m in modes for k in ("gflops", "rel_err")]
         print(common.table(linears, cols))
-        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
-        stage = measure_quantized(built, args.rows, b, args.repeats, modes) if args.rows else []
-        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        stage, square, square_after = bounded(
+            built, lambda: measure_quantized(built, args.rows, b, args.repeats, modes) if args.rows else []
+        )
         for r in stage:
             r["of_square_bound"] = r["tokens_per_cpu_s"] / square
         print(
@@ -775,9 +784,7 @@ def main(argv: Optional[list] = None) -> dict:
         return {"settings": settings, "results": results}
     if args.pipeline:
         b = common.batch_sizes(args.batch_sizes)[0]
-        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
-        rows = measure_pipeline(built, args.rows, b, args.repeats)
-        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        rows, square, square_after = bounded(built, lambda: measure_pipeline(built, args.rows, b, args.repeats))
         for r in rows:
             r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_s"]
             r["of_square_bound"] = r["tokens_per_cpu_s"] / square
@@ -794,9 +801,9 @@ def main(argv: Optional[list] = None) -> dict:
         return {"settings": settings, "results": results}
     if args.stages:
         b = common.batch_sizes(args.batch_sizes)[0]
-        square = square_gflops() * 1e9 / (2 * matmul_params(built.model))
-        stages = measure_stages(built, args.rows, b, args.repeats, kit=args.kit)
-        square_after = square_gflops() * 1e9 / (2 * matmul_params(built.model))
+        stages, square, square_after = bounded(
+            built, lambda: measure_stages(built, args.rows, b, args.repeats, kit=args.kit)
+        )
         for r in stages:
             r["of_square_bound"] = r["tokens_per_cpu_s"] / square
         print(

@@ -228,7 +228,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--ragged", action="store_true", help="left-padded prompts of varied lengths")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     args = p.parse_args(argv)
-    built, sizes, settings = common.setup(args)
+    built, sizes, settings = common.setup(args, "prompt_len")
     settings.update(
         {
             "new_tokens": args.new_tokens,

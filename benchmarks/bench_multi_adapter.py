@@ -193,7 +193,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter (PRISM's distill.r default)")
     p.set_defaults(size="smol")
     args = p.parse_args(argv)
-    built, sizes, settings = common.setup(args)
+    built, sizes, settings = common.setup(args, "prompt_len")
     settings.update(
         {
             "routed": args.routed,

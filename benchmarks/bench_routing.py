@@ -165,7 +165,7 @@ def fastgen_context(gm, force):
 def main(argv: Optional[list] = None) -> list[dict]:
     p = common.base_parser(__doc__.splitlines()[0], repeats=5)
     args = p.parse_args(argv)
-    built, sizes, settings = common.setup(args)
+    built, sizes, settings = common.setup(args, "prompt_len")
     settings["gate"] = "MLP hidden->128->64->1 (random)"
     common.print_header("Routing cost as a share of the prefill", built, settings)
     rows = measure(built, sizes, args.prompt_len, args.repeats, seed=args.seed)

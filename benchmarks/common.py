@@ -217,10 +217,10 @@ def pick(device: str, dtype: str, threads: int = 0):
     return dev, pick_dtype(dtype, dev)
 
 
-def setup(args) -> tuple[Built, list[int], dict]:
+def setup(args, *recorded: str) -> tuple[Built, list[int], dict]:
     """What a model benchmark's ``main`` starts with, from :func:`base_parser`'s arguments: the model
-    built on the picked device and dtype, the batch sizes, and the settings every record names (each
-    benchmark adds its own)."""
+    built on the picked device and dtype, the batch sizes, and the settings every record names, plus the
+    arguments named in ``recorded`` (each benchmark adds its own others)."""
     dev, dtype = pick(args.device, args.dtype, args.threads)
     built = build_model(args.size, dev, dtype, seed=args.seed)
     sizes = batch_sizes(args.batch_sizes)
@@ -230,8 +230,8 @@ def setup(args) -> tuple[Built, list[int], dict]:
         "device": dev,
         "dtype": str(dtype),
         "batch_sizes": sizes,
-        "prompt_len": args.prompt_len,
         "repeats": args.repeats,
+        **{name: getattr(args, name) for name in recorded},
     }
     return built, sizes, settings
 
