@@ -228,16 +228,8 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--ragged", action="store_true", help="left-padded prompts of varied lengths")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     args = p.parse_args(argv)
-    built, sizes, settings = common.setup(args, "prompt_len")
-    settings.update(
-        {
-            "new_tokens": args.new_tokens,
-            "sequential_rows": args.sequential_rows,
-            "ragged": args.ragged,
-            "lora": "r=16 alpha=32 on q,k,v,o,gate,up,down of layers 1..L-1",
-            "routed_share": 0.5,
-        }
-    )
+    built, sizes, settings = common.setup(args, "prompt_len", "new_tokens", "sequential_rows", "ragged")
+    settings.update(lora="r=16 alpha=32 on q,k,v,o,gate,up,down of layers 1..L-1", routed_share=0.5)
     common.print_header("Generation throughput: mixed batch (half routed) vs alternatives", built, settings)
     rows = measure(
         built,

@@ -193,14 +193,7 @@ def main(argv: Optional[list] = None) -> list[dict]:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter (PRISM's distill.r default)")
     p.set_defaults(size="smol")
     args = p.parse_args(argv)
-    built, sizes, settings = common.setup(args, "prompt_len")
-    settings.update(
-        {
-            "routed": args.routed,
-            "rank": args.rank,
-            "threads": args.threads,
-        }
-    )
+    built, sizes, settings = common.setup(args, "prompt_len", "routed", "rank", "threads")
     common.print_header("One adapter per persona: mixed-batch prefill with K adapters", built, settings)
     rows = measure(built, sizes, args.prompt_len, args.repeats, args.routed, args.rank, seed=args.seed)
     cols = ["batch", "routed_rows", "base_s", "none_routed_x", "none_equal_base"]
