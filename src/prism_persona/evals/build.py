@@ -93,8 +93,9 @@ def build_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvider:
 
         factories["lora"] = lambda: gated().as_engine(force=True)
         factories["prism"] = lambda: gated().as_engine(force=None)
-        identities["lora"] = f"lora:{art}#{content_id(art)}"  # the files, not only the path: a re-assembled
-        identities["prism"] = f"prism:{art}#{content_id(art)}"  # artifact never reuses the answers of the old one
+        named = f"{art}#{content_id(art)}"  # the files, not only the path: a re-assembled artifact never
+        identities["lora"] = f"lora:{named}"  # reuses the answers of the one before
+        identities["prism"] = f"prism:{named}"
         if not cfg.model:
             factories["base"] = lambda: gated().as_engine(force=False)
             identities["base"] = f"base:{_model_display(base_model)}"
@@ -134,8 +135,9 @@ def build_remote_provider(cfg: EvalConfig, quiet: bool, out: str) -> EngineProvi
         factories["prism"] = lambda: systems.routed(None)
         from ..gated.artifact import content_id
 
-        identities["lora"] = f"lora:{art}#{content_id(art)}{suffix}"
-        identities["prism"] = f"prism:{art}#{content_id(art)}{suffix}"
+        named = f"{art}#{content_id(art)}{suffix}"
+        identities["lora"] = f"lora:{named}"
+        identities["prism"] = f"prism:{named}"
     provider = EngineProvider(factories, identities)
     provider.closers.append(systems.close)
     return provider
