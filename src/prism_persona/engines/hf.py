@@ -103,7 +103,14 @@ class HFEngine(Engine):
     def from_config(cls, cfg) -> HFEngine:
         m = cfg.model
         return cls.load(
-            m.model, m.dtype, m.device, m.batch_size, cfg.quiet, m.trust_remote_code, _batch_tokens(cfg), _quantize(cfg)
+            m.model,
+            m.dtype,
+            m.device,
+            m.batch_size,
+            cfg.quiet,
+            m.trust_remote_code,
+            _option(cfg, "hf_batch_tokens"),
+            _option(cfg, "hf_quantize"),
         )
 
     def rows_for(self, longest: int, new_tokens: int) -> int:
@@ -514,19 +521,14 @@ def build(cfg, model=None, tokenizer=None) -> HFEngine:
         batch_size=m.batch_size,
         quiet=cfg.quiet,
         model_name=resolve_model(m.model).display,
-        batch_tokens=_batch_tokens(cfg),
-        quantize=_quantize(cfg),
+        batch_tokens=_option(cfg, "hf_batch_tokens"),
+        quantize=_option(cfg, "hf_quantize"),
     )
 
 
-def _batch_tokens(cfg) -> Optional[int]:
-    """``engine.hf_batch_tokens`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
-    return getattr(getattr(cfg, "engine", None), "hf_batch_tokens", None)
-
-
-def _quantize(cfg) -> Optional[str]:
-    """``engine.hf_quantize`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
-    return getattr(getattr(cfg, "engine", None), "hf_quantize", None)
+def _option(cfg, name: str):
+    """``engine.<name>`` of ``cfg``; ``None`` (the setting's default) for a config without an engine block."""
+    return getattr(getattr(cfg, "engine", None), name, None)
 
 
 @dataclass
@@ -553,7 +555,7 @@ class HFOptions:
 
 def check(cfg) -> None:
     resolve_model(cfg.model.model)
-    mode, m = _quantize(cfg), cfg.model
+    mode, m = _option(cfg, "hf_quantize"), cfg.model
     if mode not in (None, "off") and (m.device not in ("auto", "cpu") or m.dtype not in ("auto", "float32", "fp32")):
         raise PrismError(f"engine.hf_quantize={mode} needs model.device cpu and model.dtype float32 (int8 CPU kernels)")
 
