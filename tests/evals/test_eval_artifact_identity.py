@@ -41,3 +41,22 @@ def test_a_changed_artifact_at_the_same_path_is_answered_again(tmp_path, monkeyp
     gated = [r for r in first if r["system"] in ("prism", "lora")]
     assert sorted(r["system"] for r in new) == sorted(r["system"] for r in gated)  # both answered again
     assert {r["key"] for r in new}.isdisjoint(r["key"] for r in first)  # ... the base model's answers not
+
+
+def test_the_identity_never_reads_through_a_link(tmp_path):
+    """A link inside an artifact someone sent is hashed by the path it names: the file it points to,
+    outside the artifact, is never read (it could be anything on this machine, or never end)."""
+    art = tmp_path / "prism"
+    (art / "adapter").mkdir(parents=True)
+    (art / "gate_config.json").write_text("{}")
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("secret 1")
+    (art / "adapter" / "adapter_model.safetensors").symlink_to(outside)
+    first = content_id(art)
+    outside.write_text("secret 2")  # what the link points to changes: not read, so no change
+    assert content_id(art) == first
+    (art / "adapter" / "adapter_model.safetensors").unlink()
+    (art / "adapter" / "adapter_model.safetensors").symlink_to(tmp_path / "other.txt")
+    assert content_id(art) != first  # the link now names another path
+    (art / "gate_config.json").write_text('{"threshold": 0.4}')
+    assert content_id(art) != first

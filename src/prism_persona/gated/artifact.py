@@ -358,17 +358,26 @@ PROBE_RTOL = 1e-2  # loose enough for bfloat16 / float16 loads of the same weigh
 def content_id(directory: str | Path) -> str:
     """A short hash of every file of an artifact (relative path and bytes, in sorted order): what names
     the artifact in caches (``prism eval``'s responses), so an artifact re-assembled at the same path
-    (``prism run --redo gate``, another threshold) is not mistaken for the one before. Reads the files
-    once (a 7B artifact's ~80 MB adapter: well under a second)."""
+    (``prism run --redo gate``, another threshold) is not mistaken for the one before. Reads the regular
+    files once (a 7B artifact's ~80 MB adapter: well under a second); a link is hashed by the path it
+    names, never followed, so an artifact someone sent cannot make this read a file outside it."""
     import hashlib
+    import stat
 
     root = Path(directory)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):  # links are never followed, into folders or files
+        entries += [Path(dirpath, name) for name in dirnames + filenames]
     digest = hashlib.sha1()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(entries):
+        mode = os.lstat(path).st_mode
         digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        if stat.S_ISLNK(mode):  # a link is named by its target's path: nothing outside the artifact is read
+            digest.update(b"link:" + os.fsencode(os.readlink(path)))
+        elif stat.S_ISREG(mode):  # a FIFO or device is never opened (it could block or never end)
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
