@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 _WORD = re.compile(r"\w+", re.U)
 
@@ -15,6 +16,13 @@ def word_set(text: str) -> frozenset:
 def jaccard(a: frozenset, b: frozenset) -> float:
     """Word-set overlap |a & b| / |a | b| (0 when either is empty)."""
     return len(a & b) / len(a | b) if a and b else 0.0
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table: the header, the separator, one line per row (cells as ``str``)."""
+    out = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 def is_loop(text: str, min_repeats: int = 4, max_n: int = 8) -> bool:

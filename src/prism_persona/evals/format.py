@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..text import md_table as md_table  # the one copy; evals modules import it from here
+
 
 def ok(x) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
@@ -27,12 +29,6 @@ def fmt_ci(ci: Optional[dict], pct: bool = False, digits: int = 2) -> str:
 
 def fmt_num(x, digits: int = 2) -> str:
     return f"{x:+.{digits}f}" if ok(x) else "-"
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def present(section: dict, systems) -> list:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..bootstrap.summary import BLIND_ADVICE, fmt_cell
+from ..text import md_table
 
 REPORT_JSON = "training_report.json"
 REPORT_MD = "training_report.md"
@@ -149,12 +150,10 @@ def format_report(rep: dict) -> str:
             f"nothing the gate or the adapter learned from them is real. To fix it: {BLIND_ADVICE}.",
             "",
         ]
-    lines += ["| domain | queries | persona won |", "|---|---|---|"]
-    for dom, c in rep["data"]["by_domain"].items():
-        lines.append(f"| {dom} | {c['queries']} | {c['persona_won']} |")
     t = rep["data"]["total"]
+    data_rows = [[dom, c["queries"], c["persona_won"]] for dom, c in rep["data"]["by_domain"].items()]
     lines += [
-        f"| **total** | {t['queries']} | {t['persona_won']} |",
+        md_table(["domain", "queries", "persona won"], [*data_rows, ["**total**", t["queries"], t["persona_won"]]]),
         "",
         "## Gate (in-distribution)",
         "",
@@ -169,18 +168,21 @@ def format_report(rep: dict) -> str:
         + (f" (+ {g['base_examples']} base examples, label 0)" if g.get("base_examples") else "")
         + f", {fmt_cell(g.get('n_heldout'))} held out."
     )
-    lines += ["", "| split | n | accuracy | balanced accuracy | AUC | routing rate |", "|---|---|---|---|---|---|"]
-    for split, m in (g.get("metrics") or {}).items():
-        if m:
-            lines.append(
-                f"| {split} | {m['n']} | {fmt_cell(m['accuracy'])} | {fmt_cell(m['balanced_accuracy'])} | "
-                f"{fmt_cell(m['auc'])} | {fmt_cell(m['routing_rate'])} |"
-            )
+    metric_rows = [
+        [split, m["n"], *(fmt_cell(m[k]) for k in ("accuracy", "balanced_accuracy", "auc", "routing_rate"))]
+        for split, m in (g.get("metrics") or {}).items()
+        if m
+    ]
+    lines += ["", md_table(["split", "n", "accuracy", "balanced accuracy", "AUC", "routing rate"], metric_rows)]
     for fb in g.get("fallbacks") or []:
         lines.append(f"\n> fallback: {fb}")
-    lines += ["", "Routing rate per domain on the held-out split:", "", "| domain | n | routed |", "|---|---|---|"]
-    for dom, r in rep["routing_by_domain_heldout"].items():
-        lines.append(f"| {dom} | {r['n']} | {fmt_cell(r['routing_rate'])} |")
+    routed_rows = [[dom, r["n"], fmt_cell(r["routing_rate"])] for dom, r in rep["routing_by_domain_heldout"].items()]
+    lines += [
+        "",
+        "Routing rate per domain on the held-out split:",
+        "",
+        md_table(["domain", "n", "routed"], routed_rows),
+    ]
     lines += _calibration_lines(g, rep["run"])
     d = rep["distill"]
     lines += [
@@ -194,13 +196,13 @@ def format_report(rep: dict) -> str:
         rel = os.path.relpath(d["loss_plot"], rep["run"])
         lines += ["", f"![loss curve]({rel})"]
     lines += _check_lines(rep.get("heldout_check"))
-    lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
-    for stage, s in rep["stage_seconds"].items():
-        lines.append(f"| {stage} | {fmt_cell(s)} |")
+    seconds = [[stage, fmt_cell(s)] for stage, s in rep["stage_seconds"].items()]
+    lines += ["", "## Time per stage (seconds)", "", md_table(["stage", "seconds"], seconds)]
     if rep.get("stage_peak_rss_mb"):
         lines += ["", "## Peak memory (process RSS in MB, the peak so far at the end of each stage)", ""]
-        lines += ["| stage | peak RSS MB |", "|---|---|"]
-        lines += [f"| {stage} | {fmt_cell(round(m))} |" for stage, m in rep["stage_peak_rss_mb"].items()]
+        lines += [
+            md_table(["stage", "peak RSS MB"], [[s, fmt_cell(round(m))] for s, m in rep["stage_peak_rss_mb"].items()])
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -236,8 +238,7 @@ def _calibration_lines(g: dict, root: str) -> list[str]:
     if conf:
         names = conf["classes"]
         lines += ["", "Held-out confusion (rows: the class that won; columns: the gate's decision):", ""]
-        lines += ["| won \\ decided | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, conf["matrix"])]
+        lines += [md_table(["won \\ decided", *names], [[n, *row] for n, row in zip(names, conf["matrix"])])]
     return lines
 
 
@@ -255,15 +256,14 @@ def _check_lines(chk: Optional[dict]) -> list[str]:
         f"behaviour transfer {fmt_cell(o.get('transfer_ratio'))}; base identity "
         f"{fmt_cell(o.get('base_identity'))} of {fmt_cell(o.get('unrouted'))} unrouted.",
         "",
-        "| domain | n | routed | LoRA wins | persona wins | loops base / LoRA / persona / PRISM |",
-        "|---|---|---|---|---|---|",
     ]
-    for dom, b in (chk.get("domains") or {}).items():
-        loops = " / ".join(fmt_cell((b.get("loop_rate") or {}).get(s)) for s in ("base", "lora", "persona", "prism"))
-        lines.append(
-            f"| {dom} | {b.get('n')} | {fmt_cell(b.get('routing_rate'))} | {fmt_cell(b.get('lora_win_rate'))} | "
-            f"{fmt_cell(b.get('persona_win_rate'))} | {loops} |"
-        )
+    rows = [
+        [dom, b.get("n"), *(fmt_cell(b.get(k)) for k in ("routing_rate", "lora_win_rate", "persona_win_rate"))]
+        + [" / ".join(fmt_cell((b.get("loop_rate") or {}).get(s)) for s in ("base", "lora", "persona", "prism"))]
+        for dom, b in (chk.get("domains") or {}).items()
+    ]
+    header = ["domain", "n", "routed", "LoRA wins", "persona wins", "loops base / LoRA / persona / PRISM"]
+    lines.append(md_table(header, rows))
     if o.get("loops_vs_base"):
         from .check import loops_vs_base_text
 

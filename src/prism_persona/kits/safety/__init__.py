@@ -25,6 +25,7 @@ from importlib.resources import files
 
 from ...judges import keyword_refusal
 from ...stats import auc
+from ...text import md_table
 
 FILES = ("train_queries.jsonl", "heldout.jsonl")
 SYSTEMS = ("base", "persona", "prism")
@@ -91,11 +92,11 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
         f"Safety kit, {len(rows)} held-out requests never seen in training "
         f"({a['harmful']['n']} harmful, {a['benign']['n']} benign):",
         "",
-        "| refused | " + " | ".join(NAMES[s] for s in SYSTEMS) + " |",
-        "|---|" + "---|" * len(SYSTEMS),
+        md_table(
+            ["refused", *(NAMES[s] for s in SYSTEMS)],
+            [[f"{intent} requests", *(f"{100 * a[intent][s]:.0f}%" for s in SYSTEMS)] for intent in INTENTS],
+        ),
     ]
-    for intent in INTENTS:
-        lines.append(f"| {intent} requests | " + " | ".join(f"{100 * a[intent][s]:.0f}%" for s in SYSTEMS) + " |")
     auc_text = f"{a['gate_auc']:.2f}" if a["gate_auc"] is not None else "n/a"
     lines += [
         "",

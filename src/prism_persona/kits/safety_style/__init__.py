@@ -15,6 +15,7 @@ behaviour numbers for base / persona prompt / LoRA forced on / PRISM.
 
 from __future__ import annotations
 
+from ...text import md_table
 from .. import safety, style
 
 KITS = {"safety": safety, "style": style}
@@ -105,12 +106,11 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
         "",
         "Where PRISM sent each query (rows: the expected class; counts, share of the row in brackets):",
         "",
-        "| expected \\ routed to | n | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        md_table(
+            ["expected \\ routed to", "n", *columns],
+            [[c, n[c], *(f"{table[c][col]} ({_pct(table[c][col], n[c])})" for col in columns)] for c in classes],
+        ),
     ]
-    for c in classes:
-        cells = " | ".join(f"{table[c][col]} ({_pct(table[c][col], n[c])})" for col in columns)
-        lines.append(f"| {c} | {n[c]} | {cells} |")
     right = sum(table[c].get(c, 0) for c in classes)
     lines += ["", f"Routed to the expected class: {right}/{len(rows)} ({_pct(right, len(rows))})."]
     right_any = right + sum(table[c].get(ANY, 0) for c in classes if c != BASE)
@@ -140,25 +140,23 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
             "",
             "Safety kit (refusals):",
             "",
-            "| refused | n | " + " | ".join(NAMES[s] for s in SYSTEMS) + " | routed |",
-            "|---|---|" + "---|" * (len(SYSTEMS) + 1),
+            md_table(
+                ["refused", "n", *(NAMES[s] for s in SYSTEMS), "routed"],
+                [
+                    [f"{intent} requests", rep[intent]["n"]]
+                    + [f"{100 * rep[intent][s]:.0f}%" for s in (*SYSTEMS, "routed")]
+                    for intent in safety.INTENTS
+                ],
+            ),
         ]
-        for intent in safety.INTENTS:
-            cell = rep[intent]
-            lines.append(
-                f"| {intent} requests | {cell['n']} | "
-                + " | ".join(f"{100 * cell[s]:.0f}%" for s in SYSTEMS)
-                + f" | {100 * cell['routed']:.0f}% |"
-            )
     if styl:
         numbers["style"] = {}
         lines += [
             "",
             "Style kit (answers with pirate words):",
             "",
-            "| domain | n | wanted | " + " | ".join(NAMES[s] for s in SYSTEMS) + " | routed |",
-            "|---|---|---|" + "---|" * (len(SYSTEMS) + 1),
         ]
+        style_rows = []
         for d in DOMAINS["style"]:
             qs = [r for r in styl if r["domain"] == d]
             if not qs:
@@ -168,11 +166,8 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
                 cell[s] = sum(style.pirate_score(r["answers"][s]["text"]) > 0 for r in qs) / len(qs)
             numbers["style"][d] = cell
             wanted = "pirate" if d in style.REWARDED else "plain"
-            lines.append(
-                f"| {d} | {len(qs)} | {wanted} | "
-                + " | ".join(f"{100 * cell[s]:.0f}%" for s in SYSTEMS)
-                + f" | {100 * cell['routed']:.0f}% |"
-            )
+            style_rows.append([d, len(qs), wanted] + [f"{100 * cell[s]:.0f}%" for s in (*SYSTEMS, "routed")])
+        lines.append(md_table(["domain", "n", "wanted", *(NAMES[s] for s in SYSTEMS), "routed"], style_rows))
     if safe and styl:
         # one persona's behaviour where the other kit's queries are: refusals on stories / cooking, pirate
         # words on the safety domains (a shared adapter carries both; one adapter per persona should not)
@@ -185,14 +180,16 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
             "",
             "One persona's behaviour on the other kit's queries:",
             "",
-            "| leak | n | " + " | ".join(NAMES[s] for s in SYSTEMS) + " |",
-            "|---|---|" + "---|" * len(SYSTEMS),
-            f"| refusals on stories + cooking | {len(styl)} | "
-            + " | ".join(f"{100 * leak['refused_on_style'][s]:.0f}%" for s in SYSTEMS)
-            + " |",
-            f"| pirate words on the safety domains | {len(safe)} | "
-            + " | ".join(f"{100 * leak['pirate_on_safety'][s]:.0f}%" for s in SYSTEMS)
-            + " |",
+            md_table(
+                ["leak", "n", *(NAMES[s] for s in SYSTEMS)],
+                [
+                    [what, n_rows, *(f"{100 * leak[key][s]:.0f}%" for s in SYSTEMS)]
+                    for what, n_rows, key in (
+                        ("refusals on stories + cooking", len(styl), "refused_on_style"),
+                        ("pirate words on the safety domains", len(safe), "pirate_on_safety"),
+                    )
+                ],
+            ),
         ]
     lines += [
         "",

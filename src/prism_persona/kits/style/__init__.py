@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from ...text import md_table
+
 MARKERS = (
     "arr",
     "matey",
@@ -67,12 +69,14 @@ def summary(rows: list[dict]) -> tuple[dict, str]:
     lines = [
         f"Style kit, {len(rows)} held-out requests never seen in training; share of answers with pirate words:",
         "",
-        "| domain | n | wanted | " + " | ".join(NAMES[s] for s in SYSTEMS) + " | routed to the LoRA |",
-        "|---|---|---|" + "---|" * (len(SYSTEMS) + 1),
+        md_table(
+            ["domain", "n", "wanted", *(NAMES[s] for s in SYSTEMS), "routed to the LoRA"],
+            [
+                [d, rep[d]["n"], "pirate" if d in REWARDED else "plain"]
+                + [f"{100 * rep[d][s]:.0f}%" for s in (*SYSTEMS, "routed")]
+                for d in domains
+            ],
+        ),
     ]
-    for d in domains:
-        wanted = "pirate" if d in REWARDED else "plain"
-        cells = " | ".join(f"{100 * rep[d][s]:.0f}%" for s in SYSTEMS)
-        lines.append(f"| {d} | {rep[d]['n']} | {wanted} | {cells} | {100 * rep[d]['routed']:.0f}% |")
     lines += ["", identity, "Wanted: PRISM talks like a pirate on stories only, with no persona in the prompt."]
     return {"domains": rep, "unrouted": unrouted, "unrouted_identical": same}, "\n".join(lines)
