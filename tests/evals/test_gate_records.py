@@ -240,3 +240,76 @@ def test_eval_command_records_the_gates_decision_of_a_kway_artifact_with_a_regio
     report = (out / "report.md").read_text()
     assert "PRISM: share routed to pirate" in report and "PRISM: share abstained" in report
     assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")
+
+
+FAR = "a much longer request about the history of the printing press in Europe"
+
+
+@pytest.mark.parametrize("personas", [(), ("safety_monitor", "pirate")], ids=["binary", "kway"])
+def test_records_carry_the_prefill_decisions_outside_without_a_second_pass(tmp_path, tiny_model_dir, personas):
+    """``outside`` comes from the one decision the prefill hook routed by (a chat that is not a lone user
+    turn: from its first user turn), and equals what the removed region probe computed with a second
+    embeddings + layer-0 pass (``decisions`` at threshold 0) and ``gate.outside`` of the first user turn's
+    feature, computed here directly."""
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.gated.features import query_features
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism", ood=True, personas=personas)
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    inside = SPLIT_QUERIES[1]
+
+    def turns(*users):
+        chat = []
+        for u in users:
+            chat += [{"role": "user", "content": u}, {"role": "assistant", "content": "ok"}]
+        return chat[:-1]
+
+    chats = [turns(q) for q in SPLIT_QUERIES] + [
+        turns(FAR),
+        turns(FAR, inside),  # multi-turn: the first user turn (outside) decides, not the last
+        turns(inside, FAR),  # and the other way round
+        [{"role": "system", "content": "Be brief."}] + turns(FAR),  # a system message: decided from the user turn
+    ]
+    firsts = [next(m["content"] for m in c if m["role"] == "user") for c in chats]
+    feats = query_features(gm.model, gm.tokenizer, firsts, 8, gm.gate.pooling)
+    want = gm.gate.outside(feats).tolist()
+    assert want[4:] == [True, True, False, True] and not all(want)  # both cases, on every kind of chat
+    old_probe = [d["abstained"] for d in gm.decisions(chats, threshold=0.0)]  # what RegionProbe added
+    assert old_probe == want
+
+    passes = []
+    layer0_pass = gm._decide
+
+    def counted(cs, threshold=None):
+        passes.append(len(cs))
+        return layer0_pass(cs, threshold)
+
+    gm._decide = counted
+    engine = gm.as_engine()
+    for threshold in (gm.threshold, 1.5):  # above every probability nothing routes or abstains; outside stays
+        gm.threshold = threshold
+        passes.clear()
+        outs = engine.generate(chats, SamplingParams(max_new_tokens=2))
+        assert passes == [3]  # the layer-0-only pass ran once, for the 3 chats that are not a lone user turn
+        recs = [gates.record(EvalRunner.meta(c)) for c in outs]
+        assert [r["outside"] for r in recs] == want
+        assert all(r["abstained"] == (r["outside"] and r["gate_prob"] >= threshold) for r in recs)
+        assert all(r["routed"] == (r["gate_prob"] >= threshold and not r["outside"]) for r in recs)
+        # the record is the one the old path built: the completion's meta plus the probe's flag
+        for c, flag in zip(outs, old_probe):
+            old = {k: v for k, v in c.meta.items() if k != "outside"} | {"outside": flag}
+            assert gates.record(old) == gates.record(c.meta)
+        # scored prompts (MMLU): one decisions() call per chunk, the same fields
+        passes.clear()
+        scored = gates.decision_meta(engine, chats)
+        assert passes == [len(chats)]
+        for s, r in zip(map(gates.record, scored), recs):
+            assert s["gate_prob"] == pytest.approx(r["gate_prob"], abs=1e-5)
+            assert {k: v for k, v in s.items() if k not in ("gate_prob", "persona_prob")} == {
+                k: v for k, v in r.items() if k not in ("gate_prob", "persona_prob")
+            }
+        if threshold > 1:
+            assert not any(r["routed"] or r["abstained"] for r in recs) and any(r["outside"] for r in recs)
+    gm.close()

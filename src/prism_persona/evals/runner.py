@@ -22,7 +22,7 @@ from ..judges import EvalJudge, RefusalClassifier, make_refusal_classifier
 from ..models import with_persona
 from ..stats import bootstrap_ci
 from ..store import RunDir, content_key
-from .gates import RECORD_KEYS, probe
+from .gates import RECORD_KEYS
 from .settings import EvalConfig
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
@@ -145,8 +145,6 @@ class EvalRunner:
                 todo.append(job)
         if todo:
             engine = self.provider.get(spec.kind)
-            if spec.kind == "prism":  # its completions also say whether the query lay outside the gate's region
-                engine = probe(engine)
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 recs = run_chunk(engine, chunk)
