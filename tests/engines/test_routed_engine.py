@@ -75,6 +75,10 @@ def test_an_abstaining_router_reports_it_and_sends_the_row_to_the_base(fake_engi
     assert [o.meta["outside"] for o in outs] == [False, True, False]  # the router's one decision, carried
     assert [o.meta["routed"] for o in outs] == [True, False, True]
     assert [o.text.split(":")[0] for o in outs] == ["prism", "tiny", "prism"]
+    # scored rows (MMLU): the same meta, from the plan the rows were scored by
+    scores, metas = RoutedEngine(fake_engine, AbstainingRouter(), "prism").score_choices_meta(CHATS, ["A", "B"])
+    assert len(scores) == 3 and metas == [{k: o.meta[k] for k in metas[0]} for o in outs]
+    assert [m["outside"] for m in metas] == [False, True, False]
     # a router without a region reports the two fields it always did
     plain = RoutedEngine(fake_engine, KeywordRouter(), "prism").generate(CHATS, SamplingParams(max_new_tokens=4))
     assert all(set(o.meta) >= {"routed", "gate_prob"} and not {"abstained", "outside"} & set(o.meta) for o in plain)

@@ -301,15 +301,20 @@ def test_records_carry_the_prefill_decisions_outside_without_a_second_pass(tmp_p
         for c, flag in zip(outs, old_probe):
             old = {k: v for k, v in c.meta.items() if k != "outside"} | {"outside": flag}
             assert gates.record(old) == gates.record(c.meta)
-        # scored prompts (MMLU): one decisions() call per chunk, the same fields
+        # scored prompts (MMLU): the scoring forward's own decision (the layer-0-only pass only for the
+        # chats that are not a lone user turn, as in generate); an engine without it: one decisions() call
         passes.clear()
-        scored = gates.decision_meta(engine, chats)
+        scores, by_forward = gates.scored_with_meta(engine, chats, ["A", "B"])
+        assert passes == [3] and len(scores) == len(chats) and set(scores[0]) == {"A", "B"}
+        passes.clear()
+        by_decisions = gates.decision_meta(engine, chats)
         assert passes == [len(chats)]
-        for s, r in zip(map(gates.record, scored), recs):
-            assert s["gate_prob"] == pytest.approx(r["gate_prob"], abs=1e-5)
-            assert {k: v for k, v in s.items() if k not in ("gate_prob", "persona_prob")} == {
-                k: v for k, v in r.items() if k not in ("gate_prob", "persona_prob")
-            }
+        for metas in (by_forward, by_decisions):
+            for s, r in zip(map(gates.record, metas), recs):
+                assert s["gate_prob"] == pytest.approx(r["gate_prob"], abs=1e-5)
+                assert {k: v for k, v in s.items() if k not in ("gate_prob", "persona_prob")} == {
+                    k: v for k, v in r.items() if k not in ("gate_prob", "persona_prob")
+                }
         if threshold > 1:
             assert not any(r["routed"] or r["abstained"] for r in recs) and any(r["outside"] for r in recs)
     gm.close()

@@ -123,6 +123,19 @@ def gated_model(engine) -> Any:
     return None
 
 
+def scored_with_meta(engine, chats: Sequence[list], choices: Sequence[str]) -> tuple[Optional[list], list[dict]]:
+    """``(engine.score_choices(chats, choices), routing meta per chat)`` of a gated engine: the meta of the
+    decision the scoring forward itself routed by where the engine reports it (``score_choices_meta``:
+    the in-process gated model's prefill hook, the vLLM router's plan), else :func:`decision_meta`.
+    Scores ``None``: the engine cannot score (meta ``{}`` per chat)."""
+    fn = getattr(engine, "score_choices_meta", None)
+    if callable(fn):
+        scores, metas = fn(list(chats), list(choices))
+        return scores, [{k: m[k] for k in RECORD_KEYS if k in m} for m in metas]
+    scores = engine.score_choices(chats, list(choices))
+    return scores, (decision_meta(engine, chats) if scores is not None else [{} for _ in chats])
+
+
 def decision_meta(engine, chats: Sequence[list]) -> list[dict]:
     """The routing meta of scored prompts (MMLU by log-likelihood: nothing is generated) as a completion of
     the gated engine reports it (``outside`` included where the gate can abstain): one decision per chat,

@@ -465,20 +465,30 @@ class GatedModel:
     @torch.no_grad()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str], force: Force = None) -> list[dict]:
         """log P(first token of each choice) after the generation prompt, routed as in :meth:`generate`."""
+        return self.score_choices_meta(chats, choices, force)[0]
+
+    @torch.no_grad()
+    def score_choices_meta(
+        self, chats: Sequence[list], choices: Sequence[str], force: Force = None
+    ) -> tuple[list[dict], list[dict]]:
+        """(:meth:`score_choices`, the routing meta of each row as :meth:`generate` reports it): the decision
+        the scoring forward routed by, so nothing asks the gate a second time."""
         choice_ids = {c: self.engine.choice_token_ids(c) for c in choices}
         overrides = normalise_force(force, len(chats))
         self.check_force(overrides)
         pre = self._prerouted(chats)
         texts = [render_chat(self.tokenizer, c) for c in chats]
         out: list[dict] = []
+        metas: list[dict] = []
         for start in range(0, len(texts), self.batch_size):
             sl = slice(start, start + self.batch_size)
             enc = encode_prompts(self.tokenizer, texts[sl], self.device)
             logits, _, _ = self._forward(enc["input_ids"], enc["attention_mask"], overrides[sl], pre[sl])
+            metas.extend(self._meta())  # the decision of this forward's prefill hook
             logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
             for row in range(logp.shape[0]):
                 out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
-        return out
+        return out, metas
 
     def as_engine(self, force: Force = None) -> GatedEngine:
         """An :class:`Engine` over this model (for the judge, evals, the server)."""
@@ -609,3 +619,7 @@ class GatedEngine(Engine):
 
     def score_choices(self, chats, choices):
         return self.gated.score_choices(chats, choices, self.force)
+
+    def score_choices_meta(self, chats, choices):
+        """(scores, routing meta per row) of one scoring pass (:meth:`GatedModel.score_choices_meta`)."""
+        return self.gated.score_choices_meta(chats, choices, self.force)

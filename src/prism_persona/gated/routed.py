@@ -94,11 +94,16 @@ class RoutedEngine(Engine):
 
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice), each row on the model its routing picks."""
+        return self.score_choices_meta(chats, choices)[0]
+
+    def score_choices_meta(self, chats: Sequence[list], choices: Sequence[str]) -> tuple[list[dict], list[dict]]:
+        """(:meth:`score_choices`, the routing meta of each row as :meth:`generate` reports it), from one
+        decision per row."""
         chats = list(chats)
         if not chats:
-            return []
-        models, _ = self._plan(chats)
-        return self.engine.score_choices(chats, choices, model=models)
+            return [], []
+        models, metas = self._plan(chats)
+        return self.engine.score_choices(chats, choices, model=models), metas
 
     @property
     def can_score(self) -> bool:

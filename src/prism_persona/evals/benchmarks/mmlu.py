@@ -26,7 +26,7 @@ from typing import Optional
 
 from ...errors import PrismError
 from .. import sources as S
-from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register, route_meta
+from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register, scored
 from ..data import take_stratified
 from ..format import fig_md, fmt_ci, grouped_bars, md_table, present, routing_table
 from ..runner import Job
@@ -355,9 +355,8 @@ class MMLUEvaluator(Evaluator):
 
         def run_chunk(engine, chunk):
             chats = [j.payload for j in chunk]
-            scores = engine.score_choices(chats, list(LETTERS))
+            scores, routes = scored(engine, chats, LETTERS, gated=spec.kind == "prism")
             if scores is not None:
-                routes = route_meta(engine, chats) if spec.kind == "prism" else [{} for _ in chats]
                 runner.count.scored += len(chunk)
                 return [
                     {"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc), "meta": rt}
