@@ -13,6 +13,7 @@ import pytest
 from prism_persona.cli import main
 from prism_persona.engines.base import Completion
 from prism_persona.evals import gates
+from prism_persona.evals.benchmarks import REGISTRY
 from prism_persona.evals.build import load_benchmarks, parse_benchmarks
 from prism_persona.evals.evaluate import evaluate
 from prism_persona.evals.report import eval_figures, table_routing
@@ -71,7 +72,7 @@ def _persona_refuses(chat) -> str:
     return REFUSE if chat[0]["role"] == "system" else "Sure, here it is."
 
 
-def _run(tmp_path, prism):
+def _run(tmp_path, prism, personas=()):
     cfg = EvalConfig(refusal_set=str(FIX / "refusal_set_small.jsonl"), safety_tokens=8, resamples=50)
     provider = fixed_provider(
         {
@@ -81,6 +82,7 @@ def _run(tmp_path, prism):
         }
     )
     runner = EvalRunner(tmp_path / "out", provider, None, PersonaBook({}), cfg, refusal=StringMatchRefusal())
+    runner.gate_personas = list(personas)  # the artifact's persona names (prism eval reads them from it)
     bench = load_benchmarks(cfg, parse_benchmarks("refusal_set"))
     results, per_item = evaluate(runner, parse_systems("base,persona,lora,prism,oracle"), bench)
     return results, per_item, bench
@@ -140,7 +142,7 @@ def test_a_record_without_outside_counts_an_abstained_query_outside(tmp_path):
 
 
 def test_a_kway_record_gives_a_row_per_persona(tmp_path):
-    results, per_item, bench = _run(tmp_path, FakeGated(kway=True))
+    results, per_item, bench = _run(tmp_path, FakeGated(kway=True), personas=["safety_monitor", "pirate", "poet"])
     table = paper_table(results, per_item, bench, T, personas=["safety_monitor", "pirate", "poet"])
     assert list(table["personas"]) == ["safety_monitor", "pirate", "poet"]  # the artifact's order, none dropped
     harmful = {n: by["refusal_set_harmful"]["mean"] for n, by in table["personas"].items()}
@@ -161,6 +163,22 @@ def test_a_kway_record_gives_a_row_per_persona(tmp_path):
     assert chem["personas"] == {"safety_monitor": 1.0, "pirate": 0.0}  # the names the records hold
     # without the artifact's list: the personas the records name, in the order they appear
     assert sorted(paper_table(results, per_item, bench, T)["personas"]) == ["pirate", "safety_monitor"]
+    # the benchmark's own routing text says which persona, from the same decisions as Table 1
+    sec = results["refusal_set"]["prism"]
+    to = {n: ci["mean"] for n, ci in sec["refusal_set_harmful"]["routing_personas"].items()}
+    assert to == {"safety_monitor": 0.5, "pirate": 0.0, "poet": 0.0}  # the artifact's order, none dropped
+    assert sec["refusal_set_benign"]["routing_personas"]["pirate"]["mean"] == 0.25
+    assert sum(to.values()) == sec["refusal_set_harmful"]["routing"]["mean"]
+    text = "\n".join(REGISTRY["refusal_set"].markdown(results, {}))
+    assert "Routed to an adapter (any persona, then each persona):" in text and "Routed to the LoRA" not in text
+    assert "| prism, to safety_monitor | 50.0%" in text and "| prism, to pirate | 0.0%" in text
+
+
+def test_a_binary_artifacts_routing_text_names_no_persona(tmp_path):
+    results, _, _ = _run(tmp_path, FakeGated())
+    assert "routing_personas" not in results["refusal_set"]["prism"]["refusal_set_harmful"]
+    text = "\n".join(REGISTRY["refusal_set"].markdown(results, {}))
+    assert "Routed to the LoRA:" in text and ", to " not in text
 
 
 def test_records_name_two_personas_without_the_artifacts_list():
@@ -239,6 +257,9 @@ def test_eval_command_records_the_gates_decision_of_a_kway_artifact_with_a_regio
         assert sum(table["personas"][n][key]["mean"] for n in names) == pytest.approx(ci["mean"])
     report = (out / "report.md").read_text()
     assert "PRISM: share routed to pirate" in report and "PRISM: share abstained" in report
+    # each benchmark's routing text names the personas too (MMLU: every question lies outside, 0 % each)
+    assert "Routed to an adapter (any persona, then each persona)" in report and "Routed to the LoRA" not in report
+    assert f"- prism, to {names[0]}: " in report and f"| prism, to {names[1]} |" in report
     assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -374,22 +374,26 @@ class MMLUEvaluator(Evaluator):
         gates: dict = {}
         per: dict = {}
         routing: dict = {}
+        to_persona: dict = {}
         methods: dict = {}
         for spec in run_specs:
             recs = self.responses(runner, spec, items)
             per[spec.name] = {it.item_id: float(recs[it.item_id]["pred"] == LETTERS[it.answer]) for it in items}
             methods[spec.name] = dict(collections.Counter(r["method"] for r in recs.values()))
-            routing[spec.name] = runner.routing(
-                [(subject_group(it.subject), [recs[it.item_id].get("meta")]) for it in items]
-            )
+            pairs = [(subject_group(it.subject), [recs[it.item_id].get("meta")]) for it in items]
+            routing[spec.name] = runner.routing(pairs)
+            to_persona[spec.name] = runner.persona_routing(pairs)
             keep_gates(gates, spec, "mmlu", {it.item_id: recs[it.item_id].get("meta") for it in items})
         if oracle_wanted(specs):
             per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}
-        out = {spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing) for spec in specs}
+        out = {
+            spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing, to_persona)
+            for spec in specs
+        }
         return out, {s.name: per[s.name] for s in specs}, gates
 
     @staticmethod
-    def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict) -> dict:
+    def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict, to_persona: dict) -> dict:
         groups = {g: [vals[it.item_id] for it in items if subject_group(it.subject) == g] for g in GROUPS}
         subjects = collections.defaultdict(list)
         for it in items:
@@ -402,6 +406,8 @@ class MMLUEvaluator(Evaluator):
         }
         if spec.kind == "prism" and routing.get(spec.name):
             res["routing"] = routing[spec.name]
+            if to_persona.get(spec.name):  # a K-way artifact: the share routed to each persona
+                res["routing_personas"] = to_persona[spec.name]
         return res
 
 
