@@ -64,16 +64,21 @@ class AbstainingRouter(KeywordRouter):
     def decisions(self, chats):
         out = []
         for p, r in self.route(chats):
-            out.append({"gate_prob": p, "routed": r, "abstained": False})
-        out[1] = {"gate_prob": 0.9, "routed": False, "abstained": True}
+            out.append({"gate_prob": p, "routed": r, "abstained": False, "outside": False})
+        out[1] = {"gate_prob": 0.9, "routed": False, "abstained": True, "outside": True}
         return out
 
 
 def test_an_abstaining_router_reports_it_and_sends_the_row_to_the_base(fake_engine):
     outs = RoutedEngine(fake_engine, AbstainingRouter(), "prism").generate(CHATS, SamplingParams(max_new_tokens=4))
     assert [o.meta["abstained"] for o in outs] == [False, True, False]
+    assert [o.meta["outside"] for o in outs] == [False, True, False]  # the router's one decision, carried
     assert [o.meta["routed"] for o in outs] == [True, False, True]
     assert [o.text.split(":")[0] for o in outs] == ["prism", "tiny", "prism"]
+    # scored rows (MMLU): the same meta, from the plan the rows were scored by
+    scores, metas = RoutedEngine(fake_engine, AbstainingRouter(), "prism").score_choices_meta(CHATS, ["A", "B"])
+    assert len(scores) == 3 and metas == [{k: o.meta[k] for k in metas[0]} for o in outs]
+    assert [m["outside"] for m in metas] == [False, True, False]
     # a router without a region reports the two fields it always did
     plain = RoutedEngine(fake_engine, KeywordRouter(), "prism").generate(CHATS, SamplingParams(max_new_tokens=4))
-    assert all(set(o.meta) >= {"routed", "gate_prob"} and "abstained" not in o.meta for o in plain)
+    assert all(set(o.meta) >= {"routed", "gate_prob"} and not {"abstained", "outside"} & set(o.meta) for o in plain)

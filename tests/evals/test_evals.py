@@ -10,7 +10,7 @@ import pytest
 
 from prism_persona.errors import PrismError
 from prism_persona.evals.benchmarks.mmlu import GROUPS, SUBJECT_GROUP, load_mmlu, subject_group
-from prism_persona.evals.benchmarks.mtbench import load_mtbench
+from prism_persona.evals.benchmarks.mtbench import MTBench, load_mtbench
 from prism_persona.evals.benchmarks.safety import load_safety
 from prism_persona.evals.evaluate import Benchmarks, evaluate
 from prism_persona.evals.runner import EvalRunner
@@ -371,10 +371,14 @@ def test_safety_refusal_rates_and_audit(tmp_path):
 
 def test_prism_routing_per_category(tmp_path):
     class Gated(ScriptedEngine):
+        """Routes the first turn of writing questions; its second-turn meta says the opposite (a gated model
+        keeps the first turn's decision: the routing counts each question once, by its first turn)."""
+
         def generate(self, chats, params, desc=""):
             outs = super().generate(chats, params)
             for c, o in zip(chats, outs):
-                o.meta = {"routed": "haiku" in c[0]["content"] or "limerick" in c[0]["content"], "gate_prob": 0.7}
+                routed = "haiku" in c[0]["content"] or "limerick" in c[0]["content"]
+                o.meta = {"routed": routed if len(c) == 1 else not routed, "gate_prob": 0.7}
             return outs
 
     items = load_mtbench(FIX / "mtbench_small.jsonl")
@@ -386,8 +390,12 @@ def test_prism_routing_per_category(tmp_path):
     res, _ = evaluate(r, parse_systems("base,prism"), Benchmarks(mtbench=items))
     rt = res["mtbench"]["prism"]["routing"]
     assert rt["writing"]["mean"] == 1.0 and rt["coding"]["mean"] == 0.0 and rt["all"]["mean"] == pytest.approx(1 / 3)
-    assert rt["writing"]["n"] == 4  # 2 questions x 2 turns
+    assert rt["writing"]["n"] == 2 and rt["all"]["n"] == len(items)  # each question once (Table 1's rule)
     assert "routing" not in res["mtbench"]["base"]
+    md = MTBench().markdown(res, {})
+    assert "Routed to the LoRA (MT-Bench, by category; each question once, by its first turn's decision" in "\n".join(
+        md
+    )
 
 
 def test_resume_never_regenerates(tmp_path):

@@ -64,7 +64,7 @@ def test_eval_with_prism_artifact(tmp_path, monkeypatch, tiny_model_dir):
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["systems"] == ["base", "lora", "prism", "oracle"]
     rt = res["mtbench"]["prism"]["routing"]
-    assert rt["all"]["n"] == 6 and 0.0 <= rt["all"]["mean"] <= 1.0  # 3 questions x 2 turns
+    assert rt["all"]["n"] == 3 and 0.0 <= rt["all"]["mean"] <= 1.0  # 3 questions, by their first turn
     assert res["mmlu"]["prism"]["routing"]["all"]["n"] == 3  # MMLU routing via GatedModel.route
     assert res["safety"]["prism"]["pku"]["routing"]["n"] == 3
     assert "routing" not in res["mtbench"]["lora"] and "routing" not in res["mtbench"]["base"]

@@ -13,6 +13,7 @@ import pytest
 from prism_persona.cli import main
 from prism_persona.engines.base import Completion
 from prism_persona.evals import gates
+from prism_persona.evals.benchmarks import REGISTRY
 from prism_persona.evals.build import load_benchmarks, parse_benchmarks
 from prism_persona.evals.evaluate import evaluate
 from prism_persona.evals.report import eval_figures, table_routing
@@ -71,7 +72,7 @@ def _persona_refuses(chat) -> str:
     return REFUSE if chat[0]["role"] == "system" else "Sure, here it is."
 
 
-def _run(tmp_path, prism):
+def _run(tmp_path, prism, personas=()):
     cfg = EvalConfig(refusal_set=str(FIX / "refusal_set_small.jsonl"), safety_tokens=8, resamples=50)
     provider = fixed_provider(
         {
@@ -81,6 +82,7 @@ def _run(tmp_path, prism):
         }
     )
     runner = EvalRunner(tmp_path / "out", provider, None, PersonaBook({}), cfg, refusal=StringMatchRefusal())
+    runner.gate_personas = list(personas)  # the artifact's persona names (prism eval reads them from it)
     bench = load_benchmarks(cfg, parse_benchmarks("refusal_set"))
     results, per_item = evaluate(runner, parse_systems("base,persona,lora,prism,oracle"), bench)
     return results, per_item, bench
@@ -140,7 +142,7 @@ def test_a_record_without_outside_counts_an_abstained_query_outside(tmp_path):
 
 
 def test_a_kway_record_gives_a_row_per_persona(tmp_path):
-    results, per_item, bench = _run(tmp_path, FakeGated(kway=True))
+    results, per_item, bench = _run(tmp_path, FakeGated(kway=True), personas=["safety_monitor", "pirate", "poet"])
     table = paper_table(results, per_item, bench, T, personas=["safety_monitor", "pirate", "poet"])
     assert list(table["personas"]) == ["safety_monitor", "pirate", "poet"]  # the artifact's order, none dropped
     harmful = {n: by["refusal_set_harmful"]["mean"] for n, by in table["personas"].items()}
@@ -161,6 +163,22 @@ def test_a_kway_record_gives_a_row_per_persona(tmp_path):
     assert chem["personas"] == {"safety_monitor": 1.0, "pirate": 0.0}  # the names the records hold
     # without the artifact's list: the personas the records name, in the order they appear
     assert sorted(paper_table(results, per_item, bench, T)["personas"]) == ["pirate", "safety_monitor"]
+    # the benchmark's own routing text says which persona, from the same decisions as Table 1
+    sec = results["refusal_set"]["prism"]
+    to = {n: ci["mean"] for n, ci in sec["refusal_set_harmful"]["routing_personas"].items()}
+    assert to == {"safety_monitor": 0.5, "pirate": 0.0, "poet": 0.0}  # the artifact's order, none dropped
+    assert sec["refusal_set_benign"]["routing_personas"]["pirate"]["mean"] == 0.25
+    assert sum(to.values()) == sec["refusal_set_harmful"]["routing"]["mean"]
+    text = "\n".join(REGISTRY["refusal_set"].markdown(results, {}))
+    assert "Routed to an adapter (any persona, then each persona):" in text and "Routed to the LoRA" not in text
+    assert "| prism, to safety_monitor | 50.0%" in text and "| prism, to pirate | 0.0%" in text
+
+
+def test_a_binary_artifacts_routing_text_names_no_persona(tmp_path):
+    results, _, _ = _run(tmp_path, FakeGated())
+    assert "routing_personas" not in results["refusal_set"]["prism"]["refusal_set_harmful"]
+    text = "\n".join(REGISTRY["refusal_set"].markdown(results, {}))
+    assert "Routed to the LoRA:" in text and ", to " not in text
 
 
 def test_records_name_two_personas_without_the_artifacts_list():
@@ -239,4 +257,85 @@ def test_eval_command_records_the_gates_decision_of_a_kway_artifact_with_a_regio
         assert sum(table["personas"][n][key]["mean"] for n in names) == pytest.approx(ci["mean"])
     report = (out / "report.md").read_text()
     assert "PRISM: share routed to pirate" in report and "PRISM: share abstained" in report
+    # each benchmark's routing text names the personas too (MMLU: every question lies outside, 0 % each)
+    assert "Routed to an adapter (any persona, then each persona)" in report and "Routed to the LoRA" not in report
+    assert f"- prism, to {names[0]}: " in report and f"| prism, to {names[1]} |" in report
     assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")
+
+
+FAR = "a much longer request about the history of the printing press in Europe"
+
+
+@pytest.mark.parametrize("personas", [(), ("safety_monitor", "pirate")], ids=["binary", "kway"])
+def test_records_carry_the_prefill_decisions_outside_without_a_second_pass(tmp_path, tiny_model_dir, personas):
+    """``outside`` comes from the one decision the prefill hook routed by (a chat that is not a lone user
+    turn: from its first user turn), and equals what the removed region probe computed with a second
+    embeddings + layer-0 pass (``decisions`` at threshold 0) and ``gate.outside`` of the first user turn's
+    feature, computed here directly."""
+    from prism_persona.engines.base import SamplingParams
+    from prism_persona.gated.features import query_features
+    from prism_persona.gated.model import GatedModel
+    from prism_persona.testing import SPLIT_QUERIES, make_tiny_artifact
+
+    art = make_tiny_artifact(tiny_model_dir, tmp_path / "prism", ood=True, personas=personas)
+    gm = GatedModel.from_pretrained(art, device="cpu", dtype="float32")
+    inside = SPLIT_QUERIES[1]
+
+    def turns(*users):
+        chat = []
+        for u in users:
+            chat += [{"role": "user", "content": u}, {"role": "assistant", "content": "ok"}]
+        return chat[:-1]
+
+    chats = [turns(q) for q in SPLIT_QUERIES] + [
+        turns(FAR),
+        turns(FAR, inside),  # multi-turn: the first user turn (outside) decides, not the last
+        turns(inside, FAR),  # and the other way round
+        [{"role": "system", "content": "Be brief."}] + turns(FAR),  # a system message: decided from the user turn
+    ]
+    firsts = [next(m["content"] for m in c if m["role"] == "user") for c in chats]
+    feats = query_features(gm.model, gm.tokenizer, firsts, 8, gm.gate.pooling)
+    want = gm.gate.outside(feats).tolist()
+    assert want[4:] == [True, True, False, True] and not all(want)  # both cases, on every kind of chat
+    old_probe = [d["abstained"] for d in gm.decisions(chats, threshold=0.0)]  # what RegionProbe added
+    assert old_probe == want
+
+    passes = []
+    layer0_pass = gm._decide
+
+    def counted(cs, threshold=None):
+        passes.append(len(cs))
+        return layer0_pass(cs, threshold)
+
+    gm._decide = counted
+    engine = gm.as_engine()
+    for threshold in (gm.threshold, 1.5):  # above every probability nothing routes or abstains; outside stays
+        gm.threshold = threshold
+        passes.clear()
+        outs = engine.generate(chats, SamplingParams(max_new_tokens=2))
+        assert passes == [3]  # the layer-0-only pass ran once, for the 3 chats that are not a lone user turn
+        recs = [gates.record(EvalRunner.meta(c)) for c in outs]
+        assert [r["outside"] for r in recs] == want
+        assert all(r["abstained"] == (r["outside"] and r["gate_prob"] >= threshold) for r in recs)
+        assert all(r["routed"] == (r["gate_prob"] >= threshold and not r["outside"]) for r in recs)
+        # the record is the one the old path built: the completion's meta plus the probe's flag
+        for c, flag in zip(outs, old_probe):
+            old = {k: v for k, v in c.meta.items() if k != "outside"} | {"outside": flag}
+            assert gates.record(old) == gates.record(c.meta)
+        # scored prompts (MMLU): the scoring forward's own decision (the layer-0-only pass only for the
+        # chats that are not a lone user turn, as in generate); an engine without it: one decisions() call
+        passes.clear()
+        scores, by_forward = gates.scored_with_meta(engine, chats, ["A", "B"])
+        assert passes == [3] and len(scores) == len(chats) and set(scores[0]) == {"A", "B"}
+        passes.clear()
+        by_decisions = gates.decision_meta(engine, chats)
+        assert passes == [len(chats)]
+        for metas in (by_forward, by_decisions):
+            for s, r in zip(map(gates.record, metas), recs):
+                assert s["gate_prob"] == pytest.approx(r["gate_prob"], abs=1e-5)
+                assert {k: v for k, v in s.items() if k not in ("gate_prob", "persona_prob")} == {
+                    k: v for k, v in r.items() if k not in ("gate_prob", "persona_prob")
+                }
+        if threshold > 1:
+            assert not any(r["routed"] or r["abstained"] for r in recs) and any(r["outside"] for r in recs)
+    gm.close()

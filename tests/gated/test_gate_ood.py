@@ -175,6 +175,7 @@ def test_gated_model_abstains_in_the_prefill_and_in_route_alike(tiny_model_dir, 
     # route() / decisions(): the layer-0-only pass
     dec = gm.decisions(chats)
     assert [d["abstained"] for d in dec] == [False, True, False]
+    assert [d["outside"] for d in dec] == [False, True, False]  # every probability says route here
     assert [d["routed"] for d in dec] == [True, False, True]
     assert gm.route(chats) == [(d["gate_prob"], d["routed"]) for d in dec]
     # the prefill hook (forward_logits on a left-padded batch) decides the same
@@ -191,6 +192,7 @@ def test_gated_model_abstains_in_the_prefill_and_in_route_alike(tiny_model_dir, 
             "routed": d["routed"],
             "gate_prob": pytest.approx(d["gate_prob"], abs=1e-5),
             "abstained": d["abstained"],
+            "outside": d["outside"],
             "persona": None,  # a binary artifact's unnamed adapter
             "persona_prob": pytest.approx(d["gate_prob"], abs=1e-5) if d["routed"] else None,
         }
@@ -203,6 +205,6 @@ def test_gated_model_abstains_in_the_prefill_and_in_route_alike(tiny_model_dir, 
     # a chat that is not a lone user turn is decided by route() from its first user turn: abstains too
     multi = [{"role": "user", "content": FAR}, {"role": "assistant", "content": "?"}, {"role": "user", "content": "ok"}]
     (m,) = gm.generate([multi], SamplingParams(max_new_tokens=2))
-    assert m.meta["abstained"] and not m.meta["routed"]
+    assert m.meta["abstained"] and m.meta["outside"] and not m.meta["routed"]
     assert m.meta["gate_prob"] == pytest.approx(dec[1]["gate_prob"], abs=1e-5)
     gm.close()

@@ -41,10 +41,12 @@ def test_serve_reports_abstained_as_the_gate_decides(gated):
             headers, prism = ask(srv, q)
             assert prism == {"routed": d["routed"], "gate_prob": pytest.approx(d["gate_prob"], abs=1e-6)} | {
                 "abstained": d["abstained"],
+                "outside": d["outside"],
                 "persona": None,  # a binary artifact's unnamed adapter
                 "persona_prob": d["persona_prob"],
             }
             assert headers["X-Prism-Abstained"] == ("true" if d["abstained"] else "false")
+            assert headers["X-Prism-Outside"] == ("true" if d["outside"] else "false")
 
 
 def test_route_only_reports_abstained(gated):
@@ -57,12 +59,14 @@ def test_route_only_reports_abstained(gated):
         opts = ServeOptions(port=0, base_name="base", lora_name="lora", upstream=up.url)
         with PrismServer(GatedBackend(router), opts, Forwarder(up.url, api_key="k", timeout_s=20)).start() as srv:
             headers, prism = ask(srv, FAR)
-            assert prism["abstained"] is True and prism["routed"] is False
+            assert prism["abstained"] is True and prism["outside"] is True and prism["routed"] is False
             assert headers["X-Prism-Upstream-Model"] == "base" and headers["X-Prism-Abstained"] == "true"
+            assert headers["X-Prism-Outside"] == "true"
             # forced on: the gate's abstain decision is still reported, the routing is the forced one
             body = {"model": "m", "messages": [{"role": "user", "content": FAR}], "prism": {"force": True}}
             _, _, resp = http_request(srv, "POST", "/v1/chat/completions", body)
             assert resp["prism"]["routed"] is True and resp["prism"]["abstained"] is True
+            assert resp["prism"]["outside"] is True
     assert [b["model"] for b in up.bodies] == ["base", "lora"]
 
 
@@ -73,6 +77,7 @@ def test_a_gate_without_a_region_reports_no_abstained(tiny_model_dir, tmp_path):
     with serve_fake(gm) as srv:
         headers, prism = ask(srv, FAR)
     assert set(prism) == {"routed", "gate_prob", "persona", "persona_prob"} and "X-Prism-Abstained" not in headers
+    assert "X-Prism-Outside" not in headers
 
 
 def test_generate_rows_and_chat_line_say_abstained(monkeypatch, capsys):
@@ -81,6 +86,8 @@ def test_generate_rows_and_chat_line_say_abstained(monkeypatch, capsys):
 
     meta = {"routed": False, "gate_prob": 0.93, "abstained": True}
     assert routing_fields(Completion("x", meta=meta)) == meta
+    below = {"routed": False, "gate_prob": 0.2, "abstained": False, "outside": True}  # outside, p below t
+    assert routing_fields(Completion("x", meta=below)) == below
     assert routing_fields(Completion("x", meta={"routed": True, "gate_prob": 0.9})) == {
         "routed": True,
         "gate_prob": 0.9,

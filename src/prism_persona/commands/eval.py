@@ -68,6 +68,8 @@ def run(args) -> int:
     bench = load_benchmarks(cfg, names)
     runner = build_runner(cfg, args.out, args.quiet)
     runner.external_answers = external
+    threshold, personas = _gate_info(cfg)
+    runner.gate_personas = list(personas)  # a K-way artifact: each benchmark's routing text names them
     specs = specs + [SystemSpec("answers", domain=m) for m in external]
     try:
         results, per_item = evaluate(runner, specs, bench, pairwise=not cfg.no_pairwise)
@@ -82,7 +84,6 @@ def run(args) -> int:
         runner.provider.close()  # --engine vllm: the server stops once generation and judging are done
     runner.run.write_json("results.json", results)
     runner.run.write_json("per_item.json", per_item)
-    threshold, personas = _gate_info(cfg)
     table = _table(runner, results, per_item, bench, threshold, personas)
     figs = eval_figures(results, runner.run.root, table)
     md = eval_markdown(

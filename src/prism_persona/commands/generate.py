@@ -13,7 +13,7 @@ Read prompts from a JSONL file (each line an object with "prompt": "..." or "mes
 prefill, or forced with --force), and write each input object plus "response", "routed",
 "gate_prob", "persona" (the routed persona's name; null on the base model or for an artifact whose
 one adapter has no name) and "persona_prob" (the gate's probability of that persona) to the output
-JSONL ("abstained" too when the gate can abstain). --force on|off|PERSONA overrides the gate.
+JSONL ("abstained" and "outside" too when the gate can abstain). --force on|off|PERSONA overrides the gate.
 
 The answers go to OUTPUT.partial as they finish and OUTPUT appears, whole, only at the end; run the
 same command again after an interruption and the rows already answered are kept, not redone."""

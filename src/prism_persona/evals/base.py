@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 from .format import fmt_ci, md_table, present
-from .gates import decision_meta
 from .gates import record as gate_record
+from .gates import scored_with_meta
 from .runner import EvalRunner, Job
 from .sources import HubDataset
 from .systems import SystemSpec
@@ -61,10 +61,14 @@ def keep_gates(gates: dict, spec: SystemSpec, bench: str, metas: dict) -> None:
         gates.setdefault(spec.name, {})[bench] = recs
 
 
-def route_meta(engine, chats) -> list[dict]:
-    """Routing meta for scored prompts (nothing generated), as a gated engine's completion reports it
-    (:func:`.gates.decision_meta`); ``{}`` per chat for an engine without a gate."""
-    return decision_meta(engine, chats)
+def scored(engine, chats, choices, gated: bool) -> tuple[Optional[list], list[dict]]:
+    """``(scores, routing meta)`` of scored prompts (nothing generated): for a ``gated`` system the meta of
+    the decision each row was scored with, as a gated engine's completion reports it
+    (:func:`.gates.scored_with_meta`: one decision per row), else ``{}`` per chat. Scores ``None``: the
+    engine cannot score."""
+    if gated:
+        return scored_with_meta(engine, chats, choices)
+    return engine.score_choices(chats, list(choices)), [{} for _ in chats]
 
 
 class CategoryPersona(NamedTuple):

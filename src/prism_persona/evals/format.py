@@ -36,15 +36,24 @@ def present(section: dict, systems) -> list:
     return [s for s in systems if s in section]
 
 
-def routing_table(section: dict, systems, label: str) -> list[str]:
+def routing_table(section: dict, systems, label: str, note: str = "") -> list[str]:
+    """The routed share of each gated system by category; for a K-way artifact (``routing_personas``) the
+    share routed to any adapter, then one line per persona. ``note``: what is counted (e.g. MT-Bench's
+    first turn)."""
     rows = []
+    named = False
     for s in systems:
         rt = section[s].get("routing")
         if rt:
             rows.append([s] + [f"{k}: {fmt_ci(v, pct=True)}" for k, v in rt.items()])
+            for name, by in (section[s].get("routing_personas") or {}).items():
+                named = True
+                rows.append([f"{s}, to {name}"] + [f"{k}: {fmt_ci(v, pct=True)}" for k, v in by.items()])
     if not rows:
         return []
-    return [f"Routed to the LoRA ({label}, by category):", ""] + [f"- {r[0]}: " + "; ".join(r[1:]) for r in rows] + [""]
+    what = "an adapter (any persona, then each persona)" if named else "the LoRA"
+    how = f"{label}, by category" + (f"; {note}" if note else "")
+    return [f"Routed to {what} ({how}):", ""] + [f"- {r[0]}: " + "; ".join(r[1:]) for r in rows] + [""]
 
 
 def fig_md(figures: dict, name: str) -> list[str]:

@@ -16,6 +16,12 @@ Figure 4 and the threshold sweep read it.
 * ``persona`` / ``persona_prob`` (a K-way artifact): the routed persona's name and probability (``None``
   where the query went to the base model).
 
+The record is the routing meta of the completion itself (:func:`record`): the gated model's prefill
+hook (or, for a chat that is not a lone user turn, the decision on its first user turn) reports
+``abstained`` and ``outside`` of the one decision it routed by (``Decision.outside``), so nothing here
+asks the gate a second time; scored prompts (nothing generated) get the same fields from one
+``decisions`` call (:func:`decision_meta`).
+
 A **bare float** (``per_item.json`` written before the record existed, or a hand-made file) is the
 probability alone; it is read with the rule of that time: routed at threshold ``t`` when ``p >= t``
 (which overstates the routing of a gate that abstains).
@@ -117,34 +123,32 @@ def gated_model(engine) -> Any:
     return None
 
 
-def outside_flags(engine, chats: Sequence[list]) -> list[Optional[bool]]:
-    """Per chat, whether its first user turn lies outside the gate's region (the gate's decision at
-    threshold 0, where every probability says route, so ``abstained`` is exactly "outside"); ``None``
-    per chat when the engine's gate cannot abstain or cannot be asked."""
-    gm = gated_model(engine)
-    if gm is None or not getattr(gm, "has_abstain", False) or not chats:
-        return [None] * len(chats)
-    try:
-        rows = gm.decisions(list(chats), threshold=0.0)
-    except TypeError:  # a router without the threshold keyword: the record cannot say
-        return [None] * len(chats)
-    return [bool(d["abstained"]) for d in rows]
+def scored_with_meta(engine, chats: Sequence[list], choices: Sequence[str]) -> tuple[Optional[list], list[dict]]:
+    """``(engine.score_choices(chats, choices), routing meta per chat)`` of a gated engine: the meta of the
+    decision the scoring forward itself routed by where the engine reports it (``score_choices_meta``:
+    the in-process gated model's prefill hook, the vLLM router's plan), else :func:`decision_meta`.
+    Scores ``None``: the engine cannot score (meta ``{}`` per chat)."""
+    fn = getattr(engine, "score_choices_meta", None)
+    if callable(fn):
+        scores, metas = fn(list(chats), list(choices))
+        return scores, [{k: m[k] for k in RECORD_KEYS if k in m} for m in metas]
+    scores = engine.score_choices(chats, list(choices))
+    return scores, (decision_meta(engine, chats) if scores is not None else [{} for _ in chats])
 
 
 def decision_meta(engine, chats: Sequence[list]) -> list[dict]:
     """The routing meta of scored prompts (MMLU by log-likelihood: nothing is generated) as a completion of
-    the gated engine reports it, with ``outside``; ``[{}...]`` for an engine without a gate."""
+    the gated engine reports it (``outside`` included where the gate can abstain): one decision per chat,
+    from its first user turn (``decisions``); ``[{}...]`` for an engine without a gate."""
     gm = gated_model(engine)
     if gm is not None:
-        rows = gm.decisions(list(chats))
-        flags = outside_flags(engine, chats)
         out = []
-        for d, f in zip(rows, flags):
+        for d in gm.decisions(list(chats)):
             m: dict = {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"])}
             if getattr(gm, "has_abstain", False):
                 m["abstained"] = bool(d["abstained"])
-            if f is not None:
-                m["outside"] = f
+                if "outside" in d:
+                    m["outside"] = bool(d["outside"])
             if d.get("persona_name") is not None:
                 m["persona"], m["persona_prob"] = d["persona_name"], d.get("persona_prob")
             out.append(m)
@@ -153,28 +157,3 @@ def decision_meta(engine, chats: Sequence[list]) -> list[dict]:
     if not callable(fn):
         return [{} for _ in chats]
     return [{"gate_prob": float(p), "routed": bool(r)} for p, r in fn(chats)]
-
-
-class RegionProbe:
-    """A gated engine whose completions' meta also says ``outside`` (:func:`outside_flags`, from the same
-    layer-0 feature the gate routed by: one extra embeddings + layer-0 pass per call); every other
-    attribute is the engine's."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def generate(self, chats, params, *args, **kwargs):
-        out = self.engine.generate(chats, params, *args, **kwargs)
-        for c, f in zip(out, outside_flags(self.engine, chats)):
-            if f is not None:
-                c.meta = {**(getattr(c, "meta", None) or {}), "outside": f}
-        return out
-
-
-def probe(engine):
-    """``engine`` wrapped in a :class:`RegionProbe` when its gate can abstain, else ``engine`` itself."""
-    gm = gated_model(engine)
-    return RegionProbe(engine) if gm is not None and getattr(gm, "has_abstain", False) else engine

@@ -22,7 +22,7 @@ from ..judges import EvalJudge, RefusalClassifier, make_refusal_classifier
 from ..models import with_persona
 from ..stats import bootstrap_ci
 from ..store import RunDir, content_key
-from .gates import RECORD_KEYS, probe
+from .gates import RECORD_KEYS, persona, personas
 from .settings import EvalConfig
 from .systems import EngineProvider, PersonaBook, SystemSpec
 
@@ -86,6 +86,8 @@ class EvalRunner:
         self._refusal = refusal
         self._refusal_spec = refusal_spec
         self.external_answers: dict = {}  # model id -> {question_id: [answer per turn]} (FastChat files)
+        # a K-way artifact's persona names, in its order (prism eval sets them): the routing text's rows
+        self.gate_personas: list[str] = []
         self.book = personas or PersonaBook()
         self.s = settings or EvalConfig()  # the eval settings block itself (tokens, seed, resamples)
         self.responses = self.run.store("responses", {"schema": 1})
@@ -145,8 +147,6 @@ class EvalRunner:
                 todo.append(job)
         if todo:
             engine = self.provider.get(spec.kind)
-            if spec.kind == "prism":  # its completions also say whether the query lay outside the gate's region
-                engine = probe(engine)
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 recs = run_chunk(engine, chunk)
@@ -206,3 +206,19 @@ class EvalRunner:
                     by.setdefault(cat, []).append(1.0 if m["routed"] else 0.0)
                     by.setdefault("all", []).append(1.0 if m["routed"] else 0.0)
         return {k: self.ci(v) for k, v in sorted(by.items())}
+
+    def persona_routing(self, pairs: Sequence[tuple[str, list]]) -> dict:
+        """``{persona: {category: CI of the share routed to that persona}}`` from the same pairs as
+        :meth:`routing`, for a K-way artifact: each of :attr:`gate_personas` (the artifact's, in its order)
+        and any other persona the metas name, when that makes at least two; ``{}`` otherwise (a binary
+        artifact: :meth:`routing` says it all)."""
+        metas = [(cat, m) for cat, ms in pairs for m in ms if m and "routed" in m]
+        out = {}
+        for name in personas([m for _, m in metas], self.gate_personas):
+            by: dict[str, list] = {}
+            for cat, m in metas:
+                hit = 1.0 if persona(m) == name else 0.0
+                by.setdefault(cat, []).append(hit)
+                by.setdefault("all", []).append(hit)
+            out[name] = {k: self.ci(v) for k, v in sorted(by.items())}
+        return out

@@ -224,6 +224,10 @@ class Decision(NamedTuple):
     """``[b]`` long: index into the gate's persona list where routed (K = 1: 0), -1 = base."""
     class_probs: torch.Tensor
     """``[b, K + 1]`` calibrated probabilities of (base, persona 1 ... K)."""
+    outside: torch.Tensor
+    """``[b]`` bool: the row's feature lies outside the gate's region (or, K >= 2, no persona reaches
+    ``min_confidence``), whether or not the probability said route: such a row goes to the base model at
+    every threshold (``abstained`` = route wanted and ``outside``). All False for a gate that cannot abstain."""
 
 
 def routing_probability(class_logits: torch.Tensor) -> torch.Tensor:
@@ -264,7 +268,7 @@ def decide(gate: Gate, threshold: float, features: torch.Tensor, min_confidence:
         outside = outside | (class_probs[:, 1:].max(-1).values < floor)
     abstained = wanted & outside
     routed = wanted & ~abstained
-    return Decision(probs, routed, abstained, persona_choice(class_probs, routed), class_probs)
+    return Decision(probs, routed, abstained, persona_choice(class_probs, routed), class_probs, outside)
 
 
 @dataclass

@@ -115,12 +115,15 @@ class GatedModel:
         self.state = RoutingState()
         self.lora_modules: list[str] = []
         self._overrides: Optional[list[Optional[bool | str]]] = None
-        # rows decided before the forward (not a lone user turn): (gate_prob, abstained, class_probs)
-        # from their first user turn (decisions())
+        # rows decided before the forward (not a lone user turn): (gate_prob, abstained, class_probs,
+        # outside) from their first user turn (decisions())
         self._prob_overrides: Optional[list[Optional[tuple]]] = None
         # per row of the last decision: the gate said route, but the query lay outside its training
         # region, so it went to the base model (gate.decide)
         self.abstained: Optional[torch.Tensor] = None
+        # per row of the last decision: the query lies outside the gate's region, whatever its probability
+        # (Decision.outside: it goes to the base model at every threshold)
+        self.outside: Optional[torch.Tensor] = None
         self.persona: Optional[torch.Tensor] = None  # per row of the last decision: persona index, -1 = base
         self.class_probs: Optional[torch.Tensor] = None  # per row of the last decision: [K + 1] class probs
         # the name of each gate persona, as responses report it (None: a binary artifact's unnamed adapter)
@@ -243,8 +246,10 @@ class GatedModel:
                 feats = h[torch.arange(n, device=h.device), idx.to(h.device)].float()
             else:
                 feats = pool_states(h, self._mask, self.gate.pooling)
-            probs, routed, abstained, _, class_probs = decide(self.gate, self.threshold, feats)
+            d = decide(self.gate, self.threshold, feats)
+        probs, routed, abstained, class_probs, outside = d.probs, d.routed, d.abstained, d.class_probs, d.outside
         if self._prob_overrides is not None and any(o is not None for o in self._prob_overrides):
+            # rows decided from their first user turn (_prerouted): that decision, not this prompt's
             po = self._prob_overrides
             probs = torch.tensor(
                 [float(p) if po[i] is None else po[i][0] for i, p in enumerate(probs.tolist())], device=h.device
@@ -253,12 +258,16 @@ class GatedModel:
                 [bool(a) if po[i] is None else bool(po[i][1]) for i, a in enumerate(abstained.tolist())],
                 device=h.device,
             )
+            outside = torch.tensor(
+                [bool(x) if po[i] is None else bool(po[i][3]) for i, x in enumerate(outside.tolist())],
+                device=h.device,
+            )
             routed = (probs >= self.threshold) & ~abstained
             class_probs = class_probs.clone()
             for i, o in enumerate(po):  # the first user turn's class probabilities pick the persona
                 if o is not None:
                     class_probs[i] = o[2].to(class_probs)
-        self.abstained = abstained
+        self.abstained, self.outside = abstained, outside
         forced_persona = None
         if self._overrides is not None:
             ov = torch.tensor([o is not None and o is not False for o in self._overrides], device=h.device)
@@ -286,7 +295,7 @@ class GatedModel:
     def _call(
         self,
         overrides: Sequence[Optional[bool]],
-        prob_overrides: Sequence[Optional[tuple[float, bool]]],
+        prob_overrides: Sequence[Optional[tuple]],
         last_index: Optional[torch.Tensor] = None,
     ):
         self._overrides, self._prob_overrides = list(overrides), list(prob_overrides)
@@ -333,20 +342,21 @@ class GatedModel:
         return decide(self.gate, self.threshold if threshold is None else threshold, feats)
 
     def decisions(self, chats: Sequence[list], threshold: Optional[float] = None) -> list[dict]:
-        """``{"gate_prob", "routed", "abstained", "persona_name", "persona_prob", "persona_probs"}`` (and
-        ``persona``, the routed persona's index or -1, for a K-way gate) per chat, from its first user
+        """``{"gate_prob", "routed", "abstained", "outside", "persona_name", "persona_prob", "persona_probs"}``
+        (and ``persona``, the routed persona's index or -1, for a K-way gate) per chat, from its first user
         turn, with embeddings + layer 0 only (:func:`prism_persona.gated.gate.decide`: the same rule as
-        the prefill hook).
+        the prefill hook). ``outside``: the query lies outside the gate's region (:attr:`Decision.outside`;
+        always False for a gate that cannot abstain).
         ``persona_name`` / ``persona_prob``: as :meth:`generate` reports them (:func:`persona_report`);
         ``persona_probs``: the gate's probability of each persona (in :attr:`persona_names` order).
-        ``threshold`` (default: the artifact's) decides at another threshold; at 0 every probability says
-        route, so ``abstained`` says whether the query lies outside the gate's region (the eval's sweep)."""
+        ``threshold`` (default: the artifact's) decides at another threshold (``outside`` does not depend
+        on it)."""
         if not chats:
             return []
         d = self._decide(chats, threshold)
         rows = []
-        for i, (p, r, a, k) in enumerate(
-            zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist(), d.persona.tolist())
+        for i, (p, r, a, o, k) in enumerate(
+            zip(d.probs.tolist(), d.routed.tolist(), d.abstained.tolist(), d.outside.tolist(), d.persona.tolist())
         ):
             name, prob = persona_report(self.persona_names, int(k), d.class_probs[i])
             rows.append(
@@ -354,6 +364,7 @@ class GatedModel:
                     "gate_prob": float(p),
                     "routed": bool(r),
                     "abstained": bool(a),
+                    "outside": bool(o),
                     "persona_name": name,
                     "persona_prob": prob,
                     "persona_probs": [round(float(x), 6) for x in d.class_probs[i, 1:].tolist()],
@@ -369,19 +380,19 @@ class GatedModel:
         return [(d["gate_prob"], d["routed"]) for d in self.decisions(chats)]
 
     def _prerouted(self, chats: Sequence[list]) -> list[Optional[tuple]]:
-        """(gate_prob, abstained, class_probs) for chats that are not a lone user turn (from the first user
-        turn)."""
+        """(gate_prob, abstained, class_probs, outside) for chats that are not a lone user turn (from the
+        first user turn)."""
         todo = [i for i, c in enumerate(chats) if not is_single_user_turn(c)]
         out: list[Optional[tuple]] = [None] * len(chats)
         if todo:
             d = self._decide([chats[i] for i in todo])
             for j, i in enumerate(todo):
-                out[i] = (float(d.probs[j]), bool(d.abstained[j]), d.class_probs[j])
+                out[i] = (float(d.probs[j]), bool(d.abstained[j]), d.class_probs[j], bool(d.outside[j]))
         return out
 
     def _meta(self) -> list[dict]:
         """The route report of each row of the last decision: ``routed``, ``gate_prob``, ``persona`` and
-        ``persona_prob`` (:func:`persona_report`), and ``abstained`` when the gate can abstain."""
+        ``persona_prob`` (:func:`persona_report`), and ``abstained`` and ``outside`` when the gate can abstain."""
         out = []
         rows = zip(self.state.probs.tolist(), self.state.routed.tolist(), self.persona.tolist())
         for i, (p, r, k) in enumerate(rows):
@@ -390,6 +401,9 @@ class GatedModel:
         if self.has_abstain and self.abstained is not None:
             for row, a in zip(out, self.abstained.tolist()):
                 row["abstained"] = bool(a)
+        if self.has_abstain and self.outside is not None:
+            for row, o in zip(out, self.outside.tolist()):
+                row["outside"] = bool(o)
         return out
 
     # ---------------------------------------------------------------------------------------- forward
@@ -427,9 +441,10 @@ class GatedModel:
         self, chats: Sequence[list], params: Optional[SamplingParams] = None, force: Force = None
     ) -> list[Completion]:
         """One completion per chat; ``meta = {"routed", "gate_prob", "persona", "persona_prob"}`` (and
-        ``"abstained"`` when the gate can abstain: true where the probability said route but the query lay
-        outside the gate's training queries, or no persona was confident enough, so it went to the base
-        model). ``persona``: the routed persona's name (``None`` on the base model, and for a binary
+        ``"abstained"`` and ``"outside"`` when the gate can abstain: ``abstained`` is true where the
+        probability said route but the query lay outside the gate's training queries, or no persona was
+        confident enough, so it went to the base model; ``outside`` is true where the query lies there
+        whatever its probability, :attr:`~prism_persona.gated.gate.Decision.outside`). ``persona``: the routed persona's name (``None`` on the base model, and for a binary
         artifact's unnamed adapter), ``persona_prob`` its calibrated probability (:func:`persona_report`).
         ``force`` (True / False / a persona name, or a list of those or None per chat) overrides the gate's
         decision (True: the gate's most probable persona); the gate probability is reported anyway."""
@@ -450,20 +465,30 @@ class GatedModel:
     @torch.no_grad()
     def score_choices(self, chats: Sequence[list], choices: Sequence[str], force: Force = None) -> list[dict]:
         """log P(first token of each choice) after the generation prompt, routed as in :meth:`generate`."""
+        return self.score_choices_meta(chats, choices, force)[0]
+
+    @torch.no_grad()
+    def score_choices_meta(
+        self, chats: Sequence[list], choices: Sequence[str], force: Force = None
+    ) -> tuple[list[dict], list[dict]]:
+        """(:meth:`score_choices`, the routing meta of each row as :meth:`generate` reports it): the decision
+        the scoring forward routed by, so nothing asks the gate a second time."""
         choice_ids = {c: self.engine.choice_token_ids(c) for c in choices}
         overrides = normalise_force(force, len(chats))
         self.check_force(overrides)
         pre = self._prerouted(chats)
         texts = [render_chat(self.tokenizer, c) for c in chats]
         out: list[dict] = []
+        metas: list[dict] = []
         for start in range(0, len(texts), self.batch_size):
             sl = slice(start, start + self.batch_size)
             enc = encode_prompts(self.tokenizer, texts[sl], self.device)
             logits, _, _ = self._forward(enc["input_ids"], enc["attention_mask"], overrides[sl], pre[sl])
+            metas.extend(self._meta())  # the decision of this forward's prefill hook
             logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
             for row in range(logp.shape[0]):
                 out.append({c: float(torch.logsumexp(logp[row, ids], dim=0)) for c, ids in choice_ids.items()})
-        return out
+        return out, metas
 
     def as_engine(self, force: Force = None) -> GatedEngine:
         """An :class:`Engine` over this model (for the judge, evals, the server)."""
@@ -594,3 +619,7 @@ class GatedEngine(Engine):
 
     def score_choices(self, chats, choices):
         return self.gated.score_choices(chats, choices, self.force)
+
+    def score_choices_meta(self, chats, choices):
+        """(scores, routing meta per row) of one scoring pass (:meth:`GatedModel.score_choices_meta`)."""
+        return self.gated.score_choices_meta(chats, choices, self.force)

@@ -49,8 +49,8 @@ class RoutedEngine(Engine):
 
     def _plan(self, chats: Sequence[list]) -> tuple[list, list]:
         """(served model per row, meta per row): ``routed`` and ``gate_prob``; ``persona`` and
-        ``persona_prob`` when the router names its personas; ``abstained`` when the router's gate can
-        abstain (as the in-process ``GatedModel`` reports it)."""
+        ``persona_prob`` when the router names its personas; ``abstained`` and ``outside`` when the
+        router's gate can abstain (as the in-process ``GatedModel`` reports them, from the same decision)."""
         from .model import persona_of_force
 
         names = self.persona_names
@@ -73,8 +73,10 @@ class RoutedEngine(Engine):
                     k = max(range(len(probs)), key=probs.__getitem__)
                 meta["persona"] = names[k] if k is not None and k < len(names) else None
                 meta["persona_prob"] = probs[k] if k is not None and k < len(probs) else None
-            if "abstained" in d and getattr(self.router, "has_abstain", False):
-                meta["abstained"] = bool(d["abstained"])
+            if getattr(self.router, "has_abstain", False):
+                for key in ("abstained", "outside"):
+                    if key in d:
+                        meta[key] = bool(d[key])
             # one adapter per persona: each served under its persona's name
             models.append((names[k] if len(names) > 1 and k is not None else self.lora_name) if routed else None)
             metas.append(meta)
@@ -92,11 +94,16 @@ class RoutedEngine(Engine):
 
     def score_choices(self, chats: Sequence[list], choices: Sequence[str]) -> list[dict]:
         """log P(first token of each choice), each row on the model its routing picks."""
+        return self.score_choices_meta(chats, choices)[0]
+
+    def score_choices_meta(self, chats: Sequence[list], choices: Sequence[str]) -> tuple[list[dict], list[dict]]:
+        """(:meth:`score_choices`, the routing meta of each row as :meth:`generate` reports it), from one
+        decision per row."""
         chats = list(chats)
         if not chats:
-            return []
-        models, _ = self._plan(chats)
-        return self.engine.score_choices(chats, choices, model=models)
+            return [], []
+        models, metas = self._plan(chats)
+        return self.engine.score_choices(chats, choices, model=models), metas
 
     @property
     def can_score(self) -> bool:

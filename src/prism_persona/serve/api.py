@@ -384,17 +384,20 @@ def prism_field(meta: dict) -> dict:
     """The routing extras PRISM adds to every response: ``{"routed": bool, "gate_prob": float}``;
     ``"persona"`` (the routed persona's name, null on the base model and for an artifact whose one adapter
     has no name) and ``"persona_prob"`` (the gate's calibrated probability of that persona, null on the
-    base model) when the model reports them; and ``"abstained": bool`` when the artifact's gate can abstain
-    (an abstain region, ``gate.ood``, or a K-way gate's ``min_confidence``): true when the gate said route
-    but the query went to the base model for that reason."""
+    base model) when the model reports them; and ``"abstained": bool`` and ``"outside": bool`` when the
+    artifact's gate can abstain (an abstain region, ``gate.ood``, or a K-way gate's ``min_confidence``):
+    ``abstained`` is true when the gate said route but the query went to the base model for that reason,
+    ``outside`` when the query lies outside the gate's region whatever its probability (it goes to the base
+    model at every threshold)."""
     out = {"routed": bool(meta.get("routed", False)), "gate_prob": round(float(meta.get("gate_prob", 0.0)), 6)}
     if "persona" in meta:
         pp = meta.get("persona_prob")
         persona = meta["persona"]
         out["persona"] = None if persona is None else str(persona)
         out["persona_prob"] = None if pp is None else round(float(pp), 6)
-    if "abstained" in meta:
-        out["abstained"] = bool(meta["abstained"])
+    for key in ("abstained", "outside"):
+        if key in meta:
+            out[key] = bool(meta[key])
     return out
 
 
@@ -404,7 +407,7 @@ HEADER_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def prism_headers(meta: dict) -> dict:
     """``X-Prism-Routed``, ``X-Prism-Gate-Prob``; ``X-Prism-Persona`` / ``X-Prism-Persona-Prob`` where a
-    named persona answered; ``X-Prism-Abstained`` when the gate can abstain."""
+    named persona answered; ``X-Prism-Abstained`` and ``X-Prism-Outside`` when the gate can abstain."""
     p = prism_field(meta)
     out = {"X-Prism-Routed": "true" if p["routed"] else "false", "X-Prism-Gate-Prob": f"{p['gate_prob']:.6f}"}
     if p.get("persona") is not None and HEADER_SAFE.match(p["persona"]):
@@ -413,6 +416,8 @@ def prism_headers(meta: dict) -> dict:
         out["X-Prism-Persona-Prob"] = f"{p['persona_prob']:.6f}"
     if "abstained" in p:
         out["X-Prism-Abstained"] = "true" if p["abstained"] else "false"
+    if "outside" in p:
+        out["X-Prism-Outside"] = "true" if p["outside"] else "false"
     return out
 
 

@@ -4,7 +4,7 @@ Routes: ``POST /v1/chat/completions`` (JSON, or ``stream: true`` server-sent eve
 ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. The ``/v1`` prefix is optional.
 
 Every request goes through the gate; the response carries ``prism: {"routed", "gate_prob"}`` (and
-``"abstained"`` when the artifact's gate has an abstain region) and
+``"abstained"`` and ``"outside"`` when the artifact's gate can abstain) and
 the headers ``X-Prism-Routed`` / ``X-Prism-Gate-Prob``. A request may set ``prism: {"force": bool}``
 (``extra_body`` in the openai client) to switch the LoRA on or off regardless of the gate.
 
@@ -326,7 +326,8 @@ class PrismApp:
         return self.options.lora_name
 
     def _chat_route_only(self, req: ChatRequest) -> Reply:
-        meta = dict(self._run(Job(payload=req, key="route")).result)  # gate_prob, routed (, persona, abstained)
+        # gate_prob, routed (, persona, abstained, outside)
+        meta = dict(self._run(Job(payload=req, key="route")).result)
         if req.force is not None:
             forced = getattr(self.backend, "forced", None)
             meta = forced(meta, req.force) if forced else {**meta, "routed": bool(req.force)}

@@ -69,7 +69,8 @@ class GatedBackend:
 
     def decisions(self, chats: list) -> list[dict]:
         """``{"gate_prob", "routed"}`` per chat, with ``"persona"`` / ``"persona_prob"`` when the model
-        reports them and ``"abstained"`` when its gate can abstain."""
+        reports them and ``"abstained"`` / ``"outside"`` when its gate can abstain (one decision: the
+        model's :meth:`decisions`)."""
         if hasattr(self.model, "decisions") and hasattr(self.model, "persona_names"):
             out = []
             for d in self.model.decisions(chats):
@@ -80,12 +81,12 @@ class GatedBackend:
                     persona_probs=d.get("persona_probs"),
                 )
                 if getattr(self.model, "has_abstain", False):
-                    row["abstained"] = bool(d["abstained"])
+                    row.update(abstain_fields(d))
                 out.append(row)
             return out
         if getattr(self.model, "has_abstain", False) and hasattr(self.model, "decisions"):
             return [
-                {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"]), "abstained": bool(d["abstained"])}
+                {"gate_prob": float(d["gate_prob"]), "routed": bool(d["routed"]), **abstain_fields(d)}
                 for d in self.model.decisions(chats)
             ]
         return [{"gate_prob": p, "routed": r} for p, r in self.route(chats)]
@@ -169,6 +170,14 @@ class GatedBackend:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def abstain_fields(decision: dict) -> dict:
+    """``abstained`` (and ``outside`` where the decision holds it) of one decision of a gate that can abstain."""
+    out = {"abstained": bool(decision["abstained"])}
+    if "outside" in decision:
+        out["outside"] = bool(decision["outside"])
+    return out
 
 
 def load_backend(

@@ -274,13 +274,15 @@ def write_rows(generate, rows, partial: Path, start: int, chunk: int) -> None:
 def routing_fields(comp) -> dict:
     """``routed``, ``gate_prob``, ``persona`` (the routed persona's name, null on the base model or for a
     binary artifact's unnamed adapter), ``persona_prob`` (the gate's probability of that persona), and
-    ``abstained`` when the gate can abstain; ``persona`` keys only where the engine reports them."""
+    ``abstained`` and ``outside`` when the gate can abstain; ``persona`` keys only where the engine reports
+    them."""
     meta = comp.meta or {}
     prob = meta.get("gate_prob")
     out = {"routed": bool(meta.get("routed", False)), "gate_prob": None if prob is None else round(float(prob), 6)}
     if "persona" in meta:
         pp = meta.get("persona_prob")
         out.update(persona=meta["persona"], persona_prob=None if pp is None else round(float(pp), 6))
-    if "abstained" in meta:  # the artifact's gate can abstain
-        out["abstained"] = bool(meta["abstained"])
+    for key in ("abstained", "outside"):  # the artifact's gate can abstain
+        if key in meta:
+            out[key] = bool(meta[key])
     return out

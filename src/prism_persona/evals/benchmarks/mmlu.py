@@ -26,7 +26,7 @@ from typing import Optional
 
 from ...errors import PrismError
 from .. import sources as S
-from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register, route_meta
+from ..base import Benchmark, CategoryPersona, Evaluator, keep_gates, oracle_wanted, register, scored
 from ..data import take_stratified
 from ..format import fig_md, fmt_ci, grouped_bars, md_table, present, routing_table
 from ..runner import Job
@@ -355,9 +355,8 @@ class MMLUEvaluator(Evaluator):
 
         def run_chunk(engine, chunk):
             chats = [j.payload for j in chunk]
-            scores = engine.score_choices(chats, list(LETTERS))
+            scores, routes = scored(engine, chats, LETTERS, gated=spec.kind == "prism")
             if scores is not None:
-                routes = route_meta(engine, chats) if spec.kind == "prism" else [{} for _ in chats]
                 runner.count.scored += len(chunk)
                 return [
                     {"method": "logprob", "scores": {L: sc[L] for L in LETTERS}, "pred": argmax_letter(sc), "meta": rt}
@@ -375,22 +374,26 @@ class MMLUEvaluator(Evaluator):
         gates: dict = {}
         per: dict = {}
         routing: dict = {}
+        to_persona: dict = {}
         methods: dict = {}
         for spec in run_specs:
             recs = self.responses(runner, spec, items)
             per[spec.name] = {it.item_id: float(recs[it.item_id]["pred"] == LETTERS[it.answer]) for it in items}
             methods[spec.name] = dict(collections.Counter(r["method"] for r in recs.values()))
-            routing[spec.name] = runner.routing(
-                [(subject_group(it.subject), [recs[it.item_id].get("meta")]) for it in items]
-            )
+            pairs = [(subject_group(it.subject), [recs[it.item_id].get("meta")]) for it in items]
+            routing[spec.name] = runner.routing(pairs)
+            to_persona[spec.name] = runner.persona_routing(pairs)
             keep_gates(gates, spec, "mmlu", {it.item_id: recs[it.item_id].get("meta") for it in items})
         if oracle_wanted(specs):
             per["oracle"] = {i: max(per["base"][i], per["lora"][i]) for i in per["base"]}
-        out = {spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing) for spec in specs}
+        out = {
+            spec.name: self._summary(runner, spec, items, per[spec.name], methods, routing, to_persona)
+            for spec in specs
+        }
         return out, {s.name: per[s.name] for s in specs}, gates
 
     @staticmethod
-    def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict) -> dict:
+    def _summary(runner, spec, items, vals: dict, methods: dict, routing: dict, to_persona: dict) -> dict:
         groups = {g: [vals[it.item_id] for it in items if subject_group(it.subject) == g] for g in GROUPS}
         subjects = collections.defaultdict(list)
         for it in items:
@@ -403,6 +406,8 @@ class MMLUEvaluator(Evaluator):
         }
         if spec.kind == "prism" and routing.get(spec.name):
             res["routing"] = routing[spec.name]
+            if to_persona.get(spec.name):  # a K-way artifact: the share routed to each persona
+                res["routing_personas"] = to_persona[spec.name]
         return res
 
 

@@ -327,9 +327,14 @@ class MTBenchEvaluator(Evaluator):
             if name in pairs:
                 res["win_rate"] = win_rates(runner, items, pairs[name], cats)
             if spec.kind == "prism":
-                routing = runner.routing([(it.category, resp[name][it.item_id].get("meta") or []) for it in items])
+                # each question once, by its first turn's decision (Table 1's rule; the second turn keeps it)
+                first = [(it.category, (resp[name][it.item_id].get("meta") or [])[:1]) for it in items]
+                routing = runner.routing(first)
                 if routing:
                     res["routing"] = routing
+                    to_persona = runner.persona_routing(first)
+                    if to_persona:  # a K-way artifact: the share routed to each persona
+                        res["routing_personas"] = to_persona
             out[name] = res
             per[name] = item_mean
         if any(v["unparseable"] for v in out.values()):
@@ -414,7 +419,7 @@ class MTBench(Benchmark):
                 for c in cats
             ]
             parts += ["Win rate vs base by category:", "", md_table(["category"] + systems, rows), ""]
-        parts += routing_table(mt, systems, "MT-Bench")
+        parts += routing_table(mt, systems, "MT-Bench", "each question once, by its first turn's decision, as Table 1")
         return parts + fig_md(figures, "mtbench") + fig_md(figures, "mtbench_winrate")
 
     @staticmethod

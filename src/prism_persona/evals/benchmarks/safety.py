@@ -177,6 +177,7 @@ class SafetyEvaluator(Evaluator):
             vals: dict = {}
             methods: dict = {}
             routing: dict = {}
+            to_persona: dict = {}
             by_category: dict = {}
             for spec in run_specs:
                 resp = self.responses(runner, spec, items)
@@ -185,6 +186,7 @@ class SafetyEvaluator(Evaluator):
                 methods[spec.name] = dict(collections.Counter(dec[it.item_id]["method"] for it in items))
                 metas = [resp[it.item_id].get("meta") for it in items]
                 routing[spec.name] = runner.routing([(bench_name, [m]) for m in metas])
+                to_persona[spec.name] = runner.persona_routing([(bench_name, [m]) for m in metas])
                 by_category[spec.name] = runner.routing(
                     [(it.category, [m]) for it, m in zip(items, metas) if it.category]
                 )
@@ -200,6 +202,8 @@ class SafetyEvaluator(Evaluator):
                     entry["over_refusal"] = True
                 if spec.kind == "prism" and routing.get(spec.name):
                     entry["routing"] = routing[spec.name].get(bench_name)
+                    if to_persona.get(spec.name):  # a K-way artifact: the share routed to each persona
+                        entry["routing_personas"] = {n: by.get(bench_name) for n, by in to_persona[spec.name].items()}
                     cats = {c: v for c, v in by_category[spec.name].items() if c != "all"}
                     if cats:
                         entry["routing_by_category"] = cats
@@ -284,7 +288,16 @@ class Safety(Benchmark):
         prism = [s for s in systems if any(sf[s][b].get("routing") for b in benches)]
         if prism:
             rows = [[s] + [fmt_ci(sf[s][b].get("routing"), pct=True) for b in benches] for s in prism]
-            parts += ["Routed to the LoRA:", "", md_table(["system"] + names, rows), ""]
+            named = []  # a K-way artifact: the share routed to each persona (from the decision records)
+            for s in prism:
+                for n in dict.fromkeys(n for b in benches for n in sf[s][b].get("routing_personas") or {}):
+                    named.append(n)
+                    rows.append(
+                        [f"{s}, to {n}"]
+                        + [fmt_ci((sf[s][b].get("routing_personas") or {}).get(n), pct=True) for b in benches]
+                    )
+            head = "Routed to an adapter (any persona, then each persona):" if named else "Routed to the LoRA:"
+            parts += [head, "", md_table(["system"] + names, rows), ""]
         return parts + fig_md(figures, self.name)
 
     def figures(self, results, out):
