@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import PrismError
-from ..text import is_loop
+from ..text import is_loop, md_table
 
 log = logging.getLogger(__name__)
 
@@ -370,16 +370,19 @@ def check_markdown(report: dict) -> str:
         f"**Abstained** (the gate probability said route, but the query lies outside the gate's training "
         f"queries, so it went to the base model; gate.ood): {o.get('abstained', 0)} of {o['n']}.",
         "",
-        "| domain | n | expected route | routed | mean gate p | LoRA wins | persona wins | transfer | base identity | loops base / LoRA / persona / PRISM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, b in [*report["domains"].items(), ("**all**", o)]:
-        loops = " / ".join(fmt(b["loop_rate"][s], True) for s in SYSTEMS)
-        lines.append(
-            f"| {name} | {b['n']} | {fmt(b['expected_route_rate'], True)} | {fmt(b['routing_rate'], True)} | "
-            f"{fmt(b['mean_gate_prob'])} | {fmt(b['lora_win_rate'], True)} | {fmt(b['persona_win_rate'], True)} | "
-            f"{fmt(b['transfer_ratio'])} | {fmt(b['base_identity'], True)} ({b['unrouted']}) | {loops} |"
-        )
+    header = ["domain", "n", "expected route", "routed", "mean gate p", "LoRA wins", "persona wins", "transfer"]
+    header += ["base identity", "loops base / LoRA / persona / PRISM"]
+    rows = [
+        [name, b["n"], fmt(b["expected_route_rate"], True), fmt(b["routing_rate"], True), fmt(b["mean_gate_prob"])]
+        + [fmt(b["lora_win_rate"], True), fmt(b["persona_win_rate"], True), fmt(b["transfer_ratio"])]
+        + [
+            f"{fmt(b['base_identity'], True)} ({b['unrouted']})",
+            " / ".join(fmt(b["loop_rate"][s], True) for s in SYSTEMS),
+        ]
+        for name, b in [*report["domains"].items(), ("**all**", o)]
+    ]
+    lines.append(md_table(header, rows))
     lines += [
         "",
         "**Loops against the base model** (same queries; added = the system loops where the base model "
@@ -391,8 +394,7 @@ def check_markdown(report: dict) -> str:
     if pc:
         names = pc["classes"]
         lines += ["", "**Per persona** (K-way gate; rows: expected, columns: the gate's decision):", ""]
-        lines += ["| expected \\ decided | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |" for n, row in zip(names, pc["matrix"])]
+        lines.append(md_table(["expected \\ decided", *names], [[n, *row] for n, row in zip(names, pc["matrix"])]))
     lines += ["", "![check](check.png)", ""]
     return "\n".join(lines)
 
