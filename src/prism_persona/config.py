@@ -470,6 +470,11 @@ class GateConfig:
         at_least=1,
         at_most=100,
     )
+    ood_contrast: str = option(
+        "off",
+        "Abstain also where a query is at least as typical of everyday requests as of the queries the persona won: 'builtin' fits a second region (same ood method, quantile and scale) on the 178 built-in everyday queries (gate.base_queries' list; used only here, never in the gate's probability) and a query is routed only if its distance to the wins' region, over that region's limit, is below 1 and below its distance to the everyday region over the everyday region's limit; 'off' (the default): the wins' region alone. Needs ood != off. Measured in docs/method-check.md.",
+        choices=("off", "builtin"),
+    )
     base_queries: str = option(
         "off",
         "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (178 everyday requests and knowledge questions shipped with PRISM; kept other kits' queries off best with true labels, but cut the routing a run's few noisy labels earn: docs/method-check.md), 'off' (the default), or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",
