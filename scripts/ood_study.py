@@ -244,6 +244,36 @@ def contrast_study(name: str, other: str, records: list, feats: dict, texts: dic
     return out
 
 
+def generalist_contrast_study(texts: dict, feats: dict) -> dict:
+    """The worst case of ``gate.ood_contrast``: a persona whose domain IS everyday requests. The built-in
+    queries are shuffled (5 seeds) and cut into an everyday reference (89), the persona's wins (45, or
+    15 as a run has) and its held-out queries (44); a gate that routes everything (only the abstain rule
+    decides): held-out routed with the wins' region alone and with the contrast."""
+    from prism_persona.gated.gate import Gate, decide
+
+    qs, x = texts["builtin_base"], feats["builtin_base"]
+    cfg = GateConfig()
+    out: dict = {}
+    for seed in range(5):
+        idx = list(range(len(qs)))
+        random.Random(seed).shuffle(idx)
+        every, wins, held = idx[:89], idx[89:134], idx[134:]
+        for nw in (45, 15):
+            w = wins[:nw]
+            gate = Gate(x.shape[1], [], dropout=0.0, pooling="mean")
+            gate.set_standardisation(x[w])
+            with torch.no_grad():
+                gate.mlp[-1].weight.zero_()
+                gate.mlp[-1].bias.fill_(3.0)
+            cl = near_duplicate_clusters([qs[i] for i in w], cfg.dedup_jaccard)
+            gate.ood, _ = fit_ood(gate, x[w], cfg.ood, cfg.ood_quantile, cfg.ood_k, 0, cl, cfg.ood_scale)
+            before = float(decide(gate, 0.5, x[held]).routed.float().mean())
+            gate.ood_contrast, _ = fit_contrast(gate, x[w], x[every], cfg.ood, cfg.ood_quantile, cfg.ood_k, 0, cl)
+            after = float(decide(gate, 0.5, x[held]).routed.float().mean())
+            out.setdefault(f"{nw} wins", []).append({"seed": seed, "without": before, "with": after, "n": len(held)})
+    return out
+
+
 def builtin_overlap(texts: dict) -> dict:
     """The largest word-set Jaccard between a built-in base example and any query of each measurement
     set (the built-in list must not contain the evaluation sets' texts)."""
@@ -354,6 +384,7 @@ def main() -> None:
         out["everyday_contrast"] = contrast_study(name, other, records, feats, texts, held_route, args.pooling)
         results["kits"][name] = out
     results["builtin_max_jaccard_to_measurement_sets"] = builtin_overlap(texts)
+    results["everyday_contrast_generalist"] = generalist_contrast_study(texts, feats)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name, out in results["kits"].items():
@@ -385,6 +416,8 @@ def main() -> None:
                 for s, e in row["sets"].items()
             )
             print(f"{name}: {label}: {cells}")
+    for label, rows in results["everyday_contrast_generalist"].items():
+        print("generalist persona,", label, " ".join(f"{r['without']:.2f}->{r['with']:.2f}" for r in rows))
     print("builtin max Jaccard:", results["builtin_max_jaccard_to_measurement_sets"])
     print(f"{results['seconds']} s")
 
