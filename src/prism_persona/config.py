@@ -471,8 +471,8 @@ class GateConfig:
         at_most=100,
     )
     ood_contrast: str = option(
-        "off",
-        "Abstain also where a query is at least as typical of everyday requests as of the queries the persona won: 'builtin' fits a second region (same ood method, quantile and scale) on the 178 built-in everyday queries (gate.base_queries' list; used only here, never in the gate's probability) and a query is routed only if its distance to the wins' region, over that region's limit, is below 1 and below its distance to the everyday region over the everyday region's limit; 'off' (the default): the wins' region alone. Needs ood != off. Measured in docs/method-check.md.",
+        "builtin",
+        "Abstain also where a query is more typical of everyday requests, relative to the queries the persona won, than those queries were: 'builtin' (the default) fits a second region (the ood method) on the 178 built-in everyday queries (gate.base_queries' list, used here only, never in the gate's probability) and a query is routed only if its distance to the wins' region over its distance to the everyday region is at most the largest such ratio of the wins themselves (cross-fitted; ood_quantile); no other setting. Took the safety kit's MT-Bench routing 21 -> 9 % and the style kit's 2.5 -> 0 % in the full pipeline with the kits' held-out routing and refusals unchanged; a persona whose domain is everyday requests (a maths tutor, a trivia host) lost up to 16 points of its routing in a simulation: set 'off' for it (docs/method-check.md). 'off': the wins' region alone. Needs ood != off.",
         choices=("off", "builtin"),
     )
     base_queries: str = option(

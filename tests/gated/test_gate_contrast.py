@@ -54,7 +54,7 @@ def test_train_gate_fits_the_everyday_region_only_when_asked_and_never_in_the_pr
     x = torch.cat([blob(40, 4), blob(40, 5, shift=2.0)])
     labels = [0] * 40 + [1] * 40
     everyday = blob(60, 6, shift=-2.0)
-    plain = train_gate(x, labels, GateConfig(epochs=40))
+    plain = train_gate(x, labels, GateConfig(epochs=40, ood_contrast="off"), everyday=everyday)
     on = train_gate(x, labels, GateConfig(epochs=40, ood_contrast="builtin"), everyday=everyday)
     assert plain.gate.ood_contrast is None and "contrast" not in plain.info["ood_fit"]
     assert on.gate.ood_contrast is not None and on.info["ood_fit"]["contrast"]["method"] == "mahalanobis"
@@ -85,7 +85,7 @@ def test_the_everyday_region_saves_and_loads_with_the_gate(tmp_path):
 
 def test_a_gate_without_the_field_decides_by_the_wins_region_alone(tmp_path):
     x = torch.cat([blob(30, 11), blob(30, 12, shift=2.0)])
-    b = train_gate(x, [0] * 30 + [1] * 30, GateConfig(epochs=30))
+    b = train_gate(x, [0] * 30 + [1] * 30, GateConfig(epochs=30, ood_contrast="off"), everyday=blob(20, 15))
     b.save(tmp_path)
     cfg = json.loads((tmp_path / "gate_config.json").read_text())
     assert "contrast" not in cfg["ood"]
@@ -96,8 +96,9 @@ def test_a_gate_without_the_field_decides_by_the_wins_region_alone(tmp_path):
     assert torch.equal(loaded.gate.outside(probe), outside)
 
 
-def test_the_setting_is_absent_from_the_stage_settings_at_off_so_old_runs_resume():
+def test_the_setting_is_absent_from_the_stage_settings_at_its_default_so_old_runs_resume():
+    assert RunConfig().gate.ood_contrast == "builtin"
     assert "ood_contrast" not in gate_settings(RunConfig())["gate"]
     cfg = RunConfig()
-    cfg.gate.ood_contrast = "builtin"
-    assert gate_settings(cfg)["gate"]["ood_contrast"] == "builtin"
+    cfg.gate.ood_contrast = "off"
+    assert gate_settings(cfg)["gate"]["ood_contrast"] == "off"

@@ -1054,6 +1054,12 @@ values, so a run made before them resumes without a redo (its gate is binary wit
 decisions as a fitted temperature gives, which only rescales the probabilities)."""
 
 
+NEW_DEFAULTS = {"ood_contrast": "builtin"}
+"""Gate settings added after runs were made, at their defaults: absent from a run's gate settings at these
+values, so a run made before them resumes (a finished gate keeps the rule it was trained with; one
+trained now gets the default)."""
+
+
 def kway_classes(cfg: RunConfig) -> bool:
     """Whether ``gate.classes`` asks for one class (and one adapter) per persona (:func:`routed_personas`)."""
     return cfg.gate.classes == "personas"
@@ -1066,7 +1072,7 @@ def gate_settings(cfg: RunConfig) -> dict:
     from ..bootstrap.verify import abstain_margin
 
     gate = asdict(cfg.gate)
-    for key, old in {**KWAY_SETTINGS, "ood_contrast": "off"}.items():  # absent at the value that trains
+    for key, old in {**KWAY_SETTINGS, **NEW_DEFAULTS}.items():  # absent at the value that trains
         if gate.get(key) == old:  # today's gate: old runs resume
             gate.pop(key)
     out = {"gate": gate, "model": cfg.model.model, "seed": cfg.seed}
