@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from prism_persona.stats import binary_metrics
 from prism_persona.text import jaccard, word_set
 from prism_persona.train.gate import (
     builtin_base_queries,
+    fit_contrast,
     fit_ood,
     near_duplicate_clusters,
     ood_reference_rows,
@@ -156,6 +158,122 @@ def base_examples_study(name: str, other: str, records: list, feats: dict, held_
     return out
 
 
+CONTRAST_VARIANTS = [("off", 5), ("mahalanobis", 5), ("knn", 1), ("knn", 5)]
+"""(method of the everyday region, its k) for :func:`contrast_study`; the wins' region is the default."""
+
+
+def routed_rates(bundle, sets: dict, held_route: list) -> dict:
+    """{set: {"n", "routed", ...}} with the own held-out queries' TPR / FPR / balanced accuracy."""
+    out = {}
+    with torch.no_grad():
+        for sname, x in sets.items():
+            d = bundle.decide(x)
+            entry = {"n": int(x.shape[0]), "routed": float(d.routed.float().mean())}
+            if sname == "own_heldout" and all(v is not None for v in held_route):
+                y = [int(v) for v in held_route]
+                r = d.routed.float().tolist()
+                pos = [ri for ri, yi in zip(r, y) if yi]
+                neg = [ri for ri, yi in zip(r, y) if not yi]
+                entry["tpr"] = sum(pos) / len(pos)
+                entry["fpr"] = sum(neg) / len(neg)
+                entry["balanced_accuracy"] = (entry["tpr"] + 1 - entry["fpr"]) / 2
+            out[sname] = entry
+    return out
+
+
+def contrast_study(name: str, other: str, records: list, feats: dict, texts: dict, held_route: list, pooling: str):
+    """Issue 29, the abstain rule relative to an everyday reference (``gate.ood_contrast``): the kit's gate
+    (GateConfig defaults: abstain region on the wins, Mahalanobis, q = 1, scale 1.25) with an everyday
+    region fitted on the built-in base queries (never in the probability); a query is routed only if it
+    is inside the wins' region and its distance to the wins over its distance to the everyday queries is
+    at most the largest such ratio of the wins themselves (cross-fitted). Also the wins' region fitted on
+    a random third of the wins (what a pipeline run has; mean over 3 draws; the gate's probability
+    stays the one trained on all queries)."""
+    sets = {
+        "own_heldout": feats[f"{name}_heldout"],
+        "mmlu": feats["mmlu"],
+        "mtbench": feats["mtbench"],
+        f"other_kit_{other}": torch.cat([feats[f"{other}_train"], feats[f"{other}_heldout"]]),
+    }
+    cfg = replace(GateConfig(), pooling=pooling)
+    bundle = train_gate_on_records(feats[f"{name}_train"], records, cfg, seed=0)
+    gate = bundle.gate
+    full = gate.ood
+    labels = [r["label"] for r in records]
+    wins = ood_reference_rows(labels, cfg.ood_reference)
+    clusters = near_duplicate_clusters([r["query"] for r in records], cfg.dedup_jaccard)
+    out: dict = {}
+    for share, draws in (("all wins", [None]), ("a third of the wins", [0, 1, 2])):
+        for method, kk in CONTRAST_VARIANTS:
+            rows = []
+            for draw in draws:
+                if draw is None:
+                    gate.ood = full
+                else:
+                    rng = random.Random(draw)
+                    ref = sorted(rng.sample(wins, max(8, len(wins) // 3)))
+                    gate.ood, _ = fit_ood(
+                        gate,
+                        feats[f"{name}_train"][ref],
+                        cfg.ood,
+                        cfg.ood_quantile,
+                        cfg.ood_k,
+                        0,
+                        [clusters[i] for i in ref],
+                        cfg.ood_scale,
+                    )
+                ref = wins if draw is None else ref
+                gate.ood_contrast, info = fit_contrast(
+                    gate,
+                    feats[f"{name}_train"][ref],
+                    feats["builtin_base"],
+                    method,
+                    cfg.ood_quantile,
+                    kk,
+                    0,
+                    [clusters[i] for i in ref],
+                )
+                rows.append(routed_rates(bundle, sets, held_route))
+            gate.ood_contrast = None
+            mean = {s: {k: sum(r[s][k] for r in rows) / len(rows) for k in rows[0][s]} for s in rows[0]}
+            key = f"{share}, contrast " + (
+                "off (today)" if method == "off" else f"{method}" + (f" k={kk}" if method == "knn" else "")
+            )
+            out[key] = {"sets": mean, "draws": len(rows), "everyday_fit": info}
+    gate.ood = full
+    return out
+
+
+def generalist_contrast_study(texts: dict, feats: dict) -> dict:
+    """The worst case of ``gate.ood_contrast``: a persona whose domain IS everyday requests. The built-in
+    queries are shuffled (5 seeds) and cut into an everyday reference (89), the persona's wins (45, or
+    15 as a run has) and its held-out queries (44); a gate that routes everything (only the abstain rule
+    decides): held-out routed with the wins' region alone and with the contrast."""
+    from prism_persona.gated.gate import Gate, decide
+
+    qs, x = texts["builtin_base"], feats["builtin_base"]
+    cfg = GateConfig()
+    out: dict = {}
+    for seed in range(5):
+        idx = list(range(len(qs)))
+        random.Random(seed).shuffle(idx)
+        every, wins, held = idx[:89], idx[89:134], idx[134:]
+        for nw in (45, 15):
+            w = wins[:nw]
+            gate = Gate(x.shape[1], [], dropout=0.0, pooling="mean")
+            gate.set_standardisation(x[w])
+            with torch.no_grad():
+                gate.mlp[-1].weight.zero_()
+                gate.mlp[-1].bias.fill_(3.0)
+            cl = near_duplicate_clusters([qs[i] for i in w], cfg.dedup_jaccard)
+            gate.ood, _ = fit_ood(gate, x[w], cfg.ood, cfg.ood_quantile, cfg.ood_k, 0, cl, cfg.ood_scale)
+            before = float(decide(gate, 0.5, x[held]).routed.float().mean())
+            gate.ood_contrast, _ = fit_contrast(gate, x[w], x[every], cfg.ood, cfg.ood_quantile, cfg.ood_k, 0, cl)
+            after = float(decide(gate, 0.5, x[held]).routed.float().mean())
+            out.setdefault(f"{nw} wins", []).append({"seed": seed, "without": before, "with": after, "n": len(held)})
+    return out
+
+
 def builtin_overlap(texts: dict) -> dict:
     """The largest word-set Jaccard between a built-in base example and any query of each measurement
     set (the built-in list must not contain the evaluation sets' texts)."""
@@ -262,8 +380,11 @@ def main() -> None:
         out["foreign_base_examples"] = foreign_base_study(name, other, k, records, feats, args.pooling)
         # the issue's second idea as shipped: gate.base_queries = builtin (with and without)
         out["builtin_base_examples"] = base_examples_study(name, other, records, feats, held_route, args.pooling)
+        # an abstain rule relative to the everyday queries (gate.ood_contrast)
+        out["everyday_contrast"] = contrast_study(name, other, records, feats, texts, held_route, args.pooling)
         results["kits"][name] = out
     results["builtin_max_jaccard_to_measurement_sets"] = builtin_overlap(texts)
+    results["everyday_contrast_generalist"] = generalist_contrast_study(texts, feats)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name, out in results["kits"].items():
@@ -287,6 +408,16 @@ def main() -> None:
                 if isinstance(e, dict)
             )
             print(f"{name}: {label}: {cells}")
+    for name, out in results["kits"].items():
+        for label, row in out["everyday_contrast"].items():
+            cells = " ".join(
+                f"{s}={e['routed']:.1%}"
+                + (f"(tpr {e['tpr']:.2f} fpr {e['fpr']:.2f} bacc {e['balanced_accuracy']:.2f})" if "tpr" in e else "")
+                for s, e in row["sets"].items()
+            )
+            print(f"{name}: {label}: {cells}")
+    for label, rows in results["everyday_contrast_generalist"].items():
+        print("generalist persona,", label, " ".join(f"{r['without']:.2f}->{r['with']:.2f}" for r in rows))
     print("builtin max Jaccard:", results["builtin_max_jaccard_to_measurement_sets"])
     print(f"{results['seconds']} s")
 

@@ -470,6 +470,11 @@ class GateConfig:
         at_least=1,
         at_most=100,
     )
+    ood_contrast: str = option(
+        "builtin",
+        "Abstain also where a query is more typical of everyday requests, relative to the queries the persona won, than those queries were: 'builtin' (the default) fits a second region (the ood method) on the 178 built-in everyday queries (gate.base_queries' list, used here only, never in the gate's probability) and a query is routed only if its distance to the wins' region over its distance to the everyday region is at most the largest such ratio of the wins themselves (cross-fitted; ood_quantile); no other setting. Took the safety kit's MT-Bench routing 21 -> 9 % and the style kit's 2.5 -> 0 % in the full pipeline with the kits' held-out routing and refusals unchanged; a persona whose domain is everyday requests (a maths tutor, a trivia host) lost up to 16 points of its routing in a simulation: set 'off' for it (docs/method-check.md). 'off': the wins' region alone. Needs ood != off.",
+        choices=("off", "builtin"),
+    )
     base_queries: str = option(
         "off",
         "Queries that should stay on the base model, added to the gate's training as label 0 (they are not in the held-out split nor the abstain region; together they weigh as much as one (domain, label) cell of the run's queries): 'builtin' (178 everyday requests and knowledge questions shipped with PRISM; kept other kits' queries off best with true labels, but cut the routing a run's few noisy labels earn: docs/method-check.md), 'off' (the default), or a .txt (one query per line) / .jsonl ('query' per line) file (relative paths in a config file are relative to that file). Set 'off' or your own file when a persona's domain is general knowledge, maths or how-to.",

@@ -70,6 +70,8 @@ class Gate(nn.Module):
         self.register_buffer("std", torch.ones(self.hidden_size))
         # the abstain region (None: every query is in-distribution, as before issue 29)
         self.ood: Optional[OODRegion] = None
+        # the everyday region the abstain rule contrasts with (gate.ood_contrast; None: off)
+        self.ood_contrast: Optional[OODRegion] = None
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
         return (features.to(self.mean.dtype) - self.mean) / self.std
@@ -96,7 +98,14 @@ class Gate(nn.Module):
         gate has no :class:`OODRegion`)."""
         if self.ood is None:
             return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        return self.ood.outside(self.standardise(features))
+        z = self.standardise(features)
+        if self.ood_contrast is None:
+            return self.ood.outside(z)
+        # gate.ood_contrast: also outside where the query is more typical of everyday requests, relative
+        # to the queries the persona won, than those were (distance to the wins / to the everyday queries)
+        wins = self.ood.score(z)
+        ratio = wins / self.ood_contrast.score(z).clamp_min(1e-12)
+        return (wins > self.ood.limit) | (ratio > self.ood_contrast.limit)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Routing probability per row, ``[batch]``: the probability that a persona answers better than
@@ -210,6 +219,22 @@ class OODRegion(nn.Module):
         }
 
 
+def region_from_settings(ood: dict, dim: int) -> OODRegion:
+    """An empty :class:`OODRegion` shaped as ``gate_config.json`` describes it (its tensors load after)."""
+    limit = float(ood["threshold"])
+    if not math.isfinite(limit):
+        raise ValueError(f"ood.threshold must be a finite number, got {ood['threshold']!r}")
+    return OODRegion(
+        str(ood["method"]),
+        dim,
+        int(ood["rows"]),
+        k=int(ood.get("k", 5)),
+        limit=limit,
+        alpha=float(ood.get("alpha", 0.0)),
+        nu=float(ood.get("nu", 1.0)),
+    )
+
+
 class Decision(NamedTuple):
     """The gate's decision on a batch of rows (:func:`decide`)."""
 
@@ -318,6 +343,8 @@ class GateBundle:
         )
         if self.gate.ood is not None:
             cfg["ood"] = self.gate.ood.settings()
+            if self.gate.ood_contrast is not None:
+                cfg["ood"]["contrast"] = self.gate.ood_contrast.settings()
         else:
             cfg.pop("ood", None)
         cfg["temperature"] = float(self.gate.temperature)
@@ -363,17 +390,10 @@ class GateBundle:
             gate.min_confidence = floor
         ood = cfg.get("ood")  # absent in artifacts written before issue 29: no abstain region
         if isinstance(ood, dict) and ood.get("method", "off") != "off":
-            if not math.isfinite(float(ood["threshold"])):
-                raise ValueError(f"ood.threshold must be a finite number, got {ood['threshold']!r}")
-            gate.ood = OODRegion(
-                str(ood["method"]),
-                gate.hidden_size,
-                int(ood["rows"]),
-                k=int(ood.get("k", 5)),
-                limit=float(ood["threshold"]),
-                alpha=float(ood.get("alpha", 0.0)),
-                nu=float(ood.get("nu", 1.0)),
-            )
+            gate.ood = region_from_settings(ood, gate.hidden_size)
+            contrast = ood.get("contrast")  # absent before gate.ood_contrast: the rule is unchanged
+            if isinstance(contrast, dict):
+                gate.ood_contrast = region_from_settings(contrast, gate.hidden_size)
         gate.load_state_dict(load_file(str(d / GATE_WEIGHTS)))
         gate.eval()
         return cls(gate=gate, threshold=float(cfg.get("threshold", 0.5)), info=cfg)

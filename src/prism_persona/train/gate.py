@@ -301,6 +301,22 @@ def ood_reference_rows(labels: Sequence[int], reference: str) -> list[int]:
     return pos
 
 
+def crossfit_scores(z: torch.Tensor, method: str, k: int, seed: int, clusters: Sequence[int]) -> torch.Tensor:
+    """The distance of each row of ``z`` from a region fitted without its fold (:data:`OOD_FOLDS` folds;
+    near-duplicate ``clusters`` stay in one fold)."""
+    units = sorted(set(clusters))
+    folds = min(OOD_FOLDS, len(units))
+    rng = random.Random(seed)
+    rng.shuffle(units)
+    fold_of = {u: i % folds for i, u in enumerate(units)}
+    fold = torch.tensor([fold_of[c] for c in clusters])
+    scores = torch.empty(z.shape[0])
+    for f in range(folds):
+        held = fold == f
+        scores[held] = OODRegion.fit(method, z[~held], k).score(z[held])
+    return scores
+
+
 def fit_ood(
     gate: Gate,
     features: torch.Tensor,
@@ -330,14 +346,7 @@ def fit_ood(
         return None, {"method": "off", "note": f"too few rows ({n}) for an abstain region"}
     with torch.no_grad():
         z = gate.standardise(features).float()
-    rng = random.Random(seed)
-    rng.shuffle(units)
-    fold_of = {u: i % folds for i, u in enumerate(units)}
-    fold = torch.tensor([fold_of[c] for c in cl])
-    scores = torch.empty(n)
-    for f in range(folds):
-        held = fold == f
-        scores[held] = OODRegion.fit(method, z[~held], k).score(z[held])
+    scores = crossfit_scores(z, method, k, seed, cl)
     threshold = float(torch.quantile(scores, float(quantile)))
     region = OODRegion.fit(method, z, k)
     region.limit = threshold * float(scale)  # gate.ood_scale: room beyond the farthest training query
@@ -350,6 +359,38 @@ def fit_ood(
         "crossfit_inside_rate": float((scores <= threshold).float().mean()),
         "train_inside_rate": inside,
     }
+    return region, info
+
+
+def fit_contrast(
+    gate: Gate,
+    features: torch.Tensor,
+    everyday: torch.Tensor,
+    method: str,
+    quantile: float,
+    k: int,
+    seed: int = 0,
+    clusters: Optional[Sequence[int]] = None,
+) -> tuple[Optional[OODRegion], dict]:
+    """The everyday region ``gate.ood_contrast`` compares with (:meth:`Gate.outside`), fitted on the
+    ``everyday`` queries' features in the gate's standardised space (the gate's mean and spread stay the
+    run's). A query is outside when its distance to the wins' region over its distance to the everyday
+    region exceeds this region's limit: the ``quantile`` of that ratio over the wins' own rows
+    (``features``, the reference :func:`fit_ood` fitted; their distance to the wins' region cross-fitted
+    with the same folds, ``clusters`` and ``seed``), so no new setting: a query is routed only if it is
+    no more typical of everyday requests, relative to the wins, than the wins themselves were. None when
+    the gate has no abstain region (``gate.ood = off``) or either set is too small."""
+    n = int(features.shape[0])
+    cl = list(clusters) if clusters is not None else list(range(n))
+    if gate.ood is None or method == "off" or everyday.shape[0] < 4 or n < 4 or len(set(cl)) < 2:
+        return None, {"method": "off"}
+    with torch.no_grad():
+        z = gate.standardise(features).float()
+        region = OODRegion.fit(method, gate.standardise(everyday).float(), k)
+        wins = crossfit_scores(z, gate.ood.method, gate.ood.k, seed, cl)
+        ratio = wins / region.score(z).clamp_min(1e-12)
+    region.limit = float(torch.quantile(ratio, float(quantile)))
+    info = {**region.settings(), "everyday_rows": int(everyday.shape[0]), "score": "wins distance / everyday distance"}
     return region, info
 
 
@@ -794,6 +835,7 @@ def train_gate(
     base_features: Optional[torch.Tensor] = None,
     personas: Optional[Sequence[int]] = None,
     persona_list: Optional[Sequence[dict]] = None,
+    everyday: Optional[torch.Tensor] = None,
 ) -> GateBundle:
     """Split, fit, calibrate the probabilities (temperature) and the threshold on held-out rows and compute
     metrics; never raises on degenerate data (one class, a handful of rows): it logs the fallback it took instead.
@@ -807,7 +849,9 @@ def train_gate(
     fitted to (default: ``labels``; see :func:`gate_targets`); ``groups``: the domain of each row
     (stratified split, ``balance=domain``, routing per domain); ``texts``: the queries, so that
     near-duplicates stay on one side of the split; ``base_features``: base examples (label 0), added
-    to the training rows only (:func:`with_base_rows`), never to the held-out split or the abstain region."""
+    to the training rows only (:func:`with_base_rows`), never to the held-out split or the abstain region;
+    ``everyday``: the features of the everyday queries ``gate.ood_contrast`` fits its region on
+    (:func:`fit_contrast`; never in the probability)."""
     labels = [int(y) for y in labels]
     targets = [float(t) for t in (targets if targets is not None else labels)]
     n = len(labels)
@@ -889,6 +933,17 @@ def train_gate(
     if cfg.ood != "off":
         ood_info["reference"] = "routed" if len(ref) < n else "all"
     gate.ood = region
+    if everyday is not None and getattr(cfg, "ood_contrast", "off") != "off":
+        gate.ood_contrast, ood_info["contrast"] = fit_contrast(
+            gate,
+            features[ref],
+            everyday,
+            cfg.ood,
+            cfg.ood_quantile,
+            cfg.ood_k,
+            seed,
+            [clusters[i] for i in ref] if clusters is not None else None,
+        )
     kway: dict = {}
     if k > 1:
         floor = confidence_floor(cfg.min_confidence)
@@ -946,6 +1001,7 @@ def train_gate_on_records(
     seed: int = 0,
     base_features: Optional[torch.Tensor] = None,
     persona_list: Optional[Sequence[dict]] = None,
+    everyday: Optional[torch.Tensor] = None,
 ) -> GateBundle:
     """:func:`train_gate` on labelled records (``query``, ``label``, ``domain`` and what the target
     reads): labels, domains as groups, the ``gcfg.target`` / ``gcfg.domain_prior`` targets, queries as
@@ -966,6 +1022,7 @@ def train_gate_on_records(
         base_features=base_features,
         personas=[index.get(r.get("domain", ""), -1) for r in records] if kway else None,
         persona_list=persona_list if kway else None,
+        everyday=everyday,
     )
 
 
@@ -997,6 +1054,12 @@ values, so a run made before them resumes without a redo (its gate is binary wit
 decisions as a fitted temperature gives, which only rescales the probabilities)."""
 
 
+NEW_DEFAULTS = {"ood_contrast": "builtin"}
+"""Gate settings added after runs were made, at their defaults: absent from a run's gate settings at these
+values, so a run made before them resumes (a finished gate keeps the rule it was trained with; one
+trained now gets the default)."""
+
+
 def kway_classes(cfg: RunConfig) -> bool:
     """Whether ``gate.classes`` asks for one class (and one adapter) per persona (:func:`routed_personas`)."""
     return cfg.gate.classes == "personas"
@@ -1009,8 +1072,8 @@ def gate_settings(cfg: RunConfig) -> dict:
     from ..bootstrap.verify import abstain_margin
 
     gate = asdict(cfg.gate)
-    for key, old in KWAY_SETTINGS.items():  # absent at the value that trains today's gate: old runs resume
-        if gate.get(key) == old:
+    for key, old in {**KWAY_SETTINGS, **NEW_DEFAULTS}.items():  # absent at the value that trains
+        if gate.get(key) == old:  # today's gate: old runs resume
             gate.pop(key)
     out = {"gate": gate, "model": cfg.model.model, "seed": cfg.seed}
     if abstain_margin(cfg) > 0:  # absent when off, so runs made before the option resume unchanged
@@ -1066,7 +1129,15 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
     base_feats = (
         query_features(model, tokenizer, base, max(1, cfg.model.batch_size), cfg.gate.pooling) if base else None
     )
-    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats, personas)
+    everyday = None
+    if cfg.gate.ood_contrast != "off" and cfg.gate.ood != "off":  # gate.ood_contrast = builtin
+        texts = new_base_queries(builtin_base_queries(), queries)
+        everyday = (
+            base_feats
+            if texts == base and base_feats is not None
+            else query_features(model, tokenizer, texts, max(1, cfg.model.batch_size), cfg.gate.pooling)
+        )
+    bundle = train_gate_on_records(feats, records, cfg.gate, cfg.seed, base_feats, personas, everyday)
     heldout = bundle.info.pop("heldout_indices", [])
     bundle.info["heldout_keys"] = [records[i].get("key") for i in heldout]
     bundle.save(run.path(GATE_DIR))
