@@ -264,6 +264,18 @@ def test_item4_received_queries_file_outside_the_run_needs_the_flag(tiny_model_d
     assert rc == 2 and "--queries-file" in line, line
 
 
+def test_item4_received_everyday_queries_file_outside_the_run_needs_the_flag(tiny_model_dir, tmp_path, capsys):
+    """gate.ood_contrast = PATH (like gate.base_queries): a received config does not make PRISM read it."""
+    everyday = tmp_path / "elsewhere.txt"
+    everyday.write_text("What is 2 + 2?\n")
+    out = tmp_path / "received"
+    write_saved_config(out, small_settings(tiny_model_dir, out, **{"gate.ood_contrast": str(everyday)}))
+    rc = cli.main(["run", "--out", str(out), "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "--set gate.ood_contrast=" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # refused before any stage ran
+
+
 def test_item4_typed_flags_resume_the_received_run(finished_run, tmp_path, scripted, capsys):
     """The refusal is not a dead end: the same received run resumes once this command line names how."""
     out = received_copy(finished_run, tmp_path, **{"engine.engine": "openai", "engine.base_url": "http://10.9.9.9/v1"})

@@ -472,8 +472,7 @@ class GateConfig:
     )
     ood_contrast: str = option(
         "builtin",
-        "Abstain also where a query is more typical of everyday requests, relative to the queries the persona won, than those queries were: 'builtin' (the default) fits a second region (the ood method) on the 178 built-in everyday queries (gate.base_queries' list, used here only, never in the gate's probability) and a query is routed only if its distance to the wins' region over its distance to the everyday region is at most the largest such ratio of the wins themselves (cross-fitted; ood_quantile); no other setting. Took the safety kit's MT-Bench routing 21 -> 9 % and the style kit's 2.5 -> 0 % in the full pipeline with the kits' held-out routing and refusals unchanged; a persona whose domain is everyday requests (a maths tutor, a trivia host) lost up to 16 points of its routing in a simulation: set 'off' for it (docs/method-check.md). 'off': the wins' region alone. Needs ood != off.",
-        choices=("off", "builtin"),
+        "Abstain also where a query is more typical of everyday requests, relative to the queries the persona won, than those queries were: 'builtin' (the default) fits a second region (the ood method) on the 178 built-in everyday queries (gate.base_queries' list, used here only, never in the gate's probability) and a query is routed only if its distance to the wins' region over its distance to the everyday region is at most the largest such ratio of the wins themselves (cross-fitted; ood_quantile); no other setting. Took the safety kit's MT-Bench routing 21 -> 9 % and the style kit's 2.5 -> 0 % in the full pipeline with the kits' held-out routing and refusals unchanged; a persona whose domain is everyday requests (a maths tutor, a trivia host) lost up to 16 points of its routing in a simulation: set 'off' for it, or give a .txt / .jsonl file of what everyday requests are for its users (base_queries' formats and limits; relative paths in a config file are relative to that file), and the region is fitted on the file's queries instead (docs/method-check.md). 'off': the wins' region alone. Fewer than 4 everyday queries (after dropping those equal to a run query): no everyday region, the wins' region alone, with a warning. Needs ood != off.",
     )
     base_queries: str = option(
         "off",
@@ -516,13 +515,16 @@ def confidence_floor(value: str) -> Optional[float]:
     return floor
 
 
-BASE_QUERIES_WORDS = ("builtin", "off")
-"""The values of ``gate.base_queries`` that name no file."""
+QUERIES_FILE_SETTINGS = ("base_queries", "ood_contrast")
+"""The gate settings that take 'builtin', 'off' or a file of queries (read by ``train.gate.read_base_queries``)."""
+
+QUERIES_FILE_WORDS = ("builtin", "off")
+"""The values of :data:`QUERIES_FILE_SETTINGS` that name no file."""
 
 
-def is_base_queries_file(value: Any) -> bool:
-    """``gate.base_queries`` names a file (not builtin / off / empty)."""
-    return isinstance(value, str) and bool(value.strip()) and value.strip().lower() not in BASE_QUERIES_WORDS
+def is_queries_file(value: Any) -> bool:
+    """A setting of :data:`QUERIES_FILE_SETTINGS` names a file (not builtin / off / empty)."""
+    return isinstance(value, str) and bool(value.strip()) and value.strip().lower() not in QUERIES_FILE_WORDS
 
 
 def calibration_rate(method: str) -> Optional[float]:
@@ -726,8 +728,9 @@ def resolve_file_paths(data: dict, base: Path) -> dict:
     if isinstance(queries, dict) and isinstance(queries.get("queries_file"), str) and queries["queries_file"]:
         queries["queries_file"] = absolute(queries["queries_file"])
     gate = data.get("gate")
-    if isinstance(gate, dict) and is_base_queries_file(gate.get("base_queries")):
-        gate["base_queries"] = absolute(gate["base_queries"])
+    for key in QUERIES_FILE_SETTINGS:
+        if isinstance(gate, dict) and is_queries_file(gate.get(key)):
+            gate[key] = absolute(gate[key])
     check = data.get("check")
     if isinstance(check, dict) and isinstance(check.get("queries"), str) and check["queries"]:
         check["queries"] = absolute(check["queries"])

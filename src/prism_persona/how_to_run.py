@@ -10,12 +10,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .config import RunConfig, engine_how_to_run, engine_spec, is_base_queries_file, run_set_only
+from .config import QUERIES_FILE_SETTINGS, RunConfig, engine_how_to_run, engine_spec, is_queries_file, run_set_only
 from .errors import PrismError
 from .options import to_dict
 
 HOW_TO_RUN = ("model.trust_remote_code", "engine.engine", "engine.base_url", "engine.api_key_env")
-LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", "gate.base_queries")
+QUERIES_FILES = tuple(f"gate.{key}" for key in QUERIES_FILE_SETTINGS)  # gate.base_queries, gate.ood_contrast
+LOCAL_FILES = ("persona.persona_files", "queries.queries_file", "check.queries", *QUERIES_FILES)
 """Settings that run code, reach the network or read files on this machine. A config file (a received
 ``RUN/config.json``, a ``--config`` file) may record them - the saved config says what was run - but
 they are used only when this command line says them too (:func:`check_how_to_run`); each engine's own
@@ -40,7 +41,7 @@ def check_how_to_run(cfg: RunConfig, file_data: dict, typed: dict, source: str, 
 
 def _from_file_only(cfg: RunConfig, key: str, file_data: dict, typed: dict, run_dir: str) -> bool:
     value = _dotted(file_data, key)
-    if key == "gate.base_queries" and not is_base_queries_file(value):  # builtin / off name no file
+    if key in QUERIES_FILES and not is_queries_file(value):  # builtin / off name no file
         return False
     if value is None or _dotted(typed, key) is not None or value == _dotted(to_dict(RunConfig()), key):
         return False

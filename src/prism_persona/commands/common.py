@@ -108,10 +108,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError:
             value = raw
         _put(o, key.strip(), value)
-    from ..config import is_base_queries_file
+    from ..config import QUERIES_FILE_SETTINGS, is_queries_file
 
-    if is_base_queries_file(o.get("gate", {}).get("base_queries")):  # --set gate.base_queries=PATH
-        o["gate"]["base_queries"] = str(Path(o["gate"]["base_queries"]).expanduser().resolve())
+    for key in QUERIES_FILE_SETTINGS:  # --set gate.base_queries=PATH, --set gate.ood_contrast=PATH
+        if is_queries_file(o.get("gate", {}).get(key)):
+            o["gate"][key] = str(Path(o["gate"][key]).expanduser().resolve())
     return o
 
 

@@ -284,6 +284,9 @@ OOD_FOLDS = 5
 """Folds of the cross-fitted in-distribution distances the abstain threshold is a quantile of."""
 
 
+OOD_MIN_ROWS = 4
+"""An abstain region (``gate.ood``) or everyday region (``gate.ood_contrast``) needs at least this many rows."""
+
 OOD_MIN_ROUTED = 8
 """``gate.ood_reference = routed`` with fewer routed training queries than this fits on every query."""
 
@@ -341,7 +344,7 @@ def fit_ood(
     cl = list(clusters) if clusters is not None else list(range(n))
     units = sorted(set(cl))
     folds = min(OOD_FOLDS, len(units))
-    if n < 4 or folds < 2:
+    if n < OOD_MIN_ROWS or folds < 2:
         log.warning("gate: %d rows are too few to fit the abstain region (gate.ood); abstain is off", n)
         return None, {"method": "off", "note": f"too few rows ({n}) for an abstain region"}
     with torch.no_grad():
@@ -379,18 +382,22 @@ def fit_contrast(
     (``features``, the reference :func:`fit_ood` fitted; their distance to the wins' region cross-fitted
     with the same folds, ``clusters`` and ``seed``), so no new setting: a query is routed only if it is
     no more typical of everyday requests, relative to the wins, than the wins themselves were. None when
-    the gate has no abstain region (``gate.ood = off``) or either set is too small."""
-    n = int(features.shape[0])
+    the gate has no abstain region (``gate.ood = off``); with fewer than :data:`OOD_MIN_ROWS` rows in
+    either set also None, logged and noted (the wins' region alone, as :func:`fit_ood` does)."""
+    n, m = int(features.shape[0]), int(everyday.shape[0])
     cl = list(clusters) if clusters is not None else list(range(n))
-    if gate.ood is None or method == "off" or everyday.shape[0] < 4 or n < 4 or len(set(cl)) < 2:
+    if gate.ood is None or method == "off":
         return None, {"method": "off"}
+    if m < OOD_MIN_ROWS or n < OOD_MIN_ROWS or len(set(cl)) < 2:
+        log.warning("gate: %d everyday queries, %d wins: too few for the everyday region (gate.ood_contrast)", m, n)
+        return None, {"method": "off", "note": f"too few rows ({m} everyday, {n} reference) for the everyday region"}
     with torch.no_grad():
         z = gate.standardise(features).float()
         region = OODRegion.fit(method, gate.standardise(everyday).float(), k)
         wins = crossfit_scores(z, gate.ood.method, gate.ood.k, seed, cl)
         ratio = wins / region.score(z).clamp_min(1e-12)
     region.limit = float(torch.quantile(ratio, float(quantile)))
-    info = {**region.settings(), "everyday_rows": int(everyday.shape[0]), "score": "wins distance / everyday distance"}
+    info = {**region.settings(), "everyday_rows": m, "score": "wins distance / everyday distance"}
     return region, info
 
 
@@ -438,36 +445,43 @@ def builtin_base_queries() -> list[str]:
     return _query_lines(text, BUILTIN_BASE_QUERIES, jsonl=False)
 
 
-def read_base_queries(path: str) -> list[str]:
-    """The queries of a user's base-queries file (.jsonl: JSON Lines, anything else: one per line);
-    one-line errors for a missing, non-UTF-8, empty or malformed file or an over-long query."""
+QUERIES_FILE_NAMES = {"base_queries": "base queries file", "ood_contrast": "everyday queries file"}
+"""What the errors call the file of each setting of ``config.QUERIES_FILE_SETTINGS``."""
+
+
+def read_base_queries(path: str, setting: str = "base_queries") -> list[str]:
+    """The queries of a user's file for ``gate.<setting>`` (``gate.base_queries`` or ``gate.ood_contrast``;
+    .jsonl: JSON Lines, anything else: one per line); one-line errors for a missing, non-UTF-8, empty or
+    malformed file or an over-long query."""
     from pathlib import Path
 
     from ..errors import PrismError
     from ..userfiles import read_user_text
 
-    p = Path(path).expanduser()
-    text = read_user_text(p, "base queries file (gate.base_queries)")
+    p, what = Path(path).expanduser(), QUERIES_FILE_NAMES[setting]
+    text = read_user_text(p, f"{what} (gate.{setting})")
     out = _query_lines(text, str(p), jsonl=p.suffix.lower() == ".jsonl")
     if not out:
-        raise PrismError(f"base queries file {p} holds no queries")
+        raise PrismError(f"{what} {p} (gate.{setting}) holds no queries")
     return out
 
 
-def base_queries(spec: str) -> list[str]:
-    """The base examples ``gate.base_queries`` names: the built-in list, none ('off') or a file's."""
-    from ..config import is_base_queries_file
+def base_queries(spec: str, setting: str = "base_queries") -> list[str]:
+    """The queries ``gate.<setting>`` names (:func:`read_base_queries`): the built-in list, none ('off')
+    or a file's."""
+    from ..config import is_queries_file
 
-    if is_base_queries_file(spec):
-        return read_base_queries(spec)
+    if is_queries_file(spec):
+        return read_base_queries(spec, setting)
     return builtin_base_queries() if str(spec).strip().lower() == "builtin" else []
 
 
-def base_queries_fingerprint(spec: str) -> str:
-    """What the gate stage depends on: a hash of the base queries (the file's or the built-in list's)."""
+def base_queries_fingerprint(spec: str, setting: str = "base_queries") -> str:
+    """What the gate stage depends on: a hash of the queries ``gate.<setting>`` names (a file's or the
+    built-in list's)."""
     import hashlib
 
-    return hashlib.sha1("\n".join(base_queries(spec)).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1("\n".join(base_queries(spec, setting)).encode("utf-8")).hexdigest()[:16]
 
 
 def new_base_queries(queries: Sequence[str], run_queries: Sequence[str]) -> list[str]:
@@ -1083,18 +1097,26 @@ def gate_settings(cfg: RunConfig) -> dict:
 
 
 def base_queries_settings(cfg: RunConfig) -> dict:
-    """The base examples' content, for :func:`gate_settings` (an edited file or list is a change)."""
-    if str(cfg.gate.base_queries).strip().lower() == "off":
-        return {}
-    return {"base_queries_hash": base_queries_fingerprint(cfg.gate.base_queries)}
+    """The base examples' content, for :func:`gate_settings` (an edited file or list is a change), and a
+    ``gate.ood_contrast`` file's (absent at builtin and off, so runs made before the option resume)."""
+    from ..config import is_queries_file
+
+    out: dict = {}
+    if str(cfg.gate.base_queries).strip().lower() != "off":
+        out["base_queries_hash"] = base_queries_fingerprint(cfg.gate.base_queries)
+    if is_queries_file(cfg.gate.ood_contrast):
+        out["ood_contrast_hash"] = base_queries_fingerprint(cfg.gate.ood_contrast, "ood_contrast")
+    return out
 
 
 def check(cfg: RunConfig) -> None:
-    """One-line errors for a base-queries file before anything loads (the stage registry's check)."""
-    from ..config import is_base_queries_file
+    """One-line errors for a base-queries or everyday-queries file before anything loads (the stage
+    registry's check)."""
+    from ..config import QUERIES_FILE_SETTINGS, is_queries_file
 
-    if is_base_queries_file(cfg.gate.base_queries):
-        read_base_queries(cfg.gate.base_queries)
+    for setting in QUERIES_FILE_SETTINGS:
+        if is_queries_file(getattr(cfg.gate, setting)):
+            read_base_queries(getattr(cfg.gate, setting), setting)
 
 
 def step(ctx) -> None:
@@ -1130,8 +1152,8 @@ def run_gate(run, cfg: RunConfig, records: Sequence[dict], model=None, tokenizer
         query_features(model, tokenizer, base, max(1, cfg.model.batch_size), cfg.gate.pooling) if base else None
     )
     everyday = None
-    if cfg.gate.ood_contrast != "off" and cfg.gate.ood != "off":  # gate.ood_contrast = builtin
-        texts = new_base_queries(builtin_base_queries(), queries)
+    if str(cfg.gate.ood_contrast).strip().lower() != "off" and cfg.gate.ood != "off":  # builtin or a file
+        texts = new_base_queries(base_queries(cfg.gate.ood_contrast, "ood_contrast"), queries)
         everyday = (
             base_feats
             if texts == base and base_feats is not None
