@@ -327,7 +327,7 @@ class AnswerConfig:
     top_p: float = option(0.9, "Nucleus sampling for answers.", above=0, at_most=1)
     samples: int = option(
         1,
-        "Answers per query with and without the persona (sampled; one seed per sample). Each (persona, base) sample pair is judged; the query's label is the share of persona wins (the gate's target), and the distillation set is the winning persona samples. 1 = one pair per query (the paper's method).",
+        "Answers per query with and without the persona (sampled; one seed per sample). Each (persona, base) sample pair is judged; the query's label is the share of persona wins (the gate's target), and the distillation set is the winning persona samples. 1 = one pair per query (the paper's method). k > 1 needs answers.temperature > 0 (greedy samples would be k copies; refused in one line).",
         at_least=1,
         at_most=64,
     )

@@ -121,7 +121,15 @@ BUILTIN: tuple[Stage, ...] = (
         section="queries",
         check="check",
     ),
-    Stage("answers", ("queries",), ".bootstrap.answers", ("answers.jsonl",), ("answers",), section="answers"),
+    Stage(
+        "answers",
+        ("queries",),
+        ".bootstrap.answers",
+        ("answers.jsonl",),
+        ("answers",),
+        section="answers",
+        check="check",
+    ),
     Stage(
         "verdicts",
         ("answers",),

@@ -296,3 +296,21 @@ def test_share_targets_leave_out_abstained_samples():
     plain = {"domain": "d", "label": 0, "winner": "tie"}
     assert gate_targets([rec, plain], "win") == pytest.approx([2 / 3, 0.0])
     assert gate_targets([rec, plain], "preference") == pytest.approx([2 / 3, 0.5])
+
+
+def test_k_greedy_samples_are_refused_before_anything_runs(tmp_path, capsys):
+    """k > 1 samples at temperature 0 would be k identical answers per query: the labels and the
+    distillation set copied k times, not k draws (the safety kits answer greedily)."""
+    from prism_persona import cli
+    from prism_persona.testing import one_error_line
+
+    out = tmp_path / "greedy"
+    rc = cli.main(["run", "--example", "safety", "--out", str(out), "--set", "answers.samples=4", "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "answers.samples = 4 with answers.temperature = 0" in line, line
+    assert not out.exists()
+    # sampled answers with k samples, and one greedy sample, pass the check
+    from prism_persona.bootstrap.answers import check
+
+    check(make_cfg(tmp_path, answers={"samples": 4, "temperature": 0.7}))
+    check(make_cfg(tmp_path, answers={"samples": 1, "temperature": 0.0}))

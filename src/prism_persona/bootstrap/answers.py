@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from ..config import RunConfig
 from ..engines.base import SamplingParams
+from ..errors import PrismError
 from ..models import user_chat, with_persona
 from ..progress import progress
 from ..store import JsonlStore, RunDir
@@ -49,6 +50,17 @@ def sampling(cfg: RunConfig, seed: int) -> SamplingParams:
     """How an answer is sampled (also the margin rule's null answers), with ``seed``."""
     a = cfg.answers
     return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=seed)
+
+
+def check(cfg: RunConfig) -> None:
+    """One-line error before anything runs: k > 1 greedy samples would be k identical answers per query
+    (the labels and the distillation set copied k times, not k draws)."""
+    a = cfg.answers
+    if a.samples > 1 and a.temperature == 0:
+        raise PrismError(
+            f"answers.samples = {a.samples} with answers.temperature = 0 (greedy) gives {a.samples} identical answers "
+            "per query: set answers.temperature above 0 (e.g. 0.7) or answers.samples = 1"
+        )
 
 
 def samples(cfg: RunConfig) -> int:
