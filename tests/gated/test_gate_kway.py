@@ -14,6 +14,7 @@ import torch
 
 from prism_persona.config import GateConfig
 from prism_persona.gated.gate import GATE_CONFIG, GATE_WEIGHTS, Gate, GateBundle, decide, routing_probability
+from prism_persona.testing import one_error_line
 from prism_persona.train.gate import (
     calibrate_temperature,
     expected_calibration_error,
@@ -479,7 +480,9 @@ def test_every_routing_path_agrees_on_a_three_persona_gate(tiny_model_dir, tmp_p
 # ------------------------------------------------------------------------------------- prism run end to end
 
 
-def test_prism_run_with_two_personas_assembles_a_kway_artifact_that_generates(tiny_model_dir, tmp_path, monkeypatch):
+def test_prism_run_with_two_personas_assembles_a_kway_artifact_that_generates(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """`prism run` (bootstrap faked) on two domains with two persona texts: the artifact's gate is K = 2,
     the training report carries its calibration and confusion, and the gated model routes and answers."""
     import prism_persona.train.pipeline as P
@@ -548,3 +551,14 @@ def test_prism_run_with_two_personas_assembles_a_kway_artifact_that_generates(ti
     done = gm.generate(chats, SamplingParams(max_new_tokens=2))
     assert len(done) == 6 and all("gate_prob" in c.meta for c in done)
     assert [d["routed"] for d in gm.decisions(chats)] == [c.meta["routed"] for c in done]
+
+    # gate.classes changed on the finished run: --redo gate alone would pair a binary gate with the two
+    # persona adapters; refused in one line, the run as it was
+    before = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()}
+    capsys.readouterr()
+    cli.setup_logging(quiet=True)
+    rc = cli.main([*args[:-1], "--set", "gate.classes=binary", "--redo", "gate", "-q"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "2 personas (writing, coding)" in line and "--redo verdicts" in line, line
+    assert {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()} == before
+    assert GateBundle.load(art).gate.personas == 2

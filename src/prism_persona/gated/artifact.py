@@ -548,10 +548,17 @@ def assemble(run, cfg: RunConfig) -> Path:
             raise PrismError(f"{run.root} has no distilled adapter ({a}); run `prism distill --run {run.root}` first")
     gate = GateBundle.load(gate_dir)
     names = [n for n, _ in adapters or []]
-    if adapters and gate.personas != names:  # persona k of the gate = adapter k (one adapter: any gate)
+    # persona k of the gate = adapter k; one adapter serves a binary gate. They differ where gate.classes
+    # changed after the distillation (`--redo gate --set gate.classes=...`): no single --redo trains both
+    if gate.personas != names and (adapters or gate.gate.personas > 1):
+
+        def plan(k: list) -> str:
+            return f"{len(k)} personas ({', '.join(k)})" if len(k) > 1 else "one adapter for all personas"
+
         raise PrismError(
-            f"{run.root}: the gate's personas ({', '.join(gate.personas)}) are not the distilled adapters "
-            f"({', '.join(names)}); pass --redo gate to train the gate again"
+            f"{run.root}: the gate routes to {plan(gate.personas)} but the distillation trained "
+            f"{plan(names)} (gate.classes changed after it?); the gate and the adapters must both be trained "
+            "again: pass --redo verdicts (judges again, then trains both) or use a new --out"
         )
     extra = {
         "domains": list(cfg.persona.domains),
