@@ -109,10 +109,10 @@ def grouped_bars(
         ax.set_ylim(*ylim)
     if hline is not None:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=0.8)
-    # below the axes, so it never hides a bar
-    ax.legend(fontsize=8, ncol=min(6, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.2 if many else -0.1))
+    # right of the axes, so it never hides a bar nor the (rotated) category labels below them
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
