@@ -125,7 +125,10 @@ def test_distilled_personas_assemble_into_a_loadable_artifact(tmp_path, tiny_mod
     listed = [{"name": d} for d in domains] if n_personas > 1 else []
     GateBundle(gate=gate, threshold=0.5, info={"metrics": {}, "personas": listed[::-1]}).save(run.path("gate"))
     if n_personas > 1:  # a gate whose persona k is not adapter k is refused
-        with pytest.raises(PrismError, match="not the distilled adapters"):
+        with pytest.raises(
+            PrismError,
+            match=r"routes to 2 personas \(coding, writing\) but the distillation trained 2 personas \(writing, coding\)",
+        ):
             assemble(run, cfg)
         GateBundle(gate=gate, threshold=0.5, info={"metrics": {}, "personas": listed}).save(run.path("gate"))
     art = Artifact.read(assemble(run, cfg))
