@@ -144,24 +144,26 @@ def test_run_gate_adds_the_builtin_base_examples_and_off_leaves_them_out(tiny_mo
         assert info["base_examples"] == expected and info["n_heldout"] == 4
 
 
-def test_a_saved_config_never_reads_a_base_queries_file_outside_the_run(tmp_path):
+@pytest.mark.parametrize("setting", C.QUERIES_FILE_SETTINGS)
+def test_a_saved_config_never_reads_a_queries_file_outside_the_run(tmp_path, setting):
+    """gate.base_queries and gate.ood_contrast name a user's file the same way."""
     outside = tmp_path / "mine.txt"
     outside.write_text("What is 2 + 2?\n", encoding="utf-8")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    saved = {"gate": {"base_queries": str(outside)}}
+    saved = {"gate": {setting: str(outside)}}
     cfg = C.resolve("tiny", overrides=saved)
-    with pytest.raises(PrismError, match=r"gate.base_queries = .*--set gate.base_queries="):
+    with pytest.raises(PrismError, match=rf"gate.{setting} = .*--set gate.{setting}="):
         check_how_to_run(cfg, saved, {}, "runs/x/config.json", str(run_dir))
     check_how_to_run(cfg, saved, saved, "runs/x/config.json", str(run_dir))  # typed again: used
     inside = run_dir / "base.txt"
     inside.write_text("What is 2 + 2?\n", encoding="utf-8")
-    check_how_to_run(cfg, {"gate": {"base_queries": str(inside)}}, {}, "c", str(run_dir))
+    check_how_to_run(cfg, {"gate": {setting: str(inside)}}, {}, "c", str(run_dir))
     for word in ("off", "builtin"):  # no file: nothing to refuse
-        check_how_to_run(cfg, {"gate": {"base_queries": word}}, {}, "c", str(run_dir))
+        check_how_to_run(cfg, {"gate": {setting: word}}, {}, "c", str(run_dir))
     # a relative path in a config file is relative to that file
-    (tmp_path / "cfg.json").write_text(json.dumps({"gate": {"base_queries": "mine.txt"}}))
-    assert C.resolve("tiny", file=tmp_path / "cfg.json").gate.base_queries == str(outside.resolve())
+    (tmp_path / "cfg.json").write_text(json.dumps({"gate": {setting: "mine.txt"}}))
+    assert getattr(C.resolve("tiny", file=tmp_path / "cfg.json").gate, setting) == str(outside.resolve())
 
 
 def test_prism_run_refuses_a_bad_base_queries_file_before_anything_loads(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from prism_persona.config import MAX_TEXT_CHARS, GateConfig, RunConfig
-from prism_persona.errors import PrismError
 from prism_persona.gated.gate import Gate, GateBundle, decide
 from prism_persona.train.gate import builtin_base_queries, fit_contrast, fit_ood, gate_settings, train_gate
 
@@ -222,29 +221,6 @@ def test_bad_everyday_files_are_one_line_errors_before_anything_loads(tmp_path, 
         assert cli.main(args + [f"gate.ood_contrast={name}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and said in err and name in err, err
-
-
-def test_a_saved_config_never_reads_an_everyday_file_outside_the_run(tmp_path):
-    from prism_persona import config as C
-    from prism_persona.how_to_run import check_how_to_run
-
-    outside = tmp_path / "mine.txt"
-    outside.write_text("What is 2 + 2?\n", encoding="utf-8")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    saved = {"gate": {"ood_contrast": str(outside)}}
-    cfg = C.resolve("tiny", overrides=saved)
-    with pytest.raises(PrismError, match=r"gate.ood_contrast = .*--set gate.ood_contrast="):
-        check_how_to_run(cfg, saved, {}, "runs/x/config.json", str(run_dir))
-    check_how_to_run(cfg, saved, saved, "runs/x/config.json", str(run_dir))  # typed again: used
-    inside = run_dir / "everyday.txt"
-    inside.write_text("What is 2 + 2?\n", encoding="utf-8")
-    check_how_to_run(cfg, {"gate": {"ood_contrast": str(inside)}}, {}, "c", str(run_dir))
-    for word in ("off", "builtin"):  # no file: nothing to refuse
-        check_how_to_run(cfg, {"gate": {"ood_contrast": word}}, {}, "c", str(run_dir))
-    # a relative path in a config file is relative to that file
-    (tmp_path / "cfg.json").write_text(json.dumps({"gate": {"ood_contrast": "mine.txt"}}))
-    assert C.resolve("tiny", file=tmp_path / "cfg.json").gate.ood_contrast == str(outside.resolve())
 
 
 def test_prism_config_shows_the_option_and_its_file(capsys):
