@@ -251,16 +251,16 @@ class GatedModel:
         if self._prob_overrides is not None and any(o is not None for o in self._prob_overrides):
             # rows decided from their first user turn (_prerouted): that decision, not this prompt's
             po = self._prob_overrides
-            probs = torch.tensor(
-                [float(p) if po[i] is None else po[i][0] for i, p in enumerate(probs.tolist())], device=h.device
-            )
-            abstained = torch.tensor(
-                [bool(a) if po[i] is None else bool(po[i][1]) for i, a in enumerate(abstained.tolist())],
-                device=h.device,
-            )
-            outside = torch.tensor(
-                [bool(x) if po[i] is None else bool(po[i][3]) for i, x in enumerate(outside.tolist())],
-                device=h.device,
+
+            def first_turn(values: torch.Tensor, field: int, cast) -> torch.Tensor:
+                """``values`` with each pre-routed row's ``field`` of its first-turn decision."""
+                rows = [cast(v if po[i] is None else po[i][field]) for i, v in enumerate(values.tolist())]
+                return torch.tensor(rows, device=h.device)
+
+            probs, abstained, outside = (
+                first_turn(probs, 0, float),
+                first_turn(abstained, 1, bool),
+                first_turn(outside, 3, bool),
             )
             routed = (probs >= self.threshold) & ~abstained
             class_probs = class_probs.clone()
@@ -398,12 +398,10 @@ class GatedModel:
         for i, (p, r, k) in enumerate(rows):
             name, prob = persona_report(self.persona_names, int(k) if r else -1, self.class_probs[i])
             out.append({"routed": bool(r), "gate_prob": float(p), "persona": name, "persona_prob": prob})
-        if self.has_abstain and self.abstained is not None:
-            for row, a in zip(out, self.abstained.tolist()):
-                row["abstained"] = bool(a)
-        if self.has_abstain and self.outside is not None:
-            for row, o in zip(out, self.outside.tolist()):
-                row["outside"] = bool(o)
+        if self.has_abstain:
+            for key, flags in (("abstained", self.abstained), ("outside", self.outside)):
+                for row, flag in zip(out, flags.tolist() if flags is not None else []):
+                    row[key] = bool(flag)
         return out
 
     # ---------------------------------------------------------------------------------------- forward

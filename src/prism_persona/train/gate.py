@@ -947,7 +947,7 @@ def train_gate(
     if cfg.ood != "off":
         ood_info["reference"] = "routed" if len(ref) < n else "all"
     gate.ood = region
-    if everyday is not None and getattr(cfg, "ood_contrast", "off") != "off":
+    if everyday is not None and cfg.ood_contrast != "off":
         gate.ood_contrast, ood_info["contrast"] = fit_contrast(
             gate,
             features[ref],
