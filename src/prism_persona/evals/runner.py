@@ -199,26 +199,26 @@ class EvalRunner:
 
     def routing(self, pairs: Sequence[tuple[str, list]]) -> dict:
         """{category: CI of the routed share} from (category, [meta...]) pairs that carry ``routed``."""
-        by: dict[str, list] = {}
-        for cat, metas in pairs:
-            for m in metas:
-                if m and "routed" in m:
-                    by.setdefault(cat, []).append(1.0 if m["routed"] else 0.0)
-                    by.setdefault("all", []).append(1.0 if m["routed"] else 0.0)
-        return {k: self.ci(v) for k, v in sorted(by.items())}
+        return self._shares(pairs, lambda m: bool(m["routed"]))
 
     def persona_routing(self, pairs: Sequence[tuple[str, list]]) -> dict:
         """``{persona: {category: CI of the share routed to that persona}}`` from the same pairs as
         :meth:`routing`, for a K-way artifact: each of :attr:`gate_personas` (the artifact's, in its order)
         and any other persona the metas name, when that makes at least two; ``{}`` otherwise (a binary
         artifact: :meth:`routing` says it all)."""
-        metas = [(cat, m) for cat, ms in pairs for m in ms if m and "routed" in m]
-        out = {}
-        for name in personas([m for _, m in metas], self.gate_personas):
-            by: dict[str, list] = {}
-            for cat, m in metas:
-                hit = 1.0 if persona(m) == name else 0.0
-                by.setdefault(cat, []).append(hit)
-                by.setdefault("all", []).append(hit)
-            out[name] = {k: self.ci(v) for k, v in sorted(by.items())}
-        return out
+        metas = [m for _, ms in pairs for m in ms if m and "routed" in m]
+        return {
+            name: self._shares(pairs, lambda m, name=name: persona(m) == name)
+            for name in personas(metas, self.gate_personas)
+        }
+
+    def _shares(self, pairs: Sequence[tuple[str, list]], hit) -> dict:
+        """{category (and "all"): CI of the share of metas carrying ``routed`` for which ``hit(meta)``}."""
+        by: dict[str, list] = {}
+        for cat, metas in pairs:
+            for m in metas:
+                if m and "routed" in m:
+                    value = 1.0 if hit(m) else 0.0
+                    by.setdefault(cat, []).append(value)
+                    by.setdefault("all", []).append(value)
+        return {k: self.ci(v) for k, v in sorted(by.items())}
